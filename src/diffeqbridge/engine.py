@@ -1,0 +1,212 @@
+"""The native integration loop.
+
+Every sample has its own time ``t``, step ``dt``, accept/reject decision, save index and
+return code.  Finished (or failed) samples are masked, not removed, so all tensors keep
+the batch shape and the loop makes no host synchronisation except a termination check
+every ``check_every`` iterations.  Steps are clipped to land exactly on the save times,
+so SDE output needs no interpolation.  A rejected step re-queries the Brownian tree at
+the shorter step; no noise is stored.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .brownian import VirtualBrownianTree
+from .controller import PIController, scaled_error_norm
+from .problem import Terms
+from .solution import ReturnCode, Solution, Stats
+from .solvers.base import AbstractSolver
+
+SUCCESS = int(ReturnCode.Success)
+DEFAULT = int(ReturnCode.Default)
+
+
+@dataclass
+class EngineOptions:
+    adaptive: bool
+    atol: float
+    rtol: float
+    max_steps: int
+    dtmin: float
+    progress: bool = False
+    check_every: int = 8
+
+
+class _Progress:
+    """A small progress bar over the slowest sample's time (tqdm when installed)."""
+
+    def __init__(self, enabled: bool, t0: float, t1: float):
+        self.enabled = enabled
+        self.t0, self.span = t0, t1 - t0
+        self.bar: Any = None
+        self.last = 0
+        self.start = time.perf_counter()
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=1000, desc="solve", unit="‰", leave=False, file=sys.stderr)
+            except ImportError:
+                self.bar = None
+
+    def update(self, t_min: float, n_active: int) -> None:
+        if not self.enabled:
+            return
+        done = int(1000 * min(max((t_min - self.t0) / self.span, 0.0), 1.0))
+        if self.bar is not None:
+            self.bar.update(done - self.last)
+            self.bar.set_postfix(active=n_active, refresh=False)
+        elif done - self.last >= 100 or n_active == 0:
+            print(f"solve: {done / 10:5.1f}% ({n_active} active)", file=sys.stderr)
+        self.last = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _select(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
+    """``torch.where`` with a ``(B,)`` mask broadcast over trailing axes."""
+    return torch.where(mask.reshape(mask.shape + (1,) * (new.ndim - 1)), new, old)
+
+
+def _all_finite(x: Tensor) -> Tensor:
+    return torch.isfinite(x).flatten(1).all(dim=1)
+
+
+def integrate(
+    terms: Terms,
+    solver: AbstractSolver,
+    y0: Tensor,
+    save_times: Tensor,
+    dt_initial: Tensor,
+    options: EngineOptions,
+    tree: VirtualBrownianTree | None,
+    f0: Tensor | None = None,
+    initial_counts: tuple[int, int] = (0, 0),
+) -> Solution:
+    """Integrate every sample from ``save_times[0]`` to ``save_times[-1]``.
+
+    Args:
+        terms: the problem's vector fields.
+        solver: a solver instance.
+        y0: ``(B, *state_shape)`` initial states at ``save_times[0]``.
+        save_times: ``(T,)`` float64, strictly increasing, ``save_times[0] = t0``.
+        dt_initial: ``(B,)`` float64 initial step sizes.
+        options: tolerances, limits, flags.
+        tree: the Brownian path (None for ODEs).
+        f0: ``drift(t0, y0)`` for FSAL solvers.
+        initial_counts: ``(nf, ng)`` already spent per sample (probing, initial dt).
+    """
+    batch, device, dtype = y0.shape[0], y0.device, y0.dtype
+    n_save = save_times.shape[0]
+    samples = torch.arange(batch, device=device)
+    controller = PIController.for_solver(solver) if options.adaptive else None
+
+    t = save_times[0].expand(batch).clone()
+    y = y0
+    dt = dt_initial.to(torch.float64)
+    qold = torch.full((batch,), 1e-4, dtype=torch.float64, device=device)
+    save_index = torch.ones(batch, dtype=torch.long, device=device)
+    active = torch.ones(batch, dtype=torch.bool, device=device)
+    retcodes = torch.full((batch,), DEFAULT, dtype=torch.long, device=device)
+    zeros = torch.zeros(batch, dtype=torch.long, device=device)
+    nf, ng = zeros + initial_counts[0], zeros + initial_counts[1]
+    naccept, nreject = zeros.clone(), zeros.clone()
+
+    ys = torch.full((n_save, *y0.shape), float("nan"), dtype=dtype, device=device)
+    ys[0] = y0
+    if n_save == 1:
+        active = torch.zeros_like(active)
+        retcodes = torch.full_like(retcodes, SUCCESS)
+    tree_state = tree.evaluate(t) if tree is not None else None
+    progress = _Progress(options.progress, float(save_times[0]), float(save_times[-1]))
+
+    iteration = 0
+    while True:
+        if iteration % options.check_every == 0:
+            n_active = int(active.sum())
+            progress.update(float(torch.where(active, t, save_times[-1]).min()), n_active)
+            if n_active == 0:
+                break
+        iteration += 1
+
+        target = save_times[save_index.clamp(max=n_save - 1)]
+        remaining = target - t
+        hits = active & (dt >= remaining * (1 - 1e-12))
+        step_dt = torch.where(hits, remaining, dt)
+        step_dt = torch.where(active, step_dt, dt)  # inactive samples: a harmless positive dt
+        t_new = torch.where(hits, target, t + step_dt)
+        t_new = torch.where(active, t_new, t)
+
+        if tree is not None:
+            assert tree_state is not None
+            new_tree_state = tree.evaluate(t_new)
+            dw, levy = tree.increment_from(t, tree_state, t_new, new_tree_state)
+            dw, levy = dw.to(dtype), levy.to(dtype)
+        else:
+            new_tree_state, dw, levy = None, None, None
+
+        out = solver.step(terms, t.to(dtype), y, step_dt.to(dtype), dw, levy if solver.needs_levy_area else None, f0)
+        y1 = out.y1
+        finite = _all_finite(y1)
+        if controller is not None:
+            assert out.error is not None
+            err = scaled_error_norm(out.error, y, y1, options.atol, options.rtol).to(torch.float64)
+            err = torch.where(finite & torch.isfinite(err), err, torch.full_like(err, float("inf")))
+            accepted = active & (err <= 1.0)
+        else:
+            err = None
+            accepted = active & finite
+        rejected = active & ~accepted
+
+        nf = nf + active * out.nf
+        ng = ng + active * out.ng
+        naccept = naccept + accepted
+        nreject = nreject + rejected
+
+        y = _select(accepted, y1, y)
+        t = torch.where(accepted, t_new, t)
+        if tree_state is not None and new_tree_state is not None:
+            tree_state = (
+                _select(accepted, new_tree_state[0], tree_state[0]),
+                _select(accepted, new_tree_state[1], tree_state[1]),
+            )
+        if solver.fsal and out.f1 is not None and f0 is not None:
+            f0 = _select(accepted, out.f1, f0)
+
+        saved_now = accepted & hits
+        slot = save_index.clamp(max=n_save - 1)
+        ys[slot, samples] = _select(saved_now, y, ys[slot, samples])
+        save_index = save_index + saved_now
+        finished = saved_now & (save_index >= n_save)
+        retcodes = torch.where(finished, torch.full_like(retcodes, SUCCESS), retcodes)
+        active = active & ~finished
+
+        if controller is not None:
+            assert err is not None
+            proposed, qold = controller.propose(step_dt, err, qold, accepted)
+            # After a step clipped to a save time, keep the unclipped proposal if larger.
+            proposed = torch.where(accepted & hits, torch.maximum(proposed, dt), proposed)
+            dt = torch.where(active, proposed, dt)
+            too_small = active & rejected & (dt < options.dtmin)
+            retcodes = torch.where(too_small, torch.full_like(retcodes, int(ReturnCode.DtLessThanMin)), retcodes)
+            active = active & ~too_small
+        else:
+            unstable = rejected
+            retcodes = torch.where(unstable, torch.full_like(retcodes, int(ReturnCode.Unstable)), retcodes)
+            active = active & ~unstable
+
+        out_of_steps = active & (naccept + nreject >= options.max_steps)
+        retcodes = torch.where(out_of_steps, torch.full_like(retcodes, int(ReturnCode.MaxIters)), retcodes)
+        active = active & ~out_of_steps
+
+    progress.close()
+    stats = Stats(nf=nf, ng=ng, naccept=naccept, nreject=nreject)
+    return Solution(ts=save_times.to(dtype), ys=ys, stats=stats, retcodes=retcodes, alg=solver)

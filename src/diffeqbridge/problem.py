@@ -1,0 +1,219 @@
+"""Problem definitions and their validation.
+
+Shapes: ``y0`` is ``(B, *state_shape)``; user functions receive ``t`` of shape ``(B,)``
+(each sample has its own time) and ``y`` of shape ``(B, *state_shape)``.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+NOISE_TYPES = ("diagonal", "scalar", "additive", "general")
+INTERPRETATIONS = ("ito", "stratonovich")
+
+VectorField = Callable[[Tensor, Tensor], Tensor]
+
+
+def _check_tspan(tspan: Any) -> tuple[float, float]:
+    try:
+        t0, t1 = (float(v) for v in tspan)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"tspan must be a pair of numbers (t0, t1); got {tspan!r}") from exc
+    if not (math.isfinite(t0) and math.isfinite(t1)):
+        raise ValueError(f"tspan must be finite; got ({t0}, {t1})")
+    if t1 <= t0:
+        raise ValueError(f"tspan must satisfy t1 > t0; got t0={t0}, t1={t1}")
+    return t0, t1
+
+
+def _check_y0(y0: Any) -> Tensor:
+    if not isinstance(y0, Tensor):
+        raise TypeError(f"y0 must be a torch.Tensor of shape (B, *state_shape); got {type(y0).__name__}")
+    if not y0.is_floating_point():
+        raise TypeError(f"y0 must have a floating dtype (float32/float64); got {y0.dtype}")
+    if y0.ndim < 1 or y0.shape[0] < 1:
+        raise ValueError(f"y0 must have shape (B, *state_shape) with B >= 1; got {tuple(y0.shape)}")
+    if not bool(torch.isfinite(y0).all()):
+        raise ValueError("y0 contains NaN or Inf")
+    return y0
+
+
+def _check_params(params: Any) -> list[Tensor]:
+    if params is None:
+        return []
+    if isinstance(params, nn.Module):
+        return list(params.parameters())
+    if isinstance(params, Tensor):
+        return [params]
+    try:
+        out = list(params)
+    except TypeError as exc:
+        raise TypeError("params must be an nn.Module, a tensor or an iterable of tensors") from exc
+    for p in out:
+        if not isinstance(p, Tensor):
+            raise TypeError(f"params must contain tensors only; got {type(p).__name__}")
+    return out
+
+
+def _check_callable(name: str, fn: Any) -> None:
+    if not callable(fn):
+        raise TypeError(f"{name} must be callable as {name}(t, y); got {type(fn).__name__}")
+
+
+class ODEProblem:
+    """``dy/dt = f(t, y)`` on ``tspan`` for a batch ``y0`` of shape ``(B, *state_shape)``."""
+
+    is_sde = False
+    noise = None
+    interpretation = "ito"
+    noise_dim = None
+
+    def __init__(self, f: VectorField, y0: Tensor, tspan: tuple[float, float], params: Any = None):
+        _check_callable("f", f)
+        self.drift = f
+        self.y0 = _check_y0(y0)
+        self.tspan = _check_tspan(tspan)
+        self.params = _check_params(params)
+
+    f = property(lambda self: self.drift)
+
+    @property
+    def batch_size(self) -> int:
+        return self.y0.shape[0]
+
+    @property
+    def state_shape(self) -> tuple[int, ...]:
+        return tuple(self.y0.shape[1:])
+
+    def __repr__(self) -> str:
+        return f"ODEProblem(y0={tuple(self.y0.shape)}, tspan={self.tspan})"
+
+
+class SDEProblem(ODEProblem):
+    """``dy = drift(t, y) dt + diffusion(t, y) dW`` on ``tspan``.
+
+    Noise types (shape of ``diffusion(t, y)`` / of the Brownian motion):
+
+    * ``"diagonal"``: ``(B, *state_shape)`` / ``(B, *state_shape)``, one Wiener process per component;
+    * ``"scalar"``: ``(B, *state_shape)`` / ``(B, 1)``, one Wiener process shared by all components;
+    * ``"additive"``: like diagonal, but ``diffusion`` does not depend on ``y``;
+    * ``"general"``: ``(B, *state_shape, m)`` / ``(B, m)`` with ``m = noise_dim``.
+    """
+
+    is_sde = True
+
+    def __init__(
+        self,
+        drift: VectorField,
+        diffusion: VectorField,
+        y0: Tensor,
+        tspan: tuple[float, float] = (0.0, 1.0),
+        noise: str = "diagonal",
+        interpretation: str = "ito",
+        noise_dim: int | None = None,
+        params: Any = None,
+    ):
+        _check_callable("drift", drift)
+        _check_callable("diffusion", diffusion)
+        super().__init__(drift, y0, tspan, params)
+        self.diffusion = diffusion
+        if noise not in NOISE_TYPES:
+            raise ValueError(f"noise must be one of {NOISE_TYPES}; got {noise!r}")
+        if interpretation not in INTERPRETATIONS:
+            raise ValueError(f"interpretation must be one of {INTERPRETATIONS}; got {interpretation!r}")
+        if noise == "general":
+            if not isinstance(noise_dim, int) or isinstance(noise_dim, bool) or noise_dim < 1:
+                raise ValueError(f"noise='general' needs noise_dim, a positive int; got {noise_dim!r}")
+        elif noise_dim is not None:
+            expected = 1 if noise == "scalar" else math.prod(self.state_shape)
+            if noise_dim != expected:
+                raise ValueError(f"noise_dim={noise_dim!r} contradicts noise={noise!r} (expected {expected} or None)")
+        self.noise = noise
+        self.interpretation = interpretation
+        self.noise_dim = noise_dim
+
+    @property
+    def noise_shape(self) -> tuple[int, ...]:
+        """Shape of the Brownian motion without the batch axis."""
+        if self.noise == "scalar":
+            return (1,)
+        if self.noise == "general":
+            return (int(self.noise_dim),)  # type: ignore[arg-type]
+        return self.state_shape
+
+    def diffusion_shape(self) -> tuple[int, ...]:
+        """Expected shape of ``diffusion(t, y)`` including the batch axis."""
+        base = (self.batch_size, *self.state_shape)
+        return (*base, int(self.noise_dim)) if self.noise == "general" else base
+
+    def __repr__(self) -> str:
+        return (
+            f"SDEProblem(y0={tuple(self.y0.shape)}, tspan={self.tspan}, noise={self.noise!r}, "
+            f"interpretation={self.interpretation!r})"
+        )
+
+
+def expand_to(x: Tensor, like: Tensor) -> Tensor:
+    """Reshape a per-sample ``(B,)`` tensor so that it broadcasts against ``like`` ``(B, ...)``."""
+    return x.reshape(x.shape + (1,) * (like.ndim - x.ndim))
+
+
+class Terms:
+    """The vector fields of a problem as the solvers see them.
+
+    ``g_dw(g, dw)`` applies the diffusion ``g`` to a Brownian increment ``dw`` (shape
+    ``(B, *noise_shape)``) and returns the state's shape ``(B, *state_shape)``.
+    """
+
+    def __init__(self, problem: ODEProblem):
+        self.problem = problem
+        user_drift = problem.drift
+        user_diffusion = getattr(problem, "diffusion", None)
+        # user functions see time in the state's dtype, shape (B,)
+        self.drift: VectorField = lambda t, y: user_drift(t.to(y.dtype), y)
+        self.diffusion: VectorField | None = (
+            None if user_diffusion is None else (lambda t, y: user_diffusion(t.to(y.dtype), y))
+        )
+        self.noise: str | None = problem.noise
+        self.interpretation: str = problem.interpretation
+
+    def g_dw(self, g: Tensor, dw: Tensor) -> Tensor:
+        if self.noise == "general":
+            return torch.einsum("b...m,bm->b...", g, dw)
+        if self.noise == "scalar":
+            return g * dw.reshape(dw.shape[:1] + (1,) * (g.ndim - 1))
+        return g * dw
+
+    def noise_like_state(self, x: Tensor, y: Tensor) -> Tensor:
+        """Broadcast a noise-shaped quantity (diagonal/scalar noise) against the state ``y``."""
+        if self.noise == "scalar":
+            return x.reshape(x.shape[:1] + (1,) * (y.ndim - 1))
+        return x
+
+
+def check_field_shapes(problem: ODEProblem, f0: Tensor, g0: Tensor | None) -> None:
+    """Raise ValueError naming the function whose output has the wrong shape/dtype."""
+    expected = tuple(problem.y0.shape)
+    name = "drift" if problem.is_sde else "f"
+    if not isinstance(f0, Tensor):
+        raise TypeError(f"{name}(t, y) must return a tensor; got {type(f0).__name__}")
+    if tuple(f0.shape) != expected:
+        raise ValueError(f"{name}(t, y) returned shape {tuple(f0.shape)}; expected y0's shape {expected}")
+    if f0.dtype != problem.y0.dtype:
+        raise ValueError(f"{name}(t, y) returned dtype {f0.dtype}; expected y0's dtype {problem.y0.dtype}")
+    if g0 is None:
+        return
+    assert isinstance(problem, SDEProblem)
+    if not isinstance(g0, Tensor):
+        raise TypeError(f"diffusion(t, y) must return a tensor; got {type(g0).__name__}")
+    g_expected = problem.diffusion_shape()
+    if tuple(g0.shape) != g_expected:
+        raise ValueError(
+            f"diffusion(t, y) returned shape {tuple(g0.shape)}; noise={problem.noise!r} expects {g_expected}"
+        )
+    if g0.dtype != problem.y0.dtype:
+        raise ValueError(f"diffusion(t, y) returned dtype {g0.dtype}; expected y0's dtype {problem.y0.dtype}")

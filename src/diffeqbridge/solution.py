@@ -1,0 +1,103 @@
+"""Solution objects: save times, saved states, per-sample statistics and return codes."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class ReturnCode(enum.IntEnum):
+    """Per-sample outcome of a solve, named as SciMLBase's ``ReturnCode``."""
+
+    Default = 0
+    Success = 1
+    MaxIters = 2
+    DtLessThanMin = 3
+    Unstable = 4
+    ConvergenceFailure = 5
+    Failure = 6
+
+    @property
+    def successful(self) -> bool:
+        return self is ReturnCode.Success
+
+
+@dataclass
+class Stats:
+    """Per-sample counters, each a ``(B,)`` int64 tensor.
+
+    ``nf``/``ng``: drift/diffusion evaluations; ``naccept``/``nreject``: accepted and
+    rejected steps.
+    """
+
+    nf: Tensor
+    ng: Tensor
+    naccept: Tensor
+    nreject: Tensor
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def nsteps(self) -> Tensor:
+        return self.naccept + self.nreject
+
+    def summary(self) -> dict[str, float]:
+        """Means over samples (plain floats), handy for printing."""
+        out = {
+            name: float(getattr(self, name).double().mean())
+            for name in ("nf", "ng", "naccept", "nreject")
+        }
+        return out
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{k}={v:.1f}" for k, v in self.summary().items())
+        return f"Stats(mean over {self.nf.numel()} samples: {parts})"
+
+
+@dataclass
+class Solution:
+    """Result of :func:`diffeqbridge.solve`.
+
+    Attributes:
+        ts: ``(T,)`` save times.
+        ys: ``(T, B, *state_shape)`` saved states.
+        stats: per-sample :class:`Stats`.
+        retcodes: ``(B,)`` int tensor of :class:`ReturnCode` values.
+        alg: the solver object used.
+    """
+
+    ts: Tensor
+    ys: Tensor
+    stats: Stats
+    retcodes: Tensor
+    alg: Any = None
+    regularization: Tensor | None = None
+
+    @property
+    def retcode(self) -> list[ReturnCode] | ReturnCode:
+        """Per-sample :class:`ReturnCode` list (a single code when ``B == 1``)."""
+        codes = [ReturnCode(int(c)) for c in self.retcodes.tolist()]
+        return codes[0] if len(codes) == 1 else codes
+
+    @property
+    def success(self) -> bool:
+        """True when every sample returned ``ReturnCode.Success``."""
+        return bool((self.retcodes == int(ReturnCode.Success)).all())
+
+    @property
+    def t(self) -> Tensor:  # SciML-style alias
+        return self.ts
+
+    @property
+    def u(self) -> Tensor:  # SciML-style alias
+        return self.ys
+
+    def __repr__(self) -> str:
+        counts = torch.bincount(self.retcodes.long(), minlength=len(ReturnCode)).tolist()
+        codes = ", ".join(f"{ReturnCode(i).name}={n}" for i, n in enumerate(counts) if n)
+        return (
+            f"Solution(alg={type(self.alg).__name__}, ts={tuple(self.ts.shape)}, "
+            f"ys={tuple(self.ys.shape)}, retcodes[{codes}], {self.stats!r})"
+        )

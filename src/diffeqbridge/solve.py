@@ -1,0 +1,226 @@
+"""``solve``: validates the inputs, picks the backend and algorithm, runs the engine."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .brownian import VirtualBrownianTree
+from .controller import sde_initial_dt
+from .engine import EngineOptions, integrate
+from .problem import ODEProblem, SDEProblem, Terms, check_field_shapes
+from .solution import Solution
+from .solvers import EM, SOSRA, SOSRI, EulerHeun, LambaEM, RKMil, Tsit5
+from .solvers.base import AbstractSolver
+from .solvers.runge_kutta import hairer_initial_dt
+
+BACKENDS = ("auto", "native", "julia")
+
+
+def default_algorithm(problem: ODEProblem) -> AbstractSolver:
+    """The automatic choice, following SciML's ``default_sde_alg`` for the solvers that exist.
+
+    ODE: ``Tsit5``.  SDE: additive noise -> ``SOSRA``; diagonal/scalar Itô -> ``SOSRI``;
+    diagonal/scalar Stratonovich -> ``RKMil``; general noise -> ``LambaEM`` (Itô) or
+    ``EulerHeun`` (Stratonovich).
+    """
+    if not problem.is_sde:
+        return Tsit5()
+    if problem.noise == "additive":
+        return SOSRA()
+    stratonovich = problem.interpretation == "stratonovich"
+    if problem.noise == "general":
+        return EulerHeun() if stratonovich else LambaEM()
+    return RKMil() if stratonovich else SOSRI()
+
+
+def _check_solver(problem: ODEProblem, alg: Any) -> AbstractSolver:
+    if isinstance(alg, type) and issubclass(alg, AbstractSolver):
+        alg = alg()
+    if not isinstance(alg, AbstractSolver):
+        raise TypeError(f"alg must be a diffeqbridge solver (e.g. deb.SOSRI()) or None; got {alg!r}")
+    name = type(alg).__name__
+    if problem.is_sde and not alg.is_sde:
+        raise ValueError(f"alg={name} is an ODE solver; this SDEProblem needs an SDE solver (e.g. SOSRI, EM)")
+    if not problem.is_sde and alg.is_sde:
+        raise ValueError(f"alg={name} is an SDE solver; this ODEProblem needs an ODE solver (Tsit5, Dopri5)")
+    if problem.is_sde:
+        if problem.noise not in alg.noise_types:
+            raise ValueError(
+                f"alg={name} does not support noise={problem.noise!r} (supports {sorted(alg.noise_types)})"
+            )
+        if problem.noise != "additive" and problem.interpretation not in alg.interpretations:
+            raise ValueError(
+                f"alg={name} solves {'/'.join(sorted(alg.interpretations))} SDEs; the problem is "
+                f"interpretation={problem.interpretation!r}"
+            )
+    return alg
+
+
+def _check_positive(name: str, value: Any, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number; got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'non-negative' if allow_zero else 'positive'} and finite; got {value}")
+    return value
+
+
+def _check_saveat(saveat: Any, t0: float, t1: float, device: torch.device) -> Tensor:
+    if saveat is None:
+        return torch.tensor([t0, t1], dtype=torch.float64, device=device)
+    if isinstance(saveat, (int, float)) and not isinstance(saveat, bool):
+        raise TypeError("saveat must be a 1-D sequence/tensor of times (use [t] for one time)")
+    try:
+        times = torch.as_tensor(saveat, dtype=torch.float64).to(device).flatten() if not isinstance(saveat, Tensor) else saveat.detach().to(device=device, dtype=torch.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"saveat must be a 1-D sequence/tensor of times; got {type(saveat).__name__}") from exc
+    if times.ndim != 1 or times.numel() == 0:
+        raise ValueError(f"saveat must be a non-empty 1-D array of times; got shape {tuple(times.shape)}")
+    if not bool(torch.isfinite(times).all()):
+        raise ValueError("saveat contains NaN or Inf")
+    span = t1 - t0
+    lo, hi = float(times.min()), float(times.max())
+    if lo < t0 - 1e-12 * span or hi > t1 + 1e-12 * span:
+        raise ValueError(f"saveat must lie inside tspan [{t0}, {t1}]; got times in [{lo}, {hi}]")
+    if times.numel() > 1 and not bool((times[1:] > times[:-1]).all()):
+        raise ValueError("saveat must be strictly increasing")
+    times = times.clamp(t0, t1)
+    if float(times[0]) > t0:
+        # integration starts at t0; the caller gets only the requested times back
+        times = torch.cat([torch.tensor([t0], dtype=torch.float64, device=device), times])
+    return times
+
+
+def _check_brownian(brownian: Any, problem: SDEProblem, seed: int) -> VirtualBrownianTree:
+    t0, t1 = problem.tspan
+    shape = (problem.batch_size, *problem.noise_shape)
+    if brownian is None:
+        return VirtualBrownianTree(t0, t1, shape, seed=seed, dtype=problem.y0.dtype, device=problem.y0.device)
+    if not isinstance(brownian, VirtualBrownianTree):
+        raise TypeError(f"brownian must be a deb.VirtualBrownianTree; got {type(brownian).__name__}")
+    if tuple(brownian.shape) != shape:
+        raise ValueError(f"brownian has shape {tuple(brownian.shape)}; this problem needs (B, *noise_shape) = {shape}")
+    if brownian.t0 > t0 or brownian.t1 < t1:
+        raise ValueError(f"brownian covers [{brownian.t0}, {brownian.t1}], which does not contain tspan {problem.tspan}")
+    return brownian
+
+
+def _g_size(terms: Terms) -> Any:
+    if terms.noise == "general":
+        return lambda g: torch.sqrt(torch.sum(g * g, dim=-1))
+    return lambda g: g
+
+
+def solve(
+    prob: ODEProblem,
+    alg: AbstractSolver | None = None,
+    dt: float | None = None,
+    adaptive: bool | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    saveat: Sequence[float] | Tensor | None = None,
+    seed: int = 0,
+    brownian: VirtualBrownianTree | None = None,
+    max_steps: int = 100_000,
+    dtmin: float | None = None,
+    backend: str = "auto",
+    sensealg: Any = None,
+    progress: bool = False,
+    check_every: int = 8,
+) -> Solution:
+    """Solve an SDE or ODE problem for every sample of the batch.
+
+    Args:
+        prob: :class:`SDEProblem` or :class:`ODEProblem` with ``y0`` of shape ``(B, *state_shape)``.
+        alg: a solver instance (``deb.SOSRI()``...); ``None`` picks as SciML's default.
+        dt: initial step for adaptive solvers, the step for fixed-step ones.
+        adaptive: defaults to True for solvers with an error estimate.
+        atol, rtol: tolerances (SDE default ``1e-2``/``1e-2``, ODE ``1e-6``/``1e-3``).
+        saveat: 1-D times every sample is saved at; ``None`` -> ``(t0, t1)``.
+        seed: seed of the Brownian tree made when ``brownian`` is None.
+        brownian: a :class:`VirtualBrownianTree` of shape ``(B, *noise_shape)``.
+        max_steps: per-sample limit on attempted steps (-> ``ReturnCode.MaxIters``).
+        dtmin: smallest step before ``ReturnCode.DtLessThanMin`` (default ``1e-14 (t1 - t0)``).
+        backend: ``"auto"`` | ``"native"`` | ``"julia"``.
+        sensealg: how gradients are computed; ``None`` backpropagates through the steps.
+        progress: show a progress bar.
+
+    Returns:
+        :class:`Solution` with ``ts (T,)``, ``ys (T, B, *state_shape)``, per-sample stats/retcodes.
+    """
+    if not isinstance(prob, ODEProblem):
+        raise TypeError(f"prob must be a deb.SDEProblem or deb.ODEProblem; got {type(prob).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if backend == "julia":
+        from .julia import require_julia
+
+        require_julia()
+    if sensealg is not None:
+        raise ValueError(f"sensealg={sensealg!r} is not available yet in the native backend; use sensealg=None")
+
+    solver = _check_solver(prob, alg) if alg is not None else default_algorithm(prob)
+    if adaptive is None:
+        adaptive = solver.adaptive
+    if not isinstance(adaptive, bool):
+        raise TypeError(f"adaptive must be a bool or None; got {adaptive!r}")
+    if adaptive and not solver.adaptive:
+        raise ValueError(f"adaptive=True but alg={type(solver).__name__} has no error estimate; pass dt and adaptive=None")
+    atol = _check_positive("atol", atol if atol is not None else (1e-2 if prob.is_sde else 1e-6), allow_zero=True)
+    rtol = _check_positive("rtol", rtol if rtol is not None else (1e-2 if prob.is_sde else 1e-3), allow_zero=True)
+    if adaptive and atol == 0 and rtol == 0:
+        raise ValueError("atol and rtol cannot both be zero for an adaptive solve")
+    if dt is not None:
+        dt = _check_positive("dt", dt)
+    if not adaptive and dt is None:
+        if alg is not None:
+            raise ValueError(f"alg={type(solver).__name__} is a fixed-step solver: pass dt")
+        dt = (prob.tspan[1] - prob.tspan[0]) * min(atol or 1e-2, rtol or 1e-2, 1e-2)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int; got {seed!r}")
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"max_steps must be a positive int; got {max_steps!r}")
+    t0, t1 = prob.tspan
+    dtmin_value = 1e-14 * (t1 - t0) if dtmin is None else _check_positive("dtmin", dtmin, allow_zero=True)
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be a bool; got {progress!r}")
+    device, dtype = prob.y0.device, prob.y0.dtype
+    save_times = _check_saveat(saveat, t0, t1, device)
+    requested_first = saveat is None or save_times.numel() == torch.as_tensor(saveat).numel()
+    tree = _check_brownian(brownian, prob, seed) if prob.is_sde else None
+
+    terms = Terms(prob)
+    batch = prob.batch_size
+    t_start = torch.full((batch,), t0, dtype=torch.float64, device=device)
+    f0 = terms.drift(t_start, prob.y0)
+    g0 = terms.diffusion(t_start, prob.y0) if terms.diffusion is not None else None
+    check_field_shapes(prob, f0, g0)
+    counts = (1, 1 if g0 is not None else 0)
+
+    if dt is not None:
+        dt_initial = torch.full((batch,), dt, dtype=torch.float64, device=device)
+    elif prob.is_sde:
+        assert g0 is not None and terms.diffusion is not None
+        dt_initial, extra_f, extra_g = sde_initial_dt(
+            terms.drift, terms.diffusion, _g_size(terms), t_start, prob.y0, f0, g0,
+            solver.controller_order, atol, rtol, t1 - t0,
+        )
+        counts = (counts[0] + extra_f, counts[1] + extra_g)
+    else:
+        dt_initial, extra_f = hairer_initial_dt(
+            terms.drift, t_start, prob.y0, f0, solver.controller_order, atol, rtol, dtmax=t1 - t0
+        )
+        counts = (counts[0] + extra_f, counts[1])
+    options = EngineOptions(
+        adaptive=adaptive, atol=atol, rtol=rtol, max_steps=max_steps, dtmin=dtmin_value,
+        progress=progress, check_every=max(1, int(check_every)),
+    )
+    sol = integrate(terms, solver, prob.y0, save_times, dt_initial, options, tree,
+                    f0=f0 if solver.fsal else None, initial_counts=counts)
+    if not requested_first:
+        sol.ts, sol.ys = sol.ts[1:], sol.ys[1:]
+    return sol

@@ -1,0 +1,113 @@
+"""The solver interface shared by every family.
+
+A solver is a small object with class-level metadata (orders, noise types,
+interpretations, adaptivity, Lévy-area requirement) and one method, :meth:`step`, that
+advances every sample of the batch by its own ``dt``.  The engine owns time, step-size
+control, saving and masking; a solver only knows its tableau.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import Tensor
+
+from ..problem import Terms
+
+ALL_NOISE = frozenset({"diagonal", "scalar", "additive", "general"})
+BOTH_INTERPRETATIONS = frozenset({"ito", "stratonovich"})
+
+
+@dataclass
+class StepOutput:
+    """What one step returns.
+
+    Attributes:
+        y1: ``(B, *state_shape)`` proposed state at ``t + dt``.
+        error: ``(B, *state_shape)`` local error estimate, already combined as the solver's
+            error norm expects (e.g. ``delta * E1 + E2`` for Rößler's SRI), or ``None``
+            for solvers without an error estimate.  The engine scales it by
+            ``atol + rtol * max(|y0|, |y1|)`` and takes the RMS over the state.
+        nf: drift evaluations per sample in this step.
+        ng: diffusion evaluations per sample in this step.
+        f1: ``drift(t + dt, y1)`` for FSAL methods (reused as the next step's ``f0``).
+    """
+
+    y1: Tensor
+    error: Tensor | None
+    nf: int
+    ng: int
+    f1: Tensor | None = None
+
+
+class AbstractSolver:
+    """Base class.  Subclasses set the class variables and implement :meth:`step`.
+
+    Class variables:
+        strong_order / weak_order: convergence orders (for the noise types declared).
+        noise_types: the ``SDEProblem.noise`` values it handles (empty for ODE solvers).
+        interpretations: ``{"ito"}``, ``{"stratonovich"}`` or both.  Additive noise is
+            accepted under either interpretation (they coincide).
+        adaptive: True when :meth:`step` returns an error estimate.
+        needs_levy_area: True when :meth:`step` uses the space-time Lévy area ``H``.
+        is_sde: False for ODE solvers.
+        controller_order: the order ``q`` used by the PI controller's exponents.
+        fsal: True when the step reuses ``f0 = drift(t, y)`` and returns ``f1``.
+        beta1 / beta2 / qmax / qmin / gamma: controller constants (None -> engine default).
+    """
+
+    strong_order: ClassVar[float] = 0.0
+    weak_order: ClassVar[float] = 0.0
+    noise_types: ClassVar[frozenset[str]] = frozenset()
+    interpretations: ClassVar[frozenset[str]] = BOTH_INTERPRETATIONS
+    adaptive: ClassVar[bool] = False
+    needs_levy_area: ClassVar[bool] = False
+    is_sde: ClassVar[bool] = True
+    controller_order: ClassVar[float] = 1.0
+    fsal: ClassVar[bool] = False
+    beta1: ClassVar[float | None] = None
+    beta2: ClassVar[float | None] = None
+    qmax: ClassVar[float | None] = None
+    qmin: ClassVar[float | None] = None
+    gamma: ClassVar[float | None] = None
+
+    def step(
+        self,
+        terms: Terms,
+        t: Tensor,
+        y: Tensor,
+        dt: Tensor,
+        dw: Tensor | None,
+        levy_h: Tensor | None,
+        f0: Tensor | None = None,
+    ) -> StepOutput:
+        """Advance every sample from ``t`` to ``t + dt``.
+
+        Args:
+            terms: the problem's vector fields (:class:`~diffeqbridge.problem.Terms`).
+            t: ``(B,)`` current times.
+            y: ``(B, *state_shape)`` current states.
+            dt: ``(B,)`` step sizes (strictly positive).
+            dw: ``(B, *noise_shape)`` Brownian increments over the step (None for ODEs).
+            levy_h: ``(B, *noise_shape)`` space-time Lévy area over the step, present when
+                ``needs_levy_area``.  ``int_s^t (W_u - W_s) du = dt * (H + dW / 2)``.
+            f0: ``drift(t, y)`` when ``fsal``.
+        """
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    @classmethod
+    def describe(cls) -> dict[str, object]:
+        """The metadata as a plain dict (used by the README table and `info`)."""
+        return {
+            "name": cls.__name__,
+            "kind": "SDE" if cls.is_sde else "ODE",
+            "strong_order": cls.strong_order,
+            "weak_order": cls.weak_order,
+            "noise": sorted(cls.noise_types),
+            "interpretation": sorted(cls.interpretations),
+            "adaptive": cls.adaptive,
+            "levy_area": cls.needs_levy_area,
+        }

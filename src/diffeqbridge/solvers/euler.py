@@ -1,0 +1,102 @@
+"""Euler-type SDE solvers: Euler–Maruyama, Euler–Heun and Lamba's adaptive Euler–Maruyama.
+
+* ``EM``: Itô, all noise types, strong 0.5 (1.0 for additive noise), weak 1.0, fixed step.
+* ``EulerHeun``: Stratonovich predictor–corrector on drift and diffusion (as
+  StochasticDiffEq's ``EulerHeun``), all noise types, strong 0.5 (1.0 for commutative
+  noise), weak 1.0, fixed step.
+* ``LambaEM``: Euler–Maruyama with the heuristic drift/diffusion error estimate of
+  Lamba (2003) as used by StochasticDiffEq's ``LambaEM``:
+  ``E_d = dt (f(t+dt, y + f dt) - f(t, y)) / 2`` and
+  ``E_n = (g(y + sqrt(dt) g) - g) / (2 sqrt(dt)) * (dW^2 - dt)``, combined as
+  ``delta * E_d + E_n`` with ``delta = 1/6``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..problem import Terms, expand_to
+from .base import ALL_NOISE, AbstractSolver, StepOutput
+
+SDE_QMAX = 9 / 8  # StochasticDiffEq's qmax for SDE algorithms
+SDE_QMIN = 1 / 5
+SDE_GAMMA = 9 / 10
+
+
+def _rms_over_noise(x: Tensor) -> Tensor:
+    """Root-mean-square over the last (noise) axis of a general-noise diffusion."""
+    return torch.sqrt(torch.mean(x * x, dim=-1))
+
+
+class EM(AbstractSolver):
+    """Euler–Maruyama: ``y1 = y + f(t, y) dt + g(t, y) dW``."""
+
+    strong_order = 0.5
+    weak_order = 1.0
+    noise_types = ALL_NOISE
+    interpretations = frozenset({"ito"})
+
+    def step(self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None) -> StepOutput:
+        assert terms.diffusion is not None and dw is not None
+        drift = terms.drift(t, y)
+        noise = terms.g_dw(terms.diffusion(t, y), dw)
+        return StepOutput(y + drift * expand_to(dt, y) + noise, None, nf=1, ng=1)
+
+
+class EulerHeun(AbstractSolver):
+    """Stratonovich Euler–Heun: an Euler predictor, then the trapezoidal average of
+    drift and diffusion at both ends."""
+
+    strong_order = 0.5
+    weak_order = 1.0
+    noise_types = ALL_NOISE
+    interpretations = frozenset({"stratonovich"})
+
+    def step(self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None) -> StepOutput:
+        assert terms.diffusion is not None and dw is not None
+        dt_b = expand_to(dt, y)
+        t1 = t + dt
+        drift0, diff0 = terms.drift(t, y), terms.diffusion(t, y)
+        predictor = y + drift0 * dt_b + terms.g_dw(diff0, dw)
+        drift1, diff1 = terms.drift(t1, predictor), terms.diffusion(t1, predictor)
+        y1 = y + 0.5 * (drift0 + drift1) * dt_b + terms.g_dw(0.5 * (diff0 + diff1), dw)
+        return StepOutput(y1, None, nf=2, ng=2)
+
+
+class LambaEM(AbstractSolver):
+    """Adaptive Euler–Maruyama with Lamba's error estimate (StochasticDiffEq's ``LambaEM``)."""
+
+    strong_order = 0.5
+    weak_order = 1.0
+    noise_types = ALL_NOISE
+    interpretations = frozenset({"ito"})
+    adaptive = True
+    controller_order = 0.5  # StochasticDiffEq's alg_order(LambaEM)
+    qmax, qmin, gamma = SDE_QMAX, SDE_QMIN, SDE_GAMMA
+
+    def __init__(self, delta: float = 1 / 6):
+        self.delta = float(delta)
+
+    def step(self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None) -> StepOutput:
+        assert terms.diffusion is not None and dw is not None
+        dt_b = expand_to(dt, y)
+        sqrt_dt = torch.sqrt(dt_b)
+        drift0 = terms.drift(t, y)
+        euler = y + drift0 * dt_b
+        diff0 = terms.diffusion(t, y)
+        y1 = euler + terms.g_dw(diff0, dw)
+
+        drift_error = dt_b * (terms.drift(t + dt, euler) - drift0) / 2
+        if terms.noise == "general":
+            g_size = _rms_over_noise(diff0)
+            g_size_shifted = _rms_over_noise(terms.diffusion(t, euler + sqrt_dt * g_size))
+            dw_term = torch.sqrt(torch.mean((dw * dw - expand_to(dt, dw)) ** 2, dim=-1))
+            noise_error = (g_size_shifted - g_size) / (2 * sqrt_dt) * expand_to(dw_term, y)
+        else:
+            g_shifted = terms.diffusion(t, euler + sqrt_dt * diff0)
+            dw_state = terms.noise_like_state(dw, y)
+            noise_error = (g_shifted - diff0) / (2 * sqrt_dt) * (dw_state * dw_state - dt_b)
+        return StepOutput(y1, self.delta * drift_error + noise_error, nf=2, ng=2)
+
+    def __repr__(self) -> str:
+        return f"LambaEM(delta={self.delta:.4g})"

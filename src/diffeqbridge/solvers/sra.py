@@ -1,0 +1,268 @@
+"""Rößler's SRA methods: adaptive strong order 1.5 for SDEs with additive noise.
+
+One generic step (:func:`sra_step`) runs any explicit SRA tableau (:class:`SRATableau`);
+:class:`SRA1` and :class:`SOSRA` only carry a tableau and their metadata.
+
+For additive noise (``diffusion`` independent of the state) the Itô and Stratonovich
+interpretations coincide, so these methods accept both.  The scheme (Rößler 2010)::
+
+    H0_i = y + dt Σ_j A0[i][j] f_j + Σ_j B0[i][j] g_j · χ2
+    f_i  = drift(t + c0_i dt, H0_i),   g_i = diffusion(t + c1_i dt, H0_i)
+    y1   = y + dt Σ α_i f_i + Σ β1_i g_i · ΔW + E2,     E2 = Σ β2_i g_i · χ2
+
+where ``g · x`` is ``terms.g_dw(g, x)`` (elementwise for diagonal-shaped noise) and
+``χ2 = I_(1,0)/dt = ΔW/2 + H``.  StochasticDiffEq.jl draws ``ΔZ ~ N(0, dt)`` independent
+of ``ΔW`` with ``I_(1,0) = dt/2 (ΔW + ΔZ/√3)``; with the engine's space-time Lévy area
+``H`` (``∫_t^{t+dt}(W_u − W_t) du = dt (H + ΔW/2)``, ``Var H = dt/12``) this is
+``ΔZ = 2√3 H``.  The diffusion is evaluated at the drift stage states, as in
+StochasticDiffEq.jl (irrelevant for truly additive noise).
+
+Error estimate (StochasticDiffEq.jl ``src/perform_step/sra.jl`` combined by DiffEqBase's
+``calculate_residuals(E₁, E₂, ...)``)::
+
+    E1 = dt Σ_i f_i,      error = δ · E1 + E2      (signed), δ = 1 by default.
+
+Sources (coefficients only; the implementation is our own):
+
+* A. Rößler, "Runge–Kutta methods for the strong approximation of solutions of stochastic
+  differential equations", SIAM J. Numer. Anal. 48(3) (2010) 922–952 (SRA1).
+* C. Rackauckas, Q. Nie, "Adaptive methods for stochastic differential equations via
+  natural embeddings and rejection sampling with memory", DCDS-B 22(7) (2017) 2731–2761.
+* C. Rackauckas, Q. Nie, "Stability-optimized high order methods and stiffness detection
+  for pathwise stiff stochastic differential equations" (SOSRA).
+* SciML/StochasticDiffEq.jl: ``src/tableaus.jl`` (``constructSRA1``),
+  ``src/perform_step/sra.jl`` (``SRA1ConstantCache``, ``ThreeStageSRAConstantCache``),
+  ``src/caches/sra_caches.jl`` (``SOSRAConstantCache``), ``src/alg_utils.jl``
+  (``alg_order(SRA1) = alg_order(SOSRA) = 2//1``, ``delta_default = 1``, ``qmax = 9//8``,
+  ``qmin = 1//5``, ``gamma = 9//10``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import Tensor
+
+from ..problem import Terms, expand_to
+from .base import BOTH_INTERPRETATIONS, AbstractSolver, StepOutput
+
+Matrix = tuple[tuple[float, ...], ...]
+
+
+@dataclass(frozen=True)
+class SRATableau:
+    """An explicit SRA tableau with ``s`` stages (``M[i][j]``: weight of stage ``j`` in
+    stage ``i``, strictly lower triangular).
+
+    Attributes:
+        c0 / c1: drift / diffusion stage times (fractions of ``dt``).
+        a0 / b0: weights of ``dt·f_j`` / ``g_j·χ2`` in the stages ``H0_i``.
+        alpha: drift weights; beta1 / beta2: weights of ``g_i·ΔW`` / ``g_i·χ2``.
+    """
+
+    c0: tuple[float, ...]
+    c1: tuple[float, ...]
+    a0: Matrix
+    b0: Matrix
+    alpha: tuple[float, ...]
+    beta1: tuple[float, ...]
+    beta2: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        s = self.stages
+        for name in ("c1", "alpha", "beta1", "beta2"):
+            if len(getattr(self, name)) != s:
+                raise ValueError(f"{name} must have {s} entries")
+        for name in ("a0", "b0"):
+            m = getattr(self, name)
+            if len(m) != s or any(len(row) != s for row in m):
+                raise ValueError(f"{name} must be {s}x{s}")
+            if any(v != 0.0 for i, row in enumerate(m) for v in row[i:]):
+                raise ValueError(f"{name} must be strictly lower triangular (explicit scheme)")
+
+    @property
+    def stages(self) -> int:
+        return len(self.c0)
+
+    def diffusion_used(self, j: int) -> bool:
+        return any(v != 0.0 for v in (self.beta1[j], self.beta2[j], *(row[j] for row in self.b0)))
+
+
+def _combine(coeffs: tuple[float, ...] | list[float], xs: list[Tensor | None]) -> Tensor | None:
+    """``Σ c_j x_j`` over the non-zero coefficients (None when all are zero)."""
+    out: Tensor | None = None
+    for c, x in zip(coeffs, xs, strict=True):
+        if c == 0.0:
+            continue
+        assert x is not None
+        term = x if c == 1.0 else c * x
+        out = term if out is None else out + term
+    return out
+
+
+def _stage_time(t: Tensor, dt: Tensor, c: float) -> Tensor:
+    return t if c == 0.0 else t + c * dt
+
+
+def sra_step(
+    tab: SRATableau,
+    terms: Terms,
+    t: Tensor,
+    y: Tensor,
+    dt: Tensor,
+    dw: Tensor,
+    levy_h: Tensor,
+    delta: float,
+) -> StepOutput:
+    """One SRA step for every sample.
+
+    Args:
+        tab: the tableau.
+        terms: the problem's vector fields.  The diffusion is applied to noise with
+            ``terms.g_dw``, so any noise layout works (diagonal-shaped additive noise,
+            and also scalar ``(B, 1)`` or general ``(B, m)`` noise when the diffusion is
+            state-independent).
+        t: ``(B,)`` times.  y: ``(B, *state_shape)`` states.  dt: ``(B,)`` step sizes.
+        dw: ``(B, *noise_shape)`` Brownian increments.
+        levy_h: ``(B, *noise_shape)`` space-time Lévy area, ``Var = dt/12``.
+        delta: weight of ``E1`` in the error, ``error = delta*E1 + E2``.
+
+    Returns:
+        :class:`StepOutput` with ``y1`` and ``error`` of shape ``(B, *state_shape)``.
+    """
+    if terms.diffusion is None:
+        raise TypeError("SRA methods need an SDE problem (a diffusion term)")
+    if dw is None or levy_h is None:
+        raise ValueError("SRA methods need the Brownian increment dW and the Lévy area H")
+    drift, diffusion = terms.drift, terms.diffusion
+
+    dt_y = expand_to(dt, y)
+    chi2 = 0.5 * dw + levy_h  # I_(1,0)/dt, noise-shaped
+
+    s = tab.stages
+    fs: list[Tensor | None] = [None] * s
+    gs: list[Tensor | None] = [None] * s
+    ng = 0
+    for i in range(s):
+        h0 = y
+        fa = _combine(tab.a0[i][:i], fs[:i])
+        if fa is not None:
+            h0 = h0 + dt_y * fa
+        gb = _combine(tab.b0[i][:i], gs[:i])
+        if gb is not None:
+            h0 = h0 + terms.g_dw(gb, chi2)
+        fs[i] = drift(_stage_time(t, dt, tab.c0[i]), h0)
+        if tab.diffusion_used(i):
+            gs[i] = diffusion(_stage_time(t, dt, tab.c1[i]), h0)
+            ng += 1
+
+    drift_sum = _combine(tab.alpha, fs)
+    y1 = y if drift_sum is None else y + dt_y * drift_sum
+    g1 = _combine(tab.beta1, gs)
+    if g1 is not None:
+        y1 = y1 + terms.g_dw(g1, dw)
+    g2 = _combine(tab.beta2, gs)
+    e2 = terms.g_dw(g2, chi2) if g2 is not None else y.new_zeros(y.shape)
+    y1 = y1 + e2
+
+    f_all = _combine([1.0] * s, fs)
+    assert f_all is not None
+    e1 = dt_y * f_all
+    error = e2 if delta == 0.0 else delta * e1 + e2
+    return StepOutput(y1=y1, error=error, nf=s, ng=ng)
+
+
+class _SRABase(AbstractSolver):
+    """Shared metadata of the SRA family (StochasticDiffEq.jl ``src/alg_utils.jl``)."""
+
+    tableau: ClassVar[SRATableau]
+    default_delta: ClassVar[float] = 1.0
+
+    strong_order: ClassVar[float] = 1.5
+    weak_order: ClassVar[float] = 2.0
+    noise_types: ClassVar[frozenset[str]] = frozenset({"additive"})
+    interpretations: ClassVar[frozenset[str]] = BOTH_INTERPRETATIONS
+    adaptive: ClassVar[bool] = True
+    needs_levy_area: ClassVar[bool] = True
+    is_sde: ClassVar[bool] = True
+    controller_order: ClassVar[float] = 2.0  # alg_order(SRA1) = alg_order(SOSRA) = 2//1
+    fsal: ClassVar[bool] = False
+    qmax: ClassVar[float | None] = 9 / 8
+    qmin: ClassVar[float | None] = 1 / 5
+    gamma: ClassVar[float | None] = 9 / 10
+
+    def __init__(self, delta: float | None = None):
+        """``delta``: weight of the drift part ``E1`` in ``error = delta*E1 + E2``
+        (default 1, StochasticDiffEq's ``delta_default``)."""
+        d = type(self).default_delta if delta is None else float(delta)
+        if not (math.isfinite(d) and d >= 0.0):
+            raise ValueError(f"delta must be a finite number >= 0; got {delta!r}")
+        self.delta = d
+
+    def step(
+        self,
+        terms: Terms,
+        t: Tensor,
+        y: Tensor,
+        dt: Tensor,
+        dw: Tensor | None,
+        levy_h: Tensor | None,
+        f0: Tensor | None = None,
+    ) -> StepOutput:
+        """See :meth:`AbstractSolver.step` and :func:`sra_step` (``f0`` is unused)."""
+        return sra_step(self.tableau, terms, t, y, dt, dw, levy_h, self.delta)  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        name = type(self).__name__
+        return f"{name}()" if self.delta == type(self).default_delta else f"{name}(delta={self.delta!r})"
+
+
+# SRA1 (Rößler 2010): StochasticDiffEq.jl src/tableaus.jl, constructSRA1.
+SRA1_TABLEAU = SRATableau(
+    c0=(0.0, 3 / 4),
+    c1=(1.0, 0.0),
+    a0=((0.0, 0.0), (3 / 4, 0.0)),
+    b0=((0.0, 0.0), (3 / 2, 0.0)),
+    alpha=(1 / 3, 2 / 3),
+    beta1=(1.0, 0.0),
+    beta2=(-1.0, 1.0),
+)
+
+# SOSRA (Rackauckas & Nie): StochasticDiffEq.jl src/caches/sra_caches.jl, SOSRAConstantCache
+# (aij -> a0[i-1][j-1], bij -> b0[i-1][j-1], c0i, c1i, beta1i, beta2i).
+SOSRA_TABLEAU = SRATableau(
+    c0=(0.0, 0.6923962376159507, 1.0),
+    c1=(0.0, 0.041248171110700504, 1.0),
+    a0=(
+        (0.0, 0.0, 0.0),
+        (0.6923962376159507, 0.0, 0.0),
+        (-3.1609142252828395, 4.1609142252828395, 0.0),
+    ),
+    b0=(
+        (0.0, 0.0, 0.0),
+        (1.3371632704399763, 0.0, 0.0),
+        (1.442371048468624, 1.8632741501139225, 0.0),
+    ),
+    alpha=(0.2889874966892885, 0.6859880440839937, 0.025024459226717772),
+    beta1=(-16.792534242221663, 17.514995785380226, 0.27753845684143835),
+    beta2=(0.4237535769069274, 0.6010381474428539, -1.0247917243497813),
+)
+
+
+class SRA1(_SRABase):
+    """Rößler's SRA1: adaptive, strong order 1.5 / weak order 2.0 for additive noise (Itô
+    or Stratonovich).  2 drift + 2 diffusion evaluations per step."""
+
+    tableau: ClassVar[SRATableau] = SRA1_TABLEAU
+
+
+class SOSRA(_SRABase):
+    """Stability-optimized SRA (Rackauckas & Nie): adaptive, strong order 1.5 / weak order
+    2.0 for additive noise (Itô or Stratonovich).  3 drift + 3 diffusion evaluations per
+    step."""
+
+    tableau: ClassVar[SRATableau] = SOSRA_TABLEAU
+
+
+__all__ = ["SRATableau", "sra_step", "SRA1", "SOSRA", "SRA1_TABLEAU", "SOSRA_TABLEAU"]

@@ -1,0 +1,149 @@
+"""The julia backend fails fast, and nothing imports juliacall behind the user's back."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def test_import_does_not_import_juliacall():
+    code = (
+        "import sys\n"
+        "import diffeqbridge\n"
+        "import diffeqbridge.julia\n"
+        "diffeqbridge.julia.julia_status()\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('juliacall', 'juliapkg'))\n"
+        "print('LOADED', bad)\n"
+    )
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert "LOADED []" in proc.stdout, proc.stdout
+
+
+def test_julia_status_is_fast_and_explains(monkeypatch):
+    from diffeqbridge.julia import julia_status
+
+    start = time.perf_counter()
+    ok, reason = julia_status(refresh=True)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 5.0, f"julia_status took {elapsed:.1f} s"
+    assert isinstance(ok, bool) and isinstance(reason, str) and reason
+    if ok:
+        pytest.skip(f"Julia is usable on this machine: {reason}")
+    assert "backend='native'" in reason
+    assert any(word in reason for word in ("juliacall", "Julia")), reason
+
+
+def test_julia_status_without_juliacall(monkeypatch):
+    import importlib.util
+
+    import diffeqbridge.julia as dj
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(dj.importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "juliacall" else real(name, *a, **k))
+    ok, reason = dj.julia_status(refresh=True)
+    dj.julia_status(refresh=True)  # leave the cache as the machine really is
+    assert not ok
+    assert "pip install 'diffeqbridge[julia]'" in reason
+    assert "backend='native'" in reason
+
+
+def test_julia_status_no_executable_offline(monkeypatch, tmp_path):
+    """juliacall present, no Julia anywhere, offline: the 'cannot be downloaded' reason."""
+    import diffeqbridge.julia as dj
+
+    monkeypatch.setattr(dj.importlib.util, "find_spec", lambda name, *a, **k: object())
+    monkeypatch.setattr(dj, "find_julia_executables", lambda: [])
+    monkeypatch.setenv("PYTHON_JULIAPKG_OFFLINE", "yes")
+    try:
+        ok, reason = dj.julia_status(refresh=True)
+    finally:
+        monkeypatch.undo()
+        dj.julia_status(refresh=True)
+    assert not ok
+    assert "no Julia executable found" in reason
+    assert "PYTHON_JULIAPKG_EXE" in reason and "backend='native'" in reason
+
+
+def test_julia_status_rejects_a_fake_julia(monkeypatch, tmp_path):
+    """PYTHON_JULIAPKG_EXE pointing at something that is not Julia >= 1.10 is reported."""
+    import diffeqbridge.julia as dj
+
+    fake = tmp_path / "julia"
+    fake.write_text("#!/bin/sh\necho 'julia version 1.6.7'\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(dj.importlib.util, "find_spec", lambda name, *a, **k: object())
+    monkeypatch.setenv("PYTHON_JULIAPKG_EXE", str(fake))
+    monkeypatch.setenv("PYTHON_JULIAPKG_OFFLINE", "yes")
+    try:
+        cands = dj.find_julia_executables()
+        ok, reason = dj.julia_status(refresh=True)
+    finally:
+        monkeypatch.undo()
+        dj.julia_status(refresh=True)
+    assert (str(fake), "PYTHON_JULIAPKG_EXE") in cands
+    assert not ok
+    assert "1.6.7" in reason
+
+
+def test_require_julia_raises_runtime_error():
+    from diffeqbridge.julia import JuliaUnavailableError, julia_status, require_julia
+
+    assert issubclass(JuliaUnavailableError, RuntimeError)
+    ok, _ = julia_status()
+    if ok:
+        pytest.skip("Julia is usable on this machine")
+    with pytest.raises(JuliaUnavailableError, match="backend='native'"):
+        require_julia()
+
+
+def test_solve_backend_julia_fails_fast():
+    deb = pytest.importorskip("diffeqbridge")
+    if not hasattr(deb, "solve"):
+        pytest.skip("deb.solve is not importable yet")
+    import torch
+
+    from diffeqbridge.julia import julia_status
+
+    if julia_status()[0]:
+        pytest.skip("Julia is usable on this machine")
+    y0 = torch.full((4, 1), 0.5, dtype=torch.float64)
+    prob = deb.SDEProblem(lambda t, y: 1.01 * y, lambda t, y: 0.87 * y, y0, (0.0, 1.0))
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match="backend='native'"):
+        deb.solve(prob, backend="julia")
+    assert time.perf_counter() - start < 5.0
+    assert "juliacall" not in sys.modules
+
+
+def test_juliapkg_json_is_valid():
+    import json
+    import re
+    from pathlib import Path
+
+    from diffeqbridge.julia import julia_package_dir, juliapkg_json_path
+
+    data = json.loads(juliapkg_json_path().read_text())
+    assert data["julia"].startswith("1.1")
+    uuid = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+    pkgs = data["packages"]
+    for name in ("StochasticDiffEq", "OrdinaryDiffEq", "SciMLSensitivity", "SciMLBase",
+                 "DiffEqNoiseProcess", "ChainRulesCore", "Zygote", "DiffEqBridge"):
+        assert uuid.match(pkgs[name]["uuid"]), name
+    # the local package's path (relative to juliapkg.json) is the Julia package here
+    local = (juliapkg_json_path().parent / pkgs["DiffEqBridge"]["path"]).resolve()
+    assert local == julia_package_dir().resolve()
+    project = (julia_package_dir() / "Project.toml").read_text()
+    assert f'uuid = "{pkgs["DiffEqBridge"]["uuid"]}"' in project
+    assert Path(julia_package_dir() / "src" / "DiffEqBridge.jl").is_file()
