@@ -321,8 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--paths", type=int, default=10_000, help="number of paths (default 10000)")
     demo.add_argument("--seed", type=int, default=1, help="Brownian tree seed (default 1)")
-    demo.add_argument("--atol", type=float, default=1e-3, help="absolute tolerance (default 1e-3)")
-    demo.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance (default 1e-3)")
+    demo.add_argument("--atol", type=float, default=1e-2, help="absolute tolerance (default 1e-2, SciML's SDE default)")
+    demo.add_argument("--rtol", type=float, default=1e-2, help="relative tolerance (default 1e-2, SciML's SDE default)")
     demo.add_argument("--alg", default=None, metavar="NAME",
                       help="solver name, e.g. SOSRI, SRIW1, LambaEM, EM (default: automatic)")
     demo.add_argument("--dt", type=float, default=None,

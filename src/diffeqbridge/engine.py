@@ -158,7 +158,8 @@ def integrate(
         finite = _all_finite(y1)
         if controller is not None:
             assert out.error is not None
-            err = scaled_error_norm(out.error, y, y1, options.atol, options.rtol).to(torch.float64)
+            # the controller is not differentiated: step sizes carry no gradient
+            err = scaled_error_norm(out.error.detach(), y.detach(), y1.detach(), options.atol, options.rtol).to(torch.float64)
             err = torch.where(finite & torch.isfinite(err), err, torch.full_like(err, float("inf")))
             accepted = active & (err <= 1.0)
         else:

@@ -1,0 +1,315 @@
+"""Shared helpers for the benchmarks in this folder.
+
+Conventions every benchmark follows:
+
+* ``python benchmarks/<name>.py [--quick] [--out DIR]``: ``--quick`` keeps a run under a
+  couple of minutes (fewer repeats, smaller calibration target); ``--out`` defaults to
+  ``bench_out/`` (git-ignored).
+* Each benchmark module exposes ``run(quick: bool, out: Path) -> dict`` (writes
+  ``out/<name>.json`` and ``out/<name>.png`` and returns the JSON payload) and
+  ``main(argv=None) -> int``.
+* Peers are timed in the same process and *interleaved* (each repeat runs every case once,
+  in a rotating order), so that load from other jobs on a shared machine hits all of them
+  alike; compare ratios from one run, not absolute times across runs.
+* Times are medians over repeats of the mean time of ``number`` back-to-back calls, after
+  warm-up (which also covers JIT compilation), with ``number`` calibrated per case.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+DEFAULT_OUT = Path("bench_out")
+
+
+# ----------------------------------------------------------------------------- CLI
+def make_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="short run (fewer repeats), about two minutes at most")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT}/)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads for torch and XLA:CPU (default 1; 0 keeps the libraries' defaults). "
+        "On a small machine shared with other jobs, torch's multi-threaded kernels can be many times slower "
+        "than single-threaded ones, which would swamp the comparison.",
+    )
+    return parser
+
+
+def set_threads(n: int) -> dict[str, Any]:
+    """Pin torch and XLA:CPU to ``n`` intra-op threads (``0``: leave defaults); returns what was done.
+
+    XLA reads its flags when jax initialises its CPU backend, so this must run before
+    jax is first used; if jax was already imported, that is recorded and torch is still set.
+    """
+    import sys
+
+    record: dict[str, Any] = {"requested": n}
+    if n <= 0:
+        return record
+    if "jax" in sys.modules:
+        record["xla"] = "not set: jax already imported"
+    else:
+        flags = os.environ.get("XLA_FLAGS", "")
+        extra = "--xla_cpu_multi_thread_eigen=false" if n == 1 else ""
+        if extra:
+            os.environ["XLA_FLAGS"] = (flags + " " + extra).strip()
+        record["xla"] = os.environ.get("XLA_FLAGS", "")
+    import torch
+
+    torch.set_num_threads(n)
+    record["torch"] = torch.get_num_threads()
+    return record
+
+
+# -------------------------------------------------------------------------- timing
+@dataclass
+class Timing:
+    """Seconds per call of one case: median over repeats, plus spread and raw samples."""
+
+    median: float
+    min: float
+    q1: float
+    q3: float
+    number: int  # calls per sample
+    repeats: int
+    samples: list[float] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _quantile(xs: Sequence[float], q: float) -> float:
+    xs = sorted(xs)
+    if len(xs) == 1:
+        return xs[0]
+    pos = q * (len(xs) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def cycle(fn: Callable[..., Any], args_pool: Sequence[tuple]) -> Callable[[], Any]:
+    """A zero-argument callable that calls ``fn(*args)`` with the next entry of ``args_pool``.
+
+    Used to give every timed call fresh (pre-generated) inputs without timing their creation.
+    """
+    state = {"i": 0}
+    n = len(args_pool)
+
+    def call() -> Any:
+        args = args_pool[state["i"] % n]
+        state["i"] += 1
+        return fn(*args)
+
+    return call
+
+
+def measure_interleaved(
+    cases: Mapping[str, Callable[[], Any]],
+    *,
+    repeats: int,
+    warmup: int = 1,
+    target_s: float = 0.02,
+    max_number: int = 1000,
+) -> dict[str, Timing]:
+    """Time zero-argument callables against each other on a shared, noisy machine.
+
+    Each case is warmed up ``warmup`` times (pass 0 if the caller already ran each case,
+    e.g. in a sanity check), then ``number`` (calls per sample) is chosen from one timed
+    call so that a sample lasts about ``target_s``; when one call already takes that long,
+    that timed call is kept as the first sample.  Rounds then take one sample of every
+    case still short of ``repeats`` samples, in an order rotated every round.  Callables must finish
+    their work before returning (``block_until_ready`` for JAX, synchronize for CUDA).
+    """
+    names = list(cases)
+    for name in names:
+        for _ in range(warmup):
+            cases[name]()
+    numbers: dict[str, int] = {}
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for name in names:
+        start = time.perf_counter()
+        cases[name]()
+        once = time.perf_counter() - start
+        numbers[name] = int(min(max_number, max(1, math.ceil(target_s / max(once, 1e-9)))))
+        if numbers[name] == 1:  # a slow case: this warm call already is a valid sample
+            samples[name].append(once)
+    for r in range(repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            if len(samples[name]) >= repeats:
+                continue
+            fn, number = cases[name], numbers[name]
+            start = time.perf_counter()
+            for _ in range(number):
+                fn()
+            samples[name].append((time.perf_counter() - start) / number)
+    return {
+        name: Timing(
+            median=statistics.median(xs),
+            min=min(xs),
+            q1=_quantile(xs, 0.25),
+            q3=_quantile(xs, 0.75),
+            number=numbers[name],
+            repeats=repeats,
+            samples=xs,
+        )
+        for name, xs in samples.items()
+    }
+
+
+# -------------------------------------------------------------------- machine info
+def _version(module: str) -> str | None:
+    try:
+        mod = importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - absent or broken peer: record that, don't fail
+        return None
+    return getattr(mod, "__version__", "unknown")
+
+
+def _git_state(repo: Path) -> dict[str, Any] | None:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0:
+        return None
+    return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+    }
+    try:
+        info["cpu_affinity"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        info["cpu_affinity"] = None
+    try:
+        info["loadavg"] = list(os.getloadavg())
+    except OSError:
+        info["loadavg"] = None
+    info["versions"] = {
+        m: _version(m) for m in ("diffeqbridge", "torch", "numpy", "jax", "jaxlib", "diffrax", "equinox", "torchsde", "torchdiffeq", "matplotlib")
+    }
+    try:
+        import torch
+
+        info["torch_threads"] = torch.get_num_threads()
+        info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        import jax
+
+        info["jax_devices"] = [str(d) for d in jax.devices()]
+    except Exception:  # noqa: BLE001
+        pass
+    info["git"] = _git_state(Path(__file__).resolve().parent.parent)
+    return info
+
+
+def write_json(path: Path, benchmark: str, payload: Mapping[str, Any]) -> dict[str, Any]:
+    """Write ``{"benchmark", "machine", **payload}`` to ``path``; returns what was written."""
+    doc = {"benchmark": benchmark, "machine": machine_info(), **payload}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2, default=_json_default) + "\n")
+    return doc
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Timing):
+        return obj.as_dict()
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+# -------------------------------------------------------------------------- plots
+def figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (6.0, 4.5)):
+    """A matplotlib figure on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
+    return fig, axes.ravel()
+
+
+def plot_series(
+    ax,
+    series: Mapping[str, tuple[Iterable[float], Iterable[float]]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str | None = None,
+    logx: bool = True,
+    logy: bool = True,
+    styles: Mapping[str, Mapping[str, Any]] | None = None,
+) -> None:
+    """One line per entry of ``series`` (label -> (xs, ys)); ``None`` ys are skipped."""
+    styles = styles or {}
+    for label, (xs, ys) in series.items():
+        pts = [(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
+        if not pts:
+            continue
+        px, py = zip(*pts)
+        ax.plot(px, py, label=label, **{"marker": "o", **styles.get(label, {})})
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def savefig(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------ output
+def format_seconds(x: float | None) -> str:
+    if x is None:
+        return "—"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6), ("ns", 1e-9)):
+        if x >= scale:
+            return f"{x / scale:.3g} {unit}"
+    return f"{x:.3g} s"
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
