@@ -55,10 +55,24 @@ def _absorb(h: Tensor, value: Tensor | int) -> Tensor:
     return _fmix32(((h ^ value) + 0x9E3779B9) & _MASK32)
 
 
-def _standard_normal_pair(words: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """Two independent N(0,1) float64 draws from two 32-bit random words (Box–Muller)."""
-    u1 = (words[0].double() + 0.5) * 2.0**-32  # in (0, 1): log is finite
-    u2 = words[1].double() * 2.0**-32
+_C1_I32 = 0x85EBCA6B - (1 << 32)  # the same multipliers as signed 32-bit integers
+_C2_I32 = 0xC2B2AE35 - (1 << 32)
+
+
+def _fmix32_i32(h: Tensor) -> Tensor:
+    """:func:`_fmix32` on int32 tensors (two's-complement wrap-around multiplication;
+    the masks make the right shifts logical).  Bit-identical to the int64 version."""
+    h = h ^ ((h >> 16) & 0xFFFF)
+    h = h * _C1_I32
+    h = h ^ ((h >> 13) & 0x7FFFF)
+    h = h * _C2_I32
+    return h ^ ((h >> 16) & 0xFFFF)
+
+
+def _standard_normal_pair(words: Tensor) -> tuple[Tensor, Tensor]:
+    """Two independent N(0,1) float64 draws from random int32 words ``(2, ...)`` (Box–Muller)."""
+    uniform = (words.double() + (2.0**31 + 0.5)) * 2.0**-32  # in (0, 1): log is finite
+    u1, u2 = uniform[0], uniform[1]
     radius = torch.sqrt(-2.0 * torch.log(u1))
     angle = _TWO_PI * u2
     return radius * torch.cos(angle), radius * torch.sin(angle)
@@ -133,15 +147,15 @@ class VirtualBrownianTree:
         self._cell_key = self._level_key(_CELL_LEVEL)
 
     # ------------------------------------------------------------------ keys
-    def _make_element_keys(self) -> tuple[Tensor, Tensor]:
-        """Two 32-bit keys per (sample, element), shape ``(B, N)``."""
+    def _make_element_keys(self) -> Tensor:
+        """Two 32-bit keys per (sample, element), int32 of shape ``(2, B, N)``."""
         sample = torch.arange(self.batch_size, device=self.device).unsqueeze(1)
         element = torch.arange(self.n_elements, device=self.device).unsqueeze(0)
         base = torch.full((self.batch_size, self.n_elements), 0x2545F491, device=self.device, dtype=torch.int64)
         for word in (self.seed & _MASK32, self.seed >> 32):
             base = _absorb(base, word)
         base = _absorb(_absorb(_absorb(base, sample & _MASK32), sample >> 32), element)
-        return base, _fmix32(base ^ 0x5BD1E995)
+        return torch.stack([base, _fmix32(base ^ 0x5BD1E995)]).to(torch.int32)  # (2, B, N), wraps
 
     def _level_key(self, level: Tensor | int) -> Tensor:
         start = torch.as_tensor(0x1B873593, dtype=torch.int64, device=self.device)
@@ -158,10 +172,9 @@ class VirtualBrownianTree:
         node_key = (node * 0x9E3779B1 + level_key) & _MASK32
         if self.depth > 32:
             node_key = _absorb(node_key, node >> 32)
-        node_key = node_key.unsqueeze(1)
-        extra = node.ndim - 1
-        elem_a, elem_b = (k.reshape(k.shape + (1,) * extra) for k in self._element_keys)
-        return _standard_normal_pair((_fmix32(elem_a ^ node_key), _fmix32(elem_b ^ node_key)))
+        node_key = node_key.to(torch.int32).unsqueeze(1)  # (B, 1, ...)
+        keys = self._element_keys.reshape(self._element_keys.shape + (1,) * (node.ndim - 1))
+        return _standard_normal_pair(_fmix32_i32(keys ^ node_key))
 
     # ------------------------------------------------------------- evaluation
     def _times(self, t: Tensor | float) -> Tensor:

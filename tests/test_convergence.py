@@ -1,0 +1,162 @@
+"""Strong and weak convergence orders of the native solvers through ``deb.solve``.
+
+Strong order: every step size ``dt = 2^-k`` integrates the *same* Brownian paths (one
+``VirtualBrownianTree`` per test, passed as ``brownian=``); the exact solution is computed
+from the tree's own ``W(T)``.  The order is the least-squares slope of
+``log mean_b |y_b(T) - y_exact_b(T)|`` against ``log dt`` over 5 step sizes and must be
+within ±0.25 of the theoretical order.  The tree's finest cell is ``2^-10`` (every step
+ends on a cell boundary, so the increments are exact and the trees are cheap).
+
+Measured (B = 200, seeds 0..4, while writing these tests):
+
+=========  ===========  ======  =====================
+solver     problem      theory  fitted slopes
+=========  ===========  ======  =====================
+EM         linear       0.5     0.47 - 0.50
+RKMil      linear       1.0     0.97 - 1.03
+SRIW1      linear       1.5     1.39 - 1.51
+SOSRI      linear       1.5     1.36 - 1.49
+SRIW1      wave         1.5     1.39 - 1.44
+SOSRI      wave         1.5     1.37 - 1.42
+SOSRI      cubic        1.5     1.36 - 1.46
+SRA1       additive     2.0     1.985 (SciML expects 2 on this problem)
+SOSRA      additive     2.0     1.994
+SRA1/SOSRA additive4    2.0     1.98 / 2.04
+EulerHeun  linear, S    1.0     0.98 - 1.03
+RKMil      linear, S    1.0     0.36 (bug, see test_rkmil_stratonovich_strong_order)
+=========  ===========  ======  =====================
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import diffeqbridge as deb
+
+from problems import additive, additive_system, cubic, fitted_order, linear, strong_error, tree_for, wave
+
+B = 200
+TREE_TOL = 2.0**-10
+
+
+def _strong_order(builder, alg, ks, seed=1, **kwargs) -> tuple[float, list[float]]:
+    prob, exact = builder(B, **kwargs)
+    bm = tree_for(prob, seed, tol=TREE_TOL)
+    dts, errors = [], []
+    for k in ks:
+        dt = 2.0**-k
+        extra = {"adaptive": False} if alg.adaptive else {}
+        sol = deb.solve(prob, alg, dt=dt, brownian=bm, **extra)
+        assert sol.success
+        dts.append(dt)
+        errors.append(strong_error(sol, exact, bm))
+    return fitted_order(dts, errors), errors
+
+
+@pytest.mark.parametrize(
+    "alg, builder, ks, theory",
+    [
+        (deb.EM(), linear, range(4, 9), 0.5),
+        (deb.RKMil(), linear, range(4, 9), 1.0),
+        (deb.SRIW1(), linear, range(3, 8), 1.5),
+        (deb.SOSRI(), linear, range(3, 8), 1.5),
+        (deb.SRIW1(), wave, range(2, 7), 1.5),
+        (deb.SOSRI(), wave, range(2, 7), 1.5),
+        (deb.SOSRI(), cubic, range(2, 7), 1.5),
+    ],
+    ids=["EM-linear", "RKMil-linear", "SRIW1-linear", "SOSRI-linear", "SRIW1-wave", "SOSRI-wave",
+         "SOSRI-cubic"],
+)
+def test_strong_order_ito(alg, builder, ks, theory):
+    order, errors = _strong_order(builder, alg, ks)
+    assert abs(order - theory) < 0.25, (order, errors)
+    assert errors[-1] < errors[0]
+
+
+@pytest.mark.parametrize("alg", [deb.SRA1(), deb.SOSRA()], ids=["SRA1", "SOSRA"])
+@pytest.mark.parametrize("builder", [additive, additive_system], ids=["additive", "additivesystem"])
+def test_strong_order_additive(alg, builder):
+    """SRA methods are strong order 1.5 in general; on ``prob_sde_additive`` (noise
+    0.005/√(1+t), so the deterministic part dominates) SciML's tests expect 2.0, and 2.0 is
+    what is measured here (1.98-2.04): assert ±0.25 around 2."""
+    order, errors = _strong_order(builder, alg, range(1, 6))
+    assert abs(order - 2.0) < 0.25, (order, errors)
+
+
+def test_em_is_order_one_on_additive_noise():
+    """EM's strong order is 1.0 for additive noise (g does not depend on y)."""
+    order, errors = _strong_order(additive, deb.EM(), range(3, 8))
+    assert abs(order - 1.0) < 0.25, (order, errors)
+
+
+def test_eulerheun_stratonovich_strong_order():
+    """EulerHeun is strong order 1.0 for diagonal (hence commutative) noise; measured
+    0.98-1.03 on Stratonovich GBM (u = u0 exp(μ t + σ W))."""
+    order, errors = _strong_order(linear, deb.EulerHeun(), range(4, 9), interpretation="stratonovich")
+    assert abs(order - 1.0) < 0.25, (order, errors)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG in src/diffeqbridge/solvers/milstein.py: for Stratonovich problems RKMil's support "
+    "value is y + f dt + g sqrt(dt); StochasticDiffEq (perform_step/low_order.jl, RKMil) and "
+    "torchsde (MilsteinStratonovich, grad_free) use y + g sqrt(dt). The extra f*sqrt(dt) term "
+    "times dW^2 (mean dt) gives an O(dt^1.5) biased local error -> strong order 0.5 "
+    "(measured 0.36 on prob_sde_linear_stratonovich; 0.99 with the fix)."))
+def test_rkmil_stratonovich_strong_order():
+    order, errors = _strong_order(linear, deb.RKMil(), range(4, 9), interpretation="stratonovich")
+    assert abs(order - 1.0) < 0.25, (order, errors)
+
+
+# ---------------------------------------------------------------------------- weak order
+MU, SIGMA, U0 = 1.01, 0.87, 0.5
+MEAN_1 = 1.3728005  # E u(1) = u0 exp(mu)
+SECOND_MOMENT_1 = 4.0172823  # E u(1)^2 = u0^2 exp(2 mu + sigma^2)
+
+
+def test_gbm_moment_constants():
+    assert MEAN_1 == pytest.approx(U0 * math.exp(MU), abs=1e-7)
+    assert SECOND_MOMENT_1 == pytest.approx(U0**2 * math.exp(2 * MU + SIGMA**2), abs=1e-7)
+
+
+def test_em_weak_order_one_on_gbm_moments():
+    """Weak order 1 of EM on E u(1) and E u(1)^2 of ``prob_sde_linear``.
+
+    Noise control: every dt integrates the same n = 8192 Brownian paths (one tree, one
+    seed), and the weak error is estimated as the mean over paths of
+    ``u_EM(1) - u_exact(1)`` (resp. of the squares): ``E[u_exact(1)]`` is known exactly,
+    so this is an unbiased estimator of ``E u_EM(1) - E u(1)`` whose standard error is the
+    *strong* error / sqrt(n) (~1.5e-3 at dt = 1/64) instead of sd(u)/sqrt(n) (~1.6e-2),
+    i.e. ~7x below the smallest weak error measured (~1.1e-2).  For GBM, EM's moments are
+    known in closed form: E u_N = u0 (1 + mu dt)^N and E u_N^2 = u0^2 ((1 + mu dt)^2 +
+    sigma^2 dt)^N, so the estimate is also checked against them within 5 standard errors.
+    Over dt = 2^-2 .. 2^-6 the exact weak errors have fitted slopes 0.93 (mean) and 0.82
+    (second moment, pre-asymptotic at dt = 1/4): hence the tolerance 1 ± 0.35.
+    """
+    n = 8192
+    prob, exact = linear(n)
+    bm = deb.VirtualBrownianTree(0.0, 1.0, (n, 1), seed=7, tol=2.0**-6)
+    u_exact = exact(1.0, bm.W(1.0))[:, 0]
+    # Monte-Carlo sanity of the paths themselves: exact moments within 5 standard errors
+    assert abs(float(u_exact.mean()) - MEAN_1) < 5 * float(u_exact.std()) / math.sqrt(n)
+    assert abs(float(u_exact.square().mean()) - SECOND_MOMENT_1) < 5 * float(u_exact.square().std()) / math.sqrt(n)
+
+    dts, err1, err2 = [], [], []
+    for k in range(2, 7):
+        dt = 2.0**-k
+        u = deb.solve(prob, deb.EM(), dt=dt, brownian=bm).ys[-1][:, 0]
+        d1, d2 = u - u_exact, u.square() - u_exact.square()
+        e1, e2 = float(d1.mean()), float(d2.mean())
+        se1, se2 = float(d1.std()) / math.sqrt(n), float(d2.std()) / math.sqrt(n)
+        n_steps = round(1 / dt)
+        exact_e1 = U0 * (1 + MU * dt) ** n_steps - MEAN_1
+        exact_e2 = U0**2 * ((1 + MU * dt) ** 2 + SIGMA**2 * dt) ** n_steps - SECOND_MOMENT_1
+        assert abs(e1 - exact_e1) < 5 * se1 + 1e-7, (dt, e1, exact_e1, se1)
+        assert abs(e2 - exact_e2) < 5 * se2 + 1e-7, (dt, e2, exact_e2, se2)
+        assert abs(e1) > 4 * se1  # the error is resolved, not noise
+        dts.append(dt)
+        err1.append(abs(e1))
+        err2.append(abs(e2))
+    assert abs(fitted_order(dts, err1) - 1.0) < 0.35, err1
+    assert abs(fitted_order(dts, err2) - 1.0) < 0.35, err2
