@@ -13,28 +13,28 @@ from .controller import sde_initial_dt
 from .engine import EngineOptions, integrate
 from .problem import ODEProblem, SDEProblem, Terms, check_field_shapes
 from .solution import Solution
-from .solvers import EM, SOSRA, SOSRI, EulerHeun, LambaEM, RKMil, Tsit5
+from .solvers import SOSRA, SOSRI, LambaEM, LambaEulerHeun, RKMil, Tsit5
 from .solvers.base import AbstractSolver
 from .solvers.runge_kutta import hairer_initial_dt
 
 BACKENDS = ("auto", "native", "julia")
 
 
-def default_algorithm(problem: ODEProblem) -> AbstractSolver:
+def default_algorithm(problem: ODEProblem, dt: float | None = None) -> AbstractSolver:
     """The automatic choice, following SciML's ``default_sde_alg`` for the solvers that exist.
 
     ODE: ``Tsit5``.  SDE: additive noise -> ``SOSRA``; diagonal/scalar Itô -> ``SOSRI``;
-    diagonal/scalar Stratonovich -> ``RKMil``; general noise -> ``LambaEM`` (Itô) or
-    ``EulerHeun`` (Stratonovich).
+    general Itô -> ``LambaEM``; general Stratonovich -> ``LambaEulerHeun``; diagonal/scalar
+    Stratonovich -> ``RKMil`` when ``dt`` is given (SciML's choice; ours is fixed-step),
+    else the adaptive ``LambaEulerHeun``.
     """
     if not problem.is_sde:
         return Tsit5()
     if problem.noise == "additive":
         return SOSRA()
-    stratonovich = problem.interpretation == "stratonovich"
-    if problem.noise == "general":
-        return EulerHeun() if stratonovich else LambaEM()
-    return RKMil() if stratonovich else SOSRI()
+    if problem.interpretation == "stratonovich":
+        return RKMil() if problem.noise != "general" and dt is not None else LambaEulerHeun()
+    return LambaEM() if problem.noise == "general" else SOSRI()
 
 
 def _check_solver(problem: ODEProblem, alg: Any) -> AbstractSolver:
@@ -146,7 +146,9 @@ def solve(
         max_steps: per-sample limit on attempted steps (-> ``ReturnCode.MaxIters``).
         dtmin: smallest step before ``ReturnCode.DtLessThanMin`` (default ``1e-14 (t1 - t0)``).
         backend: ``"auto"`` | ``"native"`` | ``"julia"``.
-        sensealg: how gradients are computed; ``None`` backpropagates through the steps.
+        sensealg: how gradients are computed: ``None`` (= ``deb.DiscreteAdjoint()``, backprop
+            through the steps), ``deb.DiscreteAdjoint(checkpoints=k)``, ``deb.BacksolveAdjoint()``,
+            ``deb.InterpolatingAdjoint(checkpoints=k)``; see :mod:`diffeqbridge.adjoint`.
         progress: show a progress bar.
 
     Returns:
@@ -160,26 +162,25 @@ def solve(
         from .julia import require_julia
 
         require_julia()
-    if sensealg is not None:
-        raise ValueError(f"sensealg={sensealg!r} is not available yet in the native backend; use sensealg=None")
-
-    solver = _check_solver(prob, alg) if alg is not None else default_algorithm(prob)
+    if dt is not None:
+        dt = _check_positive("dt", dt)
+    solver = _check_solver(prob, alg) if alg is not None else default_algorithm(prob, dt)
     if adaptive is None:
         adaptive = solver.adaptive
     if not isinstance(adaptive, bool):
         raise TypeError(f"adaptive must be a bool or None; got {adaptive!r}")
     if adaptive and not solver.adaptive:
         raise ValueError(f"adaptive=True but alg={type(solver).__name__} has no error estimate; pass dt and adaptive=None")
+    # --- sensealg (gradients): validated here, run by adjoint.solve_with_sensealg below
+    from .adjoint import check_sensealg
+
+    sensealg = check_sensealg(sensealg, prob, solver, adaptive)
     atol = _check_positive("atol", atol if atol is not None else (1e-2 if prob.is_sde else 1e-6), allow_zero=True)
     rtol = _check_positive("rtol", rtol if rtol is not None else (1e-2 if prob.is_sde else 1e-3), allow_zero=True)
     if adaptive and atol == 0 and rtol == 0:
         raise ValueError("atol and rtol cannot both be zero for an adaptive solve")
-    if dt is not None:
-        dt = _check_positive("dt", dt)
     if not adaptive and dt is None:
-        if alg is not None:
-            raise ValueError(f"alg={type(solver).__name__} is a fixed-step solver: pass dt")
-        dt = (prob.tspan[1] - prob.tspan[0]) * min(atol or 1e-2, rtol or 1e-2, 1e-2)
+        raise ValueError(f"alg={type(solver).__name__} is a fixed-step solver (or adaptive=False): pass dt")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int; got {seed!r}")
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
@@ -219,8 +220,14 @@ def solve(
         adaptive=adaptive, atol=atol, rtol=rtol, max_steps=max_steps, dtmin=dtmin_value,
         progress=progress, check_every=max(1, int(check_every)),
     )
-    sol = integrate(terms, solver, prob.y0, save_times, dt_initial, options, tree,
-                    f0=f0 if solver.fsal else None, initial_counts=counts)
+    if sensealg is not None:
+        from .adjoint import solve_with_sensealg
+
+        sol = solve_with_sensealg(sensealg, prob, terms, solver, save_times, dt_initial, options, tree,
+                                  f0=f0 if solver.fsal else None, initial_counts=counts)
+    else:
+        sol = integrate(terms, solver, prob.y0, save_times, dt_initial, options, tree,
+                        f0=f0 if solver.fsal else None, initial_counts=counts)
     if not requested_first:
         sol.ts, sol.ys = sol.ts[1:], sol.ys[1:]
     return sol

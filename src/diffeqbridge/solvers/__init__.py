@@ -1,13 +1,13 @@
 """Solver families, one file each: Euler-type, Milstein, Rößler SRI/SRA, explicit RK (ODE)."""
 from .base import AbstractSolver, StepOutput
-from .euler import EM, EulerHeun, LambaEM
+from .euler import EM, EulerHeun, LambaEM, LambaEulerHeun
 from .milstein import RKMil
 from .runge_kutta import Dopri5, Tsit5
 from .sra import SOSRA, SRA1
 from .sri import SOSRI, SRIW1
 
 ALL_SOLVERS: tuple[type[AbstractSolver], ...] = (
-    EM, EulerHeun, RKMil, LambaEM, SRIW1, SOSRI, SRA1, SOSRA, Tsit5, Dopri5,
+    EM, EulerHeun, RKMil, LambaEM, LambaEulerHeun, SRIW1, SOSRI, SRA1, SOSRA, Tsit5, Dopri5,
 )
 
 __all__ = ["AbstractSolver", "StepOutput", "ALL_SOLVERS", *(cls.__name__ for cls in ALL_SOLVERS)]

@@ -9,6 +9,9 @@
   ``E_d = dt (f(t+dt, y + f dt) - f(t, y)) / 2`` and
   ``E_n = (g(y + sqrt(dt) g) - g) / (2 sqrt(dt)) * (dW^2 - dt)``, combined as
   ``delta * E_d + E_n`` with ``delta = 1/6``.
+* ``LambaEulerHeun``: Euler–Heun (Stratonovich) with the same kind of estimate, the
+  diffusion part using ``dW^2`` in place of ``dW^2 - dt`` (StochasticDiffEq's
+  ``LambaEulerHeun``).
 """
 from __future__ import annotations
 
@@ -53,14 +56,38 @@ class EulerHeun(AbstractSolver):
     interpretations = frozenset({"stratonovich"})
 
     def step(self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None) -> StepOutput:
-        assert terms.diffusion is not None and dw is not None
-        dt_b = expand_to(dt, y)
-        t1 = t + dt
-        drift0, diff0 = terms.drift(t, y), terms.diffusion(t, y)
-        predictor = y + drift0 * dt_b + terms.g_dw(diff0, dw)
-        drift1, diff1 = terms.drift(t1, predictor), terms.diffusion(t1, predictor)
-        y1 = y + 0.5 * (drift0 + drift1) * dt_b + terms.g_dw(0.5 * (diff0 + diff1), dw)
+        assert dw is not None
+        y1, _, _ = _euler_heun_update(terms, t, y, dt, dw)
         return StepOutput(y1, None, nf=2, ng=2)
+
+
+def _euler_heun_update(terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One Euler–Heun step; returns ``(y1, drift(t, y), diffusion(t, y))``."""
+    assert terms.diffusion is not None
+    dt_b = expand_to(dt, y)
+    t1 = t + dt
+    drift0, diff0 = terms.drift(t, y), terms.diffusion(t, y)
+    predictor = y + drift0 * dt_b + terms.g_dw(diff0, dw)
+    drift1, diff1 = terms.drift(t1, predictor), terms.diffusion(t1, predictor)
+    y1 = y + 0.5 * (drift0 + drift1) * dt_b + terms.g_dw(0.5 * (diff0 + diff1), dw)
+    return y1, drift0, diff0
+
+
+def _lamba_noise_error(terms: Terms, t: Tensor, base: Tensor, y: Tensor, dt: Tensor, diff0: Tensor, dw: Tensor, ito: bool) -> Tensor:
+    """Lamba's diffusion error ``(g(base + sqrt(dt) g) - g) / (2 sqrt(dt)) * (dW^2 [- dt])``."""
+    assert terms.diffusion is not None
+    dt_b = expand_to(dt, y)
+    sqrt_dt = torch.sqrt(dt_b)
+    if terms.noise == "general":
+        g_size = _rms_over_noise(diff0)
+        g_size_shifted = _rms_over_noise(terms.diffusion(t, base + sqrt_dt * g_size))
+        squares = dw * dw - (expand_to(dt, dw) if ito else 0.0)
+        dw_term = torch.sqrt(torch.mean(squares**2, dim=-1))
+        return (g_size_shifted - g_size) / (2 * sqrt_dt) * expand_to(dw_term, y)
+    g_shifted = terms.diffusion(t, base + sqrt_dt * diff0)
+    dw_state = terms.noise_like_state(dw, y)
+    squares = dw_state * dw_state - (dt_b if ito else 0.0)
+    return (g_shifted - diff0) / (2 * sqrt_dt) * squares
 
 
 class LambaEM(AbstractSolver):
@@ -80,23 +107,41 @@ class LambaEM(AbstractSolver):
     def step(self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None) -> StepOutput:
         assert terms.diffusion is not None and dw is not None
         dt_b = expand_to(dt, y)
-        sqrt_dt = torch.sqrt(dt_b)
         drift0 = terms.drift(t, y)
         euler = y + drift0 * dt_b
         diff0 = terms.diffusion(t, y)
         y1 = euler + terms.g_dw(diff0, dw)
 
         drift_error = dt_b * (terms.drift(t + dt, euler) - drift0) / 2
-        if terms.noise == "general":
-            g_size = _rms_over_noise(diff0)
-            g_size_shifted = _rms_over_noise(terms.diffusion(t, euler + sqrt_dt * g_size))
-            dw_term = torch.sqrt(torch.mean((dw * dw - expand_to(dt, dw)) ** 2, dim=-1))
-            noise_error = (g_size_shifted - g_size) / (2 * sqrt_dt) * expand_to(dw_term, y)
-        else:
-            g_shifted = terms.diffusion(t, euler + sqrt_dt * diff0)
-            dw_state = terms.noise_like_state(dw, y)
-            noise_error = (g_shifted - diff0) / (2 * sqrt_dt) * (dw_state * dw_state - dt_b)
+        noise_error = _lamba_noise_error(terms, t, euler, y, dt, diff0, dw, ito=True)
         return StepOutput(y1, self.delta * drift_error + noise_error, nf=2, ng=2)
 
     def __repr__(self) -> str:
         return f"LambaEM(delta={self.delta:.4g})"
+
+
+class LambaEulerHeun(AbstractSolver):
+    """Adaptive Stratonovich Euler–Heun with Lamba's error estimate
+    (StochasticDiffEq's ``LambaEulerHeun``)."""
+
+    strong_order = 0.5
+    weak_order = 1.0
+    noise_types = ALL_NOISE
+    interpretations = frozenset({"stratonovich"})
+    adaptive = True
+    controller_order = 0.5
+    qmax, qmin, gamma = SDE_QMAX, SDE_QMIN, SDE_GAMMA
+
+    def __init__(self, delta: float = 1 / 6):
+        self.delta = float(delta)
+
+    def step(self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None) -> StepOutput:
+        assert dw is not None
+        y1, drift0, diff0 = _euler_heun_update(terms, t, y, dt, dw)
+        euler = y + drift0 * expand_to(dt, y)
+        drift_error = expand_to(dt, y) * (terms.drift(t + dt, euler) - drift0) / 2
+        noise_error = _lamba_noise_error(terms, t, y, y, dt, diff0, dw, ito=False)
+        return StepOutput(y1, self.delta * drift_error + noise_error, nf=3, ng=3)
+
+    def __repr__(self) -> str:
+        return f"LambaEulerHeun(delta={self.delta:.4g})"

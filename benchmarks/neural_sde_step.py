@@ -1,0 +1,222 @@
+"""Neural SDE training step: forward and forward+backward time and peak memory, ours vs torchsde vs diffrax.
+
+Model: state 32, drift MLP 32 -> 128 -> 128 -> 32 (tanh), diagonal diffusion MLP
+32 -> 128 -> 32 (tanh, sigmoid), Stratonovich, fixed-step EulerHeun with 50 steps on [0, 1],
+batch 1024 (quick: 256), float64; loss = mean of y(T)^2.
+
+* ours: ``deb.solve(prob, deb.EulerHeun(), dt=1/50, brownian=tree)`` with ``sensealg=None``
+  (discrete backprop through the steps); the tree has ``tol = 2^-7``.
+* torchsde: ``sdeint(method='euler_heun')`` (backprop through the solver) and
+  ``sdeint_adjoint(method='euler_heun', adjoint_method='euler_heun')`` (stochastic adjoint),
+  each with a fresh ``BrownianInterval`` per call (its native Brownian motion).
+* diffrax: ``EulerHeun`` under ``jax.vmap`` over per-sample ``VirtualBrownianTree``s
+  (``tol = 2^-7``), ``eqx.filter_jit`` (warm), default ``RecursiveCheckpointAdjoint``.
+
+Time: median over interleaved repeats.  Peak memory: increase of the process's peak resident
+set size over the call (``/proc/self/clear_refs`` resets the peak before each measured call;
+Linux only, else ``resource.getrusage`` and ``None`` increments).  The three libraries have
+different parameters (same architecture); the weights do not change the cost.
+"""
+from __future__ import annotations
+
+import gc
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+try:
+    from . import _harness as H
+    from .sde_work_precision import setup_jax
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks import _harness as H  # type: ignore[no-redef]
+    from benchmarks.sde_work_precision import setup_jax  # type: ignore[no-redef]
+
+NAME = "neural_sde_step"
+STATE, WIDTH = 32, 128
+TREE_TOL = 2.0**-7
+
+
+def _rss_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_increment_mb(fn: Callable[[], Any]) -> float | None:
+    """Peak RSS increase (MiB) while running ``fn`` once."""
+    gc.collect()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        fn()
+        return None
+    before = _rss_kb("VmRSS")
+    fn()
+    peak = _rss_kb("VmHWM")
+    if before is None or peak is None:
+        return None
+    return max(peak - before, 0) / 1024.0
+
+
+def _torch_cases(B: int, steps: int) -> dict[str, Callable[[], Any]]:
+    import torch
+    import torchsde
+
+    import diffeqbridge as deb
+
+    torch.manual_seed(0)
+    dt = 1.0 / steps
+
+    class Fields(torch.nn.Module):
+        noise_type, sde_type = "diagonal", "stratonovich"
+
+        def __init__(self):
+            super().__init__()
+            self.drift_net = torch.nn.Sequential(torch.nn.Linear(STATE, WIDTH), torch.nn.Tanh(), torch.nn.Linear(WIDTH, WIDTH),
+                                                 torch.nn.Tanh(), torch.nn.Linear(WIDTH, STATE))
+            self.diff_net = torch.nn.Sequential(torch.nn.Linear(STATE, WIDTH), torch.nn.Tanh(), torch.nn.Linear(WIDTH, STATE),
+                                                torch.nn.Sigmoid())
+
+        def f(self, t, y):
+            return self.drift_net(y)
+
+        def g(self, t, y):
+            return 0.3 * self.diff_net(y)
+
+    model = Fields().double()
+    y0 = 0.1 * torch.randn(B, STATE, dtype=torch.float64)
+    prob = deb.SDEProblem(model.f, model.g, y0, (0.0, 1.0), noise="diagonal", interpretation="stratonovich", params=model)
+    tree = deb.VirtualBrownianTree(0.0, 1.0, (B, STATE), seed=0, tol=TREE_TOL)
+    ts = torch.tensor([0.0, 1.0], dtype=torch.float64)
+
+    def ours(backward: bool):
+        def call():
+            with torch.set_grad_enabled(backward):
+                sol = deb.solve(prob, deb.EulerHeun(), dt=dt, brownian=tree)
+                loss = sol.ys[-1].pow(2).mean()
+                if backward:
+                    model.zero_grad(set_to_none=True)
+                    loss.backward()
+            return loss
+        return call
+
+    def tsde(backward: bool, adjoint: bool):
+        def call():
+            bm = torchsde.BrownianInterval(0.0, 1.0, size=(B, STATE), dtype=torch.float64, entropy=0)
+            with torch.set_grad_enabled(backward):
+                if adjoint:
+                    ys = torchsde.sdeint_adjoint(model, y0, ts, bm=bm, dt=dt, method="euler_heun", adjoint_method="euler_heun")
+                else:
+                    ys = torchsde.sdeint(model, y0, ts, bm=bm, dt=dt, method="euler_heun")
+                loss = ys[-1].pow(2).mean()
+                if backward:
+                    model.zero_grad(set_to_none=True)
+                    loss.backward()
+            return loss
+        return call
+
+    return {
+        "ours forward": ours(False), "ours forward+backward": ours(True),
+        "torchsde sdeint forward": tsde(False, False), "torchsde sdeint forward+backward": tsde(True, False),
+        "torchsde sdeint_adjoint forward+backward": tsde(True, True),
+    }
+
+
+def _diffrax_cases(B: int, steps: int) -> dict[str, Callable[[], Any]]:
+    import diffrax
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import lineax as lx
+
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    drift = eqx.nn.MLP(STATE, STATE, WIDTH, 2, activation=jnp.tanh, key=k1, dtype=jnp.float64)
+    diff = eqx.nn.MLP(STATE, STATE, WIDTH, 1, activation=jnp.tanh, final_activation=jax.nn.sigmoid, key=k2, dtype=jnp.float64)
+    model = (drift, diff)
+    y0 = 0.1 * jax.random.normal(k3, (B, STATE), dtype=jnp.float64)
+    keys = jax.random.split(jax.random.key(1), B)
+    dt = 1.0 / steps
+
+    def solve_one(model, y, key):
+        d, s = model
+        bm = diffrax.VirtualBrownianTree(0.0, 1.0, tol=TREE_TOL, shape=(STATE,), key=key)
+        terms = diffrax.MultiTerm(diffrax.ODETerm(lambda t, y, a: d(y)),
+                                  diffrax.ControlTerm(lambda t, y, a: lx.DiagonalLinearOperator(0.3 * s(y)), bm))
+        sol = diffrax.diffeqsolve(terms, diffrax.EulerHeun(), 0.0, 1.0, dt0=dt, y0=y, saveat=diffrax.SaveAt(t1=True),
+                                  max_steps=steps + 1)
+        return sol.ys[-1]
+
+    def loss(model, y0, keys):
+        return jnp.mean(jax.vmap(solve_one, in_axes=(None, 0, 0))(model, y0, keys) ** 2)
+
+    fwd = eqx.filter_jit(loss)
+    fwd_bwd = eqx.filter_jit(eqx.filter_value_and_grad(loss))
+    return {
+        "diffrax forward": lambda: jax.block_until_ready(fwd(model, y0, keys)),
+        "diffrax forward+backward": lambda: jax.block_until_ready(fwd_bwd(model, y0, keys)),
+    }
+
+
+BASE = {"torchsde sdeint forward": "ours forward", "torchsde sdeint forward+backward": "ours forward+backward",
+        "torchsde sdeint_adjoint forward+backward": "ours forward+backward",
+        "diffrax forward": "ours forward", "diffrax forward+backward": "ours forward+backward"}
+
+
+def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progress=None) -> dict:
+    size = size or ("quick" if quick else "full")
+    threading = setup_jax(threads)
+    B, steps = {"tiny": (8, 5), "quick": (256, 50), "full": (1024, 50)}[size]
+    repeats = {"tiny": 1, "quick": 3, "full": 7}[size]
+    cases = {**_torch_cases(B, steps), **_diffrax_cases(B, steps)}
+    memory = {}
+    for name, fn in cases.items():  # warm-up (JIT) then peak memory of one call
+        fn()
+        memory[name] = peak_increment_mb(fn)
+    if progress:
+        progress("warm-up and memory")
+    timings = H.measure_interleaved(cases, repeats=repeats, warmup=0, target_s=0.05)
+    rows = []
+    for name, t in timings.items():
+        base = BASE.get(name)
+        rows.append({"case": name, "seconds": t.median, "peak_mb": memory[name], "timing": t.as_dict(),
+                     "ours_over_peer_time": timings[base].median / t.median if base else None,
+                     "ours_over_peer_mem": (memory[base] / memory[name]) if base and (memory[name] or 0) > 1 and (memory[base] or 0) > 1 else None})
+    payload = {"config": {"B": B, "state": STATE, "width": WIDTH, "steps": steps, "size": size, "repeats": repeats,
+                          "tree_tol": TREE_TOL, "threads": threading, "dtype": "float64"},
+               "notes": ["peak_mb: peak RSS increase over one warm call (/proc/self/clear_refs reset), MiB.",
+                         "ours_over_peer_*: ours / peer for the like-for-like case (< 1: ours cheaper)."],
+               "results": rows}
+    out = Path(out)
+    doc = H.write_json(out / f"{NAME}.json", NAME, payload)
+    fig, (ax_t, ax_m) = H.figure(ncols=2, size=(6.0, 4.2))
+    names = [r["case"] for r in rows]
+    colors = ["C0" if n.startswith("ours") else "C2" if n.startswith("torchsde") else "C1" for n in names]
+    ax_t.barh(names, [r["seconds"] for r in rows], color=colors)
+    ax_t.set_xlabel("seconds per call (median)")
+    ax_t.set_title(f"neural SDE, B={B}, state {STATE}, width {WIDTH}, {steps} steps")
+    ax_m.barh(names, [r["peak_mb"] or 0 for r in rows], color=colors)
+    ax_m.set_xlabel("peak RSS increase [MiB]")
+    ax_m.set_yticklabels([])
+    H.savefig(fig, out / f"{NAME}.png")
+    print(H.markdown_table(["case", "time", "peak MiB", "ours/peer time", "ours/peer mem"],
+                           [(r["case"], H.format_seconds(r["seconds"]), "—" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}",
+                             "—" if r["ours_over_peer_time"] is None else f"{r['ours_over_peer_time']:.2f}",
+                             "—" if r["ours_over_peer_mem"] is None else f"{r['ours_over_peer_mem']:.2f}") for r in rows]))
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = H.make_parser(__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true")
+    args = parser.parse_args(argv)
+    run(args.quick, args.out, threads=args.threads, size="tiny" if args.tiny else None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

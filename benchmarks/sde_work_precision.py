@@ -1,0 +1,251 @@
+"""SDE work-precision: strong error at T vs NFE and vs wall time, ours vs torchsde vs diffrax.
+
+Problems (``_sde_problems``): GBM, SciML's wave and additive problems, and a 2-D nonlinear
+coupled problem with scalar noise (asinh of a rotating complex GBM), all with closed-form
+solutions in terms of ``W(T)``; float64; ``B`` paths (1024, quick 256).
+
+Paths: ours and torchsde integrate the *same* Brownian path (torchsde gets our tree's
+increments and space-time Lévy area through a ``torchsde.BaseBrownian`` subclass); diffrax
+uses its own ``VirtualBrownianTree`` (``SpaceTimeLevyArea``, same ``tol``) with per-sample
+keys under ``jax.vmap``, so its paths differ: its errors are averages over *other* paths
+of the same law (the mean over B paths makes them comparable, not identical).
+
+Strong error = mean over paths of max over components of ``|y(T) - exact(T)|``.  NFE =
+drift + diffusion evaluations per path (ours: counted per sample and averaged; torchsde:
+batch calls of ``f`` and ``g``, milstein derivative-free; diffrax: steps x evaluations per
+step of the solver (``_peers.DIFFRAX_EVALS``)).  diffrax's SPaRK/GeneralShARK converge to
+Stratonovich solutions and are given the Stratonovich drift of the same SDE.  Wall time per
+solve: median over interleaved repeats (quick: one timed solve), warm (diffrax compiled
+before timing; JAX persistent compilation cache on).
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+try:
+    from . import _harness as H
+    from . import _peers as Pe
+    from ._sde_problems import problems
+except ImportError:  # run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks import _harness as H  # type: ignore[no-redef]
+    from benchmarks import _peers as Pe  # type: ignore[no-redef]
+    from benchmarks._sde_problems import problems  # type: ignore[no-redef]
+
+NAME = "sde_work_precision"
+TARGET_PROBLEMS = ("gbm", "wave")
+
+
+def setup_jax(threads: int = 1) -> dict:
+    """Threads (before jax initialises), x64, and a persistent compilation cache."""
+    rec = H.set_threads(threads)
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    try:
+        cache = Path.home() / ".cache" / "diffeqbridge-bench" / "jax"
+        cache.mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", str(cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    except Exception:  # noqa: BLE001 - the cache is an optimisation only
+        pass
+    return rec
+
+
+def methods_for(noise: str, quick: bool, size: str) -> list[tuple[str, str, bool]]:
+    """(library, method, adaptive) triples for a problem's noise type."""
+    ours = [("ours", "EM", False), ("ours", "RKMil", False)]
+    if noise == "additive":
+        ours += [("ours", "SRA1", True), ("ours", "SOSRA", True)]
+    else:
+        ours += [("ours", "SRIW1", True), ("ours", "SOSRI", True)]
+    ours += [("ours", "LambaEM", True)]
+    tsde = [("torchsde", "euler", False), ("torchsde", "srk", False), ("torchsde", "srk", True)]
+    if noise != "additive":
+        tsde.insert(1, ("torchsde", "milstein", False))
+    if noise == "additive":
+        dfx = [("diffrax", "Euler", False), ("diffrax", "ShARK", False), ("diffrax", "SRA1", False), ("diffrax", "ShARK", True)]
+        if quick:
+            dfx = [("diffrax", "ShARK", False), ("diffrax", "ShARK", True)]
+    else:
+        dfx = [("diffrax", "Euler", False), ("diffrax", "ItoMilstein", False), ("diffrax", "SPaRK", False), ("diffrax", "SPaRK", True)]
+        if quick:
+            dfx = [("diffrax", "Euler", False), ("diffrax", "SPaRK", False), ("diffrax", "SPaRK", True)]
+    if size == "tiny":
+        return [("ours", "EM", False), ("ours", "SRIW1" if noise != "additive" else "SRA1", True), ("torchsde", "euler", False)]
+    return ours + tsde + dfx
+
+
+def levels(adaptive: bool, quick: bool, size: str) -> list[float]:
+    if size == "tiny":
+        return [0.1, 0.03] if adaptive else [2.0**-3, 2.0**-4]
+    if adaptive:
+        return [10**-1, 10**-1.5, 10**-2, 10**-2.5] if quick else [10**-1, 10**-1.5, 10**-2, 10**-2.5, 10**-3, 10**-3.5]
+    return [2.0**-k for k in (range(2, 8) if quick else range(2, 10))]
+
+
+def label(lib: str, method: str, adaptive: bool) -> str:
+    return f"{lib} {method}{' (adaptive)' if adaptive else ''}"
+
+
+def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progress: Callable[[str], None] | None = None) -> dict:
+    size = size or ("quick" if quick else "full")
+    threading = setup_jax(threads)
+    B = {"tiny": 16, "quick": 256, "full": 1024}[size]
+    repeats = 1 if size != "full" else 3
+    names = ("gbm",) if size == "tiny" else ("gbm", "wave", "additive", "rot2d")
+    probs = problems()
+    makers = {"ours": Pe.make_ours, "torchsde": Pe.make_torchsde, "diffrax": Pe.make_diffrax}
+    results: dict[str, Any] = {}
+    for pname in names:
+        P = probs[pname]
+        runners: dict[str, tuple[Callable[[float], dict], list[float]]] = {}
+        rows: dict[str, list[dict]] = {}
+        for lib, method, adaptive in methods_for(P.noise, quick, size):
+            key = label(lib, method, adaptive)
+            try:
+                runner = makers[lib](P, B, method, adaptive)
+            except Exception as exc:  # noqa: BLE001 - record and go on
+                rows[key] = [{"error": f"{type(exc).__name__}: {exc}"}]
+                continue
+            lv = levels(adaptive, quick, size)
+            if lib == "diffrax":  # compile (warm-up) before anything is timed
+                t = time.perf_counter()
+                runner(lv[0])
+                rows.setdefault(key, [])
+                results.setdefault("_compile_s", {})[f"{pname}/{key}"] = time.perf_counter() - t
+            runners[key] = (runner, lv)
+            rows.setdefault(key, [])
+        # repeats: every (method, level) once per round, rotated order; first round also records accuracy
+        items = [(k, lvl) for k, (_, lv) in runners.items() for lvl in lv]
+        times: dict[tuple[str, float], list[float]] = {it: [] for it in items}
+        for r in range(repeats):
+            shift = (r * len(items)) // max(repeats, 1)
+            for key, lvl in items[shift:] + items[:shift]:
+                runner = runners[key][0]
+                t = time.perf_counter()
+                try:
+                    res = runner(lvl)
+                except Exception as exc:  # noqa: BLE001
+                    if r == 0:
+                        rows[key].append({"level": lvl, "error": f"{type(exc).__name__}: {exc}"[:300]})
+                    continue
+                times[(key, lvl)].append(time.perf_counter() - t)
+                if r == 0:
+                    rows[key].append({"level": lvl, "err": res["err"], "nfe": res["nfe"], "failed": res["failed"]})
+            if progress:
+                progress(f"{pname} round {r + 1}/{repeats}")
+        for key, lst in rows.items():
+            for row in lst:
+                if "level" in row and times.get((key, row["level"])):
+                    row["wall_s"] = sorted(times[(key, row["level"])])[len(times[(key, row["level"])]) // 2]
+        results[pname] = {"title": P.title, "noise": P.noise, "methods": rows, "matched": matched(rows)}
+        print(f"[{NAME}] {pname}: done", flush=True)
+    payload = {
+        "config": {"B": B, "size": size, "quick": quick, "repeats": repeats, "dtype": "float64", "tree_tol": Pe.TREE_TOL,
+                   "threads": threading, "diffrax_evals_per_step": Pe.DIFFRAX_EVALS, "adaptive_dt0_peers": Pe.ADAPTIVE_DT0},
+        "notes": [
+            "ours and torchsde integrate the same Brownian path (our tree through a torchsde.BaseBrownian subclass); "
+            "diffrax uses its own VirtualBrownianTree paths (per-sample keys, vmap): errors are averaged over different paths.",
+            "NFE = drift + diffusion evaluations per path; diffrax NFE = mean steps x evaluations per step.",
+            "Wall time per solve of all B paths, warm; diffrax JIT-compiled beforehand (compile times in _compile_s).",
+        ],
+        "problems": results,
+    }
+    out = Path(out)
+    doc = H.write_json(out / f"{NAME}.json", NAME, payload)
+    plot(results, names, out / f"{NAME}.png", B)
+    print(summary(doc))
+    return doc
+
+
+def _best(rows: dict[str, list[dict]], lib: str, target: float, cost: str) -> tuple[float | None, str | None]:
+    best, who = None, None
+    for key, lst in rows.items():
+        if not key.startswith(lib + " "):
+            continue
+        c = Pe.cost_at([(r.get(cost), r.get("err")) for r in lst if "err" in r and not r.get("failed")], target)
+        if c is not None and (best is None or c < best):
+            best, who = c, key
+    return best, who
+
+
+def matched(rows: dict[str, list[dict]]) -> list[dict]:
+    """Best NFE and wall time of each library at error levels every library reaches."""
+    ranges = []
+    for lib in ("ours", "torchsde", "diffrax"):
+        errs = [r["err"] for k, lst in rows.items() if k.startswith(lib + " ") for r in lst if "err" in r and r["err"] > 0 and not r.get("failed")]
+        if errs:
+            ranges.append((min(errs), max(errs)))
+    out = []
+    for target in Pe.error_targets(ranges, per_decade=2) if ranges else []:
+        entry: dict[str, Any] = {"err": target}
+        for lib in ("ours", "torchsde", "diffrax"):
+            for cost in ("nfe", "wall_s"):
+                c, who = _best(rows, lib, target, cost)
+                entry[f"{lib}_{cost}"], entry[f"{lib}_{cost}_by"] = c, who
+        for peer in ("torchsde", "diffrax"):
+            for cost in ("nfe", "wall_s"):
+                a, b = entry[f"ours_{cost}"], entry[f"{peer}_{cost}"]
+                entry[f"ratio_{cost}_vs_{peer}"] = a / b if a and b else None
+        out.append(entry)
+    return out
+
+
+STYLE_LIB = {"ours": "C0", "torchsde": "C2", "diffrax": "C1"}
+MARKERS = "osD^v<>p*h"
+
+
+def plot(results: dict, names, path: Path, B: int) -> None:
+    fig, axes = H.figure(ncols=2, nrows=len(names), size=(5.2, 3.6))
+    for i, pname in enumerate(names):
+        rows = results[pname]["methods"]
+        for j, cost in enumerate(("nfe", "wall_s")):
+            ax = axes[2 * i + j]
+            series, styles = {}, {}
+            counters = {"ours": 0, "torchsde": 0, "diffrax": 0}
+            for key, lst in rows.items():
+                pts = [(r[cost], r["err"]) for r in lst if "err" in r and r.get(cost)]
+                if not pts:
+                    continue
+                lib = key.split()[0]
+                series[key] = ([p[0] for p in pts], [p[1] for p in pts])
+                styles[key] = {"color": STYLE_LIB[lib], "marker": MARKERS[counters[lib] % len(MARKERS)],
+                               "linestyle": "--" if "adaptive" in key else "-", "markersize": 4,
+                               "linewidth": 2.0 if lib == "ours" else 1.0}
+                counters[lib] += 1
+            H.plot_series(ax, series, xlabel="NFE per path" if cost == "nfe" else f"wall time per solve of {B} paths [s]",
+                          ylabel="strong error at T", title=f"{results[pname]['title']}", styles=styles)
+            ax.legend(fontsize=6, ncol=2)
+    H.savefig(fig, path)
+
+
+def summary(doc: dict) -> str:
+    rows = []
+    for pname, res in doc["problems"].items():
+        if pname.startswith("_"):
+            continue
+        for m in res["matched"]:
+            def f(x, fmt="{:.3g}"):
+                return "—" if x is None else fmt.format(x)
+            rows.append((pname, f"{m['err']:.1e}", f(m["ours_nfe"], "{:.0f}"), f(m["torchsde_nfe"], "{:.0f}"), f(m["diffrax_nfe"], "{:.0f}"),
+                         f(m["ratio_nfe_vs_torchsde"]), f(m["ratio_nfe_vs_diffrax"]),
+                         f(m["ratio_wall_s_vs_torchsde"]), f(m["ratio_wall_s_vs_diffrax"])))
+    return H.markdown_table(["problem", "strong err", "ours NFE", "torchsde NFE", "diffrax NFE", "NFE ours/tsde", "NFE ours/dfx",
+                             "time ours/tsde", "time ours/dfx"], rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = H.make_parser(__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="smallest possible run (tests)")
+    args = parser.parse_args(argv)
+    run(args.quick, args.out, threads=args.threads, size="tiny" if args.tiny else None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

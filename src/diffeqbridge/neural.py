@@ -1,0 +1,98 @@
+"""``NeuralSDE`` / ``NeuralODE``: ``nn.Module`` conveniences that own their networks and call ``solve``.
+
+A network is called as ``net(t, y)`` if its ``forward`` takes two positional arguments,
+else as ``net(y)``; ``t`` has shape ``(B,)`` (every sample has its own time).  The module
+passes itself as ``params`` so every sensealg (including the adjoints, which need the
+parameters explicitly) differentiates with respect to all of its parameters.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .brownian import VirtualBrownianTree
+from .problem import ODEProblem, SDEProblem
+from .solve import solve
+
+__all__ = ["NeuralSDE", "NeuralODE"]
+
+
+def _caller(net: nn.Module, name: str) -> Any:
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"{name} must be an nn.Module; got {type(net).__name__}")
+    try:
+        params = [
+            p for p in inspect.signature(net.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        takes_t = len(params) >= 2
+    except (TypeError, ValueError):
+        takes_t = False
+    if takes_t:
+        return lambda t, y: net(t, y)
+    return lambda t, y: net(y)
+
+
+class NeuralSDE(nn.Module):
+    """``dy = drift_net(t, y) dt + diffusion_net(t, y) dW`` as an ``nn.Module``.
+
+    Args:
+        drift_net, diffusion_net: ``nn.Module`` s (called as ``net(t, y)`` or ``net(y)``).
+        noise: ``"diagonal"`` | ``"scalar"`` | ``"additive"`` | ``"general"``.
+        interpretation: ``"ito"`` | ``"stratonovich"``.
+        noise_dim: ``m`` for general noise.
+        alg: solver (default: SciML's automatic choice for the noise/interpretation).
+        sensealg: how gradients are computed (see :mod:`diffeqbridge.adjoint`).
+        **solve_kwargs: passed to :func:`diffeqbridge.solve` (``dt``, ``adaptive``, tolerances...).
+
+    ``forward(y0, ts, seed=0, brownian=None) -> ys`` of shape ``(T, B, *state_shape)``;
+    ``ts[0]`` is the initial time, ``ts[-1]`` the final time.
+    """
+
+    def __init__(self, drift_net: nn.Module, diffusion_net: nn.Module, noise: str = "diagonal",
+                 interpretation: str = "ito", noise_dim: int | None = None, alg: Any = None,
+                 sensealg: Any = None, **solve_kwargs: Any):
+        super().__init__()
+        self.drift_net = drift_net
+        self.diffusion_net = diffusion_net
+        self._drift = _caller(drift_net, "drift_net")
+        self._diffusion = _caller(diffusion_net, "diffusion_net")
+        self.noise, self.interpretation, self.noise_dim = noise, interpretation, noise_dim
+        self.alg, self.sensealg, self.solve_kwargs = alg, sensealg, solve_kwargs
+        for key in ("saveat", "brownian", "seed", "sensealg", "alg"):
+            if key in solve_kwargs:
+                raise TypeError(f"NeuralSDE: pass {key} to forward()/the constructor argument, not in **solve_kwargs")
+
+    def problem(self, y0: Tensor, tspan: tuple[float, float]) -> SDEProblem:
+        return SDEProblem(self._drift, self._diffusion, y0, tspan, noise=self.noise,
+                          interpretation=self.interpretation, noise_dim=self.noise_dim, params=self)
+
+    def forward(self, y0: Tensor, ts: Sequence[float] | Tensor, seed: int = 0,
+                brownian: VirtualBrownianTree | None = None) -> Tensor:
+        times = torch.as_tensor(ts, dtype=torch.float64).detach().flatten()
+        if times.numel() < 2:
+            raise ValueError("NeuralSDE.forward: ts needs at least two times (t0 and t1)")
+        prob = self.problem(y0, (float(times[0]), float(times[-1])))
+        return solve(prob, self.alg, saveat=times, seed=seed, brownian=brownian,
+                     sensealg=self.sensealg, **self.solve_kwargs).ys
+
+
+class NeuralODE(nn.Module):
+    """``dy/dt = net(t, y)`` as an ``nn.Module``; ``forward(y0, ts) -> ys (T, B, *state_shape)``."""
+
+    def __init__(self, net: nn.Module, alg: Any = None, sensealg: Any = None, **solve_kwargs: Any):
+        super().__init__()
+        self.net = net
+        self._f = _caller(net, "net")
+        self.alg, self.sensealg, self.solve_kwargs = alg, sensealg, solve_kwargs
+
+    def forward(self, y0: Tensor, ts: Sequence[float] | Tensor) -> Tensor:
+        times = torch.as_tensor(ts, dtype=torch.float64).detach().flatten()
+        if times.numel() < 2:
+            raise ValueError("NeuralODE.forward: ts needs at least two times (t0 and t1)")
+        prob = ODEProblem(self._f, y0, (float(times[0]), float(times[-1])), params=self)
+        return solve(prob, self.alg, saveat=times, sensealg=self.sensealg, **self.solve_kwargs).ys
