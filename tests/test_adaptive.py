@@ -75,7 +75,7 @@ def test_saveat_lands_exactly_on_requested_times():
     prob, exact = linear(5)
     bm = tree_for(prob, seed=5, tol=ADAPTIVE_TREE_TOL)
     saveat = torch.tensor([0.0, 0.1, 0.25, 0.3333, 0.7, 1.0], dtype=F64)
-    sol = deb.solve(prob, deb.SOSRI(), atol=1e-4, rtol=1e-4, brownian=bm, saveat=saveat)
+    sol = deb.solve(prob, deb.SRIW1(), atol=1e-3, rtol=1e-3, brownian=bm, saveat=saveat)
     assert sol.success
     assert torch.equal(sol.ts, saveat)
     assert sol.ys.shape == (6, 5, 1)
@@ -117,7 +117,7 @@ def test_fixed_step_is_clipped_to_save_times():
             t = t_new
         out.append(y.clone())
     torch.testing.assert_close(sol.ys, torch.stack(out), rtol=0, atol=1e-12)
-    assert torch.equal(sol.stats.naccept, torch.full((batch,), 12))  # 3 + 3 + 6 steps
+    assert torch.equal(sol.stats.naccept, torch.full((batch,), 11))  # 3 + 3 + 5 steps
 
 
 # ----------------------------------------------------------- batch composition

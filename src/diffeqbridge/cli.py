@@ -1,8 +1,10 @@
-"""Command line: ``python -m diffeqbridge {demo,info}``.
+"""Command line: ``python -m diffeqbridge {demo,info,bench}``.
 
 ``demo`` solves an ensemble of geometric Brownian motions with the automatic algorithm
 choice and compares it with the exact solution built from the same Brownian tree;
-``info`` reports versions, devices, backends (Julia included) and the solver table.
+``info`` reports versions, devices, backends (Julia included) and the solver table;
+``bench`` runs the repository's ``benchmarks/`` (a source checkout is needed: the
+benchmarks are not part of the installed package).
 """
 from __future__ import annotations
 
@@ -303,6 +305,74 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- bench
+
+
+def find_benchmarks_dir() -> "Any":
+    """The repository's ``benchmarks/`` folder, found from the (editable) package location."""
+    from pathlib import Path
+
+    import diffeqbridge
+
+    pkg = Path(diffeqbridge.__file__).resolve().parent  # .../src/diffeqbridge
+    for root in (pkg.parent.parent, pkg.parent, Path.cwd()):
+        cand = root / "benchmarks"
+        if (cand / "run_all.py").is_file():
+            return cand
+    return None
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    bench_dir = find_benchmarks_dir()
+    if bench_dir is None:
+        print("error: benchmarks/ not found. `bench` needs a source checkout of diffeqbridge installed in editable "
+              "mode (git clone ...; pip install -e '.[bench]'), since the benchmarks are not shipped in the package.",
+              file=sys.stderr)
+        return 2
+    root = str(bench_dir.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    try:
+        from benchmarks import run_all as ra
+    except ImportError as exc:
+        print(f"error: cannot import the benchmarks from {bench_dir}: {exc}. Install the extra: pip install -e '.[bench]'",
+              file=sys.stderr)
+        return 2
+    only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
+    if only:
+        unknown = sorted(set(only) - set(ra.ORDER))
+        if unknown:
+            print(f"error: unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(ra.ORDER)}", file=sys.stderr)
+            return 2
+    out = Path(args.out)
+    bar: Any = None
+    try:
+        from tqdm.auto import tqdm
+
+        total = len(only) if only else len(ra.ORDER)
+        bar = tqdm(total=total, desc="bench", unit="benchmark", file=sys.stderr)
+    except ImportError:
+        pass
+
+    def on_progress(name: str, i: int, n: int) -> None:
+        if bar is not None:
+            bar.n = i
+            bar.set_postfix_str(name, refresh=True)
+        else:
+            print(f"bench [{i}/{n}] {name}", file=sys.stderr, flush=True)
+
+    start = time.perf_counter()
+    summary = ra.run_all(args.quick, out, only, tiny=args.tiny, threads=args.threads, on_progress=on_progress)
+    if bar is not None:
+        bar.close()
+    print()
+    print(ra.summary_table(summary))
+    print(f"\nJSON and PNG files in {out.resolve()} ({time.perf_counter() - start:.0f} s)")
+    return 1 if any("error" in e for e in summary.values()) else 0
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -335,6 +405,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="versions, devices, backends (Julia) and the solver table")
     info.set_defaults(func=run_info)
+
+    bench = sub.add_parser(
+        "bench", help="run the side-by-side benchmarks (torchsde, torchdiffeq, diffrax): JSON + PNG into --out",
+        description="Run benchmarks/ of a source checkout: work-precision, weak error, neural SDE step, "
+        "per-sample steps, Brownian tree cost. Needs the 'bench' extra.",
+    )
+    bench.add_argument("--quick", action="store_true", help="short run (a few minutes on 2 cores)")
+    bench.add_argument("--tiny", action="store_true", help="smallest sizes, seconds (for tests); also DEB_BENCH_TINY=1")
+    bench.add_argument("--out", default="bench_out", metavar="DIR", help="output folder (default bench_out/)")
+    bench.add_argument("--only", default=None, metavar="NAME,...", help="comma-separated subset of the benchmarks")
+    bench.add_argument("--threads", type=int, default=1, help="torch/XLA intra-op threads (default 1; 0: library defaults)")
+    bench.set_defaults(func=run_bench)
     return parser
 
 

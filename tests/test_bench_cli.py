@@ -1,0 +1,45 @@
+"""The ``bench`` subcommand runs the smallest benchmark end to end (tiny sizes, seconds)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torchsde")
+pytest.importorskip("matplotlib")
+
+from diffeqbridge.cli import find_benchmarks_dir  # noqa: E402
+
+
+def test_benchmarks_dir_found():
+    d = find_benchmarks_dir()
+    assert d is not None and (d / "run_all.py").is_file()
+
+
+def test_bench_unknown_name_is_clear(capsys):
+    from diffeqbridge.cli import main
+
+    assert main(["bench", "--only", "nope"]) == 2
+    assert "unknown benchmark" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)
+def test_bench_tiny_writes_json_and_png(tmp_path: Path):
+    env = {**os.environ, "DEB_BENCH_TINY": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffeqbridge", "bench", "--only", "sde_work_precision", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "sde_work_precision.json").read_text())
+    rows = doc["problems"]["gbm"]["methods"]
+    assert rows["ours EM"][0]["err"] > 0
+    # same Brownian path: our EM and torchsde's Euler agree to rounding
+    assert abs(rows["ours EM"][0]["err"] - rows["torchsde euler"][0]["err"]) < 1e-9
+    assert (tmp_path / "sde_work_precision.png").stat().st_size > 0
+    assert "benchmark" in proc.stdout and "sde_work_precision" in proc.stdout
+    assert json.loads((tmp_path / "summary.json").read_text())["tiny"] is True
