@@ -189,7 +189,7 @@ def solve(
     dtmin_value = 1e-14 * (t1 - t0) if dtmin is None else _check_positive("dtmin", dtmin, allow_zero=True)
     if not isinstance(progress, bool):
         raise TypeError(f"progress must be a bool; got {progress!r}")
-    device, dtype = prob.y0.device, prob.y0.dtype
+    device = prob.y0.device
     save_times = _check_saveat(saveat, t0, t1, device)
     requested_first = saveat is None or save_times.numel() == torch.as_tensor(saveat).numel()
     tree = _check_brownian(brownian, prob, seed) if prob.is_sde else None

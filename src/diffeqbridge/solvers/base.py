@@ -7,6 +7,8 @@ control, saving and masking; a solver only knows its tableau.
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -111,3 +113,28 @@ class AbstractSolver:
             "adaptive": cls.adaptive,
             "levy_area": cls.needs_levy_area,
         }
+
+
+def linear_combination(coeffs: Sequence[float], xs: Sequence[Tensor | None]) -> Tensor | None:
+    """``sum_j c_j x_j`` over the non-zero coefficients (None when all are zero)."""
+    out: Tensor | None = None
+    for c, x in zip(coeffs, xs, strict=True):
+        if c == 0.0:
+            continue
+        assert x is not None
+        term = x if c == 1.0 else c * x
+        out = term if out is None else out + term
+    return out
+
+
+def stage_time(t: Tensor, dt: Tensor, c: float) -> Tensor:
+    """``t + c dt`` for a stage with node ``c`` (``(B,)`` tensors)."""
+    return t if c == 0.0 else t + c * dt
+
+
+def check_delta(delta: float | None, default: float) -> float:
+    """The weight of the drift error ``E1`` in StochasticDiffEq's ``delta * E1 + E2``."""
+    value = default if delta is None else float(delta)
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"delta must be a finite number >= 0; got {delta!r}")
+    return value

@@ -38,14 +38,13 @@ Sources (coefficients only; the implementation is our own):
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 from torch import Tensor
 
 from ..problem import Terms, expand_to
-from .base import BOTH_INTERPRETATIONS, AbstractSolver, StepOutput
+from .base import AbstractSolver, BOTH_INTERPRETATIONS, StepOutput, check_delta, linear_combination, stage_time
 
 Matrix = tuple[tuple[float, ...], ...]
 
@@ -89,22 +88,6 @@ class SRATableau:
         return any(v != 0.0 for v in (self.beta1[j], self.beta2[j], *(row[j] for row in self.b0)))
 
 
-def _combine(coeffs: tuple[float, ...] | list[float], xs: list[Tensor | None]) -> Tensor | None:
-    """``Σ c_j x_j`` over the non-zero coefficients (None when all are zero)."""
-    out: Tensor | None = None
-    for c, x in zip(coeffs, xs, strict=True):
-        if c == 0.0:
-            continue
-        assert x is not None
-        term = x if c == 1.0 else c * x
-        out = term if out is None else out + term
-    return out
-
-
-def _stage_time(t: Tensor, dt: Tensor, c: float) -> Tensor:
-    return t if c == 0.0 else t + c * dt
-
-
 def sra_step(
     tab: SRATableau,
     terms: Terms,
@@ -146,27 +129,27 @@ def sra_step(
     ng = 0
     for i in range(s):
         h0 = y
-        fa = _combine(tab.a0[i][:i], fs[:i])
+        fa = linear_combination(tab.a0[i][:i], fs[:i])
         if fa is not None:
             h0 = h0 + dt_y * fa
-        gb = _combine(tab.b0[i][:i], gs[:i])
+        gb = linear_combination(tab.b0[i][:i], gs[:i])
         if gb is not None:
             h0 = h0 + terms.g_dw(gb, chi2)
-        fs[i] = drift(_stage_time(t, dt, tab.c0[i]), h0)
+        fs[i] = drift(stage_time(t, dt, tab.c0[i]), h0)
         if tab.diffusion_used(i):
-            gs[i] = diffusion(_stage_time(t, dt, tab.c1[i]), h0)
+            gs[i] = diffusion(stage_time(t, dt, tab.c1[i]), h0)
             ng += 1
 
-    drift_sum = _combine(tab.alpha, fs)
+    drift_sum = linear_combination(tab.alpha, fs)
     y1 = y if drift_sum is None else y + dt_y * drift_sum
-    g1 = _combine(tab.beta1, gs)
+    g1 = linear_combination(tab.beta1, gs)
     if g1 is not None:
         y1 = y1 + terms.g_dw(g1, dw)
-    g2 = _combine(tab.beta2, gs)
+    g2 = linear_combination(tab.beta2, gs)
     e2 = terms.g_dw(g2, chi2) if g2 is not None else y.new_zeros(y.shape)
     y1 = y1 + e2
 
-    f_all = _combine([1.0] * s, fs)
+    f_all = linear_combination([1.0] * s, fs)
     assert f_all is not None
     e1 = dt_y * f_all
     error = e2 if delta == 0.0 else delta * e1 + e2
@@ -195,10 +178,7 @@ class _SRABase(AbstractSolver):
     def __init__(self, delta: float | None = None):
         """``delta``: weight of the drift part ``E1`` in ``error = delta*E1 + E2``
         (default 1, StochasticDiffEq's ``delta_default``)."""
-        d = type(self).default_delta if delta is None else float(delta)
-        if not (math.isfinite(d) and d >= 0.0):
-            raise ValueError(f"delta must be a finite number >= 0; got {delta!r}")
-        self.delta = d
+        self.delta = check_delta(delta, type(self).default_delta)
 
     def step(
         self,

@@ -51,7 +51,6 @@ Sources (coefficients only; the implementation is our own):
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -59,7 +58,7 @@ import torch
 from torch import Tensor
 
 from ..problem import Terms, expand_to
-from .base import AbstractSolver, StepOutput
+from .base import AbstractSolver, StepOutput, check_delta, linear_combination, stage_time
 
 Matrix = tuple[tuple[float, ...], ...]
 
@@ -131,22 +130,6 @@ class SRITableau:
         )
 
 
-def _combine(coeffs: tuple[float, ...] | list[float], xs: list[Tensor | None]) -> Tensor | None:
-    """``Σ c_j x_j`` over the non-zero coefficients (None when all are zero)."""
-    out: Tensor | None = None
-    for c, x in zip(coeffs, xs, strict=True):
-        if c == 0.0:
-            continue
-        assert x is not None
-        term = x if c == 1.0 else c * x
-        out = term if out is None else out + term
-    return out
-
-
-def _stage_time(t: Tensor, dt: Tensor, c: float) -> Tensor:
-    return t if c == 0.0 else t + c * dt
-
-
 def sri_step(
     tab: SRITableau,
     terms: Terms,
@@ -197,39 +180,39 @@ def sri_step(
         eval_g = tab.diffusion_used(i)
         if eval_f:
             h0 = y
-            fa = _combine(tab.a0[i][:i], fs[:i])
+            fa = linear_combination(tab.a0[i][:i], fs[:i])
             if fa is not None:
                 h0 = h0 + dt_y * fa
-            gb = _combine(tab.b0[i][:i], gs[:i])
+            gb = linear_combination(tab.b0[i][:i], gs[:i])
             if gb is not None:
                 h0 = h0 + chi2 * gb
-            fs[i] = drift(_stage_time(t, dt, tab.c0[i]), h0)
+            fs[i] = drift(stage_time(t, dt, tab.c0[i]), h0)
             nf += 1
         if eval_g:
             h1 = y
-            fa = _combine(tab.a1[i][:i], fs[:i])
+            fa = linear_combination(tab.a1[i][:i], fs[:i])
             if fa is not None:
                 h1 = h1 + dt_y * fa
-            gb = _combine(tab.b1[i][:i], gs[:i])
+            gb = linear_combination(tab.b1[i][:i], gs[:i])
             if gb is not None:
                 h1 = h1 + sqdt_y * gb
-            gs[i] = diffusion(_stage_time(t, dt, tab.c1[i]), h1)
+            gs[i] = diffusion(stage_time(t, dt, tab.c1[i]), h1)
             ng += 1
 
-    drift_sum = _combine(tab.alpha, fs)
+    drift_sum = linear_combination(tab.alpha, fs)
     y1 = y if drift_sum is None else y + dt_y * drift_sum
     for coeffs, scale in ((tab.beta1, dw_y), (tab.beta2, chi1)):
-        gsum = _combine(coeffs, gs)
+        gsum = linear_combination(coeffs, gs)
         if gsum is not None:
             y1 = y1 + scale * gsum
     e2 = torch.zeros_like(y)
     for coeffs, scale in ((tab.beta3, chi2), (tab.beta4, chi3)):
-        gsum = _combine(coeffs, gs)
+        gsum = linear_combination(coeffs, gs)
         if gsum is not None:
             e2 = e2 + scale * gsum
     y1 = y1 + e2
 
-    f_all = _combine([1.0] * tab.n_drift, fs[: tab.n_drift])
+    f_all = linear_combination([1.0] * tab.n_drift, fs[: tab.n_drift])
     assert f_all is not None
     e1 = dt_y * f_all
     error = e2 if delta == 0.0 else delta * e1 + e2
@@ -258,10 +241,7 @@ class _SRIBase(AbstractSolver):
     def __init__(self, delta: float | None = None):
         """``delta``: weight of the drift part ``E1`` in ``error = delta*E1 + E2``
         (default: StochasticDiffEq's ``delta_default`` for this method)."""
-        d = type(self).default_delta if delta is None else float(delta)
-        if not (math.isfinite(d) and d >= 0.0):
-            raise ValueError(f"delta must be a finite number >= 0; got {delta!r}")
-        self.delta = d
+        self.delta = check_delta(delta, type(self).default_delta)
 
     def step(
         self,
