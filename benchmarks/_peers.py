@@ -7,7 +7,8 @@ is a step size (fixed-step methods) or a tolerance (adaptive ones, ``rtol = atol
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ._sde_problems import T0, T1, CountingSDE, Problem, torchsde_brownian_from
 

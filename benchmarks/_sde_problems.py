@@ -27,8 +27,9 @@ Problems (SciML's SDEProblemLibrary where named):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 T0, T1 = 0.0, 1.0
 

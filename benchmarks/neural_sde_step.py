@@ -13,7 +13,8 @@ batch 1024 (quick: 256), float64; loss = mean of y(T)^2.
   (``tol = 2^-7``), ``eqx.filter_jit`` (warm), default ``RecursiveCheckpointAdjoint``.
 
 Time: median over interleaved repeats.  Peak memory: increase of the process's peak resident
-set size over the call (``/proc/self/clear_refs`` resets the peak before each measured call;
+set size over the call (``/proc/self/clear_refs`` resets the peak before each measured call,
+glibc's heap is trimmed and large blocks are mmap'd so freed memory leaves the RSS;
 Linux only, else ``resource.getrusage`` and ``None`` increments).  The three libraries have
 different parameters (same architecture); the weights do not change the cost.
 """
@@ -21,8 +22,9 @@ from __future__ import annotations
 
 import gc
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 try:
     from . import _harness as H
@@ -47,9 +49,25 @@ def _rss_kb(field: str) -> int | None:
     return None
 
 
+def _libc():
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: big blocks are mmap'd, returned to the OS on free
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _libc()
+
+
 def peak_increment_mb(fn: Callable[[], Any]) -> float | None:
-    """Peak RSS increase (MiB) while running ``fn`` once."""
+    """Peak RSS increase (MiB) while running ``fn`` once (glibc heap trimmed first)."""
     gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:

@@ -27,13 +27,13 @@ from typing import Any
 try:
     from . import _harness as H
     from . import _peers as Pe
-    from ._sde_problems import torchsde_brownian_from, CountingSDE
+    from ._sde_problems import CountingSDE, torchsde_brownian_from
     from .sde_work_precision import setup_jax
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from benchmarks import _harness as H  # type: ignore[no-redef]
     from benchmarks import _peers as Pe  # type: ignore[no-redef]
-    from benchmarks._sde_problems import torchsde_brownian_from, CountingSDE  # type: ignore[no-redef]
+    from benchmarks._sde_problems import CountingSDE, torchsde_brownian_from  # type: ignore[no-redef]
     from benchmarks.sde_work_precision import setup_jax  # type: ignore[no-redef]
 
 NAME = "per_sample_steps"
@@ -104,7 +104,6 @@ def _ode(B: int, tols: list[float]) -> dict[str, list[dict]]:
 
 
 def _sde(B: int, tols: list[float]) -> dict[str, list[dict]]:
-    import numpy as np
     import torch
     import torchsde
 

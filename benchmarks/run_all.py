@@ -7,13 +7,15 @@ Also what ``python -m diffeqbridge bench`` calls.  Each benchmark writes ``DIR/<
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 try:
     from . import _harness as H
@@ -21,7 +23,8 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from benchmarks import _harness as H  # type: ignore[no-redef]
 
-ORDER = ("sde_work_precision", "weak_error", "ode_work_precision", "neural_sde_step", "per_sample_steps", "brownian", "cuda_ensemble")
+ORDER = ("sde_work_precision", "weak_error", "ode_work_precision", "neural_sde_step", "per_sample_steps", "gradients", "brownian",
+         "cuda_ensemble")
 
 
 def _fmt(x: Any, fmt: str = "{:.2f}") -> str:
@@ -98,8 +101,10 @@ def run_all(quick: bool, out: Path, only: list[str] | None = None, tiny: bool = 
                 elif quick:
                     kw["batch_sizes"] = (1, 1024)
                 doc = mod.run(quick or tiny, out, **kw)
-            else:
+            elif "size" in inspect.signature(mod.run).parameters:
                 doc = mod.run(quick, out, threads=threads, size="tiny" if tiny else None)
+            else:  # a benchmark with the plain run(quick, out) convention (e.g. gradients.py)
+                doc = mod.run(quick or tiny, out)
             entry["headline"] = headline(name, doc)
         except Exception as exc:  # noqa: BLE001 - keep going, report at the end
             import traceback

@@ -12,7 +12,6 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 try:
     from . import _harness as H

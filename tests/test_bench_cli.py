@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("torchsde")
 pytest.importorskip("matplotlib")
 
-from diffeqbridge.cli import find_benchmarks_dir  # noqa: E402
+from diffeqbridge.cli import find_benchmarks_dir
 
 
 def test_benchmarks_dir_found():

@@ -308,7 +308,7 @@ def run_info(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- bench
 
 
-def find_benchmarks_dir() -> "Any":
+def find_benchmarks_dir() -> Any:
     """The repository's ``benchmarks/`` folder, found from the (editable) package location."""
     from pathlib import Path
 
