@@ -140,3 +140,19 @@ def fitted_order(dts: list[float], errors: list[float]) -> float:
     y = torch.log(torch.tensor(errors, dtype=torch.float64))
     x = x - x.mean()
     return float((x * (y - y.mean())).sum() / (x * x).sum())
+
+
+def tangent_stratonovich(batch: int, dtype: torch.dtype = torch.float64) -> tuple[deb.SDEProblem, Exact]:
+    """``du = cos(u)^2 ∘ dW`` (Stratonovich, nonlinear diffusion), u0 = 1/2.
+
+    The Stratonovich chain rule gives ``d tan(u) = dW``, so ``u(t) = atan(tan(u0) + W(t))``.
+    """
+    u0 = 0.5
+    prob = deb.SDEProblem(lambda t, y: torch.zeros_like(y), lambda t, y: torch.cos(y) ** 2,
+                          _column(u0, batch, dtype), tspan=(0.0, 1.0), noise="diagonal",
+                          interpretation="stratonovich")
+
+    def exact(t: float, w: Tensor) -> Tensor:
+        return torch.atan(math.tan(u0) + w)
+
+    return prob, exact

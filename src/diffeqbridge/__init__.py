@@ -8,7 +8,24 @@ from .neural import NeuralODE, NeuralSDE
 from .problem import ODEProblem, SDEProblem
 from .solution import ReturnCode, Solution, Stats
 from .solve import solve
-from .solvers import EM, SOSRA, SOSRI, SRA1, SRIW1, Dopri5, EulerHeun, LambaEM, LambaEulerHeun, RKMil, Tsit5
+from .solvers import (
+    EM,
+    ISSEM,
+    SOSRA,
+    SOSRI,
+    SRA1,
+    SRIW1,
+    Dopri5,
+    EulerHeun,
+    ImplicitEM,
+    ImplicitRKMil,
+    Kvaerno5,
+    LambaEM,
+    LambaEulerHeun,
+    RKMil,
+    Rodas4,
+    Tsit5,
+)
 
 __version__ = "0.1.0"
 
@@ -16,4 +33,5 @@ __all__ = [
     "SDEProblem", "ODEProblem", "solve", "Solution", "ReturnCode", "Stats", "VirtualBrownianTree",
     "DiscreteAdjoint", "BacksolveAdjoint", "InterpolatingAdjoint", "NeuralSDE", "NeuralODE",
     "EM", "EulerHeun", "RKMil", "LambaEM", "LambaEulerHeun", "SRIW1", "SOSRI", "SRA1", "SOSRA", "Tsit5", "Dopri5",
+    "ImplicitEM", "ImplicitRKMil", "ISSEM", "Rodas4", "Kvaerno5",
 ]

@@ -6,7 +6,7 @@ Shapes: ``y0`` is ``(B, *state_shape)``; user functions receive ``t`` of shape `
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch

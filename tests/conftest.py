@@ -1,0 +1,13 @@
+"""Session-wide test settings.
+
+Tests run single-threaded.  On the 2-core CI/dev machines, PyTorch's OpenMP/MKL
+elementwise kernels with 2 threads are pathologically slow under load: ``torch.log`` on
+~1e5 float64 elements takes ~8 ms with 2 threads vs ~0.15 ms with 1, and calling
+``torch.set_num_threads(2)`` at runtime (e.g. to restore a saved count) makes even small
+``torch.log`` calls ~1000x slower for the rest of the process.  The Brownian tree uses
+``log`` (Box-Muller), so this turns a 2-minute suite into 12+ minutes.  Setting one thread
+here also makes tests that save/restore the thread count restore 1, never 2.
+"""
+import torch
+
+torch.set_num_threads(1)
