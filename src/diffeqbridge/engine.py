@@ -196,7 +196,7 @@ def integrate(
             # After a step clipped to a save time, keep the unclipped proposal if larger.
             proposed = torch.where(accepted & hits, torch.maximum(proposed, dt), proposed)
             dt = torch.where(active, proposed, dt)
-            too_small = active & rejected & (dt < options.dtmin)
+            too_small = active & (dt < options.dtmin)  # as SciML: on accepted steps too
             retcodes = torch.where(too_small, torch.full_like(retcodes, int(ReturnCode.DtLessThanMin)), retcodes)
             active = active & ~too_small
         else:
