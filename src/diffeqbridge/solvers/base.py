@@ -8,7 +8,7 @@ control, saving and masking; a solver only knows its tableau.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -138,3 +138,36 @@ def check_delta(delta: float | None, default: float) -> float:
     if not (math.isfinite(value) and value >= 0.0):
         raise ValueError(f"delta must be a finite number >= 0; got {delta!r}")
     return value
+
+
+class StochasticRungeKutta(AbstractSolver):
+    """Adaptive stochastic Runge–Kutta family driven by a tableau, with
+    StochasticDiffEq's error combination ``delta * E1 + E2`` and SDE controller constants
+    (``qmax = 9/8``, ``qmin = 1/5``, ``gamma = 9/10``; StochasticDiffEq ``src/alg_utils.jl``).
+
+    Subclasses set ``tableau``, ``default_delta`` and ``step_function``, a pure function
+    ``step_function(tableau, terms, t, y, dt, dw, levy_h, delta) -> StepOutput``.
+    """
+
+    tableau: ClassVar[object]
+    default_delta: ClassVar[float] = 1.0
+    step_function: ClassVar[Callable[..., StepOutput]]
+    adaptive = True
+    needs_levy_area = True
+    qmax = 9 / 8
+    qmin = 1 / 5
+    gamma = 9 / 10
+
+    def __init__(self, delta: float | None = None):
+        """``delta``: weight of the drift part ``E1`` in ``error = delta*E1 + E2``
+        (default: StochasticDiffEq's ``delta_default`` for this method)."""
+        self.delta = check_delta(delta, type(self).default_delta)
+
+    def step(self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None,
+             levy_h: Tensor | None, f0: Tensor | None = None) -> StepOutput:
+        """See :meth:`AbstractSolver.step` (``f0`` is unused)."""
+        return type(self).step_function(self.tableau, terms, t, y, dt, dw, levy_h, self.delta)
+
+    def __repr__(self) -> str:
+        name = type(self).__name__
+        return f"{name}()" if self.delta == type(self).default_delta else f"{name}(delta={self.delta!r})"

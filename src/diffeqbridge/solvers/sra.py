@@ -44,7 +44,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from ..problem import Terms, expand_to
-from .base import AbstractSolver, BOTH_INTERPRETATIONS, StepOutput, check_delta, linear_combination, stage_time
+from .base import BOTH_INTERPRETATIONS, StepOutput, StochasticRungeKutta, linear_combination, stage_time
 
 Matrix = tuple[tuple[float, ...], ...]
 
@@ -156,7 +156,7 @@ def sra_step(
     return StepOutput(y1=y1, error=error, nf=s, ng=ng)
 
 
-class _SRABase(AbstractSolver):
+class _SRABase(StochasticRungeKutta):
     """Shared metadata of the SRA family (StochasticDiffEq.jl ``src/alg_utils.jl``)."""
 
     tableau: ClassVar[SRATableau]
@@ -166,36 +166,10 @@ class _SRABase(AbstractSolver):
     weak_order: ClassVar[float] = 2.0
     noise_types: ClassVar[frozenset[str]] = frozenset({"additive"})
     interpretations: ClassVar[frozenset[str]] = BOTH_INTERPRETATIONS
-    adaptive: ClassVar[bool] = True
-    needs_levy_area: ClassVar[bool] = True
     is_sde: ClassVar[bool] = True
     controller_order: ClassVar[float] = 2.0  # alg_order(SRA1) = alg_order(SOSRA) = 2//1
-    fsal: ClassVar[bool] = False
-    qmax: ClassVar[float | None] = 9 / 8
-    qmin: ClassVar[float | None] = 1 / 5
-    gamma: ClassVar[float | None] = 9 / 10
+    step_function = staticmethod(sra_step)
 
-    def __init__(self, delta: float | None = None):
-        """``delta``: weight of the drift part ``E1`` in ``error = delta*E1 + E2``
-        (default 1, StochasticDiffEq's ``delta_default``)."""
-        self.delta = check_delta(delta, type(self).default_delta)
-
-    def step(
-        self,
-        terms: Terms,
-        t: Tensor,
-        y: Tensor,
-        dt: Tensor,
-        dw: Tensor | None,
-        levy_h: Tensor | None,
-        f0: Tensor | None = None,
-    ) -> StepOutput:
-        """See :meth:`AbstractSolver.step` and :func:`sra_step` (``f0`` is unused)."""
-        return sra_step(self.tableau, terms, t, y, dt, dw, levy_h, self.delta)  # type: ignore[arg-type]
-
-    def __repr__(self) -> str:
-        name = type(self).__name__
-        return f"{name}()" if self.delta == type(self).default_delta else f"{name}(delta={self.delta!r})"
 
 
 # SRA1 (Rößler 2010): StochasticDiffEq.jl src/tableaus.jl, constructSRA1.

@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 
 from ..problem import Terms, expand_to
-from .base import AbstractSolver, StepOutput, check_delta, linear_combination, stage_time
+from .base import StepOutput, StochasticRungeKutta, linear_combination, stage_time
 
 Matrix = tuple[tuple[float, ...], ...]
 
@@ -219,7 +219,7 @@ def sri_step(
     return StepOutput(y1=y1, error=error, nf=nf, ng=ng)
 
 
-class _SRIBase(AbstractSolver):
+class _SRIBase(StochasticRungeKutta):
     """Shared metadata of the SRI family (StochasticDiffEq.jl ``src/alg_utils.jl``)."""
 
     tableau: ClassVar[SRITableau]
@@ -229,36 +229,10 @@ class _SRIBase(AbstractSolver):
     weak_order: ClassVar[float] = 2.0
     noise_types: ClassVar[frozenset[str]] = frozenset({"diagonal", "scalar", "additive"})
     interpretations: ClassVar[frozenset[str]] = frozenset({"ito"})
-    adaptive: ClassVar[bool] = True
-    needs_levy_area: ClassVar[bool] = True
     is_sde: ClassVar[bool] = True
     controller_order: ClassVar[float] = 1.5  # alg_order(SRIW1) = alg_order(SOSRI) = 3//2
-    fsal: ClassVar[bool] = False
-    qmax: ClassVar[float | None] = 9 / 8
-    qmin: ClassVar[float | None] = 1 / 5
-    gamma: ClassVar[float | None] = 9 / 10
+    step_function = staticmethod(sri_step)
 
-    def __init__(self, delta: float | None = None):
-        """``delta``: weight of the drift part ``E1`` in ``error = delta*E1 + E2``
-        (default: StochasticDiffEq's ``delta_default`` for this method)."""
-        self.delta = check_delta(delta, type(self).default_delta)
-
-    def step(
-        self,
-        terms: Terms,
-        t: Tensor,
-        y: Tensor,
-        dt: Tensor,
-        dw: Tensor | None,
-        levy_h: Tensor | None,
-        f0: Tensor | None = None,
-    ) -> StepOutput:
-        """See :meth:`AbstractSolver.step` and :func:`sri_step` (``f0`` is unused)."""
-        return sri_step(self.tableau, terms, t, y, dt, dw, levy_h, self.delta)  # type: ignore[arg-type]
-
-    def __repr__(self) -> str:
-        name = type(self).__name__
-        return f"{name}()" if self.delta == type(self).default_delta else f"{name}(delta={self.delta!r})"
 
 
 # SRIW1 = Rößler's SRI1 (weak order 2).  Coefficients as in StochasticDiffEq.jl's
