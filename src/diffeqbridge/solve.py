@@ -216,6 +216,10 @@ def solve(
             terms.drift, t_start, prob.y0, f0, solver.controller_order, atol, rtol, dtmax=t1 - t0
         )
         counts = (counts[0] + extra_f, counts[1])
+    # the heuristics can return absurdly small steps for stiff problems (the exponent is
+    # divided by the method's order); start no lower than a safe multiple of dtmin
+    if dt is None:
+        dt_initial = dt_initial.clamp(min=max(100.0 * dtmin_value, 1e-10 * (t1 - t0)))
     options = EngineOptions(
         adaptive=adaptive, atol=atol, rtol=rtol, max_steps=max_steps, dtmin=dtmin_value,
         progress=progress, check_every=max(1, int(check_every)),
