@@ -49,6 +49,15 @@ def make_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def sized_main(run: Any, description: str, argv: list[str] | None = None) -> int:
+    """``main`` of a benchmark whose ``run(quick, out, threads=, size=)`` knows a ``tiny`` size."""
+    parser = make_parser(description)
+    parser.add_argument("--tiny", action="store_true", help="smallest sizes (smoke test)")
+    args = parser.parse_args(argv)
+    run(args.quick, args.out, threads=args.threads, size="tiny" if args.tiny else None)
+    return 0
+
+
 def set_threads(n: int) -> dict[str, Any]:
     """Pin torch and XLA:CPU to ``n`` intra-op threads (``0``: leave defaults); returns what was done.
 

@@ -229,11 +229,7 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = H.make_parser(__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true")
-    args = parser.parse_args(argv)
-    run(args.quick, args.out, threads=args.threads, size="tiny" if args.tiny else None)
-    return 0
+    return H.sized_main(run, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -125,13 +125,19 @@ class ImplicitEM(_DriftImplicit):
     noise_types = ALL_NOISE
     interpretations = frozenset({"ito"})
     controller_order = 0.5
+    split_step: bool = False  # ISSEM: solve the drift step first, add the noise after
 
     def step(self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None,
              f0: Tensor | None = None) -> StepOutput:
         assert terms.diffusion is not None and dw is not None
         drift0 = terms.drift(t, y)
         diff0 = terms.diffusion(t, y)
-        y1, converged, J, nf = self._implicit(terms, t, y, dt, drift0, terms.g_dw(diff0, dw))
+        noise = terms.g_dw(diff0, dw)
+        if self.split_step:
+            y_star, converged, J, nf = self._implicit(terms, t, y, dt, drift0, torch.zeros_like(y))
+            y1 = y_star + noise
+        else:
+            y1, converged, J, nf = self._implicit(terms, t, y, dt, drift0, noise)
         euler = y + drift0 * expand_to(dt, y)
         noise_error = _lamba_noise_error(terms, t, euler, y, dt, diff0, dw, ito=True)
         error = self.delta * self._drift_error(terms, t, y, dt, drift0, J) + noise_error
@@ -175,7 +181,7 @@ class ImplicitRKMil(_DriftImplicit):
         return StepOutput(mark_failed(y1, converged), error, nf=1 + nf, ng=2 if terms.interpretation == "ito" else 3)
 
 
-class ISSEM(_DriftImplicit):
+class ISSEM(ImplicitEM):
     """Implicit split-step Euler–Maruyama (StochasticDiffEq's ``ISSEM``), Itô, all noise types,
     strong 0.5, weak 1.0, adaptive (same estimate as ``ImplicitEM``).
 
@@ -185,20 +191,4 @@ class ISSEM(_DriftImplicit):
         y* = y + (1 - θ) dt f(t, y) + θ dt f(t + dt, y*),     y1 = y* + g(t, y) ΔW
     """
 
-    strong_order = 0.5
-    weak_order = 1.0
-    noise_types = ALL_NOISE
-    interpretations = frozenset({"ito"})
-    controller_order = 0.5
-
-    def step(self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None,
-             f0: Tensor | None = None) -> StepOutput:
-        assert terms.diffusion is not None and dw is not None
-        drift0 = terms.drift(t, y)
-        diff0 = terms.diffusion(t, y)
-        ystar, converged, J, nf = self._implicit(terms, t, y, dt, drift0, torch.zeros_like(y))
-        y1 = ystar + terms.g_dw(diff0, dw)
-        euler = y + drift0 * expand_to(dt, y)
-        noise_error = _lamba_noise_error(terms, t, euler, y, dt, diff0, dw, ito=True)
-        error = self.delta * self._drift_error(terms, t, y, dt, drift0, J) + noise_error
-        return StepOutput(mark_failed(y1, converged), error, nf=1 + nf, ng=2)
+    split_step = True
