@@ -24,6 +24,7 @@ from .solvers import (
     LambaEulerHeun,
     RKMil,
     Rodas4,
+    SKenCarp,
     Tsit5,
 )
 
@@ -33,5 +34,5 @@ __all__ = [
     "SDEProblem", "ODEProblem", "solve", "Solution", "ReturnCode", "Stats", "VirtualBrownianTree",
     "DiscreteAdjoint", "BacksolveAdjoint", "InterpolatingAdjoint", "NeuralSDE", "NeuralODE",
     "EM", "EulerHeun", "RKMil", "LambaEM", "LambaEulerHeun", "SRIW1", "SOSRI", "SRA1", "SOSRA", "Tsit5", "Dopri5",
-    "ImplicitEM", "ImplicitRKMil", "ISSEM", "Rodas4", "Kvaerno5",
+    "ImplicitEM", "ImplicitRKMil", "ISSEM", "SKenCarp", "Rodas4", "Kvaerno5",
 ]

@@ -36,7 +36,7 @@ autonomous drifts and for θ = 1); the Newton tolerance is the solver's own
 every step (no reuse across steps).
 
 ``ISSEM`` (implicit split-step) solves the drift part first and adds ``g(t, y) ΔW`` after
-(class docstring).  ``SKenCarp`` (additive-noise IMEX, strong 1.5) is not implemented.
+(class docstring).  ``SKenCarp`` (additive noise) lives in ``kencarp.py``.
 
 Defaults as StochasticDiffEq.jl ``src/algorithms.jl``: ``ImplicitEM(theta = 1)``,
 ``ImplicitRKMil(theta = 1)``; ``alg_order(ImplicitEM) = 1//2``,

@@ -1,0 +1,152 @@
+"""``SKenCarp``: StochasticDiffEq.jl's implicit (ESDIRK) stochastic Runge–Kutta method for
+additive noise, strong order 1.5 (2.0 on SciML's ``prob_sde_additive``), adaptive.
+
+The drift part is Kennedy & Carpenter's 4-stage, stiffly accurate ESDIRK (the implicit half
+of KenCarp3, diagonal ``γ``); the noise part is an SRA-type tableau with two non-zero
+noise couplings ``nb021``, ``nb043``.  With ``z_i = dt f(t + c_i dt, Y_i)`` (the whole drift
+is treated implicitly, as StochasticDiffEq does for a plain, non-split ``f``) and
+``χ2 = I_(1,0)/dt = ΔW/2 + H`` (see :mod:`.sra`: ``ΔZ = 2√3 H``)::
+
+    g1 = g(t, y)
+    z1 = dt f(t, y)
+    Y2 = y + γ z1 + nb021 g1·χ2 + γ z2,            z2 = dt f(t + 2γ dt, Y2)
+    Y3 = y + a31 z1 + a32 z2 + γ z3,               z3 = dt f(t + c3 dt, Y3)
+    Y4 = y + a41 z1 + a42 z2 + a43 z3 + nb043 g1·χ2 + γ z4,   z4 = dt f(t + dt, Y4)
+    g4 = g(t + dt, Y4)
+    E2 = (g1 - g4)·χ2
+    y1 = y + a41 z1 + a42 z2 + a43 z3 + γ z4 + g4·ΔW + E2
+
+Error estimate (as StochasticDiffEq; the embedded ``btilde`` estimate is commented out
+there)::
+
+    E1 = z1 + z2 + z3 + z4,     error = δ E1 + E2,    δ = delta_default = 1.
+
+Each implicit stage ``Y_i = base_i + γ dt f(t_i, Y_i)`` is solved per sample by
+:func:`diffeqbridge.nonlinear.newton_stage`; the Newton matrix ``I - γ dt J`` is factorised
+once per step at ``(t, y)`` and shared by the three stages (all have the same ``γ dt``),
+refreshed per iterate when ``NewtonOptions.full_newton``.  ``z_i`` is recovered as
+``(Y_i - base_i)/γ`` (no extra drift evaluation; exact at the Newton solution).  A sample
+whose Newton iteration fails in any stage gets a NaN proposal (the engine rejects it).
+
+Deviations from StochasticDiffEq: the Newton tolerance is :class:`NewtonOptions`'s
+(not κ·tol with SciML's η-based stopping test); the initial Newton guess of each stage is
+the previous stage's ``z`` (SciML: ``:min_correct``, i.e. ``z = 0``, by default); the
+Jacobian is recomputed every step.
+
+Sources (coefficients only; the implementation is our own):
+
+* SciML/StochasticDiffEq.jl ``src/perform_step/kencarp.jl`` (``SKenCarpConstantCache`` /
+  ``SKenCarpCache`` ``perform_step!``), ``src/caches/kencarp_caches.jl``, the
+  ``SKenCarpTableau`` constructor (``src/tableaus.jl``; ``γ``, ``a31 .. a43``, ``c3 = 3/5``,
+  ``nb021``, ``nb043``), ``src/alg_utils.jl`` (``alg_order(SKenCarp) = 2//1``,
+  ``delta_default = 1``, ``qmax = 9//8``, ``qmin = 1//5``, ``gamma = 9//10``).
+* C. A. Kennedy, M. H. Carpenter, "Additive Runge–Kutta schemes for convection–diffusion–
+  reaction equations", Appl. Numer. Math. 44 (2003) 139–181 (ARK3(2)4L[2]SA, ESDIRK part).
+* C. Rackauckas, Q. Nie, "Stability-optimized high order methods and stiffness detection for
+  pathwise stiff stochastic differential equations", HPEC 2020 (the SKenCarp noise tableau).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..nonlinear import JacSpec, NewtonOptions, batched_jacobian, lu_factor, mark_failed, newton_matrix, newton_stage
+from ..problem import Terms, expand_to
+from .base import BOTH_INTERPRETATIONS, AbstractSolver, StepOutput, check_delta
+
+# SKenCarpTableau (StochasticDiffEq.jl), exact rationals of KenCarp3's ESDIRK part.
+GAMMA = 1767732205903 / 4055673282236
+A31 = 2746238789719 / 10658868560708
+A32 = -640167445237 / 6845629431997
+A41 = 1471266399579 / 7840856788654
+A42 = -4482444167858 / 7529755066697
+A43 = 11266239266428 / 11593286722821
+C2 = 2 * GAMMA
+C3 = 3 / 5
+# noise tableau (B0[2][1] and B0[4][3]; printed to 80 digits there)
+NB021 = -12.246764387585055918338744103409192607986567514699471403397969732723452087723101
+NB043 = -14.432096958608752822047165680776748797565142459789556194474191884258734697161106
+
+
+class SKenCarp(AbstractSolver):
+    """Implicit (ESDIRK drift) SRA method of StochasticDiffEq.jl for additive noise: strong
+    order 1.5, weak 2.0, Itô or Stratonovich (identical for additive noise), adaptive.
+    Per step: 1 explicit + Newton drift evaluations, 2 diffusion evaluations, one Jacobian."""
+
+    strong_order = 1.5
+    weak_order = 2.0
+    noise_types = frozenset({"additive"})
+    interpretations = BOTH_INTERPRETATIONS
+    adaptive = True
+    needs_levy_area = True
+    controller_order = 2.0  # alg_order(SKenCarp) = 2//1
+    qmax = 9 / 8
+    qmin = 1 / 5
+    gamma = 9 / 10
+
+    def __init__(self, *, jac: JacSpec = "autodiff", linsolve: str = "lu",
+                 newton: NewtonOptions | None = None, delta: float | None = None):
+        """``jac``: ``"autodiff"`` | ``"fd"`` | ``jac(t, y) -> (B, n, n)``; ``linsolve``:
+        ``"lu"`` | ``"krylov"``; ``newton``: full :class:`~diffeqbridge.nonlinear.NewtonOptions`
+        (overrides ``jac``/``linsolve``; default: full Newton, at most 10 iterations);
+        ``delta``: weight of ``E1`` in ``error = delta*E1 + E2`` (default 1)."""
+        self.delta = check_delta(delta, 1.0)
+        if newton is None:
+            newton = NewtonOptions(jac=jac, linsolve=linsolve, full_newton=True)
+        self.newton = newton
+
+    def step(self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None,
+             levy_h: Tensor | None, f0: Tensor | None = None) -> StepOutput:
+        if terms.diffusion is None:
+            raise TypeError("SKenCarp needs an SDE problem (a diffusion term)")
+        if dw is None or levy_h is None:
+            raise ValueError("SKenCarp needs the Brownian increment dW and the Lévy area H")
+        drift, diffusion = terms.drift, terms.diffusion
+        opts = self.newton
+        dt_y = expand_to(dt, y)
+        gh = GAMMA * dt
+        chi2 = 0.5 * dw + levy_h  # I_(1,0)/dt
+
+        g1 = diffusion(t, y)
+        g1chi = terms.g_dw(g1, chi2)
+        z1 = dt_y * drift(t, y)
+        nf = 1
+
+        factors = None
+        if opts.linsolve == "lu":
+            J, nj = batched_jacobian(drift, t, y, opts.jac)
+            factors = lu_factor(newton_matrix(J, gh))
+            nf += nj
+
+        converged = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
+
+        def stage(base: Tensor, c: float, z_guess: Tensor) -> Tensor:
+            nonlocal converged, nf
+            res = newton_stage(drift, t + c * dt, base, gh, base + GAMMA * z_guess, opts, factors)
+            converged = converged & res.converged
+            nf += res.nf
+            return res.z
+
+        base2 = y + GAMMA * z1 + NB021 * g1chi
+        y2 = stage(base2, C2, z1)
+        z2 = (y2 - base2) / GAMMA
+        base3 = y + A31 * z1 + A32 * z2
+        y3 = stage(base3, C3, z2)
+        z3 = (y3 - base3) / GAMMA
+        drift4 = y + A41 * z1 + A42 * z2 + A43 * z3
+        base4 = drift4 + NB043 * g1chi
+        y4 = stage(base4, 1.0, z3)
+        z4 = (y4 - base4) / GAMMA
+
+        g4 = diffusion(t + dt, y4)
+        e2 = terms.g_dw(g1 - g4, chi2)
+        y1 = drift4 + GAMMA * z4 + terms.g_dw(g4, dw) + e2
+        e1 = z1 + z2 + z3 + z4
+        error = e2 if self.delta == 0.0 else self.delta * e1 + e2
+        return StepOutput(mark_failed(y1, converged), error, nf=nf, ng=2)
+
+    def __repr__(self) -> str:
+        return "SKenCarp()" if self.delta == 1.0 else f"SKenCarp(delta={self.delta!r})"
+
+
+__all__ = ["SKenCarp"]
