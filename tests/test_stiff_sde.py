@@ -238,3 +238,18 @@ def test_gradient_through_newton_matches_finite_difference(early_exit):
     with torch.no_grad():
         fd = (run(torch.tensor(-50.0 + h, dtype=torch.float64)) - run(torch.tensor(-50.0 - h, dtype=torch.float64))) / (2 * h)
     assert float(lam.grad) == pytest.approx(float(fd), rel=1e-5)
+
+
+def test_krylov_newton_survives_identity_jacobian():
+    """GMRES breaks down after one iteration when the Jacobian is a multiple of the
+    identity (prob_sde_additivesystem); the least-squares solve must not become singular,
+    and the Krylov answer must match the dense LU one."""
+    from problems import additive_system, tree_for
+
+    prob, _ = additive_system(8)
+    bm = tree_for(prob, 1, tol=2**-10)
+    for k in (2, 4, 6):
+        krylov = deb.solve(prob, deb.ImplicitEM(linsolve="krylov"), dt=2.0**-k, adaptive=False, brownian=bm)
+        dense = deb.solve(prob, deb.ImplicitEM(), dt=2.0**-k, adaptive=False, brownian=bm)
+        assert krylov.success
+        assert torch.allclose(krylov.ys, dense.ys, rtol=1e-8, atol=1e-10)

@@ -206,7 +206,13 @@ def batched_gmres(matvec: Callable[[Tensor], Tensor], rhs: Tensor, iters: int) -
     e1[:, 0, 0] = beta
     # normal equations of the small (m+1) x m system, regularised for broken-down samples
     Ht = H.transpose(1, 2)
-    gram = Ht @ H + tiny * torch.eye(m, dtype=rhs.dtype, device=rhs.device)
+    gram = Ht @ H
+    # columns of a broken-down sample are zero: put 1 on their diagonal (their coefficient
+    # solves to 0), and a relative ridge on the rest so LU never sees an exact zero pivot
+    diagonal = gram.diagonal(dim1=-2, dim2=-1)
+    dead = diagonal <= tiny * (1 + beta.unsqueeze(1) ** 2)
+    ridge = torch.finfo(rhs.dtype).eps * diagonal.amax(dim=-1, keepdim=True)
+    gram = gram + torch.diag_embed(torch.where(dead, torch.ones_like(diagonal), ridge.expand_as(diagonal)))
     coef = torch.linalg.solve(gram, Ht @ e1).squeeze(-1)  # (B, m)
     basis = torch.stack(V[:m], dim=1)  # (B, m, n)
     return (coef.unsqueeze(-1) * basis).sum(dim=1)
