@@ -69,16 +69,7 @@ def _gbm() -> Problem:
                               torch.full((B, 1), u0, dtype=torch.float64), (T0, T1), noise="diagonal")
 
     def tsde(B):
-        class SDE(torch.nn.Module):
-            noise_type, sde_type = "diagonal", "ito"
-
-            def f(self, t, y):
-                return mu * y
-
-            def g(self, t, y):
-                return sigma * y
-
-        return SDE()
+        return torchsde_module(lambda t, y: mu * y, lambda t, y: sigma * y, "diagonal")
 
     def terms(strat):
         shift = 0.5 * sigma * sigma if strat else 0.0
@@ -112,16 +103,7 @@ def _wave() -> Problem:
         return deb.SDEProblem(f_t, g_t, torch.full((B, 1), u0, dtype=torch.float64), (T0, T1), noise="diagonal")
 
     def tsde(B):
-        class SDE(torch.nn.Module):
-            noise_type, sde_type = "diagonal", "ito"
-
-            def f(self, t, y):
-                return f_t(t, y)
-
-            def g(self, t, y):
-                return g_t(t, y)
-
-        return SDE()
+        return torchsde_module(f_t, g_t, "diagonal")
 
     def terms(strat):
         import jax.numpy as jnp
@@ -163,16 +145,9 @@ def _additive() -> Problem:
         return deb.SDEProblem(f_t, g_t, torch.full((B, 1), u0, dtype=torch.float64), (T0, T1), noise="additive")
 
     def tsde(B):
-        class SDE(torch.nn.Module):
-            noise_type, sde_type = "additive", "ito"
-
-            def f(self, t, y):
-                return b / torch.sqrt(1 + t) - y / (2 * (1 + t))
-
-            def g(self, t, y):
-                return (a * b / torch.sqrt(1 + t)).expand(y.shape[0], 1, 1)
-
-        return SDE()
+        # torchsde's additive noise wants g of shape (B, d, m)
+        return torchsde_module(lambda t, y: b / torch.sqrt(1 + t) - y / (2 * (1 + t)),
+                               lambda t, y: (a * b / torch.sqrt(1 + t)).expand(y.shape[0], 1, 1), "additive")
 
     def terms(strat):  # additive noise: Itô = Stratonovich
         import jax.numpy as jnp
@@ -232,16 +207,7 @@ def _rot2d() -> Problem:
         return deb.SDEProblem(lambda t, y: tf(y), lambda t, y: tg(y), y0, (T0, T1), noise="scalar")
 
     def tsde(B):
-        class SDE(torch.nn.Module):
-            noise_type, sde_type = "scalar", "ito"
-
-            def f(self, t, y):
-                return tf(y)
-
-            def g(self, t, y):
-                return tg(y).unsqueeze(-1)
-
-        return SDE()
+        return torchsde_module(lambda t, y: tf(y), lambda t, y: tg(y).unsqueeze(-1), "scalar")
 
     def terms(strat):
         import jax.numpy as jnp
@@ -275,6 +241,24 @@ def problems() -> dict[str, Problem]:
 
 
 # --------------------------------------------------------------- torchsde Brownian
+def torchsde_module(f, g, noise_type: str, sde_type: str = "ito"):
+    """A torchsde SDE ``nn.Module`` with drift ``f(t, y)`` and diffusion ``g(t, y)``."""
+    import torch
+
+    class SDE(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.noise_type, self.sde_type = noise_type, sde_type
+
+        def f(self, t, y):
+            return f(t, y)
+
+        def g(self, t, y):
+            return g(t, y)
+
+    return SDE()
+
+
 def torchsde_brownian_from(tree):
     """A ``torchsde.BaseBrownian`` that returns ``tree``'s increments (same path for torchsde).
 

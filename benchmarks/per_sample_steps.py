@@ -27,13 +27,13 @@ from typing import Any
 try:
     from . import _harness as H
     from . import _peers as Pe
-    from ._sde_problems import CountingSDE, torchsde_brownian_from
+    from ._sde_problems import CountingSDE, torchsde_brownian_from, torchsde_module
     from .sde_work_precision import setup_jax
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from benchmarks import _harness as H  # type: ignore[no-redef]
     from benchmarks import _peers as Pe  # type: ignore[no-redef]
-    from benchmarks._sde_problems import CountingSDE, torchsde_brownian_from  # type: ignore[no-redef]
+    from benchmarks._sde_problems import CountingSDE, torchsde_brownian_from, torchsde_module  # type: ignore[no-redef]
     from benchmarks.sde_work_precision import setup_jax  # type: ignore[no-redef]
 
 NAME = "per_sample_steps"
@@ -122,16 +122,7 @@ def _sde(B: int, tols: list[float]) -> dict[str, list[dict]]:
 
     prob = deb.SDEProblem(lambda t, y: mu * y, lambda t, y: sig * y, y0, (0.0, 1.0), noise="diagonal")
 
-    class SDE(torch.nn.Module):
-        noise_type, sde_type = "diagonal", "ito"
-
-        def f(self, t, y):
-            return mu * y
-
-        def g(self, t, y):
-            return sig * y
-
-    sde = CountingSDE(SDE())
+    sde = CountingSDE(torchsde_module(lambda t, y: mu * y, lambda t, y: sig * y, "diagonal"))
     bm = torchsde_brownian_from(tree)
     rows: dict[str, list[dict]] = {"ours SOSRI (per-sample)": [], "torchsde srk adaptive (shared)": []}
     for tol in tols:

@@ -18,13 +18,6 @@ F64 = torch.float64
 SUCCESS = int(deb.ReturnCode.Success)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny batched LU/Jacobians are dominated by thread start-up on a small box
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_metadata():

@@ -25,12 +25,6 @@ import diffeqbridge as deb
 RTOL, ATOL = 1e-6, 1e-8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def robertson(t, y):

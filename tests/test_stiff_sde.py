@@ -37,13 +37,6 @@ LAM, MU = -1000.0, 1.0
 SUCCESS = int(deb.ReturnCode.Success)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny batched LU/Jacobians are dominated by thread start-up on a shared 2-core box
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def stiff_linear(batch: int, tspan=(0.0, 1.0)) -> deb.SDEProblem:
