@@ -388,6 +388,20 @@ def _segmented_forward(c: _Ctx, y0: Tensor, bounds: Tensor, use_checkpoint: bool
 
 
 # ------------------------------------------------------------------ the boundary
+class ExternalSolve:
+    """Hook for other backends: pass an instance instead of a ``_Ctx`` to ``_SolveFunction``.
+
+    ``forward(y0, flat_params) -> ys`` (detached inputs, ``ys`` of shape ``(T, B, *state)``)
+    and ``backward(grad_ys) -> (dL/dy0, dL/dθ_flat)``.
+    """
+
+    def forward(self, y0: Tensor, flat_params: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def backward(self, grad_ys: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+
 class _SolveFunction(torch.autograd.Function):
     """THE autograd boundary for adjoint sensealgs: ``(y0, θ_flat) -> ys`` (all save times).
 
@@ -398,6 +412,9 @@ class _SolveFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, c: _Ctx, y0: Tensor, flat_params: Tensor) -> Tensor:  # type: ignore[override]
+        if isinstance(c, ExternalSolve):  # another backend's forward/backward (julia)
+            ctx.c = c
+            return c.forward(y0.detach(), flat_params.detach())
         y0 = y0.detach()
         sensealg = c.sensealg
         if isinstance(sensealg, InterpolatingAdjoint):
@@ -419,6 +436,8 @@ class _SolveFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_ys: Tensor) -> tuple[None, Tensor, Tensor]:  # type: ignore[override]
+        if isinstance(ctx.c, ExternalSolve):
+            return (None, *ctx.c.backward(grad_ys))
         c: _Ctx = ctx.c
         (stored,) = ctx.saved_tensors
         if isinstance(c.sensealg, InterpolatingAdjoint):

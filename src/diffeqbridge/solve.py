@@ -193,6 +193,17 @@ def solve(
     save_times = _check_saveat(saveat, t0, t1, device)
     requested_first = saveat is None or save_times.numel() == torch.as_tensor(saveat).numel()
     tree = _check_brownian(brownian, prob, seed) if prob.is_sde else None
+    if backend != "native":  # julia backend (diffeqbridge/julia/); "auto" picks it only if installed
+        from .julia.dispatch import choose_backend
+
+        if choose_backend(backend, prob, solver, brownian, sensealg) == "julia":
+            from .julia.solve import solve_julia
+
+            sol = solve_julia(prob, solver, dt=dt, adaptive=adaptive, atol=atol, rtol=rtol, save_times=save_times,
+                              seed=seed, max_steps=max_steps, dtmin=dtmin_value, sensealg=sensealg)
+            if not requested_first:
+                sol.ts, sol.ys = sol.ts[1:], sol.ys[1:]
+            return sol
 
     terms = Terms(prob)
     batch = prob.batch_size
