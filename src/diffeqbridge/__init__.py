@@ -3,6 +3,7 @@
 Public names only; see DESIGN.md for the contract.
 """
 from .adjoint import BacksolveAdjoint, DiscreteAdjoint, InterpolatingAdjoint
+from . import julia  # light: julia_status etc.; juliacall is imported only on use
 from .brownian import VirtualBrownianTree
 from .neural import NeuralODE, NeuralSDE
 from .problem import ODEProblem, SDEProblem

@@ -30,7 +30,7 @@ end
 """
     solve_batch_pullback(f, fvjp, g, gvjp, u0s, tspan, p; sensealg_name, checkpointing = false,
                          noisemixing = false, <solve_batch keywords>)
-        -> (ys, retcodes, naccept, nreject, pullback)
+        -> (ys, retcodes, naccept, nreject, wend, pullback)
 
 Like `solve_batch`, but differentiable: every trajectory is solved under `Zygote.pullback`
 with `sensealg(sensealg_name; checkpointing, noisemixing)`. Step counts are not available
@@ -64,7 +64,7 @@ function solve_batch_pullback(
         retcodes[i] = size(out, 2) == T ? code[] : (code[] == "Success" ? "Failure" : code[])
         push!(backs, back)
     end
-    return ys, retcodes, zeros(Int, B), zeros(Int, B), BatchPullback(backs, n, T, length(pv))
+    return ys, retcodes, zeros(Int, B), zeros(Int, B), zeros(Float64, 0, B), BatchPullback(backs, n, T, length(pv))
 end
 
 """

@@ -36,12 +36,25 @@ function _stat(sol, name::Symbol)
 end
 
 """
-    collect_results(sols, n, T) -> (ys, retcodes, naccept, nreject)
+    terminal_noise(sol) -> Vector{Float64}
+
+`W(t_end) - W(t0)` of an SDE solution's noise process (`sol.W.curW` at `sol.W.curt`), empty for
+ODEs. The Python side exposes it as `sol.stats.extra["W_end"]` (strong-error tests need the
+Brownian path SciML drew).
+"""
+function terminal_noise(sol)
+    W = hasproperty(sol, :W) ? sol.W : nothing
+    (W === nothing || !hasproperty(W, :curW)) && return Float64[]
+    return collect(Float64, vec(W.curW))
+end
+
+"""
+    collect_results(sols, n, T) -> (ys, retcodes, naccept, nreject, wend)
 
 `ys` is `n x B x T` (column-major: Python reads it as a C-ordered `(T, B, n)` array without a
 copy). A trajectory that stopped early (MaxIters, DtLessThanMin, Unstable) saved fewer than
 `T` points: its missing times are filled with its last state (as the native engine does) and
-its retcode says why.
+its retcode says why. `wend` is `m x B` (`terminal_noise` of every trajectory; `0 x B` for ODEs).
 """
 function collect_results(sols, n::Integer, T::Integer)
     B = length(sols)
@@ -49,6 +62,8 @@ function collect_results(sols, n::Integer, T::Integer)
     retcodes = Vector{String}(undef, B)
     naccept = zeros(Int, B)
     nreject = zeros(Int, B)
+    m = B == 0 ? 0 : length(terminal_noise(sols[1]))
+    wend = fill(NaN, m, B)
     for (i, sol) in enumerate(sols)
         k = length(sol.u)
         for j in 1:T
@@ -58,8 +73,10 @@ function collect_results(sols, n::Integer, T::Integer)
         retcodes[i] = _retcode(sol)
         naccept[i] = _stat(sol, :naccept)
         nreject[i] = _stat(sol, :nreject)
+        w = terminal_noise(sol)
+        length(w) == m && (wend[:, i] .= w)
     end
-    return ys, retcodes, naccept, nreject
+    return ys, retcodes, naccept, nreject, wend
 end
 
 function _kwargs_dict(; abstol, reltol, saveat, maxiters, dtmin, adaptive, dt = nothing)
@@ -76,7 +93,7 @@ end
     solve_batch(f, fvjp, g, gvjp, u0s, tspan, p; alg, interpretation = "ito", theta = nothing,
                 autodiff = "finitediff", noise = "diagonal", noise_dim = nothing, seed = 0,
                 on_trajectory = nothing, abstol, reltol, saveat, maxiters, dtmin, adaptive,
-                dt = nothing) -> (ys, retcodes, naccept, nreject)
+                dt = nothing) -> (ys, retcodes, naccept, nreject, wend)
 
 Solve one trajectory per column of `u0s` (`n x B`) with Python drift `f`/diffusion `g`
 (`g === nothing`: ODE) through an `EnsembleProblem` run with `EnsembleSerial()`: Python

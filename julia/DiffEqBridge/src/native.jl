@@ -29,7 +29,7 @@ end
     solve_native(f, g, u0s, tspan, p; alg, ensemble = "threads", interpretation = "ito",
                  theta = nothing, noise = "diagonal", noise_dim = nothing, seed = 0,
                  abstol, reltol, saveat, maxiters, dtmin, adaptive, dt = nothing)
-        -> (ys, retcodes, naccept, nreject)
+        -> (ys, retcodes, naccept, nreject, wend)
 
 Ensemble solve of a Julia-source problem (`f`, `g` from `compile_field`; `g === nothing`:
 ODE) with `EnsembleThreads()` (Julia's threads: start Python with
@@ -54,7 +54,7 @@ end
 
 """
     gpu_ensemble(f, g, u0s, tspan, p; alg, seed = 0, saveat, dt, adaptive = false)
-        -> (ys, retcodes, naccept, nreject)
+        -> (ys, retcodes, naccept, nreject, wend)
 
 GPU ensemble with DiffEqGPU's `EnsembleGPUKernel(CUDA.CUDABackend())` and `GPUEM`/`GPUSIEA`
 (SDEs) or `GPUTsit5` (ODEs). Implemented by the `DiffEqBridgeGPUExt` extension, which Julia

@@ -15,6 +15,12 @@ few seconds at most, whether the julia backend can plausibly work on this machin
    ``PYTHON_JULIAPKG_OFFLINE`` is not set).
 
 The result is cached per process; ``julia_status(refresh=True)`` recomputes it.
+
+The backend itself lives in submodules imported on first use (none imports juliacall at
+import time): ``mapping`` (pure SciML name/keyword mapping), ``dispatch`` (which backend a
+solve uses), ``bridge`` (loading Julia, arrays across the boundary), ``solve`` (the
+``backend="julia"`` solve and its gradients) and ``native`` (Julia-source problems:
+``diffeqbridge.julia.SDEProblem``/``ODEProblem``/``solve``, CPU-thread and GPU ensembles).
 """
 from __future__ import annotations
 
@@ -37,7 +43,31 @@ __all__ = [
     "julia_package_dir",
     "juliapkg_json_path",
     "MIN_JULIA_VERSION",
+    "SDEProblem",
+    "ODEProblem",
+    "solve",
+    "load",
+    "is_loaded",
+    "enable_gpu",
 ]
+
+_LAZY = {
+    "SDEProblem": ("native", "SDEProblem"),
+    "ODEProblem": ("native", "ODEProblem"),
+    "solve": ("native", "solve"),
+    "load": ("bridge", "load"),
+    "is_loaded": ("bridge", "is_loaded"),
+    "enable_gpu": ("bridge", "enable_gpu"),
+}
+
+
+def __getattr__(name: str):  # PEP 562: the backend modules load on first use
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: Oldest Julia the pinned SciML packages support.
 MIN_JULIA_VERSION = (1, 10)

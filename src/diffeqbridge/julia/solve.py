@@ -119,13 +119,16 @@ def _call_kwargs(prob: ODEProblem, solver: Any, fields: PythonFields, *, dt: flo
 
 
 def _solution(prob: ODEProblem, solver: Any, fields: PythonFields, ts: Tensor, ys: Tensor, retcodes: Any,
-              naccept: Any, nreject: Any) -> Solution:
+              naccept: Any, nreject: Any, wend: Any) -> Solution:
     codes = torch.tensor([int(retcode_from_julia(str(c))) for c in retcodes], dtype=torch.int64)
     stats = Stats(
         nf=torch.from_numpy(fields.nf.copy()), ng=torch.from_numpy(fields.ng.copy()),
         naccept=torch.as_tensor(np.asarray(naccept, dtype=np.int64)),
         nreject=torch.as_tensor(np.asarray(nreject, dtype=np.int64)),
     )
+    w = np.asarray(wend, dtype=np.float64)
+    if w.size:  # W(t1) - W(t0) of SciML's noise, (B, *noise_shape)
+        stats.extra["W_end"] = torch.from_numpy(w.T.copy()).reshape(prob.batch_size, *prob.noise_shape)
     return Solution(ts=ts.to(prob.y0.dtype), ys=ys, stats=stats, retcodes=codes.to(prob.y0.device), alg=solver)
 
 
@@ -134,7 +137,7 @@ class _JuliaSolve(ExternalSolve):
 
     def __init__(self, mod: Any, prob: ODEProblem, fields: PythonFields, kwargs: dict[str, Any], sense: Any):
         self.mod, self.prob, self.fields, self.kwargs, self.sense = mod, prob, fields, kwargs, sense
-        self.result: tuple[Any, Any, Any] | None = None
+        self.result: tuple[Any, Any, Any, Any] | None = None
         self.pullback: Any = None
 
     def forward(self, y0: Tensor, flat_params: Tensor) -> Tensor:
@@ -143,13 +146,13 @@ class _JuliaSolve(ExternalSolve):
         f = self.fields
         g = f.diffusion if self.prob.is_sde else None
         gv = f.diffusion_vjp if self.prob.is_sde else None
-        ys, codes, nacc, nrej, pb = self.mod.solve_batch_pullback(
+        ys, codes, nacc, nrej, wend, pb = self.mod.solve_batch_pullback(
             f.drift, f.drift_vjp, g, gv, to_julia_matrix(y0), self.prob.tspan,
             flat_params.detach().to(device="cpu", dtype=torch.float64).numpy(),
             sensealg_name=self.sense.name, checkpointing=self.sense.checkpointing,
             noisemixing=self.sense.noisemixing, **self.kwargs,
         )
-        self.result, self.pullback = (codes, nacc, nrej), pb
+        self.result, self.pullback = (codes, nacc, nrej, wend), pb
         y0c = self.prob.y0
         return from_julia(ys, tuple(y0c.shape), y0c.dtype, y0c.device).clone()
 
@@ -183,9 +186,9 @@ def solve_julia(prob: ODEProblem, solver: Any, *, dt: float | None, adaptive: bo
         return _solution(prob, solver, fields, save_times, ys, *ext.result)
     g = fields.diffusion if prob.is_sde else None
     gv = fields.diffusion_vjp if prob.is_sde else None
-    ys_j, codes, nacc, nrej = mod.solve_batch(
+    ys_j, codes, nacc, nrej, wend = mod.solve_batch(
         fields.drift, fields.drift_vjp, g, gv, to_julia_matrix(prob.y0), prob.tspan,
         np.zeros(0, dtype=np.float64), **kwargs,
     )
     ys = from_julia(ys_j, tuple(prob.y0.shape), prob.y0.dtype, prob.y0.device)
-    return _solution(prob, solver, fields, save_times, ys, codes, nacc, nrej)
+    return _solution(prob, solver, fields, save_times, ys, codes, nacc, nrej, wend)
