@@ -147,3 +147,101 @@ def test_juliapkg_json_is_valid():
     project = (julia_package_dir() / "Project.toml").read_text()
     assert f'uuid = "{pkgs["DiffEqBridge"]["uuid"]}"' in project
     assert Path(julia_package_dir() / "src" / "DiffEqBridge.jl").is_file()
+
+
+# ----------------------------------------------------------------------------- dispatch
+def _gbm(batch: int = 3):
+    import torch
+
+    import diffeqbridge as deb
+
+    y0 = torch.full((batch, 1), 0.5, dtype=torch.float64)
+    return deb, deb.SDEProblem(lambda t, y: 1.01 * y, lambda t, y: 0.87 * y, y0, (0.0, 1.0))
+
+
+def test_auto_falls_back_with_one_notice(monkeypatch, caplog):
+    """No Julia: backend='auto' solves natively and says so once (one log line)."""
+    import logging
+
+    import diffeqbridge.julia.dispatch as dispatch
+
+    deb, prob = _gbm()
+    monkeypatch.setattr(dispatch, "_NOTICE_GIVEN", [])
+    monkeypatch.setattr(dispatch, "julia_installed", lambda: (False, "juliacall is not installed"))
+    with caplog.at_level(logging.INFO, logger="diffeqbridge"):
+        start = time.perf_counter()
+        sol_auto = deb.solve(prob, deb.SOSRI(), backend="auto")
+        deb.solve(prob, deb.SOSRI(), backend="auto")
+        elapsed = time.perf_counter() - start
+    notices = [r.getMessage() for r in caplog.records if "backend='auto'" in r.getMessage()]
+    assert len(notices) == 1 and "\n" not in notices[0]
+    assert "native backend (juliacall is not installed)" in notices[0]
+    sol_native = deb.solve(prob, deb.SOSRI(), backend="native")
+    assert torch_equal(sol_auto.ys, sol_native.ys)
+    assert elapsed < 10.0
+    assert "juliacall" not in sys.modules
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def test_auto_warns_when_juliacall_installed_but_julia_missing(monkeypatch):
+    """juliacall present (the user asked for Julia) but no Julia: a JuliaFallbackWarning, once."""
+    import diffeqbridge.julia.dispatch as dispatch
+
+    deb, prob = _gbm()
+    monkeypatch.setattr(dispatch, "_NOTICE_GIVEN", [])
+    monkeypatch.setattr(dispatch, "julia_installed", lambda: (False, "no Julia executable found"))
+    real = dispatch.importlib.util.find_spec
+    monkeypatch.setattr(dispatch.importlib.util, "find_spec",
+                        lambda name, *a, **k: object() if name == "juliacall" else real(name, *a, **k))
+    with pytest.warns(dispatch.JuliaFallbackWarning, match="no Julia executable found"):
+        deb.solve(prob, deb.SOSRI(), backend="auto")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        deb.solve(prob, deb.SOSRI(), backend="auto")  # once per process
+
+
+def test_julia_installed_is_cheap_and_false_here():
+    from diffeqbridge.julia import julia_status
+    from diffeqbridge.julia.dispatch import julia_installed
+
+    if julia_status()[0]:
+        pytest.skip("Julia is usable on this machine")
+    julia_installed.cache_clear()
+    start = time.perf_counter()
+    ok, reason = julia_installed()
+    assert time.perf_counter() - start < 1.0
+    assert not ok and reason
+
+
+def test_explicit_julia_refuses_native_only_requests(monkeypatch):
+    """Requests with no julia counterpart fail with a ValueError naming the alternative,
+    before Julia is loaded (require_julia is bypassed to reach the check)."""
+    from diffeqbridge.julia.mapping import UnsupportedOnJulia
+
+    deb, prob = _gbm()
+    monkeypatch.setattr("diffeqbridge.julia.require_julia", lambda: None)
+    bm = deb.VirtualBrownianTree(0.0, 1.0, (3, 1), seed=0)
+    with pytest.raises(UnsupportedOnJulia, match="brownian=VirtualBrownianTree is native-only"):
+        deb.solve(prob, deb.SOSRI(), brownian=bm, backend="julia")
+    with pytest.raises(ValueError, match="DiscreteAdjoint is native-only"):
+        deb.solve(prob, deb.SOSRI(), sensealg=deb.DiscreteAdjoint(), backend="julia")
+    assert "juliacall" not in sys.modules
+
+
+def test_cli_info_reports_julia():
+    proc = subprocess.run([sys.executable, "-m", "diffeqbridge", "info"], capture_output=True, text=True,
+                          timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": os.path.join(REPO, "src")})
+    assert proc.returncode == 0, proc.stderr
+    line = next(ln for ln in proc.stdout.splitlines() if ln.strip().startswith("julia "))
+    from diffeqbridge.julia import julia_status
+
+    ok, reason = julia_status()
+    assert ("available" if ok else "unavailable") in line and reason[:40] in line
+    assert "backend='auto'" in proc.stdout

@@ -295,6 +295,11 @@ def run_info(args: argparse.Namespace) -> int:
     print("backends:")
     print("  native  available (PyTorch engine; the default)")
     print(f"  julia   {'available' if ok else 'unavailable'}: {reason}")
+    from diffeqbridge.julia.dispatch import julia_installed
+
+    installed, why = julia_installed()
+    print(f"  backend='auto' -> {'julia' if installed else 'native'}"
+          + ("" if installed else f" ({why})"))
     print()
     print("solvers:")
     try:
