@@ -21,7 +21,10 @@ function _remake(r::TrajectoryRemake, prob, i::Integer)
     r.on_trajectory === nothing || r.on_trajectory(i)
     u0 = collect(Float64, view(r.u0s, :, i))
     if prob isa SciMLBase.AbstractSDEProblem
-        return remake(prob; u0 = u0, seed = trajectory_seed(r.seed, i))
+        # scalar noise: a fresh WienerProcess per trajectory (the problem's one is mutable
+        # state, and safetycopy would deepcopy the Python callables)
+        noise = prob.noise === nothing ? nothing : WienerProcess(prob.tspan[1], 0.0, 0.0)
+        return remake(prob; u0 = u0, seed = trajectory_seed(r.seed, i), noise = noise)
     end
     return remake(prob; u0 = u0)
 end

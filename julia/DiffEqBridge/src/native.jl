@@ -13,7 +13,6 @@ are in scope, and the body's last expression is the result). Example bodies:
 for `Vector` and `SVector` states (CPU and GPU ensembles).
 """
 function compile_field(body::AbstractString)
-    Core.eval(FIELDS, :(using LinearAlgebra))
     expr = Meta.parse("(u, p, t) -> begin\n" * String(body) * "\nend")
     return Core.eval(FIELDS, expr)
 end
