@@ -28,7 +28,7 @@ using PythonCall: Py, pyconvert
 using SciMLBase: SciMLBase, EnsembleProblem, EnsembleSerial, EnsembleThreads, ODEProblem,
     SDEProblem, remake, solve
 using SciMLSensitivity: BacksolveAdjoint, InterpolatingAdjoint, ZygoteVJP
-using StochasticDiffEq: EM, EulerHeun, ISSEM, ImplicitEM, ImplicitRKMil, LambaEM,
+using StochasticDiffEq: StochasticDiffEq, EM, EulerHeun, ISSEM, ImplicitEM, ImplicitRKMil, LambaEM,
     LambaEulerHeun, RKMil, SKenCarp, SOSRA, SOSRI, SRA1, SRIW1
 using Zygote: Zygote
 

@@ -19,7 +19,15 @@ end
 
 # `autodiff = "finitediff"`: Jacobians by finite differences, so that no dual number ever
 # reaches a Python callback; `nothing` keeps the method's default (ForwardDiff).
+# OrdinaryDiffEq's solver libraries take an ADTypes choice. StochasticDiffEq 6.x stores
+# `autodiff` as a Bool type parameter (`false` = finite differences, as its `alg_autodiff`
+# maps it to `AutoFiniteDiff()`); later versions take the ADTypes object.
 _autodiff_kwargs(autodiff) = autodiff === nothing ? (;) : (; autodiff = AutoFiniteDiff())
+
+function _sde_autodiff_kwargs(autodiff)
+    autodiff === nothing && return (;)
+    return pkgversion(StochasticDiffEq) < v"7" ? (; autodiff = false) : (; autodiff = AutoFiniteDiff())
+end
 
 """
     algorithm(name; interpretation = "ito", theta = nothing, autodiff = nothing)
@@ -34,6 +42,7 @@ function algorithm(
     )
     key = String(name)
     ad = _autodiff_kwargs(autodiff)
+    sad = _sde_autodiff_kwargs(autodiff)
     th = theta === nothing ? (;) : (; theta = Float64(theta))
     if key == "EM"
         return EM()
@@ -54,13 +63,13 @@ function algorithm(
     elseif key == "SOSRA"
         return SOSRA()
     elseif key == "ImplicitEM"
-        return ImplicitEM(; th..., ad...)
+        return ImplicitEM(; th..., sad...)
     elseif key == "ImplicitRKMil"
-        return ImplicitRKMil(; interpretation = _interpretation(interpretation), th..., ad...)
+        return ImplicitRKMil(; interpretation = _interpretation(interpretation), th..., sad...)
     elseif key == "ISSEM"
-        return ISSEM(; th..., ad...)
+        return ISSEM(; th..., sad...)
     elseif key == "SKenCarp"
-        return SKenCarp(; ad...)
+        return SKenCarp(; sad...)
     elseif key == "Tsit5"
         return Tsit5()
     elseif key == "DP5" || key == "Dopri5"
