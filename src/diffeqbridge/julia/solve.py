@@ -176,10 +176,13 @@ def solve_julia(prob: ODEProblem, solver: Any, *, dt: float | None, adaptive: bo
     saveat = [float(t) for t in save_times.tolist()]
     kwargs = _call_kwargs(prob, solver, fields, dt=dt, adaptive=adaptive, atol=atol, rtol=rtol, saveat=saveat,
                           seed=seed, max_steps=max_steps, dtmin=dtmin)
+    if torch.is_grad_enabled():
+        # tensors requiring grad hidden in closures would get silent zero gradients in
+        # SciMLSensitivity (only u0 and p are differentiated): refuse them (one evaluation each)
+        check_closure_params(prob, fields.terms, sensealg)
     needs_grad = torch.is_grad_enabled() and (prob.y0.requires_grad or any(p.requires_grad for p in prob.params))
     if needs_grad:
         sense = sensealg_spec(sensealg, prob.is_sde, prob.noise)
-        check_closure_params(prob, fields.terms, sensealg)  # closures: silent zeros in SciMLSensitivity
         ext = _JuliaSolve(mod, prob, fields, kwargs, sense)
         ys = _SolveFunction.apply(ext, prob.y0, _flat_params(prob.params, prob.y0))
         assert ext.result is not None
