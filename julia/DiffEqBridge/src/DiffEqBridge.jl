@@ -18,7 +18,7 @@ Julia side of the `diffeqbridge` Python package's julia backend (called through 
 module DiffEqBridge
 
 using ADTypes: AutoFiniteDiff
-using ChainRulesCore: ChainRulesCore, NoTangent, unthunk
+using ChainRulesCore: ChainRulesCore, AbstractZero, NoTangent, ZeroTangent, unthunk
 using DiffEqNoiseProcess: WienerProcess
 using OrdinaryDiffEqLowOrderRK: DP5
 using OrdinaryDiffEqRosenbrock: Rodas4

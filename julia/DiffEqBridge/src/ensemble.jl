@@ -56,8 +56,7 @@ end
 
 `ys` is `n x B x T` (column-major: Python reads it as a C-ordered `(T, B, n)` array without a
 copy). A trajectory that stopped early (MaxIters, DtLessThanMin, Unstable) saved fewer than
-`T` points: its missing times are filled with its last state (as the native engine does) and
-its retcode says why. `wend` is `m x B` (`terminal_noise` of every trajectory; `0 x B` for ODEs).
+`T` points: its missing times are NaN (as in the native engine) and its retcode says why. `wend` is `m x B` (`terminal_noise` of every trajectory; `0 x B` for ODEs).
 """
 function collect_results(sols, n::Integer, T::Integer)
     B = length(sols)
@@ -68,10 +67,8 @@ function collect_results(sols, n::Integer, T::Integer)
     m = B == 0 ? 0 : length(terminal_noise(sols[1]))
     wend = fill(NaN, m, B)
     for (i, sol) in enumerate(sols)
-        k = length(sol.u)
-        for j in 1:T
-            src = sol.u[min(j, k)]
-            k == 0 || (ys[:, i, j] .= vec(src))
+        for j in 1:min(length(sol.u), T)
+            ys[:, i, j] .= vec(sol.u[j])
         end
         retcodes[i] = _retcode(sol)
         naccept[i] = _stat(sol, :naccept)
