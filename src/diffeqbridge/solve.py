@@ -193,6 +193,13 @@ def solve(
     save_times = _check_saveat(saveat, t0, t1, device)
     requested_first = saveat is None or save_times.numel() == torch.as_tensor(saveat).numel()
     tree = _check_brownian(brownian, prob, seed) if prob.is_sde else None
+
+    terms = Terms(prob)
+    batch = prob.batch_size
+    t_start = torch.full((batch,), t0, dtype=torch.float64, device=device)
+    f0 = terms.drift(t_start, prob.y0)
+    g0 = terms.diffusion(t_start, prob.y0) if terms.diffusion is not None else None
+    check_field_shapes(prob, f0, g0)
     if backend != "native":  # julia backend (diffeqbridge/julia/); "auto" picks it only if installed
         from .julia.dispatch import choose_backend
 
@@ -204,13 +211,6 @@ def solve(
             if not requested_first:
                 sol.ts, sol.ys = sol.ts[1:], sol.ys[1:]
             return sol
-
-    terms = Terms(prob)
-    batch = prob.batch_size
-    t_start = torch.full((batch,), t0, dtype=torch.float64, device=device)
-    f0 = terms.drift(t_start, prob.y0)
-    g0 = terms.diffusion(t_start, prob.y0) if terms.diffusion is not None else None
-    check_field_shapes(prob, f0, g0)
     counts = (1, 1 if g0 is not None else 0)
 
     if dt is not None:
