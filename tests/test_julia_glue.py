@@ -7,7 +7,7 @@ convention: the keyword names (checked against the ``.jl`` signatures), ``u0s`` 
 ``on_trajectory`` callback, and reverse mode through the Python VJP callbacks exactly as the
 ``ChainRulesCore.rrule`` of ``PyField`` calls them.  Its integrator is explicit Euler with a
 fixed step, so the gradients it returns are known in closed form.  What this checks is the
-glue (``diffeqbridge.julia.solve``): argument passing, array layouts, retcode/stat mapping and
+glue (``diffeqbridge.julia.backend``): argument passing, array layouts, retcode/stat mapping and
 the autograd boundary; SciML itself is exercised by ``test_conformance.py`` where Julia runs.
 """
 from __future__ import annotations
@@ -183,3 +183,71 @@ def test_julia_signatures_parsed():
     assert {"sensealg_name", "checkpointing", "noisemixing"} <= PULLBACK_KW
     assert re.search(r"function apply_pullback\(pb::BatchPullback, gys::AbstractArray\)",
                      (JL / "adjoint.jl").read_text())
+
+
+# ----------------------------------------------------------------------------- Julia-source problems
+class FakeNative:
+    """Stand-in for ``compile_field``/``solve_native``/``gpu_ensemble``: records the calls and
+    returns a constant trajectory (the Julia side does the maths)."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, dict]] = []
+
+    def compile_field(self, body):
+        self.calls.append(("compile_field", {"body": body}))
+        return ("compiled", body)
+
+    def _result(self, u0s, saveat):
+        n, B = np.asarray(u0s).shape
+        ys = np.asfortranarray(np.repeat(np.asarray(u0s)[:, :, None], len(saveat), axis=2))
+        return ys, ["Success"] * B, np.ones(B, dtype=np.int64), np.zeros(B, dtype=np.int64), np.zeros((0, B))
+
+    def solve_native(self, f, g, u0s, tspan, p, **kw):
+        assert set(kw) <= _julia_keywords("native.jl", "solve_native") | SOLVE_KW
+        self.calls.append(("solve_native", kw))
+        return self._result(u0s, kw["saveat"])
+
+    def gpu_ensemble(self, f, g, u0s, tspan, p, **kw):
+        self.calls.append(("gpu_ensemble", kw))
+        return self._result(u0s, kw["saveat"])
+
+    def gpu_available(self):
+        return True
+
+
+def test_julia_source_problem_glue(monkeypatch):
+    mod = FakeNative()
+    monkeypatch.setattr("diffeqbridge.julia.bridge.load", lambda: mod)
+    monkeypatch.setattr("diffeqbridge.julia.bridge.enable_gpu", lambda: mod)
+    y0 = torch.full((6, 2), 0.5, dtype=torch.float64)
+    prob = deb.julia.SDEProblem("p[1] .* u", "p[2] .* u", y0, (0.0, 1.0), p=[1.01, 0.87])
+    sol = deb.julia.solve(prob, deb.SOSRI(), ensemble="threads", saveat=[0.0, 0.5, 1.0])
+    assert sol.ys.shape == (3, 6, 2) and sol.success
+    assert [c[0] for c in mod.calls] == ["compile_field", "compile_field", "solve_native"]
+    kw = mod.calls[-1][1]
+    assert kw["alg"] == "SOSRI" and kw["ensemble"] == "threads" and kw["adaptive"] is True
+    assert kw["abstol"] == 1e-2 and kw["maxiters"] == 100_000
+    sol = deb.julia.solve(prob, "GPUEM", ensemble="gpu", dt=1e-3)
+    assert mod.calls[-1][0] == "gpu_ensemble" and mod.calls[-1][1]["alg"] == "GPUEM"
+    assert sol.ys.shape == (2, 6, 2)
+
+
+def test_julia_source_problem_validation():
+    y0 = torch.ones(3, 1, dtype=torch.float64)
+    with pytest.raises(TypeError, match="Julia source"):
+        deb.julia.SDEProblem("", "u", y0)
+    with pytest.raises(ValueError, match="noise must be one of"):
+        deb.julia.SDEProblem("u", "u", y0, noise="pink")
+    prob = deb.julia.SDEProblem("-u", "0.1 .* u", y0)
+    with pytest.raises(ValueError, match="ensemble must be one of"):
+        deb.julia.solve(prob, deb.EM(), ensemble="mpi")
+    with pytest.raises(ValueError, match="GPUTsit5 is for ODEs"):
+        deb.julia.solve(prob, "GPUTsit5", ensemble="gpu", dt=0.1)
+    with pytest.raises(ValueError, match="pass dt"):
+        deb.julia.solve(prob, "GPUEM", ensemble="gpu")
+    with pytest.raises(ValueError, match="fixed-step"):
+        deb.julia.solve(prob, deb.EM(), ensemble="serial")
+    scalar = deb.julia.SDEProblem("-u", "0.1 .* u", y0, noise="scalar")
+    with pytest.raises(ValueError, match="diagonal noise only"):
+        deb.julia.solve(scalar, "GPUSIEA", ensemble="gpu", dt=0.1)
+    assert "juliacall" not in __import__("sys").modules

@@ -33,7 +33,7 @@ from diffeqbridge.julia.mapping import (
     solve_kwargs,
     trajectory_seed,
 )
-from diffeqbridge.julia.solve import PythonFields
+from diffeqbridge.julia.backend import PythonFields
 from diffeqbridge.solvers import ALL_SOLVERS
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")

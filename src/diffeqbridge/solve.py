@@ -204,7 +204,7 @@ def solve(
         from .julia.dispatch import choose_backend
 
         if choose_backend(backend, prob, solver, brownian, sensealg) == "julia":
-            from .julia.solve import solve_julia
+            from .julia.backend import solve_julia
 
             sol = solve_julia(prob, solver, dt=dt, adaptive=adaptive, atol=atol, rtol=rtol, save_times=save_times,
                               seed=seed, max_steps=max_steps, dtmin=dtmin_value, sensealg=sensealg)

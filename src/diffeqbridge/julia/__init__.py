@@ -18,7 +18,7 @@ The result is cached per process; ``julia_status(refresh=True)`` recomputes it.
 
 The backend itself lives in submodules imported on first use (none imports juliacall at
 import time): ``mapping`` (pure SciML name/keyword mapping), ``dispatch`` (which backend a
-solve uses), ``bridge`` (loading Julia, arrays across the boundary), ``solve`` (the
+solve uses), ``bridge`` (loading Julia, arrays across the boundary), ``backend`` (the
 ``backend="julia"`` solve and its gradients) and ``native`` (Julia-source problems:
 ``diffeqbridge.julia.SDEProblem``/``ODEProblem``/``solve``, CPU-thread and GPU ensembles).
 """
