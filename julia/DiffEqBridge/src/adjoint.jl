@@ -45,7 +45,9 @@ function solve_batch_pullback(
     )
     fj, gj = python_fields(f, fvjp, g, gvjp; noise)
     n, B = size(u0s)
-    pv = _dense(p)
+    np = length(_dense(p))
+    # SciMLSensitivity needs parameters to differentiate: without any, a placeholder [0.0]
+    pv = np == 0 ? [0.0] : _dense(p)
     prob = build_problem(fj, gj, view(u0s, :, 1), tspan, pv; noise, noise_dim)
     solver = algorithm(alg; interpretation, theta, autodiff)
     sense = sensealg(sensealg_name; checkpointing, noisemixing)
@@ -64,7 +66,7 @@ function solve_batch_pullback(
         retcodes[i] = size(out, 2) == T ? code[] : (code[] == "Success" ? "Failure" : code[])
         push!(backs, back)
     end
-    return ys, retcodes, zeros(Int, B), zeros(Int, B), zeros(Float64, 0, B), BatchPullback(backs, n, T, length(pv))
+    return ys, retcodes, zeros(Int, B), zeros(Int, B), zeros(Float64, 0, B), BatchPullback(backs, n, T, np)
 end
 
 """
@@ -81,7 +83,7 @@ function apply_pullback(pb::BatchPullback, gys::AbstractArray)
         ḡ = collect(Float64, view(gys, :, i, :))
         du0, dp = pb.backs[i](ḡ)
         du0 === nothing || (gu0s[:, i] .= vec(du0))
-        dp === nothing || (gp .+= vec(dp))
+        dp === nothing || pb.np == 0 || (gp .+= vec(dp))
     end
     return gu0s, gp
 end

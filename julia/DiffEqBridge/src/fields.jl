@@ -38,7 +38,10 @@ function ChainRulesCore.rrule(w::PyField{S}, u, p, t) where {S}
         v = collect(Float64, ȳ)
         res = w.vjp(ud, pd, td, v)
         ū = reshape(_to(Vector{Float64}, res[0]), size(u))
-        p̄ = p === nothing ? NoTangent() : reshape(_to(Vector{Float64}, res[1]), size(p))
+        pbar = _to(Vector{Float64}, res[1])
+        # a placeholder `p` (see `solve_batch_pullback`) is not a Python parameter: zero tangent
+        p̄ = p === nothing ? NoTangent() :
+            length(pbar) == length(p) ? reshape(pbar, size(p)) : zeros(Float64, size(p))
         return NoTangent(), ū, p̄, NoTangent()
     end
     return y, pyfield_pullback
