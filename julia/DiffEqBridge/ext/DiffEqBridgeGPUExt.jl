@@ -46,6 +46,7 @@ function DiffEqBridge.gpu_ensemble(
         adaptive::Bool = false, precision = "float32"
     )
     T = String(precision) == "float64" ? Float64 : Float32
+    u0s = Matrix{Float64}(u0s)
     n, B = size(u0s)
     u0 = SVector{n, T}(ntuple(k -> T(u0s[k, 1]), n))
     ts = (T(tspan[1]), T(tspan[2]))

@@ -40,11 +40,13 @@ function solve_native(
         interpretation = "ito", theta = nothing, noise = "diagonal", noise_dim = nothing,
         seed = 0, kwargs...
     )
-    n, B = size(u0s)
-    prob = build_problem(f, g, view(u0s, :, 1), tspan, _dense(p); noise, noise_dim)
+    # a Julia copy of the initial states: worker threads never touch Python-owned memory
+    u0m = Matrix{Float64}(u0s)
+    n, B = size(u0m)
+    prob = build_problem(f, g, view(u0m, :, 1), tspan, _dense(p); noise, noise_dim)
     solver = algorithm(alg; interpretation, theta)
     kw = _kwargs_dict(; kwargs...)
-    eprob = EnsembleProblem(prob; prob_func = TrajectoryRemake(u0s, UInt64(seed), nothing),
+    eprob = EnsembleProblem(prob; prob_func = TrajectoryRemake(u0m, UInt64(seed), nothing),
         safetycopy = false)
     # the fields were compiled by an earlier call: run in the latest world
     sim = Base.invokelatest(solve, eprob, solver, _ensemble_algorithm(ensemble); trajectories = B, kw...)

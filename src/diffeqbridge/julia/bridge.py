@@ -10,7 +10,7 @@ Hazards handled (PythonCall/juliacall documentation, "JuliaCall" and "FAQ"):
 * **Signals.**  ``PYTHON_JULIACALL_HANDLE_SIGNALS=yes`` is set (unless the user set it) before
   juliacall starts Julia: without it, multithreaded Julia code (``EnsembleThreads``) can
   segfault when the GC runs.  Julia's thread count is juliacall's ``PYTHON_JULIACALL_THREADS``
-  (default: 1; ``auto`` = all cores); it must be set before :func:`load`.
+  (``N`` or ``auto``; otherwise Julia's default, normally 1); it must be set before :func:`load`.
 * **The GIL.**  Python drift/diffusion callbacks run on the thread that holds the GIL, so
   problems with Python callbacks are solved with ``EnsembleSerial()``; only Julia-source
   problems (``diffeqbridge.julia.SDEProblem``) use Julia threads.
