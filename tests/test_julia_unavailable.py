@@ -245,3 +245,19 @@ def test_cli_info_reports_julia():
     ok, reason = julia_status()
     assert ("available" if ok else "unavailable") in line and reason[:40] in line
     assert "backend='auto'" in proc.stdout
+
+
+def test_load_failure_is_a_clear_error(monkeypatch):
+    """If juliacall fails to start Julia, load() raises JuliaUnavailableError naming the fixes;
+    PYTHON_JULIACALL_HANDLE_SIGNALS=yes was set before the attempt."""
+    import diffeqbridge.julia.bridge as bridge
+    from diffeqbridge.julia import JuliaUnavailableError
+
+    monkeypatch.setattr(bridge, "require_julia", lambda: None)
+    monkeypatch.setattr(bridge, "_STATE", {})
+    monkeypatch.setitem(sys.modules, "juliacall", None)  # import juliacall -> ImportError
+    monkeypatch.delenv("PYTHON_JULIACALL_HANDLE_SIGNALS", raising=False)
+    with pytest.raises(JuliaUnavailableError, match="PYTHON_JULIAPKG_EXE, or use backend='native'"):
+        bridge.load()
+    assert os.environ["PYTHON_JULIACALL_HANDLE_SIGNALS"] == "yes"
+    assert not bridge.is_loaded()

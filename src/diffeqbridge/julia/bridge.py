@@ -79,7 +79,7 @@ def load() -> Any:
             warnings.warn(note, RuntimeWarning, stacklevel=2)
         import torch as _torch  # noqa: F401  (torch before juliacall; see module docstring)
 
-        if "juliacall" in sys.modules and "jl" not in _STATE:
+        if sys.modules.get("juliacall") is not None and "jl" not in _STATE:
             warnings.warn("juliacall was imported before diffeqbridge configured it; "
                           "PYTHON_JULIACALL_HANDLE_SIGNALS may not be set", RuntimeWarning, stacklevel=2)
         try:
