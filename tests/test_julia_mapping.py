@@ -230,6 +230,8 @@ def test_juliapkg_json_and_project_toml_agree():
     assert (julia_package_dir() / "ext" / "DiffEqBridgeGPUExt.jl").is_file()
     for name in deps:
         assert name in project["compat"], f"{name} has no [compat] bound"
+        if name in data["packages"]:  # one compat range per package across both files
+            assert data["packages"][name]["version"] == project["compat"][name], name
     from diffeqbridge.julia.bridge import GPU_PACKAGES
 
     for name, (uuid, _) in GPU_PACKAGES.items():
