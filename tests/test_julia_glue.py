@@ -46,7 +46,7 @@ class FakeDiffEqBridge:
     def _steps(self, tspan, kw):
         t0, t1 = tspan
         h = kw.get("dt") or (t1 - t0) / 64
-        return t0, h, int(round((t1 - t0) / h))
+        return t0, h, round((t1 - t0) / h)
 
     def _check(self, kw, allowed):
         unknown = set(kw) - allowed
@@ -198,7 +198,7 @@ class FakeNative:
         return ("compiled", body)
 
     def _result(self, u0s, saveat):
-        n, B = np.asarray(u0s).shape
+        B = np.asarray(u0s).shape[1]
         ys = np.asfortranarray(np.repeat(np.asarray(u0s)[:, :, None], len(saveat), axis=2))
         return ys, ["Success"] * B, np.ones(B, dtype=np.int64), np.zeros(B, dtype=np.int64), np.zeros((0, B))
 

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 
 import numpy as np
 import pytest
+import tomllib
 import torch
 
 import diffeqbridge as deb
 from diffeqbridge.julia import julia_package_dir, juliapkg_json_path
+from diffeqbridge.julia.backend import PythonFields
 from diffeqbridge.julia.bridge import from_julia, prepare_environment, to_julia_matrix
 from diffeqbridge.julia.mapping import (
     ALGORITHMS,
@@ -33,7 +34,6 @@ from diffeqbridge.julia.mapping import (
     solve_kwargs,
     trajectory_seed,
 )
-from diffeqbridge.julia.backend import PythonFields
 from diffeqbridge.solvers import ALL_SOLVERS
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -242,5 +242,5 @@ def test_every_julia_import_is_a_declared_dependency():
     project = tomllib.loads((julia_package_dir() / "Project.toml").read_text())
     declared = set(project["deps"]) | set(project.get("weakdeps", {})) | {"DiffEqBridge", "Base", "Core"}
     for path in sorted(julia_package_dir().rglob("*.jl")):
-        for pkg in re.findall(r"^using (\w+)", path.read_text(), flags=re.M):
+        for pkg in re.findall(r"^using (\w+)", path.read_text(), flags=re.MULTILINE):
             assert pkg in declared, f"{path.name}: `using {pkg}` is not in Project.toml"

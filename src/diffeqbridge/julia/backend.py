@@ -27,12 +27,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..adjoint import ExternalSolve, _flat_params, _flatten_grads, _SolveFunction, check_closure_params
+from ..adjoint import (
+    ExternalSolve,
+    _flat_params,
+    _flatten_grads,
+    _SolveFunction,
+    check_closure_params,
+)
 from ..problem import ODEProblem, Terms
 from ..solution import Solution, Stats
 from .mapping import algorithm_spec, retcode_from_julia, sensealg_spec, solve_kwargs
 
-__all__ = ["solve_julia", "PythonFields"]
+__all__ = ["PythonFields", "solve_julia"]
 
 
 class PythonFields:
@@ -106,12 +112,12 @@ def _call_kwargs(prob: ODEProblem, solver: Any, fields: PythonFields, *, dt: flo
                  atol: float, rtol: float, saveat: list[float], seed: int, max_steps: int,
                  dtmin: float) -> dict[str, Any]:
     alg = algorithm_spec(solver, prob.interpretation, python_callbacks=True)
-    kwargs: dict[str, Any] = dict(
-        alg=alg.name, interpretation=alg.kwargs.get("interpretation", "ito"),
-        theta=alg.kwargs.get("theta"), autodiff=alg.kwargs.get("autodiff"),
-        noise=prob.noise or "diagonal", noise_dim=prob.noise_dim if prob.noise == "general" else None,
-        seed=int(seed), on_trajectory=fields.set_sample,
-    )
+    kwargs: dict[str, Any] = {
+        "alg": alg.name, "interpretation": alg.kwargs.get("interpretation", "ito"),
+        "theta": alg.kwargs.get("theta"), "autodiff": alg.kwargs.get("autodiff"),
+        "noise": prob.noise or "diagonal", "noise_dim": prob.noise_dim if prob.noise == "general" else None,
+        "seed": int(seed), "on_trajectory": fields.set_sample,
+    }
     kwargs.update(solve_kwargs(atol=atol, rtol=rtol, saveat=saveat, max_steps=max_steps, dtmin=dtmin,
                                dt=dt, adaptive=adaptive))
     kwargs["saveat"] = np.asarray(kwargs["saveat"], dtype=np.float64)

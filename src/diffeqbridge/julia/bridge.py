@@ -38,7 +38,7 @@ from torch import Tensor
 
 from . import JuliaUnavailableError, julia_package_dir, require_julia
 
-__all__ = ["load", "is_loaded", "to_julia_matrix", "from_julia", "enable_gpu"]
+__all__ = ["enable_gpu", "from_julia", "is_loaded", "load", "to_julia_matrix"]
 
 _STATE: dict[str, Any] = {}
 _LOCK = threading.Lock()

@@ -29,9 +29,18 @@ from typing import Any
 from ..solution import ReturnCode
 
 __all__ = [
-    "AlgorithmSpec", "NoiseSpec", "SensealgSpec", "ALGORITHMS", "RETCODES",
-    "algorithm_spec", "noise_spec", "solve_kwargs", "sensealg_spec", "retcode_from_julia",
-    "trajectory_seed", "UnsupportedOnJulia",
+    "ALGORITHMS",
+    "RETCODES",
+    "AlgorithmSpec",
+    "NoiseSpec",
+    "SensealgSpec",
+    "UnsupportedOnJulia",
+    "algorithm_spec",
+    "noise_spec",
+    "retcode_from_julia",
+    "sensealg_spec",
+    "solve_kwargs",
+    "trajectory_seed",
 ]
 
 

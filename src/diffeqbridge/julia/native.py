@@ -27,7 +27,7 @@ from ..problem import INTERPRETATIONS, NOISE_TYPES, _check_tspan, _check_y0
 from ..solution import Solution, Stats
 from .mapping import algorithm_spec, retcode_from_julia, solve_kwargs
 
-__all__ = ["SDEProblem", "ODEProblem", "solve", "GPU_ALGORITHMS", "ENSEMBLES"]
+__all__ = ["ENSEMBLES", "GPU_ALGORITHMS", "ODEProblem", "SDEProblem", "solve"]
 
 #: DiffEqGPU kernel methods (``EnsembleGPUKernel``): fixed step; GPUEM/GPUSIEA for SDEs.
 GPU_ALGORITHMS = {"GPUEM": True, "GPUSIEA": True, "GPUTsit5": False}
