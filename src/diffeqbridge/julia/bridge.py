@@ -22,7 +22,10 @@ Copies.  ``y0`` goes to Julia as a Fortran-ordered ``(n, B)`` NumPy view of the 
 copy; Julia sees a ``PyArray``), and each trajectory's ``u0`` is copied once into a Julia
 ``Vector``.  A callback receives ``u`` as a juliacall array wrapper, read by NumPy/torch
 without a copy; its result is copied once into a Julia array by ``pyconvert``.  The
-``n x B x T`` result array comes back without a copy (:func:`from_julia`).
+``n x B x T`` result array comes back without a copy (:func:`from_julia`); on the gradient
+path it is cloned once, so that autograd owns the tensor it returns.  Threaded and GPU
+ensembles of Julia-source problems copy ``u0s`` into a Julia ``Matrix`` first (worker threads
+never read Python-owned memory).
 """
 from __future__ import annotations
 
