@@ -1,8 +1,14 @@
 # Problems whose drift/diffusion are Julia source: compiled once, no Python in the loop, so
 # ensembles can run on Julia threads or (with the GPU extension) as one GPU kernel.
 
-"Anonymous module the user's Julia source is evaluated in (keeps `Main` clean)."
-const FIELDS = Module(:DiffEqBridgeFields)
+# The module user source is evaluated in (keeps `Main` clean). Created at run time, not
+# during precompilation, so that nothing is evaluated into a module of the package image.
+const FIELDS = Ref{Module}()
+
+function _fields_module()
+    isassigned(FIELDS) || (FIELDS[] = Module(:DiffEqBridgeFields))
+    return FIELDS[]
+end
 
 """
     compile_field(body::AbstractString) -> Function
@@ -14,7 +20,7 @@ for `Vector` and `SVector` states (CPU and GPU ensembles).
 """
 function compile_field(body::AbstractString)
     expr = Meta.parse("(u, p, t) -> begin\n" * String(body) * "\nend")
-    return Core.eval(FIELDS, expr)
+    return Core.eval(_fields_module(), expr)
 end
 
 function _ensemble_algorithm(name::AbstractString)
