@@ -89,8 +89,12 @@ class JuliaUnavailableError(RuntimeError):
 
 
 def julia_package_dir() -> Path:
-    """The Julia side of the bridge, ``julia/DiffEqBridge`` in a source checkout."""
-    return Path(__file__).resolve().parents[3] / "julia" / "DiffEqBridge"
+    """The Julia side of the bridge.
+
+    ``julia/DiffEqBridge`` in a source checkout; ``diffeqbridge/julia_package`` is a symlink
+    to it that wheels ship as plain files, and ``juliapkg.json`` points juliapkg there.
+    """
+    return Path(__file__).resolve().parent.parent / "julia_package"
 
 
 def juliapkg_json_path() -> Path:
