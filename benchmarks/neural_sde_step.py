@@ -12,10 +12,10 @@ batch 1024 (quick: 256), float64; loss = mean of y(T)^2.
 * diffrax: ``EulerHeun`` under ``jax.vmap`` over per-sample ``VirtualBrownianTree``s
   (``tol = 2^-7``), ``eqx.filter_jit`` (warm), default ``RecursiveCheckpointAdjoint``.
 
-Time: median over interleaved repeats.  Peak memory: increase of the process's peak resident
-set size over the call (``/proc/self/clear_refs`` resets the peak before each measured call,
-glibc's heap is trimmed and large blocks are mmap'd so freed memory leaves the RSS;
-Linux only, else ``resource.getrusage`` and ``None`` increments).  The three libraries have
+Time: median over interleaved repeats, with the default allocator settings.  Peak memory
+(measured after all timings): increase of the process's peak resident set size over the call
+(``/proc/self/clear_refs`` resets the peak before each measured call, glibc's heap is trimmed
+and large blocks are mmap'd so freed memory leaves the RSS; Linux only, else ``None``).  The three libraries have
 different parameters (same architecture); the weights do not change the cost.
 """
 from __future__ import annotations
@@ -49,25 +49,33 @@ def _rss_kb(field: str) -> int | None:
     return None
 
 
+_LIBC: Any = None
+
+
 def _libc():
-    try:
-        import ctypes
+    """glibc with ``M_MMAP_THRESHOLD`` = 64 KiB (big blocks are mmap'd and go back to the OS on
+    free, so the RSS follows the live memory).  Set only when memory is first measured, after
+    the timings: it makes every allocation of 64 KiB or more a system call and page faults,
+    which would slow down (and distort) the timed calls."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
 
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: big blocks are mmap'd, returned to the OS on free
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = _libc()
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 1 << 16)
+            _LIBC = libc
+        except (OSError, AttributeError):
+            _LIBC = False
+    return _LIBC or None
 
 
 def peak_increment_mb(fn: Callable[[], Any]) -> float | None:
     """Peak RSS increase (MiB) while running ``fn`` once (glibc heap trimmed first)."""
     gc.collect()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -191,13 +199,12 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
     B, steps = {"tiny": (8, 5), "quick": (256, 50), "full": (1024, 50)}[size]
     repeats = {"tiny": 1, "quick": 3, "full": 7}[size]
     cases = {**_torch_cases(B, steps), **_diffrax_cases(B, steps)}
-    memory = {}
-    for name, fn in cases.items():  # warm-up (JIT) then peak memory of one call
+    for fn in cases.values():  # warm-up (JIT)
         fn()
-        memory[name] = peak_increment_mb(fn)
-    if progress:
-        progress("warm-up and memory")
     timings = H.measure_interleaved(cases, repeats=repeats, warmup=0, target_s=0.05)
+    if progress:
+        progress("timings")
+    memory = {name: peak_increment_mb(fn) for name, fn in cases.items()}  # after the timings (see _libc)
     rows = []
     for name, t in timings.items():
         base = BASE.get(name)

@@ -145,6 +145,17 @@ class VirtualBrownianTree:
         self._level_keys = self._level_key(self._levels)  # (L,)
         self._root_key = self._level_key(_ROOT_LEVEL)
         self._cell_key = self._level_key(_CELL_LEVEL)
+        self._root: tuple[Tensor, Tensor] | None = None  # (W, H) of [t0, t1]: a constant, drawn once
+        self._path: list[tuple[int, int, Tensor, Tensor, Tensor, Tensor]] = []  # evaluate_scalar's cache
+        self._path_last: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+        pow4 = torch.pow(torch.tensor(4.0, dtype=torch.float64, device=self.device), self._levels.double())
+        # per-level constants as Python floats (the same float64 values the vectorised descent uses)
+        self._consts = [
+            (float(a), float(b), float(c), float(d), float(e), float(f))
+            for a, b, c, d, e, f in zip(torch.sqrt(self._level_widths / 16.0), torch.sqrt(self._level_widths / 48.0),
+                                        4.0 * pow4, pow4, 2.0 * torch.sqrt(pow4), torch.sqrt(pow4))
+        ]
+        self._half_widths = [float(w) for w in 0.5 * self._level_widths]
 
     # ------------------------------------------------------------------ keys
     def _make_element_keys(self) -> Tensor:
@@ -203,9 +214,7 @@ class VirtualBrownianTree:
         goes_right = ((cell.unsqueeze(1) >> (shifts - 1)) & 1).double().unsqueeze(1)  # (B, 1, L)
         sign = 1.0 - 2.0 * goes_right
 
-        z_root, x_root = self._normals(self._root_key, torch.zeros_like(cell))
-        w_root = math.sqrt(length) * z_root  # (B, N)
-        h_root = math.sqrt(length / 12.0) * x_root
+        w_root, h_root = self._root_increment()  # (B, N)
 
         z, x = self._normals(self._level_keys, node)  # (B, N, L)
         widths = self._level_widths  # (L,)
@@ -240,7 +249,92 @@ class VirtualBrownianTree:
         j_t = j_cell_start + r * w_cell_start + r * (h_part + 0.5 * w_part)
         return w_t, j_t
 
-    def _bridge_in_cell(self, cell: Tensor, r: Tensor, width: float, w_cell: Tensor, h_cell: Tensor) -> tuple[Tensor, Tensor]:
+    def _root_increment(self) -> tuple[Tensor, Tensor]:
+        """``(W, H)`` of the whole interval, ``(B, N)`` each (drawn once, then cached)."""
+        if self._root is None:
+            z_root, x_root = self._normals(self._root_key, torch.zeros(self.batch_size, dtype=torch.long, device=self.device))
+            length = self.t1 - self.t0
+            self._root = (math.sqrt(length) * z_root, math.sqrt(length / 12.0) * x_root)
+        return self._root
+
+    def _normals_shared(self, level_key: int, node: int) -> tuple[Tensor, Tensor]:
+        """:meth:`_normals` for one node index shared by the whole batch -> each ``(B, N)``."""
+        node_key = (node * 0x9E3779B1 + level_key) & _MASK32
+        if self.depth > 32:
+            node_key = int(_absorb(torch.tensor(node_key), node >> 32))
+        if node_key >= 1 << 31:
+            node_key -= 1 << 32  # as int32 (two's complement), like the vectorised path
+        return _standard_normal_pair(_fmix32_i32(self._element_keys ^ node_key))
+
+    def evaluate_scalar(self, t: float) -> tuple[Tensor, Tensor]:
+        """:meth:`evaluate` at one time shared by the whole batch (a Python float).
+
+        Gives the same numbers as ``evaluate(torch.full((B,), t))`` (the same float64
+        operations in the same order), faster: every sample descends the same nodes, so the
+        descent runs level by level on ``(B, N)`` tensors and the levels shared with the
+        previous call's path (consecutive steps of a solve share all but the last few) are
+        taken from a cache instead of being redrawn.  Used by the engine for fixed-step
+        solves and by the backward passes of the adjoints.
+        """
+        t = float(t)
+        length = self.t1 - self.t0
+        n_cells = 2**self.depth
+        position = min(max((t - self.t0) / length, 0.0), 1.0) * n_cells
+        cell = min(math.floor(position), n_cells - 1)
+        fraction = position - cell
+        w_root, h_root = self._root_increment()
+        path = self._path
+        digits = [((cell >> (self.depth - k)), (cell >> (self.depth - k - 1)) & 1) for k in range(self.depth)]
+        start = 0
+        while start < len(path) and start < self.depth and path[start][:2] == digits[start]:
+            start += 1
+        if start < self.depth:
+            del path[start:]
+            if start == 0:
+                zero = torch.zeros_like(w_root)
+                sums = (zero, zero, zero, zero)
+            else:
+                sums = path[start - 1][2:]
+            c_h, c_w, c_l, c_j = sums
+            for k in range(start, self.depth):
+                node, right = digits[k]
+                sq16, sq48, four_pow4, pow4, two_pow2, pow2 = self._consts[k]
+                z, x = self._normals_shared(int(self._level_keys[k]), node)
+                z, x = z * sq16, x * sq48
+                sx = -x if right else x
+                h_inc = four_pow4 * (-0.5 * z + sx)
+                c_h = c_h + h_inc
+                levy = (h_root + (c_h - h_inc)) / pow4
+                w_inc = (-two_pow2 if right else two_pow2) * (1.5 * levy + z)
+                c_w = c_w + w_inc
+                w_node = (w_root + (c_w - w_inc)) / pow2
+                if right:
+                    w_left = 0.5 * w_node + 1.5 * levy + z
+                    h_left = 0.25 * levy - 0.5 * z + x
+                    c_l = c_l + w_left
+                    w_at_start = c_l - w_left
+                    c_j = c_j + self._half_widths[k] * (w_at_start + h_left + 0.5 * w_left)
+                path.append((node, right, c_h, c_w, c_l, c_j))
+                if k == self.depth - 1:
+                    self._path_last = (w_node, levy, z, x)
+        assert self._path_last is not None
+        w_node, levy, z, x = self._path_last
+        right = digits[-1][1]
+        sign = -1.0 if right else 1.0
+        w_cell = 0.5 * w_node + sign * (1.5 * levy + z)
+        h_cell = 0.25 * levy - 0.5 * z + sign * x
+        _, _, _, _, w_cell_start, j_cell_start = path[-1]
+        cell_width = length / n_cells
+        # (B, 1) like the vectorised path: vectorised and scalar pow kernels may differ in the last bit
+        r = torch.full((self.batch_size, 1), fraction, dtype=torch.float64, device=self.device) * cell_width
+        normals = self._normals_shared(int(self._cell_key), cell)
+        w_part, h_part = self._bridge_in_cell(None, r, cell_width, w_cell, h_cell, normals=normals)
+        w_t = w_cell_start + w_part
+        j_t = j_cell_start + r * w_cell_start + r * (h_part + 0.5 * w_part)
+        return w_t, j_t
+
+    def _bridge_in_cell(self, cell: Tensor | None, r: Tensor, width: float, w_cell: Tensor, h_cell: Tensor,
+                        normals: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """Draw ``(W, H)`` of ``[a, a + r]`` given ``(W, H)`` of the cell ``[a, a + width]``.
 
         Exact Gaussian conditioning: with ``q = width - r`` and independent pieces,
@@ -256,7 +350,7 @@ class VirtualBrownianTree:
         l11 = torch.sqrt(var_w)
         l21 = torch.where(l11 > 0, cov / torch.where(l11 > 0, l11, torch.ones_like(l11)), torch.zeros_like(l11))
         l22 = torch.sqrt((var_h - l21**2).clamp(min=0.0))
-        z1, z2 = self._normals(self._cell_key, cell)
+        z1, z2 = normals if normals is not None else self._normals(self._cell_key, cell)  # type: ignore[arg-type]
         return mean_w + l11 * z1, mean_h + l21 * z1 + l22 * z2
 
     # ----------------------------------------------------------------- public

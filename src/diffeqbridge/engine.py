@@ -80,6 +80,37 @@ def _all_finite(x: Tensor) -> Tensor:
     return torch.isfinite(x).flatten(1).all(dim=1)
 
 
+def fixed_grid(a: float, b: float, dt: float) -> list[float]:
+    """The points a fixed-step solve visits on ``[a, b]`` (the loop's float arithmetic:
+    ``t + dt`` until the step would reach ``b`` within ``1e-12`` relative, then ``b``)."""
+    points = [a]
+    t = a
+    while True:
+        remaining = b - t
+        if dt >= remaining * (1 - 1e-12):
+            points.append(b)
+            return points
+        t = t + dt
+        points.append(t)
+
+
+def _shared_grid(save_times: Tensor, dt_initial: Tensor, options: EngineOptions) -> list[float] | None:
+    """The step times shared by every sample of a fixed-step solve (one host sync, before the
+    loop), or None when the samples do not step in lockstep (adaptive, or per-sample ``dt``)."""
+    if options.adaptive or dt_initial.numel() == 0:
+        return None
+    dt = dt_initial.to(torch.float64)
+    if not bool((dt == dt[0]).all()):
+        return None
+    step, times = float(dt[0]), [float(x) for x in save_times]
+    grid = [times[0]]
+    for a, b in zip(times[:-1], times[1:]):
+        grid.extend(fixed_grid(a, b, step)[1:])
+        if len(grid) > options.max_steps + len(times):
+            return None  # too long to list; the per-sample path handles MaxIters
+    return grid
+
+
 def integrate(
     terms: Terms,
     solver: AbstractSolver,
@@ -125,11 +156,22 @@ def integrate(
     if n_save == 1:
         active = torch.zeros_like(active)
         retcodes = torch.full_like(retcodes, SUCCESS)
-    tree_state = tree.evaluate(t) if tree is not None else None
+    # Fixed step: every active sample is at grid[i] at iteration i, so the Brownian tree is
+    # queried once per step at a time shared by the batch (tree.evaluate_scalar: same numbers,
+    # cached descent) and the loop stops right after the last step.
+    grid = _shared_grid(save_times, dt_initial, options) if tree is not None else None
+    if tree is None:
+        tree_state = None
+    elif grid is not None:
+        tree_state = tree.evaluate_scalar(grid[0])
+    else:
+        tree_state = tree.evaluate(t)
     progress = _Progress(options.progress, float(save_times[0]), float(save_times[-1]))
 
     iteration = 0
     while True:
+        if grid is not None and iteration == len(grid) - 1:
+            break  # every sample has reached the end or stopped earlier
         if iteration % options.check_every == 0:
             n_active = int(active.sum())
             progress.update(float(torch.where(active, t, save_times[-1]).min()), n_active)
@@ -147,7 +189,7 @@ def integrate(
 
         if tree is not None:
             assert tree_state is not None
-            new_tree_state = tree.evaluate(t_new)
+            new_tree_state = tree.evaluate(t_new) if grid is None else tree.evaluate_scalar(grid[iteration])
             dw, levy = tree.increment_from(t, tree_state, t_new, new_tree_state)
             dw, levy = dw.to(dtype), levy.to(dtype)
         else:
@@ -208,6 +250,8 @@ def integrate(
         retcodes = torch.where(out_of_steps, torch.full_like(retcodes, int(ReturnCode.MaxIters)), retcodes)
         active = active & ~out_of_steps
 
+    if grid is not None:
+        progress.update(float(save_times[-1]), 0)
     progress.close()
     stats = Stats(nf=nf, ng=ng, naccept=naccept, nreject=nreject)
     return Solution(ts=save_times.to(dtype), ys=ys, stats=stats, retcodes=retcodes, alg=solver)
