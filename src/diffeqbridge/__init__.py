@@ -22,6 +22,7 @@ from .solvers import (
     Kvaerno5,
     LambaEM,
     LambaEulerHeun,
+    ReversibleHeun,
     RKMil,
     Rodas4,
     SKenCarp,
@@ -35,4 +36,5 @@ __all__ = [
     "DiscreteAdjoint", "BacksolveAdjoint", "InterpolatingAdjoint", "NeuralSDE", "NeuralODE",
     "EM", "EulerHeun", "RKMil", "LambaEM", "LambaEulerHeun", "SRIW1", "SOSRI", "SRA1", "SOSRA", "Tsit5", "Dopri5",
     "ImplicitEM", "ImplicitRKMil", "ISSEM", "SKenCarp", "Rodas4", "Kvaerno5",
+    "ReversibleHeun",
 ]

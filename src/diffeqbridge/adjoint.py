@@ -55,13 +55,13 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from .brownian import VirtualBrownianTree
-from .engine import EngineOptions, integrate
+from .engine import EngineOptions, fixed_grid, integrate
 from .problem import ODEProblem, Terms
 from .solution import ReturnCode, Solution, Stats
 from .solvers.base import AbstractSolver
+from .solvers.reversible_heun import reversible_heun_step
 from .solvers.runge_kutta import DOPRI5_TABLEAU
 
 __all__ = ["SensitivityAlgorithm", "DiscreteAdjoint", "BacksolveAdjoint", "InterpolatingAdjoint"]
@@ -283,6 +283,25 @@ def check_closure_params(prob: ODEProblem, terms: Terms, sensealg: SensitivityAl
         )
 
 
+def discover_params(prob: ODEProblem, terms: Terms) -> list[Tensor]:
+    """``prob.params`` plus every other leaf tensor requiring grad that drift/diffusion use at
+    ``(t0, y0)`` (one evaluation each, a walk of the autograd graph): the parameters a
+    closure hides.  Tensors used only at other times/states are not seen."""
+    t = torch.full((prob.batch_size,), prob.tspan[0], dtype=torch.float64, device=prob.y0.device)
+    y = prob.y0.detach()
+    with torch.enable_grad():
+        outs = [terms.drift(t, y)]
+        if terms.diffusion is not None:
+            outs.append(terms.diffusion(t, y))
+    params = list(prob.params)
+    known = {id(p) for p in params}
+    for leaf in _leaf_tensors(outs):
+        if id(leaf) not in known:
+            known.add(id(leaf))
+            params.append(leaf)
+    return params
+
+
 def _flat_params(params: list[Tensor], like: Tensor) -> Tensor:
     if not params:
         return torch.zeros(0, dtype=like.dtype, device=like.device)
@@ -327,6 +346,11 @@ class _Ctx:
     initial_counts: tuple[int, int]
     sensealg: SensitivityAlgorithm
     stats: list[Solution] | None = None
+    params: list[Tensor] | None = None  # what the boundary differentiates (default prob.params)
+
+    @property
+    def theta(self) -> list[Tensor]:
+        return self.prob.params if self.params is None else self.params
 
 
 class _Accumulator:
@@ -364,25 +388,15 @@ def _solve_segment(c: _Ctx, y: Tensor, a: float, b: float, first: bool) -> Solut
     return integrate(c.terms, c.solver, y, times, c.dt_initial, c.options, c.tree, f0=f0, initial_counts=counts)
 
 
-def _segmented_forward(c: _Ctx, y0: Tensor, bounds: Tensor, use_checkpoint: bool) -> tuple[list[Tensor], _Accumulator]:
+def _segmented_forward(c: _Ctx, y0: Tensor, bounds: Tensor) -> tuple[list[Tensor], _Accumulator]:
+    """Solve segment by segment (no graph: called inside ``_SolveFunction.forward``)."""
     acc = _Accumulator()
     states = [y0]
     y = y0
     for k in range(bounds.numel() - 1):
-        a, b = float(bounds[k]), float(bounds[k + 1])
-        recorded: list[bool] = []
-
-        def segment(y_in: Tensor, a: float = a, b: float = b, k: int = k, recorded: list[bool] = recorded) -> Tensor:
-            sol = _solve_segment(c, y_in, a, b, first=(k == 0))
-            if not recorded:  # the recomputation in backward must not count twice
-                recorded.append(True)
-                acc.add(sol)
-            return sol.ys[-1]
-
-        if use_checkpoint and torch.is_grad_enabled():
-            y = checkpoint(segment, y, use_reentrant=False)
-        else:
-            y = segment(y)
+        sol = _solve_segment(c, y, float(bounds[k]), float(bounds[k + 1]), first=(k == 0))
+        acc.add(sol)
+        y = sol.ys[-1]
         states.append(y)
     return states, acc
 
@@ -400,14 +414,17 @@ class _SolveFunction(torch.autograd.Function):
     def forward(ctx: Any, c: _Ctx, y0: Tensor, flat_params: Tensor) -> Tensor:  # type: ignore[override]
         y0 = y0.detach()
         sensealg = c.sensealg
-        if isinstance(sensealg, InterpolatingAdjoint):
-            bounds, index = segment_times(c.save_times, sensealg.checkpoints)
-            states, acc = _segmented_forward(c, y0, bounds, use_checkpoint=False)
+        if _segmented(sensealg):
+            bounds, index = segment_times(c.save_times, sensealg.checkpoints)  # type: ignore[attr-defined]
+            states, acc = _segmented_forward(c, y0, bounds)
             stacked = torch.stack(states)
             ys = stacked[index]
             c.stats = [acc.combined(c.save_times.to(y0.dtype), ys, c.solver)]
             ctx.bounds, ctx.index = bounds, index
             ctx.save_for_backward(stacked)
+        elif _reversible(c):
+            ys, y_end, carry_end = _reversible_forward(c, y0)
+            ctx.save_for_backward(y_end, carry_end[0])
         else:
             sol = integrate(c.terms, c.solver, y0, c.save_times, c.dt_initial, c.options, c.tree,
                             f0=c.f0.detach() if c.f0 is not None else None, initial_counts=c.initial_counts)
@@ -420,8 +437,12 @@ class _SolveFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_ys: Tensor) -> tuple[None, Tensor, Tensor]:  # type: ignore[override]
         c: _Ctx = ctx.c
+        if _reversible(c):
+            y_end, z_end = ctx.saved_tensors
+            gy0, gp = _reversible_backward(c, y_end, z_end, grad_ys)
+            return None, gy0, gp
         (stored,) = ctx.saved_tensors
-        if isinstance(c.sensealg, InterpolatingAdjoint):
+        if _segmented(c.sensealg):
             gy0, gp = _interpolating_backward(c, stored, ctx.bounds, ctx.index, grad_ys)
         else:
             assert isinstance(c.sensealg, BacksolveAdjoint)
@@ -429,8 +450,17 @@ class _SolveFunction(torch.autograd.Function):
         return None, gy0, gp
 
 
+def _segmented(sensealg: SensitivityAlgorithm) -> bool:
+    """Forward in segments, backward by re-solving each segment with the graph on."""
+    return isinstance(sensealg, InterpolatingAdjoint) or (isinstance(sensealg, DiscreteAdjoint) and sensealg.checkpoints is not None)
+
+
+def _reversible(c: _Ctx) -> bool:
+    return isinstance(c.sensealg, BacksolveAdjoint) and getattr(c.solver, "reversible", False)
+
+
 def _interpolating_backward(c: _Ctx, states: Tensor, bounds: Tensor, index: Tensor, grad_ys: Tensor) -> tuple[Tensor, Tensor]:
-    params = c.prob.params
+    params = c.theta
     grad_bounds = torch.zeros_like(states)
     grad_bounds[index] = grad_ys
     adj = grad_bounds[-1].clone()
@@ -439,7 +469,10 @@ def _interpolating_backward(c: _Ctx, states: Tensor, bounds: Tensor, index: Tens
         with torch.enable_grad():
             y_start = states[k].detach().requires_grad_(True)
             y_end = _solve_segment(c, y_start, float(bounds[k]), float(bounds[k + 1]), first=(k == 0)).ys[-1]
-            grads = torch.autograd.grad(y_end, [y_start, *params], grad_outputs=adj, allow_unused=True)
+            # retain_graph: a closure's tensor computed outside the solve (w = 2 * p) is part of
+            # every segment's graph
+            grads = torch.autograd.grad(y_end, [y_start, *params], grad_outputs=adj, allow_unused=True,
+                                        retain_graph=True)
         adj = (grads[0] if grads[0] is not None else torch.zeros_like(adj)) + grad_bounds[k]
         gp = gp + _flatten_grads(grads[1:], params, states)
     return adj, gp
@@ -459,7 +492,7 @@ class _Augmented:
 
     def __init__(self, c: _Ctx):
         self.terms = c.terms
-        self.params = c.prob.params
+        self.params = c.theta
         self.stochastic = c.tree is not None
         prob = c.prob
         self.ito_correction = bool(prob.is_sde and prob.interpretation == "ito" and prob.noise in ("diagonal", "scalar"))
@@ -568,7 +601,7 @@ def _backsolve_backward(c: _Ctx, ys: Tensor, grad_ys: Tensor) -> tuple[Tensor, T
 
     y = ys[-1].clone()
     adj = grad_ys[-1].clone()
-    gp = torch.zeros_like(_flat_params(c.prob.params, ys))
+    gp = torch.zeros_like(_flat_params(c.theta, ys))
     for k in range(len(times) - 1, 0, -1):
         a_time, b_time = times[k - 1], times[k]
         if sensealg.checkpointing:
@@ -615,6 +648,111 @@ def _backsolve_backward(c: _Ctx, ys: Tensor, grad_ys: Tensor) -> tuple[Tensor, T
     return adj, gp
 
 
+# ------------------------------------------------- reversible solvers (exact backsolve)
+def _reversible_steps(c: _Ctx) -> tuple[list[tuple[float, float, float]], list[int]]:
+    """The engine's fixed steps ``(t, h, t + h)`` over the save times (same float arithmetic)
+    and, for every save time after the first, the number of steps taken to reach it."""
+    dt = float(c.dt_initial[0])
+    times = [float(x) for x in c.save_times]
+    steps: list[tuple[float, float, float]] = []
+    ends: list[int] = []
+    for a, b in zip(times[:-1], times[1:]):
+        grid = fixed_grid(a, b, dt)
+        for s, t in zip(grid[:-1], grid[1:]):
+            steps.append((s, (b - s) if t == b else dt, t))
+        ends.append(len(steps))
+    return steps, ends
+
+
+def _reversible_noise(c: _Ctx, s: float, t: float, dtype: torch.dtype) -> Tensor:
+    """``W(t) - W(s)`` exactly as the engine computes it for the step ``[s, t]``."""
+    assert c.tree is not None
+    tree = c.tree
+    batch = c.prob.batch_size
+    ts = torch.full((batch,), s, dtype=torch.float64)
+    tt = torch.full((batch,), t, dtype=torch.float64)
+    dw, _ = tree.increment_from(ts, tree.evaluate_scalar(s), tt, tree.evaluate_scalar(t))
+    return dw.to(dtype)
+
+
+def _vec(c: _Ctx, value: float, like: Tensor) -> Tensor:
+    return torch.full((c.prob.batch_size,), value, dtype=torch.float64, device=like.device).to(like.dtype)
+
+
+def _reversible_forward(c: _Ctx, y0: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """Fixed-step forward of a reversible solver without a graph; returns ``ys`` (the engine's
+    numbers), the final ``y`` and the final carry ``(z, f(z), g(z))``."""
+    steps, ends = _reversible_steps(c)
+    terms, solver = c.terms, c.solver
+    t0 = steps[0][0] if steps else float(c.save_times[0])
+    carry = solver.initial_carry(terms, _vec(c, t0, y0), y0, c.f0.detach() if c.f0 is not None else None)
+    y = y0
+    ys = [y0]
+    end_iter = iter(ends)
+    next_end = next(end_iter, -1)
+    for n, (s, h, t) in enumerate(steps, start=1):
+        dw = _reversible_noise(c, s, t, y0.dtype)
+        y, carry = reversible_heun_step(terms, _vec(c, s, y), y, _vec(c, h, y), dw, carry)
+        while n == next_end:
+            ys.append(y)
+            next_end = next(end_iter, -1)
+    stacked = torch.stack(ys)
+    batch = c.prob.batch_size
+    n_steps = torch.full((batch,), len(steps), dtype=torch.long, device=y0.device)
+    nf = n_steps + c.initial_counts[0]
+    ng = n_steps + c.initial_counts[1]
+    finite = torch.isfinite(stacked).reshape(stacked.shape[0], batch, -1).all(dim=2).all(dim=0)
+    retcodes = torch.where(finite, int(ReturnCode.Success), int(ReturnCode.Unstable))
+    stats = Stats(nf=nf, ng=ng, naccept=n_steps, nreject=torch.zeros_like(n_steps))
+    c.stats = [Solution(ts=c.save_times.to(y0.dtype), ys=stacked, stats=stats, retcodes=retcodes, alg=solver)]
+    return stacked, y, carry
+
+
+def _reversible_backward(c: _Ctx, y_end: Tensor, z_end: Tensor, grad_ys: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact discrete gradient of :func:`_reversible_forward` in O(1) memory.
+
+    Walking the steps backwards, each step's input ``(y_n, z_n)`` is reconstructed from its
+    output by the algebraic inverse (``reversible_heun_unstep``'s formulas), then the step is
+    re-run from ``(y_n, z_n)`` with the graph on and the cotangents ``(a_y, a_z)`` are pulled
+    back through it (one ``autograd.grad`` over ``[y_n, z_n, *params]``).  Cost per step: two
+    drift and two diffusion evaluations with graph plus their VJPs.
+    """
+    terms, params = c.terms, c.theta
+    assert terms.diffusion is not None
+    steps, ends = _reversible_steps(c)
+    save_at_step = {n: k + 1 for k, n in enumerate(ends)}
+    t_end = steps[-1][2] if steps else float(c.save_times[-1])
+    with torch.no_grad():
+        f_z, g_z = terms.drift(_vec(c, t_end, y_end), z_end), terms.diffusion(_vec(c, t_end, y_end), z_end)
+    y, z = y_end, z_end
+    a_y = grad_ys[-1].clone()
+    a_z = torch.zeros_like(a_y)
+    gp = torch.zeros_like(_flat_params(params, y_end))
+    for n in range(len(steps), 0, -1):
+        s, h, t = steps[n - 1]
+        if n != len(steps) and n in save_at_step:
+            a_y = a_y + grad_ys[save_at_step[n]]
+        dw = _reversible_noise(c, s, t, y.dtype)
+        ts, hs = _vec(c, s, y), _vec(c, h, y)
+        dt_b = hs.reshape((-1,) + (1,) * (y.ndim - 1))
+        with torch.no_grad():
+            z_prev = 2.0 * y - z - f_z * dt_b - terms.g_dw(g_z, dw)
+        with torch.enable_grad():
+            z_in = z_prev.detach().requires_grad_(True)
+            f_prev, g_prev = terms.drift(ts, z_in), terms.diffusion(ts, z_in)
+            with torch.no_grad():
+                y_prev = y - 0.5 * (f_prev + f_z) * dt_b - terms.g_dw(0.5 * (g_prev + g_z), dw)
+            y_in = y_prev.detach().requires_grad_(True)
+            y_out, (z_out, _, _) = reversible_heun_step(terms, ts, y_in, hs, dw, (z_in, f_prev, g_prev))
+            grads = torch.autograd.grad((y_out, z_out), [y_in, z_in, *params], grad_outputs=(a_y, a_z), allow_unused=True)
+        a_y = grads[0] if grads[0] is not None else torch.zeros_like(a_y)
+        a_z = grads[1] if grads[1] is not None else torch.zeros_like(a_z)
+        gp = gp + _flatten_grads(grads[2:], params, y_end)
+        y, z, f_z, g_z = y_prev, z_prev, f_prev.detach(), g_prev.detach()
+    # y_0 = z_0 = y0, and ys[0] = y0
+    return a_y + a_z + grad_ys[0], gp
+
+
 # ---------------------------------------------------------------- entry point
 def solve_with_sensealg(
     sensealg: SensitivityAlgorithm,
@@ -634,12 +772,12 @@ def solve_with_sensealg(
         if sensealg.checkpoints is None:
             return integrate(terms, solver, prob.y0, save_times, dt_initial, options, tree, f0=f0,
                              initial_counts=initial_counts)
-        bounds, index = segment_times(save_times, sensealg.checkpoints)
-        states, acc = _segmented_forward(c, prob.y0, bounds, use_checkpoint=True)
-        ys = torch.stack(states)[index]
-        return acc.combined(save_times.to(prob.y0.dtype), ys, solver)
-    check_closure_params(prob, terms, sensealg)
-    flat = _flat_params(prob.params, prob.y0)
+        # the InterpolatingAdjoint machinery (no graph in the forward, one segment's graph at a
+        # time in the backward) over prob.params and the leaves closures use
+        c.params = discover_params(prob, terms)
+    else:
+        check_closure_params(prob, terms, sensealg)
+    flat = _flat_params(c.theta, prob.y0)
     ys = _SolveFunction.apply(c, prob.y0, flat)
     assert c.stats is not None
     sol = c.stats[0]

@@ -71,8 +71,10 @@ class _Progress:
             self.bar.close()
 
 
-def _select(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
-    """``torch.where`` with a ``(B,)`` mask broadcast over trailing axes."""
+def _select(mask: Tensor, new: Any, old: Any) -> Any:
+    """``torch.where`` with a ``(B,)`` mask broadcast over trailing axes (tuples: per element)."""
+    if isinstance(new, tuple):
+        return tuple(_select(mask, a, b) for a, b in zip(new, old))
     return torch.where(mask.reshape(mask.shape + (1,) * (new.ndim - 1)), new, old)
 
 
@@ -166,6 +168,8 @@ def integrate(
         tree_state = tree.evaluate_scalar(grid[0])
     else:
         tree_state = tree.evaluate(t)
+    if solver.fsal:
+        f0 = solver.initial_carry(terms, t.to(dtype), y0, f0)
     progress = _Progress(options.progress, float(save_times[0]), float(save_times[-1]))
 
     iteration = 0
