@@ -23,6 +23,7 @@ torchsde sdeint_adjoint 45.5 -> 45.9 MiB (+0.8%); time at 1600 steps: none 13 s,
 """
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing as mp
 import os
 import resource
@@ -79,7 +80,64 @@ class _Model(nn.Module):
     sde_type = "stratonovich"
 
 
+DIFFRAX_ADJOINTS = ("diffrax_recursive_checkpoint", "diffrax_backsolve", "diffrax_reversible")
+
+
+def _diffrax_case(name: str, n_steps: int, batch: int, dim: int, width: int) -> dict[str, Any]:
+    """The same model in diffrax (per-sample trees under ``jax.vmap``), JAX on the CPU without
+    preallocation; one warm-up call (compilation) before the measured one."""
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+    import diffrax
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import lineax as lx
+
+    jax.config.update("jax_enable_x64", True)
+    solver: Any = diffrax.EulerHeun()
+    if name == "diffrax_recursive_checkpoint":
+        adjoint: Any = diffrax.RecursiveCheckpointAdjoint()
+    elif name == "diffrax_backsolve":
+        adjoint = diffrax.BacksolveAdjoint()
+    else:
+        if not hasattr(diffrax, "ReversibleAdjoint"):
+            return {"error": f"diffrax {diffrax.__version__} has no ReversibleAdjoint"}
+        adjoint, solver = diffrax.ReversibleAdjoint(), diffrax.ReversibleHeun()
+    k1, k2 = jax.random.split(jax.random.key(0))
+    drift = eqx.nn.MLP(dim, dim, width, 1, activation=jnp.tanh, key=k1, dtype=jnp.float64)
+    params = (drift, jnp.full((dim,), 0.2))
+    y0 = jax.random.normal(k2, (batch, dim), dtype=jnp.float64)
+    keys = jax.random.split(jax.random.key(1), batch)
+
+    def solve_one(params, y, key):
+        mlp, scale = params
+        bm = diffrax.VirtualBrownianTree(0.0, 1.0, tol=2.0**-20, shape=(dim,), key=key)
+        terms = diffrax.MultiTerm(
+            diffrax.ODETerm(lambda t, y, a: mlp(y)),
+            diffrax.ControlTerm(lambda t, y, a: lx.DiagonalLinearOperator(0.2 * jax.nn.softplus(scale * y)), bm))
+        sol = diffrax.diffeqsolve(terms, solver, 0.0, 1.0, dt0=1.0 / n_steps, y0=y, adjoint=adjoint,
+                                  saveat=diffrax.SaveAt(t1=True), max_steps=n_steps + 1)
+        return sol.ys[-1]
+
+    def loss(params):
+        return jnp.mean(jax.vmap(solve_one, in_axes=(None, 0, 0))(params, y0, keys) ** 2)
+
+    grad = eqx.filter_jit(eqx.filter_grad(loss))
+    jax.block_until_ready(grad(params))  # compile
+    base = _status_kib("VmRSS")
+    exact = _reset_peak()
+    start = time.perf_counter()
+    jax.block_until_ready(grad(params))
+    elapsed = time.perf_counter() - start
+    peak = _status_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"seconds": elapsed, "peak_mib": max(0.0, ((peak or 0) - (base or 0)) / 1024.0), "exact_peak": exact}
+
+
 def _case(name: str, n_steps: int, batch: int, dim: int, width: int) -> dict[str, float]:
+    if name in DIFFRAX_ADJOINTS:
+        return _diffrax_case(name, n_steps, batch, dim, width)
     torch.set_num_threads(1)
     model = _Model(dim, width).double()
     y0 = torch.randn(batch, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -91,7 +149,9 @@ def _case(name: str, n_steps: int, batch: int, dim: int, width: int) -> dict[str
         "discrete_ckpt": deb.DiscreteAdjoint(checkpoints=segments),
         "interpolating": deb.InterpolatingAdjoint(checkpoints=segments),
         "backsolve": deb.BacksolveAdjoint(),
+        "backsolve_reversible": deb.BacksolveAdjoint(),
     }.get(name)
+    solver = deb.ReversibleHeun() if name == "backsolve_reversible" else deb.EulerHeun()
 
     def once() -> None:
         if name == "torchsde_adjoint":
@@ -114,7 +174,7 @@ def _case(name: str, n_steps: int, batch: int, dim: int, width: int) -> dict[str
                                          adjoint_params=tuple(model.parameters()))
         else:
             prob = deb.SDEProblem(model.f, model.g, y0, (0.0, 1.0), interpretation="stratonovich", params=model)
-            ys = deb.solve(prob, deb.EulerHeun(), dt=dt, brownian=tree, sensealg=sensealg).ys
+            ys = deb.solve(prob, solver, dt=dt, brownian=tree, sensealg=sensealg).ys
         loss = ys[-1].pow(2).mean()
         loss.backward()
 
@@ -150,18 +210,23 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
         steps, batch, dim, width = [50, 150, 450], 16, 4, 16
     else:
         steps, batch, dim, width = [100, 1000, 10000], 256, 32, 128
-    names = ["none", "discrete_ckpt", "interpolating", "backsolve"]
+    names = ["none", "discrete_ckpt", "interpolating", "backsolve", "backsolve_reversible"]
     try:
         import torchsde  # noqa: F401
 
         names.append("torchsde_adjoint")
     except ImportError:
         pass
+    if importlib.util.find_spec("diffrax") is not None:  # not imported here: JAX lives in the children only
+        names += list(DIFFRAX_ADJOINTS)
     results: dict[str, dict[int, dict[str, Any]]] = {n: {} for n in names}
     for n in steps:
-        for name in names:
+        for name in list(names):
             results[name][n] = _run_forked(name, n, batch, dim, width)
-            print(f"{name:>18} steps={n:>6}: {results[name][n]}", flush=True)
+            print(f"{name:>28} steps={n:>6}: {results[name][n]}", flush=True)
+            if "has no ReversibleAdjoint" in str(results[name][n].get("error", "")):
+                names.remove(name)  # this diffrax version lacks it
+                results.pop(name)
     growth = {}
     for name in names:
         lo, hi = results[name][steps[0]].get("peak_mib"), results[name][steps[-1]].get("peak_mib")

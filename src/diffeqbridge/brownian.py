@@ -146,16 +146,18 @@ class VirtualBrownianTree:
         self._root_key = self._level_key(_ROOT_LEVEL)
         self._cell_key = self._level_key(_CELL_LEVEL)
         self._root: tuple[Tensor, Tensor] | None = None  # (W, H) of [t0, t1]: a constant, drawn once
-        self._path: list[tuple[int, int, Tensor, Tensor, Tensor, Tensor]] = []  # evaluate_scalar's cache
+        # evaluate_scalar's cache: the last path's digits and per-level running sums
+        self._path_digits: list[tuple[int, int]] = []
+        self._path_sums: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # each (L, B, N)
         self._path_last: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         pow4 = torch.pow(torch.tensor(4.0, dtype=torch.float64, device=self.device), self._levels.double())
-        # per-level constants as Python floats (the same float64 values the vectorised descent uses)
-        self._consts = [
-            (float(a), float(b), float(c), float(d), float(e), float(f))
-            for a, b, c, d, e, f in zip(torch.sqrt(self._level_widths / 16.0), torch.sqrt(self._level_widths / 48.0),
-                                        4.0 * pow4, pow4, 2.0 * torch.sqrt(pow4), torch.sqrt(pow4))
-        ]
-        self._half_widths = [float(w) for w in 0.5 * self._level_widths]
+        pow2 = torch.sqrt(pow4)
+        # per-level constants: the same float64 values the vectorised descent uses
+        self._sq16 = torch.sqrt(self._level_widths / 16.0)
+        self._sq48 = torch.sqrt(self._level_widths / 48.0)
+        self._four_pow4, self._pow4 = 4.0 * pow4, pow4
+        self._two_pow2, self._pow2 = 2.0 * pow2, pow2
+        self._half_widths = 0.5 * self._level_widths
 
     # ------------------------------------------------------------------ keys
     def _make_element_keys(self) -> Tensor:
@@ -271,10 +273,10 @@ class VirtualBrownianTree:
 
         Gives the same numbers as ``evaluate(torch.full((B,), t))`` (the same float64
         operations in the same order), faster: every sample descends the same nodes, so the
-        descent runs level by level on ``(B, N)`` tensors and the levels shared with the
-        previous call's path (consecutive steps of a solve share all but the last few) are
-        taken from a cache instead of being redrawn.  Used by the engine for fixed-step
-        solves and by the backward passes of the adjoints.
+        levels this path shares with the previous call's (consecutive steps of a solve share
+        all but the deepest few) are taken from a cache, and only the others are redrawn
+        (:meth:`_descend`).  Used by the engine for fixed-step solves and by the backward
+        passes of the adjoints.
         """
         t = float(t)
         length = self.t1 - self.t0
@@ -283,47 +285,21 @@ class VirtualBrownianTree:
         cell = min(math.floor(position), n_cells - 1)
         fraction = position - cell
         w_root, h_root = self._root_increment()
-        path = self._path
-        digits = [((cell >> (self.depth - k)), (cell >> (self.depth - k - 1)) & 1) for k in range(self.depth)]
+        depth = self.depth
+        digits = [((cell >> (depth - k)), (cell >> (depth - k - 1)) & 1) for k in range(depth)]
         start = 0
-        while start < len(path) and start < self.depth and path[start][:2] == digits[start]:
+        old = self._path_digits
+        while start < len(old) and old[start] == digits[start]:
             start += 1
-        if start < self.depth:
-            del path[start:]
-            if start == 0:
-                zero = torch.zeros_like(w_root)
-                sums = (zero, zero, zero, zero)
-            else:
-                sums = path[start - 1][2:]
-            c_h, c_w, c_l, c_j = sums
-            for k in range(start, self.depth):
-                node, right = digits[k]
-                sq16, sq48, four_pow4, pow4, two_pow2, pow2 = self._consts[k]
-                z, x = self._normals_shared(int(self._level_keys[k]), node)
-                z, x = z * sq16, x * sq48
-                sx = -x if right else x
-                h_inc = four_pow4 * (-0.5 * z + sx)
-                c_h = c_h + h_inc
-                levy = (h_root + (c_h - h_inc)) / pow4
-                w_inc = (-two_pow2 if right else two_pow2) * (1.5 * levy + z)
-                c_w = c_w + w_inc
-                w_node = (w_root + (c_w - w_inc)) / pow2
-                if right:
-                    w_left = 0.5 * w_node + 1.5 * levy + z
-                    h_left = 0.25 * levy - 0.5 * z + x
-                    c_l = c_l + w_left
-                    w_at_start = c_l - w_left
-                    c_j = c_j + self._half_widths[k] * (w_at_start + h_left + 0.5 * w_left)
-                path.append((node, right, c_h, c_w, c_l, c_j))
-                if k == self.depth - 1:
-                    self._path_last = (w_node, levy, z, x)
-        assert self._path_last is not None
+        if start < depth:
+            self._descend(start, digits, w_root, h_root)
+        assert self._path_last is not None and self._path_sums is not None
         w_node, levy, z, x = self._path_last
         right = digits[-1][1]
         sign = -1.0 if right else 1.0
         w_cell = 0.5 * w_node + sign * (1.5 * levy + z)
         h_cell = 0.25 * levy - 0.5 * z + sign * x
-        _, _, _, _, w_cell_start, j_cell_start = path[-1]
+        w_cell_start, j_cell_start = self._path_sums[2][-1], self._path_sums[3][-1]
         cell_width = length / n_cells
         # (B, 1) like the vectorised path: vectorised and scalar pow kernels may differ in the last bit
         r = torch.full((self.batch_size, 1), fraction, dtype=torch.float64, device=self.device) * cell_width
@@ -332,6 +308,84 @@ class VirtualBrownianTree:
         w_t = w_cell_start + w_part
         j_t = j_cell_start + r * w_cell_start + r * (h_part + 0.5 * w_part)
         return w_t, j_t
+
+    def _descend(self, start: int, digits: list[tuple[int, int]], w_root: Tensor, h_root: Tensor) -> None:
+        """Redo the descent of :meth:`evaluate` for levels ``start..depth-1`` of the path
+        ``digits`` (node index, goes-right bit per level) shared by the batch, all levels at
+        once, continuing the running sums of the cached levels ``< start``.  A cumulative sum
+        is resumed by prepending the cached sum, so the additions happen in the same order as
+        in :meth:`evaluate` (bit-identical results)."""
+        dev = self.device
+        levels = slice(start, self.depth)
+        n = self.depth - start
+        if self._path_sums is None:
+            self._path_sums = tuple(torch.empty((self.depth, *w_root.shape), dtype=torch.float64, device=dev)
+                                    for _ in range(4))  # type: ignore[assignment]
+        if n <= 4:  # a few levels: one at a time on contiguous (B, N) tensors is faster
+            self._descend_levels(start, digits, w_root, h_root)
+            return
+        col = (n, 1, 1)  # level-major layout (n, B, N): each level's slice is contiguous
+        nodes = torch.tensor([d[0] for d in digits[levels]], dtype=torch.int64, device=dev)
+        goes_right = torch.tensor([float(d[1]) for d in digits[levels]], dtype=torch.float64, device=dev).reshape(col)
+        sign = 1.0 - 2.0 * goes_right
+        node_key = (nodes * 0x9E3779B1 + self._level_keys[levels]) & _MASK32
+        if self.depth > 32:
+            node_key = _absorb(node_key, nodes >> 32)
+        keys = self._element_keys.unsqueeze(1)  # (2, 1, B, N)
+        z, x = _standard_normal_pair(_fmix32_i32(keys ^ node_key.to(torch.int32).reshape(1, *col)))  # (n, B, N)
+        z = z * self._sq16[levels].reshape(col)
+        x = x * self._sq48[levels].reshape(col)
+        sums = self._path_sums
+        assert sums is not None
+
+        def resume(i: int, increments: Tensor) -> Tensor:
+            """Inclusive cumulative sum over levels continuing the cached sum of level start-1."""
+            prefix = sums[i][start - 1:start] if start > 0 else torch.zeros_like(increments[:1])
+            total = torch.cumsum(torch.cat([prefix, increments]), dim=0)[1:]
+            sums[i][start:] = total  # the cache only: nothing returned is a view of it
+            return total
+
+        h_increments = self._four_pow4[levels].reshape(col) * (-0.5 * z + sign * x)
+        levy = (h_root + (resume(0, h_increments) - h_increments)) / self._pow4[levels].reshape(col)
+        w_increments = self._two_pow2[levels].reshape(col) * sign * (1.5 * levy + z)
+        w_node = (w_root + (resume(1, w_increments) - w_increments)) / self._pow2[levels].reshape(col)
+        w_left = 0.5 * w_node + 1.5 * levy + z
+        h_left = 0.25 * levy - 0.5 * z + x
+        left_contrib = goes_right * w_left
+        w_at_start = resume(2, left_contrib) - left_contrib
+        resume(3, goes_right * self._half_widths[levels].reshape(col) * (w_at_start + h_left + 0.5 * w_left))
+        self._path_digits = list(digits)
+        self._path_last = (w_node[-1], levy[-1], z[-1], x[-1])
+
+    def _descend_levels(self, start: int, digits: list[tuple[int, int]], w_root: Tensor, h_root: Tensor) -> None:
+        """:meth:`_descend` one level at a time (the same operations, per level)."""
+        sums = self._path_sums
+        assert sums is not None
+        if start == 0:
+            zero = torch.zeros_like(w_root)
+            c_h = c_w = c_l = c_j = zero
+        else:
+            c_h, c_w, c_l, c_j = (buffer[start - 1] for buffer in sums)
+        for k in range(start, self.depth):
+            node, right = digits[k]
+            z, x = self._normals_shared(int(self._level_keys[k]), node)
+            z, x = z * float(self._sq16[k]), x * float(self._sq48[k])
+            h_inc = float(self._four_pow4[k]) * (-0.5 * z + (-x if right else x))
+            c_h = c_h + h_inc
+            levy = (h_root + (c_h - h_inc)) / float(self._pow4[k])
+            two_pow2 = float(self._two_pow2[k])
+            w_inc = (-two_pow2 if right else two_pow2) * (1.5 * levy + z)
+            c_w = c_w + w_inc
+            w_node = (w_root + (c_w - w_inc)) / float(self._pow2[k])
+            if right:  # else the left-end terms are zero: the sums carry over
+                w_left = 0.5 * w_node + 1.5 * levy + z
+                h_left = 0.25 * levy - 0.5 * z + x
+                c_l = c_l + w_left
+                c_j = c_j + float(self._half_widths[k]) * ((c_l - w_left) + h_left + 0.5 * w_left)
+            for buffer, value in zip(sums, (c_h, c_w, c_l, c_j)):
+                buffer[k] = value
+        self._path_digits = list(digits)
+        self._path_last = (w_node, levy, z, x)
 
     def _bridge_in_cell(self, cell: Tensor | None, r: Tensor, width: float, w_cell: Tensor, h_cell: Tensor,
                         normals: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
