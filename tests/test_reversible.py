@@ -142,3 +142,50 @@ def test_evaluate_scalar_is_bit_identical_to_evaluate() -> None:
             a = tree.evaluate(torch.full((shape[0],), t, dtype=torch.float64))
             b = tree.evaluate_scalar(t)
             assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), t
+
+
+# --------------------------------------------------------------- the default sensealg
+def _big_problem(alg_reversible: bool = False, batch: int = 40):
+    model = Model()
+    y0 = _y0().detach()[:1].repeat(batch, 1).requires_grad_(True)  # 120 state elements > 100
+    prob = deb.SDEProblem(lambda t, y: model.drift(y), lambda t, y: 0.5 * model.diffusion(y), y0, (0.0, T),
+                          interpretation="stratonovich")  # no params: closures only
+    return model, y0, prob
+
+
+def test_default_sensealg_follows_problem_size(monkeypatch) -> None:
+    from diffeqbridge import adjoint
+
+    small = deb.SDEProblem(lambda t, y: -y, lambda t, y: 0.1 * y, torch.ones(4, 2, dtype=torch.float64), (0.0, 1.0),
+                           interpretation="stratonovich", params=[torch.ones(3, requires_grad=True)])
+    assert type(adjoint.default_sensealg(small, deb.EulerHeun(), False, 0.1)) is deb.DiscreteAdjoint
+    with torch.no_grad():
+        assert adjoint.default_sensealg(small, deb.EulerHeun(), False, 0.1) is None
+    _, _, big = _big_problem()
+    assert type(adjoint.default_sensealg(big, deb.EulerHeun(), False, 2**-5)) is deb.DiscreteAdjoint  # graph fits
+    assert type(adjoint.default_sensealg(big, deb.ReversibleHeun(), False, 2**-5)) is deb.BacksolveAdjoint
+    assert type(adjoint.default_sensealg(big, deb.LambaEulerHeun(), True, None)) is deb.DiscreteAdjoint
+    monkeypatch.setattr(adjoint, "GRAPH_BUDGET_BYTES", 2**16)
+    chosen = adjoint.default_sensealg(big, deb.EulerHeun(), False, 2**-5)
+    assert type(chosen) is deb.InterpolatingAdjoint and chosen.checkpoints > 1
+
+
+def test_default_sensealg_gradients_are_the_discrete_ones(monkeypatch) -> None:
+    """Above the graph budget the default re-solves segments (boundaries on the step grid),
+    reaching closure parameters: same forward numbers (to rounding) and gradient as
+    DiscreteAdjoint(); with ReversibleHeun it is the exact reversible backsolve."""
+    from diffeqbridge import adjoint
+
+    for alg in (deb.EulerHeun(), deb.ReversibleHeun()):
+        results = []
+        for budget in (2**40, 2**16):
+            monkeypatch.setattr(adjoint, "GRAPH_BUDGET_BYTES", budget)
+            model, y0, prob = _big_problem()
+            sensealg = deb.DiscreteAdjoint() if budget == 2**40 else None
+            ys = deb.solve(prob, alg, dt=2**-5 * 0.93, saveat=[0.0, 0.5, T], seed=1, sensealg=sensealg).ys
+            loss = (ys ** 2).sum() + ys[1].sum()
+            g = torch.autograd.grad(loss, [y0, *model.parameters()])
+            results.append((ys.detach(), torch.cat([x.reshape(-1) for x in g])))
+        (ys_ref, g_ref), (ys, g) = results
+        assert float((ys - ys_ref).abs().max()) <= 1e-12
+        assert float((g - g_ref).norm() / g_ref.norm()) <= 1e-9

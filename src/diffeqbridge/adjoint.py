@@ -79,6 +79,7 @@ class SensitivityAlgorithm:
     """Base class of the native sensealgs."""
 
     uses_boundary: bool = False  # goes through _SolveFunction (needs explicit params)
+    auto_params: bool = False  # chosen by default_sensealg: differentiate prob.params + closure leaves
 
     def check(self, prob: ODEProblem, solver: AbstractSolver, adaptive: bool) -> None:
         """Raise ValueError if this sensealg cannot differentiate ``prob`` solved by ``solver``."""
@@ -220,6 +221,56 @@ class BacksolveAdjoint(SensitivityAlgorithm):
 
 SENSEALGS = (DiscreteAdjoint, BacksolveAdjoint, InterpolatingAdjoint)
 
+#: ``sensealg=None`` keeps the whole autograd graph while it is estimated below this many bytes
+GRAPH_BUDGET_BYTES = 2**30
+#: bytes of graph per step per state element, a rough estimate (a few stages, each saving a
+#: few activations of the state's size; width-128 MLPs save more, tiny fields less)
+GRAPH_BYTES_PER_STEP_ELEMENT = 16 * 8
+#: SciMLSensitivity's threshold on length(u0) + length(p) for ForwardDiffSensitivity
+SMALL_PROBLEM_SIZE = 100
+
+
+def default_sensealg(prob: ODEProblem, solver: AbstractSolver, adaptive: bool, dt: float | None) -> SensitivityAlgorithm | None:
+    """The sensealg ``solve(..., sensealg=None)`` uses, chosen by problem size.
+
+    SciMLSensitivity (``automatic_sensealg_choice``) takes ``ForwardDiffSensitivity`` when
+    ``length(u0) + length(p) <= 100`` (differentiating the solver's own operations: exact and
+    cheapest for small problems) and an adjoint (``InterpolatingAdjoint``) above.  Here:
+
+    1. no gradient wanted (``torch.is_grad_enabled()`` is False): ``None``, a plain solve;
+    2. ``y0.numel() + Σ params.numel() <= 100``: ``DiscreteAdjoint()`` (backprop through the
+       steps, the analogue of differentiating the solver's operations);
+    3. a reversible solver (``ReversibleHeun``): ``BacksolveAdjoint()``, exact and O(1) memory;
+    4. a fixed-step solve whose graph is estimated above :data:`GRAPH_BUDGET_BYTES`
+       (``steps * y0.numel() * GRAPH_BYTES_PER_STEP_ELEMENT``):
+       ``InterpolatingAdjoint(checkpoints=k)``, ``k`` segments of at most a quarter of the budget
+       each (exact gradient, one extra forward solve; boundaries on the step grid so the
+       forward's numbers stay those of a plain solve up to rounding);
+    5. otherwise ``DiscreteAdjoint()`` (adaptive solves: the number of steps is not known in
+       advance; pass a sensealg to bound memory).
+
+    Choices 3-4 differentiate with respect to ``prob.params`` and any other leaf tensor the
+    drift/diffusion use at ``(t0, y0)`` (no ``params`` needed, as with ``DiscreteAdjoint``).
+    """
+    if not torch.is_grad_enabled():
+        return None
+    size = prob.y0.numel() + sum(p.numel() for p in prob.params)
+    if size <= SMALL_PROBLEM_SIZE:
+        return DiscreteAdjoint()
+    chosen: SensitivityAlgorithm
+    if getattr(solver, "reversible", False) and not adaptive:
+        chosen = BacksolveAdjoint()
+    elif not adaptive and dt is not None:
+        steps = math.ceil((prob.tspan[1] - prob.tspan[0]) / dt)
+        graph = steps * prob.y0.numel() * GRAPH_BYTES_PER_STEP_ELEMENT
+        if graph <= GRAPH_BUDGET_BYTES:
+            return DiscreteAdjoint()
+        chosen = InterpolatingAdjoint(checkpoints=min(steps, math.ceil(4 * graph / GRAPH_BUDGET_BYTES)))
+    else:
+        return DiscreteAdjoint()
+    chosen.auto_params = True
+    return chosen
+
 
 def check_sensealg(sensealg: Any, prob: ODEProblem, solver: AbstractSolver, adaptive: bool) -> SensitivityAlgorithm | None:
     """Validate ``solve(..., sensealg=...)``: an instance of a native sensealg (classes are instantiated)."""
@@ -317,15 +368,20 @@ def _flatten_grads(grads: tuple[Tensor | None, ...], params: list[Tensor], like:
     ])
 
 
-def segment_times(save_times: Tensor, checkpoints: int | None) -> tuple[Tensor, Tensor]:
+def segment_times(save_times: Tensor, checkpoints: int | None, dt: float | None = None) -> tuple[Tensor, Tensor]:
     """Segment boundaries (save times ∪ ``checkpoints`` equally spaced interior times) and the
-    index of every save time among them."""
+    index of every save time among them.  With ``dt`` (a fixed-step solve) every interior
+    time is moved to the nearest point of the step grid, so segmenting does not add steps."""
     if not checkpoints or checkpoints <= 1:
         return save_times, torch.arange(save_times.numel(), device=save_times.device)
     t0, t1 = float(save_times[0]), float(save_times[-1])
-    extra = torch.linspace(t0, t1, checkpoints + 1, dtype=torch.float64, device=save_times.device)[1:-1]
+    extra = [float(e) for e in torch.linspace(t0, t1, checkpoints + 1, dtype=torch.float64)[1:-1]]
+    if dt is not None:
+        times = [float(x) for x in save_times]
+        grid = sorted({g for a, b in zip(times[:-1], times[1:]) for g in fixed_grid(a, b, dt)})
+        extra = sorted({min(grid, key=lambda g, e=e: abs(g - e)) for e in extra})
     span = t1 - t0
-    keep = [float(e) for e in extra if bool((save_times - e).abs().min() > 1e-9 * span)]
+    keep = [e for e in extra if bool((save_times - e).abs().min() > 1e-9 * span)]
     bounds = torch.cat([save_times, torch.tensor(keep, dtype=torch.float64, device=save_times.device)]).sort().values
     index = torch.searchsorted(bounds, save_times)
     return bounds, index
@@ -415,7 +471,7 @@ class _SolveFunction(torch.autograd.Function):
         y0 = y0.detach()
         sensealg = c.sensealg
         if _segmented(sensealg):
-            bounds, index = segment_times(c.save_times, sensealg.checkpoints)  # type: ignore[attr-defined]
+            bounds, index = segment_times(c.save_times, sensealg.checkpoints, _grid_dt(c))  # type: ignore[attr-defined]
             states, acc = _segmented_forward(c, y0, bounds)
             stacked = torch.stack(states)
             ys = stacked[index]
@@ -448,6 +504,11 @@ class _SolveFunction(torch.autograd.Function):
             assert isinstance(c.sensealg, BacksolveAdjoint)
             gy0, gp = _backsolve_backward(c, stored, grad_ys)
         return None, gy0, gp
+
+
+def _grid_dt(c: _Ctx) -> float | None:
+    """The fixed step of a fixed-step solve (None when adaptive)."""
+    return None if c.options.adaptive else float(c.dt_initial[0])
 
 
 def _segmented(sensealg: SensitivityAlgorithm) -> bool:
@@ -774,6 +835,8 @@ def solve_with_sensealg(
                              initial_counts=initial_counts)
         # the InterpolatingAdjoint machinery (no graph in the forward, one segment's graph at a
         # time in the backward) over prob.params and the leaves closures use
+        c.params = discover_params(prob, terms)
+    elif sensealg.auto_params:
         c.params = discover_params(prob, terms)
     else:
         check_closure_params(prob, terms, sensealg)
