@@ -120,10 +120,12 @@ def _torch_cases(B: int, steps: int) -> dict[str, Callable[[], Any]]:
     tree = deb.VirtualBrownianTree(0.0, 1.0, (B, STATE), seed=0, tol=TREE_TOL)
     ts = torch.tensor([0.0, 1.0], dtype=torch.float64)
 
-    def ours(backward: bool):
+    def ours(backward: bool, alg: Any = None, sensealg: Any = None):
+        alg = alg or deb.EulerHeun()
+
         def call():
             with torch.set_grad_enabled(backward):
-                sol = deb.solve(prob, deb.EulerHeun(), dt=dt, brownian=tree)
+                sol = deb.solve(prob, alg, dt=dt, brownian=tree, sensealg=sensealg)
                 loss = sol.ys[-1].pow(2).mean()
                 if backward:
                     model.zero_grad(set_to_none=True)
@@ -148,9 +150,68 @@ def _torch_cases(B: int, steps: int) -> dict[str, Callable[[], Any]]:
 
     return {
         "ours forward": ours(False), "ours forward+backward": ours(True),
+        "ours ReversibleHeun forward+backward": ours(True, deb.ReversibleHeun(), deb.DiscreteAdjoint()),
+        "ours ReversibleHeun backsolve forward+backward": ours(True, deb.ReversibleHeun(), deb.BacksolveAdjoint()),
         "torchsde sdeint forward": tsde(False, False), "torchsde sdeint forward+backward": tsde(True, False),
         "torchsde sdeint_adjoint forward+backward": tsde(True, True),
     }
+
+
+def strong_errors(B: int, steps: int) -> dict[str, float]:
+    """RMS error of ``y(1)`` at ``dt = 1/steps`` against a reference (ours EulerHeun at
+    ``dt/16``), every solver driven by the same Brownian path (our tree, also fed to
+    torchsde): the solvers are at equal accuracy when these are alike.  The model and ``y0``
+    are built as in :func:`_torch_cases` (same seed)."""
+    import torch
+    import torchsde
+
+    import diffeqbridge as deb
+
+    torch.manual_seed(0)
+
+    class Fields(torch.nn.Module):
+        noise_type, sde_type = "diagonal", "stratonovich"
+
+        def __init__(self):
+            super().__init__()
+            self.drift_net = torch.nn.Sequential(torch.nn.Linear(STATE, WIDTH), torch.nn.Tanh(), torch.nn.Linear(WIDTH, WIDTH),
+                                                 torch.nn.Tanh(), torch.nn.Linear(WIDTH, STATE))
+            self.diff_net = torch.nn.Sequential(torch.nn.Linear(STATE, WIDTH), torch.nn.Tanh(), torch.nn.Linear(WIDTH, STATE),
+                                                torch.nn.Sigmoid())
+
+        def f(self, t, y):
+            return self.drift_net(y)
+
+        def g(self, t, y):
+            return 0.3 * self.diff_net(y)
+
+    model = Fields().double()
+    y0 = 0.1 * torch.randn(B, STATE, dtype=torch.float64)
+    tree = deb.VirtualBrownianTree(0.0, 1.0, (B, STATE), seed=0, tol=TREE_TOL)
+
+    class TreeBM(torchsde.BaseBrownian):
+        def __call__(self, ta, tb=None, return_U=False, return_A=False):
+            return tree.W(float(ta)) if tb is None else tree(float(ta), float(tb))[0]
+
+        def __repr__(self) -> str:
+            return "VirtualBrownianTree"
+
+        dtype = property(lambda self: tree.dtype)
+        device = property(lambda self: tree.device)
+        shape = property(lambda self: tree.shape)
+        levy_area_approximation = property(lambda self: "none")
+
+    prob = deb.SDEProblem(model.f, model.g, y0, (0.0, 1.0), noise="diagonal", interpretation="stratonovich", params=model)
+    dt = 1.0 / steps
+    with torch.no_grad():
+        ref = deb.solve(prob, deb.EulerHeun(), dt=dt / 16, brownian=tree).ys[-1]
+        finals = {
+            "ours EulerHeun": deb.solve(prob, deb.EulerHeun(), dt=dt, brownian=tree).ys[-1],
+            "ours ReversibleHeun": deb.solve(prob, deb.ReversibleHeun(), dt=dt, brownian=tree).ys[-1],
+            "torchsde euler_heun": torchsde.sdeint(model, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), bm=TreeBM(),
+                                                   dt=dt, method="euler_heun")[-1],
+        }
+    return {name: float(((y - ref) ** 2).mean().sqrt()) for name, y in finals.items()}
 
 
 def _diffrax_cases(B: int, steps: int) -> dict[str, Callable[[], Any]]:
@@ -189,6 +250,8 @@ def _diffrax_cases(B: int, steps: int) -> dict[str, Callable[[], Any]]:
 
 
 BASE = {"torchsde sdeint forward": "ours forward", "torchsde sdeint forward+backward": "ours forward+backward",
+        "ours ReversibleHeun forward+backward": "torchsde sdeint forward+backward",
+        "ours ReversibleHeun backsolve forward+backward": "torchsde sdeint_adjoint forward+backward",
         "torchsde sdeint_adjoint forward+backward": "ours forward+backward",
         "diffrax forward": "ours forward", "diffrax forward+backward": "ours forward+backward"}
 
@@ -208,13 +271,22 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
     rows = []
     for name, t in timings.items():
         base = BASE.get(name)
+        ours_name, peer = (name, base) if name.startswith("ours") else (base, name)
+        mem_ok = base and (memory[name] or 0) > 1 and (memory[base] or 0) > 1
         rows.append({"case": name, "seconds": t.median, "peak_mb": memory[name], "timing": t.as_dict(),
-                     "ours_over_peer_time": timings[base].median / t.median if base else None,
-                     "ours_over_peer_mem": (memory[base] / memory[name]) if base and (memory[name] or 0) > 1 and (memory[base] or 0) > 1 else None})
-    payload = {"config": {"B": B, "state": STATE, "width": WIDTH, "steps": steps, "size": size, "repeats": repeats,
+                     "ours_over_peer_time": timings[ours_name].median / timings[peer].median if base else None,
+                     "ours_over_peer_mem": (memory[ours_name] / memory[peer]) if mem_ok else None})
+    accuracy = strong_errors(B, steps)
+    if progress:
+        progress("accuracy")
+    payload = {"strong_error_vs_dt16_reference": accuracy, "config": {"B": B, "state": STATE, "width": WIDTH, "steps": steps, "size": size, "repeats": repeats,
                           "tree_tol": TREE_TOL, "threads": threading, "dtype": "float64"},
                "notes": ["peak_mb: peak RSS increase over one warm call (/proc/self/clear_refs reset), MiB.",
-                         "ours_over_peer_*: ours / peer for the like-for-like case (< 1: ours cheaper)."],
+                         "ours_over_peer_*: ours / peer for the like-for-like case (< 1: ours cheaper); the "
+                         "ReversibleHeun rows compare with torchsde's sdeint (discrete backprop) and "
+                         "sdeint_adjoint (backsolve).",
+                         "strong_error_vs_dt16_reference: RMS error of y(1) against ours EulerHeun at dt/16, "
+                         "every solver driven by the same path (our tree)."],
                "results": rows}
     out = Path(out)
     doc = H.write_json(out / f"{NAME}.json", NAME, payload)
@@ -232,6 +304,7 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
                            [(r["case"], H.format_seconds(r["seconds"]), "—" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}",
                              "—" if r["ours_over_peer_time"] is None else f"{r['ours_over_peer_time']:.2f}",
                              "—" if r["ours_over_peer_mem"] is None else f"{r['ours_over_peer_mem']:.2f}") for r in rows]))
+    print("strong error of y(1) vs a dt/16 reference (same path):", {k: f"{v:.3g}" for k, v in accuracy.items()})
     return doc
 
 

@@ -162,6 +162,7 @@ def integrate(
     # queried once per step at a time shared by the batch (tree.evaluate_scalar: same numbers,
     # cached descent) and the loop stops right after the last step.
     grid = _shared_grid(save_times, dt_initial, options) if tree is not None else None
+    save_set = {float(x) for x in save_times} if grid is not None else set()
     if tree is None:
         tree_state = None
     elif grid is not None:
@@ -220,7 +221,9 @@ def integrate(
 
         y = _select(accepted, y1, y)
         t = torch.where(accepted, t_new, t)
-        if tree_state is not None and new_tree_state is not None:
+        if grid is not None:
+            tree_state = new_tree_state  # lockstep: a stopped sample never moves again
+        elif tree_state is not None and new_tree_state is not None:
             tree_state = (
                 _select(accepted, new_tree_state[0], tree_state[0]),
                 _select(accepted, new_tree_state[1], tree_state[1]),
@@ -230,7 +233,8 @@ def integrate(
 
         saved_now = accepted & hits
         slot = save_index.clamp(max=n_save - 1)
-        ys[slot, samples] = _select(saved_now, y, ys[slot, samples])
+        if grid is None or grid[iteration] in save_set:  # lockstep: nobody saves between save times
+            ys[slot, samples] = _select(saved_now, y, ys[slot, samples])
         save_index = save_index + saved_now
         finished = saved_now & (save_index >= n_save)
         retcodes = torch.where(finished, torch.full_like(retcodes, SUCCESS), retcodes)
