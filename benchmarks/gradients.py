@@ -222,7 +222,7 @@ def _run_forked(*args) -> dict[str, Any]:
 
 def run(quick: bool, out: Path) -> dict[str, Any]:
     if quick:
-        steps, batch, dim, width = [50, 200], 16, 4, 16
+        steps, batch, dim, width = [40, 160], 16, 4, 16
     else:
         steps, batch, dim, width = [100, 1000, 10000], 256, 32, 128
     names = ["none", "discrete_ckpt", "interpolating", "backsolve", "backsolve_reversible"]
