@@ -7,19 +7,30 @@ the rise of the resident set above the child's starting RSS (Linux ``VmHWM`` aft
 it through ``/proc/self/clear_refs``; ``ru_maxrss`` elsewhere), so it covers torch's
 allocator, the autograd graph and every temporary of the backward pass.
 
-Expected: ``sensealg=None``/``DiscreteAdjoint()`` grows linearly with the number of steps
-(the graph of every step); ``DiscreteAdjoint(checkpoints=k)`` and
+Expected: ``DiscreteAdjoint()`` (the default at these sizes) grows linearly with the number
+of steps (the graph of every step); ``DiscreteAdjoint(checkpoints=k)`` and
 ``InterpolatingAdjoint(checkpoints=k)`` with ``k ∝ n_steps`` keep one segment's graph plus
-the boundary states; ``BacksolveAdjoint`` is flat; torchsde's ``sdeint_adjoint`` is flat.
-Measured (shared 2-core machine, B=32, D=8, width 32, 100 -> 1600 steps): none 19 -> 118 MiB,
-DiscreteAdjoint(checkpoints) 100 -> 170 MiB (non-reentrant ``torch.utils.checkpoint`` drops
-saved activations but still builds an autograd node per op, so it grows, more slowly),
-InterpolatingAdjoint 53.9 -> 55.9 MiB (+3.6%), BacksolveAdjoint 47.7 -> 48.0 MiB (+0.7%),
-torchsde sdeint_adjoint 45.5 -> 45.9 MiB (+0.8%); time at 1600 steps: none 13 s, backsolve
-22 s, interpolating 23 s, discrete_ckpt 37 s, torchsde adjoint 39 s.
+the boundary states; ``BacksolveAdjoint`` (continuous, after EulerHeun; exact, after
+``ReversibleHeun``: case ``backsolve_reversible``) is flat; torchsde's ``sdeint_adjoint`` is flat.
+diffrax (``RecursiveCheckpointAdjoint``, ``BacksolveAdjoint`` with its ``Heun``, and
+``ReversibleHeun`` + ``ReversibleAdjoint`` when the installed diffrax has it -- 0.7.2 does
+not) runs in a forked child that imports JAX on the CPU with ``XLA_PYTHON_CLIENT_PREALLOCATE=false``;
+its memory is XLA's buffer assignment for the compiled gradient (temporaries + outputs,
+``compiled.memory_analysis()``), not an RSS rise, so compare its growth, not its level, with ours.
+
+Measured (shared 2-core machine, B=32, D=8, width 32, 100 -> 1600 steps, one child per
+case): DiscreteAdjoint(checkpoints) 52.5 -> 55.8 MiB (+6.2%; with ``torch.utils.checkpoint``,
+as before, 100 -> 170 MiB), InterpolatingAdjoint 52.5 -> 55.8 MiB (+6.2%),
+BacksolveAdjoint after ReversibleHeun 44.5 -> 44.8 MiB (+0.7%); earlier runs: none
+19 -> 118 MiB, BacksolveAdjoint 47.7 -> 48.0 MiB (+0.7%), torchsde sdeint_adjoint
+45.5 -> 45.9 MiB (+0.8%).  Quick run (B=16, D=4, width 16, 50 -> 200 steps): none +56%,
+DiscreteAdjoint(checkpoints) +5.9%, InterpolatingAdjoint +5.9%, BacksolveAdjoint +0.0%,
+reversible backsolve +0.1%, torchsde adjoint +0.2%, diffrax RecursiveCheckpointAdjoint and
+BacksolveAdjoint +0.0% (XLA buffers 0.06 / 0.08 MiB).
 
 ``python benchmarks/gradients.py [--quick] [--out bench_out]`` writes ``gradients.json`` and
-``gradients.png``; ``--quick`` (< 1 min) uses a smaller model and fewer steps.
+``gradients.png``; ``--quick`` (about 70 s of CPU; more wall time on a loaded machine) uses a
+smaller model and two step counts.
 """
 from __future__ import annotations
 

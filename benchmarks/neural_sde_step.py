@@ -5,12 +5,25 @@ Model: state 32, drift MLP 32 -> 128 -> 128 -> 32 (tanh), diagonal diffusion MLP
 batch 1024 (quick: 256), float64; loss = mean of y(T)^2.
 
 * ours: ``deb.solve(prob, deb.EulerHeun(), dt=1/50, brownian=tree)`` with ``sensealg=None``
-  (discrete backprop through the steps); the tree has ``tol = 2^-7``.
+  (discrete backprop through the steps); the tree has ``tol = 2^-7``.  Also
+  ``deb.ReversibleHeun()`` (one drift + one diffusion evaluation per step) with
+  ``DiscreteAdjoint()`` and with ``BacksolveAdjoint()`` (exact gradient, O(1) memory).
 * torchsde: ``sdeint(method='euler_heun')`` (backprop through the solver) and
   ``sdeint_adjoint(method='euler_heun', adjoint_method='euler_heun')`` (stochastic adjoint),
   each with a fresh ``BrownianInterval`` per call (its native Brownian motion).
 * diffrax: ``EulerHeun`` under ``jax.vmap`` over per-sample ``VirtualBrownianTree``s
   (``tol = 2^-7``), ``eqx.filter_jit`` (warm), default ``RecursiveCheckpointAdjoint``.
+
+Accuracy: the strong error of ``y(1)`` of each solver at this ``dt`` against a ``dt/16``
+reference, every solver driven by the same path (our tree, fed to torchsde too), is reported
+next to the times (quick run: ours EulerHeun and ReversibleHeun 2.9e-4, torchsde's
+euler_heun, Euler on the drift, 4.0e-4): at equal dt ours are at least as accurate.
+
+Measured (quick, B = 256, shared 2-core machine, one interleaved run): ours forward+backward
+577 ms vs torchsde sdeint 245 ms (2.36x; 6.0x before the fixed-step tree fast path),
+ReversibleHeun 476 ms (1.94x), torchsde sdeint_adjoint 552 ms vs our exact reversible
+backsolve 1.21 s (2.2x); diffrax forward+backward 2.1 s.  The hot spot left in our forward
+is the Brownian tree (56% of it: ~3.5 ms per query at B = 256 x 32), then the MLPs.
 
 Time: median over interleaved repeats, with the default allocator settings.  Peak memory
 (measured after all timings): increase of the process's peak resident set size over the call
