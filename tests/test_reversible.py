@@ -189,3 +189,14 @@ def test_default_sensealg_gradients_are_the_discrete_ones(monkeypatch) -> None:
         (ys_ref, g_ref), (ys, g) = results
         assert float((ys - ys_ref).abs().max()) <= 1e-12
         assert float((g - g_ref).norm() / g_ref.norm()) <= 1e-9
+
+
+def test_evaluate_scalar_without_levy_area_gives_the_same_w() -> None:
+    tree = deb.VirtualBrownianTree(0.0, 1.0, (32, 3), seed=9, tol=2.0**-9)
+    times = [i / 37 for i in range(38)] + [0.5, 0.25, 0.999]
+    for k, t in enumerate(times):  # alternate the two modes: the cache must not mix them
+        w, j = tree.evaluate_scalar(t, levy=bool(k % 3 == 0))
+        ref_w, ref_j = tree.evaluate(torch.full((32,), t, dtype=torch.float64))
+        assert torch.equal(w, ref_w)
+        assert j is None or torch.equal(j, ref_j)
+    assert torch.equal(tree.increment_scalar(0.2, 0.7), tree(0.2, 0.7)[0])

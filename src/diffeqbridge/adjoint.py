@@ -663,10 +663,8 @@ def _backsolve_backward(c: _Ctx, ys: Tensor, grad_ys: Tensor) -> tuple[Tensor, T
     def noise(s: float, t: float, state_t: Any) -> tuple[Tensor | None, Any]:
         if tree is None:
             return None, None
-        state_s = tree.evaluate_scalar(s)
-        dw, _ = tree.increment_from(torch.tensor(s, dtype=torch.float64), state_s,
-                                    torch.tensor(t, dtype=torch.float64), state_t)
-        return dw.to(ys.dtype), state_s
+        state_s = tree.evaluate_scalar(s, levy=False)
+        return tree._shape_out(state_t[0] - state_s[0]).to(ys.dtype), state_s
 
     y = ys[-1].clone()
     adj = grad_ys[-1].clone()
@@ -675,7 +673,7 @@ def _backsolve_backward(c: _Ctx, ys: Tensor, grad_ys: Tensor) -> tuple[Tensor, T
         a_time, b_time = times[k - 1], times[k]
         if sensealg.checkpointing:
             y = torch.where(valid[k].reshape((-1,) + (1,) * (y.ndim - 1)), ys[k], y)
-        state_t = tree.evaluate_scalar(b_time) if tree is not None else None
+        state_t = tree.evaluate_scalar(b_time, levy=False) if tree is not None else None
         if not adaptive:
             grid = fixed_grid(a_time, b_time, dt)
             for i in range(len(grid) - 1, 0, -1):
@@ -736,12 +734,7 @@ def _reversible_steps(c: _Ctx) -> tuple[list[tuple[float, float, float]], list[i
 def _reversible_noise(c: _Ctx, s: float, t: float, dtype: torch.dtype) -> Tensor:
     """``W(t) - W(s)`` exactly as the engine computes it for the step ``[s, t]``."""
     assert c.tree is not None
-    tree = c.tree
-    batch = c.prob.batch_size
-    ts = torch.full((batch,), s, dtype=torch.float64)
-    tt = torch.full((batch,), t, dtype=torch.float64)
-    dw, _ = tree.increment_from(ts, tree.evaluate_scalar(s), tt, tree.evaluate_scalar(t))
-    return dw.to(dtype)
+    return c.tree.increment_scalar(s, t).to(dtype)
 
 
 def _vec(c: _Ctx, value: float, like: Tensor) -> Tensor:

@@ -158,6 +158,13 @@ class VirtualBrownianTree:
         self._four_pow4, self._pow4 = 4.0 * pow4, pow4
         self._two_pow2, self._pow2 = 2.0 * pow2, pow2
         self._half_widths = 0.5 * self._level_widths
+        self._path_has_j = True
+        self._cell_key_int = int(self._cell_key)
+        self._level_consts = [
+            (int(key), float(a), float(b), float(c), float(d), float(e), float(f), float(g))
+            for key, a, b, c, d, e, f, g in zip(self._level_keys, self._sq16, self._sq48, self._four_pow4, self._pow4,
+                                                  self._two_pow2, self._pow2, self._half_widths)
+        ]
 
     # ------------------------------------------------------------------ keys
     def _make_element_keys(self) -> Tensor:
@@ -268,7 +275,7 @@ class VirtualBrownianTree:
             node_key -= 1 << 32  # as int32 (two's complement), like the vectorised path
         return _standard_normal_pair(_fmix32_i32(self._element_keys ^ node_key))
 
-    def evaluate_scalar(self, t: float) -> tuple[Tensor, Tensor]:
+    def evaluate_scalar(self, t: float, levy: bool = True) -> tuple[Tensor, Tensor | None]:
         """:meth:`evaluate` at one time shared by the whole batch (a Python float).
 
         Gives the same numbers as ``evaluate(torch.full((B,), t))`` (the same float64
@@ -276,9 +283,11 @@ class VirtualBrownianTree:
         levels this path shares with the previous call's (consecutive steps of a solve share
         all but the deepest few) are taken from a cache, and only the others are redrawn
         (:meth:`_descend`).  Used by the engine for fixed-step solves and by the backward
-        passes of the adjoints.
+        passes of the adjoints.  ``levy=False`` skips the integral ``J`` (returned as None;
+        ``W`` is unchanged) for solvers that do not use the Lévy area.
         """
         t = float(t)
+        want_j = bool(levy)
         length = self.t1 - self.t0
         n_cells = 2**self.depth
         position = min(max((t - self.t0) / length, 0.0), 1.0) * n_cells
@@ -291,7 +300,10 @@ class VirtualBrownianTree:
         old = self._path_digits
         while start < len(old) and old[start] == digits[start]:
             start += 1
+        if want_j and not self._path_has_j:
+            start = 0  # the cached levels were drawn without J's sums
         if start < depth:
+            self._path_has_j = want_j
             self._descend(start, digits, w_root, h_root)
         assert self._path_last is not None and self._path_sums is not None
         w_node, levy, z, x = self._path_last
@@ -303,7 +315,9 @@ class VirtualBrownianTree:
         cell_width = length / n_cells
         # (B, 1) like the vectorised path: vectorised and scalar pow kernels may differ in the last bit
         r = torch.full((self.batch_size, 1), fraction, dtype=torch.float64, device=self.device) * cell_width
-        normals = self._normals_shared(int(self._cell_key), cell)
+        normals = self._normals_shared(self._cell_key_int, cell)
+        if not want_j:
+            return w_cell_start + self._bridge_w(r, cell_width, w_cell, h_cell, normals[0]), None
         w_part, h_part = self._bridge_in_cell(None, r, cell_width, w_cell, h_cell, normals=normals)
         w_t = w_cell_start + w_part
         j_t = j_cell_start + r * w_cell_start + r * (h_part + 0.5 * w_part)
@@ -353,7 +367,8 @@ class VirtualBrownianTree:
         h_left = 0.25 * levy - 0.5 * z + x
         left_contrib = goes_right * w_left
         w_at_start = resume(2, left_contrib) - left_contrib
-        resume(3, goes_right * self._half_widths[levels].reshape(col) * (w_at_start + h_left + 0.5 * w_left))
+        if self._path_has_j:
+            resume(3, goes_right * self._half_widths[levels].reshape(col) * (w_at_start + h_left + 0.5 * w_left))
         self._path_digits = list(digits)
         self._path_last = (w_node[-1], levy[-1], z[-1], x[-1])
 
@@ -366,26 +381,39 @@ class VirtualBrownianTree:
             c_h = c_w = c_l = c_j = zero
         else:
             c_h, c_w, c_l, c_j = (buffer[start - 1] for buffer in sums)
+        with_j = self._path_has_j
         for k in range(start, self.depth):
             node, right = digits[k]
-            z, x = self._normals_shared(int(self._level_keys[k]), node)
-            z, x = z * float(self._sq16[k]), x * float(self._sq48[k])
-            h_inc = float(self._four_pow4[k]) * (-0.5 * z + (-x if right else x))
+            level_key, sq16, sq48, four_pow4, pow4, two_pow2, pow2, half_width = self._level_consts[k]
+            z, x = self._normals_shared(level_key, node)
+            z, x = z * sq16, x * sq48
+            # (-0.5 z) + (-x) == (-0.5 z) - x exactly
+            h_inc = four_pow4 * ((-0.5 * z - x) if right else (-0.5 * z + x))
             c_h = c_h + h_inc
-            levy = (h_root + (c_h - h_inc)) / float(self._pow4[k])
-            two_pow2 = float(self._two_pow2[k])
+            levy = (h_root + (c_h - h_inc)) / pow4
             w_inc = (-two_pow2 if right else two_pow2) * (1.5 * levy + z)
             c_w = c_w + w_inc
-            w_node = (w_root + (c_w - w_inc)) / float(self._pow2[k])
+            w_node = (w_root + (c_w - w_inc)) / pow2
             if right:  # else the left-end terms are zero: the sums carry over
                 w_left = 0.5 * w_node + 1.5 * levy + z
-                h_left = 0.25 * levy - 0.5 * z + x
                 c_l = c_l + w_left
-                c_j = c_j + float(self._half_widths[k]) * ((c_l - w_left) + h_left + 0.5 * w_left)
-            for buffer, value in zip(sums, (c_h, c_w, c_l, c_j)):
-                buffer[k] = value
+                if with_j:
+                    h_left = 0.25 * levy - 0.5 * z + x
+                    c_j = c_j + half_width * ((c_l - w_left) + h_left + 0.5 * w_left)
+            sums[0][k], sums[1][k], sums[2][k] = c_h, c_w, c_l
+            if with_j:
+                sums[3][k] = c_j
         self._path_digits = list(digits)
         self._path_last = (w_node, levy, z, x)
+
+    @staticmethod
+    def _bridge_w(r: Tensor, width: float, w_cell: Tensor, h_cell: Tensor, z1: Tensor) -> Tensor:
+        """The ``W`` half of :meth:`_bridge_in_cell` (the same operations)."""
+        q = width - r
+        w = width
+        mean_w = (r / w) * w_cell + (6.0 * q * r / w**2) * h_cell
+        var_w = (r - r**2 / w - 3.0 * q**2 * r**2 / w**3).clamp(min=0.0)
+        return mean_w + torch.sqrt(var_w) * z1
 
     def _bridge_in_cell(self, cell: Tensor | None, r: Tensor, width: float, w_cell: Tensor, h_cell: Tensor,
                         normals: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
@@ -431,6 +459,13 @@ class VirtualBrownianTree:
         independent of the increment.
         """
         return self.increment_from(s, self.evaluate(s), t, self.evaluate(t))
+
+    def increment_scalar(self, s: float, t: float) -> Tensor:
+        """``W(t) - W(s)`` for times shared by the batch, shaped ``shape`` (the ``dW`` of
+        :meth:`__call__`, through :meth:`evaluate_scalar` without the Lévy area)."""
+        w_s, _ = self.evaluate_scalar(s, levy=False)
+        w_t, _ = self.evaluate_scalar(t, levy=False)
+        return self._shape_out(w_t - w_s)
 
     def W(self, t: Tensor | float) -> Tensor:
         """``W(t) - W(t0)`` of shape ``shape``."""

@@ -166,7 +166,7 @@ def integrate(
     if tree is None:
         tree_state = None
     elif grid is not None:
-        tree_state = tree.evaluate_scalar(grid[0])
+        tree_state = tree.evaluate_scalar(grid[0], levy=solver.needs_levy_area)
     else:
         tree_state = tree.evaluate(t)
     if solver.fsal:
@@ -194,9 +194,14 @@ def integrate(
 
         if tree is not None:
             assert tree_state is not None
-            new_tree_state = tree.evaluate(t_new) if grid is None else tree.evaluate_scalar(grid[iteration])
-            dw, levy = tree.increment_from(t, tree_state, t_new, new_tree_state)
-            dw, levy = dw.to(dtype), levy.to(dtype)
+            if grid is not None and not solver.needs_levy_area:
+                # W only: dW = W(t_new) - W(t) as increment_from computes it, no Lévy area
+                new_tree_state = tree.evaluate_scalar(grid[iteration], levy=False)
+                dw, levy = tree._shape_out(new_tree_state[0] - tree_state[0]).to(dtype), None
+            else:
+                new_tree_state = tree.evaluate(t_new) if grid is None else tree.evaluate_scalar(grid[iteration])
+                dw, levy = tree.increment_from(t, tree_state, t_new, new_tree_state)
+                dw, levy = dw.to(dtype), levy.to(dtype)
         else:
             new_tree_state, dw, levy = None, None, None
 
