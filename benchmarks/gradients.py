@@ -23,10 +23,10 @@ case): DiscreteAdjoint(checkpoints) 52.5 -> 55.8 MiB (+6.2%; with ``torch.utils.
 as before, 100 -> 170 MiB), InterpolatingAdjoint 52.5 -> 55.8 MiB (+6.2%),
 BacksolveAdjoint after ReversibleHeun 44.5 -> 44.8 MiB (+0.7%); earlier runs: none
 19 -> 118 MiB, BacksolveAdjoint 47.7 -> 48.0 MiB (+0.7%), torchsde sdeint_adjoint
-45.5 -> 45.9 MiB (+0.8%).  Quick run (B=16, D=4, width 16, 50 -> 200 steps): none +56%,
-DiscreteAdjoint(checkpoints) +5.9%, InterpolatingAdjoint +5.9%, BacksolveAdjoint +0.0%,
+45.5 -> 45.9 MiB (+0.8%).  Quick run (B=16, D=4, width 16, 40 -> 160 steps): none +43%,
+DiscreteAdjoint(checkpoints) +6.8%, InterpolatingAdjoint +6.9%, BacksolveAdjoint +0.3%,
 reversible backsolve +0.1%, torchsde adjoint +0.2%, diffrax RecursiveCheckpointAdjoint and
-BacksolveAdjoint +0.0% (XLA buffers 0.06 / 0.08 MiB).
+BacksolveAdjoint +0.0% (XLA buffers 0.05 / 0.08 MiB).
 
 ``python benchmarks/gradients.py [--quick] [--out bench_out]`` writes ``gradients.json`` and
 ``gradients.png``; ``--quick`` (about 70 s of CPU; more wall time on a loaded machine) uses a
