@@ -163,11 +163,13 @@ def test_default_sensealg_follows_problem_size(monkeypatch) -> None:
         assert adjoint.default_sensealg(small, deb.EulerHeun(), False, 0.1) is None
     _, _, big = _big_problem()
     assert type(adjoint.default_sensealg(big, deb.EulerHeun(), False, 2**-5)) is deb.DiscreteAdjoint  # graph fits
-    assert type(adjoint.default_sensealg(big, deb.ReversibleHeun(), False, 2**-5)) is deb.BacksolveAdjoint
+    assert type(adjoint.default_sensealg(big, deb.ReversibleHeun(), False, 2**-5)) is deb.DiscreteAdjoint
     assert type(adjoint.default_sensealg(big, deb.LambaEulerHeun(), True, None)) is deb.DiscreteAdjoint
-    monkeypatch.setattr(adjoint, "GRAPH_BUDGET_BYTES", 2**16)
+    monkeypatch.setattr(adjoint, "GRAPH_BUDGET_BYTES", 2**16)  # now the graph does not fit
     chosen = adjoint.default_sensealg(big, deb.EulerHeun(), False, 2**-5)
     assert type(chosen) is deb.InterpolatingAdjoint and chosen.checkpoints > 1
+    assert type(adjoint.default_sensealg(big, deb.ReversibleHeun(), False, 2**-5)) is deb.BacksolveAdjoint
+    assert type(adjoint.default_sensealg(big, deb.LambaEulerHeun(), True, None)) is deb.DiscreteAdjoint
 
 
 def test_default_sensealg_gradients_are_the_discrete_ones(monkeypatch) -> None:

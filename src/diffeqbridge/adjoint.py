@@ -34,7 +34,7 @@ that works).  :func:`default_sensealg` applies the same size rule to what exists
 problems and any autograd graph that fits :data:`GRAPH_BUDGET_BYTES` get
 ``DiscreteAdjoint()`` (on the native backend the steps already are PyTorch ops, so it is the
 fastest exact option); a fixed-step solve above the budget gets
-``InterpolatingAdjoint(checkpoints=k)``, a reversible solver ``BacksolveAdjoint()``.
+``InterpolatingAdjoint(checkpoints=k)``, or ``BacksolveAdjoint()`` with a reversible solver.
 
 The autograd boundary.  Continuous/recomputing adjoints (``BacksolveAdjoint``,
 ``InterpolatingAdjoint``) enter autograd through ONE ``torch.autograd.Function``,
@@ -261,16 +261,17 @@ def default_sensealg(prob: ODEProblem, solver: AbstractSolver, adaptive: bool, d
     1. no gradient wanted (``torch.is_grad_enabled()`` is False): ``None``, a plain solve;
     2. ``y0.numel() + Σ params.numel() <= 100``: ``DiscreteAdjoint()`` (backprop through the
        steps, the analogue of differentiating the solver's operations);
-    3. a reversible solver (``ReversibleHeun``): ``BacksolveAdjoint()``, exact and O(1) memory;
-    4. a fixed-step solve whose graph is estimated above :data:`GRAPH_BUDGET_BYTES`
-       (``steps * y0.numel() * GRAPH_BYTES_PER_STEP_ELEMENT``):
-       ``InterpolatingAdjoint(checkpoints=k)``, ``k`` segments of at most a quarter of the budget
-       each (exact gradient, one extra forward solve; boundaries on the step grid so the
-       forward's numbers stay those of a plain solve up to rounding);
-    5. otherwise ``DiscreteAdjoint()`` (adaptive solves: the number of steps is not known in
-       advance; pass a sensealg to bound memory).
+    3. a fixed-step solve whose graph is estimated above :data:`GRAPH_BUDGET_BYTES`
+       (``steps * y0.numel() * GRAPH_BYTES_PER_STEP_ELEMENT``): with a reversible solver
+       (``ReversibleHeun``) ``BacksolveAdjoint()`` (exact, O(1) memory); else
+       ``InterpolatingAdjoint(checkpoints=k)``, ``k`` segments of at most a quarter of the
+       budget each (exact gradient, one extra forward solve; boundaries on the step grid so
+       the forward's numbers stay those of a plain solve up to rounding);
+    4. otherwise ``DiscreteAdjoint()``: the fastest exact option while memory allows
+       (adaptive solves: the number of steps is not known in advance; pass a sensealg to
+       bound memory).
 
-    Choices 3-4 differentiate with respect to ``prob.params`` and any other leaf tensor the
+    Choice 3 differentiates with respect to ``prob.params`` and any other leaf tensor the
     drift/diffusion use at ``(t0, y0)`` (no ``params`` needed, as with ``DiscreteAdjoint``).
     """
     if not torch.is_grad_enabled():
@@ -278,17 +279,17 @@ def default_sensealg(prob: ODEProblem, solver: AbstractSolver, adaptive: bool, d
     size = prob.y0.numel() + sum(p.numel() for p in prob.params)
     if size <= SMALL_PROBLEM_SIZE:
         return DiscreteAdjoint()
-    chosen: SensitivityAlgorithm
-    if getattr(solver, "reversible", False) and not adaptive:
-        chosen = BacksolveAdjoint()
-    elif not adaptive and dt is not None:
-        steps = math.ceil((prob.tspan[1] - prob.tspan[0]) / dt)
-        graph = steps * prob.y0.numel() * GRAPH_BYTES_PER_STEP_ELEMENT
-        if graph <= GRAPH_BUDGET_BYTES:
-            return DiscreteAdjoint()
-        chosen = InterpolatingAdjoint(checkpoints=min(steps, math.ceil(4 * graph / GRAPH_BUDGET_BYTES)))
-    else:
+    if adaptive or dt is None:
         return DiscreteAdjoint()
+    steps = math.ceil((prob.tspan[1] - prob.tspan[0]) / dt)
+    graph = steps * prob.y0.numel() * GRAPH_BYTES_PER_STEP_ELEMENT
+    if graph <= GRAPH_BUDGET_BYTES:
+        return DiscreteAdjoint()
+    chosen: SensitivityAlgorithm
+    if getattr(solver, "reversible", False):
+        chosen = BacksolveAdjoint()
+    else:
+        chosen = InterpolatingAdjoint(checkpoints=min(steps, math.ceil(4 * graph / GRAPH_BUDGET_BYTES)))
     chosen.auto_params = True
     return chosen
 

@@ -154,9 +154,9 @@ def solve(
             ``DiscreteAdjoint()`` (backprop through the steps) when ``y0.numel()`` plus the
             parameters' size is at most 100, and above that too unless the autograd graph of a
             fixed-step solve is estimated above ``GRAPH_BUDGET_BYTES`` (1 GiB) -- then
-            ``InterpolatingAdjoint(checkpoints=k)`` -- or the solver is reversible
-            (``ReversibleHeun``) -- then ``BacksolveAdjoint()`` (exact, O(1) memory).  No
-            gradient wanted (``torch.no_grad``): a plain solve.
+            ``InterpolatingAdjoint(checkpoints=k)``, or ``BacksolveAdjoint()`` (exact, O(1)
+            memory) for a reversible solver (``ReversibleHeun``).  No gradient wanted
+            (``torch.no_grad``): a plain solve.
         progress: show a progress bar.
 
     Returns:
