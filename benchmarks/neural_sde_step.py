@@ -20,10 +20,11 @@ next to the times (quick run: ours EulerHeun and ReversibleHeun 2.9e-4, torchsde
 euler_heun, Euler on the drift, 4.0e-4): at equal dt ours are at least as accurate.
 
 Measured (quick, B = 256, shared 2-core machine, one interleaved run): ours forward+backward
-577 ms vs torchsde sdeint 245 ms (2.36x; 6.0x before the fixed-step tree fast path),
-ReversibleHeun 476 ms (1.94x), torchsde sdeint_adjoint 552 ms vs our exact reversible
-backsolve 1.21 s (2.2x); diffrax forward+backward 2.1 s.  The hot spot left in our forward
-is the Brownian tree (56% of it: ~3.5 ms per query at B = 256 x 32), then the MLPs.
+734 ms vs torchsde sdeint 299 ms (2.45x; other runs 1.4-2.4x; 3.4x before the fixed-step
+tree fast path in a same-run comparison), ReversibleHeun 508 ms (1.70x), our exact reversible
+backsolve 1.39 s vs torchsde sdeint_adjoint 575 ms (2.4x); diffrax forward+backward 3.1 s.
+The hot spot left in our forward is the Brownian tree (~56 %: ~3.3 ms per query at
+B = 256 x 32), then the MLPs.
 
 Time: median over interleaved repeats, with the default allocator settings.  Peak memory
 (measured after all timings): increase of the process's peak resident set size over the call
