@@ -296,11 +296,11 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
     payload = {"strong_error_vs_dt16_reference": accuracy, "config": {"B": B, "state": STATE, "width": WIDTH, "steps": steps, "size": size, "repeats": repeats,
                           "tree_tol": TREE_TOL, "threads": threading, "dtype": "float64"},
                "notes": ["peak_mb: peak RSS increase over one warm call (/proc/self/clear_refs reset), MiB.",
-                         "ours_over_peer_*: ours / peer for the like-for-like case (< 1: ours cheaper); the "
-                         "ReversibleHeun rows compare with torchsde's sdeint (discrete backprop) and "
-                         "sdeint_adjoint (backsolve).",
-                         "strong_error_vs_dt16_reference: RMS error of y(1) against ours EulerHeun at dt/16, "
-                         "every solver driven by the same path (our tree)."],
+                         ("ours_over_peer_*: ours / peer for the like-for-like case (< 1: ours cheaper); the "
+                          "ReversibleHeun rows compare with torchsde's sdeint (discrete backprop) and "
+                          "sdeint_adjoint (backsolve)."),
+                         ("strong_error_vs_dt16_reference: RMS error of y(1) against ours EulerHeun at dt/16, "
+                          "every solver driven by the same path (our tree).")],
                "results": rows}
     out = Path(out)
     doc = H.write_json(out / f"{NAME}.json", NAME, payload)
