@@ -159,6 +159,8 @@ class VirtualBrownianTree:
         self._two_pow2, self._pow2 = 2.0 * pow2, pow2
         self._half_widths = 0.5 * self._level_widths
         self._path_has_j = True
+        self._memo: list[tuple[tuple[float, bool], tuple[Tensor, Tensor | None]]] = []
+        self._cell_normals: tuple[int, tuple[Tensor, Tensor] | None] = (-1, None)
         self._cell_key_int = int(self._cell_key)
         self._level_consts = [
             (int(key), float(a), float(b), float(c), float(d), float(e), float(f), float(g))
@@ -288,6 +290,9 @@ class VirtualBrownianTree:
         """
         t = float(t)
         want_j = bool(levy)
+        for key, value in self._memo:  # the last two answers (adjoints ask for each time twice)
+            if key[0] == t and (key[1] or not want_j):
+                return value if want_j else (value[0], None)
         length = self.t1 - self.t0
         n_cells = 2**self.depth
         position = min(max((t - self.t0) / length, 0.0), 1.0) * n_cells
@@ -315,13 +320,18 @@ class VirtualBrownianTree:
         cell_width = length / n_cells
         # (B, 1) like the vectorised path: vectorised and scalar pow kernels may differ in the last bit
         r = torch.full((self.batch_size, 1), fraction, dtype=torch.float64, device=self.device) * cell_width
-        normals = self._normals_shared(self._cell_key_int, cell)
+        if self._cell_normals[0] != cell:
+            self._cell_normals = (cell, self._normals_shared(self._cell_key_int, cell))
+        normals = self._cell_normals[1]
+        assert normals is not None
         if not want_j:
-            return w_cell_start + self._bridge_w(r, cell_width, w_cell, h_cell, normals[0]), None
-        w_part, h_part = self._bridge_in_cell(None, r, cell_width, w_cell, h_cell, normals=normals)
-        w_t = w_cell_start + w_part
-        j_t = j_cell_start + r * w_cell_start + r * (h_part + 0.5 * w_part)
-        return w_t, j_t
+            result: tuple[Tensor, Tensor | None] = (w_cell_start + self._bridge_w(r, cell_width, w_cell, h_cell, normals[0]), None)
+        else:
+            w_part, h_part = self._bridge_in_cell(None, r, cell_width, w_cell, h_cell, normals=normals)
+            w_t = w_cell_start + w_part
+            result = (w_t, j_cell_start + r * w_cell_start + r * (h_part + 0.5 * w_part))
+        self._memo = [((t, want_j), result), *self._memo[:1]]
+        return result
 
     def _descend(self, start: int, digits: list[tuple[int, int]], w_root: Tensor, h_root: Tensor) -> None:
         """Redo the descent of :meth:`evaluate` for levels ``start..depth-1`` of the path
