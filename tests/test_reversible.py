@@ -166,6 +166,9 @@ def test_default_sensealg_follows_problem_size(monkeypatch) -> None:
     assert type(adjoint.default_sensealg(big, deb.ReversibleHeun(), False, 2**-5)) is deb.DiscreteAdjoint
     assert type(adjoint.default_sensealg(big, deb.LambaEulerHeun(), True, None)) is deb.DiscreteAdjoint
     monkeypatch.setattr(adjoint, "GRAPH_BUDGET_BYTES", 2**16)  # now the graph does not fit
+    frozen = deb.SDEProblem(lambda t, y: -y, lambda t, y: 0.1 * y, torch.ones(40, 3, dtype=torch.float64), (0.0, T),
+                            interpretation="stratonovich")
+    assert adjoint.default_sensealg(frozen, deb.EulerHeun(), False, 2**-5) is None  # nothing requires grad
     chosen = adjoint.default_sensealg(big, deb.EulerHeun(), False, 2**-5)
     assert type(chosen) is deb.InterpolatingAdjoint and chosen.checkpoints > 1
     assert type(adjoint.default_sensealg(big, deb.ReversibleHeun(), False, 2**-5)) is deb.BacksolveAdjoint

@@ -271,7 +271,8 @@ def default_sensealg(prob: ODEProblem, solver: AbstractSolver, adaptive: bool, d
        (adaptive solves: the number of steps is not known in advance; pass a sensealg to
        bound memory).
 
-    Choice 3 differentiates with respect to ``prob.params`` and any other leaf tensor the
+    Choice 3 falls back to a plain solve when nothing requires grad (``y0`` and every tensor
+    the fields use).  It differentiates with respect to ``prob.params`` and any other leaf tensor the
     drift/diffusion use at ``(t0, y0)`` (no ``params`` needed, as with ``DiscreteAdjoint``).
     """
     if not torch.is_grad_enabled():
@@ -285,6 +286,8 @@ def default_sensealg(prob: ODEProblem, solver: AbstractSolver, adaptive: bool, d
     graph = steps * prob.y0.numel() * GRAPH_BYTES_PER_STEP_ELEMENT
     if graph <= GRAPH_BUDGET_BYTES:
         return DiscreteAdjoint()
+    if not prob.y0.requires_grad and not discover_params(prob, Terms(prob)):
+        return None  # nothing to differentiate: a plain solve, the same numbers as under no_grad
     chosen: SensitivityAlgorithm
     if getattr(solver, "reversible", False):
         chosen = BacksolveAdjoint()
