@@ -67,7 +67,7 @@ def _loss(model: Model, y0: torch.Tensor, sensealg, params=True):
     prob = deb.SDEProblem(lambda t, y: model.drift(y), lambda t, y: 0.5 * model.diffusion(y), y0, (0.0, T),
                           interpretation="stratonovich", params=model if params else None)
     sol = deb.solve(prob, deb.ReversibleHeun(), dt=2**-5, saveat=[0.0, 0.3, 0.5, T], seed=11, sensealg=sensealg)
-    return (sol.ys[1] ** 2).mean() + torch.sin(sol.ys[3]).sum() + sol.ys[2].sum(), sol
+    return (sol.ys[1] ** 2).mean() + torch.sin(sol.ys[3]).sum() + sol.ys[2].sum() + 0.1 * (sol.ys[0] ** 2).sum(), sol
 
 
 def _grads(model: Model, sensealg, params=True):

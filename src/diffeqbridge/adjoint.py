@@ -777,46 +777,87 @@ def _reversible_forward(c: _Ctx, y0: Tensor) -> tuple[Tensor, Tensor, tuple[Tens
 def _reversible_backward(c: _Ctx, y_end: Tensor, z_end: Tensor, grad_ys: Tensor) -> tuple[Tensor, Tensor]:
     """Exact discrete gradient of :func:`_reversible_forward` in O(1) memory.
 
-    Walking the steps backwards, each step's input ``(y_n, z_n)`` is reconstructed from its
-    output by the algebraic inverse (``reversible_heun_unstep``'s formulas), then the step is
-    re-run from ``(y_n, z_n)`` with the graph on and the cotangents ``(a_y, a_z)`` are pulled
-    back through it (one ``autograd.grad`` over ``[y_n, z_n, *params]``).  Cost per step: two
-    drift and two diffusion evaluations with graph plus their VJPs.
+    The forward is a chain over nodes ``j = 0..N`` with ``F_j = (f, g)(t_j, z_j)`` evaluated
+    once per node and used by two steps (``h_j``, ``dW_j``: step ``j``'s size and noise)::
+
+        z_{j+1} = 2 y_j - z_j + f_j h_j + g_j dW_j
+        y_{j+1} = y_j + (f_j + f_{j+1}) h_j / 2 + (g_j + g_{j+1}) dW_j / 2
+
+    ``y`` enters linearly, so walking the nodes backwards the cotangents are
+    ``ȳ_j = ȳ_{j+1} + 2 z̄_{j+1} (+ dL/dys at a save node)`` and
+    ``z̄_j = F_j^T[(ȳ_j h_{j-1}/2, ȳ_j dW_{j-1}/2) + ((z̄_{j+1} + ȳ_{j+1}/2) h_j, ... dW_j)] - z̄_{j+1}``:
+    ONE drift and ONE diffusion evaluation with graph per node, and one backward pass through
+    them (the same work as backprop through ReversibleHeun's steps).  The node's state is
+    reconstructed from the next one with the algebraic inverse first
+    (``z_j = 2 y_{j+1} - z_{j+1} - F_{j+1}`` with step ``j``'s ``h, dW``; then
+    ``y_j = y_{j+1} - (F_j + F_{j+1})/2``), so nothing is stored.
     """
     terms, params = c.terms, c.theta
     assert terms.diffusion is not None
     steps, ends = _reversible_steps(c)
-    save_at_step = {n: k + 1 for k, n in enumerate(ends)}
-    t_end = steps[-1][2] if steps else float(c.save_times[-1])
-    with torch.no_grad():
-        f_z, g_z = terms.drift(_vec(c, t_end, y_end), z_end), terms.diffusion(_vec(c, t_end, y_end), z_end)
+    n = len(steps)
+    save_at_node = {node: k + 1 for k, node in enumerate(ends)}
+    like = y_end
+
+    def node_time(j: int) -> Tensor:  # the time the forward evaluated F_j at (t + dt in the state's dtype)
+        if j == 0:
+            return _vec(c, steps[0][0] if steps else float(c.save_times[0]), like)
+        s, h, _ = steps[j - 1]
+        return _vec(c, s, like) + _vec(c, h, like)
+
+    def step_terms(j: int) -> tuple[Tensor, Tensor]:  # (h_j broadcast over the state, dW_j)
+        s, h, t = steps[j]
+        return _vec(c, h, like).reshape((-1,) + (1,) * (like.ndim - 1)), _reversible_noise(c, s, t, like.dtype)
+
+    gp = torch.zeros_like(_flat_params(params, like))
     y, z = y_end, z_end
-    a_y = grad_ys[-1].clone()
-    a_z = torch.zeros_like(a_y)
-    gp = torch.zeros_like(_flat_params(params, y_end))
-    for n in range(len(steps), 0, -1):
-        s, h, t = steps[n - 1]
-        if n != len(steps) and n in save_at_step:
-            a_y = a_y + grad_ys[save_at_step[n]]
-        dw = _reversible_noise(c, s, t, y.dtype)
-        ts, hs = _vec(c, s, y), _vec(c, h, y)
-        dt_b = hs.reshape((-1,) + (1,) * (y.ndim - 1))
-        with torch.no_grad():
-            z_prev = 2.0 * y - z - f_z * dt_b - terms.g_dw(g_z, dw)
+    f_next = g_next = None  # F_{j+1} (detached) while walking back
+    ybar_next = zbar_next = None
+    step_next: tuple[Tensor, Tensor] | None = None  # (h_j, dW_j) of the step leaving node j
+    ybar = grad_ys[-1]
+    for j in range(n, -1, -1):
+        step_prev = step_terms(j - 1) if j >= 1 else None  # (h_{j-1}, dW_{j-1})
+        if j < n:
+            assert ybar_next is not None and zbar_next is not None
+            ybar = ybar_next + 2.0 * zbar_next
+            if j in save_at_node:
+                ybar = ybar + grad_ys[save_at_node[j]]
         with torch.enable_grad():
-            z_in = z_prev.detach().requires_grad_(True)
-            f_prev, g_prev = terms.drift(ts, z_in), terms.diffusion(ts, z_in)
-            with torch.no_grad():
-                y_prev = y - 0.5 * (f_prev + f_z) * dt_b - terms.g_dw(0.5 * (g_prev + g_z), dw)
-            y_in = y_prev.detach().requires_grad_(True)
-            y_out, (z_out, _, _) = reversible_heun_step(terms, ts, y_in, hs, dw, (z_in, f_prev, g_prev))
-            grads = torch.autograd.grad((y_out, z_out), [y_in, z_in, *params], grad_outputs=(a_y, a_z), allow_unused=True)
-        a_y = grads[0] if grads[0] is not None else torch.zeros_like(a_y)
-        a_z = grads[1] if grads[1] is not None else torch.zeros_like(a_z)
-        gp = gp + _flatten_grads(grads[2:], params, y_end)
-        y, z, f_z, g_z = y_prev, z_prev, f_prev.detach(), g_prev.detach()
-    # y_0 = z_0 = y0, and ys[0] = y0
-    return a_y + a_z + grad_ys[0], gp
+            z_in = z.detach().requires_grad_(True)
+            tj = node_time(j)
+            f_j, g_j = terms.drift(tj, z_in), terms.diffusion(tj, z_in)
+            outs: list[Tensor] = []
+            cots: list[Tensor] = []
+            if step_prev is not None:
+                h_prev, dw_prev = step_prev
+                outs.append(0.5 * f_j * h_prev + terms.g_dw(0.5 * g_j, dw_prev))
+                cots.append(ybar)
+            if step_next is not None:
+                assert ybar_next is not None and zbar_next is not None
+                h_next, dw_next = step_next
+                outs.append(f_j * h_next + terms.g_dw(g_j, dw_next))
+                cots.append(zbar_next + 0.5 * ybar_next)
+            if outs:
+                grads = torch.autograd.grad(outs, [z_in, *params], grad_outputs=cots, allow_unused=True)
+            else:
+                grads = (None,) * (1 + len(params))
+        zbar = grads[0] if grads[0] is not None else torch.zeros_like(ybar)
+        if zbar_next is not None:
+            zbar = zbar - zbar_next
+        gp = gp + _flatten_grads(tuple(grads[1:]), params, like)
+        f_j, g_j = f_j.detach(), g_j.detach()
+        if j < n:  # y_j from y_{j+1} (step j undone; z_j was reconstructed in the previous iteration)
+            assert step_next is not None and f_next is not None and g_next is not None
+            h_next, dw_next = step_next
+            y = y - 0.5 * (f_j + f_next) * h_next - terms.g_dw(0.5 * (g_j + g_next), dw_next)
+        if step_prev is not None:  # z_{j-1}
+            h_prev, dw_prev = step_prev
+            z = 2.0 * y - z - f_j * h_prev - terms.g_dw(g_j, dw_prev)
+        f_next, g_next, step_next = f_j, g_j, step_prev
+        ybar_next, zbar_next = ybar, zbar
+    # node 0: z_0 = y_0 = y0, and ys[0] = y0
+    assert ybar_next is not None and zbar_next is not None
+    return ybar_next + zbar_next + grad_ys[0], gp
 
 
 # ---------------------------------------------------------------- entry point
