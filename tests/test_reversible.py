@@ -205,3 +205,25 @@ def test_evaluate_scalar_without_levy_area_gives_the_same_w() -> None:
         assert torch.equal(w, ref_w)
         assert j is None or torch.equal(j, ref_j)
     assert torch.equal(tree.increment_scalar(0.2, 0.7), tree(0.2, 0.7)[0])
+
+
+def test_reversible_heun_unstep_inverts_step() -> None:
+    from diffeqbridge.problem import Terms
+    from diffeqbridge.solvers.reversible_heun import reversible_heun_step, reversible_heun_unstep
+
+    torch.manual_seed(5)
+    model = Model()
+    y = torch.randn(B, D, dtype=torch.float64)
+    prob = deb.SDEProblem(lambda t, y: model.drift(y), lambda t, y: model.diffusion(y), y, (0.0, 1.0),
+                          interpretation="stratonovich")
+    terms = Terms(prob)
+    t, dt = torch.full((B,), 0.2, dtype=torch.float64), torch.full((B,), 0.05, dtype=torch.float64)
+    dw = 0.2 * torch.randn(B, D, dtype=torch.float64)
+    carry = deb.ReversibleHeun().initial_carry(terms, t, y, None)
+    carry = (y + 0.1, *carry[1:])  # z != y
+    carry = (carry[0], terms.drift(t, carry[0]), terms.diffusion(t, carry[0]))
+    with torch.no_grad():
+        y1, carry1 = reversible_heun_step(terms, t, y, dt, dw, carry)
+        y_back, carry_back = reversible_heun_unstep(terms, t + dt, y1, dt, dw, carry1)
+    assert float((y_back - y).abs().max()) < 1e-13
+    assert float((carry_back[0] - carry[0]).abs().max()) < 1e-13

@@ -202,9 +202,10 @@ class BacksolveAdjoint(SensitivityAlgorithm):
 
     Reversible solvers (``alg=deb.ReversibleHeun()``): the backward instead undoes the
     forward's steps one by one with the solver's algebraic inverse (no stored states, no
-    backward SDE), re-runs each step from the reconstructed ``(y_n, z_n)`` with the graph on
-    and pulls the cotangents back through it: the exact gradient of the returned numbers in
-    O(1) memory (2 drift + 2 diffusion evaluations with graph per step).  ``dt``,
+    backward SDE), re-evaluates the drift and diffusion at each reconstructed ``z_n`` with the
+    graph on and pulls the cotangents back through them: the exact gradient of the returned numbers in
+    O(1) memory (one drift + one diffusion evaluation with graph and one backward pass through
+    them per step, the work of backprop through the steps).  ``dt``,
     ``adaptive``, tolerances and ``checkpointing`` are ignored there.
     """
 
