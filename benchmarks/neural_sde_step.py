@@ -20,10 +20,10 @@ next to the times (quick run: ours EulerHeun and ReversibleHeun 2.9e-4, torchsde
 euler_heun, Euler on the drift, 4.0e-4): at equal dt ours are at least as accurate.
 
 Measured (quick, B = 256, shared 2-core machine, one interleaved run): ours forward+backward
-734 ms vs torchsde sdeint 299 ms (2.45x; other runs 1.4-2.4x; 3.4x before the fixed-step
-tree fast path in a same-run comparison), ReversibleHeun 508 ms (1.70x), our exact reversible
-backsolve 1.39 s vs torchsde sdeint_adjoint 575 ms (2.4x); diffrax forward+backward 3.1 s.
-The hot spot left in our forward is the Brownian tree (~56 %: ~3.3 ms per query at
+783 ms vs torchsde sdeint 344 ms (2.28x; other runs 1.4-2.5x; 2.7-3.4x before the fixed-step
+tree fast path in same-run comparisons), ReversibleHeun 474 ms (1.38x), our exact reversible
+backsolve 1.16 s vs torchsde sdeint_adjoint 657 ms (1.77x); diffrax forward+backward 2.7 s.
+The hot spot left in our forward is the Brownian tree (~55 %: ~3 ms per query at
 B = 256 x 32), then the MLPs.
 
 Time: median over interleaved repeats, with the default allocator settings.  Peak memory
