@@ -7,22 +7,34 @@ the rise of the resident set above the child's starting RSS (Linux ``VmHWM`` aft
 it through ``/proc/self/clear_refs``; ``ru_maxrss`` elsewhere), so it covers torch's
 allocator, the autograd graph and every temporary of the backward pass.
 
-Expected: ``sensealg=None``/``DiscreteAdjoint()`` grows linearly with the number of steps
-(the graph of every step); ``DiscreteAdjoint(checkpoints=k)`` and
+Expected: ``DiscreteAdjoint()`` (the default at these sizes) grows linearly with the number
+of steps (the graph of every step); ``DiscreteAdjoint(checkpoints=k)`` and
 ``InterpolatingAdjoint(checkpoints=k)`` with ``k ∝ n_steps`` keep one segment's graph plus
-the boundary states; ``BacksolveAdjoint`` is flat; torchsde's ``sdeint_adjoint`` is flat.
-Measured (shared 2-core machine, B=32, D=8, width 32, 100 -> 1600 steps): none 19 -> 118 MiB,
-DiscreteAdjoint(checkpoints) 100 -> 170 MiB (non-reentrant ``torch.utils.checkpoint`` drops
-saved activations but still builds an autograd node per op, so it grows, more slowly),
-InterpolatingAdjoint 53.9 -> 55.9 MiB (+3.6%), BacksolveAdjoint 47.7 -> 48.0 MiB (+0.7%),
-torchsde sdeint_adjoint 45.5 -> 45.9 MiB (+0.8%); time at 1600 steps: none 13 s, backsolve
-22 s, interpolating 23 s, discrete_ckpt 37 s, torchsde adjoint 39 s.
+the boundary states; ``BacksolveAdjoint`` (continuous, after EulerHeun; exact, after
+``ReversibleHeun``: case ``backsolve_reversible``) is flat; torchsde's ``sdeint_adjoint`` is flat.
+diffrax (``RecursiveCheckpointAdjoint``, ``BacksolveAdjoint`` with its ``Heun``, and
+``ReversibleHeun`` + ``ReversibleAdjoint`` when the installed diffrax has it -- 0.7.2 does
+not) runs in a forked child that imports JAX on the CPU with ``XLA_PYTHON_CLIENT_PREALLOCATE=false``;
+its memory is XLA's buffer assignment for the compiled gradient (temporaries + outputs,
+``compiled.memory_analysis()``), not an RSS rise, so compare its growth, not its level, with ours.
+
+Measured (shared 2-core machine, B=32, D=8, width 32, 100 -> 1600 steps, one child per
+case): DiscreteAdjoint(checkpoints) 52.5 -> 55.8 MiB (+6.2%; with ``torch.utils.checkpoint``,
+as before, 100 -> 170 MiB), InterpolatingAdjoint 52.5 -> 55.8 MiB (+6.2%),
+BacksolveAdjoint after ReversibleHeun 44.5 -> 44.8 MiB (+0.7%); earlier runs: none
+19 -> 118 MiB, BacksolveAdjoint 47.7 -> 48.0 MiB (+0.7%), torchsde sdeint_adjoint
+45.5 -> 45.9 MiB (+0.8%).  Quick run (B=16, D=4, width 16, 40 -> 160 steps): none +43%,
+DiscreteAdjoint(checkpoints) +6.8%, InterpolatingAdjoint +6.9%, BacksolveAdjoint +0.3%,
+reversible backsolve +0.1%, torchsde adjoint +0.2%, diffrax RecursiveCheckpointAdjoint and
+BacksolveAdjoint +0.0% (XLA buffers 0.05 / 0.08 MiB).
 
 ``python benchmarks/gradients.py [--quick] [--out bench_out]`` writes ``gradients.json`` and
-``gradients.png``; ``--quick`` (< 1 min) uses a smaller model and fewer steps.
+``gradients.png``; ``--quick`` (about 70 s of CPU; more wall time on a loaded machine) uses a
+smaller model and two step counts.
 """
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing as mp
 import os
 import resource
@@ -79,7 +91,79 @@ class _Model(nn.Module):
     sde_type = "stratonovich"
 
 
-def _case(name: str, n_steps: int, batch: int, dim: int, width: int) -> dict[str, float]:
+DIFFRAX_ADJOINTS = ("diffrax_recursive_checkpoint", "diffrax_backsolve", "diffrax_reversible")
+
+
+def _diffrax_case(name: str, n_steps: int, batch: int, dim: int, width: int, max_steps: int) -> dict[str, Any]:
+    """The same model in diffrax (per-sample trees under ``jax.vmap``), JAX on the CPU without
+    preallocation.  Memory: XLA's buffer assignment for the compiled gradient (temporaries +
+    outputs, ``compiled.memory_analysis()``): what one call needs whatever the allocator does
+    (an RSS rise would count compilation, or nothing once buffers are reused).  ``dt0`` is an
+    argument and ``max_steps`` is shared, so every step count reuses one compilation."""
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+    import diffrax
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import lineax as lx
+
+    jax.config.update("jax_enable_x64", True)
+    try:
+        cache = Path.home() / ".cache" / "diffeqbridge-bench" / "jax"
+        cache.mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", str(cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    except Exception:  # noqa: BLE001 - the cache is an optimisation only
+        pass
+    solver: Any = diffrax.EulerHeun()
+    if name == "diffrax_recursive_checkpoint":
+        adjoint: Any = diffrax.RecursiveCheckpointAdjoint()
+    elif name == "diffrax_backsolve":
+        # diffrax's BacksolveAdjoint rejects EulerHeun's term structure; its Heun (the same
+        # trapezoidal Stratonovich scheme on drift and diffusion) is accepted
+        adjoint, solver = diffrax.BacksolveAdjoint(), diffrax.Heun()
+    else:
+        if not hasattr(diffrax, "ReversibleAdjoint"):
+            return {"error": f"diffrax {diffrax.__version__} has no ReversibleAdjoint"}
+        adjoint, solver = diffrax.ReversibleAdjoint(), diffrax.ReversibleHeun()
+    k1, k2 = jax.random.split(jax.random.key(0))
+    drift = eqx.nn.MLP(dim, dim, width, 1, activation=jnp.tanh, key=k1, dtype=jnp.float64)
+    arrays, static = eqx.partition((drift, jnp.full((dim,), 0.2)), eqx.is_array)
+    y0 = jax.random.normal(k2, (batch, dim), dtype=jnp.float64)
+    keys = jax.random.split(jax.random.key(1), batch)
+
+    def drift_vf(t, y, args):
+        return eqx.combine(args, static)[0](y)
+
+    def diffusion_vf(t, y, args):
+        return lx.DiagonalLinearOperator(0.2 * jax.nn.softplus(eqx.combine(args, static)[1] * y))
+
+    def solve_one(arrays, y, key, dt0):
+        bm = diffrax.VirtualBrownianTree(0.0, 1.0, tol=2.0**-20, shape=(dim,), key=key)
+        terms = diffrax.MultiTerm(diffrax.ODETerm(drift_vf), diffrax.ControlTerm(diffusion_vf, bm))
+        sol = diffrax.diffeqsolve(terms, solver, 0.0, 1.0, dt0=dt0, y0=y, args=arrays, adjoint=adjoint,
+                                  saveat=diffrax.SaveAt(t1=True), max_steps=max_steps)
+        return sol.ys[-1]
+
+    def loss(arrays, dt0):
+        return jnp.mean(jax.vmap(solve_one, in_axes=(None, 0, 0, None))(arrays, y0, keys, dt0) ** 2)
+
+    dt0 = jnp.asarray(1.0 / n_steps)
+    compiled = jax.jit(jax.grad(loss)).lower(arrays, dt0).compile()
+    analysis = compiled.memory_analysis()
+    jax.block_until_ready(compiled(arrays, dt0))  # warm
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(arrays, dt0))
+    elapsed = time.perf_counter() - start
+    mib = None if analysis is None else (analysis.temp_size_in_bytes + analysis.output_size_in_bytes) / 2**20
+    return {"seconds": elapsed, "peak_mib": mib, "exact_peak": False, "measure": "xla_buffer_assignment"}
+
+
+def _case(name: str, n_steps: int, batch: int, dim: int, width: int, max_steps: int = 0) -> dict[str, Any]:
+    if name in DIFFRAX_ADJOINTS:
+        return _diffrax_case(name, n_steps, batch, dim, width, max(max_steps, n_steps) + 1)
     torch.set_num_threads(1)
     model = _Model(dim, width).double()
     y0 = torch.randn(batch, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -91,7 +175,9 @@ def _case(name: str, n_steps: int, batch: int, dim: int, width: int) -> dict[str
         "discrete_ckpt": deb.DiscreteAdjoint(checkpoints=segments),
         "interpolating": deb.InterpolatingAdjoint(checkpoints=segments),
         "backsolve": deb.BacksolveAdjoint(),
+        "backsolve_reversible": deb.BacksolveAdjoint(),
     }.get(name)
+    solver = deb.ReversibleHeun() if name == "backsolve_reversible" else deb.EulerHeun()
 
     def once() -> None:
         if name == "torchsde_adjoint":
@@ -114,7 +200,7 @@ def _case(name: str, n_steps: int, batch: int, dim: int, width: int) -> dict[str
                                          adjoint_params=tuple(model.parameters()))
         else:
             prob = deb.SDEProblem(model.f, model.g, y0, (0.0, 1.0), interpretation="stratonovich", params=model)
-            ys = deb.solve(prob, deb.EulerHeun(), dt=dt, brownian=tree, sensealg=sensealg).ys
+            ys = deb.solve(prob, solver, dt=dt, brownian=tree, sensealg=sensealg).ys
         loss = ys[-1].pow(2).mean()
         loss.backward()
 
@@ -147,21 +233,26 @@ def _run_forked(*args) -> dict[str, Any]:
 
 def run(quick: bool, out: Path) -> dict[str, Any]:
     if quick:
-        steps, batch, dim, width = [50, 150, 450], 16, 4, 16
+        steps, batch, dim, width = [40, 160], 16, 4, 16
     else:
         steps, batch, dim, width = [100, 1000, 10000], 256, 32, 128
-    names = ["none", "discrete_ckpt", "interpolating", "backsolve"]
+    names = ["none", "discrete_ckpt", "interpolating", "backsolve", "backsolve_reversible"]
     try:
         import torchsde  # noqa: F401
 
         names.append("torchsde_adjoint")
     except ImportError:
         pass
+    if importlib.util.find_spec("diffrax") is not None:  # not imported here: JAX lives in the children only
+        names += list(DIFFRAX_ADJOINTS)
     results: dict[str, dict[int, dict[str, Any]]] = {n: {} for n in names}
     for n in steps:
-        for name in names:
-            results[name][n] = _run_forked(name, n, batch, dim, width)
-            print(f"{name:>18} steps={n:>6}: {results[name][n]}", flush=True)
+        for name in list(names):
+            results[name][n] = _run_forked(name, n, batch, dim, width, max(steps))
+            print(f"{name:>28} steps={n:>6}: {results[name][n]}", flush=True)
+            if "has no ReversibleAdjoint" in str(results[name][n].get("error", "")):
+                names.remove(name)  # this diffrax version lacks it
+                results.pop(name)
     growth = {}
     for name in names:
         lo, hi = results[name][steps[0]].get("peak_mib"), results[name][steps[-1]].get("peak_mib")

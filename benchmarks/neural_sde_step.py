@@ -5,17 +5,31 @@ Model: state 32, drift MLP 32 -> 128 -> 128 -> 32 (tanh), diagonal diffusion MLP
 batch 1024 (quick: 256), float64; loss = mean of y(T)^2.
 
 * ours: ``deb.solve(prob, deb.EulerHeun(), dt=1/50, brownian=tree)`` with ``sensealg=None``
-  (discrete backprop through the steps); the tree has ``tol = 2^-7``.
+  (discrete backprop through the steps); the tree has ``tol = 2^-7``.  Also
+  ``deb.ReversibleHeun()`` (one drift + one diffusion evaluation per step) with
+  ``DiscreteAdjoint()`` and with ``BacksolveAdjoint()`` (exact gradient, O(1) memory).
 * torchsde: ``sdeint(method='euler_heun')`` (backprop through the solver) and
   ``sdeint_adjoint(method='euler_heun', adjoint_method='euler_heun')`` (stochastic adjoint),
   each with a fresh ``BrownianInterval`` per call (its native Brownian motion).
 * diffrax: ``EulerHeun`` under ``jax.vmap`` over per-sample ``VirtualBrownianTree``s
   (``tol = 2^-7``), ``eqx.filter_jit`` (warm), default ``RecursiveCheckpointAdjoint``.
 
-Time: median over interleaved repeats.  Peak memory: increase of the process's peak resident
-set size over the call (``/proc/self/clear_refs`` resets the peak before each measured call,
-glibc's heap is trimmed and large blocks are mmap'd so freed memory leaves the RSS;
-Linux only, else ``resource.getrusage`` and ``None`` increments).  The three libraries have
+Accuracy: the strong error of ``y(1)`` of each solver at this ``dt`` against a ``dt/16``
+reference, every solver driven by the same path (our tree, fed to torchsde too), is reported
+next to the times (quick run: ours EulerHeun and ReversibleHeun 2.9e-4, torchsde's
+euler_heun, Euler on the drift, 4.0e-4): at equal dt ours are at least as accurate.
+
+Measured (quick, B = 256, shared 2-core machine, one interleaved run): ours forward+backward
+783 ms vs torchsde sdeint 344 ms (2.28x; other runs 1.4-2.5x; 2.7-3.4x before the fixed-step
+tree fast path in same-run comparisons), ReversibleHeun 474 ms (1.38x), our exact reversible
+backsolve 1.16 s vs torchsde sdeint_adjoint 657 ms (1.77x); diffrax forward+backward 2.7 s.
+The hot spot left in our forward is the Brownian tree (~55 %: ~3 ms per query at
+B = 256 x 32), then the MLPs.
+
+Time: median over interleaved repeats, with the default allocator settings.  Peak memory
+(measured after all timings): increase of the process's peak resident set size over the call
+(``/proc/self/clear_refs`` resets the peak before each measured call, glibc's heap is trimmed
+and large blocks are mmap'd so freed memory leaves the RSS; Linux only, else ``None``).  The three libraries have
 different parameters (same architecture); the weights do not change the cost.
 """
 from __future__ import annotations
@@ -49,25 +63,33 @@ def _rss_kb(field: str) -> int | None:
     return None
 
 
+_LIBC: Any = None
+
+
 def _libc():
-    try:
-        import ctypes
+    """glibc with ``M_MMAP_THRESHOLD`` = 64 KiB (big blocks are mmap'd and go back to the OS on
+    free, so the RSS follows the live memory).  Set only when memory is first measured, after
+    the timings: it makes every allocation of 64 KiB or more a system call and page faults,
+    which would slow down (and distort) the timed calls."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
 
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: big blocks are mmap'd, returned to the OS on free
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = _libc()
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 1 << 16)
+            _LIBC = libc
+        except (OSError, AttributeError):
+            _LIBC = False
+    return _LIBC or None
 
 
 def peak_increment_mb(fn: Callable[[], Any]) -> float | None:
     """Peak RSS increase (MiB) while running ``fn`` once (glibc heap trimmed first)."""
     gc.collect()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -112,10 +134,12 @@ def _torch_cases(B: int, steps: int) -> dict[str, Callable[[], Any]]:
     tree = deb.VirtualBrownianTree(0.0, 1.0, (B, STATE), seed=0, tol=TREE_TOL)
     ts = torch.tensor([0.0, 1.0], dtype=torch.float64)
 
-    def ours(backward: bool):
+    def ours(backward: bool, alg: Any = None, sensealg: Any = None):
+        alg = alg or deb.EulerHeun()
+
         def call():
             with torch.set_grad_enabled(backward):
-                sol = deb.solve(prob, deb.EulerHeun(), dt=dt, brownian=tree)
+                sol = deb.solve(prob, alg, dt=dt, brownian=tree, sensealg=sensealg)
                 loss = sol.ys[-1].pow(2).mean()
                 if backward:
                     model.zero_grad(set_to_none=True)
@@ -140,9 +164,68 @@ def _torch_cases(B: int, steps: int) -> dict[str, Callable[[], Any]]:
 
     return {
         "ours forward": ours(False), "ours forward+backward": ours(True),
+        "ours ReversibleHeun forward+backward": ours(True, deb.ReversibleHeun(), deb.DiscreteAdjoint()),
+        "ours ReversibleHeun backsolve forward+backward": ours(True, deb.ReversibleHeun(), deb.BacksolveAdjoint()),
         "torchsde sdeint forward": tsde(False, False), "torchsde sdeint forward+backward": tsde(True, False),
         "torchsde sdeint_adjoint forward+backward": tsde(True, True),
     }
+
+
+def strong_errors(B: int, steps: int) -> dict[str, float]:
+    """RMS error of ``y(1)`` at ``dt = 1/steps`` against a reference (ours EulerHeun at
+    ``dt/16``), every solver driven by the same Brownian path (our tree, also fed to
+    torchsde): the solvers are at equal accuracy when these are alike.  The model and ``y0``
+    are built as in :func:`_torch_cases` (same seed)."""
+    import torch
+    import torchsde
+
+    import diffeqbridge as deb
+
+    torch.manual_seed(0)
+
+    class Fields(torch.nn.Module):
+        noise_type, sde_type = "diagonal", "stratonovich"
+
+        def __init__(self):
+            super().__init__()
+            self.drift_net = torch.nn.Sequential(torch.nn.Linear(STATE, WIDTH), torch.nn.Tanh(), torch.nn.Linear(WIDTH, WIDTH),
+                                                 torch.nn.Tanh(), torch.nn.Linear(WIDTH, STATE))
+            self.diff_net = torch.nn.Sequential(torch.nn.Linear(STATE, WIDTH), torch.nn.Tanh(), torch.nn.Linear(WIDTH, STATE),
+                                                torch.nn.Sigmoid())
+
+        def f(self, t, y):
+            return self.drift_net(y)
+
+        def g(self, t, y):
+            return 0.3 * self.diff_net(y)
+
+    model = Fields().double()
+    y0 = 0.1 * torch.randn(B, STATE, dtype=torch.float64)
+    tree = deb.VirtualBrownianTree(0.0, 1.0, (B, STATE), seed=0, tol=TREE_TOL)
+
+    class TreeBM(torchsde.BaseBrownian):
+        def __call__(self, ta, tb=None, return_U=False, return_A=False):
+            return tree.W(float(ta)) if tb is None else tree(float(ta), float(tb))[0]
+
+        def __repr__(self) -> str:
+            return "VirtualBrownianTree"
+
+        dtype = property(lambda self: tree.dtype)
+        device = property(lambda self: tree.device)
+        shape = property(lambda self: tree.shape)
+        levy_area_approximation = property(lambda self: "none")
+
+    prob = deb.SDEProblem(model.f, model.g, y0, (0.0, 1.0), noise="diagonal", interpretation="stratonovich", params=model)
+    dt = 1.0 / steps
+    with torch.no_grad():
+        ref = deb.solve(prob, deb.EulerHeun(), dt=dt / 16, brownian=tree).ys[-1]
+        finals = {
+            "ours EulerHeun": deb.solve(prob, deb.EulerHeun(), dt=dt, brownian=tree).ys[-1],
+            "ours ReversibleHeun": deb.solve(prob, deb.ReversibleHeun(), dt=dt, brownian=tree).ys[-1],
+            "torchsde euler_heun": torchsde.sdeint(model, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), bm=TreeBM(),
+                                                   dt=dt, method="euler_heun")[-1],
+        }
+    return {name: float(((y - ref) ** 2).mean().sqrt()) for name, y in finals.items()}
 
 
 def _diffrax_cases(B: int, steps: int) -> dict[str, Callable[[], Any]]:
@@ -181,6 +264,8 @@ def _diffrax_cases(B: int, steps: int) -> dict[str, Callable[[], Any]]:
 
 
 BASE = {"torchsde sdeint forward": "ours forward", "torchsde sdeint forward+backward": "ours forward+backward",
+        "ours ReversibleHeun forward+backward": "torchsde sdeint forward+backward",
+        "ours ReversibleHeun backsolve forward+backward": "torchsde sdeint_adjoint forward+backward",
         "torchsde sdeint_adjoint forward+backward": "ours forward+backward",
         "diffrax forward": "ours forward", "diffrax forward+backward": "ours forward+backward"}
 
@@ -191,23 +276,31 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
     B, steps = {"tiny": (8, 5), "quick": (256, 50), "full": (1024, 50)}[size]
     repeats = {"tiny": 1, "quick": 3, "full": 7}[size]
     cases = {**_torch_cases(B, steps), **_diffrax_cases(B, steps)}
-    memory = {}
-    for name, fn in cases.items():  # warm-up (JIT) then peak memory of one call
+    for fn in cases.values():  # warm-up (JIT)
         fn()
-        memory[name] = peak_increment_mb(fn)
-    if progress:
-        progress("warm-up and memory")
     timings = H.measure_interleaved(cases, repeats=repeats, warmup=0, target_s=0.05)
+    if progress:
+        progress("timings")
+    memory = {name: peak_increment_mb(fn) for name, fn in cases.items()}  # after the timings (see _libc)
     rows = []
     for name, t in timings.items():
         base = BASE.get(name)
+        ours_name, peer = (name, base) if name.startswith("ours") else (base, name)
+        mem_ok = base and (memory[name] or 0) > 1 and (memory[base] or 0) > 1
         rows.append({"case": name, "seconds": t.median, "peak_mb": memory[name], "timing": t.as_dict(),
-                     "ours_over_peer_time": timings[base].median / t.median if base else None,
-                     "ours_over_peer_mem": (memory[base] / memory[name]) if base and (memory[name] or 0) > 1 and (memory[base] or 0) > 1 else None})
-    payload = {"config": {"B": B, "state": STATE, "width": WIDTH, "steps": steps, "size": size, "repeats": repeats,
+                     "ours_over_peer_time": timings[ours_name].median / timings[peer].median if base else None,
+                     "ours_over_peer_mem": (memory[ours_name] / memory[peer]) if mem_ok else None})
+    accuracy = strong_errors(B, steps)
+    if progress:
+        progress("accuracy")
+    payload = {"strong_error_vs_dt16_reference": accuracy, "config": {"B": B, "state": STATE, "width": WIDTH, "steps": steps, "size": size, "repeats": repeats,
                           "tree_tol": TREE_TOL, "threads": threading, "dtype": "float64"},
                "notes": ["peak_mb: peak RSS increase over one warm call (/proc/self/clear_refs reset), MiB.",
-                         "ours_over_peer_*: ours / peer for the like-for-like case (< 1: ours cheaper)."],
+                         ("ours_over_peer_*: ours / peer for the like-for-like case (< 1: ours cheaper); the "
+                          "ReversibleHeun rows compare with torchsde's sdeint (discrete backprop) and "
+                          "sdeint_adjoint (backsolve)."),
+                         ("strong_error_vs_dt16_reference: RMS error of y(1) against ours EulerHeun at dt/16, "
+                          "every solver driven by the same path (our tree).")],
                "results": rows}
     out = Path(out)
     doc = H.write_json(out / f"{NAME}.json", NAME, payload)
@@ -225,6 +318,7 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
                            [(r["case"], H.format_seconds(r["seconds"]), "—" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}",
                              "—" if r["ours_over_peer_time"] is None else f"{r['ours_over_peer_time']:.2f}",
                              "—" if r["ours_over_peer_mem"] is None else f"{r['ours_over_peer_mem']:.2f}") for r in rows]))
+    print("strong error of y(1) vs a dt/16 reference (same path):", {k: f"{v:.3g}" for k, v in accuracy.items()})
     return doc
 
 

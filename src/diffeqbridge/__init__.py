@@ -23,6 +23,7 @@ from .solvers import (
     Kvaerno5,
     LambaEM,
     LambaEulerHeun,
+    ReversibleHeun,
     RKMil,
     Rodas4,
     SKenCarp,
@@ -36,4 +37,5 @@ __all__ = [
     "DiscreteAdjoint", "BacksolveAdjoint", "InterpolatingAdjoint", "NeuralSDE", "NeuralODE",
     "EM", "EulerHeun", "RKMil", "LambaEM", "LambaEulerHeun", "SRIW1", "SOSRI", "SRA1", "SOSRA", "Tsit5", "Dopri5",
     "ImplicitEM", "ImplicitRKMil", "ISSEM", "SKenCarp", "Rodas4", "Kvaerno5",
+    "ReversibleHeun",
 ]

@@ -145,6 +145,28 @@ class VirtualBrownianTree:
         self._level_keys = self._level_key(self._levels)  # (L,)
         self._root_key = self._level_key(_ROOT_LEVEL)
         self._cell_key = self._level_key(_CELL_LEVEL)
+        self._root: tuple[Tensor, Tensor] | None = None  # (W, H) of [t0, t1]: a constant, drawn once
+        # evaluate_scalar's cache: the last path's digits and per-level running sums
+        self._path_digits: list[tuple[int, int]] = []
+        self._path_sums: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # each (L, B, N)
+        self._path_last: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+        pow4 = torch.pow(torch.tensor(4.0, dtype=torch.float64, device=self.device), self._levels.double())
+        pow2 = torch.sqrt(pow4)
+        # per-level constants: the same float64 values the vectorised descent uses
+        self._sq16 = torch.sqrt(self._level_widths / 16.0)
+        self._sq48 = torch.sqrt(self._level_widths / 48.0)
+        self._four_pow4, self._pow4 = 4.0 * pow4, pow4
+        self._two_pow2, self._pow2 = 2.0 * pow2, pow2
+        self._half_widths = 0.5 * self._level_widths
+        self._path_has_j = True
+        self._memo: list[tuple[tuple[float, bool], tuple[Tensor, Tensor | None]]] = []
+        self._cell_normals: tuple[int, tuple[Tensor, Tensor] | None] = (-1, None)
+        self._cell_key_int = int(self._cell_key)
+        self._level_consts = [
+            (int(key), float(a), float(b), float(c), float(d), float(e), float(f), float(g))
+            for key, a, b, c, d, e, f, g in zip(self._level_keys, self._sq16, self._sq48, self._four_pow4, self._pow4,
+                                                  self._two_pow2, self._pow2, self._half_widths)
+        ]
 
     # ------------------------------------------------------------------ keys
     def _make_element_keys(self) -> Tensor:
@@ -203,9 +225,7 @@ class VirtualBrownianTree:
         goes_right = ((cell.unsqueeze(1) >> (shifts - 1)) & 1).double().unsqueeze(1)  # (B, 1, L)
         sign = 1.0 - 2.0 * goes_right
 
-        z_root, x_root = self._normals(self._root_key, torch.zeros_like(cell))
-        w_root = math.sqrt(length) * z_root  # (B, N)
-        h_root = math.sqrt(length / 12.0) * x_root
+        w_root, h_root = self._root_increment()  # (B, N)
 
         z, x = self._normals(self._level_keys, node)  # (B, N, L)
         widths = self._level_widths  # (L,)
@@ -240,7 +260,173 @@ class VirtualBrownianTree:
         j_t = j_cell_start + r * w_cell_start + r * (h_part + 0.5 * w_part)
         return w_t, j_t
 
-    def _bridge_in_cell(self, cell: Tensor, r: Tensor, width: float, w_cell: Tensor, h_cell: Tensor) -> tuple[Tensor, Tensor]:
+    def _root_increment(self) -> tuple[Tensor, Tensor]:
+        """``(W, H)`` of the whole interval, ``(B, N)`` each (drawn once, then cached)."""
+        if self._root is None:
+            z_root, x_root = self._normals(self._root_key, torch.zeros(self.batch_size, dtype=torch.long, device=self.device))
+            length = self.t1 - self.t0
+            self._root = (math.sqrt(length) * z_root, math.sqrt(length / 12.0) * x_root)
+        return self._root
+
+    def _normals_shared(self, level_key: int, node: int) -> tuple[Tensor, Tensor]:
+        """:meth:`_normals` for one node index shared by the whole batch -> each ``(B, N)``."""
+        node_key = (node * 0x9E3779B1 + level_key) & _MASK32
+        if self.depth > 32:
+            node_key = int(_absorb(torch.tensor(node_key), node >> 32))
+        if node_key >= 1 << 31:
+            node_key -= 1 << 32  # as int32 (two's complement), like the vectorised path
+        return _standard_normal_pair(_fmix32_i32(self._element_keys ^ node_key))
+
+    def evaluate_scalar(self, t: float, levy: bool = True) -> tuple[Tensor, Tensor | None]:
+        """:meth:`evaluate` at one time shared by the whole batch (a Python float).
+
+        Gives the same numbers as ``evaluate(torch.full((B,), t))`` (the same float64
+        operations in the same order), faster: every sample descends the same nodes, so the
+        levels this path shares with the previous call's (consecutive steps of a solve share
+        all but the deepest few) are taken from a cache, and only the others are redrawn
+        (:meth:`_descend`).  Used by the engine for fixed-step solves and by the backward
+        passes of the adjoints.  ``levy=False`` skips the integral ``J`` (returned as None;
+        ``W`` is unchanged) for solvers that do not use the Lévy area.
+        """
+        t = float(t)
+        want_j = bool(levy)
+        for key, value in self._memo:  # the last two answers (adjoints ask for each time twice)
+            if key[0] == t and (key[1] or not want_j):
+                return value if want_j else (value[0], None)
+        length = self.t1 - self.t0
+        n_cells = 2**self.depth
+        position = min(max((t - self.t0) / length, 0.0), 1.0) * n_cells
+        cell = min(math.floor(position), n_cells - 1)
+        fraction = position - cell
+        w_root, h_root = self._root_increment()
+        depth = self.depth
+        digits = [((cell >> (depth - k)), (cell >> (depth - k - 1)) & 1) for k in range(depth)]
+        start = 0
+        old = self._path_digits
+        while start < len(old) and old[start] == digits[start]:
+            start += 1
+        if want_j and not self._path_has_j:
+            start = 0  # the cached levels were drawn without J's sums
+        if start < depth:
+            self._path_has_j = want_j
+            self._descend(start, digits, w_root, h_root)
+        assert self._path_last is not None and self._path_sums is not None
+        w_node, levy, z, x = self._path_last
+        right = digits[-1][1]
+        sign = -1.0 if right else 1.0
+        w_cell = 0.5 * w_node + sign * (1.5 * levy + z)
+        h_cell = 0.25 * levy - 0.5 * z + sign * x
+        w_cell_start, j_cell_start = self._path_sums[2][-1], self._path_sums[3][-1]
+        cell_width = length / n_cells
+        # (B, 1) like the vectorised path: vectorised and scalar pow kernels may differ in the last bit
+        r = torch.full((self.batch_size, 1), fraction, dtype=torch.float64, device=self.device) * cell_width
+        if self._cell_normals[0] != cell:
+            self._cell_normals = (cell, self._normals_shared(self._cell_key_int, cell))
+        normals = self._cell_normals[1]
+        assert normals is not None
+        if not want_j:
+            result: tuple[Tensor, Tensor | None] = (w_cell_start + self._bridge_w(r, cell_width, w_cell, h_cell, normals[0]), None)
+        else:
+            w_part, h_part = self._bridge_in_cell(None, r, cell_width, w_cell, h_cell, normals=normals)
+            w_t = w_cell_start + w_part
+            result = (w_t, j_cell_start + r * w_cell_start + r * (h_part + 0.5 * w_part))
+        self._memo = [((t, want_j), result), *self._memo[:1]]
+        return result
+
+    def _descend(self, start: int, digits: list[tuple[int, int]], w_root: Tensor, h_root: Tensor) -> None:
+        """Redo the descent of :meth:`evaluate` for levels ``start..depth-1`` of the path
+        ``digits`` (node index, goes-right bit per level) shared by the batch, all levels at
+        once, continuing the running sums of the cached levels ``< start``.  A cumulative sum
+        is resumed by prepending the cached sum, so the additions happen in the same order as
+        in :meth:`evaluate` (bit-identical results)."""
+        dev = self.device
+        levels = slice(start, self.depth)
+        n = self.depth - start
+        if self._path_sums is None:
+            self._path_sums = tuple(torch.empty((self.depth, *w_root.shape), dtype=torch.float64, device=dev)
+                                    for _ in range(4))  # type: ignore[assignment]
+        if n <= 4:  # a few levels: one at a time on contiguous (B, N) tensors is faster
+            self._descend_levels(start, digits, w_root, h_root)
+            return
+        col = (n, 1, 1)  # level-major layout (n, B, N): each level's slice is contiguous
+        nodes = torch.tensor([d[0] for d in digits[levels]], dtype=torch.int64, device=dev)
+        goes_right = torch.tensor([float(d[1]) for d in digits[levels]], dtype=torch.float64, device=dev).reshape(col)
+        sign = 1.0 - 2.0 * goes_right
+        node_key = (nodes * 0x9E3779B1 + self._level_keys[levels]) & _MASK32
+        if self.depth > 32:
+            node_key = _absorb(node_key, nodes >> 32)
+        keys = self._element_keys.unsqueeze(1)  # (2, 1, B, N)
+        z, x = _standard_normal_pair(_fmix32_i32(keys ^ node_key.to(torch.int32).reshape(1, *col)))  # (n, B, N)
+        z = z * self._sq16[levels].reshape(col)
+        x = x * self._sq48[levels].reshape(col)
+        sums = self._path_sums
+        assert sums is not None
+
+        def resume(i: int, increments: Tensor) -> Tensor:
+            """Inclusive cumulative sum over levels continuing the cached sum of level start-1."""
+            prefix = sums[i][start - 1:start] if start > 0 else torch.zeros_like(increments[:1])
+            total = torch.cumsum(torch.cat([prefix, increments]), dim=0)[1:]
+            sums[i][start:] = total  # the cache only: nothing returned is a view of it
+            return total
+
+        h_increments = self._four_pow4[levels].reshape(col) * (-0.5 * z + sign * x)
+        levy = (h_root + (resume(0, h_increments) - h_increments)) / self._pow4[levels].reshape(col)
+        w_increments = self._two_pow2[levels].reshape(col) * sign * (1.5 * levy + z)
+        w_node = (w_root + (resume(1, w_increments) - w_increments)) / self._pow2[levels].reshape(col)
+        w_left = 0.5 * w_node + 1.5 * levy + z
+        h_left = 0.25 * levy - 0.5 * z + x
+        left_contrib = goes_right * w_left
+        w_at_start = resume(2, left_contrib) - left_contrib
+        if self._path_has_j:
+            resume(3, goes_right * self._half_widths[levels].reshape(col) * (w_at_start + h_left + 0.5 * w_left))
+        self._path_digits = list(digits)
+        self._path_last = (w_node[-1], levy[-1], z[-1], x[-1])
+
+    def _descend_levels(self, start: int, digits: list[tuple[int, int]], w_root: Tensor, h_root: Tensor) -> None:
+        """:meth:`_descend` one level at a time (the same operations, per level)."""
+        sums = self._path_sums
+        assert sums is not None
+        if start == 0:
+            zero = torch.zeros_like(w_root)
+            c_h = c_w = c_l = c_j = zero
+        else:
+            c_h, c_w, c_l, c_j = (buffer[start - 1] for buffer in sums)
+        with_j = self._path_has_j
+        for k in range(start, self.depth):
+            node, right = digits[k]
+            level_key, sq16, sq48, four_pow4, pow4, two_pow2, pow2, half_width = self._level_consts[k]
+            z, x = self._normals_shared(level_key, node)
+            z, x = z * sq16, x * sq48
+            # (-0.5 z) + (-x) == (-0.5 z) - x exactly
+            h_inc = four_pow4 * ((-0.5 * z - x) if right else (-0.5 * z + x))
+            c_h = c_h + h_inc
+            levy = (h_root + (c_h - h_inc)) / pow4
+            w_inc = (-two_pow2 if right else two_pow2) * (1.5 * levy + z)
+            c_w = c_w + w_inc
+            w_node = (w_root + (c_w - w_inc)) / pow2
+            if right:  # else the left-end terms are zero: the sums carry over
+                w_left = 0.5 * w_node + 1.5 * levy + z
+                c_l = c_l + w_left
+                if with_j:
+                    h_left = 0.25 * levy - 0.5 * z + x
+                    c_j = c_j + half_width * ((c_l - w_left) + h_left + 0.5 * w_left)
+            sums[0][k], sums[1][k], sums[2][k] = c_h, c_w, c_l
+            if with_j:
+                sums[3][k] = c_j
+        self._path_digits = list(digits)
+        self._path_last = (w_node, levy, z, x)
+
+    @staticmethod
+    def _bridge_w(r: Tensor, width: float, w_cell: Tensor, h_cell: Tensor, z1: Tensor) -> Tensor:
+        """The ``W`` half of :meth:`_bridge_in_cell` (the same operations)."""
+        q = width - r
+        w = width
+        mean_w = (r / w) * w_cell + (6.0 * q * r / w**2) * h_cell
+        var_w = (r - r**2 / w - 3.0 * q**2 * r**2 / w**3).clamp(min=0.0)
+        return mean_w + torch.sqrt(var_w) * z1
+
+    def _bridge_in_cell(self, cell: Tensor | None, r: Tensor, width: float, w_cell: Tensor, h_cell: Tensor,
+                        normals: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """Draw ``(W, H)`` of ``[a, a + r]`` given ``(W, H)`` of the cell ``[a, a + width]``.
 
         Exact Gaussian conditioning: with ``q = width - r`` and independent pieces,
@@ -256,7 +442,7 @@ class VirtualBrownianTree:
         l11 = torch.sqrt(var_w)
         l21 = torch.where(l11 > 0, cov / torch.where(l11 > 0, l11, torch.ones_like(l11)), torch.zeros_like(l11))
         l22 = torch.sqrt((var_h - l21**2).clamp(min=0.0))
-        z1, z2 = self._normals(self._cell_key, cell)
+        z1, z2 = normals if normals is not None else self._normals(self._cell_key, cell)  # type: ignore[arg-type]
         return mean_w + l11 * z1, mean_h + l21 * z1 + l22 * z2
 
     # ----------------------------------------------------------------- public
@@ -283,6 +469,13 @@ class VirtualBrownianTree:
         independent of the increment.
         """
         return self.increment_from(s, self.evaluate(s), t, self.evaluate(t))
+
+    def increment_scalar(self, s: float, t: float) -> Tensor:
+        """``W(t) - W(s)`` for times shared by the batch, shaped ``shape`` (the ``dW`` of
+        :meth:`__call__`, through :meth:`evaluate_scalar` without the Lévy area)."""
+        w_s, _ = self.evaluate_scalar(s, levy=False)
+        w_t, _ = self.evaluate_scalar(t, levy=False)
+        return self._shape_out(w_t - w_s)
 
     def W(self, t: Tensor | float) -> Tensor:
         """``W(t) - W(t0)`` of shape ``shape``."""

@@ -71,13 +71,46 @@ class _Progress:
             self.bar.close()
 
 
-def _select(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
-    """``torch.where`` with a ``(B,)`` mask broadcast over trailing axes."""
+def _select(mask: Tensor, new: Any, old: Any) -> Any:
+    """``torch.where`` with a ``(B,)`` mask broadcast over trailing axes (tuples: per element)."""
+    if isinstance(new, tuple):
+        return tuple(_select(mask, a, b) for a, b in zip(new, old))
     return torch.where(mask.reshape(mask.shape + (1,) * (new.ndim - 1)), new, old)
 
 
 def _all_finite(x: Tensor) -> Tensor:
     return torch.isfinite(x).flatten(1).all(dim=1)
+
+
+def fixed_grid(a: float, b: float, dt: float) -> list[float]:
+    """The points a fixed-step solve visits on ``[a, b]`` (the loop's float arithmetic:
+    ``t + dt`` until the step would reach ``b`` within ``1e-12`` relative, then ``b``)."""
+    points = [a]
+    t = a
+    while True:
+        remaining = b - t
+        if dt >= remaining * (1 - 1e-12):
+            points.append(b)
+            return points
+        t = t + dt
+        points.append(t)
+
+
+def _shared_grid(save_times: Tensor, dt_initial: Tensor, options: EngineOptions) -> list[float] | None:
+    """The step times shared by every sample of a fixed-step solve (one host sync, before the
+    loop), or None when the samples do not step in lockstep (adaptive, or per-sample ``dt``)."""
+    if options.adaptive or dt_initial.numel() == 0:
+        return None
+    dt = dt_initial.to(torch.float64)
+    if not bool((dt == dt[0]).all()):
+        return None
+    step, times = float(dt[0]), [float(x) for x in save_times]
+    grid = [times[0]]
+    for a, b in zip(times[:-1], times[1:]):
+        grid.extend(fixed_grid(a, b, step)[1:])
+        if len(grid) > options.max_steps + len(times):
+            return None  # too long to list; the per-sample path handles MaxIters
+    return grid
 
 
 def integrate(
@@ -125,11 +158,25 @@ def integrate(
     if n_save == 1:
         active = torch.zeros_like(active)
         retcodes = torch.full_like(retcodes, SUCCESS)
-    tree_state = tree.evaluate(t) if tree is not None else None
+    # Fixed step: every active sample is at grid[i] at iteration i, so the Brownian tree is
+    # queried once per step at a time shared by the batch (tree.evaluate_scalar: same numbers,
+    # cached descent) and the loop stops right after the last step.
+    grid = _shared_grid(save_times, dt_initial, options) if tree is not None else None
+    save_set = {float(x) for x in save_times} if grid is not None else set()
+    if tree is None:
+        tree_state = None
+    elif grid is not None:
+        tree_state = tree.evaluate_scalar(grid[0], levy=solver.needs_levy_area)
+    else:
+        tree_state = tree.evaluate(t)
+    if solver.fsal:
+        f0 = solver.initial_carry(terms, t.to(dtype), y0, f0)
     progress = _Progress(options.progress, float(save_times[0]), float(save_times[-1]))
 
     iteration = 0
     while True:
+        if grid is not None and iteration == len(grid) - 1:
+            break  # every sample has reached the end or stopped earlier
         if iteration % options.check_every == 0:
             n_active = int(active.sum())
             progress.update(float(torch.where(active, t, save_times[-1]).min()), n_active)
@@ -147,9 +194,14 @@ def integrate(
 
         if tree is not None:
             assert tree_state is not None
-            new_tree_state = tree.evaluate(t_new)
-            dw, levy = tree.increment_from(t, tree_state, t_new, new_tree_state)
-            dw, levy = dw.to(dtype), levy.to(dtype)
+            if grid is not None and not solver.needs_levy_area:
+                # W only: dW = W(t_new) - W(t) as increment_from computes it, no Lévy area
+                new_tree_state = tree.evaluate_scalar(grid[iteration], levy=False)
+                dw, levy = tree._shape_out(new_tree_state[0] - tree_state[0]).to(dtype), None
+            else:
+                new_tree_state = tree.evaluate(t_new) if grid is None else tree.evaluate_scalar(grid[iteration])
+                dw, levy = tree.increment_from(t, tree_state, t_new, new_tree_state)
+                dw, levy = dw.to(dtype), levy.to(dtype)
         else:
             new_tree_state, dw, levy = None, None, None
 
@@ -174,7 +226,9 @@ def integrate(
 
         y = _select(accepted, y1, y)
         t = torch.where(accepted, t_new, t)
-        if tree_state is not None and new_tree_state is not None:
+        if grid is not None:
+            tree_state = new_tree_state  # lockstep: a stopped sample never moves again
+        elif tree_state is not None and new_tree_state is not None:
             tree_state = (
                 _select(accepted, new_tree_state[0], tree_state[0]),
                 _select(accepted, new_tree_state[1], tree_state[1]),
@@ -184,7 +238,8 @@ def integrate(
 
         saved_now = accepted & hits
         slot = save_index.clamp(max=n_save - 1)
-        ys[slot, samples] = _select(saved_now, y, ys[slot, samples])
+        if grid is None or grid[iteration] in save_set:  # lockstep: nobody saves between save times
+            ys[slot, samples] = _select(saved_now, y, ys[slot, samples])
         save_index = save_index + saved_now
         finished = saved_now & (save_index >= n_save)
         retcodes = torch.where(finished, torch.full_like(retcodes, SUCCESS), retcodes)
@@ -208,6 +263,8 @@ def integrate(
         retcodes = torch.where(out_of_steps, torch.full_like(retcodes, int(ReturnCode.MaxIters)), retcodes)
         active = active & ~out_of_steps
 
+    if grid is not None:
+        progress.update(float(save_times[-1]), 0)
     progress.close()
     stats = Stats(nf=nf, ng=ng, naccept=naccept, nreject=nreject)
     return Solution(ts=save_times.to(dtype), ys=ys, stats=stats, retcodes=retcodes, alg=solver)

@@ -146,9 +146,17 @@ def solve(
         max_steps: per-sample limit on attempted steps (-> ``ReturnCode.MaxIters``).
         dtmin: smallest step before ``ReturnCode.DtLessThanMin`` (default ``1e-14 (t1 - t0)``).
         backend: ``"auto"`` | ``"native"`` | ``"julia"``.
-        sensealg: how gradients are computed: ``None`` (= ``deb.DiscreteAdjoint()``, backprop
-            through the steps), ``deb.DiscreteAdjoint(checkpoints=k)``, ``deb.BacksolveAdjoint()``,
-            ``deb.InterpolatingAdjoint(checkpoints=k)``; see :mod:`diffeqbridge.adjoint`.
+        sensealg: how gradients are computed: ``deb.DiscreteAdjoint(checkpoints=k)``,
+            ``deb.BacksolveAdjoint()``, ``deb.InterpolatingAdjoint(checkpoints=k)`` (see
+            :mod:`diffeqbridge.adjoint`), or ``None``: chosen by problem size as
+            SciMLSensitivity does (``ForwardDiffSensitivity`` for ``length(u0) + length(p) <= 100``,
+            an adjoint above), by :func:`diffeqbridge.adjoint.default_sensealg`:
+            ``DiscreteAdjoint()`` (backprop through the steps) when ``y0.numel()`` plus the
+            parameters' size is at most 100, and above that too unless the autograd graph of a
+            fixed-step solve is estimated above ``GRAPH_BUDGET_BYTES`` (1 GiB) -- then
+            ``InterpolatingAdjoint(checkpoints=k)``, or ``BacksolveAdjoint()`` (exact, O(1)
+            memory) for a reversible solver (``ReversibleHeun``).  No gradient wanted
+            (``torch.no_grad``): a plain solve.
         progress: show a progress bar.
 
     Returns:
@@ -235,6 +243,10 @@ def solve(
         adaptive=adaptive, atol=atol, rtol=rtol, max_steps=max_steps, dtmin=dtmin_value,
         progress=progress, check_every=max(1, int(check_every)),
     )
+    if sensealg is None:
+        from .adjoint import default_sensealg
+
+        sensealg = default_sensealg(prob, solver, adaptive, dt)
     if sensealg is not None:
         from .adjoint import solve_with_sensealg
 

@@ -1,11 +1,12 @@
 """Solver families, one file each: Euler-type, Milstein, Rößler SRI/SRA, explicit RK (ODE),
 drift-implicit SDE (implicit.py), additive-noise IMEX SRK (kencarp.py), Rosenbrock ODE (rosenbrock.py),
-ESDIRK ODE (sdirk.py)."""
+ESDIRK ODE (sdirk.py), reversible Heun (reversible_heun.py)."""
 from .base import AbstractSolver, StepOutput
 from .euler import EM, EulerHeun, LambaEM, LambaEulerHeun
 from .implicit import ISSEM, ImplicitEM, ImplicitRKMil
 from .kencarp import SKenCarp
 from .milstein import RKMil
+from .reversible_heun import ReversibleHeun
 from .rosenbrock import Rodas4
 from .runge_kutta import Dopri5, Tsit5
 from .sdirk import Kvaerno5
@@ -14,7 +15,7 @@ from .sri import SOSRI, SRIW1
 
 ALL_SOLVERS: tuple[type[AbstractSolver], ...] = (
     EM, EulerHeun, RKMil, LambaEM, LambaEulerHeun, SRIW1, SOSRI, SRA1, SOSRA, Tsit5, Dopri5,
-    ImplicitEM, ImplicitRKMil, ISSEM, SKenCarp, Rodas4, Kvaerno5,
+    ImplicitEM, ImplicitRKMil, ISSEM, SKenCarp, Rodas4, Kvaerno5, ReversibleHeun,
 )
 
 __all__ = ["AbstractSolver", "StepOutput", "ALL_SOLVERS", *(cls.__name__ for cls in ALL_SOLVERS)]

@@ -72,6 +72,12 @@ class AbstractSolver:
     qmax: ClassVar[float | None] = None
     qmin: ClassVar[float | None] = None
     gamma: ClassVar[float | None] = None
+    reversible: ClassVar[bool] = False  # algebraically reversible step (exact BacksolveAdjoint)
+
+    def initial_carry(self, terms: Terms, t: Tensor, y: Tensor, f0: Tensor | None) -> object:
+        """What the engine carries between steps in the FSAL slot, at the start (``f0`` by
+        default; solvers with more state, e.g. ``ReversibleHeun``, override this)."""
+        return f0
 
     def step(
         self,
