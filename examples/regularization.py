@@ -112,7 +112,7 @@ def train_sde(name: str, regularize: Any, weight: float, data: tuple, ts: torch.
         total = loss
         if model.regularization is not None:
             total = loss + weight * model.regularization.mean()
-            regs.append(float(model.regularization.mean()))
+            regs.append(float(model.regularization.detach().mean()))
         total.backward()
         opt.step()
         curve.append(float(loss.detach()))
@@ -166,7 +166,7 @@ def train_ode(name: str, regularize: Any, weight: float, y0: torch.Tensor, data:
         total = loss
         if model.regularization is not None:
             total = loss + weight * model.regularization.mean()
-            regs.append(float(model.regularization.mean()))
+            regs.append(float(model.regularization.detach().mean()))
         total.backward()
         opt.step()
         curve.append(float(loss.detach()))

@@ -11,7 +11,11 @@ from torch import nn
 
 import diffeqbridge as deb
 from diffeqbridge.controller import scaled_error_norm
-from diffeqbridge.regularization import eigen_estimate, real_stability_interval, stability_size
+from diffeqbridge.regularization import (
+    eigen_estimate,
+    real_stability_interval,
+    stability_size,
+)
 from diffeqbridge.solvers.runge_kutta import DOPRI5_TABLEAU, TSIT5_TABLEAU
 
 T_END = 1.0
@@ -158,7 +162,7 @@ def test_local_unbiased_one_differentiable_step_fd_gradient_and_sensealgs():
     theta = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
     prob = _sde(theta)
     tree = deb.VirtualBrownianTree(0.0, T_END, (3, 2), seed=5)
-    kw = dict(atol=0.05, rtol=0.05, brownian=tree)
+    kw = {"atol": 0.05, "rtol": 0.05, "brownian": tree}
     sol = deb.solve(prob, deb.SOSRI(), regularize=deb.Regularization("local_error", seed=11), **kw)
     base = deb.solve(prob, deb.SOSRI(), **kw)
     # the forward is untouched by the recorder

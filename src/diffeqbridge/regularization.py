@@ -63,7 +63,7 @@ from .brownian import VirtualBrownianTree
 from .problem import ODEProblem, Terms, expand_to
 from .solvers.base import AbstractSolver
 
-__all__ = ["Regularization", "eigen_estimate", "stability_size", "real_stability_interval"]
+__all__ = ["Regularization", "eigen_estimate", "real_stability_interval", "stability_size"]
 
 KINDS = ("error", "stiffness", "local_error", "local_stiffness")
 SAMPLINGS = ("unbiased", "biased")
@@ -211,7 +211,7 @@ def real_stability_interval(a: Any, b: Any, x_max: float = 50.0) -> float:
     return lo
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tableau_stability(cls: type) -> float | None:
     tab = getattr(cls, "tableau", None)
     if tab is None:
