@@ -229,9 +229,13 @@ def test_neural_ode_module_exposes_term():
     torch.manual_seed(0)
     model = deb.NeuralODE(nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2)).double(), alg=deb.Tsit5(),
                           regularize="local_error")
-    model(torch.randn(5, 2, dtype=torch.float64), [0.0, 1.0])
-    assert model.regularization.shape == (5,) and model.regularization.requires_grad
+    y0 = torch.randn(5, 2, dtype=torch.float64)
+    model(y0, [0.0, 1.0])
+    first = model.regularization
+    assert first.shape == (5,) and first.requires_grad
     assert model.stats.extra["nsteps_regularization"].tolist() == [1] * 5
+    model(y0, [0.0, 1.0])  # the module's Regularization stream advances: new local times
+    assert not torch.equal(first, model.regularization)
 
 
 def test_stability_sizes():

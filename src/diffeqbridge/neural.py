@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .brownian import VirtualBrownianTree
 from .problem import ODEProblem, SDEProblem
+from .regularization import as_regularization
 from .solve import solve
 
 __all__ = ["NeuralSDE", "NeuralODE"]
@@ -50,7 +51,8 @@ class NeuralSDE(nn.Module):
         regularize: solver-heuristic regularization (``"error"``, ``"local_error"``, ... or a
             ``deb.Regularization``; see :mod:`diffeqbridge.regularization`).  After each
             ``forward`` the ``(B,)`` term is ``self.regularization`` (None without it) and the
-            solve's statistics ``self.stats``.
+            solve's statistics ``self.stats``.  A string becomes one ``Regularization`` object
+            here, so local times are drawn afresh at every ``forward``.
         **solve_kwargs: passed to :func:`diffeqbridge.solve` (``dt``, ``adaptive``, tolerances...).
 
     ``forward(y0, ts, seed=0, brownian=None) -> ys`` of shape ``(T, B, *state_shape)``;
@@ -61,7 +63,7 @@ class NeuralSDE(nn.Module):
                  interpretation: str = "ito", noise_dim: int | None = None, alg: Any = None,
                  sensealg: Any = None, regularize: Any = None, **solve_kwargs: Any):
         super().__init__()
-        self.regularize, self.regularization, self.stats = regularize, None, None
+        self.regularize, self.regularization, self.stats = as_regularization(regularize), None, None
         self.drift_net = drift_net
         self.diffusion_net = diffusion_net
         self._drift = _caller(drift_net, "drift_net")
@@ -97,7 +99,7 @@ class NeuralODE(nn.Module):
     def __init__(self, net: nn.Module, alg: Any = None, sensealg: Any = None, regularize: Any = None,
                  **solve_kwargs: Any):
         super().__init__()
-        self.regularize, self.regularization, self.stats = regularize, None, None
+        self.regularize, self.regularization, self.stats = as_regularization(regularize), None, None
         self.net = net
         self._f = _caller(net, "net")
         self.alg, self.sensealg, self.solve_kwargs = alg, sensealg, solve_kwargs

@@ -129,17 +129,28 @@ class Regularization:
         return f"Regularization({self.kind!r}{extra}, seed={self.seed})"
 
 
-def check_regularize(regularize: Any, prob: ODEProblem, solver: AbstractSolver, adaptive: bool,
-                     sensealg: Any) -> Regularization | None:
-    """Validate ``solve(..., regularize=...)`` before any integration starts."""
-    if regularize is None:
-        return None
+def as_regularization(regularize: Any, seed: int = 0) -> Regularization | None:
+    """``None``, a :class:`Regularization`, or a kind string (-> ``Regularization(kind, seed=seed)``)."""
+    if regularize is None or isinstance(regularize, Regularization):
+        return regularize
     if isinstance(regularize, str):
         if regularize not in KINDS:
             raise ValueError(f"regularize must be None, one of {KINDS} or a deb.Regularization; got {regularize!r}")
-        regularize = Regularization(regularize)
-    if not isinstance(regularize, Regularization):
-        raise TypeError(f"regularize must be None, a string {KINDS} or a deb.Regularization; got {type(regularize).__name__}")
+        return Regularization(regularize, seed=seed)
+    raise TypeError(f"regularize must be None, a string {KINDS} or a deb.Regularization; got {type(regularize).__name__}")
+
+
+def check_regularize(regularize: Any, prob: ODEProblem, solver: AbstractSolver, adaptive: bool,
+                     sensealg: Any, seed: int = 0) -> Regularization | None:
+    """Validate ``solve(..., regularize=...)`` before any integration starts.
+
+    A string gets a fresh ``Regularization`` whose stream is seeded with the solve's ``seed``
+    (so local times change with it); pass one ``deb.Regularization`` object to a training loop
+    to draw new times at every call whatever the seed.
+    """
+    regularize = as_regularization(regularize, seed)
+    if regularize is None:
+        return None
     name = type(solver).__name__
     if not solver.adaptive or not adaptive:
         raise ValueError(

@@ -182,7 +182,8 @@ def solve(
     sensealg = check_sensealg(sensealg, prob, solver, adaptive)
     from .regularization import Recorder, check_regularize
 
-    regularize = check_regularize(regularize, prob, solver, adaptive, sensealg)
+    regularize = check_regularize(regularize, prob, solver, adaptive, sensealg,
+                                  seed if type(seed) is int and seed >= 0 else 0)
     atol = _check_positive("atol", atol if atol is not None else (1e-2 if prob.is_sde else 1e-6), allow_zero=True)
     rtol = _check_positive("rtol", rtol if rtol is not None else (1e-2 if prob.is_sde else 1e-3), allow_zero=True)
     if adaptive and atol == 0 and rtol == 0:
