@@ -24,7 +24,7 @@ except ImportError:
     from benchmarks import _harness as H  # type: ignore[no-redef]
 
 ORDER = ("sde_work_precision", "weak_error", "ode_work_precision", "neural_sde_step", "per_sample_steps", "gradients", "brownian",
-         "cuda_ensemble")
+         "cuda_ensemble", "regularization")
 
 
 def _fmt(x: Any, fmt: str = "{:.2f}") -> str:
@@ -71,6 +71,10 @@ def headline(name: str, doc: dict) -> str:
             return ", ".join(f"{r['impl']}/ours {r['ratio']:.2g}" for r in rs)
         if name == "cuda_ensemble":
             return doc.get("skipped") or "ran"
+        if name == "regularization":
+            from benchmarks.regularization import headline as regularization_headline
+
+            return regularization_headline(doc)
     except Exception as exc:  # noqa: BLE001 - a headline must never break a run
         return f"(no headline: {type(exc).__name__})"
     return ""

@@ -43,3 +43,20 @@ def test_bench_tiny_writes_json_and_png(tmp_path: Path):
     assert (tmp_path / "sde_work_precision.png").stat().st_size > 0
     assert "benchmark" in proc.stdout and "sde_work_precision" in proc.stdout
     assert json.loads((tmp_path / "summary.json").read_text())["tiny"] is True
+
+
+@pytest.mark.timeout(90)
+def test_bench_tiny_regularization(tmp_path: Path):
+    env = {**os.environ, "DEB_BENCH_TINY": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffeqbridge", "bench", "--only", "regularization", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=90, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "regularization.json").read_text())
+    for prob in ("neural_sde", "neural_ode"):
+        res = doc["problems"][prob]["results"]
+        assert set(res) == {"none", "error", "stiffness", "local_error", "local_stiffness"}
+        assert res["none"]["nfe_ratio"] == 1.0 and all(r["nfe"] > 0 for r in res.values())
+    assert (tmp_path / "regularization.png").stat().st_size > 0
+    assert "regularization" in proc.stdout

@@ -7,6 +7,7 @@ from . import julia  # light: julia_status etc.; juliacall is imported only on u
 from .brownian import VirtualBrownianTree
 from .neural import NeuralODE, NeuralSDE
 from .problem import ODEProblem, SDEProblem
+from .regularization import Regularization
 from .solution import ReturnCode, Solution, Stats
 from .solve import solve
 from .solvers import (
@@ -35,6 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SDEProblem", "ODEProblem", "solve", "Solution", "ReturnCode", "Stats", "VirtualBrownianTree",
     "DiscreteAdjoint", "BacksolveAdjoint", "InterpolatingAdjoint", "NeuralSDE", "NeuralODE",
+    "Regularization",
     "EM", "EulerHeun", "RKMil", "LambaEM", "LambaEulerHeun", "SRIW1", "SOSRI", "SRA1", "SOSRA", "Tsit5", "Dopri5",
     "ImplicitEM", "ImplicitRKMil", "ISSEM", "SKenCarp", "Rodas4", "Kvaerno5",
     "ReversibleHeun",

@@ -429,6 +429,7 @@ class _Ctx:
     sensealg: SensitivityAlgorithm
     stats: list[Solution] | None = None
     params: list[Tensor] | None = None  # what the boundary differentiates (default prob.params)
+    observer: Any = None  # solve(..., regularize=...)'s recorder (stops recording after the forward)
 
     @property
     def theta(self) -> list[Tensor]:
@@ -467,7 +468,8 @@ def _solve_segment(c: _Ctx, y: Tensor, a: float, b: float, first: bool) -> Solut
         f0 = c.terms.drift(times[0].expand(y.shape[0]), y)
         if not first:
             counts = (counts[0] + 1, counts[1])
-    return integrate(c.terms, c.solver, y, times, c.dt_initial, c.options, c.tree, f0=f0, initial_counts=counts)
+    return integrate(c.terms, c.solver, y, times, c.dt_initial, c.options, c.tree, f0=f0, initial_counts=counts,
+                     observer=c.observer)
 
 
 def _segmented_forward(c: _Ctx, y0: Tensor, bounds: Tensor) -> tuple[list[Tensor], _Accumulator]:
@@ -526,7 +528,8 @@ class _SolveFunction(torch.autograd.Function):
             ctx.save_for_backward(y_end, carry_end[0])
         else:
             sol = integrate(c.terms, c.solver, y0, c.save_times, c.dt_initial, c.options, c.tree,
-                            f0=c.f0.detach() if c.f0 is not None else None, initial_counts=c.initial_counts)
+                            f0=c.f0.detach() if c.f0 is not None else None, initial_counts=c.initial_counts,
+                            observer=c.observer)
             c.stats = [sol]
             ys = sol.ys
             ctx.save_for_backward(ys)
@@ -892,13 +895,15 @@ def solve_with_sensealg(
     tree: VirtualBrownianTree | None,
     f0: Tensor | None,
     initial_counts: tuple[int, int],
+    observer: Any = None,
 ) -> Solution:
     """Run the solve so that autograd differentiates it with ``sensealg``."""
-    c = _Ctx(prob, terms, solver, save_times, dt_initial, options, tree, f0, initial_counts, sensealg)
+    c = _Ctx(prob, terms, solver, save_times, dt_initial, options, tree, f0, initial_counts, sensealg,
+             observer=observer)
     if isinstance(sensealg, DiscreteAdjoint):
         if sensealg.checkpoints is None:
             return integrate(terms, solver, prob.y0, save_times, dt_initial, options, tree, f0=f0,
-                             initial_counts=initial_counts)
+                             initial_counts=initial_counts, observer=observer)
         # the InterpolatingAdjoint machinery (no graph in the forward, one segment's graph at a
         # time in the backward) over prob.params and the leaves closures use
         c.params = discover_params(prob, terms)

@@ -123,6 +123,7 @@ def integrate(
     tree: VirtualBrownianTree | None,
     f0: Tensor | None = None,
     initial_counts: tuple[int, int] = (0, 0),
+    observer: Any = None,
 ) -> Solution:
     """Integrate every sample from ``save_times[0]`` to ``save_times[-1]``.
 
@@ -136,6 +137,8 @@ def integrate(
         tree: the Brownian path (None for ODEs).
         f0: ``drift(t0, y0)`` for FSAL solvers.
         initial_counts: ``(nf, ng)`` already spent per sample (probing, initial dt).
+        observer: ``solve(..., regularize=...)``'s recorder (:mod:`diffeqbridge.regularization`),
+            called once per iteration after the controller; None otherwise.
     """
     batch, device, dtype = y0.shape[0], y0.device, y0.dtype
     n_save = save_times.shape[0]
@@ -224,6 +227,7 @@ def integrate(
         naccept = naccept + accepted
         nreject = nreject + rejected
 
+        y_prev, t_prev, f_prev = y, t, f0
         y = _select(accepted, y1, y)
         t = torch.where(accepted, t_new, t)
         if grid is not None:
@@ -258,6 +262,8 @@ def integrate(
             unstable = rejected
             retcodes = torch.where(unstable, torch.full_like(retcodes, int(ReturnCode.Unstable)), retcodes)
             active = active & ~unstable
+        if observer is not None:
+            observer.observe(t_prev, y_prev, t_new, step_dt, out, accepted | rejected, accepted, dt, f_prev)
 
         out_of_steps = active & (naccept + nreject >= options.max_steps)
         retcodes = torch.where(out_of_steps, torch.full_like(retcodes, int(ReturnCode.MaxIters)), retcodes)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .brownian import VirtualBrownianTree
 from .problem import ODEProblem, SDEProblem
+from .regularization import as_regularization
 from .solve import solve
 
 __all__ = ["NeuralSDE", "NeuralODE"]
@@ -47,6 +48,11 @@ class NeuralSDE(nn.Module):
         noise_dim: ``m`` for general noise.
         alg: solver (default: SciML's automatic choice for the noise/interpretation).
         sensealg: how gradients are computed (see :mod:`diffeqbridge.adjoint`).
+        regularize: solver-heuristic regularization (``"error"``, ``"local_error"``, ... or a
+            ``deb.Regularization``; see :mod:`diffeqbridge.regularization`).  After each
+            ``forward`` the ``(B,)`` term is ``self.regularization`` (None without it) and the
+            solve's statistics ``self.stats``.  A string becomes one ``Regularization`` object
+            here, so local times are drawn afresh at every ``forward``.
         **solve_kwargs: passed to :func:`diffeqbridge.solve` (``dt``, ``adaptive``, tolerances...).
 
     ``forward(y0, ts, seed=0, brownian=None) -> ys`` of shape ``(T, B, *state_shape)``;
@@ -55,8 +61,9 @@ class NeuralSDE(nn.Module):
 
     def __init__(self, drift_net: nn.Module, diffusion_net: nn.Module, noise: str = "diagonal",
                  interpretation: str = "ito", noise_dim: int | None = None, alg: Any = None,
-                 sensealg: Any = None, **solve_kwargs: Any):
+                 sensealg: Any = None, regularize: Any = None, **solve_kwargs: Any):
         super().__init__()
+        self.regularize, self.regularization, self.stats = as_regularization(regularize), None, None
         self.drift_net = drift_net
         self.diffusion_net = diffusion_net
         self._drift = _caller(drift_net, "drift_net")
@@ -77,15 +84,22 @@ class NeuralSDE(nn.Module):
         if times.numel() < 2:
             raise ValueError("NeuralSDE.forward: ts needs at least two times (t0 and t1)")
         prob = self.problem(y0, (float(times[0]), float(times[-1])))
-        return solve(prob, self.alg, saveat=times, seed=seed, brownian=brownian,
-                     sensealg=self.sensealg, **self.solve_kwargs).ys
+        sol = solve(prob, self.alg, saveat=times, seed=seed, brownian=brownian,
+                    sensealg=self.sensealg, regularize=self.regularize, **self.solve_kwargs)
+        self.regularization, self.stats = sol.regularization, sol.stats
+        return sol.ys
 
 
 class NeuralODE(nn.Module):
-    """``dy/dt = net(t, y)`` as an ``nn.Module``; ``forward(y0, ts) -> ys (T, B, *state_shape)``."""
+    """``dy/dt = net(t, y)`` as an ``nn.Module``; ``forward(y0, ts) -> ys (T, B, *state_shape)``.
 
-    def __init__(self, net: nn.Module, alg: Any = None, sensealg: Any = None, **solve_kwargs: Any):
+    ``regularize`` as for :class:`NeuralSDE` (``self.regularization``/``self.stats`` after ``forward``).
+    """
+
+    def __init__(self, net: nn.Module, alg: Any = None, sensealg: Any = None, regularize: Any = None,
+                 **solve_kwargs: Any):
         super().__init__()
+        self.regularize, self.regularization, self.stats = as_regularization(regularize), None, None
         self.net = net
         self._f = _caller(net, "net")
         self.alg, self.sensealg, self.solve_kwargs = alg, sensealg, solve_kwargs
@@ -95,4 +109,7 @@ class NeuralODE(nn.Module):
         if times.numel() < 2:
             raise ValueError("NeuralODE.forward: ts needs at least two times (t0 and t1)")
         prob = ODEProblem(self._f, y0, (float(times[0]), float(times[-1])), params=self)
-        return solve(prob, self.alg, saveat=times, sensealg=self.sensealg, **self.solve_kwargs).ys
+        sol = solve(prob, self.alg, saveat=times, sensealg=self.sensealg, regularize=self.regularize,
+                    **self.solve_kwargs)
+        self.regularization, self.stats = sol.regularization, sol.stats
+        return sol.ys

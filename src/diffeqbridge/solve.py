@@ -131,6 +131,7 @@ def solve(
     sensealg: Any = None,
     progress: bool = False,
     check_every: int = 8,
+    regularize: Any = None,
 ) -> Solution:
     """Solve an SDE or ODE problem for every sample of the batch.
 
@@ -158,6 +159,10 @@ def solve(
             memory) for a reversible solver (``ReversibleHeun``).  No gradient wanted
             (``torch.no_grad``): a plain solve.
         progress: show a progress bar.
+        regularize: ``None`` or a solver-heuristic regularizer, ``deb.Regularization(...)`` or
+            its kind as a string (``"error"``, ``"stiffness"``, ``"local_error"``,
+            ``"local_stiffness"``); the solution then carries ``sol.regularization``, a
+            differentiable ``(B,)`` tensor (see :mod:`diffeqbridge.regularization`).
 
     Returns:
         :class:`Solution` with ``ts (T,)``, ``ys (T, B, *state_shape)``, per-sample stats/retcodes.
@@ -183,6 +188,10 @@ def solve(
     from .adjoint import check_sensealg
 
     sensealg = check_sensealg(sensealg, prob, solver, adaptive)
+    from .regularization import Recorder, check_regularize
+
+    regularize = check_regularize(regularize, prob, solver, adaptive, sensealg,
+                                  seed if type(seed) is int and seed >= 0 else 0)
     atol = _check_positive("atol", atol if atol is not None else (1e-2 if prob.is_sde else 1e-6), allow_zero=True)
     rtol = _check_positive("rtol", rtol if rtol is not None else (1e-2 if prob.is_sde else 1e-3), allow_zero=True)
     if adaptive and atol == 0 and rtol == 0:
@@ -243,18 +252,23 @@ def solve(
         adaptive=adaptive, atol=atol, rtol=rtol, max_steps=max_steps, dtmin=dtmin_value,
         progress=progress, check_every=max(1, int(check_every)),
     )
-    if sensealg is None:
+    if sensealg is None and (regularize is None or regularize.is_local):
+        # a global regularizer needs the graph of every step: keep plain backprop
         from .adjoint import default_sensealg
 
         sensealg = default_sensealg(prob, solver, adaptive, dt)
+    recorder = None if regularize is None else Recorder(regularize, terms, solver, prob.y0, t0, t1, atol, rtol)
     if sensealg is not None:
         from .adjoint import solve_with_sensealg
 
         sol = solve_with_sensealg(sensealg, prob, terms, solver, save_times, dt_initial, options, tree,
-                                  f0=f0 if solver.fsal else None, initial_counts=counts)
+                                  f0=f0 if solver.fsal else None, initial_counts=counts, observer=recorder)
     else:
         sol = integrate(terms, solver, prob.y0, save_times, dt_initial, options, tree,
-                        f0=f0 if solver.fsal else None, initial_counts=counts)
+                        f0=f0 if solver.fsal else None, initial_counts=counts, observer=recorder)
+    if recorder is not None:
+        sol.regularization, extra = recorder.finish(tree)
+        sol.stats.extra.update(extra)
     if not requested_first:
         sol.ts, sol.ys = sol.ts[1:], sol.ys[1:]
     return sol

@@ -1,0 +1,60 @@
+"""Solver-heuristic regularization (Pal et al. 2021/2023): test-time NFE, loss and time after training.
+
+Runs ``examples/regularization.py`` (a neural SDE toy solved by SOSRI at tolerance 0.3, and a
+spiral neural ODE solved by Tsit5), training each model without and with every regularizer
+(``"error"``, ``"stiffness"``, ``"local_error"``, ``"local_stiffness"``) for the same
+iterations from the same seed, and reports at test time (no regularizer): the test loss, NFE
+per trajectory (at the save times, and for ``(t0, t1)`` only) and the prediction wall time,
+with ratios to the unregularized model.
+
+``python benchmarks/regularization.py [--quick] [--tiny] [--out bench_out]`` writes
+``regularization.json`` and ``regularization.png``; ``--quick`` takes about a minute.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+try:
+    from . import _harness as H
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks import _harness as H  # type: ignore[no-redef]
+
+NAME = "regularization"
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "regularization.py"
+
+
+def _example() -> Any:
+    spec = importlib.util.spec_from_file_location("deb_example_regularization", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progress=None) -> dict:
+    H.set_threads(threads)
+    out = Path(out)
+    payload = _example().run(quick, out, size=size or ("quick" if quick else "full"))
+    return H.write_json(out / f"{NAME}.json", NAME, payload)
+
+
+def headline(doc: dict) -> str:
+    parts = []
+    for prob, r in doc["problems"].items():
+        res = r["results"]
+        best = min((n for n in res if n != "none"), key=lambda n: res[n]["nfe_endpoints_ratio"])
+        parts.append(f"{prob}: best {best} NFE×{res[best]['nfe_endpoints_ratio']:.2f} (save times ×{res[best]['nfe_ratio']:.2f}), "
+                     f"test loss×{res[best]['test_loss_ratio']:.2f}")
+    return " | ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return H.sized_main(run, __doc__.splitlines()[0], argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
