@@ -10,6 +10,10 @@ from .solution import ReturnCode, Solution, Stats
 from .solve import solve
 from .solvers import (
     EM,
+    AutoDP5,
+    AutoSOSRI,
+    AutoSwitch,
+    AutoTsit5,
     ISSEM,
     SOSRA,
     SOSRI,
@@ -35,4 +39,5 @@ __all__ = [
     "DiscreteAdjoint", "BacksolveAdjoint", "InterpolatingAdjoint", "NeuralSDE", "NeuralODE",
     "EM", "EulerHeun", "RKMil", "LambaEM", "LambaEulerHeun", "SRIW1", "SOSRI", "SRA1", "SOSRA", "Tsit5", "Dopri5",
     "ImplicitEM", "ImplicitRKMil", "ISSEM", "SKenCarp", "Rodas4", "Kvaerno5",
+    "AutoSwitch", "AutoTsit5", "AutoDP5", "AutoSOSRI",
 ]

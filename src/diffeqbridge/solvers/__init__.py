@@ -1,7 +1,8 @@
 """Solver families, one file each: Euler-type, Milstein, Rößler SRI/SRA, explicit RK (ODE),
 drift-implicit SDE (implicit.py), additive-noise IMEX SRK (kencarp.py), Rosenbrock ODE (rosenbrock.py),
-ESDIRK ODE (sdirk.py)."""
+ESDIRK ODE (sdirk.py), stiffness-switching composites (composite.py)."""
 from .base import AbstractSolver, StepOutput
+from .composite import AutoDP5, AutoSOSRI, AutoSwitch, AutoTsit5
 from .euler import EM, EulerHeun, LambaEM, LambaEulerHeun
 from .implicit import ISSEM, ImplicitEM, ImplicitRKMil
 from .kencarp import SKenCarp
@@ -17,4 +18,7 @@ ALL_SOLVERS: tuple[type[AbstractSolver], ...] = (
     ImplicitEM, ImplicitRKMil, ISSEM, SKenCarp, Rodas4, Kvaerno5,
 )
 
-__all__ = ["AbstractSolver", "StepOutput", "ALL_SOLVERS", *(cls.__name__ for cls in ALL_SOLVERS)]
+COMPOSITE_SOLVERS = (AutoSwitch, AutoTsit5, AutoDP5, AutoSOSRI)
+
+__all__ = ["AbstractSolver", "StepOutput", "ALL_SOLVERS", "COMPOSITE_SOLVERS", *(cls.__name__ for cls in ALL_SOLVERS),
+           *(cls.__name__ for cls in COMPOSITE_SOLVERS)]

@@ -42,7 +42,7 @@ from ..nonlinear import (
     newton_stage,
 )
 from ..problem import Terms, expand_to
-from .base import AbstractSolver, StepOutput
+from .base import AbstractSolver, StepOutput, jacobian_inf_norm
 
 _G = 0.26
 _KV5_A = (
@@ -90,7 +90,7 @@ class ESDIRK(AbstractSolver):
         h = expand_to(dt, y).to(y.dtype)
         gh = g * dt
         opts = self.newton
-        factors, nf = None, 0
+        factors, nf, J = None, 0, None
         if opts.linsolve == "lu" or self.smooth_est:
             J, nf = batched_jacobian(f, t, y, opts.jac)
             factors = lu_factor(newton_matrix(J, gh))
@@ -118,7 +118,8 @@ class ESDIRK(AbstractSolver):
                 err = err + b * z
         if self.smooth_est and factors is not None:
             err = lu_solve(factors, err)
-        return StepOutput(mark_failed(u, converged), err, nf=nf, ng=0, f1=zs[-1] / h)
+        return StepOutput(mark_failed(u, converged), err, nf=nf, ng=0, f1=zs[-1] / h, converged=converged,
+                          stiffness=None if J is None else jacobian_inf_norm(J))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
