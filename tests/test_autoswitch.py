@@ -157,3 +157,26 @@ def test_autoswitch_validation():
     sde = deb.SDEProblem(lambda t, y: -y, lambda t, y: y, torch.ones(1, 1, dtype=torch.float64))
     with pytest.raises(ValueError, match="ODE solver"):
         deb.solve(sde, deb.AutoTsit5(deb.Rodas4()))
+
+
+# ------------------------------------------------------------------ alg_hints
+def test_alg_hints_stiff_choose_as_sciml():
+    y = torch.ones(2, 3, dtype=torch.float64)
+    f, g = (lambda t, y: -y), (lambda t, y: 0.1 * y)
+    choose = lambda prob: type(deb.solve(prob, alg_hints=["stiff"], dt=0.1, adaptive=False).alg).__name__
+    assert choose(deb.SDEProblem(f, g, y, noise="additive")) == "SKenCarp"
+    assert choose(deb.SDEProblem(f, g, y)) == "ImplicitRKMil"
+    assert choose(deb.SDEProblem(f, g, y, interpretation="stratonovich")) == "ImplicitRKMil"
+    general = deb.SDEProblem(f, lambda t, y: 0.1 * y.unsqueeze(-1), y, noise="general", noise_dim=1)
+    assert choose(general) == "ISSEM"
+    assert choose(deb.ODEProblem(f, y, (0.0, 1.0))) == "Rodas4"
+    assert choose(deb.ODEProblem(f, torch.ones(1, 100, dtype=torch.float64), (0.0, 1.0))) == "Kvaerno5"
+    # no hint / nonstiff: the default stays
+    assert type(deb.solve(deb.SDEProblem(f, g, y), alg_hints=["nonstiff"]).alg).__name__ == "SOSRI"
+    with pytest.raises(ValueError, match="alg_hints"):
+        deb.solve(deb.SDEProblem(f, g, y), alg_hints=["stif"])
+    with pytest.raises(TypeError, match="alg_hints"):
+        deb.solve(deb.SDEProblem(f, g, y), alg_hints="stiff")
+    with pytest.raises(ValueError, match="ImplicitEulerHeun"):
+        deb.solve(deb.SDEProblem(f, lambda t, y: 0.1 * y.unsqueeze(-1), y, noise="general", noise_dim=1,
+                                 interpretation="stratonovich"), alg_hints=["stiff"])
