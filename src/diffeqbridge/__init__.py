@@ -29,6 +29,7 @@ from .solvers import (
     RKMil,
     Rodas4,
     SKenCarp,
+    SROCK1,
     Tsit5,
 )
 
@@ -38,6 +39,6 @@ __all__ = [
     "SDEProblem", "ODEProblem", "solve", "Solution", "ReturnCode", "Stats", "VirtualBrownianTree",
     "DiscreteAdjoint", "BacksolveAdjoint", "InterpolatingAdjoint", "NeuralSDE", "NeuralODE",
     "EM", "EulerHeun", "RKMil", "LambaEM", "LambaEulerHeun", "SRIW1", "SOSRI", "SRA1", "SOSRA", "Tsit5", "Dopri5",
-    "ImplicitEM", "ImplicitRKMil", "ISSEM", "SKenCarp", "Rodas4", "Kvaerno5",
+    "ImplicitEM", "ImplicitRKMil", "ISSEM", "SKenCarp", "SROCK1", "Rodas4", "Kvaerno5",
     "AutoSwitch", "AutoTsit5", "AutoDP5", "AutoSOSRI",
 ]
