@@ -134,6 +134,7 @@ def integrate(
     newton_streak = zeros.clone()  # consecutive Newton failures per sample
     eigen_last: Tensor | None = None  # stiffness estimates (solvers that report them)
     eigen_max: Tensor | None = None
+    njac: Tensor | None = None  # Jacobian evaluations (implicit solvers)
 
     iteration = 0
     while True:
@@ -174,6 +175,8 @@ def integrate(
             accepted = active & finite
         rejected = active & ~accepted
         newton_failed = active & ~out.converged if out.converged is not None else None
+        if out.njac is not None:
+            njac = (njac if njac is not None else zeros) + active * out.njac
         if out.stiffness is not None:
             rho = out.stiffness.detach().to(torch.float64)
             eigen_last = torch.where(accepted, rho, eigen_last if eigen_last is not None else torch.zeros_like(rho))
@@ -237,5 +240,7 @@ def integrate(
     stats = Stats(nf=nf, ng=ng, naccept=naccept, nreject=nreject)
     if eigen_last is not None and eigen_max is not None:
         stats.extra["eigen_est"], stats.extra["max_eigen_est"] = eigen_last, eigen_max
+    if njac is not None:
+        stats.extra["njac"] = njac
     stats.extra.update(solver.extra_stats())
     return Solution(ts=save_times.to(dtype), ys=ys, stats=stats, retcodes=retcodes, alg=solver)

@@ -42,6 +42,8 @@ class StepOutput:
             Jacobian (Hairer's ``‖f(y_s) - f(y_{s-1})‖ / ‖y_s - y_{s-1}‖`` from the last two
             stages for explicit methods, ``‖J‖_∞`` for methods that build ``J``), as
             OrdinaryDiffEq's/StochasticDiffEq's ``eigen_est``; None when not computed.
+        njac: Jacobian evaluations in this step (implicit solvers; summed into
+            ``Stats.extra["njac"]``), None when the solver builds none.
         nf / ng may also be ``(B,)`` int tensors (composite solvers count per sample).
     """
 
@@ -52,6 +54,7 @@ class StepOutput:
     f1: Tensor | None = None
     converged: Tensor | None = None
     stiffness: Tensor | None = None
+    njac: int | Tensor | None = None
 
 
 class AbstractSolver:

@@ -142,7 +142,7 @@ class ImplicitEM(_DriftImplicit):
         noise_error = _lamba_noise_error(terms, t, euler, y, dt, diff0, dw, ito=True)
         error = self.delta * self._drift_error(terms, t, y, dt, drift0, J) + noise_error
         return StepOutput(mark_failed(y1, converged), error, nf=1 + nf, ng=2, converged=converged,
-                          stiffness=None if J is None else jacobian_inf_norm(J))
+                          stiffness=None if J is None else jacobian_inf_norm(J), njac=None if J is None else 1)
 
 
 class ImplicitRKMil(_DriftImplicit):
@@ -180,7 +180,8 @@ class ImplicitRKMil(_DriftImplicit):
         noise_error = (dw_state * dw_state * dw_state).abs() * ggprime * ggprime / 6
         error = self.delta * self._drift_error(terms, t, y, dt, drift0, J) + noise_error
         return StepOutput(mark_failed(y1, converged), error, nf=1 + nf, ng=2 if terms.interpretation == "ito" else 3,
-                          converged=converged, stiffness=None if J is None else jacobian_inf_norm(J))
+                          converged=converged, stiffness=None if J is None else jacobian_inf_norm(J),
+                          njac=None if J is None else 1)
 
 
 class ISSEM(ImplicitEM):

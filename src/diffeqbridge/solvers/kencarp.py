@@ -144,7 +144,7 @@ class SKenCarp(AbstractSolver):
         e1 = z1 + z2 + z3 + z4
         error = e2 if self.delta == 0.0 else self.delta * e1 + e2
         return StepOutput(mark_failed(y1, converged), error, nf=nf, ng=2, converged=converged,
-                          stiffness=None if J is None else jacobian_inf_norm(J))
+                          stiffness=None if J is None else jacobian_inf_norm(J), njac=None if J is None else 1)
 
     def __repr__(self) -> str:
         return "SKenCarp()" if self.delta == 1.0 else f"SKenCarp(delta={self.delta!r})"
