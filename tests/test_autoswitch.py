@@ -180,3 +180,21 @@ def test_alg_hints_stiff_choose_as_sciml():
     with pytest.raises(ValueError, match="ImplicitEulerHeun"):
         deb.solve(deb.SDEProblem(f, lambda t, y: 0.1 * y.unsqueeze(-1), y, noise="general", noise_dim=1,
                                  interpretation="stratonovich"), alg_hints=["stiff"])
+
+
+def test_autososri_switches_per_sample():
+    """SDE composite: with SciML's nonstifftol = 0.9 SOSRI's heuristic error control keeps
+    ρ dt ≈ 1.5–2 on dX = λ (X - 1) dt + 0.1 X dW, λ = -1000 (below 0.9 x 9.84), so no switch
+    happens; a lower nonstifftol makes the stiff sample switch to ImplicitRKMil while the mild
+    (λ = -1) sample stays on SOSRI and follows exactly SOSRI's path."""
+    lam = torch.tensor([[-1000.0], [-1.0]], dtype=torch.float64)
+    prob = deb.SDEProblem(lambda t, y: lam * (y - 1), lambda t, y: 0.1 * y, torch.full((2, 1), 2.0, dtype=torch.float64),
+                          tspan=(0.0, 0.5))
+    sol = deb.solve(prob, deb.AutoSOSRI(nonstifftol=0.05), seed=1)
+    plain = deb.solve(prob, deb.SOSRI(), seed=1)
+    assert sol.success
+    extra = sol.stats.extra
+    assert int(extra["nswitch"][0]) >= 1 and int(extra["stiff_steps"][0]) >= 1 and int(extra["njac"][0]) >= 1
+    assert int(extra["nswitch"][1]) == 0 and int(extra["njac"][1]) == 0
+    assert torch.equal(sol.ys[-1, 1], plain.ys[-1, 1])
+    assert abs(float(sol.ys[-1, 0, 0]) - 1.0) < 0.05  # relaxed to the fixed point 1 (noise 0.1 X dW)

@@ -157,8 +157,10 @@ class AutoSwitch(AbstractSolver):
         ng = torch.where(stiff, torch.as_tensor(b.ng, device=y.device), torch.as_tensor(a.ng, device=y.device))
         y1 = _pick(stiff, b.y1, a.y1)
         assert y1 is not None
+        njac = None if b.njac is None else torch.where(stiff, torch.as_tensor(b.njac, device=y.device),
+                                                        torch.zeros((), dtype=torch.long, device=y.device))
         return StepOutput(y1=y1, error=_pick(stiff, b.error, a.error), nf=nf, ng=ng, f1=_pick(stiff, b.f1, a.f1),
-                          converged=converged, stiffness=_pick(stiff, b.stiffness, a.stiffness))
+                          converged=converged, stiffness=_pick(stiff, b.stiffness, a.stiffness), njac=njac)
 
     def after_step(self, accepted: Tensor, active: Tensor, t: Tensor, dt: Tensor, out: StepOutput) -> Tensor | None:
         state = self._state
