@@ -107,13 +107,13 @@ def _ode(size: str) -> dict[str, Any]:
                                     "success": bool(sol.success)})
         f_j = jf[name]
         for label, solver in (("diffrax Kvaerno5", diffrax.Kvaerno5()), ("diffrax KenCarp4", diffrax.KenCarp4())):
-            def one(rtol, atol, solver=solver):
-                term = diffrax.ODETerm(lambda t, y, args: f_j(t, y))
+            def one(rtol, atol, solver=solver, field=f_j, t_end=T, start_state=y0):
+                term = diffrax.ODETerm(lambda t, u, args: field(t, u))
                 if isinstance(solver, diffrax.KenCarp4):  # IMEX: everything in the implicit part
-                    term = diffrax.MultiTerm(diffrax.ODETerm(lambda t, y, args: jnp.zeros_like(y)), term)
+                    term = diffrax.MultiTerm(diffrax.ODETerm(lambda t, u, args: jnp.zeros_like(u)), term)
                 sol = diffrax.diffeqsolve(
-                    term, solver, 0.0, T, dt0=None,
-                    y0=jnp.asarray(y0, dtype=jnp.float64),
+                    term, solver, 0.0, t_end, dt0=None,
+                    y0=jnp.asarray(start_state, dtype=jnp.float64),
                     stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol, pcoeff=0.3, icoeff=0.4),
                     saveat=diffrax.SaveAt(t1=True), max_steps=100_000, throw=False)
                 return sol.ys[-1], sol.stats["num_steps"], sol.stats["num_rejected_steps"]
@@ -123,9 +123,9 @@ def _ode(size: str) -> dict[str, Any]:
             rows[label] = []
             for tol in tols:
                 start = time.perf_counter()
-                y, steps, rej = jax.block_until_ready(fn(tol, 1e-2 * tol))
+                y_end, steps, rej = jax.block_until_ready(fn(tol, 1e-2 * tol))
                 wall = time.perf_counter() - start
-                rows[label].append({"tol": tol, "err": _rel_err(np.asarray(y), ref), "steps": int(steps) + int(rej),
+                rows[label].append({"tol": tol, "err": _rel_err(np.asarray(y_end), ref), "steps": int(steps) + int(rej),
                                     "nfe": None, "wall_s": wall})
         # torchdiffeq implicit_adams: fixed step, a few step counts (cheap ones only)
         rows["torchdiffeq implicit_adams"] = []
@@ -134,9 +134,9 @@ def _ode(size: str) -> dict[str, Any]:
         for n in counts:
             calls = {"n": 0}
 
-            def fc(t, y, f=tf[name]):
+            def fc(t, u, f=tf[name], calls=calls):
                 calls["n"] += 1
-                return f(t, y)
+                return f(t, u)
 
             start = time.perf_counter()
             try:

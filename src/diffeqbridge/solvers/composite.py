@@ -46,7 +46,6 @@ from torch import Tensor
 from ..problem import Terms, expand_to
 from .base import AbstractSolver, StepOutput
 from .implicit import ImplicitRKMil
-from .rosenbrock import Rodas4
 from .runge_kutta import Dopri5, Tsit5
 from .sri import SOSRI
 
@@ -231,4 +230,4 @@ class AutoSOSRI(AutoSwitch):
         return f"AutoSOSRI({self.stiff!r})"
 
 
-__all__ = ["AutoSwitch", "AutoTsit5", "AutoDP5", "AutoSOSRI"]
+__all__ = ["AutoDP5", "AutoSOSRI", "AutoSwitch", "AutoTsit5"]

@@ -185,4 +185,4 @@ class SROCK1(AbstractSolver):
         return "SROCK1()" if self.nstages is None else f"SROCK1(nstages={self.nstages})"
 
 
-__all__ = ["SROCK1", "power_iteration_eigen", "STAGES", "DAMPING"]
+__all__ = ["DAMPING", "SROCK1", "STAGES", "power_iteration_eigen"]
