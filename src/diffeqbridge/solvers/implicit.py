@@ -13,8 +13,9 @@ with ``Δ = g(t, y)·ΔW`` (``ImplicitEM``) or the derivative-free Milstein incr
 The stage equation is solved per sample by :mod:`diffeqbridge.nonlinear` (simplified
 Newton with a per-sample LU of ``I - θ dt J``, or Newton–Krylov), starting from the
 explicit predictor ``base + θ dt f(t, y)``.  A sample whose Newton iteration does not
-converge gets a NaN proposal: the engine rejects it (adaptive) or stops it as
-``Unstable`` (fixed step).
+converge gets a NaN proposal and ``converged = False``: the engine rejects it (adaptive;
+``ReturnCode.ConvergenceFailure`` after 10 consecutive failures) or stops it with
+``ConvergenceFailure`` (fixed step).
 
 Error estimates (StochasticDiffEq.jl ``src/perform_step/sdirk.jl``, in-place caches)::
 

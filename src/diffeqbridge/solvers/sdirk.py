@@ -7,7 +7,8 @@ Stage ``i`` of an ESDIRK method with diagonal ``γ`` (stage 1 explicit)::
 Every implicit stage is ``u = tmp_i + γ h f(t_i, u)``, solved per sample by
 :func:`diffeqbridge.nonlinear.newton_stage` (simplified Newton: the per-sample Jacobian
 at ``(t, y)`` and the LU of ``I - γ h J`` are computed once per step and shared by all
-stages).  Stiffly accurate: ``y1`` is the last stage.  Error estimate: the embedded
+stages; with ``reuse_jacobian=True`` the Jacobian is kept across steps until Newton slows down
+or fails).  Stiffly accurate: ``y1`` is the last stage.  Error estimate: the embedded
 solution's difference ``Σ btilde_i z_i`` smoothed by ``(I - γ h J)^{-1}`` (Hairer–Wanner
 II, Sec. IV.8; OrdinaryDiffEq's ``smooth_est = true``), so the estimate stays bounded on
 stiff components.  A sample whose Newton iteration fails gets a NaN proposal, which the
