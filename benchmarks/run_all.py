@@ -24,7 +24,7 @@ except ImportError:
     from benchmarks import _harness as H  # type: ignore[no-redef]
 
 ORDER = ("sde_work_precision", "weak_error", "ode_work_precision", "neural_sde_step", "per_sample_steps", "gradients", "brownian",
-         "cuda_ensemble", "regularization")
+         "cuda_ensemble", "regularization", "stiff_work_precision")
 
 
 def _fmt(x: Any, fmt: str = "{:.2f}") -> str:
@@ -75,6 +75,16 @@ def headline(name: str, doc: dict) -> str:
             from benchmarks.regularization import headline as regularization_headline
 
             return regularization_headline(doc)
+        if name == "stiff_work_precision":
+            parts = []
+            for p, r in doc["ode"].items():
+                steps = {k: min((x["steps"] for x in v if x["err"] <= 1e-4), default=None) for k, v in r["methods"].items()}
+                parts.append(f"{p}: steps to 1e-4 Rodas4 {_fmt(steps.get('ours Rodas4'), '{}')}, "
+                             f"dfx Kvaerno5 {_fmt(steps.get('diffrax Kvaerno5'), '{}')}")
+            st = doc["sde"]["largest_stable_dt"]
+            parts.append(f"stiff SDE bounded dt: ImplicitEM {_fmt((st.get('ours ImplicitEM') or {}).get('dt'), '{}')}, "
+                         f"torchsde {_fmt((st.get('torchsde euler') or {}).get('dt'), '{}')}")
+            return " | ".join(parts)
     except Exception as exc:  # noqa: BLE001 - a headline must never break a run
         return f"(no headline: {type(exc).__name__})"
     return ""

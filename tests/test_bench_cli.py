@@ -60,3 +60,20 @@ def test_bench_tiny_regularization(tmp_path: Path):
         assert res["none"]["nfe_ratio"] == 1.0 and all(r["nfe"] > 0 for r in res.values())
     assert (tmp_path / "regularization.png").stat().st_size > 0
     assert "regularization" in proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_bench_tiny_stiff_work_precision(tmp_path: Path):
+    pytest.importorskip("diffrax")
+    pytest.importorskip("torchdiffeq")
+    env = {**os.environ, "DEB_BENCH_TINY": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffeqbridge", "bench", "--only", "stiff_work_precision", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "stiff_work_precision.json").read_text())
+    assert doc["ode"]["robertson"]["methods"]["ours Rodas4"][0]["err"] < 1e-3
+    stable = doc["sde"]["largest_stable_dt"]
+    assert stable["ours ImplicitEM"]["dt"] == 0.1 and stable["torchsde euler"]["dt"] == 0.001
+    assert (tmp_path / "stiff_work_precision.png").stat().st_size > 0

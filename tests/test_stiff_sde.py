@@ -174,13 +174,13 @@ def test_implicit_em_newton_variants_agree(opts):
 
 
 def test_newton_failure_is_per_sample():
-    """z = y + dt z² has no real root when 4 dt y > 1 (here y = 1.5, dt = 0.5): that sample stops (Unstable), the
-    others finish."""
+    """z = y + dt z² has no real root when 4 dt y > 1 (here y = 1.5, dt = 0.5): at a fixed step that sample stops
+    with ConvergenceFailure (as SciML), the others finish."""
     prob = deb.SDEProblem(lambda t, y: y * y, lambda t, y: 0.0 * y,
                           torch.tensor([[0.1], [1.5], [-1.0]], dtype=torch.float64), tspan=(0.0, 0.5))
     sol = deb.solve(prob, deb.ImplicitEM(), dt=0.5, adaptive=False)
     codes = [int(c) for c in sol.retcodes]
-    assert codes == [SUCCESS, int(deb.ReturnCode.Unstable), SUCCESS]
+    assert codes == [SUCCESS, int(deb.ReturnCode.ConvergenceFailure), SUCCESS]
     root = (1 - math.sqrt(1 - 4 * 0.5 * 0.1)) / (2 * 0.5)
     assert abs(float(sol.ys[-1, 0, 0]) - root) < 1e-9
     # adaptive: the failing sample is retried with smaller steps (y = 1/(1/1.5 - t) is

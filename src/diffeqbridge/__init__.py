@@ -12,6 +12,10 @@ from .solution import ReturnCode, Solution, Stats
 from .solve import solve
 from .solvers import (
     EM,
+    AutoDP5,
+    AutoSOSRI,
+    AutoSwitch,
+    AutoTsit5,
     ISSEM,
     SOSRA,
     SOSRI,
@@ -28,6 +32,7 @@ from .solvers import (
     RKMil,
     Rodas4,
     SKenCarp,
+    SROCK1,
     Tsit5,
 )
 
@@ -38,6 +43,6 @@ __all__ = [
     "DiscreteAdjoint", "BacksolveAdjoint", "InterpolatingAdjoint", "NeuralSDE", "NeuralODE",
     "Regularization",
     "EM", "EulerHeun", "RKMil", "LambaEM", "LambaEulerHeun", "SRIW1", "SOSRI", "SRA1", "SOSRA", "Tsit5", "Dopri5",
-    "ImplicitEM", "ImplicitRKMil", "ISSEM", "SKenCarp", "Rodas4", "Kvaerno5",
-    "ReversibleHeun",
+    "ImplicitEM", "ImplicitRKMil", "ISSEM", "SKenCarp", "SROCK1", "Rodas4", "Kvaerno5",
+    "ReversibleHeun", "AutoSwitch", "AutoTsit5", "AutoDP5", "AutoSOSRI",
 ]

@@ -25,6 +25,7 @@ from .solvers.base import AbstractSolver
 
 SUCCESS = int(ReturnCode.Success)
 DEFAULT = int(ReturnCode.Default)
+CONVERGENCE_FAILURE = int(ReturnCode.ConvergenceFailure)
 
 
 @dataclass
@@ -36,6 +37,8 @@ class EngineOptions:
     dtmin: float
     progress: bool = False
     check_every: int = 8
+    # adaptive: consecutive Newton failures of a sample before ReturnCode.ConvergenceFailure
+    max_convergence_failures: int = 10
 
 
 class _Progress:
@@ -175,6 +178,11 @@ def integrate(
     if solver.fsal:
         f0 = solver.initial_carry(terms, t.to(dtype), y0, f0)
     progress = _Progress(options.progress, float(save_times[0]), float(save_times[-1]))
+    solver.begin(y0)
+    newton_streak = zeros.clone()  # consecutive Newton failures per sample
+    eigen_last: Tensor | None = None  # stiffness estimates (solvers that report them)
+    eigen_max: Tensor | None = None
+    njac: Tensor | None = None  # Jacobian evaluations (implicit solvers)
 
     iteration = 0
     while True:
@@ -221,6 +229,14 @@ def integrate(
             err = None
             accepted = active & finite
         rejected = active & ~accepted
+        newton_failed = active & ~out.converged if out.converged is not None else None
+        if out.njac is not None:
+            njac = (njac if njac is not None else zeros) + active * out.njac
+        if out.stiffness is not None:
+            rho = out.stiffness.detach().to(torch.float64)
+            eigen_last = torch.where(accepted, rho, eigen_last if eigen_last is not None else torch.zeros_like(rho))
+            eigen_max = torch.maximum(eigen_max, eigen_last) if eigen_max is not None else eigen_last
+        dt_factor = solver.after_step(accepted, active, torch.where(accepted, t_new, t), step_dt, out)
 
         nf = nf + active * out.nf
         ng = ng + active * out.ng
@@ -254,13 +270,25 @@ def integrate(
             proposed, qold = controller.propose(step_dt, err, qold, accepted)
             # After a step clipped to a save time, keep the unclipped proposal if larger.
             proposed = torch.where(accepted & hits, torch.maximum(proposed, dt), proposed)
+            if dt_factor is not None:  # a composite solver switched method
+                proposed = proposed * dt_factor
             dt = torch.where(active, proposed, dt)
             too_small = active & (dt < options.dtmin)  # as SciML: on accepted steps too
             retcodes = torch.where(too_small, torch.full_like(retcodes, int(ReturnCode.DtLessThanMin)), retcodes)
             active = active & ~too_small
+            if newton_failed is not None:
+                # a Newton failure rejects the step (NaN proposal -> dt shrinks by qmin); a
+                # sample that keeps failing, or underflows dtmin doing so, stops here
+                newton_streak = torch.where(newton_failed, newton_streak + 1, torch.where(accepted, 0, newton_streak))
+                gave_up = newton_failed & (too_small | (active & (newton_streak >= options.max_convergence_failures)))
+                retcodes = torch.where(gave_up, torch.full_like(retcodes, CONVERGENCE_FAILURE), retcodes)
+                active = active & ~gave_up
         else:
             unstable = rejected
-            retcodes = torch.where(unstable, torch.full_like(retcodes, int(ReturnCode.Unstable)), retcodes)
+            code = torch.full_like(retcodes, int(ReturnCode.Unstable))
+            if newton_failed is not None:  # fixed step: a Newton failure ends the sample (as SciML)
+                code = torch.where(newton_failed, torch.full_like(retcodes, CONVERGENCE_FAILURE), code)
+            retcodes = torch.where(unstable, code, retcodes)
             active = active & ~unstable
         if observer is not None:
             observer.observe(t_prev, y_prev, t_new, step_dt, out, accepted | rejected, accepted, dt, f_prev)
@@ -273,4 +301,9 @@ def integrate(
         progress.update(float(save_times[-1]), 0)
     progress.close()
     stats = Stats(nf=nf, ng=ng, naccept=naccept, nreject=nreject)
+    if eigen_last is not None and eigen_max is not None:
+        stats.extra["eigen_est"], stats.extra["max_eigen_est"] = eigen_last, eigen_max
+    if njac is not None:
+        stats.extra["njac"] = njac
+    stats.extra.update(solver.extra_stats())
     return Solution(ts=save_times.to(dtype), ys=ys, stats=stats, retcodes=retcodes, alg=solver)

@@ -30,8 +30,10 @@ With ``early_exit=True`` (default) the loop stops once every sample has converge
 host synchronisation per Newton iteration; with ``early_exit=False`` it runs exactly
 ``max_iters`` iterations and never synchronises.  Samples not converged after
 ``max_iters`` (or whose iterates became non-finite) are reported in ``converged``; the
-solvers turn them into NaN proposals, which the engine rejects (adaptive: the step is
-retried with a smaller ``dt``; fixed step: the sample stops with ``ReturnCode.Unstable``).
+solvers turn them into NaN proposals and pass the flags on (``StepOutput.converged``); the
+engine rejects those steps (adaptive: retried with a smaller ``dt``, and after 10
+consecutive failures the sample stops with ``ReturnCode.ConvergenceFailure``; fixed step:
+it stops with ``ConvergenceFailure`` at once, as SciML).
 
 The Newton matrix is not differentiated (it only steers the iteration): gradients flow
 through the residual evaluations, which is exact at convergence for the fixed point.

@@ -18,16 +18,60 @@ from .solvers.base import AbstractSolver
 from .solvers.runge_kutta import hairer_initial_dt
 
 BACKENDS = ("auto", "native", "julia")
+ALG_HINTS = ("auto", "nonstiff", "stiff")
 
 
-def default_algorithm(problem: ODEProblem, dt: float | None = None) -> AbstractSolver:
+def _check_alg_hints(alg_hints: Any) -> frozenset[str]:
+    if alg_hints is None:
+        return frozenset()
+    if isinstance(alg_hints, str) or not isinstance(alg_hints, (list, tuple, set, frozenset)):
+        raise TypeError(f"alg_hints must be a list of strings such as ['stiff']; got {alg_hints!r}")
+    hints = frozenset(alg_hints)
+    bad = sorted(str(h) for h in hints if h not in ALG_HINTS)
+    if bad:
+        raise ValueError(f"alg_hints: unknown hint(s) {bad}; expected any of {list(ALG_HINTS)} (noise type and "
+                         "interpretation come from the SDEProblem's noise= and interpretation=)")
+    if {"stiff", "nonstiff"} <= hints:
+        raise ValueError("alg_hints cannot contain both 'stiff' and 'nonstiff'")
+    return hints
+
+
+def _stiff_algorithm(problem: ODEProblem) -> AbstractSolver:
+    """``alg_hints=["stiff"]``: SciML's choices among the solvers that exist here.
+
+    SDE (StochasticDiffEq ``default_sde_alg.jl``): additive -> ``SKenCarp``; diagonal/scalar
+    (Itô or Stratonovich) -> ``ImplicitRKMil``; general Itô -> ``ISSEM``; general
+    Stratonovich (SciML: ``ImplicitEulerHeun``) has no native counterpart yet.  ODE
+    (OrdinaryDiffEq's default for stiff problems picks Rosenbrock for small systems,
+    ESDIRK/BDF with Krylov for large ones): ``Rodas4`` up to 50 states, ``Kvaerno5`` up to 500,
+    ``Kvaerno5(linsolve="krylov")`` beyond.
+    """
+    from .solvers import ISSEM, ImplicitRKMil, Kvaerno5, Rodas4, SKenCarp
+
+    if not problem.is_sde:
+        n = math.prod(problem.y0.shape[1:])
+        return Rodas4() if n <= 50 else Kvaerno5() if n <= 500 else Kvaerno5(linsolve="krylov")
+    if problem.noise == "additive":
+        return SKenCarp()
+    if problem.noise != "general":
+        return ImplicitRKMil()
+    if problem.interpretation == "ito":
+        return ISSEM()
+    raise ValueError("alg_hints=['stiff'] with general Stratonovich noise needs ImplicitEulerHeun, which the native "
+                     "backend does not have; convert to Itô or pass alg explicitly")
+
+
+def default_algorithm(problem: ODEProblem, dt: float | None = None, alg_hints: Any = None) -> AbstractSolver:
     """The automatic choice, following SciML's ``default_sde_alg`` for the solvers that exist.
 
     ODE: ``Tsit5``.  SDE: additive noise -> ``SOSRA``; diagonal/scalar Itô -> ``SOSRI``;
     general Itô -> ``LambaEM``; general Stratonovich -> ``LambaEulerHeun``; diagonal/scalar
     Stratonovich -> ``RKMil`` when ``dt`` is given (SciML's choice; ours is fixed-step),
-    else the adaptive ``LambaEulerHeun``.
+    else the adaptive ``LambaEulerHeun``.  With ``alg_hints=["stiff"]``: see
+    :func:`_stiff_algorithm`.
     """
+    if "stiff" in _check_alg_hints(alg_hints):
+        return _stiff_algorithm(problem)
     if not problem.is_sde:
         return Tsit5()
     if problem.noise == "additive":
@@ -132,6 +176,7 @@ def solve(
     progress: bool = False,
     check_every: int = 8,
     regularize: Any = None,
+    alg_hints: Sequence[str] | None = None,
 ) -> Solution:
     """Solve an SDE or ODE problem for every sample of the batch.
 
@@ -163,6 +208,9 @@ def solve(
             its kind as a string (``"error"``, ``"stiffness"``, ``"local_error"``,
             ``"local_stiffness"``); the solution then carries ``sol.regularization``, a
             differentiable ``(B,)`` tensor (see :mod:`diffeqbridge.regularization`).
+        alg_hints: SciML's hints for ``alg=None``: ``["stiff"]`` picks an implicit solver as
+            SciML's ``default_sde_alg``/``default_ode_alg`` would (see :func:`default_algorithm`);
+            ``"auto"``/``"nonstiff"`` keep the default choice.
 
     Returns:
         :class:`Solution` with ``ts (T,)``, ``ys (T, B, *state_shape)``, per-sample stats/retcodes.
@@ -177,7 +225,8 @@ def solve(
         require_julia()
     if dt is not None:
         dt = _check_positive("dt", dt)
-    solver = _check_solver(prob, alg) if alg is not None else default_algorithm(prob, dt)
+    hints = _check_alg_hints(alg_hints)
+    solver = _check_solver(prob, alg) if alg is not None else default_algorithm(prob, dt, hints)
     if adaptive is None:
         adaptive = solver.adaptive
     if not isinstance(adaptive, bool):

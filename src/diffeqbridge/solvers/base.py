@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from ..problem import Terms
@@ -33,13 +34,27 @@ class StepOutput:
         nf: drift evaluations per sample in this step.
         ng: diffusion evaluations per sample in this step.
         f1: ``drift(t + dt, y1)`` for FSAL methods (reused as the next step's ``f0``).
+        converged: ``(B,)`` bool, implicit solvers only: False where the sample's Newton
+            iteration failed (its ``y1`` is NaN).  The engine rejects those steps and, after
+            repeated failures (or at once for fixed steps), stops the sample with
+            ``ReturnCode.ConvergenceFailure``.
+        stiffness: ``(B,)`` estimate of the dominant eigenvalue modulus ``ρ`` of the drift's
+            Jacobian (Hairer's ``‖f(y_s) - f(y_{s-1})‖ / ‖y_s - y_{s-1}‖`` from the last two
+            stages for explicit methods, ``‖J‖_∞`` for methods that build ``J``), as
+            OrdinaryDiffEq's/StochasticDiffEq's ``eigen_est``; None when not computed.
+        njac: Jacobian evaluations in this step (implicit solvers; summed into
+            ``Stats.extra["njac"]``), None when the solver builds none.
+        nf / ng may also be ``(B,)`` int tensors (composite solvers count per sample).
     """
 
     y1: Tensor
     error: Tensor | None
-    nf: int
-    ng: int
+    nf: int | Tensor
+    ng: int | Tensor
     f1: Tensor | None = None
+    converged: Tensor | None = None
+    stiffness: Tensor | None = None
+    njac: int | Tensor | None = None
 
 
 class AbstractSolver:
@@ -56,6 +71,10 @@ class AbstractSolver:
         controller_order: the order ``q`` used by the PI controller's exponents.
         fsal: True when the step reuses ``f0 = drift(t, y)`` and returns ``f1``.
         beta1 / beta2 / qmax / qmin / gamma: controller constants (None -> engine default).
+        stability_size: length of the stability region along the negative real axis
+            (OrdinaryDiffEq's/StochasticDiffEq's ``alg_stability_size``); set on the solvers
+            that report ``StepOutput.stiffness`` and can be the non-stiff half of an
+            :class:`~diffeqbridge.solvers.composite.AutoSwitch`.
     """
 
     strong_order: ClassVar[float] = 0.0
@@ -73,11 +92,26 @@ class AbstractSolver:
     qmin: ClassVar[float | None] = None
     gamma: ClassVar[float | None] = None
     reversible: ClassVar[bool] = False  # algebraically reversible step (exact BacksolveAdjoint)
+    stability_size: ClassVar[float | None] = None
 
     def initial_carry(self, terms: Terms, t: Tensor, y: Tensor, f0: Tensor | None) -> object:
         """What the engine carries between steps in the FSAL slot, at the start (``f0`` by
         default; solvers with more state, e.g. ``ReversibleHeun``, override this)."""
         return f0
+
+    # --- hooks for solvers with per-sample state (composite algorithms); no-ops here
+    def begin(self, y0: Tensor) -> None:
+        """Called by the engine before the first step (``y0``: ``(B, *state_shape)``)."""
+
+    def after_step(self, accepted: Tensor, active: Tensor, t: Tensor, dt: Tensor, out: StepOutput) -> Tensor | None:
+        """Called after every step with the ``(B,)`` accept mask, the still-active mask, the
+        samples' (updated) times and the step sizes just tried; may return a ``(B,)`` factor
+        applied to the next proposed step size (None: unchanged)."""
+        return None
+
+    def extra_stats(self) -> dict[str, Tensor]:
+        """Per-sample ``(B,)`` statistics added to ``Stats.extra`` at the end of a solve."""
+        return {}
 
     def step(
         self,
@@ -119,6 +153,22 @@ class AbstractSolver:
             "adaptive": cls.adaptive,
             "levy_area": cls.needs_levy_area,
         }
+
+
+def hairer_eigen_estimate(df: Tensor, dy: Tensor) -> Tensor:
+    """Per-sample ``ρ = ‖df‖ / ‖dy‖`` (``(B, ...) -> (B,)``, detached, float64): the modulus of
+    the dominant eigenvalue of ``∂f/∂y`` seen by two stages ``y_a, y_b`` with
+    ``df = f(y_a) - f(y_b)``, ``dy = y_a - y_b`` (Hairer–Wanner II, Sec. IV.2; OrdinaryDiffEq's
+    ``eigen_est`` for DP5/Tsit5, StochasticDiffEq's for SOSRI2/SOSRA2).  0 where ``dy = 0``."""
+    num = df.detach().flatten(1).double().norm(dim=1)
+    den = dy.detach().flatten(1).double().norm(dim=1)
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(num))
+
+
+def jacobian_inf_norm(J: Tensor) -> Tensor:
+    """``‖J‖_∞`` per sample (``(B, n, n) -> (B,)``, float64): OrdinaryDiffEq's ``eigen_est``
+    for methods that build the Jacobian (``opnorm(J, Inf)`` in ``calc_J``)."""
+    return J.detach().double().abs().sum(dim=-1).amax(dim=-1)
 
 
 def linear_combination(coeffs: Sequence[float], xs: Sequence[Tensor | None]) -> Tensor | None:

@@ -13,8 +13,9 @@ with ``Δ = g(t, y)·ΔW`` (``ImplicitEM``) or the derivative-free Milstein incr
 The stage equation is solved per sample by :mod:`diffeqbridge.nonlinear` (simplified
 Newton with a per-sample LU of ``I - θ dt J``, or Newton–Krylov), starting from the
 explicit predictor ``base + θ dt f(t, y)``.  A sample whose Newton iteration does not
-converge gets a NaN proposal: the engine rejects it (adaptive) or stops it as
-``Unstable`` (fixed step).
+converge gets a NaN proposal and ``converged = False``: the engine rejects it (adaptive;
+``ReturnCode.ConvergenceFailure`` after 10 consecutive failures) or stops it with
+``ConvergenceFailure`` (fixed step).
 
 Error estimates (StochasticDiffEq.jl ``src/perform_step/sdirk.jl``, in-place caches)::
 
@@ -58,7 +59,7 @@ from ..nonlinear import (
     newton_stage,
 )
 from ..problem import Terms, expand_to
-from .base import ALL_NOISE, BOTH_INTERPRETATIONS, AbstractSolver, StepOutput
+from .base import ALL_NOISE, BOTH_INTERPRETATIONS, AbstractSolver, StepOutput, jacobian_inf_norm
 from .euler import SDE_GAMMA, SDE_QMAX, SDE_QMIN, _lamba_noise_error
 
 
@@ -141,7 +142,8 @@ class ImplicitEM(_DriftImplicit):
         euler = y + drift0 * expand_to(dt, y)
         noise_error = _lamba_noise_error(terms, t, euler, y, dt, diff0, dw, ito=True)
         error = self.delta * self._drift_error(terms, t, y, dt, drift0, J) + noise_error
-        return StepOutput(mark_failed(y1, converged), error, nf=1 + nf, ng=2)
+        return StepOutput(mark_failed(y1, converged), error, nf=1 + nf, ng=2, converged=converged,
+                          stiffness=None if J is None else jacobian_inf_norm(J), njac=None if J is None else 1)
 
 
 class ImplicitRKMil(_DriftImplicit):
@@ -178,7 +180,9 @@ class ImplicitRKMil(_DriftImplicit):
         y1, converged, J, nf = self._implicit(terms, t, y, dt, drift0, increment)
         noise_error = (dw_state * dw_state * dw_state).abs() * ggprime * ggprime / 6
         error = self.delta * self._drift_error(terms, t, y, dt, drift0, J) + noise_error
-        return StepOutput(mark_failed(y1, converged), error, nf=1 + nf, ng=2 if terms.interpretation == "ito" else 3)
+        return StepOutput(mark_failed(y1, converged), error, nf=1 + nf, ng=2 if terms.interpretation == "ito" else 3,
+                          converged=converged, stiffness=None if J is None else jacobian_inf_norm(J),
+                          njac=None if J is None else 1)
 
 
 class ISSEM(ImplicitEM):

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from ..nonlinear import JacSpec, NewtonOptions, batched_jacobian, lu_factor, mark_failed, newton_matrix, newton_stage
 from ..problem import Terms, expand_to
-from .base import BOTH_INTERPRETATIONS, AbstractSolver, StepOutput, check_delta
+from .base import BOTH_INTERPRETATIONS, AbstractSolver, StepOutput, check_delta, jacobian_inf_norm
 
 # SKenCarpTableau (StochasticDiffEq.jl), exact rationals of KenCarp3's ESDIRK part.
 GAMMA = 1767732205903 / 4055673282236
@@ -112,7 +112,7 @@ class SKenCarp(AbstractSolver):
         z1 = dt_y * drift(t, y)
         nf = 1
 
-        factors = None
+        factors, J = None, None
         if opts.linsolve == "lu":
             J, nj = batched_jacobian(drift, t, y, opts.jac)
             factors = lu_factor(newton_matrix(J, gh))
@@ -143,7 +143,8 @@ class SKenCarp(AbstractSolver):
         y1 = drift4 + GAMMA * z4 + terms.g_dw(g4, dw) + e2
         e1 = z1 + z2 + z3 + z4
         error = e2 if self.delta == 0.0 else self.delta * e1 + e2
-        return StepOutput(mark_failed(y1, converged), error, nf=nf, ng=2)
+        return StepOutput(mark_failed(y1, converged), error, nf=nf, ng=2, converged=converged,
+                          stiffness=None if J is None else jacobian_inf_norm(J), njac=None if J is None else 1)
 
     def __repr__(self) -> str:
         return "SKenCarp()" if self.delta == 1.0 else f"SKenCarp(delta={self.delta!r})"

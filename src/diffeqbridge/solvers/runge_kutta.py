@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from ..problem import Terms, expand_to
-from .base import AbstractSolver, StepOutput
+from .base import AbstractSolver, StepOutput, hairer_eigen_estimate
 
 __all__ = [
     "ButcherTableau",
@@ -204,6 +204,7 @@ def explicit_rk_step(
     y: Tensor,
     dt: Tensor,
     f0: Tensor | None = None,
+    stiffness_out: list[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, int]:
     """One explicit RK step of every sample by its own ``dt``.
 
@@ -212,6 +213,8 @@ def explicit_rk_step(
         drift: ``drift(t (B,), y (B, *state))``.
         t, dt: ``(B,)``; y: ``(B, *state)``.
         f0: ``drift(t, y)`` if already known (FSAL), else it is evaluated.
+        stiffness_out: when a list, the per-sample stiffness estimate ``ρ`` ``(B,)`` of the
+            last two stages is appended to it.
 
     Returns:
         ``(y1, error, f1, nf)``: the 5th-order state, the embedded error
@@ -227,7 +230,9 @@ def explicit_rk_step(
     ks = [f0]
     fsal = tableau.fsal
     y_stage = y
+    y_prev = y
     for i in range(1, tableau.stages):
+        y_prev = y_stage
         incr = _lincomb(tableau.a[i], ks)
         y_stage = y if incr is None else y + dt_e * incr
         ci = tableau.c[i]
@@ -243,6 +248,10 @@ def explicit_rk_step(
         f1 = None
     err_comb = _lincomb(tableau.b_error, ks)
     error = None if err_comb is None else dt_e * err_comb
+    if stiffness_out is not None:
+        # Hairer–Wanner II, Sec. IV.2 (OrdinaryDiffEq's DP5/Tsit5 eigen_est): the last two
+        # stages, both at t + dt for these FSAL pairs
+        stiffness_out.append(hairer_eigen_estimate(ks[-1] - ks[-2], y_stage - y_prev))
     return y1, error, f1, nf
 
 
@@ -274,8 +283,9 @@ class ExplicitRK(AbstractSolver):
         With ``f0 = drift(t, y)`` given, costs ``stages - 1`` (= 6) drift evaluations and
         returns ``f1 = drift(t + dt, y1)``; without it, one more.
         """
-        y1, error, f1, nf = explicit_rk_step(self.tableau, terms.drift, t, y, dt, f0)
-        return StepOutput(y1=y1, error=error, nf=nf, ng=0, f1=f1)
+        rho: list[Tensor] = []
+        y1, error, f1, nf = explicit_rk_step(self.tableau, terms.drift, t, y, dt, f0, stiffness_out=rho)
+        return StepOutput(y1=y1, error=error, nf=nf, ng=0, f1=f1, stiffness=rho[0])
 
 
 class Tsit5(ExplicitRK):
@@ -287,6 +297,7 @@ class Tsit5(ExplicitRK):
     """
 
     tableau = TSIT5_TABLEAU
+    stability_size: ClassVar[float | None] = 3.5068  # OrdinaryDiffEq alg_stability_size(Tsit5)
     strong_order: ClassVar[float] = 5.0
     weak_order: ClassVar[float] = 5.0
     controller_order: ClassVar[float] = 5.0
@@ -302,6 +313,7 @@ class Dopri5(ExplicitRK):
     """
 
     tableau = DOPRI5_TABLEAU
+    stability_size: ClassVar[float | None] = 3.3066  # OrdinaryDiffEq alg_stability_size(DP5)
     strong_order: ClassVar[float] = 5.0
     weak_order: ClassVar[float] = 5.0
     controller_order: ClassVar[float] = 5.0

@@ -7,7 +7,8 @@ Stage ``i`` of an ESDIRK method with diagonal ``γ`` (stage 1 explicit)::
 Every implicit stage is ``u = tmp_i + γ h f(t_i, u)``, solved per sample by
 :func:`diffeqbridge.nonlinear.newton_stage` (simplified Newton: the per-sample Jacobian
 at ``(t, y)`` and the LU of ``I - γ h J`` are computed once per step and shared by all
-stages).  Stiffly accurate: ``y1`` is the last stage.  Error estimate: the embedded
+stages; with ``reuse_jacobian=True`` the Jacobian is kept across steps until Newton slows down
+or fails).  Stiffly accurate: ``y1`` is the last stage.  Error estimate: the embedded
 solution's difference ``Σ btilde_i z_i`` smoothed by ``(I - γ h J)^{-1}`` (Hairer–Wanner
 II, Sec. IV.8; OrdinaryDiffEq's ``smooth_est = true``), so the estimate stays bounded on
 stiff components.  A sample whose Newton iteration fails gets a NaN proposal, which the
@@ -42,7 +43,7 @@ from ..nonlinear import (
     newton_stage,
 )
 from ..problem import Terms, expand_to
-from .base import AbstractSolver, StepOutput
+from .base import AbstractSolver, StepOutput, jacobian_inf_norm
 
 _G = 0.26
 _KV5_A = (
@@ -75,9 +76,21 @@ class ESDIRK(AbstractSolver):
     gamma: ClassVar[float | None] = 0.9
 
     def __init__(self, *, jac: JacSpec = "autodiff", linsolve: str = "lu", newton: NewtonOptions | None = None,
-                 smooth_est: bool = True):
+                 smooth_est: bool = True, reuse_jacobian: bool = False, slow_iterations: int = 5):
+        """``reuse_jacobian``: keep the batch's Jacobian across steps (the LU of ``I - γhJ`` is
+        still refactorised every step, ``h`` changes) until a stage's Newton iteration fails or
+        needs ``slow_iterations`` or more iterations; then the next step takes a fresh one (for
+        the whole batch: one Jacobian call serves every sample).  ``Stats.extra["njac"]`` counts."""
         self.newton = newton if newton is not None else NewtonOptions(jac=jac, linsolve=linsolve)
         self.smooth_est = bool(smooth_est)
+        if isinstance(slow_iterations, bool) or not isinstance(slow_iterations, int) or slow_iterations < 1:
+            raise ValueError(f"slow_iterations must be a positive int; got {slow_iterations!r}")
+        self.reuse_jacobian, self.slow_iterations = bool(reuse_jacobian), slow_iterations
+        self._J: Tensor | None = None
+        self._refresh = True
+
+    def begin(self, y0: Tensor) -> None:
+        self._J, self._refresh = None, True
 
     @property
     def c(self) -> tuple[float, ...]:
@@ -90,15 +103,23 @@ class ESDIRK(AbstractSolver):
         h = expand_to(dt, y).to(y.dtype)
         gh = g * dt
         opts = self.newton
-        factors, nf = None, 0
+        factors, nf, J, njac = None, 0, None, 0
         if opts.linsolve == "lu" or self.smooth_est:
-            J, nf = batched_jacobian(f, t, y, opts.jac)
+            reuse = (self.reuse_jacobian and not self._refresh and self._J is not None
+                     and self._J.shape[0] == y.shape[0])
+            if reuse:
+                J = self._J
+            else:
+                J, nf = batched_jacobian(f, t, y, opts.jac)
+                njac = 1
+                self._J, self._refresh = J, False
             factors = lu_factor(newton_matrix(J, gh))
         if f0 is None:
             f0 = f(t, y)
             nf += 1
         zs = [h * f0]
         converged = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
+        most_iterations = 0
         u = y
         for i in range(1, len(self.a)):
             tmp = y
@@ -110,6 +131,7 @@ class ESDIRK(AbstractSolver):
             res = newton_stage(f, t + ci * dt, tmp, gh, guess, opts, factors if opts.linsolve == "lu" else None)
             nf += res.nf
             converged = converged & res.converged
+            most_iterations = max(most_iterations, res.iterations)
             u = res.z
             zs.append((u - tmp) / g)
         err = zs[0] * 0.0
@@ -118,7 +140,11 @@ class ESDIRK(AbstractSolver):
                 err = err + b * z
         if self.smooth_est and factors is not None:
             err = lu_solve(factors, err)
-        return StepOutput(mark_failed(u, converged), err, nf=nf, ng=0, f1=zs[-1] / h)
+        if self.reuse_jacobian and njac == 0:
+            # convergence degraded with the old Jacobian: take a fresh one next step (one host sync)
+            self._refresh = most_iterations >= self.slow_iterations or not bool(converged.all())
+        return StepOutput(mark_failed(u, converged), err, nf=nf, ng=0, f1=zs[-1] / h, converged=converged,
+                          stiffness=None if J is None else jacobian_inf_norm(J), njac=njac if J is not None else None)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
