@@ -322,3 +322,14 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def enable_jax_compilation_cache(jax: Any) -> None:
+    """Persist XLA compilations across benchmark runs (``~/.cache/diffeqbridge-bench/jax``)."""
+    try:
+        cache = Path.home() / ".cache" / "diffeqbridge-bench" / "jax"
+        cache.mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", str(cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    except Exception:  # noqa: BLE001 - the cache is an optimisation only
+        pass

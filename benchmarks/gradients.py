@@ -110,13 +110,7 @@ def _diffrax_case(name: str, n_steps: int, batch: int, dim: int, width: int, max
     import lineax as lx
 
     jax.config.update("jax_enable_x64", True)
-    try:
-        cache = Path.home() / ".cache" / "diffeqbridge-bench" / "jax"
-        cache.mkdir(parents=True, exist_ok=True)
-        jax.config.update("jax_compilation_cache_dir", str(cache))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    except Exception:  # noqa: BLE001 - the cache is an optimisation only
-        pass
+    H.enable_jax_compilation_cache(jax)
     solver: Any = diffrax.EulerHeun()
     if name == "diffrax_recursive_checkpoint":
         adjoint: Any = diffrax.RecursiveCheckpointAdjoint()
@@ -183,19 +177,9 @@ def _case(name: str, n_steps: int, batch: int, dim: int, width: int, max_steps: 
         if name == "torchsde_adjoint":
             import torchsde
 
-            class _BM(torchsde.BaseBrownian):
-                def __call__(self, ta, tb=None, return_U=False, return_A=False):
-                    return tree.W(float(ta)) if tb is None else tree(float(ta), float(tb))[0]
+            from _sde_problems import torchsde_brownian_from
 
-                def __repr__(self) -> str:
-                    return "tree"
-
-                dtype = property(lambda self: tree.dtype)
-                device = property(lambda self: tree.device)
-                shape = property(lambda self: tree.shape)
-                levy_area_approximation = property(lambda self: "none")
-
-            ys = torchsde.sdeint_adjoint(model, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), bm=_BM(),
+            ys = torchsde.sdeint_adjoint(model, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), bm=torchsde_brownian_from(tree),
                                          method="heun", adjoint_method="heun", dt=dt,
                                          adjoint_params=tuple(model.parameters()))
         else:

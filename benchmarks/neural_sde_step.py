@@ -42,10 +42,12 @@ from typing import Any
 
 try:
     from . import _harness as H
+    from ._sde_problems import torchsde_brownian_from
     from .sde_work_precision import setup_jax
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from benchmarks import _harness as H  # type: ignore[no-redef]
+    from benchmarks._sde_problems import torchsde_brownian_from  # type: ignore[no-redef]
     from benchmarks.sde_work_precision import setup_jax  # type: ignore[no-redef]
 
 NAME = "neural_sde_step"
@@ -103,14 +105,10 @@ def peak_increment_mb(fn: Callable[[], Any]) -> float | None:
     return max(peak - before, 0) / 1024.0
 
 
-def _torch_cases(B: int, steps: int) -> dict[str, Callable[[], Any]]:
+def _model_and_y0(B: int) -> tuple[Any, Any]:
+    """The torchsde-style model (``f``/``g`` methods, diagonal Stratonovich) with seeded
+    weights, and ``y0 (B, STATE)``; every torch case uses this one."""
     import torch
-    import torchsde
-
-    import diffeqbridge as deb
-
-    torch.manual_seed(0)
-    dt = 1.0 / steps
 
     class Fields(torch.nn.Module):
         noise_type, sde_type = "diagonal", "stratonovich"
@@ -128,8 +126,19 @@ def _torch_cases(B: int, steps: int) -> dict[str, Callable[[], Any]]:
         def g(self, t, y):
             return 0.3 * self.diff_net(y)
 
+    torch.manual_seed(0)
     model = Fields().double()
-    y0 = 0.1 * torch.randn(B, STATE, dtype=torch.float64)
+    return model, 0.1 * torch.randn(B, STATE, dtype=torch.float64)
+
+
+def _torch_cases(B: int, steps: int) -> dict[str, Callable[[], Any]]:
+    import torch
+    import torchsde
+
+    import diffeqbridge as deb
+
+    dt = 1.0 / steps
+    model, y0 = _model_and_y0(B)
     prob = deb.SDEProblem(model.f, model.g, y0, (0.0, 1.0), noise="diagonal", interpretation="stratonovich", params=model)
     tree = deb.VirtualBrownianTree(0.0, 1.0, (B, STATE), seed=0, tol=TREE_TOL)
     ts = torch.tensor([0.0, 1.0], dtype=torch.float64)
@@ -175,45 +184,14 @@ def strong_errors(B: int, steps: int) -> dict[str, float]:
     """RMS error of ``y(1)`` at ``dt = 1/steps`` against a reference (ours EulerHeun at
     ``dt/16``), every solver driven by the same Brownian path (our tree, also fed to
     torchsde): the solvers are at equal accuracy when these are alike.  The model and ``y0``
-    are built as in :func:`_torch_cases` (same seed)."""
+    are :func:`_model_and_y0`'s, as in :func:`_torch_cases`."""
     import torch
     import torchsde
 
     import diffeqbridge as deb
 
-    torch.manual_seed(0)
-
-    class Fields(torch.nn.Module):
-        noise_type, sde_type = "diagonal", "stratonovich"
-
-        def __init__(self):
-            super().__init__()
-            self.drift_net = torch.nn.Sequential(torch.nn.Linear(STATE, WIDTH), torch.nn.Tanh(), torch.nn.Linear(WIDTH, WIDTH),
-                                                 torch.nn.Tanh(), torch.nn.Linear(WIDTH, STATE))
-            self.diff_net = torch.nn.Sequential(torch.nn.Linear(STATE, WIDTH), torch.nn.Tanh(), torch.nn.Linear(WIDTH, STATE),
-                                                torch.nn.Sigmoid())
-
-        def f(self, t, y):
-            return self.drift_net(y)
-
-        def g(self, t, y):
-            return 0.3 * self.diff_net(y)
-
-    model = Fields().double()
-    y0 = 0.1 * torch.randn(B, STATE, dtype=torch.float64)
+    model, y0 = _model_and_y0(B)
     tree = deb.VirtualBrownianTree(0.0, 1.0, (B, STATE), seed=0, tol=TREE_TOL)
-
-    class TreeBM(torchsde.BaseBrownian):
-        def __call__(self, ta, tb=None, return_U=False, return_A=False):
-            return tree.W(float(ta)) if tb is None else tree(float(ta), float(tb))[0]
-
-        def __repr__(self) -> str:
-            return "VirtualBrownianTree"
-
-        dtype = property(lambda self: tree.dtype)
-        device = property(lambda self: tree.device)
-        shape = property(lambda self: tree.shape)
-        levy_area_approximation = property(lambda self: "none")
 
     prob = deb.SDEProblem(model.f, model.g, y0, (0.0, 1.0), noise="diagonal", interpretation="stratonovich", params=model)
     dt = 1.0 / steps
@@ -222,7 +200,7 @@ def strong_errors(B: int, steps: int) -> dict[str, float]:
         finals = {
             "ours EulerHeun": deb.solve(prob, deb.EulerHeun(), dt=dt, brownian=tree).ys[-1],
             "ours ReversibleHeun": deb.solve(prob, deb.ReversibleHeun(), dt=dt, brownian=tree).ys[-1],
-            "torchsde euler_heun": torchsde.sdeint(model, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), bm=TreeBM(),
+            "torchsde euler_heun": torchsde.sdeint(model, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), bm=torchsde_brownian_from(tree),
                                                    dt=dt, method="euler_heun")[-1],
         }
     return {name: float(((y - ref) ** 2).mean().sqrt()) for name, y in finals.items()}

@@ -46,13 +46,7 @@ def setup_jax(threads: int = 1) -> dict:
     import jax
 
     jax.config.update("jax_enable_x64", True)
-    try:
-        cache = Path.home() / ".cache" / "diffeqbridge-bench" / "jax"
-        cache.mkdir(parents=True, exist_ok=True)
-        jax.config.update("jax_compilation_cache_dir", str(cache))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    except Exception:  # noqa: BLE001 - the cache is an optimisation only
-        pass
+    H.enable_jax_compilation_cache(jax)
     return rec
 
 

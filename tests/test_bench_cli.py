@@ -27,14 +27,20 @@ def test_bench_unknown_name_is_clear(capsys):
     assert "unknown benchmark" in capsys.readouterr().err
 
 
-@pytest.mark.timeout(60)
-def test_bench_tiny_writes_json_and_png(tmp_path: Path):
+def run_tiny_bench(name: str, out: Path, timeout: int) -> subprocess.CompletedProcess:
+    """``python -m diffeqbridge bench --only NAME`` in its tiny size (DEB_BENCH_TINY); must succeed."""
     env = {**os.environ, "DEB_BENCH_TINY": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "diffeqbridge", "bench", "--only", "sde_work_precision", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=60, env=env,
+        [sys.executable, "-m", "diffeqbridge", "bench", "--only", name, "--out", str(out)],
+        capture_output=True, text=True, timeout=timeout, env=env,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
+
+
+@pytest.mark.timeout(60)
+def test_bench_tiny_writes_json_and_png(tmp_path: Path):
+    proc = run_tiny_bench("sde_work_precision", tmp_path, timeout=60)
     doc = json.loads((tmp_path / "sde_work_precision.json").read_text())
     rows = doc["problems"]["gbm"]["methods"]
     assert rows["ours EM"][0]["err"] > 0
@@ -47,12 +53,7 @@ def test_bench_tiny_writes_json_and_png(tmp_path: Path):
 
 @pytest.mark.timeout(90)
 def test_bench_tiny_regularization(tmp_path: Path):
-    env = {**os.environ, "DEB_BENCH_TINY": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "diffeqbridge", "bench", "--only", "regularization", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=90, env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = run_tiny_bench("regularization", tmp_path, timeout=90)
     doc = json.loads((tmp_path / "regularization.json").read_text())
     for prob in ("neural_sde", "neural_ode"):
         res = doc["problems"][prob]["results"]
@@ -66,12 +67,7 @@ def test_bench_tiny_regularization(tmp_path: Path):
 def test_bench_tiny_stiff_work_precision(tmp_path: Path):
     pytest.importorskip("diffrax")
     pytest.importorskip("torchdiffeq")
-    env = {**os.environ, "DEB_BENCH_TINY": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "diffeqbridge", "bench", "--only", "stiff_work_precision", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=120, env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = run_tiny_bench("stiff_work_precision", tmp_path, timeout=120)
     doc = json.loads((tmp_path / "stiff_work_precision.json").read_text())
     assert doc["ode"]["robertson"]["methods"]["ours Rodas4"][0]["err"] < 1e-3
     stable = doc["sde"]["largest_stable_dt"]

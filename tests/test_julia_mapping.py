@@ -25,6 +25,7 @@ from diffeqbridge.julia.backend import PythonFields
 from diffeqbridge.julia.bridge import from_julia, prepare_environment, to_julia_matrix
 from diffeqbridge.julia.mapping import (
     ALGORITHMS,
+    NATIVE_ONLY,
     RETCODES,
     UnsupportedOnJulia,
     algorithm_spec,
@@ -42,10 +43,17 @@ JL_SRC = julia_package_dir() / "src"
 
 # ----------------------------------------------------------------------------- algorithms
 def test_every_native_solver_has_a_sciml_name():
-    assert {cls.__name__ for cls in ALL_SOLVERS} == set(ALGORITHMS)
+    assert {cls.__name__ for cls in ALL_SOLVERS} - set(NATIVE_ONLY) == set(ALGORITHMS)
 
 
-@pytest.mark.parametrize("cls", ALL_SOLVERS, ids=lambda c: c.__name__)
+def test_native_only_solvers_are_refused_with_the_reason():
+    for name, why in NATIVE_ONLY.items():
+        cls = next(c for c in ALL_SOLVERS if c.__name__ == name)
+        with pytest.raises(UnsupportedOnJulia, match=re.escape(why)):
+            algorithm_spec(cls())
+
+
+@pytest.mark.parametrize("cls", [c for c in ALL_SOLVERS if c.__name__ not in NATIVE_ONLY], ids=lambda c: c.__name__)
 def test_julia_constructs_every_mapped_name(cls):
     """``algorithm(name)`` in algorithms.jl has a branch for the mapped name, and the package
     that exports it is imported by DiffEqBridge.jl."""

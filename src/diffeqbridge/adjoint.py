@@ -334,18 +334,25 @@ def _leaf_tensors(outputs: list[Tensor]) -> list[Tensor]:
     return leaves
 
 
-def check_closure_params(prob: ODEProblem, terms: Terms, sensealg: SensitivityAlgorithm) -> None:
-    """Refuse drift/diffusion that differentiate through tensors missing from ``prob.params``.
-
-    One evaluation of each function at ``(t0, y0.detach())`` with grad enabled; the leaves of
-    its autograd graph must all be in ``prob.params``.
-    """
+def _probe_fields(prob: ODEProblem, terms: Terms) -> list[Tensor]:
+    """Drift (and diffusion) evaluated once at ``(t0, y0.detach())`` with grad enabled, so
+    their autograd graphs show which leaf tensors they use."""
     t = torch.full((prob.batch_size,), prob.tspan[0], dtype=torch.float64, device=prob.y0.device)
     y = prob.y0.detach()
     with torch.enable_grad():
         outs = [terms.drift(t, y)]
         if terms.diffusion is not None:
             outs.append(terms.diffusion(t, y))
+    return outs
+
+
+def check_closure_params(prob: ODEProblem, terms: Terms, sensealg: SensitivityAlgorithm) -> None:
+    """Refuse drift/diffusion that differentiate through tensors missing from ``prob.params``.
+
+    One evaluation of each function at ``(t0, y0.detach())`` with grad enabled; the leaves of
+    its autograd graph must all be in ``prob.params``.
+    """
+    outs = _probe_fields(prob, terms)
     known = {id(p) for p in prob.params}
     missing = [x for x in _leaf_tensors(outs) if id(x) not in known]
     if missing:
@@ -364,12 +371,7 @@ def discover_params(prob: ODEProblem, terms: Terms) -> list[Tensor]:
     """``prob.params`` plus every other leaf tensor requiring grad that drift/diffusion use at
     ``(t0, y0)`` (one evaluation each, a walk of the autograd graph): the parameters a
     closure hides.  Tensors used only at other times/states are not seen."""
-    t = torch.full((prob.batch_size,), prob.tspan[0], dtype=torch.float64, device=prob.y0.device)
-    y = prob.y0.detach()
-    with torch.enable_grad():
-        outs = [terms.drift(t, y)]
-        if terms.diffusion is not None:
-            outs.append(terms.diffusion(t, y))
+    outs = _probe_fields(prob, terms)
     params = list(prob.params)
     known = {id(p) for p in params}
     for leaf in _leaf_tensors(outs):

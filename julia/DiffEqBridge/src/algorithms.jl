@@ -4,7 +4,7 @@
 "SDE algorithms this bridge constructs (StochasticDiffEq names)."
 const SDE_ALGORITHMS = (
     "EM", "EulerHeun", "LambaEM", "LambaEulerHeun", "RKMil", "SRIW1", "SOSRI", "SRA1",
-    "SOSRA", "ImplicitEM", "ImplicitRKMil", "ISSEM", "SKenCarp",
+    "SOSRA", "ImplicitEM", "ImplicitRKMil", "ISSEM", "SKenCarp", "SROCK1",
 )
 
 "ODE algorithms this bridge constructs; `Dopri5` is an alias of OrdinaryDiffEq's `DP5`."
@@ -70,6 +70,8 @@ function algorithm(
         return ISSEM(; th..., sad...)
     elseif key == "SKenCarp"
         return SKenCarp(; sad...)
+    elseif key == "SROCK1"
+        return SROCK1()
     elseif key == "Tsit5"
         return Tsit5()
     elseif key == "DP5" || key == "Dopri5"

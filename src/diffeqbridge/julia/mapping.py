@@ -90,10 +90,16 @@ ALGORITHMS: dict[str, tuple[str, str]] = {
     "ImplicitRKMil": ("ImplicitRKMil", "StochasticDiffEq"),
     "ISSEM": ("ISSEM", "StochasticDiffEq"),
     "SKenCarp": ("SKenCarp", "StochasticDiffEq"),
+    "SROCK1": ("SROCK1", "StochasticDiffEq"),  # Itô (SciML's default interpretation); stages chosen by SciML
     "Tsit5": ("Tsit5", "OrdinaryDiffEqTsit5"),
     "Dopri5": ("DP5", "OrdinaryDiffEqLowOrderRK"),
     "Rodas4": ("Rodas4", "OrdinaryDiffEqRosenbrock"),
     "Kvaerno5": ("Kvaerno5", "OrdinaryDiffEqSDIRK"),
+}
+
+#: Native solvers without a SciML counterpart, with the reason given when one is sent to Julia.
+NATIVE_ONLY: dict[str, str] = {
+    "ReversibleHeun": "StochasticDiffEq has no reversible Heun method (it is diffrax's / Kidger et al. 2021)",
 }
 
 #: Methods that build a Jacobian: with Python callbacks they must not use ForwardDiff
@@ -110,8 +116,10 @@ def algorithm_spec(solver: Any, interpretation: str = "ito", python_callbacks: b
     """
     cls = type(solver).__name__
     if cls not in ALGORITHMS:
+        why = f" ({NATIVE_ONLY[cls]})" if cls in NATIVE_ONLY else ""
         raise UnsupportedOnJulia(
-            f"alg={cls} has no SciML counterpart in the julia backend; supported: {', '.join(ALGORITHMS)}"
+            f"alg={cls} has no SciML counterpart in the julia backend{why}; supported: {', '.join(ALGORITHMS)}; "
+            f"or use backend='native'"
         )
     name, package = ALGORITHMS[cls]
     kwargs: dict[str, Any] = {}
