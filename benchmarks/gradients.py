@@ -206,7 +206,10 @@ def _child(conn, *args) -> None:
 
 
 def _run_forked(*args) -> dict[str, Any]:
-    ctx = mp.get_context("fork")
+    # JAX does not survive fork() once the parent has initialised it (``bench`` runs the other
+    # benchmarks in this process first): the diffrax cases then start a fresh interpreter.
+    jax_in_parent = "jax" in sys.modules
+    ctx = mp.get_context("spawn" if args[0] in DIFFRAX_ADJOINTS and jax_in_parent else "fork")
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(child, *args))
     proc.start()
