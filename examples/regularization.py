@@ -90,11 +90,11 @@ SIZES = {
     # iterations, data trajectories (SDE), model trajectories per iteration, test repeats;
     # classifier: iterations, train/test points, whether to run the weight sweep
     "full": {"sde_iters": 30, "ode_iters": 120, "n_data": 1000, "n_traj": 100, "repeats": 3, "data_tol": 0.05,
-             "cls_iters": 150, "cls_train": 256, "cls_test": 1024, "cls_sweep": True},
+             "cls_iters": 150, "cls_train": 256, "cls_test": 1024, "cls_sweep": True, "cls_repeats": 11},
     "quick": {"sde_iters": 8, "ode_iters": 20, "n_data": 100, "n_traj": 32, "repeats": 2, "data_tol": 0.1,
-              "cls_iters": 60, "cls_train": 256, "cls_test": 512, "cls_sweep": False},
+              "cls_iters": 60, "cls_train": 256, "cls_test": 512, "cls_sweep": False, "cls_repeats": 5},
     "tiny": {"sde_iters": 1, "ode_iters": 1, "n_data": 16, "n_traj": 4, "repeats": 1, "data_tol": 0.3,
-             "cls_iters": 1, "cls_train": 16, "cls_test": 16, "cls_sweep": False},
+             "cls_iters": 1, "cls_train": 16, "cls_test": 16, "cls_sweep": False, "cls_repeats": 1},
 }
 
 
@@ -316,7 +316,7 @@ def evaluate_cls(model: Classifier, data: tuple, size: dict) -> dict:
     x, labels = data
     times = []
     with torch.no_grad():
-        for _ in range(size["repeats"]):
+        for _ in range(size["cls_repeats"]):
             start = time.perf_counter()
             logits = model(x)
             times.append(time.perf_counter() - start)
