@@ -90,7 +90,9 @@ CLS_SWEEP: dict[str, tuple[Any, float]] = {
 
 SIZES = {
     # iterations, data trajectories (SDE), model trajectories per iteration, test repeats;
-    # classifier: iterations, train/test points, whether to run the weight sweep
+    # classifier: iterations, train/test points, whether to run the weight sweep, timing repeats.
+    # quick: 60 iterations show the error regularizer's effect; local_error (whose fit
+    # starts later, see the plot) is still at chance level then
     "full": {"sde_iters": 30, "ode_iters": 200, "n_data": 1000, "n_traj": 100, "repeats": 3, "data_tol": 0.05,
              "cls_iters": 150, "cls_train": 256, "cls_test": 1024, "cls_sweep": True, "cls_repeats": 11},
     "quick": {"sde_iters": 8, "ode_iters": 20, "n_data": 100, "n_traj": 32, "repeats": 2, "data_tol": 0.1,
