@@ -59,6 +59,9 @@ def test_bench_tiny_regularization(tmp_path: Path):
         res = doc["problems"][prob]["results"]
         assert set(res) == {"none", "error", "stiffness", "local_error", "local_stiffness"}
         assert res["none"]["nfe_ratio"] == 1.0 and all(r["nfe"] > 0 for r in res.values())
+    res = doc["problems"]["neural_ode_classifier"]["results"]
+    assert set(res) == {"none", "error", "local_error"}
+    assert res["none"]["nfe_ratio"] == 1.0 and all(0 <= r["test_accuracy"] <= 1 and r["nfe"] > 0 for r in res.values())
     assert (tmp_path / "regularization.png").stat().st_size > 0
     assert "regularization" in proc.stdout
 

@@ -268,3 +268,23 @@ def test_clear_errors():
         deb.Regularization("local_error", sampling="uniform")
     with pytest.raises(ValueError, match="adaptive"):
         deb.solve(prob, deb.SOSRI(), dt=0.1, adaptive=False, regularize="local_error")
+
+
+def test_eigen_estimate_is_zero_where_the_difference_is_rounding():
+    # float32: the embedded solution equals the solution bit for bit while f(y1) from the
+    # step and a fresh f(ŷ) differ by rounding; the quotient used to be ~1e11
+    y = torch.tensor([[0.9, -0.4, 0.0], [0.5, 0.5, 0.5]], dtype=torch.float32)
+    f_a = torch.tensor([[1.0, 2.0, 3.0], [1.0, 1.0, 1.0]], dtype=torch.float32)
+    f_b = f_a + torch.tensor([[6e-8, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    y_b = y + torch.tensor([[0.0, 0.0, 0.0], [1e-3, 0.0, 0.0]])
+    y_b.requires_grad_(True)
+    f_b2 = f_b + torch.tensor([[0.0, 0.0, 0.0], [2e-3, 0.0, 0.0]])
+    lam = eigen_estimate(f_a, f_b2, y, y_b)
+    torch.testing.assert_close(lam[0], torch.tensor(0.0))
+    torch.testing.assert_close(lam[1], torch.tensor(2.0), rtol=1e-3, atol=0)
+    (g,) = torch.autograd.grad(lam.sum(), y_b)
+    assert bool(torch.isfinite(g).all()) and float(g[0].abs().sum()) == 0.0
+    # float64: a genuine small difference (1e-12 of the state) is still resolved
+    y64, f64 = y.double(), f_a.double()
+    lam64 = eigen_estimate(f64 + 3e-12, f64, y64 + 1e-12, y64)
+    torch.testing.assert_close(lam64, torch.full((2,), 3.0, dtype=torch.float64), rtol=1e-3, atol=0)

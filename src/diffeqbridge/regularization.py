@@ -70,6 +70,8 @@ SAMPLINGS = ("unbiased", "biased")
 
 # OrdinaryDiffEq.jl src/alg_utils.jl, ``alg_stability_size`` (used by its stiffness detection).
 _KNOWN_STABILITY_SIZE = {"Tsit5": 3.5068, "Dopri5": 3.3066}
+# eigen_estimate: ||y_a - y_b|| must exceed this many ulps of the state to be a difference
+_RESOLUTION = 64.0
 
 
 class Regularization:
@@ -190,11 +192,19 @@ def eigen_estimate(f_a: Tensor, f_b: Tensor, y_a: Tensor, y_b: Tensor) -> Tensor
     ``|λ| ≈ ||f(t, y_a) - f(t, y_b)|| / ||y_a - y_b||`` (Euclidean norms over the state),
     the estimate of Hairer & Wanner (Solving ODEs II, Sec. IV.2, "automatic stiffness
     detection") that OrdinaryDiffEq computes from the last two stages of Tsit5/DP5.
-    Shapes ``(B, *state_shape) -> (B,)``; 0 where ``y_a == y_b``.
+    Shapes ``(B, *state_shape) -> (B,)``.  0 where ``||y_a - y_b||`` is not resolvable in
+    the dtype (``<= 64 eps max(||y_a||, ||y_b||)``): there the quotient is rounding noise
+    over rounding noise (in float32 at tight tolerances the embedded solution often equals
+    the solution bit for bit while ``f(y1)`` from the step and a fresh ``f(ŷ)`` still differ
+    by rounding, which gave estimates of ``1e11``).
     """
     num = _safe_sqrt((f_a - f_b).square().flatten(1).sum(dim=1))
-    den = _safe_sqrt((y_a - y_b).square().flatten(1).sum(dim=1))
-    return num / den
+    diff = (y_a - y_b).square().flatten(1).sum(dim=1)
+    size = torch.maximum(y_a.square().flatten(1).sum(dim=1), y_b.square().flatten(1).sum(dim=1))
+    info = torch.finfo(diff.dtype)
+    resolved = (diff > (_RESOLUTION * info.eps) ** 2 * size) & (diff > info.tiny)
+    den = torch.sqrt(torch.where(resolved, diff, torch.ones_like(diff)))  # no 1/0 in either branch's gradient
+    return torch.where(resolved, num / den, torch.zeros_like(num))
 
 
 def real_stability_interval(a: Any, b: Any, x_max: float = 50.0) -> float:
