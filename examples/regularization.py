@@ -334,8 +334,9 @@ def time_predictions(models: dict[str, Classifier], x: torch.Tensor, repeats: in
 
     ``check_every``: the engine's termination check period.  The batch loop runs until its
     slowest sample is done, rounded up to a multiple of ``check_every`` iterations (the
-    default 8 saves host syncs on GPUs); with ~10-16 steps per solve that rounding hides
-    the saving, so the headline time uses 1 (a check per step costs nothing on a CPU).
+    accelerator default 8 saves host syncs on GPUs); with ~10-16 steps per solve that
+    rounding hides the saving, so the headline time uses 1 (the CPU default: a check per
+    step costs nothing there).
     """
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad():

@@ -273,3 +273,18 @@ def test_brownian_of_wrong_type():
 def test_bad_sensealg_names_it():
     f, g = _fields()
     _raises((TypeError, ValueError), "sensealg", f, g, _sde(f, g), deb.EM(), dt=0.1, sensealg="backsolve")
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_bad_check_every_names_it(bad):
+    f, g = _fields()
+    _raises(ValueError, "check_every", f, g, _sde(f, g), deb.EM(), dt=0.1, check_every=bad)
+
+
+def test_check_every_changes_no_result():
+    """The termination-check period is a cost knob only: same states, stats and retcodes."""
+    prob = _sde(lambda t, y: -y, lambda t, y: 0.1 * y)
+    sols = [deb.solve(prob, deb.SOSRI(), seed=3, check_every=k) for k in (None, 1, 8)]
+    for sol in sols[1:]:
+        assert torch.equal(sol.ys, sols[0].ys)
+        assert torch.equal(sol.stats.nf, sols[0].stats.nf) and torch.equal(sol.retcodes, sols[0].retcodes)
