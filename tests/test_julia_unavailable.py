@@ -232,6 +232,8 @@ def test_explicit_julia_refuses_native_only_requests(monkeypatch):
         deb.solve(prob, deb.SOSRI(), brownian=bm, backend="julia")
     with pytest.raises(ValueError, match="DiscreteAdjoint is native-only"):
         deb.solve(prob, deb.SOSRI(), sensealg=deb.DiscreteAdjoint(), backend="julia")
+    with pytest.raises(UnsupportedOnJulia, match="regularize=... is native-only"):
+        deb.solve(prob, deb.SOSRI(), regularize="local_error", backend="julia")
     assert "juliacall" not in sys.modules
 
 

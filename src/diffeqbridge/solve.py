@@ -281,7 +281,7 @@ def solve(
     if backend != "native":  # julia backend (diffeqbridge/julia/); "auto" picks it only if installed
         from .julia.dispatch import choose_backend
 
-        if choose_backend(backend, prob, solver, brownian, sensealg) == "julia":
+        if choose_backend(backend, prob, solver, brownian, sensealg, regularize) == "julia":
             from .julia.backend import solve_julia
 
             sol = solve_julia(prob, solver, dt=dt, adaptive=adaptive, atol=atol, rtol=rtol, save_times=save_times,

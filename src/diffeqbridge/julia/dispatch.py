@@ -40,8 +40,13 @@ def julia_installed() -> tuple[bool, str]:
     return True, "installed"
 
 
-def check_supported(prob: Any, solver: Any, brownian: Any, sensealg: Any) -> None:
+def check_supported(prob: Any, solver: Any, brownian: Any, sensealg: Any, regularize: Any = None) -> None:
     """Raise :class:`UnsupportedOnJulia` for requests the julia backend cannot honour."""
+    if regularize is not None:
+        raise UnsupportedOnJulia(
+            "regularize=... is native-only for now (the regularization terms come from the native "
+            "engine's steps); use backend='native'"
+        )
     if brownian is not None:
         raise UnsupportedOnJulia(
             "brownian=VirtualBrownianTree is native-only (SciML draws its own noise from seed=); "
@@ -64,12 +69,13 @@ def _notice(reason: str) -> None:
         warnings.warn(message, JuliaFallbackWarning, stacklevel=4)
 
 
-def choose_backend(backend: str, prob: Any, solver: Any, brownian: Any = None, sensealg: Any = None) -> str:
+def choose_backend(backend: str, prob: Any, solver: Any, brownian: Any = None, sensealg: Any = None,
+                   regularize: Any = None) -> str:
     """``"native"`` or ``"julia"`` for this request (see module docstring)."""
     if backend == "native":
         return "native"
     if backend == "julia":
-        check_supported(prob, solver, brownian, sensealg)
+        check_supported(prob, solver, brownian, sensealg, regularize)
         return "julia"
     from .bridge import is_loaded, load
 
@@ -84,7 +90,7 @@ def choose_backend(backend: str, prob: Any, solver: Any, brownian: Any = None, s
             _notice(f"Julia failed to load: {exc}")
             return "native"
     try:
-        check_supported(prob, solver, brownian, sensealg)
+        check_supported(prob, solver, brownian, sensealg, regularize)
     except UnsupportedOnJulia as exc:
         _notice(str(exc))
         return "native"
