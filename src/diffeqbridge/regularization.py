@@ -68,8 +68,6 @@ __all__ = ["Regularization", "eigen_estimate", "real_stability_interval", "stabi
 KINDS = ("error", "stiffness", "local_error", "local_stiffness")
 SAMPLINGS = ("unbiased", "biased")
 
-# OrdinaryDiffEq.jl src/alg_utils.jl, ``alg_stability_size`` (used by its stiffness detection).
-_KNOWN_STABILITY_SIZE = {"Tsit5": 3.5068, "Dopri5": 3.3066}
 # eigen_estimate: ||y_a - y_b|| must exceed this many ulps of the state to be a difference
 _RESOLUTION = 64.0
 
@@ -252,16 +250,14 @@ def _tableau_stability(cls: type) -> float | None:
 def stability_size(solver: AbstractSolver) -> float:
     """The solver's stability-region size ``S`` used to normalise stiffness estimates.
 
-    A ``stability_size`` attribute on the solver class wins; else OrdinaryDiffEq's
-    ``alg_stability_size`` (Tsit5 3.5068, DP5 3.3066); else the real-axis stability
-    interval of the solver's (drift) tableau, computed by :func:`real_stability_interval`.
+    The solver class's ``stability_size`` (e.g. Tsit5 3.5068, DP5 3.3066 as OrdinaryDiffEq's
+    ``alg_stability_size``; SRIW1, SOSRI measured); else the real-axis stability interval of
+    the solver's (drift) tableau, computed by :func:`real_stability_interval`.
     """
     declared = getattr(solver, "stability_size", None)
     if isinstance(declared, (int, float)) and declared > 0:
         return float(declared)
     name = type(solver).__name__
-    if name in _KNOWN_STABILITY_SIZE:
-        return _KNOWN_STABILITY_SIZE[name]
     size = _tableau_stability(type(solver))
     if size is None:
         raise ValueError(f"regularize=...stiffness: the stability region of alg={name} is unknown; "
