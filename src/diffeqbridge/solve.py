@@ -251,16 +251,15 @@ def solve(
     sensealg = check_sensealg(sensealg, prob, solver, adaptive)
     from .regularization import Recorder, check_regularize
 
-    regularize = check_regularize(regularize, prob, solver, adaptive, sensealg,
-                                  seed if type(seed) is int and seed >= 0 else 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int; got {seed!r}")
+    regularize = check_regularize(regularize, prob, solver, adaptive, sensealg, seed)
     atol = _check_positive("atol", atol if atol is not None else (1e-2 if prob.is_sde else 1e-6), allow_zero=True)
     rtol = _check_positive("rtol", rtol if rtol is not None else (1e-2 if prob.is_sde else 1e-3), allow_zero=True)
     if adaptive and atol == 0 and rtol == 0:
         raise ValueError("atol and rtol cannot both be zero for an adaptive solve")
     if not adaptive and dt is None:
         raise ValueError(f"alg={type(solver).__name__} is a fixed-step solver (or adaptive=False): pass dt")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int; got {seed!r}")
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"max_steps must be a positive int; got {max_steps!r}")
     t0, t1 = prob.tspan
