@@ -33,6 +33,7 @@ from .solvers import (
     Rodas4,
     SKenCarp,
     SROCK1,
+    ShARK,
     Tsit5,
 )
 
@@ -42,7 +43,7 @@ __all__ = [
     "SDEProblem", "ODEProblem", "solve", "Solution", "ReturnCode", "Stats", "VirtualBrownianTree",
     "DiscreteAdjoint", "BacksolveAdjoint", "InterpolatingAdjoint", "NeuralSDE", "NeuralODE",
     "Regularization",
-    "EM", "EulerHeun", "RKMil", "LambaEM", "LambaEulerHeun", "SRIW1", "SOSRI", "SRA1", "SOSRA", "Tsit5", "Dopri5",
+    "EM", "EulerHeun", "RKMil", "LambaEM", "LambaEulerHeun", "SRIW1", "SOSRI", "SRA1", "SOSRA", "ShARK", "Tsit5", "Dopri5",
     "ImplicitEM", "ImplicitRKMil", "ISSEM", "SKenCarp", "SROCK1", "Rodas4", "Kvaerno5",
     "ReversibleHeun", "AutoSwitch", "AutoTsit5", "AutoDP5", "AutoSOSRI",
 ]

@@ -13,7 +13,7 @@ from .controller import sde_initial_dt
 from .engine import EngineOptions, integrate
 from .problem import ODEProblem, SDEProblem, Terms, check_field_shapes
 from .solution import Solution
-from .solvers import SOSRA, SOSRI, LambaEM, LambaEulerHeun, RKMil, Tsit5
+from .solvers import SOSRI, LambaEM, LambaEulerHeun, RKMil, ShARK, Tsit5
 from .solvers.base import AbstractSolver
 from .solvers.runge_kutta import hairer_initial_dt
 
@@ -64,7 +64,9 @@ def _stiff_algorithm(problem: ODEProblem) -> AbstractSolver:
 def default_algorithm(problem: ODEProblem, dt: float | None = None, alg_hints: Any = None) -> AbstractSolver:
     """The automatic choice, following SciML's ``default_sde_alg`` for the solvers that exist.
 
-    ODE: ``Tsit5``.  SDE: additive noise -> ``SOSRA``; diagonal/scalar Itô -> ``SOSRI``;
+    ODE: ``Tsit5``.  SDE: additive noise -> ``ShARK`` (embedded estimate; fewest evaluations
+    at matched strong error on the additive work-precision problems, where SciML picks
+    ``SOSRA``); diagonal/scalar Itô -> ``SOSRI``;
     general Itô -> ``LambaEM``; general Stratonovich -> ``LambaEulerHeun``; diagonal/scalar
     Stratonovich -> ``RKMil`` when ``dt`` is given (SciML's choice; ours is fixed-step),
     else the adaptive ``LambaEulerHeun``.  With ``alg_hints=["stiff"]``: see
@@ -75,7 +77,7 @@ def default_algorithm(problem: ODEProblem, dt: float | None = None, alg_hints: A
     if not problem.is_sde:
         return Tsit5()
     if problem.noise == "additive":
-        return SOSRA()
+        return ShARK()
     if problem.interpretation == "stratonovich":
         return RKMil() if problem.noise != "general" and dt is not None else LambaEulerHeun()
     return LambaEM() if problem.noise == "general" else SOSRI()
