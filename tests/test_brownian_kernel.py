@@ -119,3 +119,22 @@ def test_environment_switch_selects_the_path(fused, monkeypatch):
     monkeypatch.setenv(K.ENV_VAR, "fast")
     with pytest.raises(ValueError, match=K.ENV_VAR):
         bm.W(0.5)
+
+
+def test_solve_builds_its_tree_at_the_resolution_of_dtmin():
+    from diffeqbridge.brownian import solve_tol
+
+    assert solve_tol(0.0, 2.0, None) == solve_tol(0.0, 2.0, 0.0) == 2.0 * 2.0**-20
+    assert solve_tol(0.0, 2.0, 1e-3) == 1e-3
+    assert solve_tol(0.0, 1.0, 1e-300) == 2.0**-52
+    bm = deb.VirtualBrownianTree(0.0, 1.0, (8, 1), seed=3, tol=solve_tol(0.0, 1.0, 1e-3))
+    assert bm.tol <= 1e-3 < 2 * bm.tol
+    prob = deb.SDEProblem(lambda t, y: -y, lambda t, y: 0.5 * torch.ones_like(y), torch.ones(8, 1, dtype=F64),
+                          (0.0, 1.0))
+    via_dtmin = deb.solve(prob, deb.EM(), dt=2.0**-6, seed=3, dtmin=1e-3).ys[-1]
+    explicit = deb.solve(prob, deb.EM(), dt=2.0**-6, brownian=bm).ys[-1]
+    default = deb.solve(prob, deb.EM(), dt=2.0**-6, seed=3).ys[-1]
+    assert torch.equal(via_dtmin, explicit)
+    # the same path at the dt-grid's dyadic nodes (levels <= 10 are shared by both trees):
+    # EM only reads W there, so the default (depth-20) tree gives the same solution
+    torch.testing.assert_close(default, explicit, rtol=0, atol=1e-13)

@@ -45,6 +45,30 @@ _ROOT_LEVEL = 1_000_003
 _CELL_LEVEL = 2_000_003
 
 
+DEFAULT_LEVELS = 20  # default resolution: (t1 - t0) 2^-20
+
+
+def solve_tol(t0: float, t1: float, dtmin: float | None) -> float:
+    """Resolution of the tree ``deb.solve`` makes when it is given no ``brownian``.
+
+    ``dtmin`` given (> 0): the finest cell is at most ``dtmin`` (and at least
+    ``(t1 - t0) 2^-52``), so the joint law of every increment and Lévy area the solve uses
+    is exact -- an adaptive step is never shorter than ``dtmin`` (the sample stops with
+    ``DtLessThanMin``), and points at least one cell apart never share a finest cell.  A
+    coarser ``dtmin`` also gives a shallower, cheaper tree.  Otherwise (``dtmin`` None or 0):
+    ``(t1 - t0) 2^-20``, exact for steps down to about ``1e-6 (t1 - t0)``.
+
+    Deliberately not a function of ``atol``, ``rtol`` or ``dt``: the depth is part of the
+    path (refining a cell re-draws ``W`` inside it, by about ``sqrt(tol)``), so a depth that
+    followed the tolerances would give solves at different tolerances different Brownian
+    paths and break convergence studies with one seed.
+    """
+    span = t1 - t0
+    if dtmin is None or not float(dtmin) > 0:
+        return span * 2.0**-DEFAULT_LEVELS
+    return max(float(dtmin), span * 2.0**-52)
+
+
 def _exclusive_cumsum(x: Tensor, dim: int = -1) -> Tensor:
     return torch.cumsum(x, dim=dim) - x
 
@@ -95,7 +119,7 @@ class VirtualBrownianTree:
             raise TypeError(f"dtype must be a floating dtype; got {dtype}")
         length = t1 - t0
         if tol is None:
-            tol = length * 2.0**-20
+            tol = length * 2.0**-DEFAULT_LEVELS
         if not (tol > 0):
             raise ValueError(f"tol must be positive; got {tol}")
         self.t0, self.t1, self.shape, self.seed, self.sample_offset = t0, t1, shape, seed, sample_offset
