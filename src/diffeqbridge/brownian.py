@@ -295,21 +295,26 @@ class VirtualBrownianTree:
         return K.node_normals(self._element_keys, key)
 
     def evaluate_scalar(self, t: float, levy: bool = True) -> tuple[Tensor, Tensor | None]:
-        """:meth:`evaluate` at one time shared by the whole batch (a Python float).
+        """:meth:`evaluate` at one time shared by the whole batch (a Python float): the same
+        numbers as ``evaluate(torch.full((B,), t))`` on either path.
 
-        Gives the same numbers as the eager ``evaluate(torch.full((B,), t))`` (the same
-        float64 operations in the same order), faster: every sample descends the same nodes,
-        so the levels this path shares with the previous call's (consecutive steps of a
-        solve share all but the deepest few) are taken from a cache, and only the others are
-        redrawn (:meth:`_descend`).  Used by the engine for fixed-step solves and by the
-        backward passes of the adjoints.  ``levy=False`` skips the integral ``J`` (returned
-        as None; ``W`` is unchanged) for solvers that do not use the Lévy area.
+        The fused path simply runs the kernel.  The eager path is faster than its per-sample
+        descent: every sample descends the same nodes, so the levels this path shares with
+        the previous call's (consecutive steps of a solve share all but the deepest few) are
+        taken from a cache, and only the others are redrawn (:meth:`_descend`).  Used by the
+        engine for fixed-step solves and by the backward passes of the adjoints.
+        ``levy=False`` skips the integral ``J`` on the eager path (returned as None either
+        way; ``W`` is unchanged) for solvers that do not use the Lévy area.
         """
         t = float(t)
         want_j = bool(levy)
         for key, value in self._memo:  # the last two answers (adjoints ask for each time twice)
             if key[0] == t and (key[1] or not want_j):
                 return value if want_j else (value[0], None)
+        if K.choose(self.device, self._padded) != "eager":
+            w_t, j_t = self.evaluate(torch.full((self.batch_size,), t, dtype=torch.float64, device=self.device))
+            self._memo = [((t, True), (w_t, j_t)), *self._memo[:1]]
+            return (w_t, j_t) if want_j else (w_t, None)
         length = self.t1 - self.t0
         n_cells = 2**self.depth
         position = min(max((t - self.t0) / length, 0.0), 1.0) * n_cells
