@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .brownian import VirtualBrownianTree
+from .brownian import VirtualBrownianTree, solve_tol
 from .controller import sde_initial_dt
 from .engine import EngineOptions, integrate
 from .problem import ODEProblem, SDEProblem, Terms, check_field_shapes
@@ -152,12 +152,13 @@ def _check_saveat(saveat: Any, t0: float, t1: float, device: torch.device) -> Te
     return times
 
 
-def _check_brownian(brownian: Any, problem: SDEProblem, seed: int) -> VirtualBrownianTree:
+def _check_brownian(brownian: Any, problem: SDEProblem, seed: int, dtmin: float | None = None) -> VirtualBrownianTree:
     t0, t1 = problem.tspan
     shape = (problem.batch_size, *problem.noise_shape)
     t0, t1 = min(t0, t1), max(t0, t1)  # the tree covers the span whichever way time runs
-    if brownian is None:
-        return VirtualBrownianTree(t0, t1, shape, seed=seed, dtype=problem.y0.dtype, device=problem.y0.device)
+    if brownian is None:  # resolution: solve_tol (exact for every step >= dtmin when dtmin is given)
+        return VirtualBrownianTree(t0, t1, shape, seed=seed, tol=solve_tol(t0, t1, dtmin), dtype=problem.y0.dtype,
+                                   device=problem.y0.device)
     if not isinstance(brownian, VirtualBrownianTree):
         raise TypeError(f"brownian must be a deb.VirtualBrownianTree; got {type(brownian).__name__}")
     if tuple(brownian.shape) != shape:
@@ -205,6 +206,9 @@ def solve(
         brownian: a :class:`VirtualBrownianTree` of shape ``(B, *noise_shape)``.
         max_steps: per-sample limit on attempted steps (-> ``ReturnCode.MaxIters``).
         dtmin: smallest step before ``ReturnCode.DtLessThanMin`` (default ``1e-14 (t1 - t0)``).
+            Given explicitly, it is also the resolution of the Brownian tree made when
+            ``brownian`` is None, so its law is exact for every step the solve can take
+            (:func:`diffeqbridge.brownian.solve_tol`).
         backend: ``"auto"`` | ``"native"`` | ``"julia"``.
         sensealg: how gradients are computed: ``deb.DiscreteAdjoint(checkpoints=k)``,
             ``deb.BacksolveAdjoint()``, ``deb.InterpolatingAdjoint(checkpoints=k)`` (see
@@ -278,7 +282,7 @@ def solve(
     device = prob.y0.device
     save_times = _check_saveat(saveat, t0, t1, device)
     requested_first = saveat is None or save_times.numel() == torch.as_tensor(saveat).numel()
-    tree = _check_brownian(brownian, prob, seed) if prob.is_sde else None
+    tree = _check_brownian(brownian, prob, seed, dtmin) if prob.is_sde else None
 
     terms = Terms(prob)
     batch = prob.batch_size
