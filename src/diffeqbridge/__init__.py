@@ -10,6 +10,7 @@ from .problem import ODEProblem, SDEProblem
 from .regularization import Regularization
 from .solution import ReturnCode, Solution, Stats
 from .solve import solve
+from . import diffusion  # noqa: E402 - deb.diffusion (imports the names above)
 from .solvers import (
     EM,
     AutoDP5,
