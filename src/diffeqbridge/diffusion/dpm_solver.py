@@ -301,10 +301,12 @@ def _adaptive(fn: Predictor, sde: Any, x: Tensor, order: int, algorithm: str, bo
     h = torch.full((batch,), h_init, dtype=torch.float64, device=device)
     running = torch.ones(batch, dtype=torch.bool, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
+    tiny = torch.zeros(batch, dtype=torch.bool, device=device)
     nf = torch.zeros(batch, dtype=torch.long, device=device)
     naccept, nreject = torch.zeros_like(nf), torch.zeros_like(nf)
     step = singlestep_2 if order == 2 else singlestep_3
     r1 = 0.5 if order == 2 else 1.0 / 3.0
+    h_min = 1e-12 * max(1.0, abs(lam_end))  # below this a step cannot move lambda: give up
     while True:
         idx = running.nonzero().squeeze(1)
         if idx.numel() == 0:
@@ -328,11 +330,11 @@ def _adaptive(fn: Predictor, sde: Any, x: Tensor, order: int, algorithm: str, bo
         nreject[idx] += (~accept).long()
         finished = accept & last
         done[idx] = finished
-        running[idx] = ~finished & (naccept[idx] + nreject[idx] < max_steps) & torch.isfinite(xs).flatten(1).all(1)
+        tiny[idx] = h[idx] < h_min
+        running[idx] = ~finished & (naccept[idx] + nreject[idx] < max_steps) & ~tiny[idx]
     final = x
-    finite = torch.isfinite(final).flatten(1).all(dim=1)
-    codes = torch.where(done & finite, int(ReturnCode.Success),
-                        torch.where(finite, int(ReturnCode.MaxIters), int(ReturnCode.Unstable)))
+    codes = torch.where(done, int(ReturnCode.Success),
+                        torch.where(tiny, int(ReturnCode.DtLessThanMin), int(ReturnCode.MaxIters)))
     stats = Stats(nf=nf, ng=torch.zeros_like(nf), naccept=naccept, nreject=nreject)
     ts = torch.tensor([t_start, t_end], dtype=x.dtype, device=device)
     return Solution(ts=ts, ys=torch.stack([x0, final]), stats=stats, retcodes=codes.long(),
