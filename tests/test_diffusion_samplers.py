@@ -146,8 +146,8 @@ def test_adaptive_result_does_not_depend_on_the_batch():
     x_T = sde.prior_sample((40, 2), seed=1)
     rows = torch.tensor([3, 17, 29])
     other = sde.prior_sample((25, 2), seed=9) * 3.0  # far-out companions: very different step sizes
-    for order in (2, 3):
-        kw = dict(method="dpm_solver", variant="adaptive", order=order, rtol=1e-3, atol=1e-4)
+    for order, controller in ((2, "pi"), (3, "pi"), (3, "paper")):
+        kw = dict(method="dpm_solver", variant="adaptive", order=order, rtol=1e-3, atol=1e-4, controller=controller)
         full = dd.sample(model, sde, x_T, **kw)
         alone = dd.sample(model, sde, x_T[rows], **kw)
         mixed = dd.sample(model, sde, torch.cat([other, x_T[rows]]), **kw)
@@ -206,7 +206,7 @@ def test_round_trip_is_exact(method, options, sde):
 
 
 def test_bdia_inversion_is_unstable_for_small_gamma_at_many_steps():
-    """Documented in docs/diffusion.md: the inversion multiplies BDIA's parasitic mode by
+    """Documented in docs/diffusion_samplers.md: the inversion multiplies BDIA's parasitic mode by
     about -1/gamma per step, so rounding errors grow like gamma^-N."""
     sde = dd.VPSDE()
     model = _mixture().score_model(sde, "eps")
@@ -292,6 +292,7 @@ BAD = [
     ("dpm_solver", dict(variant="adaptive", steps=10), ValueError),
     ("dpm_solver", dict(variant="adaptive", atol=-1.0), ValueError),
     ("dpm_solver", dict(variant="adaptive", theta=1.5), ValueError),
+    ("dpm_solver", dict(variant="adaptive", controller="pid"), ValueError),
     ("dpm_solver", dict(algorithm="sde-dpmsolver++", variant="singlestep"), ValueError),
     ("dpm_solver", dict(algorithm="sde-dpmsolver++", order=3), ValueError),
     ("dpm_solver", dict(variant="singlestep", order=3, steps=2, lower_order_final=False), ValueError),
@@ -304,6 +305,7 @@ BAD = [
     ("edm", dict(S_churn=-1.0), ValueError),
     ("edm", dict(sigma_max=1e6), ValueError),
     ("edm", dict(sigma_min=5.0, sigma_max=1.0), ValueError),
+    ("edm", dict(sigma_min=1e-4), ValueError),  # below sigma/alpha at t_end: the model would see t < t_end
     ("edm", dict(steps=1), ValueError),
     ("edm", dict(atol=1e-3), TypeError),
     ("bdia", dict(gamma=0.0), ValueError),

@@ -65,9 +65,10 @@ class _Denoiser:
         """Times ``(B,)`` float64 with ``sigma/alpha = s`` (not capped at ``T``: churn may exceed it)."""
         return self.sde.t_from_log_snr(-torch.log(s)).to(torch.float64).clamp_min(self.t_lo)
 
-    def __call__(self, x: Tensor, s: Tensor, t: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        """``D(x~, s)`` for states ``x`` ``(B, ...)`` at the time ``t`` (``(B,)`` or ``(1,)``) of level ``s``."""
         alpha = self.sde.marginal(t)[0].to(torch.float64)
-        return self.adapter.x0(expand_like(alpha.to(x.dtype), x) * x, t.to(x.dtype))
+        return self.adapter.x0(expand_like(alpha.to(x.dtype), x) * x, t.to(x.dtype).expand(x.shape[0]))
 
 
 def sample_edm(adapter: Any, sde: Any, x_T: Tensor, *, t_end: float, steps: int | None, seed: int = 0,
@@ -83,7 +84,8 @@ def sample_edm(adapter: Any, sde: Any, x_T: Tensor, *, t_end: float, steps: int 
         steps: model evaluations per sample (default 36); see the module docstring.
         seed: churn noise seed (sample ``i`` depends on ``(seed, i)`` only).
         sigma_min, sigma_max: noise levels ``sigma/alpha`` of the grid's ends (defaults from the
-            process at ``t_end`` and ``T``; ``sigma_max`` may not exceed the process's).
+            process at ``t_end`` and ``T``; the grid must stay inside the process's ``[t_end, T]``:
+            the model never sees a time outside it).
         rho, S_churn, S_tmin, S_tmax, S_noise: as the paper.
         denoise_to_zero: finish with the paper's Euler step to ``sigma = 0``.
         save_trajectory: save every grid state (scaled back to ``x`` except at ``sigma = 0``).
@@ -110,7 +112,7 @@ def sample_edm(adapter: Any, sde: Any, x_T: Tensor, *, t_end: float, steps: int 
     bounds = torch.tensor([float(t_end), float(sde.T)], dtype=torch.float64, device=device)
     s_lo, s_hi = (float(v) for v in torch.exp(-sde.log_snr(bounds).to(torch.float64)))
     sig_max = s_hi if sigma_max is None else _number("sigma_max", sigma_max, 0.0, s_hi * (1 + 1e-12), lo_open=True)
-    sig_min = s_lo if sigma_min is None else _number("sigma_min", sigma_min, 0.0, sig_max, lo_open=True)
+    sig_min = s_lo if sigma_min is None else _number("sigma_min", sigma_min, s_lo * (1 - 1e-12), sig_max)
     if sig_min >= sig_max:
         raise ValueError(f"sigma_min ({sig_min}) must be below sigma_max ({sig_max})")
 
@@ -132,17 +134,16 @@ def sample_edm(adapter: Any, sde: Any, x_T: Tensor, *, t_end: float, steps: int 
         s_next = float(sig[i + 1]) if i + 1 < levels else 0.0
         gamma = gamma_max if S_tmin <= s_cur <= S_tmax else 0.0
         s_hat = s_cur * (1.0 + gamma)
-        t_hat = at_time(ts[i], batch, device)
+        t_hat = at_time(ts[i], 1, device)
         if gamma > 0:
             z = per_sample_normal(tuple(x.shape), seed, STREAMS["churn"] + i, dtype=x.dtype, device=device)
             x = x + math.sqrt(s_hat**2 - s_cur**2) * S_noise * z
-            t_hat = den.time(at_time(s_hat, batch, device))
-        d = (x - den(x, at_time(s_hat, batch, device), t_hat)) / s_hat
+            t_hat = den.time(at_time(s_hat, 1, device))
+        d = (x - den(x, t_hat)) / s_hat
         x_next = x + (s_next - s_hat) * d
         nf += 1
         if s_next > 0:
-            t_next = at_time(ts[i + 1], batch, device)
-            d2 = (x_next - den(x_next, at_time(s_next, batch, device), t_next)) / s_next
+            d2 = (x_next - den(x_next, at_time(ts[i + 1], 1, device))) / s_next
             x_next = x + (s_next - s_hat) * 0.5 * (d + d2)
             nf += 1
         x = x_next

@@ -18,7 +18,7 @@ after cancelling), one model call per step; the first step from pure noise is pl
 Inverting solves the same relation for ``z_{k-1}``: a division by ``gamma``.  The two-step
 recurrence has a parasitic mode that the sampler multiplies by about ``-gamma`` per step
 and the inversion by about ``-1/gamma``: for ``gamma < 1`` rounding errors in the inversion
-grow like ``gamma^-N`` (measured in docs/diffusion.md), so long round trips need ``gamma``
+grow like ``gamma^-N`` (measured in docs/diffusion_samplers.md), so long round trips need ``gamma``
 close to 1; ``gamma = 1`` (default) is neutral both ways.
 
 EDICT (Wallace, Gokul, Naik, "EDICT: Exact Diffusion Inversion via Coupled Transformations",
@@ -41,7 +41,7 @@ from torch import Tensor
 from ..solution import Solution
 from .common import check_model_dtype, check_steps, check_t_end, check_x, expand_like, grid_solution
 from .dpm_solver import coefficients, first_order
-from .grids import Point, at_time, check_skip_type, evaluations_per_call, point, time_grid
+from .grids import Point, check_skip_type, evaluations_per_call, point, time_grid
 
 INVERT_METHODS = ("ode", "bdia", "edict")
 
@@ -85,9 +85,11 @@ class InversionState(tuple):
                 f"t_end={self.t_end}, skip_type={self.skip_type!r}, mixing={self.mixing})")
 
 
-def _grid(sde: Any, steps: int, t_end: float, skip_type: str, batch: int, device: Any) -> list[Point]:
+def _grid(sde: Any, steps: int, t_end: float, skip_type: str, device: Any) -> list[Point]:
+    """The grid's points, each of shape ``(1,)`` (shared by every sample)."""
     ts = time_grid(sde, float(sde.T), t_end, steps, skip_type, device=device)
-    return [point(sde, at_time(t, batch, device)) for t in ts]
+    grid = point(sde, ts)
+    return [grid.select(torch.tensor([k], device=device)) for k in range(steps + 1)]
 
 
 def _ddim(z: Tensor, eps: Tensor, a: Point, b: Point) -> Tensor:
@@ -95,7 +97,7 @@ def _ddim(z: Tensor, eps: Tensor, a: Point, b: Point) -> Tensor:
 
 
 def _eps(adapter: Any, z: Tensor, p: Point) -> Tensor:
-    return adapter.eps(z, p.t.to(z.dtype))
+    return adapter.eps(z, p.t.to(z.dtype).expand(z.shape[0]))
 
 
 def _mixing(name: str, value: Any, state: InversionState | None, default: float) -> float:
@@ -152,7 +154,7 @@ def sample_bdia(adapter: Any, sde: Any, x_T: Tensor | InversionState, *, t_end: 
     pair, state, x, steps, skip_type = _start("bdia", x_T, steps, t_end, skip_type)
     gamma = _mixing("gamma", gamma, state, 1.0)
     _no_sensealg(sensealg, "bdia")
-    grid = _grid(sde, steps, float(t_end), skip_type, x.shape[0], x.device)
+    grid = _grid(sde, steps, float(t_end), skip_type, x.device)
     nf = 0
     if pair is None:
         prev, cur = x, _ddim(x, _eps(adapter, x, grid[0]), grid[0], grid[1])
@@ -176,7 +178,7 @@ def sample_edict(adapter: Any, sde: Any, x_T: Tensor | InversionState, *, t_end:
     pair, state, x, steps, skip_type = _start("edict", x_T, steps, t_end, skip_type)
     p = _mixing("p", p, state, 0.93)
     _no_sensealg(sensealg, "edict")
-    grid = _grid(sde, steps, float(t_end), skip_type, x.shape[0], x.device)
+    grid = _grid(sde, steps, float(t_end), skip_type, x.device)
     a, b = (x, x) if pair is None else pair
     for k in range(steps):
         co = coefficients(grid[k], grid[k + 1], "dpmsolver")
@@ -188,14 +190,14 @@ def sample_edict(adapter: Any, sde: Any, x_T: Tensor | InversionState, *, t_end:
 
 
 def _solution(grid: list[Point], x_T: Tensor, x_end: Tensor, nf: int, steps: int, alg: str) -> Solution:
-    ts = torch.stack([grid[0].t[0], grid[-1].t[0]])
+    ts = torch.cat([grid[0].t, grid[-1].t])
     nf_t = torch.full((x_T.shape[0],), nf, dtype=torch.long, device=x_T.device)
     return grid_solution(ts, torch.stack([x_T, x_end]), nf_t, steps, alg=alg)
 
 
 # ----------------------------------------------------------------------------- inversion
 def _invert_bdia(adapter: Any, sde: Any, x0: Tensor, steps: int, t_end: float, skip_type: str, gamma: float) -> InversionState:
-    grid = _grid(sde, steps, t_end, skip_type, x0.shape[0], x0.device)
+    grid = _grid(sde, steps, t_end, skip_type, x0.device)
     nxt = x0
     cur = _ddim(nxt, _eps(adapter, nxt, grid[steps]), grid[steps], grid[steps - 1])  # DDIM inversion step
     for k in range(steps - 1, 0, -1):
@@ -206,7 +208,7 @@ def _invert_bdia(adapter: Any, sde: Any, x0: Tensor, steps: int, t_end: float, s
 
 
 def _invert_edict(adapter: Any, sde: Any, x0: Tensor, steps: int, t_end: float, skip_type: str, p: float) -> InversionState:
-    grid = _grid(sde, steps, t_end, skip_type, x0.shape[0], x0.device)
+    grid = _grid(sde, steps, t_end, skip_type, x0.device)
     a, b = x0, x0
     for k in range(steps - 1, -1, -1):
         co = coefficients(grid[k], grid[k + 1], "dpmsolver")
