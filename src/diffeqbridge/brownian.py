@@ -98,6 +98,9 @@ class VirtualBrownianTree:
             apart.  Default ``(t1 - t0) * 2**-20`` (about ``1e-6 (t1 - t0)``).
         dtype: dtype of the returned increments (computation is float64).
         device: device of the returned tensors.
+        sample_offset: global index of row 0: row ``i`` draws the path of sample
+            ``sample_offset + i`` (a batch of an ensemble, :func:`diffeqbridge.solve_ensemble`,
+            gets exactly the paths those samples have in one big batch).
 
     Call ``bm(s, t)`` with scalars or ``(B,)`` tensors to get ``(dW, H)`` of shape
     ``shape``; ``bm.W(t)`` gives ``W(t) - W(t0)``.
@@ -112,6 +115,7 @@ class VirtualBrownianTree:
         tol: float | None = None,
         dtype: torch.dtype = torch.float64,
         device: torch.device | str | None = None,
+        sample_offset: int = 0,
     ):
         t0, t1 = float(t0), float(t1)
         if not (math.isfinite(t0) and math.isfinite(t1)) or t1 <= t0:
@@ -121,6 +125,8 @@ class VirtualBrownianTree:
             raise ValueError(f"shape must be (B, *noise_shape) with positive sizes; got {shape}")
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative int; got {seed!r}")
+        if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or sample_offset < 0:
+            raise ValueError(f"sample_offset must be a non-negative int; got {sample_offset!r}")
         if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             raise TypeError(f"dtype must be a floating dtype; got {dtype}")
         length = t1 - t0
@@ -129,6 +135,7 @@ class VirtualBrownianTree:
         if not (tol > 0):
             raise ValueError(f"tol must be positive; got {tol}")
         self.t0, self.t1, self.shape, self.seed = t0, t1, shape, seed
+        self.sample_offset = sample_offset
         self.depth = max(1, math.ceil(math.log2(length / tol) - 1e-9))
         if self.depth > 52:
             raise ValueError(f"tol={tol} is too fine for float64 times on [{t0}, {t1}] (depth {self.depth} > 52)")
@@ -171,7 +178,8 @@ class VirtualBrownianTree:
     # ------------------------------------------------------------------ keys
     def _make_element_keys(self) -> Tensor:
         """Two 32-bit keys per (sample, element), int32 of shape ``(2, B, N)``."""
-        sample = torch.arange(self.batch_size, device=self.device).unsqueeze(1)
+        # global sample index: row i of this tree is sample sample_offset + i of the ensemble
+        sample = torch.arange(self.sample_offset, self.sample_offset + self.batch_size, device=self.device).unsqueeze(1)
         element = torch.arange(self.n_elements, device=self.device).unsqueeze(0)
         base = torch.full((self.batch_size, self.n_elements), 0x2545F491, device=self.device, dtype=torch.int64)
         for word in (self.seed & _MASK32, self.seed >> 32):
