@@ -89,6 +89,9 @@ class VirtualBrownianTree:
             apart.  Default ``(t1 - t0) * 2**-20`` (about ``1e-6 (t1 - t0)``).
         dtype: dtype of the returned increments (computation is float64).
         device: device of the returned tensors.
+        sample_offset: global index of row 0: row ``i`` draws the path of sample
+            ``sample_offset + i`` (a batch of an ensemble, :func:`diffeqbridge.solve_ensemble`,
+            gets exactly the paths those samples have in one big batch).
 
     Call ``bm(s, t)`` with scalars or ``(B,)`` tensors to get ``(dW, H)`` of shape
     ``shape``; ``bm.W(t)`` gives ``W(t) - W(t0)``.

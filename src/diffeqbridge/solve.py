@@ -152,15 +152,18 @@ def _check_saveat(saveat: Any, t0: float, t1: float, device: torch.device) -> Te
     return times
 
 
-def _check_brownian(brownian: Any, problem: SDEProblem, seed: int, dtmin: float | None = None) -> VirtualBrownianTree:
+def _check_brownian(brownian: Any, problem: SDEProblem, seed: int, dtmin: float | None = None,
+                    sample_offset: int = 0) -> VirtualBrownianTree:
     t0, t1 = problem.tspan
     shape = (problem.batch_size, *problem.noise_shape)
     t0, t1 = min(t0, t1), max(t0, t1)  # the tree covers the span whichever way time runs
     if brownian is None:  # resolution: solve_tol (exact for every step >= dtmin when dtmin is given)
         return VirtualBrownianTree(t0, t1, shape, seed=seed, tol=solve_tol(t0, t1, dtmin), dtype=problem.y0.dtype,
-                                   device=problem.y0.device)
+                                   device=problem.y0.device, sample_offset=sample_offset)
     if not isinstance(brownian, VirtualBrownianTree):
         raise TypeError(f"brownian must be a deb.VirtualBrownianTree; got {type(brownian).__name__}")
+    if sample_offset != 0:
+        raise ValueError("sample_offset is for the tree solve() makes; pass it to the VirtualBrownianTree given as brownian")
     if tuple(brownian.shape) != shape:
         raise ValueError(f"brownian has shape {tuple(brownian.shape)}; this problem needs (B, *noise_shape) = {shape}")
     if brownian.t0 > t0 or brownian.t1 < t1:
@@ -192,6 +195,7 @@ def solve(
     check_every: int | None = None,
     regularize: Any = None,
     alg_hints: Sequence[str] | None = None,
+    sample_offset: int = 0,
 ) -> Solution:
     """Solve an SDE or ODE problem for every sample of the batch.
 
@@ -233,6 +237,10 @@ def solve(
         alg_hints: SciML's hints for ``alg=None``: ``["stiff"]`` picks an implicit solver as
             SciML's ``default_sde_alg``/``default_ode_alg`` would (see :func:`default_algorithm`);
             ``"auto"``/``"nonstiff"`` keep the default choice.
+        sample_offset: global index of the batch's first sample in the Brownian tree made when
+            ``brownian`` is None: sample ``i`` of this batch draws the path of sample
+            ``sample_offset + i`` (how :func:`diffeqbridge.solve_ensemble` splits an ensemble
+            into batches that reproduce one big batch bit for bit).
 
     Returns:
         :class:`Solution` with ``ts (T,)``, ``ys (T, B, *state_shape)``, per-sample stats/retcodes.
@@ -263,6 +271,8 @@ def solve(
 
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int; got {seed!r}")
+    if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or sample_offset < 0:
+        raise ValueError(f"sample_offset must be a non-negative int; got {sample_offset!r}")
     regularize = check_regularize(regularize, prob, solver, adaptive, sensealg, seed)
     if regularize is not None and prob.tspan[1] < prob.tspan[0]:
         raise ValueError("regularize= needs time running forwards (tspan with t1 > t0)")
@@ -282,7 +292,7 @@ def solve(
     device = prob.y0.device
     save_times = _check_saveat(saveat, t0, t1, device)
     requested_first = saveat is None or save_times.numel() == torch.as_tensor(saveat).numel()
-    tree = _check_brownian(brownian, prob, seed, dtmin) if prob.is_sde else None
+    tree = _check_brownian(brownian, prob, seed, dtmin, sample_offset) if prob.is_sde else None
 
     terms = Terms(prob)
     batch = prob.batch_size

@@ -221,13 +221,13 @@ def sensealg_spec(sensealg: Any, is_sde: bool, noise: str | None) -> SensealgSpe
     raise UnsupportedOnJulia(f"sensealg={sensealg!r} has no julia counterpart")
 
 
-#: SciMLBase.ReturnCode name -> diffeqbridge ReturnCode.  Successful codes (Success,
-#: Terminated, ExactSolution*, FloatingPointLimit) map to Success; DtNaN (the step became
+#: SciMLBase.ReturnCode name -> diffeqbridge ReturnCode.  Terminated keeps its name; other successful codes (Success,
+#: ExactSolution*, FloatingPointLimit) map to Success; DtNaN (the step became
 #: NaN) to Unstable; anything unknown to Failure.
 RETCODES: dict[str, ReturnCode] = {
     "Default": ReturnCode.Default,
     "Success": ReturnCode.Success,
-    "Terminated": ReturnCode.Success,
+    "Terminated": ReturnCode.Terminated,
     "ExactSolutionLeft": ReturnCode.Success,
     "ExactSolutionRight": ReturnCode.Success,
     "FloatingPointLimit": ReturnCode.Success,
