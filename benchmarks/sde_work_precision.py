@@ -54,7 +54,7 @@ def methods_for(noise: str, quick: bool, size: str) -> list[tuple[str, str, bool
     """(library, method, adaptive) triples for a problem's noise type."""
     ours = [("ours", "EM", False), ("ours", "RKMil", False)]
     if noise == "additive":
-        ours += [("ours", "ShARK", True), ("ours", "SRA1", True), ("ours", "SOSRA", True)]
+        ours += [("ours", "ShARK", False), ("ours", "ShARK", True), ("ours", "SRA1", True), ("ours", "SOSRA", True)]
     else:
         ours += [("ours", "SRIW1", True), ("ours", "SOSRI", True)]
     if not quick:  # StochasticDiffEq's estimate, for parity
