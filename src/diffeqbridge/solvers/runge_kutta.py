@@ -412,7 +412,9 @@ def hairer_initial_dt(
         d2 = _rms((f1 - f0) / sk) / dt0.to(real)
         m = torch.maximum(d1, d2)
         dt1_flat = torch.maximum(small, dt0 * 1e-3)
-        dt1_est = torch.pow(10.0, -(2.0 + torch.log10(m.clamp_min(tiny))) / order).to(t0.dtype)
+        # 10^(-(2 + log10 m) / order) as exp(-(log 100 + log m) / order): torch.pow with a
+        # tensor exponent rounds differently in vectorised blocks and the scalar tail
+        dt1_est = torch.exp(-(math.log(100.0) + torch.log(m.clamp_min(tiny))) / order).to(t0.dtype)
         dt1 = torch.where(m <= 1e-15, dt1_flat, dt1_est)
         dt = torch.maximum(dtmin_b, torch.minimum(torch.minimum(100 * dt0, dt1), dtmax_b))
         dt = torch.where(constant, torch.maximum(dtmin_b, 100 * dt0), dt)
