@@ -145,3 +145,19 @@ void tree_point(int64_t count, int64_t n, const double *t, const int32_t *key0, 
         }
     }
 }
+
+/* (dW, H) over [s, t] from two query results (W, J), per element: the operations of
+ * VirtualBrownianTree.increment_from.  H = (J(t) - J(s)) / h - W(s) - dW / 2, h = t - s. */
+void tree_increment(int64_t count, int64_t n, double t0, double t1, const double *s, const double *t,
+                    const double *w_s, const double *j_s, const double *w_t, const double *j_t,
+                    double *dw_out, double *h_out) {
+    for (int64_t e = 0; e < count; e++) {
+        double lo = s[e / n], hi = t[e / n];
+        lo = lo < t0 ? t0 : (lo > t1 ? t1 : lo);
+        hi = hi < t0 ? t0 : (hi > t1 ? t1 : hi);
+        const double h = hi - lo;
+        const double dw = w_t[e] - w_s[e];
+        dw_out[e] = dw;
+        h_out[e] = h != 0.0 ? (j_t[e] - j_s[e]) / h - w_s[e] - 0.5 * dw : 0.0;
+    }
+}

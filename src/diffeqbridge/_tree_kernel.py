@@ -306,24 +306,51 @@ def _compile_c(flags: tuple[str, ...]) -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def c_kernel() -> Callable[..., None] | None:
-    """The compiled ``tree_point`` of ``_tree_kernel.c`` (ctypes), or None (with a one-time
-    warning) when no flag set compiles: then the CPU runs the eager path."""
+def c_library() -> ctypes.CDLL | None:
+    """The compiled ``_tree_kernel.c`` (ctypes), or None (with a one-time warning) when no
+    flag set compiles: then the CPU runs the eager path."""
     errors = []
     for flags in _C_FLAG_SETS:
         try:
-            fn = ctypes.CDLL(str(_compile_c(flags))).tree_point
+            lib = ctypes.CDLL(str(_compile_c(flags)))
         except (OSError, subprocess.SubprocessError) as exc:
             detail = exc.stderr.decode(errors="replace").strip().splitlines()[:1] if isinstance(
                 exc, subprocess.CalledProcessError) and exc.stderr else [str(exc)]
             errors.append(f"{' '.join(flags)}: {detail[0] if detail else type(exc).__name__}")
             continue
-        fn.argtypes, fn.restype = _C_ARGTYPES, None
+        lib.tree_point.argtypes, lib.tree_point.restype = _C_ARGTYPES, None
+        lib.tree_increment.argtypes = (ctypes.c_int64, ctypes.c_int64, ctypes.c_double, ctypes.c_double) + \
+            (ctypes.c_void_p,) * 8
+        lib.tree_increment.restype = None
         log.info("VirtualBrownianTree: fused C kernel on the CPU (%s)", " ".join(flags))
-        return fn
+        return lib
     warnings.warn("VirtualBrownianTree: could not compile the fused CPU kernel (set CC to a C compiler); using "
                   f"the slower eager path. {'; '.join(errors)}", RuntimeWarning, stacklevel=2)
     return None
+
+
+def c_kernel() -> Callable[..., None] | None:
+    """``tree_point`` of :func:`c_library` (None without one)."""
+    lib = c_library()
+    return None if lib is None else lib.tree_point
+
+
+def increment_c(t0: float, t1: float, s: Tensor, t: Tensor, state_s: tuple[Tensor, Tensor],
+                state_t: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor] | None:
+    """``(dW, H)`` of ``VirtualBrownianTree.increment_from`` in one C loop (the same
+    operations), or None when the inputs are not contiguous float64 CPU tensors."""
+    lib = c_library()
+    tensors = (s, t, *state_s, *state_t)
+    if lib is None or not all(x.dtype == torch.float64 and x.device.type == "cpu" and x.is_contiguous()
+                              and not x.requires_grad for x in tensors):
+        return None
+    w_s = state_s[0]
+    if w_s.ndim != 2 or any(x.shape != w_s.shape for x in tensors[2:]):
+        return None
+    dw, levy = torch.empty_like(w_s), torch.empty_like(w_s)
+    lib.tree_increment(w_s.numel(), w_s.shape[1], t0, t1, *(x.data_ptr() for x in tensors), dw.data_ptr(),
+                       levy.data_ptr())
+    return dw, levy
 
 
 def run_c(kernel: Callable[..., None], t: Tensor, key0: Tensor, key1: Tensor, w_root: Tensor, h_root: Tensor,

@@ -425,11 +425,14 @@ class VirtualBrownianTree:
 
     def increment_from(self, s: Tensor, state_s: tuple[Tensor, Tensor], t: Tensor, state_t: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """``(dW, H)`` over ``[s, t]`` from two results of :meth:`evaluate`, shaped ``shape``."""
+        lo, hi = self._times(s), self._times(t)
+        if self.device.type == "cpu" and K.choose(self.device, self._padded) == "c":
+            out = K.increment_c(self.t0, self.t1, lo.contiguous(), hi.contiguous(), state_s, state_t)
+            if out is not None:
+                return self._shape_out(out[0]), self._shape_out(out[1])
         w_s, j_s = state_s
         w_t, j_t = state_t
-        lo = self._times(s).clamp(self.t0, self.t1)
-        hi = self._times(t).clamp(self.t0, self.t1)
-        h = (hi - lo).unsqueeze(1)
+        h = (hi.clamp(self.t0, self.t1) - lo.clamp(self.t0, self.t1)).unsqueeze(1)
         nonzero = h != 0
         safe_h = torch.where(nonzero, h, torch.ones_like(h))
         dw = w_t - w_s
