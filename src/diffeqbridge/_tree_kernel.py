@@ -30,6 +30,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import threading
 import types
 import warnings
 from pathlib import Path
@@ -267,9 +268,9 @@ _C_FLAG_SETS = (
     ("-march=native", "-lm"),
     ("-lm",),
 )
-_C_ARGTYPES = (ctypes.c_int64, ctypes.c_int64) + (ctypes.c_void_p,) * 7 + (ctypes.c_int64, ctypes.c_void_p,
-                                                                           ctypes.c_int64, ctypes.c_int64,
-                                                                           ctypes.c_void_p, ctypes.c_void_p)
+_C_ARGTYPES = (ctypes.c_int64, ctypes.c_int64) + (ctypes.c_void_p,) * 7 + (
+    ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64) + (ctypes.c_void_p,) * 4 + (ctypes.c_int64,)
+REUSE_BUDGET_BYTES = 256 * 2**20  # per-sample reuse caches 4 float64 per level and element, up to this size
 
 
 def _cache_dir() -> Path:
@@ -353,16 +354,40 @@ def increment_c(t0: float, t1: float, s: Tensor, t: Tensor, state_s: tuple[Tenso
     return dw, levy
 
 
+class ReuseCache:
+    """Per-sample reuse state of the C kernel: each element's previous finest cell ``(B*N,)``
+    and its running sums after every level ``(ceil(B*N/8), depth, 4, 8)``, valid after the first query.
+    Reuse changes no value (see ``_tree_kernel.c``); a lock keeps concurrent queries on one
+    tree from interleaving their updates."""
+
+    def __init__(self, depth: int, count: int):
+        self.prev = torch.zeros(count, dtype=torch.int64)
+        self.sums = torch.empty((-(-count // 8), depth, 4, 8), dtype=torch.float64)  # (block, level, sum, lane)
+        self.valid = False
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def affordable(depth: int, count: int) -> bool:
+        return depth * 4 * count * 8 <= REUSE_BUDGET_BYTES
+
+
 def run_c(kernel: Callable[..., None], t: Tensor, key0: Tensor, key1: Tensor, w_root: Tensor, h_root: Tensor,
-          levels: Tensor, level_keys: Tensor, geometry: Tensor, cell_key: int, wide: bool) -> tuple[Tensor, Tensor]:
+          levels: Tensor, level_keys: Tensor, geometry: Tensor, cell_key: int, wide: bool,
+          reuse: ReuseCache | None = None) -> tuple[Tensor, Tensor]:
     """``(W(t), J(t))`` from the C kernel: the arguments of :func:`fused_point` unpadded
     (``levels`` ``(depth, 7)``, ``level_keys`` ``(depth,)``), all contiguous on the CPU,
-    the element keys as two ``(B, N)`` int32 tensors."""
+    the element keys as two ``(B, N)`` int32 tensors; ``reuse``: the per-sample cache."""
     w_out, j_out = torch.empty_like(w_root), torch.empty_like(w_root)
     t = t.contiguous()
-    kernel(w_root.numel(), w_root.shape[1], t.data_ptr(), key0.data_ptr(), key1.data_ptr(), w_root.data_ptr(),
-           h_root.data_ptr(), levels.data_ptr(), level_keys.data_ptr(), levels.shape[0], geometry.data_ptr(),
-           cell_key, int(wide), w_out.data_ptr(), j_out.data_ptr())
+    args = (w_root.numel(), w_root.shape[1], t.data_ptr(), key0.data_ptr(), key1.data_ptr(), w_root.data_ptr(),
+            h_root.data_ptr(), levels.data_ptr(), level_keys.data_ptr(), levels.shape[0], geometry.data_ptr(),
+            cell_key, int(wide), w_out.data_ptr(), j_out.data_ptr())
+    if reuse is None:
+        kernel(*args, None, None, 0)
+    else:
+        with reuse.lock:
+            kernel(*args, reuse.prev.data_ptr(), reuse.sums.data_ptr(), int(reuse.valid))
+            reuse.valid = True
     return w_out, j_out
 
 

@@ -150,6 +150,7 @@ class VirtualBrownianTree:
         # the fused kernel's inputs (K.fused_point), built on first use
         self._padded = K.padded_depth(self.depth)
         self._fused_args: dict[bool, tuple] = {}
+        self._reuse: K.ReuseCache | None = None  # per-sample reuse of the C kernel (K.ReuseCache)
         # evaluate_scalar's cache: the last path's digits and per-level running sums
         self._path_digits: list[tuple[int, int]] = []
         self._path_sums: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # each (L, B, N)
@@ -214,13 +215,20 @@ class VirtualBrownianTree:
         if path == "c":
             kernel = K.c_kernel()
             assert kernel is not None
-            return K.run_c(kernel, t, *self._fused_inputs(padded=False))
+            return K.run_c(kernel, t, *self._fused_inputs(padded=False), reuse=self._reuse_cache())
         if path == "compile":
             out = K.run_compiled(self._padded, self.device, t, self._element_keys, *self._root_increment(),
                                  *self._fused_inputs(padded=True)[4:7], self._padded, self._cell_key_int, self._wide)
             if out is not None:
                 return out
         return self._evaluate_eager(t)
+
+    def _reuse_cache(self) -> K.ReuseCache | None:
+        """The C kernel's per-sample reuse state (None when it would exceed its memory budget)."""
+        count = self.batch_size * self.n_elements
+        if self._reuse is None and K.ReuseCache.affordable(self.depth, count):
+            self._reuse = K.ReuseCache(self.depth, count)
+        return self._reuse
 
     def _fused_inputs(self, padded: bool) -> tuple:
         """The fused kernels' inputs: ``(key0, key1, w_root, h_root, levels, level_keys,
