@@ -55,8 +55,8 @@ def test_ode_sampling_of_gaussian_is_exact(sde):
     x_T = sde.prior_sample((64, 1), seed=1)
     sol = dd.sample(model, sde, x_T, method="ode")
     assert sol.success and float(sol.ts[0]) == sde.T and abs(float(sol.ts[-1]) - 1e-3) < 1e-15
-    exact, _, _ = _flow_map(model, sde, x_T, 1e-3)
-    scale = 1 + float(exact.detach().abs().max())
+    exact = _flow_map(model, sde, x_T, 1e-3)[0].detach()
+    scale = 1 + float(exact.abs().max())
     assert float((sol.ys[-1] - exact).abs().max()) < 1e-4 * scale
     assert bool((sol.stats.nf > 10).all()) and bool((sol.stats.nf < 300).all())
 
@@ -75,12 +75,12 @@ def test_parameterizations_give_identical_samples():
 
 
 def test_sde_mixture_statistics():
-    """Reverse SDE, default solver (SOSRA, adaptive, default tolerances), 1500 samples of the
+    """Reverse SDE, default solver (SRA1, adaptive, default tolerances), 1500 samples of the
     2-D mixture: component weights within 4 standard errors, stds 0.5 +- 0.03."""
     sde, gm = dd.VPSDE(), _mixture()
     n = 1500
     sol = dd.sample(gm.score_model(sde, "eps"), sde, sde.prior_sample((n, 2), seed=0), method="sde", seed=0)
-    assert sol.success and isinstance(sol.alg, deb.SOSRA)
+    assert sol.success and isinstance(sol.alg, deb.SRA1)
     frac, stds = gm.component_stats(sol.ys[-1])
     se = torch.sqrt(gm.weights * (1 - gm.weights) / n)
     assert bool(((frac - gm.weights).abs() < 4 * se).all()), frac
@@ -143,16 +143,17 @@ def _ggf_sampler(score, sde, x_T, t_end, eps_abs, eps_rel, tree=None, seed=0, ma
 
 
 def test_rejections_add_no_bias_unlike_redraws():
-    """The same adaptive controller (GGF's) on the 2-D mixture (component std 0.5) at three
-    tolerances: redrawing the noise after a rejection inflates the component stds; re-querying
+    """The same adaptive controller (GGF's) on the 2-D mixture (component std 0.5) at two
+    tolerances (measured, 1500 samples, eps_rel 0.02/0.05/0.1: redraw 0.58-0.65, fixed path
+    0.49-0.51): redrawing the noise after a rejection inflates the component stds; re-querying
     a fixed Brownian path (what the engine does on every rejection) does not -- and neither
     does dd.sample(method="sde")."""
     sde, gm = dd.VPSDE(), _mixture()
-    n, t_end = 1500, 1e-3
+    n, t_end = 1200, 1e-3
     x_T = sde.prior_sample((n, 2), seed=0)
     score = gm.score_model(sde, "score")
     redraw_stds, fixed_stds = [], []
-    for eps_rel in (0.02, 0.05, 0.1):
+    for eps_rel in (0.02, 0.1):
         x_r, _ = _ggf_sampler(score, sde, x_T, t_end, 0.0078, eps_rel, seed=1)
         tree = deb.VirtualBrownianTree(t_end, sde.T, (n, 2), seed=1)
         x_f, _ = _ggf_sampler(score, sde, x_T, t_end, 0.0078, eps_rel, tree=tree)
@@ -161,8 +162,8 @@ def test_rejections_add_no_bias_unlike_redraws():
     redraw, fixed = torch.stack(redraw_stds), torch.stack(fixed_stds)
     print("redraw stds", redraw, "fixed path stds", fixed)
     assert bool(((fixed - 0.5).abs() < 0.03).all()), fixed
-    assert float(redraw.mean()) > 0.54, redraw
-    ours = dd.sample(score, sde, x_T, method="sde", parameterization="score", atol=5e-2, rtol=5e-2)
+    assert float(redraw.mean()) > 0.56, redraw
+    ours = dd.sample(score, sde, x_T, method="sde", parameterization="score")
     assert bool(((gm.component_stats(ours.ys[-1])[1] - 0.5).abs() < 0.03).all())
 
 
@@ -250,7 +251,7 @@ def test_model_sees_times_inside_span_only():
         seen.append((float(t.min()), float(t.max())))
         return inner(x, t)
 
-    x_T = sde.prior_sample((16, 2), seed=0)
+    x_T = sde.prior_sample((4, 2), seed=0)
     for method in ("sde", "ode", "pc"):
         seen.clear()
         dd.sample(model, sde, x_T, method=method, steps=20 if method == "pc" else None, t_end=0.01)
