@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import itertools
 import math
 import sys
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 try:
     from . import _harness as H
@@ -109,11 +111,10 @@ class Problem:
 
     def references(self) -> dict[str, Any]:
         """The probability-flow ODE's solution at ``t_end`` and at ``sigma = 0`` from ``x_T``."""
-        import torch
 
         from diffeqbridge import diffusion as dd
 
-        kw = dict(method="dpm_solver", algorithm="dpmsolver", variant="singlestep", order=3, lower_order_final=False)
+        kw = {"method": "dpm_solver", "algorithm": "dpmsolver", "variant": "singlestep", "order": 3, "lower_order_final": False}
         end = dd.sample(self.model_t, self.sde, self.x_T, steps=3000, t_end=self.t_end, **kw).ys[-1]
         half = dd.sample(self.model_t, self.sde, self.x_T, steps=1500, t_end=self.t_end, **kw).ys[-1]
         sig_end = dd.ScheduleSDE(self.sig_sde.alpha_fn, self.sig_sde.sigma_fn, T=self.sigma_min)
@@ -155,7 +156,6 @@ def kd(name: str, sigmas: str | None, nfe_of_n: Callable[[int], int], **options:
     """A k-diffusion sampler on its sigma grid (``n`` levels + 0) in the scaled variables."""
 
     def run(p: Problem, nfe: int) -> tuple[Any, float, str]:
-        import torch
 
         ks = import_k_diffusion_sampling()
         n = max(2, _levels_for(nfe, nfe_of_n))
@@ -215,8 +215,8 @@ def _levels_for(nfe: int, nfe_of_n: Callable[[int], int]) -> int:
 
 def samplers() -> dict[str, tuple[str, Sampler, bool]]:
     """name -> (family, sampler, deterministic)."""
-    same = lambda n: n  # noqa: E731
-    heun = lambda n: 2 * n - 1  # noqa: E731 - Heun on n levels + the Euler step to 0
+    same = lambda n: n
+    heun = lambda n: 2 * n - 1
     return {
         "ours DPM-Solver++(2M) logSNR": ("2M", ours("dpm_solver"), True),
         "ours DPM-Solver++(2M) time_uniform": ("2M", ours("dpm_solver", skip_type="time_uniform"), True),
@@ -267,7 +267,7 @@ def _quality(p: Problem, refs: dict, x: Any, end: str, deterministic: bool) -> d
 def _interp_nfe(rows: list[dict], err: float) -> float | None:
     """NFE at which a curve (rows sorted by NFE) first reaches ``err`` (log-log interpolation)."""
     pts = sorted((r["nfe"], r["path_err"]) for r in rows if r.get("path_err"))
-    for (n0, e0), (n1, e1) in zip(pts, pts[1:]):
+    for (n0, e0), (n1, e1) in itertools.pairwise(pts):
         if e0 <= err:
             return n0
         if e1 <= err < e0:
@@ -390,9 +390,9 @@ def inversion_round_trips(steps_list: list[int]) -> dict[str, Any]:
     a, s = sde.marginal(torch.tensor([1e-3], dtype=torch.float64))
     exact = a * 0.5 + (x_T - a_T * 0.5) * torch.sqrt(a * a * 0.64 + s * s) / torch.sqrt(a_T * a_T * 0.64 + s_T * s_T)
     sampling: dict[str, list] = {}
-    cases = {"DDIM": dict(method="dpm_solver", algorithm="dpmsolver", variant="singlestep", order=1, skip_type="time_uniform"),
-             "BDIA gamma=1": dict(method="bdia"), "BDIA gamma=0.5": dict(method="bdia", gamma=0.5),
-             "EDICT p=0.93": dict(method="edict")}
+    cases = {"DDIM": {"method": "dpm_solver", "algorithm": "dpmsolver", "variant": "singlestep", "order": 1, "skip_type": "time_uniform"},
+             "BDIA gamma=1": {"method": "bdia"}, "BDIA gamma=0.5": {"method": "bdia", "gamma": 0.5},
+             "EDICT p=0.93": {"method": "edict"}}
     for name, kw in cases.items():
         sampling[name] = [{"steps": n, "max_err": float((dd.sample(g_model, sde, x_T, steps=n, **kw).ys[-1] - exact).abs().max())}
                           for n in steps_list]
@@ -426,10 +426,19 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
     inversion = inversion_round_trips([10, 25] if tiny else [10, 25, 50, 100, 200])
     payload = {"nfes": nfes, "tols": tols, "problems": problems, "inversion": inversion,
                "seconds": time.perf_counter() - start,
-               "versions": {m: H._version(m) for m in ("diffusers", "k_diffusion")}}
+               "versions": {m: _dist_version(m) for m in ("diffusers", "k-diffusion")}}
     doc = H.write_json(out / f"{NAME}.json", NAME, payload)
     _plot(doc, out / f"{NAME}.png")
     return doc
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def _plot(doc: dict, path: Path) -> None:
@@ -449,6 +458,23 @@ def _plot(doc: dict, path: Path) -> None:
         for ax in axes[2 * i:2 * i + 2]:
             ax.legend(fontsize=5.5)
     H.savefig(fig, path)
+
+
+def headline(doc: dict) -> str:
+    """Median error ratios at equal NFE of the same-mathematics pairs, and the adaptive NFE ratio."""
+    import statistics
+
+    parts = []
+    for pname, r in doc["problems"].items():
+        ratios: dict[str, list[float]] = {}
+        for e in r["equal_nfe"]:
+            ratios.setdefault(f"{e['ours'].split(' (')[0][5:]} vs {e['peer'].split(' ')[0]}", []).append(e["ratio_err_ours_over_peer"])
+        eq = ", ".join(f"{k} x{statistics.median(v):.2f}" for k, v in ratios.items())
+        key = "ours adaptive DPM-Solver-23 (per-sample)"
+        ad = [t[key]["ratio_vs_best_peer"] for t in r["adaptive_targets"] if t.get(key)]
+        parts.append(f"{pname}: err ours/peer {eq}; adaptive-23 NFE / best peer's "
+                     f"{statistics.median(ad):.2f}" if ad else f"{pname}: err ours/peer {eq}")
+    return " | ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,13 +12,12 @@ import math
 
 import pytest
 import torch
+from problems import fitted_order
 
 import diffeqbridge as deb
 from diffeqbridge import diffusion as dd
 from diffeqbridge.diffusion.dpm_solver import singlestep_orders
 from diffeqbridge.diffusion.inversion import InversionState
-
-from problems import fitted_order
 
 T_END = 1e-3
 MU, S = 0.5, 0.8
@@ -58,12 +57,12 @@ class CountingModel:
 # ------------------------------------------------------------------ convergence orders
 CONVERGENCE = [
     # (label, method, options, step budgets, theoretical order)
-    ("DPM-Solver-1", "dpm_solver", dict(algorithm="dpmsolver", variant="singlestep", order=1), [12, 24, 48, 96], 1),
-    ("DPM-Solver-2", "dpm_solver", dict(algorithm="dpmsolver", variant="singlestep", order=2), [24, 48, 96, 192], 2),
-    ("DPM-Solver-3", "dpm_solver", dict(algorithm="dpmsolver", variant="singlestep", order=3), [96, 192, 384, 768], 3),
-    ("DPM-Solver++(2S)", "dpm_solver", dict(algorithm="dpmsolver++", variant="singlestep", order=2), [48, 96, 192, 384], 2),
-    ("DPM-Solver++(2M)", "dpm_solver", dict(algorithm="dpmsolver++", variant="multistep", order=2), [24, 48, 96, 192], 2),
-    ("EDM Heun", "edm", dict(), [32, 64, 128, 256], 2),
+    ("DPM-Solver-1", "dpm_solver", {"algorithm": "dpmsolver", "variant": "singlestep", "order": 1}, [12, 24, 48, 96], 1),
+    ("DPM-Solver-2", "dpm_solver", {"algorithm": "dpmsolver", "variant": "singlestep", "order": 2}, [24, 48, 96, 192], 2),
+    ("DPM-Solver-3", "dpm_solver", {"algorithm": "dpmsolver", "variant": "singlestep", "order": 3}, [96, 192, 384, 768], 3),
+    ("DPM-Solver++(2S)", "dpm_solver", {"algorithm": "dpmsolver++", "variant": "singlestep", "order": 2}, [48, 96, 192, 384], 2),
+    ("DPM-Solver++(2M)", "dpm_solver", {"algorithm": "dpmsolver++", "variant": "multistep", "order": 2}, [24, 48, 96, 192], 2),
+    ("EDM Heun", "edm", {}, [32, 64, 128, 256], 2),
 ]
 
 
@@ -89,7 +88,7 @@ def test_lower_order_final_costs_little_and_keeps_the_budget():
     sde = dd.VPSDE()
     model, x_T = _gaussian_model(sde), _x_T(sde)
     exact = _exact_flow(sde, x_T, T_END)
-    for options in (dict(variant="multistep", order=2), dict(variant="singlestep", order=3, algorithm="dpmsolver")):
+    for options in ({"variant": "multistep", "order": 2}, {"variant": "singlestep", "order": 3, "algorithm": "dpmsolver"}):
         low = dd.sample(model, sde, x_T, method="dpm_solver", steps=20, **options)
         assert int(low.stats.nf[0]) == 20
         err = float((low.ys[-1] - exact).abs().max())
@@ -104,16 +103,16 @@ def test_singlestep_budget_split(steps, orders):
 
 
 @pytest.mark.parametrize("method,options,steps,expected", [
-    ("dpm_solver", dict(variant="singlestep", order=3), 10, 10),
-    ("dpm_solver", dict(variant="singlestep", order=3, lower_order_final=False), 10, 9),
-    ("dpm_solver", dict(variant="singlestep", order=2), 7, 7),
-    ("dpm_solver", dict(variant="multistep", order=3), 9, 9),
-    ("dpm_solver", dict(algorithm="sde-dpmsolver++"), 9, 9),
-    ("edm", dict(), 9, 8),
-    ("edm", dict(denoise_to_zero=True), 9, 9),
-    ("edm", dict(denoise_to_zero=True, S_churn=5.0), 10, 9),
-    ("bdia", dict(), 9, 9),
-    ("edict", dict(), 9, 18),
+    ("dpm_solver", {"variant": "singlestep", "order": 3}, 10, 10),
+    ("dpm_solver", {"variant": "singlestep", "order": 3, "lower_order_final": False}, 10, 9),
+    ("dpm_solver", {"variant": "singlestep", "order": 2}, 7, 7),
+    ("dpm_solver", {"variant": "multistep", "order": 3}, 9, 9),
+    ("dpm_solver", {"algorithm": "sde-dpmsolver++"}, 9, 9),
+    ("edm", {}, 9, 8),
+    ("edm", {"denoise_to_zero": True}, 9, 9),
+    ("edm", {"denoise_to_zero": True, "S_churn": 5.0}, 10, 9),
+    ("bdia", {}, 9, 9),
+    ("edict", {}, 9, 18),
 ])
 def test_nf_counts_every_model_call(method, options, steps, expected):
     sde = dd.VPSDE()
@@ -147,7 +146,7 @@ def test_adaptive_result_does_not_depend_on_the_batch():
     rows = torch.tensor([3, 17, 29])
     other = sde.prior_sample((25, 2), seed=9) * 3.0  # far-out companions: very different step sizes
     for order, controller in ((2, "pi"), (3, "pi"), (3, "paper")):
-        kw = dict(method="dpm_solver", variant="adaptive", order=order, rtol=1e-3, atol=1e-4, controller=controller)
+        kw = {"method": "dpm_solver", "variant": "adaptive", "order": order, "rtol": 1e-3, "atol": 1e-4, "controller": controller}
         full = dd.sample(model, sde, x_T, **kw)
         alone = dd.sample(model, sde, x_T[rows], **kw)
         mixed = dd.sample(model, sde, torch.cat([other, x_T[rows]]), **kw)
@@ -170,12 +169,12 @@ def test_sde_dpm_solver_noise_is_per_sample():
 
 # ------------------------------------------------------------------ parameterizations
 @pytest.mark.parametrize("method,options", [
-    ("dpm_solver", dict(steps=12)),
-    ("dpm_solver", dict(steps=12, variant="singlestep", order=3, algorithm="dpmsolver")),
-    ("dpm_solver", dict(steps=12, algorithm="sde-dpmsolver++")),
-    ("edm", dict(steps=12, S_churn=3.0)),
-    ("bdia", dict(steps=12)),
-    ("edict", dict(steps=12)),
+    ("dpm_solver", {"steps": 12}),
+    ("dpm_solver", {"steps": 12, "variant": "singlestep", "order": 3, "algorithm": "dpmsolver"}),
+    ("dpm_solver", {"steps": 12, "algorithm": "sde-dpmsolver++"}),
+    ("edm", {"steps": 12, "S_churn": 3.0}),
+    ("bdia", {"steps": 12}),
+    ("edict", {"steps": 12}),
 ])
 @pytest.mark.parametrize("sde", [dd.VPSDE(), dd.VESDE()], ids=["VP", "VE"])
 def test_parameterizations_give_the_same_samples(method, options, sde):
@@ -190,7 +189,7 @@ def test_parameterizations_give_the_same_samples(method, options, sde):
 
 # ------------------------------------------------------------------ exact inversion
 @pytest.mark.parametrize("method,options", [
-    ("bdia", dict(gamma=1.0)), ("bdia", dict(gamma=0.9)), ("edict", dict()), ("edict", dict(p=0.97)),
+    ("bdia", {"gamma": 1.0}), ("bdia", {"gamma": 0.9}), ("edict", {}), ("edict", {"p": 0.97}),
 ])
 @pytest.mark.parametrize("sde", [dd.VPSDE(), dd.VESDE()], ids=["VP", "VE"])
 def test_round_trip_is_exact(method, options, sde):
@@ -227,7 +226,7 @@ def test_plain_pair_and_mismatched_grids():
     state = dd.invert(model, sde, x0, method="bdia", steps=10)
     plain = dd.sample(model, sde, (state.x, state.y), method="bdia", steps=10)
     assert torch.allclose(plain.ys[-1], x0, rtol=0, atol=1e-12)
-    for bad in (dict(steps=11), dict(t_end=2e-3), dict(gamma=0.5), dict(skip_type="logSNR")):
+    for bad in ({"steps": 11}, {"t_end": 2e-3}, {"gamma": 0.5}, {"skip_type": "logSNR"}):
         with pytest.raises(ValueError):
             dd.sample(model, sde, state, method="bdia", **bad)
     with pytest.raises(ValueError):
@@ -251,15 +250,15 @@ def _exact_inverse(sde, x0):
 
 # ------------------------------------------------------------------ sample statistics
 STATISTICS = [
-    ("dpm_solver", dict(steps=50)),
-    ("dpm_solver", dict(steps=48, variant="singlestep", order=3, algorithm="dpmsolver")),
-    ("dpm_solver", dict(variant="adaptive", order=3, rtol=1e-2, atol=1e-3)),
-    ("dpm_solver", dict(variant="adaptive", order=2, rtol=1e-2, atol=1e-3)),
-    ("dpm_solver", dict(steps=100, algorithm="sde-dpmsolver++")),
-    ("edm", dict(steps=60)),
-    ("edm", dict(steps=199, S_churn=100.0, denoise_to_zero=True)),
-    ("bdia", dict(steps=50)),
-    ("edict", dict(steps=100)),
+    ("dpm_solver", {"steps": 50}),
+    ("dpm_solver", {"steps": 48, "variant": "singlestep", "order": 3, "algorithm": "dpmsolver"}),
+    ("dpm_solver", {"variant": "adaptive", "order": 3, "rtol": 1e-2, "atol": 1e-3}),
+    ("dpm_solver", {"variant": "adaptive", "order": 2, "rtol": 1e-2, "atol": 1e-3}),
+    ("dpm_solver", {"steps": 100, "algorithm": "sde-dpmsolver++"}),
+    ("edm", {"steps": 60}),
+    ("edm", {"steps": 199, "S_churn": 100.0, "denoise_to_zero": True}),
+    ("bdia", {"steps": 50}),
+    ("edict", {"steps": 100}),
 ]
 
 
@@ -284,35 +283,35 @@ class Forbidden:
 
 
 BAD = [
-    ("dpm_solver", dict(order=4), ValueError),
-    ("dpm_solver", dict(algorithm="dpm"), ValueError),
-    ("dpm_solver", dict(variant="exponential"), ValueError),
-    ("dpm_solver", dict(skip_type="karras"), ValueError),
-    ("dpm_solver", dict(variant="adaptive", order=1), ValueError),
-    ("dpm_solver", dict(variant="adaptive", steps=10), ValueError),
-    ("dpm_solver", dict(variant="adaptive", atol=-1.0), ValueError),
-    ("dpm_solver", dict(variant="adaptive", theta=1.5), ValueError),
-    ("dpm_solver", dict(variant="adaptive", controller="pid"), ValueError),
-    ("dpm_solver", dict(algorithm="sde-dpmsolver++", variant="singlestep"), ValueError),
-    ("dpm_solver", dict(algorithm="sde-dpmsolver++", order=3), ValueError),
-    ("dpm_solver", dict(variant="singlestep", order=3, steps=2, lower_order_final=False), ValueError),
-    ("dpm_solver", dict(lower_order_final="yes"), TypeError),
-    ("dpm_solver", dict(unknown_option=1), TypeError),
-    ("dpm_solver", dict(steps=0), ValueError),
-    ("dpm_solver", dict(t_end=0.0), ValueError),
-    ("dpm_solver", dict(t_end=1.5), ValueError),
-    ("edm", dict(rho=0.0), ValueError),
-    ("edm", dict(S_churn=-1.0), ValueError),
-    ("edm", dict(sigma_max=1e6), ValueError),
-    ("edm", dict(sigma_min=5.0, sigma_max=1.0), ValueError),
-    ("edm", dict(sigma_min=1e-4), ValueError),  # below sigma/alpha at t_end: the model would see t < t_end
-    ("edm", dict(steps=1), ValueError),
-    ("edm", dict(atol=1e-3), TypeError),
-    ("bdia", dict(gamma=0.0), ValueError),
-    ("bdia", dict(gamma=1.5), ValueError),
-    ("edict", dict(p=0.0), ValueError),
-    ("edict", dict(skip_type="uniform"), ValueError),
-    ("unknown", dict(), ValueError),
+    ("dpm_solver", {"order": 4}, ValueError),
+    ("dpm_solver", {"algorithm": "dpm"}, ValueError),
+    ("dpm_solver", {"variant": "exponential"}, ValueError),
+    ("dpm_solver", {"skip_type": "karras"}, ValueError),
+    ("dpm_solver", {"variant": "adaptive", "order": 1}, ValueError),
+    ("dpm_solver", {"variant": "adaptive", "steps": 10}, ValueError),
+    ("dpm_solver", {"variant": "adaptive", "atol": -1.0}, ValueError),
+    ("dpm_solver", {"variant": "adaptive", "theta": 1.5}, ValueError),
+    ("dpm_solver", {"variant": "adaptive", "controller": "pid"}, ValueError),
+    ("dpm_solver", {"algorithm": "sde-dpmsolver++", "variant": "singlestep"}, ValueError),
+    ("dpm_solver", {"algorithm": "sde-dpmsolver++", "order": 3}, ValueError),
+    ("dpm_solver", {"variant": "singlestep", "order": 3, "steps": 2, "lower_order_final": False}, ValueError),
+    ("dpm_solver", {"lower_order_final": "yes"}, TypeError),
+    ("dpm_solver", {"unknown_option": 1}, TypeError),
+    ("dpm_solver", {"steps": 0}, ValueError),
+    ("dpm_solver", {"t_end": 0.0}, ValueError),
+    ("dpm_solver", {"t_end": 1.5}, ValueError),
+    ("edm", {"rho": 0.0}, ValueError),
+    ("edm", {"S_churn": -1.0}, ValueError),
+    ("edm", {"sigma_max": 1e6}, ValueError),
+    ("edm", {"sigma_min": 5.0, "sigma_max": 1.0}, ValueError),
+    ("edm", {"sigma_min": 1e-4}, ValueError),  # below sigma/alpha at t_end: the model would see t < t_end
+    ("edm", {"steps": 1}, ValueError),
+    ("edm", {"atol": 1e-3}, TypeError),
+    ("bdia", {"gamma": 0.0}, ValueError),
+    ("bdia", {"gamma": 1.5}, ValueError),
+    ("edict", {"p": 0.0}, ValueError),
+    ("edict", {"skip_type": "uniform"}, ValueError),
+    ("unknown", {}, ValueError),
 ]
 
 
@@ -332,8 +331,8 @@ def test_bad_state_is_rejected(method, x_T):
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(method="bdia", steps=0), dict(method="edict", p=2.0), dict(method="bogus"), dict(method="ode", steps=10),
-    dict(method="bdia", atol=1e-3), dict(method="bdia", unknown=1), dict(method="edict", t_end=1.0),
+    {"method": "bdia", "steps": 0}, {"method": "edict", "p": 2.0}, {"method": "bogus"}, {"method": "ode", "steps": 10},
+    {"method": "bdia", "atol": 1e-3}, {"method": "bdia", "unknown": 1}, {"method": "edict", "t_end": 1.0},
 ])
 def test_invert_rejects_bad_input(kwargs):
     sde = dd.VPSDE()
@@ -352,8 +351,8 @@ def test_non_finite_samples_are_flagged_per_sample():
     x_T = _x_T(sde)[:4].clone()
     x_T[1] = 100.0
     good_rows = torch.tensor([0, 2, 3])
-    cases = (("dpm_solver", dict(steps=8)), ("edm", dict(steps=8)), ("bdia", dict(steps=8)), ("edict", dict(steps=8)),
-             ("dpm_solver", dict(variant="adaptive", order=3)))
+    cases = (("dpm_solver", {"steps": 8}), ("edm", {"steps": 8}), ("bdia", {"steps": 8}), ("edict", {"steps": 8}),
+             ("dpm_solver", {"variant": "adaptive", "order": 3}))
     for method, options in cases:
         sol = dd.sample(model, sde, x_T, method=method, **options)
         codes = sol.retcode

@@ -49,7 +49,8 @@ first ones at lower order (warm-up) and, with ``lower_order_final``, the last on
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -57,7 +58,15 @@ from torch import Tensor
 from ..controller import QOLD_INIT, PIController
 from ..solution import ReturnCode, Solution, Stats
 from .common import STREAMS, expand_like, grid_solution, per_sample_normal
-from .grids import Point, at_time, check_skip_type, evaluations_per_call, point, t_of_lam, time_grid
+from .grids import (
+    Point,
+    at_time,
+    check_skip_type,
+    evaluations_per_call,
+    point,
+    t_of_lam,
+    time_grid,
+)
 
 ALGORITHMS = ("dpmsolver", "dpmsolver++", "sde-dpmsolver++")
 VARIANTS = ("singlestep", "multistep", "adaptive")

@@ -26,7 +26,7 @@ class Point:
     sigma: Tensor
     lam: Tensor
 
-    def select(self, idx: Tensor) -> "Point":
+    def select(self, idx: Tensor) -> Point:
         """The rows ``idx`` (a 1-D index tensor) of every field."""
         return Point(self.t[idx], self.alpha[idx], self.sigma[idx], self.lam[idx])
 

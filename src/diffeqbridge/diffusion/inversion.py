@@ -33,13 +33,23 @@ inverted in reverse order.  From noise both chains start at ``x_T``; the sample 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
 from ..solution import Solution
-from .common import check_model_dtype, check_steps, check_t_end, check_x, expand_like, grid_solution
+from .common import (
+    check_model_dtype,
+    check_steps,
+    check_t_end,
+    check_x,
+    expand_like,
+    grid_solution,
+)
 from .dpm_solver import coefficients, first_order
 from .grids import Point, check_skip_type, evaluations_per_call, point, time_grid
 
@@ -67,7 +77,7 @@ class InversionState(tuple):
     mixing: float
 
     def __new__(cls, x: Tensor, y: Tensor, *, method: str, steps: int, t_end: float, skip_type: str,
-                mixing: float) -> "InversionState":
+                mixing: float) -> Self:
         self = super().__new__(cls, (x, y))
         self.method, self.steps, self.t_end, self.skip_type, self.mixing = method, steps, t_end, skip_type, mixing
         return self
@@ -241,7 +251,13 @@ def invert(model: Any, sde: Any, x0: Tensor, method: str = "ode", steps: int | N
         ``"ode"``: the ``(B, *shape)`` tensor at ``T``; ``"bdia"``/``"edict"``: an
         :class:`InversionState` that ``dd.sample(model, sde, state, method=method)`` maps back to ``x0``.
     """
-    from .models import ModelAdapter, as_adapter, check_model, check_parameterization, check_sde
+    from .models import (
+        ModelAdapter,
+        as_adapter,
+        check_model,
+        check_parameterization,
+        check_sde,
+    )
 
     if method not in INVERT_METHODS:
         raise ValueError(f"method must be one of {INVERT_METHODS}; got {method!r}")
