@@ -134,14 +134,17 @@ def _check_saveat(saveat: Any, t0: float, t1: float, device: torch.device) -> Te
         raise ValueError(f"saveat must be a non-empty 1-D array of times; got shape {tuple(times.shape)}")
     if not bool(torch.isfinite(times).all()):
         raise ValueError("saveat contains NaN or Inf")
-    span = t1 - t0
+    a, b = min(t0, t1), max(t0, t1)
+    span = b - a
     lo, hi = float(times.min()), float(times.max())
-    if lo < t0 - 1e-12 * span or hi > t1 + 1e-12 * span:
-        raise ValueError(f"saveat must lie inside tspan [{t0}, {t1}]; got times in [{lo}, {hi}]")
-    if times.numel() > 1 and not bool((times[1:] > times[:-1]).all()):
-        raise ValueError("saveat must be strictly increasing")
-    times = times.clamp(t0, t1)
-    if float(times[0]) > t0:
+    if lo < a - 1e-12 * span or hi > b + 1e-12 * span:
+        raise ValueError(f"saveat must lie inside tspan [{a}, {b}]; got times in [{lo}, {hi}]")
+    sign = 1.0 if t1 > t0 else -1.0
+    if times.numel() > 1 and not bool((sign * (times[1:] - times[:-1]) > 0).all()):
+        raise ValueError("saveat must be strictly increasing" if sign > 0 else
+                         "saveat must be strictly decreasing when time runs backwards (t1 < t0)")
+    times = times.clamp(a, b)
+    if float(times[0]) != t0:
         # integration starts at t0; the caller gets only the requested times back
         times = torch.cat([torch.tensor([t0], dtype=torch.float64, device=device), times])
     return times
@@ -150,6 +153,7 @@ def _check_saveat(saveat: Any, t0: float, t1: float, device: torch.device) -> Te
 def _check_brownian(brownian: Any, problem: SDEProblem, seed: int) -> VirtualBrownianTree:
     t0, t1 = problem.tspan
     shape = (problem.batch_size, *problem.noise_shape)
+    t0, t1 = min(t0, t1), max(t0, t1)  # the tree covers the span whichever way time runs
     if brownian is None:
         return VirtualBrownianTree(t0, t1, shape, seed=seed, dtype=problem.y0.dtype, device=problem.y0.device)
     if not isinstance(brownian, VirtualBrownianTree):
@@ -254,6 +258,8 @@ def solve(
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int; got {seed!r}")
     regularize = check_regularize(regularize, prob, solver, adaptive, sensealg, seed)
+    if regularize is not None and prob.tspan[1] < prob.tspan[0]:
+        raise ValueError("regularize= needs time running forwards (tspan with t1 > t0)")
     atol = _check_positive("atol", atol if atol is not None else (1e-2 if prob.is_sde else 1e-6), allow_zero=True)
     rtol = _check_positive("rtol", rtol if rtol is not None else (1e-2 if prob.is_sde else 1e-3), allow_zero=True)
     if adaptive and atol == 0 and rtol == 0:
@@ -263,7 +269,8 @@ def solve(
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"max_steps must be a positive int; got {max_steps!r}")
     t0, t1 = prob.tspan
-    dtmin_value = 1e-14 * (t1 - t0) if dtmin is None else _check_positive("dtmin", dtmin, allow_zero=True)
+    span = abs(t1 - t0)
+    dtmin_value = 1e-14 * span if dtmin is None else _check_positive("dtmin", dtmin, allow_zero=True)
     if not isinstance(progress, bool):
         raise TypeError(f"progress must be a bool; got {progress!r}")
     device = prob.y0.device
@@ -296,18 +303,19 @@ def solve(
         assert g0 is not None and terms.diffusion is not None
         dt_initial, extra_f, extra_g = sde_initial_dt(
             terms.drift, terms.diffusion, _g_size(terms), t_start, prob.y0, f0, g0,
-            solver.controller_order, atol, rtol, t1 - t0,
+            solver.controller_order, atol, rtol, span, direction=1.0 if t1 > t0 else -1.0,
         )
         counts = (counts[0] + extra_f, counts[1] + extra_g)
     else:
         dt_initial, extra_f = hairer_initial_dt(
-            terms.drift, t_start, prob.y0, f0, solver.controller_order, atol, rtol, dtmax=t1 - t0
+            terms.drift, t_start, prob.y0, f0, solver.controller_order, atol, rtol, dtmax=span,
+            direction=1.0 if t1 > t0 else -1.0,
         )
         counts = (counts[0] + extra_f, counts[1])
     # the heuristics can return absurdly small steps for stiff problems (the exponent is
     # divided by the method's order); start no lower than a safe multiple of dtmin
     if dt is None:
-        dt_initial = dt_initial.clamp(min=max(100.0 * dtmin_value, 1e-10 * (t1 - t0)))
+        dt_initial = dt_initial.clamp(min=max(100.0 * dtmin_value, 1e-10 * span))
     options = EngineOptions(
         adaptive=adaptive, atol=atol, rtol=rtol, max_steps=max_steps, dtmin=dtmin_value,
         progress=progress, check_every=_check_every(check_every, device),

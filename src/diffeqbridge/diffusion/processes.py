@@ -143,7 +143,10 @@ def _time_derivative(fn: TimeFn, t: Tensor) -> Tensor:
     """``d fn(t) / dt`` elementwise for an elementwise ``fn``: ``(B,)`` -> ``(B,)``."""
     with torch.enable_grad():
         s = t.detach().requires_grad_(True)
-        (d,) = torch.autograd.grad(fn(s).sum(), s)
+        out = fn(s)
+        if not out.requires_grad:  # constant in t (VE's alpha)
+            return torch.zeros_like(t)
+        (d,) = torch.autograd.grad(out.sum(), s)
     return d
 
 

@@ -162,9 +162,9 @@ def sri_step(
     drift, diffusion = terms.drift, terms.diffusion
 
     dt_y = expand_to(dt, y)
-    dt_w = expand_to(dt, dw)
+    dt_w = expand_to(dt.abs(), dw)  # noise scale: |dt| when time runs backwards
     sq_w = torch.sqrt(dt_w)
-    sqdt_y = torch.sqrt(dt_y)
+    sqdt_y = torch.sqrt(dt_y.abs())
     # Iterated-integral ratios, noise-shaped, then broadcast against the state.
     chi1 = terms.noise_like_state((dw * dw - dt_w) / (2.0 * sq_w), y)  # I_(1,1)/sqrt(dt)
     chi2 = terms.noise_like_state(0.5 * dw + levy_h, y)  # I_(1,0)/dt
