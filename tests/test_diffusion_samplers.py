@@ -276,6 +276,73 @@ def test_mixture_statistics(method, options):
     assert torch.allclose(std, torch.full_like(std, 0.5), rtol=0, atol=0.035), std
 
 
+# ------------------------------------------------------------------ gradients and dtypes
+GRADIENT_CASES = [
+    ("dpm_solver", {"steps": 10}),
+    ("dpm_solver", {"steps": 9, "variant": "singlestep", "order": 3, "algorithm": "dpmsolver"}),
+    ("dpm_solver", {"steps": 10, "algorithm": "sde-dpmsolver++"}),
+    ("edm", {"steps": 10, "S_churn": 2.0}),
+    ("bdia", {"steps": 10}),
+    ("edict", {"steps": 10}),
+]
+
+
+def _finite_difference(fn, x, w, eps=1e-6):
+    fd = torch.zeros_like(x)
+    for idx in range(x.numel()):
+        e = torch.zeros_like(x).flatten()
+        e[idx] = eps
+        e = e.reshape(x.shape)
+        fd.view(-1)[idx] = ((fn(x + e) - fn(x - e)) * w).sum() / (2 * eps)
+    return fd
+
+
+@pytest.mark.parametrize("method,options", GRADIENT_CASES)
+def test_gradient_through_sampling_matches_finite_differences(method, options):
+    """Autograd through the sampler's loop (sensealg=None) w.r.t. x_T, float64."""
+    sde = dd.VPSDE()
+    model = _mixture().score_model(sde, "eps")
+    x_T = sde.prior_sample((3, 2), seed=3)
+    w = torch.linspace(-1.0, 1.0, 6, dtype=torch.float64).reshape(3, 2)
+
+    def fn(x):
+        return dd.sample(model, sde, x, method=method, **options).ys[-1]
+
+    x = x_T.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad((fn(x) * w).sum(), x)
+    fd = _finite_difference(fn, x_T, w)
+    assert float((grad - fd).abs().max()) <= 1e-6 * float(fd.abs().max())
+
+
+def test_adaptive_gradient_holds_the_steps_fixed():
+    """The adaptive solver does not differentiate its step sizes (as diffrax): the gradient
+    differs from finite differences (which see the steps move) by about the tolerance only."""
+    sde = dd.VPSDE()
+    model = _gaussian_model(sde)
+    x_T = _x_T(sde)[:3]
+    kw = {"method": "dpm_solver", "variant": "adaptive", "order": 3, "rtol": 1e-4, "atol": 1e-5}
+    x = x_T.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(dd.sample(model, sde, x, **kw).ys[-1].sum(), x)
+    # the Gaussian's flow is affine: d x(t_end) / d x_T is the ratio of marginal stds
+    a_T, s_T = sde.marginal(torch.tensor([sde.T], dtype=torch.float64))
+    a, s = sde.marginal(torch.tensor([T_END], dtype=torch.float64))
+    exact = torch.sqrt(a * a * S * S + s * s) / torch.sqrt(a_T * a_T * S * S + s_T * s_T)
+    assert torch.allclose(grad, exact.expand_as(grad), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("method,options", [
+    ("dpm_solver", {"steps": 12}), ("dpm_solver", {"variant": "adaptive", "order": 2}),
+    ("edm", {"steps": 12, "S_churn": 1.0}), ("bdia", {"steps": 12}), ("edict", {"steps": 50}),
+])
+def test_float32_follows_float64(method, options):
+    sde = dd.VPSDE()
+    x64 = _x_T(sde)
+    out64 = dd.sample(_gaussian_model(sde), sde, x64, method=method, **options)
+    out32 = dd.sample(_gaussian_model(sde), sde, x64.float(), method=method, **options)
+    assert out32.ys.dtype == torch.float32 and out32.ts.dtype == torch.float32
+    assert torch.allclose(out32.ys[-1].double(), out64.ys[-1], rtol=0, atol=1e-4)
+
+
 # ------------------------------------------------------------------ input validation
 class Forbidden:
     def __call__(self, x, t):

@@ -343,7 +343,7 @@ def _adaptive(fn: Predictor, sde: Any, x: Tensor, order: int, algorithm: str, bo
         t = point(sde, torch.where(last, torch.full_like(h_try, t_end), t_of_lam(sde, s.lam + h_try, *bounds)))
         f0 = fn(xs, s.t)
         x_high, x_low = step(fn, sde, xs, f0, s, t, algorithm, bounds, r1)
-        err = error_norm(x_high, x_low, xs, atol, rtol)
+        err = error_norm(x_high, x_low, xs, atol, rtol).detach()  # steps are not differentiated (as diffrax)
         finite = torch.isfinite(err)
         accept = finite & (err <= 1.0)
         x[idx] = torch.where(expand_like(accept, xs), x_high, xs)
