@@ -15,7 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..brownian import _MASK32, _absorb, _fmix32, _standard_normal_pair
+from .._tree_kernel import MASK32 as _MASK32
+from .._tree_kernel import absorb as _absorb
+from .._tree_kernel import fmix32 as _fmix32
+from .._tree_kernel import standard_normal_pair as _standard_normal_pair
 from ..solution import ReturnCode, Solution, Stats
 
 # stream ids: distinct sources of per-sample randomness (any int in [0, 2^32) works; a

@@ -1,0 +1,46 @@
+"""MkDocs hooks (mkdocs.yml ``hooks:``): pages that show files kept outside ``docs/``.
+
+* ``<!-- include FILE -->`` (a line of its own) is replaced by the markdown of ``FILE``
+  (relative to the repository root), with its repository-relative links rewritten for a
+  page in ``docs/``: ``docs/x`` -> ``x``, ``BENCHMARKS.md`` -> ``benchmarks.md``,
+  ``README.md`` -> ``index.md``.  ``docs/index.md`` shows README.md this way and
+  ``docs/benchmarks.md`` shows BENCHMARKS.md, so each text lives in one file.
+* ``<!-- include-code FILE -->`` is replaced by ``FILE`` in a fenced python block (the
+  examples' sources on their pages; not run by the doc-snippet test, which reads the
+  markdown files themselves).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+_INCLUDE = re.compile(r"^<!-- include (?P<path>\S+) -->[ \t]*$", re.M)
+_INCLUDE_CODE = re.compile(r"^<!-- include-code (?P<path>\S+) -->[ \t]*$", re.M)
+_LINK_REWRITES = (("](docs/", "]("), ("](BENCHMARKS.md", "](benchmarks.md"), ("](README.md", "](index.md"))
+
+
+def rewrite_links(markdown: str, depth: int) -> str:
+    """Links of a repository-root file, for a page ``depth`` folders below ``docs/``."""
+    up = "../" * depth
+    for old, new in _LINK_REWRITES:
+        markdown = markdown.replace(old, new[:2] + up + new[2:])
+    return markdown
+
+
+def _read(path: str) -> str:
+    file = (REPO / path).resolve()
+    if REPO not in file.parents or not file.is_file():
+        raise FileNotFoundError(f"mkdocs include: {path} is not a file of the repository")
+    return file.read_text(encoding="utf-8")
+
+
+def expand(markdown: str, src_uri: str) -> str:
+    depth = src_uri.count("/")
+    markdown = _INCLUDE.sub(lambda m: rewrite_links(_read(m["path"]), depth), markdown)
+    return _INCLUDE_CODE.sub(lambda m: f"```python\n{_read(m['path']).rstrip()}\n```", markdown)
+
+
+def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
+    return expand(markdown, page.file.src_uri)
