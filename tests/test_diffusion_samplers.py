@@ -6,6 +6,7 @@ Oracles (no trained weights): a 1-D Gaussian N(mu, s^2), whose probability flow 
 (weights (0.5, 0.3, 0.2), means (-3,0), (3,0), (0,3), std 0.5) with its exact score.
 Everything in float64.
 """
+
 from __future__ import annotations
 
 import math
@@ -102,18 +103,21 @@ def test_singlestep_budget_split(steps, orders):
     assert sum(orders) == steps
 
 
-@pytest.mark.parametrize("method,options,steps,expected", [
-    ("dpm_solver", {"variant": "singlestep", "order": 3}, 10, 10),
-    ("dpm_solver", {"variant": "singlestep", "order": 3, "lower_order_final": False}, 10, 9),
-    ("dpm_solver", {"variant": "singlestep", "order": 2}, 7, 7),
-    ("dpm_solver", {"variant": "multistep", "order": 3}, 9, 9),
-    ("dpm_solver", {"algorithm": "sde-dpmsolver++"}, 9, 9),
-    ("edm", {}, 9, 8),
-    ("edm", {"denoise_to_zero": True}, 9, 9),
-    ("edm", {"denoise_to_zero": True, "S_churn": 5.0}, 10, 9),
-    ("bdia", {}, 9, 9),
-    ("edict", {}, 9, 18),
-])
+@pytest.mark.parametrize(
+    "method,options,steps,expected",
+    [
+        ("dpm_solver", {"variant": "singlestep", "order": 3}, 10, 10),
+        ("dpm_solver", {"variant": "singlestep", "order": 3, "lower_order_final": False}, 10, 9),
+        ("dpm_solver", {"variant": "singlestep", "order": 2}, 7, 7),
+        ("dpm_solver", {"variant": "multistep", "order": 3}, 9, 9),
+        ("dpm_solver", {"algorithm": "sde-dpmsolver++"}, 9, 9),
+        ("edm", {}, 9, 8),
+        ("edm", {"denoise_to_zero": True}, 9, 9),
+        ("edm", {"denoise_to_zero": True, "S_churn": 5.0}, 10, 9),
+        ("bdia", {}, 9, 9),
+        ("edict", {}, 9, 18),
+    ],
+)
 def test_nf_counts_every_model_call(method, options, steps, expected):
     sde = dd.VPSDE()
     model = CountingModel(_gaussian_model(sde))
@@ -161,36 +165,49 @@ def test_sde_dpm_solver_noise_is_per_sample():
     model = _mixture().score_model(sde, "x0")
     x_T = sde.prior_sample((12, 2), seed=2)
     full = dd.sample(model, sde, x_T, method="dpm_solver", algorithm="sde-dpmsolver++", steps=15, seed=4, parameterization="x0")
-    part = dd.sample(model, sde, x_T[:5], method="dpm_solver", algorithm="sde-dpmsolver++", steps=15, seed=4, parameterization="x0")
+    part = dd.sample(
+        model, sde, x_T[:5], method="dpm_solver", algorithm="sde-dpmsolver++", steps=15, seed=4, parameterization="x0"
+    )
     other = dd.sample(model, sde, x_T, method="dpm_solver", algorithm="sde-dpmsolver++", steps=15, seed=5, parameterization="x0")
     assert torch.allclose(part.ys[-1], full.ys[-1][:5], rtol=0, atol=1e-13)
     assert (other.ys[-1] - full.ys[-1]).abs().max() > 1e-3
 
 
 # ------------------------------------------------------------------ parameterizations
-@pytest.mark.parametrize("method,options", [
-    ("dpm_solver", {"steps": 12}),
-    ("dpm_solver", {"steps": 12, "variant": "singlestep", "order": 3, "algorithm": "dpmsolver"}),
-    ("dpm_solver", {"steps": 12, "algorithm": "sde-dpmsolver++"}),
-    ("edm", {"steps": 12, "S_churn": 3.0}),
-    ("bdia", {"steps": 12}),
-    ("edict", {"steps": 12}),
-])
+@pytest.mark.parametrize(
+    "method,options",
+    [
+        ("dpm_solver", {"steps": 12}),
+        ("dpm_solver", {"steps": 12, "variant": "singlestep", "order": 3, "algorithm": "dpmsolver"}),
+        ("dpm_solver", {"steps": 12, "algorithm": "sde-dpmsolver++"}),
+        ("edm", {"steps": 12, "S_churn": 3.0}),
+        ("bdia", {"steps": 12}),
+        ("edict", {"steps": 12}),
+    ],
+)
 @pytest.mark.parametrize("sde", [dd.VPSDE(), dd.VESDE()], ids=["VP", "VE"])
 def test_parameterizations_give_the_same_samples(method, options, sde):
     gm = _mixture()
     x_T = sde.prior_sample((16, 2), seed=0)
-    outs = [dd.sample(gm.score_model(sde, p), sde, x_T, method=method, parameterization=p, **options).ys[-1]
-            for p in ("eps", "x0", "score", "v")]
+    outs = [
+        dd.sample(gm.score_model(sde, p), sde, x_T, method=method, parameterization=p, **options).ys[-1]
+        for p in ("eps", "x0", "score", "v")
+    ]
     scale = float(outs[0].abs().max())
     for out in outs[1:]:
         assert float((out - outs[0]).abs().max()) <= 1e-9 * scale
 
 
 # ------------------------------------------------------------------ exact inversion
-@pytest.mark.parametrize("method,options", [
-    ("bdia", {"gamma": 1.0}), ("bdia", {"gamma": 0.9}), ("edict", {}), ("edict", {"p": 0.97}),
-])
+@pytest.mark.parametrize(
+    "method,options",
+    [
+        ("bdia", {"gamma": 1.0}),
+        ("bdia", {"gamma": 0.9}),
+        ("edict", {}),
+        ("edict", {"p": 0.97}),
+    ],
+)
 @pytest.mark.parametrize("sde", [dd.VPSDE(), dd.VESDE()], ids=["VP", "VE"])
 def test_round_trip_is_exact(method, options, sde):
     gm = _mixture()
@@ -330,10 +347,16 @@ def test_adaptive_gradient_holds_the_steps_fixed():
     assert torch.allclose(grad, exact.expand_as(grad), rtol=1e-3, atol=0)
 
 
-@pytest.mark.parametrize("method,options", [
-    ("dpm_solver", {"steps": 12}), ("dpm_solver", {"variant": "adaptive", "order": 2}),
-    ("edm", {"steps": 12, "S_churn": 1.0}), ("bdia", {"steps": 12}), ("edict", {"steps": 50}),
-])
+@pytest.mark.parametrize(
+    "method,options",
+    [
+        ("dpm_solver", {"steps": 12}),
+        ("dpm_solver", {"variant": "adaptive", "order": 2}),
+        ("edm", {"steps": 12, "S_churn": 1.0}),
+        ("bdia", {"steps": 12}),
+        ("edict", {"steps": 50}),
+    ],
+)
 def test_float32_follows_float64(method, options):
     sde = dd.VPSDE()
     x64 = _x_T(sde)
@@ -397,10 +420,18 @@ def test_bad_state_is_rejected(method, x_T):
         dd.sample(Forbidden(), dd.VPSDE(), x_T, method=method)
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"method": "bdia", "steps": 0}, {"method": "edict", "p": 2.0}, {"method": "bogus"}, {"method": "ode", "steps": 10},
-    {"method": "bdia", "atol": 1e-3}, {"method": "bdia", "unknown": 1}, {"method": "edict", "t_end": 1.0},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"method": "bdia", "steps": 0},
+        {"method": "edict", "p": 2.0},
+        {"method": "bogus"},
+        {"method": "ode", "steps": 10},
+        {"method": "bdia", "atol": 1e-3},
+        {"method": "bdia", "unknown": 1},
+        {"method": "edict", "t_end": 1.0},
+    ],
+)
 def test_invert_rejects_bad_input(kwargs):
     sde = dd.VPSDE()
     with pytest.raises((TypeError, ValueError)):
@@ -418,8 +449,13 @@ def test_non_finite_samples_are_flagged_per_sample():
     x_T = _x_T(sde)[:4].clone()
     x_T[1] = 100.0
     good_rows = torch.tensor([0, 2, 3])
-    cases = (("dpm_solver", {"steps": 8}), ("edm", {"steps": 8}), ("bdia", {"steps": 8}), ("edict", {"steps": 8}),
-             ("dpm_solver", {"variant": "adaptive", "order": 3}))
+    cases = (
+        ("dpm_solver", {"steps": 8}),
+        ("edm", {"steps": 8}),
+        ("bdia", {"steps": 8}),
+        ("edict", {"steps": 8}),
+        ("dpm_solver", {"variant": "adaptive", "order": 3}),
+    )
     for method, options in cases:
         sol = dd.sample(model, sde, x_T, method=method, **options)
         codes = sol.retcode
