@@ -463,3 +463,45 @@ def test_non_finite_samples_are_flagged_per_sample():
         assert codes[0] == codes[2] == codes[3] == deb.ReturnCode.Success, (method, codes)
         alone = dd.sample(good, sde, x_T[good_rows], method=method, **options)  # the bad row changed nothing
         assert torch.allclose(sol.ys[-1][good_rows], alone.ys[-1], rtol=0, atol=1e-12), method
+
+
+@pytest.mark.parametrize(
+    "method,options,points",
+    [
+        ("dpm_solver", {"steps": 9, "variant": "singlestep", "order": 3}, 5),  # orders [3, 3, 2, 1]
+        ("dpm_solver", {"steps": 6}, 7),
+        ("edm", {"steps": 8}, 5),
+        ("edm", {"steps": 7, "denoise_to_zero": True}, 5),  # 4 levels + sigma = 0
+    ],
+)
+def test_save_trajectory(method, options, points):
+    sde = dd.VPSDE()
+    x_T = _x_T(sde)
+    full = dd.sample(_gaussian_model(sde), sde, x_T, method=method, save_trajectory=True, **options)
+    ends = dd.sample(_gaussian_model(sde), sde, x_T, method=method, **options)
+    assert full.ys.shape == (points, *x_T.shape) and full.ts.shape == (points,)
+    assert bool((full.ts[1:] < full.ts[:-1]).all()) and float(full.ts[0]) == sde.T
+    assert torch.equal(full.ys[0], x_T) and torch.equal(full.ys[-1], ends.ys[-1])
+
+
+def test_guidance_counts_network_evaluations():
+    """Classifier-free guidance costs two network evaluations per model call."""
+    sde = dd.VPSDE()
+    base = _mixture().score_model(sde, "eps")
+
+    def conditional(x, t, c):
+        return base(x, t) + (0.0 if c is None else 0.1 * c)
+
+    cond = torch.ones(1, 2, dtype=torch.float64)
+    guided = dd.ClassifierFreeGuidance(conditional, cond, torch.zeros(1, 2, dtype=torch.float64), scale=2.0)
+    x_T = sde.prior_sample((4, 2), seed=0)
+    for method, options, calls in (
+        ("dpm_solver", {"steps": 7}, 7),
+        ("edm", {"steps": 8}, 8),
+        ("bdia", {"steps": 5}, 5),
+        ("edict", {"steps": 5}, 10),
+    ):
+        sol = dd.sample(guided, sde, x_T, method=method, **options)
+        assert sol.stats.nf.tolist() == [2 * calls] * 4, method
+    adaptive = dd.sample(guided, sde, x_T, method="dpm_solver", variant="adaptive", order=2)
+    assert torch.equal(adaptive.stats.nf, 2 * 2 * (adaptive.stats.naccept + adaptive.stats.nreject))
