@@ -120,7 +120,7 @@ class VirtualBrownianTree:
             shape = (shape,)  # a batch of scalar Brownian motions
         try:
             shape = tuple(int(s) for s in shape)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise TypeError(f"shape must be an int or a tuple (B, *noise_shape); got {shape!r}") from exc
         if len(shape) < 1 or any(s < 1 for s in shape):
             raise ValueError(f"shape must be (B, *noise_shape) with positive sizes; got {shape}")

@@ -207,6 +207,9 @@ class Terms:
         )
         self.noise: str | None = problem.noise
         self.interpretation: str = problem.interpretation
+        # the adaptive solve's (atol, rtol), set by solve(): implicit solvers derive their
+        # Newton tolerances from it (nonlinear.newton_tolerances); None for fixed-step solves
+        self.tolerances: tuple[float, float] | None = None
 
     def g_dw(self, g: Tensor, dw: Tensor) -> Tensor:
         if self.noise == "general":

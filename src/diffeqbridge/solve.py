@@ -328,6 +328,7 @@ def solve(
     # divided by the method's order); start no lower than a safe multiple of dtmin
     if dt is None:
         dt_initial = dt_initial.clamp(min=max(100.0 * dtmin_value, 1e-10 * (t1 - t0)))
+    terms.tolerances = (atol, rtol) if adaptive else None
     options = EngineOptions(
         adaptive=adaptive, atol=atol, rtol=rtol, max_steps=max_steps, dtmin=dtmin_value,
         progress=progress, check_every=_check_every(check_every, device),
