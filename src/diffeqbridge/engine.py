@@ -26,6 +26,7 @@ from .solvers.base import AbstractSolver
 SUCCESS = int(ReturnCode.Success)
 DEFAULT = int(ReturnCode.Default)
 CONVERGENCE_FAILURE = int(ReturnCode.ConvergenceFailure)
+TERMINATED = int(ReturnCode.Terminated)
 
 
 @dataclass
@@ -191,7 +192,9 @@ def integrate(
     # Fixed step: every active sample is at grid[i] at iteration i, so the Brownian tree is
     # queried once per step at a time shared by the batch (tree.evaluate_scalar: same numbers,
     # cached descent) and the loop stops right after the last step.
-    grid = _shared_grid(save_times, dt_initial, options) if tree is not None else None
+    # (events hook: an event that moves a sample back inside its step breaks the lockstep)
+    lockstep = getattr(observer, "lockstep", True)
+    grid = _shared_grid(save_times, dt_initial, options) if tree is not None and lockstep else None
     save_set = {float(x) for x in save_times} if grid is not None else set()
     if tree is None:
         tree_state = None
@@ -279,6 +282,13 @@ def integrate(
             )
         if solver.fsal and out.f1 is not None and f0 is not None:
             f0 = _select(accepted, out.f1, f0)
+        # --- events hook (diffeqbridge.events): may move samples back to an event time inside
+        # the step, change their state (f0 / Brownian state refreshed) and stop them; a cut
+        # step saves nothing (hits cleared)
+        stopped = None
+        if observer is not None and hasattr(observer, "after_merge"):
+            y, t, f0, tree_state, hits, stopped = observer.after_merge(
+                t_prev, y_prev, t, y, f0, tree_state, accepted, hits, out, f_prev, step_dt, tree)
 
         saved_now = accepted & hits
         slot = save_index.clamp(max=n_save - 1)
@@ -288,6 +298,9 @@ def integrate(
         finished = saved_now & (save_index >= n_save)
         retcodes = torch.where(finished, torch.full_like(retcodes, SUCCESS), retcodes)
         active = active & ~finished
+        if stopped is not None:  # events hook: a terminating event
+            retcodes = torch.where(stopped & active, torch.full_like(retcodes, TERMINATED), retcodes)
+            active = active & ~stopped
 
         if controller is not None:
             assert err is not None

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .adjoint import DiscreteAdjoint
 from .brownian import VirtualBrownianTree, solve_tol
 from .controller import sde_initial_dt
 from .engine import EngineOptions, integrate
@@ -210,6 +211,8 @@ def solve(
     regularize: Any = None,
     alg_hints: Sequence[str] | None = None,
     sample_offset: int = 0,
+    dense: bool = False,
+    events: Any = None,
 ) -> Solution:
     """Solve an SDE or ODE problem for every sample of the batch.
 
@@ -255,6 +258,13 @@ def solve(
             ``brownian`` is None: sample ``i`` of this batch draws the path of sample
             ``sample_offset + i`` (how :func:`diffeqbridge.solve_ensemble` splits an ensemble
             into batches that reproduce one big batch bit for bit).
+        dense: record every accepted step's interpolant: ``sol(t)`` / ``sol.evaluate(t)``
+            anywhere in the span (:mod:`diffeqbridge.dense`: the solvers' interpolants and
+            their orders, shapes, memory).
+        events: a list of ``deb.ContinuousEvent`` / ``deb.DiscreteEvent``
+            (:mod:`diffeqbridge.events`): per-sample root location, ``affect``, termination with
+            ``ReturnCode.Terminated``; ``sol.events`` and ``sol.stats.extra["nevents"]``,
+            ``["event_time"]``.  Gradients: plain backprop / ``DiscreteAdjoint()`` only.
 
     Returns:
         :class:`Solution` with ``ts (T,)``, ``ys (T, B, *state_shape)``, per-sample stats/retcodes.
@@ -287,6 +297,18 @@ def solve(
         raise ValueError(f"seed must be an int in [0, 2**64); got {seed!r}")
     if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or sample_offset < 0:
         raise ValueError(f"sample_offset must be a non-negative int; got {sample_offset!r}")
+    # --- dense output / events (diffeqbridge.dense, diffeqbridge.events): native engine observers
+    from .events import check_events
+
+    if not isinstance(dense, bool):
+        raise TypeError(f"dense must be a bool; got {dense!r}")
+    event_list = check_events(events, solver)
+    hooked = dense or bool(event_list)
+    if hooked and backend == "julia":
+        raise ValueError("dense=True and events= run on the native backend only; use backend='native' or 'auto'")
+    if event_list and sensealg is not None and not (isinstance(sensealg, DiscreteAdjoint) and sensealg.checkpoints is None):
+        raise ValueError(f"events= supports gradients by backprop through the steps only (sensealg=None or "
+                         f"deb.DiscreteAdjoint()); got sensealg={sensealg!r}")
     regularize = check_regularize(regularize, prob, solver, adaptive, sensealg, seed)
     if regularize is not None and prob.tspan[1] < prob.tspan[0]:
         raise ValueError("regularize= needs time running forwards (tspan with t1 > t0)")
@@ -320,7 +342,7 @@ def solve(
     f0 = f0.to(prob.y0.dtype)
     g0 = g0.to(prob.y0.dtype) if g0 is not None else None
     extra_g = check_additive(prob, t_start, g0) if g0 is not None else 0
-    if backend != "native":  # julia backend (diffeqbridge/julia/); "auto" picks it only if installed
+    if backend != "native" and not hooked:  # julia backend (diffeqbridge/julia/); "auto" picks it only if installed
         from .julia.dispatch import choose_backend
 
         if choose_backend(backend, prob, solver, brownian, sensealg, regularize) == "julia":
@@ -362,15 +384,32 @@ def solve(
         from .adjoint import default_sensealg
 
         sensealg = default_sensealg(prob, solver, adaptive, dt)
+        if event_list and sensealg is not None:
+            sensealg = DiscreteAdjoint()  # events move samples inside steps: backprop through them
     recorder = None if regularize is None else Recorder(regularize, terms, solver, prob.y0, t0, t1, atol, rtol)
+    observer: Any = recorder
+    handler = dense_recorder = None
+    if hooked:
+        from .dense import DenseRecorder
+        from .events import EventHandler, Hooks
+
+        handler = EventHandler(event_list, terms, solver, prob.y0, t0, prob.is_sde) if event_list else None
+        dense_recorder = DenseRecorder(solver, prob.y0, t0) if dense else None
+        observer = Hooks([recorder], handler, dense_recorder)
     if sensealg is not None:
         from .adjoint import solve_with_sensealg
 
         sol = solve_with_sensealg(sensealg, prob, terms, solver, save_times, dt_initial, options, tree,
-                                  f0=f0 if solver.fsal else None, initial_counts=counts, observer=recorder)
+                                  f0=f0 if solver.fsal else None, initial_counts=counts, observer=observer)
     else:
         sol = integrate(terms, solver, prob.y0, save_times, dt_initial, options, tree,
-                        f0=f0 if solver.fsal else None, initial_counts=counts, observer=recorder)
+                        f0=f0 if solver.fsal else None, initial_counts=counts, observer=observer)
+    if dense_recorder is not None:
+        sol.interpolation = dense_recorder.finish()
+    if handler is not None:
+        sol.events, extra_events = handler.finish(prob.y0)
+        sol.stats.extra.update(extra_events)
+        sol.stats.nf = sol.stats.nf + handler.nf
     if recorder is not None:
         sol.regularization, extra = recorder.finish(tree)
         sol.stats.extra.update(extra)
