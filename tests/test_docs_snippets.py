@@ -125,3 +125,15 @@ def test_mkdocs_include_hook_rewrites_repository_links() -> None:
     assert mkdocs_hooks.rewrite_links("[a](docs/x.md)", 1) == "[a](../x.md)"
     page = mkdocs_hooks.expand("# Home\n<!-- include README.md -->\n", "index.md")
     assert "diffeqbridge" in page and "](docs/" not in page
+
+
+def test_mkdocs_include_code_keeps_the_marker_indent() -> None:
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import mkdocs_hooks
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    page = mkdocs_hooks.expand("??? note\n    <!-- include-code tools/mkdocs_hooks.py -->\n", "examples/x.md")
+    lines = page.splitlines()
+    assert lines[1] == "    ```python" and lines[-1] == "    ```"
+    assert all(not line or line.startswith("    ") for line in lines[1:])

@@ -7,7 +7,8 @@
   ``docs/benchmarks.md`` shows BENCHMARKS.md, so each text lives in one file.
 * ``<!-- include-code FILE -->`` is replaced by ``FILE`` in a fenced python block (the
   examples' sources on their pages; not run by the doc-snippet test, which reads the
-  markdown files themselves).
+  markdown files themselves); an indented marker gives an indented block, e.g. inside a
+  collapsible ``??? note`` admonition.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 _INCLUDE = re.compile(r"^<!-- include (?P<path>\S+) -->[ \t]*$", re.M)
-_INCLUDE_CODE = re.compile(r"^<!-- include-code (?P<path>\S+) -->[ \t]*$", re.M)
+_INCLUDE_CODE = re.compile(r"^(?P<indent>[ \t]*)<!-- include-code (?P<path>\S+) -->[ \t]*$", re.M)
 _LINK_REWRITES = (("](docs/", "]("), ("](BENCHMARKS.md", "](benchmarks.md"), ("](README.md", "](index.md"))
 
 
@@ -39,7 +40,13 @@ def _read(path: str) -> str:
 def expand(markdown: str, src_uri: str) -> str:
     depth = src_uri.count("/")
     markdown = _INCLUDE.sub(lambda m: rewrite_links(_read(m["path"]), depth), markdown)
-    return _INCLUDE_CODE.sub(lambda m: f"```python\n{_read(m['path']).rstrip()}\n```", markdown)
+    return _INCLUDE_CODE.sub(lambda m: _code_block(_read(m["path"]), m["indent"]), markdown)
+
+
+def _code_block(source: str, indent: str) -> str:
+    """``source`` as a fenced python block, every line indented by ``indent`` (e.g. inside an admonition)."""
+    lines = ["```python", *source.rstrip().splitlines(), "```"]
+    return "\n".join(indent + line if line else line for line in lines)
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
