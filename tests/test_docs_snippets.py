@@ -137,3 +137,15 @@ def test_mkdocs_include_code_keeps_the_marker_indent() -> None:
     lines = page.splitlines()
     assert lines[1] == "    ```python" and lines[-1] == "    ```"
     assert all(not line or line.startswith("    ") for line in lines[1:])
+
+
+def test_mkdocs_include_drops_the_included_title_under_a_page_title() -> None:
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import mkdocs_hooks
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    titled = mkdocs_hooks.expand("# Benchmarks\n\nintro\n\n<!-- include BENCHMARKS.md -->\n", "benchmarks.md")
+    assert titled.count("\n# ") == 0 and titled.startswith("# Benchmarks")
+    bare = mkdocs_hooks.expand("<!-- include BENCHMARKS.md -->\n", "benchmarks.md")
+    assert bare.startswith("# ")

@@ -4,7 +4,8 @@
   (relative to the repository root), with its repository-relative links rewritten for a
   page in ``docs/``: ``docs/x`` -> ``x``, ``BENCHMARKS.md`` -> ``benchmarks.md``,
   ``README.md`` -> ``index.md``.  ``docs/index.md`` shows README.md this way and
-  ``docs/benchmarks.md`` shows BENCHMARKS.md, so each text lives in one file.
+  ``docs/benchmarks.md`` shows BENCHMARKS.md, so each text lives in one file.  When the page
+  has a ``# `` title above the marker, the included file's own title is dropped.
 * ``<!-- include-code FILE -->`` is replaced by ``FILE`` in a fenced python block (the
   examples' sources on their pages; not run by the doc-snippet test, which reads the
   markdown files themselves); an indented marker gives an indented block, e.g. inside a
@@ -37,9 +38,21 @@ def _read(path: str) -> str:
     return file.read_text(encoding="utf-8")
 
 
+def _drop_title(text: str) -> str:
+    """``text`` without its first ``# `` heading (the including page has its own title)."""
+    return re.sub(r"^# .*\n+", "", text, count=1, flags=re.M)
+
+
+def _include(match: re.Match[str], markdown: str, depth: int) -> str:
+    text = _read(match["path"])
+    if re.search(r"^# ", markdown[: match.start()], re.M):
+        text = _drop_title(text)
+    return rewrite_links(text, depth)
+
+
 def expand(markdown: str, src_uri: str) -> str:
     depth = src_uri.count("/")
-    markdown = _INCLUDE.sub(lambda m: rewrite_links(_read(m["path"]), depth), markdown)
+    markdown = _INCLUDE.sub(lambda m: _include(m, markdown, depth), markdown)
     return _INCLUDE_CODE.sub(lambda m: _code_block(_read(m["path"]), m["indent"]), markdown)
 
 
