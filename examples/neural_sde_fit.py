@@ -28,6 +28,7 @@ Full run: 400 Adam iterations (a few CPU minutes); ``--quick``: 30 iterations (s
 Writes ``neural_sde_fit.png`` (paths, marginals at the last time, learned drift, loss curve)
 and ``neural_sde_fit.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -151,8 +152,11 @@ def run(quick: bool, out: Path) -> dict:
     loss_after, model_ys = evaluate(model, test, seed=10_000)
     rel_drift, xs, learned = drift_error(model, train)
     doc = {
-        "iterations": iters, "batch": batch, "train_s": train_s,
-        "sigma_true": SIGMA_TRUE, "sigma_learned": model.diffusion_net.level.item(),
+        "iterations": iters,
+        "batch": batch,
+        "train_s": train_s,
+        "sigma_true": SIGMA_TRUE,
+        "sigma_learned": model.diffusion_net.level.item(),
         "drift_rel_l2_error": rel_drift,
         "test_energy_distance": {"before": loss_before, "after": loss_after},
         "train_loss": losses,
@@ -187,8 +191,9 @@ def plot(doc: dict, data: torch.Tensor, model_ys: torch.Tensor, xs: torch.Tensor
     ax.plot(xs[:, 0], xs[:, 0] - xs[:, 0] ** 3, color="C0", label="true x − x³")
     ax.plot(xs[:, 0], learned[:, 0], color="C1", ls="--", label="learned drift")
     ax.set_xlabel("x")
-    ax.set_title(f"drift (rel. L2 error {doc['drift_rel_l2_error']:.2f}); σ {doc['sigma_learned']:.3f} vs {SIGMA_TRUE}",
-                 fontsize=10)
+    ax.set_title(
+        f"drift (rel. L2 error {doc['drift_rel_l2_error']:.2f}); σ {doc['sigma_learned']:.3f} vs {SIGMA_TRUE}", fontsize=10
+    )
     ax.legend(fontsize=8)
     ax = axes[3]
     ax.semilogy(doc["train_loss"])
@@ -210,7 +215,10 @@ def main() -> int:
     print(f"{doc['iterations']} iterations, batch {doc['batch']}: {doc['train_s']:.1f} s")
     print(f"noise level: learned {doc['sigma_learned']:.3f}, true {doc['sigma_true']}")
     print(f"drift: relative L2 error against x - x^3 on the data's range: {doc['drift_rel_l2_error']:.3f}")
-    print(f"held-out energy distance of the marginals from t = 0 (sum over times): {ed['before']:.4f} before, {ed['after']:.4f} after training")
+    print(
+        "held-out energy distance of the marginals from t = 0 (sum over times): "
+        f"{ed['before']:.4f} before, {ed['after']:.4f} after training"
+    )
     print(f"wrote {args.out / 'neural_sde_fit.png'} and neural_sde_fit.json")
     return 0
 

@@ -22,6 +22,7 @@ Full run: 2^16 paths (about a minute of CPU); ``--quick``: 2^12 paths (seconds).
 ``option_pricing.png`` (price estimates and confidence intervals against the number of
 paths, and a few paths against the barrier) and ``option_pricing.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -107,7 +108,11 @@ def run(quick: bool, out: Path, seed: int = 0) -> dict:
     sizes = [n for n in (2**k for k in range(8, 17)) if n <= n_paths]
     doc: dict = {
         "params": {"S0": S0, "K": K, "H": H, "r": R, "sigma": SIGMA, "T": T, "monitoring_dates": MONITORING_DATES},
-        "paths": n_paths, "solver": "SRIW1", "tol": 1e-3, "wall_s": wall, "success": sol.success,
+        "paths": n_paths,
+        "solver": "SRIW1",
+        "tol": 1e-3,
+        "wall_s": wall,
+        "success": sol.success,
         "steps_per_path": sol.stats.summary()["naccept"],
         "strong_error_at_T": float((paths[-1] - exact_T).abs().mean()),
         "continuous_down_and_out": down_and_out_call(S0, K, H, R, SIGMA, T),
@@ -119,8 +124,13 @@ def run(quick: bool, out: Path, seed: int = 0) -> dict:
             mean, half = mc_estimate(p[:n])
             rows.append({"paths": n, "price": mean, "ci95": half})
         mean, half = rows[-1]["price"], rows[-1]["ci95"]
-        doc["options"][name] = {"reference": refs[name], "price": mean, "ci95": half,
-                                "covered": abs(mean - refs[name]) <= half, "by_paths": rows}
+        doc["options"][name] = {
+            "reference": refs[name],
+            "price": mean,
+            "ci95": half,
+            "covered": abs(mean - refs[name]) <= half,
+            "by_paths": rows,
+        }
     plot(doc, paths, out / "option_pricing.png")
     (out / "option_pricing.json").write_text(json.dumps(doc, indent=2))
     return doc
@@ -155,7 +165,7 @@ def plot(doc: dict, paths: torch.Tensor, png: Path) -> None:
     ax.axhline(K, color="k", ls=":", label=f"strike K = {K:g}")
     ax.set_xlabel("t")
     ax.set_ylabel("S")
-    ax.set_title("paths at the monitoring dates (grey dashed: knocked out)")
+    ax.set_title("paths at the monitoring dates\n(grey dashed: knocked out)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
@@ -170,8 +180,10 @@ def main() -> int:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     doc = run(args.quick, args.out, args.seed)
-    print(f"{doc['paths']} paths, SRIW1 at tol 1e-3: {doc['steps_per_path']:.1f} steps per path, "
-          f"{doc['wall_s']:.1f} s; strong error at T vs the exact solution on the same path: {doc['strong_error_at_T']:.2e}")
+    print(
+        f"{doc['paths']} paths, SRIW1 at tol 1e-3: {doc['steps_per_path']:.1f} steps per path, "
+        f"{doc['wall_s']:.1f} s; strong error at T vs the exact solution on the same path: {doc['strong_error_at_T']:.2e}"
+    )
     for name, res in doc["options"].items():
         verdict = "inside" if res["covered"] else "OUTSIDE"
         print(f"{name:>13}: {res['price']:.4f} ± {res['ci95']:.4f} (95 % CI); closed form {res['reference']:.4f} ({verdict})")

@@ -19,6 +19,7 @@ Full run: tolerances 1e-3 .. 1e-7 (a few CPU minutes); ``--quick``: 1e-4 only (s
 Writes ``stiff_chemistry.png`` (Robertson's species over log time, and error against steps
 for both problems) and ``stiff_chemistry.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,9 +39,20 @@ except ImportError:  # running from a checkout without installing
 # (final time, initial state, reference state at the final time)
 REFERENCES = {
     "robertson": (40.0, [1.0, 0.0, 0.0], [0.7158270687193941, 9.185534764557338e-6, 0.2841637457458413]),
-    "hires": (321.8122, [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0057],
-              [7.371312573325668e-4, 1.442485726316185e-4, 5.888729740967575e-5, 1.175651343283149e-3,
-               2.386356198831331e-3, 6.238968252742796e-3, 2.849998395185769e-3, 2.850001604814231e-3]),
+    "hires": (
+        321.8122,
+        [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0057],
+        [
+            7.371312573325668e-4,
+            1.442485726316185e-4,
+            5.888729740967575e-5,
+            1.175651343283149e-3,
+            2.386356198831331e-3,
+            6.238968252742796e-3,
+            2.849998395185769e-3,
+            2.850001604814231e-3,
+        ],
+    ),
 }
 
 
@@ -59,16 +71,19 @@ def robertson(k: torch.Tensor | float = 1.0):
 def hires(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """HIRES, ``(B, 8) -> (B, 8)``."""
     y1, y2, y3, y4, y5, y6, y7, y8 = y.unbind(-1)
-    return torch.stack([
-        -1.71 * y1 + 0.43 * y2 + 8.32 * y3 + 0.0007,
-        1.71 * y1 - 8.75 * y2,
-        -10.03 * y3 + 0.43 * y4 + 0.035 * y5,
-        8.32 * y2 + 1.71 * y3 - 1.12 * y4,
-        -1.745 * y5 + 0.43 * y6 + 0.43 * y7,
-        -280.0 * y6 * y8 + 0.69 * y4 + 1.71 * y5 - 0.43 * y6 + 0.69 * y7,
-        280.0 * y6 * y8 - 1.81 * y7,
-        -280.0 * y6 * y8 + 1.81 * y7,
-    ], dim=-1)
+    return torch.stack(
+        [
+            -1.71 * y1 + 0.43 * y2 + 8.32 * y3 + 0.0007,
+            1.71 * y1 - 8.75 * y2,
+            -10.03 * y3 + 0.43 * y4 + 0.035 * y5,
+            8.32 * y2 + 1.71 * y3 - 1.12 * y4,
+            -1.745 * y5 + 0.43 * y6 + 0.43 * y7,
+            -280.0 * y6 * y8 + 0.69 * y4 + 1.71 * y5 - 0.43 * y6 + 0.69 * y7,
+            280.0 * y6 * y8 - 1.81 * y7,
+            -280.0 * y6 * y8 + 1.81 * y7,
+        ],
+        dim=-1,
+    )
 
 
 SOLVERS = {
@@ -95,8 +110,16 @@ def work_precision(tols: list[float]) -> dict:
             for tol in tols:
                 start = time.perf_counter()
                 sol = deb.solve(prob, make(), rtol=tol, atol=1e-2 * tol)
-                rows.append({"tol": tol, "err": relative_error(sol.ys[-1, 0], ref), "steps": int(sol.stats.nsteps[0]),
-                             "nf": int(sol.stats.nf[0]), "success": sol.success, "wall_s": time.perf_counter() - start})
+                rows.append(
+                    {
+                        "tol": tol,
+                        "err": relative_error(sol.ys[-1, 0], ref),
+                        "steps": int(sol.stats.nsteps[0]),
+                        "nf": int(sol.stats.nf[0]),
+                        "success": sol.success,
+                        "wall_s": time.perf_counter() - start,
+                    }
+                )
             out[name][label] = rows
     return out
 
@@ -105,8 +128,12 @@ def robertson_batch(n_times: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Robertson for fast-rate factors 10^-2 .. 10^2 in one batch, saved on a log-time grid."""
     k = torch.logspace(-2, 2, 5, dtype=torch.float64)
     y0 = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64).expand(len(k), 3).contiguous()
-    ts = torch.cat([torch.zeros(1, dtype=torch.float64), torch.logspace(-5, torch.log10(torch.tensor(40.0)).item(), n_times,
-                                                                           dtype=torch.float64)])
+    ts = torch.cat(
+        [
+            torch.zeros(1, dtype=torch.float64),
+            torch.logspace(-5, torch.log10(torch.tensor(40.0)).item(), n_times, dtype=torch.float64),
+        ]
+    )
     sol = deb.solve(deb.ODEProblem(robertson(k), y0, (0.0, 40.0)), deb.Rodas4(), rtol=1e-6, atol=1e-8, saveat=ts)
     steps = {f"{float(kk):g}": int(n) for kk, n in zip(k, sol.stats.naccept)}
     return ts, sol.ys, steps
@@ -171,8 +198,10 @@ def main() -> int:
     for name, by_solver in doc["work_precision"].items():
         for label, rows in by_solver.items():
             for r in rows:
-                print(f"{name:>9} {label:<18} tol {r['tol']:.0e}: {r['steps']:5d} steps, {r['nf']:6d} f-evals, "
-                      f"relative error {r['err']:.1e}{'' if r['success'] else ' (FAILED)'}")
+                print(
+                    f"{name:>9} {label:<18} tol {r['tol']:.0e}: {r['steps']:5d} steps, {r['nf']:6d} f-evals, "
+                    f"relative error {r['err']:.1e}{'' if r['success'] else ' (FAILED)'}"
+                )
     print("Robertson batch, accepted steps per sample by fast-rate factor:", doc["robertson_batch_steps_by_rate_factor"])
     print(f"{doc['wall_s']:.1f} s; wrote {args.out / 'stiff_chemistry.png'} and stiff_chemistry.json")
     return 0

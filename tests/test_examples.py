@@ -3,6 +3,7 @@
 Each example runs in a subprocess (as a user would start it) with a fixed seed; the checks
 are on the JSON it writes.  The full runs' figures are in docs/examples/.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,13 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def run_example(name: str, out: Path, timeout: float = 300) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    proc = subprocess.run([sys.executable, str(REPO / "examples" / f"{name}.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "examples" / f"{name}.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     png = out / f"{name}.png"
     assert png.is_file() and png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 20_000

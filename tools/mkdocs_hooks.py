@@ -11,6 +11,7 @@
   markdown files themselves); an indented marker gives an indented block, e.g. inside a
   collapsible ``??? note`` admonition.
 """
+
 from __future__ import annotations
 
 import re

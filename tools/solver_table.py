@@ -11,6 +11,7 @@
 their ``<!-- NAME:start ... -->`` / ``<!-- NAME:end -->`` markers
 (tests/test_docs_snippets.py checks the page is current).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,13 @@ from diffeqbridge.problem import SDEProblem
 from diffeqbridge.solve import default_algorithm
 
 NOISE_CASES = (
-    ("diagonal", "ito"), ("diagonal", "stratonovich"), ("scalar", "ito"), ("scalar", "stratonovich"),
-    ("additive", "ito"), ("general", "ito"), ("general", "stratonovich"),
+    ("diagonal", "ito"),
+    ("diagonal", "stratonovich"),
+    ("scalar", "ito"),
+    ("scalar", "stratonovich"),
+    ("additive", "ito"),
+    ("general", "ito"),
+    ("general", "stratonovich"),
 )
 
 
@@ -42,8 +48,15 @@ def _probe_problem(noise: str, interpretation: str) -> SDEProblem:
     """A 2-state problem of the given kind, only for asking ``solve`` what it would pick."""
     y0 = torch.zeros(1, 2, dtype=torch.float64)
     if noise == "general":
-        return SDEProblem(lambda t, y: y, lambda t, y: torch.zeros(1, 2, 3, dtype=y.dtype), y0, (0.0, 1.0),
-                          noise=noise, interpretation=interpretation, noise_dim=3)
+        return SDEProblem(
+            lambda t, y: y,
+            lambda t, y: torch.zeros(1, 2, 3, dtype=y.dtype),
+            y0,
+            (0.0, 1.0),
+            noise=noise,
+            interpretation=interpretation,
+            noise_dim=3,
+        )
     return SDEProblem(lambda t, y: y, lambda t, y: y, y0, (0.0, 1.0), noise=noise, interpretation=interpretation)
 
 
@@ -65,12 +78,13 @@ def _interp_label(noise: str, interp: str) -> str:
 
 def default_table_markdown() -> str:
     """Per noise type and interpretation: what ``alg=None`` picks, with and without ``dt``, and with the stiff hint."""
-    header = ("noise", "interpretation", "`alg=None`", "`alg=None, dt=...`", "`alg_hints=[\"stiff\"]`")
+    header = ("noise", "interpretation", "`alg=None`", "`alg=None, dt=...`", '`alg_hints=["stiff"]`')
     rows = []
     for noise, interp in NOISE_CASES:
         prob = _probe_problem(noise, interp)
-        rows.append((noise, _interp_label(noise, interp), _choice(prob), _choice(prob, dt=0.01),
-                     _choice(prob, alg_hints=["stiff"])))
+        rows.append(
+            (noise, _interp_label(noise, interp), _choice(prob), _choice(prob, dt=0.01), _choice(prob, alg_hints=["stiff"]))
+        )
     return _table(header, rows)
 
 
@@ -90,8 +104,11 @@ def noise_table_markdown() -> str:
 
 
 def generated_blocks() -> dict[str, str]:
-    return {"default-table": default_table_markdown(), "noise-table": noise_table_markdown(),
-            "solver-table": solver_table_markdown()}
+    return {
+        "default-table": default_table_markdown(),
+        "noise-table": noise_table_markdown(),
+        "solver-table": solver_table_markdown(),
+    }
 
 
 def write(page: Path) -> list[str]:
