@@ -87,11 +87,13 @@ def sde_initial_dt(
     atol: float,
     rtol: float,
     dtmax: float,
+    direction: float = 1.0,
 ) -> tuple[Tensor, int, int]:
     """Per-sample starting step for SDEs, after StochasticDiffEq's ``sde_determine_initdt``.
 
     ``g_size(g)`` maps a diffusion value to the state's shape (identity for diagonal
-    noise, a row norm for general noise).  Returns ``(dt (B,), nf, ng)``.
+    noise, a row norm for general noise).  ``direction = -1.0`` when time runs backwards
+    (the probe is at ``t0 - dt0``).  Returns ``(dt (B,), nf, ng)``, step magnitudes.
     """
     with torch.no_grad():
         y0, f0 = y0.detach(), f0.detach()
@@ -102,9 +104,9 @@ def sde_initial_dt(
         small = torch.full_like(t0, 1e-6)
         dt0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), small, (0.01 * d0 / d1.clamp_min(1e-300)).to(t0.dtype))
         dt0 = dt0.clamp(max=dtmax)
-        y1 = y0 + expand_to(dt0, y0).to(y0.dtype) * f0
-        f1 = drift(t0 + dt0, y1)
-        gs1 = 3 * g_size(diffusion(t0 + dt0, y1))
+        y1 = y0 + expand_to(direction * dt0, y0).to(y0.dtype) * f0
+        f1 = drift(t0 + direction * dt0, y1)
+        gs1 = 3 * g_size(diffusion(t0 + direction * dt0, y1))
         dg_max = (gs0 - gs1).abs()
         df = f1 - f0
         d2 = _rms(torch.maximum((df + dg_max).abs(), (df - dg_max).abs()) / scale) / dt0.to(y0.dtype)

@@ -81,21 +81,39 @@ def _select(mask: Tensor, new: Any, old: Any) -> Any:
     return torch.where(mask.reshape(mask.shape + (1,) * (new.ndim - 1)), new, old)
 
 
+def _masked_lanes(active: Tensor, t: Tensor, step_dt: Tensor, sign: float, t_start: Tensor,
+                  t_end: Tensor) -> tuple[Tensor, Tensor]:
+    """Time and step magnitude the solver is called with (``(B,)`` float64 each).
+
+    Active samples: ``(t, step_dt)``.  Finished or failed samples are still computed (masked,
+    their results discarded) but must keep the user's functions inside ``tspan``: they get a
+    step of at most the span's length that ends at or before ``t_end``, starting from their
+    held time moved back where needed (every stage time ``t + c dt``, ``0 <= c <= 1``, stays
+    inside the span).  The step is non-zero, so no ``0/0`` reaches a gradient.
+    """
+    span = (t_end - t_start).abs()
+    h = torch.where((step_dt > 0) & (step_dt < span), step_dt, span)
+    start = torch.where(sign * (t_end - t) >= h, t, t_end - sign * h)
+    return torch.where(active, t, start), torch.where(active, step_dt, h)
+
+
 def _all_finite(x: Tensor) -> Tensor:
     return torch.isfinite(x).flatten(1).all(dim=1)
 
 
 def fixed_grid(a: float, b: float, dt: float) -> list[float]:
-    """The points a fixed-step solve visits on ``[a, b]`` (the loop's float arithmetic:
-    ``t + dt`` until the step would reach ``b`` within ``1e-12`` relative, then ``b``)."""
+    """The points a fixed-step solve visits from ``a`` to ``b`` (``b < a``: time runs backwards;
+    the loop's float arithmetic: ``t ± dt`` until the step would reach ``b`` within ``1e-12``
+    relative, then ``b``).  ``dt > 0`` is the step's magnitude."""
+    sign = 1.0 if b >= a else -1.0
     points = [a]
     t = a
     while True:
-        remaining = b - t
+        remaining = sign * (b - t)
         if dt >= remaining * (1 - 1e-12):
             points.append(b)
             return points
-        t = t + dt
+        t = t + sign * dt
         points.append(t)
 
 
@@ -134,8 +152,9 @@ def integrate(
         terms: the problem's vector fields.
         solver: a solver instance.
         y0: ``(B, *state_shape)`` initial states at ``save_times[0]``.
-        save_times: ``(T,)`` float64, strictly increasing, ``save_times[0] = t0``.
-        dt_initial: ``(B,)`` float64 initial step sizes.
+        save_times: ``(T,)`` float64, strictly monotonic, ``save_times[0] = t0``; decreasing
+            when time runs backwards (``t1 < t0``).
+        dt_initial: ``(B,)`` float64 initial step sizes (magnitudes, > 0).
         options: tolerances, limits, flags.
         tree: the Brownian path (None for ODEs).
         f0: ``drift(t0, y0)`` for FSAL solvers.
@@ -145,6 +164,9 @@ def integrate(
     """
     batch, device, dtype = y0.shape[0], y0.device, y0.dtype
     n_save = save_times.shape[0]
+    # time direction: step sizes are magnitudes here; solvers receive the signed step
+    sign = 1.0 if n_save < 2 or float(save_times[-1]) >= float(save_times[0]) else -1.0
+    t_start, t_end = save_times[0], save_times[-1]
     samples = torch.arange(batch, device=device)
     controller = PIController.for_solver(solver) if options.adaptive else None
 
@@ -176,7 +198,7 @@ def integrate(
     else:
         tree_state = tree.evaluate(t)
     if solver.fsal:
-        f0 = solver.initial_carry(terms, t.to(dtype), y0, f0)
+        f0 = solver.initial_carry(terms, t, y0, f0)
     progress = _Progress(options.progress, float(save_times[0]), float(save_times[-1]))
     solver.begin(y0)
     newton_streak = zeros.clone()  # consecutive Newton failures per sample
@@ -190,18 +212,18 @@ def integrate(
             break  # every sample has reached the end or stopped earlier
         if iteration % options.check_every == 0:
             n_active = int(active.sum())
-            progress.update(float(torch.where(active, t, save_times[-1]).min()), n_active)
+            progress.update(float(sign * (sign * torch.where(active, t, t_end)).min()), n_active)
             if n_active == 0:
                 break
         iteration += 1
 
         target = save_times[save_index.clamp(max=n_save - 1)]
-        remaining = target - t
+        remaining = sign * (target - t)
         hits = active & (dt >= remaining * (1 - 1e-12))
         step_dt = torch.where(hits, remaining, dt)
-        step_dt = torch.where(active, step_dt, dt)  # inactive samples: a harmless positive dt
-        t_new = torch.where(hits, target, t + step_dt)
+        t_new = torch.where(hits, target, t + sign * step_dt)
         t_new = torch.where(active, t_new, t)
+        t_eval, dt_eval = _masked_lanes(active, t, step_dt, sign, t_start, t_end)
 
         if tree is not None:
             assert tree_state is not None
@@ -216,7 +238,7 @@ def integrate(
         else:
             new_tree_state, dw, levy = None, None, None
 
-        out = solver.step(terms, t.to(dtype), y, step_dt.to(dtype), dw, levy if solver.needs_levy_area else None, f0)
+        out = solver.step(terms, t_eval, y, (sign * dt_eval).to(dtype), dw, levy if solver.needs_levy_area else None, f0)
         y1 = out.y1
         finite = _all_finite(y1)
         if controller is not None:
@@ -236,7 +258,7 @@ def integrate(
             rho = out.stiffness.detach().to(torch.float64)
             eigen_last = torch.where(accepted, rho, eigen_last if eigen_last is not None else torch.zeros_like(rho))
             eigen_max = torch.maximum(eigen_max, eigen_last) if eigen_max is not None else eigen_last
-        dt_factor = solver.after_step(accepted, active, torch.where(accepted, t_new, t), step_dt, out)
+        dt_factor = solver.after_step(accepted, active, torch.where(accepted, t_new, t), dt_eval, out)
 
         nf = nf + active * out.nf
         ng = ng + active * out.ng

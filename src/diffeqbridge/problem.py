@@ -25,8 +25,8 @@ def _check_tspan(tspan: Any) -> tuple[float, float]:
         raise TypeError(f"tspan must be a pair of numbers (t0, t1); got {tspan!r}") from exc
     if not (math.isfinite(t0) and math.isfinite(t1)):
         raise ValueError(f"tspan must be finite; got ({t0}, {t1})")
-    if t1 <= t0:
-        raise ValueError(f"tspan must satisfy t1 > t0; got t0={t0}, t1={t1}")
+    if t1 == t0:  # t1 < t0: time runs backwards
+        raise ValueError(f"tspan must satisfy t1 != t0; got t0={t0}, t1={t1}")
     return t0, t1
 
 

@@ -19,10 +19,13 @@ class ReturnCode(enum.IntEnum):
     Unstable = 4
     ConvergenceFailure = 5
     Failure = 6
+    # a terminating event (deb.ContinuousEvent/DiscreteEvent with terminate=True) stopped the
+    # sample: success-like, as SciML's ReturnCode.Terminated
+    Terminated = 7
 
     @property
     def successful(self) -> bool:
-        return self is ReturnCode.Success
+        return self in (ReturnCode.Success, ReturnCode.Terminated)
 
 
 @dataclass
@@ -83,8 +86,9 @@ class Solution:
 
     @property
     def success(self) -> bool:
-        """True when every sample returned ``ReturnCode.Success``."""
-        return bool((self.retcodes == int(ReturnCode.Success)).all())
+        """True when every sample succeeded (``ReturnCode.Success`` or ``Terminated`` by an event)."""
+        ok = (self.retcodes == int(ReturnCode.Success)) | (self.retcodes == int(ReturnCode.Terminated))
+        return bool(ok.all())
 
     @property
     def t(self) -> Tensor:  # SciML-style alias

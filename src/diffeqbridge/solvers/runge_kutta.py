@@ -342,6 +342,7 @@ def hairer_initial_dt(
     rtol: float | Tensor,
     dtmax: float | Tensor | None = None,
     dtmin: float | Tensor | None = None,
+    direction: float = 1.0,
 ) -> tuple[Tensor, int]:
     """Per-sample starting step size (Hairer–Nørsett–Wanner I, Sec. II.4).
 
@@ -371,6 +372,8 @@ def hairer_initial_dt(
         atol, rtol: tolerances (floats or tensors broadcastable against ``y0``).
         dtmax: upper bound, float or ``(B,)`` (e.g. ``t1 - t0``); default unbounded.
         dtmin: lower bound, float or ``(B,)``; default 0.
+        direction: ``-1.0`` when time runs backwards (the probe is at ``t0 - dt0``); the
+            returned step is a magnitude either way.
 
     Returns:
         ``(dt, nf)``: ``(B,)`` step sizes in ``t0``'s dtype and the number of ``f``
@@ -401,8 +404,8 @@ def hairer_initial_dt(
         fallback = torch.maximum(small, dtmin_b)
         dt0 = torch.where(too_small, fallback, dt0)
 
-        y1 = y0 + expand_to(dt0, y0).to(real) * f0
-        f1 = f(t0 + dt0, y1)
+        y1 = y0 + expand_to(direction * dt0, y0).to(real) * f0
+        f1 = f(t0 + direction * dt0, y1)
         nf += 1
         constant = (f1 == f0).flatten(1).all(dim=1)
 
