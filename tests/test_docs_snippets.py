@@ -177,3 +177,13 @@ def test_mkdocs_include_drops_the_included_title_under_a_page_title() -> None:
     assert titled.count("\n# ") == 0 and titled.startswith("# Benchmarks")
     bare = mkdocs_hooks.expand("<!-- include BENCHMARKS.md -->\n", "benchmarks.md")
     assert bare.startswith("# ")
+
+
+def test_mkdocs_hook_drops_sphinx_roles_from_rendered_docstrings() -> None:
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import mkdocs_hooks
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    html = '<p>::</p>\n<p>see :class:<code>Stats</code> and :func:<code class="x">solve</code>; a: b</p>'
+    assert mkdocs_hooks.clean_sphinx_markup(html) == '<p>see <code>Stats</code> and <code class="x">solve</code>; a: b</p>'

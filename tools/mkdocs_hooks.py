@@ -6,6 +6,9 @@
   ``README.md`` -> ``index.md``.  ``docs/index.md`` shows README.md this way and
   ``docs/benchmarks.md`` shows BENCHMARKS.md, so each text lives in one file.  When the page
   has a ``# `` title above the marker, the included file's own title is dropped.
+* The API pages render docstrings written with Sphinx roles (``:class:`X```) and ``::``
+  literal-block markers; the roles are dropped (the name stays as code) and a lone ``::``
+  paragraph is removed, in the rendered HTML.
 * ``<!-- include-code FILE -->`` is replaced by ``FILE`` in a fenced python block (the
   examples' sources on their pages; not run by the doc-snippet test, which reads the
   markdown files themselves); an indented marker gives an indented block, e.g. inside a
@@ -65,3 +68,16 @@ def _code_block(source: str, indent: str) -> str:
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     return expand(markdown, page.file.src_uri)
+
+
+_SPHINX_ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|obj|exc|math):(?=<code)")
+_LONE_LITERAL_MARKER = re.compile(r"<p>::</p>\n?")
+
+
+def clean_sphinx_markup(html: str) -> str:
+    """Drop Sphinx roles before inline code and paragraphs holding only ``::``."""
+    return _LONE_LITERAL_MARKER.sub("", _SPHINX_ROLE.sub("", html))
+
+
+def on_page_content(html: str, page: Any, config: Any, files: Any) -> str:
+    return clean_sphinx_markup(html)
