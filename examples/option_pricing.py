@@ -18,7 +18,7 @@ reports the solver's own strong error beside the (much larger) Monte Carlo error
 
     python examples/option_pricing.py [--quick] [--out DIR]
 
-Full run: 2^16 paths (about a minute of CPU); ``--quick``: 2^12 paths (seconds).  Writes
+Full run: 2^16 paths (under half a minute); ``--quick``: 2^12 paths (seconds).  Writes
 ``option_pricing.png`` (price estimates and confidence intervals against the number of
 paths, and a few paths against the barrier) and ``option_pricing.json``.
 """
