@@ -46,10 +46,12 @@ Budgets (``steps`` = model evaluations per sample), as DPM-Solver's reference co
 it takes ``steps // order`` steps of order ``order``.  Multistep takes ``steps`` steps, the
 first ones at lower order (warm-up) and, with ``lower_order_final``, the last ones too.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -57,7 +59,15 @@ from torch import Tensor
 from ..controller import QOLD_INIT, PIController
 from ..solution import ReturnCode, Solution, Stats
 from .common import STREAMS, expand_like, grid_solution, per_sample_normal
-from .grids import Point, at_time, check_skip_type, evaluations_per_call, point, t_of_lam, time_grid
+from .grids import (
+    Point,
+    at_time,
+    check_skip_type,
+    evaluations_per_call,
+    point,
+    t_of_lam,
+    time_grid,
+)
 
 ALGORITHMS = ("dpmsolver", "dpmsolver++", "sde-dpmsolver++")
 VARIANTS = ("singlestep", "multistep", "adaptive")
@@ -103,8 +113,17 @@ def _sub_point(sde: Any, s: Point, t: Point, r: float, bounds: tuple[float, floa
     return point(sde, t_of_lam(sde, s.lam + r * (t.lam - s.lam), *bounds))
 
 
-def singlestep_2(fn: Predictor, sde: Any, x: Tensor, f0: Tensor, s: Point, t: Point, algorithm: str,
-                 bounds: tuple[float, float], r1: float = 0.5) -> tuple[Tensor, Tensor]:
+def singlestep_2(
+    fn: Predictor,
+    sde: Any,
+    x: Tensor,
+    f0: Tensor,
+    s: Point,
+    t: Point,
+    algorithm: str,
+    bounds: tuple[float, float],
+    r1: float = 0.5,
+) -> tuple[Tensor, Tensor]:
     """DPM-Solver-2 / DPM-Solver++(2S) from ``s`` to ``t`` (one model call at ``lambda_s + r1 h``).
 
     Returns ``(x_2, x_1)``: the second-order result and the first-order one (free).
@@ -116,8 +135,18 @@ def singlestep_2(fn: Predictor, sde: Any, x: Tensor, f0: Tensor, s: Point, t: Po
     return x1 + _bc(co.c * co.phi0 / (2.0 * r1), x) * (fn(u1, s1.t) - f0), x1
 
 
-def singlestep_3(fn: Predictor, sde: Any, x: Tensor, f0: Tensor, s: Point, t: Point, algorithm: str,
-                 bounds: tuple[float, float], r1: float = 1.0 / 3.0, r2: float = 2.0 / 3.0) -> tuple[Tensor, Tensor]:
+def singlestep_3(
+    fn: Predictor,
+    sde: Any,
+    x: Tensor,
+    f0: Tensor,
+    s: Point,
+    t: Point,
+    algorithm: str,
+    bounds: tuple[float, float],
+    r1: float = 1.0 / 3.0,
+    r2: float = 2.0 / 3.0,
+) -> tuple[Tensor, Tensor]:
     """DPM-Solver-3 from ``s`` to ``t`` (model calls at ``lambda_s + r1 h`` and ``+ r2 h``).
 
     Returns ``(x_3, x_2)``: the third-order result and DPM-Solver-2 at ``r1`` (same calls).
@@ -162,9 +191,20 @@ def singlestep_orders(steps: int, order: int, lower_order_final: bool) -> list[i
 
 
 # ----------------------------------------------------------------------------- validation
-def _check_options(order: Any, algorithm: Any, variant: Any, skip_type: Any, steps: int | None,
-                   atol: Any, rtol: Any, h_init: Any, theta: Any, max_steps: Any, lower_order_final: Any,
-                   controller: Any) -> None:
+def _check_options(
+    order: Any,
+    algorithm: Any,
+    variant: Any,
+    skip_type: Any,
+    steps: int | None,
+    atol: Any,
+    rtol: Any,
+    h_init: Any,
+    theta: Any,
+    max_steps: Any,
+    lower_order_final: Any,
+    controller: Any,
+) -> None:
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}; got {algorithm!r}")
     if variant not in VARIANTS:
@@ -172,8 +212,7 @@ def _check_options(order: Any, algorithm: Any, variant: Any, skip_type: Any, ste
     allowed = {"singlestep": (1, 2, 3), "multistep": (1, 2, 3), "adaptive": (2, 3)}[variant]
     if algorithm == "sde-dpmsolver++":
         if variant != "multistep":
-            raise ValueError("algorithm='sde-dpmsolver++' is multistep only (SDE-DPM-Solver++(1/2M)); "
-                             f"got variant={variant!r}")
+            raise ValueError(f"algorithm='sde-dpmsolver++' is multistep only (SDE-DPM-Solver++(1/2M)); got variant={variant!r}")
         allowed = (1, 2)
     if isinstance(order, bool) or order not in allowed:
         raise ValueError(f"order must be one of {allowed} for variant={variant!r}, algorithm={algorithm!r}; got {order!r}")
@@ -202,11 +241,28 @@ def _predictor(adapter: Any, algorithm: str) -> Predictor:
 
 
 # ----------------------------------------------------------------------------- samplers
-def sample_dpm_solver(adapter: Any, sde: Any, x_T: Tensor, *, t_end: float, steps: int | None, seed: int = 0,
-                      order: int = 2, algorithm: str = "dpmsolver++", variant: str = "multistep",
-                      skip_type: str = "logSNR", lower_order_final: bool = True, atol: float | None = None,
-                      rtol: float | None = None, h_init: float = 0.05, theta: float = 0.9, max_steps: int = 10_000,
-                      save_trajectory: bool = False, controller: str = "pi", sensealg: Any = None) -> Solution:
+def sample_dpm_solver(
+    adapter: Any,
+    sde: Any,
+    x_T: Tensor,
+    *,
+    t_end: float,
+    steps: int | None,
+    seed: int = 0,
+    order: int = 2,
+    algorithm: str = "dpmsolver++",
+    variant: str = "multistep",
+    skip_type: str = "logSNR",
+    lower_order_final: bool = True,
+    atol: float | None = None,
+    rtol: float | None = None,
+    h_init: float = 0.05,
+    theta: float = 0.9,
+    max_steps: int = 10_000,
+    save_trajectory: bool = False,
+    controller: str = "pi",
+    sensealg: Any = None,
+) -> Solution:
     """DPM-Solver / DPM-Solver++ from ``sde.T`` down to ``t_end``.
 
     Args:
@@ -238,16 +294,18 @@ def sample_dpm_solver(adapter: Any, sde: Any, x_T: Tensor, *, t_end: float, step
     """
     atol = 0.0078 if atol is None else atol
     rtol = 0.05 if rtol is None else rtol
-    _check_options(order, algorithm, variant, skip_type, steps, atol, rtol, h_init, theta, max_steps, lower_order_final,
-                   controller)
+    _check_options(
+        order, algorithm, variant, skip_type, steps, atol, rtol, h_init, theta, max_steps, lower_order_final, controller
+    )
     if sensealg is not None:
         raise ValueError("method='dpm_solver' is differentiated by autograd through its loop; pass sensealg=None")
     fn = _predictor(adapter, algorithm)
     per_call = evaluations_per_call(adapter)
     bounds = (float(t_end), float(sde.T))
     if variant == "adaptive":
-        sol = _adaptive(fn, sde, x_T, order, algorithm, bounds, float(atol), float(rtol), float(h_init), float(theta),
-                        max_steps, controller)
+        sol = _adaptive(
+            fn, sde, x_T, order, algorithm, bounds, float(atol), float(rtol), float(h_init), float(theta), max_steps, controller
+        )
         sol.stats.nf = sol.stats.nf * per_call
         return sol
     steps = 20 if steps is None else steps
@@ -261,8 +319,18 @@ def sample_dpm_solver(adapter: Any, sde: Any, x_T: Tensor, *, t_end: float, step
     return sol
 
 
-def _fixed(fn: Predictor, sde: Any, x: Tensor, ts: Tensor, orders: list[int], variant: str, algorithm: str,
-           bounds: tuple[float, float], seed: int, save_trajectory: bool) -> Solution:
+def _fixed(
+    fn: Predictor,
+    sde: Any,
+    x: Tensor,
+    ts: Tensor,
+    orders: list[int],
+    variant: str,
+    algorithm: str,
+    bounds: tuple[float, float],
+    seed: int,
+    save_trajectory: bool,
+) -> Solution:
     batch = x.shape[0]
     saved = [x]
     grid = point(sde, ts)  # (K+1,): every sample shares the grid; steps use (1,) slices
@@ -304,8 +372,20 @@ def error_norm(x_high: Tensor, x_low: Tensor, x_prev: Tensor, atol: float, rtol:
     return ((x_high - x_low) / delta).double().square().flatten(1).mean(dim=1).sqrt()
 
 
-def _adaptive(fn: Predictor, sde: Any, x: Tensor, order: int, algorithm: str, bounds: tuple[float, float],
-              atol: float, rtol: float, h_init: float, theta: float, max_steps: int, controller: str) -> Solution:
+def _adaptive(
+    fn: Predictor,
+    sde: Any,
+    x: Tensor,
+    order: int,
+    algorithm: str,
+    bounds: tuple[float, float],
+    atol: float,
+    rtol: float,
+    h_init: float,
+    theta: float,
+    max_steps: int,
+    controller: str,
+) -> Solution:
     """Per-sample adaptive DPM-Solver-12 / -23 (module docstring); only running samples are evaluated."""
     t_end, t_start = bounds
     batch, device = x.shape[0], x.device
@@ -334,7 +414,7 @@ def _adaptive(fn: Predictor, sde: Any, x: Tensor, order: int, algorithm: str, bo
         t = point(sde, torch.where(last, torch.full_like(h_try, t_end), t_of_lam(sde, s.lam + h_try, *bounds)))
         f0 = fn(xs, s.t)
         x_high, x_low = step(fn, sde, xs, f0, s, t, algorithm, bounds, r1)
-        err = error_norm(x_high, x_low, xs, atol, rtol)
+        err = error_norm(x_high, x_low, xs, atol, rtol).detach()  # steps are not differentiated (as diffrax)
         finite = torch.isfinite(err)
         accept = finite & (err <= 1.0)
         x[idx] = torch.where(expand_like(accept, xs), x_high, xs)
@@ -353,9 +433,9 @@ def _adaptive(fn: Predictor, sde: Any, x: Tensor, order: int, algorithm: str, bo
         tiny[idx] = h[idx] < h_min
         running[idx] = ~finished & (naccept[idx] + nreject[idx] < max_steps) & ~tiny[idx]
     final = x
-    codes = torch.where(done, int(ReturnCode.Success),
-                        torch.where(tiny, int(ReturnCode.DtLessThanMin), int(ReturnCode.MaxIters)))
+    codes = torch.where(done, int(ReturnCode.Success), torch.where(tiny, int(ReturnCode.DtLessThanMin), int(ReturnCode.MaxIters)))
     stats = Stats(nf=nf, ng=torch.zeros_like(nf), naccept=naccept, nreject=nreject)
     ts = torch.tensor([t_start, t_end], dtype=x.dtype, device=device)
-    return Solution(ts=ts, ys=torch.stack([x0, final]), stats=stats, retcodes=codes.long(),
-                    alg=f"dpm_solver:{algorithm}:adaptive{order}")
+    return Solution(
+        ts=ts, ys=torch.stack([x0, final]), stats=stats, retcodes=codes.long(), alg=f"dpm_solver:{algorithm}:adaptive{order}"
+    )
