@@ -173,7 +173,8 @@ def plot(doc: dict, data: torch.Tensor, model_ys: torch.Tensor, xs: torch.Tensor
     import matplotlib.pyplot as plt
 
     ts = observation_times()
-    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    axes = axes.flatten()
     ax = axes[0]
     for i in range(20):
         ax.plot(ts, data[:, i, 0], color="C0", alpha=0.5, lw=1, label="data" if i == 0 else None)
