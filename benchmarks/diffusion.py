@@ -150,7 +150,7 @@ def ours(method: str, end: str = "t_end", **options: Any) -> Sampler:
     return run
 
 
-def ours_adaptive(order: int, controller: str = "pi") -> Sampler:
+def ours_adaptive(order: int, controller: str = "pi", variant: str = "adaptive") -> Sampler:
     def run(p: Problem, tol: float) -> tuple[Any, float, str]:
         from diffeqbridge import diffusion as dd
 
@@ -159,7 +159,7 @@ def ours_adaptive(order: int, controller: str = "pi") -> Sampler:
             p.sde,
             p.x_T,
             method="dpm_solver",
-            variant="adaptive",
+            variant=variant,
             order=order,
             rtol=tol,
             atol=tol / 10,
@@ -271,6 +271,7 @@ ADAPTIVE = {
     "ours adaptive DPM-Solver-12 (per-sample)": ours_adaptive(2),
     "ours adaptive DPM-Solver-23 (per-sample)": ours_adaptive(3),
     "ours adaptive DPM-Solver-23 (per-sample, paper's controller)": ours_adaptive(3, "paper"),
+    "ours adaptive multistep 2M/3M (per-sample)": ours_adaptive(3, variant="adaptive_multistep"),
     "k-diffusion dpm_adaptive order 3 (batch norm)": kd_adaptive(3),
     "k-diffusion dpm_adaptive order 2 (batch norm)": kd_adaptive(2),
 }
@@ -571,13 +572,15 @@ def headline(doc: dict) -> str:
                 e["ratio_err_ours_over_peer"]
             )
         eq = ", ".join(f"{k} x{statistics.median(v):.2f}" for k, v in ratios.items())
-        key = "ours adaptive DPM-Solver-23 (per-sample)"
-        ad = [t[key]["ratio_vs_best_peer"] for t in r["adaptive_targets"] if t.get(key)]
-        parts.append(
-            f"{pname}: err ours/peer {eq}; adaptive-23 NFE / best peer's {statistics.median(ad):.2f}"
-            if ad
-            else f"{pname}: err ours/peer {eq}"
-        )
+        adaptive = []
+        for label, key in (
+            ("adaptive-23", "ours adaptive DPM-Solver-23 (per-sample)"),
+            ("adaptive 2M/3M", "ours adaptive multistep 2M/3M (per-sample)"),
+        ):
+            ad = [t[key]["ratio_vs_best_peer"] for t in r["adaptive_targets"] if t.get(key)]
+            if ad:
+                adaptive.append(f"{label} x{statistics.median(ad):.2f}")
+        parts.append(f"{pname}: err ours/peer {eq}; NFE / best peer's: {', '.join(adaptive) or '-'}")
     return " | ".join(parts)
 
 
