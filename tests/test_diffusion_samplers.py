@@ -362,13 +362,14 @@ def test_gradient_through_sampling_matches_finite_differences(method, options):
     assert float((grad - fd).abs().max()) <= 1e-6 * float(fd.abs().max())
 
 
-def test_adaptive_gradient_holds_the_steps_fixed():
+@pytest.mark.parametrize("variant", ["adaptive", "adaptive_multistep"])
+def test_adaptive_gradient_holds_the_steps_fixed(variant):
     """The adaptive solver does not differentiate its step sizes (as diffrax): the gradient
     differs from finite differences (which see the steps move) by about the tolerance only."""
     sde = dd.VPSDE()
     model = _gaussian_model(sde)
     x_T = _x_T(sde)[:3]
-    kw = {"method": "dpm_solver", "variant": "adaptive", "order": 3, "rtol": 1e-4, "atol": 1e-5}
+    kw = {"method": "dpm_solver", "variant": variant, "order": 3, "rtol": 1e-4, "atol": 1e-5}
     x = x_T.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(dd.sample(model, sde, x, **kw).ys[-1].sum(), x)
     # the Gaussian's flow is affine: d x(t_end) / d x_T is the ratio of marginal stds

@@ -490,7 +490,7 @@ def _adaptive_multistep(
     x0, x = x, x.clone()
     lam_end = float(sde.log_snr(torch.tensor([t_end], dtype=torch.float64, device=device))[0])
     t_s = at_time(t_start, batch, device)
-    hist = fn(x, t_s).unsqueeze(0).repeat(3, *[1] * x.ndim)  # f0, f1, f2: newest first
+    hist = fn(x0, t_s).unsqueeze(0).repeat(3, *[1] * x.ndim)  # f0, f1, f2: newest first (x0: x is updated in place)
     hs = torch.zeros(2, batch, dtype=torch.float64, device=device)  # the two previous step sizes
     nhist = torch.zeros(batch, dtype=torch.long, device=device)
     h = torch.full((batch,), h_init, dtype=torch.float64, device=device)
