@@ -172,14 +172,18 @@ def expand_to(x: Tensor, like: Tensor) -> Tensor:
     return x.reshape(x.shape + (1,) * (like.ndim - x.ndim))
 
 
-def _field(name: str, user: VectorField, out_shape: Callable[[Tensor], tuple[int, ...]]) -> VectorField:
+def _field(name: str, user: VectorField, out_shape: Callable[[Tensor], tuple[int, ...]],
+           span: tuple[float, float]) -> VectorField:
     """``user`` as the solvers call it: time reaches it in float64 whatever the state's dtype
-    (a float32 state at ``t0 = 1e9`` must not see quantized time), its output is cast to the
-    state's dtype (a float64 time promotes ``cos(t) * y``), and a shape change after the
-    check at ``t0`` is an error instead of a silent broadcast (a tuple compare per call)."""
+    (a float32 state at ``t0 = 1e9`` must not see quantized time) and clamped to the span
+    ``[lo, hi]`` (stage nodes outside ``[0, 1]``, e.g. SOSRI's ``c = 3.75``, would otherwise
+    ask for times past ``tspan`` near its ends, where a user's model may be undefined), its
+    output is cast to the state's dtype (a float64 time promotes ``cos(t) * y``), and a shape
+    change after the check at ``t0`` is an error instead of a silent broadcast."""
+    lo, hi = span
 
     def call(t: Tensor, y: Tensor) -> Tensor:
-        out = user(t.to(torch.float64), y)
+        out = user(t.to(torch.float64).clamp(lo, hi), y)
         if out.shape != out_shape(y):
             raise ValueError(f"{name}(t, y) returned shape {tuple(out.shape)} during the solve; expected "
                              f"{out_shape(y)} (it had the right shape at t0)")
@@ -200,10 +204,11 @@ class Terms:
     def __init__(self, problem: ODEProblem):
         self.problem = problem
         user_diffusion = getattr(problem, "diffusion", None)
-        self.drift: VectorField = _field("drift" if problem.is_sde else "f", problem.drift, lambda y: y.shape)
+        span = (min(problem.tspan), max(problem.tspan))
+        self.drift: VectorField = _field("drift" if problem.is_sde else "f", problem.drift, lambda y: y.shape, span)
         extra = (int(problem.noise_dim),) if problem.noise == "general" else ()  # type: ignore[arg-type]
         self.diffusion: VectorField | None = (
-            None if user_diffusion is None else _field("diffusion", user_diffusion, lambda y: (*y.shape, *extra))
+            None if user_diffusion is None else _field("diffusion", user_diffusion, lambda y: (*y.shape, *extra), span)
         )
         self.noise: str | None = problem.noise
         self.interpretation: str = problem.interpretation
