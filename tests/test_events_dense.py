@@ -168,3 +168,18 @@ def test_discrete_event_and_validation():
         deb.solve(prob, deb.Tsit5(), events=[lambda t, y: y])
     with pytest.raises(ValueError, match="sensealg"):
         deb.solve(prob, deb.Tsit5(), events=stop, sensealg=deb.InterpolatingAdjoint())
+
+
+def test_reflection_on_an_adaptive_sde_keeps_the_barrier():
+    """A non-terminating event on an SDE (the engine leaves the lockstep Brownian grid for EM):
+    dX = dt + 0.5 dW from 0.2, reflected at 0 to |X| + 0.05, stays >= 0 at every save time and at the
+    dense output's points, for adaptive SOSRA and fixed-step EM."""
+    prob = deb.SDEProblem(lambda t, y: 1.0 + 0 * y, lambda t, y: 0.5 + 0 * y,
+                          torch.full((16, 1), 0.2, dtype=torch.float64), (0.0, 1.0), noise="additive")
+    reflect = deb.ContinuousEvent(lambda t, y: y[:, 0], lambda t, y: y.abs() + 0.05, terminate=False, direction=-1)
+    grid = torch.linspace(0.0, 1.0, 11, dtype=torch.float64)
+    for alg, kwargs in ((deb.SOSRA(), {}), (deb.EM(), {"dt": 0.01})):
+        sol = deb.solve(prob, alg, events=[reflect], dense=True, saveat=grid, **kwargs)
+        assert sol.success and bool((sol.events.counts > 0).any())
+        assert float(sol.ys.min()) >= 0.0
+        assert float(sol(torch.linspace(0.0, 1.0, 101, dtype=torch.float64)).min()) >= 0.0

@@ -14,8 +14,9 @@
   y*)`` (``(B,)``, ``(B, *state)`` -> new state, evaluated for the batch, applied to the samples
   that hit this event) replaces the state and the sample continues from ``t*``, or, with
   ``terminate=True``, the sample stops with ``ReturnCode.Terminated`` (success-like).
-  A crossing that starts exactly at ``g = 0`` (the point an event just left) does not count
-  again.
+  After an event the condition is re-evaluated at the new state; where it is within ``1e-10``
+  of the step's scale of ``|g|`` (the point the event just left, e.g. a bounce at height 0), it
+  is set to exactly 0, and a crossing must start from a non-zero value: no re-trigger.
 * :class:`DiscreteEvent` ``(condition, affect=None, terminate=False)``: ``condition(t, y)``
   (``(B,)`` bool) is checked after every accepted step, at the step's end (SciML's
   ``DiscreteCallback``).
@@ -150,6 +151,7 @@ class EventHandler:
         batch, device = y0.shape[0], y0.device
         t_start = torch.full((batch,), t0, dtype=torch.float64, device=device)
         self.g_prev = [self._condition(i, t_start, y0).detach() for i in self.continuous]
+        self.g_scale = [g.abs() for g in self.g_prev]  # |g| at the last step's ends (re-trigger threshold)
         self.counts = torch.zeros(batch, len(self.events), dtype=torch.long, device=device)
         self.history: list[tuple[Tensor, Tensor]] = []  # (event time (B,), event index (B,), -1 = none)
         self.terminated = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -221,9 +223,12 @@ class EventHandler:
             if tree_state is not None and bool((go_on & (new_t < t)).any()):
                 fresh = tree.evaluate(new_t)
                 tree_state = tuple(_where(go_on, a, b) for a, b in zip(fresh, tree_state))
-            for k, i in enumerate(self.continuous):  # the event just left is at g = 0: no re-trigger
+            for k, i in enumerate(self.continuous):
+                # the condition at the new state; where the event just left it at g ≈ 0 (within
+                # 1e-10 of the step's scale), exactly 0, which a crossing must leave (no re-trigger)
                 g = self._condition(i, new_t, y).detach()
-                g = torch.where(which == i, torch.zeros_like(g), g)
+                scale = self.g_scale[k]
+                g = torch.where((which == i) & (g.abs() <= 1e-10 * scale), torch.zeros_like(g), g)
                 self.g_prev[k] = torch.where(go_on, g, self.g_prev[k])
         self.terminated = self.terminated | stopped
         self.t_after = new_t
@@ -258,6 +263,7 @@ class EventHandler:
                 crossed.append(cross.any(dim=1))
                 lo_all.append(grid[first])
                 hi_all.append(grid[first + 1])
+                self.g_scale[k] = torch.maximum(self.g_prev[k].abs(), g_new.abs())
                 self.g_prev[k] = torch.where(accepted, g_new, self.g_prev[k])
         crossed_t = torch.stack(crossed, dim=1)
         if not bool(crossed_t.any()):  # one host sync per step when continuous events are given
