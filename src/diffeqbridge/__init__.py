@@ -7,11 +7,13 @@ from . import distributed, julia  # light: julia_status etc.; juliacall is impor
 from .brownian import VirtualBrownianTree
 from .ensemble import Collect, EnsembleProblem, EnsembleSolution, Moments, Quantiles, Reduction, solve_ensemble
 from .events import ContinuousEvent, DiscreteEvent
+from .latent import LatentSDE
 from .neural import NeuralODE, NeuralSDE
 from .problem import ODEProblem, SDEProblem
 from .regularization import Regularization
 from .solution import ReturnCode, Solution, Stats
 from .solve import solve
+from . import diffusion  # noqa: E402 - deb.diffusion (imports the names above)
 from .solvers import (
     EM,
     AutoDP5,
@@ -35,6 +37,7 @@ from .solvers import (
     Rodas4,
     SKenCarp,
     SROCK1,
+    ShARK,
     Tsit5,
 )
 
@@ -43,10 +46,11 @@ __version__ = "0.1.0"
 __all__ = [
     "SDEProblem", "ODEProblem", "solve", "Solution", "ReturnCode", "Stats", "VirtualBrownianTree",
     "DiscreteAdjoint", "BacksolveAdjoint", "InterpolatingAdjoint", "NeuralSDE", "NeuralODE",
+    "LatentSDE",
     "Regularization",
     "ContinuousEvent", "DiscreteEvent",
     "EnsembleProblem", "EnsembleSolution", "solve_ensemble", "Reduction", "Moments", "Quantiles", "Collect",
-    "EM", "EulerHeun", "RKMil", "LambaEM", "LambaEulerHeun", "SRIW1", "SOSRI", "SRA1", "SOSRA", "Tsit5", "Dopri5",
+    "EM", "EulerHeun", "RKMil", "LambaEM", "LambaEulerHeun", "SRIW1", "SOSRI", "SRA1", "SOSRA", "ShARK", "Tsit5", "Dopri5",
     "ImplicitEM", "ImplicitRKMil", "ISSEM", "SKenCarp", "SROCK1", "Rodas4", "Kvaerno5",
     "ReversibleHeun", "AutoSwitch", "AutoTsit5", "AutoDP5", "AutoSOSRI",
 ]

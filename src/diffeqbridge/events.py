@@ -19,7 +19,8 @@
   is set to exactly 0, and a crossing must start from a non-zero value: no re-trigger.
 * :class:`DiscreteEvent` ``(condition, affect=None, terminate=False)``: ``condition(t, y)``
   (``(B,)`` bool) is checked after every accepted step, at the step's end (SciML's
-  ``DiscreteCallback``).
+  ``DiscreteCallback``) — for a step cut by a continuous event, at the event's time and new
+  state.  Costs one host synchronisation per discrete event per step.
 
 Where several continuous events cross in one step, the earliest wins.  A step cut by an event
 saves nothing (save times after ``t*`` are reached by the next steps, or stay NaN for a
@@ -184,7 +185,8 @@ class EventHandler:
     def after_merge(self, t_prev: Tensor, y_prev: Tensor, t: Tensor, y: Tensor, f0: Any, tree_state: Any,
                     accepted: Tensor, hits: Tensor, out: StepOutput, f_prev: Any, step_dt: Tensor,
                     tree: Any) -> tuple[Tensor, Tensor, Any, Any, Tensor, Tensor]:
-        """Called by the engine after an iteration's masked merge (``t``, ``y``: merged).
+        """Called by the engine after an iteration's masked merge (``t``, ``y``: merged;
+        ``step_dt``: the signed step the solver took, negative when time runs backwards).
         Returns the updated ``(y, t, f0, tree_state, hits, stopped)``."""
         accepted = accepted & ~self.terminated
         batch = y.shape[0]
@@ -194,33 +196,44 @@ class EventHandler:
         which = torch.full((batch,), -1, dtype=torch.long, device=y.device)
         if self.continuous:
             y, t_event, which, moved, stopped = self._continuous(t_prev, y_prev, t, y, accepted, out, f_prev, step_dt)
+        if self.continuous and bool((which >= 0).any()):
+            hit = which >= 0
+            self.counts = self.counts + torch.nn.functional.one_hot(which.clamp(min=0), len(self.events)) * hit.unsqueeze(1)
+            self.history.append((torch.where(hit, t_event.detach(), torch.full_like(t, float("nan"))), which))
+        happened = which >= 0
         if self.discrete:
-            free = accepted & ~moved & ~stopped
+            t_now = t_event.detach()  # a continuous event's time where one happened in this step
+            free = accepted & ~stopped  # also at a continuous event's new state (the cut step's end)
             for i in self.discrete:
-                fire = free & self.events[i].condition(t, y).to(torch.bool)
+                fire = free & self.events[i].condition(t_now, y).to(torch.bool)
+                if not bool(fire.any()):
+                    continue
                 if self.events[i].affect is not None:
-                    y = _where(fire, self.events[i].affect(t, y), y)
-                which = torch.where(fire & (which < 0), i, which)
-                moved = moved | (fire & ~torch.as_tensor(self.events[i].terminate))
+                    y = _where(fire, self.events[i].affect(t_now, y), y)
+                self.counts[:, i] += fire
+                self.history.append((torch.where(fire, t_now, torch.full_like(t_now, float("nan"))),
+                                     torch.where(fire, i, torch.full_like(which, -1))))
                 if self.events[i].terminate:
                     stopped = stopped | fire
-                    self.t_stop = torch.where(fire, t, self.t_stop)
+                    self.t_stop = torch.where(fire, t_now, self.t_stop)
+                    if self.t_stop_grad is not None:
+                        self.t_stop_grad = torch.where(fire, t_now.to(self.t_stop_grad.dtype), self.t_stop_grad)
                     self.y_stop = _where(fire, y, self.y_stop)
+                else:
+                    moved = moved | fire
+                happened = happened | fire
                 free = free & ~fire
-        happened = which >= 0
         if not bool(happened.any()):
             self.t_after = t
             return y, t, f0, tree_state, hits, stopped
-        self.counts = self.counts + torch.nn.functional.one_hot(which.clamp(min=0), len(self.events)) * happened.unsqueeze(1)
-        self.history.append((torch.where(happened, t_event.detach(), torch.full_like(t, float("nan"))), which))
         new_t = torch.where(happened, t_event.detach(), t)
-        hits = hits & ~(happened & (new_t < t))
+        hits = hits & ~(happened & (new_t != t))
         go_on = moved & ~stopped
         if bool(go_on.any()):
             if isinstance(f0, Tensor):  # FSAL: the derivative at the new state
                 f0 = _where(go_on, self.terms.drift(new_t.to(y.dtype), y), f0)
                 self.nf = self.nf + go_on
-            if tree_state is not None and bool((go_on & (new_t < t)).any()):
+            if tree_state is not None and bool((go_on & (new_t != t)).any()):
                 fresh = tree.evaluate(new_t)
                 tree_state = tuple(_where(go_on, a, b) for a, b in zip(fresh, tree_state))
             for k, i in enumerate(self.continuous):

@@ -100,6 +100,7 @@ ALGORITHMS: dict[str, tuple[str, str]] = {
 #: Native solvers without a SciML counterpart, with the reason given when one is sent to Julia.
 NATIVE_ONLY: dict[str, str] = {
     "ReversibleHeun": "StochasticDiffEq has no reversible Heun method (it is diffrax's / Kidger et al. 2021)",
+    "ShARK": "StochasticDiffEq has no ShARK (Foster, dos Reis, Strange 2023; use SRA1/SOSRA)",
 }
 
 #: Methods that build a Jacobian: with Python callbacks they must not use ForwardDiff

@@ -348,6 +348,7 @@ def hairer_initial_dt(
     rtol: float | Tensor,
     dtmax: float | Tensor | None = None,
     dtmin: float | Tensor | None = None,
+    direction: float = 1.0,
 ) -> tuple[Tensor, int]:
     """Per-sample starting step size (Hairer–Nørsett–Wanner I, Sec. II.4).
 
@@ -377,6 +378,8 @@ def hairer_initial_dt(
         atol, rtol: tolerances (floats or tensors broadcastable against ``y0``).
         dtmax: upper bound, float or ``(B,)`` (e.g. ``t1 - t0``); default unbounded.
         dtmin: lower bound, float or ``(B,)``; default 0.
+        direction: ``-1.0`` when time runs backwards (the probe is at ``t0 - dt0``); the
+            returned step is a magnitude either way.
 
     Returns:
         ``(dt, nf)``: ``(B,)`` step sizes in ``t0``'s dtype and the number of ``f``
@@ -407,15 +410,17 @@ def hairer_initial_dt(
         fallback = torch.maximum(small, dtmin_b)
         dt0 = torch.where(too_small, fallback, dt0)
 
-        y1 = y0 + expand_to(dt0, y0).to(real) * f0
-        f1 = f(t0 + dt0, y1)
+        y1 = y0 + expand_to(direction * dt0, y0).to(real) * f0
+        f1 = f(t0 + direction * dt0, y1)
         nf += 1
         constant = (f1 == f0).flatten(1).all(dim=1)
 
         d2 = _rms((f1 - f0) / sk) / dt0.to(real)
         m = torch.maximum(d1, d2)
         dt1_flat = torch.maximum(small, dt0 * 1e-3)
-        dt1_est = torch.pow(10.0, -(2.0 + torch.log10(m.clamp_min(tiny))) / order).to(t0.dtype)
+        # 10^(-(2 + log10 m) / order) as exp(-(log 100 + log m) / order): torch.pow with a
+        # tensor exponent rounds differently in vectorised blocks and the scalar tail
+        dt1_est = torch.exp(-(math.log(100.0) + torch.log(m.clamp_min(tiny))) / order).to(t0.dtype)
         dt1 = torch.where(m <= 1e-15, dt1_flat, dt1_est)
         dt = torch.maximum(dtmin_b, torch.minimum(torch.minimum(100 * dt0, dt1), dtmax_b))
         dt = torch.where(constant, torch.maximum(dtmin_b, 100 * dt0), dt)
