@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from .brownian import VirtualBrownianTree
-from .problem import ODEProblem
+from .problem import ODEProblem, SDEProblem
 from .solution import ReturnCode, Solution
 
 __all__ = ["Collect", "EnsembleProblem", "EnsembleSolution", "Moments", "Quantiles", "Reduction", "solve_ensemble"]
@@ -293,8 +293,9 @@ def solve_batch(eprob: EnsembleProblem, start: int, stop: int, solve_kwargs: dic
         raise ValueError(f"prob_func returned a problem with {prob.batch_size} samples for {stop - start} indices")
     kwargs = dict(solve_kwargs)
     tol = kwargs.pop("brownian_tol", None)
-    if tol is not None and prob.is_sde:  # the tree solve() would make, with a coarser resolution
-        kwargs["brownian"] = VirtualBrownianTree(*prob.tspan, (prob.batch_size, *prob.noise_shape),
+    if tol is not None and isinstance(prob, SDEProblem):  # the tree solve() would make, coarser
+        lo, hi = sorted(prob.tspan)
+        kwargs["brownian"] = VirtualBrownianTree(lo, hi, (prob.batch_size, *prob.noise_shape),
                                                  seed=kwargs.pop("seed", 0), tol=tol, dtype=prob.y0.dtype,
                                                  device=prob.y0.device, sample_offset=start)
         sol = solve(prob, **kwargs)

@@ -175,8 +175,13 @@ class EventHandler:
                              f"{type(g).__name__} {tuple(getattr(g, 'shape', ()))}")
         return g
 
+    def _continuous_event(self, i: int) -> ContinuousEvent:
+        event = self.events[i]
+        assert isinstance(event, ContinuousEvent)
+        return event
+
     def _crossed(self, i: int, before: Tensor, after: Tensor) -> Tensor:
-        direction = self.events[i].direction
+        direction = self._continuous_event(i).direction
         up = (before < 0) & (after >= 0)
         down = (before > 0) & (after <= 0)
         return up if direction == 1 else down if direction == -1 else up | down
@@ -208,8 +213,9 @@ class EventHandler:
                 fire = free & self.events[i].condition(t_now, y).to(torch.bool)
                 if not bool(fire.any()):
                     continue
-                if self.events[i].affect is not None:
-                    y = _where(fire, self.events[i].affect(t_now, y), y)
+                affect = self.events[i].affect
+                if affect is not None:
+                    y = _where(fire, affect(t_now, y), y)
                 self.counts[:, i] += fire
                 self.history.append((torch.where(fire, t_now, torch.full_like(t_now, float("nan"))),
                                      torch.where(fire, i, torch.full_like(which, -1))))
@@ -261,7 +267,7 @@ class EventHandler:
             plain = [c.detach() for c in coeffs]
             y0d = y_prev.detach()
             for k, i in enumerate(self.continuous):
-                m = self.events[i].interp_points
+                m = self._continuous_event(i).interp_points
                 thetas = [j / (m + 1) for j in range(1, m + 1)]
                 values = [self.g_prev[k]]
                 for th in thetas:
