@@ -153,6 +153,7 @@ class DenseRecorder:
         self.y0 = y0
         self.records: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # (start, h, accepted, (K+1, B, *state))
         self.end = torch.full((y0.shape[0],), t0, dtype=torch.float64, device=y0.device)
+        self.recording = True
 
     def record(self, t: Tensor, y: Tensor, h: Tensor, out: StepOutput, f0: Tensor | None, accepted: Tensor,
                y1: Tensor | None = None, h_used: Tensor | None = None) -> None:
@@ -166,10 +167,13 @@ class DenseRecorder:
 
     def observe(self, t: Tensor, y: Tensor, t_new: Tensor, step_dt: Tensor, out: StepOutput, active: Tensor,
                 accepted: Tensor, dt_next: Tensor, f0: Tensor | None) -> None:
+        if not self.recording:  # finished: an adjoint's backward recomputation adds nothing
+            return
         # the engine passes |dt|; the solver stepped by -|dt| when time runs backwards
         self.record(t, y, step_dt * self.direction, out, f0, accepted)
 
     def finish(self) -> DenseInterpolation:
+        self.recording = False
         batch, device = self.y0.shape[0], self.y0.device
         if not self.records:
             starts = torch.full((batch, 1), self.t0, dtype=torch.float64, device=device)
