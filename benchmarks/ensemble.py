@@ -208,6 +208,16 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, devic
     return doc
 
 
+def headline(doc: dict) -> str:
+    """Best paths/s per implementation (``python -m diffeqbridge bench`` summary line)."""
+    best: dict[str, float] = {}
+    for name, case in doc["cases"].items():
+        if "paths_per_s" in case:
+            key = name.split(",")[0]
+            best[key] = max(best.get(key, 0.0), case["paths_per_s"])
+    return ", ".join(f"{k} {v:.3g} paths/s" for k, v in best.items())
+
+
 def _label(cases: dict, case: dict) -> str:
     return next(k for k, v in cases.items() if v is case)
 
