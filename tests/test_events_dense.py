@@ -168,3 +168,31 @@ def test_discrete_event_and_validation():
         deb.solve(prob, deb.Tsit5(), events=[lambda t, y: y])
     with pytest.raises(ValueError, match="sensealg"):
         deb.solve(prob, deb.Tsit5(), events=stop, sensealg=deb.InterpolatingAdjoint())
+
+
+def test_reflection_on_an_adaptive_sde_keeps_the_barrier():
+    """A non-terminating event on an SDE (the engine leaves the lockstep Brownian grid for EM):
+    dX = dt + 0.5 dW from 0.2, reflected at 0 to |X| + 0.05, stays >= 0 at every save time and at the
+    dense output's points, for adaptive SOSRA and fixed-step EM."""
+    prob = deb.SDEProblem(lambda t, y: 1.0 + 0 * y, lambda t, y: 0.5 + 0 * y,
+                          torch.full((16, 1), 0.2, dtype=torch.float64), (0.0, 1.0), noise="additive")
+    reflect = deb.ContinuousEvent(lambda t, y: y[:, 0], lambda t, y: y.abs() + 0.05, terminate=False, direction=-1)
+    grid = torch.linspace(0.0, 1.0, 11, dtype=torch.float64)
+    for alg, kwargs in ((deb.SOSRA(), {}), (deb.EM(), {"dt": 0.01})):
+        sol = deb.solve(prob, alg, events=[reflect], dense=True, saveat=grid, **kwargs)
+        assert sol.success and bool((sol.events.counts > 0).any())
+        assert float(sol.ys.min()) >= 0.0
+        assert float(sol(torch.linspace(0.0, 1.0, 101, dtype=torch.float64)).min()) >= 0.0
+
+
+def test_dense_output_and_events_backwards_in_time():
+    """tspan = (5, 0): sol(t) between the steps and the crossings of sin t = 1/2 (at 5π/6, π/6)."""
+    y0 = torch.tensor([[math.sin(5.0), math.cos(5.0)]] * 2, dtype=torch.float64)
+    prob = deb.ODEProblem(lambda t, y: torch.stack([y[:, 1], -y[:, 0]], 1), y0, (5.0, 0.0))
+    count = deb.ContinuousEvent(lambda t, y: y[:, 0] - 0.5, affect=lambda t, y: y, terminate=False)
+    sol = deb.solve(prob, deb.Tsit5(), dense=True, atol=1e-10, rtol=1e-10, events=[count])
+    tq = torch.tensor([4.0, 2.5, 0.3], dtype=torch.float64)
+    torch.testing.assert_close(sol(tq)[:, :, 0], torch.sin(tq).unsqueeze(1).expand(3, 2), atol=1e-9, rtol=0)
+    assert bool(torch.isnan(sol(6.0)).all())
+    want = torch.tensor([5 * math.pi / 6, math.pi / 6], dtype=torch.float64)
+    torch.testing.assert_close(sol.events.times, want.expand(2, 2), atol=1e-9, rtol=0)

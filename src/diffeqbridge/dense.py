@@ -145,13 +145,15 @@ class DenseRecorder:
     """Engine observer for ``dense=True``: keeps every iteration's step polynomial with the
     ``(B,)`` accepted mask, compacts them in :meth:`finish`.  No host synchronisation."""
 
-    def __init__(self, solver: AbstractSolver, y0: Tensor, t0: float):
+    def __init__(self, solver: AbstractSolver, y0: Tensor, t0: float, t1: float | None = None):
+        self.direction = -1.0 if t1 is not None and t1 < t0 else 1.0
         self.kind = interpolant_kind(solver)
         self.degree, self.order = KINDS[self.kind]
         self.t0 = t0
         self.y0 = y0
         self.records: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # (start, h, accepted, (K+1, B, *state))
         self.end = torch.full((y0.shape[0],), t0, dtype=torch.float64, device=y0.device)
+        self.recording = True
 
     def record(self, t: Tensor, y: Tensor, h: Tensor, out: StepOutput, f0: Tensor | None, accepted: Tensor,
                y1: Tensor | None = None, h_used: Tensor | None = None) -> None:
@@ -165,14 +167,19 @@ class DenseRecorder:
 
     def observe(self, t: Tensor, y: Tensor, t_new: Tensor, step_dt: Tensor, out: StepOutput, active: Tensor,
                 accepted: Tensor, dt_next: Tensor, f0: Tensor | None) -> None:
-        self.record(t, y, step_dt, out, f0, accepted)
+        if not self.recording:  # finished: an adjoint's backward recomputation adds nothing
+            return
+        # the engine passes |dt|; the solver stepped by -|dt| when time runs backwards
+        self.record(t, y, step_dt * self.direction, out, f0, accepted)
 
     def finish(self) -> DenseInterpolation:
+        self.recording = False
         batch, device = self.y0.shape[0], self.y0.device
         if not self.records:
             starts = torch.full((batch, 1), self.t0, dtype=torch.float64, device=device)
             coeffs = torch.stack([self.y0] + [torch.zeros_like(self.y0)] * self.degree).unsqueeze(2)
-            return DenseInterpolation(starts, torch.ones_like(starts), coeffs, self.end.clone(), self.kind, self.order)
+            return DenseInterpolation(starts, torch.ones_like(starts), coeffs, self.end.clone(), self.kind, self.order,
+                                      self.direction)
         starts = torch.stack([r[0] for r in self.records], dim=1)  # (B, I)
         hs = torch.stack([r[1] for r in self.records], dim=1)
         accepted = torch.stack([r[2] for r in self.records], dim=1)
@@ -183,11 +190,12 @@ class DenseRecorder:
         n_keep = max(int(accepted.sum(dim=1).max()), 1)
         order = order[:, :n_keep]
         kept = torch.gather(accepted, 1, order)
-        starts = torch.where(kept, torch.gather(starts, 1, order), torch.full_like(starts[:, :n_keep], float("inf")))
+        pad = float("inf") * self.direction  # past the last step in the time direction
+        starts = torch.where(kept, torch.gather(starts, 1, order), torch.full_like(starts[:, :n_keep], pad))
         hs = torch.where(kept, torch.gather(hs, 1, order), torch.ones_like(hs[:, :n_keep]))
         index = order.reshape(1, *order.shape, *([1] * (coeffs.ndim - 3))).expand(coeffs.shape[0], -1, -1, *coeffs.shape[3:])
         coeffs = torch.gather(coeffs, 2, index)
-        return DenseInterpolation(starts, hs, coeffs, self.end.clone(), self.kind, self.order)
+        return DenseInterpolation(starts, hs, coeffs, self.end.clone(), self.kind, self.order, self.direction)
 
 
 class DenseInterpolation:
@@ -201,9 +209,10 @@ class DenseInterpolation:
         kind, order: the interpolant and its order.
     """
 
-    def __init__(self, starts: Tensor, h: Tensor, coeffs: Tensor, t_end: Tensor, kind: str, order: int):
+    def __init__(self, starts: Tensor, h: Tensor, coeffs: Tensor, t_end: Tensor, kind: str, order: int,
+                 direction: float = 1.0):
         self.starts, self.h, self.coeffs, self.t_end = starts, h, coeffs, t_end
-        self.kind, self.order = kind, order
+        self.kind, self.order, self.direction = kind, order, direction
         self.t0 = starts[:, :1]
 
     @property
@@ -213,7 +222,8 @@ class DenseInterpolation:
     def _query(self, q: Tensor) -> Tensor:
         """``q``: ``(B, T')`` float64 -> ``(B, T', *state)``."""
         m = self.starts.shape[1]
-        idx = (torch.searchsorted(self.starts.contiguous(), q.contiguous(), right=True) - 1).clamp(0, m - 1)
+        d = self.direction  # backwards in time: search the negated (ascending) times
+        idx = (torch.searchsorted((d * self.starts).contiguous(), (d * q).contiguous(), right=True) - 1).clamp(0, m - 1)
         start = torch.gather(self.starts, 1, idx)
         h = torch.gather(self.h, 1, idx)
         theta = (q - start) / h
@@ -222,7 +232,7 @@ class DenseInterpolation:
         c = torch.gather(self.coeffs, 2, gather_idx)  # (K+1, B, T', *state)
         y = horner(c[0], list(c[1:]), theta)
         end = self.t_end.unsqueeze(1)
-        inside = (q >= self.t0 - 1e-12 * (1 + self.t0.abs())) & (q <= end + 1e-12 * (1 + end.abs()))
+        inside = (d * q >= d * self.t0 - 1e-12 * (1 + self.t0.abs())) & (d * q <= d * end + 1e-12 * (1 + end.abs()))
         return torch.where(inside.reshape(inside.shape + (1,) * len(state)), y, torch.full_like(y, float("nan")))
 
     def evaluate(self, t: Any, per_sample: bool = False) -> Tensor:

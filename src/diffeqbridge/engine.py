@@ -288,7 +288,7 @@ def integrate(
         stopped = None
         if observer is not None and hasattr(observer, "after_merge"):
             y, t, f0, tree_state, hits, stopped = observer.after_merge(
-                t_prev, y_prev, t, y, f0, tree_state, accepted, hits, out, f_prev, step_dt, tree)
+                t_prev, y_prev, t, y, f0, tree_state, accepted, hits, out, f_prev, dt_eval, tree)
 
         saved_now = accepted & hits
         slot = save_index.clamp(max=n_save - 1)
@@ -299,7 +299,7 @@ def integrate(
         retcodes = torch.where(finished, torch.full_like(retcodes, SUCCESS), retcodes)
         active = active & ~finished
         if stopped is not None:  # events hook: a terminating event
-            retcodes = torch.where(stopped & active, torch.full_like(retcodes, TERMINATED), retcodes)
+            retcodes = torch.where(stopped, torch.full_like(retcodes, TERMINATED), retcodes)  # even at t1
             active = active & ~stopped
 
         if controller is not None:

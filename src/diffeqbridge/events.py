@@ -14,11 +14,13 @@
   y*)`` (``(B,)``, ``(B, *state)`` -> new state, evaluated for the batch, applied to the samples
   that hit this event) replaces the state and the sample continues from ``t*``, or, with
   ``terminate=True``, the sample stops with ``ReturnCode.Terminated`` (success-like).
-  A crossing that starts exactly at ``g = 0`` (the point an event just left) does not count
-  again.
+  After an event the condition is re-evaluated at the new state; where it is within ``1e-10``
+  of the step's scale of ``|g|`` (the point the event just left, e.g. a bounce at height 0), it
+  is set to exactly 0, and a crossing must start from a non-zero value: no re-trigger.
 * :class:`DiscreteEvent` ``(condition, affect=None, terminate=False)``: ``condition(t, y)``
   (``(B,)`` bool) is checked after every accepted step, at the step's end (SciML's
-  ``DiscreteCallback``).
+  ``DiscreteCallback``) — for a step cut by a continuous event, at the event's time and new
+  state.  Costs one host synchronisation per discrete event per step.
 
 Where several continuous events cross in one step, the earliest wins.  A step cut by an event
 saves nothing (save times after ``t*`` are reached by the next steps, or stay NaN for a
@@ -150,6 +152,7 @@ class EventHandler:
         batch, device = y0.shape[0], y0.device
         t_start = torch.full((batch,), t0, dtype=torch.float64, device=device)
         self.g_prev = [self._condition(i, t_start, y0).detach() for i in self.continuous]
+        self.g_scale = [g.abs() for g in self.g_prev]  # |g| at the last step's ends (re-trigger threshold)
         self.counts = torch.zeros(batch, len(self.events), dtype=torch.long, device=device)
         self.history: list[tuple[Tensor, Tensor]] = []  # (event time (B,), event index (B,), -1 = none)
         self.terminated = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -172,8 +175,13 @@ class EventHandler:
                              f"{type(g).__name__} {tuple(getattr(g, 'shape', ()))}")
         return g
 
+    def _continuous_event(self, i: int) -> ContinuousEvent:
+        event = self.events[i]
+        assert isinstance(event, ContinuousEvent)
+        return event
+
     def _crossed(self, i: int, before: Tensor, after: Tensor) -> Tensor:
-        direction = self.events[i].direction
+        direction = self._continuous_event(i).direction
         up = (before < 0) & (after >= 0)
         down = (before > 0) & (after <= 0)
         return up if direction == 1 else down if direction == -1 else up | down
@@ -182,7 +190,8 @@ class EventHandler:
     def after_merge(self, t_prev: Tensor, y_prev: Tensor, t: Tensor, y: Tensor, f0: Any, tree_state: Any,
                     accepted: Tensor, hits: Tensor, out: StepOutput, f_prev: Any, step_dt: Tensor,
                     tree: Any) -> tuple[Tensor, Tensor, Any, Any, Tensor, Tensor]:
-        """Called by the engine after an iteration's masked merge (``t``, ``y``: merged).
+        """Called by the engine after an iteration's masked merge (``t``, ``y``: merged;
+        ``step_dt``: the signed step the solver took, negative when time runs backwards).
         Returns the updated ``(y, t, f0, tree_state, hits, stopped)``."""
         accepted = accepted & ~self.terminated
         batch = y.shape[0]
@@ -192,38 +201,53 @@ class EventHandler:
         which = torch.full((batch,), -1, dtype=torch.long, device=y.device)
         if self.continuous:
             y, t_event, which, moved, stopped = self._continuous(t_prev, y_prev, t, y, accepted, out, f_prev, step_dt)
+        if self.continuous and bool((which >= 0).any()):
+            hit = which >= 0
+            self.counts = self.counts + torch.nn.functional.one_hot(which.clamp(min=0), len(self.events)) * hit.unsqueeze(1)
+            self.history.append((torch.where(hit, t_event.detach(), torch.full_like(t, float("nan"))), which))
+        happened = which >= 0
         if self.discrete:
-            free = accepted & ~moved & ~stopped
+            t_now = t_event.detach()  # a continuous event's time where one happened in this step
+            free = accepted & ~stopped  # also at a continuous event's new state (the cut step's end)
             for i in self.discrete:
-                fire = free & self.events[i].condition(t, y).to(torch.bool)
-                if self.events[i].affect is not None:
-                    y = _where(fire, self.events[i].affect(t, y), y)
-                which = torch.where(fire & (which < 0), i, which)
-                moved = moved | (fire & ~torch.as_tensor(self.events[i].terminate))
+                fire = free & self.events[i].condition(t_now, y).to(torch.bool)
+                if not bool(fire.any()):
+                    continue
+                affect = self.events[i].affect
+                if affect is not None:
+                    y = _where(fire, affect(t_now, y), y)
+                self.counts[:, i] += fire
+                self.history.append((torch.where(fire, t_now, torch.full_like(t_now, float("nan"))),
+                                     torch.where(fire, i, torch.full_like(which, -1))))
                 if self.events[i].terminate:
                     stopped = stopped | fire
-                    self.t_stop = torch.where(fire, t, self.t_stop)
+                    self.t_stop = torch.where(fire, t_now, self.t_stop)
+                    if self.t_stop_grad is not None:
+                        self.t_stop_grad = torch.where(fire, t_now.to(self.t_stop_grad.dtype), self.t_stop_grad)
                     self.y_stop = _where(fire, y, self.y_stop)
+                else:
+                    moved = moved | fire
+                happened = happened | fire
                 free = free & ~fire
-        happened = which >= 0
         if not bool(happened.any()):
             self.t_after = t
             return y, t, f0, tree_state, hits, stopped
-        self.counts = self.counts + torch.nn.functional.one_hot(which.clamp(min=0), len(self.events)) * happened.unsqueeze(1)
-        self.history.append((torch.where(happened, t_event.detach(), torch.full_like(t, float("nan"))), which))
         new_t = torch.where(happened, t_event.detach(), t)
-        hits = hits & ~(happened & (new_t < t))
+        hits = hits & ~(happened & (new_t != t))
         go_on = moved & ~stopped
         if bool(go_on.any()):
             if isinstance(f0, Tensor):  # FSAL: the derivative at the new state
                 f0 = _where(go_on, self.terms.drift(new_t.to(y.dtype), y), f0)
                 self.nf = self.nf + go_on
-            if tree_state is not None and bool((go_on & (new_t < t)).any()):
+            if tree_state is not None and bool((go_on & (new_t != t)).any()):
                 fresh = tree.evaluate(new_t)
                 tree_state = tuple(_where(go_on, a, b) for a, b in zip(fresh, tree_state))
-            for k, i in enumerate(self.continuous):  # the event just left is at g = 0: no re-trigger
+            for k, i in enumerate(self.continuous):
+                # the condition at the new state; where the event just left it at g ≈ 0 (within
+                # 1e-10 of the step's scale), exactly 0, which a crossing must leave (no re-trigger)
                 g = self._condition(i, new_t, y).detach()
-                g = torch.where(which == i, torch.zeros_like(g), g)
+                scale = self.g_scale[k]
+                g = torch.where((which == i) & (g.abs() <= 1e-10 * scale), torch.zeros_like(g), g)
                 self.g_prev[k] = torch.where(go_on, g, self.g_prev[k])
         self.terminated = self.terminated | stopped
         self.t_after = new_t
@@ -243,7 +267,7 @@ class EventHandler:
             plain = [c.detach() for c in coeffs]
             y0d = y_prev.detach()
             for k, i in enumerate(self.continuous):
-                m = self.events[i].interp_points
+                m = self._continuous_event(i).interp_points
                 thetas = [j / (m + 1) for j in range(1, m + 1)]
                 values = [self.g_prev[k]]
                 for th in thetas:
@@ -258,6 +282,7 @@ class EventHandler:
                 crossed.append(cross.any(dim=1))
                 lo_all.append(grid[first])
                 hi_all.append(grid[first + 1])
+                self.g_scale[k] = torch.maximum(self.g_prev[k].abs(), g_new.abs())
                 self.g_prev[k] = torch.where(accepted, g_new, self.g_prev[k])
         crossed_t = torch.stack(crossed, dim=1)
         if not bool(crossed_t.any()):  # one host sync per step when continuous events are given

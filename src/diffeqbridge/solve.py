@@ -304,8 +304,10 @@ def solve(
         raise TypeError(f"dense must be a bool; got {dense!r}")
     event_list = check_events(events, solver)
     hooked = dense or bool(event_list)
-    if hooked and backend == "julia":
-        raise ValueError("dense=True and events= run on the native backend only; use backend='native' or 'auto'")
+    if (hooked or sample_offset) and backend == "julia":
+        raise ValueError("dense=True, events= and sample_offset= run on the native backend only; use backend='native' "
+                         "or 'auto'")
+    hooked_or_offset = hooked or sample_offset != 0  # native only: the julia backend has none of them
     if event_list and sensealg is not None and not (isinstance(sensealg, DiscreteAdjoint) and sensealg.checkpoints is None):
         raise ValueError(f"events= supports gradients by backprop through the steps only (sensealg=None or "
                          f"deb.DiscreteAdjoint()); got sensealg={sensealg!r}")
@@ -342,7 +344,7 @@ def solve(
     f0 = f0.to(prob.y0.dtype)
     g0 = g0.to(prob.y0.dtype) if g0 is not None else None
     extra_g = check_additive(prob, t_start, g0) if g0 is not None else 0
-    if backend != "native" and not hooked:  # julia backend (diffeqbridge/julia/); "auto" picks it only if installed
+    if backend != "native" and not hooked_or_offset:  # julia backend (diffeqbridge/julia/); "auto" picks it only if installed
         from .julia.dispatch import choose_backend
 
         if choose_backend(backend, prob, solver, brownian, sensealg, regularize) == "julia":
@@ -394,7 +396,7 @@ def solve(
         from .events import EventHandler, Hooks
 
         handler = EventHandler(event_list, terms, solver, prob.y0, t0, prob.is_sde) if event_list else None
-        dense_recorder = DenseRecorder(solver, prob.y0, t0) if dense else None
+        dense_recorder = DenseRecorder(solver, prob.y0, t0, t1) if dense else None
         observer = Hooks([recorder], handler, dense_recorder)
     if sensealg is not None:
         from .adjoint import solve_with_sensealg
