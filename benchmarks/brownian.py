@@ -31,8 +31,9 @@ shared vs shared).  A ``torch.profiler`` summary of ours at ``B = 1024`` is incl
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 try:
     from . import _harness as H
@@ -194,7 +195,6 @@ def _profile_ours(B: int, N: int, calls: int) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
     from diffeqbridge import VirtualBrownianTree
-
     from diffeqbridge import _tree_kernel as K
 
     bm = VirtualBrownianTree(T0, T1, (B, N), seed=SEED, tol=TOL, dtype=torch.float64)

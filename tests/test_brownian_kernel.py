@@ -65,7 +65,7 @@ def test_torch_source_of_the_cuda_kernel_matches_eager(depth_tol):
     """``fused_point`` (what torch.compile fuses on CUDA), run op by op, padded depth included."""
     bm = deb.VirtualBrownianTree(0.0, 2.0, (50, 2), seed=8, tol=depth_tol)
     t = _times(50, seed=2, t1=2.0)
-    key0, key1, w_root, h_root, levels, level_keys, geometry, cell_key, wide = bm._fused_inputs(padded=True)
+    _, _, w_root, h_root, levels, level_keys, geometry, cell_key, wide = bm._fused_inputs(padded=True)
     assert levels.shape[0] == K.padded_depth(bm.depth) >= bm.depth
     w, j = K.fused_point(t, bm._element_keys, w_root, h_root, levels, level_keys, geometry, levels.shape[0],
                          cell_key, wide)
@@ -106,7 +106,7 @@ def test_increments_from_fused_and_eager_states_agree_in_float32_and_float64(fus
         dw, h = bm(s, t)
         dw_e, h_e = bm.increment_from(s, bm._evaluate_eager(s), t, bm._evaluate_eager(t))
         assert dw.dtype == h.dtype == dtype
-        tol = dict(rtol=0, atol=1e-13) if dtype == F64 else dict(rtol=0, atol=1e-6)
+        tol = {"rtol": 0, "atol": 1e-13 if dtype == F64 else 1e-6}
         torch.testing.assert_close(dw, dw_e, **tol)
         torch.testing.assert_close(h, h_e, **tol)
 
@@ -155,3 +155,23 @@ def test_per_sample_reuse_changes_no_bit(fused):
             assert torch.equal(a, b)
         t = torch.where(torch.rand(batch, generator=g) < 0.8, t_new, t).clamp(max=1.0)  # 20 % "rejected"
     assert cached._reuse is not None and cached._reuse.valid
+
+
+def test_without_a_c_compiler_the_eager_path_runs_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.delenv(K.ENV_VAR, raising=False)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing compiled before
+    K.c_library.cache_clear()
+    try:
+        bm = deb.VirtualBrownianTree(0.0, 1.0, (6, 2), seed=14)
+        with pytest.warns(RuntimeWarning, match="could not compile"):
+            assert bm.kernel == "eager"
+        t = _times(6, seed=8)
+        w, j = bm.evaluate(t)
+        w_ref, j_ref = bm._evaluate_eager(t)
+        assert torch.equal(w, w_ref) and torch.equal(j, j_ref)
+        monkeypatch.setenv(K.ENV_VAR, "fused")
+        with pytest.raises(RuntimeError, match="could not be compiled"):
+            bm.evaluate(t)
+    finally:
+        K.c_library.cache_clear()  # the next test builds (or finds) the real kernel again

@@ -40,8 +40,8 @@ import tempfile
 import threading
 import types
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -106,7 +106,7 @@ def standard_normal_pair_split(word1: Tensor, word2: Tensor) -> tuple[Tensor, Te
     return radius * torch.cos(angle), radius * torch.sin(angle)
 
 
-def node_normals(element_keys: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
+def node_normals(element_keys: Tensor, key: Tensor | int) -> tuple[Tensor, Tensor]:
     """Standard normals of one node per sample: ``element_keys`` ``(2, B, N)`` int32,
     ``key`` int32 broadcasting against ``(B, N)`` -> two ``(B, N)`` float64."""
     return standard_normal_pair(fmix32_i32(element_keys ^ key))
@@ -123,7 +123,7 @@ LEVEL_COLUMNS = ("sq16", "sq48", "four_pow4", "inv_pow4", "two_pow2", "inv_pow2"
 def level_table(length: float, depth: int, padded: int) -> list[tuple[float, ...]]:
     """Per-level constants (:data:`LEVEL_COLUMNS`) of a tree of ``depth`` levels on an
     interval of ``length``, preceded by ``padded - depth`` all-zero no-op levels."""
-    rows = [(0.0,) * 7] * (padded - depth)
+    rows: list[tuple[float, ...]] = [(0.0,) * 7] * (padded - depth)
     for k in range(depth):
         width = length * 2.0**-k
         pow4, pow2 = 4.0**k, 2.0**k
@@ -256,7 +256,7 @@ def padded_depth(depth: int) -> int:
     return DEPTH_QUANTUM * math.ceil(depth / DEPTH_QUANTUM)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled(padded: int, device_type: str) -> Callable[..., tuple[Tensor, Tensor]]:
     """``torch.compile(fused_point)`` for one padded depth and device type.  Each gets its own
     code object, hence its own dynamo cache (no recompile-limit sharing between depths);
@@ -313,7 +313,7 @@ def _compile_c(flags: tuple[str, ...]) -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def c_library() -> ctypes.CDLL | None:
     """The compiled ``_tree_kernel.c`` (ctypes), or None (with a one-time warning) when no
     flag set compiles: then the CPU runs the eager path."""

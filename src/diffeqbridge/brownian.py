@@ -162,7 +162,7 @@ class VirtualBrownianTree:
         self._cell = (width, width**2, width**3)  # finest cell width and its powers
         # the fused kernel's inputs (K.fused_point), built on first use
         self._padded = K.padded_depth(self.depth)
-        self._fused_args: dict[bool, tuple] = {}
+        self._fused_args: dict[bool, tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, bool]] = {}
         self._reuse: K.ReuseCache | None = None  # per-sample reuse of the C kernel (K.ReuseCache)
         # evaluate_scalar's cache: the last path's digits and per-level running sums
         self._path_digits: list[tuple[int, int]] = []
@@ -242,7 +242,7 @@ class VirtualBrownianTree:
             self._reuse = K.ReuseCache(self.depth, count)
         return self._reuse
 
-    def _fused_inputs(self, padded: bool) -> tuple:
+    def _fused_inputs(self, padded: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, bool]:
         """The fused kernels' inputs: ``(key0, key1, w_root, h_root, levels, level_keys,
         geometry, cell_key, wide)``; ``levels``/``level_keys`` padded to :attr:`_padded`
         levels for the ``torch.compile`` path (:func:`K.fused_point`)."""
@@ -443,7 +443,8 @@ class VirtualBrownianTree:
     def _shape_out(self, x: Tensor) -> Tensor:
         return x.reshape(self.shape).to(self.dtype)
 
-    def increment_from(self, s: Tensor, state_s: tuple[Tensor, Tensor], t: Tensor, state_t: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    def increment_from(self, s: Tensor | float, state_s: tuple[Tensor, Tensor], t: Tensor | float,
+                       state_t: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """``(dW, H)`` over ``[s, t]`` from two results of :meth:`evaluate`, shaped ``shape``."""
         lo, hi = self._times(s), self._times(t)
         if self.device.type == "cpu" and K.choose(self.device, self._padded) == "c":
