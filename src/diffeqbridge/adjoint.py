@@ -57,7 +57,9 @@ queries the same :class:`~diffeqbridge.VirtualBrownianTree`, so it sees identica
 """
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -283,7 +285,7 @@ def default_sensealg(prob: ODEProblem, solver: AbstractSolver, adaptive: bool, d
         return DiscreteAdjoint()
     if adaptive or dt is None:
         return DiscreteAdjoint()
-    steps = math.ceil((prob.tspan[1] - prob.tspan[0]) / dt)
+    steps = math.ceil(abs(prob.tspan[1] - prob.tspan[0]) / dt)
     graph = steps * prob.y0.numel() * GRAPH_BYTES_PER_STEP_ELEMENT
     if graph <= GRAPH_BUDGET_BYTES:
         return DiscreteAdjoint()
@@ -334,15 +336,46 @@ def _leaf_tensors(outputs: list[Tensor]) -> list[Tensor]:
     return leaves
 
 
+class _Touched(torch.overrides.TorchFunctionMode):
+    """Records the ids of the tensors every torch function call receives (arguments only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: set[int] = set()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        leaves, _ = torch.utils._pytree.tree_flatten((args, kwargs or {}))
+        self.ids.update(id(x) for x in leaves if isinstance(x, Tensor))
+        return func(*args, **(kwargs or {}))
+
+
+def _warn_detached(params: list[Tensor], outs: list[Tensor], touched: set[int]) -> None:
+    """Warn about listed parameters the fields touched at ``(t0, y0)`` without autograd seeing
+    them (``p.detach()``, ``torch.no_grad()``): the adjoints would return zero gradients for
+    them without a word.  Parameters not touched at all (an encoder in the same module) are
+    not reported."""
+    in_graph = {id(x) for x in _leaf_tensors(outs)}
+    for i, p in enumerate(params):
+        if p.requires_grad and id(p) in touched and id(p) not in in_graph:
+            warnings.warn(
+                f"params[{i}] (shape {tuple(p.shape)}) is used by drift/diffusion at (t0, y0) but not through "
+                f"autograd (.detach() or torch.no_grad()?): its gradient from this solve will be zero",
+                UserWarning, stacklevel=6,
+            )
+
+
 def _probe_fields(prob: ODEProblem, terms: Terms) -> list[Tensor]:
     """Drift (and diffusion) evaluated once at ``(t0, y0.detach())`` with grad enabled, so
-    their autograd graphs show which leaf tensors they use."""
+    their autograd graphs show which leaf tensors they use (and :func:`_warn_detached` which
+    listed parameters they use outside autograd)."""
     t = torch.full((prob.batch_size,), prob.tspan[0], dtype=torch.float64, device=prob.y0.device)
     y = prob.y0.detach()
-    with torch.enable_grad():
+    touched = _Touched()
+    with torch.enable_grad(), touched:
         outs = [terms.drift(t, y)]
         if terms.diffusion is not None:
             outs.append(terms.diffusion(t, y))
+    _warn_detached(prob.params, outs, touched.ids)
     return outs
 
 
@@ -408,10 +441,12 @@ def segment_times(save_times: Tensor, checkpoints: int | None, dt: float | None 
         times = [float(x) for x in save_times]
         grid = sorted({g for a, b in zip(times[:-1], times[1:]) for g in fixed_grid(a, b, dt)})
         extra = sorted({min(grid, key=lambda g, e=e: abs(g - e)) for e in extra})
-    span = t1 - t0
+    span = abs(t1 - t0)
     keep = [e for e in extra if bool((save_times - e).abs().min() > 1e-9 * span)]
-    bounds = torch.cat([save_times, torch.tensor(keep, dtype=torch.float64, device=save_times.device)]).sort().values
-    index = torch.searchsorted(bounds, save_times)
+    sign = 1.0 if t1 > t0 else -1.0  # time running backwards: boundaries in decreasing order
+    bounds = sign * (sign * torch.cat([save_times, torch.tensor(keep, dtype=torch.float64,
+                                                                device=save_times.device)])).sort().values
+    index = torch.searchsorted(sign * bounds, sign * save_times)
     return bounds, index
 
 
@@ -460,17 +495,44 @@ class _Accumulator:
         return Solution(ts=ts, ys=ys, stats=stats, retcodes=retcodes, alg=solver)
 
 
-def _solve_segment(c: _Ctx, y: Tensor, a: float, b: float, first: bool) -> Solution:
+def _dead_samples(c: _Ctx, adj: Tensor) -> Tensor:
+    """``(B,)``: samples that failed in the forward solve and receive no gradient (``adj`` is
+    zero over their state) -- their NaN/Inf must not reach the shared parameters' gradient."""
+    assert c.stats is not None
+    failed = c.stats[0].retcodes != int(ReturnCode.Success)
+    return failed & (adj == 0).flatten(1).all(dim=1)
+
+
+def _masked_terms(terms: Terms, dead: Tensor, y_safe: Tensor) -> Terms:
+    """``terms`` whose fields see ``y_safe`` (finite, e.g. ``y0``) in place of the states of
+    the ``dead`` samples.  A dead sample's cotangent is zero, but a VJP through its NaN/Inf
+    state still gives ``0 * NaN = NaN`` in a parameter shared by the batch (``p * y * y``);
+    evaluating its fields at a finite state makes its contribution an exact zero."""
+    if not bool(dead.any()):
+        return terms
+    masked = copy.copy(terms)
+    keep = dead.reshape(dead.shape + (1,) * (y_safe.ndim - 1))
+
+    def guard(field: Any) -> Any:
+        return lambda t, y: field(t, torch.where(keep, y_safe, y))
+
+    masked.drift = guard(terms.drift)
+    masked.diffusion = guard(terms.diffusion) if terms.diffusion is not None else None
+    return masked
+
+
+def _solve_segment(c: _Ctx, y: Tensor, a: float, b: float, first: bool, terms: Terms | None = None) -> Solution:
+    terms = c.terms if terms is None else terms
     times = torch.tensor([a, b], dtype=torch.float64, device=c.save_times.device)
     counts = c.initial_counts if first else (0, 0)
     f0 = None
     if c.solver.fsal:
         # always from this segment's y (a recomputation starts from a fresh leaf); the first
         # segment's evaluation was already counted by solve()
-        f0 = c.terms.drift(times[0].expand(y.shape[0]), y)
+        f0 = terms.drift(times[0].expand(y.shape[0]), y)
         if not first:
             counts = (counts[0] + 1, counts[1])
-    return integrate(c.terms, c.solver, y, times, c.dt_initial, c.options, c.tree, f0=f0, initial_counts=counts,
+    return integrate(terms, c.solver, y, times, c.dt_initial, c.options, c.tree, f0=f0, initial_counts=counts,
                      observer=c.observer)
 
 
@@ -577,9 +639,11 @@ def _interpolating_backward(c: _Ctx, states: Tensor, bounds: Tensor, index: Tens
     adj = grad_bounds[-1].clone()
     gp = torch.zeros_like(_flat_params(params, states))
     for k in range(bounds.numel() - 2, -1, -1):
+        terms = _masked_terms(c.terms, _dead_samples(c, adj), c.prob.y0.detach())
         with torch.enable_grad():
             y_start = states[k].detach().requires_grad_(True)
-            y_end = _solve_segment(c, y_start, float(bounds[k]), float(bounds[k + 1]), first=(k == 0)).ys[-1]
+            y_end = _solve_segment(c, y_start, float(bounds[k]), float(bounds[k + 1]), first=(k == 0),
+                                   terms=terms).ys[-1]
             # retain_graph: a closure's tensor computed outside the solve (w = 2 * p) is part of
             # every segment's graph
             grads = torch.autograd.grad(y_end, [y_start, *params], grad_outputs=adj, allow_unused=True,
@@ -608,6 +672,8 @@ class _Augmented:
         prob = c.prob
         self.ito_correction = bool(prob.is_sde and prob.interpretation == "ito" and prob.noise in ("diagonal", "scalar"))
         self.batch = prob.batch_size
+        # a solve with t1 < t0 is Itô in reversed time: its Stratonovich drift is b + ½(∂σ/∂y)σ
+        self.direction = 1.0 if float(c.save_times[-1]) >= float(c.save_times[0]) else -1.0
 
     def strat_drift(self, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
         terms = self.terms
@@ -621,7 +687,7 @@ class _Augmented:
             w = torch.zeros_like(g, requires_grad=True)
             (v,) = torch.autograd.grad(g, y, grad_outputs=w, create_graph=True)
             (jg,) = torch.autograd.grad(v, w, grad_outputs=g, create_graph=True)
-            b = b - 0.5 * jg
+            b = b - (0.5 * self.direction) * jg
         return b, g
 
     def __call__(self, t: float, y: Tensor, a: Tensor, h: float, dw: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -662,7 +728,7 @@ def _backsolve_backward(c: _Ctx, ys: Tensor, grad_ys: Tensor) -> tuple[Tensor, T
     atol = c.options.atol if sensealg.atol is None else float(sensealg.atol)
     rtol = c.options.rtol if sensealg.rtol is None else float(sensealg.rtol)
     times = [float(x) for x in c.save_times]
-    span = times[-1] - times[0]
+    span = abs(times[-1] - times[0])
     if sensealg.dt is not None:
         dt = sensealg.dt
     elif not c.options.adaptive:
@@ -702,6 +768,7 @@ def _backsolve_backward(c: _Ctx, ys: Tensor, grad_ys: Tensor) -> tuple[Tensor, T
         a_time, b_time = times[k - 1], times[k]
         if sensealg.checkpointing:
             y = torch.where(valid[k].reshape((-1,) + (1,) * (y.ndim - 1)), ys[k], y)
+        field.terms = _masked_terms(c.terms, _dead_samples(c, adj), ys[0])
         state_t = tree.evaluate_scalar(b_time, levy=False) if tree is not None else None
         if not adaptive:
             grid = fixed_grid(a_time, b_time, dt)
@@ -712,13 +779,14 @@ def _backsolve_backward(c: _Ctx, ys: Tensor, grad_ys: Tensor) -> tuple[Tensor, T
                 y, adj, gp = y + dy, adj + da, gp + dg
                 state_t = state_s
         else:
+            d = 1.0 if a_time > b_time else -1.0  # the direction the backsolve runs in
             t = b_time
-            h = min(dt, t - a_time)
+            h = min(dt, abs(t - a_time))
             n_steps = 0
-            while t > a_time:
-                hit = h >= (t - a_time) * (1 - 1e-12)
-                s = a_time if hit else t - h
-                h_step = t - s
+            while d * (a_time - t) > 0:
+                hit = h >= d * (a_time - t) * (1 - 1e-12)
+                s = a_time if hit else t + d * h
+                h_step = t - s  # signed: positive after a forward solve
                 dw, state_s = noise(s, t, state_t)
                 dy, da, dg, ey, ea, eg = increment(t, h_step, y, adj, dw)
                 e = torch.maximum(_rms_norm(ey, y, y + dy, atol, rtol), _rms_norm(ea, adj, adj + da, atol, rtol))
@@ -737,10 +805,8 @@ def _backsolve_backward(c: _Ctx, ys: Tensor, grad_ys: Tensor) -> tuple[Tensor, T
                 factor = min(max(factor, 0.2), 5.0 if tree is None else 2.0)
                 if err <= 1.0 and hit:
                     factor = max(factor, 1.0)
-                h = max(h_step * factor, c.options.dtmin)
+                h = max(abs(h_step) * factor, c.options.dtmin)
         adj = adj + grad_ys[k - 1]
-        if math.isnan(float(adj.sum())):
-            adj = torch.nan_to_num(adj)
     return adj, gp
 
 
@@ -750,12 +816,13 @@ def _reversible_steps(c: _Ctx) -> tuple[list[tuple[float, float, float]], list[i
     and, for every save time after the first, the number of steps taken to reach it."""
     dt = float(c.dt_initial[0])
     times = [float(x) for x in c.save_times]
+    sign = 1.0 if times[-1] >= times[0] else -1.0  # the engine's signed step
     steps: list[tuple[float, float, float]] = []
     ends: list[int] = []
     for a, b in zip(times[:-1], times[1:]):
         grid = fixed_grid(a, b, dt)
         for s, t in zip(grid[:-1], grid[1:]):
-            steps.append((s, (b - s) if t == b else dt, t))
+            steps.append((s, (b - s) if t == b else sign * dt, t))
         ends.append(len(steps))
     return steps, ends
 

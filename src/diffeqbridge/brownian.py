@@ -102,6 +102,9 @@ class VirtualBrownianTree:
             apart.  Default ``(t1 - t0) * 2**-20`` (about ``1e-6 (t1 - t0)``).
         dtype: dtype of the returned increments (computation is float64).
         device: device of the returned tensors.
+        sample_offset: global index of row 0: row ``i`` draws the path of sample
+            ``sample_offset + i`` (a batch of an ensemble, :func:`diffeqbridge.solve_ensemble`,
+            gets exactly the paths those samples have in one big batch).
 
     Call ``bm(s, t)`` with scalars or ``(B,)`` tensors to get ``(dW, H)`` of shape
     ``shape``; ``bm.W(t)`` gives ``W(t) - W(t0)``.
@@ -121,11 +124,16 @@ class VirtualBrownianTree:
         t0, t1 = float(t0), float(t1)
         if not (math.isfinite(t0) and math.isfinite(t1)) or t1 <= t0:
             raise ValueError(f"VirtualBrownianTree needs finite t0 < t1; got t0={t0}, t1={t1}")
-        shape = tuple(int(s) for s in shape)
+        if isinstance(shape, int) and not isinstance(shape, bool):
+            shape = (shape,)  # a batch of scalar Brownian motions
+        try:
+            shape = tuple(int(s) for s in shape)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"shape must be an int or a tuple (B, *noise_shape); got {shape!r}") from exc
         if len(shape) < 1 or any(s < 1 for s in shape):
             raise ValueError(f"shape must be (B, *noise_shape) with positive sizes; got {shape}")
-        if not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int; got {seed!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+            raise ValueError(f"seed must be an int in [0, 2**64) (the tree hashes two 32-bit words); got {seed!r}")
         if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or sample_offset < 0:
             raise ValueError(f"sample_offset must be a non-negative int; got {sample_offset!r}")
         if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):

@@ -32,8 +32,9 @@ difference (StochasticDiffEq's one-sided ``(g(y + g √dt) - g) / √dt`` carrie
 strong order drops to 0.5 when ``g'' ≠ 0``: measured 0.6 on ``prob_sde_stiffquadstrat``
 with it, 1.0 with the central difference); the implicit drift is evaluated at ``t + dt`` (the
 textbook θ-method; StochasticDiffEq's nonlinear solver uses ``t + θ dt``: identical for
-autonomous drifts and for θ = 1); the Newton tolerance is the solver's own
-(``NewtonOptions``), not the integration tolerance scaled by κ; Jacobians are recomputed
+autonomous drifts and for θ = 1); the Newton tolerance is κ times the integration
+tolerance (``nonlinear.newton_tolerances``) but tested on the update's RMS, not with SciML's
+η-based convergence-rate estimate; Jacobians are recomputed
 every step (no reuse across steps).
 
 ``ISSEM`` (implicit split-step) solves the drift part first and adds ``g(t, y) ΔW`` after
@@ -101,7 +102,8 @@ class _DriftImplicit(AbstractSolver):
         if opts.linsolve == "lu":
             J, nf = batched_jacobian(terms.drift, t, y, opts.jac)
             factors = lu_factor(newton_matrix(J, gh))
-        res = newton_stage(terms.drift, t + dt, base, gh, base + expand_to(gh, y) * f0, opts, factors)
+        res = newton_stage(terms.drift, t + dt, base, gh, base + expand_to(gh, y) * f0, opts, factors,
+                           tolerances=terms.tolerances)
         # E_d uses the Jacobian at (t, y), as StochasticDiffEq (J of the first Newton matrix)
         return res.z, res.converged, J, nf + res.nf
 
@@ -160,13 +162,14 @@ class ImplicitRKMil(_DriftImplicit):
              f0: Tensor | None = None) -> StepOutput:
         assert terms.diffusion is not None and dw is not None
         dt_b = expand_to(dt, y)
-        sqrt_dt = torch.sqrt(dt_b)
+        abs_dt = dt_b.abs()  # noise scale: |dt| when time runs backwards
+        sqrt_dt = torch.sqrt(abs_dt)
         drift0 = terms.drift(t, y)
         diff0 = terms.diffusion(t, y)
         dw_state = terms.noise_like_state(dw, y)
         if terms.interpretation == "ito":
             support = y + dt_b * drift0 + sqrt_dt * diff0
-            squares = dw_state * dw_state - dt_b
+            squares = dw_state * dw_state - abs_dt
             ggprime = (terms.diffusion(t, support) - diff0) / sqrt_dt
         else:
             # central difference (one extra diffusion evaluation): the one-sided

@@ -123,7 +123,7 @@ class SROCK1(AbstractSolver):
             else:
                 rho = self.safety * power_iteration_eigen(terms.drift, t, y, fy, self.power_iters)
                 nf = self.power_iters
-            raw = torch.floor(torch.sqrt(2 * dt.double() * rho) + 1)
+            raw = torch.floor(torch.sqrt(2 * dt.double().abs() * rho) + 1)
         index = torch.searchsorted(table, raw.clamp(max=STAGES[-1]).contiguous())
         stages = table[index].long()
         eta = torch.tensor(DAMPING, dtype=torch.float64, device=y.device)[index]
@@ -173,10 +173,11 @@ class SROCK1(AbstractSolver):
             y1 = u_last + terms.g_dw(g, dw)
             ng = 1
         else:
-            sqrt_dt = torch.sqrt(dt_y)
+            abs_dt = dt_y.abs()  # noise scale: |dt| when time runs backwards
+            sqrt_dt = torch.sqrt(abs_dt)
             dw_state = terms.noise_like_state(dw, y)
             g_support = terms.diffusion(tb, u_before + sqrt_dt * g)
-            y1 = u_last + g * dw_state + (g_support - g) / (2 * sqrt_dt) * (dw_state * dw_state - dt_y)
+            y1 = u_last + g * dw_state + (g_support - g) / (2 * sqrt_dt) * (dw_state * dw_state - abs_dt)
             ng = 2
         nf = stages + nf_eig
         return StepOutput(y1, None, nf=nf, ng=ng, stiffness=None if self.nstages is not None else rho)
