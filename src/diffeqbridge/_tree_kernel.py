@@ -281,8 +281,15 @@ REUSE_BUDGET_BYTES = 256 * 2**20  # per-sample reuse caches 4 float64 per level 
 
 
 def _cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/diffeqbridge`` (default ``~/.cache/diffeqbridge``), or a folder in
+    the temporary directory where that cannot be created (a read-only home)."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "diffeqbridge"
+    path = Path(root) / "diffeqbridge"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        path = Path(tempfile.gettempdir()) / f"diffeqbridge-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    return path
 
 
 def _cpu_tag() -> bytes:
