@@ -127,7 +127,8 @@ def level_table(length: float, depth: int, padded: int) -> list[tuple[float, ...
     for k in range(depth):
         width = length * 2.0**-k
         pow4, pow2 = 4.0**k, 2.0**k
-        rows.append((math.sqrt(width / 16.0), math.sqrt(width / 48.0), 4.0 * pow4, 1.0 / pow4, 2.0 * pow2, 1.0 / pow2, 0.5 * width))
+        rows.append((math.sqrt(width / 16.0), math.sqrt(width / 48.0), 4.0 * pow4, 1.0 / pow4, 2.0 * pow2, 1.0 / pow2,
+                     0.5 * width))
     return rows
 
 
