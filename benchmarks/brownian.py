@@ -28,6 +28,7 @@ Implementations (all seeded once, tolerance ``2^-20`` on ``[0, 1]`` where one ap
 Ratios are ``peer / ours`` against the like-for-like ours case (per-sample vs per-sample,
 shared vs shared).  A ``torch.profiler`` summary of ours at ``B = 1024`` is included.
 """
+
 from __future__ import annotations
 
 import sys
@@ -59,8 +60,14 @@ TSDE_LOOP = "torchsde (loop over B, per-sample t)"
 TSDE_SHARED = "torchsde (shared t)"
 
 # peer -> the ours case it is compared with
-BASELINE = {DFX: OURS, TSDE_LOOP: OURS, DFX_SHARED: OURS_SHARED, TSDE_SHARED: OURS_SHARED, OURS_EVAL: OURS,
-            OURS_EVAL_EAGER: OURS_EVAL}
+BASELINE = {
+    DFX: OURS,
+    TSDE_LOOP: OURS,
+    DFX_SHARED: OURS_SHARED,
+    TSDE_SHARED: OURS_SHARED,
+    OURS_EVAL: OURS,
+    OURS_EVAL_EAGER: OURS_EVAL,
+}
 STYLES = {
     OURS: {"color": "C0", "linewidth": 2.5},
     OURS_SHARED: {"color": "C0", "linestyle": "--"},
@@ -251,13 +258,16 @@ def _min_cost_per_level(B: int, N: int, calls: int) -> dict[str, Any]:
         start = time.perf_counter()
         bm.evaluate(t)
         best = min(best, time.perf_counter() - start)
-    return {"B": B, "kernel": bm.kernel, "calls": calls, "min_seconds": best,
-            "ns_per_sample_per_level": 1e9 * best / (B * N * bm.depth)}
+    return {
+        "B": B,
+        "kernel": bm.kernel,
+        "calls": calls,
+        "min_seconds": best,
+        "ns_per_sample_per_level": 1e9 * best / (B * N * bm.depth),
+    }
 
 
-def run(
-    quick: bool, out: Path, noise_dim: int = 1, batch_sizes: tuple[int, ...] = BATCH_SIZES, threads: int = 1
-) -> dict:
+def run(quick: bool, out: Path, noise_dim: int = 1, batch_sizes: tuple[int, ...] = BATCH_SIZES, threads: int = 1) -> dict:
     threading = H.set_threads(threads)  # before jax initialises
     import jax
     import numpy as np
@@ -295,7 +305,8 @@ def run(
                     "B": B,
                     "seconds_per_query": None if t is None else t.median,
                     "seconds_per_query_per_sample": None if t is None else t.median / B,
-                    "ns_per_sample_per_level": None if t is None or name not in (OURS_EVAL, OURS_EVAL_EAGER)
+                    "ns_per_sample_per_level": None
+                    if t is None or name not in (OURS_EVAL, OURS_EVAL_EAGER)
                     else 1e9 * t.median / (B * noise_dim * depth),
                     "ratio_vs": base,
                     "ratio": ratio,
@@ -305,8 +316,9 @@ def run(
             )
 
     profile = _profile_ours(1024 if 1024 in batch_sizes else batch_sizes[0], noise_dim, calls=5 if quick else 20)
-    min_cost = [_min_cost_per_level(B, noise_dim, calls=(30 if B <= 4096 else 5) * (1 if quick else 3))
-                for B in batch_sizes if B >= 1024]
+    min_cost = [
+        _min_cost_per_level(B, noise_dim, calls=(30 if B <= 4096 else 5) * (1 if quick else 3)) for B in batch_sizes if B >= 1024
+    ]
 
     payload = {
         "config": {
@@ -351,8 +363,10 @@ def run(
     doc = H.write_json(out / f"{NAME}.json", NAME, payload)
     _plot(timings, batch_sizes, out / f"{NAME}.png", doc["machine"])
     print(_summary(table, profile))
-    print("fastest evaluate per sample per level: " + ", ".join(
-        f"B={m['B']}: {m['ns_per_sample_per_level']:.1f} ns ({m['kernel']})" for m in min_cost))
+    print(
+        "fastest evaluate per sample per level: "
+        + ", ".join(f"B={m['B']}: {m['ns_per_sample_per_level']:.1f} ns ({m['kernel']})" for m in min_cost)
+    )
     return doc
 
 
