@@ -482,9 +482,9 @@ def _announce(message: str) -> None:
         log.info(message)
 
 
-def choose(device: torch.device, padded: int) -> str:
+def choose(device: torch.device, padded: int = 0) -> str:
     """Which path a query on ``device`` takes: ``"c"`` (CPU), ``"compile"`` (CUDA: Triton
-    through ``torch.compile``) or ``"eager"``."""
+    through ``torch.compile``, for the padded depth ``padded``) or ``"eager"``."""
     mode = kernel_mode()
     if mode == "eager":
         _announce(f"VirtualBrownianTree: eager path ({ENV_VAR}=eager)")

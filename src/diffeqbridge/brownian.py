@@ -475,7 +475,7 @@ class VirtualBrownianTree:
     ) -> tuple[Tensor, Tensor]:
         """``(dW, H)`` over ``[s, t]`` from two results of :meth:`evaluate`, shaped ``shape``."""
         lo, hi = self._times(s), self._times(t)
-        if self.device.type == "cpu" and K.choose(self.device, self._padded) == "c":
+        if self.device.type == "cpu" and K.choose(self.device) == "c":
             out = K.increment_c(self.t0, self.t1, lo.contiguous(), hi.contiguous(), state_s, state_t)
             if out is not None:
                 return self._shape_out(out[0]), self._shape_out(out[1])
