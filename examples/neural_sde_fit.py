@@ -24,7 +24,7 @@ training.
 
     python examples/neural_sde_fit.py [--quick] [--out DIR]
 
-Full run: 400 Adam iterations (a few CPU minutes); ``--quick``: 30 iterations (seconds).
+Full run: 1500 Adam iterations (a minute or two); ``--quick``: 30 iterations (seconds).
 Writes ``neural_sde_fit.png`` (paths, marginals at the last time, learned drift, loss curve)
 and ``neural_sde_fit.json``.
 """
@@ -129,7 +129,7 @@ def drift_error(model: deb.NeuralSDE, data: torch.Tensor) -> tuple[float, torch.
 def run(quick: bool, out: Path) -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    iters, batch = (30, 256) if quick else (400, 512)
+    iters, batch = (30, 256) if quick else (1500, 512)
     train, test = make_data(1024, seed=1), make_data(1024, seed=2)
     model = build_model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -173,7 +173,8 @@ def plot(doc: dict, data: torch.Tensor, model_ys: torch.Tensor, xs: torch.Tensor
     import matplotlib.pyplot as plt
 
     ts = observation_times()
-    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    axes = axes.flatten()
     ax = axes[0]
     for i in range(20):
         ax.plot(ts, data[:, i, 0], color="C0", alpha=0.5, lw=1, label="data" if i == 0 else None)
@@ -206,7 +207,7 @@ def plot(doc: dict, data: torch.Tensor, model_ys: torch.Tensor, xs: torch.Tensor
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="30 iterations instead of 400")
+    parser.add_argument("--quick", action="store_true", help="30 iterations instead of 1500")
     parser.add_argument("--out", type=Path, default=Path("."), help="folder for neural_sde_fit.png/.json")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

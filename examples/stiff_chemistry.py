@@ -158,7 +158,8 @@ def plot(doc: dict, ts: torch.Tensor, ys: torch.Tensor, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    axes = axes.flatten()
     steps = doc["robertson_batch_steps_by_rate_factor"]
     mid = list(steps).index("1")
     ax = axes[0]

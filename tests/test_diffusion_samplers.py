@@ -138,6 +138,31 @@ def test_adaptive_nf_counts_only_running_samples():
         assert torch.equal(sol.stats.nf, order * (sol.stats.naccept + sol.stats.nreject))
         assert model.rows == int(sol.stats.nf.sum())
         assert int(sol.stats.nf.min()) < int(sol.stats.nf.max())  # the samples took their own steps
+    for order in (2, 3):  # multistep: one call at T, then one per accepted step but the last; rejections are free
+        model.rows = 0
+        sol = dd.sample(model, sde, x_T, method="dpm_solver", variant="adaptive_multistep", order=order, rtol=1e-3, atol=1e-4)
+        assert sol.success and int(sol.stats.nreject.sum()) > 0
+        assert torch.equal(sol.stats.nf, sol.stats.naccept)
+        assert model.rows == int(sol.stats.nf.sum())
+        assert int(sol.stats.nf.min()) < int(sol.stats.nf.max())
+
+
+@pytest.mark.parametrize(
+    "variant,order", [("adaptive", 2), ("adaptive", 3), ("adaptive_multistep", 2), ("adaptive_multistep", 3)]
+)
+def test_adaptive_error_follows_the_tolerance(variant, order):
+    """On the Gaussian's exact flow the error falls with the tolerance and stays within 10x of it
+    (the tolerance bounds local errors; the global error sums them)."""
+    sde = dd.VPSDE()
+    model, x_T = _gaussian_model(sde), _x_T(sde)
+    exact = _exact_flow(sde, x_T, T_END)
+    errors, nfes = [], []
+    for tol in (1e-2, 1e-3, 1e-4, 1e-5):
+        sol = dd.sample(model, sde, x_T, method="dpm_solver", variant=variant, order=order, rtol=tol, atol=tol / 10)
+        errors.append(float((sol.ys[-1] - exact).abs().max()))
+        nfes.append(float(sol.stats.nf.double().mean()))
+        assert errors[-1] <= 10 * tol, (tol, errors)
+    assert errors[-1] < errors[0] / 30 and nfes[-1] > nfes[0], (errors, nfes)
 
 
 # ------------------------------------------------------------------ per-sample independence
@@ -149,8 +174,13 @@ def test_adaptive_result_does_not_depend_on_the_batch():
     x_T = sde.prior_sample((40, 2), seed=1)
     rows = torch.tensor([3, 17, 29])
     other = sde.prior_sample((25, 2), seed=9) * 3.0  # far-out companions: very different step sizes
-    for order, controller in ((2, "pi"), (3, "pi"), (3, "paper")):
-        kw = {"method": "dpm_solver", "variant": "adaptive", "order": order, "rtol": 1e-3, "atol": 1e-4, "controller": controller}
+    for variant, order, controller in (
+        ("adaptive", 2, "pi"),
+        ("adaptive", 3, "pi"),
+        ("adaptive", 3, "paper"),
+        ("adaptive_multistep", 3, "pi"),
+    ):
+        kw = {"method": "dpm_solver", "variant": variant, "order": order, "rtol": 1e-3, "atol": 1e-4, "controller": controller}
         full = dd.sample(model, sde, x_T, **kw)
         alone = dd.sample(model, sde, x_T[rows], **kw)
         mixed = dd.sample(model, sde, torch.cat([other, x_T[rows]]), **kw)
@@ -271,6 +301,7 @@ STATISTICS = [
     ("dpm_solver", {"steps": 48, "variant": "singlestep", "order": 3, "algorithm": "dpmsolver"}),
     ("dpm_solver", {"variant": "adaptive", "order": 3, "rtol": 1e-2, "atol": 1e-3}),
     ("dpm_solver", {"variant": "adaptive", "order": 2, "rtol": 1e-2, "atol": 1e-3}),
+    ("dpm_solver", {"variant": "adaptive_multistep", "order": 3, "rtol": 1e-2, "atol": 1e-3}),
     ("dpm_solver", {"steps": 100, "algorithm": "sde-dpmsolver++"}),
     ("edm", {"steps": 60}),
     ("edm", {"steps": 199, "S_churn": 100.0, "denoise_to_zero": True}),
@@ -331,13 +362,14 @@ def test_gradient_through_sampling_matches_finite_differences(method, options):
     assert float((grad - fd).abs().max()) <= 1e-6 * float(fd.abs().max())
 
 
-def test_adaptive_gradient_holds_the_steps_fixed():
+@pytest.mark.parametrize("variant", ["adaptive", "adaptive_multistep"])
+def test_adaptive_gradient_holds_the_steps_fixed(variant):
     """The adaptive solver does not differentiate its step sizes (as diffrax): the gradient
     differs from finite differences (which see the steps move) by about the tolerance only."""
     sde = dd.VPSDE()
     model = _gaussian_model(sde)
     x_T = _x_T(sde)[:3]
-    kw = {"method": "dpm_solver", "variant": "adaptive", "order": 3, "rtol": 1e-4, "atol": 1e-5}
+    kw = {"method": "dpm_solver", "variant": variant, "order": 3, "rtol": 1e-4, "atol": 1e-5}
     x = x_T.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(dd.sample(model, sde, x, **kw).ys[-1].sum(), x)
     # the Gaussian's flow is affine: d x(t_end) / d x_T is the ratio of marginal stds
@@ -382,6 +414,8 @@ BAD = [
     ("dpm_solver", {"variant": "adaptive", "atol": -1.0}, ValueError),
     ("dpm_solver", {"variant": "adaptive", "theta": 1.5}, ValueError),
     ("dpm_solver", {"variant": "adaptive", "controller": "pid"}, ValueError),
+    ("dpm_solver", {"variant": "adaptive_multistep", "order": 1}, ValueError),
+    ("dpm_solver", {"variant": "adaptive_multistep", "steps": 10}, ValueError),
     ("dpm_solver", {"algorithm": "sde-dpmsolver++", "variant": "singlestep"}, ValueError),
     ("dpm_solver", {"algorithm": "sde-dpmsolver++", "order": 3}, ValueError),
     ("dpm_solver", {"variant": "singlestep", "order": 3, "steps": 2, "lower_order_final": False}, ValueError),
@@ -455,6 +489,7 @@ def test_non_finite_samples_are_flagged_per_sample():
         ("bdia", {"steps": 8}),
         ("edict", {"steps": 8}),
         ("dpm_solver", {"variant": "adaptive", "order": 3}),
+        ("dpm_solver", {"variant": "adaptive_multistep", "order": 3}),
     )
     for method, options in cases:
         sol = dd.sample(model, sde, x_T, method=method, **options)

@@ -18,16 +18,18 @@ REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def run_example(name: str, out: Path, timeout: float = 300) -> dict:
+def run_script(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``python examples/NAME.py --quick ARGS`` as a user would start it; fails the test on a non-zero exit."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "examples" / f"{name}.py"), "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    cmd = [sys.executable, str(REPO / "examples" / f"{name}.py"), "--quick", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def run_example(name: str, out: Path) -> dict:
+    """Run an example that writes ``OUT/NAME.png`` and ``OUT/NAME.json``; returns the JSON."""
+    run_script(name, "--out", str(out))
     png = out / f"{name}.png"
     assert png.is_file() and png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 20_000
     return json.loads((out / f"{name}.json").read_text())
@@ -63,5 +65,19 @@ def test_stiff_chemistry_quick(tmp_path: Path) -> None:
 def test_neural_sde_fit_quick(tmp_path: Path) -> None:
     doc = run_example("neural_sde_fit", tmp_path)
     ed = doc["test_energy_distance"]
-    assert ed["after"] < 0.5 * ed["before"]  # 20 iterations already halve the held-out distance
+    assert ed["after"] < 0.5 * ed["before"]  # 30 iterations already halve the held-out distance
     assert len(doc["train_loss"]) == doc["iterations"]
+
+
+@pytest.mark.timeout(300)
+def test_diffusion_2d_quick(tmp_path: Path) -> None:
+    """The diffusion example (its own CLI: ``--out`` is the PNG) samples with every method."""
+    png = tmp_path / "diffusion_2d.png"
+    proc = run_script("diffusion_2d", "--out", str(png))
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["sde"], ["ode"], ["dpm_solver"], ["edm"])]
+    assert len(rows) == 4, proc.stdout
+    for row in rows:
+        weights = [float(w) for w in row[2:5]]
+        # the mixture's weights are 0.5 / 0.3 / 0.2; 300 training steps already get them within 0.1
+        assert all(abs(w - ref) < 0.1 for w, ref in zip(weights, (0.5, 0.3, 0.2))), row
