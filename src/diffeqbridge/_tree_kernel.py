@@ -26,6 +26,7 @@ for ``D = 4 ceil(d/4)`` levels; the ``D - d`` top levels get zero coefficients
 (:func:`level_table`), which makes them exact no-ops (``c + 0 == c``), so one compiled
 kernel serves four depths.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -40,8 +41,8 @@ import tempfile
 import threading
 import types
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -106,7 +107,7 @@ def standard_normal_pair_split(word1: Tensor, word2: Tensor) -> tuple[Tensor, Te
     return radius * torch.cos(angle), radius * torch.sin(angle)
 
 
-def node_normals(element_keys: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
+def node_normals(element_keys: Tensor, key: Tensor | int) -> tuple[Tensor, Tensor]:
     """Standard normals of one node per sample: ``element_keys`` ``(2, B, N)`` int32,
     ``key`` int32 broadcasting against ``(B, N)`` -> two ``(B, N)`` float64."""
     return standard_normal_pair(fmix32_i32(element_keys ^ key))
@@ -123,11 +124,13 @@ LEVEL_COLUMNS = ("sq16", "sq48", "four_pow4", "inv_pow4", "two_pow2", "inv_pow2"
 def level_table(length: float, depth: int, padded: int) -> list[tuple[float, ...]]:
     """Per-level constants (:data:`LEVEL_COLUMNS`) of a tree of ``depth`` levels on an
     interval of ``length``, preceded by ``padded - depth`` all-zero no-op levels."""
-    rows = [(0.0,) * 7] * (padded - depth)
+    rows: list[tuple[float, ...]] = [(0.0,) * 7] * (padded - depth)
     for k in range(depth):
         width = length * 2.0**-k
         pow4, pow2 = 4.0**k, 2.0**k
-        rows.append((math.sqrt(width / 16.0), math.sqrt(width / 48.0), 4.0 * pow4, 1.0 / pow4, 2.0 * pow2, 1.0 / pow2, 0.5 * width))
+        rows.append(
+            (math.sqrt(width / 16.0), math.sqrt(width / 48.0), 4.0 * pow4, 1.0 / pow4, 2.0 * pow2, 1.0 / pow2, 0.5 * width)
+        )
     return rows
 
 
@@ -169,8 +172,9 @@ def level_update(
     return (c_h, c_w, c_l, c_j), (w_cell, h_cell)
 
 
-def bridge_w(r: Tensor, w: float | Tensor, w2: float | Tensor, w3: float | Tensor, w_cell: Tensor, h_cell: Tensor,
-             z1: Tensor) -> Tensor:
+def bridge_w(
+    r: Tensor, w: float | Tensor, w2: float | Tensor, w3: float | Tensor, w_cell: Tensor, h_cell: Tensor, z1: Tensor
+) -> Tensor:
     """The ``W`` half of :func:`bridge` (the same operations)."""
     q = w - r
     r2 = r * r
@@ -179,8 +183,9 @@ def bridge_w(r: Tensor, w: float | Tensor, w2: float | Tensor, w3: float | Tenso
     return mean_w + torch.sqrt(var_w) * z1
 
 
-def bridge(r: Tensor, w: float | Tensor, w2: float | Tensor, w3: float | Tensor, w_cell: Tensor, h_cell: Tensor,
-           z1: Tensor, z2: Tensor) -> tuple[Tensor, Tensor]:
+def bridge(
+    r: Tensor, w: float | Tensor, w2: float | Tensor, w3: float | Tensor, w_cell: Tensor, h_cell: Tensor, z1: Tensor, z2: Tensor
+) -> tuple[Tensor, Tensor]:
     """``(W, H)`` of ``[a, a + r]`` given ``(W, H)`` of the cell ``[a, a + w]`` (``w2 = w^2``,
     ``w3 = w^3``) and standard normals ``z1, z2``: exact Gaussian conditioning.
 
@@ -205,13 +210,26 @@ def locate(t: Tensor, t0: float | Tensor, length: float | Tensor, n_cells: float
     """Finest cell of times ``t`` ``(B,)`` (clamped to the interval) -> ``(cell int64 (B,),
     fraction of the cell float64 (B,))``."""
     position = ((t - t0) / length).clamp(0.0, 1.0) * n_cells
-    cell = torch.minimum(torch.floor(position), n_cells - 1.0) if isinstance(n_cells, Tensor) \
+    cell = (
+        torch.minimum(torch.floor(position), n_cells - 1.0)
+        if isinstance(n_cells, Tensor)
         else torch.floor(position).clamp(max=n_cells - 1)
+    )
     return cell.long(), position - cell
 
 
-def fused_point(t: Tensor, element_keys: Tensor, w_root: Tensor, h_root: Tensor, levels: Tensor, level_keys: Tensor,
-                geometry: Tensor, padded: int, cell_key: int, wide: bool) -> tuple[Tensor, Tensor]:
+def fused_point(
+    t: Tensor,
+    element_keys: Tensor,
+    w_root: Tensor,
+    h_root: Tensor,
+    levels: Tensor,
+    level_keys: Tensor,
+    geometry: Tensor,
+    padded: int,
+    cell_key: int,
+    wide: bool,
+) -> tuple[Tensor, Tensor]:
     """``(W(t), J(t))`` for per-sample times, the whole descent elementwise.
 
     Args:
@@ -256,7 +274,7 @@ def padded_depth(depth: int) -> int:
     return DEPTH_QUANTUM * math.ceil(depth / DEPTH_QUANTUM)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled(padded: int, device_type: str) -> Callable[..., tuple[Tensor, Tensor]]:
     """``torch.compile(fused_point)`` for one padded depth and device type.  Each gets its own
     code object, hence its own dynamo cache (no recompile-limit sharing between depths);
@@ -275,14 +293,26 @@ _C_FLAG_SETS = (
     ("-march=native", "-lm"),
     ("-lm",),
 )
-_C_ARGTYPES = (ctypes.c_int64, ctypes.c_int64) + (ctypes.c_void_p,) * 7 + (
-    ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64) + (ctypes.c_void_p,) * 4 + (ctypes.c_int64,)
+_C_ARGTYPES = (
+    (ctypes.c_int64, ctypes.c_int64)
+    + (ctypes.c_void_p,) * 7
+    + (ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
+    + (ctypes.c_void_p,) * 4
+    + (ctypes.c_int64,)
+)
 REUSE_BUDGET_BYTES = 256 * 2**20  # per-sample reuse caches 4 float64 per level and element, up to this size
 
 
 def _cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/diffeqbridge`` (default ``~/.cache/diffeqbridge``), or a folder in
+    the temporary directory where that cannot be created (a read-only home)."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "diffeqbridge"
+    path = Path(root) / "diffeqbridge"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        path = Path(tempfile.gettempdir()) / f"diffeqbridge-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    return path
 
 
 def _cpu_tag() -> bytes:
@@ -313,7 +343,7 @@ def _compile_c(flags: tuple[str, ...]) -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def c_library() -> ctypes.CDLL | None:
     """The compiled ``_tree_kernel.c`` (ctypes), or None (with a one-time warning) when no
     flag set compiles: then the CPU runs the eager path."""
@@ -322,18 +352,24 @@ def c_library() -> ctypes.CDLL | None:
         try:
             lib = ctypes.CDLL(str(_compile_c(flags)))
         except (OSError, subprocess.SubprocessError) as exc:
-            detail = exc.stderr.decode(errors="replace").strip().splitlines()[:1] if isinstance(
-                exc, subprocess.CalledProcessError) and exc.stderr else [str(exc)]
+            detail = (
+                exc.stderr.decode(errors="replace").strip().splitlines()[:1]
+                if isinstance(exc, subprocess.CalledProcessError) and exc.stderr
+                else [str(exc)]
+            )
             errors.append(f"{' '.join(flags)}: {detail[0] if detail else type(exc).__name__}")
             continue
         lib.tree_point.argtypes, lib.tree_point.restype = _C_ARGTYPES, None
-        lib.tree_increment.argtypes = (ctypes.c_int64, ctypes.c_int64, ctypes.c_double, ctypes.c_double) + \
-            (ctypes.c_void_p,) * 8
+        lib.tree_increment.argtypes = (ctypes.c_int64, ctypes.c_int64, ctypes.c_double, ctypes.c_double) + (ctypes.c_void_p,) * 8
         lib.tree_increment.restype = None
         log.info("VirtualBrownianTree: fused C kernel on the CPU (%s)", " ".join(flags))
         return lib
-    warnings.warn("VirtualBrownianTree: could not compile the fused CPU kernel (set CC to a C compiler); using "
-                  f"the slower eager path. {'; '.join(errors)}", RuntimeWarning, stacklevel=2)
+    warnings.warn(
+        "VirtualBrownianTree: could not compile the fused CPU kernel (set CC to a C compiler); using "
+        f"the slower eager path. {'; '.join(errors)}",
+        RuntimeWarning,
+        stacklevel=2,
+    )
     return None
 
 
@@ -343,21 +379,22 @@ def c_kernel() -> Callable[..., None] | None:
     return None if lib is None else lib.tree_point
 
 
-def increment_c(t0: float, t1: float, s: Tensor, t: Tensor, state_s: tuple[Tensor, Tensor],
-                state_t: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor] | None:
+def increment_c(
+    t0: float, t1: float, s: Tensor, t: Tensor, state_s: tuple[Tensor, Tensor], state_t: tuple[Tensor, Tensor]
+) -> tuple[Tensor, Tensor] | None:
     """``(dW, H)`` of ``VirtualBrownianTree.increment_from`` in one C loop (the same
     operations), or None when the inputs are not contiguous float64 CPU tensors."""
     lib = c_library()
     tensors = (s, t, *state_s, *state_t)
-    if lib is None or not all(x.dtype == torch.float64 and x.device.type == "cpu" and x.is_contiguous()
-                              and not x.requires_grad for x in tensors):
+    if lib is None or not all(
+        x.dtype == torch.float64 and x.device.type == "cpu" and x.is_contiguous() and not x.requires_grad for x in tensors
+    ):
         return None
     w_s = state_s[0]
     if w_s.ndim != 2 or any(x.shape != w_s.shape for x in tensors[2:]):
         return None
     dw, levy = torch.empty_like(w_s), torch.empty_like(w_s)
-    lib.tree_increment(w_s.numel(), w_s.shape[1], t0, t1, *(x.data_ptr() for x in tensors), dw.data_ptr(),
-                       levy.data_ptr())
+    lib.tree_increment(w_s.numel(), w_s.shape[1], t0, t1, *(x.data_ptr() for x in tensors), dw.data_ptr(), levy.data_ptr())
     return dw, levy
 
 
@@ -378,17 +415,42 @@ class ReuseCache:
         return depth * 4 * count * 8 <= REUSE_BUDGET_BYTES
 
 
-def run_c(kernel: Callable[..., None], t: Tensor, key0: Tensor, key1: Tensor, w_root: Tensor, h_root: Tensor,
-          levels: Tensor, level_keys: Tensor, geometry: Tensor, cell_key: int, wide: bool,
-          reuse: ReuseCache | None = None) -> tuple[Tensor, Tensor]:
+def run_c(
+    kernel: Callable[..., None],
+    t: Tensor,
+    key0: Tensor,
+    key1: Tensor,
+    w_root: Tensor,
+    h_root: Tensor,
+    levels: Tensor,
+    level_keys: Tensor,
+    geometry: Tensor,
+    cell_key: int,
+    wide: bool,
+    reuse: ReuseCache | None = None,
+) -> tuple[Tensor, Tensor]:
     """``(W(t), J(t))`` from the C kernel: the arguments of :func:`fused_point` unpadded
     (``levels`` ``(depth, 7)``, ``level_keys`` ``(depth,)``), all contiguous on the CPU,
     the element keys as two ``(B, N)`` int32 tensors; ``reuse``: the per-sample cache."""
     w_out, j_out = torch.empty_like(w_root), torch.empty_like(w_root)
     t = t.contiguous()
-    args = (w_root.numel(), w_root.shape[1], t.data_ptr(), key0.data_ptr(), key1.data_ptr(), w_root.data_ptr(),
-            h_root.data_ptr(), levels.data_ptr(), level_keys.data_ptr(), levels.shape[0], geometry.data_ptr(),
-            cell_key, int(wide), w_out.data_ptr(), j_out.data_ptr())
+    args = (
+        w_root.numel(),
+        w_root.shape[1],
+        t.data_ptr(),
+        key0.data_ptr(),
+        key1.data_ptr(),
+        w_root.data_ptr(),
+        h_root.data_ptr(),
+        levels.data_ptr(),
+        level_keys.data_ptr(),
+        levels.shape[0],
+        geometry.data_ptr(),
+        cell_key,
+        int(wide),
+        w_out.data_ptr(),
+        j_out.data_ptr(),
+    )
     if reuse is None:
         kernel(*args, None, None, 0)
     else:
@@ -420,9 +482,9 @@ def _announce(message: str) -> None:
         log.info(message)
 
 
-def choose(device: torch.device, padded: int) -> str:
+def choose(device: torch.device, padded: int = 0) -> str:
     """Which path a query on ``device`` takes: ``"c"`` (CPU), ``"compile"`` (CUDA: Triton
-    through ``torch.compile``) or ``"eager"``."""
+    through ``torch.compile``, for the padded depth ``padded``) or ``"eager"``."""
     mode = kernel_mode()
     if mode == "eager":
         _announce(f"VirtualBrownianTree: eager path ({ENV_VAR}=eager)")
@@ -441,8 +503,9 @@ def choose(device: torch.device, padded: int) -> str:
     return "eager"
 
 
-def run_compiled(padded: int, device: torch.device, eager: Callable[[], tuple[Tensor, Tensor]],
-                 *args: object) -> tuple[Tensor, Tensor]:
+def run_compiled(
+    padded: int, device: torch.device, eager: Callable[[], tuple[Tensor, Tensor]], *args: object
+) -> tuple[Tensor, Tensor]:
     """Run :func:`fused_point` through ``torch.compile``.  The first result of each padded
     depth and device is checked against the eager path (``eager()``, within 1e-12 of the
     scale); a failure to compile or a mismatch sends this depth and device to the eager
@@ -462,8 +525,12 @@ def run_compiled(padded: int, device: torch.device, eager: Callable[[], tuple[Te
             raise
         _failed.add(key)
         first = str(exc).splitlines()[0] if str(exc) else ""
-        warnings.warn(f"VirtualBrownianTree: the fused kernel failed on {device.type} "
-                      f"({type(exc).__name__}: {first}); using the eager path", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"VirtualBrownianTree: the fused kernel failed on {device.type} "
+            f"({type(exc).__name__}: {first}); using the eager path",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return eager()
     _announce(f"VirtualBrownianTree: fused torch.compile kernel on {device.type}")
     return out
