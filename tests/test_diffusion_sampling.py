@@ -1,9 +1,8 @@
 """dd.sample's engine-based samplers ("sde", "ode") on exact scores, backwards in time on the
 engine: closed-form flows, mixture statistics, no variance inflation from rejected steps,
 per-sample determinism, gradients (float64)."""
-from __future__ import annotations
 
-import math
+from __future__ import annotations
 
 import pytest
 import torch
@@ -67,9 +66,10 @@ def test_parameterizations_give_identical_samples():
     sde, gm = dd.VPSDE(), _mixture()
     x_T = sde.prior_sample((8, 2), seed=2)
     for method, alg in (("ode", deb.Tsit5()), ("sde", deb.EM())):
-        outs = [dd.sample(gm.score_model(sde, p), sde, x_T, method=method, parameterization=p, seed=3, alg=alg,
-                          steps=40).ys[-1]
-                for p in dd.PARAMETERIZATIONS]
+        outs = [
+            dd.sample(gm.score_model(sde, p), sde, x_T, method=method, parameterization=p, seed=3, alg=alg, steps=40).ys[-1]
+            for p in dd.PARAMETERIZATIONS
+        ]
         for out in outs[1:]:
             torch.testing.assert_close(out, outs[0], rtol=1e-8, atol=1e-8)
 
@@ -168,8 +168,9 @@ def test_rejections_add_no_bias_unlike_redraws():
 
 
 # ---------------------------------------------------------------------- gradients
-@pytest.mark.parametrize("sensealg", [None, deb.InterpolatingAdjoint(), deb.BacksolveAdjoint()],
-                         ids=["default", "interpolating", "backsolve"])
+@pytest.mark.parametrize(
+    "sensealg", [None, deb.InterpolatingAdjoint(), deb.BacksolveAdjoint()], ids=["default", "interpolating", "backsolve"]
+)
 def test_ode_gradients_analytic(sensealg):
     """d x_end / d x_T and d x_end / d mu of the Gaussian's affine flow, analytically."""
     sde = dd.VPSDE()
@@ -221,8 +222,7 @@ def test_guidance_conditioning_gradient():
 
     def run(c):
         cfg = dd.ClassifierFreeGuidance(cond_model, c, None, scale=2.0)
-        return dd.sample(cfg, sde, x_T, method="ode", atol=1e-9, rtol=1e-9,
-                         sensealg=deb.InterpolatingAdjoint()).ys[-1].sum()
+        return dd.sample(cfg, sde, x_T, method="ode", atol=1e-9, rtol=1e-9, sensealg=deb.InterpolatingAdjoint()).ys[-1].sum()
 
     (g,) = torch.autograd.grad(run(cond), cond)
     with torch.no_grad():
