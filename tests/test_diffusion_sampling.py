@@ -4,13 +4,18 @@ per-sample determinism, gradients (float64)."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 import diffeqbridge as deb
 from diffeqbridge import diffusion as dd
-from diffeqbridge.diffusion.common import per_sample_normal
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.diffusion_rejections import ggf_sampler  # noqa: E402 - the GGF reference sampler
 
 F64 = torch.float64
 MIX = ((0.5, 0.3, 0.2), ((-3.0, 0.0), (3.0, 0.0), (0.0, 3.0)), 0.5)
@@ -101,47 +106,6 @@ def test_per_sample_results_independent_of_batch():
 
 
 # ---------------------------------------------------------------------- rejected steps
-def _ggf_sampler(score, sde, x_T, t_end, eps_abs, eps_rel, tree=None, seed=0, max_iter=20000):
-    """The adaptive reverse-SDE sampler of Jolicoeur-Martineau et al. 2021 ("Gotta Go Fast",
-    Algorithm 1: EM proposal, improved-Euler estimate, per-sample step, theta = 0.9, r = 0.9),
-    vectorised with per-sample times.  Noise: ``tree=None`` draws a fresh z after every
-    rejection (as published); with a Brownian tree, a rejected step re-queries the same path."""
-    x, prev = x_T.clone(), x_T.clone()
-    batch = x.shape[0]
-    t = torch.full((batch,), sde.T, dtype=F64)
-    h = torch.full((batch,), 0.01, dtype=F64)
-    active = torch.ones(batch, dtype=torch.bool)
-    nfe = torch.zeros(batch, dtype=torch.long)
-
-    def reverse_drift(x, t):
-        return sde.drift(t, x) - sde.g2(t)[:, None] * score(x, t)
-
-    for it in range(max_iter):
-        if not bool(active.any()):
-            break
-        h = torch.minimum(h, t - t_end)
-        s = t - h
-        if tree is None:
-            dw = h.sqrt()[:, None] * per_sample_normal(tuple(x.shape), seed, 1000 + it)
-        else:
-            dw, _ = tree(s, t)
-        g_t, g_s = sde.g2(t).sqrt()[:, None], sde.g2(s).sqrt()[:, None]
-        x1 = x - h[:, None] * reverse_drift(x, t) + g_t * dw
-        x2 = x - h[:, None] * reverse_drift(x1, s) + g_s * dw
-        x_new = 0.5 * (x1 + x2)
-        delta = torch.maximum(torch.full_like(x1, eps_abs), eps_rel * torch.maximum(x1.abs(), prev.abs()))
-        err = ((x1 - x_new) / delta).square().mean(dim=1).sqrt()
-        accept = active & (err <= 1)
-        nfe += 2 * active
-        x = torch.where(accept[:, None], x_new, x)
-        prev = torch.where(accept[:, None], x1, prev)
-        t = torch.where(accept, s, t)
-        done = accept & (t <= t_end * (1 + 1e-12))
-        active = active & ~done
-        h = torch.where(active, 0.9 * h * err.clamp_min(1e-10) ** -0.9, h)
-    return x, nfe
-
-
 def test_rejections_add_no_bias_unlike_redraws():
     """The same adaptive controller (GGF's) on the 2-D mixture (component std 0.5) at two
     tolerances (measured, 1500 samples, eps_rel 0.02/0.05/0.1: redraw 0.58-0.65, fixed path
@@ -154,9 +118,9 @@ def test_rejections_add_no_bias_unlike_redraws():
     score = gm.score_model(sde, "score")
     redraw_stds, fixed_stds = [], []
     for eps_rel in (0.02, 0.1):
-        x_r, _ = _ggf_sampler(score, sde, x_T, t_end, 0.0078, eps_rel, seed=1)
+        x_r, _ = ggf_sampler(score, sde, x_T, t_end, 0.0078, eps_rel, seed=1)
         tree = deb.VirtualBrownianTree(t_end, sde.T, (n, 2), seed=1)
-        x_f, _ = _ggf_sampler(score, sde, x_T, t_end, 0.0078, eps_rel, tree=tree)
+        x_f, _ = ggf_sampler(score, sde, x_T, t_end, 0.0078, eps_rel, tree=tree)
         redraw_stds.append(gm.component_stats(x_r)[1])
         fixed_stds.append(gm.component_stats(x_f)[1])
     redraw, fixed = torch.stack(redraw_stds), torch.stack(fixed_stds)
