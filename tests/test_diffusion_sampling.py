@@ -220,3 +220,32 @@ def test_model_sees_times_inside_span_only():
         seen.clear()
         dd.sample(model, sde, x_T, method=method, steps=20 if method == "pc" else None, t_end=0.01)
         assert min(s[0] for s in seen) >= 0.01 - 1e-15 and max(s[1] for s in seen) <= 1.0
+
+
+def test_jax_model_samples_and_gradients():
+    """dd.from_jax: the Gaussian's eps-model written in JAX samples and differentiates as the
+    torch one (x_T and the mean, through the JAX VJP)."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    jax.config.update("jax_enable_x64", True)
+    sde = dd.VPSDE()
+    b0, b1 = sde.beta_min, sde.beta_max
+
+    def eps(x, t, p):
+        alpha = jnp.exp(-0.25 * t**2 * (b1 - b0) - 0.5 * t * b0)
+        sigma = jnp.sqrt(1 - alpha**2)
+        var = alpha**2 * 0.4**2 + sigma**2
+        return -sigma[:, None] * (alpha[:, None] * p["mu"] - x) / var[:, None]
+
+    jmodel = dd.from_jax(eps, {"mu": jnp.array([0.7])})
+    tmodel = GaussianEps(sde)
+    x_T = sde.prior_sample((4, 1), seed=3)
+    outs = []
+    for model, param in ((jmodel, jmodel.theta), (tmodel, tmodel.mu)):
+        x = x_T.clone().requires_grad_(True)
+        sol = dd.sample(model, sde, x, method="ode", atol=1e-8, rtol=1e-8, sensealg=deb.InterpolatingAdjoint())
+        outs.append((sol.ys[-1].detach(), *torch.autograd.grad(sol.ys[-1].sum(), [x, param])))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert float(jmodel.params(outs[0][2])["mu"][0]) == pytest.approx(float(outs[1][2][0]), rel=1e-10)

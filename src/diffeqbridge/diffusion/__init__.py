@@ -47,4 +47,8 @@ def __getattr__(name: str):  # noqa: ANN202 - names of the fixed-grid samplers' 
         from .inversion import invert
 
         return invert
+    if name in ("from_jax", "JaxModel"):  # imports jax: only on use
+        from . import jax_models
+
+        return getattr(jax_models, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
