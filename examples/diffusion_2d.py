@@ -106,7 +106,7 @@ def main() -> None:
             f"{method:<11} {r['nfe']:10.1f} {' '.join(f'{v:.2f}' for v in frac.tolist()):>16} "
             f"{' '.join(f'{v:.2f}' for v in stds.tolist()):>16} {r['sw']:6.3f} {time.perf_counter() - begin:7.2f}"
         )
-    plot(args.out, results, n, 1)
+    plot(args.out, results, n, 1, title=f"MLP eps-network trained {steps} steps, VP SDE")
     print(f"wrote {args.out}")
 
 

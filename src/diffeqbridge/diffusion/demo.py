@@ -61,7 +61,7 @@ def run_method(method: str, n: int, seed: int, **kwargs: Any) -> dict[str, Any]:
     }
 
 
-def plot(path: str, results: list[dict[str, Any]], n: int, seed: int) -> None:
+def plot(path: str, results: list[dict[str, Any]], n: int, seed: int, title: str = "exact 2-D mixture score, VP SDE") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -79,7 +79,7 @@ def plot(path: str, results: list[dict[str, Any]], n: int, seed: int) -> None:
         ax.set_xlim(-5, 5)
         ax.set_ylim(-2.5, 5)
         ax.set_aspect("equal")
-    fig.suptitle("samples (blue) vs the exact law (grey): exact 2-D mixture score, VP SDE", fontsize=10)
+    fig.suptitle(f"samples (blue) vs the exact law (grey): {title}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
