@@ -93,6 +93,21 @@ def test_sde_mixture_statistics():
     assert bool((sol.stats.nf > 0).all())
 
 
+@pytest.mark.parametrize("sde", [dd.VESDE(), dd.SubVPSDE()], ids=["ve", "subvp"])
+@pytest.mark.parametrize("method", ["sde", "ode", "pc"])
+def test_other_processes_sample_the_mixture(sde, method):
+    """VE and sub-VP (1000 samples): weights within 4 standard errors, stds 0.5 +- 0.05
+    (measured 0.48-0.52)."""
+    gm, n = _mixture(), 1000
+    options = {"steps": 200, "sigma_data": 0.5} if method == "pc" else {}
+    sol = dd.sample(gm.score_model(sde, "eps"), sde, sde.prior_sample((n, 2), seed=0), method=method, **options)
+    assert sol.success
+    frac, stds = gm.component_stats(sol.ys[-1])
+    se = torch.sqrt(gm.weights * (1 - gm.weights) / n)
+    assert bool(((frac - gm.weights).abs() < 4 * se).all()), frac
+    assert bool(((stds - 0.5).abs() < 0.05).all()), stds
+
+
 def test_per_sample_results_independent_of_batch():
     """Adaptive per-sample steps and the per-sample Brownian tree: sample i of a batch of 12 is
     sample i of a batch of 5 (same seed), whatever the other samples do."""
