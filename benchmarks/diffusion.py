@@ -530,12 +530,24 @@ def _dist_version(name: str) -> str | None:
 
 
 def _plot(doc: dict, path: Path) -> None:
-    fig, axes = H.figure(ncols=2, nrows=len(doc["problems"]), size=(6.5, 4.8))
+    """Per problem: ODE error and sliced W2 vs NFE; one legend per row, outside the axes."""
+    import matplotlib
+
+    fig, axes = H.figure(ncols=2, nrows=len(doc["problems"]), size=(6.0, 4.8))
+    names = list(next(iter(doc["problems"].values()))["curves"])
+    colors = [matplotlib.colormaps["tab20"](k) for k in range(20)] + [matplotlib.colormaps["Dark2"](k) for k in range(8)]
+    styles = {
+        name: {
+            "color": colors[k % len(colors)],
+            "linestyle": "-" if name.startswith("ours") else "--",
+            "marker": "o" if name.startswith("ours") else "x",
+            "markersize": 4,
+        }
+        for k, name in enumerate(names)
+    }
     for i, (pname, r) in enumerate(doc["problems"].items()):
-        path_series, sw_series, styles = {}, {}, {}
+        path_series, sw_series = {}, {}
         for name, rows in r["curves"].items():
-            style = {"linestyle": "-" if name.startswith("ours") else "--", "marker": "o" if name.startswith("ours") else "x"}
-            styles[name] = style
             if rows and rows[0].get("path_err") is not None:
                 path_series[name] = ([row["nfe"] for row in rows], [row["path_err"] for row in rows])
             sw_series[name] = ([row["nfe"] for row in rows], [row["sw"] for row in rows])
@@ -544,7 +556,7 @@ def _plot(doc: dict, path: Path) -> None:
             path_series,
             xlabel="NFE per sample",
             ylabel="RMS distance to the exact ODE solution",
-            title=f"{pname}: ODE error",
+            title=f"{pname}: ODE error (deterministic samplers)",
             styles=styles,
         )
         H.plot_series(
@@ -555,8 +567,9 @@ def _plot(doc: dict, path: Path) -> None:
             title=f"{pname}: sample quality (floor {r['floor']['sw']:.3f})",
             styles=styles,
         )
-        for ax in axes[2 * i : 2 * i + 2]:
-            ax.legend(fontsize=5.5)
+        axes[2 * i].get_legend().remove()
+        axes[2 * i + 1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.set_size_inches(16.0, 4.8 * len(doc["problems"]))
     H.savefig(fig, path)
 
 

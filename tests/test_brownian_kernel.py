@@ -138,3 +138,20 @@ def test_solve_builds_its_tree_at_the_resolution_of_dtmin():
     # the same path at the dt-grid's dyadic nodes (levels <= 10 are shared by both trees):
     # EM only reads W there, so the default (depth-20) tree gives the same solution
     torch.testing.assert_close(default, explicit, rtol=0, atol=1e-13)
+
+
+def test_per_sample_reuse_changes_no_bit(fused):
+    """Consecutive queries reuse each sample's cached top levels; the values must equal a
+    fresh tree's (no cache) for forward steps, rejected-step re-queries and jumps back."""
+    batch = 70  # not a multiple of the 8-lane blocks
+    g = torch.Generator().manual_seed(12)
+    cached = deb.VirtualBrownianTree(0.0, 1.0, (batch, 2), seed=13, tol=2.0**-16)
+    t = torch.zeros(batch, dtype=F64)
+    for step in range(40):
+        h = 10.0 ** (-3 * torch.rand(batch, generator=g, dtype=F64))  # 1e-3 .. 1 (clamped to t1)
+        t_new = t + h if step % 7 else t * torch.rand(batch, generator=g, dtype=F64)  # sometimes jump back
+        fresh = deb.VirtualBrownianTree(0.0, 1.0, (batch, 2), seed=13, tol=2.0**-16)
+        for a, b in zip(cached.evaluate(t_new), fresh.evaluate(t_new)):
+            assert torch.equal(a, b)
+        t = torch.where(torch.rand(batch, generator=g) < 0.8, t_new, t).clamp(max=1.0)  # 20 % "rejected"
+    assert cached._reuse is not None and cached._reuse.valid

@@ -57,7 +57,9 @@ queries the same :class:`~diffeqbridge.VirtualBrownianTree`, so it sees identica
 """
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -334,15 +336,46 @@ def _leaf_tensors(outputs: list[Tensor]) -> list[Tensor]:
     return leaves
 
 
+class _Touched(torch.overrides.TorchFunctionMode):
+    """Records the ids of the tensors every torch function call receives (arguments only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: set[int] = set()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        leaves, _ = torch.utils._pytree.tree_flatten((args, kwargs or {}))
+        self.ids.update(id(x) for x in leaves if isinstance(x, Tensor))
+        return func(*args, **(kwargs or {}))
+
+
+def _warn_detached(params: list[Tensor], outs: list[Tensor], touched: set[int]) -> None:
+    """Warn about listed parameters the fields touched at ``(t0, y0)`` without autograd seeing
+    them (``p.detach()``, ``torch.no_grad()``): the adjoints would return zero gradients for
+    them without a word.  Parameters not touched at all (an encoder in the same module) are
+    not reported."""
+    in_graph = {id(x) for x in _leaf_tensors(outs)}
+    for i, p in enumerate(params):
+        if p.requires_grad and id(p) in touched and id(p) not in in_graph:
+            warnings.warn(
+                f"params[{i}] (shape {tuple(p.shape)}) is used by drift/diffusion at (t0, y0) but not through "
+                f"autograd (.detach() or torch.no_grad()?): its gradient from this solve will be zero",
+                UserWarning, stacklevel=6,
+            )
+
+
 def _probe_fields(prob: ODEProblem, terms: Terms) -> list[Tensor]:
     """Drift (and diffusion) evaluated once at ``(t0, y0.detach())`` with grad enabled, so
-    their autograd graphs show which leaf tensors they use."""
+    their autograd graphs show which leaf tensors they use (and :func:`_warn_detached` which
+    listed parameters they use outside autograd)."""
     t = torch.full((prob.batch_size,), prob.tspan[0], dtype=torch.float64, device=prob.y0.device)
     y = prob.y0.detach()
-    with torch.enable_grad():
+    touched = _Touched()
+    with torch.enable_grad(), touched:
         outs = [terms.drift(t, y)]
         if terms.diffusion is not None:
             outs.append(terms.diffusion(t, y))
+    _warn_detached(prob.params, outs, touched.ids)
     return outs
 
 
@@ -462,17 +495,44 @@ class _Accumulator:
         return Solution(ts=ts, ys=ys, stats=stats, retcodes=retcodes, alg=solver)
 
 
-def _solve_segment(c: _Ctx, y: Tensor, a: float, b: float, first: bool) -> Solution:
+def _dead_samples(c: _Ctx, adj: Tensor) -> Tensor:
+    """``(B,)``: samples that failed in the forward solve and receive no gradient (``adj`` is
+    zero over their state) -- their NaN/Inf must not reach the shared parameters' gradient."""
+    assert c.stats is not None
+    failed = c.stats[0].retcodes != int(ReturnCode.Success)
+    return failed & (adj == 0).flatten(1).all(dim=1)
+
+
+def _masked_terms(terms: Terms, dead: Tensor, y_safe: Tensor) -> Terms:
+    """``terms`` whose fields see ``y_safe`` (finite, e.g. ``y0``) in place of the states of
+    the ``dead`` samples.  A dead sample's cotangent is zero, but a VJP through its NaN/Inf
+    state still gives ``0 * NaN = NaN`` in a parameter shared by the batch (``p * y * y``);
+    evaluating its fields at a finite state makes its contribution an exact zero."""
+    if not bool(dead.any()):
+        return terms
+    masked = copy.copy(terms)
+    keep = dead.reshape(dead.shape + (1,) * (y_safe.ndim - 1))
+
+    def guard(field: Any) -> Any:
+        return lambda t, y: field(t, torch.where(keep, y_safe, y))
+
+    masked.drift = guard(terms.drift)
+    masked.diffusion = guard(terms.diffusion) if terms.diffusion is not None else None
+    return masked
+
+
+def _solve_segment(c: _Ctx, y: Tensor, a: float, b: float, first: bool, terms: Terms | None = None) -> Solution:
+    terms = c.terms if terms is None else terms
     times = torch.tensor([a, b], dtype=torch.float64, device=c.save_times.device)
     counts = c.initial_counts if first else (0, 0)
     f0 = None
     if c.solver.fsal:
         # always from this segment's y (a recomputation starts from a fresh leaf); the first
         # segment's evaluation was already counted by solve()
-        f0 = c.terms.drift(times[0].expand(y.shape[0]), y)
+        f0 = terms.drift(times[0].expand(y.shape[0]), y)
         if not first:
             counts = (counts[0] + 1, counts[1])
-    return integrate(c.terms, c.solver, y, times, c.dt_initial, c.options, c.tree, f0=f0, initial_counts=counts,
+    return integrate(terms, c.solver, y, times, c.dt_initial, c.options, c.tree, f0=f0, initial_counts=counts,
                      observer=c.observer)
 
 
@@ -579,9 +639,11 @@ def _interpolating_backward(c: _Ctx, states: Tensor, bounds: Tensor, index: Tens
     adj = grad_bounds[-1].clone()
     gp = torch.zeros_like(_flat_params(params, states))
     for k in range(bounds.numel() - 2, -1, -1):
+        terms = _masked_terms(c.terms, _dead_samples(c, adj), c.prob.y0.detach())
         with torch.enable_grad():
             y_start = states[k].detach().requires_grad_(True)
-            y_end = _solve_segment(c, y_start, float(bounds[k]), float(bounds[k + 1]), first=(k == 0)).ys[-1]
+            y_end = _solve_segment(c, y_start, float(bounds[k]), float(bounds[k + 1]), first=(k == 0),
+                                   terms=terms).ys[-1]
             # retain_graph: a closure's tensor computed outside the solve (w = 2 * p) is part of
             # every segment's graph
             grads = torch.autograd.grad(y_end, [y_start, *params], grad_outputs=adj, allow_unused=True,
@@ -706,6 +768,7 @@ def _backsolve_backward(c: _Ctx, ys: Tensor, grad_ys: Tensor) -> tuple[Tensor, T
         a_time, b_time = times[k - 1], times[k]
         if sensealg.checkpointing:
             y = torch.where(valid[k].reshape((-1,) + (1,) * (y.ndim - 1)), ys[k], y)
+        field.terms = _masked_terms(c.terms, _dead_samples(c, adj), ys[0])
         state_t = tree.evaluate_scalar(b_time, levy=False) if tree is not None else None
         if not adaptive:
             grid = fixed_grid(a_time, b_time, dt)
@@ -744,8 +807,6 @@ def _backsolve_backward(c: _Ctx, ys: Tensor, grad_ys: Tensor) -> tuple[Tensor, T
                     factor = max(factor, 1.0)
                 h = max(abs(h_step) * factor, c.options.dtmin)
         adj = adj + grad_ys[k - 1]
-        if math.isnan(float(adj.sum())):
-            adj = torch.nan_to_num(adj)
     return adj, gp
 
 

@@ -27,6 +27,14 @@ from .solvers.base import AbstractSolver
 QOLD_INIT = 1e-4
 
 
+def layout_free_pow(x: Tensor, b: float) -> Tensor:
+    """``x ** b`` for ``x >= 0`` (``(B,)``), as ``exp(b log x)``: ``torch.pow`` rounds
+    differently in its vectorised blocks and its scalar tail (AVX-512), so a sample's step
+    size would depend on the batch length; ``exp``/``log`` are the same in both (tested in
+    ``tests/test_batch_invariance.py``).  ``0 -> 0``, ``inf -> inf``, NaN stays NaN (``b > 0``)."""
+    return torch.exp(b * torch.log(x))
+
+
 def scaled_error_norm(error: Tensor, y0: Tensor, y1: Tensor, atol: float, rtol: float) -> Tensor:
     """RMS over the state of ``error / (atol + rtol * max(|y0|, |y1|))``: ``(B, ...) -> (B,)``."""
     scale = atol + rtol * torch.maximum(y0.abs(), y1.abs())
@@ -58,8 +66,8 @@ class PIController:
 
         ``err`` may hold ``inf`` for a non-finite step: that sample shrinks by ``qmin``.
         """
-        q11 = torch.pow(err, self.beta1)
-        q = q11 / torch.pow(qold, self.beta2)
+        q11 = layout_free_pow(err, self.beta1)
+        q = q11 / layout_free_pow(qold, self.beta2)
         q = torch.clamp(q / self.gamma, 1 / self.qmax, 1 / self.qmin)
         q = torch.where(torch.isnan(q), torch.full_like(q, 1 / self.qmin), q)
         dt_accept = dt / q
@@ -114,7 +122,8 @@ def sde_initial_dt(
         dt1 = torch.where(
             m <= 1e-15,
             torch.maximum(small, dt0 * 1e-3),
-            torch.pow(10.0, -(2.0 + torch.log10(m.clamp_min(1e-300))) / order),
+            # 10^(-(2 + log10 m) / order) = exp(-(log 100 + log m) / order): layout-free
+            torch.exp(-(math.log(100.0) + torch.log(m.clamp_min(1e-300))) / order),
         )
         dt = torch.minimum(torch.minimum(100 * dt0, dt1), torch.full_like(dt0, dtmax))
         dt = torch.where(torch.isfinite(dt) & (dt > 0), dt, small)

@@ -26,6 +26,7 @@ from .solvers.base import AbstractSolver
 SUCCESS = int(ReturnCode.Success)
 DEFAULT = int(ReturnCode.Default)
 CONVERGENCE_FAILURE = int(ReturnCode.ConvergenceFailure)
+TERMINATED = int(ReturnCode.Terminated)
 
 
 @dataclass
@@ -83,18 +84,20 @@ def _select(mask: Tensor, new: Any, old: Any) -> Any:
 
 def _masked_lanes(active: Tensor, t: Tensor, step_dt: Tensor, sign: float, t_start: Tensor,
                   t_end: Tensor) -> tuple[Tensor, Tensor]:
-    """Time and step magnitude the solver is called with (``(B,)`` float64 each).
+    """The signed step the solver is called with (``(B,)`` float64), per sample.
 
-    Active samples: ``(t, step_dt)``.  Finished or failed samples are still computed (masked,
-    their results discarded) but must keep the user's functions inside ``tspan``: they get a
-    step of at most the span's length that ends at or before ``t_end``, starting from their
-    held time moved back where needed (every stage time ``t + c dt``, ``0 <= c <= 1``, stays
-    inside the span).  The step is non-zero, so no ``0/0`` reaches a gradient.
+    Active samples: ``sign * step_dt``.  Finished or failed samples are still computed
+    (masked, their results discarded) but are held at their time ``t`` and must keep the
+    user's functions inside ``tspan``: their step points forwards if it fits before ``t_end``,
+    else backwards into the span (a sample that finished sits at ``t_end``), so every stage
+    time ``t + c dt`` with ``0 <= c <= 1`` stays inside.  The step is non-zero, so no ``0/0``
+    reaches a gradient.
     """
-    span = (t_end - t_start).abs()
-    h = torch.where((step_dt > 0) & (step_dt < span), step_dt, span)
-    start = torch.where(sign * (t_end - t) >= h, t, t_end - sign * h)
-    return torch.where(active, t, start), torch.where(active, step_dt, h)
+    ahead, behind = sign * (t_end - t), sign * (t - t_start)
+    h = torch.where(step_dt > 0, step_dt, ahead.abs() + behind.abs())
+    h = torch.minimum(h, torch.maximum(ahead, behind))
+    masked = torch.where(ahead >= h, h, -h)
+    return sign * torch.where(active, step_dt, masked)
 
 
 def _all_finite(x: Tensor) -> Tensor:
@@ -189,7 +192,9 @@ def integrate(
     # Fixed step: every active sample is at grid[i] at iteration i, so the Brownian tree is
     # queried once per step at a time shared by the batch (tree.evaluate_scalar: same numbers,
     # cached descent) and the loop stops right after the last step.
-    grid = _shared_grid(save_times, dt_initial, options) if tree is not None else None
+    # (events hook: an event that moves a sample back inside its step breaks the lockstep)
+    lockstep = getattr(observer, "lockstep", True)
+    grid = _shared_grid(save_times, dt_initial, options) if tree is not None and lockstep else None
     save_set = {float(x) for x in save_times} if grid is not None else set()
     if tree is None:
         tree_state = None
@@ -223,7 +228,7 @@ def integrate(
         step_dt = torch.where(hits, remaining, dt)
         t_new = torch.where(hits, target, t + sign * step_dt)
         t_new = torch.where(active, t_new, t)
-        t_eval, dt_eval = _masked_lanes(active, t, step_dt, sign, t_start, t_end)
+        dt_eval = _masked_lanes(active, t, step_dt, sign, t_start, t_end)
 
         if tree is not None:
             assert tree_state is not None
@@ -238,7 +243,7 @@ def integrate(
         else:
             new_tree_state, dw, levy = None, None, None
 
-        out = solver.step(terms, t_eval, y, (sign * dt_eval).to(dtype), dw, levy if solver.needs_levy_area else None, f0)
+        out = solver.step(terms, t, y, dt_eval.to(dtype), dw, levy if solver.needs_levy_area else None, f0)
         y1 = out.y1
         finite = _all_finite(y1)
         if controller is not None:
@@ -258,7 +263,7 @@ def integrate(
             rho = out.stiffness.detach().to(torch.float64)
             eigen_last = torch.where(accepted, rho, eigen_last if eigen_last is not None else torch.zeros_like(rho))
             eigen_max = torch.maximum(eigen_max, eigen_last) if eigen_max is not None else eigen_last
-        dt_factor = solver.after_step(accepted, active, torch.where(accepted, t_new, t), dt_eval, out)
+        dt_factor = solver.after_step(accepted, active, torch.where(accepted, t_new, t), dt_eval.abs(), out)
 
         nf = nf + active * out.nf
         ng = ng + active * out.ng
@@ -277,6 +282,13 @@ def integrate(
             )
         if solver.fsal and out.f1 is not None and f0 is not None:
             f0 = _select(accepted, out.f1, f0)
+        # --- events hook (diffeqbridge.events): may move samples back to an event time inside
+        # the step, change their state (f0 / Brownian state refreshed) and stop them; a cut
+        # step saves nothing (hits cleared)
+        stopped = None
+        if observer is not None and hasattr(observer, "after_merge"):
+            y, t, f0, tree_state, hits, stopped = observer.after_merge(
+                t_prev, y_prev, t, y, f0, tree_state, accepted, hits, out, f_prev, step_dt, tree)
 
         saved_now = accepted & hits
         slot = save_index.clamp(max=n_save - 1)
@@ -286,6 +298,9 @@ def integrate(
         finished = saved_now & (save_index >= n_save)
         retcodes = torch.where(finished, torch.full_like(retcodes, SUCCESS), retcodes)
         active = active & ~finished
+        if stopped is not None:  # events hook: a terminating event
+            retcodes = torch.where(stopped & active, torch.full_like(retcodes, TERMINATED), retcodes)
+            active = active & ~stopped
 
         if controller is not None:
             assert err is not None
