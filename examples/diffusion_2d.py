@@ -9,6 +9,7 @@ Model: an MLP ``eps_theta(x, t)`` trained by denoising score matching on the VP 
 then samples the trained network; the script prints NFE per sample, component weights and
 stds and the sliced Wasserstein distance to the data law, and writes ``--out`` (PNG).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,15 @@ class ScoreNet(nn.Module):
     def __init__(self, width: int = 128, n_freq: int = 8):
         super().__init__()
         self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(n_freq, dtype=torch.float32) / 2)
-        self.net = nn.Sequential(nn.Linear(2 + 2 * n_freq, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
-                                 nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 2))
+        self.net = nn.Sequential(
+            nn.Linear(2 + 2 * n_freq, width),
+            nn.SiLU(),
+            nn.Linear(width, width),
+            nn.SiLU(),
+            nn.Linear(width, width),
+            nn.SiLU(),
+            nn.Linear(width, 2),
+        )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         phase = t.to(x.dtype)[:, None] * self.freqs.to(x.dtype)
@@ -87,12 +95,18 @@ def main() -> None:
             continue
         x = sol.ys[-1].double()
         frac, stds = gm.component_stats(x)
-        r = {"method": method, "nfe": float(sol.stats.nf.double().mean()), "sw": dd.sliced_wasserstein(x, gm.sample(n, seed=2)),
-             "samples": x}
+        r = {
+            "method": method,
+            "nfe": float(sol.stats.nf.double().mean()),
+            "sw": dd.sliced_wasserstein(x, gm.sample(n, seed=2)),
+            "samples": x,
+        }
         results.append(r)
-        print(f"{method:<11} {r['nfe']:10.1f} {' '.join(f'{v:.2f}' for v in frac.tolist()):>16} "
-              f"{' '.join(f'{v:.2f}' for v in stds.tolist()):>16} {r['sw']:6.3f} {time.perf_counter() - begin:7.2f}")
-    plot(args.out, results, n, 1)
+        print(
+            f"{method:<11} {r['nfe']:10.1f} {' '.join(f'{v:.2f}' for v in frac.tolist()):>16} "
+            f"{' '.join(f'{v:.2f}' for v in stds.tolist()):>16} {r['sw']:6.3f} {time.perf_counter() - begin:7.2f}"
+        )
+    plot(args.out, results, n, 1, title=f"MLP eps-network trained {steps} steps, VP SDE")
     print(f"wrote {args.out}")
 
 

@@ -1,4 +1,5 @@
 """``python -m diffeqbridge diffusion-demo`` end to end (subprocess, small n)."""
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,14 @@ REPO = Path(__file__).resolve().parents[1]
 def test_diffusion_demo_runs_and_plots(tmp_path):
     png = tmp_path / "demo.png"
     env = dict(os.environ, MPLBACKEND="Agg", PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "diffeqbridge", "diffusion-demo", "--method", "ode", "--n", "400",
-                           "--plot", str(png)], capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffeqbridge", "diffusion-demo", "--method", "ode", "--n", "400", "--plot", str(png)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     row = next(line for line in proc.stdout.splitlines() if line.startswith("ode"))
     nfe, *rest = row.split()[1:]

@@ -1,9 +1,11 @@
 """dd.sample's engine-based samplers ("sde", "ode") on exact scores, backwards in time on the
 engine: closed-form flows, mixture statistics, no variance inflation from rejected steps,
 per-sample determinism, gradients (float64)."""
+
 from __future__ import annotations
 
-import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +13,9 @@ from torch import nn
 
 import diffeqbridge as deb
 from diffeqbridge import diffusion as dd
-from diffeqbridge.diffusion.common import per_sample_normal
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.diffusion_rejections import ggf_sampler  # noqa: E402 - the GGF reference sampler
 
 F64 = torch.float64
 MIX = ((0.5, 0.3, 0.2), ((-3.0, 0.0), (3.0, 0.0), (0.0, 3.0)), 0.5)
@@ -67,9 +71,10 @@ def test_parameterizations_give_identical_samples():
     sde, gm = dd.VPSDE(), _mixture()
     x_T = sde.prior_sample((8, 2), seed=2)
     for method, alg in (("ode", deb.Tsit5()), ("sde", deb.EM())):
-        outs = [dd.sample(gm.score_model(sde, p), sde, x_T, method=method, parameterization=p, seed=3, alg=alg,
-                          steps=40).ys[-1]
-                for p in dd.PARAMETERIZATIONS]
+        outs = [
+            dd.sample(gm.score_model(sde, p), sde, x_T, method=method, parameterization=p, seed=3, alg=alg, steps=40).ys[-1]
+            for p in dd.PARAMETERIZATIONS
+        ]
         for out in outs[1:]:
             torch.testing.assert_close(out, outs[0], rtol=1e-8, atol=1e-8)
 
@@ -88,6 +93,21 @@ def test_sde_mixture_statistics():
     assert bool((sol.stats.nf > 0).all())
 
 
+@pytest.mark.parametrize("sde", [dd.VESDE(), dd.SubVPSDE()], ids=["ve", "subvp"])
+@pytest.mark.parametrize("method", ["sde", "ode", "pc"])
+def test_other_processes_sample_the_mixture(sde, method):
+    """VE and sub-VP (1000 samples): weights within 4 standard errors, stds 0.5 +- 0.05
+    (measured 0.48-0.52)."""
+    gm, n = _mixture(), 1000
+    options = {"steps": 200, "sigma_data": 0.5} if method == "pc" else {}
+    sol = dd.sample(gm.score_model(sde, "eps"), sde, sde.prior_sample((n, 2), seed=0), method=method, **options)
+    assert sol.success
+    frac, stds = gm.component_stats(sol.ys[-1])
+    se = torch.sqrt(gm.weights * (1 - gm.weights) / n)
+    assert bool(((frac - gm.weights).abs() < 4 * se).all()), frac
+    assert bool(((stds - 0.5).abs() < 0.05).all()), stds
+
+
 def test_per_sample_results_independent_of_batch():
     """Adaptive per-sample steps and the per-sample Brownian tree: sample i of a batch of 12 is
     sample i of a batch of 5 (same seed), whatever the other samples do."""
@@ -101,47 +121,6 @@ def test_per_sample_results_independent_of_batch():
 
 
 # ---------------------------------------------------------------------- rejected steps
-def _ggf_sampler(score, sde, x_T, t_end, eps_abs, eps_rel, tree=None, seed=0, max_iter=20000):
-    """The adaptive reverse-SDE sampler of Jolicoeur-Martineau et al. 2021 ("Gotta Go Fast",
-    Algorithm 1: EM proposal, improved-Euler estimate, per-sample step, theta = 0.9, r = 0.9),
-    vectorised with per-sample times.  Noise: ``tree=None`` draws a fresh z after every
-    rejection (as published); with a Brownian tree, a rejected step re-queries the same path."""
-    x, prev = x_T.clone(), x_T.clone()
-    batch = x.shape[0]
-    t = torch.full((batch,), sde.T, dtype=F64)
-    h = torch.full((batch,), 0.01, dtype=F64)
-    active = torch.ones(batch, dtype=torch.bool)
-    nfe = torch.zeros(batch, dtype=torch.long)
-
-    def reverse_drift(x, t):
-        return sde.drift(t, x) - sde.g2(t)[:, None] * score(x, t)
-
-    for it in range(max_iter):
-        if not bool(active.any()):
-            break
-        h = torch.minimum(h, t - t_end)
-        s = t - h
-        if tree is None:
-            dw = h.sqrt()[:, None] * per_sample_normal(tuple(x.shape), seed, 1000 + it)
-        else:
-            dw, _ = tree(s, t)
-        g_t, g_s = sde.g2(t).sqrt()[:, None], sde.g2(s).sqrt()[:, None]
-        x1 = x - h[:, None] * reverse_drift(x, t) + g_t * dw
-        x2 = x - h[:, None] * reverse_drift(x1, s) + g_s * dw
-        x_new = 0.5 * (x1 + x2)
-        delta = torch.maximum(torch.full_like(x1, eps_abs), eps_rel * torch.maximum(x1.abs(), prev.abs()))
-        err = ((x1 - x_new) / delta).square().mean(dim=1).sqrt()
-        accept = active & (err <= 1)
-        nfe += 2 * active
-        x = torch.where(accept[:, None], x_new, x)
-        prev = torch.where(accept[:, None], x1, prev)
-        t = torch.where(accept, s, t)
-        done = accept & (t <= t_end * (1 + 1e-12))
-        active = active & ~done
-        h = torch.where(active, 0.9 * h * err.clamp_min(1e-10) ** -0.9, h)
-    return x, nfe
-
-
 def test_rejections_add_no_bias_unlike_redraws():
     """The same adaptive controller (GGF's) on the 2-D mixture (component std 0.5) at two
     tolerances (measured, 1500 samples, eps_rel 0.02/0.05/0.1: redraw 0.58-0.65, fixed path
@@ -154,9 +133,9 @@ def test_rejections_add_no_bias_unlike_redraws():
     score = gm.score_model(sde, "score")
     redraw_stds, fixed_stds = [], []
     for eps_rel in (0.02, 0.1):
-        x_r, _ = _ggf_sampler(score, sde, x_T, t_end, 0.0078, eps_rel, seed=1)
+        x_r, _ = ggf_sampler(score, sde, x_T, t_end, 0.0078, eps_rel, seed=1)
         tree = deb.VirtualBrownianTree(t_end, sde.T, (n, 2), seed=1)
-        x_f, _ = _ggf_sampler(score, sde, x_T, t_end, 0.0078, eps_rel, tree=tree)
+        x_f, _ = ggf_sampler(score, sde, x_T, t_end, 0.0078, eps_rel, tree=tree)
         redraw_stds.append(gm.component_stats(x_r)[1])
         fixed_stds.append(gm.component_stats(x_f)[1])
     redraw, fixed = torch.stack(redraw_stds), torch.stack(fixed_stds)
@@ -168,8 +147,9 @@ def test_rejections_add_no_bias_unlike_redraws():
 
 
 # ---------------------------------------------------------------------- gradients
-@pytest.mark.parametrize("sensealg", [None, deb.InterpolatingAdjoint(), deb.BacksolveAdjoint()],
-                         ids=["default", "interpolating", "backsolve"])
+@pytest.mark.parametrize(
+    "sensealg", [None, deb.InterpolatingAdjoint(), deb.BacksolveAdjoint()], ids=["default", "interpolating", "backsolve"]
+)
 def test_ode_gradients_analytic(sensealg):
     """d x_end / d x_T and d x_end / d mu of the Gaussian's affine flow, analytically."""
     sde = dd.VPSDE()
@@ -183,7 +163,11 @@ def test_ode_gradients_analytic(sensealg):
     torch.testing.assert_close(gmu, (4 * dmu).reshape(1), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("sensealg", [None, deb.InterpolatingAdjoint(checkpoints=4)], ids=["default", "interpolating"])
+@pytest.mark.parametrize(
+    "sensealg",
+    [None, deb.InterpolatingAdjoint(checkpoints=4), deb.DiscreteAdjoint(checkpoints=4)],
+    ids=["default", "interpolating", "discrete_checkpointed"],
+)
 def test_sde_gradients_vs_finite_differences(sensealg):
     """Reverse SDE with EM on a fixed grid (the path is a fixed Brownian path): gradients with
     respect to x_T and the model's mean against central differences on the same path."""
@@ -207,6 +191,23 @@ def test_sde_gradients_vs_finite_differences(sensealg):
     torch.testing.assert_close(gmu, fd_mu.reshape(1), rtol=1e-6, atol=1e-8)
 
 
+def test_sde_backsolve_adjoint_is_consistent():
+    """The continuous stochastic adjoint (BacksolveAdjoint) on the reverse SDE agrees with the
+    exact discrete gradient to O(dt): measured 1.2e-4 (x_T, where the flow contracts to 1e-3)
+    and 0.2% (the mean) at 256 EM steps."""
+    sde = dd.VPSDE()
+    model = GaussianEps(sde)
+    x_T = sde.prior_sample((3, 1), seed=4)
+    grads = []
+    for sensealg in (None, deb.BacksolveAdjoint()):
+        x = x_T.clone().requires_grad_(True)
+        sol = dd.sample(model, sde, x, method="sde", alg=deb.EM(), steps=256, seed=2, sensealg=sensealg)
+        grads.append(torch.autograd.grad(sol.ys[-1].sum(), [x, model.mu]))
+    (dx, dmu), (bx, bmu) = grads
+    assert float((bx - dx).abs().max()) < 3e-4
+    assert abs(float(bmu / dmu) - 1) < 5e-3
+
+
 def test_guidance_conditioning_gradient():
     """CFG conditioning requires grad: the "ode" sample differentiates w.r.t. it (vs FD)."""
     sde = dd.VPSDE()
@@ -221,8 +222,7 @@ def test_guidance_conditioning_gradient():
 
     def run(c):
         cfg = dd.ClassifierFreeGuidance(cond_model, c, None, scale=2.0)
-        return dd.sample(cfg, sde, x_T, method="ode", atol=1e-9, rtol=1e-9,
-                         sensealg=deb.InterpolatingAdjoint()).ys[-1].sum()
+        return dd.sample(cfg, sde, x_T, method="ode", atol=1e-9, rtol=1e-9, sensealg=deb.InterpolatingAdjoint()).ys[-1].sum()
 
     (g,) = torch.autograd.grad(run(cond), cond)
     with torch.no_grad():
@@ -256,3 +256,57 @@ def test_model_sees_times_inside_span_only():
         seen.clear()
         dd.sample(model, sde, x_T, method=method, steps=20 if method == "pc" else None, t_end=0.01)
         assert min(s[0] for s in seen) >= 0.01 - 1e-15 and max(s[1] for s in seen) <= 1.0
+
+
+def test_jax_model_samples_and_gradients():
+    """dd.from_jax: the Gaussian's eps-model written in JAX samples and differentiates as the
+    torch one (x_T and the mean, through the JAX VJP)."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    jax.config.update("jax_enable_x64", True)
+    sde = dd.VPSDE()
+    b0, b1 = sde.beta_min, sde.beta_max
+
+    def eps(x, t, p):
+        alpha = jnp.exp(-0.25 * t**2 * (b1 - b0) - 0.5 * t * b0)
+        sigma = jnp.sqrt(1 - alpha**2)
+        var = alpha**2 * 0.4**2 + sigma**2
+        return -sigma[:, None] * (alpha[:, None] * p["mu"] - x) / var[:, None]
+
+    jmodel = dd.from_jax(eps, {"mu": jnp.array([0.7])})
+    tmodel = GaussianEps(sde)
+    x_T = sde.prior_sample((4, 1), seed=3)
+    outs = []
+    for model, param in ((jmodel, jmodel.theta), (tmodel, tmodel.mu)):
+        x = x_T.clone().requires_grad_(True)
+        sol = dd.sample(model, sde, x, method="ode", atol=1e-8, rtol=1e-8, sensealg=deb.InterpolatingAdjoint())
+        outs.append((sol.ys[-1].detach(), *torch.autograd.grad(sol.ys[-1].sum(), [x, param])))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert float(jmodel.params(outs[0][2])["mu"][0]) == pytest.approx(float(outs[1][2][0]), rel=1e-10)
+
+
+def test_log_likelihood_gradients_vs_finite_differences():
+    """Maximum-likelihood training needs d logp / d theta: through the augmented flow (the
+    exact trace's VJPs with create_graph) against central differences, for the data points
+    and the model's mean."""
+    sde = dd.VPSDE()
+    model = GaussianEps(sde)
+    x0 = torch.tensor([[0.3], [1.1], [-0.2]], dtype=F64)
+    x = x0.clone().requires_grad_(True)
+    logp, _ = dd.log_likelihood(model, sde, x, atol=1e-8, rtol=1e-8)
+    gx, gmu = torch.autograd.grad(logp.sum(), [x, model.mu])
+
+    def total(points, mu=0.7):
+        with torch.no_grad():
+            model.mu.fill_(mu)
+            out = dd.log_likelihood(model, sde, points, atol=1e-8, rtol=1e-8)[0]
+            model.mu.fill_(0.7)
+        return out
+
+    eps = 1e-5
+    fd_x = (total(x0 + eps) - total(x0 - eps)) / (2 * eps)  # per-sample: logp_i depends on x_i only
+    fd_mu = (total(x0, 0.7 + eps).sum() - total(x0, 0.7 - eps).sum()) / (2 * eps)
+    torch.testing.assert_close(gx.flatten(), fd_x, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gmu, fd_mu.reshape(1), rtol=1e-5, atol=1e-6)

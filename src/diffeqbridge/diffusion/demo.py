@@ -8,6 +8,7 @@ the sliced 2-Wasserstein distance to an equally large exact sample (its noise fl
 samples -- what independent exact samples give, mostly from the component counts -- is
 printed as the ``exact`` row's range).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,12 +50,18 @@ def run_method(method: str, n: int, seed: int, **kwargs: Any) -> dict[str, Any]:
     x = sol.ys[-1]
     frac, stds = gm.component_stats(x)
     return {
-        "method": method, "nfe": float(sol.stats.nf.double().mean()), "weights": frac.tolist(), "stds": stds.tolist(),
-        "sw": sliced_wasserstein(x, gm.sample(n, seed=seed + 1)), "wall_s": wall, "success": sol.success, "samples": x,
+        "method": method,
+        "nfe": float(sol.stats.nf.double().mean()),
+        "weights": frac.tolist(),
+        "stds": stds.tolist(),
+        "sw": sliced_wasserstein(x, gm.sample(n, seed=seed + 1)),
+        "wall_s": wall,
+        "success": sol.success,
+        "samples": x,
     }
 
 
-def plot(path: str, results: list[dict[str, Any]], n: int, seed: int) -> None:
+def plot(path: str, results: list[dict[str, Any]], n: int, seed: int, title: str = "exact 2-D mixture score, VP SDE") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,7 +79,7 @@ def plot(path: str, results: list[dict[str, Any]], n: int, seed: int) -> None:
         ax.set_xlim(-5, 5)
         ax.set_ylim(-2.5, 5)
         ax.set_aspect("equal")
-    fig.suptitle("samples (blue) vs the exact law (grey): exact 2-D mixture score, VP SDE", fontsize=10)
+    fig.suptitle(f"samples (blue) vs the exact law (grey): {title}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -82,12 +89,15 @@ def run_demo(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, args.threads))
     methods = list(DEMO_METHODS) if args.method == "all" else [args.method]
     gm = demo_mixture()
-    floors = [sliced_wasserstein(gm.sample(args.n, seed=args.seed + 1), gm.sample(args.n, seed=args.seed + 2 + k))
-              for k in range(5)]
+    floors = [
+        sliced_wasserstein(gm.sample(args.n, seed=args.seed + 1), gm.sample(args.n, seed=args.seed + 2 + k)) for k in range(5)
+    ]
     print(f"exact 2-D mixture score (weights {WEIGHTS}, means {MEANS}, std {STD}), VP SDE, n = {args.n}")
     print(f"{'method':<11} {'NFE/sample':>10} {'weights':>20} {'stds':>20} {'SW':>7} {'wall s':>7}")
-    print(f"{'exact':<11} {'-':>10} {'0.50 0.30 0.20':>20} {'0.50 0.50 0.50':>20} "
-          f"{min(floors):.2f}-{max(floors):.2f}  (SW of 5 exact samples of the same size: the noise floor)")
+    print(
+        f"{'exact':<11} {'-':>10} {'0.50 0.30 0.20':>20} {'0.50 0.50 0.50':>20} "
+        f"{min(floors):.2f}-{max(floors):.2f}  (SW of 5 exact samples of the same size: the noise floor)"
+    )
     results = []
     for method in methods:
         try:
@@ -109,7 +119,8 @@ def run_demo(args: argparse.Namespace) -> int:
 def add_parser(sub: Any) -> None:
     """Register ``diffusion-demo`` on the CLI's subparsers."""
     demo = sub.add_parser(
-        "diffusion-demo", help="sample an exact 2-D Gaussian-mixture score with every diffusion sampler",
+        "diffusion-demo",
+        help="sample an exact 2-D Gaussian-mixture score with every diffusion sampler",
         description="Sample the VP SDE's exact 2-D Gaussian-mixture score (weights 0.5/0.3/0.2, means "
         "(-3,0), (3,0), (0,3), std 0.5) with each method; print NFE per sample, component weights/stds "
         "and the sliced Wasserstein distance to the exact law.",
