@@ -43,7 +43,7 @@ from hypothesis import strategies as st
 import diffeqbridge as deb
 from diffeqbridge.solvers.base import AbstractSolver
 
-CI_CASES_PER_SOLVER = 12
+CI_CASES_PER_SOLVER = 10
 LONG_CASES_PER_SOLVER = 460  # 22 solvers: ~10^4 cases
 
 #: the stated accuracy multiples: |y - exact| <= ACCURACY[kind] * reference error (measured
