@@ -11,3 +11,8 @@ here also makes tests that save/restore the thread count restore 1, never 2.
 import torch
 
 torch.set_num_threads(1)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-long", action="store_true", default=False,
+                     help="tests/test_fuzz.py: ~10^4 generated cases (default: a few hundred, derandomized)")

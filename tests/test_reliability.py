@@ -181,7 +181,10 @@ def test_rodas4_parameter_gradient_matches_finite_differences():
 # ------------------------------------------------ 6. step sizes independent of the batch
 def test_sub_batch_takes_the_same_steps():
     y0 = torch.linspace(0.5, 2.0, 37, dtype=F64).reshape(37, 1)
-    prob = lambda y: deb.SDEProblem(lambda t, y: -y, lambda t, y: 0.3 * y, y, noise="diagonal")  # noqa: E731
+
+    def prob(y):
+        return deb.SDEProblem(lambda t, y: -y, lambda t, y: 0.3 * y, y, noise="diagonal")
+
     full = deb.solve(prob(y0), deb.SOSRI(), atol=1e-2, rtol=1e-2, seed=1)
     bm = deb.VirtualBrownianTree(0.0, 1.0, (37, 1), seed=1)
     assert torch.equal(full.ys, deb.solve(prob(y0), deb.SOSRI(), atol=1e-2, rtol=1e-2, brownian=bm).ys)
@@ -196,7 +199,7 @@ def test_newton_tolerances_follow_the_solve_and_the_dtype():
     opts = NewtonOptions()
     assert newton_tolerances(opts, F64, (1e-6, 1e-4)) == pytest.approx((1e-8, 1e-6))
     assert newton_tolerances(opts, F64, None) == (1e-10, 1e-8)  # fixed step
-    atol, rtol = newton_tolerances(opts, F32, None)
+    _, rtol = newton_tolerances(opts, F32, None)
     assert rtol == pytest.approx(50 * torch.finfo(F32).eps)  # 1e-8 is below float32's resolution
     assert newton_tolerances(NewtonOptions(atol=1e-3, rtol=1e-3), F64, (1e-6, 1e-6)) == (1e-3, 1e-3)
 

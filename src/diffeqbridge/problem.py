@@ -206,7 +206,8 @@ class Terms:
         user_diffusion = getattr(problem, "diffusion", None)
         span = (min(problem.tspan), max(problem.tspan))
         self.drift: VectorField = _field("drift" if problem.is_sde else "f", problem.drift, lambda y: y.shape, span)
-        extra = (int(problem.noise_dim),) if problem.noise == "general" else ()  # type: ignore[arg-type]
+        noise_dim = getattr(problem, "noise_dim", None)
+        extra: tuple[int, ...] = (int(noise_dim),) if problem.noise == "general" and noise_dim is not None else ()
         self.diffusion: VectorField | None = (
             None if user_diffusion is None else _field("diffusion", user_diffusion, lambda y: (*y.shape, *extra), span)
         )
