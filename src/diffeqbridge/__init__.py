@@ -5,7 +5,7 @@ Public names only; see DESIGN.md for the contract.
 from .adjoint import BacksolveAdjoint, DiscreteAdjoint, InterpolatingAdjoint
 from . import julia  # light: julia_status etc.; juliacall is imported only on use
 from .brownian import VirtualBrownianTree
-from . import interpolation
+from . import interpolation, noise
 from .cde import NeuralCDE
 from .latent import LatentSDE
 from .neural import NeuralODE, NeuralSDE
@@ -44,7 +44,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SDEProblem", "ODEProblem", "solve", "Solution", "ReturnCode", "Stats", "VirtualBrownianTree",
     "DiscreteAdjoint", "BacksolveAdjoint", "InterpolatingAdjoint", "NeuralSDE", "NeuralODE",
-    "LatentSDE", "NeuralCDE", "interpolation",
+    "LatentSDE", "NeuralCDE", "interpolation", "noise",
     "Regularization",
     "EM", "EulerHeun", "RKMil", "LambaEM", "LambaEulerHeun", "SRIW1", "SOSRI", "SRA1", "SOSRA", "Tsit5", "Dopri5",
     "ImplicitEM", "ImplicitRKMil", "ISSEM", "SKenCarp", "SROCK1", "Rodas4", "Kvaerno5",
