@@ -11,3 +11,16 @@ here also makes tests that save/restore the thread count restore 1, never 2.
 import torch
 
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def float64_default():
+    """float64 as the default dtype for one test (``pytestmark = pytest.mark.usefixtures("float64_default")``),
+    restored afterwards so other modules' float32 tests are unaffected."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)

@@ -11,7 +11,7 @@ from torch import nn
 import diffeqbridge as deb
 from diffeqbridge.latent import elbo, gaussian_kl
 
-torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 class Linear(nn.Module):

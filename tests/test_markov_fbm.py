@@ -14,7 +14,7 @@ import torch
 import diffeqbridge as deb
 from diffeqbridge.noise import MarkovFBM, fractional_ou_log_evidence, regularized_gammainc, simulate_fractional_ou
 
-torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def test_incomplete_gamma_matches_torch():

@@ -10,7 +10,7 @@ import diffeqbridge as deb
 from diffeqbridge import interpolation as interp
 
 torchcde = pytest.importorskip("torchcde")
-torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 B, L, C, H = 4, 7, 3, 5
 
@@ -136,18 +136,20 @@ def _loss(zs: torch.Tensor) -> torch.Tensor:
     return (zs[-1] ** 2).sum() + zs[3].sum()
 
 
-Z0 = torch.linspace(-1, 1, B * H).reshape(B, H)
+Z0 = torch.linspace(-1, 1, B * H, dtype=torch.float64).reshape(B, H)
 
 
 @pytest.fixture(scope="module")
 def torchcde_reference():
     """torchcde's dopri5 (tolerance 1e-10) solution and gradients, once per interpolation kind."""
-    out = {}
+    out, old = {}, torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # module scope: runs before the per-test fixture
     for kind in ("linear", "cubic"):
         t, _, Xr = _controls(kind)
         func, z0 = Func(), Z0.clone().requires_grad_(True)
         zs = torchcde.cdeint(X=Xr, func=TorchcdeFunc(func), z0=z0, t=t, method="dopri5", **TOL).transpose(0, 1)
         out[kind] = (zs.detach(), torch.autograd.grad(_loss(zs), [z0, *func.parameters()]))
+    torch.set_default_dtype(old)
     return out
 
 
