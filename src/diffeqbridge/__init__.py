@@ -7,6 +7,8 @@ from . import distributed, julia  # light: julia_status etc.; juliacall is impor
 from .brownian import VirtualBrownianTree
 from .ensemble import Collect, EnsembleProblem, EnsembleSolution, Moments, Quantiles, Reduction, solve_ensemble
 from .events import ContinuousEvent, DiscreteEvent
+from . import interpolation, noise
+from .cde import NeuralCDE
 from .latent import LatentSDE
 from .neural import NeuralODE, NeuralSDE
 from .problem import ODEProblem, SDEProblem
@@ -46,7 +48,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SDEProblem", "ODEProblem", "solve", "Solution", "ReturnCode", "Stats", "VirtualBrownianTree",
     "DiscreteAdjoint", "BacksolveAdjoint", "InterpolatingAdjoint", "NeuralSDE", "NeuralODE",
-    "LatentSDE",
+    "LatentSDE", "NeuralCDE", "interpolation", "noise",
     "Regularization",
     "ContinuousEvent", "DiscreteEvent",
     "EnsembleProblem", "EnsembleSolution", "solve_ensemble", "Reduction", "Moments", "Quantiles", "Collect",
