@@ -495,8 +495,13 @@ def choose(device: torch.device, padded: int = 0) -> str:
         if mode == "fused":
             raise RuntimeError(f"{ENV_VAR}=fused but the CPU kernel could not be compiled")
         return "eager"
-    if device.type == "cuda" and (padded, device.type) not in _failed:
+    # CUDA: the Triton kernel from torch.compile is opt-in (DIFFEQBRIDGE_TREE_KERNEL=fused) until
+    # it has been measured on a GPU (compile time per depth, speed, no host syncs)
+    if device.type == "cuda" and mode == "fused" and (padded, device.type) not in _failed:
         return "compile"
+    if device.type == "cuda" and mode == "auto":
+        _announce(f"VirtualBrownianTree: eager path on cuda (the compiled Triton kernel is opt-in: {ENV_VAR}=fused)")
+        return "eager"
     if mode == "fused":
         raise RuntimeError(f"{ENV_VAR}=fused: no fused kernel for device {device}")
     _announce(f"VirtualBrownianTree: eager path on {device.type} (no fused kernel for this device)")
