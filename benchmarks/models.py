@@ -11,7 +11,7 @@ training step = forward (paths + path KL as an extra state) + backward of
 * torchsde: ``sdeint(..., method="euler_heun", logqp=True)`` and ``sdeint_adjoint(...,
   adjoint_method="euler_heun", logqp=True)`` with a fresh ``BrownianInterval`` per call.
 
-Neural CDE (Kidger et al. 2020; torchcde): 64 irregular observations of 4 channels (time one
+Neural CDE (Kidger et al. 2020; torchcde): 32 irregular observations of 4 channels (time one
 of them) with 10% missing values, cubic Hermite control with backward differences, hidden 32,
 vector field MLP 32 -> 64 -> 32·4 (tanh), batch 256 (quick 64, tiny 8), float32, adaptive
 ``atol = rtol = 1e-3``: ours ``deb.NeuralCDE`` with Tsit5 (per-sample steps) vs torchcde's
@@ -35,7 +35,7 @@ except ImportError:
 
 NAME = "models"
 LATENT, WIDTH, STEPS = 8, 64, 50
-CDE_LEN, CDE_CH, CDE_HIDDEN = 64, 4, 32
+CDE_LEN, CDE_CH, CDE_HIDDEN = 32, 4, 32
 
 
 def _mlp(sizes: list[int], act, last=None):
