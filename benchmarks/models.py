@@ -23,6 +23,7 @@ evaluations per sample (ours from ``stats``; torchcde counted by a wrapper, whol
 """
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ def _mlp(sizes: list[int], act, last=None):
     from torch import nn
 
     layers: list[Any] = []
-    for a, b in zip(sizes[:-1], sizes[1:]):
+    for a, b in itertools.pairwise(sizes):
         layers += [nn.Linear(a, b), act()]
     layers = layers[:-1] + ([last()] if last else [])
     return nn.Sequential(*layers)
@@ -190,8 +191,8 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None) -> di
                           "threads": threads},
                "notes": ["seconds: one training step (forward + backward), median over interleaved repeats.",
                          "ours_over_peer_time: ours / the like-for-like peer (< 1: ours faster).",
-                         "nfe_forward: ours, vector-field evaluations per sample (mean; own steps per sample); "
-                         "torchcde, forward calls of the vector field on the whole batch (one step size)."],
+                         ("nfe_forward: ours, vector-field evaluations per sample (mean; own steps per sample); "
+                          "torchcde, forward calls of the vector field on the whole batch (one step size).")],
                "results": rows}
     out = Path(out)
     doc = H.write_json(out / f"{NAME}.json", NAME, payload)

@@ -65,7 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    n_train, n_test, epochs, batch = (64, 64, 2, 32) if args.quick else (256, 256, 30, 32)
+    n_train, n_test, epochs, batch = (64, 64, 2, 32) if args.quick else (256, 256, 10, 32)
     hidden = 16
     data = {}
     for name, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
