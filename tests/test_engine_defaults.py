@@ -59,3 +59,22 @@ def test_dtmin_still_stops_a_sample_that_cannot_progress():
     sol = deb.solve(deb.ODEProblem(f, y0, (0.0, 1.0)), deb.Tsit5(), atol=1e-12, rtol=1e-12, dtmin=1e-6)
     assert int(sol.retcodes[0]) == int(deb.ReturnCode.DtLessThanMin)
     assert int(sol.retcodes[1]) == int(deb.ReturnCode.Success)
+
+
+def test_solvers_receive_float64_time_for_float32_states():
+    """Time is not quantized to the state's dtype inside the engine (issue 15 item 3): at
+    t0 = 1e9 a float32 time has a spacing of 64, float64 one of 1.2e-7."""
+    seen: list[torch.Tensor] = []
+
+    class Recording(deb.Tsit5):
+        def step(self, terms, t, y, dt, dw, levy_h, f0=None):
+            seen.append(t.clone())
+            return super().step(terms, t, y, dt, dw, levy_h, f0)
+
+    y0 = torch.ones(3, 1, dtype=torch.float32)
+    sol = deb.solve(deb.ODEProblem(lambda t, y: -y, y0, (1e9, 1e9 + 1.0)), Recording(), atol=1e-5, rtol=1e-5)
+    assert sol.success and sol.ys.dtype == torch.float32
+    assert all(t.dtype == torch.float64 for t in seen)
+    times = torch.stack(seen)[:, 0] - 1e9
+    assert float(times.max()) < 1.0 and len(set(times.tolist())) > 5  # sub-unit times, not multiples of 64
+    assert abs(float(sol.ys[-1, 0, 0]) - 0.36787944) < 1e-4
