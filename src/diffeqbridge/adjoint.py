@@ -677,13 +677,17 @@ def _backsolve_backward(c: _Ctx, ys: Tensor, grad_ys: Tensor) -> tuple[Tensor, T
         state_s = tree.evaluate_scalar(s, levy=False)
         return tree._shape_out(state_t[0] - state_s[0]).to(ys.dtype), state_s
 
-    y = ys[-1].clone()
-    adj = grad_ys[-1].clone()
+    # a sample that did not succeed is left out of the backward (held at its finite initial
+    # state with a zero adjoint), so its NaN/Inf cannot reach the shared parameter gradient
+    ok = (c.stats[0].retcodes == int(ReturnCode.Success)) if c.stats else torch.ones_like(valid[0])
+    ok_b = ok.reshape((-1,) + (1,) * (ys.ndim - 2))
+    y = torch.where(ok_b, ys[-1], ys[0])
+    adj = torch.where(ok_b, grad_ys[-1], torch.zeros_like(grad_ys[-1]))
     gp = torch.zeros_like(_flat_params(c.theta, ys))
     for k in range(len(times) - 1, 0, -1):
         a_time, b_time = times[k - 1], times[k]
         if sensealg.checkpointing:
-            y = torch.where(valid[k].reshape((-1,) + (1,) * (y.ndim - 1)), ys[k], y)
+            y = torch.where((valid[k] & ok).reshape((-1,) + (1,) * (y.ndim - 1)), ys[k], y)
         state_t = tree.evaluate_scalar(b_time, levy=False) if tree is not None else None
         if not adaptive:
             grid = fixed_grid(a_time, b_time, dt)
@@ -721,9 +725,7 @@ def _backsolve_backward(c: _Ctx, ys: Tensor, grad_ys: Tensor) -> tuple[Tensor, T
                 if err <= 1.0 and hit:
                     factor = max(factor, 1.0)
                 h = max(abs(h_step) * factor, c.options.dtmin)
-        adj = adj + grad_ys[k - 1]
-        if math.isnan(float(adj.sum())):
-            adj = torch.nan_to_num(adj)
+        adj = adj + torch.where(ok_b, grad_ys[k - 1], torch.zeros_like(grad_ys[k - 1]))
     return adj, gp
 
 
