@@ -227,7 +227,8 @@ class Integrator:
         self.grid = _shared_grid(save_times, dt_initial, options) if tree is not None else None
         self.save_set = {float(x) for x in save_times} if self.grid is not None else set()
         self.dtmin = torch.tensor(options.dtmin, dtype=torch.float64, device=save_times.device)
-        self.growth_bound: Tensor | None = None
+        self.growth_bound: Tensor | None = None  # set by init, with lanes = arange(B)
+        self.lanes = torch.arange(0)
 
     def init(self, y0: Tensor, dt_initial: Tensor, f0: Tensor | None, initial_counts: tuple[int, int]) -> LoopState:
         batch, device, solver = y0.shape[0], y0.device, self.solver
@@ -245,6 +246,7 @@ class Integrator:
         carry = solver.initial_carry(self.terms, t, y0, f0) if solver.fsal else f0
         solver.begin(y0)
         self.growth_bound = GROWTH * (1.0 + y0.detach().abs().flatten(1).amax(dim=1))
+        self.lanes = torch.arange(batch, device=device)
         return LoopState(
             iteration=0, t=t, y=y0, dt=dt_initial.to(torch.float64),
             qold=torch.full((batch,), QOLD_INIT, dtype=torch.float64, device=device), carry=carry,
@@ -338,9 +340,9 @@ class Integrator:
             s.carry = _select(accepted, out.f1, s.carry)
         # --- save
         saved_now = accepted & hits
-        slot, samples = s.save_index.clamp(max=self.n_save - 1), torch.arange(s.y.shape[0], device=s.y.device)
+        slot, lanes = s.save_index.clamp(max=self.n_save - 1), self.lanes
         if grid is None or grid[s.iteration] in self.save_set:  # lockstep: nobody saves between save times
-            s.ys[slot, samples] = _select(saved_now, s.y, s.ys[slot, samples])
+            s.ys[slot, lanes] = _select(saved_now, s.y, s.ys[slot, lanes])
         s.save_index = s.save_index + saved_now
         # --- stop: finished, unstable, controller limits, max steps
         self._stop(s, accepted, rejected, saved_now & (s.save_index >= self.n_save), step_dt, err, hits, dt_factor,
