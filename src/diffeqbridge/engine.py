@@ -86,7 +86,7 @@ def _select(mask: Tensor, new: Any, old: Any) -> Any:
 
 
 def _masked_lanes(active: Tensor, t: Tensor, step_dt: Tensor, sign: float, t_start: Tensor,
-                  t_end: Tensor) -> tuple[Tensor, Tensor]:
+                  t_end: Tensor) -> Tensor:
     """The signed step the solver is called with (``(B,)`` float64), per sample.
 
     Active samples: ``sign * step_dt``.  Finished or failed samples are still computed
@@ -359,7 +359,7 @@ class Integrator:
             new = tree.evaluate_scalar(grid[s.iteration], levy=False)
             return new, tree._shape_out(new[0] - s.tree_state[0]).to(dtype), None
         new = tree.evaluate(t_new) if grid is None else tree.evaluate_scalar(grid[s.iteration])
-        dw, levy = tree.increment_from(s.t, s.tree_state, t_new, new)
+        dw, levy = tree.increment_from(s.t, s.tree_state, t_new, new)  # type: ignore[arg-type]
         return new, dw.to(dtype), levy.to(dtype)
 
     def _stats(self, s: LoopState, out: StepOutput, accepted: Tensor, rejected: Tensor) -> None:
