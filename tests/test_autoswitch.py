@@ -164,7 +164,8 @@ def test_alg_hints_stiff_choose_as_sciml():
     y = torch.ones(2, 3, dtype=torch.float64)
     f, g = (lambda t, y: -y), (lambda t, y: 0.1 * y)
     choose = lambda prob: type(deb.solve(prob, alg_hints=["stiff"], dt=0.1, adaptive=False).alg).__name__
-    assert choose(deb.SDEProblem(f, g, y, noise="additive")) == "SKenCarp"
+    additive = lambda t, y: 0.1 * torch.ones_like(y)  # noise="additive" is verified (issue 15)
+    assert choose(deb.SDEProblem(f, additive, y, noise="additive")) == "SKenCarp"
     assert choose(deb.SDEProblem(f, g, y)) == "ImplicitRKMil"
     assert choose(deb.SDEProblem(f, g, y, interpretation="stratonovich")) == "ImplicitRKMil"
     general = deb.SDEProblem(f, lambda t, y: 0.1 * y.unsqueeze(-1), y, noise="general", noise_dim=1)

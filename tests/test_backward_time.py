@@ -30,6 +30,7 @@ class Reflected(deb.VirtualBrownianTree):
         self.t0, self.t1 = -base.t1, -base.t0
         self.shape, self.dtype, self.device = base.shape, base.dtype, base.device
         self.batch_size, self.seed, self.tol, self.depth = base.batch_size, base.seed, base.tol, base.depth
+        self._padded = base._padded  # the fused path's compiled depth (increment_from dispatches on it)
 
     def evaluate(self, t):  # type: ignore[override]
         w, j = self.base.evaluate(-self._times(t))

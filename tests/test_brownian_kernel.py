@@ -10,6 +10,7 @@ node key would give O(1) differences).  Also: the torch source of the CUDA kerne
 here without compiling, including the depth padding), odd batch sizes, deep trees whose
 hash absorbs ``node >> 32``, ``sample_offset`` and the environment switch.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -49,8 +50,15 @@ def fused(monkeypatch):
     return _use("fused", monkeypatch)
 
 
-@pytest.mark.parametrize("shape, tol, span", [((1000, 1), 2.0**-20, (0.0, 1.0)), ((37, 3, 2), 1e-3, (-1.0, 2.5)),
-                                              ((130, 1), 2.0**-40, (0.0, 1.0)), ((5, 4), 1e-15, (0.0, 3.0))])
+@pytest.mark.parametrize(
+    "shape, tol, span",
+    [
+        ((1000, 1), 2.0**-20, (0.0, 1.0)),
+        ((37, 3, 2), 1e-3, (-1.0, 2.5)),
+        ((130, 1), 2.0**-40, (0.0, 1.0)),
+        ((5, 4), 1e-15, (0.0, 3.0)),
+    ],
+)
 def test_fused_matches_eager(fused, shape, tol, span):
     bm = deb.VirtualBrownianTree(*span, shape, seed=7, tol=tol)
     assert bm.kernel == "fused"
@@ -65,10 +73,9 @@ def test_torch_source_of_the_cuda_kernel_matches_eager(depth_tol):
     """``fused_point`` (what torch.compile fuses on CUDA), run op by op, padded depth included."""
     bm = deb.VirtualBrownianTree(0.0, 2.0, (50, 2), seed=8, tol=depth_tol)
     t = _times(50, seed=2, t1=2.0)
-    key0, key1, w_root, h_root, levels, level_keys, geometry, cell_key, wide = bm._fused_inputs(padded=True)
+    _, _, w_root, h_root, levels, level_keys, geometry, cell_key, wide = bm._fused_inputs(padded=True)
     assert levels.shape[0] == K.padded_depth(bm.depth) >= bm.depth
-    w, j = K.fused_point(t, bm._element_keys, w_root, h_root, levels, level_keys, geometry, levels.shape[0],
-                         cell_key, wide)
+    w, j = K.fused_point(t, bm._element_keys, w_root, h_root, levels, level_keys, geometry, levels.shape[0], cell_key, wide)
     _assert_close_paths(bm, t, w, j)
 
 
@@ -106,7 +113,7 @@ def test_increments_from_fused_and_eager_states_agree_in_float32_and_float64(fus
         dw, h = bm(s, t)
         dw_e, h_e = bm.increment_from(s, bm._evaluate_eager(s), t, bm._evaluate_eager(t))
         assert dw.dtype == h.dtype == dtype
-        tol = dict(rtol=0, atol=1e-13) if dtype == F64 else dict(rtol=0, atol=1e-6)
+        tol = {"rtol": 0, "atol": 1e-13 if dtype == F64 else 1e-6}
         torch.testing.assert_close(dw, dw_e, **tol)
         torch.testing.assert_close(h, h_e, **tol)
 
@@ -129,8 +136,7 @@ def test_solve_builds_its_tree_at_the_resolution_of_dtmin():
     assert solve_tol(0.0, 1.0, 1e-300) == 2.0**-52
     bm = deb.VirtualBrownianTree(0.0, 1.0, (8, 1), seed=3, tol=solve_tol(0.0, 1.0, 1e-3))
     assert bm.tol <= 1e-3 < 2 * bm.tol
-    prob = deb.SDEProblem(lambda t, y: -y, lambda t, y: 0.5 * torch.ones_like(y), torch.ones(8, 1, dtype=F64),
-                          (0.0, 1.0))
+    prob = deb.SDEProblem(lambda t, y: -y, lambda t, y: 0.5 * torch.ones_like(y), torch.ones(8, 1, dtype=F64), (0.0, 1.0))
     via_dtmin = deb.solve(prob, deb.EM(), dt=2.0**-6, seed=3, dtmin=1e-3).ys[-1]
     explicit = deb.solve(prob, deb.EM(), dt=2.0**-6, brownian=bm).ys[-1]
     default = deb.solve(prob, deb.EM(), dt=2.0**-6, seed=3).ys[-1]
@@ -138,3 +144,40 @@ def test_solve_builds_its_tree_at_the_resolution_of_dtmin():
     # the same path at the dt-grid's dyadic nodes (levels <= 10 are shared by both trees):
     # EM only reads W there, so the default (depth-20) tree gives the same solution
     torch.testing.assert_close(default, explicit, rtol=0, atol=1e-13)
+
+
+def test_per_sample_reuse_changes_no_bit(fused):
+    """Consecutive queries reuse each sample's cached top levels; the values must equal a
+    fresh tree's (no cache) for forward steps, rejected-step re-queries and jumps back."""
+    batch = 70  # not a multiple of the 8-lane blocks
+    g = torch.Generator().manual_seed(12)
+    cached = deb.VirtualBrownianTree(0.0, 1.0, (batch, 2), seed=13, tol=2.0**-16)
+    t = torch.zeros(batch, dtype=F64)
+    for step in range(40):
+        h = 10.0 ** (-3 * torch.rand(batch, generator=g, dtype=F64))  # 1e-3 .. 1 (clamped to t1)
+        t_new = t + h if step % 7 else t * torch.rand(batch, generator=g, dtype=F64)  # sometimes jump back
+        fresh = deb.VirtualBrownianTree(0.0, 1.0, (batch, 2), seed=13, tol=2.0**-16)
+        for a, b in zip(cached.evaluate(t_new), fresh.evaluate(t_new)):
+            assert torch.equal(a, b)
+        t = torch.where(torch.rand(batch, generator=g) < 0.8, t_new, t).clamp(max=1.0)  # 20 % "rejected"
+    assert cached._reuse is not None and cached._reuse.valid
+
+
+def test_without_a_c_compiler_the_eager_path_runs_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.delenv(K.ENV_VAR, raising=False)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing compiled before
+    K.c_library.cache_clear()
+    try:
+        bm = deb.VirtualBrownianTree(0.0, 1.0, (6, 2), seed=14)
+        with pytest.warns(RuntimeWarning, match="could not compile"):
+            assert bm.kernel == "eager"
+        t = _times(6, seed=8)
+        w, j = bm.evaluate(t)
+        w_ref, j_ref = bm._evaluate_eager(t)
+        assert torch.equal(w, w_ref) and torch.equal(j, j_ref)
+        monkeypatch.setenv(K.ENV_VAR, "fused")
+        with pytest.raises(RuntimeError, match="could not be compiled"):
+            bm.evaluate(t)
+    finally:
+        K.c_library.cache_clear()  # the next test builds (or finds) the real kernel again

@@ -1,5 +1,6 @@
 """diffeqbridge.diffusion core: forward processes, model adapters/guidance, the Gaussian-mixture
 oracle, the predictor-corrector sampler, likelihoods, validation (float64, closed forms)."""
+
 from __future__ import annotations
 
 import math
@@ -133,13 +134,14 @@ def test_oracle_score_is_gradient_of_marginal_log_prob():
     (grad,) = torch.autograd.grad(gm.marginal_log_prob(x, t, sde).sum(), x)
     torch.testing.assert_close(gm.marginal_score(x, t, sde), grad, rtol=1e-10, atol=1e-10)
     # t -> 0 is the data law
-    torch.testing.assert_close(gm.marginal_log_prob(x, dd.VESDE(sigma_min=1e-9).T * 0.0, dd.VESDE(sigma_min=1e-9)),
-                               gm.log_prob(x), rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(
+        gm.marginal_log_prob(x, dd.VESDE(sigma_min=1e-9).T * 0.0, dd.VESDE(sigma_min=1e-9)), gm.log_prob(x), rtol=1e-8, atol=1e-8
+    )
 
 
 def test_mixture_sampling_statistics():
     gm = _mixture()
-    x, comp = gm.sample(20000, seed=0, return_components=True)
+    x, comp = gm.sample_with_components(20000, seed=0)
     frac, stds = gm.component_stats(x)
     se = torch.sqrt(gm.weights * (1 - gm.weights) / 20000)
     assert bool(((frac - gm.weights).abs() < 4 * se).all())
@@ -152,6 +154,7 @@ def _conditional_model(calls):
         calls.append(x.shape[0])
         shift = torch.zeros_like(x) if c is None else c.to(x.dtype)
         return -x * (1 + t[:, None]) + shift
+
     return model
 
 
@@ -187,8 +190,7 @@ def test_pc_mixture_statistics_and_nfe():
     sde, gm = dd.VPSDE(), _mixture()
     n = 3000
     x_T = sde.prior_sample((n, 2), seed=0)
-    sol = dd.sample(gm.score_model(sde, "score"), sde, x_T, method="pc", parameterization="score", steps=100,
-                    sigma_data=0.5)
+    sol = dd.sample(gm.score_model(sde, "score"), sde, x_T, method="pc", parameterization="score", steps=100, sigma_data=0.5)
     assert sol.success and sol.ys.shape == (2, n, 2)
     assert bool((sol.stats.nf == 200).all())
     frac, stds = gm.component_stats(sol.ys[-1])
@@ -200,8 +202,10 @@ def test_pc_mixture_statistics_and_nfe():
 def test_pc_parameterizations_give_identical_samples_and_batch_independence():
     sde, gm = dd.VPSDE(), _mixture()
     x_T = sde.prior_sample((12, 2), seed=4)
-    outs = {p: dd.sample(gm.score_model(sde, p), sde, x_T, method="pc", parameterization=p, steps=20, seed=5).ys[-1]
-            for p in dd.PARAMETERIZATIONS}
+    outs = {
+        p: dd.sample(gm.score_model(sde, p), sde, x_T, method="pc", parameterization=p, steps=20, seed=5).ys[-1]
+        for p in dd.PARAMETERIZATIONS
+    }
     for p in dd.PARAMETERIZATIONS:
         torch.testing.assert_close(outs[p], outs["eps"], rtol=1e-9, atol=1e-9)
     part = dd.sample(gm.score_model(sde, "eps"), sde, x_T[:5], method="pc", steps=20, seed=5).ys[-1]
@@ -241,8 +245,18 @@ def test_log_likelihood_hutchinson_unbiased():
     for probe in ("rademacher", "gaussian"):
         spreads = []
         for n_probes in (1, 8):
-            est, _ = dd.log_likelihood(model, sde, x, parameterization="score", trace="hutchinson", probe=probe,
-                                       n_probes=n_probes, seed=1, atol=1e-6, rtol=1e-6)
+            est, _ = dd.log_likelihood(
+                model,
+                sde,
+                x,
+                parameterization="score",
+                trace="hutchinson",
+                probe=probe,
+                n_probes=n_probes,
+                seed=1,
+                atol=1e-6,
+                rtol=1e-6,
+            )
             err = est - exact
             se = float(err.std()) / math.sqrt(len(err))
             assert abs(float(err.mean())) < 4 * se + 1e-6, (probe, n_probes, float(err.mean()), se)
@@ -260,27 +274,30 @@ class _Counting:
         return -x
 
 
-@pytest.mark.parametrize("kwargs, error", [
-    (dict(method="nope"), ValueError),
-    (dict(x_T=torch.zeros(4, dtype=F64)), ValueError),
-    (dict(x_T=torch.zeros(4, 2, dtype=torch.int64)), TypeError),
-    (dict(x_T=torch.full((4, 2), float("nan"), dtype=F64)), ValueError),
-    (dict(x_T=[1.0, 2.0]), TypeError),
-    (dict(t_end=0.0), ValueError),
-    (dict(t_end=1.0), ValueError),
-    (dict(t_end=-1e-3), ValueError),
-    (dict(t_end="1e-3"), TypeError),
-    (dict(steps=0), ValueError),
-    (dict(steps=2.5), ValueError),
-    (dict(parameterization="noise"), ValueError),
-    (dict(seed=-1), ValueError),
-    (dict(atol=-1.0), ValueError),
-    (dict(method="pc", snr=-0.1), ValueError),
-    (dict(method="pc", n_corrector=-1), ValueError),
-    (dict(method="pc", step_size="global"), ValueError),
-    (dict(method="pc", alg=deb.EM()), ValueError),
-    (dict(sde="vp"), TypeError),
-])
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        (dict(method="nope"), ValueError),
+        (dict(x_T=torch.zeros(4, dtype=F64)), ValueError),
+        (dict(x_T=torch.zeros(4, 2, dtype=torch.int64)), TypeError),
+        (dict(x_T=torch.full((4, 2), float("nan"), dtype=F64)), ValueError),
+        (dict(x_T=[1.0, 2.0]), TypeError),
+        (dict(t_end=0.0), ValueError),
+        (dict(t_end=1.0), ValueError),
+        (dict(t_end=-1e-3), ValueError),
+        (dict(t_end="1e-3"), TypeError),
+        (dict(steps=0), ValueError),
+        (dict(steps=2.5), ValueError),
+        (dict(parameterization="noise"), ValueError),
+        (dict(seed=-1), ValueError),
+        (dict(atol=-1.0), ValueError),
+        (dict(method="pc", snr=-0.1), ValueError),
+        (dict(method="pc", n_corrector=-1), ValueError),
+        (dict(method="pc", step_size="global"), ValueError),
+        (dict(method="pc", alg=deb.EM()), ValueError),
+        (dict(sde="vp"), TypeError),
+    ],
+)
 def test_bad_input_rejected_before_first_model_call(kwargs, error):
     model = _Counting()
     args = dict(model=model, sde=dd.VPSDE(), x_T=torch.zeros(4, 2, dtype=F64))
@@ -292,6 +309,7 @@ def test_bad_input_rejected_before_first_model_call(kwargs, error):
 
 def test_module_dtype_mismatch_rejected():
     """An nn.Module model's parameter dtype is checked against x_T before it is called."""
+
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -299,6 +317,7 @@ def test_module_dtype_mismatch_rejected():
 
         def forward(self, x, t):
             raise AssertionError("called")
+
     with pytest.raises(TypeError, match="dtype"):
         dd.sample(Net(), dd.VPSDE(), torch.zeros(3, 2, dtype=F64), method="pc")
 

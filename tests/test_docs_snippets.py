@@ -5,6 +5,7 @@ working directory.  A block preceded by the line ``<!-- skip-snippet: reason -->
 run (for code that needs Julia, a GPU or a long run; say why).  Blocks fenced as anything
 other than ``python`` (bash, text, ...) are not run.
 """
+
 from __future__ import annotations
 
 import re
@@ -84,14 +85,37 @@ def test_markdown_python_blocks_run(path: Path, tmp_path: Path, monkeypatch: pyt
 
 
 def test_parser_finds_blocks_and_honours_skip_markers() -> None:
-    text = "\n".join([
-        "# t", "```python", "a = 1", "```", "", "<!-- skip-snippet: needs Julia -->", "",
-        "```python", "julia()", "```", "```bash", "ls", "```", "  ```py", "  b = a + 1", "  ```",
-        "````python", "s = '''", "```", "'''", "````",
-    ])
+    text = "\n".join(
+        [
+            "# t",
+            "```python",
+            "a = 1",
+            "```",
+            "",
+            "<!-- skip-snippet: needs Julia -->",
+            "",
+            "```python",
+            "julia()",
+            "```",
+            "```bash",
+            "ls",
+            "```",
+            "  ```py",
+            "  b = a + 1",
+            "  ```",
+            "````python",
+            "s = '''",
+            "```",
+            "'''",
+            "````",
+        ]
+    )
     got = parse_snippets(Path("x.md"), text)
     assert [(s.line, s.code, s.skipped) for s in got] == [
-        (2, "a = 1\n", False), (8, "julia()\n", True), (14, "b = a + 1\n", False), (17, "s = '''\n```\n'''\n", False),
+        (2, "a = 1\n", False),
+        (8, "julia()\n", True),
+        (14, "b = a + 1\n", False),
+        (17, "s = '''\n```\n'''\n", False),
     ]
 
 
@@ -111,7 +135,9 @@ def test_docs_solver_tables_are_current() -> None:
     page = (REPO / solver_table.PAGE).read_text(encoding="utf-8")
     for name, table in solver_table.generated_blocks().items():
         start, end = solver_table.markers(name)
-        assert f"{start}\n{table}\n{end}" in page, f"{solver_table.PAGE}: the {name!r} table is stale: run `python tools/solver_table.py --write`"
+        assert f"{start}\n{table}\n{end}" in page, (
+            f"{solver_table.PAGE}: the {name!r} table is stale: run `python tools/solver_table.py --write`"
+        )
 
 
 def test_mkdocs_include_hook_rewrites_repository_links() -> None:
@@ -121,7 +147,43 @@ def test_mkdocs_include_hook_rewrites_repository_links() -> None:
     finally:
         sys.path.remove(str(REPO / "tools"))
     text = "see [a](docs/guides/x.md), [b](BENCHMARKS.md#y), [c](README.md) and ![p](docs/bench/p.png)"
-    assert mkdocs_hooks.rewrite_links(text, 0) == "see [a](guides/x.md), [b](benchmarks.md#y), [c](index.md) and ![p](bench/p.png)"
+    assert (
+        mkdocs_hooks.rewrite_links(text, 0) == "see [a](guides/x.md), [b](benchmarks.md#y), [c](index.md) and ![p](bench/p.png)"
+    )
     assert mkdocs_hooks.rewrite_links("[a](docs/x.md)", 1) == "[a](../x.md)"
     page = mkdocs_hooks.expand("# Home\n<!-- include README.md -->\n", "index.md")
     assert "diffeqbridge" in page and "](docs/" not in page
+
+
+def test_mkdocs_include_code_keeps_the_marker_indent() -> None:
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import mkdocs_hooks
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    page = mkdocs_hooks.expand("??? note\n    <!-- include-code tools/mkdocs_hooks.py -->\n", "examples/x.md")
+    lines = page.splitlines()
+    assert lines[1] == "    ```python" and lines[-1] == "    ```"
+    assert all(not line or line.startswith("    ") for line in lines[1:])
+
+
+def test_mkdocs_include_drops_the_included_title_under_a_page_title() -> None:
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import mkdocs_hooks
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    titled = mkdocs_hooks.expand("# Benchmarks\n\nintro\n\n<!-- include BENCHMARKS.md -->\n", "benchmarks.md")
+    assert titled.count("\n# ") == 0 and titled.startswith("# Benchmarks")
+    bare = mkdocs_hooks.expand("<!-- include BENCHMARKS.md -->\n", "benchmarks.md")
+    assert bare.startswith("# ")
+
+
+def test_mkdocs_hook_drops_sphinx_roles_from_rendered_docstrings() -> None:
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import mkdocs_hooks
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    html = '<p>::</p>\n<p>see :class:<code>Stats</code> and :func:<code class="x">solve</code>; a: b</p>'
+    assert mkdocs_hooks.clean_sphinx_markup(html) == '<p>see <code>Stats</code> and <code class="x">solve</code>; a: b</p>'

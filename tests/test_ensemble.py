@@ -134,3 +134,21 @@ def test_two_process_gloo_run_equals_one_process_bit_for_bit(tmp_path):
                 assert torch.equal(got["result"][name][key], value), (name, key)
             else:
                 assert got["result"][name][key] == value, (name, key)
+
+
+def test_ensemble_with_terminating_events_reduces_event_times_and_states():
+    """y' = -k_i y, k_i = 1 + (i mod 4)/2, stopped at y = 1/2: the default output is the state at the
+    event (1/2), and an output_func of the event time gives the mean of log(2)/k_i."""
+    def prob_func(indices: torch.Tensor) -> deb.ODEProblem:
+        k = (1.0 + (indices % 4).to(torch.float64) / 2).unsqueeze(1)
+        return deb.ODEProblem(lambda t, y: -k * y, torch.ones(indices.shape[0], 1, dtype=torch.float64), (0.0, 5.0))
+
+    half = deb.ContinuousEvent(lambda t, y: y[:, 0] - 0.5)
+    kwargs = {"alg": deb.Tsit5(), "events": [half], "atol": 1e-10, "rtol": 1e-10}
+    states = deb.solve_ensemble(deb.EnsembleProblem(prob_func), 40, batch_size=12, **kwargs)
+    assert states.retcodes == {"Terminated": 40}
+    torch.testing.assert_close(states["mean"], torch.tensor([0.5], dtype=torch.float64), atol=1e-9, rtol=0)
+    times = deb.solve_ensemble(deb.EnsembleProblem(prob_func, output_func=lambda sol, idx: sol.events.t), 40,
+                               batch_size=12, **kwargs)
+    want = np.mean([np.log(2) / (1 + (i % 4) / 2) for i in range(40)])
+    assert abs(float(times["mean"]) - want) < 1e-8

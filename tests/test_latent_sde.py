@@ -11,16 +11,7 @@ from torch import nn
 import diffeqbridge as deb
 from diffeqbridge.latent import elbo, gaussian_kl
 
-
-
-@pytest.fixture(autouse=True)
-def _float64_default():
-    """float64 by default inside this module's tests only (a module-level
-    ``set_default_dtype`` would leak into every test collected after it)."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 class Linear(nn.Module):

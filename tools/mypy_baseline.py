@@ -8,6 +8,7 @@ The baseline (``tools/mypy_baseline.txt``) holds one ``path count`` line per fil
 The check fails when the total grows; it names the files whose count grew, and says when
 the total shrank (then run ``--update`` so the gain is kept).
 """
+
 from __future__ import annotations
 
 import argparse

@@ -3,14 +3,15 @@
 
 * ``solver-table``: one row per solver from its ``describe()`` (orders, noise types,
   interpretation, adaptivity, Lévy area);
-* ``noise-table``: for every noise type and interpretation, what ``alg=None`` and
-  ``alg_hints=["stiff"]`` pick (``deb.solve``'s own choice, computed here) and which
-  solvers accept such a problem, highest strong order first.
+* ``default-table``: for every noise type and interpretation, what ``alg=None`` (with and
+  without ``dt``) and ``alg_hints=["stiff"]`` pick — ``deb.solve``'s own choice, computed here;
+* ``noise-table``: which solvers accept such a problem, highest strong order first.
 
 ``python tools/solver_table.py`` prints them; ``--write`` replaces them in the page between
 their ``<!-- NAME:start ... -->`` / ``<!-- NAME:end -->`` markers
 (tests/test_docs_snippets.py checks the page is current).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,13 @@ from diffeqbridge.problem import SDEProblem
 from diffeqbridge.solve import default_algorithm
 
 NOISE_CASES = (
-    ("diagonal", "ito"), ("diagonal", "stratonovich"), ("scalar", "ito"), ("scalar", "stratonovich"),
-    ("additive", "ito"), ("general", "ito"), ("general", "stratonovich"),
+    ("diagonal", "ito"),
+    ("diagonal", "stratonovich"),
+    ("scalar", "ito"),
+    ("scalar", "stratonovich"),
+    ("additive", "ito"),
+    ("general", "ito"),
+    ("general", "stratonovich"),
 )
 
 
@@ -42,8 +48,15 @@ def _probe_problem(noise: str, interpretation: str) -> SDEProblem:
     """A 2-state problem of the given kind, only for asking ``solve`` what it would pick."""
     y0 = torch.zeros(1, 2, dtype=torch.float64)
     if noise == "general":
-        return SDEProblem(lambda t, y: y, lambda t, y: torch.zeros(1, 2, 3, dtype=y.dtype), y0, (0.0, 1.0),
-                          noise=noise, interpretation=interpretation, noise_dim=3)
+        return SDEProblem(
+            lambda t, y: y,
+            lambda t, y: torch.zeros(1, 2, 3, dtype=y.dtype),
+            y0,
+            (0.0, 1.0),
+            noise=noise,
+            interpretation=interpretation,
+            noise_dim=3,
+        )
     return SDEProblem(lambda t, y: y, lambda t, y: y, y0, (0.0, 1.0), noise=noise, interpretation=interpretation)
 
 
@@ -54,30 +67,48 @@ def _choice(prob: SDEProblem, **kwargs: object) -> str:
         return "—"
 
 
-def noise_table_markdown() -> str:
-    """Per noise type and interpretation: the automatic choices and the accepting solvers."""
-    sde_solvers = [cls for cls in _all_solvers() if cls.describe()["kind"] == "SDE"]
-    header = ("noise", "interpretation", "`alg=None`", "`alg=None, dt=...`", "`alg_hints=[\"stiff\"]`",
-              "adaptive solvers", "fixed-step solvers")
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _interp_label(noise: str, interp: str) -> str:
+    return "either" if noise == "additive" else interp
+
+
+def default_table_markdown() -> str:
+    """Per noise type and interpretation: what ``alg=None`` picks, with and without ``dt``, and with the stiff hint."""
+    header = ("noise", "interpretation", "`alg=None`", "`alg=None, dt=...`", '`alg_hints=["stiff"]`')
+    rows = []
     for noise, interp in NOISE_CASES:
         prob = _probe_problem(noise, interp)
-        fits = [c.describe() for c in sde_solvers if noise in c.describe()["noise"]
-                and (noise == "additive" or interp in c.describe()["interpretation"])]
-        fits.sort(key=lambda d: -float(d["strong_order"]))  # type: ignore[arg-type]
+        rows.append(
+            (noise, _interp_label(noise, interp), _choice(prob), _choice(prob, dt=0.01), _choice(prob, alg_hints=["stiff"]))
+        )
+    return _table(header, rows)
+
+
+def noise_table_markdown() -> str:
+    """Per noise type and interpretation: the solvers that accept it, highest strong order first."""
+    sde = [cls.describe() for cls in _all_solvers() if cls.describe()["kind"] == "SDE"]
+    sde.sort(key=lambda d: -float(d["strong_order"]))  # type: ignore[arg-type]  # stable: table order within an order
+    rows = []
+    for noise, interp in NOISE_CASES:
+        fits = [d for d in sde if noise in d["noise"] and (noise == "additive" or interp in d["interpretation"])]  # type: ignore[operator]
 
         def names(adaptive: bool, fits: list[dict[str, object]] = fits) -> str:
             return ", ".join(f"{d['name']} ({d['strong_order']:g})" for d in fits if d["adaptive"] is adaptive) or "—"
 
-        lines.append("| " + " | ".join((
-            noise, "either" if noise == "additive" else interp, _choice(prob), _choice(prob, dt=0.01),
-            _choice(prob, alg_hints=["stiff"]), names(True), names(False),
-        )) + " |")
-    return "\n".join(lines)
+        rows.append((noise, _interp_label(noise, interp), names(True), names(False)))
+    return _table(("noise", "interpretation", "adaptive solvers (strong order)", "fixed-step solvers (strong order)"), rows)
 
 
 def generated_blocks() -> dict[str, str]:
-    return {"solver-table": solver_table_markdown(), "noise-table": noise_table_markdown()}
+    return {
+        "default-table": default_table_markdown(),
+        "noise-table": noise_table_markdown(),
+        "solver-table": solver_table_markdown(),
+    }
 
 
 def write(page: Path) -> list[str]:

@@ -6,6 +6,9 @@ from .adjoint import BacksolveAdjoint, DiscreteAdjoint, InterpolatingAdjoint
 from . import distributed, julia  # light: julia_status etc.; juliacall is imported only on use
 from .brownian import VirtualBrownianTree
 from .ensemble import Collect, EnsembleProblem, EnsembleSolution, Moments, Quantiles, Reduction, solve_ensemble
+from .events import ContinuousEvent, DiscreteEvent
+from . import interpolation, noise
+from .cde import NeuralCDE
 from .latent import LatentSDE
 from .neural import NeuralODE, NeuralSDE
 from .problem import ODEProblem, SDEProblem
@@ -45,8 +48,9 @@ __version__ = "0.1.0"
 __all__ = [
     "SDEProblem", "ODEProblem", "solve", "Solution", "ReturnCode", "Stats", "VirtualBrownianTree",
     "DiscreteAdjoint", "BacksolveAdjoint", "InterpolatingAdjoint", "NeuralSDE", "NeuralODE",
-    "LatentSDE",
+    "LatentSDE", "NeuralCDE", "interpolation", "noise",
     "Regularization",
+    "ContinuousEvent", "DiscreteEvent",
     "EnsembleProblem", "EnsembleSolution", "solve_ensemble", "Reduction", "Moments", "Quantiles", "Collect",
     "EM", "EulerHeun", "RKMil", "LambaEM", "LambaEulerHeun", "SRIW1", "SOSRI", "SRA1", "SOSRA", "ShARK", "Tsit5", "Dopri5",
     "ImplicitEM", "ImplicitRKMil", "ISSEM", "SKenCarp", "SROCK1", "Rodas4", "Kvaerno5",

@@ -11,8 +11,16 @@
  *
  * Elements are processed in blocks, level-major inside a block, so that the loop over the
  * block's elements is a simple vectorisable loop.
+ *
+ * Per-sample reuse (optional: prev and cache non-NULL): the tree remembers each element's
+ * previous finest cell and its four running sums after every level.  The levels above the
+ * deepest common ancestor of the previous and the new cell (same node, same child) give the
+ * same sums, so a block starts at the shallowest level where one of its lanes leaves its
+ * previous path, from the cached sums: the same operations on the same values as a full
+ * descent, hence the same bits.
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #ifdef TREE_LIBMVEC /* glibc's vector math (libmvec) for the vectorised loops */
@@ -21,7 +29,7 @@ __attribute__((__simd__("notinbranch"))) extern double sin(double);
 __attribute__((__simd__("notinbranch"))) extern double cos(double);
 #endif
 
-#define BLOCK 64
+#define BLOCK 8 /* lanes per block: one AVX-512 vector of doubles */
 #define PHI32 0x9E3779B1u
 #define TWO_PI 6.283185307179586
 
@@ -50,7 +58,7 @@ static inline double unit(uint32_t word) {
 void tree_point(int64_t count, int64_t n, const double *t, const int32_t *key0, const int32_t *key1,
                 const double *w_root, const double *h_root, const double *levels, const int64_t *level_keys,
                 int64_t depth, const double *geometry, int64_t cell_key, int64_t wide,
-                double *w_out, double *j_out) {
+                double *w_out, double *j_out, uint64_t *prev, double *cache, int64_t cache_valid) {
     const double t0 = geometry[0], length = geometry[1], n_cells = geometry[2];
     const double w = geometry[3], w2 = geometry[4], w3 = geometry[5];
     for (int64_t start = 0; start < count; start += BLOCK) {
@@ -79,7 +87,22 @@ void tree_point(int64_t count, int64_t n, const double *t, const int32_t *key0, 
             wr[j] = w_root[e];
             hr[j] = h_root[e];
         }
-        for (int64_t k = 0; k < depth; k++) {
+        int64_t first = 0; /* the shallowest level a lane of this block must redraw */
+        if (cache != NULL && cache_valid) {
+            first = depth - 1; /* the deepest level is always redrawn: it gives the cell's (W, H) */
+            for (int64_t j = 0; j < m; j++) {
+                const uint64_t diff = cell[j] ^ prev[start + j];
+                const int64_t shared = diff == 0 ? depth : depth - (64 - __builtin_clzll(diff));
+                first = shared < first ? shared : first;
+            }
+            if (first > 0)
+                for (int64_t j = 0; j < m; j++)
+                    for (int c = 0; c < 4; c++) {
+                        const double v = cache[(start * depth + (first - 1) * BLOCK) * 4 + c * BLOCK + j];
+                        if (c == 0) c_h[j] = v; else if (c == 1) c_w[j] = v; else if (c == 2) c_l[j] = v; else c_j[j] = v;
+                    }
+        }
+        for (int64_t k = first; k < depth; k++) {
             const double *lv = levels + 7 * k;
             const double sq16 = lv[0], sq48 = lv[1], four_pow4 = lv[2], inv_pow4 = lv[3];
             const double two_pow2 = lv[4], inv_pow2 = lv[5], half_width = lv[6];
@@ -112,7 +135,18 @@ void tree_point(int64_t count, int64_t n, const double *t, const int32_t *key0, 
                 w_cell[j] = 0.5 * w_node + sign * (1.5 * levy + z); /* the child entered */
                 h_cell[j] = 0.25 * levy - 0.5 * z + sign * x;
             }
+            if (cache != NULL) {
+                double *row = cache + (start * depth + k * BLOCK) * 4; /* block-major: (block, level, 4, lane) */
+                for (int64_t j = 0; j < BLOCK; j++) {
+                    row[j] = c_h[j];
+                    row[BLOCK + j] = c_w[j];
+                    row[2 * BLOCK + j] = c_l[j];
+                    row[3 * BLOCK + j] = c_j[j];
+                }
+            }
         }
+        if (prev != NULL)
+            for (int64_t j = 0; j < m; j++) prev[start + j] = cell[j];
         for (int64_t j = 0; j < BLOCK; j++) key[j] = node_key(cell[j], (uint32_t)cell_key, (int)wide);
 #pragma omp simd
         for (int64_t j = 0; j < BLOCK; j++) {
@@ -143,5 +177,21 @@ void tree_point(int64_t count, int64_t n, const double *t, const int32_t *key0, 
             w_out[start + j] = w_res[j];
             j_out[start + j] = j_res[j];
         }
+    }
+}
+
+/* (dW, H) over [s, t] from two query results (W, J), per element: the operations of
+ * VirtualBrownianTree.increment_from.  H = (J(t) - J(s)) / h - W(s) - dW / 2, h = t - s. */
+void tree_increment(int64_t count, int64_t n, double t0, double t1, const double *s, const double *t,
+                    const double *w_s, const double *j_s, const double *w_t, const double *j_t,
+                    double *dw_out, double *h_out) {
+    for (int64_t e = 0; e < count; e++) {
+        double lo = s[e / n], hi = t[e / n];
+        lo = lo < t0 ? t0 : (lo > t1 ? t1 : lo);
+        hi = hi < t0 ? t0 : (hi > t1 ? t1 : hi);
+        const double h = hi - lo;
+        const double dw = w_t[e] - w_s[e];
+        dw_out[e] = dw;
+        h_out[e] = h != 0.0 ? (j_t[e] - j_s[e]) / h - w_s[e] - 0.5 * dw : 0.0;
     }
 }

@@ -1,24 +1,32 @@
-"""Elementwise pieces of the virtual Brownian tree, and its fused one-kernel descent.
+"""Elementwise pieces of the virtual Brownian tree, and its fused one-kernel descents.
 
-Everything here is plain elementwise tensor code, shared by the two paths of
+Everything here is plain elementwise code, shared by the paths of
 :class:`~diffeqbridge.brownian.VirtualBrownianTree`:
 
 * the *eager* path runs these functions op by op (the per-sample descent of ``evaluate``
   is vectorised over levels with cumulative sums there; the batch-shared descent of
   ``evaluate_scalar`` runs :func:`level_update` per level);
-* the *fused* path, :func:`fused_point`, unrolls the level recursion over a static depth
-  inside one ``torch.compile``'d function: inductor emits one kernel per query (C++/OpenMP
-  on CPU, Triton on CUDA) that keeps the hash, the normal draws and the bridge update of
-  every level in registers, with no ``(B, depth, N)`` intermediates.
+* on the CPU the *fused* path is ``_tree_kernel.c``: the same recursion per (sample,
+  element) in a SIMD loop, compiled once per machine with the system C compiler
+  (``$CC``, default ``cc``; cached under ``~/.cache/diffeqbridge``, ~1 s) and called
+  through ctypes, with per-sample reuse of the top levels;
+* on CUDA the fused path is :func:`fused_point`, the level recursion unrolled over a
+  static depth inside one ``torch.compile``'d function (Triton), no ``(B, depth, N)``
+  intermediates.  It is not used on the CPU: inductor needs minutes per depth there to
+  compile the unrolled graph (measured 95 s for 8 levels, 340 s for 20 on this project's
+  2-core machines) and its C++ kernel was 4-8x slower than the C kernel.
 
-Both paths perform the same float64 operations in the same order, so they agree up to the
-last bits of ``log``/``cos``/``sin``/``sqrt`` (vectorised vs scalar implementations) and of
-the compiler's floating-point contraction; the integer hash is bit-identical.
+All paths perform the same float64 operations in the same order (the C kernel is compiled
+with ``-ffp-contract=off``, multiplications by ``2^-k`` replace the divisions by ``2^k``
+everywhere), so they agree up to the last bits of ``log``/``cos``/``sin`` (glibc/libmvec,
+libdevice, SLEEF); the integer hash is bit-identical.
 
-Depth padding: a tree of depth ``d`` runs in the kernel compiled for ``D = 4 ceil(d/4)``
-levels; the ``D - d`` top levels get zero coefficients (:func:`level_table`), which makes
-them exact no-ops (``c + 0 == c``), so one compiled kernel serves four depths.
+Depth padding (``torch.compile`` path): a tree of depth ``d`` runs in the kernel compiled
+for ``D = 4 ceil(d/4)`` levels; the ``D - d`` top levels get zero coefficients
+(:func:`level_table`), which makes them exact no-ops (``c + 0 == c``), so one compiled
+kernel serves four depths.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -30,10 +38,11 @@ import os
 import platform
 import subprocess
 import tempfile
+import threading
 import types
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -98,7 +107,7 @@ def standard_normal_pair_split(word1: Tensor, word2: Tensor) -> tuple[Tensor, Te
     return radius * torch.cos(angle), radius * torch.sin(angle)
 
 
-def node_normals(element_keys: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
+def node_normals(element_keys: Tensor, key: Tensor | int) -> tuple[Tensor, Tensor]:
     """Standard normals of one node per sample: ``element_keys`` ``(2, B, N)`` int32,
     ``key`` int32 broadcasting against ``(B, N)`` -> two ``(B, N)`` float64."""
     return standard_normal_pair(fmix32_i32(element_keys ^ key))
@@ -115,11 +124,13 @@ LEVEL_COLUMNS = ("sq16", "sq48", "four_pow4", "inv_pow4", "two_pow2", "inv_pow2"
 def level_table(length: float, depth: int, padded: int) -> list[tuple[float, ...]]:
     """Per-level constants (:data:`LEVEL_COLUMNS`) of a tree of ``depth`` levels on an
     interval of ``length``, preceded by ``padded - depth`` all-zero no-op levels."""
-    rows = [(0.0,) * 7] * (padded - depth)
+    rows: list[tuple[float, ...]] = [(0.0,) * 7] * (padded - depth)
     for k in range(depth):
         width = length * 2.0**-k
         pow4, pow2 = 4.0**k, 2.0**k
-        rows.append((math.sqrt(width / 16.0), math.sqrt(width / 48.0), 4.0 * pow4, 1.0 / pow4, 2.0 * pow2, 1.0 / pow2, 0.5 * width))
+        rows.append(
+            (math.sqrt(width / 16.0), math.sqrt(width / 48.0), 4.0 * pow4, 1.0 / pow4, 2.0 * pow2, 1.0 / pow2, 0.5 * width)
+        )
     return rows
 
 
@@ -161,8 +172,9 @@ def level_update(
     return (c_h, c_w, c_l, c_j), (w_cell, h_cell)
 
 
-def bridge_w(r: Tensor, w: float | Tensor, w2: float | Tensor, w3: float | Tensor, w_cell: Tensor, h_cell: Tensor,
-             z1: Tensor) -> Tensor:
+def bridge_w(
+    r: Tensor, w: float | Tensor, w2: float | Tensor, w3: float | Tensor, w_cell: Tensor, h_cell: Tensor, z1: Tensor
+) -> Tensor:
     """The ``W`` half of :func:`bridge` (the same operations)."""
     q = w - r
     r2 = r * r
@@ -171,8 +183,9 @@ def bridge_w(r: Tensor, w: float | Tensor, w2: float | Tensor, w3: float | Tenso
     return mean_w + torch.sqrt(var_w) * z1
 
 
-def bridge(r: Tensor, w: float | Tensor, w2: float | Tensor, w3: float | Tensor, w_cell: Tensor, h_cell: Tensor,
-           z1: Tensor, z2: Tensor) -> tuple[Tensor, Tensor]:
+def bridge(
+    r: Tensor, w: float | Tensor, w2: float | Tensor, w3: float | Tensor, w_cell: Tensor, h_cell: Tensor, z1: Tensor, z2: Tensor
+) -> tuple[Tensor, Tensor]:
     """``(W, H)`` of ``[a, a + r]`` given ``(W, H)`` of the cell ``[a, a + w]`` (``w2 = w^2``,
     ``w3 = w^3``) and standard normals ``z1, z2``: exact Gaussian conditioning.
 
@@ -197,13 +210,26 @@ def locate(t: Tensor, t0: float | Tensor, length: float | Tensor, n_cells: float
     """Finest cell of times ``t`` ``(B,)`` (clamped to the interval) -> ``(cell int64 (B,),
     fraction of the cell float64 (B,))``."""
     position = ((t - t0) / length).clamp(0.0, 1.0) * n_cells
-    cell = torch.minimum(torch.floor(position), n_cells - 1.0) if isinstance(n_cells, Tensor) \
+    cell = (
+        torch.minimum(torch.floor(position), n_cells - 1.0)
+        if isinstance(n_cells, Tensor)
         else torch.floor(position).clamp(max=n_cells - 1)
+    )
     return cell.long(), position - cell
 
 
-def fused_point(t: Tensor, element_keys: Tensor, w_root: Tensor, h_root: Tensor, levels: Tensor, level_keys: Tensor,
-                geometry: Tensor, padded: int, cell_key: int, wide: bool) -> tuple[Tensor, Tensor]:
+def fused_point(
+    t: Tensor,
+    element_keys: Tensor,
+    w_root: Tensor,
+    h_root: Tensor,
+    levels: Tensor,
+    level_keys: Tensor,
+    geometry: Tensor,
+    padded: int,
+    cell_key: int,
+    wide: bool,
+) -> tuple[Tensor, Tensor]:
     """``(W(t), J(t))`` for per-sample times, the whole descent elementwise.
 
     Args:
@@ -248,7 +274,7 @@ def padded_depth(depth: int) -> int:
     return DEPTH_QUANTUM * math.ceil(depth / DEPTH_QUANTUM)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled(padded: int, device_type: str) -> Callable[..., tuple[Tensor, Tensor]]:
     """``torch.compile(fused_point)`` for one padded depth and device type.  Each gets its own
     code object, hence its own dynamo cache (no recompile-limit sharing between depths);
@@ -267,14 +293,26 @@ _C_FLAG_SETS = (
     ("-march=native", "-lm"),
     ("-lm",),
 )
-_C_ARGTYPES = (ctypes.c_int64, ctypes.c_int64) + (ctypes.c_void_p,) * 7 + (ctypes.c_int64, ctypes.c_void_p,
-                                                                           ctypes.c_int64, ctypes.c_int64,
-                                                                           ctypes.c_void_p, ctypes.c_void_p)
+_C_ARGTYPES = (
+    (ctypes.c_int64, ctypes.c_int64)
+    + (ctypes.c_void_p,) * 7
+    + (ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
+    + (ctypes.c_void_p,) * 4
+    + (ctypes.c_int64,)
+)
+REUSE_BUDGET_BYTES = 256 * 2**20  # per-sample reuse caches 4 float64 per level and element, up to this size
 
 
 def _cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/diffeqbridge`` (default ``~/.cache/diffeqbridge``), or a folder in
+    the temporary directory where that cannot be created (a read-only home)."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "diffeqbridge"
+    path = Path(root) / "diffeqbridge"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        path = Path(tempfile.gettempdir()) / f"diffeqbridge-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    return path
 
 
 def _cpu_tag() -> bytes:
@@ -305,37 +343,120 @@ def _compile_c(flags: tuple[str, ...]) -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=None)
-def c_kernel() -> Callable[..., None] | None:
-    """The compiled ``tree_point`` of ``_tree_kernel.c`` (ctypes), or None (with a one-time
-    warning) when no flag set compiles: then the CPU runs the eager path."""
+@functools.cache
+def c_library() -> ctypes.CDLL | None:
+    """The compiled ``_tree_kernel.c`` (ctypes), or None (with a one-time warning) when no
+    flag set compiles: then the CPU runs the eager path."""
     errors = []
     for flags in _C_FLAG_SETS:
         try:
-            fn = ctypes.CDLL(str(_compile_c(flags))).tree_point
+            lib = ctypes.CDLL(str(_compile_c(flags)))
         except (OSError, subprocess.SubprocessError) as exc:
-            detail = exc.stderr.decode(errors="replace").strip().splitlines()[:1] if isinstance(
-                exc, subprocess.CalledProcessError) and exc.stderr else [str(exc)]
+            detail = (
+                exc.stderr.decode(errors="replace").strip().splitlines()[:1]
+                if isinstance(exc, subprocess.CalledProcessError) and exc.stderr
+                else [str(exc)]
+            )
             errors.append(f"{' '.join(flags)}: {detail[0] if detail else type(exc).__name__}")
             continue
-        fn.argtypes, fn.restype = _C_ARGTYPES, None
+        lib.tree_point.argtypes, lib.tree_point.restype = _C_ARGTYPES, None
+        lib.tree_increment.argtypes = (ctypes.c_int64, ctypes.c_int64, ctypes.c_double, ctypes.c_double) + (ctypes.c_void_p,) * 8
+        lib.tree_increment.restype = None
         log.info("VirtualBrownianTree: fused C kernel on the CPU (%s)", " ".join(flags))
-        return fn
-    warnings.warn("VirtualBrownianTree: could not compile the fused CPU kernel (set CC to a C compiler); using "
-                  f"the slower eager path. {'; '.join(errors)}", RuntimeWarning, stacklevel=2)
+        return lib
+    warnings.warn(
+        "VirtualBrownianTree: could not compile the fused CPU kernel (set CC to a C compiler); using "
+        f"the slower eager path. {'; '.join(errors)}",
+        RuntimeWarning,
+        stacklevel=2,
+    )
     return None
 
 
-def run_c(kernel: Callable[..., None], t: Tensor, key0: Tensor, key1: Tensor, w_root: Tensor, h_root: Tensor,
-          levels: Tensor, level_keys: Tensor, geometry: Tensor, cell_key: int, wide: bool) -> tuple[Tensor, Tensor]:
+def c_kernel() -> Callable[..., None] | None:
+    """``tree_point`` of :func:`c_library` (None without one)."""
+    lib = c_library()
+    return None if lib is None else lib.tree_point
+
+
+def increment_c(
+    t0: float, t1: float, s: Tensor, t: Tensor, state_s: tuple[Tensor, Tensor], state_t: tuple[Tensor, Tensor]
+) -> tuple[Tensor, Tensor] | None:
+    """``(dW, H)`` of ``VirtualBrownianTree.increment_from`` in one C loop (the same
+    operations), or None when the inputs are not contiguous float64 CPU tensors."""
+    lib = c_library()
+    tensors = (s, t, *state_s, *state_t)
+    if lib is None or not all(
+        x.dtype == torch.float64 and x.device.type == "cpu" and x.is_contiguous() and not x.requires_grad for x in tensors
+    ):
+        return None
+    w_s = state_s[0]
+    if w_s.ndim != 2 or any(x.shape != w_s.shape for x in tensors[2:]):
+        return None
+    dw, levy = torch.empty_like(w_s), torch.empty_like(w_s)
+    lib.tree_increment(w_s.numel(), w_s.shape[1], t0, t1, *(x.data_ptr() for x in tensors), dw.data_ptr(), levy.data_ptr())
+    return dw, levy
+
+
+class ReuseCache:
+    """Per-sample reuse state of the C kernel: each element's previous finest cell ``(B*N,)``
+    and its running sums after every level ``(ceil(B*N/8), depth, 4, 8)``, valid after the first query.
+    Reuse changes no value (see ``_tree_kernel.c``); a lock keeps concurrent queries on one
+    tree from interleaving their updates."""
+
+    def __init__(self, depth: int, count: int):
+        self.prev = torch.zeros(count, dtype=torch.int64)
+        self.sums = torch.empty((-(-count // 8), depth, 4, 8), dtype=torch.float64)  # (block, level, sum, lane)
+        self.valid = False
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def affordable(depth: int, count: int) -> bool:
+        return depth * 4 * count * 8 <= REUSE_BUDGET_BYTES
+
+
+def run_c(
+    kernel: Callable[..., None],
+    t: Tensor,
+    key0: Tensor,
+    key1: Tensor,
+    w_root: Tensor,
+    h_root: Tensor,
+    levels: Tensor,
+    level_keys: Tensor,
+    geometry: Tensor,
+    cell_key: int,
+    wide: bool,
+    reuse: ReuseCache | None = None,
+) -> tuple[Tensor, Tensor]:
     """``(W(t), J(t))`` from the C kernel: the arguments of :func:`fused_point` unpadded
     (``levels`` ``(depth, 7)``, ``level_keys`` ``(depth,)``), all contiguous on the CPU,
-    the element keys as two ``(B, N)`` int32 tensors."""
+    the element keys as two ``(B, N)`` int32 tensors; ``reuse``: the per-sample cache."""
     w_out, j_out = torch.empty_like(w_root), torch.empty_like(w_root)
     t = t.contiguous()
-    kernel(w_root.numel(), w_root.shape[1], t.data_ptr(), key0.data_ptr(), key1.data_ptr(), w_root.data_ptr(),
-           h_root.data_ptr(), levels.data_ptr(), level_keys.data_ptr(), levels.shape[0], geometry.data_ptr(),
-           cell_key, int(wide), w_out.data_ptr(), j_out.data_ptr())
+    args = (
+        w_root.numel(),
+        w_root.shape[1],
+        t.data_ptr(),
+        key0.data_ptr(),
+        key1.data_ptr(),
+        w_root.data_ptr(),
+        h_root.data_ptr(),
+        levels.data_ptr(),
+        level_keys.data_ptr(),
+        levels.shape[0],
+        geometry.data_ptr(),
+        cell_key,
+        int(wide),
+        w_out.data_ptr(),
+        j_out.data_ptr(),
+    )
+    if reuse is None:
+        kernel(*args, None, None, 0)
+    else:
+        with reuse.lock:
+            kernel(*args, reuse.prev.data_ptr(), reuse.sums.data_ptr(), int(reuse.valid))
+            reuse.valid = True
     return w_out, j_out
 
 
@@ -351,6 +472,7 @@ def kernel_mode() -> str:
 
 
 _failed: set[tuple[int, str]] = set()
+_verified: set[tuple[int, str]] = set()
 _announced: set[str] = set()
 
 
@@ -360,9 +482,9 @@ def _announce(message: str) -> None:
         log.info(message)
 
 
-def choose(device: torch.device, padded: int) -> str:
+def choose(device: torch.device, padded: int = 0) -> str:
     """Which path a query on ``device`` takes: ``"c"`` (CPU), ``"compile"`` (CUDA: Triton
-    through ``torch.compile``) or ``"eager"``."""
+    through ``torch.compile``, for the padded depth ``padded``) or ``"eager"``."""
     mode = kernel_mode()
     if mode == "eager":
         _announce(f"VirtualBrownianTree: eager path ({ENV_VAR}=eager)")
@@ -373,26 +495,47 @@ def choose(device: torch.device, padded: int) -> str:
         if mode == "fused":
             raise RuntimeError(f"{ENV_VAR}=fused but the CPU kernel could not be compiled")
         return "eager"
-    if device.type == "cuda" and (padded, device.type) not in _failed:
+    # CUDA: the Triton kernel from torch.compile is opt-in (DIFFEQBRIDGE_TREE_KERNEL=fused) until
+    # it has been measured on a GPU (compile time per depth, speed, no host syncs)
+    if device.type == "cuda" and mode == "fused" and (padded, device.type) not in _failed:
         return "compile"
+    if device.type == "cuda" and mode == "auto":
+        _announce(f"VirtualBrownianTree: eager path on cuda (the compiled Triton kernel is opt-in: {ENV_VAR}=fused)")
+        return "eager"
     if mode == "fused":
         raise RuntimeError(f"{ENV_VAR}=fused: no fused kernel for device {device}")
     _announce(f"VirtualBrownianTree: eager path on {device.type} (no fused kernel for this device)")
     return "eager"
 
 
-def run_compiled(padded: int, device: torch.device, *args: object) -> tuple[Tensor, Tensor] | None:
-    """Run :func:`fused_point` through ``torch.compile``; ``None`` (and a one-time warning)
-    when compiling fails, after which this padded depth and device stay on the eager path."""
+def run_compiled(
+    padded: int, device: torch.device, eager: Callable[[], tuple[Tensor, Tensor]], *args: object
+) -> tuple[Tensor, Tensor]:
+    """Run :func:`fused_point` through ``torch.compile``.  The first result of each padded
+    depth and device is checked against the eager path (``eager()``, within 1e-12 of the
+    scale); a failure to compile or a mismatch sends this depth and device to the eager
+    path for good, with a one-time warning."""
+    key = (padded, device.type)
     try:
         out = _compiled(padded, device.type)(*args)
-    except Exception as exc:  # a missing compiler, an unsupported backend: fall back
+        if key not in _verified:
+            ref = eager()
+            scale = 1.0 + float(torch.stack([r.abs().max() for r in ref]).max())
+            error = float(torch.stack([(a - r).abs().max() for a, r in zip(out, ref)]).max())
+            if not error <= 1e-12 * scale:
+                raise RuntimeError(f"compiled kernel differs from the eager path by {error:.3g}")
+            _verified.add(key)
+    except Exception as exc:  # a missing compiler, an unsupported backend, a miscompilation: fall back
         if kernel_mode() == "fused":
             raise
-        _failed.add((padded, device.type))
+        _failed.add(key)
         first = str(exc).splitlines()[0] if str(exc) else ""
-        warnings.warn(f"VirtualBrownianTree: the fused kernel failed to compile on {device.type} "
-                      f"({type(exc).__name__}: {first}); using the eager path", RuntimeWarning, stacklevel=3)
-        return None
+        warnings.warn(
+            f"VirtualBrownianTree: the fused kernel failed on {device.type} "
+            f"({type(exc).__name__}: {first}); using the eager path",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return eager()
     _announce(f"VirtualBrownianTree: fused torch.compile kernel on {device.type}")
     return out

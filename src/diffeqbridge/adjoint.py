@@ -57,7 +57,9 @@ queries the same :class:`~diffeqbridge.VirtualBrownianTree`, so it sees identica
 """
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -333,15 +335,46 @@ def _leaf_tensors(outputs: list[Tensor]) -> list[Tensor]:
     return leaves
 
 
+class _Touched(torch.overrides.TorchFunctionMode):
+    """Records the ids of the tensors every torch function call receives (arguments only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: set[int] = set()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        leaves, _ = torch.utils._pytree.tree_flatten((args, kwargs or {}))
+        self.ids.update(id(x) for x in leaves if isinstance(x, Tensor))
+        return func(*args, **(kwargs or {}))
+
+
+def _warn_detached(params: list[Tensor], outs: list[Tensor], touched: set[int]) -> None:
+    """Warn about listed parameters the fields touched at ``(t0, y0)`` without autograd seeing
+    them (``p.detach()``, ``torch.no_grad()``): the adjoints would return zero gradients for
+    them without a word.  Parameters not touched at all (an encoder in the same module) are
+    not reported."""
+    in_graph = {id(x) for x in _leaf_tensors(outs)}
+    for i, p in enumerate(params):
+        if p.requires_grad and id(p) in touched and id(p) not in in_graph:
+            warnings.warn(
+                f"params[{i}] (shape {tuple(p.shape)}) is used by drift/diffusion at (t0, y0) but not through "
+                f"autograd (.detach() or torch.no_grad()?): its gradient from this solve will be zero",
+                UserWarning, stacklevel=6,
+            )
+
+
 def _probe_fields(prob: ODEProblem, terms: Terms) -> list[Tensor]:
     """Drift (and diffusion) evaluated once at ``(t0, y0.detach())`` with grad enabled, so
-    their autograd graphs show which leaf tensors they use."""
+    their autograd graphs show which leaf tensors they use (and :func:`_warn_detached` which
+    listed parameters they use outside autograd)."""
     t = torch.full((prob.batch_size,), prob.tspan[0], dtype=torch.float64, device=prob.y0.device)
     y = prob.y0.detach()
-    with torch.enable_grad():
+    touched = _Touched()
+    with torch.enable_grad(), touched:
         outs = [terms.drift(t, y)]
         if terms.diffusion is not None:
             outs.append(terms.diffusion(t, y))
+    _warn_detached(prob.params, outs, touched.ids)
     return outs
 
 
@@ -427,6 +460,32 @@ class _Ctx:
     @property
     def theta(self) -> list[Tensor]:
         return self.prob.params if self.params is None else self.params
+
+
+def _dead_samples(c: _Ctx, adj: Tensor) -> Tensor:
+    """``(B,)``: samples that failed in the forward solve and receive no gradient (``adj`` is
+    zero over their state) -- their NaN/Inf must not reach the shared parameters' gradient."""
+    assert c.stats is not None
+    failed = c.stats[0].retcodes != int(ReturnCode.Success)
+    return failed & (adj == 0).flatten(1).all(dim=1)
+
+
+def _masked_terms(terms: Terms, dead: Tensor, y_safe: Tensor) -> Terms:
+    """``terms`` whose fields see ``y_safe`` (finite, e.g. ``y0``) in place of the states of
+    the ``dead`` samples.  A dead sample's cotangent is zero, but a VJP through its NaN/Inf
+    state still gives ``0 * NaN = NaN`` in a parameter shared by the batch (``p * y * y``);
+    evaluating its fields at a finite state makes its contribution an exact zero."""
+    if not bool(dead.any()):
+        return terms
+    masked = copy.copy(terms)
+    keep = dead.reshape(dead.shape + (1,) * (y_safe.ndim - 1))
+
+    def guard(field: Any) -> Any:
+        return lambda t, y: field(t, torch.where(keep, y_safe, y))
+
+    masked.drift = guard(terms.drift)
+    masked.diffusion = guard(terms.diffusion) if terms.diffusion is not None else None
+    return masked
 
 
 # ------------------------------------------------------------------ the boundary
@@ -535,12 +594,16 @@ def _segmented_backward(c: _Ctx, loop: Integrator, snaps: list[LoopState], grad_
     adj_carry: list[Tensor] | None = None
     for k in range(len(snaps) - 1, -1, -1):
         snap = snaps[k]
+        # failed samples nobody differentiates see a finite state (their 0 * NaN would reach
+        # the shared parameters' gradient)
+        seen = grad_ys.abs().sum(0) + (adj_y.abs() if adj_y is not None else 0.0)
+        loop.terms = _masked_terms(c.terms, _dead_samples(c, seen), c.prob.y0.detach())
         stop = snaps[k + 1].iteration if k + 1 < len(snaps) else None
         with torch.enable_grad():
             y_start = snap.y.detach().requires_grad_(True)
             if k == 0:  # the carry is a function of y0 (FSAL f0 = drift(t0, y0), ReversibleHeun's z)
-                f0 = c.terms.drift(snap.t, y_start) if c.solver.fsal else None
-                carry = c.solver.initial_carry(c.terms, snap.t, y_start, f0) if c.solver.fsal else None
+                f0 = loop.terms.drift(snap.t, y_start) if c.solver.fsal else None
+                carry = c.solver.initial_carry(loop.terms, snap.t, y_start, f0) if c.solver.fsal else None
                 carry_leaves: list[Tensor] = []
             else:
                 carry, carry_leaves = _leaves(snap.carry)
@@ -677,17 +740,14 @@ def _backsolve_backward(c: _Ctx, ys: Tensor, grad_ys: Tensor) -> tuple[Tensor, T
         state_s = tree.evaluate_scalar(s, levy=False)
         return tree._shape_out(state_t[0] - state_s[0]).to(ys.dtype), state_s
 
-    # a sample that did not succeed is left out of the backward (held at its finite initial
-    # state with a zero adjoint), so its NaN/Inf cannot reach the shared parameter gradient
-    ok = (c.stats[0].retcodes == int(ReturnCode.Success)) if c.stats else torch.ones_like(valid[0])
-    ok_b = ok.reshape((-1,) + (1,) * (ys.ndim - 2))
-    y = torch.where(ok_b, ys[-1], ys[0])
-    adj = torch.where(ok_b, grad_ys[-1], torch.zeros_like(grad_ys[-1]))
+    y = ys[-1].clone()
+    adj = grad_ys[-1].clone()
     gp = torch.zeros_like(_flat_params(c.theta, ys))
     for k in range(len(times) - 1, 0, -1):
         a_time, b_time = times[k - 1], times[k]
         if sensealg.checkpointing:
-            y = torch.where((valid[k] & ok).reshape((-1,) + (1,) * (y.ndim - 1)), ys[k], y)
+            y = torch.where(valid[k].reshape((-1,) + (1,) * (y.ndim - 1)), ys[k], y)
+        field.terms = _masked_terms(c.terms, _dead_samples(c, adj), ys[0])
         state_t = tree.evaluate_scalar(b_time, levy=False) if tree is not None else None
         if not adaptive:
             grid = fixed_grid(a_time, b_time, dt)
@@ -725,7 +785,7 @@ def _backsolve_backward(c: _Ctx, ys: Tensor, grad_ys: Tensor) -> tuple[Tensor, T
                 if err <= 1.0 and hit:
                     factor = max(factor, 1.0)
                 h = max(abs(h_step) * factor, c.options.dtmin)
-        adj = adj + torch.where(ok_b, grad_ys[k - 1], torch.zeros_like(grad_ys[k - 1]))
+        adj = adj + grad_ys[k - 1]
     return adj, gp
 
 

@@ -30,6 +30,7 @@ CONVERGENCE_FAILURE = int(ReturnCode.ConvergenceFailure)
 UNSTABLE = int(ReturnCode.Unstable)
 #: a sample whose step underflows dtmin with ``max|y| > GROWTH (1 + max|y0|)`` is Unstable
 GROWTH = 1e6
+TERMINATED = int(ReturnCode.Terminated)
 
 
 @dataclass
@@ -224,7 +225,9 @@ class Integrator:
         # Fixed step: every active sample is at grid[i] at iteration i, so the Brownian tree is
         # queried once per step at a time shared by the batch (tree.evaluate_scalar: same
         # numbers, cached descent) and the loop stops right after the last step.
-        self.grid = _shared_grid(save_times, dt_initial, options) if tree is not None else None
+        # (events hook: an event that moves a sample back inside its step breaks the lockstep)
+        lockstep = getattr(observer, "lockstep", True)
+        self.grid = _shared_grid(save_times, dt_initial, options) if tree is not None and lockstep else None
         self.save_set = {float(x) for x in save_times} if self.grid is not None else set()
         self.dtmin = torch.tensor(options.dtmin, dtype=torch.float64, device=save_times.device)
         self.growth_bound: Tensor | None = None  # set by init, with lanes = arange(B)
@@ -338,6 +341,13 @@ class Integrator:
             s.tree_state = tuple(_select(accepted, a, b) for a, b in zip(new_tree_state, s.tree_state))
         if solver.fsal and out.f1 is not None and s.carry is not None:
             s.carry = _select(accepted, out.f1, s.carry)
+        # --- events hook (diffeqbridge.events): may move samples back to an event time inside
+        # the step, change their state (f0 / Brownian state refreshed) and stop them; a cut
+        # step saves nothing (hits cleared)
+        stopped = None
+        if self.observer is not None and hasattr(self.observer, "after_merge"):
+            s.y, s.t, s.carry, s.tree_state, hits, stopped = self.observer.after_merge(
+                t_prev, y_prev, s.t, s.y, s.carry, s.tree_state, accepted, hits, out, f_prev, dt_eval, self.tree)
         # --- save
         saved_now = accepted & hits
         slot, lanes = s.save_index.clamp(max=self.n_save - 1), self.lanes
@@ -345,8 +355,8 @@ class Integrator:
             s.ys[slot, lanes] = _select(saved_now, s.y, s.ys[slot, lanes])
         s.save_index = s.save_index + saved_now
         # --- stop: finished, unstable, controller limits, max steps
-        self._stop(s, accepted, rejected, saved_now & (s.save_index >= self.n_save), step_dt, err, hits, dt_factor,
-                   out)
+        self._stop(s, accepted, rejected, saved_now & (s.save_index >= self.n_save), stopped, step_dt, err, hits,
+                   dt_factor, out)
         if self.observer is not None:
             self.observer.observe(t_prev, y_prev, t_new, step_dt, out, accepted | rejected, accepted, s.dt, f_prev)
 
@@ -374,7 +384,8 @@ class Integrator:
         s.naccept = s.naccept + accepted
         s.nreject = s.nreject + rejected
 
-    def _stop(self, s: LoopState, accepted: Tensor, rejected: Tensor, finished: Tensor, step_dt: Tensor,
+    def _stop(self, s: LoopState, accepted: Tensor, rejected: Tensor, finished: Tensor, stopped: Tensor | None,
+              step_dt: Tensor,
               err: Tensor | None, hits: Tensor, dt_factor: Tensor | None, out: StepOutput) -> None:
         def end(mask: Tensor, code: int | Tensor) -> None:
             s.retcodes = torch.where(mask, torch.as_tensor(code, device=mask.device), s.retcodes)
@@ -384,6 +395,9 @@ class Integrator:
         # crawl towards DtLessThanMin (NaN/Inf proposals are rejected before they get here)
         y_size = s.y.detach().abs().flatten(1).amax(dim=1)
         end(finished, SUCCESS)
+        if stopped is not None:  # events hook: a terminating event (even at t1)
+            s.retcodes = torch.where(stopped, TERMINATED, s.retcodes)
+            s.active = s.active & ~stopped
         end(accepted & ~(y_size <= math.sqrt(torch.finfo(s.y.dtype).max)), UNSTABLE)
         newton_failed = s.active & ~out.converged if out.converged is not None else None
         if self.controller is not None:

@@ -16,7 +16,7 @@ SciML's ``EnsembleProblem(prob, prob_func, output_func, reduction)`` adapted to 
   sample_offset=k*batch_size)``: the Brownian tree of sample ``i`` is keyed by its global
   index, so every path equals, bit for bit, the path that sample has in one big batch.
 * ``output_func(sol, indices) -> Tensor (b, *out_shape)`` (default: the last saved state,
-  ``sol.ys[-1]``) is what is reduced.  Samples whose return code is not successful
+  ``sol.ys[-1]``, or the state at a terminating event) is what is reduced.  Samples whose return code is not successful
   (``Success``, or ``Terminated`` by an event) are left out of the reduction and counted in
   ``esol.retcodes``.
 * ``reduction``: a :class:`Reduction` (default :class:`Moments`), or a list/dict of them.  A
@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from .brownian import VirtualBrownianTree
-from .problem import ODEProblem
+from .problem import ODEProblem, SDEProblem
 from .solution import ReturnCode, Solution
 
 __all__ = ["Collect", "EnsembleProblem", "EnsembleSolution", "Moments", "Quantiles", "Reduction", "solve_ensemble"]
@@ -196,8 +196,13 @@ class Collect(Reduction):
 
 # ------------------------------------------------------------------ problem and solution
 def default_output(sol: Solution, indices: Tensor) -> Tensor:
-    """The last saved state of every sample, ``(b, *state_shape)``."""
-    return sol.ys[-1]
+    """The last state of every sample, ``(b, *state_shape)``: the last saved state, or for a
+    sample a terminating event stopped, its state at the event (``sol.events.y``)."""
+    last = sol.ys[-1]
+    if sol.events is None:
+        return last
+    stopped = sol.events.terminated.reshape(-1, *([1] * (last.ndim - 1)))
+    return torch.where(stopped, sol.events.y.to(last.dtype), last)
 
 
 @dataclass
@@ -293,8 +298,9 @@ def solve_batch(eprob: EnsembleProblem, start: int, stop: int, solve_kwargs: dic
         raise ValueError(f"prob_func returned a problem with {prob.batch_size} samples for {stop - start} indices")
     kwargs = dict(solve_kwargs)
     tol = kwargs.pop("brownian_tol", None)
-    if tol is not None and prob.is_sde:  # the tree solve() would make, with a coarser resolution
-        kwargs["brownian"] = VirtualBrownianTree(*prob.tspan, (prob.batch_size, *prob.noise_shape),
+    if tol is not None and isinstance(prob, SDEProblem):  # the tree solve() would make, coarser
+        lo, hi = sorted(prob.tspan)
+        kwargs["brownian"] = VirtualBrownianTree(lo, hi, (prob.batch_size, *prob.noise_shape),
                                                  seed=kwargs.pop("seed", 0), tol=tol, dtype=prob.y0.dtype,
                                                  device=prob.y0.device, sample_offset=start)
         sol = solve(prob, **kwargs)

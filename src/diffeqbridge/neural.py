@@ -34,8 +34,20 @@ def _caller(net: nn.Module, name: str) -> Any:
     except (TypeError, ValueError):
         takes_t = False
     if takes_t:
-        return lambda t, y: net(t, y)
+        # solve passes float64 time; a network gets it in the state's dtype (its weights')
+        return lambda t, y: net(t.to(y.dtype), y)
     return lambda t, y: net(y)
+
+
+def _check_dtype(module: nn.Module, y0: Any) -> None:
+    """A clear error for ``y0`` in another dtype than the networks' parameters (instead of
+    ``nn.Linear``'s "mat1 and mat2 must have the same dtype" from inside the solve)."""
+    if not isinstance(y0, Tensor):
+        raise TypeError(f"{type(module).__name__}.forward: y0 must be a tensor; got {type(y0).__name__}")
+    dtypes = sorted({str(p.dtype) for p in module.parameters() if p.is_floating_point()})
+    if dtypes and dtypes != [str(y0.dtype)]:
+        raise TypeError(f"{type(module).__name__}.forward: y0 has dtype {y0.dtype} but the networks' parameters are "
+                        f"{', '.join(dtypes)}; convert one of them (e.g. module.to({y0.dtype}) or y0.to(...))")
 
 
 class NeuralSDE(nn.Module):
@@ -83,6 +95,7 @@ class NeuralSDE(nn.Module):
         times = torch.as_tensor(ts, dtype=torch.float64).detach().flatten()
         if times.numel() < 2:
             raise ValueError("NeuralSDE.forward: ts needs at least two times (t0 and t1)")
+        _check_dtype(self, y0)
         prob = self.problem(y0, (float(times[0]), float(times[-1])))
         sol = solve(prob, self.alg, saveat=times, seed=seed, brownian=brownian,
                     sensealg=self.sensealg, regularize=self.regularize, **self.solve_kwargs)
@@ -108,6 +121,7 @@ class NeuralODE(nn.Module):
         times = torch.as_tensor(ts, dtype=torch.float64).detach().flatten()
         if times.numel() < 2:
             raise ValueError("NeuralODE.forward: ts needs at least two times (t0 and t1)")
+        _check_dtype(self, y0)
         prob = ODEProblem(self._f, y0, (float(times[0]), float(times[-1])), params=self)
         sol = solve(prob, self.alg, saveat=times, sensealg=self.sensealg, regularize=self.regularize,
                     **self.solve_kwargs)

@@ -23,7 +23,9 @@ dense Jacobian.
 
 Convergence is per sample: a sample has converged when the RMS of its scaled residual
 ``(z - base - gh f(t1, z)) / (atol + rtol |z|)`` or of its scaled update ``dz / (...)`` is
-at most 1; converged flags are sticky (masked), and converged samples keep taking their
+at most 1 (tolerances from :func:`newton_tolerances`: by default ``κ = 1/100`` times the
+adaptive solve's ``atol``/``rtol``, as OrdinaryDiffEq's ``κ·tol`` stopping, never below what
+the dtype can resolve); converged flags are sticky (masked), and converged samples keep taking their
 (tiny) Newton updates so that gradients through ``z`` are the implicit-function ones;
 the loop ends with one more correction from the converged iterate for the same reason.
 With ``early_exit=True`` (default) the loop stops once every sample has converged — one
@@ -63,6 +65,7 @@ __all__ = [
     "mark_failed",
     "newton_matrix",
     "newton_stage",
+    "newton_tolerances",
     "resolve_options",
     "time_derivative",
 ]
@@ -76,7 +79,10 @@ class NewtonOptions:
         jac: ``"autodiff"`` | ``"fd"`` | a callable ``jac(t, y)`` returning ``(B, n, n)``.
         linsolve: ``"lu"`` (dense per-sample LU) or ``"krylov"`` (matrix-free GMRES).
         max_iters: Newton iterations at most.
-        atol / rtol: a sample has converged when ``rms(dz / (atol + rtol |z|)) <= 1``.
+        atol / rtol: a sample has converged when ``rms(dz / (atol + rtol |z|)) <= 1``.  None
+            (default): ``kappa`` times the solve's ``atol``/``rtol`` for adaptive solves,
+            ``1e-10``/``1e-8`` for fixed-step ones; see :func:`newton_tolerances`.
+        kappa: the factor on the solve's tolerances (OrdinaryDiffEq's ``κ``, default 1/100).
         krylov_dim: GMRES iterations per Newton step (``linsolve="krylov"``).
         early_exit: stop when all samples converged (one host sync per iteration).
         full_newton: re-evaluate and re-factorise ``I - gh J(z)`` at every iterate
@@ -87,11 +93,12 @@ class NewtonOptions:
     jac: JacSpec = "autodiff"
     linsolve: str = "lu"
     max_iters: int = 10
-    atol: float = 1e-10
-    rtol: float = 1e-8
+    atol: float | None = None
+    rtol: float | None = None
     krylov_dim: int = 20
     early_exit: bool = True
     full_newton: bool = False
+    kappa: float = 0.01
 
     def __post_init__(self) -> None:
         if not (callable(self.jac) or self.jac in ("autodiff", "fd")):
@@ -100,8 +107,14 @@ class NewtonOptions:
             raise ValueError(f"linsolve must be 'lu' or 'krylov'; got {self.linsolve!r}")
         if not isinstance(self.max_iters, int) or self.max_iters < 1:
             raise ValueError(f"max_iters must be a positive int; got {self.max_iters!r}")
-        if not (self.atol >= 0 and self.rtol >= 0 and self.atol + self.rtol > 0):
-            raise ValueError("Newton atol/rtol must be non-negative and not both zero")
+        for name in ("atol", "rtol"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0):
+                raise ValueError(f"Newton {name} must be None or a non-negative number; got {v!r}")
+        if self.atol is not None and self.rtol is not None and self.atol + self.rtol == 0:
+            raise ValueError("Newton atol/rtol must not both be zero")
+        if isinstance(self.kappa, bool) or not isinstance(self.kappa, (int, float)) or not 0 < self.kappa <= 1:
+            raise ValueError(f"Newton kappa must lie in (0, 1]; got {self.kappa!r}")
         if not isinstance(self.krylov_dim, int) or self.krylov_dim < 1:
             raise ValueError(f"krylov_dim must be a positive int; got {self.krylov_dim!r}")
 
@@ -121,21 +134,30 @@ def _n(y: Tensor) -> int:
     return math.prod(y.shape[1:])
 
 
-def batched_jacobian(f: Field, t: Tensor, y: Tensor, jac: JacSpec = "autodiff") -> tuple[Tensor, int]:
-    """Per-sample Jacobians ``d f(t, y)_b / d y_b``: ``(B, n, n)`` (detached) and the drift
-    evaluations per sample it cost (``n`` for finite differences, else 0)."""
+def batched_jacobian(f: Field, t: Tensor, y: Tensor, jac: JacSpec = "autodiff",
+                     differentiable: bool = False) -> tuple[Tensor, int]:
+    """Per-sample Jacobians ``d f(t, y)_b / d y_b``: ``(B, n, n)`` and the drift evaluations
+    per sample it cost (``n`` for finite differences, else 0).
+
+    Detached unless ``differentiable``: then ``"autodiff"`` keeps the graph of ``J`` with
+    respect to ``y`` and every tensor ``f`` uses (second derivatives of ``f`` in the backward;
+    a Rosenbrock step's result depends on ``J``), and a callable's output is kept as it is.
+    Finite differences are never differentiated."""
     batch, n = y.shape[0], _n(y)
+    y_in = y
     y = y.detach()
     if callable(jac):
-        J = jac(t, y)
+        J = jac(t, y_in if differentiable else y)
         if not isinstance(J, Tensor):
             raise TypeError(f"jac(t, y) must return a tensor; got {type(J).__name__}")
         if J.numel() != batch * n * n:
             raise ValueError(f"jac(t, y) returned shape {tuple(J.shape)}; expected (B, n, n) = ({batch}, {n}, {n})")
-        return J.reshape(batch, n, n).detach().to(y.dtype), 0
+        J = J.reshape(batch, n, n).to(y.dtype)
+        return (J if differentiable else J.detach()), 0
     if jac == "autodiff":
-        full = torch.func.jacrev(lambda z: f(t, z).sum(0))(y)  # (*S, B, *S)
-        return full.reshape(n, batch, n).permute(1, 0, 2).detach(), 0
+        full = torch.func.jacrev(lambda z: f(t, z).sum(0))(y_in if differentiable else y)  # (*S, B, *S)
+        J = full.reshape(n, batch, n).permute(1, 0, 2)
+        return (J if differentiable else J.detach()), 0
     # forward differences: every column of every sample in one call on a batch of n * B
     with torch.no_grad():
         f0 = f(t, y)
@@ -149,13 +171,16 @@ def batched_jacobian(f: Field, t: Tensor, y: Tensor, jac: JacSpec = "autodiff") 
         return torch.stack(cols, dim=2), n + 1
 
 
-def time_derivative(f: Field, t: Tensor, y: Tensor, jac: JacSpec = "autodiff") -> tuple[Tensor, int]:
+def time_derivative(f: Field, t: Tensor, y: Tensor, jac: JacSpec = "autodiff",
+                    differentiable: bool = False) -> tuple[Tensor, int]:
     """``∂f/∂t (t, y)`` per sample, ``(B, *S)``: forward-mode AD, or a forward difference
-    when ``jac`` is ``"fd"`` or a user Jacobian (user functions need not be differentiable)."""
-    y = y.detach()
+    when ``jac`` is ``"fd"`` or a user Jacobian (user functions need not be differentiable).
+    ``differentiable``: keep the AD result's graph (as :func:`batched_jacobian`)."""
     if jac == "autodiff":
-        _, dt = torch.func.jvp(lambda s: f(s, y), (t.detach(),), (torch.ones_like(t),))
-        return dt.detach(), 0
+        y_in = y if differentiable else y.detach()
+        _, dt = torch.func.jvp(lambda s: f(s, y_in), (t.detach(),), (torch.ones_like(t),))
+        return (dt if differentiable else dt.detach()), 0
+    y = y.detach()
     with torch.no_grad():
         h = torch.finfo(y.dtype).eps ** 0.5 * torch.clamp(t.abs(), min=1.0)
         return ((f(t + h, y) - f(t, y)) / expand_to(h, y).to(y.dtype)), 2
@@ -220,6 +245,32 @@ def batched_gmres(matvec: Callable[[Tensor], Tensor], rhs: Tensor, iters: int) -
     return (coef.unsqueeze(-1) * basis).sum(dim=1)
 
 
+#: Newton tolerances of fixed-step solves (and of direct calls without the solve's tolerances)
+FIXED_STEP_ATOL, FIXED_STEP_RTOL = 1e-10, 1e-8
+#: the smallest Newton rtol, in units of the dtype's machine epsilon: an update below a few
+#: ulps of z is rounding noise (float32: 6e-6; float64: 1e-14, below every default)
+RTOL_FLOOR_EPS = 50.0
+
+
+def newton_tolerances(options: NewtonOptions, dtype: torch.dtype,
+                      solve_tolerances: tuple[float, float] | None = None) -> tuple[float, float]:
+    """``(atol, rtol)`` of the Newton convergence test.
+
+    Explicit ``options.atol``/``rtol`` are used as given; None means ``options.kappa`` times
+    the adaptive solve's ``solve_tolerances`` (OrdinaryDiffEq stops Newton at ``κ·tol`` in the
+    solve's own error norm), or ``1e-10``/``1e-8`` for fixed-step solves.  Either way ``rtol``
+    is at least ``50 eps(dtype)``: float32 cannot resolve ``1e-8`` relative updates, and a
+    tolerance below rounding makes Newton "fail" on trivial problems.
+    """
+    if solve_tolerances is not None:
+        auto_atol, auto_rtol = options.kappa * solve_tolerances[0], options.kappa * solve_tolerances[1]
+    else:
+        auto_atol, auto_rtol = FIXED_STEP_ATOL, FIXED_STEP_RTOL
+    atol = auto_atol if options.atol is None else float(options.atol)
+    rtol = auto_rtol if options.rtol is None else float(options.rtol)
+    return atol, max(rtol, RTOL_FLOOR_EPS * torch.finfo(dtype).eps)
+
+
 def _scaled_rms(dz: Tensor, z: Tensor, atol: float, rtol: float) -> Tensor:
     return (dz / (atol + rtol * z.abs())).square().flatten(1).mean(dim=1).sqrt()
 
@@ -233,6 +284,7 @@ def newton_stage(
     options: NewtonOptions,
     factors: tuple[Tensor, Tensor] | None = None,
     t_jac: Tensor | None = None,
+    tolerances: tuple[float, float] | None = None,
 ) -> NewtonResult:
     """Solve ``z = base + gh * f(t1, z)`` for every sample (``gh``: ``(B,)``).
 
@@ -242,7 +294,10 @@ def newton_stage(
     which applies the exact Jacobian at the current iterate through JVPs.  With
     ``options.full_newton`` the matrix is rebuilt at every iterate (``factors`` may then
     be None); ``t_jac`` is the time the Jacobian is taken at (default ``t1``).
+    ``tolerances``: the adaptive solve's ``(atol, rtol)`` (``Terms.tolerances``), from which
+    the convergence test's tolerances are derived (:func:`newton_tolerances`).
     """
+    atol, rtol = newton_tolerances(options, base.dtype, tolerances)
     gh_b = expand_to(gh, base).to(base.dtype)
     z = z0
     converged = torch.zeros(base.shape[0], dtype=torch.bool, device=base.device)
@@ -254,7 +309,7 @@ def newton_stage(
         residual = z - base - gh_b * fz
         # converged already when the residual itself is within tolerance (saves the solve,
         # and the Jacobian refresh, on the last iteration)
-        res_small = _scaled_rms(residual.detach(), z.detach(), options.atol, options.rtol) <= 1.0
+        res_small = _scaled_rms(residual.detach(), z.detach(), atol, rtol) <= 1.0
         converged = converged | (res_small & _all_finite(z))
         if options.early_exit and bool(converged.all()):
             # One last Newton correction from the converged iterate: its value moves by
@@ -277,7 +332,7 @@ def newton_stage(
             assert factors is not None, "linsolve='lu' needs the LU factors of I - gh J"
             dz = -lu_solve(factors, residual)
         z_new = z + dz
-        small = _scaled_rms(dz.detach(), z_new.detach(), options.atol, options.rtol) <= 1.0
+        small = _scaled_rms(dz.detach(), z_new.detach(), atol, rtol) <= 1.0
         # converged samples keep taking (tiny) updates: that keeps each iterate's graph the
         # Newton map at an accurate point, so gradients through z are the implicit ones
         finite = _all_finite(z_new)

@@ -19,6 +19,8 @@ VectorField = Callable[[Tensor, Tensor], Tensor]
 
 
 def _check_tspan(tspan: Any) -> tuple[float, float]:
+    if isinstance(tspan, (str, bytes)):  # "01" would otherwise unpack as (0, 1)
+        raise TypeError(f"tspan must be a pair of numbers (t0, t1); got {tspan!r}")
     try:
         t0, t1 = (float(v) for v in tspan)
     except (TypeError, ValueError) as exc:
@@ -30,13 +32,21 @@ def _check_tspan(tspan: Any) -> tuple[float, float]:
     return t0, t1
 
 
+#: state dtypes the solvers support; float16/bfloat16 are refused: their 3-4 significant
+#: digits are below every default tolerance, and the batched LU/linear algebra of the
+#: implicit solvers has no half-precision CPU kernels
+STATE_DTYPES = (torch.float32, torch.float64)
+
+
 def _check_y0(y0: Any) -> Tensor:
     if not isinstance(y0, Tensor):
         raise TypeError(f"y0 must be a torch.Tensor of shape (B, *state_shape); got {type(y0).__name__}")
-    if not y0.is_floating_point():
-        raise TypeError(f"y0 must have a floating dtype (float32/float64); got {y0.dtype}")
-    if y0.ndim < 1 or y0.shape[0] < 1:
-        raise ValueError(f"y0 must have shape (B, *state_shape) with B >= 1; got {tuple(y0.shape)}")
+    if y0.dtype not in STATE_DTYPES:
+        raise TypeError(f"y0 must have dtype float32 or float64 (half precision is not supported); got {y0.dtype}")
+    if y0.ndim < 2 or y0.shape[0] < 1:
+        hint = f" (a batch of scalars is y0.reshape({y0.shape[0]}, 1))" if y0.ndim == 1 else ""
+        raise ValueError(f"y0 must have shape (B, *state_shape) with B >= 1 and at least one state axis; "
+                         f"got {tuple(y0.shape)}{hint}")
     if not bool(torch.isfinite(y0).all()):
         raise ValueError("y0 contains NaN or Inf")
     return y0
@@ -162,24 +172,50 @@ def expand_to(x: Tensor, like: Tensor) -> Tensor:
     return x.reshape(x.shape + (1,) * (like.ndim - x.ndim))
 
 
+def _field(name: str, user: VectorField, out_shape: Callable[[Tensor], tuple[int, ...]],
+           span: tuple[float, float]) -> VectorField:
+    """``user`` as the solvers call it: time reaches it in float64 whatever the state's dtype
+    (a float32 state at ``t0 = 1e9`` must not see quantized time) and clamped to the span
+    ``[lo, hi]`` (stage nodes outside ``[0, 1]``, e.g. SOSRI's ``c = 3.75``, would otherwise
+    ask for times past ``tspan`` near its ends, where a user's model may be undefined), its
+    output is cast to the state's dtype (a float64 time promotes ``cos(t) * y``), and a shape
+    change after the check at ``t0`` is an error instead of a silent broadcast."""
+    lo, hi = span
+
+    def call(t: Tensor, y: Tensor) -> Tensor:
+        out = user(t.to(torch.float64).clamp(lo, hi), y)
+        if out.shape != out_shape(y):
+            raise ValueError(f"{name}(t, y) returned shape {tuple(out.shape)} during the solve; expected "
+                             f"{out_shape(y)} (it had the right shape at t0)")
+        return out if out.dtype == y.dtype else out.to(y.dtype)
+
+    return call
+
+
 class Terms:
     """The vector fields of a problem as the solvers see them.
 
+    ``drift(t, y)`` / ``diffusion(t, y)``: ``t`` ``(B,)`` (any float dtype; the user's function
+    gets it as float64), ``y`` ``(B, *state_shape)``; outputs in ``y``'s dtype.
     ``g_dw(g, dw)`` applies the diffusion ``g`` to a Brownian increment ``dw`` (shape
     ``(B, *noise_shape)``) and returns the state's shape ``(B, *state_shape)``.
     """
 
     def __init__(self, problem: ODEProblem):
         self.problem = problem
-        user_drift = problem.drift
         user_diffusion = getattr(problem, "diffusion", None)
-        # user functions see time in the state's dtype, shape (B,)
-        self.drift: VectorField = lambda t, y: user_drift(t.to(y.dtype), y)
+        span = (min(problem.tspan), max(problem.tspan))
+        self.drift: VectorField = _field("drift" if problem.is_sde else "f", problem.drift, lambda y: y.shape, span)
+        noise_dim = getattr(problem, "noise_dim", None)
+        extra: tuple[int, ...] = (int(noise_dim),) if problem.noise == "general" and noise_dim is not None else ()
         self.diffusion: VectorField | None = (
-            None if user_diffusion is None else (lambda t, y: user_diffusion(t.to(y.dtype), y))
+            None if user_diffusion is None else _field("diffusion", user_diffusion, lambda y: (*y.shape, *extra), span)
         )
         self.noise: str | None = problem.noise
         self.interpretation: str = problem.interpretation
+        # the adaptive solve's (atol, rtol), set by solve(): implicit solvers derive their
+        # Newton tolerances from it (nonlinear.newton_tolerances); None for fixed-step solves
+        self.tolerances: tuple[float, float] | None = None
 
     def g_dw(self, g: Tensor, dw: Tensor) -> Tensor:
         if self.noise == "general":
@@ -195,6 +231,33 @@ class Terms:
         return x
 
 
+def _output_dtypes(state: torch.dtype) -> tuple[torch.dtype, ...]:
+    """Dtypes a field may return for a state of dtype ``state``: the state's own, or its
+    promotion with the float64 time the field receives (cast back by :class:`Terms`)."""
+    return (state, torch.promote_types(state, torch.float64))
+
+
+def check_additive(problem: ODEProblem, t0: Tensor, g0: Tensor) -> int:
+    """``noise="additive"`` is a claim that ``diffusion`` does not depend on ``y``: check it
+    with one more evaluation at a different state at ``t0`` (``y0 + 1 + |y0|``, which differs
+    from ``y0`` in every component).  Returns the diffusion evaluations spent (0 or 1)."""
+    if not isinstance(problem, SDEProblem) or problem.noise != "additive":
+        return 0
+    y0 = problem.y0.detach()
+    with torch.no_grad():
+        g1 = problem.diffusion(t0, y0 + 1 + y0.abs())
+        g0 = g0.detach()
+        tol = 64 * torch.finfo(y0.dtype).eps * (1 + g0.abs())
+        same = isinstance(g1, Tensor) and g1.shape == g0.shape and bool(((g1.to(g0.dtype) - g0).abs() <= tol).all())
+    if not same:
+        raise ValueError(
+            "noise='additive' requires diffusion(t, y) independent of y, but diffusion(t0, y0) and "
+            "diffusion(t0, y0 + 1 + |y0|) differ; use noise='diagonal' (or 'scalar'/'general') for "
+            "state-dependent noise"
+        )
+    return 1
+
+
 def check_field_shapes(problem: ODEProblem, f0: Tensor, g0: Tensor | None) -> None:
     """Raise ValueError naming the function whose output has the wrong shape/dtype."""
     expected = tuple(problem.y0.shape)
@@ -203,7 +266,7 @@ def check_field_shapes(problem: ODEProblem, f0: Tensor, g0: Tensor | None) -> No
         raise TypeError(f"{name}(t, y) must return a tensor; got {type(f0).__name__}")
     if tuple(f0.shape) != expected:
         raise ValueError(f"{name}(t, y) returned shape {tuple(f0.shape)}; expected y0's shape {expected}")
-    if f0.dtype != problem.y0.dtype:
+    if f0.dtype not in _output_dtypes(problem.y0.dtype):
         raise ValueError(f"{name}(t, y) returned dtype {f0.dtype}; expected y0's dtype {problem.y0.dtype}")
     if g0 is None:
         return
@@ -215,5 +278,5 @@ def check_field_shapes(problem: ODEProblem, f0: Tensor, g0: Tensor | None) -> No
         raise ValueError(
             f"diffusion(t, y) returned shape {tuple(g0.shape)}; noise={problem.noise!r} expects {g_expected}"
         )
-    if g0.dtype != problem.y0.dtype:
+    if g0.dtype not in _output_dtypes(problem.y0.dtype):
         raise ValueError(f"diffusion(t, y) returned dtype {g0.dtype}; expected y0's dtype {problem.y0.dtype}")

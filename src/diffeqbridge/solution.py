@@ -69,6 +69,8 @@ class Solution:
         stats: per-sample :class:`Stats`.
         retcodes: ``(B,)`` int tensor of :class:`ReturnCode` values.
         alg: the solver object used.
+        interpolation: dense output (``solve(..., dense=True)``): ``sol(t)``/``sol.evaluate(t)``.
+        events: per-sample event record (``solve(..., events=[...])``, :mod:`diffeqbridge.events`).
     """
 
     ts: Tensor
@@ -77,6 +79,18 @@ class Solution:
     retcodes: Tensor
     alg: Any = None
     regularization: Tensor | None = None
+    # solve(..., dense=True): a diffeqbridge.dense.DenseInterpolation; events=[...]: an EventRecord
+    interpolation: Any = None
+    events: Any = None
+
+    def evaluate(self, t: Any, per_sample: bool = False) -> Tensor:
+        """The dense output at ``t`` (``solve(..., dense=True)``; shapes in :mod:`diffeqbridge.dense`)."""
+        if self.interpolation is None:
+            raise ValueError("sol(t) needs solve(..., dense=True)")
+        return self.interpolation.evaluate(t, per_sample=per_sample)
+
+    def __call__(self, t: Any, per_sample: bool = False) -> Tensor:
+        return self.evaluate(t, per_sample=per_sample)
 
     @property
     def retcode(self) -> list[ReturnCode] | ReturnCode:

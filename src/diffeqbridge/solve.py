@@ -8,10 +8,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .adjoint import DiscreteAdjoint
 from .brownian import VirtualBrownianTree, solve_tol
 from .controller import sde_initial_dt
 from .engine import EngineOptions, integrate
-from .problem import ODEProblem, SDEProblem, Terms, check_field_shapes
+from .problem import ODEProblem, SDEProblem, Terms, check_additive, check_field_shapes
 from .solution import Solution
 from .solvers import SOSRI, LambaEM, LambaEulerHeun, RKMil, ShARK, Tsit5
 from .solvers.base import AbstractSolver
@@ -128,18 +129,27 @@ def _check_saveat(saveat: Any, t0: float, t1: float, device: torch.device) -> Te
         return torch.tensor([t0, t1], dtype=torch.float64, device=device)
     if isinstance(saveat, (int, float)) and not isinstance(saveat, bool):
         raise TypeError("saveat must be a 1-D sequence/tensor of times (use [t] for one time)")
+    if isinstance(saveat, (str, bytes)):
+        raise TypeError(f"saveat must be a 1-D sequence/tensor of times; got {saveat!r}")
     try:
-        times = torch.as_tensor(saveat, dtype=torch.float64).to(device).flatten() if not isinstance(saveat, Tensor) else saveat.detach().to(device=device, dtype=torch.float64)
-    except (TypeError, ValueError) as exc:
+        given = saveat.detach() if isinstance(saveat, Tensor) else torch.as_tensor(saveat, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(f"saveat must be a 1-D sequence/tensor of times; got {type(saveat).__name__}") from exc
+    if not (given.is_floating_point() or given.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"saveat must hold real numbers; got dtype {given.dtype}")
+    times = given.to(device=device, dtype=torch.float64)
     if times.ndim != 1 or times.numel() == 0:
         raise ValueError(f"saveat must be a non-empty 1-D array of times; got shape {tuple(times.shape)}")
     if not bool(torch.isfinite(times).all()):
         raise ValueError("saveat contains NaN or Inf")
     a, b = min(t0, t1), max(t0, t1)
     span = b - a
+    # times given in a lower precision (float32 saveat on a float32 problem) are compared
+    # with the span's ends to within their own rounding: |t| * eps of their dtype
+    eps = torch.finfo(given.dtype).eps if given.is_floating_point() else 0.0
+    slack = max(1e-12 * span, 2 * eps * max(abs(t0), abs(t1)))
     lo, hi = float(times.min()), float(times.max())
-    if lo < a - 1e-12 * span or hi > b + 1e-12 * span:
+    if lo < a - slack or hi > b + slack:
         raise ValueError(f"saveat must lie inside tspan [{a}, {b}]; got times in [{lo}, {hi}]")
     sign = 1.0 if t1 > t0 else -1.0
     if times.numel() > 1 and not bool((sign * (times[1:] - times[:-1]) > 0).all()):
@@ -166,6 +176,11 @@ def _check_brownian(brownian: Any, problem: SDEProblem, seed: int, dtmin: float 
         raise ValueError("sample_offset is for the tree solve() makes; pass it to the VirtualBrownianTree given as brownian")
     if tuple(brownian.shape) != shape:
         raise ValueError(f"brownian has shape {tuple(brownian.shape)}; this problem needs (B, *noise_shape) = {shape}")
+    if torch.finfo(brownian.dtype).eps > torch.finfo(problem.y0.dtype).eps:
+        raise ValueError(f"brownian has dtype {brownian.dtype}, less precise than this problem's y0 ({problem.y0.dtype}); "
+                         f"pass dtype={problem.y0.dtype} to VirtualBrownianTree")
+    if brownian.device != problem.y0.device:
+        raise ValueError(f"brownian is on {brownian.device}; this problem's y0 is on {problem.y0.device}")
     if brownian.t0 > t0 or brownian.t1 < t1:
         raise ValueError(f"brownian covers [{brownian.t0}, {brownian.t1}], which does not contain tspan {problem.tspan}")
     return brownian
@@ -196,6 +211,8 @@ def solve(
     regularize: Any = None,
     alg_hints: Sequence[str] | None = None,
     sample_offset: int = 0,
+    dense: bool = False,
+    events: Any = None,
 ) -> Solution:
     """Solve an SDE or ODE problem for every sample of the batch.
 
@@ -243,6 +260,13 @@ def solve(
             ``brownian`` is None: sample ``i`` of this batch draws the path of sample
             ``sample_offset + i`` (how :func:`diffeqbridge.solve_ensemble` splits an ensemble
             into batches that reproduce one big batch bit for bit).
+        dense: record every accepted step's interpolant: ``sol(t)`` / ``sol.evaluate(t)``
+            anywhere in the span (:mod:`diffeqbridge.dense`: the solvers' interpolants and
+            their orders, shapes, memory).
+        events: a list of ``deb.ContinuousEvent`` / ``deb.DiscreteEvent``
+            (:mod:`diffeqbridge.events`): per-sample root location, ``affect``, termination with
+            ``ReturnCode.Terminated``; ``sol.events`` and ``sol.stats.extra["nevents"]``,
+            ``["event_time"]``.  Gradients: plain backprop / ``DiscreteAdjoint()`` only.
 
     Returns:
         :class:`Solution` with ``ts (T,)``, ``ys (T, B, *state_shape)``, per-sample stats/retcodes.
@@ -271,10 +295,24 @@ def solve(
     sensealg = check_sensealg(sensealg, prob, solver, adaptive)
     from .regularization import Recorder, check_regularize
 
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int; got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an int in [0, 2**64); got {seed!r}")
     if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or sample_offset < 0:
         raise ValueError(f"sample_offset must be a non-negative int; got {sample_offset!r}")
+    # --- dense output / events (diffeqbridge.dense, diffeqbridge.events): native engine observers
+    from .events import check_events
+
+    if not isinstance(dense, bool):
+        raise TypeError(f"dense must be a bool; got {dense!r}")
+    event_list = check_events(events, solver)
+    hooked = dense or bool(event_list)
+    if (hooked or sample_offset) and backend == "julia":
+        raise ValueError("dense=True, events= and sample_offset= run on the native backend only; use backend='native' "
+                         "or 'auto'")
+    hooked_or_offset = hooked or sample_offset != 0  # native only: the julia backend has none of them
+    if event_list and sensealg is not None and not (isinstance(sensealg, DiscreteAdjoint) and sensealg.checkpoints is None):
+        raise ValueError(f"events= supports gradients by backprop through the steps only (sensealg=None or "
+                         f"deb.DiscreteAdjoint()); got sensealg={sensealg!r}")
     regularize = check_regularize(regularize, prob, solver, adaptive, sensealg, seed)
     if regularize is not None and prob.tspan[1] < prob.tspan[0]:
         raise ValueError("regularize= needs time running forwards (tspan with t1 > t0)")
@@ -297,15 +335,21 @@ def solve(
     device = prob.y0.device
     save_times = _check_saveat(saveat, t0, t1, device)
     requested_first = saveat is None or save_times.numel() == torch.as_tensor(saveat).numel()
+    if not prob.is_sde and brownian is not None:
+        raise ValueError("brownian= was given for an ODEProblem, which has no noise; drop it (or make an SDEProblem)")
     tree = _check_brownian(brownian, prob, seed, dtmin, sample_offset) if prob.is_sde else None
 
     terms = Terms(prob)
     batch = prob.batch_size
     t_start = torch.full((batch,), t0, dtype=torch.float64, device=device)
-    f0 = terms.drift(t_start, prob.y0)
-    g0 = terms.diffusion(t_start, prob.y0) if terms.diffusion is not None else None
+    # the raw user functions, so that a wrong shape/type is reported as such (Terms' calls check later steps)
+    f0 = prob.drift(t_start, prob.y0)
+    g0 = prob.diffusion(t_start, prob.y0) if isinstance(prob, SDEProblem) else None
     check_field_shapes(prob, f0, g0)
-    if backend != "native":  # julia backend (diffeqbridge/julia/); "auto" picks it only if installed
+    f0 = f0.to(prob.y0.dtype)
+    g0 = g0.to(prob.y0.dtype) if g0 is not None else None
+    extra_g = check_additive(prob, t_start, g0) if g0 is not None else 0
+    if backend != "native" and not hooked_or_offset:  # julia backend (diffeqbridge/julia/); "auto" picks it only if installed
         from .julia.dispatch import choose_backend
 
         if choose_backend(backend, prob, solver, brownian, sensealg, regularize) == "julia":
@@ -316,7 +360,7 @@ def solve(
             if not requested_first:
                 sol.ts, sol.ys = sol.ts[1:], sol.ys[1:]
             return sol
-    counts = (1, 1 if g0 is not None else 0)
+    counts = (1, 1 + extra_g if g0 is not None else 0)
 
     if dt is not None:
         dt_initial = torch.full((batch,), dt, dtype=torch.float64, device=device)
@@ -337,6 +381,7 @@ def solve(
     # divided by the method's order); start no lower than a safe multiple of dtmin
     if dt is None:
         dt_initial = dt_initial.clamp(min=max(100.0 * dtmin_value, 1e-10 * min(span, 1.0)))
+    terms.tolerances = (atol, rtol) if adaptive else None
     options = EngineOptions(
         adaptive=adaptive, atol=atol, rtol=rtol, max_steps=max_steps, dtmin=dtmin_value,
         progress=progress, check_every=_check_every(check_every, device),
@@ -346,15 +391,32 @@ def solve(
         from .adjoint import default_sensealg
 
         sensealg = default_sensealg(prob, solver, adaptive, dt)
+        if event_list and sensealg is not None:
+            sensealg = DiscreteAdjoint()  # events move samples inside steps: backprop through them
     recorder = None if regularize is None else Recorder(regularize, terms, solver, prob.y0, t0, t1, atol, rtol)
+    observer: Any = recorder
+    handler = dense_recorder = None
+    if hooked:
+        from .dense import DenseRecorder
+        from .events import EventHandler, Hooks
+
+        handler = EventHandler(event_list, terms, solver, prob.y0, t0, prob.is_sde) if event_list else None
+        dense_recorder = DenseRecorder(solver, prob.y0, t0, t1) if dense else None
+        observer = Hooks([recorder], handler, dense_recorder)
     if sensealg is not None:
         from .adjoint import solve_with_sensealg
 
         sol = solve_with_sensealg(sensealg, prob, terms, solver, save_times, dt_initial, options, tree,
-                                  f0=f0 if solver.fsal else None, initial_counts=counts, observer=recorder)
+                                  f0=f0 if solver.fsal else None, initial_counts=counts, observer=observer)
     else:
         sol = integrate(terms, solver, prob.y0, save_times, dt_initial, options, tree,
-                        f0=f0 if solver.fsal else None, initial_counts=counts, observer=recorder)
+                        f0=f0 if solver.fsal else None, initial_counts=counts, observer=observer)
+    if dense_recorder is not None:
+        sol.interpolation = dense_recorder.finish()
+    if handler is not None:
+        sol.events, extra_events = handler.finish(prob.y0)
+        sol.stats.extra.update(extra_events)
+        sol.stats.nf = sol.stats.nf + handler.nf
     if recorder is not None:
         sol.regularization, extra = recorder.finish(tree)
         sol.stats.extra.update(extra)

@@ -7,6 +7,7 @@ hash of ``(seed, stream, sample index, element)`` -- the hash of
 calls.  Samplers give each use its own ``stream`` (the prior, corrector step ``k``, a
 Hutchinson probe ...), see :data:`STREAMS`.
 """
+
 from __future__ import annotations
 
 import math
@@ -62,8 +63,13 @@ def check_seed(seed: Any) -> int:
     return seed
 
 
-def per_sample_normal(shape: tuple[int, ...], seed: int = 0, stream: int = 0,
-                      dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> Tensor:
+def per_sample_normal(
+    shape: tuple[int, ...],
+    seed: int = 0,
+    stream: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> Tensor:
     """Standard normals of shape ``(B, *state_shape)``; row ``i`` is a pure function of
     ``(seed, stream, i)`` (Box--Muller on the Brownian tree's MurmurHash3 mixing)."""
     shape = _check_shape(shape)
@@ -72,8 +78,13 @@ def per_sample_normal(shape: tuple[int, ...], seed: int = 0, stream: int = 0,
     return z.reshape(shape).to(dtype)
 
 
-def per_sample_uniform(shape: tuple[int, ...], seed: int = 0, stream: int = 0,
-                       dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> Tensor:
+def per_sample_uniform(
+    shape: tuple[int, ...],
+    seed: int = 0,
+    stream: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> Tensor:
     """Uniforms in ``(0, 1)`` of shape ``(B, *state_shape)``, per sample as :func:`per_sample_normal`."""
     shape = _check_shape(shape)
     words = _words(shape, check_seed(seed), int(stream), device)
@@ -81,8 +92,13 @@ def per_sample_uniform(shape: tuple[int, ...], seed: int = 0, stream: int = 0,
     return ((hi * 67108864.0 + lo + 0.5) / 9007199254740992.0).reshape(shape).to(dtype)
 
 
-def per_sample_rademacher(shape: tuple[int, ...], seed: int = 0, stream: int = 0,
-                          dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> Tensor:
+def per_sample_rademacher(
+    shape: tuple[int, ...],
+    seed: int = 0,
+    stream: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> Tensor:
     """Random signs ``±1`` of shape ``(B, *state_shape)``, per sample as :func:`per_sample_normal`."""
     shape = _check_shape(shape)
     words = _words(shape, check_seed(seed), int(stream), device)
@@ -101,8 +117,9 @@ def check_x(name: str, x: Any) -> Tensor:
     if not x.is_floating_point():
         raise TypeError(f"{name} must have a floating dtype (float32/float64); got {x.dtype}")
     if x.ndim < 2 or x.shape[0] < 1 or x.numel() == 0:
-        raise ValueError(f"{name} must have shape (B, *state_shape) with B >= 1 and a state axis "
-                         f"(a 1-D state is (B, 1)); got {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must have shape (B, *state_shape) with B >= 1 and a state axis (a 1-D state is (B, 1)); got {tuple(x.shape)}"
+        )
     if not bool(torch.isfinite(x.detach()).all()):
         raise ValueError(f"{name} contains NaN or Inf")
     return x
@@ -144,8 +161,9 @@ def check_model_dtype(model: Any, x: Tensor, name: str = "x_T") -> None:
             return
 
 
-def grid_solution(ts: Tensor, ys: Tensor, nf: Tensor, naccept: int | Tensor, alg: Any = None,
-                  nreject: Tensor | None = None) -> Solution:
+def grid_solution(
+    ts: Tensor, ys: Tensor, nf: Tensor, naccept: int | Tensor, alg: Any = None, nreject: Tensor | None = None
+) -> Solution:
     """A :class:`~diffeqbridge.Solution` for a fixed-grid sampler's loop.
 
     Args:
@@ -159,9 +177,13 @@ def grid_solution(ts: Tensor, ys: Tensor, nf: Tensor, naccept: int | Tensor, alg
     device = ys.device
     zeros = torch.zeros(batch, dtype=torch.long, device=device)
     finite = torch.isfinite(ys[-1].detach()).flatten(1).all(dim=1)
-    retcodes = torch.where(finite, torch.full_like(zeros, int(ReturnCode.Success)),
-                           torch.full_like(zeros, int(ReturnCode.Unstable)))
-    stats = Stats(nf=nf.to(torch.long).to(device) + zeros, ng=zeros.clone(),
-                  naccept=torch.as_tensor(naccept, dtype=torch.long, device=device) + zeros,
-                  nreject=nreject if nreject is not None else zeros.clone())
+    retcodes = torch.where(
+        finite, torch.full_like(zeros, int(ReturnCode.Success)), torch.full_like(zeros, int(ReturnCode.Unstable))
+    )
+    stats = Stats(
+        nf=nf.to(torch.long).to(device) + zeros,
+        ng=zeros.clone(),
+        naccept=torch.as_tensor(naccept, dtype=torch.long, device=device) + zeros,
+        nreject=nreject if nreject is not None else zeros.clone(),
+    )
     return Solution(ts=ts.to(ys.dtype), ys=ys, stats=stats, retcodes=retcodes, alg=alg)

@@ -38,6 +38,13 @@ and the solvers differ in how ``h f'`` and ``h^2 f''`` are estimated:
   given error with equal or fewer evaluations).  Here ``E``, ``h`` and the acceptance are
   **per sample** (the reference implementations use one norm for the whole batch), and only
   the samples still running are passed to the model.
+* the variable-step multistep solver (``variant="adaptive_multistep"``; not in the papers):
+  DPM-Solver(++)(2M) with per-sample steps, the 2M coefficients taking ``r = h_prev / h``
+  per sample, and error estimate ``3M - 2M`` (the third divided difference, free from the
+  history); ``order=3`` advances with the 3M result (local extrapolation), ``order=2`` with
+  2M.  The estimate is a function of the proposed ``h`` only, so a rejection costs no model
+  call: one call per accepted step (none after the last), one at ``T``.  The first step is
+  first order with ``h_init``, the second uses ``2M - 1`` as its estimate.
 
 Budgets (``steps`` = model evaluations per sample), as DPM-Solver's reference code
 (``get_orders_and_timesteps_for_singlestep_solver``): singlestep order 3 with
@@ -46,10 +53,12 @@ Budgets (``steps`` = model evaluations per sample), as DPM-Solver's reference co
 it takes ``steps // order`` steps of order ``order``.  Multistep takes ``steps`` steps, the
 first ones at lower order (warm-up) and, with ``lower_order_final``, the last ones too.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -57,10 +66,18 @@ from torch import Tensor
 from ..controller import QOLD_INIT, PIController
 from ..solution import ReturnCode, Solution, Stats
 from .common import STREAMS, expand_like, grid_solution, per_sample_normal
-from .grids import Point, at_time, check_skip_type, evaluations_per_call, point, t_of_lam, time_grid
+from .grids import (
+    Point,
+    at_time,
+    check_skip_type,
+    evaluations_per_call,
+    point,
+    t_of_lam,
+    time_grid,
+)
 
 ALGORITHMS = ("dpmsolver", "dpmsolver++", "sde-dpmsolver++")
-VARIANTS = ("singlestep", "multistep", "adaptive")
+VARIANTS = ("singlestep", "multistep", "adaptive", "adaptive_multistep")
 CONTROLLERS = ("pi", "paper")
 Predictor = Callable[[Tensor, Tensor], Tensor]  # f(x (B, ...), t (B,) or (1,) float64) -> x's shape
 
@@ -103,8 +120,17 @@ def _sub_point(sde: Any, s: Point, t: Point, r: float, bounds: tuple[float, floa
     return point(sde, t_of_lam(sde, s.lam + r * (t.lam - s.lam), *bounds))
 
 
-def singlestep_2(fn: Predictor, sde: Any, x: Tensor, f0: Tensor, s: Point, t: Point, algorithm: str,
-                 bounds: tuple[float, float], r1: float = 0.5) -> tuple[Tensor, Tensor]:
+def singlestep_2(
+    fn: Predictor,
+    sde: Any,
+    x: Tensor,
+    f0: Tensor,
+    s: Point,
+    t: Point,
+    algorithm: str,
+    bounds: tuple[float, float],
+    r1: float = 0.5,
+) -> tuple[Tensor, Tensor]:
     """DPM-Solver-2 / DPM-Solver++(2S) from ``s`` to ``t`` (one model call at ``lambda_s + r1 h``).
 
     Returns ``(x_2, x_1)``: the second-order result and the first-order one (free).
@@ -116,8 +142,18 @@ def singlestep_2(fn: Predictor, sde: Any, x: Tensor, f0: Tensor, s: Point, t: Po
     return x1 + _bc(co.c * co.phi0 / (2.0 * r1), x) * (fn(u1, s1.t) - f0), x1
 
 
-def singlestep_3(fn: Predictor, sde: Any, x: Tensor, f0: Tensor, s: Point, t: Point, algorithm: str,
-                 bounds: tuple[float, float], r1: float = 1.0 / 3.0, r2: float = 2.0 / 3.0) -> tuple[Tensor, Tensor]:
+def singlestep_3(
+    fn: Predictor,
+    sde: Any,
+    x: Tensor,
+    f0: Tensor,
+    s: Point,
+    t: Point,
+    algorithm: str,
+    bounds: tuple[float, float],
+    r1: float = 1.0 / 3.0,
+    r2: float = 2.0 / 3.0,
+) -> tuple[Tensor, Tensor]:
     """DPM-Solver-3 from ``s`` to ``t`` (model calls at ``lambda_s + r1 h`` and ``+ r2 h``).
 
     Returns ``(x_3, x_2)``: the third-order result and DPM-Solver-2 at ``r1`` (same calls).
@@ -162,27 +198,37 @@ def singlestep_orders(steps: int, order: int, lower_order_final: bool) -> list[i
 
 
 # ----------------------------------------------------------------------------- validation
-def _check_options(order: Any, algorithm: Any, variant: Any, skip_type: Any, steps: int | None,
-                   atol: Any, rtol: Any, h_init: Any, theta: Any, max_steps: Any, lower_order_final: Any,
-                   controller: Any) -> None:
+def _check_options(
+    order: Any,
+    algorithm: Any,
+    variant: Any,
+    skip_type: Any,
+    steps: int | None,
+    atol: Any,
+    rtol: Any,
+    h_init: Any,
+    theta: Any,
+    max_steps: Any,
+    lower_order_final: Any,
+    controller: Any,
+) -> None:
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}; got {algorithm!r}")
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}; got {variant!r}")
-    allowed = {"singlestep": (1, 2, 3), "multistep": (1, 2, 3), "adaptive": (2, 3)}[variant]
+    allowed = {"singlestep": (1, 2, 3), "multistep": (1, 2, 3), "adaptive": (2, 3), "adaptive_multistep": (2, 3)}[variant]
     if algorithm == "sde-dpmsolver++":
         if variant != "multistep":
-            raise ValueError("algorithm='sde-dpmsolver++' is multistep only (SDE-DPM-Solver++(1/2M)); "
-                             f"got variant={variant!r}")
+            raise ValueError(f"algorithm='sde-dpmsolver++' is multistep only (SDE-DPM-Solver++(1/2M)); got variant={variant!r}")
         allowed = (1, 2)
     if isinstance(order, bool) or order not in allowed:
         raise ValueError(f"order must be one of {allowed} for variant={variant!r}, algorithm={algorithm!r}; got {order!r}")
     check_skip_type(skip_type)
     if not isinstance(lower_order_final, bool):
         raise TypeError(f"lower_order_final must be a bool; got {type(lower_order_final).__name__}")
-    if variant == "adaptive":
+    if variant.startswith("adaptive"):
         if steps is not None:
-            raise ValueError("steps does not apply to variant='adaptive' (use atol/rtol); leave it None")
+            raise ValueError(f"steps does not apply to variant={variant!r} (use atol/rtol); leave it None")
         for name, value in (("atol", atol), ("rtol", rtol), ("h_init", h_init)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
                 raise ValueError(f"{name} must be a positive number; got {value!r}")
@@ -202,11 +248,28 @@ def _predictor(adapter: Any, algorithm: str) -> Predictor:
 
 
 # ----------------------------------------------------------------------------- samplers
-def sample_dpm_solver(adapter: Any, sde: Any, x_T: Tensor, *, t_end: float, steps: int | None, seed: int = 0,
-                      order: int = 2, algorithm: str = "dpmsolver++", variant: str = "multistep",
-                      skip_type: str = "logSNR", lower_order_final: bool = True, atol: float | None = None,
-                      rtol: float | None = None, h_init: float = 0.05, theta: float = 0.9, max_steps: int = 10_000,
-                      save_trajectory: bool = False, controller: str = "pi", sensealg: Any = None) -> Solution:
+def sample_dpm_solver(
+    adapter: Any,
+    sde: Any,
+    x_T: Tensor,
+    *,
+    t_end: float,
+    steps: int | None,
+    seed: int = 0,
+    order: int = 2,
+    algorithm: str = "dpmsolver++",
+    variant: str = "multistep",
+    skip_type: str = "logSNR",
+    lower_order_final: bool = True,
+    atol: float | None = None,
+    rtol: float | None = None,
+    h_init: float = 0.05,
+    theta: float = 0.9,
+    max_steps: int = 10_000,
+    save_trajectory: bool = False,
+    controller: str = "pi",
+    sensealg: Any = None,
+) -> Solution:
     """DPM-Solver / DPM-Solver++ from ``sde.T`` down to ``t_end``.
 
     Args:
@@ -217,10 +280,12 @@ def sample_dpm_solver(adapter: Any, sde: Any, x_T: Tensor, *, t_end: float, step
         t_end: final time.
         steps: model evaluations per sample (fixed-grid variants; default 20).
         seed: noise seed of ``"sde-dpmsolver++"`` (sample ``i`` depends on ``(seed, i)`` only).
-        order: 1, 2, 3 (adaptive: 2 -> DPM-Solver-12, 3 -> DPM-Solver-23).
+        order: 1, 2, 3 (adaptive: 2 -> DPM-Solver-12, 3 -> DPM-Solver-23; adaptive_multistep:
+            2 -> advance with 2M, 3 -> with 3M).
         algorithm: ``"dpmsolver"`` (noise prediction), ``"dpmsolver++"`` (data prediction),
             ``"sde-dpmsolver++"`` (SDE-DPM-Solver++, multistep orders 1-2).
-        variant: ``"singlestep"``, ``"multistep"`` or ``"adaptive"``.
+        variant: ``"singlestep"``, ``"multistep"``, ``"adaptive"`` (the paper's singlestep pairs)
+            or ``"adaptive_multistep"`` (variable-step 2M/3M, one call per accepted step).
         skip_type: ``"logSNR"``, ``"time_uniform"`` or ``"time_quadratic"`` time grid.
         lower_order_final: lower orders at the last steps (see the module docstring).
         atol, rtol: adaptive tolerances (defaults 0.0078 and 0.05 as the DPM-Solver paper).
@@ -228,6 +293,7 @@ def sample_dpm_solver(adapter: Any, sde: Any, x_T: Tensor, *, t_end: float, step
         controller: adaptive step-size rule: ``"pi"`` (default; the engine's PI controller,
             ``beta1 = 0.7/order``, ``beta2 = 0.4/order``, growth at most 10x, shrink at most 5x)
             or ``"paper"`` (``h <- min(theta h E^(-1/order), ...)``, unbounded growth).
+            ``"adaptive_multistep"`` always uses the PI controller (with ``order = 3``).
         max_steps: adaptive step attempts per sample before ``ReturnCode.MaxIters``.
         save_trajectory: save the states at every outer grid time (fixed grids).
         sensealg: must be ``None``: gradients flow by autograd through the loop.
@@ -238,16 +304,19 @@ def sample_dpm_solver(adapter: Any, sde: Any, x_T: Tensor, *, t_end: float, step
     """
     atol = 0.0078 if atol is None else atol
     rtol = 0.05 if rtol is None else rtol
-    _check_options(order, algorithm, variant, skip_type, steps, atol, rtol, h_init, theta, max_steps, lower_order_final,
-                   controller)
+    _check_options(
+        order, algorithm, variant, skip_type, steps, atol, rtol, h_init, theta, max_steps, lower_order_final, controller
+    )
     if sensealg is not None:
         raise ValueError("method='dpm_solver' is differentiated by autograd through its loop; pass sensealg=None")
     fn = _predictor(adapter, algorithm)
     per_call = evaluations_per_call(adapter)
     bounds = (float(t_end), float(sde.T))
-    if variant == "adaptive":
-        sol = _adaptive(fn, sde, x_T, order, algorithm, bounds, float(atol), float(rtol), float(h_init), float(theta),
-                        max_steps, controller)
+    if variant.startswith("adaptive"):
+        run = _adaptive if variant == "adaptive" else _adaptive_multistep
+        sol = run(
+            fn, sde, x_T, order, algorithm, bounds, float(atol), float(rtol), float(h_init), float(theta), max_steps, controller
+        )
         sol.stats.nf = sol.stats.nf * per_call
         return sol
     steps = 20 if steps is None else steps
@@ -261,8 +330,18 @@ def sample_dpm_solver(adapter: Any, sde: Any, x_T: Tensor, *, t_end: float, step
     return sol
 
 
-def _fixed(fn: Predictor, sde: Any, x: Tensor, ts: Tensor, orders: list[int], variant: str, algorithm: str,
-           bounds: tuple[float, float], seed: int, save_trajectory: bool) -> Solution:
+def _fixed(
+    fn: Predictor,
+    sde: Any,
+    x: Tensor,
+    ts: Tensor,
+    orders: list[int],
+    variant: str,
+    algorithm: str,
+    bounds: tuple[float, float],
+    seed: int,
+    save_trajectory: bool,
+) -> Solution:
     batch = x.shape[0]
     saved = [x]
     grid = point(sde, ts)  # (K+1,): every sample shares the grid; steps use (1,) slices
@@ -304,8 +383,20 @@ def error_norm(x_high: Tensor, x_low: Tensor, x_prev: Tensor, atol: float, rtol:
     return ((x_high - x_low) / delta).double().square().flatten(1).mean(dim=1).sqrt()
 
 
-def _adaptive(fn: Predictor, sde: Any, x: Tensor, order: int, algorithm: str, bounds: tuple[float, float],
-              atol: float, rtol: float, h_init: float, theta: float, max_steps: int, controller: str) -> Solution:
+def _adaptive(
+    fn: Predictor,
+    sde: Any,
+    x: Tensor,
+    order: int,
+    algorithm: str,
+    bounds: tuple[float, float],
+    atol: float,
+    rtol: float,
+    h_init: float,
+    theta: float,
+    max_steps: int,
+    controller: str,
+) -> Solution:
     """Per-sample adaptive DPM-Solver-12 / -23 (module docstring); only running samples are evaluated."""
     t_end, t_start = bounds
     batch, device = x.shape[0], x.device
@@ -334,7 +425,7 @@ def _adaptive(fn: Predictor, sde: Any, x: Tensor, order: int, algorithm: str, bo
         t = point(sde, torch.where(last, torch.full_like(h_try, t_end), t_of_lam(sde, s.lam + h_try, *bounds)))
         f0 = fn(xs, s.t)
         x_high, x_low = step(fn, sde, xs, f0, s, t, algorithm, bounds, r1)
-        err = error_norm(x_high, x_low, xs, atol, rtol)
+        err = error_norm(x_high, x_low, xs, atol, rtol).detach()  # steps are not differentiated (as diffrax)
         finite = torch.isfinite(err)
         accept = finite & (err <= 1.0)
         x[idx] = torch.where(expand_like(accept, xs), x_high, xs)
@@ -352,10 +443,109 @@ def _adaptive(fn: Predictor, sde: Any, x: Tensor, order: int, algorithm: str, bo
         done[idx] = finished
         tiny[idx] = h[idx] < h_min
         running[idx] = ~finished & (naccept[idx] + nreject[idx] < max_steps) & ~tiny[idx]
-    final = x
-    codes = torch.where(done, int(ReturnCode.Success),
-                        torch.where(tiny, int(ReturnCode.DtLessThanMin), int(ReturnCode.MaxIters)))
+    return _adaptive_solution(x0, x, done, tiny, nf, naccept, nreject, bounds, f"dpm_solver:{algorithm}:adaptive{order}")
+
+
+def _adaptive_solution(
+    x0: Tensor,
+    final: Tensor,
+    done: Tensor,
+    tiny: Tensor,
+    nf: Tensor,
+    naccept: Tensor,
+    nreject: Tensor,
+    bounds: tuple[float, float],
+    alg: str,
+) -> Solution:
+    """Solution of an adaptive run: ``Success`` where finished, ``DtLessThanMin`` where the step
+    collapsed, ``MaxIters`` otherwise."""
+    codes = torch.where(done, int(ReturnCode.Success), torch.where(tiny, int(ReturnCode.DtLessThanMin), int(ReturnCode.MaxIters)))
     stats = Stats(nf=nf, ng=torch.zeros_like(nf), naccept=naccept, nreject=nreject)
-    ts = torch.tensor([t_start, t_end], dtype=x.dtype, device=device)
-    return Solution(ts=ts, ys=torch.stack([x0, final]), stats=stats, retcodes=codes.long(),
-                    alg=f"dpm_solver:{algorithm}:adaptive{order}")
+    ts = torch.tensor([bounds[1], bounds[0]], dtype=final.dtype, device=final.device)
+    return Solution(ts=ts, ys=torch.stack([x0, final]), stats=stats, retcodes=codes.long(), alg=alg)
+
+
+MAX_SHRINKS = 12  # rejected multistep proposals retried per iteration (no model call needed)
+
+
+def _adaptive_multistep(
+    fn: Predictor,
+    sde: Any,
+    x: Tensor,
+    order: int,
+    algorithm: str,
+    bounds: tuple[float, float],
+    atol: float,
+    rtol: float,
+    h_init: float,
+    theta: float,
+    max_steps: int,
+    controller: str,
+) -> Solution:
+    """Per-sample variable-step multistep DPM-Solver(++) (module docstring): one model call per
+    accepted step; a rejected proposal costs none (the estimate is a function of ``h``)."""
+    del controller  # always the PI controller
+    t_end, t_start = bounds
+    batch, device = x.shape[0], x.device
+    x0, x = x, x.clone()
+    lam_end = float(sde.log_snr(torch.tensor([t_end], dtype=torch.float64, device=device))[0])
+    t_s = at_time(t_start, batch, device)
+    hist = fn(x0, t_s).unsqueeze(0).repeat(3, *[1] * x.ndim)  # f0, f1, f2: newest first (x0: x is updated in place)
+    hs = torch.zeros(2, batch, dtype=torch.float64, device=device)  # the two previous step sizes
+    nhist = torch.zeros(batch, dtype=torch.long, device=device)
+    h = torch.full((batch,), h_init, dtype=torch.float64, device=device)
+    qold = torch.full((batch,), QOLD_INIT, dtype=torch.float64, device=device)
+    pi = PIController(beta1=0.7 / 3, beta2=0.4 / 3, qmin=0.2, qmax=10.0, gamma=theta)  # 2M's local error ~ h^3
+    running = torch.ones(batch, dtype=torch.bool, device=device)
+    done, tiny = torch.zeros_like(running), torch.zeros_like(running)
+    nf = torch.ones(batch, dtype=torch.long, device=device)
+    naccept, nreject = torch.zeros_like(nf), torch.zeros_like(nf)
+    h_min = 1e-12 * max(1.0, abs(lam_end))
+    while True:
+        idx = running.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            break
+        xs, s, fs, nh = x[idx], point(sde, t_s[idx]), list(hist[:, idx]), nhist[idx]
+        remaining, hq, q = lam_end - s.lam, h[idx], qold[idx]
+        got = torch.zeros_like(nh, dtype=torch.bool)
+        out = (xs, s.t, hq, q, torch.zeros_like(got), hq)
+        for _ in range(MAX_SHRINKS):
+            h_try = torch.minimum(hq, remaining)
+            last = h_try >= remaining
+            t = point(sde, torch.where(last, torch.full_like(h_try, t_end), t_of_lam(sde, s.lam + h_try, *bounds)))
+            co = coefficients(s, t, algorithm)
+            prev = [torch.where(nh >= k, hs[k - 1, idx], co.h) for k in (1, 2)]  # finite stand-ins before warm-up
+            x1, x2, x3 = (multistep(xs, fs, prev, co, k) for k in (1, 2, 3))
+            warm1, warm2 = expand_like(nh >= 1, xs), expand_like(nh >= 2, xs)
+            new, ref = torch.where(warm1, x2, x1), torch.where(warm2, x3, x1)  # estimate: 3M - 2M (2M - 1 at warm-up)
+            err = torch.where(nh == 0, torch.zeros_like(hq), error_norm(new, ref, xs, atol, rtol).detach())
+            if order == 3:
+                new = torch.where(warm2, x3, new)  # local extrapolation
+            acc = torch.isfinite(err) & (err <= 1.0)
+            h_new, q_new = pi.propose(h_try, torch.where(torch.isfinite(err), err, torch.full_like(err, math.inf)), q, acc)
+            take = acc & ~got
+            out = tuple(
+                torch.where(expand_like(take, a), b, a) for a, b in zip(out, (new, t.t, h_new, q_new, last, co.h), strict=True)
+            )
+            nreject[idx] += (~acc & ~got).long()
+            got = got | acc
+            hq = torch.where(got, hq, h_new)
+            if bool(got.all()) or bool((hq[~got] < h_min).all()):
+                break
+        x_new, t_new, h_next, q_next, last, h_taken = out
+        x[idx], t_s[idx] = x_new, t_new
+        h[idx], qold[idx] = torch.where(got, h_next, hq), q_next
+        naccept[idx] += got.long()
+        finished = got & last
+        done[idx] = finished
+        tiny[idx] = ~got & (hq < h_min)
+        more = idx[got & ~last]  # accepted, not finished: the next step needs the prediction here
+        if more.numel():
+            hist[:, more] = torch.cat([fn(x[more], t_s[more]).unsqueeze(0), hist[:2, more]])
+            hs[:, more] = torch.stack([h_taken[got & ~last], hs[0, more]])
+            nhist[more] += 1
+            nf[more] += 1
+        running[idx] = ~finished & ~tiny[idx] & (naccept[idx] + nreject[idx] < max_steps)
+    return _adaptive_solution(
+        x0, x, done, tiny, nf, naccept, nreject, bounds, f"dpm_solver:{algorithm}:adaptive_multistep{order}"
+    )

@@ -21,6 +21,7 @@ per-sample noise from ``(seed, step)``.
 // 2`` levels followed by ``s_N = 0`` reached by one Euler step (``2 N - 1`` calls); the output is
 ``x~`` at ``s = 0`` (reported at ``t = 0``).
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,9 @@ from .common import STREAMS, expand_like, grid_solution, per_sample_normal
 from .grids import at_time, evaluations_per_call
 
 
-def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0,
-                  device: torch.device | str | None = None) -> Tensor:
+def karras_sigmas(
+    n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, device: torch.device | str | None = None
+) -> Tensor:
     """``n`` decreasing float64 noise levels from ``sigma_max`` to ``sigma_min`` (Karras et al. Eq. 5)."""
     if n == 1:
         return torch.tensor([sigma_max], dtype=torch.float64, device=device)
@@ -71,10 +73,25 @@ class _Denoiser:
         return self.adapter.x0(expand_like(alpha.to(x.dtype), x) * x, t.to(x.dtype).expand(x.shape[0]))
 
 
-def sample_edm(adapter: Any, sde: Any, x_T: Tensor, *, t_end: float, steps: int | None, seed: int = 0,
-               sigma_min: float | None = None, sigma_max: float | None = None, rho: float = 7.0,
-               S_churn: float = 0.0, S_tmin: float = 0.0, S_tmax: float = math.inf, S_noise: float = 1.0,
-               denoise_to_zero: bool = False, save_trajectory: bool = False, sensealg: Any = None) -> Solution:
+def sample_edm(
+    adapter: Any,
+    sde: Any,
+    x_T: Tensor,
+    *,
+    t_end: float,
+    steps: int | None,
+    seed: int = 0,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    rho: float = 7.0,
+    S_churn: float = 0.0,
+    S_tmin: float = 0.0,
+    S_tmax: float = math.inf,
+    S_noise: float = 1.0,
+    denoise_to_zero: bool = False,
+    save_trajectory: bool = False,
+    sensealg: Any = None,
+) -> Solution:
     """Karras et al. (2022) Algorithm 2 on any process (module docstring).
 
     Args:
@@ -148,7 +165,7 @@ def sample_edm(adapter: Any, sde: Any, x_T: Tensor, *, t_end: float, steps: int 
             nf += 1
         x = x_next
         if save_trajectory:
-            saved.append(x if s_next == 0 else x * sde.marginal(ts[i + 1:i + 2])[0].to(x.dtype))
+            saved.append(x if s_next == 0 else x * sde.marginal(ts[i + 1 : i + 2])[0].to(x.dtype))
     out_ts = torch.cat([ts, ts.new_zeros(1)]) if denoise_to_zero else ts
     if not save_trajectory:
         alpha_end = 1.0 if denoise_to_zero else sde.marginal(ts[-1:])[0].to(x.dtype)

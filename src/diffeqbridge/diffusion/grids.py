@@ -5,6 +5,7 @@ The fixed-grid samplers (DPM-Solver, EDM, BDIA, EDICT) work in the half log-SNR
 ``x_t = alpha(t) x_0 + sigma(t) eps``.  Schedule values are computed in float64 whatever the
 state's dtype (they are ``(B,)`` vectors: cheap) and cast where they meet the state.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,7 +27,7 @@ class Point:
     sigma: Tensor
     lam: Tensor
 
-    def select(self, idx: Tensor) -> "Point":
+    def select(self, idx: Tensor) -> Point:
         """The rows ``idx`` (a 1-D index tensor) of every field."""
         return Point(self.t[idx], self.alpha[idx], self.sigma[idx], self.lam[idx])
 
@@ -49,8 +50,7 @@ def check_skip_type(skip_type: Any) -> str:
     return skip_type
 
 
-def time_grid(sde: Any, t_start: float, t_end: float, n: int, skip_type: str,
-              device: torch.device | str | None = None) -> Tensor:
+def time_grid(sde: Any, t_start: float, t_end: float, n: int, skip_type: str, device: torch.device | str | None = None) -> Tensor:
     """``n + 1`` decreasing float64 times from ``t_start`` to ``t_end`` (both exact).
 
     ``"logSNR"``: uniform in ``lambda`` (DPM-Solver's recommendation for few steps, Lu et al.

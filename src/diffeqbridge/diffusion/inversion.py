@@ -30,16 +30,27 @@ CVPR 2023, Eqs. 10-16) couples two chains ``(x, y)`` with mixing ``p`` (default 
 (``a, b`` the DDIM coefficients of ``t_k -> t_{k+1}``), two model calls per step; each line is
 inverted in reverse order.  From noise both chains start at ``x_T``; the sample is ``x``.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
 from ..solution import Solution
-from .common import check_model_dtype, check_steps, check_t_end, check_x, expand_like, grid_solution
+from .common import (
+    check_model_dtype,
+    check_steps,
+    check_t_end,
+    check_x,
+    expand_like,
+    grid_solution,
+)
 from .dpm_solver import coefficients, first_order
 from .grids import Point, check_skip_type, evaluations_per_call, point, time_grid
 
@@ -66,8 +77,7 @@ class InversionState(tuple):
     skip_type: str
     mixing: float
 
-    def __new__(cls, x: Tensor, y: Tensor, *, method: str, steps: int, t_end: float, skip_type: str,
-                mixing: float) -> "InversionState":
+    def __new__(cls, x: Tensor, y: Tensor, *, method: str, steps: int, t_end: float, skip_type: str, mixing: float) -> Self:
         self = super().__new__(cls, (x, y))
         self.method, self.steps, self.t_end, self.skip_type, self.mixing = method, steps, t_end, skip_type, mixing
         return self
@@ -81,8 +91,10 @@ class InversionState(tuple):
         return self[1]
 
     def __repr__(self) -> str:
-        return (f"InversionState(method={self.method!r}, shape={tuple(self[0].shape)}, steps={self.steps}, "
-                f"t_end={self.t_end}, skip_type={self.skip_type!r}, mixing={self.mixing})")
+        return (
+            f"InversionState(method={self.method!r}, shape={tuple(self[0].shape)}, steps={self.steps}, "
+            f"t_end={self.t_end}, skip_type={self.skip_type!r}, mixing={self.mixing})"
+        )
 
 
 def _grid(sde: Any, steps: int, t_end: float, skip_type: str, device: Any) -> list[Point]:
@@ -110,8 +122,13 @@ def _mixing(name: str, value: Any, state: InversionState | None, default: float)
     return float(value)
 
 
-def _start(method: str, x_T: Any, steps: int | None, t_end: float, skip_type: str | None,
-           ) -> tuple[tuple[Tensor, Tensor] | None, InversionState | None, Tensor, int, str]:
+def _start(
+    method: str,
+    x_T: Any,
+    steps: int | None,
+    t_end: float,
+    skip_type: str | None,
+) -> tuple[tuple[Tensor, Tensor] | None, InversionState | None, Tensor, int, str]:
     """Validate a sampler's start: noise ``(B, *shape)``, an :class:`InversionState` of
     ``method`` or a plain ``(x, y)`` pair.  Returns ``(pair, state, x, steps, skip_type)``."""
     state = x_T if isinstance(x_T, InversionState) else None
@@ -144,9 +161,18 @@ def _no_sensealg(sensealg: Any, method: str) -> None:
         raise ValueError(f"method={method!r} is differentiated by autograd through its loop; pass sensealg=None")
 
 
-def sample_bdia(adapter: Any, sde: Any, x_T: Tensor | InversionState, *, t_end: float, steps: int | None,
-                seed: int = 0, gamma: float | None = None, skip_type: str | None = None,
-                sensealg: Any = None) -> Solution:
+def sample_bdia(
+    adapter: Any,
+    sde: Any,
+    x_T: Tensor | InversionState,
+    *,
+    t_end: float,
+    steps: int | None,
+    seed: int = 0,
+    gamma: float | None = None,
+    skip_type: str | None = None,
+    sensealg: Any = None,
+) -> Solution:
     """BDIA-DDIM sampling (module docstring) from noise ``x_T`` ``(B, *shape)`` or a BDIA
     :class:`InversionState`.  ``steps`` DDIM intervals (default 50, or the state's); one model
     call per step (``steps - 1`` from a state).  ``gamma`` defaults to the state's or 1.
@@ -169,9 +195,18 @@ def sample_bdia(adapter: Any, sde: Any, x_T: Tensor | InversionState, *, t_end: 
     return _solution(grid, x, cur, nf * evaluations_per_call(adapter), steps, "bdia")
 
 
-def sample_edict(adapter: Any, sde: Any, x_T: Tensor | InversionState, *, t_end: float, steps: int | None,
-                 seed: int = 0, p: float | None = None, skip_type: str | None = None,
-                 sensealg: Any = None) -> Solution:
+def sample_edict(
+    adapter: Any,
+    sde: Any,
+    x_T: Tensor | InversionState,
+    *,
+    t_end: float,
+    steps: int | None,
+    seed: int = 0,
+    p: float | None = None,
+    skip_type: str | None = None,
+    sensealg: Any = None,
+) -> Solution:
     """EDICT sampling (module docstring) from noise ``x_T`` ``(B, *shape)`` or an EDICT
     :class:`InversionState`; two model calls per step; ``ys[-1]`` is the ``x`` chain.
     ``p`` defaults to the state's or 0.93.  Deterministic: ``seed`` is unused."""
@@ -220,9 +255,18 @@ def _invert_edict(adapter: Any, sde: Any, x0: Tensor, steps: int, t_end: float, 
     return InversionState(a, b, method="edict", steps=steps, t_end=t_end, skip_type=skip_type, mixing=p)
 
 
-def invert(model: Any, sde: Any, x0: Tensor, method: str = "ode", steps: int | None = None,
-           parameterization: str = "eps", atol: float | None = None, rtol: float | None = None,
-           t_end: float = 1e-3, **options: Any) -> Tensor | InversionState:
+def invert(
+    model: Any,
+    sde: Any,
+    x0: Tensor,
+    method: str = "ode",
+    steps: int | None = None,
+    parameterization: str = "eps",
+    atol: float | None = None,
+    rtol: float | None = None,
+    t_end: float = 1e-3,
+    **options: Any,
+) -> Tensor | InversionState:
     """Map data ``x0`` ``(B, *shape)`` (at ``t_end``) to the sampler's start at ``T``.
 
     Args:
@@ -241,7 +285,13 @@ def invert(model: Any, sde: Any, x0: Tensor, method: str = "ode", steps: int | N
         ``"ode"``: the ``(B, *shape)`` tensor at ``T``; ``"bdia"``/``"edict"``: an
         :class:`InversionState` that ``dd.sample(model, sde, state, method=method)`` maps back to ``x0``.
     """
-    from .models import ModelAdapter, as_adapter, check_model, check_parameterization, check_sde
+    from .models import (
+        ModelAdapter,
+        as_adapter,
+        check_model,
+        check_parameterization,
+        check_sde,
+    )
 
     if method not in INVERT_METHODS:
         raise ValueError(f"method must be one of {INVERT_METHODS}; got {method!r}")
@@ -274,8 +324,7 @@ def invert(model: Any, sde: Any, x0: Tensor, method: str = "ode", steps: int | N
     return _invert_edict(adapter, sde, x0, steps, t_end, skip_type, mixing)
 
 
-def _invert_ode(adapter: Any, sde: Any, x0: Tensor, t_end: float, atol: float | None, rtol: float | None,
-                alg: Any) -> Tensor:
+def _invert_ode(adapter: Any, sde: Any, x0: Tensor, t_end: float, atol: float | None, rtol: float | None, alg: Any) -> Tensor:
     """The probability-flow ODE ``dx/dt = f(t) x - g(t)^2 score(x, t) / 2`` from ``t_end`` up to ``T``."""
     from ..problem import ODEProblem
     from ..solve import solve
@@ -283,6 +332,10 @@ def _invert_ode(adapter: Any, sde: Any, x0: Tensor, t_end: float, atol: float | 
     from .sampling import ODE_TOLERANCES, reverse_sde_drift
 
     prob = ODEProblem(reverse_sde_drift(adapter, sde, 0.5), x0, (t_end, float(sde.T)))
-    sol = solve(prob, alg if alg is not None else Tsit5(), atol=ODE_TOLERANCES[0] if atol is None else atol,
-                rtol=ODE_TOLERANCES[1] if rtol is None else rtol)
+    sol = solve(
+        prob,
+        alg if alg is not None else Tsit5(),
+        atol=ODE_TOLERANCES[0] if atol is None else atol,
+        rtol=ODE_TOLERANCES[1] if rtol is None else rtol,
+    )
     return sol.ys[-1]

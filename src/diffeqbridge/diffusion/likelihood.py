@@ -17,6 +17,7 @@ estimates ``E[v^T (dh/dx) v]`` with ``n_probes`` Rademacher or Gaussian probes d
 sample from ``(seed, sample index)`` and held fixed for the whole solve (the estimator of
 ``log p`` is then unbiased and the ODE stays an ODE).
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,7 @@ TRACES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
 
 
-def _probes(shape: tuple[int, ...], n_probes: int, probe: str, seed: int, dtype: torch.dtype,
-            device: torch.device) -> Tensor:
+def _probes(shape: tuple[int, ...], n_probes: int, probe: str, seed: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """``(n_probes, B, *state_shape)`` probes; sample ``i``'s depend on ``(seed, i)`` only."""
     batch, rest = shape[0], shape[1:]
     draw = per_sample_rademacher if probe == "rademacher" else per_sample_normal
@@ -64,8 +64,9 @@ def _vjps(out: Tensor, x: Tensor, vs: Tensor, create_graph: bool) -> Tensor:
         return torch.stack(rows)
 
 
-def augmented_flow(adapter: ModelAdapter, sde: DiffusionProcess, shape: tuple[int, ...], trace: str,
-                   probes: Tensor | None) -> Any:
+def augmented_flow(
+    adapter: ModelAdapter, sde: DiffusionProcess, shape: tuple[int, ...], trace: str, probes: Tensor | None
+) -> Any:
     """The vector field of ``[x, int div h]`` on flat states ``(B, D + 1)``."""
     drift = reverse_sde_drift(adapter, sde, 0.5)
     d = math.prod(shape[1:])
@@ -139,8 +140,7 @@ def log_likelihood(
     shape = tuple(x0.shape)
     probes = _probes(shape, n_probes, probe, seed, x0.dtype, x0.device) if trace == "hutchinson" else None
     y0 = torch.cat([x0.flatten(1), torch.zeros_like(x0[:, :1].flatten(1)[:, :1])], dim=1)
-    prob = ODEProblem(augmented_flow(adapter, sde, shape, trace, probes), y0, tspan=(t_end, sde.T),
-                      params=adapter.parameters())
+    prob = ODEProblem(augmented_flow(adapter, sde, shape, trace, probes), y0, tspan=(t_end, sde.T), params=adapter.parameters())
     sol = solve(prob, alg, atol=atol, rtol=rtol, **options)
     d = math.prod(shape[1:])
     end = sol.ys[-1]

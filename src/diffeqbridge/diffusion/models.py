@@ -21,6 +21,7 @@ All four are affine in the model's output with coefficients that depend on ``(x,
 so a guidance mix ``(1 - w) out_u + w out_c`` (:class:`ClassifierFreeGuidance`) commutes with
 every conversion.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -250,8 +251,13 @@ class ClassifierFreeGuidance(nn.Module):
         if scale == 1.0:
             return self.inner(x, t, _batched(self.cond, batch))
         cond, uncond = _batched(self.cond, batch), _batched(self.uncond, batch)
-        if (isinstance(cond, Tensor) and isinstance(uncond, Tensor) and cond.ndim >= 1
-                and cond.shape == uncond.shape and cond.shape[0] == batch):
+        if (
+            isinstance(cond, Tensor)
+            and isinstance(uncond, Tensor)
+            and cond.ndim >= 1
+            and cond.shape == uncond.shape
+            and cond.shape[0] == batch
+        ):
             both = self.inner(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond]))
             out_u, out_c = both[:batch], both[batch:]
         else:

@@ -7,6 +7,7 @@ so ``log p_t`` and its score ``grad log p_t(x) = sum_k r_k(x) (alpha mu_k - x) /
 :meth:`GaussianMixture.score_model` turns that into a model in any parameterization: the
 test, CLI-demo and benchmark oracle.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,9 @@ class GaussianMixture:
         dtype: the dtype of the stored parameters and of what methods return (float64).
     """
 
-    def __init__(self, weights: Any, means: Any, stds: Any, dtype: torch.dtype = torch.float64,
-                 device: torch.device | str | None = None):
+    def __init__(
+        self, weights: Any, means: Any, stds: Any, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
+    ):
         means = torch.as_tensor(means, dtype=dtype, device=device)
         if means.ndim < 2:
             raise ValueError(f"means must have shape (K, *state_shape); got {tuple(means.shape)}")
@@ -54,18 +56,21 @@ class GaussianMixture:
     def n_components(self) -> int:
         return self.means.shape[0]
 
-    def sample(self, n: int, seed: int = 0, return_components: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """``n`` draws ``(n, *state_shape)``; draw ``i`` depends on ``(seed, i)`` only.
-        With ``return_components`` also the component index of each draw ``(n,)``."""
+    def sample(self, n: int, seed: int = 0) -> Tensor:
+        """``n`` draws ``(n, *state_shape)``; draw ``i`` depends on ``(seed, i)`` only."""
+        return self.sample_with_components(n, seed)[0]
+
+    def sample_with_components(self, n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+        """:meth:`sample` and the component index of each draw ``(n,)``."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int; got {n!r}")
         check_seed(seed)
-        u = per_sample_uniform((n, 1), seed, STREAMS["component"], dtype=torch.float64, device=self.means.device)[:, 0]
+        device = self.means.device
+        u = per_sample_uniform((n, 1), seed, STREAMS["component"], dtype=torch.float64, device=device)[:, 0]
         cdf = torch.cumsum(self.weights.double(), 0)
         comp = torch.searchsorted(cdf, u.contiguous()).clamp(max=self.n_components - 1)
-        z = per_sample_normal((n, *self.state_shape), seed, STREAMS["data"], dtype=self.means.dtype, device=self.means.device)
-        x = self.means[comp] + expand_like(self.stds[comp], z) * z
-        return (x, comp) if return_components else x
+        z = per_sample_normal((n, *self.state_shape), seed, STREAMS["data"], dtype=self.means.dtype, device=device)
+        return self.means[comp] + expand_like(self.stds[comp], z) * z, comp
 
     def _component_log_probs(self, x: Tensor, mean_scale: Tensor | float, var: Tensor) -> Tensor:
         """``log w_k + log N(x; c mu_k, v_k I)`` for every component: ``(B, K)``.
@@ -74,8 +79,11 @@ class GaussianMixture:
         xf = x.flatten(1).to(self.means.dtype)  # (B, D)
         mu = self.means.flatten(1)  # (K, D)
         c = mean_scale if isinstance(mean_scale, float) else mean_scale.to(xf.dtype).unsqueeze(1)
-        sq = (xf.square().sum(1, keepdim=True) - 2 * c * (xf @ mu.T)  # (B, K): |x - c mu_k|^2
-              + (c * c) * mu.square().sum(1).unsqueeze(0))
+        sq = (
+            xf.square().sum(1, keepdim=True)
+            - 2 * c * (xf @ mu.T)  # (B, K): |x - c mu_k|^2
+            + (c * c) * mu.square().sum(1).unsqueeze(0)
+        )
         sq = sq.clamp_min(0.0)
         return torch.log(self.weights).unsqueeze(0) - 0.5 * self.dim * torch.log(2 * math.pi * var) - 0.5 * sq / var
 

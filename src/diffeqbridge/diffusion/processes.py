@@ -21,6 +21,7 @@ process                ``alpha(t)``, ``sigma(t)``                         prior 
 ``ScheduleSDE``        user callables                                     ``N(0, alpha^2+sigma^2)``
 =====================  =================================================  =====================
 """
+
 from __future__ import annotations
 
 import math
@@ -118,8 +119,9 @@ class DiffusionProcess:
         alpha, sigma = self.marginal(torch.tensor([self.T], dtype=torch.float64))
         return float(torch.sqrt(alpha.square() + sigma.square()))
 
-    def prior_sample(self, shape: tuple[int, ...], seed: int = 0, dtype: torch.dtype = torch.float64,
-                     device: torch.device | str | None = None) -> Tensor:
+    def prior_sample(
+        self, shape: tuple[int, ...], seed: int = 0, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
+    ) -> Tensor:
         """``N(0, prior_std^2 I)`` draws of shape ``(B, *state_shape)``; row ``i`` depends on
         ``(seed, i)`` only (a larger batch extends a smaller one)."""
         shape = _check_shape(shape)
@@ -171,7 +173,7 @@ class VPSDE(DiffusionProcess):
         self.T = _check_T(T)
 
     @classmethod
-    def from_ddpm_betas(cls, betas: Any) -> "DiscreteVPSDE":
+    def from_ddpm_betas(cls, betas: Any) -> DiscreteVPSDE:
         """A DDPM beta table as a continuous schedule: :class:`DiscreteVPSDE` ``(betas)``."""
         return DiscreteVPSDE(betas)
 
@@ -292,15 +294,19 @@ class ScheduleSDE(DiffusionProcess):
     :meth:`t_from_log_snr` bisects.  The prior is ``N(0, (alpha(T)^2 + sigma(T)^2) I)``.
     """
 
-    def __init__(self, alpha_fn: TimeFn, sigma_fn: TimeFn, T: float = 1.0,
-                 f_fn: TimeFn | None = None, g2_fn: TimeFn | None = None):
+    def __init__(
+        self, alpha_fn: TimeFn, sigma_fn: TimeFn, T: float = 1.0, f_fn: TimeFn | None = None, g2_fn: TimeFn | None = None
+    ):
         for name, fn in (("alpha_fn", alpha_fn), ("sigma_fn", sigma_fn)):
             if not callable(fn):
                 raise TypeError(f"{name} must be callable as {name}(t) with t of shape (B,); got {type(fn).__name__}")
-        for name, fn in (("f_fn", f_fn), ("g2_fn", g2_fn)):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"{name} must be None or callable; got {type(fn).__name__}")
-        self.alpha_fn, self.sigma_fn, self.f_fn, self.g2_fn = alpha_fn, sigma_fn, f_fn, g2_fn
+        for name, given in (("f_fn", f_fn), ("g2_fn", g2_fn)):
+            if given is not None and not callable(given):
+                raise TypeError(f"{name} must be None or callable; got {type(given).__name__}")
+        self.alpha_fn: TimeFn = alpha_fn
+        self.sigma_fn: TimeFn = sigma_fn
+        self.f_fn: TimeFn | None = f_fn
+        self.g2_fn: TimeFn | None = g2_fn
         self.T = _check_T(T)
         grid = torch.linspace(0.0, self.T, 65, dtype=torch.float64)
         alpha, sigma = self.marginal(grid)

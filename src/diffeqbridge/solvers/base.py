@@ -44,6 +44,9 @@ class StepOutput:
             OrdinaryDiffEq's/StochasticDiffEq's ``eigen_est``; None when not computed.
         njac: Jacobian evaluations in this step (implicit solvers; summed into
             ``Stats.extra["njac"]``), None when the solver builds none.
+        stages: the stage derivatives ``k_i`` of the step (``Tsit5``/``Dopri5``: ``drift`` at
+            the stages; ``Rodas4``: its transformed stages), what the solver's free interpolant
+            needs for dense output (:mod:`diffeqbridge.dense`); None for other solvers.
         nf / ng may also be ``(B,)`` int tensors (composite solvers count per sample).
     """
 
@@ -55,6 +58,7 @@ class StepOutput:
     converged: Tensor | None = None
     stiffness: Tensor | None = None
     njac: int | Tensor | None = None
+    stages: list[Tensor] | None = None
 
 
 class AbstractSolver:

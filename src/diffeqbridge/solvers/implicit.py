@@ -32,8 +32,9 @@ difference (StochasticDiffEq's one-sided ``(g(y + g √dt) - g) / √dt`` carrie
 strong order drops to 0.5 when ``g'' ≠ 0``: measured 0.6 on ``prob_sde_stiffquadstrat``
 with it, 1.0 with the central difference); the implicit drift is evaluated at ``t + dt`` (the
 textbook θ-method; StochasticDiffEq's nonlinear solver uses ``t + θ dt``: identical for
-autonomous drifts and for θ = 1); the Newton tolerance is the solver's own
-(``NewtonOptions``), not the integration tolerance scaled by κ; Jacobians are recomputed
+autonomous drifts and for θ = 1); the Newton tolerance is κ times the integration
+tolerance (``nonlinear.newton_tolerances``) but tested on the update's RMS, not with SciML's
+η-based convergence-rate estimate; Jacobians are recomputed
 every step (no reuse across steps).
 
 ``ISSEM`` (implicit split-step) solves the drift part first and adds ``g(t, y) ΔW`` after
@@ -101,7 +102,8 @@ class _DriftImplicit(AbstractSolver):
         if opts.linsolve == "lu":
             J, nf = batched_jacobian(terms.drift, t, y, opts.jac)
             factors = lu_factor(newton_matrix(J, gh))
-        res = newton_stage(terms.drift, t + dt, base, gh, base + expand_to(gh, y) * f0, opts, factors)
+        res = newton_stage(terms.drift, t + dt, base, gh, base + expand_to(gh, y) * f0, opts, factors,
+                           tolerances=terms.tolerances)
         # E_d uses the Jacobian at (t, y), as StochasticDiffEq (J of the first Newton matrix)
         return res.z, res.converged, J, nf + res.nf
 

@@ -28,8 +28,8 @@ refreshed per iterate when ``NewtonOptions.full_newton``.  ``z_i`` is recovered 
 ``(Y_i - base_i)/γ`` (no extra drift evaluation; exact at the Newton solution).  A sample
 whose Newton iteration fails in any stage gets a NaN proposal (the engine rejects it).
 
-Deviations from StochasticDiffEq: the Newton tolerance is :class:`NewtonOptions`'s
-(not κ·tol with SciML's η-based stopping test); the initial Newton guess of each stage is
+Deviations from StochasticDiffEq: the Newton tolerance is κ·tol
+(``nonlinear.newton_tolerances``) on the update's RMS, without SciML's η-based rate estimate; the initial Newton guess of each stage is
 the previous stage's ``z`` (SciML: ``:min_correct``, i.e. ``z = 0``, by default); the
 Jacobian is recomputed every step.
 
@@ -122,7 +122,8 @@ class SKenCarp(AbstractSolver):
 
         def stage(base: Tensor, c: float, z_guess: Tensor) -> Tensor:
             nonlocal converged, nf
-            res = newton_stage(drift, t + c * dt, base, gh, base + GAMMA * z_guess, opts, factors)
+            res = newton_stage(drift, t + c * dt, base, gh, base + GAMMA * z_guess, opts, factors,
+                               tolerances=terms.tolerances)
             converged = converged & res.converged
             nf += res.nf
             return res.z

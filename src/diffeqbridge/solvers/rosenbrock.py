@@ -11,7 +11,11 @@ and of OrdinaryDiffEq.jl's ``RodasTableau``)::
     err = k_s                                          (btilde = e_s)
 
 Jacobians come from :func:`diffeqbridge.nonlinear.batched_jacobian`
-(``jac="autodiff"`` | ``"fd"`` | callable).
+(``jac="autodiff"`` | ``"fd"`` | callable).  With autograd on, ``J`` and ``∂f/∂t`` are
+differentiated too (second derivatives of ``f`` in the backward), so gradients through the
+steps are exact for ``"autodiff"`` (and a differentiable callable); with ``jac="fd"`` they
+are not (``J`` is a constant to autograd: measured 2e-4 relative error in ``du(1)/du0`` on
+the logistic equation at tolerance 1e-10).
 
 Sources:
 
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from ..nonlinear import (
@@ -91,8 +96,11 @@ class Rodas4(AbstractSolver):
         f = terms.drift
         h = expand_to(dt, y)
         gh = self.gamma_diag * dt
-        J, nj = batched_jacobian(f, t, y, self.jac)
-        ft, nt = time_derivative(f, t, y, self.jac)
+        # the step's result depends on J and ∂f/∂t (no Newton iteration converges them away):
+        # with autograd on they keep their graphs, so gradients are exact for the steps taken
+        grad = torch.is_grad_enabled()
+        J, nj = batched_jacobian(f, t, y, self.jac, differentiable=grad)
+        ft, nt = time_derivative(f, t, y, self.jac, differentiable=grad)
         factors = lu_factor(newton_matrix(J, gh))
         gh_b = expand_to(gh, y).to(y.dtype)
         ks: list[Tensor] = []
@@ -111,7 +119,7 @@ class Rodas4(AbstractSolver):
             # (I/(γh) - J) k = rhs  <=>  (I - γh J) k = γh rhs
             ks.append(lu_solve(factors, gh_b * rhs))
         y1 = u + ks[-1]
-        return StepOutput(y1, ks[-1], nf=nf, ng=0, stiffness=jacobian_inf_norm(J), njac=1)
+        return StepOutput(y1, ks[-1], nf=nf, ng=0, stiffness=jacobian_inf_norm(J), njac=1, stages=ks)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(jac={self.jac!r})" if isinstance(self.jac, str) else f"{type(self).__name__}(jac=<callable>)"

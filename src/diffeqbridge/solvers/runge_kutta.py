@@ -205,6 +205,7 @@ def explicit_rk_step(
     dt: Tensor,
     f0: Tensor | None = None,
     stiffness_out: list[Tensor] | None = None,
+    stages_out: list[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, int]:
     """One explicit RK step of every sample by its own ``dt``.
 
@@ -215,6 +216,8 @@ def explicit_rk_step(
         f0: ``drift(t, y)`` if already known (FSAL), else it is evaluated.
         stiffness_out: when a list, the per-sample stiffness estimate ``ρ`` ``(B,)`` of the
             last two stages is appended to it.
+        stages_out: when a list, the stage derivatives ``k_1..k_s`` are appended to it
+            (dense output).
 
     Returns:
         ``(y1, error, f1, nf)``: the 5th-order state, the embedded error
@@ -252,6 +255,8 @@ def explicit_rk_step(
         # Hairer–Wanner II, Sec. IV.2 (OrdinaryDiffEq's DP5/Tsit5 eigen_est): the last two
         # stages, both at t + dt for these FSAL pairs
         stiffness_out.append(hairer_eigen_estimate(ks[-1] - ks[-2], y_stage - y_prev))
+    if stages_out is not None:
+        stages_out.extend(ks)
     return y1, error, f1, nf
 
 
@@ -284,8 +289,9 @@ class ExplicitRK(AbstractSolver):
         returns ``f1 = drift(t + dt, y1)``; without it, one more.
         """
         rho: list[Tensor] = []
-        y1, error, f1, nf = explicit_rk_step(self.tableau, terms.drift, t, y, dt, f0, stiffness_out=rho)
-        return StepOutput(y1=y1, error=error, nf=nf, ng=0, f1=f1, stiffness=rho[0])
+        ks: list[Tensor] = []
+        y1, error, f1, nf = explicit_rk_step(self.tableau, terms.drift, t, y, dt, f0, stiffness_out=rho, stages_out=ks)
+        return StepOutput(y1=y1, error=error, nf=nf, ng=0, f1=f1, stiffness=rho[0], stages=ks)
 
 
 class Tsit5(ExplicitRK):

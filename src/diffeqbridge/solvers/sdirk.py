@@ -128,7 +128,8 @@ class ESDIRK(AbstractSolver):
                     tmp = tmp + aij * zs[j]
             ci = sum(self.a[i]) + g
             guess = tmp + g * zs[-1]
-            res = newton_stage(f, t + ci * dt, tmp, gh, guess, opts, factors if opts.linsolve == "lu" else None)
+            res = newton_stage(f, t + ci * dt, tmp, gh, guess, opts, factors if opts.linsolve == "lu" else None,
+                               tolerances=terms.tolerances)
             nf += res.nf
             converged = converged & res.converged
             most_iterations = max(most_iterations, res.iterations)
