@@ -225,7 +225,8 @@ def test_blowup_sample_is_unstable_under_fixed_step_em_others_succeed():
 def test_blowup_sample_fails_under_adaptive_solver_others_succeed(alg):
     sol = deb.solve(_blowup_problem(), alg, seed=2, max_steps=500)
     codes = sol.retcode
-    assert codes[0] in (deb.ReturnCode.DtLessThanMin, deb.ReturnCode.MaxIters), codes[0]
+    # a blow-up: the state grows past the growth bound as its step underflows (unstable_check)
+    assert codes[0] in (deb.ReturnCode.Unstable, deb.ReturnCode.MaxIters), codes[0]
     assert all(c == SUCCESS for c in codes[1:]), codes
     assert not sol.success
     exact_others = 0.1 / (1 - 0.1)  # the noise is tiny: close to the ODE solution

@@ -109,7 +109,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("alg,kw,noise,interp", CASES, ids=lambda x: type(x).__name__ if isinstance(x, deb.solvers.base.AbstractSolver) else None)
+def _case_id(x: object) -> str | None:
+    return type(x).__name__ if isinstance(x, deb.solvers.base.AbstractSolver) else None
+
+
+@pytest.mark.parametrize("alg,kw,noise,interp", CASES, ids=_case_id)
 def test_sde_backward_equals_reversed_forward_pathwise(alg, kw, noise, interp):
     prob = _sde(6, noise, interp)
     bm = deb.VirtualBrownianTree(0.0, 1.0, (6, 1), seed=3, dtype=DT)

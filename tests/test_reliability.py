@@ -1,10 +1,6 @@
 """Issue 15: no silent wrong answers, no NaN leaking into healthy gradients, float32 that
 works, bad input refused up front.  One section per numbered item of the issue; the
 reproducers of the issue are the assertions.
-
-Items whose fix lives in the engine (6, 8, 11 and the engine side of 3) are marked
-``xfail(strict=False, reason="engine branch")``: the coordinator removes the mark once the
-engine branch is merged.
 """
 from __future__ import annotations
 
@@ -18,9 +14,6 @@ import diffeqbridge as deb
 from diffeqbridge.nonlinear import NewtonOptions, newton_tolerances
 
 F64, F32 = torch.float64, torch.float32
-ENGINE = pytest.mark.xfail(strict=False, reason="engine branch")
-
-
 # ------------------------------------------------ 1. a failed sample and shared gradients
 def _blowup_gradient(sensealg, alg):
     """p y² from u0 = 10 blows up before t = 1 (retcode != Success); the loss uses only the
@@ -48,14 +41,21 @@ def test_failed_sample_does_not_nan_the_shared_gradient(sensealg, alg):
 
 
 def test_a_loss_on_the_failed_sample_still_reports_nan():
-    """Only samples that carry no gradient are masked: a loss on the failed sample's NaN
-    stays NaN in the gradient (no nan_to_num)."""
-    p = torch.tensor(1.0, dtype=F64, requires_grad=True)
-    u0 = torch.tensor([[10.0], [0.1]], dtype=F64)
-    prob = deb.ODEProblem(lambda t, y: p * y * y, u0, (0.0, 1.0), params=[p])
-    sol = deb.solve(prob, deb.Tsit5(), atol=1e-8, rtol=1e-8, sensealg=deb.InterpolatingAdjoint(checkpoints=2))
-    sol.ys[-1].sum().backward()
-    assert torch.isnan(p.grad)
+    """No nan_to_num: a loss on the failed sample's unreached save time is NaN.  Its gradient
+    is the one of the returned numbers: the checkpointed forward is the plain solve (engine
+    snapshots), and the NaN fill of a save time never reached carries no gradient, exactly
+    as with ``DiscreteAdjoint()``."""
+    grads = []
+    for sensealg in (deb.DiscreteAdjoint(), deb.InterpolatingAdjoint(checkpoints=2)):
+        p = torch.tensor(1.0, dtype=F64, requires_grad=True)
+        u0 = torch.tensor([[10.0], [0.1]], dtype=F64)
+        prob = deb.ODEProblem(lambda t, y: p * y * y, u0, (0.0, 1.0), params=[p])
+        sol = deb.solve(prob, deb.Tsit5(), atol=1e-8, rtol=1e-8, sensealg=sensealg)
+        loss = sol.ys[-1].sum()
+        assert torch.isnan(loss)
+        loss.backward()
+        grads.append(p.grad)
+    assert torch.equal(grads[0], grads[1])
 
 
 # ------------------------------------------------ 2. detached parameters are reported
@@ -230,7 +230,7 @@ def test_implicit_sde_solvers_float32_converge(alg):
 
 
 # ------------------------------------------------ 8. a diverging sample stops early
-@ENGINE  # unstable_check: stop a blowing-up sample with ReturnCode.Unstable
+# unstable_check: stop a blowing-up sample with ReturnCode.Unstable
 def test_diverging_sample_stops_early_with_unstable():
     y0 = torch.tensor([[10.0], [0.1], [0.2], [0.3]], dtype=F64)
     prob = deb.SDEProblem(lambda t, y: y * y, lambda t, y: 0.01 * torch.ones_like(y), y0)

@@ -67,7 +67,7 @@ import torch
 from torch import Tensor
 
 from .brownian import VirtualBrownianTree
-from .engine import EngineOptions, fixed_grid, integrate
+from .engine import EngineOptions, Integrator, LoopState, fixed_grid, integrate
 from .problem import ODEProblem, Terms
 from .solution import ReturnCode, Solution, Stats
 from .solvers.base import AbstractSolver
@@ -103,13 +103,13 @@ class DiscreteAdjoint(SensitivityAlgorithm):
 
     Args:
         checkpoints: ``None`` keeps the autograd graph of every step (memory grows linearly
-            with the number of steps, backward = one backprop).  An int ``k`` splits
-            ``tspan`` into segments at the save times and at ``k`` equally spaced interior
-            times (moved onto the step grid for fixed-step solves).  The forward runs inside
-            the autograd boundary (:class:`_SolveFunction`) without a graph and keeps only
-            the state at each segment boundary; the backward re-runs one segment at a time
-            (every drift/diffusion evaluation, every Brownian-tree query, the step-size
-            controller) with the graph on and backprops through it, as
+            with the number of steps, backward = one backprop).  An int ``k``: the forward
+            (the plain solve, run inside the autograd boundary :class:`_SolveFunction`
+            without a graph) snapshots its whole loop state (:class:`~diffeqbridge.engine.LoopState`:
+            time, state, step size, controller and solver state, Brownian path, counters)
+            when the slowest sample passes a save time or one of ``k - 1`` equally spaced
+            times; the backward restores one snapshot at a time, re-runs exactly the same
+            iterations with the graph on and backprops through them, as
             ``InterpolatingAdjoint`` does.  Memory is the boundary states plus one segment's
             graph: flat in the number of steps when ``k`` grows with it (measured +6% from
             40 to 160 steps with ``k = steps / 50``; ``torch.utils.checkpoint``, used before,
@@ -120,10 +120,8 @@ class DiscreteAdjoint(SensitivityAlgorithm):
     Restrictions: ``params`` not needed: the gradient is taken with respect to ``prob.params``
     and every leaf tensor the drift/diffusion use at ``(t0, y0)`` (closures included; a tensor
     used only at other times or states would be missed -- list it in ``params``).  With
-    ``checkpoints``, every segment restarts the step-size controller from the initial ``dt``
-    (adaptive solves: output differs from ``sensealg=None``'s at the level of the tolerance;
-    the gradient is exact for what was returned) and ``ReversibleHeun``'s second state
-    (``z = y`` at each segment start).
+    ``checkpoints`` the forward IS the plain solve (bit-identical ``ys``, the same steps and
+    ``stats``, ``stats.extra`` included) and the gradient is exact for it.
     """
 
     def __init__(self, checkpoints: int | None = None):
@@ -149,7 +147,8 @@ class InterpolatingAdjoint(SensitivityAlgorithm):
     extra forward solve.  Gradient: exact for the steps taken (like ``DiscreteAdjoint``).
 
     Restrictions: ``prob.params`` must list every tensor the drift/diffusion differentiate
-    through (checked).  Segments restart the step-size controller (see ``DiscreteAdjoint``).
+    through (checked).  Segments are snapshots of the whole loop state (see
+    ``DiscreteAdjoint``): the forward is bit-identical to the plain solve.
     SciMLSensitivity's ``InterpolatingAdjoint`` instead solves the adjoint equation backwards
     on an interpolated forward solution; for SDEs that has no interpolant, and re-solving
     with backprop gives the exact discrete gradient at the same memory profile.
@@ -268,8 +267,8 @@ def default_sensealg(prob: ODEProblem, solver: AbstractSolver, adaptive: bool, d
        (``steps * y0.numel() * GRAPH_BYTES_PER_STEP_ELEMENT``): with a reversible solver
        (``ReversibleHeun``) ``BacksolveAdjoint()`` (exact, O(1) memory); else
        ``InterpolatingAdjoint(checkpoints=k)``, ``k`` segments of at most a quarter of the
-       budget each (exact gradient, one extra forward solve; boundaries on the step grid so
-       the forward's numbers stay those of a plain solve up to rounding);
+       budget each (exact gradient, one extra forward solve; the forward is the plain solve,
+       bit for bit);
     4. otherwise ``DiscreteAdjoint()``: the fastest exact option while memory allows
        (adaptive solves: the number of steps is not known in advance; pass a sensealg to
        bound memory).
@@ -429,25 +428,15 @@ def _flatten_grads(grads: tuple[Tensor | None, ...], params: list[Tensor], like:
     ])
 
 
-def segment_times(save_times: Tensor, checkpoints: int | None, dt: float | None = None) -> tuple[Tensor, Tensor]:
-    """Segment boundaries (save times ∪ ``checkpoints`` equally spaced interior times) and the
-    index of every save time among them.  With ``dt`` (a fixed-step solve) every interior
-    time is moved to the nearest point of the step grid, so segmenting does not add steps."""
-    if not checkpoints or checkpoints <= 1:
-        return save_times, torch.arange(save_times.numel(), device=save_times.device)
-    t0, t1 = float(save_times[0]), float(save_times[-1])
-    extra = [float(e) for e in torch.linspace(t0, t1, checkpoints + 1, dtype=torch.float64)[1:-1]]
-    if dt is not None:
-        times = [float(x) for x in save_times]
-        grid = sorted({g for a, b in zip(times[:-1], times[1:]) for g in fixed_grid(a, b, dt)})
-        extra = sorted({min(grid, key=lambda g, e=e: abs(g - e)) for e in extra})
-    span = abs(t1 - t0)
-    keep = [e for e in extra if bool((save_times - e).abs().min() > 1e-9 * span)]
-    sign = 1.0 if t1 > t0 else -1.0  # time running backwards: boundaries in decreasing order
-    bounds = sign * (sign * torch.cat([save_times, torch.tensor(keep, dtype=torch.float64,
-                                                                device=save_times.device)])).sort().values
-    index = torch.searchsorted(sign * bounds, sign * save_times)
-    return bounds, index
+def segment_times(save_times: Tensor, checkpoints: int | None) -> list[float]:
+    """Interior times after which the forward snapshots its whole loop state: the save
+    times, plus ``checkpoints - 1`` equally spaced times when ``checkpoints`` is given, in the
+    direction time runs (the first snapshot is the start)."""
+    times = [float(x) for x in save_times]
+    t0, t1 = times[0], times[-1]
+    extra = [float(e) for e in torch.linspace(t0, t1, checkpoints + 1, dtype=torch.float64)[1:-1]] if checkpoints else []
+    sign = 1.0 if t1 >= t0 else -1.0
+    return sorted(set(times[1:-1]) | set(extra), key=lambda x: sign * x)
 
 
 @dataclass
@@ -471,28 +460,6 @@ class _Ctx:
     @property
     def theta(self) -> list[Tensor]:
         return self.prob.params if self.params is None else self.params
-
-
-class _Accumulator:
-    """Combines the Solutions of consecutive segments (stats summed, first failure kept)."""
-
-    def __init__(self) -> None:
-        self.parts: list[Solution] = []
-
-    def add(self, sol: Solution) -> None:
-        self.parts.append(sol)
-
-    def combined(self, ts: Tensor, ys: Tensor, solver: AbstractSolver) -> Solution:
-        parts = self.parts
-        stats = Stats(
-            nf=sum(p.stats.nf for p in parts), ng=sum(p.stats.ng for p in parts),
-            naccept=sum(p.stats.naccept for p in parts), nreject=sum(p.stats.nreject for p in parts),
-        )
-        success = int(ReturnCode.Success)
-        retcodes = parts[0].retcodes.clone()
-        for p in parts[1:]:
-            retcodes = torch.where(retcodes == success, p.retcodes, retcodes)
-        return Solution(ts=ts, ys=ys, stats=stats, retcodes=retcodes, alg=solver)
 
 
 def _dead_samples(c: _Ctx, adj: Tensor) -> Tensor:
@@ -519,34 +486,6 @@ def _masked_terms(terms: Terms, dead: Tensor, y_safe: Tensor) -> Terms:
     masked.drift = guard(terms.drift)
     masked.diffusion = guard(terms.diffusion) if terms.diffusion is not None else None
     return masked
-
-
-def _solve_segment(c: _Ctx, y: Tensor, a: float, b: float, first: bool, terms: Terms | None = None) -> Solution:
-    terms = c.terms if terms is None else terms
-    times = torch.tensor([a, b], dtype=torch.float64, device=c.save_times.device)
-    counts = c.initial_counts if first else (0, 0)
-    f0 = None
-    if c.solver.fsal:
-        # always from this segment's y (a recomputation starts from a fresh leaf); the first
-        # segment's evaluation was already counted by solve()
-        f0 = terms.drift(times[0].expand(y.shape[0]), y)
-        if not first:
-            counts = (counts[0] + 1, counts[1])
-    return integrate(terms, c.solver, y, times, c.dt_initial, c.options, c.tree, f0=f0, initial_counts=counts,
-                     observer=c.observer)
-
-
-def _segmented_forward(c: _Ctx, y0: Tensor, bounds: Tensor) -> tuple[list[Tensor], _Accumulator]:
-    """Solve segment by segment (no graph: called inside ``_SolveFunction.forward``)."""
-    acc = _Accumulator()
-    states = [y0]
-    y = y0
-    for k in range(bounds.numel() - 1):
-        sol = _solve_segment(c, y, float(bounds[k]), float(bounds[k + 1]), first=(k == 0))
-        acc.add(sol)
-        y = sol.ys[-1]
-        states.append(y)
-    return states, acc
 
 
 # ------------------------------------------------------------------ the boundary
@@ -580,13 +519,16 @@ class _SolveFunction(torch.autograd.Function):
         y0 = y0.detach()
         sensealg = c.sensealg
         if _segmented(sensealg):
-            bounds, index = segment_times(c.save_times, sensealg.checkpoints, _grid_dt(c))  # type: ignore[attr-defined]
-            states, acc = _segmented_forward(c, y0, bounds)
-            stacked = torch.stack(states)
-            ys = stacked[index]
-            c.stats = [acc.combined(c.save_times.to(y0.dtype), ys, c.solver)]
-            ctx.bounds, ctx.index = bounds, index
-            ctx.save_for_backward(stacked)
+            loop = Integrator(c.terms, c.solver, c.save_times, c.dt_initial, c.options, c.tree, c.observer)
+            state = loop.init(y0, c.dt_initial, c.f0.detach() if c.f0 is not None else None, c.initial_counts)
+            snaps = [loop.snapshot(state)]
+            snaps += loop.run(state, boundaries=segment_times(c.save_times, sensealg.checkpoints),  # type: ignore[attr-defined]
+                              progress=c.options.progress)
+            sol = loop.solution(state)
+            c.stats = [sol]
+            ys = sol.ys
+            loop.observer = None  # the backward's re-runs are not recorded
+            ctx.loop, ctx.snaps = loop, snaps
         elif _reversible(c):
             ys, y_end, carry_end = _reversible_forward(c, y0)
             ctx.save_for_backward(y_end, carry_end[0])
@@ -609,18 +551,13 @@ class _SolveFunction(torch.autograd.Function):
             y_end, z_end = ctx.saved_tensors
             gy0, gp = _reversible_backward(c, y_end, z_end, grad_ys)
             return None, gy0, gp
-        (stored,) = ctx.saved_tensors
         if _segmented(c.sensealg):
-            gy0, gp = _interpolating_backward(c, stored, ctx.bounds, ctx.index, grad_ys)
+            gy0, gp = _segmented_backward(c, ctx.loop, ctx.snaps, grad_ys)
         else:
+            (stored,) = ctx.saved_tensors
             assert isinstance(c.sensealg, BacksolveAdjoint)
             gy0, gp = _backsolve_backward(c, stored, grad_ys)
         return None, gy0, gp
-
-
-def _grid_dt(c: _Ctx) -> float | None:
-    """The fixed step of a fixed-step solve (None when adaptive)."""
-    return None if c.options.adaptive else float(c.dt_initial[0])
 
 
 def _segmented(sensealg: SensitivityAlgorithm) -> bool:
@@ -632,25 +569,67 @@ def _reversible(c: _Ctx) -> bool:
     return isinstance(c.sensealg, BacksolveAdjoint) and getattr(c.solver, "reversible", False)
 
 
-def _interpolating_backward(c: _Ctx, states: Tensor, bounds: Tensor, index: Tensor, grad_ys: Tensor) -> tuple[Tensor, Tensor]:
+def _leaves(carry: Any) -> tuple[Any, list[Tensor]]:
+    """``carry`` (None, a tensor or a tuple of tensors) as fresh leaves requiring grad."""
+    if carry is None:
+        return None, []
+    if isinstance(carry, tuple):
+        parts = tuple(x.detach().requires_grad_(True) for x in carry)
+        return parts, list(parts)
+    leaf = carry.detach().requires_grad_(True)
+    return leaf, [leaf]
+
+
+def _as_list(carry: Any) -> list[Tensor]:
+    return [] if carry is None else list(carry) if isinstance(carry, tuple) else [carry]
+
+
+def _segmented_backward(c: _Ctx, loop: Integrator, snaps: list[LoopState], grad_ys: Tensor) -> tuple[Tensor, Tensor]:
+    """Walk the snapshots from last to first: restore the whole loop state (y and the
+    solver's carry as leaves), re-run the same iterations with the graph on, and pull the
+    adjoints of ``y``, the carry and the ``ys`` written in the segment back through them."""
     params = c.theta
-    grad_bounds = torch.zeros_like(states)
-    grad_bounds[index] = grad_ys
-    adj = grad_bounds[-1].clone()
-    gp = torch.zeros_like(_flat_params(params, states))
-    for k in range(bounds.numel() - 2, -1, -1):
-        terms = _masked_terms(c.terms, _dead_samples(c, adj), c.prob.y0.detach())
+    gp = torch.zeros_like(_flat_params(params, grad_ys))
+    adj_y: Tensor | None = None
+    adj_carry: list[Tensor] | None = None
+    for k in range(len(snaps) - 1, -1, -1):
+        snap = snaps[k]
+        # failed samples nobody differentiates see a finite state (their 0 * NaN would reach
+        # the shared parameters' gradient)
+        seen = grad_ys.abs().sum(0) + (adj_y.abs() if adj_y is not None else 0.0)
+        loop.terms = _masked_terms(c.terms, _dead_samples(c, seen), c.prob.y0.detach())
+        stop = snaps[k + 1].iteration if k + 1 < len(snaps) else None
         with torch.enable_grad():
-            y_start = states[k].detach().requires_grad_(True)
-            y_end = _solve_segment(c, y_start, float(bounds[k]), float(bounds[k + 1]), first=(k == 0),
-                                   terms=terms).ys[-1]
+            y_start = snap.y.detach().requires_grad_(True)
+            if k == 0:  # the carry is a function of y0 (FSAL f0 = drift(t0, y0), ReversibleHeun's z)
+                f0 = loop.terms.drift(snap.t, y_start) if c.solver.fsal else None
+                carry = c.solver.initial_carry(loop.terms, snap.t, y_start, f0) if c.solver.fsal else None
+                carry_leaves: list[Tensor] = []
+            else:
+                carry, carry_leaves = _leaves(snap.carry)
+            state = loop.restore(snap, y_start, carry)
+            loop.run(state, stop_at=stop)
+            outs: list[Tensor] = [state.ys]
+            cots: list[Tensor] = [grad_ys]
+            if adj_y is not None:
+                outs.append(state.y)
+                cots.append(adj_y)
+            if adj_carry is not None:
+                for out, cot in zip(_as_list(state.carry), adj_carry):
+                    outs.append(out)
+                    cots.append(cot)
+            pairs = [(o, g) for o, g in zip(outs, cots) if o.requires_grad]
+            inputs = [y_start, *carry_leaves, *params]
             # retain_graph: a closure's tensor computed outside the solve (w = 2 * p) is part of
             # every segment's graph
-            grads = torch.autograd.grad(y_end, [y_start, *params], grad_outputs=adj, allow_unused=True,
-                                        retain_graph=True)
-        adj = (grads[0] if grads[0] is not None else torch.zeros_like(adj)) + grad_bounds[k]
-        gp = gp + _flatten_grads(grads[1:], params, states)
-    return adj, gp
+            grads = torch.autograd.grad([o for o, _ in pairs], inputs, grad_outputs=[g for _, g in pairs],
+                                        allow_unused=True, retain_graph=True) if pairs else (None,) * len(inputs)
+        adj_y = grads[0] if grads[0] is not None else torch.zeros_like(y_start)
+        adj_carry = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads[1:1 + len(carry_leaves)],
+                                                                               carry_leaves)]
+        gp = gp + _flatten_grads(tuple(grads[1 + len(carry_leaves):]), params, grad_ys)
+    assert adj_y is not None
+    return adj_y + grad_ys[0], gp
 
 
 # ---------------------------------------------------------------- backsolve

@@ -9,6 +9,7 @@ the shorter step; no noise is stored.
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -18,14 +19,17 @@ import torch
 from torch import Tensor
 
 from .brownian import VirtualBrownianTree
-from .controller import PIController, scaled_error_norm
+from .controller import QOLD_INIT, PIController, scaled_error_norm
 from .problem import Terms
 from .solution import ReturnCode, Solution, Stats
-from .solvers.base import AbstractSolver
+from .solvers.base import AbstractSolver, StepOutput
 
 SUCCESS = int(ReturnCode.Success)
 DEFAULT = int(ReturnCode.Default)
 CONVERGENCE_FAILURE = int(ReturnCode.ConvergenceFailure)
+UNSTABLE = int(ReturnCode.Unstable)
+#: a sample whose step underflows dtmin with ``max|y| > GROWTH (1 + max|y0|)`` is Unstable
+GROWTH = 1e6
 TERMINATED = int(ReturnCode.Terminated)
 
 
@@ -83,7 +87,7 @@ def _select(mask: Tensor, new: Any, old: Any) -> Any:
 
 
 def _masked_lanes(active: Tensor, t: Tensor, step_dt: Tensor, sign: float, t_start: Tensor,
-                  t_end: Tensor) -> tuple[Tensor, Tensor]:
+                  t_end: Tensor) -> Tensor:
     """The signed step the solver is called with (``(B,)`` float64), per sample.
 
     Active samples: ``sign * step_dt``.  Finished or failed samples are still computed
@@ -98,6 +102,12 @@ def _masked_lanes(active: Tensor, t: Tensor, step_dt: Tensor, sign: float, t_sta
     h = torch.minimum(h, torch.maximum(ahead, behind))
     masked = torch.where(ahead >= h, h, -h)
     return sign * torch.where(active, step_dt, masked)
+
+
+def _spacing(t: Tensor) -> Tensor:
+    """The float64 spacing at ``t`` (``(B,)``): Julia's ``eps(t)``."""
+    a = t.abs()
+    return torch.nextafter(a, torch.full_like(a, math.inf)) - a
 
 
 def _all_finite(x: Tensor) -> Tensor:
@@ -137,6 +147,299 @@ def _shared_grid(save_times: Tensor, dt_initial: Tensor, options: EngineOptions)
     return grid
 
 
+@dataclass
+class LoopState:
+    """Everything the loop carries from one iteration to the next, per sample ``(B,)`` unless
+    noted: a snapshot of it (:meth:`Integrator.snapshot`) restarts the solve bit-identically.
+
+    ``carry`` is the solver's FSAL slot (``f0``, or ``ReversibleHeun``'s tuple);
+    ``tree_state`` the Brownian path at ``t``; ``solver_state`` what a solver object keeps
+    between steps (composite switching counters, a reused Jacobian); ``ys`` ``(T, B, ...)``.
+    """
+
+    iteration: int
+    t: Tensor
+    y: Tensor
+    dt: Tensor
+    qold: Tensor
+    carry: Any
+    tree_state: Any
+    save_index: Tensor
+    active: Tensor
+    retcodes: Tensor
+    nf: Tensor
+    ng: Tensor
+    naccept: Tensor
+    nreject: Tensor
+    newton_streak: Tensor
+    eigen_last: Tensor | None
+    eigen_max: Tensor | None
+    njac: Tensor | None
+    solver_state: dict[str, Any]
+    ys: Tensor
+
+
+def _solver_state(solver: AbstractSolver) -> dict[str, Any]:
+    """The per-solve state a solver object holds (its ``_``-prefixed attributes, recursively
+    for the solvers it wraps), copied so later steps do not change the snapshot."""
+    out: dict[str, Any] = {}
+    for key, value in vars(solver).items():
+        if isinstance(value, AbstractSolver):
+            out[key] = ("solver", _solver_state(value))
+        elif key.startswith("_"):
+            out[key] = ("value", dict(value) if isinstance(value, dict) else value)
+    return out
+
+
+def _restore_solver_state(solver: AbstractSolver, state: dict[str, Any]) -> None:
+    for key, (kind, value) in state.items():
+        if kind == "solver":
+            _restore_solver_state(getattr(solver, key), value)
+        else:
+            setattr(solver, key, dict(value) if isinstance(value, dict) else value)
+
+
+def _detach(x: Any) -> Any:
+    if isinstance(x, tuple):
+        return tuple(_detach(v) for v in x)
+    return x.detach() if isinstance(x, Tensor) else x
+
+
+class Integrator:
+    """The native loop: ``init`` -> ``run`` (iterations of :meth:`step`) -> ``solution``.
+
+    One iteration is a short sequence of stages on a :class:`LoopState`: propose the step
+    (clip to the next save time) -> noise (query the tree) -> ``solver.step`` -> controller
+    (accept, next ``dt``, retcodes) -> masked merge -> save -> stop checks.
+    """
+
+    def __init__(self, terms: Terms, solver: AbstractSolver, save_times: Tensor, dt_initial: Tensor,
+                 options: EngineOptions, tree: VirtualBrownianTree | None, observer: Any = None):
+        self.terms, self.solver, self.save_times, self.options, self.tree = terms, solver, save_times, options, tree
+        self.observer = observer
+        self.n_save = save_times.shape[0]
+        # time direction: step sizes are magnitudes here; solvers receive the signed step
+        self.sign = 1.0 if self.n_save < 2 or float(save_times[-1]) >= float(save_times[0]) else -1.0
+        self.t_start, self.t_end = save_times[0], save_times[-1]
+        self.controller = PIController.for_solver(solver) if options.adaptive else None
+        # Fixed step: every active sample is at grid[i] at iteration i, so the Brownian tree is
+        # queried once per step at a time shared by the batch (tree.evaluate_scalar: same
+        # numbers, cached descent) and the loop stops right after the last step.
+        # (events hook: an event that moves a sample back inside its step breaks the lockstep)
+        lockstep = getattr(observer, "lockstep", True)
+        self.grid = _shared_grid(save_times, dt_initial, options) if tree is not None and lockstep else None
+        self.save_set = {float(x) for x in save_times} if self.grid is not None else set()
+        self.dtmin = torch.tensor(options.dtmin, dtype=torch.float64, device=save_times.device)
+        self.growth_bound: Tensor | None = None  # set by init, with lanes = arange(B)
+        self.lanes = torch.arange(0)
+
+    def init(self, y0: Tensor, dt_initial: Tensor, f0: Tensor | None, initial_counts: tuple[int, int]) -> LoopState:
+        batch, device, solver = y0.shape[0], y0.device, self.solver
+        t = self.save_times[0].expand(batch).clone()
+        zeros = torch.zeros(batch, dtype=torch.long, device=device)
+        ys = torch.full((self.n_save, *y0.shape), float("nan"), dtype=y0.dtype, device=device)
+        ys[0] = y0
+        done = self.n_save == 1
+        if self.tree is None:
+            tree_state = None
+        elif self.grid is not None:
+            tree_state = self.tree.evaluate_scalar(self.grid[0], levy=solver.needs_levy_area)
+        else:
+            tree_state = self.tree.evaluate(t)
+        carry = solver.initial_carry(self.terms, t, y0, f0) if solver.fsal else f0
+        solver.begin(y0)
+        self.growth_bound = GROWTH * (1.0 + y0.detach().abs().flatten(1).amax(dim=1))
+        self.lanes = torch.arange(batch, device=device)
+        return LoopState(
+            iteration=0, t=t, y=y0, dt=dt_initial.to(torch.float64),
+            qold=torch.full((batch,), QOLD_INIT, dtype=torch.float64, device=device), carry=carry,
+            tree_state=tree_state, save_index=zeros + 1, active=torch.full((batch,), not done, device=device),
+            retcodes=torch.full((batch,), SUCCESS if done else DEFAULT, dtype=torch.long, device=device),
+            nf=zeros + initial_counts[0], ng=zeros + initial_counts[1], naccept=zeros, nreject=zeros,
+            newton_streak=zeros, eigen_last=None, eigen_max=None, njac=None, solver_state={}, ys=ys)
+
+    def snapshot(self, s: LoopState) -> LoopState:
+        """A detached copy of ``s`` (with the solver's own state) to restart from; ``ys`` is not kept."""
+        copy = LoopState(**{k: _detach(v) for k, v in vars(s).items()})
+        copy.solver_state, copy.ys = _solver_state(self.solver), s.ys.new_empty(0)
+        return copy
+
+    def restore(self, snap: LoopState, y: Tensor, carry: Any) -> LoopState:
+        """The state of ``snap`` with ``y``/``carry`` replaced (e.g. leaves requiring grad)."""
+        _restore_solver_state(self.solver, snap.solver_state)
+        state = LoopState(**vars(snap))
+        state.y, state.carry = y, carry
+        state.ys = torch.full((self.n_save, *y.shape), float("nan"), dtype=y.dtype, device=y.device)
+        return state
+
+    def run(self, s: LoopState, stop_at: int | None = None, boundaries: list[float] | None = None,
+            progress: bool = False) -> list[LoopState]:
+        """Iterate until every sample stopped (or iteration ``stop_at``).  Returns a snapshot
+        taken at the first check after the slowest sample passed each of ``boundaries``."""
+        snaps: list[LoopState] = []
+        pending = list(boundaries or [])
+        sign, grid, every = self.sign, self.grid, self.options.check_every
+        bar = _Progress(progress, float(self.t_start), float(self.t_end))
+        while stop_at is None or s.iteration < stop_at:
+            if grid is not None and s.iteration == len(grid) - 1:
+                break  # every sample has reached the end or stopped earlier
+            if s.iteration % every == 0:
+                n_active = int(s.active.sum())
+                slowest = float(sign * (sign * torch.where(s.active, s.t, self.t_end)).min())
+                bar.update(slowest, n_active)
+                passed = False
+                while pending and (n_active == 0 or sign * (slowest - pending[0]) >= 0):
+                    pending.pop(0)
+                    passed = True
+                if passed and n_active:
+                    snaps.append(self.snapshot(s))
+                if n_active == 0:
+                    break
+            self.step(s)
+        bar.update(float(self.t_end), 0)
+        bar.close()
+        return snaps
+
+    def step(self, s: LoopState) -> None:
+        """One iteration, updating ``s`` in place."""
+        opts, solver, sign, grid, dtype = self.options, self.solver, self.sign, self.grid, s.y.dtype
+        s.iteration += 1
+        # --- propose: clip to the next save time
+        target = self.save_times[s.save_index.clamp(max=self.n_save - 1)]
+        remaining = sign * (target - s.t)
+        hits = s.active & (s.dt >= remaining * (1 - 1e-12))
+        step_dt = torch.where(hits, remaining, s.dt)
+        t_new = torch.where(s.active, torch.where(hits, target, s.t + sign * step_dt), s.t)
+        dt_eval = _masked_lanes(s.active, s.t, step_dt, sign, self.t_start, self.t_end)
+        # --- noise
+        new_tree_state, dw, levy = self._noise(s, t_new)
+        # --- solver
+        out = solver.step(self.terms, s.t, s.y, dt_eval.to(dtype), dw, levy if solver.needs_levy_area else None,
+                          s.carry)
+        # --- controller decision
+        finite = _all_finite(out.y1)
+        err = None
+        if self.controller is not None:
+            assert out.error is not None
+            # the controller is not differentiated: step sizes carry no gradient
+            err = scaled_error_norm(out.error.detach(), s.y.detach(), out.y1.detach(), opts.atol, opts.rtol)
+            err = err.to(torch.float64)
+            err = torch.where(finite & torch.isfinite(err), err, torch.full_like(err, float("inf")))
+            accepted = s.active & (err <= 1.0)
+        else:
+            accepted = s.active & finite
+        rejected = s.active & ~accepted
+        self._stats(s, out, accepted, rejected)
+        dt_factor = solver.after_step(accepted, s.active, torch.where(accepted, t_new, s.t), dt_eval.abs(), out)
+        # --- masked merge
+        y_prev, t_prev, f_prev = s.y, s.t, s.carry
+        s.y = _select(accepted, out.y1, s.y)
+        s.t = torch.where(accepted, t_new, s.t)
+        if grid is not None:
+            s.tree_state = new_tree_state  # lockstep: a stopped sample never moves again
+        elif s.tree_state is not None and new_tree_state is not None:
+            s.tree_state = tuple(_select(accepted, a, b) for a, b in zip(new_tree_state, s.tree_state))
+        if solver.fsal and out.f1 is not None and s.carry is not None:
+            s.carry = _select(accepted, out.f1, s.carry)
+        # --- events hook (diffeqbridge.events): may move samples back to an event time inside
+        # the step, change their state (f0 / Brownian state refreshed) and stop them; a cut
+        # step saves nothing (hits cleared)
+        stopped = None
+        if self.observer is not None and hasattr(self.observer, "after_merge"):
+            s.y, s.t, s.carry, s.tree_state, hits, stopped = self.observer.after_merge(
+                t_prev, y_prev, s.t, s.y, s.carry, s.tree_state, accepted, hits, out, f_prev, dt_eval, self.tree)
+        # --- save
+        saved_now = accepted & hits
+        slot, lanes = s.save_index.clamp(max=self.n_save - 1), self.lanes
+        if grid is None or grid[s.iteration] in self.save_set:  # lockstep: nobody saves between save times
+            s.ys[slot, lanes] = _select(saved_now, s.y, s.ys[slot, lanes])
+        s.save_index = s.save_index + saved_now
+        # --- stop: finished, unstable, controller limits, max steps
+        self._stop(s, accepted, rejected, saved_now & (s.save_index >= self.n_save), stopped, step_dt, err, hits,
+                   dt_factor, out)
+        if self.observer is not None:
+            self.observer.observe(t_prev, y_prev, t_new, step_dt, out, accepted | rejected, accepted, s.dt, f_prev)
+
+    def _noise(self, s: LoopState, t_new: Tensor) -> tuple[Any, Tensor | None, Tensor | None]:
+        tree, grid, dtype = self.tree, self.grid, s.y.dtype
+        if tree is None:
+            return None, None, None
+        if grid is not None and not self.solver.needs_levy_area:
+            # W only: dW = W(t_new) - W(t) as increment_from computes it, no Lévy area
+            new = tree.evaluate_scalar(grid[s.iteration], levy=False)
+            return new, tree._shape_out(new[0] - s.tree_state[0]).to(dtype), None
+        new = tree.evaluate(t_new) if grid is None else tree.evaluate_scalar(grid[s.iteration])
+        dw, levy = tree.increment_from(s.t, s.tree_state, t_new, new)  # type: ignore[arg-type]
+        return new, dw.to(dtype), levy.to(dtype)
+
+    def _stats(self, s: LoopState, out: StepOutput, accepted: Tensor, rejected: Tensor) -> None:
+        if out.njac is not None:
+            s.njac = (s.njac if s.njac is not None else torch.zeros_like(s.nf)) + s.active * out.njac
+        if out.stiffness is not None:
+            rho = out.stiffness.detach().to(torch.float64)
+            s.eigen_last = torch.where(accepted, rho, s.eigen_last if s.eigen_last is not None else torch.zeros_like(rho))
+            s.eigen_max = torch.maximum(s.eigen_max, s.eigen_last) if s.eigen_max is not None else s.eigen_last
+        s.nf = s.nf + s.active * out.nf
+        s.ng = s.ng + s.active * out.ng
+        s.naccept = s.naccept + accepted
+        s.nreject = s.nreject + rejected
+
+    def _stop(self, s: LoopState, accepted: Tensor, rejected: Tensor, finished: Tensor, stopped: Tensor | None,
+              step_dt: Tensor,
+              err: Tensor | None, hits: Tensor, dt_factor: Tensor | None, out: StepOutput) -> None:
+        def end(mask: Tensor, code: int | Tensor) -> None:
+            s.retcodes = torch.where(mask, torch.as_tensor(code, device=mask.device), s.retcodes)
+            s.active = s.active & ~mask
+
+        # unstable_check: a state past sqrt(floatmax) is blowing up; stop it now rather than
+        # crawl towards DtLessThanMin (NaN/Inf proposals are rejected before they get here)
+        y_size = s.y.detach().abs().flatten(1).amax(dim=1)
+        end(finished, SUCCESS)
+        if stopped is not None:  # events hook: a terminating event (even at t1)
+            s.retcodes = torch.where(stopped, TERMINATED, s.retcodes)
+            s.active = s.active & ~stopped
+        end(accepted & ~(y_size <= math.sqrt(torch.finfo(s.y.dtype).max)), UNSTABLE)
+        newton_failed = s.active & ~out.converged if out.converged is not None else None
+        if self.controller is not None:
+            assert err is not None
+            proposed, s.qold = self.controller.propose(step_dt, err, s.qold, accepted)
+            # After a step clipped to a save time, keep the unclipped proposal if larger.
+            proposed = torch.where(accepted & hits, torch.maximum(proposed, s.dt), proposed)
+            if dt_factor is not None:  # a composite solver switched method
+                proposed = proposed * dt_factor
+            s.dt = torch.where(s.active, proposed, s.dt)
+            # as SciML (timedepentdtmin): below max(dtmin, spacing of t), on accepted steps too
+            too_small = s.active & (s.dt < torch.maximum(_spacing(s.t), self.dtmin))
+            assert self.growth_bound is not None
+            # a step that underflows while the state grew a millionfold is a blow-up
+            code = torch.where(y_size > self.growth_bound, UNSTABLE, int(ReturnCode.DtLessThanMin))
+            if newton_failed is not None:
+                # a Newton failure rejects the step (NaN proposal -> dt shrinks by qmin); a
+                # sample that keeps failing, or underflows dtmin doing so, stops here
+                s.newton_streak = torch.where(newton_failed, s.newton_streak + 1,
+                                              torch.where(accepted, 0, s.newton_streak))
+                gave_up = newton_failed & (too_small | (s.newton_streak >= self.options.max_convergence_failures))
+                end(gave_up, CONVERGENCE_FAILURE)
+                too_small = too_small & s.active
+            end(too_small, code)
+        else:
+            # fixed step: a non-finite step ends the sample; a Newton failure too (as SciML)
+            code = torch.full_like(s.retcodes, UNSTABLE)
+            if newton_failed is not None:
+                code = torch.where(newton_failed, CONVERGENCE_FAILURE, code)
+            end(rejected & s.active, code)
+        end(s.active & (s.naccept + s.nreject >= self.options.max_steps), int(ReturnCode.MaxIters))
+
+    def solution(self, s: LoopState) -> Solution:
+        stats = Stats(nf=s.nf, ng=s.ng, naccept=s.naccept, nreject=s.nreject)
+        if s.eigen_last is not None and s.eigen_max is not None:
+            stats.extra["eigen_est"], stats.extra["max_eigen_est"] = s.eigen_last, s.eigen_max
+        if s.njac is not None:
+            stats.extra["njac"] = s.njac
+        stats.extra.update(self.solver.extra_stats())
+        return Solution(ts=self.save_times.to(s.y.dtype), ys=s.ys, stats=stats, retcodes=s.retcodes, alg=self.solver)
+
+
 def integrate(
     terms: Terms,
     solver: AbstractSolver,
@@ -165,182 +468,7 @@ def integrate(
         observer: ``solve(..., regularize=...)``'s recorder (:mod:`diffeqbridge.regularization`),
             called once per iteration after the controller; None otherwise.
     """
-    batch, device, dtype = y0.shape[0], y0.device, y0.dtype
-    n_save = save_times.shape[0]
-    # time direction: step sizes are magnitudes here; solvers receive the signed step
-    sign = 1.0 if n_save < 2 or float(save_times[-1]) >= float(save_times[0]) else -1.0
-    t_start, t_end = save_times[0], save_times[-1]
-    samples = torch.arange(batch, device=device)
-    controller = PIController.for_solver(solver) if options.adaptive else None
-
-    t = save_times[0].expand(batch).clone()
-    y = y0
-    dt = dt_initial.to(torch.float64)
-    qold = torch.full((batch,), 1e-4, dtype=torch.float64, device=device)
-    save_index = torch.ones(batch, dtype=torch.long, device=device)
-    active = torch.ones(batch, dtype=torch.bool, device=device)
-    retcodes = torch.full((batch,), DEFAULT, dtype=torch.long, device=device)
-    zeros = torch.zeros(batch, dtype=torch.long, device=device)
-    nf, ng = zeros + initial_counts[0], zeros + initial_counts[1]
-    naccept, nreject = zeros.clone(), zeros.clone()
-
-    ys = torch.full((n_save, *y0.shape), float("nan"), dtype=dtype, device=device)
-    ys[0] = y0
-    if n_save == 1:
-        active = torch.zeros_like(active)
-        retcodes = torch.full_like(retcodes, SUCCESS)
-    # Fixed step: every active sample is at grid[i] at iteration i, so the Brownian tree is
-    # queried once per step at a time shared by the batch (tree.evaluate_scalar: same numbers,
-    # cached descent) and the loop stops right after the last step.
-    # (events hook: an event that moves a sample back inside its step breaks the lockstep)
-    lockstep = getattr(observer, "lockstep", True)
-    grid = _shared_grid(save_times, dt_initial, options) if tree is not None and lockstep else None
-    save_set = {float(x) for x in save_times} if grid is not None else set()
-    if tree is None:
-        tree_state = None
-    elif grid is not None:
-        tree_state = tree.evaluate_scalar(grid[0], levy=solver.needs_levy_area)
-    else:
-        tree_state = tree.evaluate(t)
-    if solver.fsal:
-        f0 = solver.initial_carry(terms, t, y0, f0)
-    progress = _Progress(options.progress, float(save_times[0]), float(save_times[-1]))
-    solver.begin(y0)
-    newton_streak = zeros.clone()  # consecutive Newton failures per sample
-    eigen_last: Tensor | None = None  # stiffness estimates (solvers that report them)
-    eigen_max: Tensor | None = None
-    njac: Tensor | None = None  # Jacobian evaluations (implicit solvers)
-
-    iteration = 0
-    while True:
-        if grid is not None and iteration == len(grid) - 1:
-            break  # every sample has reached the end or stopped earlier
-        if iteration % options.check_every == 0:
-            n_active = int(active.sum())
-            progress.update(float(sign * (sign * torch.where(active, t, t_end)).min()), n_active)
-            if n_active == 0:
-                break
-        iteration += 1
-
-        target = save_times[save_index.clamp(max=n_save - 1)]
-        remaining = sign * (target - t)
-        hits = active & (dt >= remaining * (1 - 1e-12))
-        step_dt = torch.where(hits, remaining, dt)
-        t_new = torch.where(hits, target, t + sign * step_dt)
-        t_new = torch.where(active, t_new, t)
-        dt_eval = _masked_lanes(active, t, step_dt, sign, t_start, t_end)
-
-        if tree is not None:
-            assert tree_state is not None
-            if grid is not None and not solver.needs_levy_area:
-                # W only: dW = W(t_new) - W(t) as increment_from computes it, no Lévy area
-                new_tree_state = tree.evaluate_scalar(grid[iteration], levy=False)
-                dw, levy = tree._shape_out(new_tree_state[0] - tree_state[0]).to(dtype), None
-            else:
-                new_tree_state = tree.evaluate(t_new) if grid is None else tree.evaluate_scalar(grid[iteration])
-                dw, levy = tree.increment_from(t, tree_state, t_new, new_tree_state)
-                dw, levy = dw.to(dtype), levy.to(dtype)
-        else:
-            new_tree_state, dw, levy = None, None, None
-
-        out = solver.step(terms, t, y, dt_eval.to(dtype), dw, levy if solver.needs_levy_area else None, f0)
-        y1 = out.y1
-        finite = _all_finite(y1)
-        if controller is not None:
-            assert out.error is not None
-            # the controller is not differentiated: step sizes carry no gradient
-            err = scaled_error_norm(out.error.detach(), y.detach(), y1.detach(), options.atol, options.rtol).to(torch.float64)
-            err = torch.where(finite & torch.isfinite(err), err, torch.full_like(err, float("inf")))
-            accepted = active & (err <= 1.0)
-        else:
-            err = None
-            accepted = active & finite
-        rejected = active & ~accepted
-        newton_failed = active & ~out.converged if out.converged is not None else None
-        if out.njac is not None:
-            njac = (njac if njac is not None else zeros) + active * out.njac
-        if out.stiffness is not None:
-            rho = out.stiffness.detach().to(torch.float64)
-            eigen_last = torch.where(accepted, rho, eigen_last if eigen_last is not None else torch.zeros_like(rho))
-            eigen_max = torch.maximum(eigen_max, eigen_last) if eigen_max is not None else eigen_last
-        dt_factor = solver.after_step(accepted, active, torch.where(accepted, t_new, t), dt_eval.abs(), out)
-
-        nf = nf + active * out.nf
-        ng = ng + active * out.ng
-        naccept = naccept + accepted
-        nreject = nreject + rejected
-
-        y_prev, t_prev, f_prev = y, t, f0
-        y = _select(accepted, y1, y)
-        t = torch.where(accepted, t_new, t)
-        if grid is not None:
-            tree_state = new_tree_state  # lockstep: a stopped sample never moves again
-        elif tree_state is not None and new_tree_state is not None:
-            tree_state = (
-                _select(accepted, new_tree_state[0], tree_state[0]),
-                _select(accepted, new_tree_state[1], tree_state[1]),
-            )
-        if solver.fsal and out.f1 is not None and f0 is not None:
-            f0 = _select(accepted, out.f1, f0)
-        # --- events hook (diffeqbridge.events): may move samples back to an event time inside
-        # the step, change their state (f0 / Brownian state refreshed) and stop them; a cut
-        # step saves nothing (hits cleared)
-        stopped = None
-        if observer is not None and hasattr(observer, "after_merge"):
-            y, t, f0, tree_state, hits, stopped = observer.after_merge(
-                t_prev, y_prev, t, y, f0, tree_state, accepted, hits, out, f_prev, dt_eval, tree)
-
-        saved_now = accepted & hits
-        slot = save_index.clamp(max=n_save - 1)
-        if grid is None or grid[iteration] in save_set:  # lockstep: nobody saves between save times
-            ys[slot, samples] = _select(saved_now, y, ys[slot, samples])
-        save_index = save_index + saved_now
-        finished = saved_now & (save_index >= n_save)
-        retcodes = torch.where(finished, torch.full_like(retcodes, SUCCESS), retcodes)
-        active = active & ~finished
-        if stopped is not None:  # events hook: a terminating event
-            retcodes = torch.where(stopped, torch.full_like(retcodes, TERMINATED), retcodes)  # even at t1
-            active = active & ~stopped
-
-        if controller is not None:
-            assert err is not None
-            proposed, qold = controller.propose(step_dt, err, qold, accepted)
-            # After a step clipped to a save time, keep the unclipped proposal if larger.
-            proposed = torch.where(accepted & hits, torch.maximum(proposed, dt), proposed)
-            if dt_factor is not None:  # a composite solver switched method
-                proposed = proposed * dt_factor
-            dt = torch.where(active, proposed, dt)
-            too_small = active & (dt < options.dtmin)  # as SciML: on accepted steps too
-            retcodes = torch.where(too_small, torch.full_like(retcodes, int(ReturnCode.DtLessThanMin)), retcodes)
-            active = active & ~too_small
-            if newton_failed is not None:
-                # a Newton failure rejects the step (NaN proposal -> dt shrinks by qmin); a
-                # sample that keeps failing, or underflows dtmin doing so, stops here
-                newton_streak = torch.where(newton_failed, newton_streak + 1, torch.where(accepted, 0, newton_streak))
-                gave_up = newton_failed & (too_small | (active & (newton_streak >= options.max_convergence_failures)))
-                retcodes = torch.where(gave_up, torch.full_like(retcodes, CONVERGENCE_FAILURE), retcodes)
-                active = active & ~gave_up
-        else:
-            unstable = rejected
-            code = torch.full_like(retcodes, int(ReturnCode.Unstable))
-            if newton_failed is not None:  # fixed step: a Newton failure ends the sample (as SciML)
-                code = torch.where(newton_failed, torch.full_like(retcodes, CONVERGENCE_FAILURE), code)
-            retcodes = torch.where(unstable, code, retcodes)
-            active = active & ~unstable
-        if observer is not None:
-            observer.observe(t_prev, y_prev, t_new, step_dt, out, accepted | rejected, accepted, dt, f_prev)
-
-        out_of_steps = active & (naccept + nreject >= options.max_steps)
-        retcodes = torch.where(out_of_steps, torch.full_like(retcodes, int(ReturnCode.MaxIters)), retcodes)
-        active = active & ~out_of_steps
-
-    if grid is not None:
-        progress.update(float(save_times[-1]), 0)
-    progress.close()
-    stats = Stats(nf=nf, ng=ng, naccept=naccept, nreject=nreject)
-    if eigen_last is not None and eigen_max is not None:
-        stats.extra["eigen_est"], stats.extra["max_eigen_est"] = eigen_last, eigen_max
-    if njac is not None:
-        stats.extra["njac"] = njac
-    stats.extra.update(solver.extra_stats())
-    return Solution(ts=save_times.to(dtype), ys=ys, stats=stats, retcodes=retcodes, alg=solver)
+    loop = Integrator(terms, solver, save_times, dt_initial, options, tree, observer)
+    state = loop.init(y0, dt_initial, f0, initial_counts)
+    loop.run(state, progress=options.progress)
+    return loop.solution(state)

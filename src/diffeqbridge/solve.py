@@ -226,7 +226,9 @@ def solve(
         seed: seed of the Brownian tree made when ``brownian`` is None.
         brownian: a :class:`VirtualBrownianTree` of shape ``(B, *noise_shape)``.
         max_steps: per-sample limit on attempted steps (-> ``ReturnCode.MaxIters``).
-        dtmin: smallest step before ``ReturnCode.DtLessThanMin`` (default ``1e-14 (t1 - t0)``).
+        dtmin: smallest step before ``ReturnCode.DtLessThanMin`` (default, as SciML: the
+            float64 spacing at ``max(|t0|, 1)``; a step below the spacing at the sample's own
+            time also stops it).
             Given explicitly, it is also the resolution of the Brownian tree made when
             ``brownian`` is None, so its law is exact for every step the solve can take
             (:func:`diffeqbridge.brownian.solve_tol`).
@@ -324,7 +326,10 @@ def solve(
         raise ValueError(f"max_steps must be a positive int; got {max_steps!r}")
     t0, t1 = prob.tspan
     span = abs(t1 - t0)
-    dtmin_value = 1e-14 * span if dtmin is None else _check_positive("dtmin", dtmin, allow_zero=True)
+    # SciML's default (DiffEqBase.prob2dtmin(prob; use_end_time=false)): the spacing of
+    # float64 at max(|t0|, 1); the engine also stops a sample whose step falls below the
+    # spacing at its own time (timedepentdtmin), so long spans (Robertson to 1e11) work
+    dtmin_value = math.ulp(max(abs(t0), 1.0)) if dtmin is None else _check_positive("dtmin", dtmin, allow_zero=True)
     if not isinstance(progress, bool):
         raise TypeError(f"progress must be a bool; got {progress!r}")
     device = prob.y0.device
@@ -375,7 +380,7 @@ def solve(
     # the heuristics can return absurdly small steps for stiff problems (the exponent is
     # divided by the method's order); start no lower than a safe multiple of dtmin
     if dt is None:
-        dt_initial = dt_initial.clamp(min=max(100.0 * dtmin_value, 1e-10 * span))
+        dt_initial = dt_initial.clamp(min=max(100.0 * dtmin_value, 1e-10 * min(span, 1.0)))
     terms.tolerances = (atol, rtol) if adaptive else None
     options = EngineOptions(
         adaptive=adaptive, atol=atol, rtol=rtol, max_steps=max_steps, dtmin=dtmin_value,
