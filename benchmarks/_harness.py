@@ -26,9 +26,10 @@ import platform
 import statistics
 import subprocess
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 DEFAULT_OUT = Path("bench_out")
 

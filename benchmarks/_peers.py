@@ -38,7 +38,11 @@ def make_ours(P: Problem, B: int, alg_name: str, adaptive: bool, seed: int = 0) 
     bm = deb.VirtualBrownianTree(T0, T1, (B, P.noise_dim), seed=seed, tol=TREE_TOL, dtype=torch.float64)
     w_end = bm.W(T1)
     exact_end = P.exact(T1, w_end)
-    alg = getattr(deb, alg_name)
+    name, _, variant = alg_name.partition("-")  # "SOSRI-sciml": StochasticDiffEq's error estimate
+    cls = getattr(deb, name)
+
+    def alg() -> Any:
+        return cls(error_estimate=variant) if variant else cls()
 
     def run(level: float) -> dict:
         kw: dict[str, Any] = {"atol": level, "rtol": level} if adaptive else {"dt": level}

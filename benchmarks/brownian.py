@@ -8,7 +8,9 @@ Implementations (all seeded once, tolerance ``2^-20`` on ``[0, 1]`` where one ap
 
 * ``ours``: :class:`diffeqbridge.VirtualBrownianTree`, ``bm(s, t)`` with per-sample
   ``(B,)`` times, and with batch-shared scalar times; ``bm.evaluate(t)`` (the one call per
-  engine step) separately.
+  engine step) separately, on the fused kernel (the default where a C compiler exists) and
+  on the eager path (``bm._evaluate_eager``, what runs without one).  Cost per sample per
+  level = time of ``evaluate`` / (B x depth).
 * ``diffrax``: ``diffrax.VirtualBrownianTree(levy_area=SpaceTimeLevyArea)``; per-sample
   times through ``jax.jit(jax.vmap(...))`` over one tree per sample (per-sample keys),
   shared times through one tree of shape ``(B, N)``; x64 enabled, warm (compiled during
@@ -26,11 +28,13 @@ Implementations (all seeded once, tolerance ``2^-20`` on ``[0, 1]`` where one ap
 Ratios are ``peer / ours`` against the like-for-like ours case (per-sample vs per-sample,
 shared vs shared).  A ``torch.profiler`` summary of ours at ``B = 1024`` is included.
 """
+
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 try:
     from . import _harness as H
@@ -49,17 +53,26 @@ POOL = 8  # distinct pre-generated queries cycled through per case
 OURS = "ours (per-sample t)"
 OURS_SHARED = "ours (shared t)"
 OURS_EVAL = "ours evaluate (per-sample t)"
+OURS_EVAL_EAGER = "ours evaluate, eager path (per-sample t)"
 DFX = "diffrax (vmap, per-sample t)"
 DFX_SHARED = "diffrax (shared t)"
 TSDE_LOOP = "torchsde (loop over B, per-sample t)"
 TSDE_SHARED = "torchsde (shared t)"
 
 # peer -> the ours case it is compared with
-BASELINE = {DFX: OURS, TSDE_LOOP: OURS, DFX_SHARED: OURS_SHARED, TSDE_SHARED: OURS_SHARED, OURS_EVAL: OURS}
+BASELINE = {
+    DFX: OURS,
+    TSDE_LOOP: OURS,
+    DFX_SHARED: OURS_SHARED,
+    TSDE_SHARED: OURS_SHARED,
+    OURS_EVAL: OURS,
+    OURS_EVAL_EAGER: OURS_EVAL,
+}
 STYLES = {
     OURS: {"color": "C0", "linewidth": 2.5},
     OURS_SHARED: {"color": "C0", "linestyle": "--"},
     OURS_EVAL: {"color": "C0", "linestyle": ":", "marker": "s"},
+    OURS_EVAL_EAGER: {"color": "C3", "linestyle": ":", "marker": "x"},
     DFX: {"color": "C1"},
     DFX_SHARED: {"color": "C1", "linestyle": "--"},
     TSDE_LOOP: {"color": "C2"},
@@ -93,6 +106,8 @@ def _cases_for(B: int, N: int, rng, queries: dict[str, int]) -> dict[str, Callab
     cases[OURS] = H.cycle(bm, per_sample_torch)
     cases[OURS_SHARED] = H.cycle(bm, shared_float)
     cases[OURS_EVAL] = H.cycle(bm.evaluate, per_sample_torch_t)
+    if B <= LOOP_MAX_B * 64:
+        cases[OURS_EVAL_EAGER] = H.cycle(bm._evaluate_eager, per_sample_torch_t)
 
     # ----- diffrax
     keys = jax.random.split(jax.random.key(SEED), B)
@@ -187,19 +202,31 @@ def _profile_ours(B: int, N: int, calls: int) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
     from diffeqbridge import VirtualBrownianTree
+    from diffeqbridge import _tree_kernel as K
 
     bm = VirtualBrownianTree(T0, T1, (B, N), seed=SEED, tol=TOL, dtype=torch.float64)
     g = torch.Generator().manual_seed(1)
     qs = [torch.sort(torch.rand(2, B, generator=g, dtype=torch.float64), dim=0).values for _ in range(calls)]
     bm(qs[0][0], qs[0][1])
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for q in qs:
-            bm(q[0], q[1])
+    run_c = K.run_c
+
+    def labelled(*args, **kwargs):  # the C kernel is no torch op: name it for the profiler
+        with torch.profiler.record_function("tree_point (fused C kernel)"):
+            return run_c(*args, **kwargs)
+
+    K.run_c = labelled
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for q in qs:
+                bm(q[0], q[1])
+    finally:
+        K.run_c = run_c
     avgs = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in avgs) or 1.0
     rows = sorted(avgs, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
     return {
         "B": B,
+        "kernel": bm.kernel,
         "calls": calls,
         "total_self_cpu_us_per_call": total / calls,
         "top_ops": [
@@ -214,9 +241,33 @@ def _profile_ours(B: int, N: int, calls: int) -> dict[str, Any]:
     }
 
 
-def run(
-    quick: bool, out: Path, noise_dim: int = 1, batch_sizes: tuple[int, ...] = BATCH_SIZES, threads: int = 1
-) -> dict:
+def _min_cost_per_level(B: int, N: int, calls: int) -> dict[str, Any]:
+    """Fastest of ``calls`` ``evaluate`` calls (per-sample random times, fused path) per sample
+    per level: on a shared machine the minimum is the figure least distorted by other jobs."""
+    import time
+
+    import torch
+
+    from diffeqbridge import VirtualBrownianTree
+
+    bm = VirtualBrownianTree(T0, T1, (B, N), seed=SEED, tol=TOL, dtype=torch.float64)
+    g = torch.Generator().manual_seed(2)
+    best = float("inf")
+    for _ in range(calls):
+        t = torch.rand(B, generator=g, dtype=torch.float64)
+        start = time.perf_counter()
+        bm.evaluate(t)
+        best = min(best, time.perf_counter() - start)
+    return {
+        "B": B,
+        "kernel": bm.kernel,
+        "calls": calls,
+        "min_seconds": best,
+        "ns_per_sample_per_level": 1e9 * best / (B * N * bm.depth),
+    }
+
+
+def run(quick: bool, out: Path, noise_dim: int = 1, batch_sizes: tuple[int, ...] = BATCH_SIZES, threads: int = 1) -> dict:
     threading = H.set_threads(threads)  # before jax initialises
     import jax
     import numpy as np
@@ -226,6 +277,9 @@ def run(
     torch.set_default_dtype(torch.float64)
     repeats, target_s, warmup = (3, 0.01, 0) if quick else (9, 0.05, 1)
 
+    from diffeqbridge import VirtualBrownianTree
+
+    depth = VirtualBrownianTree(T0, T1, (1, 1), tol=TOL).depth
     rng = np.random.default_rng(12345)
     queries: dict[str, int] = {}
     timings: dict[str, dict[int, H.Timing]] = {}
@@ -251,6 +305,9 @@ def run(
                     "B": B,
                     "seconds_per_query": None if t is None else t.median,
                     "seconds_per_query_per_sample": None if t is None else t.median / B,
+                    "ns_per_sample_per_level": None
+                    if t is None or name not in (OURS_EVAL, OURS_EVAL_EAGER)
+                    else 1e9 * t.median / (B * noise_dim * depth),
                     "ratio_vs": base,
                     "ratio": ratio,
                     "timing": None if t is None else t.as_dict(),
@@ -259,12 +316,17 @@ def run(
             )
 
     profile = _profile_ours(1024 if 1024 in batch_sizes else batch_sizes[0], noise_dim, calls=5 if quick else 20)
+    min_cost = [
+        _min_cost_per_level(B, noise_dim, calls=(30 if B <= 4096 else 5) * (1 if quick else 3)) for B in batch_sizes if B >= 1024
+    ]
 
     payload = {
         "config": {
             "t0": T0,
             "t1": T1,
             "tol": TOL,
+            "depth": depth,
+            "kernel": VirtualBrownianTree(T0, T1, (1, 1), tol=TOL).kernel,
             "seed": SEED,
             "noise_shape": ["B", noise_dim],
             "dtype": "float64",
@@ -295,11 +357,16 @@ def run(
         "queries_made": queries,
         "results": table,
         "profile_ours": profile,
+        "min_cost_per_level": min_cost,
     }
     out = Path(out)
     doc = H.write_json(out / f"{NAME}.json", NAME, payload)
     _plot(timings, batch_sizes, out / f"{NAME}.png", doc["machine"])
     print(_summary(table, profile))
+    print(
+        "fastest evaluate per sample per level: "
+        + ", ".join(f"B={m['B']}: {m['ns_per_sample_per_level']:.1f} ns ({m['kernel']})" for m in min_cost)
+    )
     return doc
 
 
@@ -340,10 +407,11 @@ def _summary(table: list[dict], profile: dict) -> str:
             H.format_seconds(r["seconds_per_query"]),
             "—" if r["ratio"] is None else f"{r['ratio']:.3g}",
             r["ratio_vs"] or "",
+            "" if r.get("ns_per_sample_per_level") is None else f"{r['ns_per_sample_per_level']:.1f}",
         )
         for r in table
     ]
-    text = H.markdown_table(["impl", "B", "time/query", "ratio", "vs"], rows)
+    text = H.markdown_table(["impl", "B", "time/query", "ratio", "vs", "ns/sample/level"], rows)
     prof_rows = [
         (o["name"], f"{o['count_per_call']:.0f}", H.format_seconds(o["self_cpu_us_per_call"] * 1e-6), f"{o['self_cpu_pct']:.1f}%")
         for o in profile["top_ops"][:10]

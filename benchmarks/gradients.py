@@ -176,7 +176,6 @@ def _case(name: str, n_steps: int, batch: int, dim: int, width: int, max_steps: 
     def once() -> None:
         if name == "torchsde_adjoint":
             import torchsde
-
             from _sde_problems import torchsde_brownian_from
 
             ys = torchsde.sdeint_adjoint(model, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), bm=torchsde_brownian_from(tree),

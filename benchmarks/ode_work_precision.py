@@ -193,7 +193,7 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
     doc = H.write_json(out / f"{NAME}.json", NAME, payload)
     fig, axes = H.figure(ncols=2, nrows=len(results), size=(5.2, 3.8))
     colors = {"ours": "C0", "torchdiffeq": "C2", "diffrax": "C1"}
-    for i, (pname, res) in enumerate(results.items()):
+    for i, res in enumerate(results.values()):
         for j, cost in enumerate(("nfe", "wall_s")):
             series = {k: ([r[cost] for r in v], [r["err"] for r in v]) for k, v in res["methods"].items()}
             styles = {k: {"color": colors[k.split()[0]], "linestyle": "--" if k.lower().endswith("tsit5") else "-", "markersize": 4} for k in series}

@@ -84,7 +84,7 @@ def _ode(B: int, tols: list[float]) -> dict[str, list[dict]]:
         count = {"n": 0}
 
         def fc(t, y):
-            count["n"] += 1
+            count["n"] += 1  # noqa: B023 (fc is called within this iteration)
             return f(t.expand(B), y)
 
         t = time.perf_counter()
@@ -196,7 +196,7 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
     for pname, res in results.items():
         print(pname)
         for m in res["matched"]:
-            print("  err %.1e: " % m["err"] + ", ".join(f"{k}={v:.3g}" for k, v in m.items() if k.startswith("ratio") and v is not None))
+            print(f"  err {m['err']:.1e}: " + ", ".join(f"{k}={v:.3g}" for k, v in m.items() if k.startswith("ratio") and v is not None))
     return doc
 
 

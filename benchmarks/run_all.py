@@ -24,7 +24,7 @@ except ImportError:
     from benchmarks import _harness as H  # type: ignore[no-redef]
 
 ORDER = ("sde_work_precision", "weak_error", "ode_work_precision", "neural_sde_step", "per_sample_steps", "gradients", "brownian",
-         "cuda_ensemble", "regularization", "stiff_work_precision")
+         "cuda_ensemble", "regularization", "stiff_work_precision", "diffusion", "ensemble")
 
 
 def _fmt(x: Any, fmt: str = "{:.2f}") -> str:
@@ -75,6 +75,14 @@ def headline(name: str, doc: dict) -> str:
             from benchmarks.regularization import headline as regularization_headline
 
             return regularization_headline(doc)
+        if name == "ensemble":
+            from benchmarks.ensemble import headline as ensemble_headline
+
+            return ensemble_headline(doc)
+        if name == "diffusion":
+            from benchmarks.diffusion import headline as diffusion_headline
+
+            return diffusion_headline(doc)
         if name == "stiff_work_precision":
             parts = []
             for p, r in doc["ode"].items():

@@ -54,9 +54,11 @@ def methods_for(noise: str, quick: bool, size: str) -> list[tuple[str, str, bool
     """(library, method, adaptive) triples for a problem's noise type."""
     ours = [("ours", "EM", False), ("ours", "RKMil", False)]
     if noise == "additive":
-        ours += [("ours", "SRA1", True), ("ours", "SOSRA", True)]
+        ours += [("ours", "ShARK", False), ("ours", "ShARK", True), ("ours", "SRA1", True), ("ours", "SOSRA", True)]
     else:
         ours += [("ours", "SRIW1", True), ("ours", "SOSRI", True)]
+    if not quick:  # StochasticDiffEq's estimate, for parity
+        ours += [("ours", "SRA1-sciml" if noise == "additive" else "SOSRI-sciml", True)]
     if not quick:
         ours += [("ours", "LambaEM", True)]
     tsde = [("torchsde", "euler", False), ("torchsde", "srk", False), ("torchsde", "srk", True)]
@@ -75,9 +77,11 @@ def methods_for(noise: str, quick: bool, size: str) -> list[tuple[str, str, bool
     return ours + tsde + dfx
 
 
-def levels(adaptive: bool, quick: bool, size: str) -> list[float]:
+def levels(adaptive: bool, quick: bool, size: str, lib: str = "") -> list[float]:
     if size == "tiny":
         return [0.1, 0.03] if adaptive else [2.0**-3, 2.0**-4]
+    if adaptive and lib == "ours":  # embedded estimates: the error follows the tolerance
+        return [10.0**-k for k in (range(1, 6) if quick else (1, 1.5, 2, 2.5, 3, 3.5, 4, 4.5, 5, 5.5))]
     if adaptive:
         return [10**-1, 10**-1.5, 10**-2] if quick else [10**-1, 10**-1.5, 10**-2, 10**-2.5, 10**-3, 10**-3.5]
     return [2.0**-k for k in (range(2, 8) if quick else range(2, 10))]
@@ -107,7 +111,7 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
             except Exception as exc:  # noqa: BLE001 - record and go on
                 rows[key] = [{"error": f"{type(exc).__name__}: {exc}"}]
                 continue
-            lv = levels(adaptive, quick, size)
+            lv = levels(adaptive, quick, size, lib)
             if lib == "diffrax":  # compile (warm-up) before anything is timed
                 t = time.perf_counter()
                 runner(lv[0])

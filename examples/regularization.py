@@ -340,7 +340,7 @@ def time_predictions(models: dict[str, Classifier], x: torch.Tensor, repeats: in
     """
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad():
-        for name, model in models.items():
+        for model in models.values():
             model.ode.solve_kwargs["check_every"] = check_every
         for _ in range(repeats):
             for name, model in models.items():

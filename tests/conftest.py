@@ -8,6 +8,7 @@ elementwise kernels with 2 threads are pathologically slow under load: ``torch.l
 ``log`` (Box-Muller), so this turns a 2-minute suite into 12+ minutes.  Setting one thread
 here also makes tests that save/restore the thread count restore 1, never 2.
 """
+import pytest
 import torch
 
 torch.set_num_threads(1)
@@ -16,3 +17,13 @@ torch.set_num_threads(1)
 def pytest_addoption(parser):
     parser.addoption("--fuzz-long", action="store_true", default=False,
                      help="tests/test_fuzz.py: ~10^4 generated cases (default: a few hundred, derandomized)")
+
+
+@pytest.fixture
+def float64_default():
+    """float64 as the default dtype for one test (``pytestmark = pytest.mark.usefixtures("float64_default")``),
+    restored afterwards so other modules' float32 tests are unaffected."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)

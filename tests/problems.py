@@ -156,3 +156,25 @@ def tangent_stratonovich(batch: int, dtype: torch.dtype = torch.float64) -> tupl
         return torch.atan(math.tan(u0) + w)
 
     return prob, exact
+
+
+def torchsde_brownian(tree: deb.VirtualBrownianTree):
+    """``tree`` seen through torchsde's ``BaseBrownian`` interface (increments only): torchsde
+    then integrates on exactly the path our solves use."""
+    import torchsde
+
+    class TreeBrownian(torchsde.BaseBrownian):
+        def __call__(self, ta, tb=None, return_U=False, return_A=False):
+            if return_U or return_A:
+                raise NotImplementedError("increments only")
+            return tree.W(float(ta)) if tb is None else tree(float(ta), float(tb))[0]
+
+        def __repr__(self) -> str:
+            return f"TreeBrownian({tree!r})"
+
+        dtype = property(lambda self: tree.dtype)
+        device = property(lambda self: tree.device)
+        shape = property(lambda self: torch.Size(tree.shape))
+        levy_area_approximation = property(lambda self: "none")
+
+    return TreeBrownian()

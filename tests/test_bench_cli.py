@@ -70,7 +70,7 @@ def test_bench_tiny_regularization(tmp_path: Path):
 def test_bench_tiny_stiff_work_precision(tmp_path: Path):
     pytest.importorskip("diffrax")
     pytest.importorskip("torchdiffeq")
-    proc = run_tiny_bench("stiff_work_precision", tmp_path, timeout=120)
+    run_tiny_bench("stiff_work_precision", tmp_path, timeout=120)
     doc = json.loads((tmp_path / "stiff_work_precision.json").read_text())
     assert doc["ode"]["robertson"]["methods"]["ours Rodas4"][0]["err"] < 1e-3
     stable = doc["sde"]["largest_stable_dt"]

@@ -9,6 +9,7 @@ with ``W_{s,t} ~ N(0, h)``, ``H_{s,t} ~ N(0, h/12)`` independent.  Statistical t
 fixed seeds and a significance level of 1e-3 (KS) or 4-5 standard errors (moments), so a
 correct tree passes deterministically and a wrong variance / correlation fails.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -21,12 +22,23 @@ import torch
 from scipy import stats
 
 import diffeqbridge as deb
+from diffeqbridge import _tree_kernel
 
 F64 = torch.float64
 
 
-def _random_intervals(n: int, seed: int, t0: float = 0.0, t1: float = 1.0, min_len: float = 0.0,
-                      max_len: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+@pytest.fixture(autouse=True, params=["fused", "eager"])
+def tree_kernel(request, monkeypatch):
+    """Every test runs on both paths of ``evaluate``: the fused kernel and the eager ops."""
+    if request.param == "fused" and _tree_kernel.c_kernel() is None:
+        pytest.skip("no C compiler: the fused CPU kernel is unavailable")
+    monkeypatch.setenv("DIFFEQBRIDGE_TREE_KERNEL", request.param)
+    return request.param
+
+
+def _random_intervals(
+    n: int, seed: int, t0: float = 0.0, t1: float = 1.0, min_len: float = 0.0, max_len: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample random ``t0 <= s < t <= t1`` with ``min_len <= t - s (<= max_len)``."""
     g = torch.Generator().manual_seed(seed)
     span = t1 - t0
@@ -48,7 +60,7 @@ def test_increment_and_levy_area_are_standard_normal_after_scaling():
     bm = deb.VirtualBrownianTree(0.0, 1.0, (n, 1), seed=11)
     s, t = _random_intervals(n, seed=1, min_len=1e-3)
     dw, h = bm(s, t)
-    length = (t - s)
+    length = t - s
     z_w = (dw[:, 0] / length.sqrt()).numpy()
     z_h = (h[:, 0] / (length / 12).sqrt()).numpy()
     assert stats.kstest(z_w, "norm").pvalue > 1e-3
@@ -302,7 +314,7 @@ def test_float32_output_is_float64_output_cast():
     s, t = _random_intervals(64, seed=10, min_len=1e-3)
     b64 = deb.VirtualBrownianTree(0.0, 1.0, (64, 3), seed=55, dtype=torch.float64)
     b32 = deb.VirtualBrownianTree(0.0, 1.0, (64, 3), seed=55, dtype=torch.float32)
-    for (x64, x32) in zip(b64(s, t), b32(s, t)):
+    for x64, x32 in zip(b64(s, t), b32(s, t)):
         assert x32.dtype == torch.float32
         torch.testing.assert_close(x32, x64.float(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(b32.W(0.6), b64.W(0.6).float(), rtol=1e-6, atol=1e-7)

@@ -133,7 +133,7 @@ def test_retcodes():
     assert retcode_from_julia("ReturnCode.MaxIters") is deb.ReturnCode.MaxIters
     assert retcode_from_julia("DtLessThanMin") is deb.ReturnCode.DtLessThanMin
     assert retcode_from_julia("DtNaN") is deb.ReturnCode.Unstable
-    assert retcode_from_julia("Terminated") is deb.ReturnCode.Success
+    assert retcode_from_julia("Terminated") is deb.ReturnCode.Terminated
     assert retcode_from_julia("SomethingNew") is deb.ReturnCode.Failure
     assert set(RETCODES.values()) >= {deb.ReturnCode.Success, deb.ReturnCode.MaxIters, deb.ReturnCode.Unstable,
                                       deb.ReturnCode.ConvergenceFailure, deb.ReturnCode.Failure}

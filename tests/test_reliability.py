@@ -111,7 +111,6 @@ def test_fields_receive_float64_time_for_a_float32_state():
     assert abs(float(sol.ys[-1, 0, 0]) - math.sin(1.0)) < 1e-5
 
 
-@ENGINE  # the engine still hands the solvers t in the state's dtype (issue 15 item 3, engine side)
 @pytest.mark.parametrize("t0", [1e6, 1e9])
 def test_float32_state_at_a_large_start_time(t0):
     sol, _ = _late_start(t0)
@@ -180,7 +179,6 @@ def test_rodas4_parameter_gradient_matches_finite_differences():
 
 
 # ------------------------------------------------ 6. step sizes independent of the batch
-@ENGINE  # layout-independent powers in PIController.propose / sde_initial_dt
 def test_sub_batch_takes_the_same_steps():
     y0 = torch.linspace(0.5, 2.0, 37, dtype=F64).reshape(37, 1)
 
@@ -332,7 +330,6 @@ def test_half_precision_states_are_refused(dtype):
 
 
 # ------------------------------------------------ 11. user functions see times inside tspan
-@ENGINE  # finished (masked) samples must not be evaluated past t1
 def test_user_functions_only_see_times_inside_tspan():
     seen = []
 

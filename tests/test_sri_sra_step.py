@@ -268,16 +268,20 @@ def _one_step_errors(solver: AbstractSolver, prob: SDEProblem, dts: list[float])
 
 @pytest.mark.parametrize("cls,name", [(SRIW1, "linear"), (SOSRI, "linear"), (SRA1, "additive"), (SOSRA, "additive")])
 def test_error_estimate_rate(cls, name):
-    """error = delta*E1 + E2.  E1 = dt*sum(f_i) is O(dt) (StochasticDiffEq's definition),
-    so the full estimate shrinks like dt; the stochastic part E2 shrinks like dt^1.5."""
+    """SciML's error = delta*E1 + E2: E1 = dt*sum(f_i) is O(dt) (StochasticDiffEq's
+    definition), so that estimate shrinks like dt; the stochastic part E2 shrinks like dt^1.5,
+    and so does the default embedded estimate dt*(sum(alpha_i f_i) - f_1) + E2."""
     p = PROBLEMS[name]
     prob = SDEProblem(p["f"], p["g"], torch.full((4000, 1), p["u0"], dtype=DT), noise=p["noise"])
     dts = [2.0**-k for k in range(3, 11)]
-    full = fitted_slope(dts, _one_step_errors(cls(), prob, dts))
-    e2_only = fitted_slope(dts, _one_step_errors(cls(delta=0.0), prob, dts))
-    print(f"{cls.__name__}: error-estimate slope {full:.3f} (delta default), {e2_only:.3f} (E2 only)")
+    full = fitted_slope(dts, _one_step_errors(cls(error_estimate="sciml"), prob, dts))
+    e2_only = fitted_slope(dts, _one_step_errors(cls(error_estimate="sciml", delta=0.0), prob, dts))
+    embedded = fitted_slope(dts, _one_step_errors(cls(), prob, dts))
+    print(f"{cls.__name__}: error-estimate slope {full:.3f} (sciml, delta default), {e2_only:.3f} (E2 only), "
+          f"{embedded:.3f} (embedded)")
     assert 0.8 <= full <= 1.2
     assert e2_only >= 1.3
+    assert 1.3 <= embedded <= 2.2  # O(dt^1.5) with multiplicative noise, O(dt^2) additive
 
 
 def test_error_is_delta_e1_plus_e2():
@@ -289,9 +293,9 @@ def test_error_is_delta_e1_plus_e2():
             torch.randn(16, 1, generator=gen, dtype=DT) * 0.1**0.5,
             torch.randn(16, 1, generator=gen, dtype=DT) * (0.1 / 12) ** 0.5)
     for cls in (SRIW1, SOSRI):
-        e2 = cls(delta=0.0).step(terms, *args).error
-        e_1 = cls(delta=1.0).step(terms, *args).error
-        e_d = cls().step(terms, *args).error
+        e2 = cls(error_estimate="sciml", delta=0.0).step(terms, *args).error
+        e_1 = cls(error_estimate="sciml", delta=1.0).step(terms, *args).error
+        e_d = cls(error_estimate="sciml").step(terms, *args).error
         e1 = e_1 - e2
         torch.testing.assert_close(e_d, cls.default_delta * e1 + e2)
     # SRIW1: E1 = dt (f(t, y) + f(t + 3dt/4, H0_2)), H0_2 = y + 3/4 dt f(t, y) + 3/2 chi2 g(t, y)
@@ -300,8 +304,10 @@ def test_error_is_delta_e1_plus_e2():
     f1 = 1.01 * y
     h02 = y + 0.75 * h * f1 + 1.5 * (0.5 * dw + hh) * (0.87 * y)
     e1_expected = h * (f1 + 1.01 * h02)
-    e2 = SRIW1(delta=0.0).step(terms, *args).error
-    torch.testing.assert_close(SRIW1().step(terms, *args).error, e1_expected / 6 + e2)
+    e2 = SRIW1(error_estimate="sciml", delta=0.0).step(terms, *args).error
+    torch.testing.assert_close(SRIW1(error_estimate="sciml").step(terms, *args).error, e1_expected / 6 + e2)
+    # embedded: dt (alpha_1 f_1 + alpha_2 f_2 - f_1) + E2 = dt (2/3)(f_2 - f_1) + E2
+    torch.testing.assert_close(SRIW1().step(terms, *args).error, h * (2 / 3) * (1.01 * h02 - f1) + e2)
 
 
 # ----------------------------------------------------------------------------- counts, shapes, batching
@@ -447,7 +453,9 @@ def test_matches_written_out_sriw1_and_sra1():
     y1 = y + (k1 + 2 * k2) / 3 + dw * (-g1 + 4 * g2 / 3 + 2 * g3 / 3) + chi1 * (-g1 + 4 * g2 / 3 - g3 / 3) + e2
     out = SRIW1().step(Terms(SDEProblem(f, g, y, noise="diagonal")), t, y, dt, dw, hh)
     torch.testing.assert_close(out.y1, y1)
-    torch.testing.assert_close(out.error, (k1 + k2) / 6 + e2)
+    torch.testing.assert_close(SRIW1(error_estimate="sciml").step(Terms(SDEProblem(f, g, y, noise="diagonal")),
+                                                                   t, y, dt, dw, hh).error, (k1 + k2) / 6 + e2)
+    torch.testing.assert_close(out.error, 2 * (k2 - k1) / 3 + e2)  # embedded: y1 minus the order-1 solution
 
     def sig(t, y):
         return (0.3 + t[:, None] ** 2).expand_as(y)
@@ -457,6 +465,8 @@ def test_matches_written_out_sriw1_and_sra1():
     k2 = h * f(t + 0.75 * dt, y + 0.75 * k1 + 1.5 * chi2 * gpdt)
     e2 = chi2 * (gt - gpdt)
     y1 = y + k1 / 3 + 2 * k2 / 3 + e2 + dw * gpdt
-    out = SRA1().step(Terms(SDEProblem(f, sig, y, noise="additive")), t, y, dt, dw, hh)
+    out = SRA1(error_estimate="sciml").step(Terms(SDEProblem(f, sig, y, noise="additive")), t, y, dt, dw, hh)
     torch.testing.assert_close(out.y1, y1)
     torch.testing.assert_close(out.error, (k1 + k2) + e2)
+    out = SRA1().step(Terms(SDEProblem(f, sig, y, noise="additive")), t, y, dt, dw, hh)
+    torch.testing.assert_close(out.error, 2 * (k2 - k1) / 3 + e2)

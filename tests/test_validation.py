@@ -130,8 +130,8 @@ def test_prob_that_is_not_a_problem():
 
 
 # ------------------------------------------------------------------------ problem
-@pytest.mark.parametrize("tspan", [(1.0, 1.0), (1.0, 0.5), (0.0, float("inf"))])
-def test_tspan_must_be_increasing_and_finite(tspan):
+@pytest.mark.parametrize("tspan", [(1.0, 1.0), (0.0, float("inf"))])
+def test_tspan_must_be_nonempty_and_finite(tspan):  # t1 < t0 runs backwards (test_backward_time.py)
     f, g = _fields()
     with pytest.raises(ValueError, match="tspan"):
         _sde(f, g, tspan=tspan)

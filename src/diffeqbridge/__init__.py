@@ -3,13 +3,19 @@
 Public names only; see DESIGN.md for the contract.
 """
 from .adjoint import BacksolveAdjoint, DiscreteAdjoint, InterpolatingAdjoint
-from . import julia  # light: julia_status etc.; juliacall is imported only on use
+from . import distributed, julia  # light: julia_status etc.; juliacall is imported only on use
 from .brownian import VirtualBrownianTree
+from .ensemble import Collect, EnsembleProblem, EnsembleSolution, Moments, Quantiles, Reduction, solve_ensemble
+from .events import ContinuousEvent, DiscreteEvent
+from . import interpolation, noise
+from .cde import NeuralCDE
+from .latent import LatentSDE
 from .neural import NeuralODE, NeuralSDE
 from .problem import ODEProblem, SDEProblem
 from .regularization import Regularization
 from .solution import ReturnCode, Solution, Stats
 from .solve import solve
+from . import diffusion  # noqa: E402 - deb.diffusion (imports the names above)
 from .solvers import (
     EM,
     AutoDP5,
@@ -33,6 +39,7 @@ from .solvers import (
     Rodas4,
     SKenCarp,
     SROCK1,
+    ShARK,
     Tsit5,
 )
 
@@ -41,8 +48,11 @@ __version__ = "0.1.0"
 __all__ = [
     "SDEProblem", "ODEProblem", "solve", "Solution", "ReturnCode", "Stats", "VirtualBrownianTree",
     "DiscreteAdjoint", "BacksolveAdjoint", "InterpolatingAdjoint", "NeuralSDE", "NeuralODE",
+    "LatentSDE", "NeuralCDE", "interpolation", "noise",
     "Regularization",
-    "EM", "EulerHeun", "RKMil", "LambaEM", "LambaEulerHeun", "SRIW1", "SOSRI", "SRA1", "SOSRA", "Tsit5", "Dopri5",
+    "ContinuousEvent", "DiscreteEvent",
+    "EnsembleProblem", "EnsembleSolution", "solve_ensemble", "Reduction", "Moments", "Quantiles", "Collect",
+    "EM", "EulerHeun", "RKMil", "LambaEM", "LambaEulerHeun", "SRIW1", "SOSRI", "SRA1", "SOSRA", "ShARK", "Tsit5", "Dopri5",
     "ImplicitEM", "ImplicitRKMil", "ISSEM", "SKenCarp", "SROCK1", "Rodas4", "Kvaerno5",
     "ReversibleHeun", "AutoSwitch", "AutoTsit5", "AutoDP5", "AutoSOSRI",
 ]

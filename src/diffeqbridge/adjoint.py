@@ -285,7 +285,7 @@ def default_sensealg(prob: ODEProblem, solver: AbstractSolver, adaptive: bool, d
         return DiscreteAdjoint()
     if adaptive or dt is None:
         return DiscreteAdjoint()
-    steps = math.ceil((prob.tspan[1] - prob.tspan[0]) / dt)
+    steps = math.ceil(abs(prob.tspan[1] - prob.tspan[0]) / dt)
     graph = steps * prob.y0.numel() * GRAPH_BYTES_PER_STEP_ELEMENT
     if graph <= GRAPH_BUDGET_BYTES:
         return DiscreteAdjoint()
@@ -441,10 +441,12 @@ def segment_times(save_times: Tensor, checkpoints: int | None, dt: float | None 
         times = [float(x) for x in save_times]
         grid = sorted({g for a, b in zip(times[:-1], times[1:]) for g in fixed_grid(a, b, dt)})
         extra = sorted({min(grid, key=lambda g, e=e: abs(g - e)) for e in extra})
-    span = t1 - t0
+    span = abs(t1 - t0)
     keep = [e for e in extra if bool((save_times - e).abs().min() > 1e-9 * span)]
-    bounds = torch.cat([save_times, torch.tensor(keep, dtype=torch.float64, device=save_times.device)]).sort().values
-    index = torch.searchsorted(bounds, save_times)
+    sign = 1.0 if t1 > t0 else -1.0  # time running backwards: boundaries in decreasing order
+    bounds = sign * (sign * torch.cat([save_times, torch.tensor(keep, dtype=torch.float64,
+                                                                device=save_times.device)])).sort().values
+    index = torch.searchsorted(sign * bounds, sign * save_times)
     return bounds, index
 
 
@@ -670,6 +672,8 @@ class _Augmented:
         prob = c.prob
         self.ito_correction = bool(prob.is_sde and prob.interpretation == "ito" and prob.noise in ("diagonal", "scalar"))
         self.batch = prob.batch_size
+        # a solve with t1 < t0 is Itô in reversed time: its Stratonovich drift is b + ½(∂σ/∂y)σ
+        self.direction = 1.0 if float(c.save_times[-1]) >= float(c.save_times[0]) else -1.0
 
     def strat_drift(self, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
         terms = self.terms
@@ -683,7 +687,7 @@ class _Augmented:
             w = torch.zeros_like(g, requires_grad=True)
             (v,) = torch.autograd.grad(g, y, grad_outputs=w, create_graph=True)
             (jg,) = torch.autograd.grad(v, w, grad_outputs=g, create_graph=True)
-            b = b - 0.5 * jg
+            b = b - (0.5 * self.direction) * jg
         return b, g
 
     def __call__(self, t: float, y: Tensor, a: Tensor, h: float, dw: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -724,7 +728,7 @@ def _backsolve_backward(c: _Ctx, ys: Tensor, grad_ys: Tensor) -> tuple[Tensor, T
     atol = c.options.atol if sensealg.atol is None else float(sensealg.atol)
     rtol = c.options.rtol if sensealg.rtol is None else float(sensealg.rtol)
     times = [float(x) for x in c.save_times]
-    span = times[-1] - times[0]
+    span = abs(times[-1] - times[0])
     if sensealg.dt is not None:
         dt = sensealg.dt
     elif not c.options.adaptive:
@@ -775,13 +779,14 @@ def _backsolve_backward(c: _Ctx, ys: Tensor, grad_ys: Tensor) -> tuple[Tensor, T
                 y, adj, gp = y + dy, adj + da, gp + dg
                 state_t = state_s
         else:
+            d = 1.0 if a_time > b_time else -1.0  # the direction the backsolve runs in
             t = b_time
-            h = min(dt, t - a_time)
+            h = min(dt, abs(t - a_time))
             n_steps = 0
-            while t > a_time:
-                hit = h >= (t - a_time) * (1 - 1e-12)
-                s = a_time if hit else t - h
-                h_step = t - s
+            while d * (a_time - t) > 0:
+                hit = h >= d * (a_time - t) * (1 - 1e-12)
+                s = a_time if hit else t + d * h
+                h_step = t - s  # signed: positive after a forward solve
                 dw, state_s = noise(s, t, state_t)
                 dy, da, dg, ey, ea, eg = increment(t, h_step, y, adj, dw)
                 e = torch.maximum(_rms_norm(ey, y, y + dy, atol, rtol), _rms_norm(ea, adj, adj + da, atol, rtol))
@@ -800,7 +805,7 @@ def _backsolve_backward(c: _Ctx, ys: Tensor, grad_ys: Tensor) -> tuple[Tensor, T
                 factor = min(max(factor, 0.2), 5.0 if tree is None else 2.0)
                 if err <= 1.0 and hit:
                     factor = max(factor, 1.0)
-                h = max(h_step * factor, c.options.dtmin)
+                h = max(abs(h_step) * factor, c.options.dtmin)
         adj = adj + grad_ys[k - 1]
     return adj, gp
 
@@ -811,12 +816,13 @@ def _reversible_steps(c: _Ctx) -> tuple[list[tuple[float, float, float]], list[i
     and, for every save time after the first, the number of steps taken to reach it."""
     dt = float(c.dt_initial[0])
     times = [float(x) for x in c.save_times]
+    sign = 1.0 if times[-1] >= times[0] else -1.0  # the engine's signed step
     steps: list[tuple[float, float, float]] = []
     ends: list[int] = []
     for a, b in zip(times[:-1], times[1:]):
         grid = fixed_grid(a, b, dt)
         for s, t in zip(grid[:-1], grid[1:]):
-            steps.append((s, (b - s) if t == b else dt, t))
+            steps.append((s, (b - s) if t == b else sign * dt, t))
         ends.append(len(steps))
     return steps, ends
 

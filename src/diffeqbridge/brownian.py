@@ -22,12 +22,26 @@ and Chen's relation hold exactly (up to rounding)::
     dW = W(t) - W(s),   H = (J(t) - J(s)) / (t - s) - W(s) - dW / 2.
 
 The descent is a linear recurrence whose coefficients depend only on the binary digits
-of the cell index; it is evaluated for all levels at once with cumulative sums over a
-level axis, not with a Python loop over levels.  Randomness for a node comes from a
-counter-based hash of ``(seed, sample index, element, level, node)``: no state, no
-dependence on batch composition, step sizes, query order or thread count.
-Internally everything is float64; results are cast to the requested dtype.
+of the cell index.  Randomness for a node comes from a counter-based hash of
+``(seed, sample index, element, level, node)``: no state, no dependence on batch
+composition, step sizes, query order or thread count.  Internally everything is float64;
+results are cast to the requested dtype.
+
+Two paths evaluate it (``_tree_kernel.py``, docs/brownian.md):
+
+* fused (default where available): one kernel per query runs the whole recursion per
+  (sample, element) in registers -- a small C kernel on the CPU (compiled once with the
+  system's C compiler, loaded with ctypes), ``torch.compile`` of the same recursion written
+  as elementwise torch code on CUDA.  On the CPU each sample also reuses the top levels it
+  shares with its previous query (no value changes).
+* eager (fallback; ``DIFFEQBRIDGE_TREE_KERNEL=eager``): torch ops, all levels at once with
+  cumulative sums over a level axis for per-sample times, and a batch-shared cached descent
+  for :meth:`VirtualBrownianTree.evaluate_scalar`.
+
+Both do the same float64 operations in the same order; they differ only where ``log``,
+``sin`` and ``cos`` round differently (measured below 2e-15 relative to the path's scale).
 """
+
 from __future__ import annotations
 
 import math
@@ -35,47 +49,38 @@ import math
 import torch
 from torch import Tensor
 
-_MASK32 = 0xFFFFFFFF
+from . import _tree_kernel as K
+from ._tree_kernel import MASK32 as _MASK32
+from ._tree_kernel import absorb as _absorb
+from ._tree_kernel import fmix32_i32 as _fmix32_i32
+from ._tree_kernel import standard_normal_pair as _standard_normal_pair
+
 _ROOT_LEVEL = 1_000_003
 _CELL_LEVEL = 2_000_003
-_TWO_PI = 2.0 * math.pi
 
 
-def _fmix32(h: Tensor) -> Tensor:
-    """MurmurHash3's 32-bit finalizer on int64 tensors holding values in ``[0, 2^32)``."""
-    h = h ^ (h >> 16)
-    h = (h * 0x85EBCA6B) & _MASK32
-    h = h ^ (h >> 13)
-    h = (h * 0xC2B2AE35) & _MASK32
-    return h ^ (h >> 16)
+DEFAULT_LEVELS = 20  # default resolution: (t1 - t0) 2^-20
 
 
-def _absorb(h: Tensor, value: Tensor | int) -> Tensor:
-    """Mix a non-negative integer (< 2^32) into a 32-bit hash state."""
-    return _fmix32(((h ^ value) + 0x9E3779B9) & _MASK32)
+def solve_tol(t0: float, t1: float, dtmin: float | None) -> float:
+    """Resolution of the tree ``deb.solve`` makes when it is given no ``brownian``.
 
+    ``dtmin`` given (> 0): the finest cell is at most ``dtmin`` (and at least
+    ``(t1 - t0) 2^-52``), so the joint law of every increment and Lévy area the solve uses
+    is exact -- an adaptive step is never shorter than ``dtmin`` (the sample stops with
+    ``DtLessThanMin``), and points at least one cell apart never share a finest cell.  A
+    coarser ``dtmin`` also gives a shallower, cheaper tree.  Otherwise (``dtmin`` None or 0):
+    ``(t1 - t0) 2^-20``, exact for steps down to about ``1e-6 (t1 - t0)``.
 
-_C1_I32 = 0x85EBCA6B - (1 << 32)  # the same multipliers as signed 32-bit integers
-_C2_I32 = 0xC2B2AE35 - (1 << 32)
-
-
-def _fmix32_i32(h: Tensor) -> Tensor:
-    """:func:`_fmix32` on int32 tensors (two's-complement wrap-around multiplication;
-    the masks make the right shifts logical).  Bit-identical to the int64 version."""
-    h = h ^ ((h >> 16) & 0xFFFF)
-    h = h * _C1_I32
-    h = h ^ ((h >> 13) & 0x7FFFF)
-    h = h * _C2_I32
-    return h ^ ((h >> 16) & 0xFFFF)
-
-
-def _standard_normal_pair(words: Tensor) -> tuple[Tensor, Tensor]:
-    """Two independent N(0,1) float64 draws from random int32 words ``(2, ...)`` (Box–Muller)."""
-    uniform = (words.double() + (2.0**31 + 0.5)) * 2.0**-32  # in (0, 1): log is finite
-    u1, u2 = uniform[0], uniform[1]
-    radius = torch.sqrt(-2.0 * torch.log(u1))
-    angle = _TWO_PI * u2
-    return radius * torch.cos(angle), radius * torch.sin(angle)
+    Deliberately not a function of ``atol``, ``rtol`` or ``dt``: the depth is part of the
+    path (refining a cell re-draws ``W`` inside it, by about ``sqrt(tol)``), so a depth that
+    followed the tolerances would give solves at different tolerances different Brownian
+    paths and break convergence studies with one seed.
+    """
+    span = t1 - t0
+    if dtmin is None or not float(dtmin) > 0:
+        return span * 2.0**-DEFAULT_LEVELS
+    return max(float(dtmin), span * 2.0**-52)
 
 
 def _exclusive_cumsum(x: Tensor, dim: int = -1) -> Tensor:
@@ -98,6 +103,9 @@ class VirtualBrownianTree:
             apart.  Default ``(t1 - t0) * 2**-20`` (about ``1e-6 (t1 - t0)``).
         dtype: dtype of the returned increments (computation is float64).
         device: device of the returned tensors.
+        sample_offset: global index of row 0: row ``i`` draws the path of sample
+            ``sample_offset + i`` (a batch of an ensemble, :func:`diffeqbridge.solve_ensemble`,
+            gets exactly the paths those samples have in one big batch).
 
     Call ``bm(s, t)`` with scalars or ``(B,)`` tensors to get ``(dW, H)`` of shape
     ``shape``; ``bm.W(t)`` gives ``W(t) - W(t0)``.
@@ -112,6 +120,7 @@ class VirtualBrownianTree:
         tol: float | None = None,
         dtype: torch.dtype = torch.float64,
         device: torch.device | str | None = None,
+        sample_offset: int = 0,
     ):
         t0, t1 = float(t0), float(t1)
         if not (math.isfinite(t0) and math.isfinite(t1)) or t1 <= t0:
@@ -126,14 +135,16 @@ class VirtualBrownianTree:
             raise ValueError(f"shape must be (B, *noise_shape) with positive sizes; got {shape}")
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
             raise ValueError(f"seed must be an int in [0, 2**64) (the tree hashes two 32-bit words); got {seed!r}")
+        if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or sample_offset < 0:
+            raise ValueError(f"sample_offset must be a non-negative int; got {sample_offset!r}")
         if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             raise TypeError(f"dtype must be a floating dtype; got {dtype}")
         length = t1 - t0
         if tol is None:
-            tol = length * 2.0**-20
+            tol = length * 2.0**-DEFAULT_LEVELS
         if not (tol > 0):
             raise ValueError(f"tol must be positive; got {tol}")
-        self.t0, self.t1, self.shape, self.seed = t0, t1, shape, seed
+        self.t0, self.t1, self.shape, self.seed, self.sample_offset = t0, t1, shape, seed, sample_offset
         self.depth = max(1, math.ceil(math.log2(length / tol) - 1e-9))
         if self.depth > 52:
             raise ValueError(f"tol={tol} is too fine for float64 times on [{t0}, {t1}] (depth {self.depth} > 52)")
@@ -142,47 +153,46 @@ class VirtualBrownianTree:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.batch_size = shape[0]
         self.n_elements = math.prod(shape[1:])
+        self._wide = self.depth > 32
         self._levels = torch.arange(self.depth, device=self.device)
-        self._level_widths = length * torch.pow(
-            torch.tensor(2.0, dtype=torch.float64, device=self.device), -self._levels.double()
-        )
         self._element_keys = self._make_element_keys()
         self._level_keys = self._level_key(self._levels)  # (L,)
         self._root_key = self._level_key(_ROOT_LEVEL)
         self._cell_key = self._level_key(_CELL_LEVEL)
+        self._cell_key_int = int(self._cell_key)
         self._root: tuple[Tensor, Tensor] | None = None  # (W, H) of [t0, t1]: a constant, drawn once
+        # per-level constants (K.LEVEL_COLUMNS), float64, shared by every path
+        table = torch.tensor(K.level_table(length, self.depth, self.depth), dtype=torch.float64, device=self.device)
+        (self._sq16, self._sq48, self._four_pow4, self._inv_pow4, self._two_pow2, self._inv_pow2, self._half_widths) = (
+            table.unbind(1)
+        )
+        self._level_consts = [(int(key), *row) for key, row in zip(self._level_keys.tolist(), table.tolist())]
+        n_cells = 2**self.depth
+        width = length / n_cells
+        self._cell = (width, width**2, width**3)  # finest cell width and its powers
+        # the fused kernel's inputs (K.fused_point), built on first use
+        self._padded = K.padded_depth(self.depth)
+        self._fused_args: dict[bool, tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, bool]] = {}
+        self._reuse: K.ReuseCache | None = None  # per-sample reuse of the C kernel (K.ReuseCache)
         # evaluate_scalar's cache: the last path's digits and per-level running sums
         self._path_digits: list[tuple[int, int]] = []
         self._path_sums: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # each (L, B, N)
-        self._path_last: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
-        pow4 = torch.pow(torch.tensor(4.0, dtype=torch.float64, device=self.device), self._levels.double())
-        pow2 = torch.sqrt(pow4)
-        # per-level constants: the same float64 values the vectorised descent uses
-        self._sq16 = torch.sqrt(self._level_widths / 16.0)
-        self._sq48 = torch.sqrt(self._level_widths / 48.0)
-        self._four_pow4, self._pow4 = 4.0 * pow4, pow4
-        self._two_pow2, self._pow2 = 2.0 * pow2, pow2
-        self._half_widths = 0.5 * self._level_widths
+        self._path_last: tuple[Tensor, Tensor] | None = None  # (W, H) of the last path's finest cell
         self._path_has_j = True
         self._memo: list[tuple[tuple[float, bool], tuple[Tensor, Tensor | None]]] = []
         self._cell_normals: tuple[int, tuple[Tensor, Tensor] | None] = (-1, None)
-        self._cell_key_int = int(self._cell_key)
-        self._level_consts = [
-            (int(key), float(a), float(b), float(c), float(d), float(e), float(f), float(g))
-            for key, a, b, c, d, e, f, g in zip(self._level_keys, self._sq16, self._sq48, self._four_pow4, self._pow4,
-                                                  self._two_pow2, self._pow2, self._half_widths)
-        ]
 
     # ------------------------------------------------------------------ keys
     def _make_element_keys(self) -> Tensor:
-        """Two 32-bit keys per (sample, element), int32 of shape ``(2, B, N)``."""
-        sample = torch.arange(self.batch_size, device=self.device).unsqueeze(1)
+        """Two 32-bit keys per (sample, element), int32 of shape ``(2, B, N)``; sample ``i``
+        of this tree is sample ``sample_offset + i`` of the seed's ensemble."""
+        sample = self.sample_offset + torch.arange(self.batch_size, device=self.device).unsqueeze(1)
         element = torch.arange(self.n_elements, device=self.device).unsqueeze(0)
         base = torch.full((self.batch_size, self.n_elements), 0x2545F491, device=self.device, dtype=torch.int64)
         for word in (self.seed & _MASK32, self.seed >> 32):
             base = _absorb(base, word)
         base = _absorb(_absorb(_absorb(base, sample & _MASK32), sample >> 32), element)
-        return torch.stack([base, _fmix32(base ^ 0x5BD1E995)]).to(torch.int32)  # (2, B, N), wraps
+        return torch.stack([base, K.fmix32(base ^ 0x5BD1E995)]).to(torch.int32)  # (2, B, N), wraps
 
     def _level_key(self, level: Tensor | int) -> Tensor:
         start = torch.as_tensor(0x1B873593, dtype=torch.int64, device=self.device)
@@ -196,12 +206,9 @@ class VirtualBrownianTree:
         ``node * phi + level_key (mod 2^32)`` is injective within a level (``phi`` odd),
         and the element keys are mixed in by MurmurHash3's finalizer.
         """
-        node_key = (node * 0x9E3779B1 + level_key) & _MASK32
-        if self.depth > 32:
-            node_key = _absorb(node_key, node >> 32)
-        node_key = node_key.to(torch.int32).unsqueeze(1)  # (B, 1, ...)
+        key = K.node_key(node, level_key, self._wide).unsqueeze(1)  # (B, 1, ...)
         keys = self._element_keys.reshape(self._element_keys.shape + (1,) * (node.ndim - 1))
-        return _standard_normal_pair(_fmix32_i32(keys ^ node_key))
+        return _standard_normal_pair(_fmix32_i32(keys ^ key))
 
     # ------------------------------------------------------------- evaluation
     def _times(self, t: Tensor | float) -> Tensor:
@@ -212,18 +219,76 @@ class VirtualBrownianTree:
             raise ValueError(f"query times must be scalars or of shape ({self.batch_size},); got {tuple(t.shape)}")
         return t.to(torch.float64)
 
+    @property
+    def kernel(self) -> str:
+        """The path :meth:`evaluate` takes: ``"fused"`` (one kernel per query: C on the CPU,
+        Triton through ``torch.compile`` on CUDA) or ``"eager"`` (torch ops; forced by the
+        environment variable ``DIFFEQBRIDGE_TREE_KERNEL=eager``)."""
+        return "eager" if K.choose(self.device, self._padded) == "eager" else "fused"
+
     def evaluate(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
         """``(W(t) - W(t0), int_{t0}^t (W(u) - W(t0)) du)``, each ``(B, N)`` float64.
 
-        Times outside ``[t0, t1]`` are clamped to it.
+        Times outside ``[t0, t1]`` are clamped to it.  Runs the fused kernel where it is
+        available (:attr:`kernel`), else the eager descent; both give the same numbers up
+        to the last bits of ``log``, ``sin`` and ``cos`` (docs/brownian.md).
         """
-        t = self._times(t)
-        length = self.t1 - self.t0
-        n_cells = 2**self.depth
-        position = ((t - self.t0) / length).clamp(0.0, 1.0) * n_cells
-        cell = torch.floor(position).clamp(max=n_cells - 1)
-        cell_fraction = (position - cell).unsqueeze(1)  # (B, 1)
-        cell = cell.long()
+        t = self._times(t).detach()
+        path = K.choose(self.device, self._padded)
+        if path == "c":
+            kernel = K.c_kernel()
+            assert kernel is not None
+            return K.run_c(kernel, t, *self._fused_inputs(padded=False), reuse=self._reuse_cache())
+        if path == "compile":
+            return K.run_compiled(
+                self._padded,
+                self.device,
+                lambda: self._evaluate_eager(t),
+                t,
+                self._element_keys,
+                *self._root_increment(),
+                *self._fused_inputs(padded=True)[4:7],
+                self._padded,
+                self._cell_key_int,
+                self._wide,
+            )
+        return self._evaluate_eager(t)
+
+    def _reuse_cache(self) -> K.ReuseCache | None:
+        """The C kernel's per-sample reuse state (None when it would exceed its memory budget)."""
+        count = self.batch_size * self.n_elements
+        if self._reuse is None and K.ReuseCache.affordable(self.depth, count):
+            self._reuse = K.ReuseCache(self.depth, count)
+        return self._reuse
+
+    def _fused_inputs(self, padded: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, bool]:
+        """The fused kernels' inputs: ``(key0, key1, w_root, h_root, levels, level_keys,
+        geometry, cell_key, wide)``; ``levels``/``level_keys`` padded to :attr:`_padded`
+        levels for the ``torch.compile`` path (:func:`K.fused_point`)."""
+        if self._fused_args.get(padded) is None:
+            rows = self._padded if padded else self.depth
+            length = self.t1 - self.t0
+            levels = torch.tensor(K.level_table(length, self.depth, rows), dtype=torch.float64, device=self.device)
+            pad = torch.zeros(rows - self.depth, dtype=torch.int64, device=self.device)
+            keys = torch.cat([pad, self._level_keys]).contiguous()
+            geometry = torch.tensor([self.t0, length, float(2**self.depth), *self._cell], dtype=torch.float64, device=self.device)
+            key0, key1 = (k.contiguous() for k in self._element_keys.unbind(0))
+            self._fused_args[padded] = (
+                key0,
+                key1,
+                *self._root_increment(),
+                levels,
+                keys,
+                geometry,
+                self._cell_key_int,
+                self._wide,
+            )
+        return self._fused_args[padded]
+
+    def _evaluate_eager(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`evaluate` op by op: the level recursion as cumulative sums over a level axis."""
+        cell, cell_fraction = K.locate(t, self.t0, self.t1 - self.t0, float(2**self.depth))
+        cell_fraction = cell_fraction.unsqueeze(1)  # (B, 1)
 
         shifts = self.depth - self._levels  # (L,)
         node = cell.unsqueeze(1) >> shifts  # (B, L): index of the node split at level k
@@ -233,24 +298,22 @@ class VirtualBrownianTree:
         w_root, h_root = self._root_increment()  # (B, N)
 
         z, x = self._normals(self._level_keys, node)  # (B, N, L)
-        widths = self._level_widths  # (L,)
-        z = z * torch.sqrt(widths / 16.0)
-        x = x * torch.sqrt(widths / 48.0)
+        z = z * self._sq16
+        x = x * self._sq48
 
-        # H_{k+1} = H_k/4 - Z_k/2 + s_k X_k, solved as 4^k H_k = H_0 + sum_{j<k} 4^{j+1} e_j.
-        pow4 = torch.pow(torch.tensor(4.0, dtype=torch.float64, device=self.device), self._levels.double())
-        h_increments = 4.0 * pow4 * (-0.5 * z + sign * x)
-        levy = (h_root.unsqueeze(-1) + _exclusive_cumsum(h_increments)) / pow4  # H_k, (B, N, L)
+        # H_{k+1} = H_k/4 - Z_k/2 + s_k X_k, solved as 4^k H_k = H_0 + sum_{j<k} 4^{j+1} e_j
+        # (the same operations as K.level_update, all levels at once).
+        h_increments = self._four_pow4 * (-0.5 * z + sign * x)
+        levy = (h_root.unsqueeze(-1) + _exclusive_cumsum(h_increments)) * self._inv_pow4  # H_k, (B, N, L)
         # W_{k+1} = W_k/2 + s_k (3 H_k/2 + Z_k), solved as 2^k W_k = W_0 + sum_{j<k} 2^{j+1} (...).
-        pow2 = torch.sqrt(pow4)
-        w_increments = 2.0 * pow2 * sign * (1.5 * levy + z)
-        w_node = (w_root.unsqueeze(-1) + _exclusive_cumsum(w_increments)) / pow2  # W_k
+        w_increments = self._two_pow2 * sign * (1.5 * levy + z)
+        w_node = (w_root.unsqueeze(-1) + _exclusive_cumsum(w_increments)) * self._inv_pow2  # W_k
 
         w_left = 0.5 * w_node + 1.5 * levy + z  # increment over the left child
         h_left = 0.25 * levy - 0.5 * z + x
         left_contrib = goes_right * w_left
         w_at_start = _exclusive_cumsum(left_contrib)  # W(a_k) at each level's left end
-        j_contrib = goes_right * (0.5 * widths) * (w_at_start + h_left + 0.5 * w_left)
+        j_contrib = goes_right * self._half_widths * (w_at_start + h_left + 0.5 * w_left)
         w_cell_start = _total(left_contrib)
         j_cell_start = _total(j_contrib)
 
@@ -258,9 +321,8 @@ class VirtualBrownianTree:
         w_cell = 0.5 * w_node[..., -1] + last_sign * (1.5 * levy[..., -1] + z[..., -1])
         h_cell = 0.25 * levy[..., -1] - 0.5 * z[..., -1] + last_sign * x[..., -1]
 
-        cell_width = length / n_cells
-        w_part, h_part = self._bridge_in_cell(cell, cell_fraction * cell_width, cell_width, w_cell, h_cell)
-        r = cell_fraction * cell_width
+        r = cell_fraction * self._cell[0]
+        w_part, h_part = K.bridge(r, *self._cell, w_cell, h_cell, *self._normals(self._cell_key, cell))
         w_t = w_cell_start + w_part
         j_t = j_cell_start + r * w_cell_start + r * (h_part + 0.5 * w_part)
         return w_t, j_t
@@ -270,34 +332,35 @@ class VirtualBrownianTree:
         if self._root is None:
             z_root, x_root = self._normals(self._root_key, torch.zeros(self.batch_size, dtype=torch.long, device=self.device))
             length = self.t1 - self.t0
-            self._root = (math.sqrt(length) * z_root, math.sqrt(length / 12.0) * x_root)
+            self._root = ((math.sqrt(length) * z_root).contiguous(), (math.sqrt(length / 12.0) * x_root).contiguous())
         return self._root
 
     def _normals_shared(self, level_key: int, node: int) -> tuple[Tensor, Tensor]:
         """:meth:`_normals` for one node index shared by the whole batch -> each ``(B, N)``."""
-        node_key = (node * 0x9E3779B1 + level_key) & _MASK32
-        if self.depth > 32:
-            node_key = int(_absorb(torch.tensor(node_key), node >> 32))
-        if node_key >= 1 << 31:
-            node_key -= 1 << 32  # as int32 (two's complement), like the vectorised path
-        return _standard_normal_pair(_fmix32_i32(self._element_keys ^ node_key))
+        key = int(K.node_key(torch.tensor(node, dtype=torch.int64), level_key, self._wide))
+        return K.node_normals(self._element_keys, key)
 
     def evaluate_scalar(self, t: float, levy: bool = True) -> tuple[Tensor, Tensor | None]:
-        """:meth:`evaluate` at one time shared by the whole batch (a Python float).
+        """:meth:`evaluate` at one time shared by the whole batch (a Python float): the same
+        numbers as ``evaluate(torch.full((B,), t))`` on either path.
 
-        Gives the same numbers as ``evaluate(torch.full((B,), t))`` (the same float64
-        operations in the same order), faster: every sample descends the same nodes, so the
-        levels this path shares with the previous call's (consecutive steps of a solve share
-        all but the deepest few) are taken from a cache, and only the others are redrawn
-        (:meth:`_descend`).  Used by the engine for fixed-step solves and by the backward
-        passes of the adjoints.  ``levy=False`` skips the integral ``J`` (returned as None;
-        ``W`` is unchanged) for solvers that do not use the Lévy area.
+        The fused path simply runs the kernel.  The eager path is faster than its per-sample
+        descent: every sample descends the same nodes, so the levels this path shares with
+        the previous call's (consecutive steps of a solve share all but the deepest few) are
+        taken from a cache, and only the others are redrawn (:meth:`_descend`).  Used by the
+        engine for fixed-step solves and by the backward passes of the adjoints.
+        ``levy=False`` skips the integral ``J`` on the eager path (returned as None either
+        way; ``W`` is unchanged) for solvers that do not use the Lévy area.
         """
         t = float(t)
         want_j = bool(levy)
         for key, value in self._memo:  # the last two answers (adjoints ask for each time twice)
             if key[0] == t and (key[1] or not want_j):
                 return value if want_j else (value[0], None)
+        if K.choose(self.device, self._padded) != "eager":
+            w_t, j_t = self.evaluate(torch.full((self.batch_size,), t, dtype=torch.float64, device=self.device))
+            self._memo = [((t, True), (w_t, j_t)), *self._memo[:1]]
+            return (w_t, j_t) if want_j else (w_t, None)
         length = self.t1 - self.t0
         n_cells = 2**self.depth
         position = min(max((t - self.t0) / length, 0.0), 1.0) * n_cells
@@ -316,23 +379,18 @@ class VirtualBrownianTree:
             self._path_has_j = want_j
             self._descend(start, digits, w_root, h_root)
         assert self._path_last is not None and self._path_sums is not None
-        w_node, levy, z, x = self._path_last
-        right = digits[-1][1]
-        sign = -1.0 if right else 1.0
-        w_cell = 0.5 * w_node + sign * (1.5 * levy + z)
-        h_cell = 0.25 * levy - 0.5 * z + sign * x
+        w_cell, h_cell = self._path_last
         w_cell_start, j_cell_start = self._path_sums[2][-1], self._path_sums[3][-1]
-        cell_width = length / n_cells
-        # (B, 1) like the vectorised path: vectorised and scalar pow kernels may differ in the last bit
-        r = torch.full((self.batch_size, 1), fraction, dtype=torch.float64, device=self.device) * cell_width
+        # (B, 1) like the vectorised path
+        r = torch.full((self.batch_size, 1), fraction, dtype=torch.float64, device=self.device) * self._cell[0]
         if self._cell_normals[0] != cell:
             self._cell_normals = (cell, self._normals_shared(self._cell_key_int, cell))
         normals = self._cell_normals[1]
         assert normals is not None
         if not want_j:
-            result: tuple[Tensor, Tensor | None] = (w_cell_start + self._bridge_w(r, cell_width, w_cell, h_cell, normals[0]), None)
+            result: tuple[Tensor, Tensor | None] = (w_cell_start + K.bridge_w(r, *self._cell, w_cell, h_cell, normals[0]), None)
         else:
-            w_part, h_part = self._bridge_in_cell(None, r, cell_width, w_cell, h_cell, normals=normals)
+            w_part, h_part = K.bridge(r, *self._cell, w_cell, h_cell, *normals)
             w_t = w_cell_start + w_part
             result = (w_t, j_cell_start + r * w_cell_start + r * (h_part + 0.5 * w_part))
         self._memo = [((t, want_j), result), *self._memo[:1]]
@@ -348,8 +406,7 @@ class VirtualBrownianTree:
         levels = slice(start, self.depth)
         n = self.depth - start
         if self._path_sums is None:
-            self._path_sums = tuple(torch.empty((self.depth, *w_root.shape), dtype=torch.float64, device=dev)
-                                    for _ in range(4))  # type: ignore[assignment]
+            self._path_sums = tuple(torch.empty((self.depth, *w_root.shape), dtype=torch.float64, device=dev) for _ in range(4))  # type: ignore[assignment]
         if n <= 4:  # a few levels: one at a time on contiguous (B, N) tensors is faster
             self._descend_levels(start, digits, w_root, h_root)
             return
@@ -357,11 +414,9 @@ class VirtualBrownianTree:
         nodes = torch.tensor([d[0] for d in digits[levels]], dtype=torch.int64, device=dev)
         goes_right = torch.tensor([float(d[1]) for d in digits[levels]], dtype=torch.float64, device=dev).reshape(col)
         sign = 1.0 - 2.0 * goes_right
-        node_key = (nodes * 0x9E3779B1 + self._level_keys[levels]) & _MASK32
-        if self.depth > 32:
-            node_key = _absorb(node_key, nodes >> 32)
+        node_key = K.node_key(nodes, self._level_keys[levels], self._wide)
         keys = self._element_keys.unsqueeze(1)  # (2, 1, B, N)
-        z, x = _standard_normal_pair(_fmix32_i32(keys ^ node_key.to(torch.int32).reshape(1, *col)))  # (n, B, N)
+        z, x = _standard_normal_pair(_fmix32_i32(keys ^ node_key.reshape(1, *col)))  # (n, B, N)
         z = z * self._sq16[levels].reshape(col)
         x = x * self._sq48[levels].reshape(col)
         sums = self._path_sums
@@ -369,15 +424,15 @@ class VirtualBrownianTree:
 
         def resume(i: int, increments: Tensor) -> Tensor:
             """Inclusive cumulative sum over levels continuing the cached sum of level start-1."""
-            prefix = sums[i][start - 1:start] if start > 0 else torch.zeros_like(increments[:1])
+            prefix = sums[i][start - 1 : start] if start > 0 else torch.zeros_like(increments[:1])
             total = torch.cumsum(torch.cat([prefix, increments]), dim=0)[1:]
             sums[i][start:] = total  # the cache only: nothing returned is a view of it
             return total
 
         h_increments = self._four_pow4[levels].reshape(col) * (-0.5 * z + sign * x)
-        levy = (h_root + (resume(0, h_increments) - h_increments)) / self._pow4[levels].reshape(col)
+        levy = (h_root + (resume(0, h_increments) - h_increments)) * self._inv_pow4[levels].reshape(col)
         w_increments = self._two_pow2[levels].reshape(col) * sign * (1.5 * levy + z)
-        w_node = (w_root + (resume(1, w_increments) - w_increments)) / self._pow2[levels].reshape(col)
+        w_node = (w_root + (resume(1, w_increments) - w_increments)) * self._inv_pow2[levels].reshape(col)
         w_left = 0.5 * w_node + 1.5 * levy + z
         h_left = 0.25 * levy - 0.5 * z + x
         left_contrib = goes_right * w_left
@@ -385,82 +440,48 @@ class VirtualBrownianTree:
         if self._path_has_j:
             resume(3, goes_right * self._half_widths[levels].reshape(col) * (w_at_start + h_left + 0.5 * w_left))
         self._path_digits = list(digits)
-        self._path_last = (w_node[-1], levy[-1], z[-1], x[-1])
+        last_sign = sign[-1]
+        self._path_last = (
+            0.5 * w_node[-1] + last_sign * (1.5 * levy[-1] + z[-1]),
+            0.25 * levy[-1] - 0.5 * z[-1] + last_sign * x[-1],
+        )
 
     def _descend_levels(self, start: int, digits: list[tuple[int, int]], w_root: Tensor, h_root: Tensor) -> None:
-        """:meth:`_descend` one level at a time (the same operations, per level)."""
-        sums = self._path_sums
-        assert sums is not None
+        """:meth:`_descend` one level at a time (:func:`K.level_update`, the same operations)."""
+        path_sums = self._path_sums
+        assert path_sums is not None
         if start == 0:
             zero = torch.zeros_like(w_root)
-            c_h = c_w = c_l = c_j = zero
+            sums = (zero, zero, zero, zero)
         else:
-            c_h, c_w, c_l, c_j = (buffer[start - 1] for buffer in sums)
-        with_j = self._path_has_j
+            sums = tuple(buffer[start - 1] for buffer in path_sums)  # type: ignore[assignment]
+        child = (w_root, h_root)
         for k in range(start, self.depth):
             node, right = digits[k]
-            level_key, sq16, sq48, four_pow4, pow4, two_pow2, pow2, half_width = self._level_consts[k]
+            level_key, *consts = self._level_consts[k]
             z, x = self._normals_shared(level_key, node)
-            z, x = z * sq16, x * sq48
-            # (-0.5 z) + (-x) == (-0.5 z) - x exactly
-            h_inc = four_pow4 * ((-0.5 * z - x) if right else (-0.5 * z + x))
-            c_h = c_h + h_inc
-            levy = (h_root + (c_h - h_inc)) / pow4
-            w_inc = (-two_pow2 if right else two_pow2) * (1.5 * levy + z)
-            c_w = c_w + w_inc
-            w_node = (w_root + (c_w - w_inc)) / pow2
-            if right:  # else the left-end terms are zero: the sums carry over
-                w_left = 0.5 * w_node + 1.5 * levy + z
-                c_l = c_l + w_left
-                if with_j:
-                    h_left = 0.25 * levy - 0.5 * z + x
-                    c_j = c_j + half_width * ((c_l - w_left) + h_left + 0.5 * w_left)
-            sums[0][k], sums[1][k], sums[2][k] = c_h, c_w, c_l
-            if with_j:
-                sums[3][k] = c_j
+            sums, child = K.level_update(sums, (w_root, h_root), z, x, float(right), tuple(consts))
+            for buffer, value in zip(path_sums, sums):
+                buffer[k] = value
         self._path_digits = list(digits)
-        self._path_last = (w_node, levy, z, x)
-
-    @staticmethod
-    def _bridge_w(r: Tensor, width: float, w_cell: Tensor, h_cell: Tensor, z1: Tensor) -> Tensor:
-        """The ``W`` half of :meth:`_bridge_in_cell` (the same operations)."""
-        q = width - r
-        w = width
-        mean_w = (r / w) * w_cell + (6.0 * q * r / w**2) * h_cell
-        var_w = (r - r**2 / w - 3.0 * q**2 * r**2 / w**3).clamp(min=0.0)
-        return mean_w + torch.sqrt(var_w) * z1
-
-    def _bridge_in_cell(self, cell: Tensor | None, r: Tensor, width: float, w_cell: Tensor, h_cell: Tensor,
-                        normals: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        """Draw ``(W, H)`` of ``[a, a + r]`` given ``(W, H)`` of the cell ``[a, a + width]``.
-
-        Exact Gaussian conditioning: with ``q = width - r`` and independent pieces,
-        ``W = W1 + W2`` and ``H = (r H1 + q H2)/w + (q W1 - r W2)/(2w)``.
-        """
-        q = width - r
-        w = width
-        mean_w = (r / w) * w_cell + (6.0 * q * r / w**2) * h_cell
-        mean_h = (r / w) ** 2 * h_cell
-        var_w = (r - r**2 / w - 3.0 * q**2 * r**2 / w**3).clamp(min=0.0)
-        var_h = (r / 12.0 - r**4 / (12.0 * w**3)).clamp(min=0.0)
-        cov = -q * r**3 / (2.0 * w**3)
-        l11 = torch.sqrt(var_w)
-        l21 = torch.where(l11 > 0, cov / torch.where(l11 > 0, l11, torch.ones_like(l11)), torch.zeros_like(l11))
-        l22 = torch.sqrt((var_h - l21**2).clamp(min=0.0))
-        z1, z2 = normals if normals is not None else self._normals(self._cell_key, cell)  # type: ignore[arg-type]
-        return mean_w + l11 * z1, mean_h + l21 * z1 + l22 * z2
+        self._path_last = child
 
     # ----------------------------------------------------------------- public
     def _shape_out(self, x: Tensor) -> Tensor:
         return x.reshape(self.shape).to(self.dtype)
 
-    def increment_from(self, s: Tensor, state_s: tuple[Tensor, Tensor], t: Tensor, state_t: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    def increment_from(
+        self, s: Tensor | float, state_s: tuple[Tensor, Tensor], t: Tensor | float, state_t: tuple[Tensor, Tensor]
+    ) -> tuple[Tensor, Tensor]:
         """``(dW, H)`` over ``[s, t]`` from two results of :meth:`evaluate`, shaped ``shape``."""
+        lo, hi = self._times(s), self._times(t)
+        if self.device.type == "cpu" and K.choose(self.device) == "c":
+            out = K.increment_c(self.t0, self.t1, lo.contiguous(), hi.contiguous(), state_s, state_t)
+            if out is not None:
+                return self._shape_out(out[0]), self._shape_out(out[1])
         w_s, j_s = state_s
         w_t, j_t = state_t
-        lo = self._times(s).clamp(self.t0, self.t1)
-        hi = self._times(t).clamp(self.t0, self.t1)
-        h = (hi - lo).unsqueeze(1)
+        h = (hi.clamp(self.t0, self.t1) - lo.clamp(self.t0, self.t1)).unsqueeze(1)
         nonzero = h != 0
         safe_h = torch.where(nonzero, h, torch.ones_like(h))
         dw = w_t - w_s

@@ -1,10 +1,11 @@
-"""Command line: ``python -m diffeqbridge {demo,info,bench}``.
+"""Command line: ``python -m diffeqbridge {demo,info,bench,diffusion-demo}``.
 
 ``demo`` solves an ensemble of geometric Brownian motions with the automatic algorithm
 choice and compares it with the exact solution built from the same Brownian tree;
 ``info`` reports versions, devices, backends (Julia included) and the solver table;
 ``bench`` runs the repository's ``benchmarks/`` (a source checkout is needed: the
-benchmarks are not part of the installed package).
+benchmarks are not part of the installed package); ``diffusion-demo`` samples an exact
+2-D Gaussian-mixture score with every diffusion sampler (:mod:`diffeqbridge.diffusion.demo`).
 """
 from __future__ import annotations
 
@@ -422,6 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--only", default=None, metavar="NAME,...", help="comma-separated subset of the benchmarks")
     bench.add_argument("--threads", type=int, default=1, help="torch/XLA intra-op threads (default 1; 0: library defaults)")
     bench.set_defaults(func=run_bench)
+
+    from .diffusion.demo import add_parser as add_diffusion_demo
+
+    add_diffusion_demo(sub)
     return parser
 
 

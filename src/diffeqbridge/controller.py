@@ -27,6 +27,14 @@ from .solvers.base import AbstractSolver
 QOLD_INIT = 1e-4
 
 
+def layout_free_pow(x: Tensor, b: float) -> Tensor:
+    """``x ** b`` for ``x >= 0`` (``(B,)``), as ``exp(b log x)``: ``torch.pow`` rounds
+    differently in its vectorised blocks and its scalar tail (AVX-512), so a sample's step
+    size would depend on the batch length; ``exp``/``log`` are the same in both (tested in
+    ``tests/test_batch_invariance.py``).  ``0 -> 0``, ``inf -> inf``, NaN stays NaN (``b > 0``)."""
+    return torch.exp(b * torch.log(x))
+
+
 def scaled_error_norm(error: Tensor, y0: Tensor, y1: Tensor, atol: float, rtol: float) -> Tensor:
     """RMS over the state of ``error / (atol + rtol * max(|y0|, |y1|))``: ``(B, ...) -> (B,)``."""
     scale = atol + rtol * torch.maximum(y0.abs(), y1.abs())
@@ -58,8 +66,8 @@ class PIController:
 
         ``err`` may hold ``inf`` for a non-finite step: that sample shrinks by ``qmin``.
         """
-        q11 = torch.pow(err, self.beta1)
-        q = q11 / torch.pow(qold, self.beta2)
+        q11 = layout_free_pow(err, self.beta1)
+        q = q11 / layout_free_pow(qold, self.beta2)
         q = torch.clamp(q / self.gamma, 1 / self.qmax, 1 / self.qmin)
         q = torch.where(torch.isnan(q), torch.full_like(q, 1 / self.qmin), q)
         dt_accept = dt / q
@@ -87,11 +95,13 @@ def sde_initial_dt(
     atol: float,
     rtol: float,
     dtmax: float,
+    direction: float = 1.0,
 ) -> tuple[Tensor, int, int]:
     """Per-sample starting step for SDEs, after StochasticDiffEq's ``sde_determine_initdt``.
 
     ``g_size(g)`` maps a diffusion value to the state's shape (identity for diagonal
-    noise, a row norm for general noise).  Returns ``(dt (B,), nf, ng)``.
+    noise, a row norm for general noise).  ``direction = -1.0`` when time runs backwards
+    (the probe is at ``t0 - dt0``).  Returns ``(dt (B,), nf, ng)``, step magnitudes.
     """
     with torch.no_grad():
         y0, f0 = y0.detach(), f0.detach()
@@ -102,9 +112,9 @@ def sde_initial_dt(
         small = torch.full_like(t0, 1e-6)
         dt0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), small, (0.01 * d0 / d1.clamp_min(1e-300)).to(t0.dtype))
         dt0 = dt0.clamp(max=dtmax)
-        y1 = y0 + expand_to(dt0, y0).to(y0.dtype) * f0
-        f1 = drift(t0 + dt0, y1)
-        gs1 = 3 * g_size(diffusion(t0 + dt0, y1))
+        y1 = y0 + expand_to(direction * dt0, y0).to(y0.dtype) * f0
+        f1 = drift(t0 + direction * dt0, y1)
+        gs1 = 3 * g_size(diffusion(t0 + direction * dt0, y1))
         dg_max = (gs0 - gs1).abs()
         df = f1 - f0
         d2 = _rms(torch.maximum((df + dg_max).abs(), (df - dg_max).abs()) / scale) / dt0.to(y0.dtype)
@@ -112,7 +122,8 @@ def sde_initial_dt(
         dt1 = torch.where(
             m <= 1e-15,
             torch.maximum(small, dt0 * 1e-3),
-            torch.pow(10.0, -(2.0 + torch.log10(m.clamp_min(1e-300))) / order),
+            # 10^(-(2 + log10 m) / order) = exp(-(log 100 + log m) / order): layout-free
+            torch.exp(-(math.log(100.0) + torch.log(m.clamp_min(1e-300))) / order),
         )
         dt = torch.minimum(torch.minimum(100 * dt0, dt1), torch.full_like(dt0, dtmax))
         dt = torch.where(torch.isfinite(dt) & (dt > 0), dt, small)

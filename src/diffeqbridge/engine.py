@@ -26,6 +26,7 @@ from .solvers.base import AbstractSolver
 SUCCESS = int(ReturnCode.Success)
 DEFAULT = int(ReturnCode.Default)
 CONVERGENCE_FAILURE = int(ReturnCode.ConvergenceFailure)
+TERMINATED = int(ReturnCode.Terminated)
 
 
 @dataclass
@@ -81,21 +82,41 @@ def _select(mask: Tensor, new: Any, old: Any) -> Any:
     return torch.where(mask.reshape(mask.shape + (1,) * (new.ndim - 1)), new, old)
 
 
+def _masked_lanes(active: Tensor, t: Tensor, step_dt: Tensor, sign: float, t_start: Tensor,
+                  t_end: Tensor) -> tuple[Tensor, Tensor]:
+    """The signed step the solver is called with (``(B,)`` float64), per sample.
+
+    Active samples: ``sign * step_dt``.  Finished or failed samples are still computed
+    (masked, their results discarded) but are held at their time ``t`` and must keep the
+    user's functions inside ``tspan``: their step points forwards if it fits before ``t_end``,
+    else backwards into the span (a sample that finished sits at ``t_end``), so every stage
+    time ``t + c dt`` with ``0 <= c <= 1`` stays inside.  The step is non-zero, so no ``0/0``
+    reaches a gradient.
+    """
+    ahead, behind = sign * (t_end - t), sign * (t - t_start)
+    h = torch.where(step_dt > 0, step_dt, ahead.abs() + behind.abs())
+    h = torch.minimum(h, torch.maximum(ahead, behind))
+    masked = torch.where(ahead >= h, h, -h)
+    return sign * torch.where(active, step_dt, masked)
+
+
 def _all_finite(x: Tensor) -> Tensor:
     return torch.isfinite(x).flatten(1).all(dim=1)
 
 
 def fixed_grid(a: float, b: float, dt: float) -> list[float]:
-    """The points a fixed-step solve visits on ``[a, b]`` (the loop's float arithmetic:
-    ``t + dt`` until the step would reach ``b`` within ``1e-12`` relative, then ``b``)."""
+    """The points a fixed-step solve visits from ``a`` to ``b`` (``b < a``: time runs backwards;
+    the loop's float arithmetic: ``t ± dt`` until the step would reach ``b`` within ``1e-12``
+    relative, then ``b``).  ``dt > 0`` is the step's magnitude."""
+    sign = 1.0 if b >= a else -1.0
     points = [a]
     t = a
     while True:
-        remaining = b - t
+        remaining = sign * (b - t)
         if dt >= remaining * (1 - 1e-12):
             points.append(b)
             return points
-        t = t + dt
+        t = t + sign * dt
         points.append(t)
 
 
@@ -134,8 +155,9 @@ def integrate(
         terms: the problem's vector fields.
         solver: a solver instance.
         y0: ``(B, *state_shape)`` initial states at ``save_times[0]``.
-        save_times: ``(T,)`` float64, strictly increasing, ``save_times[0] = t0``.
-        dt_initial: ``(B,)`` float64 initial step sizes.
+        save_times: ``(T,)`` float64, strictly monotonic, ``save_times[0] = t0``; decreasing
+            when time runs backwards (``t1 < t0``).
+        dt_initial: ``(B,)`` float64 initial step sizes (magnitudes, > 0).
         options: tolerances, limits, flags.
         tree: the Brownian path (None for ODEs).
         f0: ``drift(t0, y0)`` for FSAL solvers.
@@ -145,6 +167,9 @@ def integrate(
     """
     batch, device, dtype = y0.shape[0], y0.device, y0.dtype
     n_save = save_times.shape[0]
+    # time direction: step sizes are magnitudes here; solvers receive the signed step
+    sign = 1.0 if n_save < 2 or float(save_times[-1]) >= float(save_times[0]) else -1.0
+    t_start, t_end = save_times[0], save_times[-1]
     samples = torch.arange(batch, device=device)
     controller = PIController.for_solver(solver) if options.adaptive else None
 
@@ -167,7 +192,9 @@ def integrate(
     # Fixed step: every active sample is at grid[i] at iteration i, so the Brownian tree is
     # queried once per step at a time shared by the batch (tree.evaluate_scalar: same numbers,
     # cached descent) and the loop stops right after the last step.
-    grid = _shared_grid(save_times, dt_initial, options) if tree is not None else None
+    # (events hook: an event that moves a sample back inside its step breaks the lockstep)
+    lockstep = getattr(observer, "lockstep", True)
+    grid = _shared_grid(save_times, dt_initial, options) if tree is not None and lockstep else None
     save_set = {float(x) for x in save_times} if grid is not None else set()
     if tree is None:
         tree_state = None
@@ -176,7 +203,7 @@ def integrate(
     else:
         tree_state = tree.evaluate(t)
     if solver.fsal:
-        f0 = solver.initial_carry(terms, t.to(dtype), y0, f0)
+        f0 = solver.initial_carry(terms, t, y0, f0)
     progress = _Progress(options.progress, float(save_times[0]), float(save_times[-1]))
     solver.begin(y0)
     newton_streak = zeros.clone()  # consecutive Newton failures per sample
@@ -190,18 +217,18 @@ def integrate(
             break  # every sample has reached the end or stopped earlier
         if iteration % options.check_every == 0:
             n_active = int(active.sum())
-            progress.update(float(torch.where(active, t, save_times[-1]).min()), n_active)
+            progress.update(float(sign * (sign * torch.where(active, t, t_end)).min()), n_active)
             if n_active == 0:
                 break
         iteration += 1
 
         target = save_times[save_index.clamp(max=n_save - 1)]
-        remaining = target - t
+        remaining = sign * (target - t)
         hits = active & (dt >= remaining * (1 - 1e-12))
         step_dt = torch.where(hits, remaining, dt)
-        step_dt = torch.where(active, step_dt, dt)  # inactive samples: a harmless positive dt
-        t_new = torch.where(hits, target, t + step_dt)
+        t_new = torch.where(hits, target, t + sign * step_dt)
         t_new = torch.where(active, t_new, t)
+        dt_eval = _masked_lanes(active, t, step_dt, sign, t_start, t_end)
 
         if tree is not None:
             assert tree_state is not None
@@ -216,7 +243,7 @@ def integrate(
         else:
             new_tree_state, dw, levy = None, None, None
 
-        out = solver.step(terms, t.to(dtype), y, step_dt.to(dtype), dw, levy if solver.needs_levy_area else None, f0)
+        out = solver.step(terms, t, y, dt_eval.to(dtype), dw, levy if solver.needs_levy_area else None, f0)
         y1 = out.y1
         finite = _all_finite(y1)
         if controller is not None:
@@ -236,7 +263,7 @@ def integrate(
             rho = out.stiffness.detach().to(torch.float64)
             eigen_last = torch.where(accepted, rho, eigen_last if eigen_last is not None else torch.zeros_like(rho))
             eigen_max = torch.maximum(eigen_max, eigen_last) if eigen_max is not None else eigen_last
-        dt_factor = solver.after_step(accepted, active, torch.where(accepted, t_new, t), step_dt, out)
+        dt_factor = solver.after_step(accepted, active, torch.where(accepted, t_new, t), dt_eval.abs(), out)
 
         nf = nf + active * out.nf
         ng = ng + active * out.ng
@@ -255,6 +282,13 @@ def integrate(
             )
         if solver.fsal and out.f1 is not None and f0 is not None:
             f0 = _select(accepted, out.f1, f0)
+        # --- events hook (diffeqbridge.events): may move samples back to an event time inside
+        # the step, change their state (f0 / Brownian state refreshed) and stop them; a cut
+        # step saves nothing (hits cleared)
+        stopped = None
+        if observer is not None and hasattr(observer, "after_merge"):
+            y, t, f0, tree_state, hits, stopped = observer.after_merge(
+                t_prev, y_prev, t, y, f0, tree_state, accepted, hits, out, f_prev, dt_eval, tree)
 
         saved_now = accepted & hits
         slot = save_index.clamp(max=n_save - 1)
@@ -264,6 +298,9 @@ def integrate(
         finished = saved_now & (save_index >= n_save)
         retcodes = torch.where(finished, torch.full_like(retcodes, SUCCESS), retcodes)
         active = active & ~finished
+        if stopped is not None:  # events hook: a terminating event
+            retcodes = torch.where(stopped, torch.full_like(retcodes, TERMINATED), retcodes)  # even at t1
+            active = active & ~stopped
 
         if controller is not None:
             assert err is not None

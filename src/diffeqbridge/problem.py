@@ -27,8 +27,8 @@ def _check_tspan(tspan: Any) -> tuple[float, float]:
         raise TypeError(f"tspan must be a pair of numbers (t0, t1); got {tspan!r}") from exc
     if not (math.isfinite(t0) and math.isfinite(t1)):
         raise ValueError(f"tspan must be finite; got ({t0}, {t1})")
-    if t1 <= t0:
-        raise ValueError(f"tspan must satisfy t1 > t0; got t0={t0}, t1={t1}")
+    if t1 == t0:  # t1 < t0: time runs backwards
+        raise ValueError(f"tspan must satisfy t1 != t0; got t0={t0}, t1={t1}")
     return t0, t1
 
 
@@ -172,14 +172,18 @@ def expand_to(x: Tensor, like: Tensor) -> Tensor:
     return x.reshape(x.shape + (1,) * (like.ndim - x.ndim))
 
 
-def _field(name: str, user: VectorField, out_shape: Callable[[Tensor], tuple[int, ...]]) -> VectorField:
+def _field(name: str, user: VectorField, out_shape: Callable[[Tensor], tuple[int, ...]],
+           span: tuple[float, float]) -> VectorField:
     """``user`` as the solvers call it: time reaches it in float64 whatever the state's dtype
-    (a float32 state at ``t0 = 1e9`` must not see quantized time), its output is cast to the
-    state's dtype (a float64 time promotes ``cos(t) * y``), and a shape change after the
-    check at ``t0`` is an error instead of a silent broadcast (a tuple compare per call)."""
+    (a float32 state at ``t0 = 1e9`` must not see quantized time) and clamped to the span
+    ``[lo, hi]`` (stage nodes outside ``[0, 1]``, e.g. SOSRI's ``c = 3.75``, would otherwise
+    ask for times past ``tspan`` near its ends, where a user's model may be undefined), its
+    output is cast to the state's dtype (a float64 time promotes ``cos(t) * y``), and a shape
+    change after the check at ``t0`` is an error instead of a silent broadcast."""
+    lo, hi = span
 
     def call(t: Tensor, y: Tensor) -> Tensor:
-        out = user(t.to(torch.float64), y)
+        out = user(t.to(torch.float64).clamp(lo, hi), y)
         if out.shape != out_shape(y):
             raise ValueError(f"{name}(t, y) returned shape {tuple(out.shape)} during the solve; expected "
                              f"{out_shape(y)} (it had the right shape at t0)")
@@ -200,11 +204,12 @@ class Terms:
     def __init__(self, problem: ODEProblem):
         self.problem = problem
         user_diffusion = getattr(problem, "diffusion", None)
-        self.drift: VectorField = _field("drift" if problem.is_sde else "f", problem.drift, lambda y: y.shape)
+        span = (min(problem.tspan), max(problem.tspan))
+        self.drift: VectorField = _field("drift" if problem.is_sde else "f", problem.drift, lambda y: y.shape, span)
         noise_dim = getattr(problem, "noise_dim", None)
         extra: tuple[int, ...] = (int(noise_dim),) if problem.noise == "general" and noise_dim is not None else ()
         self.diffusion: VectorField | None = (
-            None if user_diffusion is None else _field("diffusion", user_diffusion, lambda y: (*y.shape, *extra))
+            None if user_diffusion is None else _field("diffusion", user_diffusion, lambda y: (*y.shape, *extra), span)
         )
         self.noise: str | None = problem.noise
         self.interpretation: str = problem.interpretation

@@ -19,10 +19,13 @@ class ReturnCode(enum.IntEnum):
     Unstable = 4
     ConvergenceFailure = 5
     Failure = 6
+    # a terminating event (deb.ContinuousEvent/DiscreteEvent with terminate=True) stopped the
+    # sample: success-like, as SciML's ReturnCode.Terminated
+    Terminated = 7
 
     @property
     def successful(self) -> bool:
-        return self is ReturnCode.Success
+        return self in (ReturnCode.Success, ReturnCode.Terminated)
 
 
 @dataclass
@@ -66,6 +69,8 @@ class Solution:
         stats: per-sample :class:`Stats`.
         retcodes: ``(B,)`` int tensor of :class:`ReturnCode` values.
         alg: the solver object used.
+        interpolation: dense output (``solve(..., dense=True)``): ``sol(t)``/``sol.evaluate(t)``.
+        events: per-sample event record (``solve(..., events=[...])``, :mod:`diffeqbridge.events`).
     """
 
     ts: Tensor
@@ -74,6 +79,18 @@ class Solution:
     retcodes: Tensor
     alg: Any = None
     regularization: Tensor | None = None
+    # solve(..., dense=True): a diffeqbridge.dense.DenseInterpolation; events=[...]: an EventRecord
+    interpolation: Any = None
+    events: Any = None
+
+    def evaluate(self, t: Any, per_sample: bool = False) -> Tensor:
+        """The dense output at ``t`` (``solve(..., dense=True)``; shapes in :mod:`diffeqbridge.dense`)."""
+        if self.interpolation is None:
+            raise ValueError("sol(t) needs solve(..., dense=True)")
+        return self.interpolation.evaluate(t, per_sample=per_sample)
+
+    def __call__(self, t: Any, per_sample: bool = False) -> Tensor:
+        return self.evaluate(t, per_sample=per_sample)
 
     @property
     def retcode(self) -> list[ReturnCode] | ReturnCode:
@@ -83,8 +100,9 @@ class Solution:
 
     @property
     def success(self) -> bool:
-        """True when every sample returned ``ReturnCode.Success``."""
-        return bool((self.retcodes == int(ReturnCode.Success)).all())
+        """True when every sample succeeded (``ReturnCode.Success`` or ``Terminated`` by an event)."""
+        ok = (self.retcodes == int(ReturnCode.Success)) | (self.retcodes == int(ReturnCode.Terminated))
+        return bool(ok.all())
 
     @property
     def t(self) -> Tensor:  # SciML-style alias

@@ -8,12 +8,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .brownian import VirtualBrownianTree
+from .adjoint import DiscreteAdjoint
+from .brownian import VirtualBrownianTree, solve_tol
 from .controller import sde_initial_dt
 from .engine import EngineOptions, integrate
 from .problem import ODEProblem, SDEProblem, Terms, check_additive, check_field_shapes
 from .solution import Solution
-from .solvers import SOSRA, SOSRI, LambaEM, LambaEulerHeun, RKMil, Tsit5
+from .solvers import SOSRI, LambaEM, LambaEulerHeun, RKMil, ShARK, Tsit5
 from .solvers.base import AbstractSolver
 from .solvers.runge_kutta import hairer_initial_dt
 
@@ -64,7 +65,9 @@ def _stiff_algorithm(problem: ODEProblem) -> AbstractSolver:
 def default_algorithm(problem: ODEProblem, dt: float | None = None, alg_hints: Any = None) -> AbstractSolver:
     """The automatic choice, following SciML's ``default_sde_alg`` for the solvers that exist.
 
-    ODE: ``Tsit5``.  SDE: additive noise -> ``SOSRA``; diagonal/scalar Itô -> ``SOSRI``;
+    ODE: ``Tsit5``.  SDE: additive noise -> ``ShARK`` (embedded estimate; fewest evaluations
+    at matched strong error on the additive work-precision problems, where SciML picks
+    ``SOSRA``); diagonal/scalar Itô -> ``SOSRI``;
     general Itô -> ``LambaEM``; general Stratonovich -> ``LambaEulerHeun``; diagonal/scalar
     Stratonovich -> ``RKMil`` when ``dt`` is given (SciML's choice; ours is fixed-step),
     else the adaptive ``LambaEulerHeun``.  With ``alg_hints=["stiff"]``: see
@@ -75,7 +78,7 @@ def default_algorithm(problem: ODEProblem, dt: float | None = None, alg_hints: A
     if not problem.is_sde:
         return Tsit5()
     if problem.noise == "additive":
-        return SOSRA()
+        return ShARK()
     if problem.interpretation == "stratonovich":
         return RKMil() if problem.noise != "general" and dt is not None else LambaEulerHeun()
     return LambaEM() if problem.noise == "general" else SOSRI()
@@ -139,30 +142,38 @@ def _check_saveat(saveat: Any, t0: float, t1: float, device: torch.device) -> Te
         raise ValueError(f"saveat must be a non-empty 1-D array of times; got shape {tuple(times.shape)}")
     if not bool(torch.isfinite(times).all()):
         raise ValueError("saveat contains NaN or Inf")
-    span = t1 - t0
+    a, b = min(t0, t1), max(t0, t1)
+    span = b - a
     # times given in a lower precision (float32 saveat on a float32 problem) are compared
     # with the span's ends to within their own rounding: |t| * eps of their dtype
     eps = torch.finfo(given.dtype).eps if given.is_floating_point() else 0.0
     slack = max(1e-12 * span, 2 * eps * max(abs(t0), abs(t1)))
     lo, hi = float(times.min()), float(times.max())
-    if lo < t0 - slack or hi > t1 + slack:
-        raise ValueError(f"saveat must lie inside tspan [{t0}, {t1}]; got times in [{lo}, {hi}]")
-    if times.numel() > 1 and not bool((times[1:] > times[:-1]).all()):
-        raise ValueError("saveat must be strictly increasing")
-    times = times.clamp(t0, t1)
-    if float(times[0]) > t0:
+    if lo < a - slack or hi > b + slack:
+        raise ValueError(f"saveat must lie inside tspan [{a}, {b}]; got times in [{lo}, {hi}]")
+    sign = 1.0 if t1 > t0 else -1.0
+    if times.numel() > 1 and not bool((sign * (times[1:] - times[:-1]) > 0).all()):
+        raise ValueError("saveat must be strictly increasing" if sign > 0 else
+                         "saveat must be strictly decreasing when time runs backwards (t1 < t0)")
+    times = times.clamp(a, b)
+    if float(times[0]) != t0:
         # integration starts at t0; the caller gets only the requested times back
         times = torch.cat([torch.tensor([t0], dtype=torch.float64, device=device), times])
     return times
 
 
-def _check_brownian(brownian: Any, problem: SDEProblem, seed: int) -> VirtualBrownianTree:
+def _check_brownian(brownian: Any, problem: SDEProblem, seed: int, dtmin: float | None = None,
+                    sample_offset: int = 0) -> VirtualBrownianTree:
     t0, t1 = problem.tspan
     shape = (problem.batch_size, *problem.noise_shape)
-    if brownian is None:
-        return VirtualBrownianTree(t0, t1, shape, seed=seed, dtype=problem.y0.dtype, device=problem.y0.device)
+    t0, t1 = min(t0, t1), max(t0, t1)  # the tree covers the span whichever way time runs
+    if brownian is None:  # resolution: solve_tol (exact for every step >= dtmin when dtmin is given)
+        return VirtualBrownianTree(t0, t1, shape, seed=seed, tol=solve_tol(t0, t1, dtmin), dtype=problem.y0.dtype,
+                                   device=problem.y0.device, sample_offset=sample_offset)
     if not isinstance(brownian, VirtualBrownianTree):
         raise TypeError(f"brownian must be a deb.VirtualBrownianTree; got {type(brownian).__name__}")
+    if sample_offset != 0:
+        raise ValueError("sample_offset is for the tree solve() makes; pass it to the VirtualBrownianTree given as brownian")
     if tuple(brownian.shape) != shape:
         raise ValueError(f"brownian has shape {tuple(brownian.shape)}; this problem needs (B, *noise_shape) = {shape}")
     if torch.finfo(brownian.dtype).eps > torch.finfo(problem.y0.dtype).eps:
@@ -199,6 +210,9 @@ def solve(
     check_every: int | None = None,
     regularize: Any = None,
     alg_hints: Sequence[str] | None = None,
+    sample_offset: int = 0,
+    dense: bool = False,
+    events: Any = None,
 ) -> Solution:
     """Solve an SDE or ODE problem for every sample of the batch.
 
@@ -213,6 +227,9 @@ def solve(
         brownian: a :class:`VirtualBrownianTree` of shape ``(B, *noise_shape)``.
         max_steps: per-sample limit on attempted steps (-> ``ReturnCode.MaxIters``).
         dtmin: smallest step before ``ReturnCode.DtLessThanMin`` (default ``1e-14 (t1 - t0)``).
+            Given explicitly, it is also the resolution of the Brownian tree made when
+            ``brownian`` is None, so its law is exact for every step the solve can take
+            (:func:`diffeqbridge.brownian.solve_tol`).
         backend: ``"auto"`` | ``"native"`` | ``"julia"``.
         sensealg: how gradients are computed: ``deb.DiscreteAdjoint(checkpoints=k)``,
             ``deb.BacksolveAdjoint()``, ``deb.InterpolatingAdjoint(checkpoints=k)`` (see
@@ -237,6 +254,17 @@ def solve(
         alg_hints: SciML's hints for ``alg=None``: ``["stiff"]`` picks an implicit solver as
             SciML's ``default_sde_alg``/``default_ode_alg`` would (see :func:`default_algorithm`);
             ``"auto"``/``"nonstiff"`` keep the default choice.
+        sample_offset: global index of the batch's first sample in the Brownian tree made when
+            ``brownian`` is None: sample ``i`` of this batch draws the path of sample
+            ``sample_offset + i`` (how :func:`diffeqbridge.solve_ensemble` splits an ensemble
+            into batches that reproduce one big batch bit for bit).
+        dense: record every accepted step's interpolant: ``sol(t)`` / ``sol.evaluate(t)``
+            anywhere in the span (:mod:`diffeqbridge.dense`: the solvers' interpolants and
+            their orders, shapes, memory).
+        events: a list of ``deb.ContinuousEvent`` / ``deb.DiscreteEvent``
+            (:mod:`diffeqbridge.events`): per-sample root location, ``affect``, termination with
+            ``ReturnCode.Terminated``; ``sol.events`` and ``sol.stats.extra["nevents"]``,
+            ``["event_time"]``.  Gradients: plain backprop / ``DiscreteAdjoint()`` only.
 
     Returns:
         :class:`Solution` with ``ts (T,)``, ``ys (T, B, *state_shape)``, per-sample stats/retcodes.
@@ -267,7 +295,25 @@ def solve(
 
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise ValueError(f"seed must be an int in [0, 2**64); got {seed!r}")
+    if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or sample_offset < 0:
+        raise ValueError(f"sample_offset must be a non-negative int; got {sample_offset!r}")
+    # --- dense output / events (diffeqbridge.dense, diffeqbridge.events): native engine observers
+    from .events import check_events
+
+    if not isinstance(dense, bool):
+        raise TypeError(f"dense must be a bool; got {dense!r}")
+    event_list = check_events(events, solver)
+    hooked = dense or bool(event_list)
+    if (hooked or sample_offset) and backend == "julia":
+        raise ValueError("dense=True, events= and sample_offset= run on the native backend only; use backend='native' "
+                         "or 'auto'")
+    hooked_or_offset = hooked or sample_offset != 0  # native only: the julia backend has none of them
+    if event_list and sensealg is not None and not (isinstance(sensealg, DiscreteAdjoint) and sensealg.checkpoints is None):
+        raise ValueError(f"events= supports gradients by backprop through the steps only (sensealg=None or "
+                         f"deb.DiscreteAdjoint()); got sensealg={sensealg!r}")
     regularize = check_regularize(regularize, prob, solver, adaptive, sensealg, seed)
+    if regularize is not None and prob.tspan[1] < prob.tspan[0]:
+        raise ValueError("regularize= needs time running forwards (tspan with t1 > t0)")
     atol = _check_positive("atol", atol if atol is not None else (1e-2 if prob.is_sde else 1e-6), allow_zero=True)
     rtol = _check_positive("rtol", rtol if rtol is not None else (1e-2 if prob.is_sde else 1e-3), allow_zero=True)
     if adaptive and atol == 0 and rtol == 0:
@@ -277,7 +323,8 @@ def solve(
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"max_steps must be a positive int; got {max_steps!r}")
     t0, t1 = prob.tspan
-    dtmin_value = 1e-14 * (t1 - t0) if dtmin is None else _check_positive("dtmin", dtmin, allow_zero=True)
+    span = abs(t1 - t0)
+    dtmin_value = 1e-14 * span if dtmin is None else _check_positive("dtmin", dtmin, allow_zero=True)
     if not isinstance(progress, bool):
         raise TypeError(f"progress must be a bool; got {progress!r}")
     device = prob.y0.device
@@ -285,7 +332,7 @@ def solve(
     requested_first = saveat is None or save_times.numel() == torch.as_tensor(saveat).numel()
     if not prob.is_sde and brownian is not None:
         raise ValueError("brownian= was given for an ODEProblem, which has no noise; drop it (or make an SDEProblem)")
-    tree = _check_brownian(brownian, prob, seed) if prob.is_sde else None
+    tree = _check_brownian(brownian, prob, seed, dtmin, sample_offset) if prob.is_sde else None
 
     terms = Terms(prob)
     batch = prob.batch_size
@@ -297,7 +344,7 @@ def solve(
     f0 = f0.to(prob.y0.dtype)
     g0 = g0.to(prob.y0.dtype) if g0 is not None else None
     extra_g = check_additive(prob, t_start, g0) if g0 is not None else 0
-    if backend != "native":  # julia backend (diffeqbridge/julia/); "auto" picks it only if installed
+    if backend != "native" and not hooked_or_offset:  # julia backend (diffeqbridge/julia/); "auto" picks it only if installed
         from .julia.dispatch import choose_backend
 
         if choose_backend(backend, prob, solver, brownian, sensealg, regularize) == "julia":
@@ -316,18 +363,19 @@ def solve(
         assert g0 is not None and terms.diffusion is not None
         dt_initial, extra_f, extra_g = sde_initial_dt(
             terms.drift, terms.diffusion, _g_size(terms), t_start, prob.y0, f0, g0,
-            solver.controller_order, atol, rtol, t1 - t0,
+            solver.controller_order, atol, rtol, span, direction=1.0 if t1 > t0 else -1.0,
         )
         counts = (counts[0] + extra_f, counts[1] + extra_g)
     else:
         dt_initial, extra_f = hairer_initial_dt(
-            terms.drift, t_start, prob.y0, f0, solver.controller_order, atol, rtol, dtmax=t1 - t0
+            terms.drift, t_start, prob.y0, f0, solver.controller_order, atol, rtol, dtmax=span,
+            direction=1.0 if t1 > t0 else -1.0,
         )
         counts = (counts[0] + extra_f, counts[1])
     # the heuristics can return absurdly small steps for stiff problems (the exponent is
     # divided by the method's order); start no lower than a safe multiple of dtmin
     if dt is None:
-        dt_initial = dt_initial.clamp(min=max(100.0 * dtmin_value, 1e-10 * (t1 - t0)))
+        dt_initial = dt_initial.clamp(min=max(100.0 * dtmin_value, 1e-10 * span))
     terms.tolerances = (atol, rtol) if adaptive else None
     options = EngineOptions(
         adaptive=adaptive, atol=atol, rtol=rtol, max_steps=max_steps, dtmin=dtmin_value,
@@ -338,15 +386,32 @@ def solve(
         from .adjoint import default_sensealg
 
         sensealg = default_sensealg(prob, solver, adaptive, dt)
+        if event_list and sensealg is not None:
+            sensealg = DiscreteAdjoint()  # events move samples inside steps: backprop through them
     recorder = None if regularize is None else Recorder(regularize, terms, solver, prob.y0, t0, t1, atol, rtol)
+    observer: Any = recorder
+    handler = dense_recorder = None
+    if hooked:
+        from .dense import DenseRecorder
+        from .events import EventHandler, Hooks
+
+        handler = EventHandler(event_list, terms, solver, prob.y0, t0, prob.is_sde) if event_list else None
+        dense_recorder = DenseRecorder(solver, prob.y0, t0, t1) if dense else None
+        observer = Hooks([recorder], handler, dense_recorder)
     if sensealg is not None:
         from .adjoint import solve_with_sensealg
 
         sol = solve_with_sensealg(sensealg, prob, terms, solver, save_times, dt_initial, options, tree,
-                                  f0=f0 if solver.fsal else None, initial_counts=counts, observer=recorder)
+                                  f0=f0 if solver.fsal else None, initial_counts=counts, observer=observer)
     else:
         sol = integrate(terms, solver, prob.y0, save_times, dt_initial, options, tree,
-                        f0=f0 if solver.fsal else None, initial_counts=counts, observer=recorder)
+                        f0=f0 if solver.fsal else None, initial_counts=counts, observer=observer)
+    if dense_recorder is not None:
+        sol.interpolation = dense_recorder.finish()
+    if handler is not None:
+        sol.events, extra_events = handler.finish(prob.y0)
+        sol.stats.extra.update(extra_events)
+        sol.stats.nf = sol.stats.nf + handler.nf
     if recorder is not None:
         sol.regularization, extra = recorder.finish(tree)
         sol.stats.extra.update(extra)

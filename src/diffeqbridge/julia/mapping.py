@@ -100,6 +100,7 @@ ALGORITHMS: dict[str, tuple[str, str]] = {
 #: Native solvers without a SciML counterpart, with the reason given when one is sent to Julia.
 NATIVE_ONLY: dict[str, str] = {
     "ReversibleHeun": "StochasticDiffEq has no reversible Heun method (it is diffrax's / Kidger et al. 2021)",
+    "ShARK": "StochasticDiffEq has no ShARK (Foster, dos Reis, Strange 2023; use SRA1/SOSRA)",
 }
 
 #: Methods that build a Jacobian: with Python callbacks they must not use ForwardDiff
@@ -220,13 +221,13 @@ def sensealg_spec(sensealg: Any, is_sde: bool, noise: str | None) -> SensealgSpe
     raise UnsupportedOnJulia(f"sensealg={sensealg!r} has no julia counterpart")
 
 
-#: SciMLBase.ReturnCode name -> diffeqbridge ReturnCode.  Successful codes (Success,
-#: Terminated, ExactSolution*, FloatingPointLimit) map to Success; DtNaN (the step became
+#: SciMLBase.ReturnCode name -> diffeqbridge ReturnCode.  Terminated keeps its name; other successful codes (Success,
+#: ExactSolution*, FloatingPointLimit) map to Success; DtNaN (the step became
 #: NaN) to Unstable; anything unknown to Failure.
 RETCODES: dict[str, ReturnCode] = {
     "Default": ReturnCode.Default,
     "Success": ReturnCode.Success,
-    "Terminated": ReturnCode.Success,
+    "Terminated": ReturnCode.Terminated,
     "ExactSolutionLeft": ReturnCode.Success,
     "ExactSolutionRight": ReturnCode.Success,
     "FloatingPointLimit": ReturnCode.Success,

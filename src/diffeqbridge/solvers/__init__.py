@@ -12,13 +12,14 @@ from .reversible_heun import ReversibleHeun
 from .rosenbrock import Rodas4
 from .runge_kutta import Dopri5, Tsit5
 from .sdirk import Kvaerno5
+from .shark import ShARK
 from .sra import SOSRA, SRA1
 from .sri import SOSRI, SRIW1
 from .srock import SROCK1
 
 ALL_SOLVERS: tuple[type[AbstractSolver], ...] = (
     EM, EulerHeun, RKMil, LambaEM, LambaEulerHeun, SRIW1, SOSRI, SRA1, SOSRA, Tsit5, Dopri5,
-    ImplicitEM, ImplicitRKMil, ISSEM, SKenCarp, SROCK1, Rodas4, Kvaerno5, ReversibleHeun,
+    ImplicitEM, ImplicitRKMil, ISSEM, SKenCarp, SROCK1, Rodas4, Kvaerno5, ReversibleHeun, ShARK,
 )
 
 COMPOSITE_SOLVERS = (AutoSwitch, AutoTsit5, AutoDP5, AutoSOSRI)

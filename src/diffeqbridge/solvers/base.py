@@ -44,6 +44,9 @@ class StepOutput:
             OrdinaryDiffEq's/StochasticDiffEq's ``eigen_est``; None when not computed.
         njac: Jacobian evaluations in this step (implicit solvers; summed into
             ``Stats.extra["njac"]``), None when the solver builds none.
+        stages: the stage derivatives ``k_i`` of the step (``Tsit5``/``Dopri5``: ``drift`` at
+            the stages; ``Rodas4``: its transformed stages), what the solver's free interpolant
+            needs for dense output (:mod:`diffeqbridge.dense`); None for other solvers.
         nf / ng may also be ``(B,)`` int tensors (composite solvers count per sample).
     """
 
@@ -55,6 +58,7 @@ class StepOutput:
     converged: Tensor | None = None
     stiffness: Tensor | None = None
     njac: int | Tensor | None = None
+    stages: list[Tensor] | None = None
 
 
 class AbstractSolver:
@@ -183,6 +187,18 @@ def linear_combination(coeffs: Sequence[float], xs: Sequence[Tensor | None]) -> 
     return out
 
 
+def drift_error(alpha: tuple[float, ...], fs: list[Tensor | None], dt_y: Tensor, delta: float | None) -> Tensor:
+    """The drift part of the error: ``dt (Σ α_i f_i − f_1)`` (embedded, ``delta=None``: the
+    method's drift minus the Euler drift from the same first stage) or StochasticDiffEq's
+    ``delta · dt Σ_i f_i``.  ``(B, *state_shape)``."""
+    if delta is None:
+        weights = [a - (1.0 if i == 0 else 0.0) for i, a in enumerate(alpha[: len(fs)])]
+    else:
+        weights = [delta] * len(fs)
+    combined = linear_combination(weights, fs)
+    return dt_y * combined if combined is not None else torch.zeros_like(dt_y)
+
+
 def stage_time(t: Tensor, dt: Tensor, c: float) -> Tensor:
     """``t + c dt`` for a stage with node ``c`` (``(B,)`` tensors)."""
     return t if c == 0.0 else t + c * dt
@@ -196,34 +212,72 @@ def check_delta(delta: float | None, default: float) -> float:
     return value
 
 
+ERROR_ESTIMATES = ("embedded", "sciml")
+# Largest step growth per accepted step with an embedded SDE estimate: 3/2 measured against
+# StochasticDiffEq's 9/8 on GBM and SciML's additive system (benchmarks/sde_work_precision.py):
+# the same error for about 10-50 % fewer evaluations at tol 1e-2 ... 1e-3, equal below.
+EMBEDDED_QMAX = 3 / 2
+
+
+def check_error_estimate(value: str) -> str:
+    """``"embedded"`` (difference to the embedded lower-order solution) or ``"sciml"``
+    (StochasticDiffEq's ``delta * E1 + E2``)."""
+    if value not in ERROR_ESTIMATES:
+        raise ValueError(f"error_estimate must be one of {ERROR_ESTIMATES}; got {value!r}")
+    return value
+
+
 class StochasticRungeKutta(AbstractSolver):
-    """Adaptive stochastic Runge–Kutta family driven by a tableau, with
-    StochasticDiffEq's error combination ``delta * E1 + E2`` and SDE controller constants
-    (``qmax = 9/8``, ``qmin = 1/5``, ``gamma = 9/10``; StochasticDiffEq ``src/alg_utils.jl``).
+    """Adaptive stochastic Runge–Kutta family driven by a tableau, with SDE controller
+    constants (``qmax = 9/8``, ``qmin = 1/5``, ``gamma = 9/10``; StochasticDiffEq
+    ``src/alg_utils.jl``).
+
+    Two error estimates:
+
+    * ``"embedded"`` (default): ``y1 - ŷ1`` where ``ŷ1`` is the strong-order-1 solution
+      built from the same stages and the same ``ΔW``, ``H``: the Euler drift ``dt f_1``
+      and the order-1 noise terms.  It is ``dt (Σ α_i f_i − f_1) + E2``, which scales as the
+      local error does (``O(dt^{3/2})``), so the work follows ``tol^{-2/3}``.
+    * ``"sciml"``: StochasticDiffEq's ``delta * E1 + E2`` with ``E1 = dt Σ_i f_i``, the size of
+      the drift increment (``O(dt)``): kept for parity with the julia backend and SciML.
 
     Subclasses set ``tableau``, ``default_delta`` and ``step_function``, a pure function
-    ``step_function(tableau, terms, t, y, dt, dw, levy_h, delta) -> StepOutput``.
+    ``step_function(tableau, terms, t, y, dt, dw, levy_h, delta) -> StepOutput`` where
+    ``delta=None`` selects the embedded estimate.
     """
 
     tableau: ClassVar[object]
     default_delta: ClassVar[float] = 1.0
     step_function: ClassVar[Callable[..., StepOutput]]
+    # exponent order of the PI controller with the embedded estimate (error ~ dt^{3/2})
+    embedded_controller_order: ClassVar[float] = 1.5
     adaptive = True
     needs_levy_area = True
     qmax = 9 / 8
     qmin = 1 / 5
     gamma = 9 / 10
 
-    def __init__(self, delta: float | None = None):
-        """``delta``: weight of the drift part ``E1`` in ``error = delta*E1 + E2``
-        (default: StochasticDiffEq's ``delta_default`` for this method)."""
+    def __init__(self, delta: float | None = None, error_estimate: str = "embedded"):
+        """``error_estimate``: ``"embedded"`` (default) or ``"sciml"``; ``delta``: weight of
+        the drift part ``E1`` in the ``"sciml"`` estimate ``delta*E1 + E2`` (default:
+        StochasticDiffEq's ``delta_default`` for this method)."""
+        self.error_estimate = check_error_estimate(error_estimate)
         self.delta = check_delta(delta, type(self).default_delta)
+        if self.error_estimate == "embedded":  # the class values are StochasticDiffEq's
+            self.controller_order = type(self).embedded_controller_order
+            self.qmax = EMBEDDED_QMAX
 
     def step(self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None,
              levy_h: Tensor | None, f0: Tensor | None = None) -> StepOutput:
         """See :meth:`AbstractSolver.step` (``f0`` is unused)."""
-        return type(self).step_function(self.tableau, terms, t, y, dt, dw, levy_h, self.delta)
+        delta = None if self.error_estimate == "embedded" else self.delta
+        return type(self).step_function(self.tableau, terms, t, y, dt, dw, levy_h, delta)
 
     def __repr__(self) -> str:
         name = type(self).__name__
-        return f"{name}()" if self.delta == type(self).default_delta else f"{name}(delta={self.delta!r})"
+        args = []
+        if self.error_estimate != "embedded":
+            args.append(f"error_estimate={self.error_estimate!r}")
+        if self.delta != type(self).default_delta:
+            args.append(f"delta={self.delta!r}")
+        return f"{name}({', '.join(args)})"

@@ -167,7 +167,7 @@ class AutoSwitch(AbstractSolver):
         state["live"] = active
         if out.stiffness is None:
             return None
-        ratio = out.stiffness.to(torch.float64) * dt.to(torch.float64) / float(self.nonstiff.stability_size or 1.0)
+        ratio = out.stiffness.to(torch.float64) * dt.to(torch.float64).abs() / float(self.nonstiff.stability_size or 1.0)
         tol = torch.where(stiff, torch.full_like(ratio, self.stifftol), torch.full_like(ratio, self.nonstifftol))
         test = ratio > tol
         up = torch.where(count < 0, torch.ones_like(count), count + 1)

@@ -76,12 +76,12 @@ def _euler_heun_update(terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tenso
 def _lamba_noise_error(terms: Terms, t: Tensor, base: Tensor, y: Tensor, dt: Tensor, diff0: Tensor, dw: Tensor, ito: bool) -> Tensor:
     """Lamba's diffusion error ``(g(base + sqrt(dt) g) - g) / (2 sqrt(dt)) * (dW^2 [- dt])``."""
     assert terms.diffusion is not None
-    dt_b = expand_to(dt, y)
+    dt_b = expand_to(dt.abs(), y)  # noise scale: |dt| when time runs backwards
     sqrt_dt = torch.sqrt(dt_b)
     if terms.noise == "general":
         g_size = _rms_over_noise(diff0)
         g_size_shifted = _rms_over_noise(terms.diffusion(t, base + sqrt_dt * g_size))
-        squares = dw * dw - (expand_to(dt, dw) if ito else 0.0)
+        squares = dw * dw - (expand_to(dt.abs(), dw) if ito else 0.0)
         dw_term = torch.sqrt(torch.mean(squares**2, dim=-1))
         return (g_size_shifted - g_size) / (2 * sqrt_dt) * expand_to(dw_term, y)
     g_shifted = terms.diffusion(t, base + sqrt_dt * diff0)

@@ -162,13 +162,14 @@ class ImplicitRKMil(_DriftImplicit):
              f0: Tensor | None = None) -> StepOutput:
         assert terms.diffusion is not None and dw is not None
         dt_b = expand_to(dt, y)
-        sqrt_dt = torch.sqrt(dt_b)
+        abs_dt = dt_b.abs()  # noise scale: |dt| when time runs backwards
+        sqrt_dt = torch.sqrt(abs_dt)
         drift0 = terms.drift(t, y)
         diff0 = terms.diffusion(t, y)
         dw_state = terms.noise_like_state(dw, y)
         if terms.interpretation == "ito":
             support = y + dt_b * drift0 + sqrt_dt * diff0
-            squares = dw_state * dw_state - dt_b
+            squares = dw_state * dw_state - abs_dt
             ggprime = (terms.diffusion(t, support) - diff0) / sqrt_dt
         else:
             # central difference (one extra diffusion evaluation): the one-sided

@@ -36,14 +36,15 @@ class RKMil(AbstractSolver):
     def step(self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None) -> StepOutput:
         assert terms.diffusion is not None and dw is not None
         dt_b = expand_to(dt, y)
-        sqrt_dt = torch.sqrt(dt_b)
+        abs_dt = dt_b.abs()  # noise scale: |dt| when time runs backwards
+        sqrt_dt = torch.sqrt(abs_dt)
         drift = terms.drift(t, y)
         diff = terms.diffusion(t, y)
         euler = y + drift * dt_b
         dw_state = terms.noise_like_state(dw, y)
         if terms.interpretation == "ito":
             diff_shifted = terms.diffusion(t, euler + diff * sqrt_dt)
-            correction = (diff_shifted - diff) / (2 * sqrt_dt) * (dw_state * dw_state - dt_b)
+            correction = (diff_shifted - diff) / (2 * sqrt_dt) * (dw_state * dw_state - abs_dt)
             return StepOutput(euler + diff * dw_state + correction, None, nf=1, ng=2)
         diff_plus = terms.diffusion(t, y + diff * sqrt_dt)
         diff_minus = terms.diffusion(t, y - diff * sqrt_dt)

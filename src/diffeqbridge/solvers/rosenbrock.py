@@ -119,7 +119,7 @@ class Rodas4(AbstractSolver):
             # (I/(γh) - J) k = rhs  <=>  (I - γh J) k = γh rhs
             ks.append(lu_solve(factors, gh_b * rhs))
         y1 = u + ks[-1]
-        return StepOutput(y1, ks[-1], nf=nf, ng=0, stiffness=jacobian_inf_norm(J), njac=1)
+        return StepOutput(y1, ks[-1], nf=nf, ng=0, stiffness=jacobian_inf_norm(J), njac=1, stages=ks)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(jac={self.jac!r})" if isinstance(self.jac, str) else f"{type(self).__name__}(jac=<callable>)"

@@ -205,6 +205,7 @@ def explicit_rk_step(
     dt: Tensor,
     f0: Tensor | None = None,
     stiffness_out: list[Tensor] | None = None,
+    stages_out: list[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, int]:
     """One explicit RK step of every sample by its own ``dt``.
 
@@ -215,6 +216,8 @@ def explicit_rk_step(
         f0: ``drift(t, y)`` if already known (FSAL), else it is evaluated.
         stiffness_out: when a list, the per-sample stiffness estimate ``ρ`` ``(B,)`` of the
             last two stages is appended to it.
+        stages_out: when a list, the stage derivatives ``k_1..k_s`` are appended to it
+            (dense output).
 
     Returns:
         ``(y1, error, f1, nf)``: the 5th-order state, the embedded error
@@ -252,6 +255,8 @@ def explicit_rk_step(
         # Hairer–Wanner II, Sec. IV.2 (OrdinaryDiffEq's DP5/Tsit5 eigen_est): the last two
         # stages, both at t + dt for these FSAL pairs
         stiffness_out.append(hairer_eigen_estimate(ks[-1] - ks[-2], y_stage - y_prev))
+    if stages_out is not None:
+        stages_out.extend(ks)
     return y1, error, f1, nf
 
 
@@ -284,8 +289,9 @@ class ExplicitRK(AbstractSolver):
         returns ``f1 = drift(t + dt, y1)``; without it, one more.
         """
         rho: list[Tensor] = []
-        y1, error, f1, nf = explicit_rk_step(self.tableau, terms.drift, t, y, dt, f0, stiffness_out=rho)
-        return StepOutput(y1=y1, error=error, nf=nf, ng=0, f1=f1, stiffness=rho[0])
+        ks: list[Tensor] = []
+        y1, error, f1, nf = explicit_rk_step(self.tableau, terms.drift, t, y, dt, f0, stiffness_out=rho, stages_out=ks)
+        return StepOutput(y1=y1, error=error, nf=nf, ng=0, f1=f1, stiffness=rho[0], stages=ks)
 
 
 class Tsit5(ExplicitRK):
@@ -342,6 +348,7 @@ def hairer_initial_dt(
     rtol: float | Tensor,
     dtmax: float | Tensor | None = None,
     dtmin: float | Tensor | None = None,
+    direction: float = 1.0,
 ) -> tuple[Tensor, int]:
     """Per-sample starting step size (Hairer–Nørsett–Wanner I, Sec. II.4).
 
@@ -371,6 +378,8 @@ def hairer_initial_dt(
         atol, rtol: tolerances (floats or tensors broadcastable against ``y0``).
         dtmax: upper bound, float or ``(B,)`` (e.g. ``t1 - t0``); default unbounded.
         dtmin: lower bound, float or ``(B,)``; default 0.
+        direction: ``-1.0`` when time runs backwards (the probe is at ``t0 - dt0``); the
+            returned step is a magnitude either way.
 
     Returns:
         ``(dt, nf)``: ``(B,)`` step sizes in ``t0``'s dtype and the number of ``f``
@@ -401,15 +410,17 @@ def hairer_initial_dt(
         fallback = torch.maximum(small, dtmin_b)
         dt0 = torch.where(too_small, fallback, dt0)
 
-        y1 = y0 + expand_to(dt0, y0).to(real) * f0
-        f1 = f(t0 + dt0, y1)
+        y1 = y0 + expand_to(direction * dt0, y0).to(real) * f0
+        f1 = f(t0 + direction * dt0, y1)
         nf += 1
         constant = (f1 == f0).flatten(1).all(dim=1)
 
         d2 = _rms((f1 - f0) / sk) / dt0.to(real)
         m = torch.maximum(d1, d2)
         dt1_flat = torch.maximum(small, dt0 * 1e-3)
-        dt1_est = torch.pow(10.0, -(2.0 + torch.log10(m.clamp_min(tiny))) / order).to(t0.dtype)
+        # 10^(-(2 + log10 m) / order) as exp(-(log 100 + log m) / order): torch.pow with a
+        # tensor exponent rounds differently in vectorised blocks and the scalar tail
+        dt1_est = torch.exp(-(math.log(100.0) + torch.log(m.clamp_min(tiny))) / order).to(t0.dtype)
         dt1 = torch.where(m <= 1e-15, dt1_flat, dt1_est)
         dt = torch.maximum(dtmin_b, torch.minimum(torch.minimum(100 * dt0, dt1), dtmax_b))
         dt = torch.where(constant, torch.maximum(dtmin_b, 100 * dt0), dt)

@@ -44,7 +44,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from ..problem import Terms, expand_to
-from .base import BOTH_INTERPRETATIONS, StepOutput, StochasticRungeKutta, linear_combination, stage_time
+from .base import BOTH_INTERPRETATIONS, StepOutput, StochasticRungeKutta, drift_error, linear_combination, stage_time
 
 Matrix = tuple[tuple[float, ...], ...]
 
@@ -96,7 +96,7 @@ def sra_step(
     dt: Tensor,
     dw: Tensor,
     levy_h: Tensor,
-    delta: float,
+    delta: float | None,
 ) -> StepOutput:
     """One SRA step for every sample.
 
@@ -109,7 +109,8 @@ def sra_step(
         t: ``(B,)`` times.  y: ``(B, *state_shape)`` states.  dt: ``(B,)`` step sizes.
         dw: ``(B, *noise_shape)`` Brownian increments.
         levy_h: ``(B, *noise_shape)`` space-time Lévy area, ``Var = dt/12``.
-        delta: weight of ``E1`` in the error, ``error = delta*E1 + E2``.
+        delta: weight of ``E1`` in StochasticDiffEq's ``error = delta*E1 + E2``; None for the
+            embedded estimate ``dt (Σ α_i f_i − f_1) + E2``.
 
     Returns:
         :class:`StepOutput` with ``y1`` and ``error`` of shape ``(B, *state_shape)``.
@@ -149,10 +150,7 @@ def sra_step(
     e2 = terms.g_dw(g2, chi2) if g2 is not None else y.new_zeros(y.shape)
     y1 = y1 + e2
 
-    f_all = linear_combination([1.0] * s, fs)
-    assert f_all is not None
-    e1 = dt_y * f_all
-    error = e2 if delta == 0.0 else delta * e1 + e2
+    error = drift_error(tab.alpha, fs, dt_y, delta) + e2
     return StepOutput(y1=y1, error=error, nf=s, ng=ng)
 
 
@@ -168,6 +166,7 @@ class _SRABase(StochasticRungeKutta):
     interpretations: ClassVar[frozenset[str]] = BOTH_INTERPRETATIONS
     is_sde: ClassVar[bool] = True
     controller_order: ClassVar[float] = 2.0  # alg_order(SRA1) = alg_order(SOSRA) = 2//1
+    embedded_controller_order: ClassVar[float] = 2.0  # additive noise: the estimate is O(dt^2)
     step_function = staticmethod(sra_step)
 
 

@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 
 from ..problem import Terms, expand_to
-from .base import StepOutput, StochasticRungeKutta, hairer_eigen_estimate, linear_combination, stage_time
+from .base import StepOutput, StochasticRungeKutta, drift_error, hairer_eigen_estimate, linear_combination, stage_time
 
 Matrix = tuple[tuple[float, ...], ...]
 
@@ -138,7 +138,7 @@ def sri_step(
     dt: Tensor,
     dw: Tensor,
     levy_h: Tensor,
-    delta: float,
+    delta: float | None,
 ) -> StepOutput:
     """One SRI step for every sample.
 
@@ -150,7 +150,8 @@ def sri_step(
         dw: ``(B, *noise_shape)`` Brownian increments (``noise_shape`` is the state's
             shape, or ``(1,)`` for scalar noise).
         levy_h: ``(B, *noise_shape)`` space-time Lévy area, ``Var = dt/12``.
-        delta: weight of ``E1`` in the error, ``error = delta*E1 + E2``.
+        delta: weight of ``E1`` in StochasticDiffEq's ``error = delta*E1 + E2``; None for the
+            embedded estimate ``dt (Σ α_i f_i − f_1) + E2`` (see :class:`StochasticRungeKutta`).
 
     Returns:
         :class:`StepOutput` with ``y1`` and ``error`` of shape ``(B, *state_shape)``.
@@ -162,9 +163,9 @@ def sri_step(
     drift, diffusion = terms.drift, terms.diffusion
 
     dt_y = expand_to(dt, y)
-    dt_w = expand_to(dt, dw)
+    dt_w = expand_to(dt.abs(), dw)  # noise scale: |dt| when time runs backwards
     sq_w = torch.sqrt(dt_w)
-    sqdt_y = torch.sqrt(dt_y)
+    sqdt_y = torch.sqrt(dt_y.abs())
     # Iterated-integral ratios, noise-shaped, then broadcast against the state.
     chi1 = terms.noise_like_state((dw * dw - dt_w) / (2.0 * sq_w), y)  # I_(1,1)/sqrt(dt)
     chi2 = terms.noise_like_state(0.5 * dw + levy_h, y)  # I_(1,0)/dt
@@ -214,10 +215,7 @@ def sri_step(
             e2 = e2 + scale * gsum
     y1 = y1 + e2
 
-    f_all = linear_combination([1.0] * tab.n_drift, fs[: tab.n_drift])
-    assert f_all is not None
-    e1 = dt_y * f_all
-    error = e2 if delta == 0.0 else delta * e1 + e2
+    error = drift_error(tab.alpha, fs[: tab.n_drift], dt_y, delta) + e2
     # StochasticDiffEq's eigen_est for SOSRI2/SOSRA2: the last two drift stages
     last = tab.n_drift - 1
     fl, fp = fs[last], fs[last - 1]

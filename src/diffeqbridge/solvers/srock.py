@@ -123,7 +123,7 @@ class SROCK1(AbstractSolver):
             else:
                 rho = self.safety * power_iteration_eigen(terms.drift, t, y, fy, self.power_iters)
                 nf = self.power_iters
-            raw = torch.floor(torch.sqrt(2 * dt.double() * rho) + 1)
+            raw = torch.floor(torch.sqrt(2 * dt.double().abs() * rho) + 1)
             # a sample whose drift is NaN/Inf has no spectral radius: one stage (its step is
             # non-finite and the engine stops it), instead of an out-of-range table index
             raw = torch.where(torch.isfinite(raw), raw, torch.ones_like(raw))
@@ -176,10 +176,11 @@ class SROCK1(AbstractSolver):
             y1 = u_last + terms.g_dw(g, dw)
             ng = 1
         else:
-            sqrt_dt = torch.sqrt(dt_y)
+            abs_dt = dt_y.abs()  # noise scale: |dt| when time runs backwards
+            sqrt_dt = torch.sqrt(abs_dt)
             dw_state = terms.noise_like_state(dw, y)
             g_support = terms.diffusion(tb, u_before + sqrt_dt * g)
-            y1 = u_last + g * dw_state + (g_support - g) / (2 * sqrt_dt) * (dw_state * dw_state - dt_y)
+            y1 = u_last + g * dw_state + (g_support - g) / (2 * sqrt_dt) * (dw_state * dw_state - abs_dt)
             ng = 2
         nf = stages + nf_eig
         return StepOutput(y1, None, nf=nf, ng=ng, stiffness=None if self.nstages is not None else rho)

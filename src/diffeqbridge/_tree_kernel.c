@@ -1,0 +1,197 @@
+/* Fused descent of diffeqbridge's VirtualBrownianTree on the CPU (see _tree_kernel.py).
+ *
+ * One call answers a query (W(t), J(t)) for every (sample, element): per element the level
+ * recursion (hash, Box-Muller normal pair, midpoint-split update) runs in registers; no
+ * (B, depth, N) intermediates.  The float64 operations are those of _tree_kernel.py's
+ * level_update / bridge / standard_normal_pair in the same order (compiled with
+ * -ffp-contract=off, so no fused multiply-adds either); log/sin/cos come from glibc's libm
+ * (vectorised variants from libmvec where the compiler vectorises), the eager path's from
+ * torch (SLEEF), so the two paths agree up to the last bits of those functions.  The hash is
+ * plain uint32 arithmetic and bit-identical to the eager int32/int64 tensor code.
+ *
+ * Elements are processed in blocks, level-major inside a block, so that the loop over the
+ * block's elements is a simple vectorisable loop.
+ *
+ * Per-sample reuse (optional: prev and cache non-NULL): the tree remembers each element's
+ * previous finest cell and its four running sums after every level.  The levels above the
+ * deepest common ancestor of the previous and the new cell (same node, same child) give the
+ * same sums, so a block starts at the shallowest level where one of its lanes leaves its
+ * previous path, from the cached sums: the same operations on the same values as a full
+ * descent, hence the same bits.
+ */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef TREE_LIBMVEC /* glibc's vector math (libmvec) for the vectorised loops */
+__attribute__((__simd__("notinbranch"))) extern double log(double);
+__attribute__((__simd__("notinbranch"))) extern double sin(double);
+__attribute__((__simd__("notinbranch"))) extern double cos(double);
+#endif
+
+#define BLOCK 8 /* lanes per block: one AVX-512 vector of doubles */
+#define PHI32 0x9E3779B1u
+#define TWO_PI 6.283185307179586
+
+static inline uint32_t fmix32(uint32_t h) {
+    h ^= h >> 16;
+    h *= 0x85EBCA6Bu;
+    h ^= h >> 13;
+    h *= 0xC2B2AE35u;
+    h ^= h >> 16;
+    return h;
+}
+
+/* node * phi + level_key (mod 2^32), with node >> 32 absorbed for trees deeper than 32 */
+static inline uint32_t node_key(uint64_t node, uint32_t level_key, int wide) {
+    uint32_t key = (uint32_t)node * PHI32 + level_key;
+    if (wide) key = fmix32((key ^ (uint32_t)(node >> 32)) + 0x9E3779B9u);
+    return key;
+}
+
+static inline double unit(uint32_t word) {
+    return ((double)(int32_t)word + 2147483648.5) * 2.3283064365386963e-10; /* 2^-32 */
+}
+
+/* levels: depth rows of (sq16, sq48, four_pow4, 1/pow4, two_pow2, 1/pow2, half_width);
+ * geometry: (t0, length, n_cells, w, w^2, w^3); element e = b * n + i uses t[b]. */
+void tree_point(int64_t count, int64_t n, const double *t, const int32_t *key0, const int32_t *key1,
+                const double *w_root, const double *h_root, const double *levels, const int64_t *level_keys,
+                int64_t depth, const double *geometry, int64_t cell_key, int64_t wide,
+                double *w_out, double *j_out, uint64_t *prev, double *cache, int64_t cache_valid) {
+    const double t0 = geometry[0], length = geometry[1], n_cells = geometry[2];
+    const double w = geometry[3], w2 = geometry[4], w3 = geometry[5];
+    for (int64_t start = 0; start < count; start += BLOCK) {
+        /* Every loop below runs over the whole block (BLOCK lanes, a multiple of every SIMD
+         * width), the lanes past the end of the data on zeros: each element takes the same
+         * instructions wherever it sits in the batch (no scalar remainder loop, whose
+         * log/sin/cos would round differently), so batch composition cannot change a value. */
+        const int64_t m = count - start < BLOCK ? count - start : BLOCK;
+        uint64_t cell[BLOCK];
+        double frac[BLOCK], wr[BLOCK], hr[BLOCK], c_h[BLOCK], c_w[BLOCK], c_l[BLOCK], c_j[BLOCK];
+        double w_cell[BLOCK], h_cell[BLOCK], w_res[BLOCK], j_res[BLOCK];
+        uint32_t k0[BLOCK], k1[BLOCK], key[BLOCK];
+        int32_t bit[BLOCK];
+        for (int64_t j = 0; j < BLOCK; j++) {
+            const int64_t e = start + (j < m ? j : 0);
+            double position = (t[e / n] - t0) / length;
+            position = position < 0.0 ? 0.0 : (position > 1.0 ? 1.0 : position);
+            position = position * n_cells;
+            double c = floor(position);
+            c = c < n_cells - 1.0 ? c : n_cells - 1.0;
+            cell[j] = (uint64_t)c;
+            frac[j] = position - c;
+            c_h[j] = c_w[j] = c_l[j] = c_j[j] = 0.0;
+            k0[j] = (uint32_t)key0[e];
+            k1[j] = (uint32_t)key1[e];
+            wr[j] = w_root[e];
+            hr[j] = h_root[e];
+        }
+        int64_t first = 0; /* the shallowest level a lane of this block must redraw */
+        if (cache != NULL && cache_valid) {
+            first = depth - 1; /* the deepest level is always redrawn: it gives the cell's (W, H) */
+            for (int64_t j = 0; j < m; j++) {
+                const uint64_t diff = cell[j] ^ prev[start + j];
+                const int64_t shared = diff == 0 ? depth : depth - (64 - __builtin_clzll(diff));
+                first = shared < first ? shared : first;
+            }
+            if (first > 0)
+                for (int64_t j = 0; j < m; j++)
+                    for (int c = 0; c < 4; c++) {
+                        const double v = cache[(start * depth + (first - 1) * BLOCK) * 4 + c * BLOCK + j];
+                        if (c == 0) c_h[j] = v; else if (c == 1) c_w[j] = v; else if (c == 2) c_l[j] = v; else c_j[j] = v;
+                    }
+        }
+        for (int64_t k = first; k < depth; k++) {
+            const double *lv = levels + 7 * k;
+            const double sq16 = lv[0], sq48 = lv[1], four_pow4 = lv[2], inv_pow4 = lv[3];
+            const double two_pow2 = lv[4], inv_pow2 = lv[5], half_width = lv[6];
+            const uint32_t level_key = (uint32_t)level_keys[k];
+            const int shift = (int)(depth - k);
+            for (int64_t j = 0; j < BLOCK; j++) { /* the node's key and which child the query enters */
+                key[j] = node_key(cell[j] >> shift, level_key, (int)wide);
+                bit[j] = (int32_t)((uint32_t)(cell[j] >> (shift - 1)) & 1u);
+            }
+#pragma omp simd
+            for (int64_t j = 0; j < BLOCK; j++) {
+                const double right = (double)bit[j];
+                const uint32_t node = key[j];
+                const double u1 = unit(fmix32(k0[j] ^ node)), u2 = unit(fmix32(k1[j] ^ node));
+                const double radius = sqrt(-2.0 * log(u1));
+                const double angle = TWO_PI * u2;
+                const double z = radius * cos(angle) * sq16, x = radius * sin(angle) * sq48;
+                const double sign = 1.0 - 2.0 * right;
+                const double h_inc = four_pow4 * (-0.5 * z + sign * x);
+                c_h[j] = c_h[j] + h_inc;
+                const double levy = (hr[j] + (c_h[j] - h_inc)) * inv_pow4;
+                const double w_inc = two_pow2 * sign * (1.5 * levy + z);
+                c_w[j] = c_w[j] + w_inc;
+                const double w_node = (wr[j] + (c_w[j] - w_inc)) * inv_pow2;
+                const double w_left = 0.5 * w_node + 1.5 * levy + z;
+                const double h_left = 0.25 * levy - 0.5 * z + x;
+                const double left = right * w_left;
+                c_l[j] = c_l[j] + left;
+                c_j[j] = c_j[j] + right * half_width * ((c_l[j] - left) + h_left + 0.5 * w_left);
+                w_cell[j] = 0.5 * w_node + sign * (1.5 * levy + z); /* the child entered */
+                h_cell[j] = 0.25 * levy - 0.5 * z + sign * x;
+            }
+            if (cache != NULL) {
+                double *row = cache + (start * depth + k * BLOCK) * 4; /* block-major: (block, level, 4, lane) */
+                for (int64_t j = 0; j < BLOCK; j++) {
+                    row[j] = c_h[j];
+                    row[BLOCK + j] = c_w[j];
+                    row[2 * BLOCK + j] = c_l[j];
+                    row[3 * BLOCK + j] = c_j[j];
+                }
+            }
+        }
+        if (prev != NULL)
+            for (int64_t j = 0; j < m; j++) prev[start + j] = cell[j];
+        for (int64_t j = 0; j < BLOCK; j++) key[j] = node_key(cell[j], (uint32_t)cell_key, (int)wide);
+#pragma omp simd
+        for (int64_t j = 0; j < BLOCK; j++) {
+            const double u1 = unit(fmix32(k0[j] ^ key[j])), u2 = unit(fmix32(k1[j] ^ key[j]));
+            const double radius = sqrt(-2.0 * log(u1));
+            const double angle = TWO_PI * u2;
+            const double z1 = radius * cos(angle), z2 = radius * sin(angle);
+            const double r = frac[j] * w;
+            const double q = w - r, r2 = r * r, rw = r / w;
+            const double mean_w = rw * w_cell[j] + (6.0 * q * r / w2) * h_cell[j];
+            const double mean_h = (rw * rw) * h_cell[j];
+            double var_w = r - r2 / w - 3.0 * (q * q) * r2 / w3;
+            var_w = var_w < 0.0 ? 0.0 : var_w;
+            double var_h = r / 12.0 - (r2 * r2) / (12.0 * w3);
+            var_h = var_h < 0.0 ? 0.0 : var_h;
+            const double cov = -q * (r2 * r) / (2.0 * w3);
+            const double l11 = sqrt(var_w);
+            const double l21 = l11 > 0.0 ? cov / l11 : 0.0;
+            double v22 = var_h - l21 * l21;
+            v22 = v22 < 0.0 ? 0.0 : v22;
+            const double l22 = sqrt(v22);
+            const double w_part = mean_w + l11 * z1;
+            const double h_part = mean_h + l21 * z1 + l22 * z2;
+            w_res[j] = c_l[j] + w_part;
+            j_res[j] = c_j[j] + r * c_l[j] + r * (h_part + 0.5 * w_part);
+        }
+        for (int64_t j = 0; j < m; j++) {
+            w_out[start + j] = w_res[j];
+            j_out[start + j] = j_res[j];
+        }
+    }
+}
+
+/* (dW, H) over [s, t] from two query results (W, J), per element: the operations of
+ * VirtualBrownianTree.increment_from.  H = (J(t) - J(s)) / h - W(s) - dW / 2, h = t - s. */
+void tree_increment(int64_t count, int64_t n, double t0, double t1, const double *s, const double *t,
+                    const double *w_s, const double *j_s, const double *w_t, const double *j_t,
+                    double *dw_out, double *h_out) {
+    for (int64_t e = 0; e < count; e++) {
+        double lo = s[e / n], hi = t[e / n];
+        lo = lo < t0 ? t0 : (lo > t1 ? t1 : lo);
+        hi = hi < t0 ? t0 : (hi > t1 ? t1 : hi);
+        const double h = hi - lo;
+        const double dw = w_t[e] - w_s[e];
+        dw_out[e] = dw;
+        h_out[e] = h != 0.0 ? (j_t[e] - j_s[e]) / h - w_s[e] - 0.5 * dw : 0.0;
+    }
+}

@@ -1,0 +1,274 @@
+"""Control paths for neural CDEs: interpolations of irregularly sampled, NaN-padded data.
+
+The definitions are torchcde's (Kidger, Morrill, Foster, Lyons, "Neural Controlled
+Differential Equations for Irregular Time Series", NeurIPS 2020; Morrill, Kidger, Yang,
+Lyons, "Neural CDEs for Online Prediction Tasks", 2021, for rectilinear and the cubic
+Hermite splines with backward differences), so coefficients and paths agree with torchcde
+on the same data:
+
+* ``linear_interpolation_coeffs(x, t)``: the data with missing values (NaN) filled by linear
+  interpolation in time between the neighbouring observations of the same channel; leading
+  (trailing) NaNs take the first (last) observation; an all-NaN channel becomes 0.
+* ``linear_interpolation_coeffs(x, rectilinear=k)``: time is channel ``k``; the data are
+  forward-filled and every step is split in two (first time moves, then the features), a
+  causal path on the index grid ``0, 1, ..., 2L - 2``.
+* ``hermite_cubic_coefficients_with_backward_differences(x, t)``: on ``[t_k, t_{k+1}]`` the
+  cubic with values ``x_k, x_{k+1}`` and slopes ``d_{k-1}, d_k`` (``d_k`` the slope of the
+  linear interpolation on interval ``k``, ``d_{-1} = d_0``): C¹ and causal up to one step.
+
+Beyond torchcde, observation grids may differ per sample: ``t`` of shape ``(B, L)``, NaN
+after a sample's last observation (its values NaN there too).  Padded times are replaced by
+``t_last + 1, t_last + 2, ...`` (values forward-filled, as torchcde fills trailing NaNs), and
+the path classes hold each sample's path constant outside its own observation window
+``[t_first, t_last]`` (derivative zero there), so a sample that ends early stops driving its
+CDE instead of extrapolating.  A shared grid ``(L,)`` keeps torchcde's behaviour (the first and
+last pieces are extended beyond the grid).  Everything is vectorised over samples and channels (torchcde
+loops over them in Python for missing values).
+
+Shapes: data ``x (B, L, C)``; times ``t`` ``None`` (``0..L-1``), ``(L,)`` or ``(B, L)``;
+``evaluate(t)``/``derivative(t)`` take a scalar or a ``(B,)`` tensor (each sample at its own
+time, as the engine calls vector fields) and return ``(B, C)``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CubicSpline",
+    "Interpolation",
+    "LinearInterpolation",
+    "hermite_cubic_coefficients_with_backward_differences",
+    "linear_interpolation_coeffs",
+]
+
+
+# ---------------------------------------------------------------------------- validation
+def _check_data(x: Any) -> Tensor:
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim != 3:
+        raise ValueError(f"x must be a floating tensor of shape (B, L, C); got {getattr(x, 'shape', type(x).__name__)}")
+    if x.shape[1] < 2:
+        raise ValueError(f"x needs at least two observations along its length axis; got shape {tuple(x.shape)}")
+    return x
+
+
+def _grid(x: Tensor, t: Any) -> Tensor:
+    """``t`` as a ``(B, L)`` (per-sample) or ``(L,)`` strictly increasing grid; padded NaN times filled."""
+    length = x.shape[1]
+    if t is None:
+        return torch.arange(length, dtype=x.dtype, device=x.device)
+    if not isinstance(t, Tensor):
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    t = t.to(dtype=x.dtype, device=x.device)
+    if t.shape not in ((length,), (x.shape[0], length)):
+        raise ValueError(f"t must have shape (L,) = ({length},) or (B, L) = {(x.shape[0], length)}; got {tuple(t.shape)}")
+    observed = ~torch.isnan(t)
+    if not bool(observed[..., 0].all()) or not bool(observed[..., 1].all()):
+        raise ValueError("t: every sample needs at least two observation times (NaN only as trailing padding)")
+    if bool((observed[..., 1:] & ~observed[..., :-1]).any()):
+        raise ValueError("t: NaN times are allowed only as trailing padding")
+    if not bool(observed.all()):
+        # padded times: t_last + 1, t_last + 2, ... (the path is held constant there)
+        count = observed.sum(dim=-1, keepdim=True)
+        index = torch.arange(length, device=x.device).expand_as(t)
+        last = t.gather(-1, count - 1)
+        t = torch.where(observed, t, last + (index - count + 1).to(t.dtype))
+    if not bool((t[..., 1:] > t[..., :-1]).all()):
+        raise ValueError("t must be strictly increasing (along its last axis)")
+    return t
+
+
+def _per_channel(t: Tensor, x: Tensor) -> Tensor:
+    """The grid broadcast against data ``(B, L, C)``."""
+    return (t.unsqueeze(-1) if t.ndim == 2 else t.reshape(1, -1, 1)).expand_as(x)
+
+
+# ---------------------------------------------------------------------------- coefficients
+def fill_missing(x: Tensor, t: Tensor) -> Tensor:
+    """NaNs replaced as torchcde's linear interpolation does, vectorised: ``(B, L, C)``."""
+    observed = ~torch.isnan(x)
+    if bool(observed.all()):
+        return x
+    length = x.shape[1]
+    index = torch.arange(length, device=x.device).reshape(1, -1, 1).expand_as(x)
+    prev = torch.where(observed, index, -1).cummax(dim=1).values
+    nxt = torch.where(observed, index, length).flip(1).cummin(dim=1).values.flip(1)
+    has_prev, has_next = prev >= 0, nxt < length
+    prev_c, next_c = prev.clamp(min=0), nxt.clamp(max=length - 1)
+    x0 = torch.where(observed, x, torch.zeros_like(x))
+    x_prev, x_next = x0.gather(1, prev_c), x0.gather(1, next_c)
+    tt = _per_channel(t, x)
+    t_prev, t_next = tt.gather(1, prev_c), tt.gather(1, next_c)
+    ratio = (tt - t_prev) / torch.where(has_prev & has_next, t_next - t_prev, torch.ones_like(tt))
+    between = x_prev + ratio * (x_next - x_prev)
+    filled = torch.where(has_prev & has_next, between, torch.where(has_prev, x_prev, x_next))
+    filled = torch.where(has_prev | has_next, filled, torch.zeros_like(x))  # an all-NaN channel -> 0
+    return torch.where(observed, x, filled)
+
+
+def _forward_fill(x: Tensor) -> Tensor:
+    observed = ~torch.isnan(x)
+    index = torch.arange(x.shape[1], device=x.device).reshape(1, -1, 1).expand_as(x)
+    prev = torch.where(observed, index, 0).cummax(dim=1).values
+    return x.gather(1, prev)
+
+
+def linear_interpolation_coeffs(x: Tensor, t: Tensor | None = None, rectilinear: int | None = None) -> Tensor:
+    """Knots of the linear interpolation of ``x (B, L, C)`` (NaN = missing): ``(B, L', C)``.
+
+    ``rectilinear=k`` (time in channel ``k``, ``t`` must be None): the rectilinear path, on
+    ``L' = 2L - 1`` knots at the index grid.  Otherwise ``L' = L`` at the grid ``t``.
+    """
+    x = _check_data(x)
+    if rectilinear is not None:
+        if t is not None:
+            raise ValueError("rectilinear interpolation runs on the index grid: pass t=None (time is a channel of x)")
+        if isinstance(rectilinear, bool) or not isinstance(rectilinear, int) or not 0 <= rectilinear < x.shape[-1]:
+            raise ValueError(f"rectilinear must be the index of the time channel in [0, {x.shape[-1] - 1}]; "
+                             f"got {rectilinear!r}")
+        if bool(torch.isnan(x[..., rectilinear]).any()):
+            raise ValueError("rectilinear: the time channel of x must not contain NaN")
+        filled = _forward_fill(x)
+        doubled = filled.repeat_interleave(2, dim=1)
+        doubled[:, :-1, rectilinear] = doubled[:, 1:, rectilinear]
+        x = doubled[:, :-1]
+        t = None
+    return fill_missing(x, _grid(x, t))
+
+
+def _slopes(coeffs: Tensor, t: Tensor) -> Tensor:
+    dt = t[..., 1:] - t[..., :-1]
+    return (coeffs[:, 1:] - coeffs[:, :-1]) / dt.unsqueeze(-1)
+
+
+def hermite_cubic_coefficients_with_backward_differences(x: Tensor, t: Tensor | None = None) -> Tensor:
+    """Cubic Hermite coefficients with backward differences: ``(B, L - 1, 4C)`` = ``[a, b, 2c, 3d]``.
+
+    On interval ``k`` with ``s = τ - t_k``: ``X(τ) = a + b s + c s² + d s³`` with ``a = x_k``,
+    ``b = d_{k-1}`` and ``X(t_{k+1}) = x_{k+1}``, ``X'(t_{k+1}) = d_k`` (torchcde's layout).
+    """
+    x = _check_data(x)
+    grid = _grid(x, t)
+    coeffs = fill_missing(x, grid)
+    slopes = _slopes(coeffs, grid)
+    prev = torch.cat([slopes[:, :1], slopes[:, :-1]], dim=1)
+    h = (grid[..., 1:] - grid[..., :-1]).unsqueeze(-1)
+    if h.ndim == 2:
+        h = h.unsqueeze(0)
+    a, b = coeffs[:, :-1], prev
+    two_c = 2 * (3 * (slopes - b) - slopes + prev) / h
+    three_d = (slopes - b) / h**2 - two_c / h
+    return torch.cat([a, b, two_c, three_d], dim=-1)
+
+
+# ---------------------------------------------------------------------------- paths
+class Interpolation:
+    """A control path ``X(t)`` on a (per-sample) grid; see the module docstring for shapes."""
+
+    coeffs: Tensor
+    t: Tensor  # (L,) or (B, L), strictly increasing
+
+    def __init__(self, coeffs: Tensor, t: Tensor | None = None):
+        if not isinstance(coeffs, Tensor) or coeffs.ndim != 3:
+            raise ValueError(f"coeffs must be a tensor of shape (B, L, C); got {getattr(coeffs, 'shape', coeffs)}")
+        self._set_grid(coeffs, coeffs, t)
+
+    def _set_grid(self, coeffs: Tensor, knots: Tensor, t: Any) -> None:
+        """``knots (B, L, ·)`` gives the grid's length; per-sample grids also get their windows ``(B,)``."""
+        self.coeffs, self._t_given = coeffs, t
+        self.t = _grid(knots, t)
+        self.window: tuple[Tensor, Tensor] | None = None
+        if self.t.ndim == 2:
+            raw = torch.as_tensor(t, dtype=self.t.dtype, device=self.t.device)
+            last = (~torch.isnan(raw)).sum(dim=-1, keepdim=True) - 1
+            self.window = (self.t[:, 0], self.t.gather(1, last).squeeze(1))
+
+    def with_coeffs(self, coeffs: Tensor) -> Interpolation:
+        """The same kind of path on the same grid with other coefficients (e.g. a detached leaf)."""
+        return type(self)(coeffs, self._t_given)
+
+    @property
+    def batch_size(self) -> int:
+        return self.coeffs.shape[0]
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """``(first, last)`` observation time over all samples (per-sample grids: earliest start, latest end)."""
+        if self.window is not None:
+            return float(self.window[0].min()), float(self.window[1].max())
+        return float(self.t[0]), float(self.t[-1])
+
+    def _times(self, t: Tensor | float) -> Tensor:
+        return torch.as_tensor(t, dtype=self.coeffs.dtype, device=self.coeffs.device).reshape(-1).expand(self.batch_size)
+
+    def _outside(self, t: Tensor | float) -> Tensor | None:
+        """``(B, 1)`` mask of samples queried outside their own window (per-sample grids), else None."""
+        if self.window is None:
+            return None
+        tt = self._times(t)
+        return ((tt < self.window[0]) | (tt > self.window[1])).unsqueeze(1)
+
+    def _held(self, derivative: Tensor, t: Tensor | float) -> Tensor:
+        outside = self._outside(t)
+        return derivative if outside is None else torch.where(outside, torch.zeros_like(derivative), derivative)
+
+    def _locate(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
+        """Interval index ``(B,)`` (torchcde's: a knot belongs to the interval on its left) and ``s = t - t_k`` ``(B, 1)``."""
+        batch, grid = self.batch_size, self.t
+        tt = self._times(t)
+        if self.window is not None:  # held constant outside the sample's own window
+            tt = torch.minimum(torch.maximum(tt, self.window[0]), self.window[1])
+        sorted_grid = grid if grid.ndim == 2 else grid.unsqueeze(0).expand(batch, -1)
+        index = torch.searchsorted(sorted_grid.detach().contiguous(), tt.detach().unsqueeze(1).contiguous())
+        index = (index.squeeze(1) - 1).clamp(0, grid.shape[-1] - 2)
+        knot = sorted_grid.gather(1, index.unsqueeze(1))
+        return index, tt.unsqueeze(1) - knot
+
+    def _rows(self, values: Tensor, index: Tensor) -> Tensor:
+        return values[torch.arange(values.shape[0], device=values.device), index]
+
+    def evaluate(self, t: Tensor | float) -> Tensor:
+        raise NotImplementedError
+
+    def derivative(self, t: Tensor | float) -> Tensor:
+        raise NotImplementedError
+
+
+class LinearInterpolation(Interpolation):
+    """Piecewise-linear path through the knots ``coeffs (B, L, C)`` from :func:`linear_interpolation_coeffs`."""
+
+    def __init__(self, coeffs: Tensor, t: Tensor | None = None):
+        super().__init__(coeffs, t)
+        self._slopes = _slopes(coeffs, self.t)
+
+    def evaluate(self, t: Tensor | float) -> Tensor:
+        index, s = self._locate(t)
+        return self._rows(self.coeffs, index) + s * self._rows(self._slopes, index)
+
+    def derivative(self, t: Tensor | float) -> Tensor:
+        index, _ = self._locate(t)
+        return self._held(self._rows(self._slopes, index), t)
+
+
+class CubicSpline(Interpolation):
+    """Piecewise-cubic path from ``[a, b, 2c, 3d]`` coefficients ``(B, L - 1, 4C)``
+    (:func:`hermite_cubic_coefficients_with_backward_differences`; torchcde's ``CubicSpline``)."""
+
+    def __init__(self, coeffs: Tensor, t: Tensor | None = None):
+        if not isinstance(coeffs, Tensor) or coeffs.ndim != 3 or coeffs.shape[-1] % 4:
+            raise ValueError(f"coeffs must have shape (B, L - 1, 4C); got {getattr(coeffs, 'shape', coeffs)}")
+        self._set_grid(coeffs, torch.cat([coeffs, coeffs[:, -1:]], dim=1), t)  # L - 1 pieces, L knots
+        self._a, self._b, self._two_c, self._three_d = coeffs.chunk(4, dim=-1)
+
+    def evaluate(self, t: Tensor | float) -> Tensor:
+        index, s = self._locate(t)
+        inner = 0.5 * self._rows(self._two_c, index) + self._rows(self._three_d, index) * s / 3
+        inner = self._rows(self._b, index) + inner * s
+        return self._rows(self._a, index) + inner * s
+
+    def derivative(self, t: Tensor | float) -> Tensor:
+        index, s = self._locate(t)
+        inner = self._rows(self._two_c, index) + self._rows(self._three_d, index) * s
+        return self._held(self._rows(self._b, index) + inner * s, t)

@@ -1,0 +1,84 @@
+"""ShARK: the shifted additive-noise Runge–Kutta method (strong order 1.5, two drift stages).
+
+For additive noise ``dy = f(t, y) dt + g(t) dW`` (Itô = Stratonovich) with the engine's
+increment ``ΔW`` and space-time Lévy area ``H`` over ``[t, t + h]``::
+
+    z1 = y + g0·H                                   f1 = f(t, z1)
+    z2 = y + 5/6 h f1 + g0·(5/6 ΔW + H)             f2 = f(t + 5/6 h, z2)
+    y1 = y + h (2/5 f1 + 3/5 f2) + g0·(ΔW/2 + H) + g1·(ΔW/2 − H)
+
+with ``g0 = g(t)``, ``g1 = g(t + h)``.  The noise term is ``∫ g dW`` to the order needed
+for a time-dependent ``g``: ``g0 ΔW + (g1 − g0)/h · ∫_t^{t+h} (s − t) dW_s`` with
+``∫ (s − t) dW_s = h ΔW − ∫ (W_s − W_t) ds = h (ΔW/2 − H)``; for constant ``g`` it is
+``g ΔW``, the method of the reference.  Error estimate: ``y1`` minus the embedded Euler
+solution built from the first stage, ``3/5 h (f2 − f1)`` (``O(h^2)`` for additive noise).
+
+Source (coefficients only; the implementation is our own): J. Foster, G. dos Reis,
+C. Strange, "High order splitting methods for SDEs satisfying a commutativity condition",
+arXiv:2210.17543 (2023), eq. (6.1) (the tableau diffrax ships as ``ShARK``).
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import Tensor
+
+from ..problem import Terms, expand_to
+from .base import BOTH_INTERPRETATIONS, EMBEDDED_QMAX, AbstractSolver, StepOutput, stage_time
+
+C2 = 5 / 6  # second stage node (and weight of ΔW in it)
+B1, B2 = 2 / 5, 3 / 5  # drift weights; the embedded solution uses (1, 0)
+
+
+def shark_step(terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None) -> StepOutput:
+    """One ShARK step for every sample.
+
+    Args:
+        terms: the problem's vector fields (additive noise: ``diffusion`` does not depend on
+            the state; it is evaluated at ``y``).
+        t: ``(B,)`` times.  y: ``(B, *state_shape)`` states.  dt: ``(B,)`` signed step sizes.
+        dw / levy_h: ``(B, *noise_shape)`` increment and space-time Lévy area (``Var h/12``).
+
+    Returns:
+        :class:`StepOutput` with ``y1`` and ``error`` of shape ``(B, *state_shape)``.
+    """
+    if terms.diffusion is None:
+        raise TypeError("ShARK needs an SDE problem (a diffusion term)")
+    if dw is None or levy_h is None:
+        raise ValueError("ShARK needs the Brownian increment dW and the Lévy area H")
+    dt_y = expand_to(dt, y)
+    g0 = terms.diffusion(t, y)
+    g1 = terms.diffusion(stage_time(t, dt, 1.0), y)
+    f1 = terms.drift(t, y + terms.g_dw(g0, levy_h))
+    z2 = y + (C2 * dt_y) * f1 + terms.g_dw(g0, C2 * dw + levy_h)
+    f2 = terms.drift(stage_time(t, dt, C2), z2)
+    half_dw = 0.5 * dw
+    y1 = y + dt_y * (B1 * f1 + B2 * f2) + terms.g_dw(g0, half_dw + levy_h) + terms.g_dw(g1, half_dw - levy_h)
+    error = (B2 * dt_y) * (f2 - f1)
+    return StepOutput(y1=y1, error=error, nf=2, ng=2)
+
+
+class ShARK(AbstractSolver):
+    """ShARK (Foster, dos Reis, Strange 2023): adaptive, strong order 1.5 / weak order 2 for
+    additive noise (Itô or Stratonovich), with an embedded error estimate.  2 drift + 2
+    diffusion evaluations per step; uses the space-time Lévy area."""
+
+    strong_order: ClassVar[float] = 1.5
+    weak_order: ClassVar[float] = 2.0
+    noise_types: ClassVar[frozenset[str]] = frozenset({"additive"})
+    interpretations: ClassVar[frozenset[str]] = BOTH_INTERPRETATIONS
+    adaptive: ClassVar[bool] = True
+    needs_levy_area: ClassVar[bool] = True
+    is_sde: ClassVar[bool] = True
+    controller_order: ClassVar[float] = 2.0  # the estimate is O(h^2) for additive noise
+    qmax: ClassVar[float | None] = EMBEDDED_QMAX
+    qmin: ClassVar[float | None] = 1 / 5
+    gamma: ClassVar[float | None] = 9 / 10
+
+    def step(self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None,
+             levy_h: Tensor | None, f0: Tensor | None = None) -> StepOutput:
+        """See :meth:`AbstractSolver.step`."""
+        return shark_step(terms, t, y, dt, dw, levy_h)
+
+
+__all__ = ["ShARK", "shark_step"]
