@@ -63,7 +63,10 @@ def test_convergence_failure_is_per_sample(alg):
     assert [int(c) for c in sol.retcodes] == [SUCCESS, SUCCESS, CONV]
     # adaptive: rejected and retried with dt / 5 until 10 consecutive failures
     assert int(sol.stats.naccept[2]) == 0 and int(sol.stats.nreject[2]) == 10
-    assert torch.allclose(sol.ys[-1, :2, 0], _exact(lam[:2], 1.0), rtol=1e-5, atol=1e-8)
+    # rtol 1e-4: Kvaerno5's third stage sits at c = 1.23, so on the last step its time is
+    # clamped to t1 (user functions only see times inside tspan); with λ = -1e4 and a
+    # time-dependent forcing that costs ~3e-5 relative here (7e-8 without the clamp)
+    assert torch.allclose(sol.ys[-1, :2, 0], _exact(lam[:2], 1.0), rtol=1e-4, atol=1e-8)
     # the failing sample does not perturb the others: same steps and values as without it
     prob2, _ = _mixed_problem(include_failing=False)
     ref = deb.solve(prob2, alg, rtol=1e-6, atol=1e-9)
