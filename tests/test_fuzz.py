@@ -105,7 +105,8 @@ def _cases(name: str, solver: AbstractSolver) -> st.SearchStrategy[Case]:
             times = sorted({round(draw(st.floats(0.0, 1.0)) * t1, 6) for _ in range(k)})
             saveat = times
         batch = draw(st.integers(1, 4))
-        return Case(dtype=dtype, batch=batch, poison=batch >= 2 and draw(st.sampled_from([False, False, False, True])), shape=draw(st.sampled_from(STATE_SHAPES)),
+        poison = batch >= 2 and draw(st.sampled_from([False, False, False, True]))
+        return Case(dtype=dtype, batch=batch, poison=poison, shape=draw(st.sampled_from(STATE_SHAPES)),
                     noise=draw(st.sampled_from(noises)), interpretation=draw(st.sampled_from(interpretations)),
                     adaptive=adaptive, tol=tol, dt=None if adaptive else draw(st.sampled_from(steps)), t1=t1,
                     saveat=saveat, seed=draw(st.integers(0, 2**32 - 1)))
