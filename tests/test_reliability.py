@@ -340,3 +340,19 @@ def test_user_functions_only_see_times_inside_tspan():
     prob = deb.SDEProblem(f, lambda t, y: 0.2 * y, torch.ones(4, 1, dtype=F64), tspan=(0.0, 1.0))
     deb.solve(prob, deb.SOSRI())
     assert min(lo for lo, _ in seen) >= 0.0 and max(hi for _, hi in seen) <= 1.0
+
+
+# ------------------------------------------------ found by tests/test_fuzz.py
+def test_srock1_with_a_nan_drift_sample_stops_only_that_sample():
+    """A NaN drift made SROCK1's stage-count lookup index past its table (IndexError for the
+    whole batch); now the sample stops (Unstable) and the others finish."""
+    first = torch.tensor([True, False])
+
+    def f(t, y):
+        return torch.where((first & (t >= 0.125))[:, None], torch.full_like(y, float("nan")), -y)
+
+    prob = deb.SDEProblem(f, lambda t, y: 0.1 * torch.ones_like(y), torch.ones(2, 1, dtype=F64), (0.0, 0.25),
+                          noise="additive")
+    sol = deb.solve(prob, deb.SROCK1(), dt=0.125)
+    assert sol.retcodes.tolist() == [int(deb.ReturnCode.Unstable), int(deb.ReturnCode.Success)]
+    assert torch.isfinite(sol.ys[:, 1]).all()

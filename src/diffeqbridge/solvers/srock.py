@@ -124,6 +124,9 @@ class SROCK1(AbstractSolver):
                 rho = self.safety * power_iteration_eigen(terms.drift, t, y, fy, self.power_iters)
                 nf = self.power_iters
             raw = torch.floor(torch.sqrt(2 * dt.double().abs() * rho) + 1)
+            # a sample whose drift is NaN/Inf has no spectral radius: one stage (its step is
+            # non-finite and the engine stops it), instead of an out-of-range table index
+            raw = torch.where(torch.isfinite(raw), raw, torch.ones_like(raw))
         index = torch.searchsorted(table, raw.clamp(max=STAGES[-1]).contiguous())
         stages = table[index].long()
         eta = torch.tensor(DAMPING, dtype=torch.float64, device=y.device)[index]
