@@ -24,7 +24,7 @@ except ImportError:
     from benchmarks import _harness as H  # type: ignore[no-redef]
 
 ORDER = ("sde_work_precision", "weak_error", "ode_work_precision", "neural_sde_step", "per_sample_steps", "gradients", "brownian",
-         "cuda_ensemble", "regularization", "stiff_work_precision", "diffusion", "ensemble")
+         "cuda_ensemble", "regularization", "stiff_work_precision", "diffusion", "ensemble", "models")
 
 
 def _fmt(x: Any, fmt: str = "{:.2f}") -> str:
@@ -93,6 +93,9 @@ def headline(name: str, doc: dict) -> str:
             parts.append(f"stiff SDE bounded dt: ImplicitEM {_fmt((st.get('ours ImplicitEM') or {}).get('dt'), '{}')}, "
                          f"torchsde {_fmt((st.get('torchsde euler') or {}).get('dt'), '{}')}")
             return " | ".join(parts)
+        if name == "models":
+            return ", ".join(f"{r['case']} {r['ours_over_peer_time']:.2f}x peer" for r in doc["results"]
+                             if r["ours_over_peer_time"] is not None)
     except Exception as exc:  # noqa: BLE001 - a headline must never break a run
         return f"(no headline: {type(exc).__name__})"
     return ""

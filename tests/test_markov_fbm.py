@@ -82,7 +82,7 @@ def test_hurst_index_of_a_fractional_ou_is_recovered():
         loss = -fractional_ou_log_evidence(model, 1.0, 0.5, torch.zeros(64), dt, obs, 0.01).mean()
         loss.backward()
         opt.step()
-    assert abs(float(model.hurst) - 0.3) < 0.03, float(model.hurst)
+    assert abs(float(model.hurst.detach()) - 0.3) < 0.03, float(model.hurst.detach())
 
 
 def test_elbo_bounds_the_evidence_and_is_differentiable_in_hurst():
