@@ -562,7 +562,9 @@ class _SolveFunction(torch.autograd.Function):
 
 def _segmented(sensealg: SensitivityAlgorithm) -> bool:
     """Forward in segments, backward by re-solving each segment with the graph on."""
-    return isinstance(sensealg, InterpolatingAdjoint) or (isinstance(sensealg, DiscreteAdjoint) and sensealg.checkpoints is not None)
+    if isinstance(sensealg, InterpolatingAdjoint):
+        return True
+    return isinstance(sensealg, DiscreteAdjoint) and sensealg.checkpoints is not None
 
 
 def _reversible(c: _Ctx) -> bool:
@@ -688,6 +690,9 @@ def _rms_norm(err: Tensor, s0: Tensor, s1: Tensor, atol: float, rtol: float) -> 
     return torch.sqrt(torch.mean(r * r, dim=1))
 
 
+_Increments = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]  # dy, da, dg and their error estimates
+
+
 def _backsolve_backward(c: _Ctx, ys: Tensor, grad_ys: Tensor) -> tuple[Tensor, Tensor]:
     sensealg = c.sensealg
     assert isinstance(sensealg, BacksolveAdjoint)
@@ -717,7 +722,7 @@ def _backsolve_backward(c: _Ctx, ys: Tensor, grad_ys: Tensor) -> tuple[Tensor, T
         dt = span / steps
     valid = torch.isfinite(ys).reshape(ys.shape[0], ys.shape[1], -1).all(dim=2)  # (T, B)
 
-    def increment(t: float, h: float, y: Tensor, adj: Tensor, dw: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def increment(t: float, h: float, y: Tensor, adj: Tensor, dw: Tensor | None) -> _Increments:
         ks: list[tuple[Tensor, Tensor, Tensor]] = []
         for i, ci in enumerate(nodes):
             yi, ai = y, adj
