@@ -10,7 +10,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from ._sde_problems import T0, T1, CountingSDE, Problem, torchsde_brownian_from
+from ._sde_problems import CountingSDE, Problem, torchsde_brownian_from
 
 TREE_TOL = 2.0**-20  # finest resolution of every Brownian tree (ours and diffrax alike)
 ADAPTIVE_DT0 = 0.05  # initial step of the peers' adaptive solves (ours picks its own)
@@ -35,9 +35,8 @@ def make_ours(P: Problem, B: int, alg_name: str, adaptive: bool, seed: int = 0) 
     import diffeqbridge as deb
 
     prob = P.ours(B)
-    bm = deb.VirtualBrownianTree(T0, T1, (B, P.noise_dim), seed=seed, tol=TREE_TOL, dtype=torch.float64)
-    w_end = bm.W(T1)
-    exact_end = P.exact(T1, w_end)
+    bm = our_tree(P, B, seed)
+    exact_end = reference_ours(P, prob, bm, seed)
     name, _, variant = alg_name.partition("-")  # "SOSRI-sciml": StochasticDiffEq's error estimate
     cls = getattr(deb, name)
 
@@ -45,7 +44,7 @@ def make_ours(P: Problem, B: int, alg_name: str, adaptive: bool, seed: int = 0) 
         return cls(error_estimate=variant) if variant else cls()
 
     def run(level: float) -> dict:
-        kw: dict[str, Any] = {"atol": level, "rtol": level} if adaptive else {"dt": level}
+        kw: dict[str, Any] = {"atol": level, "rtol": level} if adaptive else {"dt": level, "adaptive": False}
         sol = deb.solve(prob, alg(), brownian=bm, max_steps=200_000, **kw)
         ok = sol.retcodes == int(deb.ReturnCode.Success)
         return {
@@ -58,6 +57,33 @@ def make_ours(P: Problem, B: int, alg_name: str, adaptive: bool, seed: int = 0) 
     return run
 
 
+def our_tree(P: Problem, B: int, seed: int = 0) -> Any:
+    """Our Brownian tree over the problem's interval (ours and torchsde share it)."""
+    import torch
+
+    import diffeqbridge as deb
+
+    lo, hi = sorted(P.tspan)
+    return deb.VirtualBrownianTree(lo, hi, (B, P.noise_dim), seed=seed, tol=TREE_TOL, dtype=torch.float64)
+
+
+_REFERENCES: dict[tuple[str, int, int], Any] = {}
+
+
+def reference_ours(P: Problem, prob: Any, bm: Any, seed: int = 0) -> Any:
+    """``(B, dim)`` solution at the end of ``P.tspan`` on ``bm``'s path (``our_tree(P, B, seed)``):
+    the closed form, or a fine fixed-step ShARK solve (``P.reference_dt``, cached) when there is none."""
+    import diffeqbridge as deb
+
+    t_end = P.tspan[1]
+    if P.exact is not None:
+        return P.exact(t_end, bm.W(t_end) - bm.W(P.tspan[0]))
+    key = (P.name, prob.y0.shape[0], seed)
+    if key not in _REFERENCES:
+        _REFERENCES[key] = deb.solve(prob, deb.ShARK(), brownian=bm, dt=P.reference_dt, adaptive=False, max_steps=10**7).ys[-1]
+    return _REFERENCES[key]
+
+
 # ------------------------------------------------------------------------ torchsde
 def make_torchsde(P: Problem, B: int, method: str, adaptive: bool, seed: int = 0) -> Callable[[float], dict]:
     import torch
@@ -65,12 +91,12 @@ def make_torchsde(P: Problem, B: int, method: str, adaptive: bool, seed: int = 0
 
     import diffeqbridge as deb
 
-    bm_tree = deb.VirtualBrownianTree(T0, T1, (B, P.noise_dim), seed=seed, tol=TREE_TOL, dtype=torch.float64)
-    bm = torchsde_brownian_from(bm_tree)
-    exact_end = P.exact(T1, bm_tree.W(T1)).numpy()
+    bm_tree = our_tree(P, B, seed)
+    bm = torchsde_brownian_from(bm_tree, reverse_from=P.tspan[0] if P.reversed else None)
+    exact_end = reference_ours(P, P.ours(B), bm_tree, seed).numpy()
     sde = CountingSDE(P.torchsde(B))
     y0 = P.ours(B).y0
-    ts = torch.tensor([T0, T1], dtype=torch.float64)
+    ts = torch.tensor([0.0, abs(P.tspan[1] - P.tspan[0])] if P.reversed else list(P.tspan), dtype=torch.float64)
     options = {"grad_free": True} if method == "milstein" else None
 
     def run(level: float) -> dict:
@@ -101,12 +127,22 @@ def make_diffrax(P: Problem, B: int, solver_name: str, adaptive: bool, seed: int
 
     levy = diffrax.SpaceTimeLevyArea if solver_name not in ("Euler", "ItoMilstein") else None
     solver = getattr(diffrax, solver_name)()
-    y0 = jnp.asarray(P.u0, dtype=jnp.float64)
     m = P.noise_dim
+    # reversed problems: forward in s = t0 - t (P.diffrax_terms is written in s)
+    s0, s1 = (0.0, abs(P.tspan[1] - P.tspan[0])) if P.reversed else P.tspan
+    y0s = jnp.asarray(P.y0_batch(B) if P.y0_batch is not None else np.tile(np.asarray(P.u0, dtype=np.float64), (B, 1)))
 
-    def one(key, level):
-        kw = {"levy_area": levy} if levy is not None else {}
-        bm = diffrax.VirtualBrownianTree(T0, T1, tol=TREE_TOL, shape=(m,), key=key, **kw)
+    def path(key):
+        kw = {"levy_area": diffrax.SpaceTimeLevyArea} if (levy is not None or P.exact is None) else {}
+        return diffrax.VirtualBrownianTree(s0, s1, tol=TREE_TOL, shape=(m,), key=key, **kw)
+
+    def reference(key, y0):  # fine fixed-step ShARK on the same path
+        terms = diffrax.MultiTerm(diffrax.ODETerm(f), diffrax.ControlTerm(g, path(key)))
+        return diffrax.diffeqsolve(terms, diffrax.ShARK(), s0, s1, dt0=P.reference_dt, y0=y0,
+                                   saveat=diffrax.SaveAt(t1=True), max_steps=2**20).ys[-1]
+
+    def one(key, y0, level):
+        bm = path(key)
         terms = diffrax.MultiTerm(diffrax.ODETerm(f), diffrax.ControlTerm(g, bm))
         if adaptive:
             ctrl = diffrax.PIDController(rtol=level, atol=level)
@@ -114,21 +150,29 @@ def make_diffrax(P: Problem, B: int, solver_name: str, adaptive: bool, seed: int
         else:
             ctrl = diffrax.ConstantStepSize()
             dt0 = level
-        sol = diffrax.diffeqsolve(terms, solver, T0, T1, dt0=dt0, y0=y0, stepsize_controller=ctrl,
+        sol = diffrax.diffeqsolve(terms, solver, s0, s1, dt0=dt0, y0=y0, stepsize_controller=ctrl,
                                   saveat=diffrax.SaveAt(t1=True), max_steps=2**16, throw=False)
-        w = bm.evaluate(T0, T1)
+        w = bm.evaluate(s0, s1)
         return sol.ys[-1], w, sol.stats["num_steps"], sol.result == diffrax.RESULTS.successful
 
-    batched = jax.jit(jax.vmap(one, in_axes=(0, None)))
+    batched = jax.jit(jax.vmap(one, in_axes=(0, 0, None)))
     keys = jax.random.split(jax.random.key(seed + 1), B)
     per_step = DIFFRAX_EVALS[solver_name]
+    ref: list[Any] = []
+
+    def exact_end(w: Any) -> Any:
+        if P.exact_np is not None:
+            return P.exact_np(s1, w)
+        if not ref:  # once per runner: diffrax's own fine solve on its own paths
+            ref.append(np.asarray(jax.jit(jax.vmap(reference))(keys, y0s)))
+        return ref[0]
 
     def run(level: float) -> dict:
-        y, w, steps, ok = jax.block_until_ready(batched(keys, jnp.asarray(level, dtype=jnp.float64)))
+        y, w, steps, ok = jax.block_until_ready(batched(keys, y0s, jnp.asarray(level, dtype=jnp.float64)))
         y, w = np.asarray(y), np.asarray(w)
         return {
             "y": y,
-            "err": strong_error(y, P.exact_np(T1, w)),
+            "err": strong_error(y, exact_end(w)),
             "nfe": float(np.mean(np.asarray(steps)) * per_step),
             "failed": int((~np.asarray(ok)).sum()),
         }

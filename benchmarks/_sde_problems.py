@@ -23,6 +23,16 @@ Problems (SciML's SDEProblemLibrary where named):
   ``dy = A y dt + C y dW`` with ``A, C`` the 2x2 real forms of ``lam, mu``.  By Itô,
   ``dx_i = [(A sinh x)_i / cosh x_i - sinh x_i (C sinh x)_i^2 / (2 cosh^3 x_i)] dt
   + (C sinh x)_i / cosh x_i dW``, and ``x(t) = asinh(z0 exp((lam - mu^2/2) t + mu W))``.
+* ``vp_gmm``: the reverse-time VP SDE (``beta`` 0.1 -> 20) of a 2-D Gaussian mixture
+  (weights 0.5/0.3/0.2, means (-3,0), (3,0), (0,3), std 0.5) with the exact score
+  (``diffeqbridge.diffusion``), from ``t = 1`` down to ``t = 1e-3``, additive noise, ``x_T``
+  from the prior (the same ``B`` draws for every library).  Ours integrates backwards in
+  ``t``; torchsde and diffrax integrate forwards in ``s = 1 - t`` (drift ``-F(1 - s, x)``,
+  the same ``g``), torchsde on our tree's path (``torchsde_brownian_from(tree, reverse=True)``:
+  ``dB = -dW``, the space-time Lévy area is unchanged by the reflection).  No pathwise
+  closed form: ``exact`` is None and the reference is a fine fixed-step ShARK solve
+  (``reference_dt``) on the same path — ours' for ours and torchsde, diffrax's own on its
+  own path for diffrax.
 """
 from __future__ import annotations
 
@@ -51,8 +61,15 @@ class Problem:
     torchsde: Callable[[int], Any]
     diffrax_terms: Callable[[bool], tuple[Callable, Callable]]
     exact: Callable[[float, Any], Any]
-    exact_np: Callable[[float, Any], Any]
+    exact_np: Callable[[float, Any], Any] | None
     u0: tuple[float, ...]
+    tspan: tuple[float, float] = (T0, T1)  # ours; torchsde/diffrax integrate s in (0, |t1 - t0|) when reversed
+    y0_batch: Callable[[int], Any] | None = None  # (B, dim) float64 numpy initial states (else u0 for all)
+    reference_dt: float | None = None  # fine fixed step of the reference solve when exact is None
+
+    @property
+    def reversed(self) -> bool:
+        return self.tspan[1] < self.tspan[0]
 
 
 # ----------------------------------------------------------------------------- gbm
@@ -236,8 +253,76 @@ def _rot2d() -> Problem:
     )
 
 
+# --------------------------------------------------------------------------- vp_gmm
+GMM_WEIGHTS = (0.5, 0.3, 0.2)
+GMM_MEANS = ((-3.0, 0.0), (3.0, 0.0), (0.0, 3.0))
+GMM_STD = 0.5
+VP_T_END = 1e-3
+
+
+def _vp_gmm() -> Problem:
+    import torch
+
+    import diffeqbridge as deb
+    import diffeqbridge.diffusion as dd
+
+    sde = dd.VPSDE()
+    gmm = dd.GaussianMixture(GMM_WEIGHTS, GMM_MEANS, GMM_STD)
+    score = gmm.score_model(sde, "score")
+    b0, b1, T = sde.beta_min, sde.beta_max, float(sde.T)
+
+    def drift_t(t, x):  # reverse-time drift F(t, x) = f(t) x - g(t)^2 score(x, t), t: (B,) or scalar
+        t = torch.as_tensor(t, dtype=x.dtype).expand(x.shape[0])
+        beta = (b0 + t * (b1 - b0)).unsqueeze(-1)
+        return -0.5 * beta * x - beta * score(x, t)
+
+    def g_t(t, x):
+        t = torch.as_tensor(t, dtype=x.dtype).expand(x.shape[0])
+        return torch.sqrt(b0 + t * (b1 - b0)).unsqueeze(-1).expand_as(x)
+
+    def y0_batch(B):
+        return sde.prior_sample((B, 2), seed=7).numpy()
+
+    def ours(B):
+        x_T = torch.as_tensor(y0_batch(B))
+        return deb.SDEProblem(drift_t, g_t, x_T, (T, VP_T_END), noise="additive")
+
+    def tsde(B):  # forward in s = T - t
+        return torchsde_module(lambda s, x: -drift_t(T - s, x), lambda s, x: torch.diag_embed(g_t(T - s, x)), "additive")
+
+    def terms(strat):  # one sample, forward in s; additive noise: Itô = Stratonovich
+        import jax
+        import jax.numpy as jnp
+
+        w, mu = jnp.log(jnp.asarray(GMM_WEIGHTS)), jnp.asarray(GMM_MEANS)
+
+        def jscore(x, t):
+            log_alpha = -0.25 * t * t * (b1 - b0) - 0.5 * t * b0
+            alpha = jnp.exp(log_alpha)
+            var = alpha**2 * GMM_STD**2 - jnp.expm1(2 * log_alpha)  # (scalar) per component (same std)
+            diff = alpha * mu - x  # (K, 2)
+            logp = w - jnp.log(var) - jnp.sum(diff**2, -1) / (2 * var)
+            r = jax.nn.softmax(logp)
+            return r @ diff / var
+
+        def f(s, x, _):
+            t = T - s
+            beta = b0 + t * (b1 - b0)
+            return 0.5 * beta * x + beta * jscore(x, t)
+
+        def g(s, x, _):
+            return jnp.sqrt(b0 + (T - s) * (b1 - b0)) * jnp.ones_like(x)
+
+        return f, g
+
+    return Problem(
+        "vp_gmm", "reverse VP SDE, 2-D Gaussian mixture (exact score)", 2, "additive", 2, ours, tsde, terms,
+        None, None, (0.0, 0.0), tspan=(T, VP_T_END), y0_batch=y0_batch, reference_dt=2.0**-14,
+    )
+
+
 def problems() -> dict[str, Problem]:
-    return {p.name: p for p in (_gbm(), _wave(), _additive(), _rot2d())}
+    return {p.name: p for p in (_gbm(), _wave(), _additive(), _rot2d(), _vp_gmm())}
 
 
 # --------------------------------------------------------------- torchsde Brownian
@@ -259,10 +344,13 @@ def torchsde_module(f, g, noise_type: str, sde_type: str = "ito"):
     return SDE()
 
 
-def torchsde_brownian_from(tree):
+def torchsde_brownian_from(tree, reverse_from: float | None = None):
     """A ``torchsde.BaseBrownian`` that returns ``tree``'s increments (same path for torchsde).
 
     ``torchsde`` asks for ``(dW, U)`` with ``U = int_s^t (W_u - W_s) du = h (H + dW/2)``.
+    ``reverse_from = T``: the reflected path ``B(s) = W(T - s) - W(T)`` that a backward solve
+    from ``T`` sees: ``B(s2) - B(s1) = -(W(T - s1) - W(T - s2))`` and the space-time Lévy
+    area ``H`` of ``[s1, s2]`` equals the one of ``[T - s2, T - s1]``.
     """
     import torch
     import torchsde
@@ -275,10 +363,14 @@ def torchsde_brownian_from(tree):
 
         def __call__(self, ta, tb=None, return_U=False, return_A=False):
             if tb is None:
-                w = self.tree.W(float(ta))
+                w = self.tree.W(float(ta)) if reverse_from is None else self.tree.W(reverse_from - float(ta)) - self.tree.W(reverse_from)
                 return (w, None) if return_U else w
             s, t = float(ta), float(tb)
-            dw, h = self.tree(s, t)
+            if reverse_from is None:
+                dw, h = self.tree(s, t)
+            else:
+                dw, h = self.tree(reverse_from - t, reverse_from - s)
+                dw = -dw
             if return_U:
                 u = (t - s) * (h + 0.5 * dw)
                 return (dw, u, None) if return_A else (dw, u)
