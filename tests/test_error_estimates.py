@@ -111,14 +111,3 @@ def test_error_tracks_tolerance(name, builder, cls):
     growth = -fitted_order(tols, work)  # work ~ tol^-growth
     assert growth <= 0.75, (growth, work, errors)
     assert errors[-1] < errors[0]
-
-
-def test_embedded_first_step_is_scaled_and_clamped():
-    """Embedded-estimate solvers start from EMBEDDED_INITIAL_DT_FACTOR x StochasticDiffEq's
-    first step (clamped to the span); the "sciml" variant keeps StochasticDiffEq's."""
-    from diffeqbridge.solvers.base import EMBEDDED_INITIAL_DT_FACTOR, scaled_initial_dt
-
-    dt = torch.tensor([1e-3, 0.2], dtype=torch.float64)
-    out = scaled_initial_dt(deb.SRIW1(), dt, 1.0)
-    assert torch.equal(out, torch.tensor([1e-3 * EMBEDDED_INITIAL_DT_FACTOR, 1.0], dtype=torch.float64))
-    assert scaled_initial_dt(deb.SRIW1(error_estimate="sciml"), dt, 1.0) is dt

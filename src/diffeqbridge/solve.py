@@ -15,7 +15,7 @@ from .engine import EngineOptions, integrate
 from .problem import ODEProblem, SDEProblem, Terms, check_additive, check_field_shapes
 from .solution import Solution
 from .solvers import SOSRI, LambaEM, LambaEulerHeun, RKMil, ShARK, Tsit5
-from .solvers.base import AbstractSolver, scaled_initial_dt
+from .solvers.base import AbstractSolver
 from .solvers.runge_kutta import hairer_initial_dt
 
 BACKENDS = ("auto", "native", "julia")
@@ -370,7 +370,6 @@ def solve(
             terms.drift, terms.diffusion, _g_size(terms), t_start, prob.y0, f0, g0,
             solver.controller_order, atol, rtol, span, direction=1.0 if t1 > t0 else -1.0,
         )
-        dt_initial = scaled_initial_dt(solver, dt_initial, span)
         counts = (counts[0] + extra_f, counts[1] + extra_g)
     else:
         dt_initial, extra_f = hairer_initial_dt(

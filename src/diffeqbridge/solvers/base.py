@@ -75,8 +75,6 @@ class AbstractSolver:
         controller_order: the order ``q`` used by the PI controller's exponents.
         fsal: True when the step reuses ``f0 = drift(t, y)`` and returns ``f1``.
         beta1 / beta2 / qmax / qmin / gamma: controller constants (None -> engine default).
-        initial_dt_factor: multiplies the SDE initial-step heuristic's result (clamped to the
-            span); :func:`scaled_initial_dt`.
         stability_size: length of the stability region along the negative real axis
             (OrdinaryDiffEq's/StochasticDiffEq's ``alg_stability_size``); set on the solvers
             that report ``StepOutput.stiffness`` and can be the non-stiff half of an
@@ -97,7 +95,6 @@ class AbstractSolver:
     qmax: ClassVar[float | None] = None
     qmin: ClassVar[float | None] = None
     gamma: ClassVar[float | None] = None
-    initial_dt_factor: ClassVar[float] = 1.0
     reversible: ClassVar[bool] = False  # algebraically reversible step (exact BacksolveAdjoint)
     stability_size: ClassVar[float | None] = None
 
@@ -220,22 +217,10 @@ ERROR_ESTIMATES = ("embedded", "sciml")
 # StochasticDiffEq's 9/8 on GBM and SciML's additive system (benchmarks/sde_work_precision.py):
 # the same error for about 10-50 % fewer evaluations at tol 1e-2 ... 1e-3, equal below.
 EMBEDDED_QMAX = 3 / 2
-# First step with an embedded SDE estimate: 16x StochasticDiffEq's ``sde_determine_initdt``
-# (whose target is 1 % of the tolerance, (1/100)^(1/q)).  Measured on GBM, rot2d, wave and
-# SciML's additive problem (benchmarks/_sde_problems.py, 64 paths, tol 1e-1 ... 1e-5): 25-35 %
-# fewer evaluations at matched strong error >= 1e-2 with SRIW1/SOSRI (the steps spent growing
-# out of a too-small first step at qmax = 3/2; rejections were not the limit), within +-7 %
-# below; x64 gives the same as x16 (the 100 dt0 and span caps).  Not for the additive-noise
-# family (SRA1/SOSRA/ShARK keep 1): neutral on the additive problem, and on the reverse VP SDE
-# 1.7x more evaluations at error 3e-2 (first steps rejected where beta(1) = 20), 0.9x at 1e-3.
-EMBEDDED_INITIAL_DT_FACTOR = 16.0
-
-
-def scaled_initial_dt(solver: AbstractSolver, dt: Tensor, span: float) -> Tensor:
-    """``dt * solver.initial_dt_factor`` clamped to ``span`` (``(B,)``): the solver's first step
-    from the heuristic's proposal ``dt``."""
-    factor = solver.initial_dt_factor
-    return dt if factor == 1.0 else (dt * factor).clamp(max=span)
+# Measured, not adopted: a first step 16x StochasticDiffEq's (sde_determine_initdt targets 1 %
+# of the tolerance) cut SRIW1/SOSRI evaluations by 25-35 % at errors >= 1e-2 (GBM, rot2d) and
+# was neutral below, but with fewer forward steps BacksolveAdjoint's backward solve (step
+# span / forward steps) stalled in tests/test_regularization.py; see BENCHMARKS.md section 1.
 
 
 def check_error_estimate(value: str) -> str:
@@ -249,8 +234,7 @@ def check_error_estimate(value: str) -> str:
 class StochasticRungeKutta(AbstractSolver):
     """Adaptive stochastic Runge–Kutta family driven by a tableau, with SDE controller
     constants (``qmax = 9/8``, ``qmin = 1/5``, ``gamma = 9/10``; StochasticDiffEq
-    ``src/alg_utils.jl``); with the embedded estimate ``qmax = EMBEDDED_QMAX`` and the first
-    step ``EMBEDDED_INITIAL_DT_FACTOR`` times StochasticDiffEq's.
+    ``src/alg_utils.jl``).
 
     Two error estimates:
 
@@ -271,7 +255,6 @@ class StochasticRungeKutta(AbstractSolver):
     step_function: ClassVar[Callable[..., StepOutput]]
     # exponent order of the PI controller with the embedded estimate (error ~ dt^{3/2})
     embedded_controller_order: ClassVar[float] = 1.5
-    embedded_initial_dt_factor: ClassVar[float] = EMBEDDED_INITIAL_DT_FACTOR
     adaptive = True
     needs_levy_area = True
     qmax = 9 / 8
@@ -287,7 +270,6 @@ class StochasticRungeKutta(AbstractSolver):
         if self.error_estimate == "embedded":  # the class values are StochasticDiffEq's
             self.controller_order = type(self).embedded_controller_order
             self.qmax = EMBEDDED_QMAX
-            self.initial_dt_factor = type(self).embedded_initial_dt_factor
 
     def step(self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None,
              levy_h: Tensor | None, f0: Tensor | None = None) -> StepOutput:

@@ -167,7 +167,6 @@ class _SRABase(StochasticRungeKutta):
     is_sde: ClassVar[bool] = True
     controller_order: ClassVar[float] = 2.0  # alg_order(SRA1) = alg_order(SOSRA) = 2//1
     embedded_controller_order: ClassVar[float] = 2.0  # additive noise: the estimate is O(dt^2)
-    embedded_initial_dt_factor: ClassVar[float] = 1.0  # see base.EMBEDDED_INITIAL_DT_FACTOR
     step_function = staticmethod(sra_step)
 
 
