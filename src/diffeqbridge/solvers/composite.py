@@ -106,7 +106,7 @@ class AutoSwitch(AbstractSolver):
         self.strong_order = min(nonstiff.strong_order, stiff.strong_order)
         self.weak_order = min(nonstiff.weak_order, stiff.weak_order)
         self.fsal = nonstiff.fsal
-        for name in ("controller_order", "beta1", "beta2", "qmax", "qmin", "gamma", "initial_dt_factor"):
+        for name in ("controller_order", "beta1", "beta2", "qmax", "qmin", "gamma"):
             setattr(self, name, getattr(nonstiff, name))
         self._state: dict[str, Tensor] = {}
 
