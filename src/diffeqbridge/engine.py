@@ -12,8 +12,9 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -44,6 +45,8 @@ class EngineOptions:
     check_every: int = 8
     # adaptive: consecutive Newton failures of a sample before ReturnCode.ConvergenceFailure
     max_convergence_failures: int = 10
+    # solve(..., compile=True): the iteration's tensor math through torch.compile (_compiled_core)
+    compile: bool = False
 
 
 class _Progress:
@@ -145,6 +148,65 @@ def _shared_grid(save_times: Tensor, dt_initial: Tensor, options: EngineOptions)
         if len(grid) > options.max_steps + len(times):
             return None  # too long to list; the per-sample path handles MaxIters
     return grid
+
+
+def _iteration_core(solver: AbstractSolver, terms: Terms, t: Tensor, y: Tensor, dt_eval: Tensor, dw: Tensor | None,
+                    levy: Tensor | None, carry: Any, active: Tensor, tolerances: tuple[float, float] | None
+                    ) -> tuple[StepOutput, Tensor | None, Tensor]:
+    """The pure tensor math of one iteration: ``solver.step`` (with the user's drift and
+    diffusion), the per-sample error norm and the accept decision.
+
+    ``t``, ``dt_eval``, ``active``: ``(B,)``; ``y``: ``(B, *state_shape)``; ``tolerances``:
+    ``(atol, rtol)`` for adaptive solves, None for fixed steps.  Returns the step's output,
+    the ``(B,)`` float64 scaled error (``inf`` where the step is not finite; None for fixed
+    steps) and the ``(B,)`` accepted mask.
+    """
+    out = solver.step(terms, t, y, dt_eval, dw, levy, carry)
+    finite = _all_finite(out.y1)
+    if tolerances is None:
+        return out, None, active & finite
+    assert out.error is not None
+    # the controller is not differentiated: step sizes carry no gradient
+    err = scaled_error_norm(out.error.detach(), y.detach(), out.y1.detach(), *tolerances).to(torch.float64)
+    err = torch.where(finite & torch.isfinite(err), err, torch.full_like(err, float("inf")))
+    return out, err, active & (err <= 1.0)
+
+
+#: torch.compile'd :func:`_iteration_core` per (solver type, state shape, dtype, device, adaptive)
+_COMPILED: dict[tuple[Any, ...], Callable[..., Any]] = {}
+#: keys whose compilation failed, with the reason (warned about once, then eager)
+_COMPILE_FAILED: dict[tuple[Any, ...], str] = {}
+
+
+def _compiled_core(key: tuple[Any, ...]) -> Callable[..., Any] | None:
+    """The compiled iteration for ``key`` (made on first use), or None once it failed."""
+    if key in _COMPILE_FAILED:
+        return None
+    if key not in _COMPILED:
+        # fullgraph: a graph break (host sync, data-dependent branch) is an error -> eager
+        _COMPILED[key] = torch.compile(_iteration_core, dynamic=False, fullgraph=True)
+    return _COMPILED[key]
+
+
+def _run_core(options: EngineOptions, solver: AbstractSolver, *args: Any) -> tuple[StepOutput, Tensor | None, Tensor]:
+    """:func:`_iteration_core`, compiled when ``options.compile`` (eager after a failure, with
+    a one-time warning naming it)."""
+    if not options.compile:
+        return _iteration_core(solver, *args)
+    y = args[1]
+    key = (type(solver), tuple(y.shape), y.dtype, y.device, args[-1] is not None)
+    core = _compiled_core(key)
+    if core is not None:
+        try:
+            return core(solver, *args)
+        except Exception as exc:  # no compiler, unsupported op, graph break: fall back
+            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            _COMPILE_FAILED[key] = reason
+            _COMPILED.pop(key, None)
+            warnings.warn(f"compile=True: torch.compile failed for {type(solver).__name__} "
+                          f"(state {tuple(y.shape)}, {y.dtype}); running eagerly. Reason: {reason}",
+                          RuntimeWarning, stacklevel=3)
+    return _iteration_core(solver, *args)
 
 
 @dataclass
@@ -314,20 +376,10 @@ class Integrator:
         # --- noise
         new_tree_state, dw, levy = self._noise(s, t_new)
         # --- solver
-        out = solver.step(self.terms, s.t, s.y, dt_eval.to(dtype), dw, levy if solver.needs_levy_area else None,
-                          s.carry)
+        tolerances = (opts.atol, opts.rtol) if self.controller is not None else None
+        out, err, accepted = _run_core(opts, solver, self.terms, s.t, s.y, dt_eval.to(dtype), dw,
+                                       levy if solver.needs_levy_area else None, s.carry, s.active, tolerances)
         # --- controller decision
-        finite = _all_finite(out.y1)
-        err = None
-        if self.controller is not None:
-            assert out.error is not None
-            # the controller is not differentiated: step sizes carry no gradient
-            err = scaled_error_norm(out.error.detach(), s.y.detach(), out.y1.detach(), opts.atol, opts.rtol)
-            err = err.to(torch.float64)
-            err = torch.where(finite & torch.isfinite(err), err, torch.full_like(err, float("inf")))
-            accepted = s.active & (err <= 1.0)
-        else:
-            accepted = s.active & finite
         rejected = s.active & ~accepted
         self._stats(s, out, accepted, rejected)
         dt_factor = solver.after_step(accepted, s.active, torch.where(accepted, t_new, s.t), dt_eval.abs(), out)
