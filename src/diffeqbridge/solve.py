@@ -281,6 +281,10 @@ def solve(
         raise TypeError(f"prob must be a deb.SDEProblem or deb.ODEProblem; got {type(prob).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be a bool; got {compile!r}")
+    if compile and backend == "julia":
+        raise ValueError("compile=True runs on the native backend only; use backend='native' or 'auto'")
     if backend == "julia":
         from .julia import require_julia
 
@@ -311,10 +315,6 @@ def solve(
     if not isinstance(dense, bool):
         raise TypeError(f"dense must be a bool; got {dense!r}")
     event_list = check_events(events, solver)
-    if not isinstance(compile, bool):
-        raise TypeError(f"compile must be a bool; got {compile!r}")
-    if compile and backend == "julia":
-        raise ValueError("compile=True runs on the native backend only; use backend='native' or 'auto'")
     hooked = dense or bool(event_list)
     if (hooked or sample_offset) and backend == "julia":
         raise ValueError("dense=True, events= and sample_offset= run on the native backend only; use backend='native' "
