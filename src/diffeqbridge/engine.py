@@ -13,8 +13,9 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -174,39 +175,46 @@ def _iteration_core(solver: AbstractSolver, terms: Terms, t: Tensor, y: Tensor, 
 
 #: torch.compile'd :func:`_iteration_core` per (solver type, state shape, dtype, device, adaptive)
 _COMPILED: dict[tuple[Any, ...], Callable[..., Any]] = {}
-#: keys whose compilation failed, with the reason (warned about once, then eager)
+#: the same keys plus the ids of the user's drift/diffusion, for compilations that failed
+#: (warned about once, then eager), with the reason
 _COMPILE_FAILED: dict[tuple[Any, ...], str] = {}
 
 
-def _compiled_core(key: tuple[Any, ...]) -> Callable[..., Any] | None:
-    """The compiled iteration for ``key`` (made on first use), or None once it failed."""
-    if key in _COMPILE_FAILED:
-        return None
+def _compiled_core(key: tuple[Any, ...]) -> Callable[..., Any]:
+    """The compiled iteration for ``key``, made on first use."""
     if key not in _COMPILED:
+        import torch._functorch.config as functorch_config
+
+        # The checkpointed sensealgs differentiate segments with retain_graph=True, which
+        # compiled backwards with donated buffers refuse.  The flag is read when the backward
+        # is compiled (lazily, outside any context we could set), so it is switched off
+        # process-wide: a memory optimisation of compiled backwards, not a numerical change.
+        functorch_config.donated_buffer = False
         # fullgraph: a graph break (host sync, data-dependent branch) is an error -> eager
         _COMPILED[key] = torch.compile(_iteration_core, dynamic=False, fullgraph=True)
     return _COMPILED[key]
 
 
-def _run_core(options: EngineOptions, solver: AbstractSolver, *args: Any) -> tuple[StepOutput, Tensor | None, Tensor]:
+def _run_core(options: EngineOptions, solver: AbstractSolver, terms: Terms, t: Tensor, y: Tensor,
+              *args: Any) -> tuple[StepOutput, Tensor | None, Tensor]:
     """:func:`_iteration_core`, compiled when ``options.compile`` (eager after a failure, with
     a one-time warning naming it)."""
     if not options.compile:
-        return _iteration_core(solver, *args)
-    y = args[1]
+        return _iteration_core(solver, terms, t, y, *args)
     key = (type(solver), tuple(y.shape), y.dtype, y.device, args[-1] is not None)
-    core = _compiled_core(key)
-    if core is not None:
+    problem = terms.problem
+    failure_key = (*key, id(problem.drift), id(getattr(problem, "diffusion", None)))
+    if failure_key not in _COMPILE_FAILED:
         try:
-            return core(solver, *args)
+            return _compiled_core(key)(solver, terms, t, y, *args)
         except Exception as exc:  # no compiler, unsupported op, graph break: fall back
-            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-            _COMPILE_FAILED[key] = reason
-            _COMPILED.pop(key, None)
+            message = str(exc).strip()
+            reason = f"{type(exc).__name__}: {message.splitlines()[0] if message else ''}"
+            _COMPILE_FAILED[failure_key] = reason
             warnings.warn(f"compile=True: torch.compile failed for {type(solver).__name__} "
                           f"(state {tuple(y.shape)}, {y.dtype}); running eagerly. Reason: {reason}",
                           RuntimeWarning, stacklevel=3)
-    return _iteration_core(solver, *args)
+    return _iteration_core(solver, terms, t, y, *args)
 
 
 @dataclass
