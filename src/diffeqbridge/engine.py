@@ -48,6 +48,9 @@ class EngineOptions:
     max_convergence_failures: int = 10
     # solve(..., compile=True): the iteration's tensor math through torch.compile (_compiled_core)
     compile: bool = False
+    # solve(..., compact=f): gather the active samples into a smaller batch when their
+    # fraction falls below f (0: never; Integrator.run, _compactable)
+    compact: float = 0.0
 
 
 class _Progress:
@@ -275,6 +278,29 @@ def _detach(x: Any) -> Any:
     return x.detach() if isinstance(x, Tensor) else x
 
 
+#: LoopState fields that hold one entry per sample along their first axis (``ys``: the second)
+_PER_SAMPLE = ("t", "y", "dt", "qold", "carry", "save_index", "active", "retcodes", "nf", "ng", "naccept",
+               "nreject", "newton_streak", "eigen_last", "eigen_max", "njac")
+
+
+def _gather(x: Any, idx: Tensor) -> Any:
+    if isinstance(x, tuple):
+        return tuple(_gather(v, idx) for v in x)
+    return x.index_select(0, idx) if isinstance(x, Tensor) else x
+
+
+def _scatter(full: Any, part: Any, idx: Tensor, batch: int) -> Any:
+    """``full`` (``(batch, ...)``) with rows ``idx`` replaced by ``part`` (out of place, so
+    differentiable); ``full`` None: a counter the solver started after the batch was compacted."""
+    if isinstance(part, tuple):
+        return tuple(_scatter(f, p, idx, batch) for f, p in zip(full, part))
+    if not isinstance(part, Tensor):
+        return part
+    if full is None:
+        full = part.new_zeros((batch, *part.shape[1:]))
+    return full.index_put((idx,), part)
+
+
 class Integrator:
     """The native loop: ``init`` -> ``run`` (iterations of :meth:`step`) -> ``solution``.
 
@@ -301,7 +327,8 @@ class Integrator:
         self.save_set = {float(x) for x in save_times} if self.grid is not None else set()
         self.dtmin = torch.tensor(options.dtmin, dtype=torch.float64, device=save_times.device)
         self.growth_bound: Tensor | None = None  # set by init, with lanes = arange(B)
-        self.lanes = torch.arange(0)
+        self.lanes = torch.arange(0)  # the rows of ys the state's samples are (compaction)
+        self._growth_full = torch.empty(0)
 
     def init(self, y0: Tensor, dt_initial: Tensor, f0: Tensor | None, initial_counts: tuple[int, int]) -> LoopState:
         batch, device, solver = y0.shape[0], y0.device, self.solver
@@ -350,6 +377,8 @@ class Integrator:
         pending = list(boundaries or [])
         sign, grid, every = self.sign, self.grid, self.options.check_every
         bar = _Progress(progress, float(self.t_start), float(self.t_end))
+        compacting = self._compactable(stop_at, boundaries)
+        full, idx = s, None  # s: the compacted state once samples left the batch (rows idx of full)
         while stop_at is None or s.iteration < stop_at:
             if grid is not None and s.iteration == len(grid) - 1:
                 break  # every sample has reached the end or stopped earlier
@@ -365,10 +394,43 @@ class Integrator:
                     snaps.append(self.snapshot(s))
                 if n_active == 0:
                     break
+                if compacting and n_active < self.options.compact * s.t.shape[0]:
+                    s, idx = self._compact(full, s, idx)
             self.step(s)
+        if idx is not None:
+            self._expand(full, s, idx)
         bar.update(float(self.t_end), 0)
         bar.close()
         return snaps
+
+    def _compactable(self, stop_at: int | None, boundaries: list[float] | None) -> bool:
+        """Compaction needs samples that are independent rows: no Brownian tree (its samples
+        are fixed rows), no observers, no per-solve solver state, a whole run (no snapshots)."""
+        return (self.options.compact > 0 and stop_at is None and not boundaries and self.tree is None
+                and self.observer is None and self.grid is None and not _solver_state(self.solver))
+
+    def _compact(self, full: LoopState, part: LoopState, idx: Tensor | None) -> tuple[LoopState, Tensor]:
+        """The active samples of ``full`` as a smaller state (after writing ``part``, rows
+        ``idx``, back).  Finished samples are frozen in the masked loop, so leaving them out
+        changes no other sample's bits (every reduction is per sample)."""
+        if idx is not None:
+            self._expand(full, part, idx)
+        assert self.growth_bound is not None
+        growth_full = self.growth_bound if idx is None else self._growth_full
+        idx = full.active.nonzero().squeeze(1)
+        small = LoopState(**vars(full))  # ys is shared: saves go to rows self.lanes
+        for name in _PER_SAMPLE:
+            setattr(small, name, _gather(getattr(full, name), idx))
+        self._growth_full, self.growth_bound, self.lanes = growth_full, growth_full.index_select(0, idx), idx
+        return small, idx
+
+    def _expand(self, full: LoopState, part: LoopState, idx: Tensor) -> None:
+        """Write the compacted state ``part`` back into rows ``idx`` of ``full``."""
+        batch = full.t.shape[0]
+        for name in _PER_SAMPLE:
+            setattr(full, name, _scatter(getattr(full, name), getattr(part, name), idx, batch))
+        full.iteration = part.iteration
+        self.growth_bound, self.lanes = self._growth_full, torch.arange(batch, device=idx.device)
 
     def step(self, s: LoopState) -> None:
         """One iteration, updating ``s`` in place."""
