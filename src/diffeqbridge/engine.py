@@ -405,8 +405,9 @@ class Integrator:
 
     def _compactable(self, stop_at: int | None, boundaries: list[float] | None) -> bool:
         """Compaction needs samples that are independent rows: no Brownian tree (its samples
-        are fixed rows), no observers, no per-solve solver state, a whole run (no snapshots)."""
-        return (self.options.compact > 0 and stop_at is None and not boundaries and self.tree is None
+        are fixed rows), no observers, no per-solve solver state, a whole run (no snapshots); not
+        with ``compile=True`` (every compacted size would be a new compilation)."""
+        return (self.options.compact > 0 and not self.options.compile and stop_at is None and not boundaries and self.tree is None
                 and self.observer is None and self.grid is None and not _solver_state(self.solver))
 
     def _compact(self, full: LoopState, part: LoopState, idx: Tensor | None) -> tuple[LoopState, Tensor]:
