@@ -7,6 +7,7 @@ time + one solve), the warm per-solve times of both loops (interleaved medians),
 
     python benchmarks/compile_iteration.py [--quick] [--out DIR]
 """
+
 from __future__ import annotations
 
 import os
@@ -45,7 +46,7 @@ def run(quick: bool, out: Path, threads: int = 1) -> dict:
     import diffeqbridge as deb
 
     rows = []
-    for batch in ([1, 64] if quick else [1, 64, 1024]):
+    for batch in [1, 64] if quick else [1, 64, 1024]:
         prob = _problem(batch)
 
         def solve(compile: bool, prob: Any = prob) -> Any:
@@ -55,21 +56,29 @@ def run(quick: bool, out: Path, threads: int = 1) -> dict:
         start = time.perf_counter()
         compiled = solve(True)
         first = time.perf_counter() - start
-        timings = H.measure_interleaved({"eager": lambda: solve(False), "compiled": lambda: solve(True)},
-                                        repeats=5 if quick else 15, warmup=1, target_s=0.2)
-        rows.append({
-            "batch": batch,
-            "first_compiled_solve_s": first,
-            "eager": timings["eager"], "compiled": timings["compiled"],
-            "speedup": timings["eager"].median / timings["compiled"].median,
-            "naccept_max": int(eager.stats.naccept.max()),
-            "same_steps": bool((eager.stats.naccept == compiled.stats.naccept).all()
-                               and (eager.stats.nreject == compiled.stats.nreject).all()),
-            "max_abs_diff": float((eager.ys - compiled.ys).abs().max()),
-        })
-        print(f"B={batch}: first compiled solve {first:.2f} s; eager {H.format_seconds(timings['eager'].median)}, "
-              f"compiled {H.format_seconds(timings['compiled'].median)} per solve; "
-              f"same steps {rows[-1]['same_steps']}, max |diff| {rows[-1]['max_abs_diff']:.3g}")
+        timings = H.measure_interleaved(
+            {"eager": lambda: solve(False), "compiled": lambda: solve(True)}, repeats=5 if quick else 15, warmup=1, target_s=0.2
+        )
+        rows.append(
+            {
+                "batch": batch,
+                "first_compiled_solve_s": first,
+                "eager": timings["eager"],
+                "compiled": timings["compiled"],
+                "speedup": timings["eager"].median / timings["compiled"].median,
+                "naccept_max": int(eager.stats.naccept.max()),
+                "same_steps": bool(
+                    (eager.stats.naccept == compiled.stats.naccept).all()
+                    and (eager.stats.nreject == compiled.stats.nreject).all()
+                ),
+                "max_abs_diff": float((eager.ys - compiled.ys).abs().max()),
+            }
+        )
+        print(
+            f"B={batch}: first compiled solve {first:.2f} s; eager {H.format_seconds(timings['eager'].median)}, "
+            f"compiled {H.format_seconds(timings['compiled'].median)} per solve; "
+            f"same steps {rows[-1]['same_steps']}, max |diff| {rows[-1]['max_abs_diff']:.3g}"
+        )
     doc = H.write_json(out / f"{NAME}.json", NAME, {"threads": threading, "rows": rows})
     fig, (ax,) = H.figure()
     xs = [str(r["batch"]) for r in rows]

@@ -5,6 +5,7 @@ a constant second state component, so the drift is row-independent) take 8 to se
 hundred steps; compaction at several thresholds must reproduce the masked loop exactly:
 states, step counts, retcodes, and gradients.
 """
+
 import pytest
 import torch
 

@@ -5,6 +5,7 @@ bits that fused kernels may change (measured: identical bits on these problems w
 inductor on x86 CPUs; the bound below allows 64 ulps relative).  Compiling costs a few
 seconds per (solver, shape, dtype, device) on the CPU, so the problems are tiny.
 """
+
 import importlib.util
 import shutil
 import warnings
@@ -18,8 +19,10 @@ from diffeqbridge import engine
 
 pytestmark = [
     pytest.mark.usefixtures("float64_default"),
-    pytest.mark.skipif(importlib.util.find_spec("torch._inductor") is None or shutil.which("cc") is None,
-                       reason="torch.compile's inductor backend (and a C compiler) unavailable"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("torch._inductor") is None or shutil.which("cc") is None,
+        reason="torch.compile's inductor backend (and a C compiler) unavailable",
+    ),
 ]
 
 #: compiled vs eager: relative difference allowed (fused kernels may reassociate sums)
@@ -98,8 +101,7 @@ def test_compiled_gradients_match_eager():
     grads = {}
     for compile in (False, True):
         for sensealg in (None, deb.DiscreteAdjoint(checkpoints=3)):
-            sol = deb.solve(prob, deb.Tsit5(), atol=1e-8, rtol=1e-8, sensealg=sensealg, compile=compile,
-                            backend="native")
+            sol = deb.solve(prob, deb.Tsit5(), atol=1e-8, rtol=1e-8, sensealg=sensealg, compile=compile, backend="native")
             grads[compile, sensealg is None] = torch.autograd.grad(sol.ys[-1].sum(), p)[0]
     assert_compiled(prob)
     reference = grads[False, True]
