@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +46,11 @@ class EngineOptions:
     check_every: int = 8
     # adaptive: consecutive Newton failures of a sample before ReturnCode.ConvergenceFailure
     max_convergence_failures: int = 10
+    # solve(..., compile=True): the iteration's tensor math through torch.compile (_compiled_core)
+    compile: bool = False
+    # solve(..., compact=f): gather the active samples into a smaller batch when their
+    # fraction falls below f (0: never; Integrator.run, _compactable)
+    compact: float = 0.0
 
 
 class _Progress:
@@ -147,6 +154,72 @@ def _shared_grid(save_times: Tensor, dt_initial: Tensor, options: EngineOptions)
     return grid
 
 
+def _iteration_core(solver: AbstractSolver, terms: Terms, t: Tensor, y: Tensor, dt_eval: Tensor, dw: Tensor | None,
+                    levy: Tensor | None, carry: Any, active: Tensor, tolerances: tuple[float, float] | None
+                    ) -> tuple[StepOutput, Tensor | None, Tensor]:
+    """The pure tensor math of one iteration: ``solver.step`` (with the user's drift and
+    diffusion), the per-sample error norm and the accept decision.
+
+    ``t``, ``dt_eval``, ``active``: ``(B,)``; ``y``: ``(B, *state_shape)``; ``tolerances``:
+    ``(atol, rtol)`` for adaptive solves, None for fixed steps.  Returns the step's output,
+    the ``(B,)`` float64 scaled error (``inf`` where the step is not finite; None for fixed
+    steps) and the ``(B,)`` accepted mask.
+    """
+    out = solver.step(terms, t, y, dt_eval, dw, levy, carry)
+    finite = _all_finite(out.y1)
+    if tolerances is None:
+        return out, None, active & finite
+    assert out.error is not None
+    # the controller is not differentiated: step sizes carry no gradient
+    err = scaled_error_norm(out.error.detach(), y.detach(), out.y1.detach(), *tolerances).to(torch.float64)
+    err = torch.where(finite & torch.isfinite(err), err, torch.full_like(err, float("inf")))
+    return out, err, active & (err <= 1.0)
+
+
+#: torch.compile'd :func:`_iteration_core` per (solver type, state shape, dtype, device, adaptive)
+_COMPILED: dict[tuple[Any, ...], Callable[..., Any]] = {}
+#: the same keys plus the ids of the user's drift/diffusion, for compilations that failed
+#: (warned about once, then eager), with the reason
+_COMPILE_FAILED: dict[tuple[Any, ...], str] = {}
+
+
+def _compiled_core(key: tuple[Any, ...]) -> Callable[..., Any]:
+    """The compiled iteration for ``key``, made on first use."""
+    if key not in _COMPILED:
+        import torch._functorch.config as functorch_config
+
+        # The checkpointed sensealgs differentiate segments with retain_graph=True, which
+        # compiled backwards with donated buffers refuse.  The flag is read when the backward
+        # is compiled (lazily, outside any context we could set), so it is switched off
+        # process-wide: a memory optimisation of compiled backwards, not a numerical change.
+        functorch_config.donated_buffer = False
+        # fullgraph: a graph break (host sync, data-dependent branch) is an error -> eager
+        _COMPILED[key] = torch.compile(_iteration_core, dynamic=False, fullgraph=True)
+    return _COMPILED[key]
+
+
+def _run_core(options: EngineOptions, solver: AbstractSolver, terms: Terms, t: Tensor, y: Tensor,
+              *args: Any) -> tuple[StepOutput, Tensor | None, Tensor]:
+    """:func:`_iteration_core`, compiled when ``options.compile`` (eager after a failure, with
+    a one-time warning naming it)."""
+    if not options.compile:
+        return _iteration_core(solver, terms, t, y, *args)
+    key = (type(solver), tuple(y.shape), y.dtype, y.device, args[-1] is not None)
+    problem = terms.problem
+    failure_key = (*key, id(problem.drift), id(getattr(problem, "diffusion", None)))
+    if failure_key not in _COMPILE_FAILED:
+        try:
+            return _compiled_core(key)(solver, terms, t, y, *args)
+        except Exception as exc:  # no compiler, unsupported op, graph break: fall back
+            message = str(exc).strip()
+            reason = f"{type(exc).__name__}: {message.splitlines()[0] if message else ''}"
+            _COMPILE_FAILED[failure_key] = reason
+            warnings.warn(f"compile=True: torch.compile failed for {type(solver).__name__} "
+                          f"(state {tuple(y.shape)}, {y.dtype}); running eagerly. Reason: {reason}",
+                          RuntimeWarning, stacklevel=3)
+    return _iteration_core(solver, terms, t, y, *args)
+
+
 @dataclass
 class LoopState:
     """Everything the loop carries from one iteration to the next, per sample ``(B,)`` unless
@@ -205,6 +278,29 @@ def _detach(x: Any) -> Any:
     return x.detach() if isinstance(x, Tensor) else x
 
 
+#: LoopState fields that hold one entry per sample along their first axis (``ys``: the second)
+_PER_SAMPLE = ("t", "y", "dt", "qold", "carry", "save_index", "active", "retcodes", "nf", "ng", "naccept",
+               "nreject", "newton_streak", "eigen_last", "eigen_max", "njac")
+
+
+def _gather(x: Any, idx: Tensor) -> Any:
+    if isinstance(x, tuple):
+        return tuple(_gather(v, idx) for v in x)
+    return x.index_select(0, idx) if isinstance(x, Tensor) else x
+
+
+def _scatter(full: Any, part: Any, idx: Tensor, batch: int) -> Any:
+    """``full`` (``(batch, ...)``) with rows ``idx`` replaced by ``part`` (out of place, so
+    differentiable); ``full`` None: a counter the solver started after the batch was compacted."""
+    if isinstance(part, tuple):
+        return tuple(_scatter(f, p, idx, batch) for f, p in zip(full, part))
+    if not isinstance(part, Tensor):
+        return part
+    if full is None:
+        full = part.new_zeros((batch, *part.shape[1:]))
+    return full.index_put((idx,), part)
+
+
 class Integrator:
     """The native loop: ``init`` -> ``run`` (iterations of :meth:`step`) -> ``solution``.
 
@@ -231,7 +327,8 @@ class Integrator:
         self.save_set = {float(x) for x in save_times} if self.grid is not None else set()
         self.dtmin = torch.tensor(options.dtmin, dtype=torch.float64, device=save_times.device)
         self.growth_bound: Tensor | None = None  # set by init, with lanes = arange(B)
-        self.lanes = torch.arange(0)
+        self.lanes = torch.arange(0)  # the rows of ys the state's samples are (compaction)
+        self._growth_full = torch.empty(0)
 
     def init(self, y0: Tensor, dt_initial: Tensor, f0: Tensor | None, initial_counts: tuple[int, int]) -> LoopState:
         batch, device, solver = y0.shape[0], y0.device, self.solver
@@ -280,6 +377,8 @@ class Integrator:
         pending = list(boundaries or [])
         sign, grid, every = self.sign, self.grid, self.options.check_every
         bar = _Progress(progress, float(self.t_start), float(self.t_end))
+        compacting = self._compactable(stop_at, boundaries)
+        full, idx = s, None  # s: the compacted state once samples left the batch (rows idx of full)
         while stop_at is None or s.iteration < stop_at:
             if grid is not None and s.iteration == len(grid) - 1:
                 break  # every sample has reached the end or stopped earlier
@@ -295,10 +394,44 @@ class Integrator:
                     snaps.append(self.snapshot(s))
                 if n_active == 0:
                     break
+                if compacting and n_active < self.options.compact * s.t.shape[0]:
+                    s, idx = self._compact(full, s, idx)
             self.step(s)
+        if idx is not None:
+            self._expand(full, s, idx)
         bar.update(float(self.t_end), 0)
         bar.close()
         return snaps
+
+    def _compactable(self, stop_at: int | None, boundaries: list[float] | None) -> bool:
+        """Compaction needs samples that are independent rows: no Brownian tree (its samples
+        are fixed rows), no observers, no per-solve solver state, a whole run (no snapshots); not
+        with ``compile=True`` (every compacted size would be a new compilation)."""
+        return (self.options.compact > 0 and not self.options.compile and stop_at is None and not boundaries and self.tree is None
+                and self.observer is None and self.grid is None and not _solver_state(self.solver))
+
+    def _compact(self, full: LoopState, part: LoopState, idx: Tensor | None) -> tuple[LoopState, Tensor]:
+        """The active samples of ``full`` as a smaller state (after writing ``part``, rows
+        ``idx``, back).  Finished samples are frozen in the masked loop, so leaving them out
+        changes no other sample's bits (every reduction is per sample)."""
+        if idx is not None:
+            self._expand(full, part, idx)
+        assert self.growth_bound is not None
+        growth_full = self.growth_bound if idx is None else self._growth_full
+        idx = full.active.nonzero().squeeze(1)
+        small = LoopState(**vars(full))  # ys is shared: saves go to rows self.lanes
+        for name in _PER_SAMPLE:
+            setattr(small, name, _gather(getattr(full, name), idx))
+        self._growth_full, self.growth_bound, self.lanes = growth_full, growth_full.index_select(0, idx), idx
+        return small, idx
+
+    def _expand(self, full: LoopState, part: LoopState, idx: Tensor) -> None:
+        """Write the compacted state ``part`` back into rows ``idx`` of ``full``."""
+        batch = full.t.shape[0]
+        for name in _PER_SAMPLE:
+            setattr(full, name, _scatter(getattr(full, name), getattr(part, name), idx, batch))
+        full.iteration = part.iteration
+        self.growth_bound, self.lanes = self._growth_full, torch.arange(batch, device=idx.device)
 
     def step(self, s: LoopState) -> None:
         """One iteration, updating ``s`` in place."""
@@ -314,20 +447,10 @@ class Integrator:
         # --- noise
         new_tree_state, dw, levy = self._noise(s, t_new)
         # --- solver
-        out = solver.step(self.terms, s.t, s.y, dt_eval.to(dtype), dw, levy if solver.needs_levy_area else None,
-                          s.carry)
+        tolerances = (opts.atol, opts.rtol) if self.controller is not None else None
+        out, err, accepted = _run_core(opts, solver, self.terms, s.t, s.y, dt_eval.to(dtype), dw,
+                                       levy if solver.needs_levy_area else None, s.carry, s.active, tolerances)
         # --- controller decision
-        finite = _all_finite(out.y1)
-        err = None
-        if self.controller is not None:
-            assert out.error is not None
-            # the controller is not differentiated: step sizes carry no gradient
-            err = scaled_error_norm(out.error.detach(), s.y.detach(), out.y1.detach(), opts.atol, opts.rtol)
-            err = err.to(torch.float64)
-            err = torch.where(finite & torch.isfinite(err), err, torch.full_like(err, float("inf")))
-            accepted = s.active & (err <= 1.0)
-        else:
-            accepted = s.active & finite
         rejected = s.active & ~accepted
         self._stats(s, out, accepted, rejected)
         dt_factor = solver.after_step(accepted, s.active, torch.where(accepted, t_new, s.t), dt_eval.abs(), out)

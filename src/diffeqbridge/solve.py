@@ -213,6 +213,8 @@ def solve(
     sample_offset: int = 0,
     dense: bool = False,
     events: Any = None,
+    compile: bool = False,
+    compact: float = 0.0,
 ) -> Solution:
     """Solve an SDE or ODE problem for every sample of the batch.
 
@@ -267,6 +269,17 @@ def solve(
             (:mod:`diffeqbridge.events`): per-sample root location, ``affect``, termination with
             ``ReturnCode.Terminated``; ``sol.events`` and ``sol.stats.extra["nevents"]``,
             ``["event_time"]``.  Gradients: plain backprop / ``DiscreteAdjoint()`` only.
+        compile: run each iteration's tensor math (solver step with the user's functions,
+            error norm, accept decision) through ``torch.compile``, compiled once per
+            (solver type, state shape, dtype, device); native backend only.  A solver that
+            cannot be traced runs eagerly after a one-time warning.  Costs a compilation per
+            new key and may change results in the last bits (docs/engine.md, "compile=True").
+        compact: when the fraction of samples still running falls below this (checked every
+            ``check_every`` iterations), the loop continues on the running samples only
+            (``0``: never).  Results are bit-identical to the masked loop.  Requires that row
+            ``i`` of ``drift(t, y)`` depend only on row ``i`` of ``t`` and ``y`` (no per-sample
+            parameters captured with the batch's shape); applies to ODEs without events,
+            dense output or regularizers and to solvers without per-solve state, else ignored.
 
     Returns:
         :class:`Solution` with ``ts (T,)``, ``ys (T, B, *state_shape)``, per-sample stats/retcodes.
@@ -275,6 +288,12 @@ def solve(
         raise TypeError(f"prob must be a deb.SDEProblem or deb.ODEProblem; got {type(prob).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be a bool; got {compile!r}")
+    if compile and backend == "julia":
+        raise ValueError("compile=True runs on the native backend only; use backend='native' or 'auto'")
+    if isinstance(compact, bool) or not isinstance(compact, (int, float)) or not 0 <= compact < 1:
+        raise ValueError(f"compact must be a number in [0, 1); got {compact!r}")
     if backend == "julia":
         from .julia import require_julia
 
@@ -309,7 +328,7 @@ def solve(
     if (hooked or sample_offset) and backend == "julia":
         raise ValueError("dense=True, events= and sample_offset= run on the native backend only; use backend='native' "
                          "or 'auto'")
-    hooked_or_offset = hooked or sample_offset != 0  # native only: the julia backend has none of them
+    hooked_or_offset = hooked or sample_offset != 0 or compile or compact > 0  # native only: the julia backend has none of them
     if event_list and sensealg is not None and not (isinstance(sensealg, DiscreteAdjoint) and sensealg.checkpoints is None):
         raise ValueError(f"events= supports gradients by backprop through the steps only (sensealg=None or "
                          f"deb.DiscreteAdjoint()); got sensealg={sensealg!r}")
@@ -384,7 +403,8 @@ def solve(
     terms.tolerances = (atol, rtol) if adaptive else None
     options = EngineOptions(
         adaptive=adaptive, atol=atol, rtol=rtol, max_steps=max_steps, dtmin=dtmin_value,
-        progress=progress, check_every=_check_every(check_every, device),
+        progress=progress, check_every=_check_every(check_every, device), compile=compile,
+        compact=float(compact),
     )
     if sensealg is None and (regularize is None or regularize.is_local):
         # a global regularizer needs the graph of every step: keep plain backprop
