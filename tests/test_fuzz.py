@@ -56,7 +56,7 @@ SOLVERS: dict[str, callable] = {
     "AutoTsit5": lambda: deb.AutoTsit5(deb.Rodas4()), "AutoDP5": lambda: deb.AutoDP5(deb.Kvaerno5()),
     "EM": deb.EM, "EulerHeun": deb.EulerHeun, "RKMil": deb.RKMil, "LambaEM": deb.LambaEM,
     "LambaEulerHeun": deb.LambaEulerHeun, "SRIW1": deb.SRIW1, "SOSRI": deb.SOSRI, "SRA1": deb.SRA1,
-    "SOSRA": deb.SOSRA, "ShARK": deb.ShARK, "ImplicitEM": deb.ImplicitEM, "ImplicitRKMil": deb.ImplicitRKMil, "ISSEM": deb.ISSEM,
+    "SOSRA": deb.SOSRA, "ImplicitEM": deb.ImplicitEM, "ImplicitRKMil": deb.ImplicitRKMil, "ISSEM": deb.ISSEM,
     "SKenCarp": deb.SKenCarp, "SROCK1": deb.SROCK1, "ReversibleHeun": deb.ReversibleHeun,
     "AutoSOSRI": deb.AutoSOSRI, "ShARK": deb.ShARK,
 }
