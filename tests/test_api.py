@@ -135,7 +135,7 @@ def _small(noise="diagonal", interpretation="ito"):
     [
         ({"noise": "diagonal"}, {}, deb.SOSRI),
         ({"noise": "scalar"}, {}, deb.SOSRI),
-        ({"noise": "additive"}, {}, deb.ShARK),  # ours: measured fewer evaluations than SOSRA
+        ({"noise": "additive"}, {}, deb.AutoSwitch),  # ShARK (fewer evaluations than SOSRA) + ImplicitRKMil
         ({"noise": "general"}, {}, deb.LambaEM),
         ({"interpretation": "stratonovich"}, {"dt": 0.05}, deb.RKMil),
         ({"noise": "scalar", "interpretation": "stratonovich"}, {"dt": 0.05}, deb.RKMil),
@@ -146,6 +146,10 @@ def test_default_algorithm(problem_kwargs, solve_kwargs, expected):
     sol = deb.solve(_small(**problem_kwargs), None, seed=0, **solve_kwargs)
     assert type(sol.alg) is expected
     assert sol.success
+    if expected is deb.AutoSwitch:
+        assert repr(sol.alg) == "AutoSwitch(ShARK(), ImplicitRKMil(theta=1))"
+        plain = deb.solve(_small(**problem_kwargs), deb.ShARK(), seed=0, **solve_kwargs)
+        assert torch.equal(sol.ys, plain.ys) and torch.equal(sol.ts, plain.ts)  # non-stiff: ShARK's bits
 
 
 @pytest.mark.parametrize("noise", ["diagonal", "general"])
@@ -157,10 +161,14 @@ def test_default_for_stratonovich_without_dt_is_an_adaptive_stratonovich_solver(
     assert noise in type(sol.alg).noise_types
 
 
-def test_default_for_ode_is_tsit5():
-    sol = deb.solve(deb.ODEProblem(lambda t, y: -y, torch.ones(2, 1, dtype=F64), (0.0, 1.0)))
-    assert type(sol.alg) is deb.Tsit5
+def test_default_for_ode_is_autotsit5_with_tsit5_bits_when_not_stiff():
+    prob = deb.ODEProblem(lambda t, y: -y, torch.ones(2, 1, dtype=F64), (0.0, 1.0))
+    sol = deb.solve(prob)
+    assert repr(sol.alg) == "AutoTsit5(Rodas4(jac='autodiff'))"
     torch.testing.assert_close(sol.ys[-1], torch.full((2, 1), 0.36787944117144233, dtype=F64), rtol=1e-4, atol=1e-6)
+    plain = deb.solve(prob, deb.Tsit5())
+    assert torch.equal(sol.ys, plain.ys) and torch.equal(sol.stats.naccept, plain.stats.naccept)
+    assert torch.equal(sol.stats.nf, plain.stats.nf)
 
 
 def test_solver_classes_are_accepted_like_instances():

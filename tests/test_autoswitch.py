@@ -98,6 +98,10 @@ def test_stiffness_estimates_match_the_eigenvalue():
         sol = deb.solve(sde, alg)
         assert torch.allclose(sol.stats.extra["eigen_est"], torch.full((2,), 50.0, dtype=torch.float64),
                               rtol=1e-6), alg
+    additive = deb.SDEProblem(lambda t, y: -50.0 * y, lambda t, y: 0.1 * torch.ones_like(y),
+                              torch.ones(2, 1, dtype=torch.float64), tspan=(0.0, 0.05), noise="additive")
+    sol = deb.solve(additive, deb.ShARK(), seed=0)
+    assert torch.allclose(sol.stats.extra["eigen_est"], torch.full((2,), 50.0, dtype=torch.float64), rtol=1e-9)
 
 
 # ------------------------------------------------------------------ automatic switching
@@ -202,3 +206,39 @@ def test_autososri_switches_per_sample():
     assert int(extra["nswitch"][1]) == 0 and int(extra["njac"][1]) == 0
     assert torch.equal(sol.ys[-1, 1], plain.ys[-1, 1])
     assert abs(float(sol.ys[-1, 0, 0]) - 1.0) < 0.05  # relaxed to the fixed point 1 (noise 0.1 X dW)
+
+
+# ------------------------------------------------------------------ alg=None switches
+def test_default_ode_algorithm_switches_on_a_stiff_problem():
+    """alg=None (AutoTsit5(Rodas4())) on y' = -1e4 (y - cos t): switches early and takes a
+    small fraction of Tsit5's steps, at Tsit5's accuracy or better."""
+    lam = torch.tensor([-1e4], dtype=torch.float64)
+    prob = deb.ODEProblem(lambda t, y: lam * (y - torch.cos(t).unsqueeze(-1)), torch.ones(1, 1, dtype=torch.float64),
+                          (0.0, 1.0))
+    auto = deb.solve(prob)
+    tsit = deb.solve(prob, deb.Tsit5())
+    assert auto.success and tsit.success
+    assert int(auto.stats.extra["nswitch"][0]) >= 1
+    assert int(auto.stats.nsteps[0]) * 5 < int(tsit.stats.nsteps[0]), (auto.stats.nsteps, tsit.stats.nsteps)
+    assert torch.allclose(auto.ys[-1, 0], _exact(lam, 1.0), rtol=1e-3, atol=1e-6)
+
+
+def test_default_additive_sde_algorithm_switches_on_a_stiff_problem():
+    """alg=None on dX = -1e4 (X - cos t) dt + 0.1 dW, X0 = 1, t ∈ [0, 1], default tolerances
+    (AutoSwitch(ShARK(), ImplicitRKMil())): every path switches to the implicit method.
+    Measured (B = 32, seed 1): ~4.9e3 drift evaluations per path (ShARK alone ~1.0e4, SKenCarp
+    alone ~1.9e5, AutoSwitch(ShARK, SKenCarp) ~2.1e4); the issue's target of < 2e3 is not met:
+    ImplicitRKMil's drift estimate dt² J f / 2 (StochasticDiffEq's) keeps dt ≈ 7e-4.
+    X(1) - cos 1 is Gaussian with std ≈ 0.1/√(2e4) = 7.1e-4 (Ornstein–Uhlenbeck); the implicit
+    method damps it at dt ≫ 1e-4, so the std is checked in [0.3, 1.5] x that."""
+    lam, sigma, batch = -1e4, 0.1, 32
+    prob = deb.SDEProblem(lambda t, y: lam * (y - torch.cos(t).unsqueeze(-1)), lambda t, y: sigma * torch.ones_like(y),
+                          torch.ones(batch, 1, dtype=torch.float64), tspan=(0.0, 1.0), noise="additive")
+    sol = deb.solve(prob, seed=1)
+    assert sol.success
+    assert torch.all(sol.stats.extra["nswitch"] >= 1)
+    assert float(sol.stats.nf.double().mean()) < 6000
+    dev = sol.ys[-1, :, 0] - math.cos(1.0)
+    std = sigma / math.sqrt(-2 * lam)
+    assert abs(float(dev.mean())) < 4 * std / math.sqrt(batch)
+    assert 0.3 * std < float(dev.std()) < 1.5 * std

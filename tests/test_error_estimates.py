@@ -71,7 +71,8 @@ def test_shark_strong_order_with_time_dependent_noise():
 
 def test_shark_interpretations_and_default_choice():
     prob = _time_dependent_additive(4)
-    assert type(deb.solve(prob, None).alg) is deb.ShARK
+    alg = deb.solve(prob, None).alg  # ShARK with per-sample switching to an implicit method
+    assert isinstance(alg, deb.AutoSwitch) and type(alg.nonstiff) is deb.ShARK
     strat = deb.SDEProblem(prob.drift, prob.diffusion, prob.y0, (0.0, 1.0), noise="additive", interpretation="stratonovich")
     assert deb.solve(strat, deb.ShARK()).success
     diag = deb.SDEProblem(prob.drift, lambda t, y: 0.1 * y, prob.y0, (0.0, 1.0), noise="diagonal")

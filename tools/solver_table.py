@@ -60,9 +60,16 @@ def _probe_problem(noise: str, interpretation: str) -> SDEProblem:
     return SDEProblem(lambda t, y: y, lambda t, y: y, y0, (0.0, 1.0), noise=noise, interpretation=interpretation)
 
 
+def _name(alg: object) -> str:
+    """Class name; a composite as ``AutoSwitch(nonstiff, stiff)``."""
+    parts = [getattr(alg, k) for k in ("nonstiff", "stiff") if hasattr(alg, k)]
+    inner = f"({', '.join(type(p).__name__ for p in parts)})" if parts else ""
+    return type(alg).__name__ + inner
+
+
 def _choice(prob: SDEProblem, **kwargs: object) -> str:
     try:
-        return f"`{type(default_algorithm(prob, **kwargs)).__name__}`"  # type: ignore[arg-type]
+        return f"`{_name(default_algorithm(prob, **kwargs))}`"  # type: ignore[arg-type]
     except ValueError:
         return "—"
 

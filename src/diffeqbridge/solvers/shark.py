@@ -12,6 +12,9 @@ for a time-dependent ``g``: ``g0 ΔW + (g1 − g0)/h · ∫_t^{t+h} (s − t) dW
 ``∫ (s − t) dW_s = h ΔW − ∫ (W_s − W_t) ds = h (ΔW/2 − H)``; for constant ``g`` it is
 ``g ΔW``, the method of the reference.  Error estimate: ``y1`` minus the embedded Euler
 solution built from the first stage, ``3/5 h (f2 − f1)`` (``O(h^2)`` for additive noise).
+Stiffness estimate (for :class:`~diffeqbridge.AutoSwitch`): Hairer's
+``‖f2 − f1‖ / ‖z2 − z1‖`` from the two drift stages.  Drift stability: ``R(z) = 1 + z + z²/2``
+(``b1 + b2 = 1``, ``b2 c2 = 1/2``), so the interval on the negative real axis is ``[-2, 0]``.
 
 Source (coefficients only; the implementation is our own): J. Foster, G. dos Reis,
 C. Strange, "High order splitting methods for SDEs satisfying a commutativity condition",
@@ -24,7 +27,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from ..problem import Terms, expand_to
-from .base import BOTH_INTERPRETATIONS, EMBEDDED_QMAX, AbstractSolver, StepOutput, stage_time
+from .base import BOTH_INTERPRETATIONS, EMBEDDED_QMAX, AbstractSolver, StepOutput, hairer_eigen_estimate, stage_time
 
 C2 = 5 / 6  # second stage node (and weight of ΔW in it)
 B1, B2 = 2 / 5, 3 / 5  # drift weights; the embedded solution uses (1, 0)
@@ -40,7 +43,8 @@ def shark_step(terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None
         dw / levy_h: ``(B, *noise_shape)`` increment and space-time Lévy area (``Var h/12``).
 
     Returns:
-        :class:`StepOutput` with ``y1`` and ``error`` of shape ``(B, *state_shape)``.
+        :class:`StepOutput` with ``y1`` and ``error`` of shape ``(B, *state_shape)`` and the
+        ``(B,)`` stiffness estimate.
     """
     if terms.diffusion is None:
         raise TypeError("ShARK needs an SDE problem (a diffusion term)")
@@ -49,13 +53,14 @@ def shark_step(terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None
     dt_y = expand_to(dt, y)
     g0 = terms.diffusion(t, y)
     g1 = terms.diffusion(stage_time(t, dt, 1.0), y)
-    f1 = terms.drift(t, y + terms.g_dw(g0, levy_h))
+    z1 = y + terms.g_dw(g0, levy_h)
+    f1 = terms.drift(t, z1)
     z2 = y + (C2 * dt_y) * f1 + terms.g_dw(g0, C2 * dw + levy_h)
     f2 = terms.drift(stage_time(t, dt, C2), z2)
     half_dw = 0.5 * dw
     y1 = y + dt_y * (B1 * f1 + B2 * f2) + terms.g_dw(g0, half_dw + levy_h) + terms.g_dw(g1, half_dw - levy_h)
     error = (B2 * dt_y) * (f2 - f1)
-    return StepOutput(y1=y1, error=error, nf=2, ng=2)
+    return StepOutput(y1=y1, error=error, nf=2, ng=2, stiffness=hairer_eigen_estimate(f2 - f1, z2 - z1))
 
 
 class ShARK(AbstractSolver):
@@ -74,6 +79,8 @@ class ShARK(AbstractSolver):
     qmax: ClassVar[float | None] = EMBEDDED_QMAX
     qmin: ClassVar[float | None] = 1 / 5
     gamma: ClassVar[float | None] = 9 / 10
+    # drift stability R(z) = 1 + z + z²/2: |R(-x)| <= 1 for x <= 2 (real_stability_interval gives 2.0)
+    stability_size: ClassVar[float | None] = 2.0
 
     def step(self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None,
              levy_h: Tensor | None, f0: Tensor | None = None) -> StepOutput:
