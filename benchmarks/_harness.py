@@ -14,6 +14,7 @@ Conventions every benchmark follows:
 * Times are medians over repeats of the mean time of ``number`` back-to-back calls, after
   warm-up (which also covers JIT compilation), with ``number`` calibrated per case.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -219,7 +220,19 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         info["loadavg"] = None
     info["versions"] = {
-        m: _version(m) for m in ("diffeqbridge", "torch", "numpy", "jax", "jaxlib", "diffrax", "equinox", "torchsde", "torchdiffeq", "matplotlib")
+        m: _version(m)
+        for m in (
+            "diffeqbridge",
+            "torch",
+            "numpy",
+            "jax",
+            "jaxlib",
+            "diffrax",
+            "equinox",
+            "torchsde",
+            "torchdiffeq",
+            "matplotlib",
+        )
     }
     try:
         import torch

@@ -4,6 +4,7 @@ Each ``make_*`` returns ``run(level) -> dict(err=..., nfe=..., y=..., w=...)`` w
 is a step size (fixed-step methods) or a tolerance (adaptive ones, ``rtol = atol = level``).
 ``nfe`` is drift + diffusion evaluations per path (mean over paths for per-sample steppers).
 """
+
 from __future__ import annotations
 
 import math
@@ -30,7 +31,6 @@ def strong_error(y_end, exact_end) -> float:
 
 # ---------------------------------------------------------------------------- ours
 def make_ours(P: Problem, B: int, alg_name: str, adaptive: bool, seed: int = 0) -> Callable[[float], dict]:
-    import torch
 
     import diffeqbridge as deb
 
@@ -89,8 +89,6 @@ def make_torchsde(P: Problem, B: int, method: str, adaptive: bool, seed: int = 0
     import torch
     import torchsde
 
-    import diffeqbridge as deb
-
     bm_tree = our_tree(P, B, seed)
     bm = torchsde_brownian_from(bm_tree, reverse_from=P.tspan[0] if P.reversed else None)
     exact_end = reference_ours(P, P.ours(B), bm_tree, seed).numpy()
@@ -101,7 +99,9 @@ def make_torchsde(P: Problem, B: int, method: str, adaptive: bool, seed: int = 0
 
     def run(level: float) -> dict:
         sde.reset()
-        kw: dict[str, Any] = {"dt": ADAPTIVE_DT0, "adaptive": True, "rtol": level, "atol": level, "dt_min": 1e-6} if adaptive else {"dt": level}
+        kw: dict[str, Any] = (
+            {"dt": ADAPTIVE_DT0, "adaptive": True, "rtol": level, "atol": level, "dt_min": 1e-6} if adaptive else {"dt": level}
+        )
         with torch.no_grad():
             ys = torchsde.sdeint(sde.module, y0, ts, bm=bm, method=method, options=options, **kw)
         return {"y": ys[-1], "err": strong_error(ys[-1].numpy(), exact_end), "nfe": float(sde.nfe), "failed": 0}
@@ -138,8 +138,9 @@ def make_diffrax(P: Problem, B: int, solver_name: str, adaptive: bool, seed: int
 
     def reference(key, y0):  # fine fixed-step ShARK on the same path
         terms = diffrax.MultiTerm(diffrax.ODETerm(f), diffrax.ControlTerm(g, path(key)))
-        return diffrax.diffeqsolve(terms, diffrax.ShARK(), s0, s1, dt0=P.reference_dt, y0=y0,
-                                   saveat=diffrax.SaveAt(t1=True), max_steps=2**20).ys[-1]
+        return diffrax.diffeqsolve(
+            terms, diffrax.ShARK(), s0, s1, dt0=P.reference_dt, y0=y0, saveat=diffrax.SaveAt(t1=True), max_steps=2**20
+        ).ys[-1]
 
     def one(key, y0, level):
         bm = path(key)
@@ -150,8 +151,18 @@ def make_diffrax(P: Problem, B: int, solver_name: str, adaptive: bool, seed: int
         else:
             ctrl = diffrax.ConstantStepSize()
             dt0 = level
-        sol = diffrax.diffeqsolve(terms, solver, s0, s1, dt0=dt0, y0=y0, stepsize_controller=ctrl,
-                                  saveat=diffrax.SaveAt(t1=True), max_steps=2**16, throw=False)
+        sol = diffrax.diffeqsolve(
+            terms,
+            solver,
+            s0,
+            s1,
+            dt0=dt0,
+            y0=y0,
+            stepsize_controller=ctrl,
+            saveat=diffrax.SaveAt(t1=True),
+            max_steps=2**16,
+            throw=False,
+        )
         w = bm.evaluate(s0, s1)
         return sol.ys[-1], w, sol.stats["num_steps"], sol.result == diffrax.RESULTS.successful
 

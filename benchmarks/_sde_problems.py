@@ -34,6 +34,7 @@ Problems (SciML's SDEProblemLibrary where named):
   (``reference_dt``) on the same path — ours' for ours and torchsde, diffrax's own on its
   own path for diffrax.
 """
+
 from __future__ import annotations
 
 import math
@@ -82,8 +83,9 @@ def _gbm() -> Problem:
     mu, sigma, u0 = GBM_MU, GBM_SIGMA, GBM_U0
 
     def ours(B):
-        return deb.SDEProblem(lambda t, y: mu * y, lambda t, y: sigma * y,
-                              torch.full((B, 1), u0, dtype=torch.float64), (T0, T1), noise="diagonal")
+        return deb.SDEProblem(
+            lambda t, y: mu * y, lambda t, y: sigma * y, torch.full((B, 1), u0, dtype=torch.float64), (T0, T1), noise="diagonal"
+        )
 
     def tsde(B):
         return torchsde_module(lambda t, y: mu * y, lambda t, y: sigma * y, "diagonal")
@@ -94,7 +96,14 @@ def _gbm() -> Problem:
 
     rate = mu - 0.5 * sigma**2
     return Problem(
-        "gbm", "GBM du = 1.01u dt + 0.87u dW", 1, "diagonal", 1, ours, tsde, terms,
+        "gbm",
+        "GBM du = 1.01u dt + 0.87u dW",
+        1,
+        "diagonal",
+        1,
+        ours,
+        tsde,
+        terms,
         lambda t, w: u0 * torch.exp(rate * t + sigma * w),
         lambda t, w: u0 * np.exp(rate * t + sigma * np.asarray(w)),
         (u0,),
@@ -134,7 +143,14 @@ def _wave() -> Problem:
         return f, (lambda t, y, a: 0.1 * jnp.cos(y) ** 2)
 
     return Problem(
-        "wave", "wave (prob_sde_wave)", 1, "diagonal", 1, ours, tsde, terms,
+        "wave",
+        "wave (prob_sde_wave)",
+        1,
+        "diagonal",
+        1,
+        ours,
+        tsde,
+        terms,
         lambda t, w: torch.atan(0.1 * w + math.tan(u0)),
         lambda t, w: np.arctan(0.1 * np.asarray(w) + math.tan(u0)),
         (u0,),
@@ -163,16 +179,28 @@ def _additive() -> Problem:
 
     def tsde(B):
         # torchsde's additive noise wants g of shape (B, d, m)
-        return torchsde_module(lambda t, y: b / torch.sqrt(1 + t) - y / (2 * (1 + t)),
-                               lambda t, y: (a * b / torch.sqrt(1 + t)).expand(y.shape[0], 1, 1), "additive")
+        return torchsde_module(
+            lambda t, y: b / torch.sqrt(1 + t) - y / (2 * (1 + t)),
+            lambda t, y: (a * b / torch.sqrt(1 + t)).expand(y.shape[0], 1, 1),
+            "additive",
+        )
 
     def terms(strat):  # additive noise: Itô = Stratonovich
         import jax.numpy as jnp
 
-        return (lambda t, y, _: b / jnp.sqrt(1 + t) - y / (2 * (1 + t))), (lambda t, y, _: a * b / jnp.sqrt(1 + t) * jnp.ones_like(y))
+        return (lambda t, y, _: b / jnp.sqrt(1 + t) - y / (2 * (1 + t))), (
+            lambda t, y, _: a * b / jnp.sqrt(1 + t) * jnp.ones_like(y)
+        )
 
     return Problem(
-        "additive", "additive (prob_sde_additive)", 1, "additive", 1, ours, tsde, terms,
+        "additive",
+        "additive (prob_sde_additive)",
+        1,
+        "additive",
+        1,
+        ours,
+        tsde,
+        terms,
         lambda t, w: u0 / math.sqrt(1 + t) + b * (t + a * w) / math.sqrt(1 + t),
         lambda t, w: u0 / math.sqrt(1 + t) + b * (t + a * np.asarray(w)) / math.sqrt(1 + t),
         (u0,),
@@ -248,8 +276,17 @@ def _rot2d() -> Problem:
         return exact_parts(t, w, np.exp, np.cos, np.sin, np.arcsinh, lambda xs: np.stack(xs, -1))
 
     return Problem(
-        "rot2d", "2-D nonlinear asinh(rotating GBM), scalar noise", 2, "scalar", 1, ours, tsde, terms,
-        exact, exact_np, (math.asinh(1.0), 0.0),
+        "rot2d",
+        "2-D nonlinear asinh(rotating GBM), scalar noise",
+        2,
+        "scalar",
+        1,
+        ours,
+        tsde,
+        terms,
+        exact,
+        exact_np,
+        (math.asinh(1.0), 0.0),
     )
 
 
@@ -316,8 +353,20 @@ def _vp_gmm() -> Problem:
         return f, g
 
     return Problem(
-        "vp_gmm", "reverse VP SDE, 2-D Gaussian mixture (exact score)", 2, "additive", 2, ours, tsde, terms,
-        None, None, (0.0, 0.0), tspan=(T, VP_T_END), y0_batch=y0_batch, reference_dt=2.0**-14,
+        "vp_gmm",
+        "reverse VP SDE, 2-D Gaussian mixture (exact score)",
+        2,
+        "additive",
+        2,
+        ours,
+        tsde,
+        terms,
+        None,
+        None,
+        (0.0, 0.0),
+        tspan=(T, VP_T_END),
+        y0_batch=y0_batch,
+        reference_dt=2.0**-14,
     )
 
 
@@ -363,7 +412,11 @@ def torchsde_brownian_from(tree, reverse_from: float | None = None):
 
         def __call__(self, ta, tb=None, return_U=False, return_A=False):
             if tb is None:
-                w = self.tree.W(float(ta)) if reverse_from is None else self.tree.W(reverse_from - float(ta)) - self.tree.W(reverse_from)
+                w = (
+                    self.tree.W(float(ta))
+                    if reverse_from is None
+                    else self.tree.W(reverse_from - float(ta)) - self.tree.W(reverse_from)
+                )
                 return (w, None) if return_U else w
             s, t = float(ta), float(tb)
             if reverse_from is None:

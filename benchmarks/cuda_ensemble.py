@@ -5,6 +5,7 @@ Skips (writes ``{"skipped": reason}``) when CUDA is absent.  Problems: the 2-D n
 tolerance 1e-2; torchsde adaptive srk on the same GPU (one shared step); diffrax SPaRK/ShARK
 under vmap with jax on the GPU when its CUDA build is installed.  Reports paths per second.
 """
+
 from __future__ import annotations
 
 import sys
@@ -46,10 +47,20 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
         torch.cuda.synchronize()
         wall = time.perf_counter() - t
         exact = P.exact(1.0, bm.W(1.0)).to(sol.ys.dtype)
-        rows.append({"impl": "ours SOSRI", "tol": tol, "wall_s": wall, "paths_per_s": N / wall,
-                     "err": float((sol.ys[-1] - exact).abs().amax(dim=1).mean())})
-    payload = {"config": {"N": N, "device": torch.cuda.get_device_name(0)}, "results": rows,
-               "notes": ["peers (torchsde adaptive srk, diffrax SPaRK on GPU) to be added where a GPU run is available."]}
+        rows.append(
+            {
+                "impl": "ours SOSRI",
+                "tol": tol,
+                "wall_s": wall,
+                "paths_per_s": N / wall,
+                "err": float((sol.ys[-1] - exact).abs().amax(dim=1).mean()),
+            }
+        )
+    payload = {
+        "config": {"N": N, "device": torch.cuda.get_device_name(0)},
+        "results": rows,
+        "notes": ["peers (torchsde adaptive srk, diffrax SPaRK on GPU) to be added where a GPU run is available."],
+    }
     return H.write_json(out / f"{NAME}.json", NAME, payload)
 
 

@@ -16,6 +16,7 @@ standard error (the closed form of the scheme, ``(1 + μ h)^32``, is in the JSON
 machine shared with other jobs the 2-process figure is a ceiling, not a promise.  With
 ``--device cuda`` ours and torchsde run on the GPU (the distributed case then needs 2 GPUs).
 """
+
 from __future__ import annotations
 
 import json
@@ -95,8 +96,7 @@ def torchsde_case(n: int, batch: int, device: str = "cpu") -> dict:
             total, total_sq = total + float(x.sum()), total_sq + float((x * x).sum())
     seconds = time.perf_counter() - start
     mean = total / n
-    return {"seconds": seconds, "paths_per_s": n / seconds, "mean": mean,
-            "sem": math.sqrt(max(total_sq / n - mean**2, 0.0) / n)}
+    return {"seconds": seconds, "paths_per_s": n / seconds, "mean": mean, "sem": math.sqrt(max(total_sq / n - mean**2, 0.0) / n)}
 
 
 def diffrax_case(n: int, batch: int) -> dict:
@@ -110,8 +110,9 @@ def diffrax_case(n: int, batch: int) -> dict:
 
     def path(key):
         bm = diffrax.VirtualBrownianTree(0.0, 1.0, tol=DT / 2, shape=(1,), key=key)
-        terms = diffrax.MultiTerm(diffrax.ODETerm(lambda t, y, a: MU * y),
-                                  diffrax.ControlTerm(lambda t, y, a: lx.DiagonalLinearOperator(SIGMA * y), bm))
+        terms = diffrax.MultiTerm(
+            diffrax.ODETerm(lambda t, y, a: MU * y), diffrax.ControlTerm(lambda t, y, a: lx.DiagonalLinearOperator(SIGMA * y), bm)
+        )
         sol = diffrax.diffeqsolve(terms, diffrax.Euler(), 0.0, 1.0, DT, jnp.ones(1), saveat=diffrax.SaveAt(t1=True))
         return sol.ys[-1, 0]
 
@@ -121,24 +122,36 @@ def diffrax_case(n: int, batch: int) -> dict:
     start = time.perf_counter()
     total, total_sq = 0.0, 0.0
     for s in range(0, n, batch):
-        chunk = keys[s:s + batch]
+        chunk = keys[s : s + batch]
         if chunk.shape[0] < batch:
             chunk = jnp.concatenate([chunk, keys[: batch - chunk.shape[0]]])  # same shape: no recompilation
         x = batched(chunk)[: min(batch, n - s)]
         total, total_sq = total + float(x.sum()), total_sq + float((x * x).sum())
     seconds = time.perf_counter() - start
     mean = total / n
-    return {"seconds": seconds, "paths_per_s": n / seconds, "mean": mean,
-            "sem": math.sqrt(max(total_sq / n - mean**2, 0.0) / n)}
+    return {"seconds": seconds, "paths_per_s": n / seconds, "mean": mean, "sem": math.sqrt(max(total_sq / n - mean**2, 0.0) / n)}
 
 
 def _two_processes(n: int, batch: int, device: str, threads: int) -> dict:
     """``torchrun --nproc_per_node=2`` this file in worker mode; rank 0 prints the JSON line."""
     root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root / "src"), str(root), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS=str(max(threads, 1)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-           "--worker", str(n), str(batch), device]
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(root / "src"), str(root), os.environ.get("PYTHONPATH", "")]),
+        OMP_NUM_THREADS=str(max(threads, 1)),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        __file__,
+        "--worker",
+        str(n),
+        str(batch),
+        device,
+    ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, check=False)
     wall = time.perf_counter() - start
@@ -173,8 +186,7 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, devic
     for b in batches[-2:]:
         cases[f"ours 2 proc, batch {b}"] = {"batch": b, "processes": 2, **_two_processes(n, b, device, threads)}
     try:
-        cases[f"torchsde, batch {peer_batch}"] = {"batch": peer_batch, "processes": 1,
-                                                  **torchsde_case(n, peer_batch, device)}
+        cases[f"torchsde, batch {peer_batch}"] = {"batch": peer_batch, "processes": 1, **torchsde_case(n, peer_batch, device)}
     except ImportError as exc:
         cases["torchsde"] = {"skipped": str(exc)}
     try:
@@ -182,12 +194,18 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, devic
     except ImportError as exc:
         cases["diffrax"] = {"skipped": str(exc)}
     exact = (1 + MU * DT) ** STEPS
-    doc = H.write_json(Path(out) / f"{NAME}.json", NAME, {"n": n, "steps": STEPS, "device": device, "threads": info,
-                                                          "scheme_mean": exact, "cases": cases})
+    doc = H.write_json(
+        Path(out) / f"{NAME}.json",
+        NAME,
+        {"n": n, "steps": STEPS, "device": device, "threads": info, "scheme_mean": exact, "cases": cases},
+    )
     fig, (ax,) = H.figure(size=(7.0, 4.5))
     for procs, style in ((1, "o-"), (2, "s-")):
-        pts = [(c["batch"], c["paths_per_s"]) for c in cases.values()
-               if c.get("processes") == procs and "paths_per_s" in c and "ours" in _label(cases, c)]
+        pts = [
+            (c["batch"], c["paths_per_s"])
+            for c in cases.values()
+            if c.get("processes") == procs and "paths_per_s" in c and "ours" in _label(cases, c)
+        ]
         if pts:
             ax.plot(*zip(*pts), style, label=f"diffeqbridge, {procs} process{'es' if procs > 1 else ''}")
     for name, c in cases.items():
@@ -201,9 +219,16 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, devic
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
     H.savefig(fig, Path(out) / f"{NAME}.png")
-    print(H.markdown_table(["case", "paths/s", "seconds", "estimate ± s.e."],
-                           [[k, f"{c['paths_per_s']:.3g}", f"{c['seconds']:.2f}", f"{c['mean']:.5f} ± {c['sem']:.5f}"]
-                            for k, c in cases.items() if "paths_per_s" in c]))
+    print(
+        H.markdown_table(
+            ["case", "paths/s", "seconds", "estimate ± s.e."],
+            [
+                [k, f"{c['paths_per_s']:.3g}", f"{c['seconds']:.2f}", f"{c['mean']:.5f} ± {c['sem']:.5f}"]
+                for k, c in cases.items()
+                if "paths_per_s" in c
+            ],
+        )
+    )
     print(f"scheme's exact mean: {exact:.5f}")
     return doc
 

@@ -32,6 +32,7 @@ BacksolveAdjoint +0.0% (XLA buffers 0.05 / 0.08 MiB).
 ``gradients.png``; ``--quick`` (about 70 s of CPU; more wall time on a loaded machine) uses a
 smaller model and two step counts.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -137,8 +138,18 @@ def _diffrax_case(name: str, n_steps: int, batch: int, dim: int, width: int, max
     def solve_one(arrays, y, key, dt0):
         bm = diffrax.VirtualBrownianTree(0.0, 1.0, tol=2.0**-20, shape=(dim,), key=key)
         terms = diffrax.MultiTerm(diffrax.ODETerm(drift_vf), diffrax.ControlTerm(diffusion_vf, bm))
-        sol = diffrax.diffeqsolve(terms, solver, 0.0, 1.0, dt0=dt0, y0=y, args=arrays, adjoint=adjoint,
-                                  saveat=diffrax.SaveAt(t1=True), max_steps=max_steps)
+        sol = diffrax.diffeqsolve(
+            terms,
+            solver,
+            0.0,
+            1.0,
+            dt0=dt0,
+            y0=y,
+            args=arrays,
+            adjoint=adjoint,
+            saveat=diffrax.SaveAt(t1=True),
+            max_steps=max_steps,
+        )
         return sol.ys[-1]
 
     def loss(arrays, dt0):
@@ -178,9 +189,16 @@ def _case(name: str, n_steps: int, batch: int, dim: int, width: int, max_steps: 
             import torchsde
             from _sde_problems import torchsde_brownian_from
 
-            ys = torchsde.sdeint_adjoint(model, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), bm=torchsde_brownian_from(tree),
-                                         method="heun", adjoint_method="heun", dt=dt,
-                                         adjoint_params=tuple(model.parameters()))
+            ys = torchsde.sdeint_adjoint(
+                model,
+                y0,
+                torch.tensor([0.0, 1.0], dtype=torch.float64),
+                bm=torchsde_brownian_from(tree),
+                method="heun",
+                adjoint_method="heun",
+                dt=dt,
+                adjoint_params=tuple(model.parameters()),
+            )
         else:
             prob = deb.SDEProblem(model.f, model.g, y0, (0.0, 1.0), interpretation="stratonovich", params=model)
             ys = deb.solve(prob, solver, dt=dt, brownian=tree, sensealg=sensealg).ys
@@ -243,15 +261,33 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
     for name in names:
         lo, hi = results[name][steps[0]].get("peak_mib"), results[name][steps[-1]].get("peak_mib")
         growth[name] = None if not lo or hi is None else hi / lo
-    payload = {"quick": quick, "steps": steps, "batch": batch, "dim": dim, "width": width,
-               "segment_steps": SEGMENT_STEPS, "results": results, "peak_growth_first_to_last": growth}
+    payload = {
+        "quick": quick,
+        "steps": steps,
+        "batch": batch,
+        "dim": dim,
+        "width": width,
+        "segment_steps": SEGMENT_STEPS,
+        "results": results,
+        "peak_growth_first_to_last": growth,
+    }
     out.mkdir(parents=True, exist_ok=True)
     doc = H.write_json(out / "gradients.json", "gradients", payload)
     fig, axes = H.figure(ncols=2)
-    H.plot_series(axes[0], {n: (steps, [results[n][s].get("peak_mib") for s in steps]) for n in names},
-                  xlabel="steps", ylabel="peak RSS rise (MiB), forward+backward", title="memory")
-    H.plot_series(axes[1], {n: (steps, [results[n][s].get("seconds") for s in steps]) for n in names},
-                  xlabel="steps", ylabel="seconds, forward+backward", title="time")
+    H.plot_series(
+        axes[0],
+        {n: (steps, [results[n][s].get("peak_mib") for s in steps]) for n in names},
+        xlabel="steps",
+        ylabel="peak RSS rise (MiB), forward+backward",
+        title="memory",
+    )
+    H.plot_series(
+        axes[1],
+        {n: (steps, [results[n][s].get("seconds") for s in steps]) for n in names},
+        xlabel="steps",
+        ylabel="seconds, forward+backward",
+        title="time",
+    )
     H.savefig(fig, out / "gradients.png")
     return doc
 

@@ -11,6 +11,7 @@ query ``tree.evaluate_scalar(t, levy=False)`` at the same ``B`` (the tree evalua
 ``python benchmarks/memory.py [--quick] [--out DIR]`` writes ``out/memory.json`` and
 ``out/memory.png``.  Linux only (``/proc/self/status``).
 """
+
 from __future__ import annotations
 
 import json
@@ -57,9 +58,13 @@ print(json.dumps({"base_mb": base, "peak_mb": status("VmHWM"), "output_mb": out 
 def _measure(B: int, D: int, T: int, dt: float, what: str) -> dict[str, Any]:
     src = Path(__file__).resolve().parents[1] / "src"
     env_path = f"{src}"
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(B), str(D), str(T), str(dt), what],
-                          capture_output=True, text=True, check=True,
-                          env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(B), str(D), str(T), str(dt), what],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"},
+    )
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     row.update(B=B, D=D, T=T, dt=dt, what=what, over_base_mb=row["peak_mb"] - row["base_mb"])
     row["ratio_to_output"] = row["over_base_mb"] / row["output_mb"]

@@ -21,6 +21,7 @@ its continuous adjoint.  The loss is ``mean(z(t_end)²)``.
 Time: median over interleaved repeats (``_harness.measure_interleaved``).  NFE: vector-field
 evaluations per sample (ours from ``stats``; torchcde counted by a wrapper, whole batch per call).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -83,26 +84,28 @@ def _latent_cases(B: int) -> dict[str, Any]:
     peer = Peer()
     cases: dict[str, Any] = {}
     for label, sensealg in (("discrete", deb.DiscreteAdjoint()), ("backsolve", deb.BacksolveAdjoint())):
-        model = deb.LatentSDE(post, prior, diff, interpretation="stratonovich", alg=deb.EulerHeun(),
-                              sensealg=sensealg, dt=dt)
+        model = deb.LatentSDE(post, prior, diff, interpretation="stratonovich", alg=deb.EulerHeun(), sensealg=sensealg, dt=dt)
         tree = deb.VirtualBrownianTree(0.0, 1.0, (B, LATENT + 1), seed=1, tol=dt / 4, dtype=torch.float32)
 
         def step(model=model, tree=tree):
             zs, kl = model(z0, ts, brownian=tree)
             loss = (zs[-1] ** 2).mean() + kl.mean()
             loss.backward()
+
         cases[f"ours LatentSDE {label}"] = step
 
     def peer_step(adjoint: bool):
         def step():
             bm = torchsde.BrownianInterval(0.0, 1.0, (B, LATENT + 1), dtype=torch.float32)
             if adjoint:
-                ys, logqp = torchsde.sdeint_adjoint(peer, z0, ts, bm=bm, dt=dt, method="euler_heun",
-                                                    adjoint_method="euler_heun", logqp=True)
+                ys, logqp = torchsde.sdeint_adjoint(
+                    peer, z0, ts, bm=bm, dt=dt, method="euler_heun", adjoint_method="euler_heun", logqp=True
+                )
             else:
                 ys, logqp = torchsde.sdeint(peer, z0, ts, bm=bm, dt=dt, method="euler_heun", logqp=True)
             loss = (ys[-1] ** 2).mean() + logqp.sum(0).mean()
             loss.backward()
+
         return step
 
     cases["torchsde logqp sdeint"] = peer_step(False)
@@ -160,15 +163,27 @@ def _cde_cases(B: int) -> tuple[dict[str, Any], dict[str, Any]]:
             zs = model(ours_X, z0, ts=ts)
             (zs[-1] ** 2).mean().backward()
             nfe[name] = float(model.stats.nf.double().mean())
+
         cases[f"ours NeuralCDE {label}"] = step
     for label, adjoint in (("backprop", False), ("adjoint", True)):
+
         def peer(adjoint=adjoint, name=f"torchcde cdeint {label}"):
             counter["n"] = 0
-            zs = torchcde.cdeint(X=peer_X, func=func, z0=z0, t=ts, adjoint=adjoint, method="dopri5", atol=1e-3,
-                                 rtol=1e-3, **({"adjoint_params": tuple(func.parameters())} if adjoint else {}))
+            zs = torchcde.cdeint(
+                X=peer_X,
+                func=func,
+                z0=z0,
+                t=ts,
+                adjoint=adjoint,
+                method="dopri5",
+                atol=1e-3,
+                rtol=1e-3,
+                **({"adjoint_params": tuple(func.parameters())} if adjoint else {}),
+            )
             forward_nfe = counter["n"]
             (zs[:, -1] ** 2).mean().backward()
             nfe[name] = float(forward_nfe)  # forward evaluations (the whole batch per call)
+
         cases[f"torchcde cdeint {label}"] = peer
     return cases, nfe
 
@@ -181,34 +196,76 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None) -> di
     latent = _latent_cases(B)
     cde, nfe = _cde_cases(B)
     timings = H.measure_interleaved({**latent, **cde}, repeats=repeats, warmup=1, target_s=0.05)
-    base = {"ours LatentSDE discrete": "torchsde logqp sdeint", "ours LatentSDE backsolve": "torchsde logqp sdeint_adjoint",
-            "ours NeuralCDE discrete": "torchcde cdeint backprop", "ours NeuralCDE backsolve": "torchcde cdeint adjoint"}
-    rows = [{"case": name, "seconds": t.median, "timing": t.as_dict(), "nfe_forward": nfe.get(name),
-             "ours_over_peer_time": (t.median / timings[base[name]].median) if name in base else None}
-            for name, t in timings.items()]
-    payload = {"config": {"B": B, "size": size, "repeats": repeats, "latent": LATENT, "width": WIDTH, "steps": STEPS,
-                          "cde_length": CDE_LEN, "cde_channels": CDE_CH, "cde_hidden": CDE_HIDDEN, "dtype": "float32",
-                          "threads": threads},
-               "notes": ["seconds: one training step (forward + backward), median over interleaved repeats.",
-                         "ours_over_peer_time: ours / the like-for-like peer (< 1: ours faster).",
-                         ("nfe_forward: ours, vector-field evaluations per sample (mean; own steps per sample); "
-                          "torchcde, forward calls of the vector field on the whole batch (one step size).")],
-               "results": rows}
+    base = {
+        "ours LatentSDE discrete": "torchsde logqp sdeint",
+        "ours LatentSDE backsolve": "torchsde logqp sdeint_adjoint",
+        "ours NeuralCDE discrete": "torchcde cdeint backprop",
+        "ours NeuralCDE backsolve": "torchcde cdeint adjoint",
+    }
+    rows = [
+        {
+            "case": name,
+            "seconds": t.median,
+            "timing": t.as_dict(),
+            "nfe_forward": nfe.get(name),
+            "ours_over_peer_time": (t.median / timings[base[name]].median) if name in base else None,
+        }
+        for name, t in timings.items()
+    ]
+    payload = {
+        "config": {
+            "B": B,
+            "size": size,
+            "repeats": repeats,
+            "latent": LATENT,
+            "width": WIDTH,
+            "steps": STEPS,
+            "cde_length": CDE_LEN,
+            "cde_channels": CDE_CH,
+            "cde_hidden": CDE_HIDDEN,
+            "dtype": "float32",
+            "threads": threads,
+        },
+        "notes": [
+            "seconds: one training step (forward + backward), median over interleaved repeats.",
+            "ours_over_peer_time: ours / the like-for-like peer (< 1: ours faster).",
+            (
+                "nfe_forward: ours, vector-field evaluations per sample (mean; own steps per sample); "
+                "torchcde, forward calls of the vector field on the whole batch (one step size)."
+            ),
+        ],
+        "results": rows,
+    }
     out = Path(out)
     doc = H.write_json(out / f"{NAME}.json", NAME, payload)
     fig, axes = H.figure(ncols=2, size=(6.0, 3.6))
-    for ax, prefix, title in ((axes[0], ("ours LatentSDE", "torchsde"), f"latent SDE training step, B={B}"),
-                              (axes[1], ("ours NeuralCDE", "torchcde"), f"neural CDE forward+backward, B={B}")):
+    for ax, prefix, title in (
+        (axes[0], ("ours LatentSDE", "torchsde"), f"latent SDE training step, B={B}"),
+        (axes[1], ("ours NeuralCDE", "torchcde"), f"neural CDE forward+backward, B={B}"),
+    ):
         sel = [r for r in rows if r["case"].startswith(prefix)]
-        ax.barh([r["case"] for r in sel], [r["seconds"] for r in sel],
-                color=["C0" if r["case"].startswith("ours") else "C2" for r in sel])
+        ax.barh(
+            [r["case"] for r in sel],
+            [r["seconds"] for r in sel],
+            color=["C0" if r["case"].startswith("ours") else "C2" for r in sel],
+        )
         ax.set_xlabel("seconds per step (median)")
         ax.set_title(title)
     H.savefig(fig, out / f"{NAME}.png")
-    print(H.markdown_table(["case", "time", "ours/peer", "forward NFE"],
-                           [(r["case"], H.format_seconds(r["seconds"]),
-                             "—" if r["ours_over_peer_time"] is None else f"{r['ours_over_peer_time']:.2f}",
-                             "—" if r["nfe_forward"] is None else f"{r['nfe_forward']:.0f}") for r in rows]))
+    print(
+        H.markdown_table(
+            ["case", "time", "ours/peer", "forward NFE"],
+            [
+                (
+                    r["case"],
+                    H.format_seconds(r["seconds"]),
+                    "—" if r["ours_over_peer_time"] is None else f"{r['ours_over_peer_time']:.2f}",
+                    "—" if r["nfe_forward"] is None else f"{r['nfe_forward']:.0f}",
+                )
+                for r in rows
+            ],
+        )
+    )
     return doc
 
 

@@ -32,6 +32,7 @@ Time: median over interleaved repeats, with the default allocator settings.  Pea
 and large blocks are mmap'd so freed memory leaves the RSS; Linux only, else ``None``).  The three libraries have
 different parameters (same architecture); the weights do not change the cost.
 """
+
 from __future__ import annotations
 
 import gc
@@ -115,10 +116,16 @@ def _model_and_y0(B: int) -> tuple[Any, Any]:
 
         def __init__(self):
             super().__init__()
-            self.drift_net = torch.nn.Sequential(torch.nn.Linear(STATE, WIDTH), torch.nn.Tanh(), torch.nn.Linear(WIDTH, WIDTH),
-                                                 torch.nn.Tanh(), torch.nn.Linear(WIDTH, STATE))
-            self.diff_net = torch.nn.Sequential(torch.nn.Linear(STATE, WIDTH), torch.nn.Tanh(), torch.nn.Linear(WIDTH, STATE),
-                                                torch.nn.Sigmoid())
+            self.drift_net = torch.nn.Sequential(
+                torch.nn.Linear(STATE, WIDTH),
+                torch.nn.Tanh(),
+                torch.nn.Linear(WIDTH, WIDTH),
+                torch.nn.Tanh(),
+                torch.nn.Linear(WIDTH, STATE),
+            )
+            self.diff_net = torch.nn.Sequential(
+                torch.nn.Linear(STATE, WIDTH), torch.nn.Tanh(), torch.nn.Linear(WIDTH, STATE), torch.nn.Sigmoid()
+            )
 
         def f(self, t, y):
             return self.drift_net(y)
@@ -154,6 +161,7 @@ def _torch_cases(B: int, steps: int) -> dict[str, Callable[[], Any]]:
                     model.zero_grad(set_to_none=True)
                     loss.backward()
             return loss
+
         return call
 
     def tsde(backward: bool, adjoint: bool):
@@ -169,13 +177,16 @@ def _torch_cases(B: int, steps: int) -> dict[str, Callable[[], Any]]:
                     model.zero_grad(set_to_none=True)
                     loss.backward()
             return loss
+
         return call
 
     return {
-        "ours forward": ours(False), "ours forward+backward": ours(True),
+        "ours forward": ours(False),
+        "ours forward+backward": ours(True),
         "ours ReversibleHeun forward+backward": ours(True, deb.ReversibleHeun(), deb.DiscreteAdjoint()),
         "ours ReversibleHeun backsolve forward+backward": ours(True, deb.ReversibleHeun(), deb.BacksolveAdjoint()),
-        "torchsde sdeint forward": tsde(False, False), "torchsde sdeint forward+backward": tsde(True, False),
+        "torchsde sdeint forward": tsde(False, False),
+        "torchsde sdeint forward+backward": tsde(True, False),
         "torchsde sdeint_adjoint forward+backward": tsde(True, True),
     }
 
@@ -200,8 +211,14 @@ def strong_errors(B: int, steps: int) -> dict[str, float]:
         finals = {
             "ours EulerHeun": deb.solve(prob, deb.EulerHeun(), dt=dt, brownian=tree).ys[-1],
             "ours ReversibleHeun": deb.solve(prob, deb.ReversibleHeun(), dt=dt, brownian=tree).ys[-1],
-            "torchsde euler_heun": torchsde.sdeint(model, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), bm=torchsde_brownian_from(tree),
-                                                   dt=dt, method="euler_heun")[-1],
+            "torchsde euler_heun": torchsde.sdeint(
+                model,
+                y0,
+                torch.tensor([0.0, 1.0], dtype=torch.float64),
+                bm=torchsde_brownian_from(tree),
+                dt=dt,
+                method="euler_heun",
+            )[-1],
         }
     return {name: float(((y - ref) ** 2).mean().sqrt()) for name, y in finals.items()}
 
@@ -224,10 +241,12 @@ def _diffrax_cases(B: int, steps: int) -> dict[str, Callable[[], Any]]:
     def solve_one(model, y, key):
         d, s = model
         bm = diffrax.VirtualBrownianTree(0.0, 1.0, tol=TREE_TOL, shape=(STATE,), key=key)
-        terms = diffrax.MultiTerm(diffrax.ODETerm(lambda t, y, a: d(y)),
-                                  diffrax.ControlTerm(lambda t, y, a: lx.DiagonalLinearOperator(0.3 * s(y)), bm))
-        sol = diffrax.diffeqsolve(terms, diffrax.EulerHeun(), 0.0, 1.0, dt0=dt, y0=y, saveat=diffrax.SaveAt(t1=True),
-                                  max_steps=steps + 1)
+        terms = diffrax.MultiTerm(
+            diffrax.ODETerm(lambda t, y, a: d(y)), diffrax.ControlTerm(lambda t, y, a: lx.DiagonalLinearOperator(0.3 * s(y)), bm)
+        )
+        sol = diffrax.diffeqsolve(
+            terms, diffrax.EulerHeun(), 0.0, 1.0, dt0=dt, y0=y, saveat=diffrax.SaveAt(t1=True), max_steps=steps + 1
+        )
         return sol.ys[-1]
 
     def loss(model, y0, keys):
@@ -241,11 +260,15 @@ def _diffrax_cases(B: int, steps: int) -> dict[str, Callable[[], Any]]:
     }
 
 
-BASE = {"torchsde sdeint forward": "ours forward", "torchsde sdeint forward+backward": "ours forward+backward",
-        "ours ReversibleHeun forward+backward": "torchsde sdeint forward+backward",
-        "ours ReversibleHeun backsolve forward+backward": "torchsde sdeint_adjoint forward+backward",
-        "torchsde sdeint_adjoint forward+backward": "ours forward+backward",
-        "diffrax forward": "ours forward", "diffrax forward+backward": "ours forward+backward"}
+BASE = {
+    "torchsde sdeint forward": "ours forward",
+    "torchsde sdeint forward+backward": "ours forward+backward",
+    "ours ReversibleHeun forward+backward": "torchsde sdeint forward+backward",
+    "ours ReversibleHeun backsolve forward+backward": "torchsde sdeint_adjoint forward+backward",
+    "torchsde sdeint_adjoint forward+backward": "ours forward+backward",
+    "diffrax forward": "ours forward",
+    "diffrax forward+backward": "ours forward+backward",
+}
 
 
 def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progress=None) -> dict:
@@ -265,21 +288,46 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
         base = BASE.get(name)
         ours_name, peer = (name, base) if name.startswith("ours") else (base, name)
         mem_ok = base and (memory[name] or 0) > 1 and (memory[base] or 0) > 1
-        rows.append({"case": name, "seconds": t.median, "peak_mb": memory[name], "timing": t.as_dict(),
-                     "ours_over_peer_time": timings[ours_name].median / timings[peer].median if base else None,
-                     "ours_over_peer_mem": (memory[ours_name] / memory[peer]) if mem_ok else None})
+        rows.append(
+            {
+                "case": name,
+                "seconds": t.median,
+                "peak_mb": memory[name],
+                "timing": t.as_dict(),
+                "ours_over_peer_time": timings[ours_name].median / timings[peer].median if base else None,
+                "ours_over_peer_mem": (memory[ours_name] / memory[peer]) if mem_ok else None,
+            }
+        )
     accuracy = strong_errors(B, steps)
     if progress:
         progress("accuracy")
-    payload = {"strong_error_vs_dt16_reference": accuracy, "config": {"B": B, "state": STATE, "width": WIDTH, "steps": steps, "size": size, "repeats": repeats,
-                          "tree_tol": TREE_TOL, "threads": threading, "dtype": "float64"},
-               "notes": ["peak_mb: peak RSS increase over one warm call (/proc/self/clear_refs reset), MiB.",
-                         ("ours_over_peer_*: ours / peer for the like-for-like case (< 1: ours cheaper); the "
-                          "ReversibleHeun rows compare with torchsde's sdeint (discrete backprop) and "
-                          "sdeint_adjoint (backsolve)."),
-                         ("strong_error_vs_dt16_reference: RMS error of y(1) against ours EulerHeun at dt/16, "
-                          "every solver driven by the same path (our tree).")],
-               "results": rows}
+    payload = {
+        "strong_error_vs_dt16_reference": accuracy,
+        "config": {
+            "B": B,
+            "state": STATE,
+            "width": WIDTH,
+            "steps": steps,
+            "size": size,
+            "repeats": repeats,
+            "tree_tol": TREE_TOL,
+            "threads": threading,
+            "dtype": "float64",
+        },
+        "notes": [
+            "peak_mb: peak RSS increase over one warm call (/proc/self/clear_refs reset), MiB.",
+            (
+                "ours_over_peer_*: ours / peer for the like-for-like case (< 1: ours cheaper); the "
+                "ReversibleHeun rows compare with torchsde's sdeint (discrete backprop) and "
+                "sdeint_adjoint (backsolve)."
+            ),
+            (
+                "strong_error_vs_dt16_reference: RMS error of y(1) against ours EulerHeun at dt/16, "
+                "every solver driven by the same path (our tree)."
+            ),
+        ],
+        "results": rows,
+    }
     out = Path(out)
     doc = H.write_json(out / f"{NAME}.json", NAME, payload)
     fig, (ax_t, ax_m) = H.figure(ncols=2, size=(6.0, 4.2))
@@ -292,10 +340,21 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
     ax_m.set_xlabel("peak RSS increase [MiB]")
     ax_m.set_yticklabels([])
     H.savefig(fig, out / f"{NAME}.png")
-    print(H.markdown_table(["case", "time", "peak MiB", "ours/peer time", "ours/peer mem"],
-                           [(r["case"], H.format_seconds(r["seconds"]), "—" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}",
-                             "—" if r["ours_over_peer_time"] is None else f"{r['ours_over_peer_time']:.2f}",
-                             "—" if r["ours_over_peer_mem"] is None else f"{r['ours_over_peer_mem']:.2f}") for r in rows]))
+    print(
+        H.markdown_table(
+            ["case", "time", "peak MiB", "ours/peer time", "ours/peer mem"],
+            [
+                (
+                    r["case"],
+                    H.format_seconds(r["seconds"]),
+                    "—" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}",
+                    "—" if r["ours_over_peer_time"] is None else f"{r['ours_over_peer_time']:.2f}",
+                    "—" if r["ours_over_peer_mem"] is None else f"{r['ours_over_peer_mem']:.2f}",
+                )
+                for r in rows
+            ],
+        )
+    )
     print("strong error of y(1) vs a dt/16 reference (same path):", {k: f"{v:.3g}" for k, v in accuracy.items()})
     return doc
 

@@ -13,6 +13,7 @@ Error: mean over samples of max-abs error at T against a torchdiffeq dopri8 refe
 rtol = atol = 1e-12.  NFE per sample: ours counted per sample (mean); torchdiffeq: calls
 of f on the batch; diffrax: steps x 6 + 1 (Tsit5 is FSAL).  float64; B = 1024 (quick 256).
 """
+
 from __future__ import annotations
 
 import sys
@@ -51,8 +52,9 @@ def _problems(B: int) -> dict[str, dict[str, Any]]:
         return jnp.stack([1.5 * x - x * z, -3.0 * z + x * z])
 
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(2, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(),
-                              torch.nn.Linear(64, 2)).double()
+    net = torch.nn.Sequential(
+        torch.nn.Linear(2, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 2)
+    ).double()
     for p in net.parameters():
         p.requires_grad_(False)
     Ws = [(jnp.asarray(m.weight.numpy()), jnp.asarray(m.bias.numpy())) for m in net if isinstance(m, torch.nn.Linear)]
@@ -93,6 +95,7 @@ def _runners(prob: dict) -> dict[str, Callable[[float], dict]]:
         def run(tol):
             sol = deb.solve(p, alg(), atol=tol, rtol=tol, max_steps=100_000)
             return {"y": sol.ys[-1].numpy(), "nfe": float(sol.stats.nf.double().mean())}
+
         return run
 
     def tde(method):
@@ -107,15 +110,25 @@ def _runners(prob: dict) -> dict[str, Callable[[float], dict]]:
             with torch.no_grad():
                 y = torchdiffeq.odeint(fc, y0, ts, method=method, rtol=tol, atol=tol)[-1]
             return {"y": y.numpy(), "nfe": float(count["n"])}
+
         return run
 
     def dfx():
         fj = prob["fj"]
 
         def one(y, tol):
-            sol = diffrax.diffeqsolve(diffrax.ODETerm(fj), diffrax.Tsit5(), 0.0, t1, dt0=None, y0=y,
-                                      stepsize_controller=diffrax.PIDController(rtol=tol, atol=tol),
-                                      saveat=diffrax.SaveAt(t1=True), max_steps=100_000, throw=False)
+            sol = diffrax.diffeqsolve(
+                diffrax.ODETerm(fj),
+                diffrax.Tsit5(),
+                0.0,
+                t1,
+                dt0=None,
+                y0=y,
+                stepsize_controller=diffrax.PIDController(rtol=tol, atol=tol),
+                saveat=diffrax.SaveAt(t1=True),
+                max_steps=100_000,
+                throw=False,
+            )
             return sol.ys[-1], sol.stats["num_steps"]
 
         batched = jax.jit(jax.vmap(one, in_axes=(0, None)))
@@ -124,6 +137,7 @@ def _runners(prob: dict) -> dict[str, Callable[[float], dict]]:
         def run(tol):
             y, steps = jax.block_until_ready(batched(yj, jnp.asarray(tol)))
             return {"y": np.asarray(y), "nfe": float(np.mean(np.asarray(steps)) * 6 + 1)}
+
         return run
 
     runners["ours Tsit5"] = ours(deb.Tsit5)
@@ -169,8 +183,13 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
                 ts_ = sorted(times[(key, row["tol"])])
                 row["wall_s"] = ts_[len(ts_) // 2]
         matched = []
-        ranges = [(min(r["err"] for k, v in rows.items() if k.startswith(lib) for r in v),
-                   max(r["err"] for k, v in rows.items() if k.startswith(lib) for r in v)) for lib in ("ours", "torchdiffeq", "diffrax")]
+        ranges = [
+            (
+                min(r["err"] for k, v in rows.items() if k.startswith(lib) for r in v),
+                max(r["err"] for k, v in rows.items() if k.startswith(lib) for r in v),
+            )
+            for lib in ("ours", "torchdiffeq", "diffrax")
+        ]
         for target in Pe.error_targets(ranges):
             e: dict[str, Any] = {"err": target}
             for lib in ("ours", "torchdiffeq", "diffrax"):
@@ -186,9 +205,14 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
         results[pname] = {"title": prob["title"], "methods": rows, "matched": matched}
         if progress:
             progress(pname)
-    payload = {"config": {"B": B, "size": size, "tols": tols, "repeats": repeats, "threads": threading, "dtype": "float64"},
-               "notes": ["torchdiffeq solves the batch as one system (one step size, norm over the batch); ours and diffrax (vmap) step per sample."],
-               "problems": results}
+    payload = {
+        "config": {"B": B, "size": size, "tols": tols, "repeats": repeats, "threads": threading, "dtype": "float64"},
+        "notes": [
+            "torchdiffeq solves the batch as one system (one step size, norm over the batch); "
+            "ours and diffrax (vmap) step per sample."
+        ],
+        "problems": results,
+    }
     out = Path(out)
     doc = H.write_json(out / f"{NAME}.json", NAME, payload)
     fig, axes = H.figure(ncols=2, nrows=len(results), size=(5.2, 3.8))
@@ -196,18 +220,42 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
     for i, res in enumerate(results.values()):
         for j, cost in enumerate(("nfe", "wall_s")):
             series = {k: ([r[cost] for r in v], [r["err"] for r in v]) for k, v in res["methods"].items()}
-            styles = {k: {"color": colors[k.split()[0]], "linestyle": "--" if k.lower().endswith("tsit5") else "-", "markersize": 4} for k in series}
-            H.plot_series(axes[2 * i + j], series, xlabel="NFE per sample" if cost == "nfe" else f"wall time, B={B} [s]",
-                          ylabel="error at T", title=res["title"], styles=styles)
+            styles = {
+                k: {"color": colors[k.split()[0]], "linestyle": "--" if k.lower().endswith("tsit5") else "-", "markersize": 4}
+                for k in series
+            }
+            H.plot_series(
+                axes[2 * i + j],
+                series,
+                xlabel="NFE per sample" if cost == "nfe" else f"wall time, B={B} [s]",
+                ylabel="error at T",
+                title=res["title"],
+                styles=styles,
+            )
     H.savefig(fig, out / f"{NAME}.png")
     rows_out = []
     for pname, res in results.items():
         for m in res["matched"]:
+
             def fm(x):
                 return "—" if x is None else f"{x:.3g}"
-            rows_out.append((pname, f"{m['err']:.0e}", fm(m["ours_nfe"]), fm(m["torchdiffeq_nfe"]), fm(m["diffrax_nfe"]),
-                             fm(m["ratio_wall_s_vs_torchdiffeq"]), fm(m["ratio_wall_s_vs_diffrax"])))
-    print(H.markdown_table(["problem", "err", "ours NFE", "torchdiffeq NFE", "diffrax NFE", "time ours/tde", "time ours/dfx"], rows_out))
+
+            rows_out.append(
+                (
+                    pname,
+                    f"{m['err']:.0e}",
+                    fm(m["ours_nfe"]),
+                    fm(m["torchdiffeq_nfe"]),
+                    fm(m["diffrax_nfe"]),
+                    fm(m["ratio_wall_s_vs_torchdiffeq"]),
+                    fm(m["ratio_wall_s_vs_diffrax"]),
+                )
+            )
+    print(
+        H.markdown_table(
+            ["problem", "err", "ours NFE", "torchdiffeq NFE", "diffrax NFE", "time ours/tde", "time ours/dfx"], rows_out
+        )
+    )
     return doc
 
 

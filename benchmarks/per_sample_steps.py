@@ -16,6 +16,7 @@ number of loop iterations x B ("batch work"), reported alongside: per-sample ste
 compute only where the engine compacts the batch.  Totals are compared at equal error
 (log-log interpolation over the tolerance sweep).
 """
+
 from __future__ import annotations
 
 import math
@@ -59,15 +60,29 @@ def _ode(B: int, tols: list[float]) -> dict[str, list[dict]]:
 
     y0 = torch.ones(B, 1, dtype=torch.float64)
     exact = math.cos(ODE_T1)
-    rows: dict[str, list[dict]] = {"ours Tsit5 (per-sample)": [], "torchdiffeq dopri5 (shared)": [], "diffrax Tsit5 (vmap, per-sample)": []}
+    rows: dict[str, list[dict]] = {
+        "ours Tsit5 (per-sample)": [],
+        "torchdiffeq dopri5 (shared)": [],
+        "diffrax Tsit5 (vmap, per-sample)": [],
+    }
 
     def fj(t, y, lam_i):
         return -lam_i * (y - jnp.cos(t)) - jnp.sin(t)
 
     def one(lam_i, tol):
-        sol = diffrax.diffeqsolve(diffrax.ODETerm(fj), diffrax.Tsit5(), 0.0, ODE_T1, dt0=None, y0=jnp.ones(1), args=lam_i,
-                                  stepsize_controller=diffrax.PIDController(rtol=tol, atol=tol),
-                                  saveat=diffrax.SaveAt(t1=True), max_steps=100_000, throw=False)
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(fj),
+            diffrax.Tsit5(),
+            0.0,
+            ODE_T1,
+            dt0=None,
+            y0=jnp.ones(1),
+            args=lam_i,
+            stepsize_controller=diffrax.PIDController(rtol=tol, atol=tol),
+            saveat=diffrax.SaveAt(t1=True),
+            max_steps=100_000,
+            throw=False,
+        )
         return sol.ys[-1], sol.stats["num_steps"]
 
     dfx = jax.jit(jax.vmap(one, in_axes=(0, None)))
@@ -79,8 +94,15 @@ def _ode(B: int, tols: list[float]) -> dict[str, list[dict]]:
         sol = deb.solve(prob, deb.Tsit5(), atol=tol, rtol=tol, max_steps=100_000)
         wall = time.perf_counter() - t
         nf = sol.stats.nf
-        rows["ours Tsit5 (per-sample)"].append({"tol": tol, "err": float((sol.ys[-1] - exact).abs().max()), "nfe_total": float(nf.sum()),
-                                                "batch_work": float(nf.max()) * B, "wall_s": wall})
+        rows["ours Tsit5 (per-sample)"].append(
+            {
+                "tol": tol,
+                "err": float((sol.ys[-1] - exact).abs().max()),
+                "nfe_total": float(nf.sum()),
+                "batch_work": float(nf.max()) * B,
+                "wall_s": wall,
+            }
+        )
         count = {"n": 0}
 
         def fc(t, y):
@@ -89,17 +111,32 @@ def _ode(B: int, tols: list[float]) -> dict[str, list[dict]]:
 
         t = time.perf_counter()
         with torch.no_grad():
-            y = torchdiffeq.odeint(fc, y0, torch.tensor([0.0, ODE_T1], dtype=torch.float64), method="dopri5", rtol=tol, atol=tol)[-1]
+            y = torchdiffeq.odeint(fc, y0, torch.tensor([0.0, ODE_T1], dtype=torch.float64), method="dopri5", rtol=tol, atol=tol)[
+                -1
+            ]
         wall = time.perf_counter() - t
-        rows["torchdiffeq dopri5 (shared)"].append({"tol": tol, "err": float((y - exact).abs().max()), "nfe_total": float(count["n"] * B),
-                                                    "batch_work": float(count["n"] * B), "wall_s": wall})
+        rows["torchdiffeq dopri5 (shared)"].append(
+            {
+                "tol": tol,
+                "err": float((y - exact).abs().max()),
+                "nfe_total": float(count["n"] * B),
+                "batch_work": float(count["n"] * B),
+                "wall_s": wall,
+            }
+        )
         t = time.perf_counter()
         yj, steps = jax.block_until_ready(dfx(lam_j, jnp.asarray(tol)))
         wall = time.perf_counter() - t
         steps = np.asarray(steps)
-        rows["diffrax Tsit5 (vmap, per-sample)"].append({"tol": tol, "err": float(np.abs(np.asarray(yj) - exact).max()),
-                                                         "nfe_total": float((steps * 6 + 1).sum()), "batch_work": float((steps.max() * 6 + 1) * B),
-                                                         "wall_s": wall})
+        rows["diffrax Tsit5 (vmap, per-sample)"].append(
+            {
+                "tol": tol,
+                "err": float(np.abs(np.asarray(yj) - exact).max()),
+                "nfe_total": float((steps * 6 + 1).sum()),
+                "batch_work": float((steps.max() * 6 + 1) * B),
+                "wall_s": wall,
+            }
+        )
     return rows
 
 
@@ -109,7 +146,11 @@ def _sde(B: int, tols: list[float]) -> dict[str, list[dict]]:
 
     import diffeqbridge as deb
 
-    sig = torch.logspace(math.log10(0.1), math.log10(2.0), GROUPS, dtype=torch.float64).repeat_interleave(B // GROUPS).reshape(-1, 1)
+    sig = (
+        torch.logspace(math.log10(0.1), math.log10(2.0), GROUPS, dtype=torch.float64)
+        .repeat_interleave(B // GROUPS)
+        .reshape(-1, 1)
+    )
     B = sig.shape[0]
     mu, u0 = 1.01, 0.5
     y0 = torch.full((B, 1), u0, dtype=torch.float64)
@@ -130,16 +171,28 @@ def _sde(B: int, tols: list[float]) -> dict[str, list[dict]]:
         sol = deb.solve(prob, deb.SOSRI(), atol=tol, rtol=tol, brownian=tree)
         wall = time.perf_counter() - t
         n = sol.stats.nf + sol.stats.ng
-        rows["ours SOSRI (per-sample)"].append({"tol": tol, "err": err_of(sol.ys[-1]), "nfe_total": float(n.sum()),
-                                                "batch_work": float(n.max()) * B, "wall_s": wall})
+        rows["ours SOSRI (per-sample)"].append(
+            {"tol": tol, "err": err_of(sol.ys[-1]), "nfe_total": float(n.sum()), "batch_work": float(n.max()) * B, "wall_s": wall}
+        )
         sde.reset()
         t = time.perf_counter()
         with torch.no_grad():
-            ys = torchsde.sdeint(sde.module, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), bm=bm, method="srk", adaptive=True,
-                                 dt=Pe.ADAPTIVE_DT0, rtol=tol, atol=tol, dt_min=1e-6)
+            ys = torchsde.sdeint(
+                sde.module,
+                y0,
+                torch.tensor([0.0, 1.0], dtype=torch.float64),
+                bm=bm,
+                method="srk",
+                adaptive=True,
+                dt=Pe.ADAPTIVE_DT0,
+                rtol=tol,
+                atol=tol,
+                dt_min=1e-6,
+            )
         wall = time.perf_counter() - t
-        rows["torchsde srk adaptive (shared)"].append({"tol": tol, "err": err_of(ys[-1]), "nfe_total": float(sde.nfe * B),
-                                                       "batch_work": float(sde.nfe * B), "wall_s": wall})
+        rows["torchsde srk adaptive (shared)"].append(
+            {"tol": tol, "err": err_of(ys[-1]), "nfe_total": float(sde.nfe * B), "batch_work": float(sde.nfe * B), "wall_s": wall}
+        )
     return rows
 
 
@@ -152,8 +205,12 @@ def _matched(rows: dict[str, list[dict]], base: str) -> list[dict]:
             e[k] = {c: Pe.cost_at([(r[c], r["err"]) for r in v], target) for c in ("nfe_total", "batch_work", "wall_s")}
         for k in rows:
             if k != base:
-                e[f"ratio nfe_total {base} / {k}"] = (e[base]["nfe_total"] / e[k]["nfe_total"]) if e[base]["nfe_total"] and e[k]["nfe_total"] else None
-                e[f"ratio batch_work {base} / {k}"] = (e[base]["batch_work"] / e[k]["batch_work"]) if e[base]["batch_work"] and e[k]["batch_work"] else None
+                e[f"ratio nfe_total {base} / {k}"] = (
+                    (e[base]["nfe_total"] / e[k]["nfe_total"]) if e[base]["nfe_total"] and e[k]["nfe_total"] else None
+                )
+                e[f"ratio batch_work {base} / {k}"] = (
+                    (e[base]["batch_work"] / e[k]["batch_work"]) if e[base]["batch_work"] and e[k]["batch_work"] else None
+                )
         out.append(e)
     return out
 
@@ -173,11 +230,23 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
     results["sde_gbm_sigma_spread"] = {"methods": sde, "matched": _matched(sde, "ours SOSRI (per-sample)")}
     if progress:
         progress("sde")
-    payload = {"config": {"B": B, "size": size, "ode_tols": ode_tols, "sde_tols": sde_tols, "threads": threading,
-                          "lambda": "logspace(1, 1000, B)", "sigma": f"{GROUPS} values logspace(0.1, 2)"},
-               "notes": ["nfe_total: evaluations summed over samples (per-sample counts for ours/diffrax, batch calls x B for shared-step peers).",
-                         "batch_work: what is computed: ours and diffrax(vmap) evaluate masked (finished) samples too -> max steps x B."],
-               "problems": results}
+    payload = {
+        "config": {
+            "B": B,
+            "size": size,
+            "ode_tols": ode_tols,
+            "sde_tols": sde_tols,
+            "threads": threading,
+            "lambda": "logspace(1, 1000, B)",
+            "sigma": f"{GROUPS} values logspace(0.1, 2)",
+        },
+        "notes": [
+            "nfe_total: evaluations summed over samples "
+            "(per-sample counts for ours/diffrax, batch calls x B for shared-step peers).",
+            "batch_work: what is computed: ours and diffrax(vmap) evaluate masked (finished) samples too -> max steps x B.",
+        ],
+        "problems": results,
+    }
     out = Path(out)
     doc = H.write_json(out / f"{NAME}.json", NAME, payload)
     fig, axes = H.figure(ncols=2, size=(5.5, 4.2))
@@ -196,7 +265,10 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
     for pname, res in results.items():
         print(pname)
         for m in res["matched"]:
-            print(f"  err {m['err']:.1e}: " + ", ".join(f"{k}={v:.3g}" for k, v in m.items() if k.startswith("ratio") and v is not None))
+            print(
+                f"  err {m['err']:.1e}: "
+                + ", ".join(f"{k}={v:.3g}" for k, v in m.items() if k.startswith("ratio") and v is not None)
+            )
     return doc
 
 

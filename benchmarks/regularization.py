@@ -12,6 +12,7 @@ regularizer): test loss (and accuracy), NFE per trajectory (at the save times, a
 ``regularization.json`` and ``regularization.png``; ``--quick`` takes about a minute, the
 full size about six CPU minutes.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -54,10 +55,15 @@ def headline(doc: dict) -> str:
         # the cheapest model whose test loss is within 5 %, else the cheapest
         ok = [n for n in others if res[n]["test_loss_ratio"] <= 1.05] or others
         best = min(ok, key=lambda n: res[n]["nfe_ratio"])
-        acc = f", acc {res[best]['test_accuracy']:.3f} vs {res['none']['test_accuracy']:.3f}" \
-            if "test_accuracy" in res[best] else ""
-        parts.append(f"{prob}: best {best} NFE×{res[best]['nfe_ratio']:.2f} ((t0, t1) only ×{res[best]['nfe_endpoints_ratio']:.2f}), "
-                     f"test loss×{res[best]['test_loss_ratio']:.2f}{acc}")
+        acc = (
+            f", acc {res[best]['test_accuracy']:.3f} vs {res['none']['test_accuracy']:.3f}"
+            if "test_accuracy" in res[best]
+            else ""
+        )
+        parts.append(
+            f"{prob}: best {best} NFE×{res[best]['nfe_ratio']:.2f} ((t0, t1) only ×{res[best]['nfe_endpoints_ratio']:.2f}), "
+            f"test loss×{res[best]['test_loss_ratio']:.2f}{acc}"
+        )
     return " | ".join(parts)
 
 

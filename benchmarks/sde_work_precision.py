@@ -23,6 +23,7 @@ Stratonovich solutions and are given the Stratonovich drift of the same SDE.  Wa
 solve: median over interleaved repeats (quick: one timed solve), warm (diffrax compiled
 before timing; JAX persistent compilation cache on).
 """
+
 from __future__ import annotations
 
 import sys
@@ -74,7 +75,12 @@ def methods_for(noise: str, quick: bool, size: str) -> list[tuple[str, str, bool
         if quick:
             dfx = [("diffrax", "ShARK", False), ("diffrax", "ShARK", True)]
     else:
-        dfx = [("diffrax", "Euler", False), ("diffrax", "ItoMilstein", False), ("diffrax", "SPaRK", False), ("diffrax", "SPaRK", True)]
+        dfx = [
+            ("diffrax", "Euler", False),
+            ("diffrax", "ItoMilstein", False),
+            ("diffrax", "SPaRK", False),
+            ("diffrax", "SPaRK", True),
+        ]
         if quick:
             dfx = [("diffrax", "Euler", False), ("diffrax", "SPaRK", False), ("diffrax", "SPaRK", True)]
     if size == "tiny":
@@ -152,8 +158,17 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
         results[pname] = {"title": P.title, "noise": P.noise, "methods": rows, "matched": matched(rows)}
         print(f"[{NAME}] {pname}: done", flush=True)
     payload = {
-        "config": {"B": B, "size": size, "quick": quick, "repeats": repeats, "dtype": "float64", "tree_tol": Pe.TREE_TOL,
-                   "threads": threading, "diffrax_evals_per_step": Pe.DIFFRAX_EVALS, "adaptive_dt0_peers": Pe.ADAPTIVE_DT0},
+        "config": {
+            "B": B,
+            "size": size,
+            "quick": quick,
+            "repeats": repeats,
+            "dtype": "float64",
+            "tree_tol": Pe.TREE_TOL,
+            "threads": threading,
+            "diffrax_evals_per_step": Pe.DIFFRAX_EVALS,
+            "adaptive_dt0_peers": Pe.ADAPTIVE_DT0,
+        },
         "notes": [
             "ours and torchsde integrate the same Brownian path (our tree through a torchsde.BaseBrownian subclass); "
             "diffrax uses its own VirtualBrownianTree paths (per-sample keys, vmap): errors are averaged over different paths.",
@@ -184,7 +199,13 @@ def matched(rows: dict[str, list[dict]]) -> list[dict]:
     """Best NFE and wall time of each library at error levels every library reaches."""
     ranges = []
     for lib in ("ours", "torchsde", "diffrax"):
-        errs = [r["err"] for k, lst in rows.items() if k.startswith(lib + " ") for r in lst if "err" in r and r["err"] > 0 and not r.get("failed")]
+        errs = [
+            r["err"]
+            for k, lst in rows.items()
+            if k.startswith(lib + " ")
+            for r in lst
+            if "err" in r and r["err"] > 0 and not r.get("failed")
+        ]
         if errs:
             ranges.append((min(errs), max(errs)))
     out = []
@@ -220,12 +241,22 @@ def plot(results: dict, names, path: Path, B: int) -> None:
                     continue
                 lib = key.split()[0]
                 series[key] = ([p[0] for p in pts], [p[1] for p in pts])
-                styles[key] = {"color": STYLE_LIB[lib], "marker": MARKERS[counters[lib] % len(MARKERS)],
-                               "linestyle": "--" if "adaptive" in key else "-", "markersize": 4,
-                               "linewidth": 2.0 if lib == "ours" else 1.0}
+                styles[key] = {
+                    "color": STYLE_LIB[lib],
+                    "marker": MARKERS[counters[lib] % len(MARKERS)],
+                    "linestyle": "--" if "adaptive" in key else "-",
+                    "markersize": 4,
+                    "linewidth": 2.0 if lib == "ours" else 1.0,
+                }
                 counters[lib] += 1
-            H.plot_series(ax, series, xlabel="NFE per path" if cost == "nfe" else f"wall time per solve of {B} paths [s]",
-                          ylabel="strong error at T", title=f"{results[pname]['title']}", styles=styles)
+            H.plot_series(
+                ax,
+                series,
+                xlabel="NFE per path" if cost == "nfe" else f"wall time per solve of {B} paths [s]",
+                ylabel="strong error at T",
+                title=f"{results[pname]['title']}",
+                styles=styles,
+            )
             ax.legend(fontsize=6, ncol=2)
     H.savefig(fig, path)
 
@@ -236,13 +267,37 @@ def summary(doc: dict) -> str:
         if pname.startswith("_"):
             continue
         for m in res["matched"]:
+
             def f(x, fmt="{:.3g}"):
                 return "—" if x is None else fmt.format(x)
-            rows.append((pname, f"{m['err']:.1e}", f(m["ours_nfe"], "{:.0f}"), f(m["torchsde_nfe"], "{:.0f}"), f(m["diffrax_nfe"], "{:.0f}"),
-                         f(m["ratio_nfe_vs_torchsde"]), f(m["ratio_nfe_vs_diffrax"]),
-                         f(m["ratio_wall_s_vs_torchsde"]), f(m["ratio_wall_s_vs_diffrax"])))
-    return H.markdown_table(["problem", "strong err", "ours NFE", "torchsde NFE", "diffrax NFE", "NFE ours/tsde", "NFE ours/dfx",
-                             "time ours/tsde", "time ours/dfx"], rows)
+
+            rows.append(
+                (
+                    pname,
+                    f"{m['err']:.1e}",
+                    f(m["ours_nfe"], "{:.0f}"),
+                    f(m["torchsde_nfe"], "{:.0f}"),
+                    f(m["diffrax_nfe"], "{:.0f}"),
+                    f(m["ratio_nfe_vs_torchsde"]),
+                    f(m["ratio_nfe_vs_diffrax"]),
+                    f(m["ratio_wall_s_vs_torchsde"]),
+                    f(m["ratio_wall_s_vs_diffrax"]),
+                )
+            )
+    return H.markdown_table(
+        [
+            "problem",
+            "strong err",
+            "ours NFE",
+            "torchsde NFE",
+            "diffrax NFE",
+            "NFE ours/tsde",
+            "NFE ours/dfx",
+            "time ours/tsde",
+            "time ours/dfx",
+        ],
+        rows,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

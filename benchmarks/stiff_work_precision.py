@@ -6,7 +6,8 @@ adds Van der Pol and tolerances 1e-3 .. 1e-9; ``--tiny`` Robertson at 1e-4 only.
 ODEs (one sample, float64, rtol = tol, atol = 1e-2 tol): ours ``Rodas4``, ``Kvaerno5`` and
 ``AutoTsit5(Rodas4())``; diffrax ``Kvaerno5`` and ``KenCarp4`` with
 ``PIDController(rtol, atol, pcoeff=0.3, icoeff=0.4)`` (diffrax's suggestion for implicit
-solvers; KenCarp4 with the whole field as its implicit term); torchdiffeq's only implicit solver, ``implicit_adams`` (fixed step, functional
+solvers; KenCarp4 with the whole field as its implicit term); torchdiffeq's only implicit solver,
+``implicit_adams`` (fixed step, functional
 iteration) at a few fixed step counts.  Error: max relative error over the components at T
 against the Hairer/Wanner test-set references (RADAU at 1e-18, as in tests/test_stiff_ode.py).
 Cost: accepted + rejected steps for everyone; drift evaluations (NFE) where countable (ours
@@ -18,6 +19,7 @@ per path.  EM (ours), torchsde ``euler`` and diffrax ``Euler`` need dt < about 2
 (mean-square stability of EM: |1 + λ dt|² + μ² dt < 1); ours ``ImplicitEM`` and ``SROCK1``
 stay bounded at dt = 0.1.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,26 +40,45 @@ NAME = "stiff_work_precision"
 
 REFERENCES = {
     "robertson": (40.0, [1.0, 0.0, 0.0], [0.7158270687193941, 9.185534764557338e-6, 0.2841637457458413]),
-    "hires": (321.8122, [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0057],
-              [7.371312573325668e-4, 1.442485726316185e-4, 5.888729740967575e-5, 1.175651343283149e-3,
-               2.386356198831331e-3, 6.238968252742796e-3, 2.849998395185769e-3, 2.850001604814231e-3]),
+    "hires": (
+        321.8122,
+        [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0057],
+        [
+            7.371312573325668e-4,
+            1.442485726316185e-4,
+            5.888729740967575e-5,
+            1.175651343283149e-3,
+            2.386356198831331e-3,
+            6.238968252742796e-3,
+            2.849998395185769e-3,
+            2.850001604814231e-3,
+        ],
+    ),
     "vanderpol": (2.0, [2.0, 0.0], [1.706167732170483, -0.8928097010247975]),
 }
 
 
 def _fields(xp: Any, stack: Any) -> dict[str, Any]:
     """The three right-hand sides, written once for torch (``y[..., i]``) and jax."""
+
     def robertson(t, y):
         y1, y2, y3 = y[..., 0], y[..., 1], y[..., 2]
         return stack([-0.04 * y1 + 1e4 * y2 * y3, 0.04 * y1 - 1e4 * y2 * y3 - 3e7 * y2 * y2, 3e7 * y2 * y2])
 
     def hires(t, y):
         y1, y2, y3, y4, y5, y6, y7, y8 = (y[..., i] for i in range(8))
-        return stack([
-            -1.71 * y1 + 0.43 * y2 + 8.32 * y3 + 0.0007, 1.71 * y1 - 8.75 * y2,
-            -10.03 * y3 + 0.43 * y4 + 0.035 * y5, 8.32 * y2 + 1.71 * y3 - 1.12 * y4,
-            -1.745 * y5 + 0.43 * y6 + 0.43 * y7, -280.0 * y6 * y8 + 0.69 * y4 + 1.71 * y5 - 0.43 * y6 + 0.69 * y7,
-            280.0 * y6 * y8 - 1.81 * y7, -280.0 * y6 * y8 + 1.81 * y7])
+        return stack(
+            [
+                -1.71 * y1 + 0.43 * y2 + 8.32 * y3 + 0.0007,
+                1.71 * y1 - 8.75 * y2,
+                -10.03 * y3 + 0.43 * y4 + 0.035 * y5,
+                8.32 * y2 + 1.71 * y3 - 1.12 * y4,
+                -1.745 * y5 + 0.43 * y6 + 0.43 * y7,
+                -280.0 * y6 * y8 + 0.69 * y4 + 1.71 * y5 - 0.43 * y6 + 0.69 * y7,
+                280.0 * y6 * y8 - 1.81 * y7,
+                -280.0 * y6 * y8 + 1.81 * y7,
+            ]
+        )
 
     def vanderpol(t, y):
         a, b = y[..., 0], y[..., 1]
@@ -94,28 +115,46 @@ def _ode(size: str) -> dict[str, Any]:
         T, y0, ref = REFERENCES[name]
         rows: dict[str, list[dict]] = {}
         prob = deb.ODEProblem(tf[name], torch.tensor([y0], dtype=torch.float64), (0.0, T))
-        for label, make in (("ours Rodas4", deb.Rodas4), ("ours Kvaerno5", deb.Kvaerno5),
-                            ("ours AutoTsit5(Rodas4)", lambda: deb.AutoTsit5(deb.Rodas4()))):
+        for label, make in (
+            ("ours Rodas4", deb.Rodas4),
+            ("ours Kvaerno5", deb.Kvaerno5),
+            ("ours AutoTsit5(Rodas4)", lambda: deb.AutoTsit5(deb.Rodas4())),
+        ):
             rows[label] = []
             for tol in tols:
                 start = time.perf_counter()
                 sol = deb.solve(prob, make(), rtol=tol, atol=1e-2 * tol, max_steps=100_000)
                 wall = time.perf_counter() - start
                 print(f"  {name} {label} tol={tol:g}: {wall:.2f} s", file=sys.stderr, flush=True)
-                rows[label].append({"tol": tol, "err": _rel_err(sol.ys[-1, 0].numpy(), ref),
-                                    "steps": int(sol.stats.nsteps[0]), "nfe": int(sol.stats.nf[0]), "wall_s": wall,
-                                    "success": bool(sol.success)})
+                rows[label].append(
+                    {
+                        "tol": tol,
+                        "err": _rel_err(sol.ys[-1, 0].numpy(), ref),
+                        "steps": int(sol.stats.nsteps[0]),
+                        "nfe": int(sol.stats.nf[0]),
+                        "wall_s": wall,
+                        "success": bool(sol.success),
+                    }
+                )
         f_j = jf[name]
         for label, solver in (("diffrax Kvaerno5", diffrax.Kvaerno5()), ("diffrax KenCarp4", diffrax.KenCarp4())):
+
             def one(rtol, atol, solver=solver, field=f_j, t_end=T, start_state=y0):
                 term = diffrax.ODETerm(lambda t, u, args: field(t, u))
                 if isinstance(solver, diffrax.KenCarp4):  # IMEX: everything in the implicit part
                     term = diffrax.MultiTerm(diffrax.ODETerm(lambda t, u, args: jnp.zeros_like(u)), term)
                 sol = diffrax.diffeqsolve(
-                    term, solver, 0.0, t_end, dt0=None,
+                    term,
+                    solver,
+                    0.0,
+                    t_end,
+                    dt0=None,
                     y0=jnp.asarray(start_state, dtype=jnp.float64),
                     stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol, pcoeff=0.3, icoeff=0.4),
-                    saveat=diffrax.SaveAt(t1=True), max_steps=100_000, throw=False)
+                    saveat=diffrax.SaveAt(t1=True),
+                    max_steps=100_000,
+                    throw=False,
+                )
                 return sol.ys[-1], sol.stats["num_steps"], sol.stats["num_rejected_steps"]
 
             fn = jax.jit(one)
@@ -125,8 +164,15 @@ def _ode(size: str) -> dict[str, Any]:
                 start = time.perf_counter()
                 y_end, steps, rej = jax.block_until_ready(fn(tol, 1e-2 * tol))
                 wall = time.perf_counter() - start
-                rows[label].append({"tol": tol, "err": _rel_err(np.asarray(y_end), ref), "steps": int(steps) + int(rej),
-                                    "nfe": None, "wall_s": wall})
+                rows[label].append(
+                    {
+                        "tol": tol,
+                        "err": _rel_err(np.asarray(y_end), ref),
+                        "steps": int(steps) + int(rej),
+                        "nfe": None,
+                        "wall_s": wall,
+                    }
+                )
         # torchdiffeq implicit_adams: fixed step, a few step counts (cheap ones only)
         rows["torchdiffeq implicit_adams"] = []
         counts = {"tiny": [100], "quick": [200], "full": [200, 2000, 20000]}[size]
@@ -144,13 +190,19 @@ def _ode(size: str) -> dict[str, Any]:
 
                 with torch.no_grad(), warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # "Functional iteration did not converge"
-                    y = torchdiffeq.odeint(fc, y0_t, torch.tensor([0.0, T], dtype=torch.float64),
-                                           method="implicit_adams", options={"step_size": T / n})[-1]
+                    y = torchdiffeq.odeint(
+                        fc,
+                        y0_t,
+                        torch.tensor([0.0, T], dtype=torch.float64),
+                        method="implicit_adams",
+                        options={"step_size": T / n},
+                    )[-1]
                 err = _rel_err(y.numpy(), ref)
             except Exception:  # noqa: BLE001 - a diverging peer is a result, not an error
                 err = float("inf")
-            rows["torchdiffeq implicit_adams"].append({"steps": n, "err": err, "nfe": calls["n"],
-                                                       "wall_s": time.perf_counter() - start})
+            rows["torchdiffeq implicit_adams"].append(
+                {"steps": n, "err": err, "nfe": calls["n"], "wall_s": time.perf_counter() - start}
+            )
         results[name] = {"T": T, "methods": rows}
     return results
 
@@ -166,17 +218,20 @@ def _sde(size: str) -> dict[str, Any]:
     import diffeqbridge as deb
 
     lam, mu, B = -1000.0, 1.0, {"tiny": 4, "quick": 64, "full": 256}[size]
-    dts = {"tiny": [0.1, 0.001], "quick": [0.1, 0.01, 0.0015, 0.001],
-           "full": [0.1, 0.03, 0.01, 0.003, 0.002, 0.0015, 0.001, 0.0005]}[size]
-    prob = deb.SDEProblem(lambda t, y: lam * y, lambda t, y: mu * y, torch.ones(B, 1, dtype=torch.float64),
-                          tspan=(0.0, 1.0))
+    dts = {
+        "tiny": [0.1, 0.001],
+        "quick": [0.1, 0.01, 0.0015, 0.001],
+        "full": [0.1, 0.03, 0.01, 0.003, 0.002, 0.0015, 0.001, 0.0005],
+    }[size]
+    prob = deb.SDEProblem(lambda t, y: lam * y, lambda t, y: mu * y, torch.ones(B, 1, dtype=torch.float64), tspan=(0.0, 1.0))
     rows: dict[str, list[dict]] = {}
 
     def record(label: str, dt: float, y_end: Any, nfe: float, wall: float) -> None:
         y = np.asarray(y_end, dtype=np.float64)
         bounded = bool(np.all(np.isfinite(y)) and np.max(np.abs(y)) < 1.0)
-        rows.setdefault(label, []).append({"dt": dt, "bounded": bounded, "max_abs_XT": float(np.nanmax(np.abs(y))),
-                                           "nfe": nfe, "wall_s": wall})
+        rows.setdefault(label, []).append(
+            {"dt": dt, "bounded": bounded, "max_abs_XT": float(np.nanmax(np.abs(y))), "nfe": nfe, "wall_s": wall}
+        )
 
     for label, make in (("ours EM", deb.EM), ("ours ImplicitEM", deb.ImplicitEM), ("ours SROCK1", deb.SROCK1)):
         for dt in dts:
@@ -197,16 +252,19 @@ def _sde(size: str) -> dict[str, Any]:
         start = time.perf_counter()
         with torch.no_grad():
             bm = torchsde.BrownianInterval(0.0, 1.0, size=(B, 1), dtype=torch.float64, entropy=0)
-            ys = torchsde.sdeint(SDE(), torch.ones(B, 1, dtype=torch.float64), torch.tensor([0.0, 1.0]), bm=bm,
-                                 method="euler", dt=dt)
+            ys = torchsde.sdeint(
+                SDE(), torch.ones(B, 1, dtype=torch.float64), torch.tensor([0.0, 1.0]), bm=bm, method="euler", dt=dt
+            )
         record("torchsde euler", dt, ys[-1].numpy(), round(1.0 / dt), time.perf_counter() - start)
 
     def solve_dfx(dt, key):
         bm = diffrax.VirtualBrownianTree(0.0, 1.0, tol=dt / 4, shape=(1,), key=key)
-        terms = diffrax.MultiTerm(diffrax.ODETerm(lambda t, y, a: lam * y),
-                                  diffrax.ControlTerm(lambda t, y, a: (mu * y)[:, None], bm))
-        return diffrax.diffeqsolve(terms, diffrax.Euler(), 0.0, 1.0, dt0=dt, y0=jnp.ones(1),
-                                   saveat=diffrax.SaveAt(t1=True), max_steps=20_000).ys[-1]
+        terms = diffrax.MultiTerm(
+            diffrax.ODETerm(lambda t, y, a: lam * y), diffrax.ControlTerm(lambda t, y, a: (mu * y)[:, None], bm)
+        )
+        return diffrax.diffeqsolve(
+            terms, diffrax.Euler(), 0.0, 1.0, dt0=dt, y0=jnp.ones(1), saveat=diffrax.SaveAt(t1=True), max_steps=20_000
+        ).ys[-1]
 
     keys = jax.random.split(jax.random.PRNGKey(0), B)
     for dt in dts:
@@ -228,37 +286,68 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
     threading = setup_jax(threads)
     ode = _ode(size)
     sde = _sde(size)
-    payload = {"config": {"size": size, "threads": threading, "dtype": "float64"},
-               "notes": ["diffrax NFE is not exposed: compare steps (accepted + rejected) and wall time.",
-                         "torchdiffeq implicit_adams is fixed-step with functional iteration (no Newton)."],
-               "ode": ode, "sde": sde}
+    payload = {
+        "config": {"size": size, "threads": threading, "dtype": "float64"},
+        "notes": [
+            "diffrax NFE is not exposed: compare steps (accepted + rejected) and wall time.",
+            "torchdiffeq implicit_adams is fixed-step with functional iteration (no Newton).",
+        ],
+        "ode": ode,
+        "sde": sde,
+    }
     out = Path(out)
     doc = H.write_json(out / f"{NAME}.json", NAME, payload)
     fig, axes = H.figure(ncols=len(ode) + 1, nrows=1, size=(4.8, 3.8))
     colors = {"ours": "C0", "diffrax": "C1", "torchdiffeq": "C2"}
     for ax, (name, res) in zip(axes, ode.items()):
-        series = {k: ([r["steps"] for r in v], [r["err"] if math.isfinite(r["err"]) else None for r in v])
-                  for k, v in res["methods"].items()}
-        styles = {k: {"color": colors[k.split()[0]], "linestyle": "--" if "Kenc" in k or "Auto" in k else "-",
-                      "markersize": 4} for k in series}
-        H.plot_series(ax, series, xlabel="steps (accepted + rejected)", ylabel="max relative error at T",
-                      title=f"{name}, T = {res['T']:g}", styles=styles)
+        series = {
+            k: ([r["steps"] for r in v], [r["err"] if math.isfinite(r["err"]) else None for r in v])
+            for k, v in res["methods"].items()
+        }
+        styles = {
+            k: {"color": colors[k.split()[0]], "linestyle": "--" if "Kenc" in k or "Auto" in k else "-", "markersize": 4}
+            for k in series
+        }
+        H.plot_series(
+            ax,
+            series,
+            xlabel="steps (accepted + rejected)",
+            ylabel="max relative error at T",
+            title=f"{name}, T = {res['T']:g}",
+            styles=styles,
+        )
     ax = axes[len(ode)]
-    sde_series = {k: ([r["dt"] for r in v], [r["max_abs_XT"] if math.isfinite(r["max_abs_XT"]) else 1e300 for r in v])
-                  for k, v in sde["methods"].items()}
-    H.plot_series(ax, sde_series, xlabel="dt", ylabel="max |X_T| over paths",
-                  title="dX = -1000 X dt + X dW: bounded?")
+    sde_series = {
+        k: ([r["dt"] for r in v], [r["max_abs_XT"] if math.isfinite(r["max_abs_XT"]) else 1e300 for r in v])
+        for k, v in sde["methods"].items()
+    }
+    H.plot_series(ax, sde_series, xlabel="dt", ylabel="max |X_T| over paths", title="dX = -1000 X dt + X dW: bounded?")
     H.savefig(fig, out / f"{NAME}.png")
     table = []
     for name, res in ode.items():
         for label, lst in res["methods"].items():
             for r in lst:
-                table.append((name, label, f"{r.get('tol', '—')}", f"{r['err']:.2g}", r["steps"],
-                              "—" if r["nfe"] is None else r["nfe"], f"{r['wall_s']:.3f}"))
+                table.append(
+                    (
+                        name,
+                        label,
+                        f"{r.get('tol', '—')}",
+                        f"{r['err']:.2g}",
+                        r["steps"],
+                        "—" if r["nfe"] is None else r["nfe"],
+                        f"{r['wall_s']:.3f}",
+                    )
+                )
     print(H.markdown_table(["problem", "method", "tol", "rel. err", "steps", "NFE", "wall s"], table))
-    print(H.markdown_table(["SDE method", "largest bounded dt", "NFE/path there"],
-                           [(k, "—" if v is None else v["dt"], "—" if v is None else f"{v['nfe']:.0f}")
-                            for k, v in sde["largest_stable_dt"].items()]))
+    print(
+        H.markdown_table(
+            ["SDE method", "largest bounded dt", "NFE/path there"],
+            [
+                (k, "—" if v is None else v["dt"], "—" if v is None else f"{v['nfe']:.0f}")
+                for k, v in sde["largest_stable_dt"].items()
+            ],
+        )
+    )
     return doc
 
 

@@ -6,6 +6,7 @@ Ours and torchsde use the same paths (our tree), diffrax its own; the Monte Carl
 errors of both moments are reported with the results: weak errors below them are noise.
 Wall time: one warm solve of all N paths per point (diffrax compiled before).
 """
+
 from __future__ import annotations
 
 import math
@@ -33,9 +34,15 @@ M2 = 0.25 * math.exp(2.02 + 0.87**2)
 def cases(size: str) -> list[tuple[str, str, bool, list[float]]]:
     fixed = [2.0**-k for k in ((2, 3) if size == "tiny" else (2, 3, 4, 5) if size == "quick" else (2, 3, 4, 5, 6))]
     tols = [10**-1] if size == "tiny" else [10**-1, 10**-1.5, 10**-2]
-    out = [("ours", "EM", False, fixed), ("ours", "SRIW1", True, tols), ("ours", "SOSRI", True, tols),
-           ("torchsde", "euler", False, fixed), ("torchsde", "srk", False, fixed[:3]),
-           ("diffrax", "Euler", False, fixed), ("diffrax", "SPaRK", True, tols)]
+    out = [
+        ("ours", "EM", False, fixed),
+        ("ours", "SRIW1", True, tols),
+        ("ours", "SOSRI", True, tols),
+        ("torchsde", "euler", False, fixed),
+        ("torchsde", "srk", False, fixed[:3]),
+        ("diffrax", "Euler", False, fixed),
+        ("diffrax", "SPaRK", True, tols),
+    ]
     if size == "tiny":
         out = out[:2] + out[3:4]
     return out
@@ -64,15 +71,27 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
             y = np.asarray(res["y"], dtype=np.float64).reshape(-1)
             m1, m2 = float(y.mean()), float((y * y).mean())
             mc.setdefault(lib, {"se_m1": float(y.std() / math.sqrt(N)), "se_m2": float((y * y).std() / math.sqrt(N))})
-            rows[key].append({"level": level, "wall_s": wall, "nfe": res["nfe"], "m1": m1, "m2": m2,
-                              "err_m1": abs(m1 - M1), "err_m2": abs(m2 - M2), "failed": res["failed"]})
+            rows[key].append(
+                {
+                    "level": level,
+                    "wall_s": wall,
+                    "nfe": res["nfe"],
+                    "m1": m1,
+                    "m2": m2,
+                    "err_m1": abs(m1 - M1),
+                    "err_m2": abs(m2 - M2),
+                    "failed": res["failed"],
+                }
+            )
         if progress:
             progress(key)
     payload = {
         "config": {"N": N, "size": size, "exact": {"E u(1)": M1, "E u(1)^2": M2}, "threads": threading, "dtype": "float64"},
         "monte_carlo_standard_error": mc,
-        "notes": ["ours and torchsde share paths (our tree); diffrax uses its own paths.",
-                  "weak errors at or below the Monte Carlo standard error are sampling noise, not bias."],
+        "notes": [
+            "ours and torchsde share paths (our tree); diffrax uses its own paths.",
+            "weak errors at or below the Monte Carlo standard error are sampling noise, not bias.",
+        ],
         "methods": rows,
     }
     out = Path(out)
@@ -81,16 +100,27 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
     colors = {"ours": "C0", "torchsde": "C2", "diffrax": "C1"}
     for ax, moment, se_key in ((axes[0], "err_m1", "se_m1"), (axes[1], "err_m2", "se_m2")):
         series = {k: ([r["wall_s"] for r in v], [max(r[moment], 1e-12) for r in v]) for k, v in rows.items()}
-        styles = {k: {"color": colors[k.split()[0]], "linestyle": "--" if "adaptive" in k else "-", "markersize": 4} for k in rows}
-        H.plot_series(ax, series, xlabel=f"wall time, {N} paths [s]", ylabel=f"|{'E u(1)' if moment == 'err_m1' else 'E u(1)^2'} error|",
-                      title=f"GBM weak error ({'first' if moment == 'err_m1' else 'second'} moment)", styles=styles)
+        styles = {
+            k: {"color": colors[k.split()[0]], "linestyle": "--" if "adaptive" in k else "-", "markersize": 4} for k in rows
+        }
+        H.plot_series(
+            ax,
+            series,
+            xlabel=f"wall time, {N} paths [s]",
+            ylabel=f"|{'E u(1)' if moment == 'err_m1' else 'E u(1)^2'} error|",
+            title=f"GBM weak error ({'first' if moment == 'err_m1' else 'second'} moment)",
+            styles=styles,
+        )
         se = mc.get("ours", {}).get(se_key)
         if se:
             ax.axhline(se, color="k", linewidth=0.8, linestyle=":", label="MC std. error")
         ax.legend(fontsize=6)
     H.savefig(fig, out / f"{NAME}.png")
-    table = [(k, f"{r['level']:.3g}", f"{r['nfe']:.0f}", H.format_seconds(r["wall_s"]), f"{r['err_m1']:.2e}", f"{r['err_m2']:.2e}")
-             for k, v in rows.items() for r in v]
+    table = [
+        (k, f"{r['level']:.3g}", f"{r['nfe']:.0f}", H.format_seconds(r["wall_s"]), f"{r['err_m1']:.2e}", f"{r['err_m2']:.2e}")
+        for k, v in rows.items()
+        for r in v
+    ]
     print(H.markdown_table(["method", "dt/tol", "NFE", "wall", "|err m1|", "|err m2|"], table))
     print(f"MC standard errors: {mc}")
     return doc

@@ -13,6 +13,7 @@ Stated tolerance: |Ĥ - H| < 0.05 for every true H.
 
 writes ``fractional_ou.png`` and ``fractional_ou.json``.  About a CPU minute (``--quick``: seconds).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,7 @@ def fit(obs: torch.Tensor, dt: float, iters: int) -> dict:
     path = []
     for _ in range(iters):
         opt.zero_grad()
-        loss = -fractional_ou_log_evidence(model, 1.0, 0.5, torch.zeros(obs.shape[1], dtype=obs.dtype), dt,
-                                           obs, 0.01).mean()
+        loss = -fractional_ou_log_evidence(model, 1.0, 0.5, torch.zeros(obs.shape[1], dtype=obs.dtype), dt, obs, 0.01).mean()
         loss.backward()
         opt.step()
         path.append(float(model.hurst.detach()))
@@ -60,16 +60,18 @@ def main() -> None:
         r["true_hurst"] = h
         r["within_tolerance"] = abs(r["hurst"] - h) < TOLERANCE
         results.append(r)
-        print(f"H = {h:.2f}: fitted {r['hurst']:.3f}  {'ok' if r['within_tolerance'] else 'OUTSIDE'} "
-              f"tolerance {TOLERANCE}")
-    errors = {h: [float(MarkovFBM(h, k, (1e-2, 1e3)).approximation_error().detach()) for k in range(1, 11)]
-              for h in (0.2, 0.3, 0.5, 0.7, 0.8)}
+        print(f"H = {h:.2f}: fitted {r['hurst']:.3f}  {'ok' if r['within_tolerance'] else 'OUTSIDE'} tolerance {TOLERANCE}")
+    errors = {
+        h: [float(MarkovFBM(h, k, (1e-2, 1e3)).approximation_error().detach()) for k in range(1, 11)]
+        for h in (0.2, 0.3, 0.5, 0.7, 0.8)
+    }
     seconds = time.perf_counter() - start
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "fractional_ou.json"), "w") as fh:
         json.dump({"seconds": seconds, "tolerance": TOLERANCE, "fits": results, "l2_error_vs_K": errors}, fh, indent=1)
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:

@@ -14,6 +14,7 @@ writes ``latent_sde_lorenz.png`` (data, posterior reconstructions and prior samp
 ``latent_sde_lorenz.json`` (ELBO, KL and MSE per iteration).  A few CPU minutes (``--quick``:
 seconds).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,11 +69,12 @@ class Diffusion(nn.Module):
 
     def __init__(self, latent: int, width: int):
         super().__init__()
-        self.nets = nn.ModuleList(nn.Sequential(nn.Linear(1, width), nn.Softplus(), nn.Linear(width, 1), nn.Sigmoid())
-                                  for _ in range(latent))
+        self.nets = nn.ModuleList(
+            nn.Sequential(nn.Linear(1, width), nn.Softplus(), nn.Linear(width, 1), nn.Sigmoid()) for _ in range(latent)
+        )
 
     def forward(self, z):
-        return torch.cat([net(z[:, i:i + 1]) for i, net in enumerate(self.nets)], dim=1)
+        return torch.cat([net(z[:, i : i + 1]) for i, net in enumerate(self.nets)], dim=1)
 
 
 def main() -> None:
@@ -86,10 +88,16 @@ def main() -> None:
     latent, ctx, width, obs_std = 4, 16, 64, 0.01
     ts, xs = lorenz_data(n, 25)
     encoder = Encoder(3, ctx)
-    model = deb.LatentSDE(PosteriorDrift(latent, ctx, width),
-                          nn.Sequential(nn.Linear(latent, width), nn.Softplus(), nn.Linear(width, latent)),
-                          Diffusion(latent, width // 4), encoder=encoder, interpretation="stratonovich",
-                          alg=deb.EulerHeun(), sensealg=deb.BacksolveAdjoint(), dt=1.0 / 48)
+    model = deb.LatentSDE(
+        PosteriorDrift(latent, ctx, width),
+        nn.Sequential(nn.Linear(latent, width), nn.Softplus(), nn.Linear(width, latent)),
+        Diffusion(latent, width // 4),
+        encoder=encoder,
+        interpretation="stratonovich",
+        alg=deb.EulerHeun(),
+        sensealg=deb.BacksolveAdjoint(),
+        dt=1.0 / 48,
+    )
     qz0 = nn.Linear(ctx, 2 * latent)
     decoder = nn.Linear(latent, 3)
     pz0_mean, pz0_logstd = nn.Parameter(torch.zeros(latent)), nn.Parameter(torch.zeros(latent))
@@ -122,13 +130,15 @@ def main() -> None:
         json.dump({"iters": iters, "seconds": seconds, "history": history}, fh, indent=1)
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return
     fig = plt.figure(figsize=(13, 4))
-    for k, (title, data) in enumerate([("data", xs), ("posterior reconstruction", decoder(zs).detach()),
-                                        ("prior samples", prior)]):
+    for k, (title, data) in enumerate(
+        [("data", xs), ("posterior reconstruction", decoder(zs).detach()), ("prior samples", prior)]
+    ):
         ax = fig.add_subplot(1, 4, k + 1, projection="3d")
         for b in range(min(8, n)):
             ax.plot(*data[:, b].T.numpy(), lw=0.8)

@@ -13,6 +13,7 @@ linear read-out of ``z(t_end)`` and binary cross-entropy.
 writes ``neural_cde_classifier.png`` (sample series, loss and test accuracy, steps per sample)
 and ``.json``.  About a CPU minute (``--quick``: seconds).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,7 @@ def spirals(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     angle = direction * 0.5 * t + phase
     decay = torch.exp(-t / 4)
     x = torch.stack([t / (4 * math.pi), decay * torch.cos(angle), decay * torch.sin(angle)], dim=-1)
-    drop = (torch.rand(n, L, 2, generator=g) < 0.3)
+    drop = torch.rand(n, L, 2, generator=g) < 0.3
     drop[:, 0] = False
     x[..., 1:] = x[..., 1:].masked_fill(drop, float("nan"))
     return t.double(), x.double(), labels
@@ -90,10 +91,9 @@ def main() -> None:
         perm = torch.randperm(n_train)
         losses = []
         for i in range(0, n_train, batch):
-            idx = perm[i:i + batch]
+            idx = perm[i : i + batch]
             opt.zero_grad()
-            loss = nn.functional.binary_cross_entropy_with_logits(logits(t_tr[idx], c_tr[idx], x_tr[idx]),
-                                                                  y_tr[idx].double())
+            loss = nn.functional.binary_cross_entropy_with_logits(logits(t_tr[idx], c_tr[idx], x_tr[idx]), y_tr[idx].double())
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
@@ -101,17 +101,27 @@ def main() -> None:
         with torch.no_grad():
             acc = float(((logits(t_te, c_te, x_te) > 0).long() == y_te).double().mean())
         steps = model.stats.naccept.double()
-        history.append({"epoch": epoch, "loss": sum(losses) / len(losses), "test_accuracy": acc,
-                        "steps_mean": float(steps.mean()), "steps_min": float(steps.min()),
-                        "steps_max": float(steps.max())})
-        print(f"epoch {epoch:3d}  loss {history[-1]['loss']:.4f}  test acc {acc:.3f}  "
-              f"steps/sample {steps.mean():.1f} [{steps.min():.0f}, {steps.max():.0f}]")
+        history.append(
+            {
+                "epoch": epoch,
+                "loss": sum(losses) / len(losses),
+                "test_accuracy": acc,
+                "steps_mean": float(steps.mean()),
+                "steps_min": float(steps.min()),
+                "steps_max": float(steps.max()),
+            }
+        )
+        print(
+            f"epoch {epoch:3d}  loss {history[-1]['loss']:.4f}  test acc {acc:.3f}  "
+            f"steps/sample {steps.mean():.1f} [{steps.min():.0f}, {steps.max():.0f}]"
+        )
     seconds = time.perf_counter() - start
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "neural_cde_classifier.json"), "w") as fh:
         json.dump({"seconds": seconds, "history": history}, fh, indent=1)
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:

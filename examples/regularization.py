@@ -32,6 +32,7 @@ takes about 6 CPU minutes (``--quick`` about one; ``--only cls`` runs the classi
 writes ``regularization.json`` and ``regularization.png`` (loss curves and test NFE).
 ``benchmarks/regularization.py`` runs the same experiment as a benchmark.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -94,12 +95,45 @@ SIZES = {
     # classifier: iterations, train/test points, whether to run the weight sweep, timing repeats.
     # quick: 60 iterations show the error regularizer's effect; local_error (whose fit
     # starts later, see the plot) is still at chance level then
-    "full": {"sde_iters": 30, "ode_iters": 200, "n_data": 1000, "n_traj": 100, "repeats": 3, "data_tol": 0.05,
-             "cls_iters": 150, "cls_train": 256, "cls_test": 1024, "cls_sweep": True, "cls_repeats": 11},
-    "quick": {"sde_iters": 8, "ode_iters": 20, "n_data": 100, "n_traj": 32, "repeats": 2, "data_tol": 0.1,
-              "cls_iters": 60, "cls_train": 256, "cls_test": 512, "cls_sweep": False, "cls_repeats": 5},
-    "tiny": {"sde_iters": 1, "ode_iters": 1, "n_data": 16, "n_traj": 4, "repeats": 1, "data_tol": 0.3,
-             "cls_iters": 1, "cls_train": 16, "cls_test": 16, "cls_sweep": False, "cls_repeats": 1},
+    "full": {
+        "sde_iters": 30,
+        "ode_iters": 200,
+        "n_data": 1000,
+        "n_traj": 100,
+        "repeats": 3,
+        "data_tol": 0.05,
+        "cls_iters": 150,
+        "cls_train": 256,
+        "cls_test": 1024,
+        "cls_sweep": True,
+        "cls_repeats": 11,
+    },
+    "quick": {
+        "sde_iters": 8,
+        "ode_iters": 20,
+        "n_data": 100,
+        "n_traj": 32,
+        "repeats": 2,
+        "data_tol": 0.1,
+        "cls_iters": 60,
+        "cls_train": 256,
+        "cls_test": 512,
+        "cls_sweep": False,
+        "cls_repeats": 5,
+    },
+    "tiny": {
+        "sde_iters": 1,
+        "ode_iters": 1,
+        "n_data": 16,
+        "n_traj": 4,
+        "repeats": 1,
+        "data_tol": 0.3,
+        "cls_iters": 1,
+        "cls_train": 16,
+        "cls_test": 16,
+        "cls_sweep": False,
+        "cls_repeats": 1,
+    },
 }
 
 
@@ -186,8 +220,12 @@ def evaluate_sde(model: deb.NeuralSDE, data: tuple, ts: torch.Tensor, size: dict
             nfes.append(float(model.stats.nf.double().mean()))
             model(y0, ts[[0, -1]], seed=seed)  # cost of the dynamics alone (no save times to land on)
             nfes_free.append(float(model.stats.nf.double().mean()))
-    return {"test_loss": statistics.mean(losses), "nfe": statistics.mean(nfes),
-            "nfe_endpoints": statistics.mean(nfes_free), "predict_s": statistics.median(times)}
+    return {
+        "test_loss": statistics.mean(losses),
+        "nfe": statistics.mean(nfes),
+        "nfe_endpoints": statistics.mean(nfes_free),
+        "predict_s": statistics.median(times),
+    }
 
 
 # ------------------------------------------------------------------------- ODE toy
@@ -214,8 +252,9 @@ def ode_initial(n: int, seed: int) -> torch.Tensor:
     return torch.tensor([[2.0, 0.0]]) + 0.2 * torch.randn(n, 2, generator=g)
 
 
-def train_ode(name: str, regularize: Any, weight: float, y0: torch.Tensor, data: torch.Tensor, ts: torch.Tensor,
-              size: dict) -> dict:
+def train_ode(
+    name: str, regularize: Any, weight: float, y0: torch.Tensor, data: torch.Tensor, ts: torch.Tensor, size: dict
+) -> dict:
     model = deb.NeuralODE(drift_net(0), alg=deb.Tsit5(), regularize=regularize, atol=1e-5, rtol=1e-5)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     curve, regs, nfe = [], [], []
@@ -232,8 +271,7 @@ def train_ode(name: str, regularize: Any, weight: float, y0: torch.Tensor, data:
         opt.step()
         curve.append(float(loss.detach()))
         nfe.append(float(model.stats.nf.double().mean()))
-    return {"model": model, "curve": curve, "reg_curve": regs, "train_nfe": nfe,
-            "train_s": time.perf_counter() - start}
+    return {"model": model, "curve": curve, "reg_curve": regs, "train_nfe": nfe, "train_s": time.perf_counter() - start}
 
 
 def evaluate_ode(model: deb.NeuralODE, y0: torch.Tensor, data: torch.Tensor, ts: torch.Tensor, size: dict) -> dict:
@@ -270,8 +308,7 @@ class TimeField(nn.Module):
 
     def __init__(self, dim: int, width: int = 64):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim + 1, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
-                                 nn.Linear(width, dim))
+        self.net = nn.Sequential(nn.Linear(dim + 1, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, dim))
 
     def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         tt = torch.as_tensor(t, dtype=y.dtype).reshape(-1, 1).expand(y.shape[0], 1)
@@ -311,8 +348,7 @@ def train_cls(regularize: Any, weight: float, data: tuple, size: dict) -> dict:
         opt.step()
         curve.append(float(loss.detach()))
         nfe.append(float(model.ode.stats.nf.double().mean()))
-    return {"model": model, "curve": curve, "reg_curve": regs, "train_nfe": nfe,
-            "train_s": time.perf_counter() - start}
+    return {"model": model, "curve": curve, "reg_curve": regs, "train_nfe": nfe, "train_s": time.perf_counter() - start}
 
 
 def evaluate_cls(model: Classifier, data: tuple) -> dict:
@@ -327,8 +363,7 @@ def evaluate_cls(model: Classifier, data: tuple) -> dict:
     return {"test_loss": loss, "test_accuracy": acc, "nfe": nfe, "nfe_endpoints": nfe}
 
 
-def time_predictions(models: dict[str, Classifier], x: torch.Tensor, repeats: int,
-                     check_every: int = 8) -> dict[str, float]:
+def time_predictions(models: dict[str, Classifier], x: torch.Tensor, repeats: int, check_every: int = 8) -> dict[str, float]:
     """Fastest of ``repeats`` test-set predictions per model, the models timed in turn (round
     robin), so that load changes on a shared machine hit all of them alike.
 
@@ -362,8 +397,13 @@ def _ratios(results: dict) -> None:
         r["test_loss_ratio"] = r["test_loss"] / base["test_loss"]
 
 
-def run(quick: bool = False, out: Path = Path("bench_out"), size: str | None = None,
-        only: tuple[str, ...] = ("cls", "sde", "ode"), log: Any = print) -> dict:
+def run(
+    quick: bool = False,
+    out: Path = Path("bench_out"),
+    size: str | None = None,
+    only: tuple[str, ...] = ("cls", "sde", "ode"),
+    log: Any = print,
+) -> dict:
     """Run the experiment; writes ``out/regularization.json`` and ``.png``; returns the payload."""
     torch.set_num_threads(1)
     key = size or ("quick" if quick else "full")
@@ -380,25 +420,41 @@ def run(quick: bool = False, out: Path = Path("bench_out"), size: str | None = N
             tr = train_cls(reg, weight, train, sz)
             ev = evaluate_cls(tr["model"], test)
             models[name] = tr["model"]
-            res[name] = {"regularize": reg, "weight": weight, "train_s": tr["train_s"],
-                         "final_train_loss": tr["curve"][-1], "train_nfe_last": tr["train_nfe"][-1],
-                         "train_nfe_first": tr["train_nfe"][0], **ev}
+            res[name] = {
+                "regularize": reg,
+                "weight": weight,
+                "train_s": tr["train_s"],
+                "final_train_loss": tr["curve"][-1],
+                "train_nfe_last": tr["train_nfe"][-1],
+                "train_nfe_first": tr["train_nfe"][0],
+                **ev,
+            }
             curves["cls"][name] = tr["curve"]
         for name, t in time_predictions(models, test[0], sz["cls_repeats"], check_every=1).items():
             res[name]["predict_s"] = t
         for name, t in time_predictions(models, test[0], sz["cls_repeats"]).items():
             res[name]["predict_s_check_every_8"] = t
         for name, r in res.items():
-            log(f"cls {name:16s} test loss {r['test_loss']:.4f} acc {r['test_accuracy']:.3f}  NFE {r['nfe']:.1f}  "
-                f"predict {r['predict_s'] * 1e3:.1f} ms  train {r['train_s']:.1f} s")
+            log(
+                f"cls {name:16s} test loss {r['test_loss']:.4f} acc {r['test_accuracy']:.3f}  NFE {r['nfe']:.1f}  "
+                f"predict {r['predict_s'] * 1e3:.1f} ms  train {r['train_s']:.1f} s"
+            )
         _ratios(res)
         for r in res.values():
             r["predict_time_ratio_check_every_8"] = r["predict_s_check_every_8"] / res["none"]["predict_s_check_every_8"]
             r["meets_target"] = r["nfe_ratio"] <= 0.75 and r["test_loss_ratio"] <= 1.05
         payload["problems"]["neural_ode_classifier"] = {
-            "alg": "Tsit5", "atol": CLS_TOL, "rtol": CLS_TOL, "save_times": 2, "augmented_dims": CLS_AUG,
-            "width": 64, "train_points": sz["cls_train"], "test_points": sz["cls_test"], "iters": sz["cls_iters"],
-            "results": res}
+            "alg": "Tsit5",
+            "atol": CLS_TOL,
+            "rtol": CLS_TOL,
+            "save_times": 2,
+            "augmented_dims": CLS_AUG,
+            "width": 64,
+            "train_points": sz["cls_train"],
+            "test_points": sz["cls_test"],
+            "iters": sz["cls_iters"],
+            "results": res,
+        }
     if "sde" in only:
         ts = torch.linspace(0.0, 1.0, 10)
         data = sde_data(sz["n_data"], ts.double(), seed=1, tol=sz["data_tol"])
@@ -408,16 +464,30 @@ def run(quick: bool = False, out: Path = Path("bench_out"), size: str | None = N
         for name, (reg, weight) in SDE_CONFIGS.items():
             tr = train_sde(name, reg, weight, data, ts, sz)
             ev = evaluate_sde(tr["model"], test_data, ts, sz)
-            res[name] = {"regularize": reg, "weight": weight, "train_s": tr["train_s"],
-                         "final_train_loss": tr["curve"][-1], "train_nfe_last": tr["train_nfe"][-1], **ev}
+            res[name] = {
+                "regularize": reg,
+                "weight": weight,
+                "train_s": tr["train_s"],
+                "final_train_loss": tr["curve"][-1],
+                "train_nfe_last": tr["train_nfe"][-1],
+                **ev,
+            }
             curves["sde"][name] = tr["curve"]
-            log(f"sde {name:16s} test loss {ev['test_loss']:.4f}  NFE {ev['nfe']:.1f} (endpoints {ev['nfe_endpoints']:.1f})  "
-                f"predict {ev['predict_s'] * 1e3:.1f} ms  train {tr['train_s']:.1f} s")
+            log(
+                f"sde {name:16s} test loss {ev['test_loss']:.4f}  NFE {ev['nfe']:.1f} (endpoints {ev['nfe_endpoints']:.1f})  "
+                f"predict {ev['predict_s'] * 1e3:.1f} ms  train {tr['train_s']:.1f} s"
+            )
         _ratios(res)
         true_nfe = sde_true_nfe(sz["n_traj"], ts, seed=10_000)
-        payload["problems"]["neural_sde"] = {"alg": "SOSRI", "atol": 0.3, "rtol": 0.3, "save_times": len(ts),
-                                             "true_dynamics_nfe": true_nfe[0], "true_dynamics_nfe_endpoints": true_nfe[1],
-                                             "results": res}
+        payload["problems"]["neural_sde"] = {
+            "alg": "SOSRI",
+            "atol": 0.3,
+            "rtol": 0.3,
+            "save_times": len(ts),
+            "true_dynamics_nfe": true_nfe[0],
+            "true_dynamics_nfe_endpoints": true_nfe[1],
+            "results": res,
+        }
         log(f"sde true dynamics NFE {true_nfe[0]:.1f} (endpoints {true_nfe[1]:.1f})")
     if "ode" in only:
         ts = torch.linspace(0.0, 1.5, 6)
@@ -428,16 +498,30 @@ def run(quick: bool = False, out: Path = Path("bench_out"), size: str | None = N
         for name, (reg, weight) in ODE_CONFIGS.items():
             tr = train_ode(name, reg, weight, y_train, d_train, ts, sz)
             ev = evaluate_ode(tr["model"], y_test, d_test, ts, sz)
-            res[name] = {"regularize": reg, "weight": weight, "train_s": tr["train_s"],
-                         "final_train_loss": tr["curve"][-1], "train_nfe_last": tr["train_nfe"][-1], **ev}
+            res[name] = {
+                "regularize": reg,
+                "weight": weight,
+                "train_s": tr["train_s"],
+                "final_train_loss": tr["curve"][-1],
+                "train_nfe_last": tr["train_nfe"][-1],
+                **ev,
+            }
             curves["ode"][name] = tr["curve"]
-            log(f"ode {name:16s} test loss {ev['test_loss']:.5f}  NFE {ev['nfe']:.1f} (endpoints {ev['nfe_endpoints']:.1f})  "
-                f"predict {ev['predict_s'] * 1e3:.1f} ms  train {tr['train_s']:.1f} s")
+            log(
+                f"ode {name:16s} test loss {ev['test_loss']:.5f}  NFE {ev['nfe']:.1f} (endpoints {ev['nfe_endpoints']:.1f})  "
+                f"predict {ev['predict_s'] * 1e3:.1f} ms  train {tr['train_s']:.1f} s"
+            )
         _ratios(res)
         true_nfe = ode_true_nfe(y_test, ts)
-        payload["problems"]["neural_ode"] = {"alg": "Tsit5", "atol": 1e-5, "rtol": 1e-5, "save_times": len(ts),
-                                             "true_dynamics_nfe": true_nfe[0], "true_dynamics_nfe_endpoints": true_nfe[1],
-                                             "results": res}
+        payload["problems"]["neural_ode"] = {
+            "alg": "Tsit5",
+            "atol": 1e-5,
+            "rtol": 1e-5,
+            "save_times": len(ts),
+            "true_dynamics_nfe": true_nfe[0],
+            "true_dynamics_nfe_endpoints": true_nfe[1],
+            "results": res,
+        }
         log(f"ode true dynamics NFE {true_nfe[0]:.1f} (endpoints {true_nfe[1]:.1f})")
     payload["curves"] = curves
     out = Path(out)
@@ -472,20 +556,25 @@ def plot(payload: dict, path: Path) -> None:
         info = payload["problems"][prob]
         if key == "cls":  # endpoint-only: one solve over (0, 1)
             ax.bar(list(x), [res[n]["nfe"] for n in names], width=0.6, label="NFE per point")
-            ax.axhline(res["none"]["train_nfe_first"], color="k", linestyle=":", linewidth=1,
-                       label="at initialisation")
+            ax.axhline(res["none"]["train_nfe_first"], color="k", linestyle=":", linewidth=1, label="at initialisation")
         else:
             ax.bar([i - 0.2 for i in x], [res[n]["nfe"] for n in names], width=0.4, label="NFE at save times")
             ax.bar([i + 0.2 for i in x], [res[n]["nfe_endpoints"] for n in names], width=0.4, label="NFE (t0, t1) only")
         for i, n in enumerate(names):
             acc = f"\nacc {res[n]['test_accuracy']:.3f}" if "test_accuracy" in res[n] else ""
-            ax.text(i, res[n]["nfe"], f"loss×{res[n]['test_loss_ratio']:.2f}\nNFE×{res[n]['nfe_ratio']:.2f}{acc}",
-                    ha="center", va="bottom", fontsize=7)
+            ax.text(
+                i,
+                res[n]["nfe"],
+                f"loss×{res[n]['test_loss_ratio']:.2f}\nNFE×{res[n]['nfe_ratio']:.2f}{acc}",
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
         if "true_dynamics_nfe" in info:
-            ax.axhline(info["true_dynamics_nfe"], color="C0", linestyle="--", linewidth=1,
-                       label="true dynamics, at save times")
-            ax.axhline(info["true_dynamics_nfe_endpoints"], color="C1", linestyle="--", linewidth=1,
-                       label="true dynamics, (t0, t1) only")
+            ax.axhline(info["true_dynamics_nfe"], color="C0", linestyle="--", linewidth=1, label="true dynamics, at save times")
+            ax.axhline(
+                info["true_dynamics_nfe_endpoints"], color="C1", linestyle="--", linewidth=1, label="true dynamics, (t0, t1) only"
+            )
         ax.set_ylim(0, 1.35 * max(max(res[n]["nfe"] for n in names), info.get("true_dynamics_nfe", 0.0)))
         ax.set_xticks(list(x))
         ax.set_xticklabels(names, rotation=20, fontsize=8)

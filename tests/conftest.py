@@ -8,6 +8,7 @@ elementwise kernels with 2 threads are pathologically slow under load: ``torch.l
 ``log`` (Box-Muller), so this turns a 2-minute suite into 12+ minutes.  Setting one thread
 here also makes tests that save/restore the thread count restore 1, never 2.
 """
+
 import pytest
 import torch
 
@@ -15,8 +16,12 @@ torch.set_num_threads(1)
 
 
 def pytest_addoption(parser):
-    parser.addoption("--fuzz-long", action="store_true", default=False,
-                     help="tests/test_fuzz.py: ~10^4 generated cases (default: a few hundred, derandomized)")
+    parser.addoption(
+        "--fuzz-long",
+        action="store_true",
+        default=False,
+        help="tests/test_fuzz.py: ~10^4 generated cases (default: a few hundred, derandomized)",
+    )
 
 
 @pytest.fixture

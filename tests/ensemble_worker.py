@@ -3,6 +3,7 @@
 Run as ``python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ensemble_worker.py OUT``:
 rank 0 writes the result to OUT (``torch.save``).
 """
+
 from __future__ import annotations
 
 import sys
@@ -22,19 +23,16 @@ def ensemble() -> deb.EnsembleProblem:
         y0 = torch.ones(indices.shape[0], 1, dtype=torch.float64)
         return deb.SDEProblem(lambda t, y: mu * y, lambda t, y: 0.4 * y, y0, tspan=(0.0, 1.0))
 
-    return deb.EnsembleProblem(prob_func, reduction={"m": deb.Moments(), "q": deb.Quantiles(capacity=256),
-                                                     "all": deb.Collect()})
+    return deb.EnsembleProblem(prob_func, reduction={"m": deb.Moments(), "q": deb.Quantiles(capacity=256), "all": deb.Collect()})
 
 
 def run(distributed: bool) -> deb.EnsembleSolution:
-    return deb.solve_ensemble(ensemble(), N, batch_size=BATCH, distributed=distributed, alg=deb.SOSRI(),
-                              seed=7)
+    return deb.solve_ensemble(ensemble(), N, batch_size=BATCH, distributed=distributed, alg=deb.SOSRI(), seed=7)
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
     esol = run(distributed=True)
     if torch.distributed.get_rank() == 0:
-        torch.save({"result": esol.result, "retcodes": esol.retcodes, "nf": esol.nf, "world": esol.world_size},
-                   sys.argv[1])
+        torch.save({"result": esol.result, "retcodes": esol.retcodes, "nf": esol.nf, "world": esol.world_size}, sys.argv[1])
     torch.distributed.destroy_process_group()

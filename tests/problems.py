@@ -18,6 +18,7 @@ e.g. ``bm.W(t)`` of the tree passed to ``solve``) to the exact solution ``(B, *s
 * ``additive_system`` (``prob_sde_additivesystem``): the same, componentwise, on 4
   components with α = (0.1, 0.1, 0.1, 0.1), β = (0.5, 0.25, 0.125, 0.1115), u0 = 1.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,12 +40,19 @@ def _column(value: float, batch: int, dtype: torch.dtype) -> Tensor:
     return torch.full((batch, 1), value, dtype=dtype)
 
 
-def linear(batch: int, interpretation: str = "ito", dtype: torch.dtype = torch.float64,
-           tspan: tuple[float, float] = (0.0, 1.0)) -> tuple[deb.SDEProblem, Exact]:
+def linear(
+    batch: int, interpretation: str = "ito", dtype: torch.dtype = torch.float64, tspan: tuple[float, float] = (0.0, 1.0)
+) -> tuple[deb.SDEProblem, Exact]:
     """``prob_sde_linear`` (GBM), state shape ``(1,)``, diagonal noise."""
     mu, sigma, u0 = LINEAR_MU, LINEAR_SIGMA, LINEAR_U0
-    prob = deb.SDEProblem(lambda t, y: mu * y, lambda t, y: sigma * y, _column(u0, batch, dtype),
-                          tspan=tspan, noise="diagonal", interpretation=interpretation)
+    prob = deb.SDEProblem(
+        lambda t, y: mu * y,
+        lambda t, y: sigma * y,
+        _column(u0, batch, dtype),
+        tspan=tspan,
+        noise="diagonal",
+        interpretation=interpretation,
+    )
     rate = mu - sigma**2 / 2 if interpretation == "ito" else mu
 
     def exact(t: float, w: Tensor) -> Tensor:
@@ -59,7 +67,9 @@ def wave(batch: int, dtype: torch.dtype = torch.float64) -> tuple[deb.SDEProblem
     prob = deb.SDEProblem(
         lambda t, y: -0.01 * torch.sin(y) * torch.cos(y) ** 3,
         lambda t, y: 0.1 * torch.cos(y) ** 2,
-        _column(u0, batch, dtype), tspan=(0.0, 1.0), noise="diagonal",
+        _column(u0, batch, dtype),
+        tspan=(0.0, 1.0),
+        noise="diagonal",
     )
 
     def exact(t: float, w: Tensor) -> Tensor:
@@ -74,7 +84,9 @@ def cubic(batch: int, dtype: torch.dtype = torch.float64) -> tuple[deb.SDEProble
     prob = deb.SDEProblem(
         lambda t, y: -0.25 * y * (1 - y**2),
         lambda t, y: 0.5 * (1 - y**2),
-        _column(u0, batch, dtype), tspan=(0.0, 1.0), noise="diagonal",
+        _column(u0, batch, dtype),
+        tspan=(0.0, 1.0),
+        noise="diagonal",
     )
 
     def exact(t: float, w: Tensor) -> Tensor:
@@ -84,8 +96,7 @@ def cubic(batch: int, dtype: torch.dtype = torch.float64) -> tuple[deb.SDEProble
     return prob, exact
 
 
-def _additive(alpha: Tensor, beta: Tensor, u0: float, batch: int, dtype: torch.dtype,
-              noise: str) -> tuple[deb.SDEProblem, Exact]:
+def _additive(alpha: Tensor, beta: Tensor, u0: float, batch: int, dtype: torch.dtype, noise: str) -> tuple[deb.SDEProblem, Exact]:
     alpha, beta = alpha.to(dtype), beta.to(dtype)
     n = alpha.numel()
 
@@ -97,8 +108,7 @@ def _additive(alpha: Tensor, beta: Tensor, u0: float, batch: int, dtype: torch.d
         s = torch.sqrt(1 + t).unsqueeze(1)
         return (alpha * beta / s).expand_as(y)
 
-    prob = deb.SDEProblem(drift, diffusion, torch.full((batch, n), u0, dtype=dtype),
-                          tspan=(0.0, 1.0), noise=noise)
+    prob = deb.SDEProblem(drift, diffusion, torch.full((batch, n), u0, dtype=dtype), tspan=(0.0, 1.0), noise=noise)
 
     def exact(t: float, w: Tensor) -> Tensor:
         s = math.sqrt(1 + t)
@@ -107,21 +117,19 @@ def _additive(alpha: Tensor, beta: Tensor, u0: float, batch: int, dtype: torch.d
     return prob, exact
 
 
-def additive(batch: int, dtype: torch.dtype = torch.float64, noise: str = "additive"
-             ) -> tuple[deb.SDEProblem, Exact]:
+def additive(batch: int, dtype: torch.dtype = torch.float64, noise: str = "additive") -> tuple[deb.SDEProblem, Exact]:
     """``prob_sde_additive`` (α = 0.1, β = 0.05, u0 = 1), state shape ``(1,)``."""
     return _additive(torch.tensor([0.1]), torch.tensor([0.05]), 1.0, batch, dtype, noise)
 
 
-def additive_system(batch: int, dtype: torch.dtype = torch.float64, noise: str = "additive"
-                    ) -> tuple[deb.SDEProblem, Exact]:
+def additive_system(batch: int, dtype: torch.dtype = torch.float64, noise: str = "additive") -> tuple[deb.SDEProblem, Exact]:
     """``prob_sde_additivesystem``: 4 components, state shape ``(4,)``."""
-    return _additive(torch.tensor([0.1, 0.1, 0.1, 0.1]), torch.tensor([0.5, 0.25, 0.125, 0.1115]),
-                     1.0, batch, dtype, noise)
+    return _additive(torch.tensor([0.1, 0.1, 0.1, 0.1]), torch.tensor([0.5, 0.25, 0.125, 0.1115]), 1.0, batch, dtype, noise)
 
 
-def tree_for(prob: deb.SDEProblem, seed: int, dtype: torch.dtype = torch.float64,
-             tol: float | None = None) -> deb.VirtualBrownianTree:
+def tree_for(
+    prob: deb.SDEProblem, seed: int, dtype: torch.dtype = torch.float64, tol: float | None = None
+) -> deb.VirtualBrownianTree:
     """A Brownian tree of the problem's shape ``(B, *noise_shape)`` on its ``tspan``."""
     t0, t1 = prob.tspan
     return deb.VirtualBrownianTree(t0, t1, (prob.batch_size, *prob.noise_shape), seed=seed, dtype=dtype, tol=tol)
@@ -148,9 +156,14 @@ def tangent_stratonovich(batch: int, dtype: torch.dtype = torch.float64) -> tupl
     The Stratonovich chain rule gives ``d tan(u) = dW``, so ``u(t) = atan(tan(u0) + W(t))``.
     """
     u0 = 0.5
-    prob = deb.SDEProblem(lambda t, y: torch.zeros_like(y), lambda t, y: torch.cos(y) ** 2,
-                          _column(u0, batch, dtype), tspan=(0.0, 1.0), noise="diagonal",
-                          interpretation="stratonovich")
+    prob = deb.SDEProblem(
+        lambda t, y: torch.zeros_like(y),
+        lambda t, y: torch.cos(y) ** 2,
+        _column(u0, batch, dtype),
+        tspan=(0.0, 1.0),
+        noise="diagonal",
+        interpretation="stratonovich",
+    )
 
     def exact(t: float, w: Tensor) -> Tensor:
         return torch.atan(math.tan(u0) + w)

@@ -1,4 +1,5 @@
 """Adaptive stepping, saving, per-sample independence, ODE accuracy and failure handling."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """The public API contract of DESIGN.md: shapes, dtypes, what user functions see, defaults."""
+
 from __future__ import annotations
 
 import subprocess
@@ -36,16 +37,25 @@ def _problem(noise: str, dtype=F64, interpretation: str = "ito"):
         diffusion = Recorder(lambda t, y: 0.3 * torch.ones_like(y) * (1 + t).reshape(-1, 1, 1))
     else:
         diffusion = Recorder(lambda t, y: 0.3 * y)
-    prob = deb.SDEProblem(drift, diffusion, y0, noise=noise, interpretation=interpretation,
-                          noise_dim=M if noise == "general" else None)
+    prob = deb.SDEProblem(
+        drift, diffusion, y0, noise=noise, interpretation=interpretation, noise_dim=M if noise == "general" else None
+    )
     return prob, drift, diffusion
 
 
 CASES = [
-    ("diagonal", deb.EM()), ("diagonal", deb.LambaEM()), ("diagonal", deb.SOSRI()),
-    ("scalar", deb.EM()), ("scalar", deb.LambaEM()), ("scalar", deb.SOSRI()),
-    ("additive", deb.EM()), ("additive", deb.LambaEM()), ("additive", deb.SOSRI()), ("additive", deb.SOSRA()),
-    ("general", deb.EM()), ("general", deb.LambaEM()),
+    ("diagonal", deb.EM()),
+    ("diagonal", deb.LambaEM()),
+    ("diagonal", deb.SOSRI()),
+    ("scalar", deb.EM()),
+    ("scalar", deb.LambaEM()),
+    ("scalar", deb.SOSRI()),
+    ("additive", deb.EM()),
+    ("additive", deb.LambaEM()),
+    ("additive", deb.SOSRI()),
+    ("additive", deb.SOSRA()),
+    ("general", deb.EM()),
+    ("general", deb.LambaEM()),
 ]
 
 
@@ -126,8 +136,9 @@ def _small(noise="diagonal", interpretation="ito"):
         g = lambda t, y: 0.1 * torch.ones(2, 2, 3, dtype=F64)
     else:
         g = lambda t, y: 0.1 * torch.ones_like(y)
-    return deb.SDEProblem(lambda t, y: -y, g, y0, noise=noise, interpretation=interpretation,
-                          noise_dim=3 if noise == "general" else None)
+    return deb.SDEProblem(
+        lambda t, y: -y, g, y0, noise=noise, interpretation=interpretation, noise_dim=3 if noise == "general" else None
+    )
 
 
 @pytest.mark.parametrize(
@@ -190,7 +201,24 @@ def test_solver_metadata_is_declared():
 
 
 def test_public_names():
-    for name in ("SDEProblem", "ODEProblem", "solve", "Solution", "ReturnCode", "Stats", "VirtualBrownianTree",
-                 "EM", "EulerHeun", "RKMil", "LambaEM", "SRIW1", "SOSRI", "SRA1", "SOSRA", "Tsit5", "Dopri5"):
+    for name in (
+        "SDEProblem",
+        "ODEProblem",
+        "solve",
+        "Solution",
+        "ReturnCode",
+        "Stats",
+        "VirtualBrownianTree",
+        "EM",
+        "EulerHeun",
+        "RKMil",
+        "LambaEM",
+        "SRIW1",
+        "SOSRI",
+        "SRA1",
+        "SOSRA",
+        "Tsit5",
+        "Dopri5",
+    ):
         assert name in deb.__all__ and hasattr(deb, name)
     assert {c.name for c in deb.ReturnCode} >= {"Success", "MaxIters", "DtLessThanMin", "Unstable"}

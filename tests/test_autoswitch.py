@@ -11,6 +11,7 @@ Measured while writing (float64, rtol = 1e-6, atol = 1e-6/1e-8):
 * λ(t) = 1 + 10⁴ σ(20 (t - 1)) (turns stiff mid-way), t ∈ [0, 3]: AutoTsit5(Rodas4()) switches at
   t = 0.933, 186 + 6 steps; Tsit5 5763 + 6 (on [0, 1.2]: 96 + 6 vs 607 + 6).
 """
+
 from __future__ import annotations
 
 import math
@@ -92,14 +93,17 @@ def test_stiffness_estimates_match_the_eigenvalue():
     scalar = deb.ODEProblem(lambda t, y: -50.0 * y, torch.ones(2, 1, dtype=torch.float64), (0.0, 0.05))
     sol = deb.solve(scalar, deb.Tsit5(), rtol=1e-8, atol=1e-10)
     assert torch.allclose(sol.stats.extra["eigen_est"], torch.full((2,), 50.0, dtype=torch.float64), rtol=1e-9)
-    sde = deb.SDEProblem(lambda t, y: -50.0 * y, lambda t, y: 0.1 * y, torch.ones(2, 1, dtype=torch.float64),
-                         tspan=(0.0, 0.05))
+    sde = deb.SDEProblem(lambda t, y: -50.0 * y, lambda t, y: 0.1 * y, torch.ones(2, 1, dtype=torch.float64), tspan=(0.0, 0.05))
     for alg in (deb.SOSRI(), deb.ImplicitEM()):
         sol = deb.solve(sde, alg)
-        assert torch.allclose(sol.stats.extra["eigen_est"], torch.full((2,), 50.0, dtype=torch.float64),
-                              rtol=1e-6), alg
-    additive = deb.SDEProblem(lambda t, y: -50.0 * y, lambda t, y: 0.1 * torch.ones_like(y),
-                              torch.ones(2, 1, dtype=torch.float64), tspan=(0.0, 0.05), noise="additive")
+        assert torch.allclose(sol.stats.extra["eigen_est"], torch.full((2,), 50.0, dtype=torch.float64), rtol=1e-6), alg
+    additive = deb.SDEProblem(
+        lambda t, y: -50.0 * y,
+        lambda t, y: 0.1 * torch.ones_like(y),
+        torch.ones(2, 1, dtype=torch.float64),
+        tspan=(0.0, 0.05),
+        noise="additive",
+    )
     sol = deb.solve(additive, deb.ShARK(), seed=0)
     assert torch.allclose(sol.stats.extra["eigen_est"], torch.full((2,), 50.0, dtype=torch.float64), rtol=1e-9)
 
@@ -109,6 +113,7 @@ def _vdp(mu: torch.Tensor):
     def f(t, y):
         a, b = y.unbind(-1)
         return torch.stack([b, mu * (1 - a * a) * b - a], -1)
+
     return f
 
 
@@ -138,6 +143,7 @@ def test_autotsit5_switches_per_sample_on_van_der_pol():
 
 def test_autotsit5_switches_mid_way():
     """λ(t) = 1 + 1e4 σ(20 (t - 1)): non-stiff until t ≈ 0.8; the switch happens there."""
+
     def f(t, y):
         lam = 1e4 * torch.sigmoid(20 * (t - 1.0)) + 1.0
         return -lam.unsqueeze(-1) * (y - torch.sin(t).unsqueeze(-1))
@@ -186,8 +192,10 @@ def test_alg_hints_stiff_choose_as_sciml():
     with pytest.raises(TypeError, match="alg_hints"):
         deb.solve(deb.SDEProblem(f, g, y), alg_hints="stiff")
     with pytest.raises(ValueError, match="ImplicitEulerHeun"):
-        deb.solve(deb.SDEProblem(f, lambda t, y: 0.1 * y.unsqueeze(-1), y, noise="general", noise_dim=1,
-                                 interpretation="stratonovich"), alg_hints=["stiff"])
+        deb.solve(
+            deb.SDEProblem(f, lambda t, y: 0.1 * y.unsqueeze(-1), y, noise="general", noise_dim=1, interpretation="stratonovich"),
+            alg_hints=["stiff"],
+        )
 
 
 def test_autososri_switches_per_sample():
@@ -196,8 +204,9 @@ def test_autososri_switches_per_sample():
     happens; a lower nonstifftol makes the stiff sample switch to ImplicitRKMil while the mild
     (λ = -1) sample stays on SOSRI and follows exactly SOSRI's path."""
     lam = torch.tensor([[-1000.0], [-1.0]], dtype=torch.float64)
-    prob = deb.SDEProblem(lambda t, y: lam * (y - 1), lambda t, y: 0.1 * y, torch.full((2, 1), 2.0, dtype=torch.float64),
-                          tspan=(0.0, 0.5))
+    prob = deb.SDEProblem(
+        lambda t, y: lam * (y - 1), lambda t, y: 0.1 * y, torch.full((2, 1), 2.0, dtype=torch.float64), tspan=(0.0, 0.5)
+    )
     sol = deb.solve(prob, deb.AutoSOSRI(nonstifftol=0.05), seed=1)
     plain = deb.solve(prob, deb.SOSRI(), seed=1)
     assert sol.success
@@ -213,8 +222,7 @@ def test_default_ode_algorithm_switches_on_a_stiff_problem():
     """alg=None (AutoTsit5(Rodas4())) on y' = -1e4 (y - cos t): switches early and takes a
     small fraction of Tsit5's steps, at Tsit5's accuracy or better."""
     lam = torch.tensor([-1e4], dtype=torch.float64)
-    prob = deb.ODEProblem(lambda t, y: lam * (y - torch.cos(t).unsqueeze(-1)), torch.ones(1, 1, dtype=torch.float64),
-                          (0.0, 1.0))
+    prob = deb.ODEProblem(lambda t, y: lam * (y - torch.cos(t).unsqueeze(-1)), torch.ones(1, 1, dtype=torch.float64), (0.0, 1.0))
     auto = deb.solve(prob)
     tsit = deb.solve(prob, deb.Tsit5())
     assert auto.success and tsit.success
@@ -232,8 +240,13 @@ def test_default_additive_sde_algorithm_switches_on_a_stiff_problem():
     X(1) - cos 1 is Gaussian with std ≈ 0.1/√(2e4) = 7.1e-4 (Ornstein–Uhlenbeck); the implicit
     method damps it at dt ≫ 1e-4, so the std is checked in [0.3, 1.5] x that."""
     lam, sigma, batch = -1e4, 0.1, 32
-    prob = deb.SDEProblem(lambda t, y: lam * (y - torch.cos(t).unsqueeze(-1)), lambda t, y: sigma * torch.ones_like(y),
-                          torch.ones(batch, 1, dtype=torch.float64), tspan=(0.0, 1.0), noise="additive")
+    prob = deb.SDEProblem(
+        lambda t, y: lam * (y - torch.cos(t).unsqueeze(-1)),
+        lambda t, y: sigma * torch.ones_like(y),
+        torch.ones(batch, 1, dtype=torch.float64),
+        tspan=(0.0, 1.0),
+        noise="additive",
+    )
     sol = deb.solve(prob, seed=1)
     assert sol.success
     assert torch.all(sol.stats.extra["nswitch"] >= 1)

@@ -6,6 +6,7 @@ The oracle is the forward solve of the time-reversed problem ``s = -t``:
 same tree).  ODEs must agree to the last bit (negation is exact); SDEs to rounding (the
 reflected tree computes the same increments and Lévy areas by different float operations).
 """
+
 from __future__ import annotations
 
 import math
@@ -52,8 +53,16 @@ def reversed_problem(prob: deb.ODEProblem) -> deb.ODEProblem:
     if not prob.is_sde:
         return deb.ODEProblem(drift, prob.y0, (-t0, -t1), params=prob.params)
     g = prob.diffusion
-    return deb.SDEProblem(drift, lambda s, y: g(-s, y), prob.y0, (-t0, -t1), noise=prob.noise,
-                          interpretation=prob.interpretation, noise_dim=prob.noise_dim, params=prob.params)
+    return deb.SDEProblem(
+        drift,
+        lambda s, y: g(-s, y),
+        prob.y0,
+        (-t0, -t1),
+        noise=prob.noise,
+        interpretation=prob.interpretation,
+        noise_dim=prob.noise_dim,
+        params=prob.params,
+    )
 
 
 def _ode(y0: Tensor, theta: Tensor | None = None) -> deb.ODEProblem:
@@ -88,9 +97,11 @@ def _sde(batch: int, noise: str, interpretation: str = "ito") -> deb.SDEProblem:
         return -0.8 * y + 0.3 * torch.sin(t).reshape(-1, 1)
 
     if noise == "additive":
+
         def diffusion(t: Tensor, y: Tensor) -> Tensor:
             return (0.4 + 0.1 * t).reshape(-1, 1).expand_as(y)
     else:
+
         def diffusion(t: Tensor, y: Tensor) -> Tensor:
             return 0.3 * y * (1.0 + 0.1 * torch.cos(t)).reshape(-1, 1)
 
@@ -131,8 +142,7 @@ def test_em_backward_matches_hand_loop_and_law():
     and the law of an OU path run backwards (mean ``y0 e^{-θ (t1 - t0)}``: the drift's
     sign flips with the direction of time, the noise variance is ``|h|`` per step)."""
     batch, h = 4000, 0.05
-    prob = deb.SDEProblem(lambda t, y: 0.5 * y, lambda t, y: 0.2 * torch.ones_like(y),
-                          torch.ones(batch, 1, dtype=DT), (1.0, 0.0))
+    prob = deb.SDEProblem(lambda t, y: 0.5 * y, lambda t, y: 0.2 * torch.ones_like(y), torch.ones(batch, 1, dtype=DT), (1.0, 0.0))
     bm = deb.VirtualBrownianTree(0.0, 1.0, (batch, 1), seed=5, dtype=DT)
     sol = deb.solve(prob, deb.EM(), dt=h, brownian=bm)
     y = torch.ones(batch, 1, dtype=DT)
@@ -157,8 +167,14 @@ def test_levy_area_of_reversed_interval():
     assert torch.allclose(h_b, h_f, rtol=0, atol=1e-14)
 
 
-SENSEALGS = [None, deb.DiscreteAdjoint(), deb.DiscreteAdjoint(checkpoints=3), deb.InterpolatingAdjoint(),
-             deb.InterpolatingAdjoint(checkpoints=2), deb.BacksolveAdjoint()]
+SENSEALGS = [
+    None,
+    deb.DiscreteAdjoint(),
+    deb.DiscreteAdjoint(checkpoints=3),
+    deb.InterpolatingAdjoint(),
+    deb.InterpolatingAdjoint(checkpoints=2),
+    deb.BacksolveAdjoint(),
+]
 
 
 @pytest.mark.parametrize("sensealg", SENSEALGS, ids=repr)
@@ -172,8 +188,9 @@ def test_ode_gradients_backward(sensealg):
     g_y0, g_th = torch.autograd.grad(loss, [y0, theta])
     ref_th = theta.detach().clone().requires_grad_(True)
     ref_y0 = y0.detach().clone().requires_grad_(True)
-    ref = deb.solve(reversed_problem(_ode(ref_y0, ref_th)), deb.Tsit5(), atol=1e-10, rtol=1e-10,
-                    saveat=[-2.0, -0.5, 1.0], sensealg=sensealg)
+    ref = deb.solve(
+        reversed_problem(_ode(ref_y0, ref_th)), deb.Tsit5(), atol=1e-10, rtol=1e-10, saveat=[-2.0, -0.5, 1.0], sensealg=sensealg
+    )
     assert torch.equal(sol.ys, ref.ys)
     r_y0, r_th = torch.autograd.grad((ref.ys[1:] ** 2).sum(), [ref_y0, ref_th])
     tol = 1e-12
@@ -181,8 +198,9 @@ def test_ode_gradients_backward(sensealg):
     assert torch.allclose(g_th, r_th, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("sensealg", [None, deb.DiscreteAdjoint(checkpoints=2), deb.InterpolatingAdjoint(),
-                                      deb.BacksolveAdjoint()], ids=repr)
+@pytest.mark.parametrize(
+    "sensealg", [None, deb.DiscreteAdjoint(checkpoints=2), deb.InterpolatingAdjoint(), deb.BacksolveAdjoint()], ids=repr
+)
 @pytest.mark.parametrize("interp", ["ito", "stratonovich"])
 def test_sde_gradients_backward(sensealg, interp):
     """Backward SDE gradients equal those of the reversed forward problem on the reflected path
@@ -192,8 +210,9 @@ def test_sde_gradients_backward(sensealg, interp):
     theta = torch.tensor(0.8, dtype=DT, requires_grad=True)
 
     def make(th: Tensor, y0: Tensor, tspan: tuple[float, float], sign: float) -> deb.SDEProblem:
-        return deb.SDEProblem(lambda t, y: sign * (-th * y), lambda t, y: 0.3 * y * (1 + th * 0.1), y0, tspan,
-                              interpretation=interp, params=[th])
+        return deb.SDEProblem(
+            lambda t, y: sign * (-th * y), lambda t, y: 0.3 * y * (1 + th * 0.1), y0, tspan, interpretation=interp, params=[th]
+        )
 
     y0 = torch.linspace(0.5, 1.0, batch, dtype=DT).reshape(batch, 1)
     bm = deb.VirtualBrownianTree(0.0, 1.0, (batch, 1), seed=2, dtype=DT)
@@ -201,8 +220,7 @@ def test_sde_gradients_backward(sensealg, interp):
     sol = deb.solve(make(theta, y0, (1.0, 0.0), 1.0), alg, dt=2.0**-8, brownian=bm, sensealg=sensealg)
     (g,) = torch.autograd.grad(sol.ys[-1].sum(), [theta])
     ref_th = theta.detach().clone().requires_grad_(True)
-    ref = deb.solve(make(ref_th, y0, (-1.0, 0.0), -1.0), alg, dt=2.0**-8, brownian=Reflected(bm),
-                    sensealg=sensealg)
+    ref = deb.solve(make(ref_th, y0, (-1.0, 0.0), -1.0), alg, dt=2.0**-8, brownian=Reflected(bm), sensealg=sensealg)
     assert torch.equal(sol.ys, ref.ys)
     (r,) = torch.autograd.grad(ref.ys[-1].sum(), [ref_th])
     tol = 1e-11 if not isinstance(sensealg, deb.BacksolveAdjoint) else 1e-9
@@ -221,8 +239,7 @@ def test_validation_of_backward_saveat():
     with pytest.raises(ValueError, match="inside tspan"):
         deb.solve(prob, deb.Tsit5(), saveat=[1.5, 0.5])
     with pytest.raises(ValueError, match="increasing"):
-        deb.solve(deb.ODEProblem(lambda t, y: -y, torch.ones(2, 1, dtype=DT), (0.0, 1.0)), deb.Tsit5(),
-                  saveat=[1.0, 0.5])
+        deb.solve(deb.ODEProblem(lambda t, y: -y, torch.ones(2, 1, dtype=DT), (0.0, 1.0)), deb.Tsit5(), saveat=[1.0, 0.5])
     with pytest.raises(ValueError, match="t1 != t0"):
         deb.ODEProblem(lambda t, y: -y, torch.ones(2, 1, dtype=DT), (1.0, 1.0))
 
@@ -230,9 +247,14 @@ def test_validation_of_backward_saveat():
 def test_reversible_heun_backward_exact_backsolve():
     batch = 3
     theta = torch.tensor(0.5, dtype=DT, requires_grad=True)
-    prob = deb.SDEProblem(lambda t, y: -theta * torch.tanh(y), lambda t, y: 0.2 * torch.cos(y),
-                          torch.ones(batch, 1, dtype=DT), (1.0, 0.0), interpretation="stratonovich",
-                          params=[theta])
+    prob = deb.SDEProblem(
+        lambda t, y: -theta * torch.tanh(y),
+        lambda t, y: 0.2 * torch.cos(y),
+        torch.ones(batch, 1, dtype=DT),
+        (1.0, 0.0),
+        interpretation="stratonovich",
+        params=[theta],
+    )
     bm = deb.VirtualBrownianTree(0.0, 1.0, (batch, 1), seed=4, dtype=DT)
     a = deb.solve(prob, deb.ReversibleHeun(), dt=0.05, brownian=bm, sensealg=deb.BacksolveAdjoint())
     b = deb.solve(prob, deb.ReversibleHeun(), dt=0.05, brownian=bm, sensealg=deb.DiscreteAdjoint())

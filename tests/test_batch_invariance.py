@@ -6,6 +6,7 @@ computed as ``exp(b log x)``: ``torch.pow`` rounds differently in its vectorised
 its scalar tail (AVX-512), which gave samples 6-7 of a 16-sample batch other step counts
 than the same samples solved as a batch of 8.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -21,8 +22,9 @@ RATES = torch.logspace(-1, 2, 16, dtype=DT)
 def _ou(n: int, noise: str) -> deb.SDEProblem:
     r = RATES[:n].reshape(n, 1)
     if noise == "additive":
-        return deb.SDEProblem(lambda t, y: -r * y, lambda t, y: 0.5 * torch.ones_like(y), torch.ones(n, 1, dtype=DT),
-                              (0.0, 1.0), noise="additive")
+        return deb.SDEProblem(
+            lambda t, y: -r * y, lambda t, y: 0.5 * torch.ones_like(y), torch.ones(n, 1, dtype=DT), (0.0, 1.0), noise="additive"
+        )
     return deb.SDEProblem(lambda t, y: -r * y, lambda t, y: 0.3 * y, torch.ones(n, 1, dtype=DT), (0.0, 1.0))
 
 
@@ -33,8 +35,9 @@ def _assert_same(big: deb.Solution, small: deb.Solution, n: int) -> None:
     assert torch.equal(big.ys[:, :n], small.ys)
 
 
-@pytest.mark.parametrize("alg,noise,tol", [(deb.SOSRA(), "additive", 1e-4), (deb.SRIW1(), "diagonal", 1e-3)],
-                         ids=["SOSRA", "SRIW1"])
+@pytest.mark.parametrize(
+    "alg,noise,tol", [(deb.SOSRA(), "additive", 1e-4), (deb.SRIW1(), "diagonal", 1e-3)], ids=["SOSRA", "SRIW1"]
+)
 def test_sde_batch_and_sub_batch_identical(alg, noise, tol):
     trees = {n: deb.VirtualBrownianTree(0.0, 1.0, (n, 1), seed=11, dtype=DT) for n in (16, 8)}
     big = deb.solve(_ou(16, noise), alg, atol=tol, rtol=tol, brownian=trees[16])
@@ -48,8 +51,11 @@ def test_sde_batch_and_sub_batch_identical(alg, noise, tol):
 def test_ode_batch_and_sub_batch_identical(alg):
     def make(n: int) -> deb.ODEProblem:
         r = RATES[:n].reshape(n, 1)
-        return deb.ODEProblem(lambda t, y: torch.cat([-r * y[:, :1] + y[:, 1:], -y[:, :1] * torch.cos(t)[:, None]], 1),
-                              torch.ones(n, 2, dtype=DT), (0.0, 3.0))
+        return deb.ODEProblem(
+            lambda t, y: torch.cat([-r * y[:, :1] + y[:, 1:], -y[:, :1] * torch.cos(t)[:, None]], 1),
+            torch.ones(n, 2, dtype=DT),
+            (0.0, 3.0),
+        )
 
     big = deb.solve(make(16), alg, atol=1e-8, rtol=1e-8)
     for n in (8, 5, 1):
@@ -63,7 +69,7 @@ def test_layout_free_pow_does_not_depend_on_length_or_offset():
     full = layout_free_pow(x, 0.35)
     for n in range(1, 40):
         for off in range(0, 17):
-            assert torch.equal(layout_free_pow(x[off:off + n].clone(), 0.35), full[off:off + n])
+            assert torch.equal(layout_free_pow(x[off : off + n].clone(), 0.35), full[off : off + n])
     assert torch.allclose(full, x**0.35, rtol=4e-16 * 8, atol=0)
     special = torch.tensor([0.0, float("inf"), float("nan")], dtype=DT)
     out = layout_free_pow(special, 0.35)

@@ -1,4 +1,5 @@
 """The ``bench`` subcommand runs the smallest benchmark end to end (tiny sizes, seconds)."""
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,10 @@ def run_tiny_bench(name: str, out: Path, timeout: int) -> subprocess.CompletedPr
     env = {**os.environ, "DEB_BENCH_TINY": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "diffeqbridge", "bench", "--only", name, "--out", str(out)],
-        capture_output=True, text=True, timeout=timeout, env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc

@@ -1,4 +1,5 @@
 """``python -m diffeqbridge info`` and ``demo`` end to end, in a subprocess."""
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, MPLBACKEND="Agg")
-    return subprocess.run([sys.executable, "-m", "diffeqbridge", *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "diffeqbridge", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env
+    )
 
 
 def _engine_ready() -> bool:

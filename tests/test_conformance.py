@@ -13,6 +13,7 @@ values are analytic, so both backends must meet the same bounds:
 * gradients against analytic derivatives: GBM ``∂u_T/∂μ = T u_T`` (pathwise, Itô),
   ODE ``y' = -θ y``: ``∂y_T/∂θ = -T y_T``, ``∂y_T/∂y0 = e^{-θT}``.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,8 +50,7 @@ def _solve(prob, alg, backend, seed=3, **kwargs):
 
 @pytest.mark.parametrize(
     "builder, alg, ks, theory",
-    [(linear, deb.EM(), range(3, 8), 0.5), (linear, deb.SRIW1(), range(3, 8), 1.5),
-     (additive, deb.SRA1(), range(2, 6), 2.0)],
+    [(linear, deb.EM(), range(3, 8), 0.5), (linear, deb.SRIW1(), range(3, 8), 1.5), (additive, deb.SRA1(), range(2, 6), 2.0)],
     ids=["EM-GBM", "SRIW1-GBM", "SRA1-additive"],
 )
 def test_strong_order(backend, builder, alg, ks, theory):
@@ -90,16 +90,19 @@ def test_noise_types(backend, noise):
     y0 (1 - h)^N (checked to 5 standard errors over 400 paths)."""
     y0 = torch.full((400, 3), 1.0, dtype=torch.float64)
     if noise == "general":
+
         def diffusion(t, y):
             return 0.2 * torch.stack([y, torch.ones_like(y)], dim=-1)
     elif noise == "additive":
+
         def diffusion(t, y):
             return torch.full_like(y, 0.2)
     else:
+
         def diffusion(t, y):
             return 0.2 * y
-    prob = deb.SDEProblem(lambda t, y: -y, diffusion, y0, (0.0, 1.0), noise=noise,
-                          noise_dim=2 if noise == "general" else None)
+
+    prob = deb.SDEProblem(lambda t, y: -y, diffusion, y0, (0.0, 1.0), noise=noise, noise_dim=2 if noise == "general" else None)
     sol = deb.solve(prob, deb.EM(), dt=2.0**-6, backend=backend)
     assert sol.success and sol.ys.shape == (2, 400, 3)
     mean = sol.ys[-1].mean(dim=0)
@@ -133,8 +136,7 @@ def test_ode_gradient(backend):
     theta = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
     y0 = torch.tensor([[1.0], [2.0]], dtype=torch.float64, requires_grad=True)
     prob = deb.ODEProblem(lambda t, y: -theta * y, y0, (0.0, 2.0), params=[theta])
-    sol = deb.solve(prob, deb.Tsit5(), atol=1e-10, rtol=1e-10, sensealg=deb.InterpolatingAdjoint(),
-                    backend=backend)
+    sol = deb.solve(prob, deb.Tsit5(), atol=1e-10, rtol=1e-10, sensealg=deb.InterpolatingAdjoint(), backend=backend)
     y_t = sol.ys[-1]
     torch.testing.assert_close(y_t.detach(), y0.detach() * math.exp(-1.4), rtol=1e-7, atol=1e-9)
     gtheta, gy0 = torch.autograd.grad(y_t.sum(), [theta, y0])

@@ -27,6 +27,7 @@ EulerHeun  linear, S    1.0     0.95 - 1.02
 RKMil      linear, S    1.0     (central-difference Stratonovich correction)
 =========  ===========  ======  =====================
 """
+
 from __future__ import annotations
 
 import math
@@ -75,8 +76,7 @@ def _strong_order(builder, alg, ks, seed=1, **kwargs) -> tuple[float, list[float
         (deb.SOSRI(), wave, range(2, 7), 1.5),
         (deb.SOSRI(), cubic, range(2, 7), 1.5),
     ],
-    ids=["EM-linear", "RKMil-linear", "SRIW1-linear", "SOSRI-linear", "SRIW1-wave", "SOSRI-wave",
-         "SOSRI-cubic"],
+    ids=["EM-linear", "RKMil-linear", "SRIW1-linear", "SOSRI-linear", "SRIW1-wave", "SOSRI-wave", "SOSRI-cubic"],
 )
 def test_strong_order_ito(alg, builder, ks, theory):
     order, errors = _strong_order(builder, alg, ks)

@@ -1,5 +1,6 @@
 """Defaults as SciML: ``dtmin`` relative to the float spacing of ``t`` (not the span), and
 ``unstable_check``: a blowing-up sample stops early with ``ReturnCode.Unstable``."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,8 +21,9 @@ def test_robertson_to_1e11_with_default_dtmin(alg):
     """The old default ``dtmin = 1e-14 (t1 - t0)`` was 1e-3 here (and the initial step was
     floored at 10): DtLessThanMin with NaN before the first step."""
     y0 = torch.tensor([[1.0, 0.0, 0.0]], dtype=DT)
-    sol = deb.solve(deb.ODEProblem(lambda t, y: _robertson(y), y0, (0.0, 1e11)), alg, atol=1e-8, rtol=1e-6,
-                    saveat=[0.0, 40.0, 1e11])
+    sol = deb.solve(
+        deb.ODEProblem(lambda t, y: _robertson(y), y0, (0.0, 1e11)), alg, atol=1e-8, rtol=1e-6, saveat=[0.0, 40.0, 1e11]
+    )
     assert sol.success
     y40 = sol.ys[1, 0]
     # reference values at t = 40 (Hairer & Wanner's ROBER; high-accuracy solution)
@@ -36,8 +38,7 @@ def test_blow_up_stops_early_with_unstable_and_healthy_samples_succeed():
     (u0 small: no blow-up on [0, 1]) it stops with Unstable after a few hundred steps
     instead of crawling 14,000+ steps to DtLessThanMin."""
     y0 = torch.tensor([[10.0], [0.1], [0.5], [-1.0]], dtype=DT)
-    prob = deb.SDEProblem(lambda t, y: y * y, lambda t, y: 0.01 * torch.ones_like(y), y0, (0.0, 1.0),
-                          noise="additive")
+    prob = deb.SDEProblem(lambda t, y: y * y, lambda t, y: 0.01 * torch.ones_like(y), y0, (0.0, 1.0), noise="additive")
     sol = deb.solve(prob, deb.SOSRA(), seed=0)
     codes = [int(c) for c in sol.retcodes]
     assert codes[0] == int(deb.ReturnCode.Unstable)

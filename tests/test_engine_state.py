@@ -1,6 +1,7 @@
 """The explicit integrator state: checkpointed sensealgs save and restore the whole loop
 state, so their forward is the plain solve's (bit-identical ``ys``, the same steps and
 stats, ``stats.extra`` included) and their gradient is the discrete one (issue 12 items 1-2)."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,8 +16,7 @@ CHECKPOINTED = [deb.DiscreteAdjoint(checkpoints=3), deb.InterpolatingAdjoint(), 
 
 
 def _pendulum(theta: torch.Tensor, y0: torch.Tensor) -> deb.ODEProblem:
-    return deb.ODEProblem(lambda t, y: torch.stack([y[:, 1], -theta * torch.sin(y[:, 0])], 1), y0, (0.0, 6.0),
-                          params=[theta])
+    return deb.ODEProblem(lambda t, y: torch.stack([y[:, 1], -theta * torch.sin(y[:, 0])], 1), y0, (0.0, 6.0), params=[theta])
 
 
 def _stiff(theta: torch.Tensor, y0: torch.Tensor) -> deb.ODEProblem:
@@ -26,8 +26,13 @@ def _stiff(theta: torch.Tensor, y0: torch.Tensor) -> deb.ODEProblem:
 
 
 def _sde(theta: torch.Tensor, y0: torch.Tensor) -> deb.SDEProblem:
-    return deb.SDEProblem(lambda t, y: torch.stack([y[:, 1], -theta * torch.sin(y[:, 0])], 1),
-                          lambda t, y: 0.1 * torch.cos(y), y0, (0.0, 2.0), params=[theta])
+    return deb.SDEProblem(
+        lambda t, y: torch.stack([y[:, 1], -theta * torch.sin(y[:, 0])], 1),
+        lambda t, y: 0.1 * torch.cos(y),
+        y0,
+        (0.0, 2.0),
+        params=[theta],
+    )
 
 
 CASES = {
@@ -43,8 +48,7 @@ def _solve(case: str, sensealg):
     y0 = y0.to(DT).requires_grad_(True)
     prob = make(theta, y0)
     t1 = prob.tspan[1]
-    sol = deb.solve(prob, alg(), atol=tol, rtol=tol, saveat=torch.linspace(0.0, t1, 5, dtype=DT), seed=3,
-                    sensealg=sensealg)
+    sol = deb.solve(prob, alg(), atol=tol, rtol=tol, saveat=torch.linspace(0.0, t1, 5, dtype=DT), seed=3, sensealg=sensealg)
     grads = torch.autograd.grad((sol.ys[1:] ** 2).sum(), [y0, theta])
     return sol, grads
 
@@ -94,10 +98,16 @@ def test_snapshot_restore_resumes_bit_identically():
 def test_failed_sample_leaves_the_shared_gradient_finite(sensealg):
     """u' = p u^2 from u0 = 10 blows up (Unstable); the loss over the healthy samples has the
     same gradient as without it (issue 15 item 1's reproducer)."""
+
     def grad(u0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         p = torch.tensor(1.0, dtype=DT, requires_grad=True)
-        sol = deb.solve(deb.ODEProblem(lambda t, y: p * y * y, u0, (0.0, 1.0), params=[p]), deb.Tsit5(),
-                        atol=1e-8, rtol=1e-8, sensealg=sensealg)
+        sol = deb.solve(
+            deb.ODEProblem(lambda t, y: p * y * y, u0, (0.0, 1.0), params=[p]),
+            deb.Tsit5(),
+            atol=1e-8,
+            rtol=1e-8,
+            sensealg=sensealg,
+        )
         ok = sol.retcodes == int(deb.ReturnCode.Success)
         (g,) = torch.autograd.grad(sol.ys[-1][ok].sum(), [p])
         return g, ok

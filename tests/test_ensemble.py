@@ -1,4 +1,5 @@
 """Ensembles: streamed reductions vs closed forms, batch independence, torch.distributed (gloo, 2 ranks)."""
+
 from __future__ import annotations
 
 import os
@@ -73,7 +74,7 @@ def test_quantiles_exact_then_within_the_rank_bound():
     sketch = Quantiles(qs, capacity=64)
     state = None
     for k in range(0, 5000, 500):
-        part = sketch.partial(x[k:k + 500], torch.arange(k, k + 500))
+        part = sketch.partial(x[k : k + 500], torch.arange(k, k + 500))
         state = part if state is None else sketch.merge(state, part)
     res = sketch.result(state)
     assert not res["exact"]
@@ -119,10 +120,20 @@ def test_two_process_gloo_run_equals_one_process_bit_for_bit(tmp_path):
     finally:
         sys.path.remove(str(HERE))
     out = tmp_path / "dist.pt"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent / "src"), str(HERE),
-                                                       os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(HERE / "ensemble_worker.py"), str(out)]
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(HERE.parent / "src"), str(HERE), os.environ.get("PYTHONPATH", "")]),
+        OMP_NUM_THREADS="1",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(HERE / "ensemble_worker.py"),
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(out, weights_only=False)
@@ -139,6 +150,7 @@ def test_two_process_gloo_run_equals_one_process_bit_for_bit(tmp_path):
 def test_ensemble_with_terminating_events_reduces_event_times_and_states():
     """y' = -k_i y, k_i = 1 + (i mod 4)/2, stopped at y = 1/2: the default output is the state at the
     event (1/2), and an output_func of the event time gives the mean of log(2)/k_i."""
+
     def prob_func(indices: torch.Tensor) -> deb.ODEProblem:
         k = (1.0 + (indices % 4).to(torch.float64) / 2).unsqueeze(1)
         return deb.ODEProblem(lambda t, y: -k * y, torch.ones(indices.shape[0], 1, dtype=torch.float64), (0.0, 5.0))
@@ -148,7 +160,8 @@ def test_ensemble_with_terminating_events_reduces_event_times_and_states():
     states = deb.solve_ensemble(deb.EnsembleProblem(prob_func), 40, batch_size=12, **kwargs)
     assert states.retcodes == {"Terminated": 40}
     torch.testing.assert_close(states["mean"], torch.tensor([0.5], dtype=torch.float64), atol=1e-9, rtol=0)
-    times = deb.solve_ensemble(deb.EnsembleProblem(prob_func, output_func=lambda sol, idx: sol.events.t), 40,
-                               batch_size=12, **kwargs)
+    times = deb.solve_ensemble(
+        deb.EnsembleProblem(prob_func, output_func=lambda sol, idx: sol.events.t), 40, batch_size=12, **kwargs
+    )
     want = np.mean([np.log(2) / (1 + (i % 4) / 2) for i in range(40)])
     assert abs(float(times["mean"]) - want) < 1e-8

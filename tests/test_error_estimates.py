@@ -11,6 +11,7 @@
   there: the error falls like tol^0.65).  On the additive system the error stays far below
   tol (the estimate is the embedded Euler solution's error, the method's is much smaller).
 """
+
 from __future__ import annotations
 
 import pytest

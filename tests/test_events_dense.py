@@ -1,5 +1,6 @@
 """Dense output (fitted orders, SDE linear interpolation, shapes) and events (first passage vs the
 inverse-Gaussian law, bouncing ball vs its closed form, event-time gradients vs analytic/finite differences)."""
+
 from __future__ import annotations
 
 import math
@@ -63,8 +64,9 @@ def test_first_passage_time_of_drifted_brownian_motion_is_inverse_gaussian():
     discrete-monitoring correction, β = -ζ(1/2)/√(2π)); the event times located on the steps'
     linear interpolants pass a KS test against that law at level 1 % (seed 0, 4000 paths)."""
     mu, sigma, a, n, h = 2.0, 1.0, 1.0, 4000, 2.0**-9
-    prob = deb.SDEProblem(lambda t, y: mu + 0 * y, lambda t, y: sigma + 0 * y, torch.zeros(n, 1, dtype=torch.float64),
-                          (0.0, 4.0), noise="additive")
+    prob = deb.SDEProblem(
+        lambda t, y: mu + 0 * y, lambda t, y: sigma + 0 * y, torch.zeros(n, 1, dtype=torch.float64), (0.0, 4.0), noise="additive"
+    )
     bm = deb.VirtualBrownianTree(0.0, 4.0, (n, 1), seed=0, tol=h)
     # a linear condition on a linear interpolant: interior sample points add nothing
     event = deb.ContinuousEvent(lambda t, y: y[:, 0] - a, direction=1, interp_points=0)
@@ -141,8 +143,10 @@ def test_gradient_through_bounces_matches_finite_differences():
     gh, ge = torch.autograd.grad(loss(bouncing_ball(h0, e, 1.3, **opts)).sum(), [h0, e])
     eps = 1e-6
     with torch.no_grad():
+
         def fd(dh: float, de: float) -> torch.Tensor:
             return loss(bouncing_ball(h0 + dh, e + de, 1.3, **opts))
+
         fd_h = (fd(eps, 0) - fd(-eps, 0)) / (2 * eps)
         fd_e = (fd(0, eps) - fd(0, -eps)) / (2 * eps)
     torch.testing.assert_close(gh, fd_h, atol=1e-5, rtol=1e-5)
@@ -174,8 +178,13 @@ def test_reflection_on_an_adaptive_sde_keeps_the_barrier():
     """A non-terminating event on an SDE (the engine leaves the lockstep Brownian grid for EM):
     dX = dt + 0.5 dW from 0.2, reflected at 0 to |X| + 0.05, stays >= 0 at every save time and at the
     dense output's points, for adaptive SOSRA and fixed-step EM."""
-    prob = deb.SDEProblem(lambda t, y: 1.0 + 0 * y, lambda t, y: 0.5 + 0 * y,
-                          torch.full((16, 1), 0.2, dtype=torch.float64), (0.0, 1.0), noise="additive")
+    prob = deb.SDEProblem(
+        lambda t, y: 1.0 + 0 * y,
+        lambda t, y: 0.5 + 0 * y,
+        torch.full((16, 1), 0.2, dtype=torch.float64),
+        (0.0, 1.0),
+        noise="additive",
+    )
     reflect = deb.ContinuousEvent(lambda t, y: y[:, 0], lambda t, y: y.abs() + 0.05, terminate=False, direction=-1)
     grid = torch.linspace(0.0, 1.0, 11, dtype=torch.float64)
     for alg, kwargs in ((deb.SOSRA(), {}), (deb.EM(), {"dt": 0.01})):

@@ -28,6 +28,7 @@ all).  Each solver is its own test, so every solver gets its share of the cases.
 ``DEB_FUZZ_CASES=N`` overrides the count; ``DEB_FUZZ_FIGURES=path`` appends one JSON line
 per case (solver, case, steps, worst error ratio or the failure) for docs/reliability.md.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,13 +53,29 @@ LONG_CASES_PER_SOLVER = 440  # 23 solvers: ~10^4 cases
 ACCURACY = {"ode": 10.0, "sde_adaptive": 10.0, "sde_fixed": 5.0}
 
 SOLVERS: dict[str, callable] = {
-    "Tsit5": deb.Tsit5, "Dopri5": deb.Dopri5, "Rodas4": deb.Rodas4, "Kvaerno5": deb.Kvaerno5,
-    "AutoTsit5": lambda: deb.AutoTsit5(deb.Rodas4()), "AutoDP5": lambda: deb.AutoDP5(deb.Kvaerno5()),
-    "EM": deb.EM, "EulerHeun": deb.EulerHeun, "RKMil": deb.RKMil, "LambaEM": deb.LambaEM,
-    "LambaEulerHeun": deb.LambaEulerHeun, "SRIW1": deb.SRIW1, "SOSRI": deb.SOSRI, "SRA1": deb.SRA1,
-    "SOSRA": deb.SOSRA, "ImplicitEM": deb.ImplicitEM, "ImplicitRKMil": deb.ImplicitRKMil, "ISSEM": deb.ISSEM,
-    "SKenCarp": deb.SKenCarp, "SROCK1": deb.SROCK1, "ReversibleHeun": deb.ReversibleHeun,
-    "AutoSOSRI": deb.AutoSOSRI, "ShARK": deb.ShARK,
+    "Tsit5": deb.Tsit5,
+    "Dopri5": deb.Dopri5,
+    "Rodas4": deb.Rodas4,
+    "Kvaerno5": deb.Kvaerno5,
+    "AutoTsit5": lambda: deb.AutoTsit5(deb.Rodas4()),
+    "AutoDP5": lambda: deb.AutoDP5(deb.Kvaerno5()),
+    "EM": deb.EM,
+    "EulerHeun": deb.EulerHeun,
+    "RKMil": deb.RKMil,
+    "LambaEM": deb.LambaEM,
+    "LambaEulerHeun": deb.LambaEulerHeun,
+    "SRIW1": deb.SRIW1,
+    "SOSRI": deb.SOSRI,
+    "SRA1": deb.SRA1,
+    "SOSRA": deb.SOSRA,
+    "ImplicitEM": deb.ImplicitEM,
+    "ImplicitRKMil": deb.ImplicitRKMil,
+    "ISSEM": deb.ISSEM,
+    "SKenCarp": deb.SKenCarp,
+    "SROCK1": deb.SROCK1,
+    "ReversibleHeun": deb.ReversibleHeun,
+    "AutoSOSRI": deb.AutoSOSRI,
+    "ShARK": deb.ShARK,
 }
 STIFF = {"Rodas4", "Kvaerno5", "AutoTsit5", "AutoDP5", "ImplicitEM", "ImplicitRKMil", "ISSEM", "SKenCarp"}
 STATE_SHAPES = [(1,), (3,), (2, 2)]
@@ -106,10 +123,20 @@ def _cases(name: str, solver: AbstractSolver) -> st.SearchStrategy[Case]:
             saveat = times
         batch = draw(st.integers(1, 4))
         poison = batch >= 2 and draw(st.sampled_from([False, False, False, True]))
-        return Case(dtype=dtype, batch=batch, poison=poison, shape=draw(st.sampled_from(STATE_SHAPES)),
-                    noise=draw(st.sampled_from(noises)), interpretation=draw(st.sampled_from(interpretations)),
-                    adaptive=adaptive, tol=tol, dt=None if adaptive else draw(st.sampled_from(steps)), t1=t1,
-                    saveat=saveat, seed=draw(st.integers(0, 2**32 - 1)))
+        return Case(
+            dtype=dtype,
+            batch=batch,
+            poison=poison,
+            shape=draw(st.sampled_from(STATE_SHAPES)),
+            noise=draw(st.sampled_from(noises)),
+            interpretation=draw(st.sampled_from(interpretations)),
+            adaptive=adaptive,
+            tol=tol,
+            dt=None if adaptive else draw(st.sampled_from(steps)),
+            t1=t1,
+            saveat=saveat,
+            seed=draw(st.integers(0, 2**32 - 1)),
+        )
 
     return build()
 
@@ -142,9 +169,14 @@ def _problem(name: str, case: Case):
     if case.noise == "additive":
         a = torch.tensor(rng.uniform(-1.0, 1.0, (B, *S)), dtype=torch.float64)
         sig = torch.tensor(rng.uniform(0.05, 0.5, (B, *S)), dtype=torch.float64)
-        prob = deb.SDEProblem(_poisoned(case, lambda t, y: a.to(y.dtype).expand_as(y)),
-                              lambda t, y: sig.to(y.dtype).expand_as(y),
-                              y0.to(case.dtype), (0.0, case.t1), noise="additive", interpretation=case.interpretation)
+        prob = deb.SDEProblem(
+            _poisoned(case, lambda t, y: a.to(y.dtype).expand_as(y)),
+            lambda t, y: sig.to(y.dtype).expand_as(y),
+            y0.to(case.dtype),
+            (0.0, case.t1),
+            noise="additive",
+            interpretation=case.interpretation,
+        )
         return prob, (B, *S), lambda t, W: y0 + a * t + sig * W
     m = 1 if case.noise in ("scalar", "diagonal") else int(rng.integers(1, 4))
     sig = torch.tensor(rng.uniform(0.05, 0.5, (B, m)), dtype=torch.float64)
@@ -152,27 +184,41 @@ def _problem(name: str, case: Case):
     drift_rate = mu - (0.5 * (sig * sig).sum(1).reshape(mu.shape) if ito else 0.0)
     pad = (1,) * len(S)
     if case.noise == "general":
+
         def diffusion(t, y):
             return y.unsqueeze(-1) * sig.to(y.dtype).reshape(B, *pad, m)
 
         def exponent_w(W):
             return (sig * W).sum(1).reshape(B, *pad)
+
         noise_shape, noise_dim = (B, m), m
     else:
+
         def diffusion(t, y):
             return sig.to(y.dtype).reshape(B, *pad) * y
 
         if case.noise == "scalar":
+
             def exponent_w(W):
                 return sig.reshape(B, *pad) * W.reshape(B, *pad)
+
             noise_shape = (B, 1)
         else:  # diagonal: an independent W per component, same σ
+
             def exponent_w(W):
                 return sig.reshape(B, *pad) * W
+
             noise_shape = (B, *S)
         noise_dim = None
-    prob = deb.SDEProblem(_poisoned(case, lambda t, y: mu.to(y.dtype) * y), diffusion, y0.to(case.dtype), (0.0, case.t1),
-                          noise=case.noise, interpretation=case.interpretation, noise_dim=noise_dim)
+    prob = deb.SDEProblem(
+        _poisoned(case, lambda t, y: mu.to(y.dtype) * y),
+        diffusion,
+        y0.to(case.dtype),
+        (0.0, case.t1),
+        noise=case.noise,
+        interpretation=case.interpretation,
+        noise_dim=noise_dim,
+    )
     return prob, noise_shape, lambda t, W: y0 * torch.exp(drift_rate * t + exponent_w(W))
 
 
@@ -226,8 +272,14 @@ def test_fuzz_solver(name, request):
     solver = SOLVERS[name]()
     figures = os.environ.get("DEB_FUZZ_FIGURES")
 
-    @settings(max_examples=n, deadline=None, derandomize=not long, database=None, print_blob=True,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        max_examples=n,
+        deadline=None,
+        derandomize=not long,
+        database=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(_cases(name, solver))
     def run(case: Case) -> None:
         if not figures:
@@ -250,7 +302,6 @@ def test_fuzz_solver(name, request):
 
 def test_every_solver_is_fuzzed():
     """The list above covers every public solver (AutoSwitch via AutoTsit5/AutoDP5/AutoSOSRI)."""
-    public = {n for n in deb.__all__ if isinstance(getattr(deb, n), type)
-              and issubclass(getattr(deb, n), AbstractSolver)}
+    public = {n for n in deb.__all__ if isinstance(getattr(deb, n), type) and issubclass(getattr(deb, n), AbstractSolver)}
     assert public - set(SOLVERS) == {"AutoSwitch"}
     assert math.isclose(LONG_CASES_PER_SOLVER * len(SOLVERS), 10_000, rel_tol=0.05)

@@ -5,6 +5,7 @@ that the error against the exact pathwise derivative shrinks when the step (or t
 tolerance) shrinks, and is small at the finer setting.  Errors are normwise relative
 errors over the batch.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,14 @@ def _gbm_errors(interpretation: str, alg: deb.solvers.AbstractSolver, sensealg_n
     """Per-sample parameters (mu, sigma of shape (B, 1)) so that d u_T[b] / d mu[b] is per sample."""
     mu = torch.full((B, 1), 0.5, dtype=torch.float64, requires_grad=True)
     sigma = torch.full((B, 1), 0.6, dtype=torch.float64, requires_grad=True)
-    prob = deb.SDEProblem(lambda t, y: mu * y, lambda t, y: sigma * y, torch.ones(B, 1, dtype=torch.float64),
-                          (0.0, T), interpretation=interpretation, params=[mu, sigma])
+    prob = deb.SDEProblem(
+        lambda t, y: mu * y,
+        lambda t, y: sigma * y,
+        torch.ones(B, 1, dtype=torch.float64),
+        (0.0, T),
+        interpretation=interpretation,
+        params=[mu, sigma],
+    )
     bm = deb.VirtualBrownianTree(0.0, T, (B, 1), seed=7)
     sol = deb.solve(prob, alg, brownian=bm, sensealg=SENSEALGS[sensealg_name](), **solve_kwargs)
     assert sol.success
@@ -93,7 +100,10 @@ def test_additive(sensealg: str) -> None:
         prob = deb.SDEProblem(
             lambda t, y: beta / torch.sqrt(1 + t)[:, None] - y / (2 * (1 + t))[:, None],
             lambda t, y: (alpha * beta / torch.sqrt(1 + t)[:, None]).expand_as(y),
-            torch.ones(B, 1, dtype=torch.float64), (0.0, T), noise="additive", params=[beta],
+            torch.ones(B, 1, dtype=torch.float64),
+            (0.0, T),
+            noise="additive",
+            params=[beta],
         )
         bm = deb.VirtualBrownianTree(0.0, T, (B, 1), seed=3)
         sol = deb.solve(prob, deb.SRA1(), dt=dt, adaptive=False, brownian=bm, sensealg=SENSEALGS[sensealg]())
@@ -116,8 +126,7 @@ def test_ode_decay(sensealg: str, alg: str) -> None:
         sol = deb.solve(prob, getattr(deb, alg)(), atol=tol, rtol=tol, sensealg=SENSEALGS[sensealg]())
         g_theta, g_y0 = torch.autograd.grad(sol.ys[-1].sum(), [theta, y0])
         want = -2.0 * 3.0 * math.exp(-1.4)
-        errs.append(max(abs(float(g_theta) - want) / abs(want),
-                        float((g_y0 - math.exp(-1.4)).abs().max()) / math.exp(-1.4)))
+        errs.append(max(abs(float(g_theta) - want) / abs(want), float((g_y0 - math.exp(-1.4)).abs().max()) / math.exp(-1.4)))
     assert errs[1] < errs[0]
     assert errs[1] < 1e-6, errs
 
@@ -158,7 +167,8 @@ def test_errors() -> None:
     assert torch.autograd.grad(sol.ys[-1].sum(), [w])[0] < 0
     with pytest.raises(ValueError, match="checkpoints"):
         deb.DiscreteAdjoint(checkpoints=0)
-    general = deb.SDEProblem(lambda t, y: -y, lambda t, y: torch.ones(2, 1, 2, dtype=torch.float64), y0,
-                             noise="general", noise_dim=2)
+    general = deb.SDEProblem(
+        lambda t, y: -y, lambda t, y: torch.ones(2, 1, 2, dtype=torch.float64), y0, noise="general", noise_dim=2
+    )
     with pytest.raises(ValueError, match="BacksolveAdjoint"):
         deb.solve(general, deb.EM(), dt=0.1, sensealg=deb.BacksolveAdjoint())

@@ -10,6 +10,7 @@ backward solve's discretisation error, O(dt) here (measured ~5e-3 at dt = 2^-5);
 checks that bound and that it shrinks with dt.  (Its exact agreement with torchsde's
 ``sdeint_adjoint`` is in test_gradients_torchsde.py.)
 """
+
 from __future__ import annotations
 
 import pytest
@@ -43,8 +44,9 @@ def make_model() -> nn.Module:
 
 def loss_and_grads(model: nn.Module, y0: torch.Tensor, sensealg, dt: float = 2**-5, grads: bool = True):
     tree = deb.VirtualBrownianTree(0.0, T, (B, D), seed=11)
-    prob = deb.SDEProblem(lambda t, y: model.drift(y), lambda t, y: model.diffusion(y), y0, (0.0, T),
-                          interpretation="stratonovich", params=model)
+    prob = deb.SDEProblem(
+        lambda t, y: model.drift(y), lambda t, y: model.diffusion(y), y0, (0.0, T), interpretation="stratonovich", params=model
+    )
     ys = deb.solve(prob, deb.EulerHeun(), dt=dt, saveat=[0.0, 0.5, T], brownian=tree, sensealg=sensealg).ys
     loss = (ys[1] ** 2).mean() + torch.sin(ys[2]).sum()
     if not grads:
@@ -85,14 +87,14 @@ def test_neural_sde_finite_differences() -> None:
                 y0 = shifted[: B * D].reshape(B, D).clone()
                 offset = B * D
                 for p in model.parameters():
-                    p.copy_(shifted[offset: offset + p.numel()].reshape(p.shape))
+                    p.copy_(shifted[offset : offset + p.numel()].reshape(p.shape))
                     offset += p.numel()
             vals.append(loss_and_grads(model, y0, None, grads=False))
         fd = (vals[0] - vals[1]) / (2 * eps)
         with torch.no_grad():  # restore
             offset = B * D
             for p in model.parameters():
-                p.copy_(flat[offset: offset + p.numel()].reshape(p.shape))
+                p.copy_(flat[offset : offset + p.numel()].reshape(p.shape))
                 offset += p.numel()
         exact = float(g_ref @ v)
         assert abs(fd - exact) <= 1e-5 * abs(exact), (fd, exact)
@@ -127,8 +129,15 @@ def test_neural_sde_module_trains(sensealg) -> None:
     torch.manual_seed(0)
     drift = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 2)).double()
     diffusion = nn.Sequential(nn.Linear(2, 2), nn.Softplus()).double()
-    sde = deb.NeuralSDE(drift, diffusion, noise="diagonal", interpretation="stratonovich",
-                        alg=deb.EulerHeun(), sensealg=deb.BacksolveAdjoint() if sensealg else None, dt=0.1)
+    sde = deb.NeuralSDE(
+        drift,
+        diffusion,
+        noise="diagonal",
+        interpretation="stratonovich",
+        alg=deb.EulerHeun(),
+        sensealg=deb.BacksolveAdjoint() if sensealg else None,
+        dt=0.1,
+    )
     assert {id(p) for p in sde.parameters()} == {id(p) for p in [*drift.parameters(), *diffusion.parameters()]}
     y0 = torch.ones(8, 2, dtype=torch.float64)
     target = torch.tensor([0.5, -0.5], dtype=torch.float64)

@@ -16,6 +16,7 @@ What matches and why:
   are only 1/2-Hölder).  Itô ``sdeint_adjoint`` uses an Itô-corrected adjoint with Euler;
   ours converts to Stratonovich and uses Heun, so those agree only to O(dt): not asserted.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -78,8 +79,9 @@ def _grads(sde: SDE, run) -> tuple[float, torch.Tensor]:
 
 
 def _ours(sde: SDE, y0, alg, sensealg, tree, ts):
-    prob = deb.SDEProblem(lambda t, y: sde.f(t, y), lambda t, y: sde.g(t, y), y0, (0.0, T),
-                          interpretation=sde.sde_type, params=sde)
+    prob = deb.SDEProblem(
+        lambda t, y: sde.f(t, y), lambda t, y: sde.g(t, y), y0, (0.0, T), interpretation=sde.sde_type, params=sde
+    )
     return deb.solve(prob, alg, dt=DT, saveat=ts, brownian=tree, sensealg=sensealg).ys
 
 
@@ -98,9 +100,19 @@ def test_backsolve_matches_torchsde_sdeint_adjoint() -> None:
     sde = SDE("stratonovich")
     tree = deb.VirtualBrownianTree(0.0, T, (B, D), seed=1)
     ts = torch.tensor([0.0, 0.5, T], dtype=torch.float64)
-    _, g_theirs = _grads(sde, lambda y0: torchsde.sdeint_adjoint(
-        sde, y0, ts, bm=TreeBrownian(tree), method="heun", adjoint_method="heun", dt=DT,
-        adjoint_params=tuple(sde.parameters())))
+    _, g_theirs = _grads(
+        sde,
+        lambda y0: torchsde.sdeint_adjoint(
+            sde,
+            y0,
+            ts,
+            bm=TreeBrownian(tree),
+            method="heun",
+            adjoint_method="heun",
+            dt=DT,
+            adjoint_params=tuple(sde.parameters()),
+        ),
+    )
     _, g_ours = _grads(sde, lambda y0: _ours(sde, y0, deb.EulerHeun(), deb.BacksolveAdjoint(), tree, ts))
     assert float((g_theirs - g_ours).abs().max()) <= 1e-10
     # and it is a continuous adjoint: close to, not equal to, the discrete gradient

@@ -1,4 +1,5 @@
 """diffeqbridge.jax: same values and gradients as the torch path on the same problem and seed."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,8 +21,14 @@ def _torch_grads(sensealg):
     mu = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
     sigma = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
     y0 = torch.linspace(0.5, 1.5, B, dtype=torch.float64).reshape(B, 1).requires_grad_(True)
-    prob = deb.SDEProblem(lambda t, y: mu * y - y**3 / 10, lambda t, y: sigma * torch.cos(y), y0, (0.0, T),
-                          interpretation="stratonovich", params=[mu, sigma])
+    prob = deb.SDEProblem(
+        lambda t, y: mu * y - y**3 / 10,
+        lambda t, y: sigma * torch.cos(y),
+        y0,
+        (0.0, T),
+        interpretation="stratonovich",
+        params=[mu, sigma],
+    )
     ys = deb.solve(prob, deb.EulerHeun(), dt=2**-5, saveat=SAVEAT, seed=5, sensealg=sensealg).ys
     loss = (ys[1] ** 2).sum() + ys[2].sum()
     g = torch.autograd.grad(loss, [y0, mu, sigma])
@@ -29,9 +36,19 @@ def _torch_grads(sensealg):
 
 
 def _jax_loss(y0, p, sensealg):
-    ys = jsolve(lambda t, y, p: p["mu"] * y - y**3 / 10, lambda t, y, p: p["sigma"] * jnp.cos(y), y0, (0.0, T),
-                saveat=SAVEAT, params=p, interpretation="stratonovich", alg="EulerHeun", dt=2**-5, seed=5,
-                sensealg=sensealg)
+    ys = jsolve(
+        lambda t, y, p: p["mu"] * y - y**3 / 10,
+        lambda t, y, p: p["sigma"] * jnp.cos(y),
+        y0,
+        (0.0, T),
+        saveat=SAVEAT,
+        params=p,
+        interpretation="stratonovich",
+        alg="EulerHeun",
+        dt=2**-5,
+        seed=5,
+        sensealg=sensealg,
+    )
     return (ys[1] ** 2).sum() + ys[2].sum(), ys
 
 

@@ -10,6 +10,7 @@ fixed step, so the gradients it returns are known in closed form.  What this che
 glue (``diffeqbridge.julia.backend``): argument passing, array layouts, retcode/stat mapping and
 the autograd boundary; SciML itself is exercised by ``test_conformance.py`` where Julia runs.
 """
+
 from __future__ import annotations
 
 import re
@@ -27,7 +28,7 @@ JL = julia_package_dir() / "src"
 def _julia_keywords(path, function: str) -> set[str]:
     """Keyword names of ``function`` in a .jl file (the part of its signature after ``;``)."""
     src = (JL / path).read_text()
-    sig = src[src.index(f"function {function}("):]
+    sig = src[src.index(f"function {function}(") :]
     sig = sig[: sig.index(")\n")]
     kw = sig.split(";", 1)[1]
     return {m.strip().split("=")[0].split("::")[0].strip() for m in kw.split(",") if m.strip() and m.strip() != "kwargs..."}
@@ -142,8 +143,9 @@ def test_forward_glue(fake):
 
 
 def test_retcodes_and_solver_keywords(fake):
-    prob = deb.SDEProblem(lambda t, y: -y, lambda t, y: 0.1 * y, torch.ones(2, 1, dtype=torch.float64),
-                          (0.0, 1.0), interpretation="stratonovich")
+    prob = deb.SDEProblem(
+        lambda t, y: -y, lambda t, y: 0.1 * y, torch.ones(2, 1, dtype=torch.float64), (0.0, 1.0), interpretation="stratonovich"
+    )
     sol = deb.solve(prob, deb.RKMil(), dt=1 / 64, adaptive=False, max_steps=5, backend="julia")
     assert sol.retcode == [deb.ReturnCode.MaxIters] * 2
     kw = fake.calls[-1]
@@ -159,8 +161,7 @@ def test_gradient_through_the_boundary(fake):
     theta = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
     y0 = torch.tensor([[1.0, 2.0], [3.0, -1.0]], dtype=torch.float64, requires_grad=True)
     prob = deb.ODEProblem(lambda t, y: -theta * y, y0, (0.0, 1.0), params=[theta])
-    sol = deb.solve(prob, deb.Tsit5(), dt=1 / 64, adaptive=False, sensealg=deb.InterpolatingAdjoint(),
-                    backend="julia")
+    sol = deb.solve(prob, deb.Tsit5(), dt=1 / 64, adaptive=False, sensealg=deb.InterpolatingAdjoint(), backend="julia")
     h, N = 1 / 64, 64
     torch.testing.assert_close(sol.ys[-1].detach(), y0.detach() * (1 - 0.7 * h) ** N)
     w = torch.tensor([[1.0, -2.0], [0.5, 3.0]], dtype=torch.float64)
@@ -181,8 +182,7 @@ def test_closure_parameters_refused(fake):
 def test_julia_signatures_parsed():
     assert {"alg", "seed", "on_trajectory", "noise", "abstol", "saveat", "maxiters", "dt"} <= SOLVE_KW
     assert {"sensealg_name", "checkpointing", "noisemixing"} <= PULLBACK_KW
-    assert re.search(r"function apply_pullback\(pb::BatchPullback, gys::AbstractArray\)",
-                     (JL / "adjoint.jl").read_text())
+    assert re.search(r"function apply_pullback\(pb::BatchPullback, gys::AbstractArray\)", (JL / "adjoint.jl").read_text())
 
 
 # ----------------------------------------------------------------------------- Julia-source problems

@@ -9,6 +9,7 @@
   Julia's column-major result);
 * ``juliapkg.json`` / ``Project.toml`` consistency (UUID format, deps, weakdeps, extension).
 """
+
 from __future__ import annotations
 
 import json
@@ -101,14 +102,12 @@ def test_noise_specs():
 
 
 def test_solve_kwargs():
-    kw = solve_kwargs(atol=1e-3, rtol=1e-4, saveat=[0.0, 0.5, 1.0], max_steps=10, dtmin=1e-12, dt=None,
-                      adaptive=True)
-    assert kw == {"abstol": 1e-3, "reltol": 1e-4, "saveat": [0.0, 0.5, 1.0], "maxiters": 10, "dtmin": 1e-12,
-                  "adaptive": True}
+    kw = solve_kwargs(atol=1e-3, rtol=1e-4, saveat=[0.0, 0.5, 1.0], max_steps=10, dtmin=1e-12, dt=None, adaptive=True)
+    assert kw == {"abstol": 1e-3, "reltol": 1e-4, "saveat": [0.0, 0.5, 1.0], "maxiters": 10, "dtmin": 1e-12, "adaptive": True}
     assert solve_kwargs(atol=1, rtol=1, saveat=[0, 1], max_steps=1, dtmin=0, dt=0.1, adaptive=False)["dt"] == 0.1
     # every key is one _kwargs_dict in ensemble.jl accepts
     src = (JL_SRC / "ensemble.jl").read_text()
-    signature = src[src.index("function _kwargs_dict"):].split("\n", 1)[0]
+    signature = src[src.index("function _kwargs_dict") :].split("\n", 1)[0]
     for key in kw:
         assert key in signature
 
@@ -123,8 +122,10 @@ def test_sensealg_specs():
     with pytest.raises(UnsupportedOnJulia, match="DiscreteAdjoint is native-only"):
         sensealg_spec(deb.DiscreteAdjoint(), True, "diagonal")
     src = (JL_SRC / "algorithms.jl").read_text()
-    for name in ("InterpolatingAdjoint(; autojacvec = ZygoteVJP(), checkpointing, noisemixing)",
-                 "BacksolveAdjoint(; autojacvec = ZygoteVJP(), checkpointing, noisemixing)"):
+    for name in (
+        "InterpolatingAdjoint(; autojacvec = ZygoteVJP(), checkpointing, noisemixing)",
+        "BacksolveAdjoint(; autojacvec = ZygoteVJP(), checkpointing, noisemixing)",
+    ):
         assert name in src
 
 
@@ -135,8 +136,13 @@ def test_retcodes():
     assert retcode_from_julia("DtNaN") is deb.ReturnCode.Unstable
     assert retcode_from_julia("Terminated") is deb.ReturnCode.Terminated
     assert retcode_from_julia("SomethingNew") is deb.ReturnCode.Failure
-    assert set(RETCODES.values()) >= {deb.ReturnCode.Success, deb.ReturnCode.MaxIters, deb.ReturnCode.Unstable,
-                                      deb.ReturnCode.ConvergenceFailure, deb.ReturnCode.Failure}
+    assert set(RETCODES.values()) >= {
+        deb.ReturnCode.Success,
+        deb.ReturnCode.MaxIters,
+        deb.ReturnCode.Unstable,
+        deb.ReturnCode.ConvergenceFailure,
+        deb.ReturnCode.Failure,
+    }
 
 
 def test_trajectory_seeds_distinct_and_nonzero():
@@ -176,8 +182,7 @@ def test_python_fields_values_counts_and_vjps():
 
 def test_python_fields_general_noise_matrix():
     y0 = torch.ones(2, 3, dtype=torch.float64)
-    prob = deb.SDEProblem(lambda t, y: -y, lambda t, y: torch.stack([y, 2 * y], dim=-1), y0,
-                          noise="general", noise_dim=2)
+    prob = deb.SDEProblem(lambda t, y: -y, lambda t, y: torch.stack([y, 2 * y], dim=-1), y0, noise="general", noise_dim=2)
     out = PythonFields(prob).diffusion(np.arange(3.0), None, 0.0)
     assert out.shape == (3, 2)
     np.testing.assert_allclose(out[:, 1], 2 * np.arange(3.0))

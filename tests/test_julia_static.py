@@ -5,6 +5,7 @@ Every ``julia/**/*.jl`` must parse with tree-sitter-julia without ERROR/MISSING 
 shown to fail on a broken file, so they can fail.  Skipped when the ``lint`` extra
 (tree-sitter, tree-sitter-julia, fatou) is not installed.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,13 @@ def _fatou() -> str:
 
 def _check_julia(*paths: Path) -> subprocess.CompletedProcess:
     pytest.importorskip("tree_sitter_julia")
-    return subprocess.run([sys.executable, str(REPO / "tools" / "check_julia.py"), *map(str, paths)],
-                          capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / "check_julia.py"), *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def test_tree_sitter_parses_every_julia_file():
@@ -47,13 +53,15 @@ def test_tree_sitter_check_fails_on_broken_source(tmp_path):
 
 
 def test_fatou_lint_clean():
-    proc = subprocess.run([_fatou(), "lint", "--color", "never", str(JULIA)], capture_output=True, text=True,
-                          timeout=120, check=False)
+    proc = subprocess.run(
+        [_fatou(), "lint", "--color", "never", str(JULIA)], capture_output=True, text=True, timeout=120, check=False
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_fatou_lint_fails_on_broken_source(tmp_path):
     (tmp_path / "bad.jl").write_text(BROKEN)
-    proc = subprocess.run([_fatou(), "lint", "--color", "never", str(tmp_path)], capture_output=True, text=True,
-                          timeout=120, check=False)
+    proc = subprocess.run(
+        [_fatou(), "lint", "--color", "never", str(tmp_path)], capture_output=True, text=True, timeout=120, check=False
+    )
     assert proc.returncode != 0 and "bad.jl" in proc.stdout + proc.stderr

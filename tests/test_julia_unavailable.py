@@ -1,4 +1,5 @@
 """The julia backend fails fast, and nothing imports juliacall behind the user's back."""
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
 def test_import_does_not_import_juliacall():
@@ -50,8 +50,9 @@ def test_julia_status_without_juliacall(monkeypatch):
     import diffeqbridge.julia as dj
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(dj.importlib.util, "find_spec",
-                        lambda name, *a, **k: None if name == "juliacall" else real(name, *a, **k))
+    monkeypatch.setattr(
+        dj.importlib.util, "find_spec", lambda name, *a, **k: None if name == "juliacall" else real(name, *a, **k)
+    )
     ok, reason = dj.julia_status(refresh=True)
     dj.julia_status(refresh=True)  # leave the cache as the machine really is
     assert not ok
@@ -138,8 +139,16 @@ def test_juliapkg_json_is_valid():
     assert data["julia"].startswith("1.1")
     uuid = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
     pkgs = data["packages"]
-    for name in ("StochasticDiffEq", "OrdinaryDiffEq", "SciMLSensitivity", "SciMLBase",
-                 "DiffEqNoiseProcess", "ChainRulesCore", "Zygote", "DiffEqBridge"):
+    for name in (
+        "StochasticDiffEq",
+        "OrdinaryDiffEq",
+        "SciMLSensitivity",
+        "SciMLBase",
+        "DiffEqNoiseProcess",
+        "ChainRulesCore",
+        "Zygote",
+        "DiffEqBridge",
+    ):
         assert uuid.match(pkgs[name]["uuid"]), name
     # the local package's path (relative to juliapkg.json) is the Julia package here
     local = (juliapkg_json_path().parent / pkgs["DiffEqBridge"]["path"]).resolve()
@@ -196,8 +205,9 @@ def test_auto_warns_when_juliacall_installed_but_julia_missing(monkeypatch):
     monkeypatch.setattr(dispatch, "_NOTICE_GIVEN", [])
     monkeypatch.setattr(dispatch, "julia_installed", lambda: (False, "no Julia executable found"))
     real = dispatch.importlib.util.find_spec
-    monkeypatch.setattr(dispatch.importlib.util, "find_spec",
-                        lambda name, *a, **k: object() if name == "juliacall" else real(name, *a, **k))
+    monkeypatch.setattr(
+        dispatch.importlib.util, "find_spec", lambda name, *a, **k: object() if name == "juliacall" else real(name, *a, **k)
+    )
     with pytest.warns(dispatch.JuliaFallbackWarning, match="no Julia executable found"):
         deb.solve(prob, deb.SOSRI(), backend="auto")
     import warnings
@@ -238,8 +248,14 @@ def test_explicit_julia_refuses_native_only_requests(monkeypatch):
 
 
 def test_cli_info_reports_julia():
-    proc = subprocess.run([sys.executable, "-m", "diffeqbridge", "info"], capture_output=True, text=True,
-                          timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": os.path.join(REPO, "src")})
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffeqbridge", "info"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": os.path.join(REPO, "src")},
+    )
     assert proc.returncode == 0, proc.stderr
     line = next(ln for ln in proc.stdout.splitlines() if ln.strip().startswith("julia "))
     from diffeqbridge.julia import julia_status

@@ -1,5 +1,6 @@
 """``deb.LatentSDE``: the path-space KL against a closed form, gradients against finite
 differences for every sensealg, and torchsde's ``sdeint(..., logqp=True)`` on the same path."""
+
 from __future__ import annotations
 
 import math
@@ -46,8 +47,7 @@ def ou_kl(a: float, b: float, sigma: float, x0: float, T: float) -> float:
 
 def test_kl_matches_ou_closed_form():
     a, b, sigma, x0, T, B = 1.0, 2.5, 0.5, 1.0, 1.0, 4000
-    model = deb.LatentSDE(Linear(a), Linear(b), Constant(sigma), noise="additive", alg=deb.SRA1(), dt=2**-7,
-                          adaptive=False)
+    model = deb.LatentSDE(Linear(a), Linear(b), Constant(sigma), noise="additive", alg=deb.SRA1(), dt=2**-7, adaptive=False)
     with torch.no_grad():
         zs, kl = model(torch.full((B, 1), x0), [0.0, 0.5, T], seed=3)
     exact = ou_kl(a, b, sigma, x0, T)
@@ -111,9 +111,17 @@ XS = torch.sin(torch.arange(len(TS) * B * 2, dtype=torch.float64)).reshape(len(T
 
 
 def _model(alg, sensealg, **kw) -> deb.LatentSDE:
-    return deb.LatentSDE(WithContext(D, C), Prior(D), Diffusion(D), encoder=Encoder(2, C),
-                         interpretation="stratonovich" if alg.__class__.__name__ in ("EulerHeun", "ReversibleHeun")
-                         else "ito", alg=alg, sensealg=sensealg, dt=DT, **kw)
+    return deb.LatentSDE(
+        WithContext(D, C),
+        Prior(D),
+        Diffusion(D),
+        encoder=Encoder(2, C),
+        interpretation="stratonovich" if alg.__class__.__name__ in ("EulerHeun", "ReversibleHeun") else "ito",
+        alg=alg,
+        sensealg=sensealg,
+        dt=DT,
+        **kw,
+    )
 
 
 def _loss(model: deb.LatentSDE, z0: torch.Tensor) -> torch.Tensor:
@@ -144,14 +152,18 @@ def _fd_check(model: deb.LatentSDE, rtol: float) -> None:
         assert abs(ad - fd) <= rtol * abs(fd) + 1e-7, (ad, fd)
 
 
-@pytest.mark.parametrize("alg,sensealg,rtol", [
-    (deb.EM(), deb.DiscreteAdjoint(), 1e-6),
-    (deb.EM(), deb.DiscreteAdjoint(checkpoints=3), 1e-6),
-    (deb.EM(), deb.InterpolatingAdjoint(), 1e-6),
-    (deb.EulerHeun(), deb.InterpolatingAdjoint(checkpoints=2), 1e-6),
-    (deb.ReversibleHeun(), deb.BacksolveAdjoint(), 1e-6),       # algebraically reversible: exact
-    (deb.EulerHeun(), deb.BacksolveAdjoint(), 3e-2),            # continuous adjoint: O(dt)
-], ids=["discrete", "discrete-ckpt", "interpolating", "interpolating-heun", "backsolve-reversible", "backsolve-heun"])
+@pytest.mark.parametrize(
+    "alg,sensealg,rtol",
+    [
+        (deb.EM(), deb.DiscreteAdjoint(), 1e-6),
+        (deb.EM(), deb.DiscreteAdjoint(checkpoints=3), 1e-6),
+        (deb.EM(), deb.InterpolatingAdjoint(), 1e-6),
+        (deb.EulerHeun(), deb.InterpolatingAdjoint(checkpoints=2), 1e-6),
+        (deb.ReversibleHeun(), deb.BacksolveAdjoint(), 1e-6),  # algebraically reversible: exact
+        (deb.EulerHeun(), deb.BacksolveAdjoint(), 3e-2),  # continuous adjoint: O(dt)
+    ],
+    ids=["discrete", "discrete-ckpt", "interpolating", "interpolating-heun", "backsolve-reversible", "backsolve-heun"],
+)
 def test_gradients_match_finite_differences(alg, sensealg, rtol):
     _fd_check(_model(alg, sensealg), rtol)
 
@@ -179,8 +191,9 @@ def test_kl_and_paths_match_torchsde_logqp():
     tree = deb.VirtualBrownianTree(0.0, 1.0, (B, D + 1), seed=7, tol=2**-12)
     ts = [0.0, 0.5, 1.0]
     zs, kl = model(z0, ts, brownian=tree)
-    ys_ref, logqp = torchsde.sdeint(TorchsdeLatent(), z0, torch.tensor(ts), bm=torchsde_brownian(tree), dt=DT,
-                                    method="euler", logqp=True)
+    ys_ref, logqp = torchsde.sdeint(
+        TorchsdeLatent(), z0, torch.tensor(ts), bm=torchsde_brownian(tree), dt=DT, method="euler", logqp=True
+    )
     assert torch.allclose(zs, ys_ref, rtol=0, atol=1e-12)
     assert torch.allclose(kl, logqp.sum(0), rtol=1e-12, atol=1e-14)
     assert torch.allclose(model.kl_path[1:] - model.kl_path[:-1], logqp, rtol=1e-12, atol=1e-14)
@@ -198,11 +211,9 @@ def test_kl_and_paths_match_torchsde_logqp():
 def test_elbo_and_gaussian_kl():
     mq, sq = torch.tensor([[0.3, -1.0]]), torch.tensor([[0.5, 2.0]])
     mp, sp = torch.zeros(1, 2), torch.ones(1, 2)
-    expected = sum(math.log(p / q) + (q**2 + m**2) / (2 * p**2) - 0.5
-                   for m, q, p in [(0.3, 0.5, 1.0), (-1.0, 2.0, 1.0)])
+    expected = sum(math.log(p / q) + (q**2 + m**2) / (2 * p**2) - 0.5 for m, q, p in [(0.3, 0.5, 1.0), (-1.0, 2.0, 1.0)])
     assert math.isclose(float(gaussian_kl(mq, sq, mp, sp)), expected, rel_tol=1e-12)
-    assert torch.equal(elbo(torch.tensor([1.0]), torch.tensor([0.25]), torch.tensor([0.5]), beta=2.0),
-                       torch.tensor([-0.5]))
+    assert torch.equal(elbo(torch.tensor([1.0]), torch.tensor([0.25]), torch.tensor([0.5]), beta=2.0), torch.tensor([-0.5]))
 
 
 def test_bad_inputs_are_named():

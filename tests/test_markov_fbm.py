@@ -3,6 +3,7 @@
 Oracles: the closed-form L2 error and variances of the approximation, the incomplete gamma
 function of torch, the exact evidence of the linear Markov fractional OU (Kalman filter),
 finite differences for the gradient in the Hurst index."""
+
 from __future__ import annotations
 
 import itertools
@@ -24,8 +25,10 @@ def test_incomplete_gamma_matches_torch():
     # differentiable in a (torch.special.gammainc is not): d/da by central differences
     a0 = torch.tensor(0.8, requires_grad=True)
     (g,) = torch.autograd.grad(regularized_gammainc(a0, torch.tensor(2.0)), [a0])
-    fd = (torch.special.gammainc(torch.tensor(0.8 + 1e-6), torch.tensor(2.0))
-          - torch.special.gammainc(torch.tensor(0.8 - 1e-6), torch.tensor(2.0))) / 2e-6
+    fd = (
+        torch.special.gammainc(torch.tensor(0.8 + 1e-6), torch.tensor(2.0))
+        - torch.special.gammainc(torch.tensor(0.8 - 1e-6), torch.tensor(2.0))
+    ) / 2e-6
     assert math.isclose(float(g), float(fd), rel_tol=1e-7)
 
 
@@ -97,8 +100,17 @@ def test_elbo_bounds_the_evidence_and_is_differentiable_in_hurst():
         return (-0.5 * ((xs[1:, :, 0] - obs) / 0.1) ** 2 - math.log(0.1 * math.sqrt(2 * math.pi))).sum(0)
 
     def elbo(control, seed=0):
-        return fbm.elbo(lambda t, x: -x, lambda t, x: 0.5 * torch.ones_like(x), control, torch.zeros(B, 1), ts,
-                        log_lik, seed=seed, alg=deb.EM(), dt=dt / 4)
+        return fbm.elbo(
+            lambda t, x: -x,
+            lambda t, x: 0.5 * torch.ones_like(x),
+            control,
+            torch.zeros(B, 1),
+            ts,
+            log_lik,
+            seed=seed,
+            alg=deb.EM(),
+            dt=dt / 4,
+        )
 
     def nudge(t, s):  # a control steering the path towards the next observation
         k = (t / dt).long().clamp(max=15)

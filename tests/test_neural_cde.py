@@ -1,5 +1,6 @@
 """``deb.interpolation`` and ``deb.NeuralCDE`` against torchcde on the same data, a closed-form
 CDE, per-sample observation grids, and gradients through every ODE sensealg."""
+
 from __future__ import annotations
 
 import pytest
@@ -73,13 +74,12 @@ def _ragged() -> tuple[torch.Tensor, torch.Tensor, list[int]]:
 @pytest.mark.parametrize("kind", ["linear", "cubic"])
 def test_per_sample_grids_equal_one_sample_at_a_time(kind):
     t, x, lengths = _ragged()
-    make = interp.linear_interpolation_coeffs if kind == "linear" else \
-        interp.hermite_cubic_coefficients_with_backward_differences
+    make = interp.linear_interpolation_coeffs if kind == "linear" else interp.hermite_cubic_coefficients_with_backward_differences
     cls = interp.LinearInterpolation if kind == "linear" else interp.CubicSpline
     X = cls(make(x, t), t)
     s = torch.tensor([1.3, 2.0, 0.7, 1.1])
     for b, n in enumerate(lengths):
-        alone = cls(make(x[b:b + 1, :n], t[b, :n]), t[b, :n])
+        alone = cls(make(x[b : b + 1, :n], t[b, :n]), t[b, :n])
         inside = float(t[b, n - 1]) >= float(s[b])
         if inside:
             assert torch.allclose(X.evaluate(s)[b], alone.evaluate(s[b])[0], atol=1e-12)
@@ -153,11 +153,25 @@ def torchcde_reference():
     return out
 
 
-@pytest.mark.parametrize("kind,sensealg", [
-    ("linear", deb.DiscreteAdjoint()), ("cubic", deb.DiscreteAdjoint()), ("cubic", deb.DiscreteAdjoint(checkpoints=3)),
-    ("cubic", deb.InterpolatingAdjoint()), ("cubic", deb.BacksolveAdjoint()), ("linear", deb.BacksolveAdjoint()),
-], ids=["linear-discrete", "cubic-discrete", "cubic-discrete-ckpt", "cubic-interpolating", "cubic-backsolve",
-        "linear-backsolve"])
+@pytest.mark.parametrize(
+    "kind,sensealg",
+    [
+        ("linear", deb.DiscreteAdjoint()),
+        ("cubic", deb.DiscreteAdjoint()),
+        ("cubic", deb.DiscreteAdjoint(checkpoints=3)),
+        ("cubic", deb.InterpolatingAdjoint()),
+        ("cubic", deb.BacksolveAdjoint()),
+        ("linear", deb.BacksolveAdjoint()),
+    ],
+    ids=[
+        "linear-discrete",
+        "cubic-discrete",
+        "cubic-discrete-ckpt",
+        "cubic-interpolating",
+        "cubic-backsolve",
+        "linear-backsolve",
+    ],
+)
 def test_neural_cde_outputs_and_gradients_match_torchcde(kind, sensealg, torchcde_reference):
     """Both solved at tolerance 1e-10 (ours Tsit5, torchcde dopri5): outputs agree to 1e-6 (measured
     ~2e-7: the solvers' own errors), gradients to 1e-5 relative."""
@@ -209,17 +223,21 @@ def test_per_sample_steps_and_batch_independence():
         assert len(set(steps.tolist())) > 1  # every sample took its own steps
         for b in (1, 3):
             n = lengths[b]
-            alone = interp.CubicSpline(interp.hermite_cubic_coefficients_with_backward_differences(
-                x[b:b + 1, :n], t[b:b + 1, :n]), t[b:b + 1, :n])
-            zb = model(alone, z0[b:b + 1], ts=ts)
+            alone = interp.CubicSpline(
+                interp.hermite_cubic_coefficients_with_backward_differences(x[b : b + 1, :n], t[b : b + 1, :n]), t[b : b + 1, :n]
+            )
+            zb = model(alone, z0[b : b + 1], ts=ts)
             # equal to the solve's global error (measured 1.9e-6 at tolerance 1e-8: alone, sample 1
             # takes 114 accepted steps, in the batch 112 -- the engine's step sequence is not yet
             # fully batch-independent)
             assert torch.allclose(zb[-1, 0], zs[-1, b], atol=1e-5), float((zb[-1, 0] - zs[-1, b]).abs().max())
 
 
-@pytest.mark.parametrize("sensealg", [deb.DiscreteAdjoint(), deb.InterpolatingAdjoint(), deb.BacksolveAdjoint()],
-                         ids=["discrete", "interpolating", "backsolve"])
+@pytest.mark.parametrize(
+    "sensealg",
+    [deb.DiscreteAdjoint(), deb.InterpolatingAdjoint(), deb.BacksolveAdjoint()],
+    ids=["discrete", "interpolating", "backsolve"],
+)
 def test_gradient_to_learned_coefficients_matches_finite_differences(sensealg):
     t, x = _full_data(6)
     x = torch.nan_to_num(x)

@@ -19,6 +19,7 @@ Schemes compared (torchsde 0.2.6, ``torchsde/_core/methods``):
   the diffusion is averaged, while ``deb.EulerHeun`` (as StochasticDiffEq's) predicts with
   ``y + f dt + g dW`` and averages drift and diffusion: different schemes.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -135,13 +136,14 @@ def test_em_matches_torchsde_euler_general():
 
 
 def test_rkmil_matches_torchsde_grad_free_milstein_ito():
-    _compare(deb.RKMil(), "milstein", "diagonal", "ito", diffusion_diag, diffusion_diag,
-             options={"grad_free": True})
+    _compare(deb.RKMil(), "milstein", "diagonal", "ito", diffusion_diag, diffusion_diag, options={"grad_free": True})
 
 
-@pytest.mark.skip(reason="torchsde's euler_heun is Heun on the diffusion only (predictor y + g dW); "
-                         "deb.EulerHeun follows StochasticDiffEq (predictor y + f dt + g dW, trapezoid "
-                         "on drift and diffusion): the schemes differ, there is nothing to compare")
+@pytest.mark.skip(
+    reason="torchsde's euler_heun is Heun on the diffusion only (predictor y + g dW); "
+    "deb.EulerHeun follows StochasticDiffEq (predictor y + f dt + g dW, trapezoid "
+    "on drift and diffusion): the schemes differ, there is nothing to compare"
+)
 def test_eulerheun_vs_torchsde_euler_heun():  # pragma: no cover
     pass
 

@@ -3,6 +3,7 @@
 The engine's decisions are recorded by a solver wrapper that keeps every step call's inputs
 and output; the tests replay them independently of the engine.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -31,8 +32,19 @@ def _recording(cls: type) -> type:
 
         def step(self, terms, t, y, dt, dw, levy_h, f0=None):
             out = super().step(terms, t, y, dt, dw, levy_h, f0)
-            self.calls.append((t.detach().clone(), y.detach().clone(), dt.detach().clone(), dw, levy_h,
-                               out.y1.detach().clone(), out.error.detach().clone(), out.nf, out.ng))
+            self.calls.append(
+                (
+                    t.detach().clone(),
+                    y.detach().clone(),
+                    dt.detach().clone(),
+                    dw,
+                    levy_h,
+                    out.y1.detach().clone(),
+                    out.error.detach().clone(),
+                    out.nf,
+                    out.ng,
+                )
+            )
             return out
 
     Recording.__name__ = cls.__name__
@@ -41,8 +53,9 @@ def _recording(cls: type) -> type:
 
 def _sde(theta: torch.Tensor, batch: int = 3) -> deb.SDEProblem:
     y0 = torch.linspace(0.5, 1.5, 2 * batch, dtype=torch.float64).reshape(batch, 2)
-    return deb.SDEProblem(lambda t, y: -theta * y**3 + 0.5 * y, lambda t, y: 0.4 * torch.sin(y) + 0.1,
-                          y0, (0.0, T_END), params=[theta])
+    return deb.SDEProblem(
+        lambda t, y: -theta * y**3 + 0.5 * y, lambda t, y: 0.4 * torch.sin(y) + 0.1, y0, (0.0, T_END), params=[theta]
+    )
 
 
 def _ode(theta: torch.Tensor, batch: int = 3) -> deb.ODEProblem:
@@ -84,8 +97,10 @@ def test_global_error_equals_forward_estimates_and_fd_gradient(cls, make, tol):
     masks = _accepted(calls, atol, rtol)
     # the recorded accepted steps are the engine's: same count, same final state
     assert torch.equal(torch.stack(masks).sum(0), sol.stats.naccept)
-    expected = sum(torch.where(m, scaled_error_norm(c[6], c[1], c[5], atol, rtol) * c[2], torch.zeros(3, dtype=torch.float64))
-                   for c, m in zip(calls, masks))
+    expected = sum(
+        torch.where(m, scaled_error_norm(c[6], c[1], c[5], atol, rtol) * c[2], torch.zeros(3, dtype=torch.float64))
+        for c, m in zip(calls, masks)
+    )
     torch.testing.assert_close(sol.regularization.detach(), expected, rtol=1e-12, atol=0)
     assert bool((expected > 0).all())
 
@@ -106,8 +121,7 @@ def test_global_stiffness_matches_replayed_eigen_estimates():
     theta = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
     solver = _recording(deb.Tsit5)()
     prob = _ode(theta)
-    sols = {agg: deb.solve(prob, solver, regularize=deb.Regularization("stiffness", aggregate=agg))
-            for agg in ("max", "mean")}
+    sols = {agg: deb.solve(prob, solver, regularize=deb.Regularization("stiffness", aggregate=agg)) for agg in ("max", "mean")}
     n = len(solver.calls) // 2
     calls = solver.calls[:n]  # the "max" solve
     masks = _accepted(calls, 1e-6, 1e-3)
@@ -227,8 +241,9 @@ def test_weight_zero_leaves_training_unchanged_and_weight_changes_it():
 
 def test_neural_ode_module_exposes_term():
     torch.manual_seed(0)
-    model = deb.NeuralODE(nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2)).double(), alg=deb.Tsit5(),
-                          regularize="local_error")
+    model = deb.NeuralODE(
+        nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2)).double(), alg=deb.Tsit5(), regularize="local_error"
+    )
     y0 = torch.randn(5, 2, dtype=torch.float64)
     model(y0, [0.0, 1.0])
     first = model.regularization

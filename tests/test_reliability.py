@@ -2,6 +2,7 @@
 works, bad input refused up front.  One section per numbered item of the issue; the
 reproducers of the issue are the assertions.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,6 +15,8 @@ import diffeqbridge as deb
 from diffeqbridge.nonlinear import NewtonOptions, newton_tolerances
 
 F64, F32 = torch.float64, torch.float32
+
+
 # ------------------------------------------------ 1. a failed sample and shared gradients
 def _blowup_gradient(sensealg, alg):
     """p y² from u0 = 10 blows up before t = 1 (retcode != Success); the loss uses only the
@@ -26,11 +29,17 @@ def _blowup_gradient(sensealg, alg):
     return p.grad, sol.retcodes
 
 
-@pytest.mark.parametrize("sensealg, alg", [
-    (deb.BacksolveAdjoint(), deb.Tsit5()), (deb.BacksolveAdjoint(), deb.Rodas4()),
-    (deb.DiscreteAdjoint(checkpoints=2), deb.Tsit5()), (deb.DiscreteAdjoint(checkpoints=2), deb.Rodas4()),
-    (deb.InterpolatingAdjoint(checkpoints=2), deb.Tsit5()),
-], ids=lambda x: repr(x) if isinstance(x, deb.DiscreteAdjoint | deb.InterpolatingAdjoint) else type(x).__name__)
+@pytest.mark.parametrize(
+    "sensealg, alg",
+    [
+        (deb.BacksolveAdjoint(), deb.Tsit5()),
+        (deb.BacksolveAdjoint(), deb.Rodas4()),
+        (deb.DiscreteAdjoint(checkpoints=2), deb.Tsit5()),
+        (deb.DiscreteAdjoint(checkpoints=2), deb.Rodas4()),
+        (deb.InterpolatingAdjoint(checkpoints=2), deb.Tsit5()),
+    ],
+    ids=lambda x: repr(x) if isinstance(x, deb.DiscreteAdjoint | deb.InterpolatingAdjoint) else type(x).__name__,
+)
 def test_failed_sample_does_not_nan_the_shared_gradient(sensealg, alg):
     grad, retcodes = _blowup_gradient(sensealg, alg)
     assert int(retcodes[0]) != int(deb.ReturnCode.Success) and bool((retcodes[1:] == 1).all())
@@ -59,8 +68,9 @@ def test_a_loss_on_the_failed_sample_still_reports_nan():
 
 
 # ------------------------------------------------ 2. detached parameters are reported
-@pytest.mark.parametrize("sensealg", [deb.InterpolatingAdjoint(), deb.DiscreteAdjoint(checkpoints=2),
-                                      deb.BacksolveAdjoint()], ids=repr)
+@pytest.mark.parametrize(
+    "sensealg", [deb.InterpolatingAdjoint(), deb.DiscreteAdjoint(checkpoints=2), deb.BacksolveAdjoint()], ids=repr
+)
 @pytest.mark.parametrize("how", ["detach", "no_grad"])
 def test_detached_parameter_warns(sensealg, how):
     p = torch.tensor(1.0, dtype=F64, requires_grad=True)
@@ -126,8 +136,9 @@ def test_state_dependent_diffusion_claimed_additive_is_refused():
 
 
 def test_additive_diffusion_depending_on_time_is_accepted():
-    prob = deb.SDEProblem(lambda t, y: -y, lambda t, y: (0.1 * (1 + t))[:, None].expand(-1, 2),
-                          torch.ones(3, 2, dtype=F64), noise="additive")
+    prob = deb.SDEProblem(
+        lambda t, y: -y, lambda t, y: (0.1 * (1 + t))[:, None].expand(-1, 2), torch.ones(3, 2, dtype=F64), noise="additive"
+    )
     sol = deb.solve(prob, deb.SOSRA())
     assert sol.success
     assert int(sol.stats.ng[0]) >= 2  # the probe is counted
@@ -148,8 +159,7 @@ def test_drift_changing_shape_during_the_solve_is_an_error():
 # ------------------------------------------------ 5. Rosenbrock gradients
 def _logistic_gradient(jac):
     y0 = torch.tensor([[0.5]], dtype=F64, requires_grad=True)
-    sol = deb.solve(deb.ODEProblem(lambda t, y: y * (1 - y), y0, (0.0, 1.0)), deb.Rodas4(jac=jac),
-                    atol=1e-10, rtol=1e-10)
+    sol = deb.solve(deb.ODEProblem(lambda t, y: y * (1 - y), y0, (0.0, 1.0)), deb.Rodas4(jac=jac), atol=1e-10, rtol=1e-10)
     (grad,) = torch.autograd.grad(sol.ys[-1].sum(), y0)
     exact = math.e / (0.5 + 0.5 * math.e) ** 2  # y = y0 e^t / (1 - y0 + y0 e^t)
     return float(grad), exact
@@ -212,14 +222,14 @@ def test_kvaerno5_float32_converges():
     assert abs(float(sol.ys[-1, 0, 0]) - math.exp(-1)) < 1e-3
 
 
-@pytest.mark.parametrize("alg", [deb.ImplicitEM(), deb.ImplicitRKMil(), deb.ISSEM(), deb.SKenCarp()],
-                         ids=lambda a: type(a).__name__)
+@pytest.mark.parametrize(
+    "alg", [deb.ImplicitEM(), deb.ImplicitRKMil(), deb.ISSEM(), deb.SKenCarp()], ids=lambda a: type(a).__name__
+)
 def test_implicit_sde_solvers_float32_converge(alg):
     noise = "additive" if isinstance(alg, deb.SKenCarp) else "diagonal"
 
     def make(dtype):
-        return deb.SDEProblem(lambda t, y: -y, lambda t, y: 0.1 * torch.ones_like(y), torch.ones(2, 1, dtype=dtype),
-                              noise=noise)
+        return deb.SDEProblem(lambda t, y: -y, lambda t, y: 0.1 * torch.ones_like(y), torch.ones(2, 1, dtype=dtype), noise=noise)
 
     sol = deb.solve(make(F32), alg, seed=3)
     ref = deb.solve(make(F64), alg, seed=3)
@@ -255,8 +265,7 @@ def test_string_tspan_is_refused():
         deb.ODEProblem(_f, torch.ones(2, 1, dtype=F64), "01")
 
 
-@pytest.mark.parametrize("saveat", [[[0.0, 0.5], [0.7, 1.0]], torch.tensor([[0.0, 0.5], [0.7, 1.0]])],
-                         ids=["list", "tensor"])
+@pytest.mark.parametrize("saveat", [[[0.0, 0.5], [0.7, 1.0]], torch.tensor([[0.0, 0.5], [0.7, 1.0]])], ids=["list", "tensor"])
 def test_two_dimensional_saveat_is_refused(saveat):
     prob = deb.ODEProblem(_f, torch.ones(2, 1, dtype=F64), (0.0, 1.0))
     with pytest.raises(ValueError, match=r"saveat.*1-D.*\(2, 2\)"):
@@ -351,8 +360,7 @@ def test_srock1_with_a_nan_drift_sample_stops_only_that_sample():
     def f(t, y):
         return torch.where((first & (t >= 0.125))[:, None], torch.full_like(y, float("nan")), -y)
 
-    prob = deb.SDEProblem(f, lambda t, y: 0.1 * torch.ones_like(y), torch.ones(2, 1, dtype=F64), (0.0, 0.25),
-                          noise="additive")
+    prob = deb.SDEProblem(f, lambda t, y: 0.1 * torch.ones_like(y), torch.ones(2, 1, dtype=F64), (0.0, 0.25), noise="additive")
     sol = deb.solve(prob, deb.SROCK1(), dt=0.125)
     assert sol.retcodes.tolist() == [int(deb.ReturnCode.Unstable), int(deb.ReturnCode.Success)]
     assert torch.isfinite(sol.ys[:, 1]).all()

@@ -9,6 +9,7 @@
   ≤ 1e-8) and matches central finite differences of the fixed-path loss to ≤ 1e-5.
 * ``VirtualBrownianTree.evaluate_scalar`` gives bit-identical numbers to ``evaluate``.
 """
+
 from __future__ import annotations
 
 import random
@@ -64,8 +65,14 @@ def _y0() -> torch.Tensor:
 
 
 def _loss(model: Model, y0: torch.Tensor, sensealg, params=True):
-    prob = deb.SDEProblem(lambda t, y: model.drift(y), lambda t, y: 0.5 * model.diffusion(y), y0, (0.0, T),
-                          interpretation="stratonovich", params=model if params else None)
+    prob = deb.SDEProblem(
+        lambda t, y: model.drift(y),
+        lambda t, y: 0.5 * model.diffusion(y),
+        y0,
+        (0.0, T),
+        interpretation="stratonovich",
+        params=model if params else None,
+    )
     sol = deb.solve(prob, deb.ReversibleHeun(), dt=2**-5, saveat=[0.0, 0.3, 0.5, T], seed=11, sensealg=sensealg)
     return (sol.ys[1] ** 2).mean() + torch.sin(sol.ys[3]).sum() + sol.ys[2].sum() + 0.1 * (sol.ys[0] ** 2).sum(), sol
 
@@ -101,7 +108,7 @@ def test_reversible_backsolve_matches_finite_differences() -> None:
         with torch.no_grad():
             offset = B * D
             for p in model.parameters():
-                p.copy_(vector[offset: offset + p.numel()].reshape(p.shape))
+                p.copy_(vector[offset : offset + p.numel()].reshape(p.shape))
                 offset += p.numel()
             return float(_loss(model, vector[: B * D].reshape(B, D).clone(), None)[0])
 
@@ -122,10 +129,11 @@ def test_discrete_checkpoints_reach_closure_parameters() -> None:
 
     def run(sensealg):
         y0 = _y0()
-        prob = deb.SDEProblem(lambda t, y: torch.tanh(y @ w), lambda t, y: derived * torch.cos(y), y0, (0.0, T),
-                              interpretation="stratonovich")
+        prob = deb.SDEProblem(
+            lambda t, y: torch.tanh(y @ w), lambda t, y: derived * torch.cos(y), y0, (0.0, T), interpretation="stratonovich"
+        )
         ys = deb.solve(prob, deb.EulerHeun(), dt=2**-5, saveat=[0.0, 0.5, T], seed=2, sensealg=sensealg).ys
-        loss = (ys ** 2).sum()
+        loss = (ys**2).sum()
         return torch.cat([x.reshape(-1) for x in torch.autograd.grad(loss, [y0, w, scale], retain_graph=True)])
 
     g_ref = run(None)
@@ -148,16 +156,23 @@ def test_evaluate_scalar_is_bit_identical_to_evaluate() -> None:
 def _big_problem(alg_reversible: bool = False, batch: int = 40):
     model = Model()
     y0 = _y0().detach()[:1].repeat(batch, 1).requires_grad_(True)  # 120 state elements > 100
-    prob = deb.SDEProblem(lambda t, y: model.drift(y), lambda t, y: 0.5 * model.diffusion(y), y0, (0.0, T),
-                          interpretation="stratonovich")  # no params: closures only
+    prob = deb.SDEProblem(
+        lambda t, y: model.drift(y), lambda t, y: 0.5 * model.diffusion(y), y0, (0.0, T), interpretation="stratonovich"
+    )  # no params: closures only
     return model, y0, prob
 
 
 def test_default_sensealg_follows_problem_size(monkeypatch) -> None:
     from diffeqbridge import adjoint
 
-    small = deb.SDEProblem(lambda t, y: -y, lambda t, y: 0.1 * y, torch.ones(4, 2, dtype=torch.float64), (0.0, 1.0),
-                           interpretation="stratonovich", params=[torch.ones(3, requires_grad=True)])
+    small = deb.SDEProblem(
+        lambda t, y: -y,
+        lambda t, y: 0.1 * y,
+        torch.ones(4, 2, dtype=torch.float64),
+        (0.0, 1.0),
+        interpretation="stratonovich",
+        params=[torch.ones(3, requires_grad=True)],
+    )
     assert type(adjoint.default_sensealg(small, deb.EulerHeun(), False, 0.1)) is deb.DiscreteAdjoint
     with torch.no_grad():
         assert adjoint.default_sensealg(small, deb.EulerHeun(), False, 0.1) is None
@@ -166,8 +181,9 @@ def test_default_sensealg_follows_problem_size(monkeypatch) -> None:
     assert type(adjoint.default_sensealg(big, deb.ReversibleHeun(), False, 2**-5)) is deb.DiscreteAdjoint
     assert type(adjoint.default_sensealg(big, deb.LambaEulerHeun(), True, None)) is deb.DiscreteAdjoint
     monkeypatch.setattr(adjoint, "GRAPH_BUDGET_BYTES", 2**16)  # now the graph does not fit
-    frozen = deb.SDEProblem(lambda t, y: -y, lambda t, y: 0.1 * y, torch.ones(40, 3, dtype=torch.float64), (0.0, T),
-                            interpretation="stratonovich")
+    frozen = deb.SDEProblem(
+        lambda t, y: -y, lambda t, y: 0.1 * y, torch.ones(40, 3, dtype=torch.float64), (0.0, T), interpretation="stratonovich"
+    )
     assert adjoint.default_sensealg(frozen, deb.EulerHeun(), False, 2**-5) is None  # nothing requires grad
     chosen = adjoint.default_sensealg(big, deb.EulerHeun(), False, 2**-5)
     assert type(chosen) is deb.InterpolatingAdjoint and chosen.checkpoints > 1
@@ -188,7 +204,7 @@ def test_default_sensealg_gradients_are_the_discrete_ones(monkeypatch) -> None:
             model, y0, prob = _big_problem()
             sensealg = deb.DiscreteAdjoint() if budget == 2**40 else None
             ys = deb.solve(prob, alg, dt=2**-5 * 0.93, saveat=[0.0, 0.5, T], seed=1, sensealg=sensealg).ys
-            loss = (ys ** 2).sum() + ys[1].sum()
+            loss = (ys**2).sum() + ys[1].sum()
             g = torch.autograd.grad(loss, [y0, *model.parameters()])
             results.append((ys.detach(), torch.cat([x.reshape(-1) for x in g])))
         (ys_ref, g_ref), (ys, g) = results
@@ -214,8 +230,9 @@ def test_reversible_heun_unstep_inverts_step() -> None:
     torch.manual_seed(5)
     model = Model()
     y = torch.randn(B, D, dtype=torch.float64)
-    prob = deb.SDEProblem(lambda t, y: model.drift(y), lambda t, y: model.diffusion(y), y, (0.0, 1.0),
-                          interpretation="stratonovich")
+    prob = deb.SDEProblem(
+        lambda t, y: model.drift(y), lambda t, y: model.diffusion(y), y, (0.0, 1.0), interpretation="stratonovich"
+    )
     terms = Terms(prob)
     t, dt = torch.full((B,), 0.2, dtype=torch.float64), torch.full((B,), 0.05, dtype=torch.float64)
     dw = 0.2 * torch.randn(B, D, dtype=torch.float64)

@@ -1,4 +1,5 @@
 """Engine-independent tests of the explicit embedded RK solvers (Tsit5, Dopri5)."""
+
 from __future__ import annotations
 
 import math
@@ -141,7 +142,11 @@ def test_convergence_order_lotka_volterra(cls):
     for row in y0.numpy():
         sol = solve_ivp(
             lambda t, u: lotka_volterra(None, torch.tensor(u[None])).numpy()[0],
-            (t0, t1), row, method="DOP853", rtol=1e-13, atol=1e-13,
+            (t0, t1),
+            row,
+            method="DOP853",
+            rtol=1e-13,
+            atol=1e-13,
         )
         refs.append(sol.y[:, -1])
     ref = torch.tensor(np.array(refs), dtype=DT)
@@ -173,7 +178,11 @@ def test_embedded_error_scaling(cls):
         est.append(out.error.norm().item())
         ref = solve_ivp(
             lambda s, u: lotka_volterra(None, torch.tensor(u[None])).numpy()[0],
-            (0.0, h), y0.numpy()[0], method="DOP853", rtol=2.3e-14, atol=1e-14,
+            (0.0, h),
+            y0.numpy()[0],
+            method="DOP853",
+            rtol=2.3e-14,
+            atol=1e-14,
         ).y[:, -1]
         true_local.append(np.linalg.norm(out.y1.numpy()[0] - ref))
     p_est = fitted_order(hs, est)
@@ -294,7 +303,12 @@ def test_hairer_initial_dt_matches_reference():
         for i in range(4):
             ref = _initdt_reference(
                 lambda t, u: lotka_volterra(None, torch.tensor(u[None])).numpy()[0],
-                float(t0[i]), y0[i].numpy(), 5, atol, rtol, dtmax=float(dtmax[i]),
+                float(t0[i]),
+                y0[i].numpy(),
+                5,
+                atol,
+                rtol,
+                dtmax=float(dtmax[i]),
             )
             assert dt[i].item() == pytest.approx(ref, rel=1e-12)
         # zero state, zero drift -> constant -> 100 * 1e-6
@@ -312,7 +326,5 @@ def test_hairer_initial_dt_time_dependent_and_no_grad():
     dt, nf = hairer_initial_dt(cos_decay, t0, y0, None, 5, 1e-6, 1e-3)
     assert not dt.requires_grad and nf == 2
     for i in range(2):
-        ref = _initdt_reference(
-            lambda t, u: -u * math.cos(t), float(t0[i]), y0[i].detach().numpy(), 5, 1e-6, 1e-3
-        )
+        ref = _initdt_reference(lambda t, u: -u * math.cos(t), float(t0[i]), y0[i].detach().numpy(), 5, 1e-6, 1e-3)
         assert dt[i].item() == pytest.approx(ref, rel=1e-12)

@@ -4,6 +4,7 @@ Measured while writing (float64, tree seed 1, B = 100, dt = 2^-k, k = 2..6, fixe
 ``prob_sde_additive``: strong errors 6.8e-5, 1.3e-5, 2.7e-6, 6.7e-7, 1.5e-7, fitted order
 2.18 (SciML expects 2 on this problem; SRA1 measures 2.00 on the same paths).
 """
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,6 @@ import diffeqbridge as deb
 
 F64 = torch.float64
 SUCCESS = int(deb.ReturnCode.Success)
-
-
 
 
 def test_metadata():
@@ -57,9 +56,14 @@ def test_stiff_additive_stays_bounded(interpretation):
     batch = 32
 
     def make():
-        return deb.SDEProblem(lambda t, y: -1000.0 * y, lambda t, y: torch.ones_like(y),
-                              torch.ones(batch, 1, dtype=F64), tspan=(0.0, 2.0), noise="additive",
-                              interpretation=interpretation)
+        return deb.SDEProblem(
+            lambda t, y: -1000.0 * y,
+            lambda t, y: torch.ones_like(y),
+            torch.ones(batch, 1, dtype=F64),
+            tspan=(0.0, 2.0),
+            noise="additive",
+            interpretation=interpretation,
+        )
 
     prob = make()
     bm = tree_for(prob, seed=2)

@@ -20,6 +20,7 @@ integrated Brownian motion (``dy1 = dW, dy2 = y1 dt``), which every consistent S
 scheme integrates exactly when ``I_(1,0)`` is right, and nonlinear problems against a
 fine-step reference, where dropping ``H`` lowers the observed order from ~1.5 to ~1.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,8 +62,9 @@ def brownian_levels(paths: int, k_fine: int, n_levels: int, T: float, seed: int,
     return levels
 
 
-def integrate(solver: AbstractSolver, prob: SDEProblem, T: float, dw: torch.Tensor, hh: torch.Tensor,
-              h_scale: float = 1.0) -> torch.Tensor:
+def integrate(
+    solver: AbstractSolver, prob: SDEProblem, T: float, dw: torch.Tensor, hh: torch.Tensor, h_scale: float = 1.0
+) -> torch.Tensor:
     terms = Terms(prob)
     n, b = dw.shape[0], dw.shape[1]
     dt = torch.full((b,), T / n, dtype=DT)
@@ -108,6 +110,7 @@ PROBLEMS = {
         noise="additive",
     ),
 }
+
 
 def strong_order(solver: AbstractSolver, name: str, k_fine: int = 9, n_levels: int = 6) -> tuple[float, list[float]]:
     p = PROBLEMS[name]
@@ -186,8 +189,16 @@ def test_additive_strong_order(cls):
 # ----------------------------------------------------------------------------- Lévy area
 @pytest.mark.parametrize(
     "cls,noise",
-    [(SRIW1, "diagonal"), (SRIW1, "scalar"), (SOSRI, "diagonal"), (SOSRI, "scalar"),
-     (SRA1, "additive"), (SRA1, "scalar"), (SOSRA, "additive"), (SOSRA, "scalar")],
+    [
+        (SRIW1, "diagonal"),
+        (SRIW1, "scalar"),
+        (SOSRI, "diagonal"),
+        (SOSRI, "scalar"),
+        (SRA1, "additive"),
+        (SRA1, "scalar"),
+        (SOSRA, "additive"),
+        (SOSRA, "scalar"),
+    ],
 )
 def test_integrated_brownian_motion_is_exact(cls, noise):
     """dy1 = dW, dy2 = y1 dt: y2(T) = int_0^T W dt = sum_k dt (W_k + H_k + dW_k/2) exactly.
@@ -206,7 +217,7 @@ def test_integrated_brownian_motion_is_exact(cls, noise):
 
     prob = SDEProblem(f, g, torch.zeros(paths, 2, dtype=DT), (0.0, T), noise=noise)
     dim = 1 if noise == "scalar" else 2
-    (dw, hh), = brownian_levels(paths, 4, 1, T, seed=7, dim=dim)
+    ((dw, hh),) = brownian_levels(paths, 4, 1, T, seed=7, dim=dim)
     y = integrate(cls(), prob, T, dw, hh)
     w = torch.cumsum(dw[:, :, 0], 0)
     w_prev = w - dw[:, :, 0]
@@ -220,9 +231,7 @@ def test_integrated_brownian_motion_is_exact(cls, noise):
 
 REF_PROBLEMS = {
     # L^1 a != L^0 b: the I_(1,0) terms matter
-    "nl_diagonal": (
-        lambda t, y: 2 * torch.sin(y) - y, lambda t, y: 0.5 * torch.cos(y) + 0.3 * y, "diagonal", (SRIW1, SOSRI)
-    ),
+    "nl_diagonal": (lambda t, y: 2 * torch.sin(y) - y, lambda t, y: 0.5 * torch.cos(y) + 0.3 * y, "diagonal", (SRIW1, SOSRI)),
     "nl_additive": (lambda t, y: 2 * torch.sin(y) - y, lambda t, y: torch.ones_like(y), "additive", (SRA1, SOSRA)),
 }
 
@@ -259,8 +268,9 @@ def _one_step_errors(solver: AbstractSolver, prob: SDEProblem, dts: list[float])
     z2 = torch.randn(b, 1, generator=gen, dtype=DT)
     out = []
     for h in dts:
-        step = solver.step(terms, torch.zeros(b, dtype=DT), prob.y0, torch.full((b,), h, dtype=DT),
-                           z1 * math.sqrt(h), z2 * math.sqrt(h / 12))
+        step = solver.step(
+            terms, torch.zeros(b, dtype=DT), prob.y0, torch.full((b,), h, dtype=DT), z1 * math.sqrt(h), z2 * math.sqrt(h / 12)
+        )
         assert step.error is not None and step.error.shape == prob.y0.shape
         out.append(float(step.error.abs().mean()))
     return out
@@ -277,8 +287,10 @@ def test_error_estimate_rate(cls, name):
     full = fitted_slope(dts, _one_step_errors(cls(error_estimate="sciml"), prob, dts))
     e2_only = fitted_slope(dts, _one_step_errors(cls(error_estimate="sciml", delta=0.0), prob, dts))
     embedded = fitted_slope(dts, _one_step_errors(cls(), prob, dts))
-    print(f"{cls.__name__}: error-estimate slope {full:.3f} (sciml, delta default), {e2_only:.3f} (E2 only), "
-          f"{embedded:.3f} (embedded)")
+    print(
+        f"{cls.__name__}: error-estimate slope {full:.3f} (sciml, delta default), {e2_only:.3f} (E2 only), "
+        f"{embedded:.3f} (embedded)"
+    )
     assert 0.8 <= full <= 1.2
     assert e2_only >= 1.3
     assert 1.3 <= embedded <= 2.2  # O(dt^1.5) with multiplicative noise, O(dt^2) additive
@@ -289,9 +301,13 @@ def test_error_is_delta_e1_plus_e2():
     prob = SDEProblem(p["f"], p["g"], torch.full((16, 1), p["u0"], dtype=DT), noise="diagonal")
     terms = Terms(prob)
     gen = torch.Generator().manual_seed(0)
-    args = (torch.zeros(16, dtype=DT), prob.y0, torch.full((16,), 0.1, dtype=DT),
-            torch.randn(16, 1, generator=gen, dtype=DT) * 0.1**0.5,
-            torch.randn(16, 1, generator=gen, dtype=DT) * (0.1 / 12) ** 0.5)
+    args = (
+        torch.zeros(16, dtype=DT),
+        prob.y0,
+        torch.full((16,), 0.1, dtype=DT),
+        torch.randn(16, 1, generator=gen, dtype=DT) * 0.1**0.5,
+        torch.randn(16, 1, generator=gen, dtype=DT) * (0.1 / 12) ** 0.5,
+    )
     for cls in (SRIW1, SOSRI):
         e2 = cls(error_estimate="sciml", delta=0.0).step(terms, *args).error
         e_1 = cls(error_estimate="sciml", delta=1.0).step(terms, *args).error
@@ -327,8 +343,14 @@ def test_evaluation_counts(cls, nf, ng):
     noise = "additive" if cls in (SRA1, SOSRA) else "diagonal"
     prob = SDEProblem(f, g, torch.ones(5, 3, dtype=DT), noise=noise)
     b = 5
-    out = cls().step(Terms(prob), torch.zeros(b, dtype=DT), prob.y0, torch.full((b,), 0.01, dtype=DT),
-                     torch.zeros(b, 3, dtype=DT), torch.zeros(b, 3, dtype=DT))
+    out = cls().step(
+        Terms(prob),
+        torch.zeros(b, dtype=DT),
+        prob.y0,
+        torch.full((b,), 0.01, dtype=DT),
+        torch.zeros(b, 3, dtype=DT),
+        torch.zeros(b, 3, dtype=DT),
+    )
     assert (out.nf, out.ng) == (nf, ng)
     assert (f.calls, g.calls) == (nf, ng)
     assert out.y1.shape == (b, 3) and out.error.shape == (b, 3) and out.f1 is None
@@ -363,6 +385,7 @@ def test_per_sample_dt_and_state_shape(cls):
 
 def test_sri_scalar_noise_matches_diagonal_for_one_component():
     """Scalar noise (dW of shape (B,1)) on a 1-component state equals diagonal noise."""
+
     def f(t, y):
         return torch.sin(y)
 
@@ -453,8 +476,10 @@ def test_matches_written_out_sriw1_and_sra1():
     y1 = y + (k1 + 2 * k2) / 3 + dw * (-g1 + 4 * g2 / 3 + 2 * g3 / 3) + chi1 * (-g1 + 4 * g2 / 3 - g3 / 3) + e2
     out = SRIW1().step(Terms(SDEProblem(f, g, y, noise="diagonal")), t, y, dt, dw, hh)
     torch.testing.assert_close(out.y1, y1)
-    torch.testing.assert_close(SRIW1(error_estimate="sciml").step(Terms(SDEProblem(f, g, y, noise="diagonal")),
-                                                                   t, y, dt, dw, hh).error, (k1 + k2) / 6 + e2)
+    torch.testing.assert_close(
+        SRIW1(error_estimate="sciml").step(Terms(SDEProblem(f, g, y, noise="diagonal")), t, y, dt, dw, hh).error,
+        (k1 + k2) / 6 + e2,
+    )
     torch.testing.assert_close(out.error, 2 * (k2 - k1) / 3 + e2)  # embedded: y1 minus the order-1 solution
 
     def sig(t, y):

@@ -9,6 +9,7 @@ for diagonal noise (as StochasticDiffEq's step); general noise (no Milstein term
 commuting GBM, 300 paths): 0.47.  Mean square at λ = -5, μ = 1, dt = 0.002: 1.07 x exact
 (standard error 9 %).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -19,8 +20,7 @@ import diffeqbridge as deb
 
 
 def stiff_linear(batch: int, lam: float = -1000.0, mu: float = 1.0) -> deb.SDEProblem:
-    return deb.SDEProblem(lambda t, y: lam * y, lambda t, y: mu * y, torch.ones(batch, 1, dtype=torch.float64),
-                          tspan=(0.0, 1.0))
+    return deb.SDEProblem(lambda t, y: lam * y, lambda t, y: mu * y, torch.ones(batch, 1, dtype=torch.float64), tspan=(0.0, 1.0))
 
 
 def test_srock1_stable_where_em_blows_up():
@@ -39,8 +39,7 @@ def test_srock1_mean_square_decay_statistics():
     """E X_T² = exp((2λ + μ²) T) for λ = -5, μ = 1, T = 1 (SROCK1 at dt = 0.002, λ dt = -0.01,
     so the first-order weak bias is a few %): 4000 paths, tolerance 5 standard errors + 10 %."""
     lam, mu, T = -5.0, 1.0, 1.0
-    prob = deb.SDEProblem(lambda t, y: lam * y, lambda t, y: mu * y, torch.ones(4000, 1, dtype=torch.float64),
-                          tspan=(0.0, T))
+    prob = deb.SDEProblem(lambda t, y: lam * y, lambda t, y: mu * y, torch.ones(4000, 1, dtype=torch.float64), tspan=(0.0, T))
     sol = deb.solve(prob, deb.SROCK1(), dt=0.002, seed=11)
     x2 = sol.ys[-1, :, 0] ** 2
     exact = torch.exp(torch.tensor((2 * lam + mu * mu) * T, dtype=torch.float64))
@@ -62,8 +61,13 @@ def test_srock1_general_noise_strong_order():
     """dX = a X dt + (σ1 X dW1 + σ2 X dW2) on one state (general noise, commuting):
     X = X0 exp((a - (σ1² + σ2²)/2) t + σ1 W1 + σ2 W2); plain g ΔW noise -> order 0.5."""
     a, s1, s2 = 0.5, 0.3, 0.4
-    prob = deb.SDEProblem(lambda t, y: a * y, lambda t, y: torch.stack([s1 * y, s2 * y], dim=-1),
-                          torch.ones(300, 1, dtype=torch.float64), noise="general", noise_dim=2)
+    prob = deb.SDEProblem(
+        lambda t, y: a * y,
+        lambda t, y: torch.stack([s1 * y, s2 * y], dim=-1),
+        torch.ones(300, 1, dtype=torch.float64),
+        noise="general",
+        noise_dim=2,
+    )
     bm = tree_for(prob, 2, tol=2**-12)
 
     def exact(t, w):
@@ -77,8 +81,7 @@ def test_srock1_general_noise_strong_order():
 def test_srock1_per_sample_stage_counts():
     """Stiff and mild samples in one batch: each gets its own stage count (nf per sample)."""
     lam = torch.tensor([[-1000.0], [-1.0]], dtype=torch.float64)
-    prob = deb.SDEProblem(lambda t, y: lam * y, lambda t, y: 0.1 * y, torch.ones(2, 1, dtype=torch.float64),
-                          tspan=(0.0, 0.5))
+    prob = deb.SDEProblem(lambda t, y: lam * y, lambda t, y: 0.1 * y, torch.ones(2, 1, dtype=torch.float64), tspan=(0.0, 0.5))
     sol = deb.solve(prob, deb.SROCK1(), dt=0.05)
     assert sol.success
     steps = sol.stats.naccept
@@ -94,7 +97,6 @@ def test_srock1_validation():
         deb.SROCK1(nstages=500)
     with pytest.raises(ValueError, match="fixed-step"):
         deb.solve(stiff_linear(1), deb.SROCK1())
-    strat = deb.SDEProblem(lambda t, y: -y, lambda t, y: y, torch.ones(1, 1, dtype=torch.float64),
-                           interpretation="stratonovich")
+    strat = deb.SDEProblem(lambda t, y: -y, lambda t, y: y, torch.ones(1, 1, dtype=torch.float64), interpretation="stratonovich")
     with pytest.raises(ValueError, match="interpretation"):
         deb.solve(strat, deb.SROCK1(), dt=0.1)

@@ -16,6 +16,7 @@ cross u = 1, where the Itô drift is cubic and unstable and the implicit equatio
 root near the path: those samples fail (NaN -> ReturnCode.Unstable) and are excluded from
 the fit for all step sizes, so every step size is measured on the same paths.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,22 +38,27 @@ LAM, MU = -1000.0, 1.0
 SUCCESS = int(deb.ReturnCode.Success)
 
 
-
-
 def stiff_linear(batch: int, tspan=(0.0, 1.0)) -> deb.SDEProblem:
-    return deb.SDEProblem(lambda t, y: LAM * y, lambda t, y: MU * y,
-                          torch.ones(batch, 1, dtype=torch.float64), tspan=tspan)
+    return deb.SDEProblem(lambda t, y: LAM * y, lambda t, y: MU * y, torch.ones(batch, 1, dtype=torch.float64), tspan=tspan)
 
 
 def stiffquad(batch: int, interpretation: str = "ito", alpha: float = 1.0, beta: float = 1.0, u0: float = 0.5):
     if interpretation == "ito":
+
         def drift(t, y):
             return -(alpha + beta**2 * y) * (1 - y * y)
     else:
+
         def drift(t, y):
             return -alpha * (1 - y * y)
-    prob = deb.SDEProblem(drift, lambda t, y: beta * (1 - y * y), torch.full((batch, 1), u0, dtype=torch.float64),
-                          tspan=(0.0, 3.0), interpretation=interpretation)
+
+    prob = deb.SDEProblem(
+        drift,
+        lambda t, y: beta * (1 - y * y),
+        torch.full((batch, 1), u0, dtype=torch.float64),
+        tspan=(0.0, 3.0),
+        interpretation=interpretation,
+    )
 
     def exact(t: float, w):
         return torch.tanh(math.atanh(u0) - alpha * t + beta * w)
@@ -124,8 +130,12 @@ def _quad_order(alg, interpretation: str) -> tuple[float, list[float], int]:
 
 @pytest.mark.parametrize(
     "alg, interpretation, theory",
-    [(deb.ImplicitEM(), "ito", 0.5), (deb.ImplicitRKMil(), "ito", 1.0), (deb.ImplicitRKMil(), "stratonovich", 1.0),
-     (deb.ISSEM(), "ito", 0.5)],
+    [
+        (deb.ImplicitEM(), "ito", 0.5),
+        (deb.ImplicitRKMil(), "ito", 1.0),
+        (deb.ImplicitRKMil(), "stratonovich", 1.0),
+        (deb.ISSEM(), "ito", 0.5),
+    ],
     ids=["ImplicitEM-ito", "ImplicitRKMil-ito", "ImplicitRKMil-strat", "ISSEM-ito"],
 )
 def test_strong_order_stiffquad(alg, interpretation, theory):
@@ -159,11 +169,15 @@ def test_jacobians_autodiff_fd_user_agree():
     assert torch.allclose(j_fd, exact, rtol=1e-5, atol=1e-4) and nf == 4
 
 
-@pytest.mark.parametrize("opts", [
-    NewtonOptions(jac="fd", full_newton=True),
-    NewtonOptions(linsolve="krylov"),
-    NewtonOptions(jac="autodiff", full_newton=False, max_iters=30),
-], ids=["fd-full", "krylov", "simplified"])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        NewtonOptions(jac="fd", full_newton=True),
+        NewtonOptions(linsolve="krylov"),
+        NewtonOptions(jac="autodiff", full_newton=False, max_iters=30),
+    ],
+    ids=["fd-full", "krylov", "simplified"],
+)
 def test_implicit_em_newton_variants_agree(opts):
     drift, _ = _stiff_system(6)
     prob = deb.SDEProblem(drift, lambda t, y: 0.1 * y, torch.ones(6, 3, dtype=torch.float64), tspan=(0.0, 0.5))
@@ -176,8 +190,9 @@ def test_implicit_em_newton_variants_agree(opts):
 def test_newton_failure_is_per_sample():
     """z = y + dt z² has no real root when 4 dt y > 1 (here y = 1.5, dt = 0.5): at a fixed step that sample stops
     with ConvergenceFailure (as SciML), the others finish."""
-    prob = deb.SDEProblem(lambda t, y: y * y, lambda t, y: 0.0 * y,
-                          torch.tensor([[0.1], [1.5], [-1.0]], dtype=torch.float64), tspan=(0.0, 0.5))
+    prob = deb.SDEProblem(
+        lambda t, y: y * y, lambda t, y: 0.0 * y, torch.tensor([[0.1], [1.5], [-1.0]], dtype=torch.float64), tspan=(0.0, 0.5)
+    )
     sol = deb.solve(prob, deb.ImplicitEM(), dt=0.5, adaptive=False)
     codes = [int(c) for c in sol.retcodes]
     assert codes == [SUCCESS, int(deb.ReturnCode.ConvergenceFailure), SUCCESS]
@@ -207,8 +222,7 @@ def test_general_noise_implicit_em():
     def diffusion(t, y):
         return 0.1 * torch.stack([y, torch.ones_like(y)], dim=-1)
 
-    prob = deb.SDEProblem(drift, diffusion, torch.ones(4, 3, dtype=torch.float64), tspan=(0.0, 0.2),
-                          noise="general", noise_dim=2)
+    prob = deb.SDEProblem(drift, diffusion, torch.ones(4, 3, dtype=torch.float64), tspan=(0.0, 0.2), noise="general", noise_dim=2)
     sol = deb.solve(prob, deb.ImplicitEM())
     assert sol.success and torch.isfinite(sol.ys).all()
 
@@ -221,8 +235,13 @@ def test_gradient_through_newton_matches_finite_difference(early_exit):
     opts = NewtonOptions(full_newton=True, early_exit=early_exit, max_iters=6)
 
     def run(lam):
-        prob = deb.SDEProblem(lambda t, y: lam * y - y**3, lambda t, y: 0.3 * y,
-                              torch.ones(4, 1, dtype=torch.float64), tspan=(0.0, 0.5), params=[lam])
+        prob = deb.SDEProblem(
+            lambda t, y: lam * y - y**3,
+            lambda t, y: 0.3 * y,
+            torch.ones(4, 1, dtype=torch.float64),
+            tspan=(0.0, 0.5),
+            params=[lam],
+        )
         return deb.solve(prob, deb.ImplicitEM(newton=opts), dt=0.05, adaptive=False, seed=2).ys[-1].sum()
 
     lam = torch.tensor(-50.0, dtype=torch.float64, requires_grad=True)

@@ -4,6 +4,7 @@ Finished or failed samples stay in the batch (masked); they must not be evaluate
 end of the span (or below ``t1`` when time runs backwards), and a model that is NaN outside
 the span must not put NaN into the gradients of the healthy samples.
 """
+
 from __future__ import annotations
 
 import pytest

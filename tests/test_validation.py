@@ -3,6 +3,7 @@
 Every problem here uses counting vector fields: ``solve`` may probe ``drift``/``diffusion``
 once at ``t0`` (to check their output shapes), never more before it raises.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -101,8 +102,16 @@ def test_diffusion_with_wrong_noise_dim_general():
         (deb.EulerHeun(), {"interpretation": "ito"}, r"alg=EulerHeun.*ito"),
         (deb.Tsit5(), {}, r"alg=Tsit5.*ODE solver"),
     ],
-    ids=["SRA1-diagonal", "SOSRA-scalar", "RKMil-general", "SOSRI-general", "EM-strat", "SOSRI-strat",
-         "EulerHeun-ito", "Tsit5-SDE"],
+    ids=[
+        "SRA1-diagonal",
+        "SOSRA-scalar",
+        "RKMil-general",
+        "SOSRI-general",
+        "EM-strat",
+        "SOSRI-strat",
+        "EulerHeun-ito",
+        "Tsit5-SDE",
+    ],
 )
 def test_solver_that_cannot_handle_the_problem(alg, problem_kwargs, match):
     noise_dim = problem_kwargs.get("noise_dim")
@@ -201,8 +210,11 @@ def test_non_callable_drift_and_diffusion():
 
 
 # ------------------------------------------------------------------------ solve args
-@pytest.mark.parametrize("saveat", [[0.0, 0.5, 1.5], [-0.1, 0.5], [0.0, 0.7, 0.3], [0.2, 0.2, 0.9]],
-                         ids=["after-t1", "before-t0", "decreasing", "repeated"])
+@pytest.mark.parametrize(
+    "saveat",
+    [[0.0, 0.5, 1.5], [-0.1, 0.5], [0.0, 0.7, 0.3], [0.2, 0.2, 0.9]],
+    ids=["after-t1", "before-t0", "decreasing", "repeated"],
+)
 def test_bad_saveat(saveat):
     f, g = _fields()
     _raises(ValueError, "saveat", f, g, _sde(f, g), deb.EM(), dt=0.1, saveat=saveat)
@@ -232,8 +244,7 @@ def test_adaptive_true_for_a_fixed_step_solver():
     _raises(ValueError, "adaptive", f, g, _sde(f, g), deb.EM(), dt=0.1, adaptive=True)
 
 
-@pytest.mark.parametrize("name, value", [("atol", -1.0), ("rtol", float("nan")), ("max_steps", 0),
-                                         ("seed", -3), ("dtmin", -1.0)])
+@pytest.mark.parametrize("name, value", [("atol", -1.0), ("rtol", float("nan")), ("max_steps", 0), ("seed", -3), ("dtmin", -1.0)])
 def test_bad_numeric_options(name, value):
     f, g = _fields()
     _raises(ValueError, name, f, g, _sde(f, g), deb.SOSRI(), **{name: value})

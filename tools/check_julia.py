@@ -6,6 +6,7 @@ ERROR or MISSING node, printing file:line:column for each.  Julia itself is not 
 
 Usage: python tools/check_julia.py [PATH ...]
 """
+
 from __future__ import annotations
 
 import sys

@@ -2,31 +2,32 @@
 
 Public names only; see DESIGN.md for the contract.
 """
+
+# public submodules (deb.julia is light: juliacall is imported only when the backend is used)
+from . import diffusion, distributed, interpolation, julia, noise
 from .adjoint import BacksolveAdjoint, DiscreteAdjoint, InterpolatingAdjoint
-from . import distributed, julia  # light: julia_status etc.; juliacall is imported only on use
 from .brownian import VirtualBrownianTree
+from .cde import NeuralCDE
 from .ensemble import Collect, EnsembleProblem, EnsembleSolution, Moments, Quantiles, Reduction, solve_ensemble
 from .events import ContinuousEvent, DiscreteEvent
-from . import interpolation, noise
-from .cde import NeuralCDE
 from .latent import LatentSDE
 from .neural import NeuralODE, NeuralSDE
 from .problem import ODEProblem, SDEProblem
 from .regularization import Regularization
 from .solution import ReturnCode, Solution, Stats
 from .solve import solve
-from . import diffusion  # noqa: E402 - deb.diffusion (imports the names above)
 from .solvers import (
     EM,
-    AutoDP5,
-    AutoSOSRI,
-    AutoSwitch,
-    AutoTsit5,
     ISSEM,
     SOSRA,
     SOSRI,
     SRA1,
     SRIW1,
+    SROCK1,
+    AutoDP5,
+    AutoSOSRI,
+    AutoSwitch,
+    AutoTsit5,
     Dopri5,
     EulerHeun,
     ImplicitEM,
@@ -37,22 +38,65 @@ from .solvers import (
     ReversibleHeun,
     RKMil,
     Rodas4,
-    SKenCarp,
-    SROCK1,
     ShARK,
+    SKenCarp,
     Tsit5,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "SDEProblem", "ODEProblem", "solve", "Solution", "ReturnCode", "Stats", "VirtualBrownianTree",
-    "DiscreteAdjoint", "BacksolveAdjoint", "InterpolatingAdjoint", "NeuralSDE", "NeuralODE",
-    "LatentSDE", "NeuralCDE", "interpolation", "noise",
+    "diffusion",
+    "distributed",
+    "julia",
+    "SDEProblem",
+    "ODEProblem",
+    "solve",
+    "Solution",
+    "ReturnCode",
+    "Stats",
+    "VirtualBrownianTree",
+    "DiscreteAdjoint",
+    "BacksolveAdjoint",
+    "InterpolatingAdjoint",
+    "NeuralSDE",
+    "NeuralODE",
+    "LatentSDE",
+    "NeuralCDE",
+    "interpolation",
+    "noise",
     "Regularization",
-    "ContinuousEvent", "DiscreteEvent",
-    "EnsembleProblem", "EnsembleSolution", "solve_ensemble", "Reduction", "Moments", "Quantiles", "Collect",
-    "EM", "EulerHeun", "RKMil", "LambaEM", "LambaEulerHeun", "SRIW1", "SOSRI", "SRA1", "SOSRA", "ShARK", "Tsit5", "Dopri5",
-    "ImplicitEM", "ImplicitRKMil", "ISSEM", "SKenCarp", "SROCK1", "Rodas4", "Kvaerno5",
-    "ReversibleHeun", "AutoSwitch", "AutoTsit5", "AutoDP5", "AutoSOSRI",
+    "ContinuousEvent",
+    "DiscreteEvent",
+    "EnsembleProblem",
+    "EnsembleSolution",
+    "solve_ensemble",
+    "Reduction",
+    "Moments",
+    "Quantiles",
+    "Collect",
+    "EM",
+    "EulerHeun",
+    "RKMil",
+    "LambaEM",
+    "LambaEulerHeun",
+    "SRIW1",
+    "SOSRI",
+    "SRA1",
+    "SOSRA",
+    "ShARK",
+    "Tsit5",
+    "Dopri5",
+    "ImplicitEM",
+    "ImplicitRKMil",
+    "ISSEM",
+    "SKenCarp",
+    "SROCK1",
+    "Rodas4",
+    "Kvaerno5",
+    "ReversibleHeun",
+    "AutoSwitch",
+    "AutoTsit5",
+    "AutoDP5",
+    "AutoSOSRI",
 ]

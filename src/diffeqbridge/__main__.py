@@ -1,4 +1,5 @@
 """``python -m diffeqbridge``: see :mod:`diffeqbridge.cli`."""
+
 from __future__ import annotations
 
 import sys

@@ -7,6 +7,7 @@ therefore hand the solve a *leaf* copy of it, listed in ``params``; :func:`throu
 makes the copy, runs the solve on it, and in the backward pass pulls the cotangents of the
 outputs back to the copy and on to the original tensor (and to the given parameters).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -33,16 +34,18 @@ class _ThroughLeaves(torch.autograd.Function):
         pairs = [(o, g) for o, g in zip(ctx.outs, grads) if o.requires_grad and g is not None]
         result: list[Tensor | None] = [None] * len(wrt)
         if pairs and live:
-            got = torch.autograd.grad([o for o, _ in pairs], [wrt[i] for i in live],
-                                      grad_outputs=[g for _, g in pairs], allow_unused=True)
+            got = torch.autograd.grad(
+                [o for o, _ in pairs], [wrt[i] for i in live], grad_outputs=[g for _, g in pairs], allow_unused=True
+            )
             for i, g in zip(live, got):
                 result[i] = g
         ctx.outs = None
         return (None, None, *result)
 
 
-def through_leaves(run: Callable[..., tuple[Tensor, ...]], inputs: Sequence[Tensor],
-                   params: Sequence[Tensor]) -> tuple[Tensor, ...]:
+def through_leaves(
+    run: Callable[..., tuple[Tensor, ...]], inputs: Sequence[Tensor], params: Sequence[Tensor]
+) -> tuple[Tensor, ...]:
     """``run(*leaf_copies_of_inputs) -> outputs`` with gradients routed to ``inputs`` and ``params``.
 
     ``params`` are the leaf parameters ``run`` uses directly (they must be listed so that

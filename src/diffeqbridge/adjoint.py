@@ -55,6 +55,7 @@ plus the leaf tensors the drift/diffusion use at ``(t0, y0)`` (found by the same
 Brownian noise is never stored: every recomputation (checkpoint re-solve, backward SDE)
 queries the same :class:`~diffeqbridge.VirtualBrownianTree`, so it sees identical noise.
 """
+
 from __future__ import annotations
 
 import copy
@@ -212,8 +213,15 @@ class BacksolveAdjoint(SensitivityAlgorithm):
 
     uses_boundary = True
 
-    def __init__(self, dt: float | None = None, adaptive: bool | None = None, atol: float | None = None,
-                 rtol: float | None = None, seminorm: bool = True, checkpointing: bool = True):
+    def __init__(
+        self,
+        dt: float | None = None,
+        adaptive: bool | None = None,
+        atol: float | None = None,
+        rtol: float | None = None,
+        seminorm: bool = True,
+        checkpointing: bool = True,
+    ):
         if dt is not None and (isinstance(dt, bool) or not isinstance(dt, (int, float)) or not dt > 0):
             raise ValueError(f"BacksolveAdjoint(dt=...) must be a positive number or None; got {dt!r}")
         if adaptive is not None and not isinstance(adaptive, bool):
@@ -238,8 +246,10 @@ class BacksolveAdjoint(SensitivityAlgorithm):
             raise ValueError("sensealg=BacksolveAdjoint(adaptive=False) after an adaptive solve needs dt=...")
 
     def __repr__(self) -> str:
-        return (f"BacksolveAdjoint(dt={self.dt}, adaptive={self.adaptive}, seminorm={self.seminorm}, "
-                f"checkpointing={self.checkpointing})")
+        return (
+            f"BacksolveAdjoint(dt={self.dt}, adaptive={self.adaptive}, seminorm={self.seminorm}, "
+            f"checkpointing={self.checkpointing})"
+        )
 
 
 SENSEALGS = (DiscreteAdjoint, BacksolveAdjoint, InterpolatingAdjoint)
@@ -359,7 +369,8 @@ def _warn_detached(params: list[Tensor], outs: list[Tensor], touched: set[int]) 
             warnings.warn(
                 f"params[{i}] (shape {tuple(p.shape)}) is used by drift/diffusion at (t0, y0) but not through "
                 f"autograd (.detach() or torch.no_grad()?): its gradient from this solve will be zero",
-                UserWarning, stacklevel=6,
+                UserWarning,
+                stacklevel=6,
             )
 
 
@@ -422,10 +433,7 @@ def _flat_params(params: list[Tensor], like: Tensor) -> Tensor:
 def _flatten_grads(grads: tuple[Tensor | None, ...], params: list[Tensor], like: Tensor) -> Tensor:
     if not params:
         return torch.zeros(0, dtype=like.dtype, device=like.device)
-    return torch.cat([
-        (g if g is not None else torch.zeros_like(p)).reshape(-1).to(like.dtype)
-        for g, p in zip(grads, params)
-    ])
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).to(like.dtype) for g, p in zip(grads, params)])
 
 
 def segment_times(save_times: Tensor, checkpoints: int | None) -> list[float]:
@@ -522,8 +530,11 @@ class _SolveFunction(torch.autograd.Function):
             loop = Integrator(c.terms, c.solver, c.save_times, c.dt_initial, c.options, c.tree, c.observer)
             state = loop.init(y0, c.dt_initial, c.f0.detach() if c.f0 is not None else None, c.initial_counts)
             snaps = [loop.snapshot(state)]
-            snaps += loop.run(state, boundaries=segment_times(c.save_times, sensealg.checkpoints),  # type: ignore[attr-defined]
-                              progress=c.options.progress)
+            snaps += loop.run(
+                state,
+                boundaries=segment_times(c.save_times, sensealg.checkpoints),  # type: ignore[attr-defined]
+                progress=c.options.progress,
+            )
             sol = loop.solution(state)
             c.stats = [sol]
             ys = sol.ys
@@ -533,9 +544,18 @@ class _SolveFunction(torch.autograd.Function):
             ys, y_end, carry_end = _reversible_forward(c, y0)
             ctx.save_for_backward(y_end, carry_end[0])
         else:
-            sol = integrate(c.terms, c.solver, y0, c.save_times, c.dt_initial, c.options, c.tree,
-                            f0=c.f0.detach() if c.f0 is not None else None, initial_counts=c.initial_counts,
-                            observer=c.observer)
+            sol = integrate(
+                c.terms,
+                c.solver,
+                y0,
+                c.save_times,
+                c.dt_initial,
+                c.options,
+                c.tree,
+                f0=c.f0.detach() if c.f0 is not None else None,
+                initial_counts=c.initial_counts,
+                observer=c.observer,
+            )
             c.stats = [sol]
             ys = sol.ys
             ctx.save_for_backward(ys)
@@ -624,12 +644,16 @@ def _segmented_backward(c: _Ctx, loop: Integrator, snaps: list[LoopState], grad_
             inputs = [y_start, *carry_leaves, *params]
             # retain_graph: a closure's tensor computed outside the solve (w = 2 * p) is part of
             # every segment's graph
-            grads = torch.autograd.grad([o for o, _ in pairs], inputs, grad_outputs=[g for _, g in pairs],
-                                        allow_unused=True, retain_graph=True) if pairs else (None,) * len(inputs)
+            grads = (
+                torch.autograd.grad(
+                    [o for o, _ in pairs], inputs, grad_outputs=[g for _, g in pairs], allow_unused=True, retain_graph=True
+                )
+                if pairs
+                else (None,) * len(inputs)
+            )
         adj_y = grads[0] if grads[0] is not None else torch.zeros_like(y_start)
-        adj_carry = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads[1:1 + len(carry_leaves)],
-                                                                               carry_leaves)]
-        gp = gp + _flatten_grads(tuple(grads[1 + len(carry_leaves):]), params, grad_ys)
+        adj_carry = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads[1 : 1 + len(carry_leaves)], carry_leaves)]
+        gp = gp + _flatten_grads(tuple(grads[1 + len(carry_leaves) :]), params, grad_ys)
     assert adj_y is not None
     return adj_y + grad_ys[0], gp
 
@@ -951,12 +975,21 @@ def solve_with_sensealg(
     observer: Any = None,
 ) -> Solution:
     """Run the solve so that autograd differentiates it with ``sensealg``."""
-    c = _Ctx(prob, terms, solver, save_times, dt_initial, options, tree, f0, initial_counts, sensealg,
-             observer=observer)
+    c = _Ctx(prob, terms, solver, save_times, dt_initial, options, tree, f0, initial_counts, sensealg, observer=observer)
     if isinstance(sensealg, DiscreteAdjoint):
         if sensealg.checkpoints is None:
-            return integrate(terms, solver, prob.y0, save_times, dt_initial, options, tree, f0=f0,
-                             initial_counts=initial_counts, observer=observer)
+            return integrate(
+                terms,
+                solver,
+                prob.y0,
+                save_times,
+                dt_initial,
+                options,
+                tree,
+                f0=f0,
+                initial_counts=initial_counts,
+                observer=observer,
+            )
         # the InterpolatingAdjoint machinery (no graph in the forward, one segment's graph at a
         # time in the backward) over prob.params and the leaves closures use
         c.params = discover_params(prob, terms)

@@ -9,6 +9,7 @@ observation grid), and every ODE sensealg differentiates it.
 Shapes: ``func(t, z)`` (or ``func(z)``) maps ``t (B,)``, ``z (B, H)`` to ``(B, H, C)``; the
 control has ``C`` channels; ``z0 (B, H)``; the output ``(T, B, H)``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -45,8 +46,7 @@ class NeuralCDE(nn.Module):
     ``self.stats`` holds the solve's per-sample statistics.
     """
 
-    def __init__(self, func: nn.Module, interpolation: str = "cubic", alg: Any = None, sensealg: Any = None,
-                 **solve_kwargs: Any):
+    def __init__(self, func: nn.Module, interpolation: str = "cubic", alg: Any = None, sensealg: Any = None, **solve_kwargs: Any):
         super().__init__()
         if interpolation not in _KINDS:
             raise ValueError(f"interpolation must be one of {sorted(_KINDS)}; got {interpolation!r}")
@@ -65,31 +65,42 @@ class NeuralCDE(nn.Module):
             return control
         if isinstance(control, Tensor):
             return _KINDS[self.interpolation](control, t)
-        raise TypeError(f"control must be a deb.interpolation.Interpolation or a coefficient tensor; "
-                        f"got {type(control).__name__}")
+        raise TypeError(
+            f"control must be a deb.interpolation.Interpolation or a coefficient tensor; got {type(control).__name__}"
+        )
 
     def vector_field(self, X: Interpolation) -> Any:
         """``(t, z) -> func(t, z) @ X'(t)``: ``(B, H)``."""
+
         def field(t: Tensor, z: Tensor) -> Tensor:
             out = self._func(t, z)
             if out.ndim != 3 or out.shape[:2] != z.shape or out.shape[2] != X.coeffs.shape[-1] // self._width(X):
-                raise ValueError(f"func(t, z) must return (B, H, C) = {(*z.shape, X.coeffs.shape[-1] // self._width(X))}; "
-                                 f"got {tuple(out.shape)}")
+                raise ValueError(
+                    f"func(t, z) must return (B, H, C) = {(*z.shape, X.coeffs.shape[-1] // self._width(X))}; "
+                    f"got {tuple(out.shape)}"
+                )
             return torch.einsum("bhc,bc->bh", out, X.derivative(t))
+
         return field
 
     @staticmethod
     def _width(X: Interpolation) -> int:
         return 4 if isinstance(X, CubicSpline) else 1
 
-    def forward(self, control: Interpolation | Tensor, z0: Tensor, ts: Sequence[float] | Tensor | None = None,
-                t: Tensor | None = None) -> Tensor:
+    def forward(
+        self, control: Interpolation | Tensor, z0: Tensor, ts: Sequence[float] | Tensor | None = None, t: Tensor | None = None
+    ) -> Tensor:
         X = self._control(control, t)
         if not isinstance(z0, Tensor) or z0.ndim != 2 or z0.shape[0] != X.batch_size:
-            raise ValueError(f"z0 must have shape (B, H) with B = {X.batch_size} (the control's batch); "
-                             f"got {getattr(z0, 'shape', type(z0).__name__)}")
-        times = torch.tensor(X.interval, dtype=torch.float64) if ts is None else \
-            torch.as_tensor(ts, dtype=torch.float64).detach().flatten()
+            raise ValueError(
+                f"z0 must have shape (B, H) with B = {X.batch_size} (the control's batch); "
+                f"got {getattr(z0, 'shape', type(z0).__name__)}"
+            )
+        times = (
+            torch.tensor(X.interval, dtype=torch.float64)
+            if ts is None
+            else torch.as_tensor(ts, dtype=torch.float64).detach().flatten()
+        )
         if times.numel() < 2:
             raise ValueError("NeuralCDE.forward: ts needs at least two times")
         tspan = (float(times[0]), float(times[-1]))

@@ -7,6 +7,7 @@ choice and compares it with the exact solution built from the same Brownian tree
 benchmarks are not part of the installed package); ``diffusion-demo`` samples an exact
 2-D Gaussian-mixture score with every diffusion sampler (:mod:`diffeqbridge.diffusion.demo`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,7 +70,13 @@ def _fmt_set(xs: Any) -> str:
 
 
 SOLVER_TABLE_HEADER = (
-    "solver", "kind", "strong order", "weak order", "noise", "interpretation", "adaptive",
+    "solver",
+    "kind",
+    "strong order",
+    "weak order",
+    "noise",
+    "interpretation",
+    "adaptive",
     "Lévy area",
 )
 
@@ -80,23 +87,24 @@ def solver_rows() -> list[tuple[str, ...]]:
     for cls in _all_solvers():
         d = cls.describe()
         is_ode = d.get("kind") == "ODE"
-        rows.append((
-            str(d["name"]),
-            str(d.get("kind", "")),
-            _fmt_order(d["strong_order"]),
-            _fmt_order(d["weak_order"]),
-            "—" if is_ode else _fmt_set(d["noise"]),
-            "—" if is_ode else _fmt_set(d["interpretation"]),
-            "yes" if d["adaptive"] else "no",
-            "yes" if d["levy_area"] else "no",
-        ))
+        rows.append(
+            (
+                str(d["name"]),
+                str(d.get("kind", "")),
+                _fmt_order(d["strong_order"]),
+                _fmt_order(d["weak_order"]),
+                "—" if is_ode else _fmt_set(d["noise"]),
+                "—" if is_ode else _fmt_set(d["interpretation"]),
+                "yes" if d["adaptive"] else "no",
+                "yes" if d["levy_area"] else "no",
+            )
+        )
     return rows
 
 
 def solver_table_markdown() -> str:
     """The solver table as GitHub markdown (the README's table comes from here)."""
-    lines = ["| " + " | ".join(SOLVER_TABLE_HEADER) + " |",
-             "|" + "|".join("---" for _ in SOLVER_TABLE_HEADER) + "|"]
+    lines = ["| " + " | ".join(SOLVER_TABLE_HEADER) + " |", "|" + "|".join("---" for _ in SOLVER_TABLE_HEADER) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in solver_rows()]
     return "\n".join(lines)
 
@@ -181,16 +189,26 @@ def run_demo(args: argparse.Namespace) -> int:
     elif alg is not None and not getattr(alg, "adaptive", True):
         kwargs["dt"] = 1e-3  # fixed-step solver: it needs a step size
 
-    print("diffeqbridge demo: geometric Brownian motion du = %.2f u dt + %.2f u dW (Itô)" % (MU, SIGMA))
-    print(f"  u0 = {U0}, t in [{T0:g}, {T1:g}], {paths} paths, float64, device {device}, "
-          f"atol = {args.atol:g}, rtol = {args.rtol:g}, seed = {args.seed}")
-    print(f"  algorithm requested: {args.alg or 'automatic (alg=None)'}"
-          + (f", dt = {kwargs['dt']:g}" if "dt" in kwargs else ""))
+    print(f"diffeqbridge demo: geometric Brownian motion du = {MU:.2f} u dt + {SIGMA:.2f} u dW (Itô)")
+    print(
+        f"  u0 = {U0}, t in [{T0:g}, {T1:g}], {paths} paths, float64, device {device}, "
+        f"atol = {args.atol:g}, rtol = {args.rtol:g}, seed = {args.seed}"
+    )
+    print(f"  algorithm requested: {args.alg or 'automatic (alg=None)'}" + (f", dt = {kwargs['dt']:g}" if "dt" in kwargs else ""))
     sys.stdout.flush()
 
     start = time.perf_counter()
-    sol = deb.solve(prob, alg, atol=args.atol, rtol=args.rtol, saveat=saveat, seed=args.seed,
-                    brownian=bm, progress=not args.no_progress, **kwargs)
+    sol = deb.solve(
+        prob,
+        alg,
+        atol=args.atol,
+        rtol=args.rtol,
+        saveat=saveat,
+        seed=args.seed,
+        brownian=bm,
+        progress=not args.no_progress,
+        **kwargs,
+    )
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
@@ -246,10 +264,8 @@ def plot_demo(path: str, bm: Any, ts: Any, ys: Any, err_t: Any, n_paths: int = 5
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i in range(k):
         c = colors[i % len(colors)]
-        ax0.plot(fine.numpy(), exact_fine[:, i].numpy(), color=c, lw=1.0, alpha=0.7,
-                 label="exact" if i == 0 else None)
-        ax0.plot(t_np, ys[:, i, 0].detach().cpu().numpy(), "o", color=c, ms=4,
-                 label="solver (saveat)" if i == 0 else None)
+        ax0.plot(fine.numpy(), exact_fine[:, i].numpy(), color=c, lw=1.0, alpha=0.7, label="exact" if i == 0 else None)
+        ax0.plot(t_np, ys[:, i, 0].detach().cpu().numpy(), "o", color=c, ms=4, label="solver (saveat)" if i == 0 else None)
     ax0.set_xlabel("t")
     ax0.set_ylabel("u(t)")
     ax0.set_title(f"GBM: {k} sample paths vs exact (same Brownian tree)")
@@ -277,8 +293,10 @@ def run_info(args: argparse.Namespace) -> int:
     print()
     print(f"torch {torch.__version__}")
     cuda = torch.cuda.is_available()
-    print(f"  CUDA available: {'yes' if cuda else 'no'}"
-          + (f" (CUDA {torch.version.cuda})" if torch.version.cuda else " (CPU build)"))
+    print(
+        f"  CUDA available: {'yes' if cuda else 'no'}"
+        + (f" (CUDA {torch.version.cuda})" if torch.version.cuda else " (CPU build)")
+    )
     if cuda:
         for i in range(torch.cuda.device_count()):
             print(f"  cuda:{i}: {torch.cuda.get_device_name(i)}")
@@ -299,8 +317,7 @@ def run_info(args: argparse.Namespace) -> int:
     from diffeqbridge.julia.dispatch import julia_installed
 
     installed, why = julia_installed()
-    print(f"  backend='auto' -> {'julia' if installed else 'native'}"
-          + ("" if installed else f" ({why})"))
+    print(f"  backend='auto' -> {'julia' if installed else 'native'}" + ("" if installed else f" ({why})"))
     print()
     print("solvers:")
     try:
@@ -333,9 +350,11 @@ def run_bench(args: argparse.Namespace) -> int:
 
     bench_dir = find_benchmarks_dir()
     if bench_dir is None:
-        print("error: benchmarks/ not found. `bench` needs a source checkout of diffeqbridge installed in editable "
-              "mode (git clone ...; pip install -e '.[bench]'), since the benchmarks are not shipped in the package.",
-              file=sys.stderr)
+        print(
+            "error: benchmarks/ not found. `bench` needs a source checkout of diffeqbridge installed in editable "
+            "mode (git clone ...; pip install -e '.[bench]'), since the benchmarks are not shipped in the package.",
+            file=sys.stderr,
+        )
         return 2
     root = str(bench_dir.parent)
     if root not in sys.path:
@@ -343,8 +362,10 @@ def run_bench(args: argparse.Namespace) -> int:
     try:
         from benchmarks import run_all as ra
     except ImportError as exc:
-        print(f"error: cannot import the benchmarks from {bench_dir}: {exc}. Install the extra: pip install -e '.[bench]'",
-              file=sys.stderr)
+        print(
+            f"error: cannot import the benchmarks from {bench_dir}: {exc}. Install the extra: pip install -e '.[bench]'",
+            file=sys.stderr,
+        )
         return 2
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     if only:
@@ -390,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = sub.add_parser(
-        "demo", help="solve 10,000 GBM paths with the automatic algorithm and check them against the exact solution",
+        "demo",
+        help="solve 10,000 GBM paths with the automatic algorithm and check them against the exact solution",
         description="Solve du = 1.01 u dt + 0.87 u dW, u0 = 1/2 on [0, 1] for many paths with "
         "alg=None (automatic choice) and compare with the exact solution on the same "
         "Brownian tree.",
@@ -399,12 +421,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=1, help="Brownian tree seed (default 1)")
     demo.add_argument("--atol", type=float, default=1e-2, help="absolute tolerance (default 1e-2, SciML's SDE default)")
     demo.add_argument("--rtol", type=float, default=1e-2, help="relative tolerance (default 1e-2, SciML's SDE default)")
-    demo.add_argument("--alg", default=None, metavar="NAME",
-                      help="solver name, e.g. SOSRI, SRIW1, LambaEM, EM (default: automatic)")
-    demo.add_argument("--dt", type=float, default=None,
-                      help="step size (needed by fixed-step solvers; default 1e-3 for them)")
-    demo.add_argument("--plot", default=None, metavar="FILE.png",
-                      help="write sample paths vs exact and the error over time to this PNG")
+    demo.add_argument(
+        "--alg", default=None, metavar="NAME", help="solver name, e.g. SOSRI, SRIW1, LambaEM, EM (default: automatic)"
+    )
+    demo.add_argument("--dt", type=float, default=None, help="step size (needed by fixed-step solvers; default 1e-3 for them)")
+    demo.add_argument(
+        "--plot", default=None, metavar="FILE.png", help="write sample paths vs exact and the error over time to this PNG"
+    )
     demo.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="torch device (default cpu)")
     demo.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     demo.set_defaults(func=run_demo)
@@ -413,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=run_info)
 
     bench = sub.add_parser(
-        "bench", help="run the side-by-side benchmarks (torchsde, torchdiffeq, diffrax): JSON + PNG into --out",
+        "bench",
+        help="run the side-by-side benchmarks (torchsde, torchdiffeq, diffrax): JSON + PNG into --out",
         description="Run benchmarks/ of a source checkout: work-precision, weak error, neural SDE step, "
         "per-sample steps, Brownian tree cost. Needs the 'bench' extra.",
     )

@@ -12,6 +12,7 @@ PI controller as OrdinaryDiffEq/StochasticDiffEq (``stepsize_controller!`` for
 with ``beta1 = 7/(10 q_alg)``, ``beta2 = 2/(5 q_alg)`` unless the solver overrides them;
 ``qmax = 9/8`` for SDE solvers and 10 for ODE solvers, ``qmin = 1/5``, ``gamma = 0.9``.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,7 +51,7 @@ class PIController:
     gamma: float
 
     @classmethod
-    def for_solver(cls, solver: AbstractSolver) -> "PIController":
+    def for_solver(cls, solver: AbstractSolver) -> PIController:
         order = solver.controller_order
         sde_default_qmax = 9 / 8 if solver.is_sde else 10.0
         return cls(

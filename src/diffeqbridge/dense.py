@@ -39,6 +39,7 @@ per_sample=True)`` with ``t`` of shape ``(B,)`` -> ``(B, *state)``, or any ``t``
 accepted time, or its termination time) give NaN.  The solution is right-continuous at event
 times where ``affect`` changed the state.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -64,11 +65,18 @@ _TSIT5_R = (
     (0.0, 1.5, -4.0, 2.5),
 )
 # Dopri5: Shampine's dense-output weights d_1, d_3..d_7 (d_2 = 0), as in Hairer's DOPRI5
-_DOPRI5_D = tuple(float(x) for x in (
-    Fraction(-12715105075, 11282082432), Fraction(0), Fraction(87487479700, 32700410799),
-    Fraction(-10690763975, 1880347072), Fraction(701980252875, 199316789632),
-    Fraction(-1453857185, 822651844), Fraction(69997945, 29380423),
-))
+_DOPRI5_D = tuple(
+    float(x)
+    for x in (
+        Fraction(-12715105075, 11282082432),
+        Fraction(0),
+        Fraction(87487479700, 32700410799),
+        Fraction(-10690763975, 1880347072),
+        Fraction(701980252875, 199316789632),
+        Fraction(-1453857185, 822651844),
+        Fraction(69997945, 29380423),
+    )
+)
 # Rodas4 (RODAS4 coefficients of Hairer-Wanner; OrdinaryDiffEq.jl Rodas4Tableau h21..h35)
 _RODAS4_H = (
     (10.12623508344586, -7.487995877610167, -34.80091861555747, -7.992771707568823, 1.025137723295662),
@@ -155,8 +163,17 @@ class DenseRecorder:
         self.end = torch.full((y0.shape[0],), t0, dtype=torch.float64, device=y0.device)
         self.recording = True
 
-    def record(self, t: Tensor, y: Tensor, h: Tensor, out: StepOutput, f0: Tensor | None, accepted: Tensor,
-               y1: Tensor | None = None, h_used: Tensor | None = None) -> None:
+    def record(
+        self,
+        t: Tensor,
+        y: Tensor,
+        h: Tensor,
+        out: StepOutput,
+        f0: Tensor | None,
+        accepted: Tensor,
+        y1: Tensor | None = None,
+        h_used: Tensor | None = None,
+    ) -> None:
         """One step from ``(t, y)`` of size ``h`` (``(B,)``); ``h_used`` (``(B,)``, default ``h``)
         shortens the part of the step that is kept (an event cut it)."""
         y_end = out.y1 if y1 is None else y1
@@ -165,8 +182,18 @@ class DenseRecorder:
         reach = t + (h if h_used is None else h_used)
         self.end = torch.where(accepted, reach, self.end)
 
-    def observe(self, t: Tensor, y: Tensor, t_new: Tensor, step_dt: Tensor, out: StepOutput, active: Tensor,
-                accepted: Tensor, dt_next: Tensor, f0: Tensor | None) -> None:
+    def observe(
+        self,
+        t: Tensor,
+        y: Tensor,
+        t_new: Tensor,
+        step_dt: Tensor,
+        out: StepOutput,
+        active: Tensor,
+        accepted: Tensor,
+        dt_next: Tensor,
+        f0: Tensor | None,
+    ) -> None:
         if not self.recording:  # finished: an adjoint's backward recomputation adds nothing
             return
         # the engine passes |dt|; the solver stepped by -|dt| when time runs backwards
@@ -178,8 +205,9 @@ class DenseRecorder:
         if not self.records:
             starts = torch.full((batch, 1), self.t0, dtype=torch.float64, device=device)
             coeffs = torch.stack([self.y0] + [torch.zeros_like(self.y0)] * self.degree).unsqueeze(2)
-            return DenseInterpolation(starts, torch.ones_like(starts), coeffs, self.end.clone(), self.kind, self.order,
-                                      self.direction)
+            return DenseInterpolation(
+                starts, torch.ones_like(starts), coeffs, self.end.clone(), self.kind, self.order, self.direction
+            )
         starts = torch.stack([r[0] for r in self.records], dim=1)  # (B, I)
         hs = torch.stack([r[1] for r in self.records], dim=1)
         accepted = torch.stack([r[2] for r in self.records], dim=1)
@@ -209,8 +237,7 @@ class DenseInterpolation:
         kind, order: the interpolant and its order.
     """
 
-    def __init__(self, starts: Tensor, h: Tensor, coeffs: Tensor, t_end: Tensor, kind: str, order: int,
-                 direction: float = 1.0):
+    def __init__(self, starts: Tensor, h: Tensor, coeffs: Tensor, t_end: Tensor, kind: str, order: int, direction: float = 1.0):
         self.starts, self.h, self.coeffs, self.t_end = starts, h, coeffs, t_end
         self.kind, self.order, self.direction = kind, order, direction
         self.t0 = starts[:, :1]
@@ -250,5 +277,7 @@ class DenseInterpolation:
             return self._query(tt.unsqueeze(0).expand(batch, -1)).transpose(0, 1)
         if tt.ndim == 2 and tt.shape[1] == batch:
             return self._query(tt.T).transpose(0, 1)
-        raise ValueError(f"t must be a float, (T',) shared times, (B,) with per_sample=True or (T', B); "
-                         f"got shape {tuple(tt.shape)} for B={batch}")
+        raise ValueError(
+            f"t must be a float, (T',) shared times, (B,) with per_sample=True or (T', B); "
+            f"got shape {tuple(tt.shape)} for B={batch}"
+        )

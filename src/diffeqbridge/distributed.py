@@ -20,6 +20,7 @@
   the environment ``torchrun`` sets (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ...), with
   NCCL when CUDA is available and gloo otherwise; it is left open for the caller.
 """
+
 from __future__ import annotations
 
 import os
@@ -52,8 +53,10 @@ def init(backend: str | None = None) -> tuple[int, int]:
         raise RuntimeError("torch.distributed is not available in this PyTorch build")
     if not dist.is_initialized():
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            raise RuntimeError("distributed=True needs torch.distributed initialised, or a launch by torchrun "
-                               "(RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT in the environment)")
+            raise RuntimeError(
+                "distributed=True needs torch.distributed initialised, or a launch by torchrun "
+                "(RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT in the environment)"
+            )
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
@@ -73,8 +76,15 @@ def _default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def solve_ensemble_distributed(eprob: EnsembleProblem, n: int, batch_size: int, *, progress: bool = False,
-                               device: torch.device | str | None = None, **solve_kwargs: Any) -> EnsembleSolution:
+def solve_ensemble_distributed(
+    eprob: EnsembleProblem,
+    n: int,
+    batch_size: int,
+    *,
+    progress: bool = False,
+    device: torch.device | str | None = None,
+    **solve_kwargs: Any,
+) -> EnsembleSolution:
     """:func:`diffeqbridge.solve_ensemble` with ``distributed=True`` (see the module docstring)."""
     rank, world = init()
     if device is None:

@@ -7,6 +7,7 @@ every ``check_every`` iterations.  Steps are clipped to land exactly on the save
 so SDE output needs no interpolation.  A rejected step re-queries the Brownian tree at
 the shorter step; no noise is stored.
 """
+
 from __future__ import annotations
 
 import math
@@ -93,8 +94,7 @@ def _select(mask: Tensor, new: Any, old: Any) -> Any:
     return torch.where(mask.reshape(mask.shape + (1,) * (new.ndim - 1)), new, old)
 
 
-def _masked_lanes(active: Tensor, t: Tensor, step_dt: Tensor, sign: float, t_start: Tensor,
-                  t_end: Tensor) -> Tensor:
+def _masked_lanes(active: Tensor, t: Tensor, step_dt: Tensor, sign: float, t_start: Tensor, t_end: Tensor) -> Tensor:
     """The signed step the solver is called with (``(B,)`` float64), per sample.
 
     Active samples: ``sign * step_dt``.  Finished or failed samples are still computed
@@ -154,9 +154,18 @@ def _shared_grid(save_times: Tensor, dt_initial: Tensor, options: EngineOptions)
     return grid
 
 
-def _iteration_core(solver: AbstractSolver, terms: Terms, t: Tensor, y: Tensor, dt_eval: Tensor, dw: Tensor | None,
-                    levy: Tensor | None, carry: Any, active: Tensor, tolerances: tuple[float, float] | None
-                    ) -> tuple[StepOutput, Tensor | None, Tensor]:
+def _iteration_core(
+    solver: AbstractSolver,
+    terms: Terms,
+    t: Tensor,
+    y: Tensor,
+    dt_eval: Tensor,
+    dw: Tensor | None,
+    levy: Tensor | None,
+    carry: Any,
+    active: Tensor,
+    tolerances: tuple[float, float] | None,
+) -> tuple[StepOutput, Tensor | None, Tensor]:
     """The pure tensor math of one iteration: ``solver.step`` (with the user's drift and
     diffusion), the per-sample error norm and the accept decision.
 
@@ -198,8 +207,9 @@ def _compiled_core(key: tuple[Any, ...]) -> Callable[..., Any]:
     return _COMPILED[key]
 
 
-def _run_core(options: EngineOptions, solver: AbstractSolver, terms: Terms, t: Tensor, y: Tensor,
-              *args: Any) -> tuple[StepOutput, Tensor | None, Tensor]:
+def _run_core(
+    options: EngineOptions, solver: AbstractSolver, terms: Terms, t: Tensor, y: Tensor, *args: Any
+) -> tuple[StepOutput, Tensor | None, Tensor]:
     """:func:`_iteration_core`, compiled when ``options.compile`` (eager after a failure, with
     a one-time warning naming it)."""
     if not options.compile:
@@ -214,9 +224,12 @@ def _run_core(options: EngineOptions, solver: AbstractSolver, terms: Terms, t: T
             message = str(exc).strip()
             reason = f"{type(exc).__name__}: {message.splitlines()[0] if message else ''}"
             _COMPILE_FAILED[failure_key] = reason
-            warnings.warn(f"compile=True: torch.compile failed for {type(solver).__name__} "
-                          f"(state {tuple(y.shape)}, {y.dtype}); running eagerly. Reason: {reason}",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"compile=True: torch.compile failed for {type(solver).__name__} "
+                f"(state {tuple(y.shape)}, {y.dtype}); running eagerly. Reason: {reason}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     return _iteration_core(solver, terms, t, y, *args)
 
 
@@ -279,8 +292,24 @@ def _detach(x: Any) -> Any:
 
 
 #: LoopState fields that hold one entry per sample along their first axis (``ys``: the second)
-_PER_SAMPLE = ("t", "y", "dt", "qold", "carry", "save_index", "active", "retcodes", "nf", "ng", "naccept",
-               "nreject", "newton_streak", "eigen_last", "eigen_max", "njac")
+_PER_SAMPLE = (
+    "t",
+    "y",
+    "dt",
+    "qold",
+    "carry",
+    "save_index",
+    "active",
+    "retcodes",
+    "nf",
+    "ng",
+    "naccept",
+    "nreject",
+    "newton_streak",
+    "eigen_last",
+    "eigen_max",
+    "njac",
+)
 
 
 def _gather(x: Any, idx: Tensor) -> Any:
@@ -309,8 +338,16 @@ class Integrator:
     (accept, next ``dt``, retcodes) -> masked merge -> save -> stop checks.
     """
 
-    def __init__(self, terms: Terms, solver: AbstractSolver, save_times: Tensor, dt_initial: Tensor,
-                 options: EngineOptions, tree: VirtualBrownianTree | None, observer: Any = None):
+    def __init__(
+        self,
+        terms: Terms,
+        solver: AbstractSolver,
+        save_times: Tensor,
+        dt_initial: Tensor,
+        options: EngineOptions,
+        tree: VirtualBrownianTree | None,
+        observer: Any = None,
+    ):
         self.terms, self.solver, self.save_times, self.options, self.tree = terms, solver, save_times, options, tree
         self.observer = observer
         self.n_save = save_times.shape[0]
@@ -348,12 +385,27 @@ class Integrator:
         self.growth_bound = GROWTH * (1.0 + y0.detach().abs().flatten(1).amax(dim=1))
         self.lanes = torch.arange(batch, device=device)
         return LoopState(
-            iteration=0, t=t, y=y0, dt=dt_initial.to(torch.float64),
-            qold=torch.full((batch,), QOLD_INIT, dtype=torch.float64, device=device), carry=carry,
-            tree_state=tree_state, save_index=zeros + 1, active=torch.full((batch,), not done, device=device),
+            iteration=0,
+            t=t,
+            y=y0,
+            dt=dt_initial.to(torch.float64),
+            qold=torch.full((batch,), QOLD_INIT, dtype=torch.float64, device=device),
+            carry=carry,
+            tree_state=tree_state,
+            save_index=zeros + 1,
+            active=torch.full((batch,), not done, device=device),
             retcodes=torch.full((batch,), SUCCESS if done else DEFAULT, dtype=torch.long, device=device),
-            nf=zeros + initial_counts[0], ng=zeros + initial_counts[1], naccept=zeros, nreject=zeros,
-            newton_streak=zeros, eigen_last=None, eigen_max=None, njac=None, solver_state={}, ys=ys)
+            nf=zeros + initial_counts[0],
+            ng=zeros + initial_counts[1],
+            naccept=zeros,
+            nreject=zeros,
+            newton_streak=zeros,
+            eigen_last=None,
+            eigen_max=None,
+            njac=None,
+            solver_state={},
+            ys=ys,
+        )
 
     def snapshot(self, s: LoopState) -> LoopState:
         """A detached copy of ``s`` (with the solver's own state) to restart from; ``ys`` is not kept."""
@@ -369,8 +421,9 @@ class Integrator:
         state.ys = torch.full((self.n_save, *y.shape), float("nan"), dtype=y.dtype, device=y.device)
         return state
 
-    def run(self, s: LoopState, stop_at: int | None = None, boundaries: list[float] | None = None,
-            progress: bool = False) -> list[LoopState]:
+    def run(
+        self, s: LoopState, stop_at: int | None = None, boundaries: list[float] | None = None, progress: bool = False
+    ) -> list[LoopState]:
         """Iterate until every sample stopped (or iteration ``stop_at``).  Returns a snapshot
         taken at the first check after the slowest sample passed each of ``boundaries``."""
         snaps: list[LoopState] = []
@@ -407,8 +460,16 @@ class Integrator:
         """Compaction needs samples that are independent rows: no Brownian tree (its samples
         are fixed rows), no observers, no per-solve solver state, a whole run (no snapshots); not
         with ``compile=True`` (every compacted size would be a new compilation)."""
-        return (self.options.compact > 0 and not self.options.compile and stop_at is None and not boundaries and self.tree is None
-                and self.observer is None and self.grid is None and not _solver_state(self.solver))
+        return (
+            self.options.compact > 0
+            and not self.options.compile
+            and stop_at is None
+            and not boundaries
+            and self.tree is None
+            and self.observer is None
+            and self.grid is None
+            and not _solver_state(self.solver)
+        )
 
     def _compact(self, full: LoopState, part: LoopState, idx: Tensor | None) -> tuple[LoopState, Tensor]:
         """The active samples of ``full`` as a smaller state (after writing ``part``, rows
@@ -448,8 +509,19 @@ class Integrator:
         new_tree_state, dw, levy = self._noise(s, t_new)
         # --- solver
         tolerances = (opts.atol, opts.rtol) if self.controller is not None else None
-        out, err, accepted = _run_core(opts, solver, self.terms, s.t, s.y, dt_eval.to(dtype), dw,
-                                       levy if solver.needs_levy_area else None, s.carry, s.active, tolerances)
+        out, err, accepted = _run_core(
+            opts,
+            solver,
+            self.terms,
+            s.t,
+            s.y,
+            dt_eval.to(dtype),
+            dw,
+            levy if solver.needs_levy_area else None,
+            s.carry,
+            s.active,
+            tolerances,
+        )
         # --- controller decision
         rejected = s.active & ~accepted
         self._stats(s, out, accepted, rejected)
@@ -470,7 +542,8 @@ class Integrator:
         stopped = None
         if self.observer is not None and hasattr(self.observer, "after_merge"):
             s.y, s.t, s.carry, s.tree_state, hits, stopped = self.observer.after_merge(
-                t_prev, y_prev, s.t, s.y, s.carry, s.tree_state, accepted, hits, out, f_prev, dt_eval, self.tree)
+                t_prev, y_prev, s.t, s.y, s.carry, s.tree_state, accepted, hits, out, f_prev, dt_eval, self.tree
+            )
         # --- save
         saved_now = accepted & hits
         slot, lanes = s.save_index.clamp(max=self.n_save - 1), self.lanes
@@ -478,8 +551,7 @@ class Integrator:
             s.ys[slot, lanes] = _select(saved_now, s.y, s.ys[slot, lanes])
         s.save_index = s.save_index + saved_now
         # --- stop: finished, unstable, controller limits, max steps
-        self._stop(s, accepted, rejected, saved_now & (s.save_index >= self.n_save), stopped, step_dt, err, hits,
-                   dt_factor, out)
+        self._stop(s, accepted, rejected, saved_now & (s.save_index >= self.n_save), stopped, step_dt, err, hits, dt_factor, out)
         if self.observer is not None:
             self.observer.observe(t_prev, y_prev, t_new, step_dt, out, accepted | rejected, accepted, s.dt, f_prev)
 
@@ -507,9 +579,19 @@ class Integrator:
         s.naccept = s.naccept + accepted
         s.nreject = s.nreject + rejected
 
-    def _stop(self, s: LoopState, accepted: Tensor, rejected: Tensor, finished: Tensor, stopped: Tensor | None,
-              step_dt: Tensor,
-              err: Tensor | None, hits: Tensor, dt_factor: Tensor | None, out: StepOutput) -> None:
+    def _stop(
+        self,
+        s: LoopState,
+        accepted: Tensor,
+        rejected: Tensor,
+        finished: Tensor,
+        stopped: Tensor | None,
+        step_dt: Tensor,
+        err: Tensor | None,
+        hits: Tensor,
+        dt_factor: Tensor | None,
+        out: StepOutput,
+    ) -> None:
         def end(mask: Tensor, code: int | Tensor) -> None:
             s.retcodes = torch.where(mask, torch.as_tensor(code, device=mask.device), s.retcodes)
             s.active = s.active & ~mask
@@ -539,8 +621,7 @@ class Integrator:
             if newton_failed is not None:
                 # a Newton failure rejects the step (NaN proposal -> dt shrinks by qmin); a
                 # sample that keeps failing, or underflows dtmin doing so, stops here
-                s.newton_streak = torch.where(newton_failed, s.newton_streak + 1,
-                                              torch.where(accepted, 0, s.newton_streak))
+                s.newton_streak = torch.where(newton_failed, s.newton_streak + 1, torch.where(accepted, 0, s.newton_streak))
                 gave_up = newton_failed & (too_small | (s.newton_streak >= self.options.max_convergence_failures))
                 end(gave_up, CONVERGENCE_FAILURE)
                 too_small = too_small & s.active

@@ -27,6 +27,7 @@ SciML's ``EnsembleProblem(prob, prob_func, output_func, reduction)`` adapted to 
   (:mod:`diffeqbridge.distributed`) gathers the partials of every rank and folds them in the
   same order, so it returns the same bits as one process.
 """
+
 from __future__ import annotations
 
 import math
@@ -84,8 +85,7 @@ class Moments(Reduction):
             empty = torch.zeros(x.shape[1:], dtype=torch.float64)
             return {"n": 0, "mean": empty, "m2": empty.clone(), "min": empty + math.inf, "max": empty - math.inf}
         mean = x.mean(dim=0)
-        return {"n": n, "mean": mean, "m2": (x - mean).square().sum(dim=0),
-                "min": x.amin(dim=0), "max": x.amax(dim=0)}
+        return {"n": n, "mean": mean, "m2": (x - mean).square().sum(dim=0), "min": x.amin(dim=0), "max": x.amax(dim=0)}
 
     def merge(self, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         if b["n"] == 0:
@@ -94,15 +94,26 @@ class Moments(Reduction):
             return b
         n = a["n"] + b["n"]
         delta = b["mean"] - a["mean"]
-        return {"n": n, "mean": a["mean"] + delta * (b["n"] / n),
-                "m2": a["m2"] + b["m2"] + delta.square() * (a["n"] * b["n"] / n),
-                "min": torch.minimum(a["min"], b["min"]), "max": torch.maximum(a["max"], b["max"])}
+        return {
+            "n": n,
+            "mean": a["mean"] + delta * (b["n"] / n),
+            "m2": a["m2"] + b["m2"] + delta.square() * (a["n"] * b["n"] / n),
+            "min": torch.minimum(a["min"], b["min"]),
+            "max": torch.maximum(a["max"], b["max"]),
+        }
 
     def result(self, state: dict[str, Any]) -> dict[str, Any]:
         n = state["n"]
         var = state["m2"] / (n - 1) if n > 1 else torch.full_like(state["m2"], math.nan)
-        return {"count": n, "mean": state["mean"], "var": var, "std": var.sqrt(),
-                "sem": (var / max(n, 1)).sqrt(), "min": state["min"], "max": state["max"]}
+        return {
+            "count": n,
+            "mean": state["mean"],
+            "var": var,
+            "std": var.sqrt(),
+            "sem": (var / max(n, 1)).sqrt(),
+            "min": state["min"],
+            "max": state["max"],
+        }
 
 
 class Quantiles(Reduction):
@@ -137,7 +148,7 @@ class Quantiles(Reduction):
                 items = torch.sort(levels[h], dim=0).values
                 keep_odd = items.shape[0] % 2  # an odd item out stays at this level
                 rest, items = items[:keep_odd], items[keep_odd:]
-                up = items[flips[h] % 2::2]
+                up = items[flips[h] % 2 :: 2]
                 flips[h] += 1
                 levels[h] = rest
                 if h + 1 == len(levels):
@@ -148,8 +159,11 @@ class Quantiles(Reduction):
         return levels, flips
 
     def partial(self, values: Tensor, indices: Tensor) -> dict[str, Any]:
-        x = values.detach().to("cpu", torch.float64).flatten(1) if values.ndim > 1 else \
-            values.detach().to("cpu", torch.float64).unsqueeze(1)
+        x = (
+            values.detach().to("cpu", torch.float64).flatten(1)
+            if values.ndim > 1
+            else values.detach().to("cpu", torch.float64).unsqueeze(1)
+        )
         levels, flips = self._compact([x], [0])
         return {"levels": levels, "flips": flips, "shape": tuple(values.shape[1:]), "n": x.shape[0]}
 
@@ -165,8 +179,7 @@ class Quantiles(Reduction):
 
     def result(self, state: dict[str, Any]) -> dict[str, Any]:
         items = torch.cat(state["levels"])  # (m, C)
-        weights = torch.cat([torch.full((lv.shape[0],), 2.0**h, dtype=torch.float64)
-                             for h, lv in enumerate(state["levels"])])
+        weights = torch.cat([torch.full((lv.shape[0],), 2.0**h, dtype=torch.float64) for h, lv in enumerate(state["levels"])])
         order = torch.argsort(items, dim=0, stable=True)
         sorted_items = torch.gather(items, 0, order)
         cum = torch.cumsum(weights[order], dim=0)  # (m, C)
@@ -237,8 +250,10 @@ def _named_reductions(reduction: Any) -> dict[str, Reduction]:
     elif isinstance(reduction, (list, tuple)):
         items = [(type(r).__name__.lower(), r) for r in reduction]
     else:
-        raise TypeError(f"reduction must be a deb Reduction (Moments(), Quantiles(), Collect()), a list or dict of "
-                        f"them, or None; got {reduction!r}")
+        raise TypeError(
+            f"reduction must be a deb Reduction (Moments(), Quantiles(), Collect()), a list or dict of "
+            f"them, or None; got {reduction!r}"
+        )
     names = [name for name, _ in items]
     if len(set(names)) != len(names):
         raise ValueError(f"reduction: duplicate names {names}; pass a dict to name them")
@@ -285,8 +300,9 @@ def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
 
 
-def solve_batch(eprob: EnsembleProblem, start: int, stop: int, solve_kwargs: dict[str, Any],
-                device: torch.device | str | None = None) -> dict[str, Any]:
+def solve_batch(
+    eprob: EnsembleProblem, start: int, stop: int, solve_kwargs: dict[str, Any], device: torch.device | str | None = None
+) -> dict[str, Any]:
     """Solve samples ``start..stop-1`` and return their partial reduction states (and counts)."""
     from .solve import solve
 
@@ -300,17 +316,26 @@ def solve_batch(eprob: EnsembleProblem, start: int, stop: int, solve_kwargs: dic
     tol = kwargs.pop("brownian_tol", None)
     if tol is not None and isinstance(prob, SDEProblem):  # the tree solve() would make, coarser
         lo, hi = sorted(prob.tspan)
-        kwargs["brownian"] = VirtualBrownianTree(lo, hi, (prob.batch_size, *prob.noise_shape),
-                                                 seed=kwargs.pop("seed", 0), tol=tol, dtype=prob.y0.dtype,
-                                                 device=prob.y0.device, sample_offset=start)
+        kwargs["brownian"] = VirtualBrownianTree(
+            lo,
+            hi,
+            (prob.batch_size, *prob.noise_shape),
+            seed=kwargs.pop("seed", 0),
+            tol=tol,
+            dtype=prob.y0.dtype,
+            device=prob.y0.device,
+            sample_offset=start,
+        )
         sol = solve(prob, **kwargs)
     else:
         kwargs.pop("brownian_tol", None)
         sol = solve(prob, sample_offset=start, **kwargs)
     out = (eprob.output_func or default_output)(sol, indices)
     if not isinstance(out, Tensor) or out.shape[:1] != (stop - start,):
-        raise ValueError(f"output_func must return a tensor with {stop - start} rows; got "
-                         f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
+        raise ValueError(
+            f"output_func must return a tensor with {stop - start} rows; got "
+            f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}"
+        )
     ok = _successful(sol.retcodes)
     keep = ok.nonzero().squeeze(1)  # one host sync per batch
     values, kept = out.detach()[keep], indices[keep]
@@ -340,8 +365,9 @@ def fold(eprob: EnsembleProblem, batch_results: Iterable[dict[str, Any]]) -> tup
     return states, codes, nf
 
 
-def finish(eprob: EnsembleProblem, n: int, states: dict[str, Any], codes: Tensor, nf: int, batches: int,
-           world_size: int = 1) -> EnsembleSolution:
+def finish(
+    eprob: EnsembleProblem, n: int, states: dict[str, Any], codes: Tensor, nf: int, batches: int, world_size: int = 1
+) -> EnsembleSolution:
     result = {name: eprob.reductions[name].result(state) for name, state in states.items()}
     retcodes = {ReturnCode(i).name: int(c) for i, c in enumerate(codes.tolist()) if c}
     return EnsembleSolution(n=n, result=result, retcodes=retcodes, nf=nf, batches=batches, world_size=world_size)
@@ -370,9 +396,16 @@ def _progress(enabled: bool, total: int, desc: str) -> Any:
     return tqdm(total=total, desc=desc, unit="path", file=sys.stderr, leave=False)
 
 
-def solve_ensemble(eprob: EnsembleProblem, n: int, batch_size: int | None = None, *, progress: bool = False,
-                   distributed: bool = False, device: torch.device | str | None = None,
-                   **solve_kwargs: Any) -> EnsembleSolution:
+def solve_ensemble(
+    eprob: EnsembleProblem,
+    n: int,
+    batch_size: int | None = None,
+    *,
+    progress: bool = False,
+    distributed: bool = False,
+    device: torch.device | str | None = None,
+    **solve_kwargs: Any,
+) -> EnsembleSolution:
     """Solve ``n`` samples of ``eprob`` in batches and reduce them as they stream.
 
     Args:

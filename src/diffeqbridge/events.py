@@ -37,6 +37,7 @@ state is shifted by ``-f(t*, y⁺) δ``, which carries the dependence of the res
 ``t*`` (the engine's times themselves carry no gradient).  For SDEs the event time is
 differentiable through the linear interpolant, the continuation is not corrected.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -112,8 +113,10 @@ def check_events(events: Any, solver: AbstractSolver) -> list[ContinuousEvent | 
         if not isinstance(e, (ContinuousEvent, DiscreteEvent)):
             raise TypeError(f"events[{i}] must be a deb.ContinuousEvent or deb.DiscreteEvent; got {e!r}")
     if events and getattr(solver, "reversible", False):
-        raise ValueError(f"events are not supported with alg={type(solver).__name__} (its carried state is not "
-                         "a function of (t, y) that an event could restart)")
+        raise ValueError(
+            f"events are not supported with alg={type(solver).__name__} (its carried state is not "
+            "a function of (t, y) that an event could restart)"
+        )
     return list(events)
 
 
@@ -142,8 +145,15 @@ class EventRecord:
 class EventHandler:
     """The engine hook for events (``after_merge``): see the module docstring."""
 
-    def __init__(self, events: Sequence[ContinuousEvent | DiscreteEvent], terms: Terms, solver: AbstractSolver,
-                 y0: Tensor, t0: float, is_sde: bool):
+    def __init__(
+        self,
+        events: Sequence[ContinuousEvent | DiscreteEvent],
+        terms: Terms,
+        solver: AbstractSolver,
+        y0: Tensor,
+        t0: float,
+        is_sde: bool,
+    ):
         self.events = list(events)
         self.continuous = [i for i, e in enumerate(self.events) if isinstance(e, ContinuousEvent)]
         self.discrete = [i for i, e in enumerate(self.events) if isinstance(e, DiscreteEvent)]
@@ -171,8 +181,10 @@ class EventHandler:
     def _condition(self, i: int, t: Tensor, y: Tensor) -> Tensor:
         g = self.events[i].condition(t, y)
         if not isinstance(g, Tensor) or g.shape != (y.shape[0],):
-            raise ValueError(f"events[{i}].condition must return a ({y.shape[0]},) tensor; got "
-                             f"{type(g).__name__} {tuple(getattr(g, 'shape', ()))}")
+            raise ValueError(
+                f"events[{i}].condition must return a ({y.shape[0]},) tensor; got "
+                f"{type(g).__name__} {tuple(getattr(g, 'shape', ()))}"
+            )
         return g
 
     def _continuous_event(self, i: int) -> ContinuousEvent:
@@ -187,9 +199,21 @@ class EventHandler:
         return up if direction == 1 else down if direction == -1 else up | down
 
     # ------------------------------------------------------------------ engine hook
-    def after_merge(self, t_prev: Tensor, y_prev: Tensor, t: Tensor, y: Tensor, f0: Any, tree_state: Any,
-                    accepted: Tensor, hits: Tensor, out: StepOutput, f_prev: Any, step_dt: Tensor,
-                    tree: Any) -> tuple[Tensor, Tensor, Any, Any, Tensor, Tensor]:
+    def after_merge(
+        self,
+        t_prev: Tensor,
+        y_prev: Tensor,
+        t: Tensor,
+        y: Tensor,
+        f0: Any,
+        tree_state: Any,
+        accepted: Tensor,
+        hits: Tensor,
+        out: StepOutput,
+        f_prev: Any,
+        step_dt: Tensor,
+        tree: Any,
+    ) -> tuple[Tensor, Tensor, Any, Any, Tensor, Tensor]:
         """Called by the engine after an iteration's masked merge (``t``, ``y``: merged;
         ``step_dt``: the signed step the solver took, negative when time runs backwards).
         Returns the updated ``(y, t, f0, tree_state, hits, stopped)``."""
@@ -217,8 +241,12 @@ class EventHandler:
                 if affect is not None:
                     y = _where(fire, affect(t_now, y), y)
                 self.counts[:, i] += fire
-                self.history.append((torch.where(fire, t_now, torch.full_like(t_now, float("nan"))),
-                                     torch.where(fire, i, torch.full_like(which, -1))))
+                self.history.append(
+                    (
+                        torch.where(fire, t_now, torch.full_like(t_now, float("nan"))),
+                        torch.where(fire, i, torch.full_like(which, -1)),
+                    )
+                )
                 if self.events[i].terminate:
                     stopped = stopped | fire
                     self.t_stop = torch.where(fire, t_now, self.t_stop)
@@ -253,8 +281,17 @@ class EventHandler:
         self.t_after = new_t
         return y, new_t, f0, tree_state, hits, stopped
 
-    def _continuous(self, t_prev: Tensor, y_prev: Tensor, t: Tensor, y: Tensor, accepted: Tensor, out: StepOutput,
-                    f_prev: Any, step_dt: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def _continuous(
+        self,
+        t_prev: Tensor,
+        y_prev: Tensor,
+        t: Tensor,
+        y: Tensor,
+        accepted: Tensor,
+        out: StepOutput,
+        f_prev: Any,
+        step_dt: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Sign changes of every continuous event on the step's interpolant, sampled at
         ``interp_points`` interior points (as SciML's ``interp_points``: a step that crosses
         and crosses back is seen), then root location by bisection and the event's effect."""
@@ -289,8 +326,18 @@ class EventHandler:
             return y, t, torch.full((batch,), -1, dtype=torch.long, device=y.device), none, none
         return self._locate(t_prev, y_prev, y, t, crossed_t, lo_all, hi_all, coeffs, h)
 
-    def _locate(self, t_prev: Tensor, y_prev: Tensor, y1: Tensor, t_new: Tensor, crossed: Tensor, lo_all: list[Tensor],
-                hi_all: list[Tensor], coeffs: list[Tensor], h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def _locate(
+        self,
+        t_prev: Tensor,
+        y_prev: Tensor,
+        y1: Tensor,
+        t_new: Tensor,
+        crossed: Tensor,
+        lo_all: list[Tensor],
+        hi_all: list[Tensor],
+        coeffs: list[Tensor],
+        h: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Bisection inside each crossing's bracket, the earliest event per sample, then affect/termination."""
         any_crossed = crossed.any(dim=1)
         theta = torch.ones_like(h)
@@ -344,8 +391,9 @@ class EventHandler:
         y_out = _where(which >= 0, y_new, y1)
         return y_out, torch.where(which >= 0, t_star, t_new), which, moved, stopped
 
-    def _time_correction(self, which: Tensor, t_star: Tensor, y_star: Tensor, coeffs: list[Tensor], h: Tensor,
-                         theta: Tensor) -> Tensor | None:
+    def _time_correction(
+        self, which: Tensor, t_star: Tensor, y_star: Tensor, coeffs: list[Tensor], h: Tensor, theta: Tensor
+    ) -> Tensor | None:
         """``δ = -(g - stop_grad(g)) / stop_grad(dg/dt)`` at the event (zero value), or None
         when nothing needs a gradient."""
         if not (torch.is_grad_enabled() and y_star.requires_grad):
@@ -380,8 +428,7 @@ class EventHandler:
             times = torch.full((batch, 1), float("nan"), dtype=torch.float64, device=device)
             which = torch.full((batch, 1), -1, dtype=torch.long, device=device)
         t_stop = self.t_stop_grad if self.t_stop_grad is not None else self.t_stop
-        record = EventRecord(times=times, which=which, counts=self.counts, terminated=self.terminated,
-                             t=t_stop, y=self.y_stop)
+        record = EventRecord(times=times, which=which, counts=self.counts, terminated=self.terminated, t=t_stop, y=self.y_stop)
         n = (which >= 0).sum(dim=1)
         last = torch.gather(times, 1, (n - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
         extra = {"nevents": n, "event_time": torch.where(n > 0, last, torch.full_like(last, float("nan")))}
@@ -412,8 +459,18 @@ class Hooks:
             self.after_merge = events.after_merge  # the engine looks for this attribute
             self.lockstep = events.lockstep
 
-    def observe(self, t: Tensor, y: Tensor, t_new: Tensor, step_dt: Tensor, out: StepOutput, active: Tensor,
-                accepted: Tensor, dt_next: Tensor, f0: Any) -> None:
+    def observe(
+        self,
+        t: Tensor,
+        y: Tensor,
+        t_new: Tensor,
+        step_dt: Tensor,
+        out: StepOutput,
+        active: Tensor,
+        accepted: Tensor,
+        dt_next: Tensor,
+        f0: Any,
+    ) -> None:
         for r in self.recorders:
             r.observe(t, y, t_new, step_dt, out, active, accepted, dt_next, f0)
         if self.dense is not None:

@@ -29,6 +29,7 @@ Shapes: data ``x (B, L, C)``; times ``t`` ``None`` (``0..L-1``), ``(L,)`` or ``(
 ``evaluate(t)``/``derivative(t)`` take a scalar or a ``(B,)`` tensor (each sample at its own
 time, as the engine calls vector fields) and return ``(B, C)``.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -126,8 +127,7 @@ def linear_interpolation_coeffs(x: Tensor, t: Tensor | None = None, rectilinear:
         if t is not None:
             raise ValueError("rectilinear interpolation runs on the index grid: pass t=None (time is a channel of x)")
         if isinstance(rectilinear, bool) or not isinstance(rectilinear, int) or not 0 <= rectilinear < x.shape[-1]:
-            raise ValueError(f"rectilinear must be the index of the time channel in [0, {x.shape[-1] - 1}]; "
-                             f"got {rectilinear!r}")
+            raise ValueError(f"rectilinear must be the index of the time channel in [0, {x.shape[-1] - 1}]; got {rectilinear!r}")
         if bool(torch.isnan(x[..., rectilinear]).any()):
             raise ValueError("rectilinear: the time channel of x must not contain NaN")
         filled = _forward_fill(x)

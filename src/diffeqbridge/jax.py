@@ -34,6 +34,7 @@ the callback the solve is ordinary eager torch (not compiled by XLA).
 diffusion (the Itô→Stratonovich correction), which the JAX wrapper does not provide: use a
 Stratonovich/additive problem or another sensealg with JAX functions.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -75,8 +76,14 @@ class _JaxField(torch.autograd.Function):
     """``fn(t, y, unravel(theta))`` evaluated in JAX (``vjp_fn`` = jitted ``jax.vjp``), differentiated by its VJP."""
 
     @staticmethod
-    def forward(ctx: Any, fn: Callable, vjp_fn: Callable, t: torch.Tensor, y: torch.Tensor,  # type: ignore[override]
-                theta: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        fn: Callable,
+        vjp_fn: Callable,
+        t: torch.Tensor,
+        y: torch.Tensor,  # type: ignore[override]
+        theta: torch.Tensor,
+    ) -> torch.Tensor:
         out, vjp = vjp_fn(_to_jax(t), _to_jax(y), _to_jax(theta))
         ctx.vjp = vjp
         return _to_torch(out).clone()
@@ -153,8 +160,7 @@ def solve(
             prob: ODEProblem = ODEProblem(f, y0_t, tspan, params=[flat_t])
         else:
             g = lambda t, y: _JaxField.apply(diffusion, diffusion_vjp, t, y, flat_t)  # noqa: E731
-            prob = SDEProblem(f, g, y0_t, tspan, noise=noise, interpretation=interpretation,
-                              noise_dim=noise_dim, params=[flat_t])
+            prob = SDEProblem(f, g, y0_t, tspan, noise=noise, interpretation=interpretation, noise_dim=noise_dim, params=[flat_t])
         return _torch_solve(prob, alg, saveat=saveat_t, seed=seed, sensealg=sensealg, **solve_kwargs).ys
 
     def host_forward(y0_h: Any, flat_h: Any) -> np.ndarray:
@@ -170,8 +176,7 @@ def solve(
             gy, gp = torch.autograd.grad(ys, [y0_t, flat_t], grad_outputs=_to_torch(g_h).clone(), allow_unused=True)
         gy = torch.zeros_like(y0_t) if gy is None else gy
         gp = torch.zeros_like(flat_t) if gp is None else gp
-        return (np.asarray(gy.detach().cpu().numpy(), dtype=y0.dtype),
-                np.asarray(gp.detach().cpu().numpy(), dtype=flat.dtype))
+        return (np.asarray(gy.detach().cpu().numpy(), dtype=y0.dtype), np.asarray(gp.detach().cpu().numpy(), dtype=flat.dtype))
 
     @jax.custom_vjp
     def _solve(y0_j: jax.Array, flat_j: jax.Array) -> jax.Array:

@@ -18,6 +18,7 @@ The ELBO (Li et al. eq. 13) for observations ``x_{t_i}`` is
 ``Σ_i log p(x_{t_i} | Z_{t_i}) - KL(q(Z_0) || p(Z_0)) - KL_path``: :func:`elbo`, with
 :func:`gaussian_kl` for the initial state.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -45,8 +46,9 @@ def _positional_arity(net: nn.Module, required: bool = False) -> int:
         params = inspect.signature(net.forward).parameters.values()
     except (TypeError, ValueError):
         return 1
-    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and not (required and p.default is not p.empty)
-               for p in params)
+    return sum(
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and not (required and p.default is not p.empty) for p in params
+    )
 
 
 def stable_divide(a: Tensor, b: Tensor, eps: float = DIVISION_EPS) -> Tensor:
@@ -105,9 +107,18 @@ class LatentSDE(nn.Module):
     solve's statistics.  ``forward_prior(z0, ts, seed)`` samples the prior.
     """
 
-    def __init__(self, posterior_drift: nn.Module, prior_drift: nn.Module, diffusion: nn.Module,
-                 encoder: nn.Module | None = None, noise: str = "diagonal", interpretation: str = "ito", alg: Any = None,
-                 sensealg: Any = None, **solve_kwargs: Any):
+    def __init__(
+        self,
+        posterior_drift: nn.Module,
+        prior_drift: nn.Module,
+        diffusion: nn.Module,
+        encoder: nn.Module | None = None,
+        noise: str = "diagonal",
+        interpretation: str = "ito",
+        alg: Any = None,
+        sensealg: Any = None,
+        **solve_kwargs: Any,
+    ):
         super().__init__()
         for key in ("saveat", "brownian", "seed", "sensealg", "alg"):
             if key in solve_kwargs:
@@ -116,15 +127,19 @@ class LatentSDE(nn.Module):
             raise ValueError(f"noise must be 'diagonal' or 'additive' (σ independent of z); got {noise!r}")
         if encoder is not None and not isinstance(encoder, nn.Module):
             raise TypeError(f"encoder must be an nn.Module or None; got {type(encoder).__name__}")
-        self.posterior_drift, self.prior_drift, self.diffusion, self.encoder = (
-            posterior_drift, prior_drift, diffusion, encoder)
+        self.posterior_drift, self.prior_drift, self.diffusion, self.encoder = (posterior_drift, prior_drift, diffusion, encoder)
         self._h = _caller(posterior_drift, "posterior_drift")
         self._h_takes_ctx = _positional_arity(posterior_drift) >= 3
         self._h_needs_ctx = _positional_arity(posterior_drift, required=True) >= 3
         self._f = _caller(prior_drift, "prior_drift")
         self._g = _caller(diffusion, "diffusion")
         self.noise, self.interpretation, self.alg, self.sensealg, self.solve_kwargs = (
-            noise, interpretation, alg, sensealg, solve_kwargs)
+            noise,
+            interpretation,
+            alg,
+            sensealg,
+            solve_kwargs,
+        )
         self.kl_path: Tensor | None = None
         self.stats: Any = None
 
@@ -156,11 +171,20 @@ class LatentSDE(nn.Module):
         if not isinstance(brownian, VirtualBrownianTree):
             raise TypeError(f"brownian must be a deb.VirtualBrownianTree or None; got {type(brownian).__name__}")
         if tuple(brownian.shape) != (batch, dim):
-            raise ValueError(f"brownian has shape {tuple(brownian.shape)}; LatentSDE needs (B, D) = {(batch, dim)} "
-                             f"(or the augmented (B, D + 1))")
+            raise ValueError(
+                f"brownian has shape {tuple(brownian.shape)}; LatentSDE needs (B, D) = {(batch, dim)} "
+                f"(or the augmented (B, D + 1))"
+            )
         # same seed and resolution: the first D components are exactly this tree's path
-        return VirtualBrownianTree(brownian.t0, brownian.t1, (batch, dim + 1), seed=brownian.seed, tol=brownian.tol,
-                                   dtype=brownian.dtype, device=brownian.device)
+        return VirtualBrownianTree(
+            brownian.t0,
+            brownian.t1,
+            (batch, dim + 1),
+            seed=brownian.seed,
+            tol=brownian.tol,
+            dtype=brownian.dtype,
+            device=brownian.device,
+        )
 
     def _check(self, z0: Tensor, ts: Any) -> Tensor:
         if not isinstance(z0, Tensor) or z0.ndim != 2:
@@ -182,15 +206,23 @@ class LatentSDE(nn.Module):
                 raise ValueError("posterior_drift takes a context (t, z, ctx): pass xs= or context=")
             return None
         if not isinstance(context, Tensor) or context.ndim != 3 or context.shape[:2] != (times.numel(), batch):
-            raise ValueError(f"context must have shape (T, B, C) = ({times.numel()}, {batch}, C) matching ts and z0; "
-                             f"got {getattr(context, 'shape', type(context).__name__)}")
+            raise ValueError(
+                f"context must have shape (T, B, C) = ({times.numel()}, {batch}, C) matching ts and z0; "
+                f"got {getattr(context, 'shape', type(context).__name__)}"
+            )
         if not self._h_takes_ctx:
             raise ValueError("a context was given but posterior_drift does not take one: define forward(t, z, ctx)")
         return context
 
-    def forward(self, z0: Tensor, ts: Sequence[float] | Tensor, xs: Tensor | None = None,
-                context: Tensor | None = None, seed: int = 0,
-                brownian: VirtualBrownianTree | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        z0: Tensor,
+        ts: Sequence[float] | Tensor,
+        xs: Tensor | None = None,
+        context: Tensor | None = None,
+        seed: int = 0,
+        brownian: VirtualBrownianTree | None = None,
+    ) -> tuple[Tensor, Tensor]:
         times = self._check(z0, ts)
         batch, dim = z0.shape
         context = self._context(xs, context, times, batch)
@@ -201,11 +233,16 @@ class LatentSDE(nn.Module):
         def run(z0_: Tensor, ctx_leaf: Tensor | None = None) -> tuple[Tensor, ...]:
             ctx = None if ctx_leaf is None else (ctx_leaf, times.to(ctx_leaf.device))
             y0 = torch.cat([z0_, torch.zeros_like(z0_[:, :1])], dim=1)
-            prob = SDEProblem(lambda t, y: self.augmented_drift(t, y, ctx), self.augmented_diffusion, y0, tspan,
-                              noise=self.noise, interpretation=self.interpretation,
-                              params=field_params + ([] if ctx_leaf is None else [ctx_leaf]))
-            sol = solve(prob, self.alg, saveat=times, seed=seed, brownian=tree, sensealg=self.sensealg,
-                        **self.solve_kwargs)
+            prob = SDEProblem(
+                lambda t, y: self.augmented_drift(t, y, ctx),
+                self.augmented_diffusion,
+                y0,
+                tspan,
+                noise=self.noise,
+                interpretation=self.interpretation,
+                params=field_params + ([] if ctx_leaf is None else [ctx_leaf]),
+            )
+            sol = solve(prob, self.alg, saveat=times, seed=seed, brownian=tree, sensealg=self.sensealg, **self.solve_kwargs)
             self.stats = sol.stats
             return (sol.ys,)
 
@@ -217,12 +254,18 @@ class LatentSDE(nn.Module):
         self.kl_path = ys[..., -1]
         return ys[..., :-1], ys[-1, :, -1]
 
-    def forward_prior(self, z0: Tensor, ts: Sequence[float] | Tensor, seed: int = 0,
-                      brownian: VirtualBrownianTree | None = None) -> Tensor:
+    def forward_prior(
+        self, z0: Tensor, ts: Sequence[float] | Tensor, seed: int = 0, brownian: VirtualBrownianTree | None = None
+    ) -> Tensor:
         """Samples of the prior ``dZ = f dt + σ dW`` at ``ts``: ``(T, B, D)``."""
         times = self._check(z0, ts)
-        prob = SDEProblem(self._f, self._g, z0, (float(times[0]), float(times[-1])), noise=self.noise,
-                          interpretation=self.interpretation, params=[*self.prior_drift.parameters(),
-                                                                       *self.diffusion.parameters()])
-        return solve(prob, self.alg, saveat=times, seed=seed, brownian=brownian, sensealg=self.sensealg,
-                     **self.solve_kwargs).ys
+        prob = SDEProblem(
+            self._f,
+            self._g,
+            z0,
+            (float(times[0]), float(times[-1])),
+            noise=self.noise,
+            interpretation=self.interpretation,
+            params=[*self.prior_drift.parameters(), *self.diffusion.parameters()],
+        )
+        return solve(prob, self.alg, saveat=times, seed=seed, brownian=brownian, sensealg=self.sensealg, **self.solve_kwargs).ys

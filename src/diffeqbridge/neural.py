@@ -5,6 +5,7 @@ else as ``net(y)``; ``t`` has shape ``(B,)`` (every sample has its own time).  T
 passes itself as ``params`` so every sensealg (including the adjoints, which need the
 parameters explicitly) differentiates with respect to all of its parameters.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -27,7 +28,8 @@ def _caller(net: nn.Module, name: str) -> Any:
         raise TypeError(f"{name} must be an nn.Module; got {type(net).__name__}")
     try:
         params = [
-            p for p in inspect.signature(net.forward).parameters.values()
+            p
+            for p in inspect.signature(net.forward).parameters.values()
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
         ]
         takes_t = len(params) >= 2
@@ -46,8 +48,10 @@ def _check_dtype(module: nn.Module, y0: Any) -> None:
         raise TypeError(f"{type(module).__name__}.forward: y0 must be a tensor; got {type(y0).__name__}")
     dtypes = sorted({str(p.dtype) for p in module.parameters() if p.is_floating_point()})
     if dtypes and dtypes != [str(y0.dtype)]:
-        raise TypeError(f"{type(module).__name__}.forward: y0 has dtype {y0.dtype} but the networks' parameters are "
-                        f"{', '.join(dtypes)}; convert one of them (e.g. module.to({y0.dtype}) or y0.to(...))")
+        raise TypeError(
+            f"{type(module).__name__}.forward: y0 has dtype {y0.dtype} but the networks' parameters are "
+            f"{', '.join(dtypes)}; convert one of them (e.g. module.to({y0.dtype}) or y0.to(...))"
+        )
 
 
 class NeuralSDE(nn.Module):
@@ -71,9 +75,18 @@ class NeuralSDE(nn.Module):
     ``ts[0]`` is the initial time, ``ts[-1]`` the final time.
     """
 
-    def __init__(self, drift_net: nn.Module, diffusion_net: nn.Module, noise: str = "diagonal",
-                 interpretation: str = "ito", noise_dim: int | None = None, alg: Any = None,
-                 sensealg: Any = None, regularize: Any = None, **solve_kwargs: Any):
+    def __init__(
+        self,
+        drift_net: nn.Module,
+        diffusion_net: nn.Module,
+        noise: str = "diagonal",
+        interpretation: str = "ito",
+        noise_dim: int | None = None,
+        alg: Any = None,
+        sensealg: Any = None,
+        regularize: Any = None,
+        **solve_kwargs: Any,
+    ):
         super().__init__()
         self.regularize, self.regularization, self.stats = as_regularization(regularize), None, None
         self.drift_net = drift_net
@@ -87,18 +100,35 @@ class NeuralSDE(nn.Module):
                 raise TypeError(f"NeuralSDE: pass {key} to forward()/the constructor argument, not in **solve_kwargs")
 
     def problem(self, y0: Tensor, tspan: tuple[float, float]) -> SDEProblem:
-        return SDEProblem(self._drift, self._diffusion, y0, tspan, noise=self.noise,
-                          interpretation=self.interpretation, noise_dim=self.noise_dim, params=self)
+        return SDEProblem(
+            self._drift,
+            self._diffusion,
+            y0,
+            tspan,
+            noise=self.noise,
+            interpretation=self.interpretation,
+            noise_dim=self.noise_dim,
+            params=self,
+        )
 
-    def forward(self, y0: Tensor, ts: Sequence[float] | Tensor, seed: int = 0,
-                brownian: VirtualBrownianTree | None = None) -> Tensor:
+    def forward(
+        self, y0: Tensor, ts: Sequence[float] | Tensor, seed: int = 0, brownian: VirtualBrownianTree | None = None
+    ) -> Tensor:
         times = torch.as_tensor(ts, dtype=torch.float64).detach().flatten()
         if times.numel() < 2:
             raise ValueError("NeuralSDE.forward: ts needs at least two times (t0 and t1)")
         _check_dtype(self, y0)
         prob = self.problem(y0, (float(times[0]), float(times[-1])))
-        sol = solve(prob, self.alg, saveat=times, seed=seed, brownian=brownian,
-                    sensealg=self.sensealg, regularize=self.regularize, **self.solve_kwargs)
+        sol = solve(
+            prob,
+            self.alg,
+            saveat=times,
+            seed=seed,
+            brownian=brownian,
+            sensealg=self.sensealg,
+            regularize=self.regularize,
+            **self.solve_kwargs,
+        )
         self.regularization, self.stats = sol.regularization, sol.stats
         return sol.ys
 
@@ -109,8 +139,7 @@ class NeuralODE(nn.Module):
     ``regularize`` as for :class:`NeuralSDE` (``self.regularization``/``self.stats`` after ``forward``).
     """
 
-    def __init__(self, net: nn.Module, alg: Any = None, sensealg: Any = None, regularize: Any = None,
-                 **solve_kwargs: Any):
+    def __init__(self, net: nn.Module, alg: Any = None, sensealg: Any = None, regularize: Any = None, **solve_kwargs: Any):
         super().__init__()
         self.regularize, self.regularization, self.stats = as_regularization(regularize), None, None
         self.net = net
@@ -123,7 +152,6 @@ class NeuralODE(nn.Module):
             raise ValueError("NeuralODE.forward: ts needs at least two times (t0 and t1)")
         _check_dtype(self, y0)
         prob = ODEProblem(self._f, y0, (float(times[0]), float(times[-1])), params=self)
-        sol = solve(prob, self.alg, saveat=times, sensealg=self.sensealg, regularize=self.regularize,
-                    **self.solve_kwargs)
+        sol = solve(prob, self.alg, saveat=times, sensealg=self.sensealg, regularize=self.regularize, **self.solve_kwargs)
         self.regularization, self.stats = sol.regularization, sol.stats
         return sol.ys

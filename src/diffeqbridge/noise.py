@@ -35,6 +35,7 @@ Variational inference (Daems et al. §4): a posterior with control ``u(t, X, Y)`
 ``dW`` by ``u dt + dW`` in every equation; by Girsanov the path KL is ``½ E∫ ‖u‖² dt``,
 carried as an extra state as in :class:`diffeqbridge.LatentSDE`: :meth:`MarkovFBM.elbo`.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,8 +65,7 @@ def regularized_gammainc(a: Tensor, x: Tensor) -> Tensor:
     large = x > SERIES_XMAX
     xs = torch.where(large, torch.ones_like(x), x).clamp(min=1e-300)
     n = torch.arange(SERIES_TERMS, dtype=x.dtype, device=x.device)
-    log_terms = (a.unsqueeze(-1) + n) * torch.log(xs).unsqueeze(-1) - xs.unsqueeze(-1) \
-        - torch.lgamma(a.unsqueeze(-1) + n + 1)
+    log_terms = (a.unsqueeze(-1) + n) * torch.log(xs).unsqueeze(-1) - xs.unsqueeze(-1) - torch.lgamma(a.unsqueeze(-1) + n + 1)
     p = torch.exp(torch.logsumexp(log_terms, dim=-1))
     return torch.where(large, torch.ones_like(p), torch.where(x > 0, p, torch.zeros_like(p)))
 
@@ -81,8 +81,15 @@ class MarkovFBM(nn.Module):
         T: the horizon the weights are optimised over.
     """
 
-    def __init__(self, hurst: float = 0.5, n_processes: int = 5, gamma_range: tuple[float, float] = (0.1, 100.0),
-                 T: float = 1.0, trainable: bool = True, dtype: torch.dtype = torch.float64):
+    def __init__(
+        self,
+        hurst: float = 0.5,
+        n_processes: int = 5,
+        gamma_range: tuple[float, float] = (0.1, 100.0),
+        T: float = 1.0,
+        trainable: bool = True,
+        dtype: torch.dtype = torch.float64,
+    ):
         super().__init__()
         if isinstance(hurst, bool) or not isinstance(hurst, (int, float)) or not 0 < hurst < 1:
             raise ValueError(f"hurst must be a number in (0, 1); got {hurst!r}")
@@ -139,9 +146,13 @@ class MarkovFBM(nn.Module):
         return approx, exact
 
     # ------------------------------------------------------------------ the Markov system
-    def augmented_fields(self, drift: Callable[[Tensor, Tensor], Tensor], diffusion: Callable[[Tensor, Tensor], Tensor],
-                         dim: int, control: Callable[[Tensor, Tensor], Tensor] | None = None,
-                         ) -> tuple[Callable[[Tensor, Tensor], Tensor], Callable[[Tensor, Tensor], Tensor]]:
+    def augmented_fields(
+        self,
+        drift: Callable[[Tensor, Tensor], Tensor],
+        diffusion: Callable[[Tensor, Tensor], Tensor],
+        dim: int,
+        control: Callable[[Tensor, Tensor], Tensor] | None = None,
+    ) -> tuple[Callable[[Tensor, Tensor], Tensor], Callable[[Tensor, Tensor], Tensor]]:
         """Drift and (general-noise) diffusion of the state ``[X (D), Y (D·K) (, KL)]``: ``(B, D(K+1)[+1])``.
 
         ``control(t, state) -> u (B, D)`` adds ``u dt`` to the noise and appends the KL ``½‖u‖²``.
@@ -153,7 +164,7 @@ class MarkovFBM(nn.Module):
         ones_k = torch.ones(K, dtype=g.dtype, device=g.device)
 
         def split(state: Tensor) -> tuple[Tensor, Tensor]:
-            return state[:, :dim], state[:, dim:dim + dim * K].reshape(-1, dim, K)
+            return state[:, :dim], state[:, dim : dim + dim * K].reshape(-1, dim, K)
 
         def f(t: Tensor, state: Tensor) -> Tensor:
             x, y = split(state)
@@ -181,9 +192,15 @@ class MarkovFBM(nn.Module):
 
         return f, gfun
 
-    def problem(self, drift: Callable[[Tensor, Tensor], Tensor], diffusion: Callable[[Tensor, Tensor], Tensor],
-                x0: Tensor, tspan: tuple[float, float] = (0.0, 1.0), params: Any = None,
-                control: Callable[[Tensor, Tensor], Tensor] | None = None) -> SDEProblem:
+    def problem(
+        self,
+        drift: Callable[[Tensor, Tensor], Tensor],
+        diffusion: Callable[[Tensor, Tensor], Tensor],
+        x0: Tensor,
+        tspan: tuple[float, float] = (0.0, 1.0),
+        params: Any = None,
+        control: Callable[[Tensor, Tensor], Tensor] | None = None,
+    ) -> SDEProblem:
         """The Markov ``SDEProblem`` for ``dX = drift dt + diffusion dB^H`` (Itô, general noise), ``x0 (B, D)``.
 
         ``sol.ys[..., :D]`` is ``X``; with ``control`` the last component is the running KL.
@@ -194,13 +211,28 @@ class MarkovFBM(nn.Module):
         f, g = self.augmented_fields(drift, diffusion, dim, control)
         extra = 1 if control is not None else 0
         y0 = torch.cat([x0, x0.new_zeros(batch, dim * self.n_processes + extra)], dim=1)
-        return SDEProblem(f, g, y0, tspan, noise="general", noise_dim=dim,
-                          params=[*self.parameters(), *([] if params is None else list(params))])
+        return SDEProblem(
+            f,
+            g,
+            y0,
+            tspan,
+            noise="general",
+            noise_dim=dim,
+            params=[*self.parameters(), *([] if params is None else list(params))],
+        )
 
-    def elbo(self, drift: Callable[[Tensor, Tensor], Tensor], diffusion: Callable[[Tensor, Tensor], Tensor],
-             control: Callable[[Tensor, Tensor], Tensor], x0: Tensor, ts: Sequence[float] | Tensor,
-             log_likelihood: Callable[[Tensor], Tensor], params: Any = None, seed: int = 0,
-             **solve_kwargs: Any) -> Tensor:
+    def elbo(
+        self,
+        drift: Callable[[Tensor, Tensor], Tensor],
+        diffusion: Callable[[Tensor, Tensor], Tensor],
+        control: Callable[[Tensor, Tensor], Tensor],
+        x0: Tensor,
+        ts: Sequence[float] | Tensor,
+        log_likelihood: Callable[[Tensor], Tensor],
+        params: Any = None,
+        seed: int = 0,
+        **solve_kwargs: Any,
+    ) -> Tensor:
         """Per-sample ELBO ``log p(obs | X_{ts}) - ½∫‖u‖² dt`` on one posterior sample path: ``(B,)``.
 
         ``log_likelihood(xs (T, B, D)) -> (B,)`` scores the posterior path at ``ts``; ``control(t,
@@ -221,8 +253,13 @@ def _fou_matrices(fbm: MarkovFBM, theta: Tensor, sigma: Tensor, dt: float) -> tu
     block exponential would overflow for fast speeds (``e^{γ dt}``)."""
     w, g = fbm.weights(), fbm.gammas
     K = fbm.n_processes
-    F = torch.cat([torch.cat([(-theta).reshape(1, 1), (-sigma * w * g).reshape(1, K)], dim=1),
-                   torch.cat([torch.zeros(K, 1, dtype=g.dtype), -torch.diag(g)], dim=1)], dim=0)
+    F = torch.cat(
+        [
+            torch.cat([(-theta).reshape(1, 1), (-sigma * w * g).reshape(1, K)], dim=1),
+            torch.cat([torch.zeros(K, 1, dtype=g.dtype), -torch.diag(g)], dim=1),
+        ],
+        dim=0,
+    )
     G = torch.cat([(sigma * w.sum()).reshape(1), torch.ones(K, dtype=g.dtype)]).unsqueeze(1)
     eye = torch.eye(K + 1, dtype=g.dtype)
     lyap = torch.kron(eye, F) + torch.kron(F, eye)
@@ -232,8 +269,9 @@ def _fou_matrices(fbm: MarkovFBM, theta: Tensor, sigma: Tensor, dt: float) -> tu
     return phi, phi.new_tensor(0.0) + cov - phi @ cov @ phi.T
 
 
-def fractional_ou_log_evidence(fbm: MarkovFBM, theta: Tensor, sigma: Tensor, x0: Tensor, dt: float,
-                               obs: Tensor, obs_std: float) -> Tensor:
+def fractional_ou_log_evidence(
+    fbm: MarkovFBM, theta: Tensor, sigma: Tensor, x0: Tensor, dt: float, obs: Tensor, obs_std: float
+) -> Tensor:
     """``log p(obs)`` of the Markov fractional OU observed every ``dt`` with Gaussian noise: ``(B,)``.
 
     ``obs (N, B)`` at times ``dt, 2dt, ..., N dt`` (``X_0 = x0 (B,)`` known).  The model is linear
@@ -241,8 +279,9 @@ def fractional_ou_log_evidence(fbm: MarkovFBM, theta: Tensor, sigma: Tensor, x0:
     controls (affine in the state) equals this evidence; a Kalman filter computes it exactly
     and differentiably in ``hurst``, ``theta``, ``sigma``.
     """
-    phi, Q = _fou_matrices(fbm, torch.as_tensor(theta, dtype=fbm.gammas.dtype),
-                           torch.as_tensor(sigma, dtype=fbm.gammas.dtype), dt)
+    phi, Q = _fou_matrices(
+        fbm, torch.as_tensor(theta, dtype=fbm.gammas.dtype), torch.as_tensor(sigma, dtype=fbm.gammas.dtype), dt
+    )
     n = fbm.n_processes + 1
     m = torch.cat([x0.unsqueeze(1), x0.new_zeros(x0.shape[0], n - 1)], dim=1)  # (B, n)
     P = torch.zeros(n, n, dtype=x0.dtype, device=x0.device)  # shared by all samples
@@ -260,8 +299,9 @@ def fractional_ou_log_evidence(fbm: MarkovFBM, theta: Tensor, sigma: Tensor, x0:
     return total
 
 
-def simulate_fractional_ou(fbm: MarkovFBM, theta: float, sigma: float, x0: Tensor, dt: float, steps: int,
-                           seed: int = 0) -> Tensor:
+def simulate_fractional_ou(
+    fbm: MarkovFBM, theta: float, sigma: float, x0: Tensor, dt: float, steps: int, seed: int = 0
+) -> Tensor:
     """Exact samples of the Markov fractional OU at ``dt, ..., steps·dt``: ``(steps, B)``."""
     with torch.no_grad():
         phi, Q = _fou_matrices(fbm, torch.tensor(theta), torch.tensor(sigma), dt)

@@ -40,6 +40,7 @@ it stops with ``ConvergenceFailure`` at once, as SciML).
 The Newton matrix is not differentiated (it only steers the iteration): gradients flow
 through the residual evaluations, which is exact at convergence for the fixed point.
 """
+
 from __future__ import annotations
 
 import math
@@ -134,8 +135,9 @@ def _n(y: Tensor) -> int:
     return math.prod(y.shape[1:])
 
 
-def batched_jacobian(f: Field, t: Tensor, y: Tensor, jac: JacSpec = "autodiff",
-                     differentiable: bool = False) -> tuple[Tensor, int]:
+def batched_jacobian(
+    f: Field, t: Tensor, y: Tensor, jac: JacSpec = "autodiff", differentiable: bool = False
+) -> tuple[Tensor, int]:
     """Per-sample Jacobians ``d f(t, y)_b / d y_b``: ``(B, n, n)`` and the drift evaluations
     per sample it cost (``n`` for finite differences, else 0).
 
@@ -171,8 +173,9 @@ def batched_jacobian(f: Field, t: Tensor, y: Tensor, jac: JacSpec = "autodiff",
         return torch.stack(cols, dim=2), n + 1
 
 
-def time_derivative(f: Field, t: Tensor, y: Tensor, jac: JacSpec = "autodiff",
-                    differentiable: bool = False) -> tuple[Tensor, int]:
+def time_derivative(
+    f: Field, t: Tensor, y: Tensor, jac: JacSpec = "autodiff", differentiable: bool = False
+) -> tuple[Tensor, int]:
     """``∂f/∂t (t, y)`` per sample, ``(B, *S)``: forward-mode AD, or a forward difference
     when ``jac`` is ``"fd"`` or a user Jacobian (user functions need not be differentiable).
     ``differentiable``: keep the AD result's graph (as :func:`batched_jacobian`)."""
@@ -252,8 +255,9 @@ FIXED_STEP_ATOL, FIXED_STEP_RTOL = 1e-10, 1e-8
 RTOL_FLOOR_EPS = 50.0
 
 
-def newton_tolerances(options: NewtonOptions, dtype: torch.dtype,
-                      solve_tolerances: tuple[float, float] | None = None) -> tuple[float, float]:
+def newton_tolerances(
+    options: NewtonOptions, dtype: torch.dtype, solve_tolerances: tuple[float, float] | None = None
+) -> tuple[float, float]:
     """``(atol, rtol)`` of the Newton convergence test.
 
     Explicit ``options.atol``/``rtol`` are used as given; None means ``options.kappa`` times

@@ -3,6 +3,7 @@
 Shapes: ``y0`` is ``(B, *state_shape)``; user functions receive ``t`` of shape ``(B,)``
 (each sample has its own time) and ``y`` of shape ``(B, *state_shape)``.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,9 @@ def _check_y0(y0: Any) -> Tensor:
         raise TypeError(f"y0 must have dtype float32 or float64 (half precision is not supported); got {y0.dtype}")
     if y0.ndim < 2 or y0.shape[0] < 1:
         hint = f" (a batch of scalars is y0.reshape({y0.shape[0]}, 1))" if y0.ndim == 1 else ""
-        raise ValueError(f"y0 must have shape (B, *state_shape) with B >= 1 and at least one state axis; "
-                         f"got {tuple(y0.shape)}{hint}")
+        raise ValueError(
+            f"y0 must have shape (B, *state_shape) with B >= 1 and at least one state axis; got {tuple(y0.shape)}{hint}"
+        )
     if not bool(torch.isfinite(y0).all()):
         raise ValueError("y0 contains NaN or Inf")
     return y0
@@ -172,8 +174,9 @@ def expand_to(x: Tensor, like: Tensor) -> Tensor:
     return x.reshape(x.shape + (1,) * (like.ndim - x.ndim))
 
 
-def _field(name: str, user: VectorField, out_shape: Callable[[Tensor], tuple[int, ...]],
-           span: tuple[float, float]) -> VectorField:
+def _field(
+    name: str, user: VectorField, out_shape: Callable[[Tensor], tuple[int, ...]], span: tuple[float, float]
+) -> VectorField:
     """``user`` as the solvers call it: time reaches it in float64 whatever the state's dtype
     (a float32 state at ``t0 = 1e9`` must not see quantized time) and clamped to the span
     ``[lo, hi]`` (stage nodes outside ``[0, 1]``, e.g. SOSRI's ``c = 3.75``, would otherwise
@@ -185,8 +188,10 @@ def _field(name: str, user: VectorField, out_shape: Callable[[Tensor], tuple[int
     def call(t: Tensor, y: Tensor) -> Tensor:
         out = user(t.to(torch.float64).clamp(lo, hi), y)
         if out.shape != out_shape(y):
-            raise ValueError(f"{name}(t, y) returned shape {tuple(out.shape)} during the solve; expected "
-                             f"{out_shape(y)} (it had the right shape at t0)")
+            raise ValueError(
+                f"{name}(t, y) returned shape {tuple(out.shape)} during the solve; expected "
+                f"{out_shape(y)} (it had the right shape at t0)"
+            )
         return out if out.dtype == y.dtype else out.to(y.dtype)
 
     return call
@@ -275,8 +280,6 @@ def check_field_shapes(problem: ODEProblem, f0: Tensor, g0: Tensor | None) -> No
         raise TypeError(f"diffusion(t, y) must return a tensor; got {type(g0).__name__}")
     g_expected = problem.diffusion_shape()
     if tuple(g0.shape) != g_expected:
-        raise ValueError(
-            f"diffusion(t, y) returned shape {tuple(g0.shape)}; noise={problem.noise!r} expects {g_expected}"
-        )
+        raise ValueError(f"diffusion(t, y) returned shape {tuple(g0.shape)}; noise={problem.noise!r} expects {g_expected}")
     if g0.dtype not in _output_dtypes(problem.y0.dtype):
         raise ValueError(f"diffusion(t, y) returned dtype {g0.dtype}; expected y0's dtype {problem.y0.dtype}")

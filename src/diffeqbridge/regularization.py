@@ -49,6 +49,7 @@ evaluations of the stiffness estimate), reported in ``sol.stats.extra``:
 ``sol.stats.nf``/``ng`` count the solve only.  Global stiffness evaluates the drift once
 (FSAL solvers) or twice more per step, also counted in ``"nf_regularization"``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -87,16 +88,17 @@ class Regularization:
     A plain string ``regularize="local_error"`` means ``Regularization("local_error")``.
     """
 
-    def __init__(self, kind: str = "error", aggregate: str | None = None, sampling: str = "unbiased",
-                 seed: int = 0):
+    def __init__(self, kind: str = "error", aggregate: str | None = None, sampling: str = "unbiased", seed: int = 0):
         if kind not in KINDS:
             raise ValueError(f"Regularization(kind=...) must be one of {KINDS}; got {kind!r}")
         allowed = ("sum",) if kind == "error" else ("max", "mean")
         if kind.startswith("local"):
             allowed = (None,)  # one step per sample: nothing to aggregate
         if aggregate is not None and aggregate not in allowed:
-            raise ValueError(f"Regularization(aggregate=...) for kind={kind!r} must be one of "
-                             f"{[a for a in allowed if a]} or None; got {aggregate!r}")
+            raise ValueError(
+                f"Regularization(aggregate=...) for kind={kind!r} must be one of "
+                f"{[a for a in allowed if a]} or None; got {aggregate!r}"
+            )
         if sampling not in SAMPLINGS:
             raise ValueError(f"Regularization(sampling=...) must be one of {SAMPLINGS}; got {sampling!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -140,8 +142,9 @@ def as_regularization(regularize: Any, seed: int = 0) -> Regularization | None:
     raise TypeError(f"regularize must be None, a string {KINDS} or a deb.Regularization; got {type(regularize).__name__}")
 
 
-def check_regularize(regularize: Any, prob: ODEProblem, solver: AbstractSolver, adaptive: bool,
-                     sensealg: Any, seed: int = 0) -> Regularization | None:
+def check_regularize(
+    regularize: Any, prob: ODEProblem, solver: AbstractSolver, adaptive: bool, sensealg: Any, seed: int = 0
+) -> Regularization | None:
     """Validate ``solve(..., regularize=...)`` before any integration starts.
 
     A string gets a fresh ``Regularization`` whose stream is seeded with the solve's ``seed``
@@ -260,8 +263,10 @@ def stability_size(solver: AbstractSolver) -> float:
     name = type(solver).__name__
     size = _tableau_stability(type(solver))
     if size is None:
-        raise ValueError(f"regularize=...stiffness: the stability region of alg={name} is unknown; "
-                         f"use an error kind ('error', 'local_error') or Tsit5/Dopri5/SOSRI/SOSRA/LambaEM")
+        raise ValueError(
+            f"regularize=...stiffness: the stability region of alg={name} is unknown; "
+            f"use an error kind ('error', 'local_error') or Tsit5/Dopri5/SOSRI/SOSRA/LambaEM"
+        )
     return size
 
 
@@ -287,8 +292,17 @@ class Recorder:
     step needs.  The engine calls :meth:`observe` once per loop iteration (after the
     controller); nothing here synchronises with the host."""
 
-    def __init__(self, config: Regularization, terms: Terms, solver: AbstractSolver, y0: Tensor,
-                 t0: float, t_end: float, atol: float, rtol: float):
+    def __init__(
+        self,
+        config: Regularization,
+        terms: Terms,
+        solver: AbstractSolver,
+        y0: Tensor,
+        t0: float,
+        t_end: float,
+        atol: float,
+        rtol: float,
+    ):
         self.config, self.terms, self.solver = config, terms, solver
         self.atol, self.rtol = atol, rtol
         self.t0, self.t_end = t0, t_end
@@ -316,8 +330,18 @@ class Recorder:
             self.fb: Tensor | None = None
 
     # -- called by the engine
-    def observe(self, t: Tensor, y: Tensor, t_new: Tensor, step_dt: Tensor, out: Any, active: Tensor,
-                accepted: Tensor, dt_next: Tensor, f0: Tensor | None) -> None:
+    def observe(
+        self,
+        t: Tensor,
+        y: Tensor,
+        t_new: Tensor,
+        step_dt: Tensor,
+        out: Any,
+        active: Tensor,
+        accepted: Tensor,
+        dt_next: Tensor,
+        f0: Tensor | None,
+    ) -> None:
         """One engine iteration: ``t, y`` before the step, ``t_new`` its end, ``out`` the
         :class:`StepOutput`, ``active``/``accepted`` ``(B,)`` masks, ``dt_next`` the
         controller's next step, ``f0`` the FSAL derivative at ``(t, y)`` (or None)."""
@@ -350,8 +374,9 @@ class Recorder:
         lam = eigen_estimate(f1, drift(t_new, y_hat), y1, y_hat)
         return lam / self.size, extra
 
-    def _observe_local(self, t: Tensor, y: Tensor, t_new: Tensor, step_dt: Tensor, out: Any,
-                       accepted: Tensor, dt_next: Tensor, f0: Tensor | None) -> None:
+    def _observe_local(
+        self, t: Tensor, y: Tensor, t_new: Tensor, step_dt: Tensor, out: Any, accepted: Tensor, dt_next: Tensor, f0: Tensor | None
+    ) -> None:
         y, y1 = y.detach(), out.y1.detach()
         if self.config.sampling == "unbiased":
             take = accepted & ~self.found & (t < self.t1) & (self.t1 <= t_new)
@@ -411,8 +436,7 @@ class Recorder:
         else:
             dw, levy = None, None
         solver = self.solver
-        out = solver.step(self.terms, t1.to(dtype), y1, dt.to(dtype), dw,
-                          levy if solver.needs_levy_area else None, None)
+        out = solver.step(self.terms, t1.to(dtype), y1, dt.to(dtype), dw, levy if solver.needs_levy_area else None, None)
         nf = out.nf
         if self.config.kind == "local_error":
             value = error_estimate(out.error, y1, out.y1, self.atol, self.rtol) * dt.to(dtype)

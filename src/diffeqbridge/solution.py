@@ -1,4 +1,5 @@
 """Solution objects: save times, saved states, per-sample statistics and return codes."""
+
 from __future__ import annotations
 
 import enum
@@ -48,10 +49,7 @@ class Stats:
 
     def summary(self) -> dict[str, float]:
         """Means over samples (plain floats), handy for printing."""
-        out = {
-            name: float(getattr(self, name).double().mean())
-            for name in ("nf", "ng", "naccept", "nreject")
-        }
+        out = {name: float(getattr(self, name).double().mean()) for name in ("nf", "ng", "naccept", "nreject")}
         return out
 
     def __repr__(self) -> str:

@@ -1,4 +1,5 @@
 """``solve``: validates the inputs, picks the backend and algorithm, runs the engine."""
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,10 @@ def _check_alg_hints(alg_hints: Any) -> frozenset[str]:
     hints = frozenset(alg_hints)
     bad = sorted(str(h) for h in hints if h not in ALG_HINTS)
     if bad:
-        raise ValueError(f"alg_hints: unknown hint(s) {bad}; expected any of {list(ALG_HINTS)} (noise type and "
-                         "interpretation come from the SDEProblem's noise= and interpretation=)")
+        raise ValueError(
+            f"alg_hints: unknown hint(s) {bad}; expected any of {list(ALG_HINTS)} (noise type and "
+            "interpretation come from the SDEProblem's noise= and interpretation=)"
+        )
     if {"stiff", "nonstiff"} <= hints:
         raise ValueError("alg_hints cannot contain both 'stiff' and 'nonstiff'")
     return hints
@@ -58,8 +61,10 @@ def _stiff_algorithm(problem: ODEProblem) -> AbstractSolver:
         return ImplicitRKMil()
     if problem.interpretation == "ito":
         return ISSEM()
-    raise ValueError("alg_hints=['stiff'] with general Stratonovich noise needs ImplicitEulerHeun, which the native "
-                     "backend does not have; convert to Itô or pass alg explicitly")
+    raise ValueError(
+        "alg_hints=['stiff'] with general Stratonovich noise needs ImplicitEulerHeun, which the native "
+        "backend does not have; convert to Itô or pass alg explicitly"
+    )
 
 
 def default_algorithm(problem: ODEProblem, dt: float | None = None, alg_hints: Any = None) -> AbstractSolver:
@@ -109,9 +114,7 @@ def _check_solver(problem: ODEProblem, alg: Any) -> AbstractSolver:
         raise ValueError(f"alg={name} is an SDE solver; this ODEProblem needs an ODE solver (Tsit5, Dopri5)")
     if problem.is_sde:
         if problem.noise not in alg.noise_types:
-            raise ValueError(
-                f"alg={name} does not support noise={problem.noise!r} (supports {sorted(alg.noise_types)})"
-            )
+            raise ValueError(f"alg={name} does not support noise={problem.noise!r} (supports {sorted(alg.noise_types)})")
         if problem.noise != "additive" and problem.interpretation not in alg.interpretations:
             raise ValueError(
                 f"alg={name} solves {'/'.join(sorted(alg.interpretations))} SDEs; the problem is "
@@ -158,8 +161,11 @@ def _check_saveat(saveat: Any, t0: float, t1: float, device: torch.device) -> Te
         raise ValueError(f"saveat must lie inside tspan [{a}, {b}]; got times in [{lo}, {hi}]")
     sign = 1.0 if t1 > t0 else -1.0
     if times.numel() > 1 and not bool((sign * (times[1:] - times[:-1]) > 0).all()):
-        raise ValueError("saveat must be strictly increasing" if sign > 0 else
-                         "saveat must be strictly decreasing when time runs backwards (t1 < t0)")
+        raise ValueError(
+            "saveat must be strictly increasing"
+            if sign > 0
+            else "saveat must be strictly decreasing when time runs backwards (t1 < t0)"
+        )
     times = times.clamp(a, b)
     if float(times[0]) != t0:
         # integration starts at t0; the caller gets only the requested times back
@@ -167,14 +173,23 @@ def _check_saveat(saveat: Any, t0: float, t1: float, device: torch.device) -> Te
     return times
 
 
-def _check_brownian(brownian: Any, problem: SDEProblem, seed: int, dtmin: float | None = None,
-                    sample_offset: int = 0) -> VirtualBrownianTree:
+def _check_brownian(
+    brownian: Any, problem: SDEProblem, seed: int, dtmin: float | None = None, sample_offset: int = 0
+) -> VirtualBrownianTree:
     t0, t1 = problem.tspan
     shape = (problem.batch_size, *problem.noise_shape)
     t0, t1 = min(t0, t1), max(t0, t1)  # the tree covers the span whichever way time runs
     if brownian is None:  # resolution: solve_tol (exact for every step >= dtmin when dtmin is given)
-        return VirtualBrownianTree(t0, t1, shape, seed=seed, tol=solve_tol(t0, t1, dtmin), dtype=problem.y0.dtype,
-                                   device=problem.y0.device, sample_offset=sample_offset)
+        return VirtualBrownianTree(
+            t0,
+            t1,
+            shape,
+            seed=seed,
+            tol=solve_tol(t0, t1, dtmin),
+            dtype=problem.y0.dtype,
+            device=problem.y0.device,
+            sample_offset=sample_offset,
+        )
     if not isinstance(brownian, VirtualBrownianTree):
         raise TypeError(f"brownian must be a deb.VirtualBrownianTree; got {type(brownian).__name__}")
     if sample_offset != 0:
@@ -182,8 +197,10 @@ def _check_brownian(brownian: Any, problem: SDEProblem, seed: int, dtmin: float 
     if tuple(brownian.shape) != shape:
         raise ValueError(f"brownian has shape {tuple(brownian.shape)}; this problem needs (B, *noise_shape) = {shape}")
     if torch.finfo(brownian.dtype).eps > torch.finfo(problem.y0.dtype).eps:
-        raise ValueError(f"brownian has dtype {brownian.dtype}, less precise than this problem's y0 ({problem.y0.dtype}); "
-                         f"pass dtype={problem.y0.dtype} to VirtualBrownianTree")
+        raise ValueError(
+            f"brownian has dtype {brownian.dtype}, less precise than this problem's y0 ({problem.y0.dtype}); "
+            f"pass dtype={problem.y0.dtype} to VirtualBrownianTree"
+        )
     if brownian.device != problem.y0.device:
         raise ValueError(f"brownian is on {brownian.device}; this problem's y0 is on {problem.y0.device}")
     if brownian.t0 > t0 or brownian.t1 < t1:
@@ -331,12 +348,13 @@ def solve(
     event_list = check_events(events, solver)
     hooked = dense or bool(event_list)
     if (hooked or sample_offset) and backend == "julia":
-        raise ValueError("dense=True, events= and sample_offset= run on the native backend only; use backend='native' "
-                         "or 'auto'")
+        raise ValueError("dense=True, events= and sample_offset= run on the native backend only; use backend='native' or 'auto'")
     hooked_or_offset = hooked or sample_offset != 0 or compile or compact > 0  # native only: the julia backend has none of them
     if event_list and sensealg is not None and not (isinstance(sensealg, DiscreteAdjoint) and sensealg.checkpoints is None):
-        raise ValueError(f"events= supports gradients by backprop through the steps only (sensealg=None or "
-                         f"deb.DiscreteAdjoint()); got sensealg={sensealg!r}")
+        raise ValueError(
+            f"events= supports gradients by backprop through the steps only (sensealg=None or "
+            f"deb.DiscreteAdjoint()); got sensealg={sensealg!r}"
+        )
     regularize = check_regularize(regularize, prob, solver, adaptive, sensealg, seed)
     if regularize is not None and prob.tspan[1] < prob.tspan[0]:
         raise ValueError("regularize= needs time running forwards (tspan with t1 > t0)")
@@ -379,8 +397,19 @@ def solve(
         if choose_backend(backend, prob, solver, brownian, sensealg, regularize) == "julia":
             from .julia.backend import solve_julia
 
-            sol = solve_julia(prob, solver, dt=dt, adaptive=adaptive, atol=atol, rtol=rtol, save_times=save_times,
-                              seed=seed, max_steps=max_steps, dtmin=dtmin_value, sensealg=sensealg)
+            sol = solve_julia(
+                prob,
+                solver,
+                dt=dt,
+                adaptive=adaptive,
+                atol=atol,
+                rtol=rtol,
+                save_times=save_times,
+                seed=seed,
+                max_steps=max_steps,
+                dtmin=dtmin_value,
+                sensealg=sensealg,
+            )
             if not requested_first:
                 sol.ts, sol.ys = sol.ts[1:], sol.ys[1:]
             return sol
@@ -391,13 +420,30 @@ def solve(
     elif prob.is_sde:
         assert g0 is not None and terms.diffusion is not None
         dt_initial, extra_f, extra_g = sde_initial_dt(
-            terms.drift, terms.diffusion, _g_size(terms), t_start, prob.y0, f0, g0,
-            solver.controller_order, atol, rtol, span, direction=1.0 if t1 > t0 else -1.0,
+            terms.drift,
+            terms.diffusion,
+            _g_size(terms),
+            t_start,
+            prob.y0,
+            f0,
+            g0,
+            solver.controller_order,
+            atol,
+            rtol,
+            span,
+            direction=1.0 if t1 > t0 else -1.0,
         )
         counts = (counts[0] + extra_f, counts[1] + extra_g)
     else:
         dt_initial, extra_f = hairer_initial_dt(
-            terms.drift, t_start, prob.y0, f0, solver.controller_order, atol, rtol, dtmax=span,
+            terms.drift,
+            t_start,
+            prob.y0,
+            f0,
+            solver.controller_order,
+            atol,
+            rtol,
+            dtmax=span,
             direction=1.0 if t1 > t0 else -1.0,
         )
         counts = (counts[0] + extra_f, counts[1])
@@ -407,8 +453,14 @@ def solve(
         dt_initial = dt_initial.clamp(min=max(100.0 * dtmin_value, 1e-10 * min(span, 1.0)))
     terms.tolerances = (atol, rtol) if adaptive else None
     options = EngineOptions(
-        adaptive=adaptive, atol=atol, rtol=rtol, max_steps=max_steps, dtmin=dtmin_value,
-        progress=progress, check_every=_check_every(check_every, device), compile=compile,
+        adaptive=adaptive,
+        atol=atol,
+        rtol=rtol,
+        max_steps=max_steps,
+        dtmin=dtmin_value,
+        progress=progress,
+        check_every=_check_every(check_every, device),
+        compile=compile,
         compact=float(compact),
     )
     if sensealg is None and (regularize is None or regularize.is_local):
@@ -431,11 +483,32 @@ def solve(
     if sensealg is not None:
         from .adjoint import solve_with_sensealg
 
-        sol = solve_with_sensealg(sensealg, prob, terms, solver, save_times, dt_initial, options, tree,
-                                  f0=f0 if solver.fsal else None, initial_counts=counts, observer=observer)
+        sol = solve_with_sensealg(
+            sensealg,
+            prob,
+            terms,
+            solver,
+            save_times,
+            dt_initial,
+            options,
+            tree,
+            f0=f0 if solver.fsal else None,
+            initial_counts=counts,
+            observer=observer,
+        )
     else:
-        sol = integrate(terms, solver, prob.y0, save_times, dt_initial, options, tree,
-                        f0=f0 if solver.fsal else None, initial_counts=counts, observer=observer)
+        sol = integrate(
+            terms,
+            solver,
+            prob.y0,
+            save_times,
+            dt_initial,
+            options,
+            tree,
+            f0=f0 if solver.fsal else None,
+            initial_counts=counts,
+            observer=observer,
+        )
     if dense_recorder is not None:
         sol.interpolation = dense_recorder.finish()
     if handler is not None:

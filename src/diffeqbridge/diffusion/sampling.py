@@ -24,9 +24,10 @@ does not need with a third stage.  From ``5e-2`` up single samples change mixtur
 -- max errors of 2-3 -- while component weights/stds stay within sampling noise.)
 
 A rejected step re-queries the Brownian tree at the shorter step -- the noise of the
-accepted path is a fixed Brownian path, so adaptivity adds no bias (samplers that redraw noise after a rejection, e.g. Jolicoeur-Martineau et al.
-2021's "Gotta Go Fast", select the draws the controller accepts and distort the law; see
-``tests/test_diffusion_sampling.py`` and docs/diffusion.md).
+accepted path is a fixed Brownian path, so adaptivity adds no bias (samplers that redraw noise
+after a rejection, e.g. Jolicoeur-Martineau et al. 2021's "Gotta Go Fast", select the draws the
+controller accepts and distort the law; see ``tests/test_diffusion_sampling.py`` and
+docs/diffusion.md).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 drift-implicit SDE (implicit.py), additive-noise IMEX SRK (kencarp.py), Rosenbrock ODE (rosenbrock.py),
 ESDIRK ODE (sdirk.py), reversible Heun (reversible_heun.py), stiffness-switching composites
 (composite.py), stabilized explicit S-ROCK (srock.py)."""
+
 from .base import AbstractSolver, StepOutput
 from .composite import AutoDP5, AutoSOSRI, AutoSwitch, AutoTsit5
 from .euler import EM, EulerHeun, LambaEM, LambaEulerHeun
@@ -18,11 +19,35 @@ from .sri import SOSRI, SRIW1
 from .srock import SROCK1
 
 ALL_SOLVERS: tuple[type[AbstractSolver], ...] = (
-    EM, EulerHeun, RKMil, LambaEM, LambaEulerHeun, SRIW1, SOSRI, SRA1, SOSRA, Tsit5, Dopri5,
-    ImplicitEM, ImplicitRKMil, ISSEM, SKenCarp, SROCK1, Rodas4, Kvaerno5, ReversibleHeun, ShARK,
+    EM,
+    EulerHeun,
+    RKMil,
+    LambaEM,
+    LambaEulerHeun,
+    SRIW1,
+    SOSRI,
+    SRA1,
+    SOSRA,
+    Tsit5,
+    Dopri5,
+    ImplicitEM,
+    ImplicitRKMil,
+    ISSEM,
+    SKenCarp,
+    SROCK1,
+    Rodas4,
+    Kvaerno5,
+    ReversibleHeun,
+    ShARK,
 )
 
 COMPOSITE_SOLVERS = (AutoSwitch, AutoTsit5, AutoDP5, AutoSOSRI)
 
-__all__ = ["AbstractSolver", "StepOutput", "ALL_SOLVERS", "COMPOSITE_SOLVERS", *(cls.__name__ for cls in ALL_SOLVERS),
-           *(cls.__name__ for cls in COMPOSITE_SOLVERS)]
+__all__ = [
+    "AbstractSolver",
+    "StepOutput",
+    "ALL_SOLVERS",
+    "COMPOSITE_SOLVERS",
+    *(cls.__name__ for cls in ALL_SOLVERS),
+    *(cls.__name__ for cls in COMPOSITE_SOLVERS),
+]

@@ -5,6 +5,7 @@ interpretations, adaptivity, Lévy-area requirement) and one method, :meth:`step
 advances every sample of the batch by its own ``dt``.  The engine owns time, step-size
 control, saving and masking; a solver only knows its tableau.
 """
+
 from __future__ import annotations
 
 import math
@@ -271,8 +272,9 @@ class StochasticRungeKutta(AbstractSolver):
             self.controller_order = type(self).embedded_controller_order
             self.qmax = EMBEDDED_QMAX
 
-    def step(self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None,
-             levy_h: Tensor | None, f0: Tensor | None = None) -> StepOutput:
+    def step(
+        self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None
+    ) -> StepOutput:
         """See :meth:`AbstractSolver.step` (``f0`` is unused)."""
         delta = None if self.error_estimate == "embedded" else self.delta
         return type(self).step_function(self.tableau, terms, t, y, dt, dw, levy_h, delta)

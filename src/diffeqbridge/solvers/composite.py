@@ -36,6 +36,7 @@ overflow; it is discarded by ``torch.where`` in the forward pass, but backpropag
 through such a step can produce NaN gradients (``0 · inf``).  Differentiate through
 single-method batches, or use the stiff solver alone.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -77,16 +78,27 @@ class AutoSwitch(AbstractSolver):
             OrdinaryDiffEq's ``AutoSwitch`` (module docstring).
     """
 
-    def __init__(self, nonstiff: AbstractSolver, stiff: AbstractSolver, *, maxstiffstep: int = 10,
-                 maxnonstiffstep: int = 3, nonstifftol: float = 0.9, stifftol: float = 0.9, dtfac: float = 2.0,
-                 stiffalgfirst: bool = False):
+    def __init__(
+        self,
+        nonstiff: AbstractSolver,
+        stiff: AbstractSolver,
+        *,
+        maxstiffstep: int = 10,
+        maxnonstiffstep: int = 3,
+        nonstifftol: float = 0.9,
+        stifftol: float = 0.9,
+        dtfac: float = 2.0,
+        stiffalgfirst: bool = False,
+    ):
         nonstiff = _as_solver(nonstiff, "nonstiff")
         stiff = _as_solver(stiff, "stiff")
         if nonstiff.is_sde != stiff.is_sde:
             raise ValueError(f"AutoSwitch needs two ODE or two SDE solvers; got {nonstiff!r} and {stiff!r}")
         if nonstiff.stability_size is None:
-            raise ValueError(f"nonstiff={type(nonstiff).__name__} has no stiffness estimate (stability_size); "
-                             "use Tsit5, Dopri5, SOSRI or SRIW1")
+            raise ValueError(
+                f"nonstiff={type(nonstiff).__name__} has no stiffness estimate (stability_size); "
+                "use Tsit5, Dopri5, SOSRI or SRIW1"
+            )
         for name, value in (("maxstiffstep", maxstiffstep), ("maxnonstiffstep", maxnonstiffstep)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int; got {value!r}")
@@ -118,8 +130,11 @@ class AutoSwitch(AbstractSolver):
         self._state = {
             "stiff": torch.full((batch,), self.stiffalgfirst, dtype=torch.bool, device=device),
             "live": torch.ones(batch, dtype=torch.bool, device=device),
-            "count": zeros.clone(), "nswitch": zeros.clone(), "stiff_steps": zeros.clone(),
-            "first_switch_t": nan.clone(), "last_switch_t": nan.clone(),
+            "count": zeros.clone(),
+            "nswitch": zeros.clone(),
+            "stiff_steps": zeros.clone(),
+            "first_switch_t": nan.clone(),
+            "last_switch_t": nan.clone(),
         }
 
     def _ensure_state(self, y: Tensor) -> dict[str, Tensor]:
@@ -127,19 +142,24 @@ class AutoSwitch(AbstractSolver):
             self.begin(y)
         return self._state
 
-    def step(self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None,
-             f0: Tensor | None = None) -> StepOutput:
+    def step(
+        self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None
+    ) -> StepOutput:
         state = self._ensure_state(y)
         stiff, live = state["stiff"], state["live"]
         need_nonstiff, need_stiff = torch.stack([(live & ~stiff).any(), (live & stiff).any()]).tolist()
         if not (need_nonstiff or need_stiff):
             need_nonstiff = True  # nothing live: any cheap proposal will do
-        a = self.nonstiff.step(terms, t, y, dt, dw, levy_h if self.nonstiff.needs_levy_area else None,
-                               f0 if self.nonstiff.fsal else None) if need_nonstiff else None
+        a = (
+            self.nonstiff.step(
+                terms, t, y, dt, dw, levy_h if self.nonstiff.needs_levy_area else None, f0 if self.nonstiff.fsal else None
+            )
+            if need_nonstiff
+            else None
+        )
         b = None
         if need_stiff:
-            b = self.stiff.step(terms, t, y, dt, dw, levy_h if self.stiff.needs_levy_area else None,
-                                f0 if self.fsal else None)
+            b = self.stiff.step(terms, t, y, dt, dw, levy_h if self.stiff.needs_levy_area else None, f0 if self.fsal else None)
             if self.fsal and b.f1 is None:  # keep f0 valid for samples switching back
                 b.f1 = terms.drift(t + dt, b.y1)
                 b.nf = b.nf + 1
@@ -156,10 +176,21 @@ class AutoSwitch(AbstractSolver):
         ng = torch.where(stiff, torch.as_tensor(b.ng, device=y.device), torch.as_tensor(a.ng, device=y.device))
         y1 = _pick(stiff, b.y1, a.y1)
         assert y1 is not None
-        njac = None if b.njac is None else torch.where(stiff, torch.as_tensor(b.njac, device=y.device),
-                                                        torch.zeros((), dtype=torch.long, device=y.device))
-        return StepOutput(y1=y1, error=_pick(stiff, b.error, a.error), nf=nf, ng=ng, f1=_pick(stiff, b.f1, a.f1),
-                          converged=converged, stiffness=_pick(stiff, b.stiffness, a.stiffness), njac=njac)
+        njac = (
+            None
+            if b.njac is None
+            else torch.where(stiff, torch.as_tensor(b.njac, device=y.device), torch.zeros((), dtype=torch.long, device=y.device))
+        )
+        return StepOutput(
+            y1=y1,
+            error=_pick(stiff, b.error, a.error),
+            nf=nf,
+            ng=ng,
+            f1=_pick(stiff, b.f1, a.f1),
+            converged=converged,
+            stiffness=_pick(stiff, b.stiffness, a.stiffness),
+            njac=njac,
+        )
 
     def after_step(self, accepted: Tensor, active: Tensor, t: Tensor, dt: Tensor, out: StepOutput) -> Tensor | None:
         state = self._state
@@ -179,8 +210,7 @@ class AutoSwitch(AbstractSolver):
         state["stiff_steps"] = state["stiff_steps"] + (accepted & stiff)
         state["nswitch"] = state["nswitch"] + switched
         t64 = t.to(torch.float64)
-        state["first_switch_t"] = torch.where(switched & torch.isnan(state["first_switch_t"]), t64,
-                                              state["first_switch_t"])
+        state["first_switch_t"] = torch.where(switched & torch.isnan(state["first_switch_t"]), t64, state["first_switch_t"])
         state["last_switch_t"] = torch.where(switched, t64, state["last_switch_t"])
         state["stiff"] = (stiff | to_stiff) & ~to_nonstiff
         state["count"] = count
@@ -191,8 +221,13 @@ class AutoSwitch(AbstractSolver):
         s = self._state
         if not s:
             return {}
-        return {"nswitch": s["nswitch"], "stiff_steps": s["stiff_steps"], "first_switch_t": s["first_switch_t"],
-                "last_switch_t": s["last_switch_t"], "is_stiff": s["stiff"].long()}
+        return {
+            "nswitch": s["nswitch"],
+            "stiff_steps": s["stiff_steps"],
+            "first_switch_t": s["first_switch_t"],
+            "last_switch_t": s["last_switch_t"],
+            "is_stiff": s["stiff"].long(),
+        }
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.nonstiff!r}, {self.stiff!r})"

@@ -13,6 +13,7 @@
   diffusion part using ``dW^2`` in place of ``dW^2 - dt`` (StochasticDiffEq's
   ``LambaEulerHeun``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,7 +40,9 @@ class EM(AbstractSolver):
     noise_types = ALL_NOISE
     interpretations = frozenset({"ito"})
 
-    def step(self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None) -> StepOutput:
+    def step(
+        self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None
+    ) -> StepOutput:
         assert terms.diffusion is not None and dw is not None
         drift = terms.drift(t, y)
         noise = terms.g_dw(terms.diffusion(t, y), dw)
@@ -55,7 +58,9 @@ class EulerHeun(AbstractSolver):
     noise_types = ALL_NOISE
     interpretations = frozenset({"stratonovich"})
 
-    def step(self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None) -> StepOutput:
+    def step(
+        self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None
+    ) -> StepOutput:
         assert dw is not None
         y1, _, _ = _euler_heun_update(terms, t, y, dt, dw)
         return StepOutput(y1, None, nf=2, ng=2)
@@ -73,7 +78,9 @@ def _euler_heun_update(terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tenso
     return y1, drift0, diff0
 
 
-def _lamba_noise_error(terms: Terms, t: Tensor, base: Tensor, y: Tensor, dt: Tensor, diff0: Tensor, dw: Tensor, ito: bool) -> Tensor:
+def _lamba_noise_error(
+    terms: Terms, t: Tensor, base: Tensor, y: Tensor, dt: Tensor, diff0: Tensor, dw: Tensor, ito: bool
+) -> Tensor:
     """Lamba's diffusion error ``(g(base + sqrt(dt) g) - g) / (2 sqrt(dt)) * (dW^2 [- dt])``."""
     assert terms.diffusion is not None
     dt_b = expand_to(dt.abs(), y)  # noise scale: |dt| when time runs backwards
@@ -104,7 +111,9 @@ class LambaEM(AbstractSolver):
     def __init__(self, delta: float = 1 / 6):
         self.delta = float(delta)
 
-    def step(self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None) -> StepOutput:
+    def step(
+        self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None
+    ) -> StepOutput:
         assert terms.diffusion is not None and dw is not None
         dt_b = expand_to(dt, y)
         drift0 = terms.drift(t, y)
@@ -135,7 +144,9 @@ class LambaEulerHeun(AbstractSolver):
     def __init__(self, delta: float = 1 / 6):
         self.delta = float(delta)
 
-    def step(self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None) -> StepOutput:
+    def step(
+        self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None
+    ) -> StepOutput:
         assert dw is not None
         y1, drift0, diff0 = _euler_heun_update(terms, t, y, dt, dw)
         euler = y + drift0 * expand_to(dt, y)

@@ -45,6 +45,7 @@ Defaults as StochasticDiffEq.jl ``src/algorithms.jl``: ``ImplicitEM(theta = 1)``
 ``alg_order(ImplicitRKMil) = 1//1``; SDE controller ``qmax = 9/8``, ``qmin = 1/5``,
 ``gamma = 9/10``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -74,8 +75,15 @@ class _DriftImplicit(AbstractSolver):
     adaptive = True
     qmax, qmin, gamma = SDE_QMAX, SDE_QMIN, SDE_GAMMA
 
-    def __init__(self, theta: float = 1.0, *, jac: JacSpec = "autodiff", linsolve: str = "lu",
-                 newton: NewtonOptions | None = None, delta: float = 1.0):
+    def __init__(
+        self,
+        theta: float = 1.0,
+        *,
+        jac: JacSpec = "autodiff",
+        linsolve: str = "lu",
+        newton: NewtonOptions | None = None,
+        delta: float = 1.0,
+    ):
         """``jac``: ``"autodiff"`` | ``"fd"`` | ``jac(t, y) -> (B, n, n)``; ``linsolve``:
         ``"lu"`` | ``"krylov"``; ``newton``: full :class:`~diffeqbridge.nonlinear.NewtonOptions`
         (overrides ``jac``/``linsolve``; default: full Newton, at most 10 iterations)."""
@@ -88,8 +96,9 @@ class _DriftImplicit(AbstractSolver):
             newton = NewtonOptions(jac=jac, linsolve=linsolve, full_newton=True)
         self.newton = newton
 
-    def _implicit(self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, f0: Tensor, increment: Tensor
-                  ) -> tuple[Tensor, Tensor, Tensor | None, int]:
+    def _implicit(
+        self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, f0: Tensor, increment: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor | None, int]:
         """Solve for ``y1``; returns ``(y1, converged, J or None, nf)``."""
         dt_b = expand_to(dt, y)
         base = y + (1 - self.theta) * dt_b * f0 + increment
@@ -102,8 +111,9 @@ class _DriftImplicit(AbstractSolver):
         if opts.linsolve == "lu":
             J, nf = batched_jacobian(terms.drift, t, y, opts.jac)
             factors = lu_factor(newton_matrix(J, gh))
-        res = newton_stage(terms.drift, t + dt, base, gh, base + expand_to(gh, y) * f0, opts, factors,
-                           tolerances=terms.tolerances)
+        res = newton_stage(
+            terms.drift, t + dt, base, gh, base + expand_to(gh, y) * f0, opts, factors, tolerances=terms.tolerances
+        )
         # E_d uses the Jacobian at (t, y), as StochasticDiffEq (J of the first Newton matrix)
         return res.z, res.converged, J, nf + res.nf
 
@@ -130,8 +140,9 @@ class ImplicitEM(_DriftImplicit):
     controller_order = 0.5
     split_step: bool = False  # ISSEM: solve the drift step first, add the noise after
 
-    def step(self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None,
-             f0: Tensor | None = None) -> StepOutput:
+    def step(
+        self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None
+    ) -> StepOutput:
         assert terms.diffusion is not None and dw is not None
         drift0 = terms.drift(t, y)
         diff0 = terms.diffusion(t, y)
@@ -144,8 +155,15 @@ class ImplicitEM(_DriftImplicit):
         euler = y + drift0 * expand_to(dt, y)
         noise_error = _lamba_noise_error(terms, t, euler, y, dt, diff0, dw, ito=True)
         error = self.delta * self._drift_error(terms, t, y, dt, drift0, J) + noise_error
-        return StepOutput(mark_failed(y1, converged), error, nf=1 + nf, ng=2, converged=converged,
-                          stiffness=None if J is None else jacobian_inf_norm(J), njac=None if J is None else 1)
+        return StepOutput(
+            mark_failed(y1, converged),
+            error,
+            nf=1 + nf,
+            ng=2,
+            converged=converged,
+            stiffness=None if J is None else jacobian_inf_norm(J),
+            njac=None if J is None else 1,
+        )
 
 
 class ImplicitRKMil(_DriftImplicit):
@@ -158,8 +176,9 @@ class ImplicitRKMil(_DriftImplicit):
     interpretations = BOTH_INTERPRETATIONS
     controller_order = 1.0
 
-    def step(self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None,
-             f0: Tensor | None = None) -> StepOutput:
+    def step(
+        self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None
+    ) -> StepOutput:
         assert terms.diffusion is not None and dw is not None
         dt_b = expand_to(dt, y)
         abs_dt = dt_b.abs()  # noise scale: |dt| when time runs backwards
@@ -183,9 +202,15 @@ class ImplicitRKMil(_DriftImplicit):
         y1, converged, J, nf = self._implicit(terms, t, y, dt, drift0, increment)
         noise_error = (dw_state * dw_state * dw_state).abs() * ggprime * ggprime / 6
         error = self.delta * self._drift_error(terms, t, y, dt, drift0, J) + noise_error
-        return StepOutput(mark_failed(y1, converged), error, nf=1 + nf, ng=2 if terms.interpretation == "ito" else 3,
-                          converged=converged, stiffness=None if J is None else jacobian_inf_norm(J),
-                          njac=None if J is None else 1)
+        return StepOutput(
+            mark_failed(y1, converged),
+            error,
+            nf=1 + nf,
+            ng=2 if terms.interpretation == "ito" else 3,
+            converged=converged,
+            stiffness=None if J is None else jacobian_inf_norm(J),
+            njac=None if J is None else 1,
+        )
 
 
 class ISSEM(ImplicitEM):

@@ -29,7 +29,8 @@ refreshed per iterate when ``NewtonOptions.full_newton``.  ``z_i`` is recovered 
 whose Newton iteration fails in any stage gets a NaN proposal (the engine rejects it).
 
 Deviations from StochasticDiffEq: the Newton tolerance is κ·tol
-(``nonlinear.newton_tolerances``) on the update's RMS, without SciML's η-based rate estimate; the initial Newton guess of each stage is
+(``nonlinear.newton_tolerances``) on the update's RMS, without SciML's η-based rate estimate; the initial
+Newton guess of each stage is
 the previous stage's ``z`` (SciML: ``:min_correct``, i.e. ``z = 0``, by default); the
 Jacobian is recomputed every step.
 
@@ -45,6 +46,7 @@ Sources (coefficients only; the implementation is our own):
 * C. Rackauckas, Q. Nie, "Stability-optimized high order methods and stiffness detection for
   pathwise stiff stochastic differential equations", HPEC 2020 (the SKenCarp noise tableau).
 """
+
 from __future__ import annotations
 
 import torch
@@ -84,8 +86,9 @@ class SKenCarp(AbstractSolver):
     qmin = 1 / 5
     gamma = 9 / 10
 
-    def __init__(self, *, jac: JacSpec = "autodiff", linsolve: str = "lu",
-                 newton: NewtonOptions | None = None, delta: float | None = None):
+    def __init__(
+        self, *, jac: JacSpec = "autodiff", linsolve: str = "lu", newton: NewtonOptions | None = None, delta: float | None = None
+    ):
         """``jac``: ``"autodiff"`` | ``"fd"`` | ``jac(t, y) -> (B, n, n)``; ``linsolve``:
         ``"lu"`` | ``"krylov"``; ``newton``: full :class:`~diffeqbridge.nonlinear.NewtonOptions`
         (overrides ``jac``/``linsolve``; default: full Newton, at most 10 iterations);
@@ -95,8 +98,9 @@ class SKenCarp(AbstractSolver):
             newton = NewtonOptions(jac=jac, linsolve=linsolve, full_newton=True)
         self.newton = newton
 
-    def step(self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None,
-             levy_h: Tensor | None, f0: Tensor | None = None) -> StepOutput:
+    def step(
+        self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None
+    ) -> StepOutput:
         if terms.diffusion is None:
             raise TypeError("SKenCarp needs an SDE problem (a diffusion term)")
         if dw is None or levy_h is None:
@@ -122,8 +126,7 @@ class SKenCarp(AbstractSolver):
 
         def stage(base: Tensor, c: float, z_guess: Tensor) -> Tensor:
             nonlocal converged, nf
-            res = newton_stage(drift, t + c * dt, base, gh, base + GAMMA * z_guess, opts, factors,
-                               tolerances=terms.tolerances)
+            res = newton_stage(drift, t + c * dt, base, gh, base + GAMMA * z_guess, opts, factors, tolerances=terms.tolerances)
             converged = converged & res.converged
             nf += res.nf
             return res.z
@@ -144,8 +147,15 @@ class SKenCarp(AbstractSolver):
         y1 = drift4 + GAMMA * z4 + terms.g_dw(g4, dw) + e2
         e1 = z1 + z2 + z3 + z4
         error = e2 if self.delta == 0.0 else self.delta * e1 + e2
-        return StepOutput(mark_failed(y1, converged), error, nf=nf, ng=2, converged=converged,
-                          stiffness=None if J is None else jacobian_inf_norm(J), njac=None if J is None else 1)
+        return StepOutput(
+            mark_failed(y1, converged),
+            error,
+            nf=nf,
+            ng=2,
+            converged=converged,
+            stiffness=None if J is None else jacobian_inf_norm(J),
+            njac=None if J is None else 1,
+        )
 
     def __repr__(self) -> str:
         return "SKenCarp()" if self.delta == 1.0 else f"SKenCarp(delta={self.delta!r})"

@@ -16,6 +16,7 @@ multiplies ``dW^2``, whose mean ``dt`` turns the ``sqrt(dt)`` term into an
 form).  The central quotient is ``g g' + O(dt)`` and keeps order 1.0.  For Itô the
 multiplier ``dW^2 - dt`` has mean zero and the one-sided form is order 1.0.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,7 +34,9 @@ class RKMil(AbstractSolver):
     noise_types = frozenset({"diagonal", "scalar", "additive"})
     interpretations = BOTH_INTERPRETATIONS
 
-    def step(self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None) -> StepOutput:
+    def step(
+        self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None
+    ) -> StepOutput:
         assert terms.diffusion is not None and dw is not None
         dt_b = expand_to(dt, y)
         abs_dt = dt_b.abs()  # noise scale: |dt| when time runs backwards

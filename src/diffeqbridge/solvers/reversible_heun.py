@@ -20,6 +20,7 @@ which is what ``BacksolveAdjoint`` uses to give the exact discrete gradient with
 The engine carries ``(z, f(t, z), g(t, z))`` between steps through the solver's FSAL slot
 (:meth:`ReversibleHeun.initial_carry` builds it from ``y0``).
 """
+
 from __future__ import annotations
 
 from torch import Tensor
@@ -72,8 +73,9 @@ class ReversibleHeun(AbstractSolver):
         assert terms.diffusion is not None
         return (y, terms.drift(t, y) if f0 is None else f0, terms.diffusion(t, y))
 
-    def step(self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None,
-             f0: Carry | None = None) -> StepOutput:  # type: ignore[override]
+    def step(
+        self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Carry | None = None
+    ) -> StepOutput:  # type: ignore[override]
         assert dw is not None
         carry = f0 if f0 is not None else self.initial_carry(terms, t, y, None)
         y1, carry1 = reversible_heun_step(terms, t, y, dt, dw, carry)

@@ -28,6 +28,7 @@ Sources:
   ``gamma = 0.9`` (OrdinaryDiffEq additionally keeps ``dt`` when ``1 <= q <= 1.2`` for
   implicit methods, ``qsteady``; the native engine has no such band).
 """
+
 from __future__ import annotations
 
 from typing import ClassVar
@@ -91,8 +92,9 @@ class Rodas4(AbstractSolver):
             raise ValueError(f"jac must be 'autodiff', 'fd' or a callable jac(t, y); got {jac!r}")
         self.jac = jac
 
-    def step(self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None,
-             f0: Tensor | None = None) -> StepOutput:
+    def step(
+        self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None
+    ) -> StepOutput:
         f = terms.drift
         h = expand_to(dt, y)
         gh = self.gamma_diag * dt
@@ -122,4 +124,6 @@ class Rodas4(AbstractSolver):
         return StepOutput(y1, ks[-1], nf=nf, ng=0, stiffness=jacobian_inf_norm(J), njac=1, stages=ks)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(jac={self.jac!r})" if isinstance(self.jac, str) else f"{type(self).__name__}(jac=<callable>)"
+        return (
+            f"{type(self).__name__}(jac={self.jac!r})" if isinstance(self.jac, str) else f"{type(self).__name__}(jac=<callable>)"
+        )

@@ -29,6 +29,7 @@ Sources:
 Sign convention: OrdinaryDiffEq's ``btilde`` is ``b̂ - b``; here ``b_error = b - b̂``.  The
 error norm is insensitive to the sign.
 """
+
 from __future__ import annotations
 
 import math
@@ -173,7 +174,13 @@ _DP_A = (
 )
 _DP_B = _DP_A[-1] + (_F(0),)
 _DP_BHAT = (
-    _F(5179, 57600), _F(0), _F(7571, 16695), _F(393, 640), _F(-92097, 339200), _F(187, 2100), _F(1, 40),
+    _F(5179, 57600),
+    _F(0),
+    _F(7571, 16695),
+    _F(393, 640),
+    _F(-92097, 339200),
+    _F(187, 2100),
+    _F(1, 40),
 )
 
 DOPRI5_TABLEAU = ButcherTableau(

@@ -25,6 +25,7 @@ Sources:
   Newton-based methods may use its predictive controller and ``qsteady`` band; the
   native engine has neither.)
 """
+
 from __future__ import annotations
 
 from typing import ClassVar
@@ -53,12 +54,10 @@ _KV5_A = (
     (0.22371961478320505, 0.47675532319799699, -0.06470895363112615),
     (0.16648564323248321, 0.10450018841591720, 0.03631482272098715, -0.13090704451073998),
     (0.13855640231268224, 0.0, -0.04245337201752043, 0.02446657898003141, 0.61943039072480676),
-    (0.13659751177640291, 0.0, -0.05496908796538376, -0.04118626728321046, 0.62993304899016403,
-     0.06962479448202728),
+    (0.13659751177640291, 0.0, -0.05496908796538376, -0.04118626728321046, 0.62993304899016403, 0.06962479448202728),
 )
 # embedded (stage 6) minus propagated (stage 7) weights, OrdinaryDiffEq's btilde
-_KV5_BTILDE = (0.00195889053627933, 0.0, 0.01251571594786333, 0.06565284626324187, -0.01050265826535727,
-               0.19037520551797272, -_G)
+_KV5_BTILDE = (0.00195889053627933, 0.0, 0.01251571594786333, 0.06565284626324187, -0.01050265826535727, 0.19037520551797272, -_G)
 
 
 class ESDIRK(AbstractSolver):
@@ -75,8 +74,16 @@ class ESDIRK(AbstractSolver):
     qmin: ClassVar[float | None] = 1.0 / 5.0
     gamma: ClassVar[float | None] = 0.9
 
-    def __init__(self, *, jac: JacSpec = "autodiff", linsolve: str = "lu", newton: NewtonOptions | None = None,
-                 smooth_est: bool = True, reuse_jacobian: bool = False, slow_iterations: int = 5):
+    def __init__(
+        self,
+        *,
+        jac: JacSpec = "autodiff",
+        linsolve: str = "lu",
+        newton: NewtonOptions | None = None,
+        smooth_est: bool = True,
+        reuse_jacobian: bool = False,
+        slow_iterations: int = 5,
+    ):
         """``reuse_jacobian``: keep the batch's Jacobian across steps (the LU of ``I - γhJ`` is
         still refactorised every step, ``h`` changes) until a stage's Newton iteration fails or
         needs ``slow_iterations`` or more iterations; then the next step takes a fresh one (for
@@ -96,8 +103,9 @@ class ESDIRK(AbstractSolver):
     def c(self) -> tuple[float, ...]:
         return tuple(sum(row) + (self.gamma_diag if i > 0 else 0.0) for i, row in enumerate(self.a))
 
-    def step(self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None,
-             f0: Tensor | None = None) -> StepOutput:
+    def step(
+        self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None
+    ) -> StepOutput:
         f = terms.drift
         g = self.gamma_diag
         h = expand_to(dt, y).to(y.dtype)
@@ -105,8 +113,7 @@ class ESDIRK(AbstractSolver):
         opts = self.newton
         factors, nf, J, njac = None, 0, None, 0
         if opts.linsolve == "lu" or self.smooth_est:
-            reuse = (self.reuse_jacobian and not self._refresh and self._J is not None
-                     and self._J.shape[0] == y.shape[0])
+            reuse = self.reuse_jacobian and not self._refresh and self._J is not None and self._J.shape[0] == y.shape[0]
             if reuse:
                 J = self._J
             else:
@@ -128,8 +135,9 @@ class ESDIRK(AbstractSolver):
                     tmp = tmp + aij * zs[j]
             ci = sum(self.a[i]) + g
             guess = tmp + g * zs[-1]
-            res = newton_stage(f, t + ci * dt, tmp, gh, guess, opts, factors if opts.linsolve == "lu" else None,
-                               tolerances=terms.tolerances)
+            res = newton_stage(
+                f, t + ci * dt, tmp, gh, guess, opts, factors if opts.linsolve == "lu" else None, tolerances=terms.tolerances
+            )
             nf += res.nf
             converged = converged & res.converged
             most_iterations = max(most_iterations, res.iterations)
@@ -144,8 +152,16 @@ class ESDIRK(AbstractSolver):
         if self.reuse_jacobian and njac == 0:
             # convergence degraded with the old Jacobian: take a fresh one next step (one host sync)
             self._refresh = most_iterations >= self.slow_iterations or not bool(converged.all())
-        return StepOutput(mark_failed(u, converged), err, nf=nf, ng=0, f1=zs[-1] / h, converged=converged,
-                          stiffness=None if J is None else jacobian_inf_norm(J), njac=njac if J is not None else None)
+        return StepOutput(
+            mark_failed(u, converged),
+            err,
+            nf=nf,
+            ng=0,
+            f1=zs[-1] / h,
+            converged=converged,
+            stiffness=None if J is None else jacobian_inf_norm(J),
+            njac=njac if J is not None else None,
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -20,6 +20,7 @@ Source (coefficients only; the implementation is our own): J. Foster, G. dos Rei
 C. Strange, "High order splitting methods for SDEs satisfying a commutativity condition",
 arXiv:2210.17543 (2023), eq. (6.1) (the tableau diffrax ships as ``ShARK``).
 """
+
 from __future__ import annotations
 
 from typing import ClassVar
@@ -82,8 +83,9 @@ class ShARK(AbstractSolver):
     # drift stability R(z) = 1 + z + z²/2: |R(-x)| <= 1 for x <= 2 (real_stability_interval gives 2.0)
     stability_size: ClassVar[float | None] = 2.0
 
-    def step(self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None,
-             levy_h: Tensor | None, f0: Tensor | None = None) -> StepOutput:
+    def step(
+        self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None
+    ) -> StepOutput:
         """See :meth:`AbstractSolver.step`."""
         return shark_step(terms, t, y, dt, dw, levy_h)
 

@@ -36,6 +36,7 @@ Sources (coefficients only; the implementation is our own):
   (``alg_order(SRA1) = alg_order(SOSRA) = 2//1``, ``delta_default = 1``, ``qmax = 9//8``,
   ``qmin = 1//5``, ``gamma = 9//10``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -168,7 +169,6 @@ class _SRABase(StochasticRungeKutta):
     controller_order: ClassVar[float] = 2.0  # alg_order(SRA1) = alg_order(SOSRA) = 2//1
     embedded_controller_order: ClassVar[float] = 2.0  # additive noise: the estimate is O(dt^2)
     step_function = staticmethod(sra_step)
-
 
 
 # SRA1 (Rößler 2010): StochasticDiffEq.jl src/tableaus.jl, constructSRA1.

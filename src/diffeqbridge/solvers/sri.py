@@ -49,6 +49,7 @@ Sources (coefficients only; the implementation is our own):
   (``alg_order = 3//2``, ``delta_default``, ``qmax_default = 9//8``, ``qmin_default = 1//5``,
   ``gamma_default = 9//10``, ``beta1 = 7//(10 q)``, ``beta2 = 2//(5 q)``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -124,8 +125,12 @@ class SRITableau:
         return any(
             v != 0.0
             for v in (
-                self.beta1[j], self.beta2[j], self.beta3[j], self.beta4[j],
-                *(self.b0[i][j] for i in range(s)), *(self.b1[i][j] for i in range(s)),
+                self.beta1[j],
+                self.beta2[j],
+                self.beta3[j],
+                self.beta4[j],
+                *(self.b0[i][j] for i in range(s)),
+                *(self.b1[i][j] for i in range(s)),
             )
         )
 
@@ -237,7 +242,6 @@ class _SRIBase(StochasticRungeKutta):
     is_sde: ClassVar[bool] = True
     controller_order: ClassVar[float] = 1.5  # alg_order(SRIW1) = alg_order(SOSRI) = 3//2
     step_function = staticmethod(sri_step)
-
 
 
 # SRIW1 = Rößler's SRI1 (weak order 2).  Coefficients as in StochasticDiffEq.jl's

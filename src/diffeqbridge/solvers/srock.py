@@ -37,6 +37,7 @@ differential equations", SIAM J. Sci. Comput. 30(2) (2008) 997–1014; stage/dam
 stage-count rule from SciML/StochasticDiffEq.jl (``SROCK1ConstantCache``,
 ``perform_step/SROCK_perform_step.jl``, ``choose_deg!``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -51,8 +52,7 @@ STAGES = (3, 5, 7, 10, 25, 50, 75, 100, 150, 200)
 DAMPING = (2.2, 12.0, 13.0, 14.3, 20.3, 27.2, 32.1, 36.0, 42.1, 46.7)
 
 
-def power_iteration_eigen(f: Callable[[Tensor, Tensor], Tensor], t: Tensor, y: Tensor, fy: Tensor,
-                          iters: int) -> Tensor:
+def power_iteration_eigen(f: Callable[[Tensor, Tensor], Tensor], t: Tensor, y: Tensor, fy: Tensor, iters: int) -> Tensor:
     """Per-sample estimate of the spectral radius of ``∂f/∂y`` at ``(t, y)``: ``(B,)`` float64.
 
     Nonlinear power iteration with forward-difference products ``J v ≈ (f(y + ε v) - f(y))/ε``
@@ -69,7 +69,7 @@ def power_iteration_eigen(f: Callable[[Tensor, Tensor], Tensor], t: Tensor, y: T
         rho = torch.zeros(batch, dtype=torch.float64, device=y.device)
         for _ in range(iters):
             vnorm = v.flatten(1).norm(dim=1).clamp_min(torch.finfo(y.dtype).tiny)
-            scale = eps_machine ** 0.5 * (1 + ynorm)  # size of the perturbation
+            scale = eps_machine**0.5 * (1 + ynorm)  # size of the perturbation
             v = v * expand_to(scale / vnorm, v)
             jv = (f(t, y + v) - fy) / expand_to(scale, v)
             rho = jv.flatten(1).norm(dim=1).double()
@@ -95,8 +95,14 @@ class SROCK1(AbstractSolver):
     adaptive = False
     controller_order = 0.5
 
-    def __init__(self, nstages: int | None = None, *, eigen_est: Callable[[Tensor, Tensor], Tensor] | None = None,
-                 power_iters: int = 10, safety: float = 1.2):
+    def __init__(
+        self,
+        nstages: int | None = None,
+        *,
+        eigen_est: Callable[[Tensor, Tensor], Tensor] | None = None,
+        power_iters: int = 10,
+        safety: float = 1.2,
+    ):
         if nstages is not None and (isinstance(nstages, bool) or not isinstance(nstages, int) or nstages < 1):
             raise ValueError(f"nstages must be a positive int or None; got {nstages!r}")
         if nstages is not None and nstages > STAGES[-1]:
@@ -132,8 +138,9 @@ class SROCK1(AbstractSolver):
         eta = torch.tensor(DAMPING, dtype=torch.float64, device=y.device)[index]
         return stages, eta, rho, nf
 
-    def step(self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None,
-             f0: Tensor | None = None) -> StepOutput:
+    def step(
+        self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None
+    ) -> StepOutput:
         assert terms.diffusion is not None and dw is not None
         f, dtype = terms.drift, y.dtype
         k = f(t, y)
@@ -157,8 +164,11 @@ class SROCK1(AbstractSolver):
             Ti = 2 * w0 * T1 - T2
             mu, nu, kappa = 2 * w1 * T1 / Ti, 2 * w0 * T1 / Ti, -T2 / Ti
             k = f(t_prev.to(t.dtype), u_prev)
-            u = (dt_y * expand_to(mu.to(dtype), y)) * k + expand_to(nu.to(dtype), y) * u_prev \
+            u = (
+                (dt_y * expand_to(mu.to(dtype), y)) * k
+                + expand_to(nu.to(dtype), y) * u_prev
                 + expand_to(kappa.to(dtype), y) * u_prev2
+            )
             t_i = dtd * mu + nu * t_prev + kappa * t_prev2
             live = i <= stages
             done = i == stages
