@@ -43,10 +43,10 @@ __all__ = [
 
 
 def __getattr__(name: str):  # noqa: ANN202 - names of the fixed-grid samplers' modules, imported on use
-    if name == "invert":
-        from .inversion import invert
+    if name in ("invert", "InversionState"):
+        from . import inversion
 
-        return invert
+        return getattr(inversion, name)
     if name in ("from_jax", "JaxModel"):  # imports jax: only on use
         from . import jax_models
 
