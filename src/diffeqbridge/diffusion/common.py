@@ -105,11 +105,6 @@ def per_sample_rademacher(
     return (1.0 - 2.0 * (words[0] & 1).double()).reshape(shape).to(dtype)
 
 
-def expand_like(v: Tensor, x: Tensor) -> Tensor:
-    """A per-sample ``(B,)`` tensor reshaped to broadcast against ``x`` ``(B, ...)``."""
-    return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
-
-
 def check_x(name: str, x: Any) -> Tensor:
     """``x`` must be a finite floating tensor of shape ``(B, *state_shape)`` with a state axis."""
     if not isinstance(x, Tensor):

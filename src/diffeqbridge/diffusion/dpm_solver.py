@@ -64,8 +64,9 @@ import torch
 from torch import Tensor
 
 from ..controller import QOLD_INIT, PIController
+from ..problem import expand_to
 from ..solution import ReturnCode, Solution, Stats
-from .common import STREAMS, expand_like, grid_solution, per_sample_normal
+from .common import STREAMS, grid_solution, per_sample_normal
 from .grids import (
     Point,
     at_time,
@@ -107,7 +108,7 @@ def coefficients(s: Point, t: Point, algorithm: str) -> Coef:
 
 
 def _bc(v: Tensor, x: Tensor) -> Tensor:
-    return expand_like(v.to(x.dtype), x)
+    return expand_to(v.to(x.dtype), x)
 
 
 def first_order(x: Tensor, f0: Tensor, co: Coef) -> Tensor:
@@ -428,7 +429,7 @@ def _adaptive(
         err = error_norm(x_high, x_low, xs, atol, rtol).detach()  # steps are not differentiated (as diffrax)
         finite = torch.isfinite(err)
         accept = finite & (err <= 1.0)
-        x[idx] = torch.where(expand_like(accept, xs), x_high, xs)
+        x[idx] = torch.where(expand_to(accept, xs), x_high, xs)
         t_s[idx] = torch.where(accept, t.t, s.t)
         if pi is None:  # the paper's rule
             h_new = theta * h_try * torch.pow(err.clamp_min(1e-16), -1.0 / order)
@@ -516,7 +517,7 @@ def _adaptive_multistep(
             co = coefficients(s, t, algorithm)
             prev = [torch.where(nh >= k, hs[k - 1, idx], co.h) for k in (1, 2)]  # finite stand-ins before warm-up
             x1, x2, x3 = (multistep(xs, fs, prev, co, k) for k in (1, 2, 3))
-            warm1, warm2 = expand_like(nh >= 1, xs), expand_like(nh >= 2, xs)
+            warm1, warm2 = expand_to(nh >= 1, xs), expand_to(nh >= 2, xs)
             new, ref = torch.where(warm1, x2, x1), torch.where(warm2, x3, x1)  # estimate: 3M - 2M (2M - 1 at warm-up)
             err = torch.where(nh == 0, torch.zeros_like(hq), error_norm(new, ref, xs, atol, rtol).detach())
             if order == 3:
@@ -525,7 +526,7 @@ def _adaptive_multistep(
             h_new, q_new = pi.propose(h_try, torch.where(torch.isfinite(err), err, torch.full_like(err, math.inf)), q, acc)
             take = acc & ~got
             out = tuple(
-                torch.where(expand_like(take, a), b, a) for a, b in zip(out, (new, t.t, h_new, q_new, last, co.h), strict=True)
+                torch.where(expand_to(take, a), b, a) for a, b in zip(out, (new, t.t, h_new, q_new, last, co.h), strict=True)
             )
             nreject[idx] += (~acc & ~got).long()
             got = got | acc

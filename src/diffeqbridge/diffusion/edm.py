@@ -30,8 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..problem import expand_to
 from ..solution import Solution
-from .common import STREAMS, expand_like, grid_solution, per_sample_normal
+from .common import STREAMS, grid_solution, per_sample_normal
 from .grids import at_time, evaluations_per_call
 
 
@@ -70,7 +71,7 @@ class _Denoiser:
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         """``D(x~, s)`` for states ``x`` ``(B, ...)`` at the time ``t`` (``(B,)`` or ``(1,)``) of level ``s``."""
         alpha = self.sde.marginal(t)[0].to(torch.float64)
-        return self.adapter.x0(expand_like(alpha.to(x.dtype), x) * x, t.to(x.dtype).expand(x.shape[0]))
+        return self.adapter.x0(expand_to(alpha.to(x.dtype), x) * x, t.to(x.dtype).expand(x.shape[0]))
 
 
 def sample_edm(

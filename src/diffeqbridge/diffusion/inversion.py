@@ -42,13 +42,13 @@ from torch import Tensor
 if TYPE_CHECKING:
     from typing_extensions import Self
 
+from ..problem import expand_to
 from ..solution import Solution
 from .common import (
     check_model_dtype,
     check_steps,
     check_t_end,
     check_x,
-    expand_like,
     grid_solution,
 )
 from .dpm_solver import coefficients, first_order
@@ -247,7 +247,7 @@ def _invert_edict(adapter: Any, sde: Any, x0: Tensor, steps: int, t_end: float, 
     a, b = x0, x0
     for k in range(steps - 1, -1, -1):
         co = coefficients(grid[k], grid[k + 1], "dpmsolver")
-        lin, shift = expand_like(co.L.to(a.dtype), a), expand_like((co.c * co.phi0).to(a.dtype), a)
+        lin, shift = expand_to(co.L.to(a.dtype), a), expand_to((co.c * co.phi0).to(a.dtype), a)
         b = (b - (1.0 - p) * a) / p
         a = (a - (1.0 - p) * b) / p
         b = (b - shift * _eps(adapter, a, grid[k])) / lin

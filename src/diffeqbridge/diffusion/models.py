@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .common import expand_like
+from ..problem import expand_to
 from .processes import DiffusionProcess
 
 PARAMETERIZATIONS = ("eps", "x0", "score", "v")
@@ -125,7 +125,7 @@ class ModelAdapter:
         t = torch.as_tensor(t, device=x.device)
         t = (t.expand(x.shape[0]) if t.ndim == 0 else t).to(x.dtype)
         alpha, sigma = self.sde.marginal(t)
-        return t, expand_like(alpha.to(x.dtype), x), expand_like(sigma.to(x.dtype), x)
+        return t, expand_to(alpha.to(x.dtype), x), expand_to(sigma.to(x.dtype), x)
 
     # ------------------------------------------------------------------ conversions
     def eps(self, x: Tensor, t: Tensor | float, active: Tensor | None = None) -> Tensor:
@@ -264,5 +264,5 @@ class ClassifierFreeGuidance(nn.Module):
             out_u, out_c = self.inner(x, t, uncond), self.inner(x, t, cond)
         w = self.scale if scale is None else scale
         if isinstance(w, Tensor):
-            w = expand_like(w.to(x.dtype), x)
+            w = expand_to(w.to(x.dtype), x)
         return out_u + w * (out_c - out_u)

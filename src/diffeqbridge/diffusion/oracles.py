@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .common import STREAMS, check_seed, expand_like, per_sample_normal, per_sample_uniform
+from ..problem import expand_to
+from .common import STREAMS, check_seed, per_sample_normal, per_sample_uniform
 from .models import check_parameterization, check_sde
 from .processes import DiffusionProcess
 
@@ -70,7 +71,7 @@ class GaussianMixture:
         cdf = torch.cumsum(self.weights.double(), 0)
         comp = torch.searchsorted(cdf, u.contiguous()).clamp(max=self.n_components - 1)
         z = per_sample_normal((n, *self.state_shape), seed, STREAMS["data"], dtype=self.means.dtype, device=device)
-        return self.means[comp] + expand_like(self.stds[comp], z) * z, comp
+        return self.means[comp] + expand_to(self.stds[comp], z) * z, comp
 
     def _component_log_probs(self, x: Tensor, mean_scale: Tensor | float, var: Tensor) -> Tensor:
         """``log w_k + log N(x; c mu_k, v_k I)`` for every component: ``(B, K)``.
@@ -123,7 +124,7 @@ class GaussianMixture:
             score = self.marginal_score(x, t, sde)
             tt = torch.as_tensor(t, dtype=x.dtype, device=x.device)
             alpha, sigma = sde.marginal(tt.expand(x.shape[0]) if tt.ndim == 0 else tt)
-            alpha, sigma = expand_like(alpha.to(x.dtype), x), expand_like(sigma.to(x.dtype), x)
+            alpha, sigma = expand_to(alpha.to(x.dtype), x), expand_to(sigma.to(x.dtype), x)
             if kind == "score":
                 return score
             eps = -sigma * score

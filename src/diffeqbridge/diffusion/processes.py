@@ -32,7 +32,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .common import STREAMS, _check_shape, check_seed, expand_like, per_sample_normal
+from ..problem import expand_to
+from .common import STREAMS, _check_shape, check_seed, per_sample_normal
 
 TimeFn = Callable[[Tensor], Tensor]
 
@@ -105,12 +106,12 @@ class DiffusionProcess:
 
     def drift(self, t: Tensor, x: Tensor) -> Tensor:
         """Forward drift ``f(t) x``: ``x``'s shape ``(B, *state_shape)``."""
-        return expand_like(self.f(_times(t)).to(x.dtype), x) * x
+        return expand_to(self.f(_times(t)).to(x.dtype), x) * x
 
     def diffusion(self, t: Tensor, x: Tensor) -> Tensor:
         """Forward diffusion ``g(t)`` broadcast to ``x``'s shape (additive noise)."""
         g = torch.sqrt(self.g2(_times(t))).to(x.dtype)
-        return expand_like(g, x).expand_as(x)
+        return expand_to(g, x).expand_as(x)
 
     # ------------------------------------------------------------------ prior
     @property

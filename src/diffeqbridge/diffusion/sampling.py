@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from ..brownian import VirtualBrownianTree
-from ..problem import ODEProblem, SDEProblem
+from ..problem import ODEProblem, SDEProblem, expand_to
 from ..solution import Solution
 from ..solve import solve
 from ..solvers import SRA1
@@ -50,7 +50,6 @@ from .common import (
     check_steps,
     check_t_end,
     check_x,
-    expand_like,
     grid_solution,
     per_sample_normal,
 )
@@ -195,7 +194,7 @@ def reverse_sde_drift(adapter: ModelAdapter, sde: DiffusionProcess, scale: float
     ``1/2`` the probability-flow ODE's."""
 
     def drift(t: Tensor, x: Tensor) -> Tensor:
-        g2 = expand_like(sde.g2(t).to(x.dtype), x)
+        g2 = expand_to(sde.g2(t).to(x.dtype), x)
         return sde.drift(t, x) - scale * g2 * adapter.score(x, t)
 
     return drift
@@ -315,7 +314,7 @@ def langevin_step(
     else:
         noise_sq = torch.tensor(float(z[0].numel()), dtype=x.dtype, device=x.device)
     fisher = fisher.to(x.dtype).clamp_min(torch.finfo(x.dtype).tiny)
-    step = expand_like(2.0 * ratio.to(x.dtype) * snr**2 * noise_sq / fisher, x)
+    step = expand_to(2.0 * ratio.to(x.dtype) * snr**2 * noise_sq / fisher, x)
     return x + step * score + torch.sqrt(2.0 * step) * z
 
 
