@@ -74,3 +74,156 @@ def test_compacted_gradients_equal_masked(compactions):
 def test_compact_refuses_bad_values(bad):
     with pytest.raises(ValueError, match="compact must be a number in"):
         deb.solve(problem(2), deb.Tsit5(), compact=bad)
+
+
+# ----------------------------------------------------------------------------- SDEs
+# The per-sample parameter rides along as a constant last state component (zero drift and
+# diffusion there), so every field is row-independent; its spread over decades makes samples
+# finish at very different iterations.  A compacted batch queries the Brownian tree through
+# VirtualBrownianTree.select, so every sample keeps its own path.
+
+
+def _carried(rate: torch.Tensor, x0: float) -> torch.Tensor:
+    return torch.stack([torch.full_like(rate, x0), rate], dim=1)
+
+
+def _gbm_drift(t, y):
+    return torch.stack([1.01 * y[:, 0], torch.zeros_like(y[:, 0])], dim=1)
+
+
+def _gbm_diffusion(t, y):  # diagonal: sigma_i u
+    return torch.stack([y[:, 1] * y[:, 0], torch.zeros_like(y[:, 0])], dim=1)
+
+
+def _stiff_drift(t, y):  # dX = -k_i (X - cos t) dt + 0.5 dW
+    return torch.stack([-y[:, 1] * (y[:, 0] - torch.cos(t)), torch.zeros_like(y[:, 0])], dim=1)
+
+
+def _additive(t, y):
+    return torch.stack([torch.full_like(y[:, 0], 0.5), torch.zeros_like(y[:, 0])], dim=1)
+
+
+def _scalar_diffusion(t, y):  # one Brownian motion per sample driving (sigma_i u, 0)
+    return torch.stack([y[:, 1] * y[:, 0], torch.zeros_like(y[:, 0])], dim=1)
+
+
+def _general_diffusion(t, y):  # (B, 2, 2): two Brownian motions
+    g = torch.zeros(y.shape[0], 2, 2, dtype=y.dtype)
+    g[:, 0, 0] = y[:, 1] * y[:, 0]
+    g[:, 0, 1] = 0.3 * y[:, 0]
+    return g
+
+
+def _blowup_drift(t, y):  # u' = u^2 from u0_i: blows up at t = 1/u0_i
+    return torch.stack([y[:, 0] ** 2, torch.zeros_like(y[:, 0])], dim=1)
+
+
+def _small_noise(t, y):
+    return torch.stack([0.1 * y[:, 1], torch.zeros_like(y[:, 0])], dim=1)
+
+
+def sde_problem(kind: str, batch: int = 24, dtype=torch.float64, tspan=(0.0, 1.0)) -> deb.SDEProblem:
+    if kind == "gbm":
+        return deb.SDEProblem(_gbm_drift, _gbm_diffusion, _carried(torch.logspace(-1.3, 0.3, batch), 0.5).to(dtype), tspan)
+    if kind == "stiff":
+        y0 = _carried(torch.logspace(-1, 3, batch), 1.0).to(dtype)
+        return deb.SDEProblem(_stiff_drift, _additive, y0, tspan, noise="additive")
+    if kind == "scalar":
+        y0 = _carried(torch.logspace(-1.3, 0.3, batch), 0.5).to(dtype)
+        return deb.SDEProblem(_gbm_drift, _scalar_diffusion, y0, tspan, noise="scalar")
+    if kind == "general":
+        y0 = _carried(torch.logspace(-1.3, 0.3, batch), 0.5).to(dtype)
+        return deb.SDEProblem(_gbm_drift, _general_diffusion, y0, tspan, noise="general", noise_dim=2)
+    assert kind == "blowup"  # u0 from 0.5 to 6.3: about 70 % of the samples blow up inside [0, 1]
+    y0 = torch.stack([torch.logspace(-0.3, 0.8, batch), torch.ones(batch)], dim=1).to(dtype)
+    return deb.SDEProblem(_blowup_drift, _small_noise, y0, tspan)
+
+
+def assert_same_solution(compacted, masked):
+    assert torch.equal(compacted.retcodes, masked.retcodes)
+    assert torch.equal(compacted.ys.nan_to_num(), masked.ys.nan_to_num())
+    assert torch.equal(compacted.ys.isnan(), masked.ys.isnan())
+    for name in ("naccept", "nreject", "nf", "ng"):
+        assert torch.equal(getattr(compacted.stats, name), getattr(masked.stats, name)), name
+    assert compacted.stats.extra.keys() == masked.stats.extra.keys()
+    for key, value in masked.stats.extra.items():
+        assert torch.equal(compacted.stats.extra[key], value), key
+
+
+SDE_CASES = [
+    ("gbm", deb.SOSRI, {}),
+    ("gbm", deb.SRIW1, {}),
+    ("scalar", deb.SOSRI, {}),
+    ("general", deb.LambaEM, {}),
+    ("stiff", deb.SOSRA, {}),
+    ("stiff", deb.SRA1, {}),
+    ("stiff", deb.ShARK, {}),
+    ("blowup", deb.EM, {"dt": 1e-3}),
+    ("blowup", deb.RKMil, {"dt": 1e-3}),
+]
+
+
+@pytest.mark.parametrize(("kind", "alg", "extra"), SDE_CASES, ids=lambda x: getattr(x, "__name__", str(x)))
+def test_sde_compacted_equals_masked(kind, alg, extra, compactions):
+    prob = sde_problem(kind)
+    kwargs = dict(alg=alg(), atol=1e-3, rtol=1e-3, seed=7, saveat=torch.linspace(0, 1, 6), backend="native", **extra)
+    masked = deb.solve(prob, **kwargs)
+    if extra:  # fixed step: samples leave the batch by blowing up at very different times
+        unstable = masked.retcodes == int(deb.ReturnCode.Unstable)
+        assert 3 < int(unstable.sum()) < prob.batch_size - 3, masked.retcodes
+    else:  # samples finish at very different iterations
+        assert int(masked.stats.naccept.max()) > 3 * int(masked.stats.naccept.min()), masked.stats.naccept
+    compacted = deb.solve(prob, compact=0.7, **kwargs)
+    assert compactions and compactions[-1] < prob.batch_size // 2, compactions
+    assert_same_solution(compacted, masked)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("alg", [deb.SOSRI, deb.SOSRA])
+def test_sde_compacted_backward_time_and_dtypes(alg, dtype, compactions):
+    """Time running backwards (t1 < t0: the tree queried on the reversed interval), a
+    decreasing saveat, float32 states with their float32 tree."""
+    prob = sde_problem("gbm" if alg is deb.SOSRI else "stiff", dtype=dtype, tspan=(1.0, 0.0))
+    kwargs = dict(alg=alg(), atol=1e-3, rtol=1e-3, seed=5, saveat=torch.linspace(1, 0, 5), backend="native")
+    masked = deb.solve(prob, **kwargs)
+    compactions.clear()
+    compacted = deb.solve(prob, compact=0.7, **kwargs)
+    assert compactions
+    assert compacted.ys.dtype == dtype
+    assert_same_solution(compacted, masked)
+
+
+def test_sde_compacted_gradients_equal_masked(compactions):
+    y0 = _carried(torch.logspace(-1.3, 0.3, 12), 0.5).requires_grad_()
+    prob = deb.SDEProblem(_gbm_drift, _gbm_diffusion, y0, (0.0, 1.0))
+    grads = []
+    for compact in (0.0, 0.7):
+        sol = deb.solve(prob, deb.SOSRI(), atol=1e-3, rtol=1e-3, seed=2, compact=compact, backend="native")
+        grads.append(torch.autograd.grad((sol.ys[-1, :, 0] ** 2).sum(), y0)[0])
+    assert compactions
+    assert torch.equal(grads[0], grads[1])
+    # and the gradient is the pathwise one: d u(1)^2 / d u0 = 2 u(1)^2 / u0 for GBM
+    sol = deb.solve(prob, deb.SOSRI(), atol=1e-3, rtol=1e-3, seed=2, compact=0.7, backend="native")
+    u1 = sol.ys[-1, :, 0].detach()
+    torch.testing.assert_close(grads[1][:, 0], 2 * u1**2 / 0.5, rtol=1e-9, atol=0)
+
+
+def test_sde_compacted_sample_independent_of_batch(compactions):
+    """A sample's result does not depend on the batch it sits in, compacted or not: the
+    first 8 samples alone equal those rows of the 24-sample compacted solve."""
+    kwargs = dict(alg=deb.SOSRA(), atol=1e-3, rtol=1e-3, seed=11, backend="native")
+    big = deb.solve(sde_problem("stiff", 24), compact=0.7, **kwargs)
+    assert compactions
+    small = sde_problem("stiff", 24)
+    small = deb.SDEProblem(small.drift, small.diffusion, small.y0[:8], small.tspan, noise="additive")
+    alone = deb.solve(small, **kwargs)
+    assert torch.equal(alone.ys, big.ys[:, :8])
+    assert torch.equal(alone.stats.naccept, big.stats.naccept[:8])
+
+
+def test_compact_refusal_is_stated():
+    """Where the loop cannot compact (here: a regularizer observes the full batch), the
+    masked loop runs and a warning names the reason."""
+    prob = sde_problem("gbm", 8)
+    with pytest.warns(RuntimeWarning, match="compact=0.5 not applied: events, dense output"):
+        deb.solve(prob, deb.SOSRI(), seed=1, compact=0.5, dense=True, backend="native")
