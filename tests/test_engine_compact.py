@@ -95,7 +95,7 @@ def _gbm_diffusion(t, y):  # diagonal: sigma_i u
     return torch.stack([y[:, 1] * y[:, 0], torch.zeros_like(y[:, 0])], dim=1)
 
 
-def _stiff_drift(t, y):  # dX = -k_i (X - cos t) dt + 0.5 dW
+def _stiff_drift(t, y):  # dX = -k_i (X - cos t) dt + 0.5 dW, k_i over 2.5 decades
     return torch.stack([-y[:, 1] * (y[:, 0] - torch.cos(t)), torch.zeros_like(y[:, 0])], dim=1)
 
 
@@ -126,7 +126,9 @@ def sde_problem(kind: str, batch: int = 24, dtype=torch.float64, tspan=(0.0, 1.0
     if kind == "gbm":
         return deb.SDEProblem(_gbm_drift, _gbm_diffusion, _carried(torch.logspace(-1.3, 0.3, batch), 0.5).to(dtype), tspan)
     if kind == "stiff":
-        y0 = _carried(torch.logspace(-1, 3, batch), 1.0).to(dtype)
+        # rates of the sign that contracts in the direction time runs (t1 < t0: negative)
+        rates = torch.logspace(-1, 1.5, batch) * (1.0 if tspan[1] > tspan[0] else -1.0)
+        y0 = _carried(rates, 1.0).to(dtype)
         return deb.SDEProblem(_stiff_drift, _additive, y0, tspan, noise="additive")
     if kind == "scalar":
         y0 = _carried(torch.logspace(-1.3, 0.3, batch), 0.5).to(dtype)
@@ -154,7 +156,7 @@ SDE_CASES = [
     ("gbm", deb.SOSRI, {}),
     ("gbm", deb.SRIW1, {}),
     ("scalar", deb.SOSRI, {}),
-    ("general", deb.LambaEM, {}),
+    ("general", deb.LambaEM, {"atol": 1e-2, "rtol": 1e-2}),
     ("stiff", deb.SOSRA, {}),
     ("stiff", deb.SRA1, {}),
     ("stiff", deb.ShARK, {}),
@@ -166,15 +168,15 @@ SDE_CASES = [
 @pytest.mark.parametrize(("kind", "alg", "extra"), SDE_CASES, ids=lambda x: getattr(x, "__name__", str(x)))
 def test_sde_compacted_equals_masked(kind, alg, extra, compactions):
     prob = sde_problem(kind)
-    kwargs = dict(alg=alg(), atol=1e-3, rtol=1e-3, seed=7, saveat=torch.linspace(0, 1, 6), backend="native", **extra)
+    kwargs = dict(alg=alg(), atol=1e-3, rtol=1e-3, seed=7, saveat=torch.linspace(0, 1, 6), backend="native") | extra
     masked = deb.solve(prob, **kwargs)
-    if extra:  # fixed step: samples leave the batch by blowing up at very different times
+    if "dt" in extra:  # fixed step: samples leave the batch by blowing up at very different times
         unstable = masked.retcodes == int(deb.ReturnCode.Unstable)
         assert 3 < int(unstable.sum()) < prob.batch_size - 3, masked.retcodes
     else:  # samples finish at very different iterations
-        assert int(masked.stats.naccept.max()) > 3 * int(masked.stats.naccept.min()), masked.stats.naccept
+        assert int(masked.stats.naccept.max()) > 2 * int(masked.stats.naccept.min()), masked.stats.naccept
     compacted = deb.solve(prob, compact=0.7, **kwargs)
-    assert compactions and compactions[-1] < prob.batch_size // 2, compactions
+    assert compactions and compactions[-1] < 0.7 * prob.batch_size, compactions
     assert_same_solution(compacted, masked)
 
 
