@@ -459,7 +459,7 @@ class Integrator:
         pending = list(boundaries or [])
         sign, grid, every = self.sign, self.grid, self.options.check_every
         bar = _Progress(progress, float(self.t_start), float(self.t_end))
-        refused = self.compact_refusal(stop_at, boundaries)
+        refused = self.compact_refusal(stop_at)
         full, idx = s, None  # s: the compacted state once samples left the batch (rows idx of full)
         while stop_at is None or s.iteration < stop_at:
             if grid is not None and s.iteration == len(grid) - 1:
@@ -473,7 +473,9 @@ class Integrator:
                     pending.pop(0)
                     passed = True
                 if passed and n_active:
-                    snaps.append(self.snapshot(s))
+                    if idx is not None:  # a snapshot restarts the full batch
+                        self._write_back(full, s, idx)
+                    snaps.append(self.snapshot(full))
                 if n_active == 0:
                     break
                 if refused is None and n_active < self.options.compact * s.t.shape[0]:
@@ -486,22 +488,24 @@ class Integrator:
         bar.update(float(self.t_end), 0)
         bar.close()
         self.compact_refused = refused if self.options.compact > 0 else None
-        if self.compact_refused is not None and self.options.compact_warn:
+        if self.compact_refused is not None and self.options.compact_warn and stop_at is None:  # re-runs: silent
             warnings.warn(f"compact={self.options.compact:g} not applied: {self.compact_refused}", RuntimeWarning, stacklevel=2)
         return snaps
 
-    def compact_refusal(self, stop_at: int | None = None, boundaries: list[float] | None = None) -> str | None:
+    def compact_refusal(self, stop_at: int | None = None) -> str | None:
         """Why ``solve(..., compact=f)`` cannot compact this run (None: it can).  Compaction
         needs samples that are independent rows the loop can gather: no observers (events,
         dense output and regularizers record the full batch), no per-solve state on the
-        solver object, a whole run (no checkpoint snapshots), and not ``compile=True``
+        solver object, not a re-run of one checkpointed segment (``stop_at``: the backward's
+        fields mask samples of the full batch; the forward's snapshots are taken of the full
+        batch, so a checkpointed forward compacts), and not ``compile=True``
         (every compacted size would be a new compilation)."""
         if self.options.compact <= 0:
             return "compact=0"
         if self.options.compile:
             return "compile=True (every compacted batch size would be a new compilation)"
-        if stop_at is not None or boundaries:
-            return "a checkpointed sensealg runs the loop in segments with snapshots of the full batch"
+        if stop_at is not None:
+            return "a checkpointed sensealg's segment re-run (its fields mask samples of the full batch)"
         if self.observer is not None:
             return "events, dense output and regularizers observe the full batch"
         held = _solver_state(self.solver)
