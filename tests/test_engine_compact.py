@@ -251,3 +251,27 @@ def test_checkpointed_forward_compacts_with_the_same_solution_and_gradients(sde,
     assert compactions
     assert_same_solution(sols[1], sols[0])
     assert torch.equal(grads[0], grads[1])
+
+
+def test_fields_that_are_not_row_independent_are_refused_with_a_reason(compactions):
+    """A drift that captures a per-sample tensor of the batch's shape, or couples samples
+    (a batch mean), cannot run on the running samples alone: the loop checks it at the
+    compaction point, keeps the masked loop (the same solution) and says why."""
+    rates = torch.logspace(-1, 2.5, 16).unsqueeze(1)
+    y0 = torch.ones(16, 1)
+
+    def captured(t, y):
+        return -rates * y
+
+    def coupled(t, y):  # the rate carried as a second component, plus a mean field
+        return decay(t, y) + 1e-3 * y.mean(0, keepdim=True) * torch.tensor([1.0, 0.0])
+
+    cases = ((captured, y0, "fails on the running samples alone"), (coupled, problem().y0, "differs from those rows"))
+    for drift, start, match in cases:
+        prob = deb.ODEProblem(drift, start, (0.0, 3.0))
+        kwargs = dict(alg=deb.Tsit5(), atol=1e-5, rtol=1e-5, backend="native")
+        masked = deb.solve(prob, **kwargs)
+        with pytest.warns(RuntimeWarning, match=match):
+            compacted = deb.solve(prob, compact=0.5, **kwargs)
+        assert not compactions
+        assert_same_solution(compacted, masked)

@@ -479,7 +479,7 @@ class Integrator:
                 if n_active == 0:
                     break
                 if refused is None and n_active < self.options.compact * s.t.shape[0]:
-                    refused = self._state_refusal(s)
+                    refused = self._state_refusal(s) or self._field_refusal(s)
                     if refused is None:
                         s, idx = self._compact(full, s, idx)
             self.step(s)
@@ -517,6 +517,34 @@ class Integrator:
         """Why the loop state cannot be gathered by sample (a tensor that is not batch-first)."""
         batch = s.t.shape[0]
         return next((r for name in _PER_SAMPLE if (r := _not_batch_first(getattr(s, name), batch, name))), None)
+
+    def _field_refusal(self, s: LoopState) -> str | None:
+        """Why the user's fields cannot run on the running samples alone: ``field(t[rows],
+        y[rows])`` must equal ``field(t, y)[rows]`` bit for bit (drift and diffusion, at the
+        current state, without gradients).  Catches fields that capture per-sample tensors of
+        the batch's shape or couple samples, and kernels whose rounding depends on the batch
+        size.  Two calls of each field per compaction, not counted in the stats."""
+        rows = s.active.nonzero().squeeze(1)
+        t, y = s.t, s.y.detach()
+        fields = (("drift", self.terms.drift), ("diffusion", self.terms.diffusion))
+        with torch.no_grad():
+            for name, field in fields:
+                if field is None:
+                    continue
+                try:
+                    whole = field(t, y).index_select(0, rows)
+                    part = field(t.index_select(0, rows), y.index_select(0, rows))
+                except Exception as exc:  # e.g. a captured (B, ...) tensor meets fewer rows
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                    return f"{name}(t, y) fails on the running samples alone ({type(exc).__name__}: {first})"
+                same = part.shape == whole.shape and bool(((part == whole) | (part.isnan() & whole.isnan())).all())
+                if not same:
+                    return (
+                        f"{name}(t, y) on the running samples alone differs from those rows of the full "
+                        "batch (a field that couples samples or captures per-sample tensors, or a kernel "
+                        "whose rounding depends on the batch size)"
+                    )
+        return None
 
     def _compact(self, full: LoopState, part: LoopState, idx: Tensor | None) -> tuple[LoopState, Tensor]:
         """The active samples of ``part`` (rows ``idx`` of ``full``; None: ``part`` is ``full``)
