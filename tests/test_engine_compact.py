@@ -275,3 +275,24 @@ def test_fields_that_are_not_row_independent_are_refused_with_a_reason(compactio
             compacted = deb.solve(prob, compact=0.5, **kwargs)
         assert not compactions
         assert_same_solution(compacted, masked)
+
+
+def test_gather_scatter_are_generic_over_batch_first_state():
+    """The loop state's solver state may be any nesting of batch-first tensors (and shared
+    non-tensor values): gathered by rows and written back; a tensor that is not batch-first
+    is named as the reason not to compact."""
+    batch, rows = 6, torch.tensor([4, 1])
+    state = {"stiff": torch.arange(6), "pair": (torch.ones(6, 2), None), "name": "SOSRI", "k": [torch.zeros(6, 1, 3)]}
+    assert engine._not_batch_first(state, batch, "solver_state") is None
+    part = engine._gather(state, rows)
+    assert torch.equal(part["stiff"], torch.tensor([4, 1])) and part["name"] == "SOSRI"
+    assert part["pair"][0].shape == (2, 2) and part["k"][0].shape == (2, 1, 3) and part["pair"][1] is None
+    part["stiff"] = part["stiff"] * 10
+    part["new"] = torch.ones(2)  # started after the compaction: zeros elsewhere
+    full = engine._scatter(state, part, rows, batch)
+    assert torch.equal(full["stiff"], torch.tensor([0, 10, 2, 3, 40, 5]))
+    assert torch.equal(full["new"], torch.tensor([0.0, 1, 0, 0, 1, 0]))
+    assert torch.equal(state["stiff"], torch.arange(6))  # out of place
+    bad = {"J": torch.eye(3)}
+    assert "solver_state['J'] has shape (3, 3)" in engine._not_batch_first(bad, batch, "solver_state")
+    assert "not batch-first" in engine._not_batch_first((torch.tensor(1.0),), batch, "carry")
