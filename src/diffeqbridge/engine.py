@@ -395,6 +395,7 @@ class Integrator:
         self.lanes = torch.arange(0)  # the rows of ys the state's samples are (compaction)
         self._full_batch: tuple[VirtualBrownianTree | None, Tensor | None] = (tree, None)  # restored by _expand
         self.compact_refused: str | None = None  # why run() could not compact (compact > 0)
+        self.rerun = False  # restore() was called: a checkpointed segment's re-run (no warnings)
 
     def init(self, y0: Tensor, dt_initial: Tensor, f0: Tensor | None, initial_counts: tuple[int, int]) -> LoopState:
         batch, device, solver = y0.shape[0], y0.device, self.solver
@@ -445,6 +446,7 @@ class Integrator:
     def restore(self, snap: LoopState, y: Tensor, carry: Any) -> LoopState:
         """The state of ``snap`` with ``y``/``carry`` replaced (e.g. leaves requiring grad)."""
         _restore_solver_state(self.solver, snap.solver_state)
+        self.rerun = True
         state = LoopState(**vars(snap))
         state.y, state.carry = y, carry
         state.ys = torch.full((self.n_save, *y.shape), float("nan"), dtype=y.dtype, device=y.device)
@@ -459,7 +461,7 @@ class Integrator:
         pending = list(boundaries or [])
         sign, grid, every = self.sign, self.grid, self.options.check_every
         bar = _Progress(progress, float(self.t_start), float(self.t_end))
-        refused = self.compact_refusal(stop_at)
+        refused = self.compact_refusal()
         full, idx = s, None  # s: the compacted state once samples left the batch (rows idx of full)
         while stop_at is None or s.iteration < stop_at:
             if grid is not None and s.iteration == len(grid) - 1:
@@ -488,24 +490,21 @@ class Integrator:
         bar.update(float(self.t_end), 0)
         bar.close()
         self.compact_refused = refused if self.options.compact > 0 else None
-        if self.compact_refused is not None and self.options.compact_warn and stop_at is None:  # re-runs: silent
+        if self.compact_refused is not None and self.options.compact_warn and not self.rerun:
             warnings.warn(f"compact={self.options.compact:g} not applied: {self.compact_refused}", RuntimeWarning, stacklevel=2)
         return snaps
 
-    def compact_refusal(self, stop_at: int | None = None) -> str | None:
+    def compact_refusal(self) -> str | None:
         """Why ``solve(..., compact=f)`` cannot compact this run (None: it can).  Compaction
         needs samples that are independent rows the loop can gather: no observers (events,
         dense output and regularizers record the full batch), no per-solve state on the
-        solver object, not a re-run of one checkpointed segment (``stop_at``: the backward's
-        fields mask samples of the full batch; the forward's snapshots are taken of the full
-        batch, so a checkpointed forward compacts), and not ``compile=True``
-        (every compacted size would be a new compilation)."""
+        solver object (checkpointed runs compact: their snapshots are of the full batch, and a
+        segment's re-run with masked fields is caught by :meth:`_field_refusal`), and not
+        ``compile=True`` (every compacted size would be a new compilation)."""
         if self.options.compact <= 0:
             return "compact=0"
         if self.options.compile:
             return "compile=True (every compacted batch size would be a new compilation)"
-        if stop_at is not None:
-            return "a checkpointed sensealg's segment re-run (its fields mask samples of the full batch)"
         if self.observer is not None:
             return "events, dense output and regularizers observe the full batch"
         held = _solver_state(self.solver)
