@@ -25,7 +25,7 @@ from .brownian import VirtualBrownianTree
 from .controller import QOLD_INIT, PIController, scaled_error_norm
 from .problem import Terms
 from .solution import ReturnCode, Solution, Stats
-from .solvers.base import AbstractSolver, StepOutput
+from .solvers.base import AbstractSolver, StepOutput, call_step
 
 SUCCESS = int(ReturnCode.Success)
 DEFAULT = int(ReturnCode.Default)
@@ -163,6 +163,7 @@ def _iteration_core(
     dw: Tensor | None,
     levy: Tensor | None,
     carry: Any,
+    solver_state: Any,
     active: Tensor,
     tolerances: tuple[float, float] | None,
 ) -> tuple[StepOutput, Tensor | None, Tensor]:
@@ -174,7 +175,7 @@ def _iteration_core(
     the ``(B,)`` float64 scaled error (``inf`` where the step is not finite; None for fixed
     steps) and the ``(B,)`` accepted mask.
     """
-    out = solver.step(terms, t, y, dt_eval, dw, levy, carry)
+    out = call_step(solver, terms, t, y, dt_eval, dw, levy, carry, solver_state)
     finite = _all_finite(out.y1)
     if tolerances is None:
         return out, None, active & finite
@@ -239,8 +240,10 @@ class LoopState:
     noted: a snapshot of it (:meth:`Integrator.snapshot`) restarts the solve bit-identically.
 
     ``carry`` is the solver's FSAL slot (``f0``, or ``ReversibleHeun``'s tuple);
-    ``tree_state`` the Brownian path at ``t``; ``solver_state`` what a solver object keeps
-    between steps (composite switching counters, a reused Jacobian); ``ys`` ``(T, B, ...)``.
+    ``tree_state`` the Brownian path at ``t``; ``solver_state`` what the solver carries between
+    steps (``solver.init``'s result, threaded through ``step``/``update``: composite switching
+    counters, a reused Jacobian; None for most solvers), so the solver object itself never
+    changes during a solve; ``ys`` ``(T, B, ...)``.
     """
 
     iteration: int
@@ -261,33 +264,18 @@ class LoopState:
     eigen_last: Tensor | None
     eigen_max: Tensor | None
     njac: Tensor | None
-    solver_state: dict[str, Any]
+    solver_state: Any
     ys: Tensor
 
 
-def _solver_state(solver: AbstractSolver) -> dict[str, Any]:
-    """The per-solve state a solver object holds (its ``_``-prefixed attributes, recursively
-    for the solvers it wraps), copied so later steps do not change the snapshot."""
-    out: dict[str, Any] = {}
-    for key, value in vars(solver).items():
-        if isinstance(value, AbstractSolver):
-            out[key] = ("solver", _solver_state(value))
-        elif key.startswith("_"):
-            out[key] = ("value", dict(value) if isinstance(value, dict) else value)
-    return out
-
-
-def _restore_solver_state(solver: AbstractSolver, state: dict[str, Any]) -> None:
-    for key, (kind, value) in state.items():
-        if kind == "solver":
-            _restore_solver_state(getattr(solver, key), value)
-        else:
-            setattr(solver, key, dict(value) if isinstance(value, dict) else value)
+def _rebuild(like: tuple[Any, ...], items: Any) -> Any:
+    """A tuple of ``items`` of ``like``'s type (NamedTuples keep their type)."""
+    return type(like)(*items) if hasattr(like, "_fields") else tuple(items)
 
 
 def _detach(x: Any) -> Any:
     if isinstance(x, tuple):
-        return tuple(_detach(v) for v in x)
+        return _rebuild(x, (_detach(v) for v in x))
     return x.detach() if isinstance(x, Tensor) else x
 
 
@@ -309,12 +297,13 @@ _PER_SAMPLE = (
     "eigen_last",
     "eigen_max",
     "njac",
+    "solver_state",
 )
 
 
 def _gather(x: Any, idx: Tensor) -> Any:
     if isinstance(x, tuple):
-        return tuple(_gather(v, idx) for v in x)
+        return _rebuild(x, (_gather(v, idx) for v in x))
     return x.index_select(0, idx) if isinstance(x, Tensor) else x
 
 
@@ -322,7 +311,7 @@ def _scatter(full: Any, part: Any, idx: Tensor, batch: int) -> Any:
     """``full`` (``(batch, ...)``) with rows ``idx`` replaced by ``part`` (out of place, so
     differentiable); ``full`` None: a counter the solver started after the batch was compacted."""
     if isinstance(part, tuple):
-        return tuple(_scatter(f, p, idx, batch) for f, p in zip(full, part))
+        return _rebuild(part, (_scatter(f, p, idx, batch) for f, p in zip(full, part)))
     if not isinstance(part, Tensor):
         return part
     if full is None:
@@ -381,7 +370,6 @@ class Integrator:
         else:
             tree_state = self.tree.evaluate(t)
         carry = solver.initial_carry(self.terms, t, y0, f0) if solver.fsal else f0
-        solver.begin(y0)
         self.growth_bound = GROWTH * (1.0 + y0.detach().abs().flatten(1).amax(dim=1))
         self.lanes = torch.arange(batch, device=device)
         return LoopState(
@@ -403,19 +391,18 @@ class Integrator:
             eigen_last=None,
             eigen_max=None,
             njac=None,
-            solver_state={},
+            solver_state=solver.init(self.terms, t, y0),
             ys=ys,
         )
 
     def snapshot(self, s: LoopState) -> LoopState:
-        """A detached copy of ``s`` (with the solver's own state) to restart from; ``ys`` is not kept."""
+        """A detached copy of ``s`` to restart from; ``ys`` is not kept."""
         copy = LoopState(**{k: _detach(v) for k, v in vars(s).items()})
-        copy.solver_state, copy.ys = _solver_state(self.solver), s.ys.new_empty(0)
+        copy.ys = s.ys.new_empty(0)
         return copy
 
     def restore(self, snap: LoopState, y: Tensor, carry: Any) -> LoopState:
         """The state of ``snap`` with ``y``/``carry`` replaced (e.g. leaves requiring grad)."""
-        _restore_solver_state(self.solver, snap.solver_state)
         state = LoopState(**vars(snap))
         state.y, state.carry = y, carry
         state.ys = torch.full((self.n_save, *y.shape), float("nan"), dtype=y.dtype, device=y.device)
@@ -449,6 +436,7 @@ class Integrator:
                     break
                 if compacting and n_active < self.options.compact * s.t.shape[0]:
                     s, idx = self._compact(full, s, idx)
+                s.solver_state = self.solver.plan(s.solver_state, s.active, every)
             self.step(s)
         if idx is not None:
             self._expand(full, s, idx)
@@ -458,7 +446,7 @@ class Integrator:
 
     def _compactable(self, stop_at: int | None, boundaries: list[float] | None) -> bool:
         """Compaction needs samples that are independent rows: no Brownian tree (its samples
-        are fixed rows), no observers, no per-solve solver state, a whole run (no snapshots); not
+        are fixed rows), no observers, a whole run (no snapshots); not
         with ``compile=True`` (every compacted size would be a new compilation)."""
         return (
             self.options.compact > 0
@@ -468,7 +456,6 @@ class Integrator:
             and self.tree is None
             and self.observer is None
             and self.grid is None
-            and not _solver_state(self.solver)
         )
 
     def _compact(self, full: LoopState, part: LoopState, idx: Tensor | None) -> tuple[LoopState, Tensor]:
@@ -519,13 +506,16 @@ class Integrator:
             dw,
             levy if solver.needs_levy_area else None,
             s.carry,
+            s.solver_state,
             s.active,
             tolerances,
         )
         # --- controller decision
         rejected = s.active & ~accepted
         self._stats(s, out, accepted, rejected)
-        dt_factor = solver.after_step(accepted, s.active, torch.where(accepted, t_new, s.t), dt_eval.abs(), out)
+        s.solver_state, dt_factor = solver.update(
+            s.solver_state, accepted, s.active, torch.where(accepted, t_new, s.t), dt_eval.abs(), out
+        )
         # --- masked merge
         y_prev, t_prev, f_prev = s.y, s.t, s.carry
         s.y = _select(accepted, out.y1, s.y)
@@ -640,7 +630,7 @@ class Integrator:
             stats.extra["eigen_est"], stats.extra["max_eigen_est"] = s.eigen_last, s.eigen_max
         if s.njac is not None:
             stats.extra["njac"] = s.njac
-        stats.extra.update(self.solver.extra_stats())
+        stats.extra.update(self.solver.extra_stats(s.solver_state))
         return Solution(ts=self.save_times.to(s.y.dtype), ys=s.ys, stats=stats, retcodes=s.retcodes, alg=self.solver)
 
 
