@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .brownian import VirtualBrownianTree
-from .controller import QOLD_INIT, PIController, scaled_error_norm
+from .controller import QOLD_INIT, PIController, clip_step, scaled_error_norm
 from .problem import Terms
 from .solution import ReturnCode, Solution, Stats
 from .solvers.base import AbstractSolver, StepOutput, call_step
@@ -487,10 +487,7 @@ class Integrator:
         s.iteration += 1
         # --- propose: clip to the next save time
         target = self.save_times[s.save_index.clamp(max=self.n_save - 1)]
-        remaining = sign * (target - s.t)
-        hits = s.active & (s.dt >= remaining * (1 - 1e-12))
-        step_dt = torch.where(hits, remaining, s.dt)
-        t_new = torch.where(s.active, torch.where(hits, target, s.t + sign * step_dt), s.t)
+        step_dt, t_new, hits = clip_step(s.dt, s.t, target, s.active, sign)
         dt_eval = _masked_lanes(s.active, s.t, step_dt, sign, self.t_start, self.t_end)
         # --- noise
         new_tree_state, dw, levy = self._noise(s, t_new)
@@ -597,11 +594,7 @@ class Integrator:
         newton_failed = s.active & ~out.converged if out.converged is not None else None
         if self.controller is not None:
             assert err is not None
-            proposed, s.qold = self.controller.propose(step_dt, err, s.qold, accepted)
-            # After a step clipped to a save time, keep the unclipped proposal if larger.
-            proposed = torch.where(accepted & hits, torch.maximum(proposed, s.dt), proposed)
-            if dt_factor is not None:  # a composite solver switched method
-                proposed = proposed * dt_factor
+            proposed, s.qold = self.controller.next_dt(step_dt, s.dt, err, s.qold, accepted, hits, dt_factor)
             s.dt = torch.where(s.active, proposed, s.dt)
             # as SciML (timedepentdtmin): below max(dtmin, spacing of t), on accepted steps too
             too_small = s.active & (s.dt < torch.maximum(_spacing(s.t), self.dtmin))

@@ -11,13 +11,12 @@ from torch import Tensor
 
 from .adjoint import DiscreteAdjoint
 from .brownian import VirtualBrownianTree, solve_tol
-from .controller import sde_initial_dt
+from .controller import initial_dt
 from .engine import EngineOptions, integrate
 from .problem import ODEProblem, SDEProblem, Terms, check_additive, check_field_shapes
 from .solution import Solution
 from .solvers import SOSRI, AutoSwitch, AutoTsit5, ImplicitRKMil, LambaEM, LambaEulerHeun, RKMil, ShARK
 from .solvers.base import AbstractSolver
-from .solvers.runge_kutta import hairer_initial_dt
 
 BACKENDS = ("auto", "native", "julia")
 ALG_HINTS = ("auto", "nonstiff", "stiff")
@@ -206,12 +205,6 @@ def _check_brownian(
     if brownian.t0 > t0 or brownian.t1 < t1:
         raise ValueError(f"brownian covers [{brownian.t0}, {brownian.t1}], which does not contain tspan {problem.tspan}")
     return brownian
-
-
-def _g_size(terms: Terms) -> Any:
-    if terms.noise == "general":
-        return lambda g: torch.sqrt(torch.sum(g * g, dim=-1))
-    return lambda g: g
 
 
 def solve(
@@ -415,42 +408,10 @@ def solve(
             return sol
     counts = (1, 1 + extra_g if g0 is not None else 0)
 
-    if dt is not None:
-        dt_initial = torch.full((batch,), dt, dtype=torch.float64, device=device)
-    elif prob.is_sde:
-        assert g0 is not None and terms.diffusion is not None
-        dt_initial, extra_f, extra_g = sde_initial_dt(
-            terms.drift,
-            terms.diffusion,
-            _g_size(terms),
-            t_start,
-            prob.y0,
-            f0,
-            g0,
-            solver.controller_order,
-            atol,
-            rtol,
-            span,
-            direction=1.0 if t1 > t0 else -1.0,
-        )
-        counts = (counts[0] + extra_f, counts[1] + extra_g)
-    else:
-        dt_initial, extra_f = hairer_initial_dt(
-            terms.drift,
-            t_start,
-            prob.y0,
-            f0,
-            solver.controller_order,
-            atol,
-            rtol,
-            dtmax=span,
-            direction=1.0 if t1 > t0 else -1.0,
-        )
-        counts = (counts[0] + extra_f, counts[1])
-    # the heuristics can return absurdly small steps for stiff problems (the exponent is
-    # divided by the method's order); start no lower than a safe multiple of dtmin
-    if dt is None:
-        dt_initial = dt_initial.clamp(min=max(100.0 * dtmin_value, 1e-10 * min(span, 1.0)))
+    dt_initial, extra_f, extra_g = initial_dt(
+        terms, solver, t_start, prob.y0, f0, g0, atol, rtol, span, 1.0 if t1 > t0 else -1.0, dt, dtmin_value
+    )
+    counts = (counts[0] + extra_f, counts[1] + extra_g)
     terms.tolerances = (atol, rtol) if adaptive else None
     options = EngineOptions(
         adaptive=adaptive,
