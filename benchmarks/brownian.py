@@ -360,8 +360,8 @@ def run(quick: bool, out: Path, noise_dim: int = 1, batch_sizes: tuple[int, ...]
         "min_cost_per_level": min_cost,
     }
     out = Path(out)
-    doc = H.write_json(out / f"{NAME}.json", NAME, payload)
-    _plot(timings, batch_sizes, out / f"{NAME}.png", doc["machine"])
+    doc = H.write_json(out / f"{NAME}.json", NAME, payload, quick=quick)
+    _plot(timings, batch_sizes, out / f"{NAME}.png", doc["meta"])
     print(_summary(table, profile))
     print(
         "fastest evaluate per sample per level: "

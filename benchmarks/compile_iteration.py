@@ -79,7 +79,7 @@ def run(quick: bool, out: Path, threads: int = 1) -> dict:
             f"compiled {H.format_seconds(timings['compiled'].median)} per solve; "
             f"same steps {rows[-1]['same_steps']}, max |diff| {rows[-1]['max_abs_diff']:.3g}"
         )
-    doc = H.write_json(out / f"{NAME}.json", NAME, {"threads": threading, "rows": rows})
+    doc = H.write_json(out / f"{NAME}.json", NAME, {"threads": threading, "rows": rows}, quick=quick)
     fig, (ax,) = H.figure()
     xs = [str(r["batch"]) for r in rows]
     width = 0.4

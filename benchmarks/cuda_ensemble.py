@@ -30,7 +30,9 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
 
     out = Path(out)
     if not torch.cuda.is_available():
-        return H.write_json(out / f"{NAME}.json", NAME, {"skipped": "CUDA not available (torch.cuda.is_available() is False)"})
+        return H.write_json(
+            out / f"{NAME}.json", NAME, {"skipped": "CUDA not available (torch.cuda.is_available() is False)"}, quick=quick
+        )
     import diffeqbridge as deb
 
     N = {"tiny": 1024, "quick": 100_000}.get(size or ("quick" if quick else "full"), 1_000_000)
@@ -61,7 +63,7 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
         "results": rows,
         "notes": ["peers (torchsde adaptive srk, diffrax SPaRK on GPU) to be added where a GPU run is available."],
     }
-    return H.write_json(out / f"{NAME}.json", NAME, payload)
+    return H.write_json(out / f"{NAME}.json", NAME, payload, quick=quick)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -515,7 +515,7 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
         "seconds": time.perf_counter() - start,
         "versions": {m: _dist_version(m) for m in ("diffusers", "k-diffusion")},
     }
-    doc = H.write_json(out / f"{NAME}.json", NAME, payload)
+    doc = H.write_json(out / f"{NAME}.json", NAME, payload, quick=quick)
     _plot(doc, out / f"{NAME}.png")
     return doc
 

@@ -74,7 +74,7 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
             if progress:
                 progress(f"{steps} {mode}")
     out = Path(out)
-    doc = H.write_json(out / f"{NAME}.json", NAME, {"config": {"size": size, "D_B_width": dims}, "rows": rows})
+    doc = H.write_json(out / f"{NAME}.json", NAME, {"config": {"size": size, "D_B_width": dims}, "rows": rows}, quick=quick)
     fig, axes = H.figure(size=(5.5, 4.0))
     series = {
         m: ([r["steps"] for r in rows if r["sensealg"] == m], [r["peak_mb"] for r in rows if r["sensealg"] == m])

@@ -124,7 +124,7 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
         rows["ours (SRA1)"].append(_row(gm, sol.ys[-1], sol.stats.nf, tol=tol, wall_s=time.perf_counter() - start))
     payload = {"config": {"n": n, "size": size, "t_end": t_end, "eps_abs": 0.0078, "sde": repr(sde)}, "rows": rows}
     out = Path(out)
-    doc = H.write_json(out / f"{NAME}.json", NAME, payload)
+    doc = H.write_json(out / f"{NAME}.json", NAME, payload, quick=quick)
     fig, axes = H.figure(ncols=1, size=(6.0, 4.2))
     ax = axes[0]
     for (label, rs), color in zip(rows.items(), ("C3", "C0", "C2")):

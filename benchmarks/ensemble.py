@@ -198,6 +198,7 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, devic
         Path(out) / f"{NAME}.json",
         NAME,
         {"n": n, "steps": STEPS, "device": device, "threads": info, "scheme_mean": exact, "cases": cases},
+        quick=quick,
     )
     fig, (ax,) = H.figure(size=(7.0, 4.5))
     for procs, style in ((1, "o-"), (2, "s-")):

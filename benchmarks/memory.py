@@ -80,7 +80,7 @@ def run(quick: bool, out: Path, threads: int = 1) -> dict[str, Any]:
         print(json.dumps(rows[-2]), json.dumps(rows[-1]), flush=True)
     payload = {"rows": rows}
     out.mkdir(parents=True, exist_ok=True)
-    H.write_json(out / f"{NAME}.json", NAME, payload)
+    H.write_json(out / f"{NAME}.json", NAME, payload, quick=quick)
     try:
         import matplotlib
 

@@ -237,7 +237,7 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None) -> di
         "results": rows,
     }
     out = Path(out)
-    doc = H.write_json(out / f"{NAME}.json", NAME, payload)
+    doc = H.write_json(out / f"{NAME}.json", NAME, payload, quick=quick)
     fig, axes = H.figure(ncols=2, size=(6.0, 3.6))
     for ax, prefix, title in (
         (axes[0], ("ours LatentSDE", "torchsde"), f"latent SDE training step, B={B}"),

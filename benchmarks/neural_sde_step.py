@@ -329,7 +329,7 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
         "results": rows,
     }
     out = Path(out)
-    doc = H.write_json(out / f"{NAME}.json", NAME, payload)
+    doc = H.write_json(out / f"{NAME}.json", NAME, payload, quick=quick)
     fig, (ax_t, ax_m) = H.figure(ncols=2, size=(6.0, 4.2))
     names = [r["case"] for r in rows]
     colors = ["C0" if n.startswith("ours") else "C2" if n.startswith("torchsde") else "C1" for n in names]

@@ -214,7 +214,7 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
         "problems": results,
     }
     out = Path(out)
-    doc = H.write_json(out / f"{NAME}.json", NAME, payload)
+    doc = H.write_json(out / f"{NAME}.json", NAME, payload, quick=quick)
     fig, axes = H.figure(ncols=2, nrows=len(results), size=(5.2, 3.8))
     colors = {"ours": "C0", "torchdiffeq": "C2", "diffrax": "C1"}
     for i, res in enumerate(results.values()):

@@ -248,7 +248,7 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
         "problems": results,
     }
     out = Path(out)
-    doc = H.write_json(out / f"{NAME}.json", NAME, payload)
+    doc = H.write_json(out / f"{NAME}.json", NAME, payload, quick=quick)
     fig, axes = H.figure(ncols=2, size=(5.5, 4.2))
     colors = ["C0", "C2", "C1"]
     for ax, (pname, res) in zip(axes, results.items()):

@@ -8,7 +8,7 @@ Each model is trained for the same iterations from the same seed; reported at te
 regularizer): test loss (and accuracy), NFE per trajectory (at the save times, and for
 ``(t0, t1)`` only) and prediction wall time, with ratios to the unregularized model.
 
-``python benchmarks/regularization.py [--quick] [--tiny] [--out bench_out]`` writes
+``python benchmarks/regularization.py [--quick] [--tiny] [--out DIR]`` writes
 ``regularization.json`` and ``regularization.png``; ``--quick`` takes about a minute, the
 full size about six CPU minutes.
 """
@@ -42,7 +42,7 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
     H.set_threads(threads)
     out = Path(out)
     payload = _example().run(quick, out, size=size or ("quick" if quick else "full"))
-    return H.write_json(out / f"{NAME}.json", NAME, payload)
+    return H.write_json(out / f"{NAME}.json", NAME, payload, quick=quick)
 
 
 def headline(doc: dict) -> str:

@@ -178,7 +178,7 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
         "problems": results,
     }
     out = Path(out)
-    doc = H.write_json(out / f"{NAME}.json", NAME, payload)
+    doc = H.write_json(out / f"{NAME}.json", NAME, payload, quick=quick)
     plot(results, names, out / f"{NAME}.png", B)
     print(summary(doc))
     return doc

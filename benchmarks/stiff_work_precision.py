@@ -296,7 +296,7 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
         "sde": sde,
     }
     out = Path(out)
-    doc = H.write_json(out / f"{NAME}.json", NAME, payload)
+    doc = H.write_json(out / f"{NAME}.json", NAME, payload, quick=quick)
     fig, axes = H.figure(ncols=len(ode) + 1, nrows=1, size=(4.8, 3.8))
     colors = {"ours": "C0", "diffrax": "C1", "torchdiffeq": "C2"}
     for ax, (name, res) in zip(axes, ode.items()):

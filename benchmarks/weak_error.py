@@ -95,7 +95,7 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
         "methods": rows,
     }
     out = Path(out)
-    doc = H.write_json(out / f"{NAME}.json", NAME, payload)
+    doc = H.write_json(out / f"{NAME}.json", NAME, payload, quick=quick)
     fig, axes = H.figure(ncols=2, size=(5.5, 4.0))
     colors = {"ours": "C0", "torchsde": "C2", "diffrax": "C1"}
     for ax, moment, se_key in ((axes[0], "err_m1", "se_m1"), (axes[1], "err_m2", "se_m2")):
