@@ -395,6 +395,20 @@ def format_seconds(x: float | None) -> str:
     return f"{x:.3g} s"
 
 
+def fmt(x: float | None, spec: str = "{:.3g}") -> str:
+    """``spec.format(x)``, or an em dash for a missing figure."""
+    return "—" if x is None else spec.format(x)
+
+
+def span(xs: Iterable[float | None], spec: str = "{:.2f}") -> str:
+    """``"lo–hi"`` of the present values (``"x"`` when they format alike, ``"—"`` when none)."""
+    vals = [x for x in xs if x is not None]
+    if not vals:
+        return "—"
+    lo, hi = spec.format(min(vals)), spec.format(max(vals))
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

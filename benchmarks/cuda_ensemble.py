@@ -66,6 +66,20 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
     return H.write_json(out / f"{NAME}.json", NAME, payload, quick=quick)
 
 
+def tables(doc: dict) -> dict[str, str]:
+    """``results``: wall time, throughput and mean error per tolerance (a note when skipped)."""
+    if doc.get("skipped"):
+        return {"results": f"(skipped: {doc['skipped']})"}
+    rows = [
+        (r["impl"], f"{r['tol']:g}", f"{r['wall_s']:.2f} s", f"{r['paths_per_s']:.3g}", f"{r['err']:.2e}") for r in doc["results"]
+    ]
+    return {
+        "results": H.markdown_table(
+            [f"{doc['config']['N']} paths on {doc['config']['device']}", "tol", "wall", "paths/s", "mean error"], rows
+        )
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = H.make_parser(__doc__.splitlines()[0])
     args = parser.parse_args(argv)
