@@ -400,6 +400,21 @@ def fmt(x: float | None, spec: str = "{:.3g}") -> str:
     return "—" if x is None else spec.format(x)
 
 
+def sci(x: float | None, digits: int = 1) -> str:
+    """``3.2e-3`` style (no zero-padded exponent), or an em dash."""
+    if x is None:
+        return "—"
+    mant, exp = f"{x:.{digits}e}".split("e")
+    return f"{mant}e{int(exp)}"
+
+
+def ratio(x: float | None) -> str:
+    """A ratio with two significant digits below 1 and one decimal above (``0.25``, ``1.9``)."""
+    if x is None:
+        return "—"
+    return f"{x:.1f}" if x >= 1 else f"{x:.2g}"
+
+
 def span(xs: Iterable[float | None], spec: str = "{:.2f}") -> str:
     """``"lo–hi"`` of the present values (``"x"`` when they format alike, ``"—"`` when none)."""
     vals = [x for x in xs if x is not None]

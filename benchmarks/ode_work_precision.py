@@ -248,12 +248,12 @@ def tables(doc: dict) -> dict[str, str]:
     rows = [
         (
             pname,
-            f"{m['err']:.0e}",
+            H.sci(m["err"], 0),
             H.fmt(m["ours_nfe"], "{:.0f}"),
             H.fmt(m["torchdiffeq_nfe"], "{:.0f}"),
             H.fmt(m["diffrax_nfe"], "{:.0f}"),
-            H.fmt(m["ratio_wall_s_vs_torchdiffeq"], "{:.2f}"),
-            H.fmt(m["ratio_wall_s_vs_diffrax"], "{:.2f}"),
+            H.ratio(m["ratio_wall_s_vs_torchdiffeq"]),
+            H.ratio(m["ratio_wall_s_vs_diffrax"]),
         )
         for pname, res in doc["problems"].items()
         for m in res["matched"]
