@@ -278,15 +278,22 @@ def plot(doc: dict) -> Any:
     return fig
 
 
+def _column(key: str) -> str:
+    """``"ratio nfe_total ours X (per-sample) / peer Y (shared)"`` -> ``"NFE ours / peer Y"``."""
+    kind, _, pair = key.removeprefix("ratio ").partition(" ")
+    peer = pair.split(" / ")[1].split(" (")[0]
+    return f"{'NFE' if kind == 'nfe_total' else 'batch work'} ours / {peer}"
+
+
 def tables(doc: dict) -> dict[str, str]:
     """``matched``: ours / peer in evaluations summed over the batch and in batch work, at matched max errors."""
     rows, header = [], ["problem", "max error"]
     for pname, res in doc["problems"].items():
         for m in res["matched"]:
             keys = [k for k in m if k.startswith("ratio ")]
-            cols = [k.removeprefix("ratio ").replace("nfe_total", "NFE").replace("batch_work", "batch work") for k in keys]
+            cols = [_column(k) for k in keys]
             header += [c for c in cols if c not in header]
-            rows.append((pname, f"{m['err']:.1e}", {c: H.fmt(m[k], "{:.2f}") for c, k in zip(cols, keys)}))
+            rows.append((pname, H.sci(m["err"]), {c: H.fmt(m[k], "{:.2f}") for c, k in zip(cols, keys)}))
     body = [(p, e, *(cells.get(c, "—") for c in header[2:])) for p, e, cells in rows]
     return {"matched": H.markdown_table(header, body)}
 

@@ -260,7 +260,11 @@ def plot(doc: dict) -> Any:
                 title=f"{results[pname]['title']}",
                 styles=styles,
             )
-            ax.legend(fontsize=6, ncol=2)
+            if j == 0:  # one legend per row, right of the wall-time panel, clear of the curves
+                ax.get_legend().remove()
+            else:
+                ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    fig.set_size_inches(14.0, 3.6 * len(names))
     return fig
 
 

@@ -54,28 +54,21 @@ def benchmark_module(name: str) -> Any:
 
 def _load(meta: Mapping[str, Any]) -> str:
     a, b = meta.get("loadavg_start"), meta.get("loadavg_end")
-    return "—" if a is None or b is None else f"{a[0]:.1f} / {b[0]:.1f}"
+    return "—" if a is None or b is None else f"{a[0]:.1f} → {b[0]:.1f}"
 
 
 def runs_table(docs: Mapping[str, Mapping[str, Any]]) -> str:
-    """Where each committed result comes from: date, mode, load average, threads, commit."""
+    """Where each committed result comes from: date, mode and threads, load average, commit."""
     rows = []
     for name, doc in docs.items():
         m = doc.get("meta", {})
         git = m.get("git") or {}
-        commit = (git.get("commit") or "")[:7] + (" (dirty)" if git.get("dirty") else "")
+        commit = (git.get("commit") or "—")[:7] + (" (dirty)" if git.get("dirty") else "")
         mode = {True: "quick", False: "full"}.get(m.get("quick"), "—")
-        rows.append(
-            (
-                f"`{name}`",
-                (m.get("date") or "—")[:16].replace("T", " "),
-                mode,
-                _load(m),
-                m.get("torch_threads", "—"),
-                commit or "—",
-            )
-        )
-    header = ["benchmark", "date (UTC)", "mode", "load avg. start / end", "torch threads", "commit"]
+        threads = m.get("torch_threads")
+        mode += "" if threads is None else f", {threads} thread{'s' if threads != 1 else ''}"
+        rows.append((f"`{name}`", (m.get("date") or "—")[:16].replace("T", " "), mode, _load(m), commit))
+    header = ["benchmark", "run (UTC)", "mode", "load avg. start → end", "commit"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
 
