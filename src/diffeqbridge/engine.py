@@ -407,7 +407,7 @@ def _scatter(full: Any, part: Any, idx: Tensor, batch: int) -> Any:
     return full.index_put((idx,), part)
 
 
-def _forced_times(save_times: Tensor, tstops: Sequence[float], interpolate: bool) -> tuple[Tensor, Tensor]:
+def forced_times(save_times: Tensor, tstops: Sequence[float], interpolate: bool) -> tuple[Tensor, Tensor]:
     """``(stops, stop_slot)`` of :class:`Integrator`: ``tstops`` strictly inside the solve's
     span, merged with the save times (all of them, or the first and last when saves are
     interpolated), in the direction time runs."""
@@ -453,7 +453,7 @@ class Integrator:
         self.controller = PIController.for_solver(solver) if options.adaptive else None
         self.interpolate = saves_by_interpolation(solver, options, tree is not None)
         self.kind = interpolant_kind(solver)
-        self.stops, self.stop_slot = _forced_times(save_times, options.tstops, self.interpolate)
+        self.stops, self.stop_slot = forced_times(save_times, options.tstops, self.interpolate)
         self.n_stop = self.stops.shape[0]
         self._span = (float(save_times[0]), float(save_times[-1]))
         # saves waiting for the next check: (first save index, count, t, signed h, y, out, f0)
