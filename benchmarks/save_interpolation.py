@@ -8,16 +8,16 @@
   within rounding (``linspace(0, T, n + 1)``: one step each, none added) and off the grid
   (``linspace(0, T, n)``: a step lands on each, the grid restarts there; about 2n steps).
 
-Writes ``benchmarks/results/save_interpolation.json`` (``--out`` to change the folder).
+Writes ``benchmarks/results/save_interpolation.json``; the table in BENCHMARKS.md is
+rendered from it (``python tools/bench_report.py --write``).
 
     python benchmarks/save_interpolation.py [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,14 @@ from typing import Any
 import torch
 
 import diffeqbridge as deb
+
+try:
+    from . import _harness as H
+except ImportError:  # run as a script: python benchmarks/save_interpolation.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _harness as H  # type: ignore[no-redef]
+
+NAME = "save_interpolation"
 
 RATES = torch.tensor([0.5, 1.0, 1.5, 2.0], dtype=torch.float64).unsqueeze(1)
 
@@ -74,23 +82,26 @@ def sde_rows(n: int) -> list[dict[str, Any]]:
     return rows
 
 
-def run(quick: bool, out: Path) -> dict[str, Any]:
-    torch.set_num_threads(1)
+def run(quick: bool, out: Path, threads: int = 1) -> dict[str, Any]:
+    H.set_threads(threads)
     rows = ode_rows(1 if quick else 3) + sde_rows(1_000 if quick else 10_000)
     for row in rows:
         print(row)
-    doc = {"benchmark": "save_interpolation", "quick": quick, "rows": rows}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "save_interpolation.json").write_text(json.dumps(doc, indent=1) + "\n")
-    return doc
+    return H.write_json(out / f"{NAME}.json", NAME, {"rows": rows}, quick=quick)
+
+
+def tables(doc: dict[str, Any]) -> dict[str, str]:
+    """``rows``: steps, wall time and (ODE) the largest error against the closed form per case."""
+    lines = ["| case | steps | wall (s) | largest error |", "| --- | --- | --- | --- |"]
+    for row in doc["rows"]:
+        error = f"{row['max_error']:.1e}" if "max_error" in row else ""
+        lines.append(f"| {row['case']} | {row['steps']:,} | {row['wall_s']:.2g} | {error} |")
+    return {"rows": "\n".join(lines)}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats, a 10x shorter SDE span")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args(argv)
-    run(args.quick, args.out)
+    args = H.make_parser(__doc__.splitlines()[0]).parse_args(argv)
+    run(args.quick, args.out, threads=args.threads)
     return 0
 
 
