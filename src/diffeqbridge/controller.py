@@ -100,17 +100,33 @@ class PIController:
         return proposed, qold
 
 
-def clip_step(dt: Tensor, t: Tensor, target: Tensor, active: Tensor, sign: float) -> tuple[Tensor, Tensor, Tensor]:
-    """The step each sample takes towards its next save time ``target`` (``(B,)`` each).
+def clip_step(
+    dt: Tensor,
+    t: Tensor,
+    target: Tensor,
+    active: Tensor,
+    sign: float,
+    snap: Tensor | None = None,
+    last: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The step each sample takes towards its next forced time ``target`` (``(B,)`` each).
 
-    ``dt``: proposed magnitudes; ``sign``: the time direction.  A step reaching ``target``
-    (within ``1e-12`` relative) lands on it exactly.  Returns the step magnitudes, the new
-    times (``t`` for inactive samples) and the ``(B,)`` mask of steps that land on ``target``.
+    ``dt``: proposed magnitudes; ``sign``: the time direction.  Adaptive (``snap`` None): a
+    step reaching ``target`` (within ``1e-12`` relative) lands on it exactly.  Fixed steps:
+    a grid point within ``snap`` (``(B,)``) of ``target`` counts as reaching it and keeps its
+    full step, unless ``last`` (``(B,)``: ``target`` is the end) — only a step overshooting
+    ``target`` by more than ``snap`` is shortened onto it.  Returns the step magnitudes, the
+    new times (``t`` for inactive samples) and the ``(B,)`` mask of steps that reach ``target``.
     """
     remaining = sign * (target - t)
-    hits = active & (dt >= remaining * (1 - 1e-12))
-    step_dt = torch.where(hits, remaining, dt)
-    t_new = torch.where(active, torch.where(hits, target, t + sign * step_dt), t)
+    if snap is None:
+        hits = active & (dt >= remaining * (1 - 1e-12))
+        land = hits
+    else:
+        hits = active & (dt + snap >= remaining)
+        land = hits & ((dt - remaining > snap) | last) if last is not None else hits & (dt - remaining > snap)
+    step_dt = torch.where(land, remaining, dt)
+    t_new = torch.where(active, torch.where(land, target, t + sign * step_dt), t)
     return step_dt, t_new, hits
 
 
