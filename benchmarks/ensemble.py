@@ -219,7 +219,7 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, devic
 def tables(doc: dict) -> dict[str, str]:
     """``cases``: throughput and the estimate of every case."""
     rows = [
-        (k, f"{c['paths_per_s']:.2g}", f"{c['seconds']:.2f}", f"{c['mean']:.5f} ± {c['sem']:.5f}")
+        (k, H.sci(c["paths_per_s"]), f"{c['seconds']:.2f}", f"{c['mean']:.5f} ± {c['sem']:.5f}")
         for k, c in doc["cases"].items()
         if "paths_per_s" in c
     ]
