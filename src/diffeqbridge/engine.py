@@ -59,11 +59,11 @@ class EngineOptions:
     # solve(..., compact=f): gather the active samples into a smaller batch when their
     # fraction falls below f (0: never; Integrator.run, Integrator.compact_refusal)
     compact: float = 0.0
+    # warn (once per reason) when compact > 0 cannot apply
+    compact_warn: bool = True
     # solve(..., tstops=...): times every sample's steps land on (besides the save times
     # where those are forced, and the end)
     tstops: tuple[float, ...] = ()
-    # warn (once per reason) when compact > 0 cannot apply; False where compact is solve's default
-    compact_warn: bool = True
 
 
 class _Progress:
@@ -391,6 +391,21 @@ _PER_SAMPLE = (
 )
 
 
+def _batch_coupling(solver: AbstractSolver) -> str | None:
+    """Why ``solver`` (or a solver it wraps) couples the samples of a batch, from its
+    ``batch_coupled`` property or its Newton options (None: every sample's step is its own)."""
+    reason = getattr(solver, "batch_coupled", None)
+    if reason:
+        return f"{type(solver).__name__}: {reason}"
+    if getattr(getattr(solver, "newton", None), "early_exit", False):
+        return (
+            f"{type(solver).__name__}: its Newton iterations run until every sample of the batch has "
+            "converged (NewtonOptions(early_exit=False) gives each sample a fixed count)"
+        )
+    inner = (v for v in vars(solver).values() if isinstance(v, AbstractSolver))
+    return next((r for v in inner if (r := _batch_coupling(v))), None)
+
+
 def _not_batch_first(x: Any, batch: int, where: str) -> str | None:
     """None when every tensor in ``x`` (nested tuples/lists/dicts) has ``batch`` rows along
     its first axis, so :func:`_gather` can select samples; else the first offending path.
@@ -405,7 +420,8 @@ def _not_batch_first(x: Any, batch: int, where: str) -> str | None:
 
 
 def _gather(x: Any, idx: Tensor) -> Any:
-    """Rows ``idx`` of every tensor in ``x`` (nested tuples/lists/dicts; other leaves as they are)."""
+    """Rows ``idx`` of every tensor in ``x`` (nested (named) tuples/lists/dicts; other leaves
+    as they are)."""
     if isinstance(x, tuple):
         return _rebuild(x, (_gather(v, idx) for v in x))
     if isinstance(x, list):
@@ -422,8 +438,8 @@ def _scatter(full: Any, part: Any, idx: Tensor, batch: int) -> Any:
     other rows; non-tensor leaves are taken from ``part``."""
     if isinstance(part, (tuple, list)):
         full = full if isinstance(full, (tuple, list)) else [None] * len(part)
-        items = [_scatter(f, p, idx, batch) for f, p in zip(full, part)]
-        return _rebuild(part, items) if isinstance(part, tuple) else items
+        items = (_scatter(f, p, idx, batch) for f, p in zip(full, part))
+        return _rebuild(part, items) if isinstance(part, tuple) else list(items)
     if isinstance(part, dict):
         full = full if isinstance(full, dict) else {}
         return {k: _scatter(full.get(k), v, idx, batch) for k, v in part.items()}
@@ -605,17 +621,18 @@ class Integrator:
     def compact_refusal(self) -> str | None:
         """Why ``solve(..., compact=f)`` cannot compact this run (None: it can).  Compaction
         needs samples that are independent rows the loop can gather: no observers (events,
-        dense output and regularizers record the full batch) and not
-        ``compile=True`` (every compacted size would be a new compilation).  Checkpointed
-        runs compact: their snapshots are of the full batch, and a segment's re-run with
-        masked fields is caught by :meth:`_field_refusal`."""
+        dense output and regularizers record the full batch), a solver whose steps do not
+        couple samples (``batch_coupled``; its state in ``LoopState.solver_state`` is gathered
+        like the rest), and not ``compile=True`` (every compacted size would be a new
+        compilation).  Checkpointed runs compact: their snapshots are of the full batch, and a
+        segment's re-run with masked fields is caught by :meth:`_field_refusal`."""
         if self.options.compact <= 0:
             return "compact=0"
         if self.options.compile:
             return "compile=True (every compacted batch size would be a new compilation)"
         if self.observer is not None:
             return "events, dense output and regularizers observe the full batch"
-        return None
+        return _batch_coupling(self.solver)
 
     def _state_refusal(self, s: LoopState) -> str | None:
         """Why the loop state cannot be gathered by sample (a tensor that is not batch-first)."""
