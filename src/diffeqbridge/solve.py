@@ -12,13 +12,12 @@ from torch import Tensor
 from ._tree_kernel import check_seed
 from .adjoint import DiscreteAdjoint
 from .brownian import VirtualBrownianTree, solve_tol
-from .controller import sde_initial_dt
+from .controller import initial_dt
 from .engine import EngineOptions, integrate
 from .problem import ODEProblem, SDEProblem, Terms, check_additive, check_field_shapes
 from .solution import Solution
 from .solvers import SOSRI, AutoSOSRI, AutoSwitch, AutoTsit5, ImplicitRKMil, LambaEM, LambaEulerHeun, RKMil, ShARK
 from .solvers.base import AbstractSolver
-from .solvers.runge_kutta import hairer_initial_dt
 
 BACKENDS = ("auto", "native", "julia")
 ALG_HINTS = ("auto", "nonstiff", "stiff")
@@ -142,24 +141,42 @@ def _check_positive(name: str, value: Any, allow_zero: bool = False) -> float:
     return value
 
 
+def _as_times(value: Any, name: str, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``value`` (a 1-D sequence/tensor of finite times) as ``(given, float64 times)``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        raise TypeError(f"{name} must be a 1-D sequence/tensor of times (use [t] for one time)")
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a 1-D sequence/tensor of times; got {value!r}")
+    try:
+        given = value.detach() if isinstance(value, Tensor) else torch.as_tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{name} must be a 1-D sequence/tensor of times; got {type(value).__name__}") from exc
+    if not (given.is_floating_point() or given.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"{name} must hold real numbers; got dtype {given.dtype}")
+    times = given.to(device=device, dtype=torch.float64)
+    if times.ndim != 1 or times.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D array of times; got shape {tuple(times.shape)}")
+    if not bool(torch.isfinite(times).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+    return given, times
+
+
+def _check_tstops(tstops: Any, t0: float, t1: float) -> tuple[float, ...]:
+    """``tstops`` as floats inside tspan (any order; the engine sorts them)."""
+    if tstops is None:
+        return ()
+    _, times = _as_times(tstops, "tstops", torch.device("cpu"))
+    a, b = min(t0, t1), max(t0, t1)
+    lo, hi = float(times.min()), float(times.max())
+    if lo < a or hi > b:
+        raise ValueError(f"tstops must lie inside tspan [{a}, {b}]; got times in [{lo}, {hi}]")
+    return tuple(times.tolist())
+
+
 def _check_saveat(saveat: Any, t0: float, t1: float, device: torch.device) -> Tensor:
     if saveat is None:
         return torch.tensor([t0, t1], dtype=torch.float64, device=device)
-    if isinstance(saveat, (int, float)) and not isinstance(saveat, bool):
-        raise TypeError("saveat must be a 1-D sequence/tensor of times (use [t] for one time)")
-    if isinstance(saveat, (str, bytes)):
-        raise TypeError(f"saveat must be a 1-D sequence/tensor of times; got {saveat!r}")
-    try:
-        given = saveat.detach() if isinstance(saveat, Tensor) else torch.as_tensor(saveat, dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise TypeError(f"saveat must be a 1-D sequence/tensor of times; got {type(saveat).__name__}") from exc
-    if not (given.is_floating_point() or given.dtype in (torch.int32, torch.int64)):
-        raise TypeError(f"saveat must hold real numbers; got dtype {given.dtype}")
-    times = given.to(device=device, dtype=torch.float64)
-    if times.ndim != 1 or times.numel() == 0:
-        raise ValueError(f"saveat must be a non-empty 1-D array of times; got shape {tuple(times.shape)}")
-    if not bool(torch.isfinite(times).all()):
-        raise ValueError("saveat contains NaN or Inf")
+    given, times = _as_times(saveat, "saveat", device)
     a, b = min(t0, t1), max(t0, t1)
     span = b - a
     # times given in a lower precision (float32 saveat on a float32 problem) are compared
@@ -218,12 +235,6 @@ def _check_brownian(
     return brownian
 
 
-def _g_size(terms: Terms) -> Any:
-    if terms.noise == "general":
-        return lambda g: torch.sqrt(torch.sum(g * g, dim=-1))
-    return lambda g: g
-
-
 def solve(
     prob: ODEProblem,
     alg: AbstractSolver | None = None,
@@ -247,6 +258,7 @@ def solve(
     events: Any = None,
     compile: bool = False,
     compact: float = 0.0,
+    tstops: Sequence[float] | Tensor | None = None,
 ) -> Solution:
     """Solve an SDE or ODE problem for every sample of the batch.
 
@@ -256,7 +268,17 @@ def solve(
         dt: initial step for adaptive solvers, the step for fixed-step ones.
         adaptive: defaults to True for solvers with an error estimate.
         atol, rtol: tolerances (SDE default ``1e-2``/``1e-2``, ODE ``1e-6``/``1e-3``).
-        saveat: 1-D times every sample is saved at; ``None`` -> ``(t0, t1)``.
+        saveat: 1-D times every sample is saved at; ``None`` -> ``(t0, t1)``.  Adaptive ODE
+            solves step freely and fill the save times from the solver's interpolant
+            (:mod:`diffeqbridge.dense`; Tsit5/Dopri5 4th order, Rodas4 3rd, cubic Hermite for
+            the other ODE solvers); SDE and fixed-step solves step onto every save time, a
+            fixed-step one saving at its grid point when that lies within rounding
+            (:func:`diffeqbridge.engine.snap_tolerance`) of the save time (docs/engine.md, "Saving").
+        tstops: times every sample's steps land on (SciML's ``tstops``: discontinuities of the
+            fields; pass ``tstops=saveat`` to have an adaptive ODE solve step onto its save
+            times rather than interpolate them); exactly, except that a fixed-step solve snaps
+            a time within rounding of its grid point as it does save times.  Times outside
+            tspan are refused; ones past the last save time are not reached.
         seed: seed of the Brownian tree made when ``brownian`` is None.
         brownian: a :class:`VirtualBrownianTree` of shape ``(B, *noise_shape)``.
         max_steps: per-sample limit on attempted steps (-> ``ReturnCode.MaxIters``).
@@ -357,7 +379,11 @@ def solve(
     hooked = dense or bool(event_list)
     if (hooked or sample_offset) and backend == "julia":
         raise ValueError("dense=True, events= and sample_offset= run on the native backend only; use backend='native' or 'auto'")
-    hooked_or_offset = hooked or sample_offset != 0 or compile or compact > 0  # native only: the julia backend has none of them
+    if tstops is not None and backend == "julia":
+        raise ValueError("tstops= runs on the native backend only; use backend='native' or 'auto'")
+    hooked_or_offset = (
+        hooked or sample_offset != 0 or compile or compact > 0 or tstops is not None
+    )  # native only: the julia backend has none of them
     if event_list and sensealg is not None and not (isinstance(sensealg, DiscreteAdjoint) and sensealg.checkpoints is None):
         raise ValueError(
             f"events= supports gradients by backprop through the steps only (sensealg=None or "
@@ -384,6 +410,7 @@ def solve(
         raise TypeError(f"progress must be a bool; got {progress!r}")
     device = prob.y0.device
     save_times = _check_saveat(saveat, t0, t1, device)
+    stop_times = _check_tstops(tstops, t0, t1)
     requested_first = saveat is None or save_times.numel() == torch.as_tensor(saveat).numel()
     if not prob.is_sde and brownian is not None:
         raise ValueError("brownian= was given for an ODEProblem, which has no noise; drop it (or make an SDEProblem)")
@@ -423,42 +450,10 @@ def solve(
             return sol
     counts = (1, 1 + extra_g if g0 is not None else 0)
 
-    if dt is not None:
-        dt_initial = torch.full((batch,), dt, dtype=torch.float64, device=device)
-    elif prob.is_sde:
-        assert g0 is not None and terms.diffusion is not None
-        dt_initial, extra_f, extra_g = sde_initial_dt(
-            terms.drift,
-            terms.diffusion,
-            _g_size(terms),
-            t_start,
-            prob.y0,
-            f0,
-            g0,
-            solver.controller_order,
-            atol,
-            rtol,
-            span,
-            direction=1.0 if t1 > t0 else -1.0,
-        )
-        counts = (counts[0] + extra_f, counts[1] + extra_g)
-    else:
-        dt_initial, extra_f = hairer_initial_dt(
-            terms.drift,
-            t_start,
-            prob.y0,
-            f0,
-            solver.controller_order,
-            atol,
-            rtol,
-            dtmax=span,
-            direction=1.0 if t1 > t0 else -1.0,
-        )
-        counts = (counts[0] + extra_f, counts[1])
-    # the heuristics can return absurdly small steps for stiff problems (the exponent is
-    # divided by the method's order); start no lower than a safe multiple of dtmin
-    if dt is None:
-        dt_initial = dt_initial.clamp(min=max(100.0 * dtmin_value, 1e-10 * min(span, 1.0)))
+    dt_initial, extra_f, extra_g = initial_dt(
+        terms, solver, t_start, prob.y0, f0, g0, atol, rtol, span, 1.0 if t1 > t0 else -1.0, dt, dtmin_value
+    )
+    counts = (counts[0] + extra_f, counts[1] + extra_g)
     terms.tolerances = (atol, rtol) if adaptive else None
     options = EngineOptions(
         adaptive=adaptive,
@@ -470,6 +465,7 @@ def solve(
         check_every=_check_every(check_every, device),
         compile=compile,
         compact=float(compact),
+        tstops=stop_times,
     )
     if sensealg is None and (regularize is None or regularize.is_local):
         # a global regularizer needs the graph of every step: keep plain backprop
