@@ -270,11 +270,11 @@ EMBEDDED_QMAX = 3 / 2
 # span / forward steps) stalled in tests/test_regularization.py; see BENCHMARKS.md section 1.
 
 
-def check_error_estimate(value: str) -> str:
-    """``"embedded"`` (difference to the embedded lower-order solution) or ``"sciml"``
-    (StochasticDiffEq's ``delta * E1 + E2``)."""
-    if value not in ERROR_ESTIMATES:
-        raise ValueError(f"error_estimate must be one of {ERROR_ESTIMATES}; got {value!r}")
+def check_error_estimate(value: str, allowed: tuple[str, ...] = ERROR_ESTIMATES) -> str:
+    """One of ``allowed``: by default ``"embedded"`` (difference to the embedded lower-order
+    solution) or ``"sciml"`` (StochasticDiffEq's ``delta * E1 + E2``)."""
+    if value not in allowed:
+        raise ValueError(f"error_estimate must be one of {allowed}; got {value!r}")
     return value
 
 
