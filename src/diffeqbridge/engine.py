@@ -152,18 +152,27 @@ def fixed_grid(a: float, b: float, dt: float) -> list[float]:
 _EPS64 = float(torch.finfo(torch.float64).eps)
 
 
-def snap_tolerance(dt: float | Tensor, times: Sequence[float]) -> Any:
-    """How far a fixed-step solve's grid point may lie from a save time to be saved there
-    instead of adding a sliver step: ``max(1e-9 dt, 64 eps max(|t_first|, |t_last|))``, at
-    most ``dt / 2`` (``dt``: the step's magnitude, a float or a ``(B,)`` tensor).
+def snap_bounds(times: Sequence[float]) -> tuple[float, float]:
+    """``(floor, cap)`` of :func:`snap_tolerance` for the forced times ``times``."""
+    floor = 64.0 * _EPS64 * max(abs(times[0]), abs(times[-1]))
+    gap = min((abs(b - a) for a, b in zip(times[:-1], times[1:])), default=math.inf)
+    return floor, 0.25 * gap
+
+
+def snap_tolerance(dt: float | Tensor, times: Sequence[float], bounds: tuple[float, float] | None = None) -> Any:
+    """How far a fixed-step solve's grid point may lie from a forced (save) time to be saved
+    there instead of adding a sliver step: ``max(1e-9 dt, 64 eps max(|t_first|, |t_last|))``,
+    at most ``dt / 2`` and a quarter of the smallest gap between the times (so two of them
+    never snap to one grid point).  ``dt``: the step's magnitude, a float or a ``(B,)`` tensor;
+    ``bounds``: :func:`snap_bounds` of ``times``, when already known.
 
     ``1e-9 dt`` covers the rounding a grid accumulated by ``t + dt`` collects over many
     steps; the state is then reported ``≤ 1e-9 dt`` away from its time, far below any
     scheme's error.  ``64 eps |t|`` covers a step that is tiny against ``|t|``."""
-    floor = 64.0 * _EPS64 * max(abs(times[0]), abs(times[-1]))
+    floor, cap = snap_bounds(times) if bounds is None else bounds
     if isinstance(dt, Tensor):
-        return torch.minimum((1e-9 * dt).clamp(min=floor), 0.5 * dt)
-    return min(max(1e-9 * dt, floor), 0.5 * dt)
+        return torch.minimum((1e-9 * dt).clamp(min=floor), (0.5 * dt).clamp(max=cap))
+    return min(max(1e-9 * dt, floor), 0.5 * dt, cap)
 
 
 def fixed_steps(
@@ -489,7 +498,7 @@ class Integrator:
         self.kind = interpolant_kind(solver)
         self.stops, self.stop_slot = forced_times(save_times, options.tstops, self.interpolate)
         self.n_stop = self.stops.shape[0]
-        self._span = (float(save_times[0]), float(save_times[-1]))
+        self._snap_bounds = snap_bounds(self.stops.tolist())
         # saves waiting for the next check: (first save index, count, t, signed h, y, out, f0)
         # of each accepted step (:meth:`_flush_saves`)
         self._pending: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor, StepOutput, Any]] = []
@@ -705,7 +714,7 @@ class Integrator:
         if self.controller is not None:
             step_dt, t_new, hits = clip_step(s.dt, s.t, target, s.active, sign)
         else:
-            snap = snap_tolerance(s.dt, self._span)
+            snap = snap_tolerance(s.dt, (), self._snap_bounds)
             step_dt, t_new, hits = clip_step(s.dt, s.t, target, s.active, sign, snap, stop >= self.n_stop - 1)
         dt_eval = _masked_lanes(s.active, s.t, step_dt, sign, self.t_start, self.t_end)
         # --- noise

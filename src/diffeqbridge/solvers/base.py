@@ -151,7 +151,6 @@ class AbstractSolver:
         dw: Tensor | None,
         levy_h: Tensor | None,
         f0: Tensor | None = None,
-        state: Any = None,
     ) -> StepOutput:
         """Advance every sample from ``t`` to ``t + dt``.
 
@@ -164,8 +163,9 @@ class AbstractSolver:
             levy_h: ``(B, *noise_shape)`` space-time Lévy area over the step, present when
                 ``needs_levy_area``.  ``int_s^t (W_u - W_s) du = dt * (H + dW / 2)``.
             f0: ``drift(t, y)`` when ``fsal``.
-            state: the solver's state (stateful solvers only, :meth:`init`); the step
-                returns the next one in ``StepOutput.state`` and leaves ``self`` unchanged.
+
+        Stateful solvers (:meth:`init` not None) take an eighth argument, ``state``, and return
+        the next state in ``StepOutput.state``; ``self`` never changes (:func:`call_step`).
         """
         raise NotImplementedError
 
@@ -202,7 +202,8 @@ def call_step(
     stateless solvers keep the seven-argument signature."""
     if state is None:
         return solver.step(terms, t, y, dt, dw, levy_h, f0)
-    return solver.step(terms, t, y, dt, dw, levy_h, f0, state)
+    stateful: Any = solver.step  # the eight-argument signature of stateful solvers
+    return stateful(terms, t, y, dt, dw, levy_h, f0, state)
 
 
 def hairer_eigen_estimate(df: Tensor, dy: Tensor) -> Tensor:
@@ -269,11 +270,11 @@ EMBEDDED_QMAX = 3 / 2
 # span / forward steps) stalled in tests/test_regularization.py; see BENCHMARKS.md section 1.
 
 
-def check_error_estimate(value: str) -> str:
-    """``"embedded"`` (difference to the embedded lower-order solution) or ``"sciml"``
-    (StochasticDiffEq's ``delta * E1 + E2``)."""
-    if value not in ERROR_ESTIMATES:
-        raise ValueError(f"error_estimate must be one of {ERROR_ESTIMATES}; got {value!r}")
+def check_error_estimate(value: str, allowed: tuple[str, ...] = ERROR_ESTIMATES) -> str:
+    """One of ``allowed``: by default ``"embedded"`` (difference to the embedded lower-order
+    solution) or ``"sciml"`` (StochasticDiffEq's ``delta * E1 + E2``)."""
+    if value not in allowed:
+        raise ValueError(f"error_estimate must be one of {allowed}; got {value!r}")
     return value
 
 
