@@ -77,7 +77,7 @@ def _leaf_tensors(outputs: list[Tensor]) -> list[Tensor]:
         variable = getattr(fn, "variable", None)
         if isinstance(variable, Tensor):
             leaves.append(variable)
-        stack.extend(nxt for nxt, _ in fn.next_functions)
+        stack.extend(nxt for nxt, _ in fn.next_functions if nxt is not None)
     return leaves
 
 

@@ -119,6 +119,7 @@ def reversible_backward(c: _Ctx, y_end: Tensor, z_end: Tensor, grad_ys: Tensor) 
                 h_next, dw_next = step_next
                 outs.append(f_j * h_next + terms.g_dw(g_j, dw_next))
                 cots.append(zbar_next + 0.5 * ybar_next)
+            grads: tuple[Tensor | None, ...]
             if outs:
                 grads = torch.autograd.grad(outs, [z_in, *params], grad_outputs=cots, allow_unused=True)
             else:
