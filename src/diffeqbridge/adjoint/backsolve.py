@@ -216,11 +216,12 @@ class AdjointField:
                 zero = torch.zeros_like(a)
                 return inc, zero, _flat_params(params, a) * 0 if with_params else None, None
             inputs = [y_, *params] if with_params else [y_]
-            grads = torch.autograd.grad(inc, inputs, grad_outputs=a, allow_unused=True, retain_graph=not with_params)
+            keep = not with_params and bool(params)  # the stage graph, for ParamAdjoint
+            grads = torch.autograd.grad(inc, inputs, grad_outputs=a, allow_unused=True, retain_graph=keep)
         da = grads[0] if grads[0] is not None else torch.zeros_like(a)
         if with_params:
             return inc.detach(), da, _flatten_grads(tuple(grads[1:]), params, a), None
-        return inc.detach(), da, None, inc
+        return inc.detach(), da, None, inc if keep else None
 
 
 @dataclass
