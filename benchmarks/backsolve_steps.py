@@ -11,10 +11,10 @@ Cases (float64, one fixed Brownian tree each):
 
 For each: forward steps per sample, backward steps per sample (``stats.extra["adjoint_naccept"]``),
 drift calls of the backward pass (each call evaluates the whole batch), seconds of the
-backward pass, relative gradient error.  Before this change (batch-shared backward
-integrator, measured interleaved on the same machine): GBM tol 1e-2: 104 backward drift
-calls, errors (3.8e-3, 1.8e-2); tol 1e-3: 1,142 calls, (3.4e-4, 1.5e-3); wave at tol 1e-6:
-``RuntimeError: backward solve exceeded max_steps`` on [0, 1].
+backward pass, relative gradient error.  Before this change (the batch-shared backward
+integrator, measured back to back on the same machine): GBM tol 1e-2: 104 backward drift
+calls, errors (3.8e-3, 1.8e-2); tol 1e-3: 1,142 calls, (3.4e-4, 1.5e-3).  After: 62 calls,
+(5.1e-3, 1.7e-2); 404 calls, (4.6e-4, 1.5e-3).
 
 ``python benchmarks/backsolve_steps.py [--quick] [--out bench_out]`` writes
 ``backsolve_steps.json``.

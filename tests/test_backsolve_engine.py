@@ -2,8 +2,9 @@
 
 Per-sample backward steps (a sample's gradient does not depend on its batch), return codes
 instead of ``RuntimeError`` when ``max_steps`` is hit, agreement with ``DiscreteAdjoint``
-within O(tol) on the wave SDE at tol 1e-4 and 1e-6 (1e-6 used to stop with "backward solve
-exceeded max_steps"), and gradients against closed forms on an ODE and an SDE.  float64.
+within O(tol) on the wave SDE at tol 1e-4 and 1e-6 (the issue's reproducer stopped with
+"backward solve exceeded max_steps" at 1e-6), and gradients against closed forms on an ODE
+and an SDE.  float64.
 """
 
 from __future__ import annotations
