@@ -16,8 +16,7 @@ integrator, measured back to back on the same machine): GBM tol 1e-2: 104 backwa
 calls, errors (3.8e-3, 1.8e-2); tol 1e-3: 1,142 calls, (3.4e-4, 1.5e-3).  After: 62 calls,
 (5.1e-3, 1.7e-2); 404 calls, (4.6e-4, 1.5e-3).
 
-``python benchmarks/backsolve_steps.py [--quick] [--out bench_out]`` writes
-``backsolve_steps.json``.
+``python benchmarks/backsolve_steps.py [--quick]`` writes ``benchmarks/results/backsolve_steps.json``.
 """
 
 from __future__ import annotations
@@ -124,9 +123,8 @@ def run(quick: bool, out: Path, threads: int = 1) -> dict[str, Any]:
     for tol, t_end, batch in wave_cases:
         results["wave"][f"{tol:g}"] = _wave_case(tol, t_end, batch)
         print("wave", tol, results["wave"][f"{tol:g}"], flush=True)
-    return H.write_json(
-        out / "backsolve_steps.json", "backsolve_steps", {"quick": quick, "threading": threading, "results": results}
-    )
+    payload = {"threading": threading, "results": results}
+    return H.write_json(out / "backsolve_steps.json", "backsolve_steps", payload, quick=quick)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -242,17 +242,19 @@ class AugmentedRK(AbstractSolver):
     A stage input that is not finite is replaced by the step's start (so no ``0 · inf``
     reaches the parameters' gradient) and the sample's step is made non-finite (rejected,
     or ``Unstable`` for fixed steps).  ``param_now``: take the parameter VJP inside the
-    stage VJPs with the cotangent of every lane (fixed steps: a lane that computes is
-    accepted unless its step fails, which fails the gradient anyway); otherwise return the
-    stage graphs for :class:`ParamAdjoint`, which weights them by the accept decision.
+    stage VJPs with the cotangent of every lane not yet at the segment's end ``t_end``
+    (fixed steps: such a lane is accepted unless its step fails, which fails the gradient
+    anyway); otherwise return the stage graphs for :class:`ParamAdjoint`, which weights
+    them by the accept decision.
     """
 
     fsal = False
     adaptive = True
     needs_levy_area = False
 
-    def __init__(self, adjoint_field: AdjointField, scheme: Any, sde: bool, order: float, param_now: bool):
+    def __init__(self, adjoint_field: AdjointField, scheme: Any, sde: bool, order: float, param_now: bool, t_end: float):
         self.adjoint_field = adjoint_field
+        self.t_end = t_end  # the segment's end, where finished samples are held
         self.nodes, self.rows, self.weights, self.error_weights = scheme
         self.is_sde = sde  # type: ignore[misc]  # the engine's controller defaults follow it
         self.controller_order = order  # type: ignore[misc]
@@ -277,6 +279,9 @@ class AugmentedRK(AbstractSolver):
         bad = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
         param_grad: Tensor | None = None
         pending: list[tuple[Tensor, Tensor]] = []
+        # param_now: lanes held at the segment's end (finished, in the iterations before the
+        # loop's next stop check) must add nothing: their cotangent is zeroed
+        running = expand_to(t != self.t_end, state).to(state.dtype) if self.param_now else None
         for i, ci in enumerate(self.nodes):
             zi = z
             for j, aij in enumerate(self.rows[i]):
@@ -285,7 +290,8 @@ class AugmentedRK(AbstractSolver):
             ok = torch.isfinite(zi).flatten(1).all(dim=1)
             bad = bad | ~ok
             zi = torch.where(expand_to(ok, zi), zi, z)
-            inc, da, pg, graph = self.adjoint_field(t + ci * dt64, zi[:, 0], zi[:, 1], dt_y, dw, self.param_now)
+            cot = zi[:, 1] if running is None else zi[:, 1] * running
+            inc, da, pg, graph = self.adjoint_field(t + ci * dt64, zi[:, 0], cot, dt_y, dw, self.param_now)
             ks.append(torch.stack([inc, -da], dim=1))
             bi = self.weights[i]
             if bi != 0.0:
@@ -375,7 +381,7 @@ def backsolve_backward(c: _Ctx, ys: Tensor, grad_ys: Tensor) -> tuple[Tensor, Te
     assert isinstance(sensealg, BacksolveAdjoint) and c.stats is not None
     adaptive, atol, rtol, dt = _backward_settings(c, sensealg)
     sde = c.tree is not None
-    solver = AugmentedRK(AdjointField(c), HEUN_SCHEME if sde else DOPRI5_SCHEME, sde, 1.0 if sde else 5.0, not adaptive)
+    adjoint_field = AdjointField(c)
     options = dataclasses.replace(c.options, adaptive=adaptive, atol=atol, rtol=rtol, progress=False, compile=False, compact=0.0)
     accumulate = ParamAdjoint(c.theta, ys)
     times = [float(x) for x in c.save_times]
@@ -397,6 +403,8 @@ def backsolve_backward(c: _Ctx, ys: Tensor, grad_ys: Tensor) -> tuple[Tensor, Te
         skip = dead | (retcodes != SUCCESS)
         z = torch.where(expand_to(skip, z), torch.stack([y_safe, torch.zeros_like(y_safe)], dim=1), z)
         segment = torch.tensor([times[k], times[k - 1]], dtype=torch.float64, device=device)
+        scheme, order = (HEUN_SCHEME, 1.0) if sde else (DOPRI5_SCHEME, 5.0)
+        solver = AugmentedRK(adjoint_field, scheme, sde, order, not adaptive, times[k - 1])
         loop = Integrator(c.terms, solver, segment, dt, options, c.tree, accumulate)
         state = loop.init(z, dt, None, (0, 0))
         state.active = state.active & ~skip
