@@ -236,7 +236,7 @@ def test_plan_covers_every_switch():
     active = torch.ones(4, dtype=torch.bool)
 
     def plan(stiff, count, horizon, act=active):
-        s = state._replace(stiff=torch.tensor(stiff), count=torch.tensor(count))
+        s = state._replace(stiff=torch.tensor(stiff), counter=torch.tensor(count))
         return solver.plan(s, act, horizon).run
 
     assert plan([False] * 4, [0, 2, -5, 1], 8) == (True, False)  # 2 + 8 = 10: not > 10

@@ -57,8 +57,10 @@ class EngineOptions:
     # solve(..., compile=True): the iteration's tensor math through torch.compile (_compiled_core)
     compile: bool = False
     # solve(..., compact=f): gather the active samples into a smaller batch when their
-    # fraction falls below f (0: never; Integrator.run, _compactable)
+    # fraction falls below f (0: never; Integrator.run, Integrator.compact_refusal)
     compact: float = 0.0
+    # warn (once per reason) when compact > 0 cannot apply
+    compact_warn: bool = True
     # solve(..., tstops=...): times every sample's steps land on (besides the save times
     # where those are forced, and the end)
     tstops: tuple[float, ...] = ()
@@ -150,18 +152,27 @@ def fixed_grid(a: float, b: float, dt: float) -> list[float]:
 _EPS64 = float(torch.finfo(torch.float64).eps)
 
 
-def snap_tolerance(dt: float | Tensor, times: Sequence[float]) -> Any:
-    """How far a fixed-step solve's grid point may lie from a save time to be saved there
-    instead of adding a sliver step: ``max(1e-9 dt, 64 eps max(|t_first|, |t_last|))``, at
-    most ``dt / 2`` (``dt``: the step's magnitude, a float or a ``(B,)`` tensor).
+def snap_bounds(times: Sequence[float]) -> tuple[float, float]:
+    """``(floor, cap)`` of :func:`snap_tolerance` for the forced times ``times``."""
+    floor = 64.0 * _EPS64 * max(abs(times[0]), abs(times[-1]))
+    gap = min((abs(b - a) for a, b in zip(times[:-1], times[1:])), default=math.inf)
+    return floor, 0.25 * gap
+
+
+def snap_tolerance(dt: float | Tensor, times: Sequence[float], bounds: tuple[float, float] | None = None) -> Any:
+    """How far a fixed-step solve's grid point may lie from a forced (save) time to be saved
+    there instead of adding a sliver step: ``max(1e-9 dt, 64 eps max(|t_first|, |t_last|))``,
+    at most ``dt / 2`` and a quarter of the smallest gap between the times (so two of them
+    never snap to one grid point).  ``dt``: the step's magnitude, a float or a ``(B,)`` tensor;
+    ``bounds``: :func:`snap_bounds` of ``times``, when already known.
 
     ``1e-9 dt`` covers the rounding a grid accumulated by ``t + dt`` collects over many
     steps; the state is then reported ``≤ 1e-9 dt`` away from its time, far below any
     scheme's error.  ``64 eps |t|`` covers a step that is tiny against ``|t|``."""
-    floor = 64.0 * _EPS64 * max(abs(times[0]), abs(times[-1]))
+    floor, cap = snap_bounds(times) if bounds is None else bounds
     if isinstance(dt, Tensor):
-        return torch.minimum((1e-9 * dt).clamp(min=floor), 0.5 * dt)
-    return min(max(1e-9 * dt, floor), 0.5 * dt)
+        return torch.minimum((1e-9 * dt).clamp(min=floor), (0.5 * dt).clamp(max=cap))
+    return min(max(1e-9 * dt, floor), 0.5 * dt, cap)
 
 
 def fixed_steps(
@@ -354,13 +365,16 @@ def _detach(x: Any) -> Any:
     return x.detach() if isinstance(x, Tensor) else x
 
 
-#: LoopState fields that hold one entry per sample along their first axis (``ys``: the second)
+#: LoopState fields that hold one entry per sample along their first axis (nested tuples,
+#: lists and dicts of batch-first tensors: ``carry``, ``tree_state``, ``solver_state``); ``ys``
+#: (samples on its second axis) is shared and written through :attr:`Integrator.lanes`
 _PER_SAMPLE = (
     "t",
     "y",
     "dt",
     "qold",
     "carry",
+    "tree_state",
     "save_index",
     "stop_index",
     "active",
@@ -377,17 +391,58 @@ _PER_SAMPLE = (
 )
 
 
+def _batch_coupling(solver: AbstractSolver) -> str | None:
+    """Why ``solver`` (or a solver it wraps) couples the samples of a batch, from its
+    ``batch_coupled`` property or its Newton options (None: every sample's step is its own)."""
+    reason = getattr(solver, "batch_coupled", None)
+    if reason:
+        return f"{type(solver).__name__}: {reason}"
+    if getattr(getattr(solver, "newton", None), "early_exit", False):
+        return (
+            f"{type(solver).__name__}: its Newton iterations run until every sample of the batch has "
+            "converged (NewtonOptions(early_exit=False) gives each sample a fixed count)"
+        )
+    inner = (v for v in vars(solver).values() if isinstance(v, AbstractSolver))
+    return next((r for v in inner if (r := _batch_coupling(v))), None)
+
+
+def _not_batch_first(x: Any, batch: int, where: str) -> str | None:
+    """None when every tensor in ``x`` (nested tuples/lists/dicts) has ``batch`` rows along
+    its first axis, so :func:`_gather` can select samples; else the first offending path.
+    Other leaves (None, numbers, strings) are shared by the batch and kept as they are."""
+    if isinstance(x, (tuple, list)):
+        return next((r for i, v in enumerate(x) if (r := _not_batch_first(v, batch, f"{where}[{i}]"))), None)
+    if isinstance(x, dict):
+        return next((r for k, v in x.items() if (r := _not_batch_first(v, batch, f"{where}[{k!r}]"))), None)
+    if isinstance(x, Tensor) and (x.ndim == 0 or x.shape[0] != batch):
+        return f"{where} has shape {tuple(x.shape)}, not batch-first ({batch}, ...)"
+    return None
+
+
 def _gather(x: Any, idx: Tensor) -> Any:
+    """Rows ``idx`` of every tensor in ``x`` (nested (named) tuples/lists/dicts; other leaves
+    as they are)."""
     if isinstance(x, tuple):
         return _rebuild(x, (_gather(v, idx) for v in x))
+    if isinstance(x, list):
+        return [_gather(v, idx) for v in x]
+    if isinstance(x, dict):
+        return {k: _gather(v, idx) for k, v in x.items()}
     return x.index_select(0, idx) if isinstance(x, Tensor) else x
 
 
 def _scatter(full: Any, part: Any, idx: Tensor, batch: int) -> Any:
-    """``full`` (``(batch, ...)``) with rows ``idx`` replaced by ``part`` (out of place, so
-    differentiable); ``full`` None: a counter the solver started after the batch was compacted."""
-    if isinstance(part, tuple):
-        return _rebuild(part, (_scatter(f, p, idx, batch) for f, p in zip(full, part)))
+    """``full`` (``(batch, ...)`` tensors, nested as :func:`_gather`'s input) with rows ``idx``
+    replaced by ``part`` (out of place, so differentiable).  A tensor of ``part`` where ``full``
+    has None (a counter or state that started after the batch was compacted) gets zeros in the
+    other rows; non-tensor leaves are taken from ``part``."""
+    if isinstance(part, (tuple, list)):
+        full = full if isinstance(full, (tuple, list)) else [None] * len(part)
+        items = (_scatter(f, p, idx, batch) for f, p in zip(full, part))
+        return _rebuild(part, items) if isinstance(part, tuple) else list(items)
+    if isinstance(part, dict):
+        full = full if isinstance(full, dict) else {}
+        return {k: _scatter(full.get(k), v, idx, batch) for k, v in part.items()}
     if not isinstance(part, Tensor):
         return part
     if full is None:
@@ -443,7 +498,7 @@ class Integrator:
         self.kind = interpolant_kind(solver)
         self.stops, self.stop_slot = forced_times(save_times, options.tstops, self.interpolate)
         self.n_stop = self.stops.shape[0]
-        self._span = (float(save_times[0]), float(save_times[-1]))
+        self._snap_bounds = snap_bounds(self.stops.tolist())
         # saves waiting for the next check: (first save index, count, t, signed h, y, out, f0)
         # of each accepted step (:meth:`_flush_saves`)
         self._pending: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor, StepOutput, Any]] = []
@@ -460,7 +515,9 @@ class Integrator:
         self.dtmin = torch.tensor(options.dtmin, dtype=torch.float64, device=save_times.device)
         self.growth_bound: Tensor | None = None  # set by init, with lanes = arange(B)
         self.lanes = torch.arange(0)  # the rows of ys the state's samples are (compaction)
-        self._growth_full = torch.empty(0)
+        self._full_batch: tuple[VirtualBrownianTree | None, Tensor | None] = (tree, None)  # restored by _expand
+        self.compact_refused: str | None = None  # why run() could not compact (compact > 0)
+        self.rerun = False  # restore() was called: a checkpointed segment's re-run (no warnings)
 
     def init(self, y0: Tensor, dt_initial: Tensor, f0: Tensor | None, initial_counts: tuple[int, int]) -> LoopState:
         batch, device, solver = y0.shape[0], y0.device, self.solver
@@ -510,6 +567,7 @@ class Integrator:
 
     def restore(self, snap: LoopState, y: Tensor, carry: Any) -> LoopState:
         """The state of ``snap`` with ``y``/``carry`` replaced (e.g. leaves requiring grad)."""
+        self.rerun = True
         state = LoopState(**vars(snap))
         state.y, state.carry = y, carry
         state.ys = torch.full((self.n_save, *y.shape), float("nan"), dtype=y.dtype, device=y.device)
@@ -524,7 +582,7 @@ class Integrator:
         pending = list(boundaries or [])
         sign, grid, every = self.sign, self.grid, self.options.check_every
         bar = _Progress(progress, float(self.t_start), float(self.t_end))
-        compacting = self._compactable(stop_at, boundaries)
+        refused = self.compact_refusal()
         full, idx = s, None  # s: the compacted state once samples left the batch (rows idx of full)
         while stop_at is None or s.iteration < stop_at:
             if grid is not None and s.iteration == len(grid) - 1:
@@ -539,11 +597,15 @@ class Integrator:
                     pending.pop(0)
                     passed = True
                 if passed and n_active:
-                    snaps.append(self.snapshot(s))
+                    if idx is not None:  # a snapshot restarts the full batch
+                        self._write_back(full, s, idx)
+                    snaps.append(self.snapshot(full))
                 if n_active == 0:
                     break
-                if compacting and n_active < self.options.compact * s.t.shape[0]:
-                    s, idx = self._compact(full, s, idx)
+                if refused is None and n_active < self.options.compact * s.t.shape[0]:
+                    refused = self._state_refusal(s) or self._field_refusal(s)
+                    if refused is None:
+                        s, idx = self._compact(full, s, idx)
                 s.solver_state = self.solver.plan(s.solver_state, s.active, every)
             self.step(s)
         self._flush_saves(s)
@@ -551,44 +613,95 @@ class Integrator:
             self._expand(full, s, idx)
         bar.update(float(self.t_end), 0)
         bar.close()
+        self.compact_refused = refused if self.options.compact > 0 else None
+        if self.compact_refused is not None and self.options.compact_warn and not self.rerun:
+            warnings.warn(f"compact={self.options.compact:g} not applied: {self.compact_refused}", RuntimeWarning, stacklevel=2)
         return snaps
 
-    def _compactable(self, stop_at: int | None, boundaries: list[float] | None) -> bool:
-        """Compaction needs samples that are independent rows: no Brownian tree (its samples
-        are fixed rows), no observers, a whole run (no snapshots); not
-        with ``compile=True`` (every compacted size would be a new compilation)."""
-        return (
-            self.options.compact > 0
-            and not self.options.compile
-            and stop_at is None
-            and not boundaries
-            and self.tree is None
-            and self.observer is None
-            and self.grid is None
-        )
+    def compact_refusal(self) -> str | None:
+        """Why ``solve(..., compact=f)`` cannot compact this run (None: it can).  Compaction
+        needs samples that are independent rows the loop can gather: no observers (events,
+        dense output and regularizers record the full batch), a solver whose steps do not
+        couple samples (``batch_coupled``; its state in ``LoopState.solver_state`` is gathered
+        like the rest), and not ``compile=True`` (every compacted size would be a new
+        compilation).  Checkpointed runs compact: their snapshots are of the full batch, and a
+        segment's re-run with masked fields is caught by :meth:`_field_refusal`."""
+        if self.options.compact <= 0:
+            return "compact=0"
+        if self.options.compile:
+            return "compile=True (every compacted batch size would be a new compilation)"
+        if self.observer is not None:
+            return "events, dense output and regularizers observe the full batch"
+        return _batch_coupling(self.solver)
+
+    def _state_refusal(self, s: LoopState) -> str | None:
+        """Why the loop state cannot be gathered by sample (a tensor that is not batch-first)."""
+        batch = s.t.shape[0]
+        return next((r for name in _PER_SAMPLE if (r := _not_batch_first(getattr(s, name), batch, name))), None)
+
+    def _field_refusal(self, s: LoopState) -> str | None:
+        """Why the user's fields cannot run on the running samples alone: ``field(t[rows],
+        y[rows])`` must equal ``field(t, y)[rows]`` bit for bit (drift and diffusion, at the
+        current state, without gradients).  Catches fields that capture per-sample tensors of
+        the batch's shape or couple samples, and kernels whose rounding depends on the batch
+        size.  Two calls of each field per compaction, not counted in the stats."""
+        rows = s.active.nonzero().squeeze(1)
+        t, y = s.t, s.y.detach()
+        fields = (("drift", self.terms.drift), ("diffusion", self.terms.diffusion))
+        with torch.no_grad():
+            for name, field in fields:
+                if field is None:
+                    continue
+                try:
+                    whole = field(t, y).index_select(0, rows)
+                    part = field(t.index_select(0, rows), y.index_select(0, rows))
+                except Exception as exc:  # e.g. a captured (B, ...) tensor meets fewer rows
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                    return f"{name}(t, y) fails on the running samples alone ({type(exc).__name__}: {first})"
+                same = part.shape == whole.shape and bool(((part == whole) | (part.isnan() & whole.isnan())).all())
+                if not same:
+                    return (
+                        f"{name}(t, y) on the running samples alone differs from those rows of the full "
+                        "batch (a field that couples samples or captures per-sample tensors, or a kernel "
+                        "whose rounding depends on the batch size)"
+                    )
+        return None
 
     def _compact(self, full: LoopState, part: LoopState, idx: Tensor | None) -> tuple[LoopState, Tensor]:
-        """The active samples of ``full`` as a smaller state (after writing ``part``, rows
-        ``idx``, back).  Finished samples are frozen in the masked loop, so leaving them out
-        changes no other sample's bits (every reduction is per sample)."""
-        if idx is not None:
-            self._expand(full, part, idx)
-        assert self.growth_bound is not None
-        growth_full = self.growth_bound if idx is None else self._growth_full
-        idx = full.active.nonzero().squeeze(1)
-        small = LoopState(**vars(full))  # ys is shared: saves go to rows self.lanes
+        """The active samples of ``part`` (rows ``idx`` of ``full``; None: ``part`` is ``full``)
+        as a smaller state, and their rows of ``full``.  ``part`` is first written back to
+        ``full`` (the samples leaving now keep their final values).  Finished samples are
+        frozen in the masked loop, so leaving them out changes no other sample's bits (every
+        reduction is per sample; the Brownian tree is selected to the same rows)."""
+        rows = part.active.nonzero().squeeze(1)
+        if idx is None:
+            self._full_batch = (self.tree, self.growth_bound)
+            new_idx = rows
+        else:
+            self._write_back(full, part, idx)
+            new_idx = idx.index_select(0, rows)
+        small = LoopState(**vars(part))  # ys is shared: saves go to rows self.lanes
         for name in _PER_SAMPLE:
-            setattr(small, name, _gather(getattr(full, name), idx))
-        self._growth_full, self.growth_bound, self.lanes = growth_full, growth_full.index_select(0, idx), idx
-        return small, idx
+            setattr(small, name, _gather(getattr(part, name), rows))
+        assert self.growth_bound is not None
+        self.growth_bound, self.lanes = self.growth_bound.index_select(0, rows), new_idx
+        if self.tree is not None:
+            self.tree = self.tree.select(rows)
+        return small, new_idx
 
-    def _expand(self, full: LoopState, part: LoopState, idx: Tensor) -> None:
-        """Write the compacted state ``part`` back into rows ``idx`` of ``full``."""
+    def _write_back(self, full: LoopState, part: LoopState, idx: Tensor) -> None:
+        """Write the compacted state ``part`` into rows ``idx`` of ``full``."""
         batch = full.t.shape[0]
         for name in _PER_SAMPLE:
             setattr(full, name, _scatter(getattr(full, name), getattr(part, name), idx, batch))
         full.iteration = part.iteration
-        self.growth_bound, self.lanes = self._growth_full, torch.arange(batch, device=idx.device)
+
+    def _expand(self, full: LoopState, part: LoopState, idx: Tensor) -> None:
+        """End of a compacted run: ``part`` written back to ``full``, the full batch's tree,
+        growth bounds and lanes restored."""
+        self._write_back(full, part, idx)
+        self.tree, self.growth_bound = self._full_batch
+        self.lanes = torch.arange(full.t.shape[0], device=idx.device)
 
     def step(self, s: LoopState) -> None:
         """One iteration, updating ``s`` in place."""
@@ -601,7 +714,7 @@ class Integrator:
         if self.controller is not None:
             step_dt, t_new, hits = clip_step(s.dt, s.t, target, s.active, sign)
         else:
-            snap = snap_tolerance(s.dt, self._span)
+            snap = snap_tolerance(s.dt, (), self._snap_bounds)
             step_dt, t_new, hits = clip_step(s.dt, s.t, target, s.active, sign, snap, stop >= self.n_stop - 1)
         dt_eval = _masked_lanes(s.active, s.t, step_dt, sign, self.t_start, self.t_end)
         # --- noise

@@ -151,7 +151,6 @@ class AbstractSolver:
         dw: Tensor | None,
         levy_h: Tensor | None,
         f0: Tensor | None = None,
-        state: Any = None,
     ) -> StepOutput:
         """Advance every sample from ``t`` to ``t + dt``.
 
@@ -164,8 +163,9 @@ class AbstractSolver:
             levy_h: ``(B, *noise_shape)`` space-time Lévy area over the step, present when
                 ``needs_levy_area``.  ``int_s^t (W_u - W_s) du = dt * (H + dW / 2)``.
             f0: ``drift(t, y)`` when ``fsal``.
-            state: the solver's state (stateful solvers only, :meth:`init`); the step
-                returns the next one in ``StepOutput.state`` and leaves ``self`` unchanged.
+
+        Stateful solvers (:meth:`init` not None) take an eighth argument, ``state``, and return
+        the next state in ``StepOutput.state``; ``self`` never changes (:func:`call_step`).
         """
         raise NotImplementedError
 
@@ -202,7 +202,8 @@ def call_step(
     stateless solvers keep the seven-argument signature."""
     if state is None:
         return solver.step(terms, t, y, dt, dw, levy_h, f0)
-    return solver.step(terms, t, y, dt, dw, levy_h, f0, state)
+    stateful: Any = solver.step  # the eight-argument signature of stateful solvers
+    return stateful(terms, t, y, dt, dw, levy_h, f0, state)
 
 
 def hairer_eigen_estimate(df: Tensor, dy: Tensor) -> Tensor:

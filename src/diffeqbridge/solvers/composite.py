@@ -76,7 +76,7 @@ def _pick(mask: Tensor, a: Tensor | None, b: Tensor | None) -> Tensor | None:
 class SwitchState(NamedTuple):
     """:class:`AutoSwitch`'s per-solve state, ``(B,)`` tensors unless noted.
 
-    ``stiff``: the method of the sample's next step; ``count``: OrdinaryDiffEq's stiffness
+    ``stiff``: the method of the sample's next step; ``counter``: OrdinaryDiffEq's stiffness
     counter; ``nswitch``, ``stiff_steps``, ``first_switch_t``, ``last_switch_t``: statistics;
     ``run``: ``(nonstiff, stiff)`` Python bools, the methods the steps until the next host
     check compute (:meth:`AutoSwitch.plan`); ``nonstiff_state``, ``stiff_state``: the two
@@ -84,7 +84,7 @@ class SwitchState(NamedTuple):
     """
 
     stiff: Tensor
-    count: Tensor
+    counter: Tensor
     nswitch: Tensor
     stiff_steps: Tensor
     first_switch_t: Tensor
@@ -156,7 +156,7 @@ class AutoSwitch(AbstractSolver):
         zeros = torch.zeros(batch, dtype=torch.long, device=device)
         return SwitchState(
             stiff=torch.full((batch,), self.stiffalgfirst, dtype=torch.bool, device=device),
-            count=zeros,
+            counter=zeros,
             nswitch=zeros,
             stiff_steps=zeros,
             first_switch_t=nan,
@@ -169,7 +169,7 @@ class AutoSwitch(AbstractSolver):
     def plan(self, state: SwitchState, active: Tensor, horizon: int) -> SwitchState:
         """The methods the next ``horizon`` steps run (one host synchronisation): those some
         active sample uses, or could switch to within ``horizon`` accepted steps."""
-        stiff, count = state.stiff, state.count
+        stiff, count = state.stiff, state.counter
         may_stiffen = ~stiff & (count > self.maxstiffstep - horizon)
         may_relax = stiff & (count < horizon - self.maxnonstiffstep)
         uses_nonstiff, uses_stiff = active & (~stiff | may_relax), active & (stiff | may_stiffen)
@@ -247,7 +247,7 @@ class AutoSwitch(AbstractSolver):
             state = out.state
         if out.stiffness is None:
             return state, None
-        stiff, count = state.stiff, state.count
+        stiff, count = state.stiff, state.counter
         ratio = out.stiffness.to(torch.float64) * dt.to(torch.float64).abs() / float(self.nonstiff.stability_size or 1.0)
         tol = torch.where(stiff, torch.full_like(ratio, self.stifftol), torch.full_like(ratio, self.nonstifftol))
         test = ratio > tol
@@ -262,7 +262,7 @@ class AutoSwitch(AbstractSolver):
         t64 = t.to(torch.float64)
         state = state._replace(
             stiff=(stiff | to_stiff) & ~to_nonstiff,
-            count=count,
+            counter=count,
             nswitch=state.nswitch + switched,
             stiff_steps=state.stiff_steps + (accepted & stiff),
             first_switch_t=torch.where(switched & torch.isnan(state.first_switch_t), t64, state.first_switch_t),

@@ -113,6 +113,14 @@ class ESDIRK(AbstractSolver):
         return JacobianState(J, torch.ones(batch, dtype=torch.bool, device=y0.device))
 
     @property
+    def batch_coupled(self) -> str | None:
+        """Why a sample's step depends on the other samples of the batch (None: it does not;
+        ``solve(..., compact=f)`` needs None)."""
+        if self.reuse_jacobian and (self.newton.linsolve == "lu" or self.smooth_est):
+            return "reuse_jacobian refreshes the Jacobian of the whole batch when any sample's Newton iteration struggles"
+        return None
+
+    @property
     def c(self) -> tuple[float, ...]:
         return tuple(sum(row) + (self.gamma_diag if i > 0 else 0.0) for i, row in enumerate(self.a))
 
