@@ -376,11 +376,18 @@ def label_axes(
     logy: bool = False,
     legend: bool = True,
 ) -> None:
-    """The benchmarks' common axis finish: log scales (``logx=2``: base 2), labels, grid, legend."""
+    """The benchmarks' common axis finish: log scales (``logx=2``: base 2), labels, grid, legend.
+
+    Minor ticks of a log axis are labelled only when it spans less than 0.8 decades (they
+    overlap on wider ones)."""
+    from matplotlib.ticker import LogFormatterSciNotation
+
     if logx:
-        ax.set_xscale("log", base=2 if logx == 2 and logx is not True else 10)
+        ax.set_xscale("log", base=2 if logx is not True and logx == 2 else 10)
+        ax.xaxis.set_minor_formatter(LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(0.8, 0.2)))
     if logy:
         ax.set_yscale("log")
+        ax.yaxis.set_minor_formatter(LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(0.8, 0.2)))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
