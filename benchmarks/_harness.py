@@ -329,17 +329,23 @@ PLOT_STYLE: dict[str, Any] = {
 }
 
 
-def figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (6.0, 4.5)):
-    """A matplotlib figure on the Agg backend (no display needed), in the benchmarks' common style.
-
-    ``size`` is per panel; returns ``(fig, axes)`` with ``axes`` flattened row by row.
-    """
+def use_style() -> Any:
+    """Select the Agg backend and the benchmarks' :data:`PLOT_STYLE`; returns ``matplotlib.pyplot``."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
     plt.rcParams.update(PLOT_STYLE)
+    return plt
+
+
+def figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (6.0, 4.5)):
+    """A matplotlib figure on the Agg backend (no display needed), in the benchmarks' common style.
+
+    ``size`` is per panel; returns ``(fig, axes)`` with ``axes`` flattened row by row.
+    """
+    plt = use_style()
     fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
     return fig, axes.ravel()
 
