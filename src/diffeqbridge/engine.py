@@ -28,11 +28,11 @@ import torch
 from torch import Tensor
 
 from .brownian import VirtualBrownianTree
-from .controller import QOLD_INIT, PIController, scaled_error_norm
+from .controller import QOLD_INIT, PIController, clip_step, scaled_error_norm
 from .dense import horner, interpolant_kind, step_coefficients
 from .problem import Terms
 from .solution import ReturnCode, Solution, Stats
-from .solvers.base import AbstractSolver, StepOutput
+from .solvers.base import AbstractSolver, StepOutput, call_step
 
 SUCCESS = int(ReturnCode.Success)
 DEFAULT = int(ReturnCode.Default)
@@ -60,8 +60,10 @@ class EngineOptions:
     # solve(..., compile=True): the iteration's tensor math through torch.compile (_compiled_core)
     compile: bool = False
     # solve(..., compact=f): gather the active samples into a smaller batch when their
-    # fraction falls below f (0: never; Integrator.run, _compactable)
+    # fraction falls below f (0: never; Integrator.run, Integrator.compact_refusal)
     compact: float = 0.0
+    # warn (once per reason) when compact > 0 cannot apply
+    compact_warn: bool = True
     # solve(..., tstops=...): times every sample's steps land on (besides the save times
     # where those are forced, and the end)
     tstops: tuple[float, ...] = ()
@@ -235,8 +237,11 @@ def _shared_grid(stops: Tensor, dt_initial: Tensor, options: EngineOptions) -> t
 
 def saves_by_interpolation(solver: AbstractSolver, options: EngineOptions, is_sde: bool) -> bool:
     """Whether the loop fills save times from the solver's interpolant (adaptive ODE solvers
-    with a dense interpolant of their own or a cubic Hermite one) rather than landing on them."""
-    return not is_sde and options.adaptive and interpolant_kind(solver) != "linear"
+    with a dense interpolant of their own order: Tsit5, Dopri5, Rodas4) rather than landing on
+    them.  A cubic Hermite interpolant across a 5th-order method's long steps misses the
+    tolerance by 50-120x (Kvaerno5, the composites' mixed steps), so those land on every save
+    time, as before."""
+    return not is_sde and options.adaptive and interpolant_kind(solver) in ("tsit5", "dopri5", "rodas4")
 
 
 def _iteration_core(
@@ -248,6 +253,7 @@ def _iteration_core(
     dw: Tensor | None,
     levy: Tensor | None,
     carry: Any,
+    solver_state: Any,
     active: Tensor,
     tolerances: tuple[float, float] | None,
 ) -> tuple[StepOutput, Tensor | None, Tensor]:
@@ -259,7 +265,7 @@ def _iteration_core(
     the ``(B,)`` float64 scaled error (``inf`` where the step is not finite; None for fixed
     steps) and the ``(B,)`` accepted mask.
     """
-    out = solver.step(terms, t, y, dt_eval, dw, levy, carry)
+    out = call_step(solver, terms, t, y, dt_eval, dw, levy, carry, solver_state)
     finite = _all_finite(out.y1)
     if tolerances is None:
         return out, None, active & finite
@@ -324,10 +330,11 @@ class LoopState:
     noted: a snapshot of it (:meth:`Integrator.snapshot`) restarts the solve bit-identically.
 
     ``carry`` is the solver's FSAL slot (``f0``, or ``ReversibleHeun``'s tuple);
-    ``tree_state`` the Brownian path at ``t``; ``solver_state`` what a solver object keeps
-    between steps (composite switching counters, a reused Jacobian); ``ys`` ``(T, B, ...)``;
-    ``save_index`` the next save time to fill, ``stop_index`` the next forced time (see
-    :class:`Integrator`'s ``stops``).
+    ``tree_state`` the Brownian path at ``t``; ``solver_state`` what the solver carries between
+    steps (``solver.init``'s result, threaded through ``step``/``update``: composite switching
+    counters, a reused Jacobian; None for most solvers), so the solver object itself never
+    changes during a solve; ``ys`` ``(T, B, ...)``; ``save_index`` the next save time to fill,
+    ``stop_index`` the next forced time (see :class:`Integrator`'s ``stops``).
     """
 
     iteration: int
@@ -348,44 +355,32 @@ class LoopState:
     eigen_last: Tensor | None
     eigen_max: Tensor | None
     njac: Tensor | None
-    solver_state: dict[str, Any]
+    solver_state: Any
     ys: Tensor
     stop_index: Tensor | None = None
 
 
-def _solver_state(solver: AbstractSolver) -> dict[str, Any]:
-    """The per-solve state a solver object holds (its ``_``-prefixed attributes, recursively
-    for the solvers it wraps), copied so later steps do not change the snapshot."""
-    out: dict[str, Any] = {}
-    for key, value in vars(solver).items():
-        if isinstance(value, AbstractSolver):
-            out[key] = ("solver", _solver_state(value))
-        elif key.startswith("_"):
-            out[key] = ("value", dict(value) if isinstance(value, dict) else value)
-    return out
-
-
-def _restore_solver_state(solver: AbstractSolver, state: dict[str, Any]) -> None:
-    for key, (kind, value) in state.items():
-        if kind == "solver":
-            _restore_solver_state(getattr(solver, key), value)
-        else:
-            setattr(solver, key, dict(value) if isinstance(value, dict) else value)
+def _rebuild(like: tuple[Any, ...], items: Any) -> Any:
+    """A tuple of ``items`` of ``like``'s type (NamedTuples keep their type)."""
+    return type(like)(*items) if hasattr(like, "_fields") else tuple(items)
 
 
 def _detach(x: Any) -> Any:
     if isinstance(x, tuple):
-        return tuple(_detach(v) for v in x)
+        return _rebuild(x, (_detach(v) for v in x))
     return x.detach() if isinstance(x, Tensor) else x
 
 
-#: LoopState fields that hold one entry per sample along their first axis (``ys``: the second)
+#: LoopState fields that hold one entry per sample along their first axis (nested tuples,
+#: lists and dicts of batch-first tensors: ``carry``, ``tree_state``, ``solver_state``); ``ys``
+#: (samples on its second axis) is shared and written through :attr:`Integrator.lanes`
 _PER_SAMPLE = (
     "t",
     "y",
     "dt",
     "qold",
     "carry",
+    "tree_state",
     "save_index",
     "stop_index",
     "active",
@@ -398,20 +393,62 @@ _PER_SAMPLE = (
     "eigen_last",
     "eigen_max",
     "njac",
+    "solver_state",
 )
 
 
+def _batch_coupling(solver: AbstractSolver) -> str | None:
+    """Why ``solver`` (or a solver it wraps) couples the samples of a batch, from its
+    ``batch_coupled`` property or its Newton options (None: every sample's step is its own)."""
+    reason = getattr(solver, "batch_coupled", None)
+    if reason:
+        return f"{type(solver).__name__}: {reason}"
+    if getattr(getattr(solver, "newton", None), "early_exit", False):
+        return (
+            f"{type(solver).__name__}: its Newton iterations run until every sample of the batch has "
+            "converged (NewtonOptions(early_exit=False) gives each sample a fixed count)"
+        )
+    inner = (v for v in vars(solver).values() if isinstance(v, AbstractSolver))
+    return next((r for v in inner if (r := _batch_coupling(v))), None)
+
+
+def _not_batch_first(x: Any, batch: int, where: str) -> str | None:
+    """None when every tensor in ``x`` (nested tuples/lists/dicts) has ``batch`` rows along
+    its first axis, so :func:`_gather` can select samples; else the first offending path.
+    Other leaves (None, numbers, strings) are shared by the batch and kept as they are."""
+    if isinstance(x, (tuple, list)):
+        return next((r for i, v in enumerate(x) if (r := _not_batch_first(v, batch, f"{where}[{i}]"))), None)
+    if isinstance(x, dict):
+        return next((r for k, v in x.items() if (r := _not_batch_first(v, batch, f"{where}[{k!r}]"))), None)
+    if isinstance(x, Tensor) and (x.ndim == 0 or x.shape[0] != batch):
+        return f"{where} has shape {tuple(x.shape)}, not batch-first ({batch}, ...)"
+    return None
+
+
 def _gather(x: Any, idx: Tensor) -> Any:
+    """Rows ``idx`` of every tensor in ``x`` (nested (named) tuples/lists/dicts; other leaves
+    as they are)."""
     if isinstance(x, tuple):
-        return tuple(_gather(v, idx) for v in x)
+        return _rebuild(x, (_gather(v, idx) for v in x))
+    if isinstance(x, list):
+        return [_gather(v, idx) for v in x]
+    if isinstance(x, dict):
+        return {k: _gather(v, idx) for k, v in x.items()}
     return x.index_select(0, idx) if isinstance(x, Tensor) else x
 
 
 def _scatter(full: Any, part: Any, idx: Tensor, batch: int) -> Any:
-    """``full`` (``(batch, ...)``) with rows ``idx`` replaced by ``part`` (out of place, so
-    differentiable); ``full`` None: a counter the solver started after the batch was compacted."""
-    if isinstance(part, tuple):
-        return tuple(_scatter(f, p, idx, batch) for f, p in zip(full, part))
+    """``full`` (``(batch, ...)`` tensors, nested as :func:`_gather`'s input) with rows ``idx``
+    replaced by ``part`` (out of place, so differentiable).  A tensor of ``part`` where ``full``
+    has None (a counter or state that started after the batch was compacted) gets zeros in the
+    other rows; non-tensor leaves are taken from ``part``."""
+    if isinstance(part, (tuple, list)):
+        full = full if isinstance(full, (tuple, list)) else [None] * len(part)
+        items = (_scatter(f, p, idx, batch) for f, p in zip(full, part))
+        return _rebuild(part, items) if isinstance(part, tuple) else list(items)
+    if isinstance(part, dict):
+        full = full if isinstance(full, dict) else {}
+        return {k: _scatter(full.get(k), v, idx, batch) for k, v in part.items()}
     if not isinstance(part, Tensor):
         return part
     if full is None:
@@ -506,7 +543,9 @@ class Integrator:
         self.dtmin = torch.tensor(options.dtmin, dtype=torch.float64, device=save_times.device)
         self.growth_bound: Tensor | None = None  # set by init, with lanes = arange(B)
         self.lanes = torch.arange(0)  # the rows of ys the state's samples are (compaction)
-        self._growth_full = torch.empty(0)
+        self._full_batch: tuple[VirtualBrownianTree | None, Tensor | None] = (tree, None)  # restored by _expand
+        self.compact_refused: str | None = None  # why run() could not compact (compact > 0)
+        self.rerun = False  # restore() was called: a checkpointed segment's re-run (no warnings)
 
     def init(self, y0: Tensor, dt_initial: Tensor, f0: Tensor | None, initial_counts: tuple[int, int]) -> LoopState:
         batch, device, solver = y0.shape[0], y0.device, self.solver
@@ -522,7 +561,6 @@ class Integrator:
         else:
             tree_state = self.tree.evaluate(t)
         carry = solver.initial_carry(self.terms, t, y0, f0) if solver.fsal else f0
-        solver.begin(y0)
         self.growth_bound = GROWTH * (1.0 + y0.detach().abs().flatten(1).amax(dim=1))
         self.lanes = torch.arange(batch, device=device)
         return LoopState(
@@ -545,19 +583,19 @@ class Integrator:
             eigen_last=None,
             eigen_max=None,
             njac=None,
-            solver_state={},
+            solver_state=solver.init(self.terms, t, y0),
             ys=ys,
         )
 
     def snapshot(self, s: LoopState) -> LoopState:
-        """A detached copy of ``s`` (with the solver's own state) to restart from; ``ys`` is not kept."""
+        """A detached copy of ``s`` to restart from; ``ys`` is not kept."""
         copy = LoopState(**{k: _detach(v) for k, v in vars(s).items()})
-        copy.solver_state, copy.ys = _solver_state(self.solver), s.ys.new_empty(0)
+        copy.ys = s.ys.new_empty(0)
         return copy
 
     def restore(self, snap: LoopState, y: Tensor, carry: Any) -> LoopState:
         """The state of ``snap`` with ``y``/``carry`` replaced (e.g. leaves requiring grad)."""
-        _restore_solver_state(self.solver, snap.solver_state)
+        self.rerun = True
         state = LoopState(**vars(snap))
         state.y, state.carry = y, carry
         state.ys = torch.full((self.n_save, *y.shape), float("nan"), dtype=y.dtype, device=y.device)
@@ -572,7 +610,7 @@ class Integrator:
         pending = list(boundaries or [])
         sign, grid, every = self.sign, self.grid, self.options.check_every
         bar = _Progress(progress, float(self.t_start), float(self.t_end))
-        compacting = self._compactable(stop_at, boundaries)
+        refused = self.compact_refusal()
         full, idx = s, None  # s: the compacted state once samples left the batch (rows idx of full)
         while stop_at is None or s.iteration < stop_at:
             if grid is not None and s.iteration == len(grid) - 1:
@@ -589,57 +627,112 @@ class Integrator:
                     passed = True
                 if passed and n_active:
                     self._flush_saves(s)
-                    snaps.append(self.snapshot(s))
+                    if idx is not None:  # a snapshot restarts the full batch
+                        self._write_back(full, s, idx)
+                    snaps.append(self.snapshot(full))
                 if n_active == 0:
                     break
-                if compacting and n_active < self.options.compact * s.t.shape[0]:
-                    self._flush_saves(s)
-                    s, idx = self._compact(full, s, idx)
+                if refused is None and n_active < self.options.compact * s.t.shape[0]:
+                    refused = self._state_refusal(s) or self._field_refusal(s)
+                    if refused is None:
+                        self._flush_saves(s)
+                        s, idx = self._compact(full, s, idx)
+                s.solver_state = self.solver.plan(s.solver_state, s.active, every)
             self.step(s)
         self._flush_saves(s)
         if idx is not None:
             self._expand(full, s, idx)
         bar.update(float(self.t_end), 0)
         bar.close()
+        self.compact_refused = refused if self.options.compact > 0 else None
+        if self.compact_refused is not None and self.options.compact_warn and not self.rerun:
+            warnings.warn(f"compact={self.options.compact:g} not applied: {self.compact_refused}", RuntimeWarning, stacklevel=2)
         return snaps
 
-    def _compactable(self, stop_at: int | None, boundaries: list[float] | None) -> bool:
-        """Compaction needs samples that are independent rows: no Brownian tree (its samples
-        are fixed rows), no observers, no per-solve solver state, a whole run (no snapshots); not
-        with ``compile=True`` (every compacted size would be a new compilation)."""
-        return (
-            self.options.compact > 0
-            and not self.options.compile
-            and stop_at is None
-            and not boundaries
-            and self.tree is None
-            and self.observer is None
-            and self.grid is None
-            and not _solver_state(self.solver)
-        )
+    def compact_refusal(self) -> str | None:
+        """Why ``solve(..., compact=f)`` cannot compact this run (None: it can).  Compaction
+        needs samples that are independent rows the loop can gather: no observers (events,
+        dense output and regularizers record the full batch), a solver whose steps do not
+        couple samples (``batch_coupled``; its state in ``LoopState.solver_state`` is gathered
+        like the rest), and not ``compile=True`` (every compacted size would be a new
+        compilation).  Checkpointed runs compact: their snapshots are of the full batch, and a
+        segment's re-run with masked fields is caught by :meth:`_field_refusal`."""
+        if self.options.compact <= 0:
+            return "compact=0"
+        if self.options.compile:
+            return "compile=True (every compacted batch size would be a new compilation)"
+        if self.observer is not None:
+            return "events, dense output and regularizers observe the full batch"
+        return _batch_coupling(self.solver)
+
+    def _state_refusal(self, s: LoopState) -> str | None:
+        """Why the loop state cannot be gathered by sample (a tensor that is not batch-first)."""
+        batch = s.t.shape[0]
+        return next((r for name in _PER_SAMPLE if (r := _not_batch_first(getattr(s, name), batch, name))), None)
+
+    def _field_refusal(self, s: LoopState) -> str | None:
+        """Why the user's fields cannot run on the running samples alone: ``field(t[rows],
+        y[rows])`` must equal ``field(t, y)[rows]`` bit for bit (drift and diffusion, at the
+        current state, without gradients).  Catches fields that capture per-sample tensors of
+        the batch's shape or couple samples, and kernels whose rounding depends on the batch
+        size.  Two calls of each field per compaction, not counted in the stats."""
+        rows = s.active.nonzero().squeeze(1)
+        t, y = s.t, s.y.detach()
+        fields = (("drift", self.terms.drift), ("diffusion", self.terms.diffusion))
+        with torch.no_grad():
+            for name, field in fields:
+                if field is None:
+                    continue
+                try:
+                    whole = field(t, y).index_select(0, rows)
+                    part = field(t.index_select(0, rows), y.index_select(0, rows))
+                except Exception as exc:  # e.g. a captured (B, ...) tensor meets fewer rows
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                    return f"{name}(t, y) fails on the running samples alone ({type(exc).__name__}: {first})"
+                same = part.shape == whole.shape and bool(((part == whole) | (part.isnan() & whole.isnan())).all())
+                if not same:
+                    return (
+                        f"{name}(t, y) on the running samples alone differs from those rows of the full "
+                        "batch (a field that couples samples or captures per-sample tensors, or a kernel "
+                        "whose rounding depends on the batch size)"
+                    )
+        return None
 
     def _compact(self, full: LoopState, part: LoopState, idx: Tensor | None) -> tuple[LoopState, Tensor]:
-        """The active samples of ``full`` as a smaller state (after writing ``part``, rows
-        ``idx``, back).  Finished samples are frozen in the masked loop, so leaving them out
-        changes no other sample's bits (every reduction is per sample)."""
-        if idx is not None:
-            self._expand(full, part, idx)
-        assert self.growth_bound is not None
-        growth_full = self.growth_bound if idx is None else self._growth_full
-        idx = full.active.nonzero().squeeze(1)
-        small = LoopState(**vars(full))  # ys is shared: saves go to rows self.lanes
+        """The active samples of ``part`` (rows ``idx`` of ``full``; None: ``part`` is ``full``)
+        as a smaller state, and their rows of ``full``.  ``part`` is first written back to
+        ``full`` (the samples leaving now keep their final values).  Finished samples are
+        frozen in the masked loop, so leaving them out changes no other sample's bits (every
+        reduction is per sample; the Brownian tree is selected to the same rows)."""
+        rows = part.active.nonzero().squeeze(1)
+        if idx is None:
+            self._full_batch = (self.tree, self.growth_bound)
+            new_idx = rows
+        else:
+            self._write_back(full, part, idx)
+            new_idx = idx.index_select(0, rows)
+        small = LoopState(**vars(part))  # ys is shared: saves go to rows self.lanes
         for name in _PER_SAMPLE:
-            setattr(small, name, _gather(getattr(full, name), idx))
-        self._growth_full, self.growth_bound, self.lanes = growth_full, growth_full.index_select(0, idx), idx
-        return small, idx
+            setattr(small, name, _gather(getattr(part, name), rows))
+        assert self.growth_bound is not None
+        self.growth_bound, self.lanes = self.growth_bound.index_select(0, rows), new_idx
+        if self.tree is not None:
+            self.tree = self.tree.select(rows)
+        return small, new_idx
 
-    def _expand(self, full: LoopState, part: LoopState, idx: Tensor) -> None:
-        """Write the compacted state ``part`` back into rows ``idx`` of ``full``."""
+    def _write_back(self, full: LoopState, part: LoopState, idx: Tensor) -> None:
+        """Write the compacted state ``part`` into rows ``idx`` of ``full``."""
         batch = full.t.shape[0]
         for name in _PER_SAMPLE:
             setattr(full, name, _scatter(getattr(full, name), getattr(part, name), idx, batch))
         full.iteration = part.iteration
-        self.growth_bound, self.lanes = self._growth_full, torch.arange(batch, device=idx.device)
+
+    def _expand(self, full: LoopState, part: LoopState, idx: Tensor) -> None:
+        """End of a compacted run: ``part`` written back to ``full``, the full batch's tree,
+        growth bounds and lanes restored."""
+        self._write_back(full, part, idx)
+        self.tree, self.growth_bound = self._full_batch
+        self.lanes = torch.arange(full.t.shape[0], device=idx.device)
 
     def step(self, s: LoopState) -> None:
         """One iteration, updating ``s`` in place."""
@@ -649,16 +742,11 @@ class Integrator:
         stop = s.stop_index
         assert stop is not None
         target = self.stops[stop.clamp(max=self.n_stop - 1)]
-        remaining = sign * (target - s.t)
         if self.controller is not None:
-            hits = s.active & (s.dt >= remaining * (1 - 1e-12))
-            land = hits
-        else:  # fixed_steps' rule, per sample
+            step_dt, t_new, hits = clip_step(s.dt, s.t, target, s.active, sign)
+        else:
             snap = snap_tolerance(s.dt, (), self._snap_bounds)
-            hits = s.active & (s.dt + snap >= remaining)
-            land = hits & ((s.dt - remaining > snap) | (stop >= self.n_stop - 1))
-        step_dt = torch.where(land, remaining, s.dt)
-        t_new = torch.where(s.active, torch.where(land, target, s.t + sign * step_dt), s.t)
+            step_dt, t_new, hits = clip_step(s.dt, s.t, target, s.active, sign, snap, stop >= self.n_stop - 1)
         dt_eval = _masked_lanes(s.active, s.t, step_dt, sign, self.t_start, self.t_end)
         # --- noise
         new_tree_state, dw, levy = self._noise(s, t_new)
@@ -674,13 +762,16 @@ class Integrator:
             dw,
             levy if solver.needs_levy_area else None,
             s.carry,
+            s.solver_state,
             s.active,
             tolerances,
         )
         # --- controller decision
         rejected = s.active & ~accepted
         self._stats(s, out, accepted, rejected)
-        dt_factor = solver.after_step(accepted, s.active, torch.where(accepted, t_new, s.t), dt_eval.abs(), out)
+        s.solver_state, dt_factor = solver.update(
+            s.solver_state, accepted, s.active, torch.where(accepted, t_new, s.t), dt_eval.abs(), out
+        )
         # --- masked merge
         y_prev, t_prev, f_prev = s.y, s.t, s.carry
         s.y = _select(accepted, out.y1, s.y)
@@ -817,11 +908,7 @@ class Integrator:
         newton_failed = s.active & ~out.converged if out.converged is not None else None
         if self.controller is not None:
             assert err is not None
-            proposed, s.qold = self.controller.propose(step_dt, err, s.qold, accepted)
-            # After a step clipped to a save time, keep the unclipped proposal if larger.
-            proposed = torch.where(accepted & hits, torch.maximum(proposed, s.dt), proposed)
-            if dt_factor is not None:  # a composite solver switched method
-                proposed = proposed * dt_factor
+            proposed, s.qold = self.controller.next_dt(step_dt, s.dt, err, s.qold, accepted, hits, dt_factor)
             s.dt = torch.where(s.active, proposed, s.dt)
             # as SciML (timedepentdtmin): below max(dtmin, spacing of t), on accepted steps too
             too_small = s.active & (s.dt < torch.maximum(_spacing(s.t), self.dtmin))
@@ -850,7 +937,7 @@ class Integrator:
             stats.extra["eigen_est"], stats.extra["max_eigen_est"] = s.eigen_last, s.eigen_max
         if s.njac is not None:
             stats.extra["njac"] = s.njac
-        stats.extra.update(self.solver.extra_stats())
+        stats.extra.update(self.solver.extra_stats(s.solver_state))
         return Solution(ts=self.save_times.to(s.y.dtype), ys=s.ys, stats=stats, retcodes=s.retcodes, alg=self.solver)
 
 
