@@ -335,8 +335,9 @@ def solve(
             bit-identical to the masked loop.  Requires that row ``i`` of ``drift``/``diffusion``
             depend only on row ``i`` of ``t`` and ``y``: checked at each compaction (two calls
             of each field); fields that capture per-sample tensors or couple samples, events,
-            dense output, regularizers, solvers with per-solve state and ``compile=True`` keep
-            the masked loop, with a ``RuntimeWarning`` naming the reason.
+            dense output, regularizers, solvers whose step couples samples (Newton iterations
+            until the whole batch converged) and ``compile=True`` keep the masked loop, with a
+            ``RuntimeWarning`` naming the reason.
 
     Returns:
         :class:`Solution` with ``ts (T,)``, ``ys (T, B, *state_shape)``, per-sample stats/retcodes.
