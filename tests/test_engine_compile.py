@@ -1,9 +1,11 @@
 """``solve(..., compile=True)``: the iteration's tensor math through ``torch.compile``.
 
 The compiled loop must take the same steps as the eager loop and agree with it to the last
-bits that fused kernels may change (measured: identical bits on these problems with
-inductor on x86 CPUs; the bound below allows 64 ulps relative).  Compiling costs a few
-seconds per (solver, shape, dtype, device) on the CPU, so the problems are tiny.
+bits that fused kernels may change: the controller's ``exp``/``log`` run inside the compiled
+region (inductor's vectorised versions round differently from ATen's), so step sizes differ
+in the last bits and the solution by a small multiple of that (measured: 8.9e-14 on the
+Lotka–Volterra test below, same steps; the bound allows 1e-12 relative).  Compiling costs
+10-60 seconds per (solver, shape, dtype, device) on the CPU, so the problems are tiny.
 """
 
 import importlib.util
@@ -25,8 +27,9 @@ pytestmark = [
     ),
 ]
 
-#: compiled vs eager: relative difference allowed (fused kernels may reassociate sums)
-ULPS = 64 * torch.finfo(torch.float64).eps
+#: compiled vs eager: relative difference allowed (fused kernels may reassociate sums, the
+#: controller's exp/log round differently, and the step sizes carry that into the solution)
+RTOL = 1e-12
 
 
 def lotka_volterra(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -44,7 +47,7 @@ def assert_same_solve(eager: deb.Solution, compiled: deb.Solution) -> None:
         assert torch.equal(getattr(eager.stats, name), getattr(compiled.stats, name)), name
     assert torch.equal(eager.retcodes, compiled.retcodes)
     scale = eager.ys.abs().clamp(min=1.0)
-    assert ((compiled.ys - eager.ys).abs() <= ULPS * scale).all(), (compiled.ys - eager.ys).abs().max()
+    assert ((compiled.ys - eager.ys).abs() <= RTOL * scale).all(), (compiled.ys - eager.ys).abs().max()
 
 
 def test_compiled_ode_takes_the_eager_steps():
@@ -106,4 +109,4 @@ def test_compiled_gradients_match_eager():
     assert_compiled(prob)
     reference = grads[False, True]
     for key, grad in grads.items():
-        torch.testing.assert_close(grad, reference, rtol=ULPS * 16, atol=0.0, msg=str(key))
+        torch.testing.assert_close(grad, reference, rtol=RTOL * 16, atol=0.0, msg=str(key))

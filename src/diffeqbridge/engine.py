@@ -34,6 +34,9 @@ UNSTABLE = int(ReturnCode.Unstable)
 #: a sample whose step underflows dtmin with ``max|y| > GROWTH (1 + max|y0|)`` is Unstable
 GROWTH = 1e6
 TERMINATED = int(ReturnCode.Terminated)
+DT_LESS_THAN_MIN = int(ReturnCode.DtLessThanMin)
+MAX_ITERS = int(ReturnCode.MaxIters)
+_SQRT_FLOATMAX = {dtype: math.sqrt(torch.finfo(dtype).max) for dtype in (torch.float32, torch.float64)}
 
 
 @dataclass
@@ -114,7 +117,7 @@ def _masked_lanes(active: Tensor, t: Tensor, step_dt: Tensor, sign: float, t_sta
 def _spacing(t: Tensor) -> Tensor:
     """The float64 spacing at ``t`` (``(B,)``): Julia's ``eps(t)``."""
     a = t.abs()
-    return torch.nextafter(a, torch.full_like(a, math.inf)) - a
+    return torch.nextafter(a, a.new_tensor(math.inf)) - a
 
 
 def _all_finite(x: Tensor) -> Tensor:
@@ -181,7 +184,7 @@ def _iteration_core(
     assert out.error is not None
     # the controller is not differentiated: step sizes carry no gradient
     err = scaled_error_norm(out.error.detach(), y.detach(), out.y1.detach(), *tolerances).to(torch.float64)
-    err = torch.where(finite & torch.isfinite(err), err, torch.full_like(err, float("inf")))
+    err = torch.where(finite & torch.isfinite(err), err, math.inf)
     return out, err, active & (err <= 1.0)
 
 
@@ -190,18 +193,40 @@ _COMPILED: dict[tuple[Any, ...], Callable[..., Any]] = {}
 #: the same keys plus the ids of the user's drift/diffusion, for compilations that failed
 #: (warned about once, then eager), with the reason
 _COMPILE_FAILED: dict[tuple[Any, ...], str] = {}
+#: torch.compile'd :meth:`Integrator._advance` (one wrapper; dynamo keys its graphs by guards)
+_FUSED_ADVANCE: Callable[..., Any] | None = None
+#: torch.compile'd :meth:`Integrator._ode_advance`
+_FUSED_ODE: Callable[..., Any] | None = None
+
+
+def _configure_compile() -> None:
+    """Process-wide settings for the compiled iteration."""
+    import torch._functorch.config as functorch_config
+
+    # The checkpointed sensealgs differentiate segments with retain_graph=True, which
+    # compiled backwards with donated buffers refuse.  The flag is read when the backward
+    # is compiled (lazily, outside any context we could set), so it is switched off
+    # process-wide: a memory optimisation of compiled backwards, not a numerical change.
+    functorch_config.donated_buffer = False
+
+
+def _compile_failure(exc: Exception, solver: AbstractSolver, y: Tensor) -> str:
+    """The reason a compilation failed, warned about once (the caller then runs eagerly)."""
+    message = str(exc).strip()
+    reason = f"{type(exc).__name__}: {message.splitlines()[0] if message else ''}"
+    warnings.warn(
+        f"compile=True: torch.compile failed for {type(solver).__name__} "
+        f"(state {tuple(y.shape)}, {y.dtype}); running eagerly. Reason: {reason}",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return reason
 
 
 def _compiled_core(key: tuple[Any, ...]) -> Callable[..., Any]:
     """The compiled iteration for ``key``, made on first use."""
     if key not in _COMPILED:
-        import torch._functorch.config as functorch_config
-
-        # The checkpointed sensealgs differentiate segments with retain_graph=True, which
-        # compiled backwards with donated buffers refuse.  The flag is read when the backward
-        # is compiled (lazily, outside any context we could set), so it is switched off
-        # process-wide: a memory optimisation of compiled backwards, not a numerical change.
-        functorch_config.donated_buffer = False
+        _configure_compile()
         # fullgraph: a graph break (host sync, data-dependent branch) is an error -> eager
         _COMPILED[key] = torch.compile(_iteration_core, dynamic=False, fullgraph=True)
     return _COMPILED[key]
@@ -221,15 +246,7 @@ def _run_core(
         try:
             return _compiled_core(key)(solver, terms, t, y, *args)
         except Exception as exc:  # no compiler, unsupported op, graph break: fall back
-            message = str(exc).strip()
-            reason = f"{type(exc).__name__}: {message.splitlines()[0] if message else ''}"
-            _COMPILE_FAILED[failure_key] = reason
-            warnings.warn(
-                f"compile=True: torch.compile failed for {type(solver).__name__} "
-                f"(state {tuple(y.shape)}, {y.dtype}); running eagerly. Reason: {reason}",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            _COMPILE_FAILED[failure_key] = _compile_failure(exc, solver, y)
     return _iteration_core(solver, terms, t, y, *args)
 
 
@@ -366,10 +383,12 @@ class Integrator:
         self.growth_bound: Tensor | None = None  # set by init, with lanes = arange(B)
         self.lanes = torch.arange(0)  # the rows of ys the state's samples are (compaction)
         self._growth_full = torch.empty(0)
+        problem = terms.problem
+        self._fuse_key = ("advance", type(solver), id(problem.drift), id(getattr(problem, "diffusion", None)))
 
     def init(self, y0: Tensor, dt_initial: Tensor, f0: Tensor | None, initial_counts: tuple[int, int]) -> LoopState:
         batch, device, solver = y0.shape[0], y0.device, self.solver
-        t = self.save_times[0].expand(batch).clone()
+        t = self.save_times[:1].repeat(batch)  # dense strides (a compiled iteration guards on them)
         zeros = torch.zeros(batch, dtype=torch.long, device=device)
         ys = torch.full((self.n_save, *y0.shape), float("nan"), dtype=y0.dtype, device=device)
         ys[0] = y0
@@ -495,33 +514,52 @@ class Integrator:
         self.growth_bound, self.lanes = self._growth_full, torch.arange(batch, device=idx.device)
 
     def step(self, s: LoopState) -> None:
-        """One iteration, updating ``s`` in place."""
-        opts, solver, sign, grid, dtype = self.options, self.solver, self.sign, self.grid, s.y.dtype
+        """One iteration, updating ``s`` in place: propose -> noise -> :meth:`_advance`
+        (solver, controller, masked merge, stop checks) -> save."""
         s.iteration += 1
-        # --- propose: clip to the next save time
+        slot = s.save_index.clamp(max=self.n_save - 1)  # before _advance moves it
+        if self._fused(s):
+            saved_now = self._fused_step(s)
+        else:
+            proposal = self._propose(s)
+            saved_now = self._advance(s, proposal, self._noise(s, proposal[2]), False)
+        # --- save (after the stop checks, which change neither y nor the slot)
+        if self.grid is None or self.grid[s.iteration] in self.save_set:  # lockstep: nobody saves between save times
+            lanes = self.lanes
+            s.ys[slot, lanes] = _select(saved_now, s.y, s.ys[slot, lanes])
+
+    def _propose(self, s: LoopState) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Clip every active sample's step to its next save time: ``(hits, step_dt, t_new,
+        dt_eval)``, all ``(B,)`` (``dt_eval``: the signed step the solver is called with)."""
+        sign = self.sign
         target = self.save_times[s.save_index.clamp(max=self.n_save - 1)]
         remaining = sign * (target - s.t)
         hits = s.active & (s.dt >= remaining * (1 - 1e-12))
         step_dt = torch.where(hits, remaining, s.dt)
         t_new = torch.where(s.active, torch.where(hits, target, s.t + sign * step_dt), s.t)
         dt_eval = _masked_lanes(s.active, s.t, step_dt, sign, self.t_start, self.t_end)
-        # --- noise
-        new_tree_state, dw, levy = self._noise(s, t_new)
+        return hits, step_dt, t_new, dt_eval
+
+    def _advance(
+        self,
+        s: LoopState,
+        proposal: tuple[Tensor, Tensor, Tensor, Tensor],
+        noise: tuple[Any, Tensor | None, Tensor | None],
+        fused: bool,
+    ) -> Tensor:
+        """Solver step, controller, masked merge, save index and stop checks of one iteration
+        (``s`` updated in place; ``fused``: inside :meth:`_fused_advance`'s compiled region).
+        Returns the ``(B,)`` mask of samples that reached a save time (``s.ys`` not written)."""
+        opts, solver, grid = self.options, self.solver, self.grid
+        hits, step_dt, t_new, dt_eval = proposal
+        new_tree_state, dw, levy = noise
         # --- solver
         tolerances = (opts.atol, opts.rtol) if self.controller is not None else None
-        out, err, accepted = _run_core(
-            opts,
-            solver,
-            self.terms,
-            s.t,
-            s.y,
-            dt_eval.to(dtype),
-            dw,
-            levy if solver.needs_levy_area else None,
-            s.carry,
-            s.active,
-            tolerances,
-        )
+        args = (dt_eval.to(s.y.dtype), dw, levy if solver.needs_levy_area else None, s.carry, s.active, tolerances)
+        if fused:
+            out, err, accepted = _iteration_core(solver, self.terms, s.t, s.y, *args)
+        else:
+            out, err, accepted = _run_core(opts, solver, self.terms, s.t, s.y, *args)
         # --- controller decision
         rejected = s.active & ~accepted
         self._stats(s, out, accepted, rejected)
@@ -544,16 +582,53 @@ class Integrator:
             s.y, s.t, s.carry, s.tree_state, hits, stopped = self.observer.after_merge(
                 t_prev, y_prev, s.t, s.y, s.carry, s.tree_state, accepted, hits, out, f_prev, dt_eval, self.tree
             )
-        # --- save
+        # --- save index (step() writes s.ys)
         saved_now = accepted & hits
-        slot, lanes = s.save_index.clamp(max=self.n_save - 1), self.lanes
-        if grid is None or grid[s.iteration] in self.save_set:  # lockstep: nobody saves between save times
-            s.ys[slot, lanes] = _select(saved_now, s.y, s.ys[slot, lanes])
         s.save_index = s.save_index + saved_now
         # --- stop: finished, unstable, controller limits, max steps
         self._stop(s, accepted, rejected, saved_now & (s.save_index >= self.n_save), stopped, step_dt, err, hits, dt_factor, out)
         if self.observer is not None:
             self.observer.observe(t_prev, y_prev, t_new, step_dt, out, accepted | rejected, accepted, s.dt, f_prev)
+        return saved_now
+
+    def _fused(self, s: LoopState) -> bool:
+        """Whether this iteration runs :meth:`_advance` as one compiled region: ``compile=True``
+        and nothing in it that keeps Python state between iterations (observers, solvers
+        with per-solve state such as composites), and no failed compilation for this key."""
+        if not self.options.compile or self.observer is not None or self._fuse_key in _COMPILE_FAILED:
+            return False
+        if s.iteration == 1:  # eager once: the optional state (stiffness, Jacobian counts) appears here
+            return False
+        return type(self.solver).after_step is AbstractSolver.after_step
+
+    def _ode_advance(self, s: LoopState, fused: bool) -> Tensor:
+        """:meth:`_propose` then :meth:`_advance` (no Brownian tree): one compiled region for ODEs."""
+        return self._advance(s, self._propose(s), (None, None, None), fused)
+
+    def _fused_step(self, s: LoopState) -> Tensor:
+        """The iteration through ``torch.compile(fullgraph=True)``: ODEs as one graph
+        (:meth:`_ode_advance`); SDEs propose and query the tree eagerly (the tree's C kernel
+        is opaque to the compiler), then :meth:`_advance` (the solver step with the user's
+        functions, error norm, controller, masked merge and stop checks) as one graph.
+        After a failed compilation: a one-time warning and the per-core path."""
+        global _FUSED_ADVANCE, _FUSED_ODE
+        if _FUSED_ADVANCE is None or _FUSED_ODE is None:
+            _configure_compile()
+            _FUSED_ADVANCE = torch.compile(Integrator._advance, dynamic=False, fullgraph=True)
+            _FUSED_ODE = torch.compile(Integrator._ode_advance, dynamic=False, fullgraph=True)
+        if self.tree is None:
+            try:
+                return _FUSED_ODE(self, s, True)
+            except Exception as exc:  # no compiler, unsupported op, graph break: fall back
+                _COMPILE_FAILED[self._fuse_key] = _compile_failure(exc, self.solver, s.y)
+                return self._ode_advance(s, False)
+        proposal = self._propose(s)
+        noise = self._noise(s, proposal[2])
+        try:
+            return _FUSED_ADVANCE(self, s, proposal, noise, True)
+        except Exception as exc:
+            _COMPILE_FAILED[self._fuse_key] = _compile_failure(exc, self.solver, s.y)
+            return self._advance(s, proposal, noise, False)
 
     def _noise(self, s: LoopState, t_new: Tensor) -> tuple[Any, Tensor | None, Tensor | None]:
         tree, grid, dtype = self.tree, self.grid, s.y.dtype
@@ -573,7 +648,7 @@ class Integrator:
         if out.stiffness is not None:
             rho = out.stiffness.detach().to(torch.float64)
             s.eigen_last = torch.where(accepted, rho, s.eigen_last if s.eigen_last is not None else torch.zeros_like(rho))
-            s.eigen_max = torch.maximum(s.eigen_max, s.eigen_last) if s.eigen_max is not None else s.eigen_last
+            s.eigen_max = torch.maximum(s.eigen_max, s.eigen_last) if s.eigen_max is not None else s.eigen_last.clone()
         s.nf = s.nf + s.active * out.nf
         s.ng = s.ng + s.active * out.ng
         s.naccept = s.naccept + accepted
@@ -593,7 +668,7 @@ class Integrator:
         out: StepOutput,
     ) -> None:
         def end(mask: Tensor, code: int | Tensor) -> None:
-            s.retcodes = torch.where(mask, torch.as_tensor(code, device=mask.device), s.retcodes)
+            s.retcodes = torch.where(mask, code, s.retcodes)
             s.active = s.active & ~mask
 
         # unstable_check: a state past sqrt(floatmax) is blowing up; stop it now rather than
@@ -601,9 +676,8 @@ class Integrator:
         y_size = s.y.detach().abs().flatten(1).amax(dim=1)
         end(finished, SUCCESS)
         if stopped is not None:  # events hook: a terminating event (even at t1)
-            s.retcodes = torch.where(stopped, TERMINATED, s.retcodes)
-            s.active = s.active & ~stopped
-        end(accepted & ~(y_size <= math.sqrt(torch.finfo(s.y.dtype).max)), UNSTABLE)
+            end(stopped, TERMINATED)
+        end(accepted & ~(y_size <= _SQRT_FLOATMAX[s.y.dtype]), UNSTABLE)
         newton_failed = s.active & ~out.converged if out.converged is not None else None
         if self.controller is not None:
             assert err is not None
@@ -617,7 +691,7 @@ class Integrator:
             too_small = s.active & (s.dt < torch.maximum(_spacing(s.t), self.dtmin))
             assert self.growth_bound is not None
             # a step that underflows while the state grew a millionfold is a blow-up
-            code = torch.where(y_size > self.growth_bound, UNSTABLE, int(ReturnCode.DtLessThanMin))
+            code = torch.where(y_size > self.growth_bound, UNSTABLE, DT_LESS_THAN_MIN)
             if newton_failed is not None:
                 # a Newton failure rejects the step (NaN proposal -> dt shrinks by qmin); a
                 # sample that keeps failing, or underflows dtmin doing so, stops here
@@ -632,7 +706,7 @@ class Integrator:
             if newton_failed is not None:
                 code = torch.where(newton_failed, CONVERGENCE_FAILURE, code)
             end(rejected & s.active, code)
-        end(s.active & (s.naccept + s.nreject >= self.options.max_steps), int(ReturnCode.MaxIters))
+        end(s.active & (s.naccept + s.nreject >= self.options.max_steps), MAX_ITERS)
 
     def solution(self, s: LoopState) -> Solution:
         stats = Stats(nf=s.nf, ng=s.ng, naccept=s.naccept, nreject=s.nreject)
