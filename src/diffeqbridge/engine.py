@@ -383,6 +383,10 @@ class Integrator:
         self.growth_bound: Tensor | None = None  # set by init, with lanes = arange(B)
         self.lanes = torch.arange(0)  # the rows of ys the state's samples are (compaction)
         self._growth_full = torch.empty(0)
+        self._tolerances: tuple[Tensor, Tensor] = (
+            torch.tensor(options.atol, dtype=torch.float64, device=save_times.device),
+            torch.tensor(options.rtol, dtype=torch.float64, device=save_times.device),
+        )
         problem = terms.problem
         self._fuse_key = ("advance", type(solver), id(problem.drift), id(getattr(problem, "diffusion", None)))
 
@@ -545,18 +549,20 @@ class Integrator:
         s: LoopState,
         proposal: tuple[Tensor, Tensor, Tensor, Tensor],
         noise: tuple[Any, Tensor | None, Tensor | None],
-        fused: bool,
+        direct: bool,
     ) -> Tensor:
         """Solver step, controller, masked merge, save index and stop checks of one iteration
-        (``s`` updated in place; ``fused``: inside :meth:`_fused_advance`'s compiled region).
+        (``s`` updated in place; ``direct``: :func:`_iteration_core` called directly with the
+        tolerances as tensors, as :meth:`_fused_step` compiles it; else through :func:`_run_core`).
         Returns the ``(B,)`` mask of samples that reached a save time (``s.ys`` not written)."""
         opts, solver, grid = self.options, self.solver, self.grid
         hits, step_dt, t_new, dt_eval = proposal
         new_tree_state, dw, levy = noise
         # --- solver
-        tolerances = (opts.atol, opts.rtol) if self.controller is not None else None
+        # compiled: the tolerances as tensors, so another tolerance is not another compilation
+        tolerances = (self._tolerances if direct else (opts.atol, opts.rtol)) if self.controller is not None else None
         args = (dt_eval.to(s.y.dtype), dw, levy if solver.needs_levy_area else None, s.carry, s.active, tolerances)
-        if fused:
+        if direct:
             out, err, accepted = _iteration_core(solver, self.terms, s.t, s.y, *args)
         else:
             out, err, accepted = _run_core(opts, solver, self.terms, s.t, s.y, *args)
@@ -597,13 +603,11 @@ class Integrator:
         with per-solve state such as composites), and no failed compilation for this key."""
         if not self.options.compile or self.observer is not None or self._fuse_key in _COMPILE_FAILED:
             return False
-        if s.iteration == 1:  # eager once: the optional state (stiffness, Jacobian counts) appears here
-            return False
         return type(self.solver).after_step is AbstractSolver.after_step
 
-    def _ode_advance(self, s: LoopState, fused: bool) -> Tensor:
+    def _ode_advance(self, s: LoopState, direct: bool) -> Tensor:
         """:meth:`_propose` then :meth:`_advance` (no Brownian tree): one compiled region for ODEs."""
-        return self._advance(s, self._propose(s), (None, None, None), fused)
+        return self._advance(s, self._propose(s), (None, None, None), direct)
 
     def _fused_step(self, s: LoopState) -> Tensor:
         """The iteration through ``torch.compile(fullgraph=True)``: ODEs as one graph
@@ -612,6 +616,11 @@ class Integrator:
         functions, error norm, controller, masked merge and stop checks) as one graph.
         After a failed compilation: a one-time warning and the per-core path."""
         global _FUSED_ADVANCE, _FUSED_ODE
+        if s.iteration == 1:  # eagerly once: the optional state (stiffness, Jacobian counts) appears here
+            if self.tree is None:
+                return self._ode_advance(s, True)
+            proposal = self._propose(s)
+            return self._advance(s, proposal, self._noise(s, proposal[2]), True)
         if _FUSED_ADVANCE is None or _FUSED_ODE is None:
             _configure_compile()
             _FUSED_ADVANCE = torch.compile(Integrator._advance, dynamic=False, fullgraph=True)
