@@ -128,13 +128,20 @@ def run(quick: bool, out: Path, threads: int = 1) -> dict:
             f"diffrax {H.format_seconds(dfx_median)}; "
             f"same steps {rows[-1]['same_steps']}, max |diff| {rows[-1]['max_abs_diff']:.3g}"
         )
-    doc = H.write_json(out / f"{NAME}.json", NAME, {"threads": threading, "rows": rows})
+    doc = H.write_json(out / f"{NAME}.json", NAME, {"threads": threading, "rows": rows}, quick=quick)
+    H.write_plot(plot, doc, out / f"{NAME}.png")
+    return doc
+
+
+def plot(doc: dict) -> Any:
+    """The figure of this benchmark, from its JSON document (``tools/bench_report.py`` renders it)."""
+    rows = doc["rows"]
     fig, (ax,) = H.figure()
     xs = [str(r["batch"]) for r in rows]
     width = 0.27
     series = [("eager", "eager"), ("compiled", "compile=True"), ("diffrax", "diffrax (jit, vmap)")]
     for k, (key, name) in enumerate(series):
-        values = [r[key].median if r.get(key) is not None else 0.0 for r in rows]
+        values = [r[key]["median"] if r.get(key) else 0.0 for r in rows]
         ax.bar([i + (k - 1) * width for i in range(len(xs))], values, width, label=name)
     ax.set_xticks(range(len(xs)), xs)
     ax.set_xlabel("batch size B")
@@ -142,8 +149,41 @@ def run(quick: bool, out: Path, threads: int = 1) -> dict:
     ax.set_yscale("log")
     ax.set_title("Lotka–Volterra, Tsit5, tol 1e-6")
     ax.legend()
-    H.savefig(fig, out / f"{NAME}.png")
-    return doc
+    return fig
+
+
+def tables(doc: dict) -> dict[str, str]:
+    """``rows``: eager vs ``compile=True`` per batch size."""
+    rows = [
+        (
+            r["batch"],
+            f"{r['first_compiled_solve_s']:.1f} s",
+            H.format_seconds(r["eager"]["median"]),
+            H.format_seconds(r["compiled"]["median"]),
+            H.format_seconds(r["diffrax"]["median"] if r.get("diffrax") else None),
+            f"{r['speedup']:.2f}x",
+            f"{r['eager_over_diffrax']:.1f}x" if r.get("eager_over_diffrax") else "—",
+            f"{r['compiled_over_diffrax']:.1f}x" if r.get("compiled_over_diffrax") else "—",
+            r["naccept_max"],
+            "yes" if r["same_steps"] else "no",
+            f"{r['max_abs_diff']:.1e}",
+        )
+        for r in doc["rows"]
+    ]
+    header = [
+        "B",
+        "first compiled solve",
+        "eager",
+        "compiled",
+        "diffrax",
+        "speed-up",
+        "eager/diffrax",
+        "compiled/diffrax",
+        "steps",
+        "same steps",
+        "max abs. diff",
+    ]
+    return {"rows": H.markdown_table(header, rows)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -124,7 +124,19 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
         rows["ours (SRA1)"].append(_row(gm, sol.ys[-1], sol.stats.nf, tol=tol, wall_s=time.perf_counter() - start))
     payload = {"config": {"n": n, "size": size, "t_end": t_end, "eps_abs": 0.0078, "sde": repr(sde)}, "rows": rows}
     out = Path(out)
-    doc = H.write_json(out / f"{NAME}.json", NAME, payload)
+    doc = H.write_json(out / f"{NAME}.json", NAME, payload, quick=quick)
+    H.write_plot(plot, doc, out / f"{NAME}.png")
+    for label, rs in rows.items():
+        for r in rs:
+            tol = r.get("eps_rel", r.get("tol"))
+            stds = " ".join(f"{v:.3f}" for v in r["stds"])
+            print(f"{label:<30} tol {tol:<6g} NFE {r['nfe']:7.1f}  stds {stds}")
+    return doc
+
+
+def plot(doc: dict) -> Any:
+    """The figure of this benchmark, from its JSON document (``tools/bench_report.py`` renders it)."""
+    rows, n = doc["rows"], doc["config"]["n"]
     fig, axes = H.figure(ncols=1, size=(6.0, 4.2))
     ax = axes[0]
     for (label, rs), color in zip(rows.items(), ("C3", "C0", "C2")):
@@ -138,13 +150,24 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
     ax.set_title(f"2-D mixture, exact score, {n} samples")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
-    H.savefig(fig, out / f"{NAME}.png")
-    for label, rs in rows.items():
-        for r in rs:
-            tol = r.get("eps_rel", r.get("tol"))
-            stds = " ".join(f"{v:.3f}" for v in r["stds"])
-            print(f"{label:<30} tol {tol:<6g} NFE {r['nfe']:7.1f}  stds {stds}")
-    return doc
+    return fig
+
+
+def tables(doc: dict) -> dict[str, str]:
+    """``rows``: NFE per sample and component stds per sampler and tolerance."""
+    rows = []
+    for label, rs in doc["rows"].items():
+        tols = [r.get("eps_rel", r.get("tol")) for r in rs]
+        stds = [v for r in rs for v in r["stds"]]
+        rows.append(
+            (
+                label,
+                ("`eps_rel` " if "eps_rel" in rs[0] else "") + " / ".join(f"{t:g}" for t in tols),
+                " / ".join(f"{r['nfe']:.0f}" for r in rs),
+                H.span(stds, "{:.3f}").replace("–", " - "),
+            )
+        )
+    return {"rows": H.markdown_table(["sampler", "tolerance", "NFE / sample", "component stds"], rows)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 try:
     from . import _harness as H
@@ -198,7 +199,54 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, devic
         Path(out) / f"{NAME}.json",
         NAME,
         {"n": n, "steps": STEPS, "device": device, "threads": info, "scheme_mean": exact, "cases": cases},
+        quick=quick,
     )
+    H.write_plot(plot, doc, Path(out) / f"{NAME}.png")
+    print(
+        H.markdown_table(
+            ["case", "paths/s", "seconds", "estimate ± s.e."],
+            [
+                [k, f"{c['paths_per_s']:.3g}", f"{c['seconds']:.2f}", f"{c['mean']:.5f} ± {c['sem']:.5f}"]
+                for k, c in cases.items()
+                if "paths_per_s" in c
+            ],
+        )
+    )
+    print(f"scheme's exact mean: {exact:.5f}")
+    return doc
+
+
+def tables(doc: dict) -> dict[str, str]:
+    """``cases``: throughput and the estimate of every case."""
+    rows = [
+        (k, f"{c['paths_per_s']:.2g}", f"{c['seconds']:.2f}", f"{c['mean']:.5f} ± {c['sem']:.5f}")
+        for k, c in doc["cases"].items()
+        if "paths_per_s" in c
+    ]
+    return {
+        "cases": H.markdown_table(
+            ["case", "paths/s", "seconds", f"estimate ± s.e. (scheme's exact mean {doc['scheme_mean']:.5f})"], rows
+        )
+    }
+
+
+def headline(doc: dict) -> str:
+    """Best paths/s per implementation (``python -m diffeqbridge bench`` summary line)."""
+    best: dict[str, float] = {}
+    for name, case in doc["cases"].items():
+        if "paths_per_s" in case:
+            key = name.split(",")[0]
+            best[key] = max(best.get(key, 0.0), case["paths_per_s"])
+    return ", ".join(f"{k} {v:.3g} paths/s" for k, v in best.items())
+
+
+def _label(cases: dict, case: dict) -> str:
+    return next(k for k, v in cases.items() if v is case)
+
+
+def plot(doc: dict) -> Any:
+    """The figure of this benchmark, from its JSON document (``tools/bench_report.py`` renders it)."""
+    cases, n, device = doc["cases"], doc["n"], doc["device"]
     fig, (ax,) = H.figure(size=(7.0, 4.5))
     for procs, style in ((1, "o-"), (2, "s-")):
         pts = [
@@ -218,33 +266,7 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, devic
     ax.set_title(f"E[X_1] of GBM, Euler–Maruyama 32 steps, n = {n} paths ({device})")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
-    H.savefig(fig, Path(out) / f"{NAME}.png")
-    print(
-        H.markdown_table(
-            ["case", "paths/s", "seconds", "estimate ± s.e."],
-            [
-                [k, f"{c['paths_per_s']:.3g}", f"{c['seconds']:.2f}", f"{c['mean']:.5f} ± {c['sem']:.5f}"]
-                for k, c in cases.items()
-                if "paths_per_s" in c
-            ],
-        )
-    )
-    print(f"scheme's exact mean: {exact:.5f}")
-    return doc
-
-
-def headline(doc: dict) -> str:
-    """Best paths/s per implementation (``python -m diffeqbridge bench`` summary line)."""
-    best: dict[str, float] = {}
-    for name, case in doc["cases"].items():
-        if "paths_per_s" in case:
-            key = name.split(",")[0]
-            best[key] = max(best.get(key, 0.0), case["paths_per_s"])
-    return ", ".join(f"{k} {v:.3g} paths/s" for k, v in best.items())
-
-
-def _label(cases: dict, case: dict) -> str:
-    return next(k for k, v in cases.items() if v is case)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:

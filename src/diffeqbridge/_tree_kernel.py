@@ -43,6 +43,7 @@ import types
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -57,6 +58,16 @@ _C1_I32 = 0x85EBCA6B - (1 << 32)  # MurmurHash3 finalizer multipliers as signed 
 _C2_I32 = 0xC2B2AE35 - (1 << 32)
 
 log = logging.getLogger("diffeqbridge.brownian")
+
+
+def check_seed(value: Any, name: str = "seed") -> int:
+    """``value`` if it is an int in ``[0, 2**64)`` (hashed as two 32-bit words), else ValueError naming ``name``.
+
+    The one check of every seed and sample offset that feeds the counter-based hash
+    (``VirtualBrownianTree``, ``solve``, ``diffeqbridge.diffusion``'s per-sample noise)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
+        raise ValueError(f"{name} must be an int in [0, 2**64) (hashed as two 32-bit words); got {value!r}")
+    return value
 
 
 def fmix32(h: Tensor) -> Tensor:

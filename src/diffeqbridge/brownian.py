@@ -52,6 +52,7 @@ from torch import Tensor
 from . import _tree_kernel as K
 from ._tree_kernel import MASK32 as _MASK32
 from ._tree_kernel import absorb as _absorb
+from ._tree_kernel import check_seed
 from ._tree_kernel import fmix32_i32 as _fmix32_i32
 from ._tree_kernel import standard_normal_pair as _standard_normal_pair
 
@@ -133,10 +134,8 @@ class VirtualBrownianTree:
             raise TypeError(f"shape must be an int or a tuple (B, *noise_shape); got {shape!r}") from exc
         if len(shape) < 1 or any(s < 1 for s in shape):
             raise ValueError(f"shape must be (B, *noise_shape) with positive sizes; got {shape}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-            raise ValueError(f"seed must be an int in [0, 2**64) (the tree hashes two 32-bit words); got {seed!r}")
-        if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or sample_offset < 0:
-            raise ValueError(f"sample_offset must be a non-negative int; got {sample_offset!r}")
+        check_seed(seed)
+        check_seed(sample_offset, "sample_offset")
         if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             raise TypeError(f"dtype must be a floating dtype; got {dtype}")
         length = t1 - t0

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._tree_kernel import check_seed
 from .adjoint import DiscreteAdjoint
 from .brownian import VirtualBrownianTree, solve_tol
 from .controller import sde_initial_dt
@@ -336,10 +337,8 @@ def solve(
     sensealg = check_sensealg(sensealg, prob, solver, adaptive)
     from .regularization import Recorder, check_regularize
 
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an int in [0, 2**64); got {seed!r}")
-    if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or sample_offset < 0:
-        raise ValueError(f"sample_offset must be a non-negative int; got {sample_offset!r}")
+    check_seed(seed)
+    check_seed(sample_offset, "sample_offset")
     # --- dense output / events (diffeqbridge.dense, diffeqbridge.events): native engine observers
     from .events import check_events
 
