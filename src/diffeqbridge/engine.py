@@ -193,8 +193,8 @@ _COMPILED: dict[tuple[Any, ...], Callable[..., Any]] = {}
 #: the same keys plus the ids of the user's drift/diffusion, for compilations that failed
 #: (warned about once, then eager), with the reason
 _COMPILE_FAILED: dict[tuple[Any, ...], str] = {}
-#: torch.compile'd :meth:`Integrator._advance` (one wrapper; dynamo keys its graphs by guards)
-_FUSED_ADVANCE: Callable[..., Any] | None = None
+#: torch.compile'd :meth:`Integrator._sde_advance` (one wrapper; dynamo keys its graphs by guards)
+_FUSED_SDE: Callable[..., Any] | None = None
 #: torch.compile'd :meth:`Integrator._ode_advance`
 _FUSED_ODE: Callable[..., Any] | None = None
 
@@ -387,6 +387,8 @@ class Integrator:
             torch.tensor(options.atol, dtype=torch.float64, device=save_times.device),
             torch.tensor(options.rtol, dtype=torch.float64, device=save_times.device),
         )
+        #: compile=True, SDEs: (``s.t`` it was made for, the proposal) from the last compiled region
+        self._next_proposal: tuple[Tensor | None, Any] = (None, None)
         problem = terms.problem
         self._fuse_key = ("advance", type(solver), id(problem.drift), id(getattr(problem, "diffusion", None)))
 
@@ -460,8 +462,9 @@ class Integrator:
                 break  # every sample has reached the end or stopped earlier
             if s.iteration % every == 0:
                 n_active = int(s.active.sum())
-                slowest = float(sign * (sign * torch.where(s.active, s.t, self.t_end)).min())
-                bar.update(slowest, n_active)
+                if bar.enabled or pending:  # the slowest sample's time: for the bar and snapshots only
+                    slowest = float(sign * (sign * torch.where(s.active, s.t, self.t_end)).min())
+                    bar.update(slowest, n_active)
                 passed = False
                 while pending and (n_active == 0 or sign * (slowest - pending[0]) >= 0):
                     pending.pop(0)
@@ -609,21 +612,29 @@ class Integrator:
         """:meth:`_propose` then :meth:`_advance` (no Brownian tree): one compiled region for ODEs."""
         return self._advance(s, self._propose(s), (None, None, None), direct)
 
+    def _sde_advance(
+        self, s: LoopState, proposal: tuple[Tensor, Tensor, Tensor, Tensor], noise: tuple[Any, Tensor | None, Tensor | None]
+    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """:meth:`_advance`, then the next iteration's :meth:`_propose` (which the tree query
+        needs before the next compiled region): one compiled region for SDEs."""
+        return self._advance(s, proposal, noise, True), self._propose(s)
+
     def _fused_step(self, s: LoopState) -> Tensor:
         """The iteration through ``torch.compile(fullgraph=True)``: ODEs as one graph
-        (:meth:`_ode_advance`); SDEs propose and query the tree eagerly (the tree's C kernel
-        is opaque to the compiler), then :meth:`_advance` (the solver step with the user's
-        functions, error norm, controller, masked merge and stop checks) as one graph.
-        After a failed compilation: a one-time warning and the per-core path."""
-        global _FUSED_ADVANCE, _FUSED_ODE
+        (:meth:`_ode_advance`); SDEs query the tree eagerly (its C kernel is opaque to the
+        compiler) between graphs that run :meth:`_advance` (the solver step with the user's
+        functions, error norm, controller, masked merge and stop checks) and propose the next
+        step (:meth:`_sde_advance`).  After a failed compilation: a one-time warning and the
+        per-core path."""
+        global _FUSED_SDE, _FUSED_ODE
         if s.iteration == 1:  # eagerly once: the optional state (stiffness, Jacobian counts) appears here
             if self.tree is None:
                 return self._ode_advance(s, True)
             proposal = self._propose(s)
             return self._advance(s, proposal, self._noise(s, proposal[2]), True)
-        if _FUSED_ADVANCE is None or _FUSED_ODE is None:
+        if _FUSED_SDE is None or _FUSED_ODE is None:
             _configure_compile()
-            _FUSED_ADVANCE = torch.compile(Integrator._advance, dynamic=False, fullgraph=True)
+            _FUSED_SDE = torch.compile(Integrator._sde_advance, dynamic=False, fullgraph=True)
             _FUSED_ODE = torch.compile(Integrator._ode_advance, dynamic=False, fullgraph=True)
         if self.tree is None:
             try:
@@ -631,13 +642,19 @@ class Integrator:
             except Exception as exc:  # no compiler, unsupported op, graph break: fall back
                 _COMPILE_FAILED[self._fuse_key] = _compile_failure(exc, self.solver, s.y)
                 return self._ode_advance(s, False)
-        proposal = self._propose(s)
+        # the proposal the previous compiled region made, unless the state changed since
+        # (snapshot restored, batch compacted: another ``s.t``)
+        made_for, proposal = self._next_proposal
+        if made_for is not s.t or proposal is None:
+            proposal = self._propose(s)
         noise = self._noise(s, proposal[2])
         try:
-            return _FUSED_ADVANCE(self, s, proposal, noise, True)
+            saved_now, next_proposal = _FUSED_SDE(self, s, proposal, noise)
         except Exception as exc:
             _COMPILE_FAILED[self._fuse_key] = _compile_failure(exc, self.solver, s.y)
             return self._advance(s, proposal, noise, False)
+        self._next_proposal = (s.t, next_proposal)
+        return saved_now  # type: ignore[no-any-return]
 
     def _noise(self, s: LoopState, t_new: Tensor) -> tuple[Any, Tensor | None, Tensor | None]:
         tree, grid, dtype = self.tree, self.grid, s.y.dtype
