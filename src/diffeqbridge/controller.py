@@ -36,7 +36,7 @@ def layout_free_pow(x: Tensor, b: float) -> Tensor:
     return torch.exp(b * torch.log(x))
 
 
-def scaled_error_norm(error: Tensor, y0: Tensor, y1: Tensor, atol: float, rtol: float) -> Tensor:
+def scaled_error_norm(error: Tensor, y0: Tensor, y1: Tensor, atol: float | Tensor, rtol: float | Tensor) -> Tensor:
     """RMS over the state of ``error / (atol + rtol * max(|y0|, |y1|))``: ``(B, ...) -> (B,)``."""
     scale = atol + rtol * torch.maximum(y0.abs(), y1.abs())
     return (error / scale).square().flatten(1).mean(dim=1).sqrt()

@@ -167,7 +167,7 @@ def _iteration_core(
     levy: Tensor | None,
     carry: Any,
     active: Tensor,
-    tolerances: tuple[float, float] | None,
+    tolerances: tuple[float, float] | tuple[Tensor, Tensor] | None,
 ) -> tuple[StepOutput, Tensor | None, Tensor]:
     """The pure tensor math of one iteration: ``solver.step`` (with the user's drift and
     diffusion), the per-sample error norm and the accept decision.
@@ -636,7 +636,7 @@ class Integrator:
             _configure_compile()
             # size_asserts off: inductor's re-check of ~20 input sizes/strides per call (14 % of a
             # compiled Lotka-Volterra iteration) repeats what dynamo's guards already checked
-            options = {"size_asserts": False}
+            options: dict[str, str | int | bool | Callable[..., Any]] = {"size_asserts": False}
             _FUSED_SDE = torch.compile(Integrator._sde_advance, dynamic=False, fullgraph=True, options=options)
             _FUSED_ODE = torch.compile(Integrator._ode_advance, dynamic=False, fullgraph=True, options=options)
         if self.tree is None:
