@@ -363,8 +363,22 @@ def plot_series(
             continue
         px, py = zip(*pts)
         ax.plot(px, py, label=label, **{"marker": "o", **styles.get(label, {})})
+    label_axes(ax, xlabel=xlabel, ylabel=ylabel, title=title, logx=logx, logy=logy)
+
+
+def label_axes(
+    ax,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str | None = None,
+    logx: bool | int = False,
+    logy: bool = False,
+    legend: bool = True,
+) -> None:
+    """The benchmarks' common axis finish: log scales (``logx=2``: base 2), labels, grid, legend."""
     if logx:
-        ax.set_xscale("log")
+        ax.set_xscale("log", base=2 if logx == 2 and logx is not True else 10)
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
@@ -372,7 +386,15 @@ def plot_series(
     if title:
         ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
+    if legend:
+        ax.legend(fontsize="small")
+
+
+def plain_main(run: Any, description: str, argv: list[str] | None = None) -> int:
+    """``main`` of a benchmark whose ``run(quick, out, threads=)`` takes no size."""
+    args = make_parser(description).parse_args(argv)
+    run(args.quick, args.out, threads=args.threads)
+    return 0
 
 
 def savefig(fig, path: Path) -> Path:

@@ -144,12 +144,13 @@ def plot(doc: dict) -> Any:
         for k in range(3):
             ax.plot(xs, [r["stds"][k] for r in rs], marker="os^"[k], color=color, label=label if k == 0 else None, alpha=0.85)
     ax.axhline(0.5, color="k", lw=0.8, ls="--", label="exact std 0.5")
-    ax.set_xscale("log")
-    ax.set_xlabel("model evaluations per sample")
-    ax.set_ylabel("component std (o, s, ^: components 1-3)")
-    ax.set_title(f"2-D mixture, exact score, {n} samples")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
+    H.label_axes(
+        ax,
+        xlabel="model evaluations per sample",
+        ylabel="component std (o, s, ^: components 1-3)",
+        title=f"2-D mixture, exact score, {n} samples",
+        logx=True,
+    )
     return fig
 
 

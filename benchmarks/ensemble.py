@@ -219,7 +219,7 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, devic
 def tables(doc: dict) -> dict[str, str]:
     """``cases``: throughput and the estimate of every case."""
     rows = [
-        (k, f"{c['paths_per_s']:.2g}", f"{c['seconds']:.2f}", f"{c['mean']:.5f} ± {c['sem']:.5f}")
+        (k, H.sci(c["paths_per_s"]), f"{c['seconds']:.2f}", f"{c['mean']:.5f} ± {c['sem']:.5f}")
         for k, c in doc["cases"].items()
         if "paths_per_s" in c
     ]
@@ -259,13 +259,14 @@ def plot(doc: dict) -> Any:
     for name, c in cases.items():
         if "paths_per_s" in c and not name.startswith("ours"):
             ax.plot([c["batch"]], [c["paths_per_s"]], "D", markersize=9, label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("batch size (paths per solve call)")
-    ax.set_ylabel("paths / s")
-    ax.set_title(f"E[X_1] of GBM, Euler–Maruyama 32 steps, n = {n} paths ({device})")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
+    H.label_axes(
+        ax,
+        xlabel="batch size (paths per solve call)",
+        ylabel="paths / s",
+        title=f"E[X_1] of GBM, Euler–Maruyama 32 steps, n = {n} paths ({device})",
+        logx=2,
+        logy=True,
+    )
     return fig
 
 

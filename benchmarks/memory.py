@@ -111,9 +111,7 @@ def tables(doc: dict) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = H.make_parser(__doc__.splitlines()[0]).parse_args(argv)
-    run(args.quick, args.out, threads=args.threads)
-    return 0
+    return H.plain_main(run, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

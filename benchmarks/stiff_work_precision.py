@@ -311,6 +311,9 @@ def plot(doc: dict) -> Any:
     return fig
 
 
+LABELS = {"robertson": "Robertson", "hires": "HIRES", "vanderpol": "Van der Pol"}
+
+
 def tables(doc: dict) -> dict[str, str]:
     """``ode``: steps and error per problem and tolerance (adaptive methods); ``sde``: largest bounded dt."""
     ode = doc["ode"]
@@ -323,8 +326,8 @@ def tables(doc: dict) -> dict[str, str]:
             cells = []
             for m in methods:
                 hit = [r for r in res["methods"].get(m, []) if r.get("tol") == tol]
-                cells.append("—" if not hit else f"{hit[0]['steps']}, {hit[0]['err']:.2g}")
-            rows.append((f"{name} {tol:.0e}", *cells))
+                cells.append("—" if not hit else f"{hit[0]['steps']}, {H.sci(hit[0]['err'])}")
+            rows.append((f"{LABELS.get(name, name)} {H.sci(tol, 0)}", *cells))
     sde = [
         (k, H.fmt(None if v is None else v["dt"], "{:g}"), H.fmt(None if v is None else v["nfe"], "{:.0f}"))
         for k, v in doc["sde"]["largest_stable_dt"].items()

@@ -44,6 +44,7 @@ Both do the same float64 operations in the same order; they differ only where ``
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -466,6 +467,29 @@ class VirtualBrownianTree:
         self._path_last = child
 
     # ----------------------------------------------------------------- public
+    def select(self, rows: Tensor) -> VirtualBrownianTree:
+        """The tree of rows ``rows`` of this batch: ``(M,)`` int64 indices, row ``j`` of the
+        result is the path of row ``rows[j]`` here (same numbers bit for bit, on every kernel
+        path: a path is a pure function of seed and sample index).  The keys, the root
+        increment and the C kernel's per-sample reuse cache are gathered, so a compacted
+        batch (:mod:`diffeqbridge.engine`, ``solve(..., compact=f)``) queries only its rows."""
+        rows = rows.to(device=self.device, dtype=torch.int64)
+        if rows.ndim != 1:
+            raise ValueError(f"rows must be a 1-D index tensor; got shape {tuple(rows.shape)}")
+        view = copy.copy(self)
+        view.batch_size = rows.numel()
+        view.shape = (view.batch_size, *self.shape[1:])
+        view._element_keys = self._element_keys.index_select(1, rows)
+        view._root = None if self._root is None else (self._root[0].index_select(0, rows), self._root[1].index_select(0, rows))
+        view._fused_args = {}
+        view._reuse = None
+        if self._reuse is not None:
+            lanes = (rows.unsqueeze(1) * self.n_elements + torch.arange(self.n_elements, device=self.device)).flatten()
+            view._reuse = self._reuse.select(lanes.cpu())
+        view._path_digits, view._path_sums, view._path_last, view._path_has_j = [], None, None, True
+        view._memo, view._cell_normals = [], (-1, None)
+        return view
+
     def _shape_out(self, x: Tensor) -> Tensor:
         return x.reshape(self.shape).to(self.dtype)
 
