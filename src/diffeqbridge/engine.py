@@ -44,6 +44,9 @@ TERMINATED = int(ReturnCode.Terminated)
 DT_LESS_THAN_MIN = int(ReturnCode.DtLessThanMin)
 MAX_ITERS = int(ReturnCode.MaxIters)
 _SQRT_FLOATMAX = {dtype: math.sqrt(torch.finfo(dtype).max) for dtype in (torch.float32, torch.float64)}
+#: interpolated saves are written at the first termination check after this many queued steps
+#: (and before a snapshot, a compaction and the end of ``run``)
+FLUSH_AFTER = 16
 
 
 @dataclass
@@ -482,7 +485,7 @@ def forced_times(save_times: Tensor, tstops: Sequence[float], interpolate: bool)
     forced = set(times[:1] + times[-1:]) if interpolate else set(times)
     stops = sorted(forced | inner, key=lambda t: sign * t)
     index = {t: k for k, t in enumerate(times)}
-    slot = [index.get(t, -1) if t in forced else -1 for t in stops]
+    slot = [index.get(t, -1) for t in stops]
     device = save_times.device
     return torch.tensor(stops, dtype=torch.float64, device=device), torch.tensor(slot, dtype=torch.long, device=device)
 
@@ -516,11 +519,14 @@ class Integrator:
         self.sign = 1.0 if self.n_save < 2 or float(save_times[-1]) >= float(save_times[0]) else -1.0
         self.t_start, self.t_end = save_times[0], save_times[-1]
         self.controller = PIController.for_solver(solver) if options.adaptive else None
-        self.interpolate = saves_by_interpolation(solver, options, tree is not None)
+        # (only when some save time is not a forced time anyway: same numbers, less work per step)
+        inner = set(save_times[1:-1].tolist()) - set(options.tstops)
+        self.interpolate = bool(inner) and saves_by_interpolation(solver, options, tree is not None)
         self.kind = interpolant_kind(solver)
         self.stops, self.stop_slot = forced_times(save_times, options.tstops, self.interpolate)
         self.n_stop = self.stops.shape[0]
         self._snap_bounds = snap_bounds(self.stops.tolist())
+        self._ascending = (self.sign * save_times).contiguous()  # searchsorted's order
         # saves waiting for the next check: (first save index, count, t, signed h, y, out, f0)
         # of each accepted step (:meth:`_flush_saves`)
         self._pending: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor, StepOutput, Any]] = []
@@ -619,7 +625,8 @@ class Integrator:
             if grid is not None and s.iteration == len(grid) - 1:
                 break  # every sample has reached the end or stopped earlier
             if s.iteration % every == 0:
-                self._flush_saves(s)
+                if len(self._pending) >= FLUSH_AFTER:
+                    self._flush_saves(s)
                 n_active = int(s.active.sum())
                 if bar.enabled or pending:  # the slowest sample's time: for the bar and snapshots only
                     slowest = float(sign * (sign * torch.where(s.active, s.t, self.t_end)).min())
@@ -629,6 +636,7 @@ class Integrator:
                     pending.pop(0)
                     passed = True
                 if passed and n_active:
+                    self._flush_saves(s)
                     if idx is not None:  # a snapshot restarts the full batch
                         self._write_back(full, s, idx)
                     snaps.append(self.snapshot(full))
@@ -637,6 +645,7 @@ class Integrator:
                 if refused is None and n_active < self.options.compact * s.t.shape[0]:
                     refused = self._state_refusal(s) or self._field_refusal(s)
                     if refused is None:
+                        self._flush_saves(s)
                         s, idx = self._compact(full, s, idx)
                 s.solver_state = self.solver.plan(s.solver_state, s.active, every)
             self.step(s)
@@ -822,20 +831,17 @@ class Integrator:
         self._stop(s, accepted, rejected, reached & (s.stop_index >= self.n_stop), stopped, step_dt, err, hits, dt_factor, out)
         if self.observer is not None:
             self.observer.observe(t_prev, y_prev, t_new, step_dt, out, accepted | rejected, accepted, s.dt, f_prev)
-        if self.interpolate:
-            return (t_prev, y_prev, f_prev, dt_eval, out, accepted)
-        return (stop, reached)
+        return stop, reached, (t_prev, y_prev, f_prev, dt_eval, out, accepted) if self.interpolate else None
 
     def _save(self, s: LoopState, record: tuple[Any, ...]) -> None:
-        """The save stage, after the stop checks (which change neither ``y`` nor ``t``):
-        saves by interpolation (:meth:`_save_interpolated`), or ``y`` into the slot of a
-        reached save time."""
-        if self.interpolate:
-            self._save_interpolated(s, *record)
-            return
-        stop, reached = record
+        """The save stage, after the stop checks (which change neither ``y`` nor ``t``): a
+        forced time that is a save time gets the step's end state; with saves by
+        interpolation, the save times strictly inside the step are queued first."""
+        stop, reached, step = record
         slot = self.stop_slot[stop.clamp(max=self.n_stop - 1)]
         saved_now = reached & (slot >= 0)
+        if step is not None:
+            self._queue_saves(s, *step)
         slot, lanes = slot.clamp(min=0), self.lanes
         if self.grid is None or s.iteration in self.save_iterations:  # lockstep: nobody saves in between
             s.ys[slot, lanes] = _select(saved_now, s.y, s.ys[slot, lanes])
@@ -898,43 +904,53 @@ class Integrator:
         self._next_proposal = (s.t, next_proposal)
         return record  # type: ignore[no-any-return]
 
-    def _save_interpolated(
+    def _queue_saves(
         self, s: LoopState, t_prev: Tensor, y_prev: Tensor, f_prev: Any, h: Tensor, out: StepOutput, accepted: Tensor
     ) -> None:
-        """Saves of an accepted step ``[t_prev, s.t]`` (``h``: ``(B,)`` the signed step the
-        solver took; an event may have cut it short): a save time equal to ``s.t`` gets
-        ``s.y`` now (the end of the span exactly); those strictly inside are queued for
-        :meth:`_flush_saves` with the step's interpolant.  No host synchronisation."""
-        sign = self.sign
-        n_le = torch.searchsorted(sign * self.save_times, (sign * s.t).contiguous(), right=True)  # saves <= t
-        last = (n_le - 1).clamp(min=0)
-        exact = accepted & (n_le > s.save_index) & (self.save_times[last] == s.t)
-        lanes = self.lanes
-        s.ys[last, lanes] = _select(exact, s.y, s.ys[last, lanes])
-        count = torch.where(accepted, n_le - s.save_index - exact.long(), 0).clamp(min=0)
-        self._pending.append((s.save_index, count, t_prev, h, y_prev, out, f_prev))
-        s.save_index = torch.where(accepted, torch.maximum(n_le, s.save_index), s.save_index)
+        """Queue the save times strictly inside the accepted step ``[t_prev, s.t)`` (``h``:
+        ``(B,)`` the signed step the solver took; an event may have cut it short) for
+        :meth:`_flush_saves`; a save time equal to ``s.t`` is the next step's ``θ = 0`` (or a
+        forced time's save).  No host synchronisation."""
+        key = s.t if self.sign > 0 else -s.t
+        before = torch.searchsorted(self._ascending, key.contiguous())  # save times < t
+        # save_index >= before(t) always (equal after an interpolated save, one more after a save
+        # at t itself), so a sample that did not move has count <= 0: nothing queued
+        self._pending.append((s.save_index, before - s.save_index, t_prev, h, y_prev, out, f_prev))
+        s.save_index = torch.where(accepted, before, s.save_index)
 
     def _flush_saves(self, s: LoopState) -> None:
-        """Write the queued saves: per queued step, save ``j`` of sample ``b`` at ``θ =
-        (t_save - t) / h`` of the step's interpolant (:func:`diffeqbridge.dense.horner`, all
-        samples and saves at once).  One host synchronisation (the largest count), made at
-        the loop's termination check."""
+        """Write the queued saves: save ``j`` of sample ``b`` in a queued step at ``θ =
+        (t_save - t) / h`` of that step's interpolant (:func:`diffeqbridge.dense.horner`).  The
+        steps that hold saves are concatenated along the batch axis and evaluated at once, an
+        ``(R B, m)`` block (``m`` the most saves of any sample in one step), then scattered
+        into ``ys``.  One host synchronisation (which steps hold saves, and ``m``)."""
         pending, self._pending = self._pending, []
         if not pending:
             return
         largest = torch.stack([p[1].max() for p in pending]).tolist()
-        for (first, count, t, h, y, out, f0), m in zip(pending, largest):
-            if m == 0:
-                continue
-            j = torch.arange(m, device=count.device)
-            valid = j < count.unsqueeze(1)  # (B, m)
-            index = torch.where(valid, first.unsqueeze(1) + j, 0)
-            theta = (self.save_times[index] - t.unsqueeze(1)) / h.unsqueeze(1)
-            coeffs = step_coefficients(self.kind, y, out.y1, h, out, f0 if isinstance(f0, Tensor) else None)
-            values = horner(y.unsqueeze(1), [c.unsqueeze(1) for c in coeffs], theta)  # (B, m, *state)
-            rows = self.lanes.unsqueeze(1).expand_as(index)
-            s.ys[index[valid], rows[valid]] = values[valid]
+        work = [p for p, m in zip(pending, largest) if m > 0]
+        if not work:
+            return
+        first, count, t, h, y = (torch.cat([p[i] for p in work]) for i in range(5))
+        outs = [p[5] for p in work]
+        f0s = [p[6] if isinstance(p[6], Tensor) else None for p in work]
+        out = StepOutput(
+            y1=torch.cat([o.y1 for o in outs]),
+            error=None,
+            nf=0,
+            ng=0,
+            f1=None if any(o.f1 is None for o in outs) else torch.cat([o.f1 for o in outs]),  # type: ignore[misc]
+            stages=None if any(o.stages is None for o in outs) else [torch.cat(k) for k in zip(*[o.stages for o in outs])],  # type: ignore[misc]
+        )
+        f0 = None if any(f is None for f in f0s) else torch.cat(f0s)  # type: ignore[arg-type]
+        j = torch.arange(int(max(largest)), device=count.device)
+        valid = j < count.unsqueeze(1)  # (R B, m)
+        index = torch.where(valid, first.unsqueeze(1) + j, 0)
+        theta = (self.save_times[index] - t.unsqueeze(1)) / h.unsqueeze(1)
+        coeffs = step_coefficients(self.kind, y, out.y1, h, out, f0)
+        values = horner(y.unsqueeze(1), [c.unsqueeze(1) for c in coeffs], theta)  # (R B, m, *state)
+        rows = self.lanes.repeat(len(work)).unsqueeze(1).expand_as(index)
+        s.ys[index[valid], rows[valid]] = values[valid]
 
     def _noise(self, s: LoopState, t_new: Tensor) -> tuple[Any, Tensor | None, Tensor | None]:
         tree, grid, dtype = self.tree, self.grid, s.y.dtype

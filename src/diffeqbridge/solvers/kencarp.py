@@ -161,7 +161,7 @@ class SKenCarp(AbstractSolver):
             raise TypeError(f"smooth_est must be a bool; got {smooth_est!r}")
         self.smooth_est = smooth_est
         if self.error_estimate == "embedded":
-            self.qmax = EMBEDDED_QMAX
+            self.qmax = EMBEDDED_QMAX  # type: ignore[misc]  # instance override of the class constant
         if newton is None:
             newton = NewtonOptions(jac=jac, linsolve=linsolve, full_newton=True)
         self.newton = newton
