@@ -22,7 +22,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -475,6 +475,26 @@ def _scatter(full: Any, part: Any, idx: Tensor, batch: int) -> Any:
     return full.index_put((idx,), part)
 
 
+class _QueuedStep(NamedTuple):
+    """A step whose saves :meth:`Integrator._flush_saves` writes: per sample ``(B,)`` the first
+    save index inside it and how many, its start ``t``, signed ``h`` and state ``y``, the
+    solver's output and the FSAL ``f0`` (the interpolant's inputs)."""
+
+    first: Tensor
+    n: Tensor
+    t: Tensor
+    h: Tensor
+    y: Tensor
+    out: StepOutput
+    f0: Any
+
+
+def _cat_all(parts: list[Tensor | None]) -> Tensor | None:
+    """``torch.cat(parts)`` along the batch axis, or None when any part is None."""
+    present = [p for p in parts if p is not None]
+    return torch.cat(present) if len(present) == len(parts) else None
+
+
 def forced_times(save_times: Tensor, tstops: Sequence[float], interpolate: bool) -> tuple[Tensor, Tensor]:
     """``(stops, stop_slot)`` of :class:`Integrator`: ``tstops`` strictly inside the solve's
     span, merged with the save times (all of them, or the first and last when saves are
@@ -527,9 +547,8 @@ class Integrator:
         self.n_stop = self.stops.shape[0]
         self._snap_bounds = snap_bounds(self.stops.tolist())
         self._ascending = (self.sign * save_times).contiguous()  # searchsorted's order
-        # saves waiting for the next check: (first save index, count, t, signed h, y, out, f0)
-        # of each accepted step (:meth:`_flush_saves`)
-        self._pending: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor, StepOutput, Any]] = []
+        # the steps whose saves wait for :meth:`_flush_saves`
+        self._pending: list[_QueuedStep] = []
         # Fixed step: every active sample is at grid[i] at iteration i, so the Brownian tree is
         # queried once per step at a time shared by the batch (tree.evaluate_scalar: same
         # numbers, cached descent) and the loop stops right after the last step.
@@ -915,7 +934,7 @@ class Integrator:
         before = torch.searchsorted(self._ascending, key.contiguous())  # save times < t
         # save_index >= before(t) always (equal after an interpolated save, one more after a save
         # at t itself), so a sample that did not move has count <= 0: nothing queued
-        self._pending.append((s.save_index, before - s.save_index, t_prev, h, y_prev, out, f_prev))
+        self._pending.append(_QueuedStep(s.save_index, before - s.save_index, t_prev, h, y_prev, out, f_prev))
         s.save_index = torch.where(accepted, before, s.save_index)
 
     def _flush_saves(self, s: LoopState) -> None:
@@ -927,22 +946,23 @@ class Integrator:
         pending, self._pending = self._pending, []
         if not pending:
             return
-        largest = torch.stack([p[1].max() for p in pending]).tolist()
+        largest = torch.stack([p.n.max() for p in pending]).tolist()
         work = [p for p, m in zip(pending, largest) if m > 0]
         if not work:
             return
-        first, count, t, h, y = (torch.cat([p[i] for p in work]) for i in range(5))
-        outs = [p[5] for p in work]
-        f0s = [p[6] if isinstance(p[6], Tensor) else None for p in work]
+        first, count = torch.cat([p.first for p in work]), torch.cat([p.n for p in work])
+        t, h, y = torch.cat([p.t for p in work]), torch.cat([p.h for p in work]), torch.cat([p.y for p in work])
+        outs = [p.out for p in work]
+        stages = [o.stages for o in outs]
         out = StepOutput(
             y1=torch.cat([o.y1 for o in outs]),
             error=None,
             nf=0,
             ng=0,
-            f1=None if any(o.f1 is None for o in outs) else torch.cat([o.f1 for o in outs]),  # type: ignore[misc]
-            stages=None if any(o.stages is None for o in outs) else [torch.cat(k) for k in zip(*[o.stages for o in outs])],  # type: ignore[misc]
+            f1=_cat_all([o.f1 for o in outs]),
+            stages=None if any(k is None for k in stages) else [torch.cat(k) for k in zip(*stages)],  # type: ignore[misc]
         )
-        f0 = None if any(f is None for f in f0s) else torch.cat(f0s)  # type: ignore[arg-type]
+        f0 = _cat_all([p.f0 if isinstance(p.f0, Tensor) else None for p in work])
         j = torch.arange(int(max(largest)), device=count.device)
         valid = j < count.unsqueeze(1)  # (R B, m)
         index = torch.where(valid, first.unsqueeze(1) + j, 0)
