@@ -30,7 +30,8 @@ def strong_error(y_end, exact_end) -> float:
 
 
 # ---------------------------------------------------------------------------- ours
-def make_ours(P: Problem, B: int, alg_name: str, adaptive: bool, seed: int = 0) -> Callable[[float], dict]:
+def make_ours(P: Problem, B: int, alg_name: str, adaptive: bool, seed: int = 0, compile: bool = False) -> Callable[[float], dict]:
+    """``compile``: ``solve(..., compile=True)`` (the iteration through ``torch.compile``)."""
 
     import diffeqbridge as deb
 
@@ -45,7 +46,7 @@ def make_ours(P: Problem, B: int, alg_name: str, adaptive: bool, seed: int = 0) 
 
     def run(level: float) -> dict:
         kw: dict[str, Any] = {"atol": level, "rtol": level} if adaptive else {"dt": level, "adaptive": False}
-        sol = deb.solve(prob, alg(), brownian=bm, max_steps=200_000, **kw)
+        sol = deb.solve(prob, alg(), brownian=bm, max_steps=200_000, compile=compile, **kw)
         ok = sol.retcodes == int(deb.ReturnCode.Success)
         return {
             "y": sol.ys[-1],

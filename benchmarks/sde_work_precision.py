@@ -22,6 +22,9 @@ step of the solver (``_peers.DIFFRAX_EVALS``)).  diffrax's SPaRK/GeneralShARK co
 Stratonovich solutions and are given the Stratonovich drift of the same SDE.  Wall time per
 solve: median over interleaved repeats (quick: one timed solve), warm (diffrax compiled
 before timing; JAX persistent compilation cache on).
+``ours-compiled``: SOSRI with ``solve(..., compile=True)`` on the target problems (GBM, wave),
+compiled before timing like diffrax; the ``matched`` ratios of ``ours`` are the eager default's,
+``ratio_compiled_wall_s_vs_*`` the compiled one's.
 """
 
 from __future__ import annotations
@@ -91,7 +94,7 @@ def methods_for(noise: str, quick: bool, size: str) -> list[tuple[str, str, bool
 def levels(adaptive: bool, quick: bool, size: str, lib: str = "") -> list[float]:
     if size == "tiny":
         return [0.1, 0.03] if adaptive else [2.0**-3, 2.0**-4]
-    if adaptive and lib == "ours":  # embedded estimates: the error follows the tolerance
+    if adaptive and lib.startswith("ours"):  # embedded estimates: the error follows the tolerance
         return [10.0**-k for k in (range(1, 6) if quick else (1, 1.5, 2, 2.5, 3, 3.5, 4, 4.5, 5, 5.5))]
     if adaptive:
         return [10**-1, 10**-1.5, 10**-2] if quick else [10**-1, 10**-1.5, 10**-2, 10**-2.5, 10**-3, 10**-3.5]
@@ -109,13 +112,21 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
     repeats = 1 if size != "full" else 3
     names = ("gbm",) if size == "tiny" else ("gbm", "wave", "additive", "rot2d", "vp_gmm")
     probs = problems()
-    makers = {"ours": Pe.make_ours, "torchsde": Pe.make_torchsde, "diffrax": Pe.make_diffrax}
+    makers = {
+        "ours": Pe.make_ours,
+        "ours-compiled": lambda *a: Pe.make_ours(*a, compile=True),
+        "torchsde": Pe.make_torchsde,
+        "diffrax": Pe.make_diffrax,
+    }
     results: dict[str, Any] = {}
     for pname in names:
         P = probs[pname]
         runners: dict[str, tuple[Callable[[float], dict], list[float]]] = {}
         rows: dict[str, list[dict]] = {}
-        for lib, method, adaptive in methods_for(P.noise, quick, size):
+        methods = methods_for(P.noise, quick, size)
+        if pname in TARGET_PROBLEMS and size != "tiny":  # solve(..., compile=True), compiled before timing
+            methods.append(("ours-compiled", "SOSRI", True))
+        for lib, method, adaptive in methods:
             key = label(lib, method, adaptive)
             try:
                 runner = makers[lib](P, B, method, adaptive)
@@ -125,7 +136,7 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
             lv = levels(adaptive, quick, size, lib)
             if P.exact is None and quick:  # reference-solved problem: peers' quick sweeps stop near 1e-3
                 lv = [x for x in lv if x >= 1e-4]
-            if lib == "diffrax":  # compile (warm-up) before anything is timed
+            if lib in ("diffrax", "ours-compiled"):  # compile (warm-up) before anything is timed
                 t = time.perf_counter()
                 runner(lv[0])
                 rows.setdefault(key, [])
@@ -209,6 +220,7 @@ def matched(rows: dict[str, list[dict]]) -> list[dict]:
         if errs:
             ranges.append((min(errs), max(errs)))
     out = []
+    compiled = any(k.startswith("ours-compiled ") for k in rows)
     for target in Pe.error_targets(ranges, per_decade=2) if ranges else []:
         entry: dict[str, Any] = {"err": target}
         for lib in ("ours", "torchsde", "diffrax"):
@@ -219,11 +231,17 @@ def matched(rows: dict[str, list[dict]]) -> list[dict]:
             for cost in ("nfe", "wall_s"):
                 a, b = entry[f"ours_{cost}"], entry[f"{peer}_{cost}"]
                 entry[f"ratio_{cost}_vs_{peer}"] = a / b if a and b else None
+        if compiled:  # ours with compile=True ("ours" above: the eager default)
+            c, _ = _best(rows, "ours-compiled", target, "wall_s")
+            entry["ours_compiled_wall_s"] = c
+            for peer in ("torchsde", "diffrax"):
+                b = entry[f"{peer}_wall_s"]
+                entry[f"ratio_compiled_wall_s_vs_{peer}"] = c / b if c and b else None
         out.append(entry)
     return out
 
 
-STYLE_LIB = {"ours": "C0", "torchsde": "C2", "diffrax": "C1"}
+STYLE_LIB = {"ours": "C0", "ours-compiled": "C4", "torchsde": "C2", "diffrax": "C1"}
 MARKERS = "osD^v<>p*h"
 
 
@@ -237,7 +255,7 @@ def plot(doc: dict) -> Any:
         for j, cost in enumerate(("nfe", "wall_s")):
             ax = axes[2 * i + j]
             series, styles = {}, {}
-            counters = {"ours": 0, "torchsde": 0, "diffrax": 0}
+            counters = {lib: 0 for lib in STYLE_LIB}
             for key, lst in rows.items():
                 pts = [(r[cost], r["err"]) for r in lst if "err" in r and r.get(cost)]
                 if not pts:
@@ -249,7 +267,7 @@ def plot(doc: dict) -> Any:
                     "marker": MARKERS[counters[lib] % len(MARKERS)],
                     "linestyle": "--" if "adaptive" in key else "-",
                     "markersize": 4,
-                    "linewidth": 2.0 if lib == "ours" else 1.0,
+                    "linewidth": 2.0 if lib.startswith("ours") else 1.0,
                 }
                 counters[lib] += 1
             H.plot_series(
@@ -289,6 +307,8 @@ def summary(doc: dict) -> str:
                     f(m["ratio_nfe_vs_diffrax"]),
                     f(m["ratio_wall_s_vs_torchsde"]),
                     f(m["ratio_wall_s_vs_diffrax"]),
+                    f(m.get("ratio_compiled_wall_s_vs_torchsde")),
+                    f(m.get("ratio_compiled_wall_s_vs_diffrax")),
                 )
             )
     return H.markdown_table(
@@ -302,6 +322,8 @@ def summary(doc: dict) -> str:
             "NFE ours/dfx",
             "time ours/tsde",
             "time ours/dfx",
+            "compiled/tsde",
+            "compiled/dfx",
         ],
         rows,
     )
@@ -379,9 +401,32 @@ def tables(doc: dict) -> dict[str, str]:
         "time ours/torchsde",
         "time ours/diffrax",
     ]
+    compiled_rows = [
+        (
+            LABELS.get(pname, pname),
+            H.sci(m["err"]),
+            H.ratio(m["ratio_wall_s_vs_torchsde"]),
+            H.ratio(m["ratio_compiled_wall_s_vs_torchsde"]),
+            H.ratio(m["ratio_wall_s_vs_diffrax"]),
+            H.ratio(m["ratio_compiled_wall_s_vs_diffrax"]),
+        )
+        for pname, res in doc["problems"].items()
+        if not pname.startswith("_")
+        for m in res["matched"]
+        if m["err"] <= MAX_TABLE_ERR and m.get("ratio_compiled_wall_s_vs_torchsde") is not None
+    ]
+    compiled_header = [
+        "problem",
+        "strong error",
+        "time ours/torchsde (eager)",
+        "time ours/torchsde (compile=True SOSRI)",
+        "time ours/diffrax (eager)",
+        "time ours/diffrax (compile=True SOSRI)",
+    ]
     return {
         "matched": H.markdown_table(header, matched_rows),
         "targets": H.markdown_table(["problem (matched errors ≤ 1e-2)", "vs torchsde", "vs diffrax"], target_rows),
+        "compiled": H.markdown_table(compiled_header, compiled_rows),
     }
 
 

@@ -1,9 +1,11 @@
 """``solve(..., compile=True)``: the iteration's tensor math through ``torch.compile``.
 
 The compiled loop must take the same steps as the eager loop and agree with it to the last
-bits that fused kernels may change (measured: identical bits on these problems with
-inductor on x86 CPUs; the bound below allows 64 ulps relative).  Compiling costs a few
-seconds per (solver, shape, dtype, device) on the CPU, so the problems are tiny.
+bits that fused kernels may change: the controller's ``exp``/``log`` run inside the compiled
+region (inductor's vectorised versions round differently from ATen's), so step sizes differ
+in the last bits and the solution by a small multiple of that (measured: 8.9e-14 on the
+Lotka–Volterra test below, same steps; the bound allows 1e-12 relative).  Compiling costs
+10-60 seconds per (solver, shape, dtype, device) on the CPU, so the problems are tiny.
 """
 
 import importlib.util
@@ -12,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from problems import linear, tree_for
+from problems import linear, strong_error, tree_for
 
 import diffeqbridge as deb
 from diffeqbridge import engine
@@ -25,8 +27,9 @@ pytestmark = [
     ),
 ]
 
-#: compiled vs eager: relative difference allowed (fused kernels may reassociate sums)
-ULPS = 64 * torch.finfo(torch.float64).eps
+#: compiled vs eager: relative difference allowed (fused kernels may reassociate sums, the
+#: controller's exp/log round differently, and the step sizes carry that into the solution)
+RTOL = 1e-12
 
 
 def lotka_volterra(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -44,7 +47,7 @@ def assert_same_solve(eager: deb.Solution, compiled: deb.Solution) -> None:
         assert torch.equal(getattr(eager.stats, name), getattr(compiled.stats, name)), name
     assert torch.equal(eager.retcodes, compiled.retcodes)
     scale = eager.ys.abs().clamp(min=1.0)
-    assert ((compiled.ys - eager.ys).abs() <= ULPS * scale).all(), (compiled.ys - eager.ys).abs().max()
+    assert ((compiled.ys - eager.ys).abs() <= RTOL * scale).all(), (compiled.ys - eager.ys).abs().max()
 
 
 def test_compiled_ode_takes_the_eager_steps():
@@ -106,4 +109,24 @@ def test_compiled_gradients_match_eager():
     assert_compiled(prob)
     reference = grads[False, True]
     for key, grad in grads.items():
-        torch.testing.assert_close(grad, reference, rtol=ULPS * 16, atol=0.0, msg=str(key))
+        torch.testing.assert_close(grad, reference, rtol=RTOL * 16, atol=0.0, msg=str(key))
+
+
+def test_compiled_adaptive_sde_is_as_accurate_as_eager():
+    """SOSRI on GBM through the compiled SDE region (the tree queried between graphs, each graph
+    proposing the next step).  A last-bit change of ``dt`` may flip an accept/reject decision
+    near ``err = 1``, so the step sequences may differ; both solves must succeed with the same
+    work (evaluations within 5 %) and the same accuracy against the closed form (the mean over
+    64 paths: one path's error moves by a factor of 4 when its step sequence changes; measured
+    with B = 8: the first difference is one ulp of one sample's ``dt`` at iteration 12)."""
+    prob, exact = linear(64)
+    bm = tree_for(prob, seed=5)
+    kwargs = dict(alg=deb.SOSRI(), atol=1e-3, rtol=1e-3, brownian=bm, backend="native")
+    eager = deb.solve(prob, **kwargs)
+    compiled = deb.solve(prob, compile=True, **kwargs)
+    assert_compiled(prob)
+    assert (compiled.retcodes == int(deb.ReturnCode.Success)).all()
+    work = [float((s.stats.nf + s.stats.ng).sum()) for s in (eager, compiled)]
+    assert abs(work[1] - work[0]) <= 0.05 * work[0], work
+    errors = [strong_error(s, exact, bm) for s in (eager, compiled)]
+    assert errors[1] <= 1.5 * errors[0] and errors[0] <= 1.5 * errors[1], errors

@@ -36,7 +36,7 @@ def layout_free_pow(x: Tensor, b: float) -> Tensor:
     return torch.exp(b * torch.log(x))
 
 
-def scaled_error_norm(error: Tensor, y0: Tensor, y1: Tensor, atol: float, rtol: float) -> Tensor:
+def scaled_error_norm(error: Tensor, y0: Tensor, y1: Tensor, atol: float | Tensor, rtol: float | Tensor) -> Tensor:
     """RMS over the state of ``error / (atol + rtol * max(|y0|, |y1|))``: ``(B, ...) -> (B,)``."""
     scale = atol + rtol * torch.maximum(y0.abs(), y1.abs())
     return (error / scale).square().flatten(1).mean(dim=1).sqrt()
@@ -69,11 +69,10 @@ class PIController:
         """
         q11 = layout_free_pow(err, self.beta1)
         q = q11 / layout_free_pow(qold, self.beta2)
-        q = torch.clamp(q / self.gamma, 1 / self.qmax, 1 / self.qmin)
-        q = torch.where(torch.isnan(q), torch.full_like(q, 1 / self.qmin), q)
+        # clamped, so NaN is the only non-finite value left: nan_to_num touches nothing else
+        q = torch.clamp(q / self.gamma, 1 / self.qmax, 1 / self.qmin).nan_to_num(nan=1 / self.qmin)
         dt_accept = dt / q
-        shrink = torch.clamp(q11 / self.gamma, max=1 / self.qmin)
-        shrink = torch.where(torch.isnan(shrink), torch.full_like(shrink, 1 / self.qmin), shrink)
+        shrink = torch.clamp(q11 / self.gamma, max=1 / self.qmin).nan_to_num(nan=1 / self.qmin)  # q11 >= 0: no -inf
         dt_reject = dt / shrink
         new_dt = torch.where(accepted, dt_accept, dt_reject)
         new_qold = torch.where(accepted, torch.clamp(err, min=QOLD_INIT), qold)

@@ -41,6 +41,9 @@ UNSTABLE = int(ReturnCode.Unstable)
 #: a sample whose step underflows dtmin with ``max|y| > GROWTH (1 + max|y0|)`` is Unstable
 GROWTH = 1e6
 TERMINATED = int(ReturnCode.Terminated)
+DT_LESS_THAN_MIN = int(ReturnCode.DtLessThanMin)
+MAX_ITERS = int(ReturnCode.MaxIters)
+_SQRT_FLOATMAX = {dtype: math.sqrt(torch.finfo(dtype).max) for dtype in (torch.float32, torch.float64)}
 #: interpolated saves are written at the first termination check after this many queued steps
 #: (and before a snapshot, a compaction and the end of ``run``)
 FLUSH_AFTER = 16
@@ -255,7 +258,7 @@ def _iteration_core(
     carry: Any,
     solver_state: Any,
     active: Tensor,
-    tolerances: tuple[float, float] | None,
+    tolerances: tuple[float, float] | tuple[Tensor, Tensor] | None,
 ) -> tuple[StepOutput, Tensor | None, Tensor]:
     """The pure tensor math of one iteration: ``solver.step`` (with the user's drift and
     diffusion), the per-sample error norm and the accept decision.
@@ -272,7 +275,7 @@ def _iteration_core(
     assert out.error is not None
     # the controller is not differentiated: step sizes carry no gradient
     err = scaled_error_norm(out.error.detach(), y.detach(), out.y1.detach(), *tolerances).to(torch.float64)
-    err = torch.where(finite & torch.isfinite(err), err, torch.full_like(err, float("inf")))
+    err = torch.where(finite & torch.isfinite(err), err, math.inf)
     return out, err, active & (err <= 1.0)
 
 
@@ -283,16 +286,40 @@ _COMPILED: dict[tuple[Any, ...], Callable[..., Any]] = {}
 _COMPILE_FAILED: dict[tuple[Any, ...], str] = {}
 
 
+#: torch.compile'd :meth:`Integrator._sde_advance` (one wrapper; dynamo keys its graphs by guards)
+_FUSED_SDE: Callable[..., Any] | None = None
+#: torch.compile'd :meth:`Integrator._ode_advance`
+_FUSED_ODE: Callable[..., Any] | None = None
+
+
+def _configure_compile() -> None:
+    """Process-wide settings for the compiled iteration."""
+    import torch._functorch.config as functorch_config
+
+    # The checkpointed sensealgs differentiate segments with retain_graph=True, which
+    # compiled backwards with donated buffers refuse.  The flag is read when the backward
+    # is compiled (lazily, outside any context we could set), so it is switched off
+    # process-wide: a memory optimisation of compiled backwards, not a numerical change.
+    functorch_config.donated_buffer = False
+
+
+def _compile_failure(exc: Exception, solver: AbstractSolver, y: Tensor) -> str:
+    """The reason a compilation failed, warned about once (the caller then runs eagerly)."""
+    message = str(exc).strip()
+    reason = f"{type(exc).__name__}: {message.splitlines()[0] if message else ''}"
+    warnings.warn(
+        f"compile=True: torch.compile failed for {type(solver).__name__} "
+        f"(state {tuple(y.shape)}, {y.dtype}); running eagerly. Reason: {reason}",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return reason
+
+
 def _compiled_core(key: tuple[Any, ...]) -> Callable[..., Any]:
     """The compiled iteration for ``key``, made on first use."""
     if key not in _COMPILED:
-        import torch._functorch.config as functorch_config
-
-        # The checkpointed sensealgs differentiate segments with retain_graph=True, which
-        # compiled backwards with donated buffers refuse.  The flag is read when the backward
-        # is compiled (lazily, outside any context we could set), so it is switched off
-        # process-wide: a memory optimisation of compiled backwards, not a numerical change.
-        functorch_config.donated_buffer = False
+        _configure_compile()
         # fullgraph: a graph break (host sync, data-dependent branch) is an error -> eager
         _COMPILED[key] = torch.compile(_iteration_core, dynamic=False, fullgraph=True)
     return _COMPILED[key]
@@ -312,15 +339,7 @@ def _run_core(
         try:
             return _compiled_core(key)(solver, terms, t, y, *args)
         except Exception as exc:  # no compiler, unsupported op, graph break: fall back
-            message = str(exc).strip()
-            reason = f"{type(exc).__name__}: {message.splitlines()[0] if message else ''}"
-            _COMPILE_FAILED[failure_key] = reason
-            warnings.warn(
-                f"compile=True: torch.compile failed for {type(solver).__name__} "
-                f"(state {tuple(y.shape)}, {y.dtype}); running eagerly. Reason: {reason}",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            _COMPILE_FAILED[failure_key] = _compile_failure(exc, solver, y)
     return _iteration_core(solver, terms, t, y, *args)
 
 
@@ -546,10 +565,19 @@ class Integrator:
         self._full_batch: tuple[VirtualBrownianTree | None, Tensor | None] = (tree, None)  # restored by _expand
         self.compact_refused: str | None = None  # why run() could not compact (compact > 0)
         self.rerun = False  # restore() was called: a checkpointed segment's re-run (no warnings)
+        # compile=True: the tolerances as graph inputs (another tolerance is not another compilation)
+        self._tolerances: tuple[Tensor, Tensor] = (
+            torch.tensor(options.atol, dtype=torch.float64, device=save_times.device),
+            torch.tensor(options.rtol, dtype=torch.float64, device=save_times.device),
+        )
+        #: compile=True, SDEs: (``s.t`` it was made for, the proposal) from the last compiled region
+        self._next_proposal: tuple[Tensor | None, Any] = (None, None)
+        problem = terms.problem
+        self._fuse_key = ("advance", type(solver), id(problem.drift), id(getattr(problem, "diffusion", None)))
 
     def init(self, y0: Tensor, dt_initial: Tensor, f0: Tensor | None, initial_counts: tuple[int, int]) -> LoopState:
         batch, device, solver = y0.shape[0], y0.device, self.solver
-        t = self.save_times[0].expand(batch).clone()
+        t = self.save_times[:1].repeat(batch)  # dense strides (a compiled iteration guards on them)
         zeros = torch.zeros(batch, dtype=torch.long, device=device)
         ys = torch.full((self.n_save, *y0.shape), float("nan"), dtype=y0.dtype, device=device)
         ys[0] = y0
@@ -619,8 +647,9 @@ class Integrator:
                 if len(self._pending) >= FLUSH_AFTER:
                     self._flush_saves(s)
                 n_active = int(s.active.sum())
-                slowest = float(sign * (sign * torch.where(s.active, s.t, self.t_end)).min())
-                bar.update(slowest, n_active)
+                if bar.enabled or pending:  # the slowest sample's time: for the bar and snapshots only
+                    slowest = float(sign * (sign * torch.where(s.active, s.t, self.t_end)).min())
+                    bar.update(slowest, n_active)
                 passed = False
                 while pending and (n_active == 0 or sign * (slowest - pending[0]) >= 0):
                     pending.pop(0)
@@ -735,11 +764,21 @@ class Integrator:
         self.lanes = torch.arange(full.t.shape[0], device=idx.device)
 
     def step(self, s: LoopState) -> None:
-        """One iteration, updating ``s`` in place."""
-        opts, solver, sign, grid, dtype = self.options, self.solver, self.sign, self.grid, s.y.dtype
+        """One iteration, updating ``s`` in place: propose -> noise -> :meth:`_advance`
+        (solver, controller, masked merge, stop checks) -> :meth:`_save`."""
         s.iteration += 1
-        # --- propose: clip to the next forced time (fixed step: snap to a grid point near it)
-        stop = s.stop_index
+        if self._fused():
+            record = self._fused_step(s)
+        else:
+            proposal = self._propose(s)
+            record = self._advance(s, proposal, self._noise(s, proposal[2]), False)
+        self._save(s, record)
+
+    def _propose(self, s: LoopState) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Clip every active sample's step to its next forced time (fixed step: snap to a grid
+        point near it): ``(hits, step_dt, t_new, dt_eval)``, all ``(B,)`` (``dt_eval``: the
+        signed step the solver is called with)."""
+        sign, stop = self.sign, s.stop_index
         assert stop is not None
         target = self.stops[stop.clamp(max=self.n_stop - 1)]
         if self.controller is not None:
@@ -748,17 +787,28 @@ class Integrator:
             snap = snap_tolerance(s.dt, (), self._snap_bounds)
             step_dt, t_new, hits = clip_step(s.dt, s.t, target, s.active, sign, snap, stop >= self.n_stop - 1)
         dt_eval = _masked_lanes(s.active, s.t, step_dt, sign, self.t_start, self.t_end)
-        # --- noise
-        new_tree_state, dw, levy = self._noise(s, t_new)
+        return hits, step_dt, t_new, dt_eval
+
+    def _advance(
+        self,
+        s: LoopState,
+        proposal: tuple[Tensor, Tensor, Tensor, Tensor],
+        noise: tuple[Any, Tensor | None, Tensor | None],
+        direct: bool,
+    ) -> tuple[Any, ...]:
+        """Solver step, controller, masked merge, stop index and stop checks of one iteration
+        (``s`` updated in place; ``direct``: :func:`_iteration_core` called directly with the
+        tolerances as tensors, as :meth:`_fused_step` compiles it; else through :func:`_run_core`).
+        Returns what :meth:`_save` needs (``s.ys`` and ``s.save_index`` are not touched here)."""
+        opts, solver, grid = self.options, self.solver, self.grid
+        hits, step_dt, t_new, dt_eval = proposal
+        new_tree_state, dw, levy = noise
+        stop = s.stop_index
+        assert stop is not None
         # --- solver
-        tolerances = (opts.atol, opts.rtol) if self.controller is not None else None
-        out, err, accepted = _run_core(
-            opts,
-            solver,
-            self.terms,
-            s.t,
-            s.y,
-            dt_eval.to(dtype),
+        tolerances = (self._tolerances if direct else (opts.atol, opts.rtol)) if self.controller is not None else None
+        args = (
+            dt_eval.to(s.y.dtype),
             dw,
             levy if solver.needs_levy_area else None,
             s.carry,
@@ -766,6 +816,10 @@ class Integrator:
             s.active,
             tolerances,
         )
+        if direct:
+            out, err, accepted = _iteration_core(solver, self.terms, s.t, s.y, *args)
+        else:
+            out, err, accepted = _run_core(opts, solver, self.terms, s.t, s.y, *args)
         # --- controller decision
         rejected = s.active & ~accepted
         self._stats(s, out, accepted, rejected)
@@ -790,22 +844,84 @@ class Integrator:
             s.y, s.t, s.carry, s.tree_state, hits, stopped = self.observer.after_merge(
                 t_prev, y_prev, s.t, s.y, s.carry, s.tree_state, accepted, hits, out, f_prev, dt_eval, self.tree
             )
-        # --- save: a forced time that is a save time gets the step's end state; with saves by
-        # interpolation, the save times strictly inside the step are queued first
         reached = accepted & hits
-        slot = self.stop_slot[stop.clamp(max=self.n_stop - 1)]
-        saved_now = reached & (slot >= 0)
-        if self.interpolate:
-            self._queue_saves(s, t_prev, y_prev, f_prev, dt_eval, out, accepted)
-        slot, lanes = slot.clamp(min=0), self.lanes
-        if grid is None or s.iteration in self.save_iterations:  # lockstep: nobody saves in between
-            s.ys[slot, lanes] = _select(saved_now, s.y, s.ys[slot, lanes])
-        s.save_index = s.save_index + saved_now
         s.stop_index = stop + reached
         # --- stop: finished, unstable, controller limits, max steps
         self._stop(s, accepted, rejected, reached & (s.stop_index >= self.n_stop), stopped, step_dt, err, hits, dt_factor, out)
         if self.observer is not None:
             self.observer.observe(t_prev, y_prev, t_new, step_dt, out, accepted | rejected, accepted, s.dt, f_prev)
+        return stop, reached, (t_prev, y_prev, f_prev, dt_eval, out, accepted) if self.interpolate else None
+
+    def _save(self, s: LoopState, record: tuple[Any, ...]) -> None:
+        """The save stage, after the stop checks (which change neither ``y`` nor ``t``): a
+        forced time that is a save time gets the step's end state; with saves by
+        interpolation, the save times strictly inside the step are queued first."""
+        stop, reached, step = record
+        slot = self.stop_slot[stop.clamp(max=self.n_stop - 1)]
+        saved_now = reached & (slot >= 0)
+        if step is not None:
+            self._queue_saves(s, *step)
+        slot, lanes = slot.clamp(min=0), self.lanes
+        if self.grid is None or s.iteration in self.save_iterations:  # lockstep: nobody saves in between
+            s.ys[slot, lanes] = _select(saved_now, s.y, s.ys[slot, lanes])
+        s.save_index = s.save_index + saved_now
+
+    def _fused(self) -> bool:
+        """Whether the iteration runs as compiled regions (:meth:`_fused_step`): ``compile=True``,
+        no observers (events, dense output, regularizers keep Python state between iterations)
+        and no failed compilation for this solver and these functions."""
+        return self.options.compile and self.observer is None and self._fuse_key not in _COMPILE_FAILED
+
+    def _ode_advance(self, s: LoopState, direct: bool) -> tuple[Any, ...]:
+        """:meth:`_propose` then :meth:`_advance` (no Brownian tree): one compiled region for ODEs."""
+        return self._advance(s, self._propose(s), (None, None, None), direct)
+
+    def _sde_advance(
+        self, s: LoopState, proposal: tuple[Tensor, Tensor, Tensor, Tensor], noise: tuple[Any, Tensor | None, Tensor | None]
+    ) -> tuple[tuple[Any, ...], tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """:meth:`_advance`, then the next iteration's :meth:`_propose` (which the tree query
+        needs before the next compiled region): one compiled region for SDEs."""
+        return self._advance(s, proposal, noise, True), self._propose(s)
+
+    def _fused_step(self, s: LoopState) -> tuple[Any, ...]:
+        """The iteration through ``torch.compile(fullgraph=True)``: ODEs as one graph
+        (:meth:`_ode_advance`); SDEs query the tree eagerly (its C kernel is opaque to the
+        compiler) between graphs that run :meth:`_advance` (the solver step with the user's
+        functions, error norm, controller, masked merge and stop checks) and propose the next
+        step (:meth:`_sde_advance`).  After a failed compilation: a one-time warning and the
+        per-core path."""
+        global _FUSED_SDE, _FUSED_ODE
+        if s.iteration == 1:  # eagerly once: the optional state (stiffness, Jacobian counts) appears here
+            if self.tree is None:
+                return self._ode_advance(s, True)
+            proposal = self._propose(s)
+            return self._advance(s, proposal, self._noise(s, proposal[2]), True)
+        if _FUSED_SDE is None or _FUSED_ODE is None:
+            _configure_compile()
+            # size_asserts off: inductor's re-check of ~20 input sizes/strides per call (14 % of a
+            # compiled Lotka-Volterra iteration) repeats what dynamo's guards already checked
+            options: dict[str, str | int | bool | Callable[..., Any]] = {"size_asserts": False}
+            _FUSED_SDE = torch.compile(Integrator._sde_advance, dynamic=False, fullgraph=True, options=options)
+            _FUSED_ODE = torch.compile(Integrator._ode_advance, dynamic=False, fullgraph=True, options=options)
+        if self.tree is None:
+            try:
+                return _FUSED_ODE(self, s, True)  # type: ignore[no-any-return]
+            except Exception as exc:  # no compiler, unsupported op, graph break: fall back
+                _COMPILE_FAILED[self._fuse_key] = _compile_failure(exc, self.solver, s.y)
+                return self._ode_advance(s, False)
+        # the proposal the previous compiled region made, unless the state changed since
+        # (snapshot restored, batch compacted: another ``s.t``)
+        made_for, proposal = self._next_proposal
+        if made_for is not s.t or proposal is None:
+            proposal = self._propose(s)
+        noise = self._noise(s, proposal[2])
+        try:
+            record, next_proposal = _FUSED_SDE(self, s, proposal, noise)
+        except Exception as exc:
+            _COMPILE_FAILED[self._fuse_key] = _compile_failure(exc, self.solver, s.y)
+            return self._advance(s, proposal, noise, False)
+        self._next_proposal = (s.t, next_proposal)
+        return record  # type: ignore[no-any-return]
 
     def _queue_saves(
         self, s: LoopState, t_prev: Tensor, y_prev: Tensor, f_prev: Any, h: Tensor, out: StepOutput, accepted: Tensor
@@ -874,7 +990,7 @@ class Integrator:
         if out.stiffness is not None:
             rho = out.stiffness.detach().to(torch.float64)
             s.eigen_last = torch.where(accepted, rho, s.eigen_last if s.eigen_last is not None else torch.zeros_like(rho))
-            s.eigen_max = torch.maximum(s.eigen_max, s.eigen_last) if s.eigen_max is not None else s.eigen_last
+            s.eigen_max = torch.maximum(s.eigen_max, s.eigen_last) if s.eigen_max is not None else s.eigen_last.clone()
         s.nf = s.nf + s.active * out.nf
         s.ng = s.ng + s.active * out.ng
         s.naccept = s.naccept + accepted
@@ -894,7 +1010,7 @@ class Integrator:
         out: StepOutput,
     ) -> None:
         def end(mask: Tensor, code: int | Tensor) -> None:
-            s.retcodes = torch.where(mask, torch.as_tensor(code, device=mask.device), s.retcodes)
+            s.retcodes = torch.where(mask, code, s.retcodes)
             s.active = s.active & ~mask
 
         # unstable_check: a state past sqrt(floatmax) is blowing up; stop it now rather than
@@ -902,9 +1018,8 @@ class Integrator:
         y_size = s.y.detach().abs().flatten(1).amax(dim=1)
         end(finished, SUCCESS)
         if stopped is not None:  # events hook: a terminating event (even at t1)
-            s.retcodes = torch.where(stopped, TERMINATED, s.retcodes)
-            s.active = s.active & ~stopped
-        end(accepted & ~(y_size <= math.sqrt(torch.finfo(s.y.dtype).max)), UNSTABLE)
+            end(stopped, TERMINATED)
+        end(accepted & ~(y_size <= _SQRT_FLOATMAX[s.y.dtype]), UNSTABLE)
         newton_failed = s.active & ~out.converged if out.converged is not None else None
         if self.controller is not None:
             assert err is not None
@@ -914,7 +1029,7 @@ class Integrator:
             too_small = s.active & (s.dt < torch.maximum(_spacing(s.t), self.dtmin))
             assert self.growth_bound is not None
             # a step that underflows while the state grew a millionfold is a blow-up
-            code = torch.where(y_size > self.growth_bound, UNSTABLE, int(ReturnCode.DtLessThanMin))
+            code = torch.where(y_size > self.growth_bound, UNSTABLE, DT_LESS_THAN_MIN)
             if newton_failed is not None:
                 # a Newton failure rejects the step (NaN proposal -> dt shrinks by qmin); a
                 # sample that keeps failing, or underflows dtmin doing so, stops here
@@ -929,7 +1044,7 @@ class Integrator:
             if newton_failed is not None:
                 code = torch.where(newton_failed, CONVERGENCE_FAILURE, code)
             end(rejected & s.active, code)
-        end(s.active & (s.naccept + s.nreject >= self.options.max_steps), int(ReturnCode.MaxIters))
+        end(s.active & (s.naccept + s.nreject >= self.options.max_steps), MAX_ITERS)
 
     def solution(self, s: LoopState) -> Solution:
         stats = Stats(nf=s.nf, ng=s.ng, naccept=s.naccept, nreject=s.nreject)

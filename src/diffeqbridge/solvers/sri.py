@@ -53,6 +53,7 @@ Sources (coefficients only; the implementation is our own):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import ClassVar
 
 import torch
@@ -119,6 +120,11 @@ class SRITableau:
     def stages(self) -> int:
         return len(self.c0)
 
+    @cached_property
+    def diffusion_stages(self) -> tuple[bool, ...]:
+        """:meth:`diffusion_used` for every stage (computed once per tableau)."""
+        return tuple(self.diffusion_used(j) for j in range(self.stages))
+
     def diffusion_used(self, j: int) -> bool:
         """Whether diffusion stage ``j`` enters the step at all."""
         s = self.stages
@@ -172,9 +178,10 @@ def sri_step(
     sq_w = torch.sqrt(dt_w)
     sqdt_y = torch.sqrt(dt_y.abs())
     # Iterated-integral ratios, noise-shaped, then broadcast against the state.
-    chi1 = terms.noise_like_state((dw * dw - dt_w) / (2.0 * sq_w), y)  # I_(1,1)/sqrt(dt)
+    dw2 = dw * dw
+    chi1 = terms.noise_like_state((dw2 - dt_w) / (2.0 * sq_w), y)  # I_(1,1)/sqrt(dt)
     chi2 = terms.noise_like_state(0.5 * dw + levy_h, y)  # I_(1,0)/dt
-    chi3 = terms.noise_like_state(dw * (dw * dw - 3.0 * dt_w) / (6.0 * dt_w), y)  # I_(1,1,1)/dt
+    chi3 = terms.noise_like_state(dw * (dw2 - 3.0 * dt_w) / (6.0 * dt_w), y)  # I_(1,1,1)/dt
     dw_y = terms.noise_like_state(dw, y)
 
     s = tab.stages
@@ -182,9 +189,10 @@ def sri_step(
     gs: list[Tensor | None] = [None] * s
     h0s: list[Tensor] = []
     nf = ng = 0
+    diffusion_stages = tab.diffusion_stages
     for i in range(s):
         eval_f = i < tab.n_drift
-        eval_g = tab.diffusion_used(i)
+        eval_g = diffusion_stages[i]
         if eval_f:
             h0 = y
             fa = linear_combination(tab.a0[i][:i], fs[:i])
@@ -213,11 +221,13 @@ def sri_step(
         gsum = linear_combination(coeffs, gs)
         if gsum is not None:
             y1 = y1 + scale * gsum
-    e2 = torch.zeros_like(y)
+    e2: Tensor | None = None
     for coeffs, scale in ((tab.beta3, chi2), (tab.beta4, chi3)):
         gsum = linear_combination(coeffs, gs)
         if gsum is not None:
-            e2 = e2 + scale * gsum
+            e2 = scale * gsum if e2 is None else e2 + scale * gsum
+    if e2 is None:
+        e2 = torch.zeros_like(y)
     y1 = y1 + e2
 
     error = drift_error(tab.alpha, fs[: tab.n_drift], dt_y, delta) + e2
