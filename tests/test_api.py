@@ -144,12 +144,12 @@ def _small(noise="diagonal", interpretation="ito"):
 @pytest.mark.parametrize(
     "problem_kwargs, solve_kwargs, expected",
     [
-        ({"noise": "diagonal"}, {}, deb.SOSRI),
-        ({"noise": "scalar"}, {}, deb.SOSRI),
+        ({"noise": "diagonal"}, {}, deb.SRIW1),  # fewest evaluations on GBM/wave/rot2d (SciML: SOSRI)
+        ({"noise": "scalar"}, {}, deb.SRIW1),
         ({"noise": "additive"}, {}, deb.AutoSwitch),  # ShARK (fewer evaluations than SOSRA) + ImplicitRKMil
         ({"noise": "general"}, {}, deb.LambaEM),
-        ({"interpretation": "stratonovich"}, {"dt": 0.05}, deb.RKMil),
-        ({"noise": "scalar", "interpretation": "stratonovich"}, {"dt": 0.05}, deb.RKMil),
+        ({"interpretation": "stratonovich"}, {"dt": 0.05}, deb.SPaRK),  # SciML: RKMil
+        ({"noise": "scalar", "interpretation": "stratonovich"}, {"dt": 0.05}, deb.SPaRK),
     ],
     ids=["diagonal-ito", "scalar-ito", "additive", "general-ito", "diagonal-strat-dt", "scalar-strat-dt"],
 )

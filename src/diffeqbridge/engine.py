@@ -25,7 +25,7 @@ from .brownian import VirtualBrownianTree
 from .controller import QOLD_INIT, PIController, scaled_error_norm
 from .problem import Terms
 from .solution import ReturnCode, Solution, Stats
-from .solvers.base import AbstractSolver, StepOutput
+from .solvers.base import AbstractSolver, StepOutput, per_unit_step
 
 SUCCESS = int(ReturnCode.Success)
 DEFAULT = int(ReturnCode.Default)
@@ -181,6 +181,8 @@ def _iteration_core(
     assert out.error is not None
     # the controller is not differentiated: step sizes carry no gradient
     err = scaled_error_norm(out.error.detach(), y.detach(), out.y1.detach(), *tolerances).to(torch.float64)
+    if solver.unit_step_power and terms.noise not in (None, "additive"):
+        err = per_unit_step(err, dt_eval.detach(), terms.span, solver.unit_step_power)
     err = torch.where(finite & torch.isfinite(err), err, torch.full_like(err, float("inf")))
     return out, err, active & (err <= 1.0)
 

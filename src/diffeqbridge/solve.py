@@ -15,7 +15,7 @@ from .controller import sde_initial_dt
 from .engine import EngineOptions, integrate
 from .problem import ODEProblem, SDEProblem, Terms, check_additive, check_field_shapes
 from .solution import Solution
-from .solvers import SOSRI, AutoSwitch, AutoTsit5, ImplicitRKMil, LambaEM, LambaEulerHeun, RKMil, ShARK
+from .solvers import SRIW1, AutoSwitch, AutoTsit5, ImplicitRKMil, LambaEM, ShARK, SPaRK
 from .solvers.base import AbstractSolver
 from .solvers.runge_kutta import hairer_initial_dt
 
@@ -76,12 +76,13 @@ def default_algorithm(problem: ODEProblem, dt: float | None = None, alg_hints: A
     ``AutoSwitch(ShARK(), ImplicitRKMil())`` (ShARK: fewest evaluations at matched strong
     error on the additive work-precision problems, where SciML picks ``SOSRA``; the implicit
     partner measured cheaper than ``SKenCarp``, whose error estimate ``Σ z_i`` keeps
-    ``dt ≈ 4e-5`` on ``dX = -1e4 (X - cos t) dt + 0.1 dW``); diagonal/scalar Itô -> ``SOSRI``
-    (``AutoSOSRI`` does not switch at the SDE default tolerances: SOSRI's error control keeps
-    ``ρ dt`` below its stability interval); general Itô -> ``LambaEM``; general Stratonovich ->
-    ``LambaEulerHeun``; diagonal/scalar Stratonovich -> ``RKMil`` when ``dt`` is given
-    (SciML's choice; ours is fixed-step), else the adaptive ``LambaEulerHeun``.  With
-    ``alg_hints=["stiff"]``: see :func:`_stiff_algorithm`.
+    ``dt ≈ 4e-5`` on ``dX = -1e4 (X - cos t) dt + 0.1 dW``); diagonal/scalar Itô -> ``SRIW1``
+    (fewest evaluations at matched strong error on GBM, wave and rot2d in
+    ``benchmarks/sde_work_precision.py``; SciML picks ``SOSRI``, 1.3-1.5x the evaluations
+    there, for its larger stability region); general Itô -> ``LambaEM``; Stratonovich
+    (any noise) -> ``SPaRK`` (adaptive, Lévy area, embedded estimate; SciML picks ``RKMil``
+    with ``dt`` / ``LambaEulerHeun``; RKMil needs 5-6x SPaRK's evaluations at strong errors
+    1e-2 ... 3e-2 on rot2d).  With ``alg_hints=["stiff"]``: see :func:`_stiff_algorithm`.
     """
     if "stiff" in _check_alg_hints(alg_hints):
         return _stiff_algorithm(problem)
@@ -90,8 +91,8 @@ def default_algorithm(problem: ODEProblem, dt: float | None = None, alg_hints: A
     if problem.noise == "additive":
         return AutoSwitch(ShARK(), ImplicitRKMil())
     if problem.interpretation == "stratonovich":
-        return RKMil() if problem.noise != "general" and dt is not None else LambaEulerHeun()
-    return LambaEM() if problem.noise == "general" else SOSRI()
+        return SPaRK()
+    return LambaEM() if problem.noise == "general" else SRIW1()
 
 
 def _check_every(value: int | None, device: torch.device) -> int:
@@ -242,7 +243,7 @@ def solve(
 
     Args:
         prob: :class:`SDEProblem` or :class:`ODEProblem` with ``y0`` of shape ``(B, *state_shape)``.
-        alg: a solver instance (``deb.SOSRI()``...); ``None`` picks as SciML's default.
+        alg: a solver instance (``deb.SOSRI()``...); ``None``: :func:`default_algorithm` (the measured winner per noise type).
         dt: initial step for adaptive solvers, the step for fixed-step ones.
         adaptive: defaults to True for solvers with an error estimate.
         atol, rtol: tolerances (SDE default ``1e-2``/``1e-2``, ODE ``1e-6``/``1e-3``).

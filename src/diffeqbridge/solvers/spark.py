@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ..problem import Terms, expand_to
-from .base import ALL_NOISE, BOTH_INTERPRETATIONS, EMBEDDED_QMAX, AbstractSolver, StepOutput, stage_time
+from .base import ALL_NOISE, BOTH_INTERPRETATIONS, EMBEDDED_QMAX, UNIT_STEP_POWER, AbstractSolver, StepOutput, stage_time
 
 X1 = (3 - math.sqrt(3)) / 6  # weights of stages 1 and 3 (drift and ΔW)
 X2 = math.sqrt(3) / 3  # weight of stage 2
@@ -140,6 +140,7 @@ class SPaRK(AbstractSolver):
     qmax: ClassVar[float | None] = EMBEDDED_QMAX
     qmin: ClassVar[float | None] = 1 / 5
     gamma: ClassVar[float | None] = 9 / 10
+    unit_step_power: ClassVar[float] = UNIT_STEP_POWER  # as the SRI methods' (not for additive noise)
 
     def step(
         self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None
