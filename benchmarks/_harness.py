@@ -3,11 +3,18 @@
 Conventions every benchmark follows:
 
 * ``python benchmarks/<name>.py [--quick] [--out DIR]``: ``--quick`` keeps a run under a
-  couple of minutes (fewer repeats, smaller calibration target); ``--out`` defaults to
-  ``bench_out/`` (git-ignored).
+  few minutes (fewer repeats, smaller calibration target); ``--out`` defaults to
+  ``benchmarks/results/``, whose ``<name>.json`` files are committed: ``tools/bench_report.py``
+  renders the tables of ``BENCHMARKS.md`` and the plots in ``docs/bench/`` from them.
 * Each benchmark module exposes ``run(quick: bool, out: Path) -> dict`` (writes
-  ``out/<name>.json`` and ``out/<name>.png`` and returns the JSON payload) and
-  ``main(argv=None) -> int``.
+  ``out/<name>.json`` with :func:`write_json` and ``out/<name>.png`` with :func:`write_plot`,
+  and returns the JSON document), ``plot(doc) -> Figure`` and ``tables(doc) -> {name: markdown}``
+  (both pure functions of the JSON document) and ``main(argv=None) -> int``.
+* The JSON document (schema :data:`SCHEMA`): ``{"benchmark": name, "schema": 1, "meta": {...},
+  **payload}``; ``meta`` holds the command line, ``quick``, the date, the load average at the
+  start and the end of the run, the machine, the library versions and the git commit (see
+  :func:`run_meta`); ``payload`` is the benchmark's own figures, with tabular results as lists
+  of flat dicts (``rows`` or ``results``) where it can.
 * Peers are timed in the same process and *interleaved* (each repeat runs every case once,
   in a rotating order), so that load from other jobs on a shared machine hits all of them
   alike; compare ratios from one run, not absolute times across runs.
@@ -32,14 +39,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-DEFAULT_OUT = Path("bench_out")
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT = RESULTS_DIR
+SCHEMA = 1
+# the load average when the benchmark process started (this module is imported first)
+_LOADAVG_START = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
 # ----------------------------------------------------------------------------- CLI
 def make_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--quick", action="store_true", help="short run (fewer repeats), about two minutes at most")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT}/)")
+    parser.add_argument("--quick", action="store_true", help="short run (fewer repeats, smaller sizes), a few minutes at most")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="output folder (default benchmarks/results/, the committed results)"
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -251,12 +264,43 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def write_json(path: Path, benchmark: str, payload: Mapping[str, Any]) -> dict[str, Any]:
-    """Write ``{"benchmark", "machine", **payload}`` to ``path``; returns what was written."""
-    doc = {"benchmark": benchmark, "machine": machine_info(), **payload}
+def run_meta(quick: bool | None) -> dict[str, Any]:
+    """The ``meta`` block of a result: command, mode, load average at start/end, machine, versions."""
+    import sys
+
+    argv = [Path(sys.argv[0]).name if i == 0 else a for i, a in enumerate(sys.argv)] if sys.argv else []
+    info = machine_info()
+    return {
+        "command": " ".join(["python", *argv]) if argv else None,
+        "quick": quick,
+        "date": info.pop("date"),
+        "loadavg_start": _LOADAVG_START,
+        "loadavg_end": info.pop("loadavg"),
+        **info,
+    }
+
+
+def write_json(path: Path, benchmark: str, payload: Mapping[str, Any], *, quick: bool | None = None) -> dict[str, Any]:
+    """Write ``{"benchmark", "schema", "meta", **payload}`` to ``path``.
+
+    Returns the document as read back from JSON (plain dicts, lists and numbers), so that what a
+    benchmark plots right after its run is what ``tools/bench_report.py`` plots from the file.
+    """
+    doc = {"benchmark": benchmark, "schema": SCHEMA, "meta": run_meta(quick), **payload}
+    text = json.dumps(doc, indent=1, default=_json_default) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2, default=_json_default) + "\n")
-    return doc
+    path.write_text(text)
+    return json.loads(text)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A result document written by :func:`write_json`."""
+    return json.loads(Path(path).read_text())
+
+
+def write_plot(plot: Callable[[Mapping[str, Any]], Any], doc: Mapping[str, Any], path: Path) -> Path:
+    """Render ``plot(doc)`` (a benchmark's plot function) to the PNG ``path``."""
+    return savefig(plot(doc), path)
 
 
 def _json_default(obj: Any) -> Any:
@@ -270,13 +314,32 @@ def _json_default(obj: Any) -> Any:
 
 
 # -------------------------------------------------------------------------- plots
+PLOT_STYLE: dict[str, Any] = {
+    "font.size": 9,
+    "axes.titlesize": 9,
+    "axes.labelsize": 9,
+    "legend.fontsize": 7,
+    "legend.framealpha": 0.85,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "lines.markersize": 4,
+    "savefig.dpi": 120,
+}
+
+
 def figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (6.0, 4.5)):
-    """A matplotlib figure on the Agg backend (no display needed)."""
+    """A matplotlib figure on the Agg backend (no display needed), in the benchmarks' common style.
+
+    ``size`` is per panel; returns ``(fig, axes)`` with ``axes`` flattened row by row.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
+    plt.rcParams.update(PLOT_STYLE)
     fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
     return fig, axes.ravel()
 
@@ -300,8 +363,22 @@ def plot_series(
             continue
         px, py = zip(*pts)
         ax.plot(px, py, label=label, **{"marker": "o", **styles.get(label, {})})
+    label_axes(ax, xlabel=xlabel, ylabel=ylabel, title=title, logx=logx, logy=logy)
+
+
+def label_axes(
+    ax,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str | None = None,
+    logx: bool | int = False,
+    logy: bool = False,
+    legend: bool = True,
+) -> None:
+    """The benchmarks' common axis finish: log scales (``logx=2``: base 2), labels, grid, legend."""
     if logx:
-        ax.set_xscale("log")
+        ax.set_xscale("log", base=2 if logx == 2 and logx is not True else 10)
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
@@ -309,13 +386,21 @@ def plot_series(
     if title:
         ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
+    if legend:
+        ax.legend(fontsize="small")
+
+
+def plain_main(run: Any, description: str, argv: list[str] | None = None) -> int:
+    """``main`` of a benchmark whose ``run(quick, out, threads=)`` takes no size."""
+    args = make_parser(description).parse_args(argv)
+    run(args.quick, args.out, threads=args.threads)
+    return 0
 
 
 def savefig(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=PLOT_STYLE["savefig.dpi"])
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -330,6 +415,35 @@ def format_seconds(x: float | None) -> str:
         if x >= scale:
             return f"{x / scale:.3g} {unit}"
     return f"{x:.3g} s"
+
+
+def fmt(x: float | None, spec: str = "{:.3g}") -> str:
+    """``spec.format(x)``, or an em dash for a missing figure."""
+    return "—" if x is None else spec.format(x)
+
+
+def sci(x: float | None, digits: int = 1) -> str:
+    """``3.2e-3`` style (no zero-padded exponent), or an em dash."""
+    if x is None:
+        return "—"
+    mant, exp = f"{x:.{digits}e}".split("e")
+    return f"{mant}e{int(exp)}"
+
+
+def ratio(x: float | None) -> str:
+    """A ratio with two significant digits below 1 and one decimal above (``0.25``, ``1.9``)."""
+    if x is None:
+        return "—"
+    return f"{x:.1f}" if x >= 1 else f"{x:.2g}"
+
+
+def span(xs: Iterable[float | None], spec: str = "{:.2f}") -> str:
+    """``"lo–hi"`` of the present values (``"x"`` when they format alike, ``"—"`` when none)."""
+    vals = [x for x in xs if x is not None]
+    if not vals:
+        return "—"
+    lo, hi = spec.format(min(vals)), spec.format(max(vals))
+    return lo if lo == hi else f"{lo}–{hi}"
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

@@ -360,8 +360,8 @@ def run(quick: bool, out: Path, noise_dim: int = 1, batch_sizes: tuple[int, ...]
         "min_cost_per_level": min_cost,
     }
     out = Path(out)
-    doc = H.write_json(out / f"{NAME}.json", NAME, payload)
-    _plot(timings, batch_sizes, out / f"{NAME}.png", doc["machine"])
+    doc = H.write_json(out / f"{NAME}.json", NAME, payload, quick=quick)
+    H.write_plot(plot, doc, out / f"{NAME}.png")
     print(_summary(table, profile))
     print(
         "fastest evaluate per sample per level: "
@@ -370,11 +370,22 @@ def run(quick: bool, out: Path, noise_dim: int = 1, batch_sizes: tuple[int, ...]
     return doc
 
 
-def _plot(timings: dict[str, dict[int, H.Timing]], batch_sizes, path: Path, machine: dict) -> None:
+def _medians(doc: dict) -> dict[str, dict[int, float]]:
+    """``{case: {B: median seconds per query}}`` from the JSON document's result rows."""
+    out: dict[str, dict[int, float]] = {}
+    for r in doc["results"]:
+        if r["seconds_per_query"] is not None:
+            out.setdefault(r["impl"], {})[r["B"]] = r["seconds_per_query"]
+    return out
+
+
+def plot(doc: dict) -> Any:
+    """Time per query vs B and the peer / ours ratios, from the JSON document."""
+    timings, batch_sizes, machine = _medians(doc), doc["config"]["batch_sizes"], doc["meta"]
     fig, (ax_t, ax_r) = H.figure(ncols=2)
     H.plot_series(
         ax_t,
-        {n: (batch_sizes, [timings[n][B].median if B in timings[n] else None for B in batch_sizes]) for n in timings},
+        {n: (batch_sizes, [timings[n].get(B) for B in batch_sizes]) for n in timings},
         xlabel="samples B",
         ylabel="wall time per query [s]",
         title="(dW, H) query, float64, tol 2^-20",
@@ -385,7 +396,7 @@ def _plot(timings: dict[str, dict[int, H.Timing]], batch_sizes, path: Path, mach
         if n in timings:
             ratios[f"{n} / {base}"] = (
                 batch_sizes,
-                [timings[n][B].median / timings[base][B].median if B in timings[n] else None for B in batch_sizes],
+                [timings[n][B] / timings[base][B] if B in timings[n] and B in timings[base] else None for B in batch_sizes],
             )
     H.plot_series(
         ax_r,
@@ -396,7 +407,44 @@ def _plot(timings: dict[str, dict[int, H.Timing]], batch_sizes, path: Path, mach
         styles={f"{n} / {b}": STYLES[n] for n, b in BASELINE.items()},
     )
     ax_r.axhline(1.0, color="k", linewidth=0.8)
-    H.savefig(fig, path)
+    return fig
+
+
+ROW_LABELS = {
+    OURS: "ours `bm(s, t)`, per-sample t",
+    OURS_SHARED: "ours `bm(s, t)`, shared t",
+    OURS_EVAL: "ours `evaluate(t)` (one per engine step)",
+    OURS_EVAL_EAGER: "ours `evaluate(t)`, eager path",
+    DFX: "diffrax `VirtualBrownianTree`, vmap, per-sample t",
+    DFX_SHARED: "diffrax, shared t",
+    TSDE_SHARED: "torchsde `BrownianInterval`, shared t",
+    TSDE_LOOP: "torchsde, Python loop over B, per-sample t",
+}
+
+
+def tables(doc: dict) -> dict[str, str]:
+    """``cases``: median time per query per case and B (peer / ours ratio in brackets);
+    ``min_cost``: the fastest fused ``evaluate`` per sample per level."""
+    batch_sizes = doc["config"]["batch_sizes"]
+    cells: dict[str, dict[int, str]] = {}
+    for r in doc["results"]:
+        t = r["seconds_per_query"]
+        if t is None:
+            cell = "—"
+        elif r["ratio"] is None or r["impl"] == OURS_EVAL:
+            cell = H.format_seconds(t)
+        elif r["impl"] == OURS_EVAL_EAGER:
+            cell = f"{H.format_seconds(t)} ({r['ratio']:.3g}x)"
+        else:
+            cell = f"{H.format_seconds(t)} ({r['ratio']:.3g})"
+        cells.setdefault(r["impl"], {})[r["B"]] = cell
+    order = [n for n in ROW_LABELS if n in cells] + [n for n in cells if n not in ROW_LABELS]
+    rows = [[ROW_LABELS.get(n, n), *(cells[n].get(B, "—") for B in batch_sizes)] for n in order]
+    min_cost = [(m["B"], m["kernel"], m["calls"], f"{m['ns_per_sample_per_level']:.1f} ns") for m in doc["min_cost_per_level"]]
+    return {
+        "cases": H.markdown_table(["case", *(f"B = {B}" for B in batch_sizes)], rows),
+        "min_cost": H.markdown_table(["B", "kernel", "calls", "fastest cost per sample per level"], min_cost),
+    }
 
 
 def _summary(table: list[dict], profile: dict) -> str:

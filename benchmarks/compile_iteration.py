@@ -79,25 +79,48 @@ def run(quick: bool, out: Path, threads: int = 1) -> dict:
             f"compiled {H.format_seconds(timings['compiled'].median)} per solve; "
             f"same steps {rows[-1]['same_steps']}, max |diff| {rows[-1]['max_abs_diff']:.3g}"
         )
-    doc = H.write_json(out / f"{NAME}.json", NAME, {"threads": threading, "rows": rows})
+    doc = H.write_json(out / f"{NAME}.json", NAME, {"threads": threading, "rows": rows}, quick=quick)
+    H.write_plot(plot, doc, out / f"{NAME}.png")
+    return doc
+
+
+def plot(doc: dict) -> Any:
+    """The figure of this benchmark, from its JSON document (``tools/bench_report.py`` renders it)."""
+    rows = doc["rows"]
     fig, (ax,) = H.figure()
     xs = [str(r["batch"]) for r in rows]
     width = 0.4
-    ax.bar([i - width / 2 for i in range(len(xs))], [r["eager"].median for r in rows], width, label="eager")
-    ax.bar([i + width / 2 for i in range(len(xs))], [r["compiled"].median for r in rows], width, label="compile=True")
+    ax.bar([i - width / 2 for i in range(len(xs))], [r["eager"]["median"] for r in rows], width, label="eager")
+    ax.bar([i + width / 2 for i in range(len(xs))], [r["compiled"]["median"] for r in rows], width, label="compile=True")
     ax.set_xticks(range(len(xs)), xs)
     ax.set_xlabel("batch size B")
     ax.set_ylabel("seconds per solve (warm)")
     ax.set_title("Lotka–Volterra, Tsit5, tol 1e-6")
     ax.legend()
-    H.savefig(fig, out / f"{NAME}.png")
-    return doc
+    return fig
+
+
+def tables(doc: dict) -> dict[str, str]:
+    """``rows``: eager vs ``compile=True`` per batch size."""
+    rows = [
+        (
+            r["batch"],
+            f"{r['first_compiled_solve_s']:.1f} s",
+            H.format_seconds(r["eager"]["median"]),
+            H.format_seconds(r["compiled"]["median"]),
+            f"{r['speedup']:.2f}x",
+            r["naccept_max"],
+            "yes" if r["same_steps"] else "no",
+            f"{r['max_abs_diff']:.1e}",
+        )
+        for r in doc["rows"]
+    ]
+    header = ["B", "first compiled solve", "eager", "compiled", "speed-up", "steps", "same steps", "max abs. diff"]
+    return {"rows": H.markdown_table(header, rows)}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = H.make_parser(__doc__.splitlines()[0]).parse_args(argv)
-    run(args.quick, args.out, threads=args.threads)
-    return 0
+    return H.plain_main(run, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
 
     out = Path(out)
     if not torch.cuda.is_available():
-        return H.write_json(out / f"{NAME}.json", NAME, {"skipped": "CUDA not available (torch.cuda.is_available() is False)"})
+        return H.write_json(
+            out / f"{NAME}.json", NAME, {"skipped": "CUDA not available (torch.cuda.is_available() is False)"}, quick=quick
+        )
     import diffeqbridge as deb
 
     N = {"tiny": 1024, "quick": 100_000}.get(size or ("quick" if quick else "full"), 1_000_000)
@@ -61,7 +63,21 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
         "results": rows,
         "notes": ["peers (torchsde adaptive srk, diffrax SPaRK on GPU) to be added where a GPU run is available."],
     }
-    return H.write_json(out / f"{NAME}.json", NAME, payload)
+    return H.write_json(out / f"{NAME}.json", NAME, payload, quick=quick)
+
+
+def tables(doc: dict) -> dict[str, str]:
+    """``results``: wall time, throughput and mean error per tolerance (a note when skipped)."""
+    if doc.get("skipped"):
+        return {"results": f"(skipped: {doc['skipped']})"}
+    rows = [
+        (r["impl"], f"{r['tol']:g}", f"{r['wall_s']:.2f} s", f"{r['paths_per_s']:.3g}", f"{r['err']:.2e}") for r in doc["results"]
+    ]
+    return {
+        "results": H.markdown_table(
+            [f"{doc['config']['N']} paths on {doc['config']['device']}", "tol", "wall", "paths/s", "mean error"], rows
+        )
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

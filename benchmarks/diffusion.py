@@ -515,8 +515,8 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
         "seconds": time.perf_counter() - start,
         "versions": {m: _dist_version(m) for m in ("diffusers", "k-diffusion")},
     }
-    doc = H.write_json(out / f"{NAME}.json", NAME, payload)
-    _plot(doc, out / f"{NAME}.png")
+    doc = H.write_json(out / f"{NAME}.json", NAME, payload, quick=quick)
+    H.write_plot(plot, doc, out / f"{NAME}.png")
     return doc
 
 
@@ -529,7 +529,7 @@ def _dist_version(name: str) -> str | None:
         return None
 
 
-def _plot(doc: dict, path: Path) -> None:
+def plot(doc: dict) -> Any:
     """Per problem: ODE error and sliced W2 vs NFE; one legend per row, outside the axes."""
     import matplotlib
 
@@ -570,7 +570,60 @@ def _plot(doc: dict, path: Path) -> None:
         axes[2 * i].get_legend().remove()
         axes[2 * i + 1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.set_size_inches(16.0, 4.8 * len(doc["problems"]))
-    H.savefig(fig, path)
+    return fig
+
+
+OURS_23 = "ours adaptive DPM-Solver-23 (per-sample)"
+OURS_MS = "ours adaptive multistep 2M/3M (per-sample)"
+
+
+def _short(name: str | None) -> str:
+    return "—" if name is None else name.replace("DPMSolverMultistep ", "").replace(" (exponential)", " exp.")
+
+
+def tables(doc: dict) -> dict[str, str]:
+    """``equal_nfe``: path-error ratio ours / peer of the same mathematics over the NFE sweep, per problem;
+    ``adaptive``: NFE per sample to reach a path error, best peer against our adaptive samplers."""
+    probs = doc["problems"]
+    pairs = list(dict.fromkeys((e["ours"], e["peer"]) for r in probs.values() for e in r["equal_nfe"]))
+    eq_rows = [
+        (
+            f"{a.removeprefix('ours ')}",
+            b,
+            *(
+                H.span((e["ratio_err_ours_over_peer"] for e in r["equal_nfe"] if (e["ours"], e["peer"]) == (a, b)), "{:.2f}")
+                for r in probs.values()
+            ),
+        )
+        for a, b in pairs
+    ]
+    ad_rows = []
+    for pname, r in probs.items():
+        fixed = [n for n, f in r["families"].items() if n.startswith("ours") and f != "adaptive" and r["curves"].get(n)]
+        for t in r["adaptive_targets"]:
+            cells = []
+            for name in (OURS_23, OURS_MS):
+                v = t.get(name)
+                cells.append("not reached" if v is None else f"{v['nfe']:.1f} (x{v['ratio_vs_best_peer']:.2f})")
+            ours_fixed = {n: _interp_nfe(r["curves"][n], t["path_err"]) for n in fixed}
+            ours_fixed = {n: v for n, v in ours_fixed.items() if v is not None}
+            best_fixed = min(ours_fixed, key=ours_fixed.__getitem__) if ours_fixed else None
+            ad_rows.append(
+                (
+                    pname,
+                    f"{t['path_err']:.0e}",
+                    f"{_short(t['best_peer'])} ({t['best_peer_nfe']:.1f})",
+                    H.fmt(t["best_adaptive_peer_nfe"], "{:.1f}"),
+                    *cells,
+                    "—" if best_fixed is None else f"{ours_fixed[best_fixed]:.1f} ({best_fixed.removeprefix('ours ')})",
+                )
+            )
+    return {
+        "equal_nfe": H.markdown_table(["ours", "peer", *probs], eq_rows),
+        "adaptive": H.markdown_table(
+            ["problem", "path_err", "best peer (NFE)", "kd adaptive", "ours 23", "ours ms", "ours best fixed grid"], ad_rows
+        ),
+    }
 
 
 def headline(doc: dict) -> str:

@@ -74,15 +74,27 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
             if progress:
                 progress(f"{steps} {mode}")
     out = Path(out)
-    doc = H.write_json(out / f"{NAME}.json", NAME, {"config": {"size": size, "D_B_width": dims}, "rows": rows})
+    doc = H.write_json(out / f"{NAME}.json", NAME, {"config": {"size": size, "D_B_width": dims}, "rows": rows}, quick=quick)
+    H.write_plot(plot, doc, out / f"{NAME}.png")
+    return doc
+
+
+def plot(doc: dict) -> Any:
+    """The figure of this benchmark, from its JSON document (``tools/bench_report.py`` renders it)."""
+    rows = doc["rows"]
     fig, axes = H.figure(size=(5.5, 4.0))
     series = {
         m: ([r["steps"] for r in rows if r["sensealg"] == m], [r["peak_mb"] for r in rows if r["sensealg"] == m])
         for m in ("none", "interpolating")
     }
     H.plot_series(axes[0], series, xlabel="steps", ylabel="peak RSS growth (MB)", title="gradient through dd.sample")
-    H.savefig(fig, out / f"{NAME}.png")
-    return doc
+    return fig
+
+
+def tables(doc: dict) -> dict[str, str]:
+    """``rows``: peak memory growth of a gradient through ``dd.sample`` per sensealg and step count."""
+    rows = [(r["sensealg"], r["steps"], f"{r['peak_mb']:.1f}") for r in doc["rows"]]
+    return {"rows": H.markdown_table(["sensealg", "steps", "peak RSS growth (MB)"], rows)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -124,7 +124,19 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
         rows["ours (SRA1)"].append(_row(gm, sol.ys[-1], sol.stats.nf, tol=tol, wall_s=time.perf_counter() - start))
     payload = {"config": {"n": n, "size": size, "t_end": t_end, "eps_abs": 0.0078, "sde": repr(sde)}, "rows": rows}
     out = Path(out)
-    doc = H.write_json(out / f"{NAME}.json", NAME, payload)
+    doc = H.write_json(out / f"{NAME}.json", NAME, payload, quick=quick)
+    H.write_plot(plot, doc, out / f"{NAME}.png")
+    for label, rs in rows.items():
+        for r in rs:
+            tol = r.get("eps_rel", r.get("tol"))
+            stds = " ".join(f"{v:.3f}" for v in r["stds"])
+            print(f"{label:<30} tol {tol:<6g} NFE {r['nfe']:7.1f}  stds {stds}")
+    return doc
+
+
+def plot(doc: dict) -> Any:
+    """The figure of this benchmark, from its JSON document (``tools/bench_report.py`` renders it)."""
+    rows, n = doc["rows"], doc["config"]["n"]
     fig, axes = H.figure(ncols=1, size=(6.0, 4.2))
     ax = axes[0]
     for (label, rs), color in zip(rows.items(), ("C3", "C0", "C2")):
@@ -132,19 +144,31 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
         for k in range(3):
             ax.plot(xs, [r["stds"][k] for r in rs], marker="os^"[k], color=color, label=label if k == 0 else None, alpha=0.85)
     ax.axhline(0.5, color="k", lw=0.8, ls="--", label="exact std 0.5")
-    ax.set_xscale("log")
-    ax.set_xlabel("model evaluations per sample")
-    ax.set_ylabel("component std (o, s, ^: components 1-3)")
-    ax.set_title(f"2-D mixture, exact score, {n} samples")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
-    H.savefig(fig, out / f"{NAME}.png")
-    for label, rs in rows.items():
-        for r in rs:
-            tol = r.get("eps_rel", r.get("tol"))
-            stds = " ".join(f"{v:.3f}" for v in r["stds"])
-            print(f"{label:<30} tol {tol:<6g} NFE {r['nfe']:7.1f}  stds {stds}")
-    return doc
+    H.label_axes(
+        ax,
+        xlabel="model evaluations per sample",
+        ylabel="component std (o, s, ^: components 1-3)",
+        title=f"2-D mixture, exact score, {n} samples",
+        logx=True,
+    )
+    return fig
+
+
+def tables(doc: dict) -> dict[str, str]:
+    """``rows``: NFE per sample and component stds per sampler and tolerance."""
+    rows = []
+    for label, rs in doc["rows"].items():
+        tols = [r.get("eps_rel", r.get("tol")) for r in rs]
+        stds = [v for r in rs for v in r["stds"]]
+        rows.append(
+            (
+                label,
+                ("`eps_rel` " if "eps_rel" in rs[0] else "") + " / ".join(f"{t:g}" for t in tols),
+                " / ".join(f"{r['nfe']:.0f}" for r in rs),
+                H.span(stds, "{:.3f}").replace("–", " - "),
+            )
+        )
+    return {"rows": H.markdown_table(["sampler", "tolerance", "NFE / sample", "component stds"], rows)}
 
 
 def main(argv: list[str] | None = None) -> int:

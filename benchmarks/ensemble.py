@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 try:
     from . import _harness as H
@@ -198,27 +199,9 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, devic
         Path(out) / f"{NAME}.json",
         NAME,
         {"n": n, "steps": STEPS, "device": device, "threads": info, "scheme_mean": exact, "cases": cases},
+        quick=quick,
     )
-    fig, (ax,) = H.figure(size=(7.0, 4.5))
-    for procs, style in ((1, "o-"), (2, "s-")):
-        pts = [
-            (c["batch"], c["paths_per_s"])
-            for c in cases.values()
-            if c.get("processes") == procs and "paths_per_s" in c and "ours" in _label(cases, c)
-        ]
-        if pts:
-            ax.plot(*zip(*pts), style, label=f"diffeqbridge, {procs} process{'es' if procs > 1 else ''}")
-    for name, c in cases.items():
-        if "paths_per_s" in c and not name.startswith("ours"):
-            ax.plot([c["batch"]], [c["paths_per_s"]], "D", markersize=9, label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("batch size (paths per solve call)")
-    ax.set_ylabel("paths / s")
-    ax.set_title(f"E[X_1] of GBM, Euler–Maruyama 32 steps, n = {n} paths ({device})")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
-    H.savefig(fig, Path(out) / f"{NAME}.png")
+    H.write_plot(plot, doc, Path(out) / f"{NAME}.png")
     print(
         H.markdown_table(
             ["case", "paths/s", "seconds", "estimate ± s.e."],
@@ -233,6 +216,20 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, devic
     return doc
 
 
+def tables(doc: dict) -> dict[str, str]:
+    """``cases``: throughput and the estimate of every case."""
+    rows = [
+        (k, H.sci(c["paths_per_s"]), f"{c['seconds']:.2f}", f"{c['mean']:.5f} ± {c['sem']:.5f}")
+        for k, c in doc["cases"].items()
+        if "paths_per_s" in c
+    ]
+    return {
+        "cases": H.markdown_table(
+            ["case", "paths/s", "seconds", f"estimate ± s.e. (scheme's exact mean {doc['scheme_mean']:.5f})"], rows
+        )
+    }
+
+
 def headline(doc: dict) -> str:
     """Best paths/s per implementation (``python -m diffeqbridge bench`` summary line)."""
     best: dict[str, float] = {}
@@ -245,6 +242,32 @@ def headline(doc: dict) -> str:
 
 def _label(cases: dict, case: dict) -> str:
     return next(k for k, v in cases.items() if v is case)
+
+
+def plot(doc: dict) -> Any:
+    """The figure of this benchmark, from its JSON document (``tools/bench_report.py`` renders it)."""
+    cases, n, device = doc["cases"], doc["n"], doc["device"]
+    fig, (ax,) = H.figure(size=(7.0, 4.5))
+    for procs, style in ((1, "o-"), (2, "s-")):
+        pts = [
+            (c["batch"], c["paths_per_s"])
+            for c in cases.values()
+            if c.get("processes") == procs and "paths_per_s" in c and "ours" in _label(cases, c)
+        ]
+        if pts:
+            ax.plot(*zip(*pts), style, label=f"diffeqbridge, {procs} process{'es' if procs > 1 else ''}")
+    for name, c in cases.items():
+        if "paths_per_s" in c and not name.startswith("ours"):
+            ax.plot([c["batch"]], [c["paths_per_s"]], "D", markersize=9, label=name)
+    H.label_axes(
+        ax,
+        xlabel="batch size (paths per solve call)",
+        ylabel="paths / s",
+        title=f"E[X_1] of GBM, Euler–Maruyama 32 steps, n = {n} paths ({device})",
+        logx=2,
+        logy=True,
+    )
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ DiscreteAdjoint(checkpoints) +6.8%, InterpolatingAdjoint +6.9%, BacksolveAdjoint
 reversible backsolve +0.1%, torchsde adjoint +0.2%, diffrax RecursiveCheckpointAdjoint and
 BacksolveAdjoint +0.0% (XLA buffers 0.05 / 0.08 MiB).
 
-``python benchmarks/gradients.py [--quick] [--out bench_out]`` writes ``gradients.json`` and
+``python benchmarks/gradients.py [--quick] [--out DIR]`` writes ``gradients.json`` and
 ``gradients.png``; ``--quick`` (about 70 s of CPU; more wall time on a loaded machine) uses a
 smaller model and two step counts.
 """
@@ -272,7 +272,16 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
         "peak_growth_first_to_last": growth,
     }
     out.mkdir(parents=True, exist_ok=True)
-    doc = H.write_json(out / "gradients.json", "gradients", payload)
+    doc = H.write_json(out / "gradients.json", "gradients", payload, quick=quick)
+    H.write_plot(plot, doc, out / "gradients.png")
+    return doc
+
+
+def plot(doc: dict) -> Any:
+    """The figure of this benchmark, from its JSON document (``tools/bench_report.py`` renders it)."""
+    steps = doc["steps"]
+    results = {n: {int(k): v for k, v in r.items()} for n, r in doc["results"].items()}
+    names = list(results)
     fig, axes = H.figure(ncols=2)
     H.plot_series(
         axes[0],
@@ -288,8 +297,42 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
         ylabel="seconds, forward+backward",
         title="time",
     )
-    H.savefig(fig, out / "gradients.png")
-    return doc
+    return fig
+
+
+LABELS = {
+    "none": "`DiscreteAdjoint()` (default here)",
+    "discrete_ckpt": f"`DiscreteAdjoint(checkpoints=steps/{SEGMENT_STEPS})`",
+    "interpolating": f"`InterpolatingAdjoint(checkpoints=steps/{SEGMENT_STEPS})`",
+    "backsolve": "`BacksolveAdjoint()` (EulerHeun, O(dt))",
+    "backsolve_reversible": "`BacksolveAdjoint()` after `ReversibleHeun` (exact)",
+    "torchsde_adjoint": "torchsde `sdeint_adjoint`",
+    "diffrax_recursive_checkpoint": "diffrax `RecursiveCheckpointAdjoint`",
+    "diffrax_backsolve": "diffrax `BacksolveAdjoint` (its `Heun`)",
+    "diffrax_reversible": "diffrax `ReversibleAdjoint`",
+}
+
+
+def tables(doc: dict) -> dict[str, str]:
+    """``growth``: peak memory (and time) of one forward+backward at the fewest and the most steps."""
+    lo, hi = str(doc["steps"][0]), str(doc["steps"][-1])
+    rows = []
+    for name, res in doc["results"].items():
+        a, b = res.get(lo, {}), res.get(hi, {})
+        if "peak_mib" not in a or "peak_mib" not in b:
+            rows.append((LABELS.get(name, name), "—", "—", (a.get("error") or b.get("error") or "")[:60]))
+            continue
+        growth = doc["peak_growth_first_to_last"].get(name)
+        rows.append(
+            (
+                LABELS.get(name, name),
+                f"{a['peak_mib']:.2f} -> {b['peak_mib']:.2f} MiB",
+                H.fmt(None if growth is None else 100 * (growth - 1), "{:+.1f} %"),
+                f"{a['seconds']:.2f} -> {b['seconds']:.2f} s",
+            )
+        )
+    header = ["sensealg", f"peak rise, {lo} -> {hi} steps", "growth", "time, forward+backward"]
+    return {"growth": H.markdown_table(header, rows)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,34 +80,38 @@ def run(quick: bool, out: Path, threads: int = 1) -> dict[str, Any]:
         print(json.dumps(rows[-2]), json.dumps(rows[-1]), flush=True)
     payload = {"rows": rows}
     out.mkdir(parents=True, exist_ok=True)
-    H.write_json(out / f"{NAME}.json", NAME, payload)
-    try:
-        import matplotlib
+    doc = H.write_json(out / f"{NAME}.json", NAME, payload, quick=quick)
+    H.write_plot(plot, doc, out / f"{NAME}.png")
+    return doc
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for what, marker in (("solve", "o"), ("tree_query", "s")):
-            pts = [(r["B"], r["over_base_mb"]) for r in rows if r["what"] == what]
-            ax.loglog(*zip(*pts), marker=marker, label=f"{what}: peak - base")
-        pts = [(r["B"], r["output_mb"]) for r in rows if r["what"] == "solve"]
-        ax.loglog(*zip(*pts), "k--", label="output ys (T=100)")
-        ax.set_xlabel("batch B (state size 1, float64)")
-        ax.set_ylabel("MiB")
-        ax.legend()
-        ax.set_title("EM, dt = 0.01, 100 save points")
-        fig.tight_layout()
-        fig.savefig(out / f"{NAME}.png", dpi=120)
-    except ImportError:
-        pass
-    return payload
+def plot(doc: dict) -> Any:
+    """The figure of this benchmark, from its JSON document (``tools/bench_report.py`` renders it)."""
+    rows = doc["rows"]
+    fig, (ax,) = H.figure(size=(6.0, 4.0))
+    for what, marker in (("solve", "o"), ("tree_query", "s")):
+        pts = [(r["B"], r["over_base_mb"]) for r in rows if r["what"] == what]
+        ax.loglog(*zip(*pts), marker=marker, label=f"{what}: peak - base")
+    pts = [(r["B"], r["output_mb"]) for r in rows if r["what"] == "solve"]
+    ax.loglog(*zip(*pts), "k--", label="output ys (T=100)")
+    ax.set_xlabel("batch B (state size 1, float64)")
+    ax.set_ylabel("MiB")
+    ax.legend()
+    ax.set_title("EM, dt = 0.01, 100 save points")
+    return fig
+
+
+def tables(doc: dict) -> dict[str, str]:
+    """``rows``: peak memory over the baseline against the size of the output, per case."""
+    rows = [
+        (r["what"], r["B"], f"{r['over_base_mb']:.1f}", f"{r['output_mb']:.1f}", f"{r['ratio_to_output']:.2f}")
+        for r in doc["rows"]
+    ]
+    return {"rows": H.markdown_table(["case", "B", "peak - base (MiB)", "output ys (MiB)", "ratio"], rows)}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = H.make_parser(__doc__.splitlines()[0]).parse_args(argv)
-    run(args.quick, args.out, threads=args.threads)
-    return 0
+    return H.plain_main(run, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -237,21 +237,8 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None) -> di
         "results": rows,
     }
     out = Path(out)
-    doc = H.write_json(out / f"{NAME}.json", NAME, payload)
-    fig, axes = H.figure(ncols=2, size=(6.0, 3.6))
-    for ax, prefix, title in (
-        (axes[0], ("ours LatentSDE", "torchsde"), f"latent SDE training step, B={B}"),
-        (axes[1], ("ours NeuralCDE", "torchcde"), f"neural CDE forward+backward, B={B}"),
-    ):
-        sel = [r for r in rows if r["case"].startswith(prefix)]
-        ax.barh(
-            [r["case"] for r in sel],
-            [r["seconds"] for r in sel],
-            color=["C0" if r["case"].startswith("ours") else "C2" for r in sel],
-        )
-        ax.set_xlabel("seconds per step (median)")
-        ax.set_title(title)
-    H.savefig(fig, out / f"{NAME}.png")
+    doc = H.write_json(out / f"{NAME}.json", NAME, payload, quick=quick)
+    H.write_plot(plot, doc, out / f"{NAME}.png")
     print(
         H.markdown_table(
             ["case", "time", "ours/peer", "forward NFE"],
@@ -267,6 +254,41 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None) -> di
         )
     )
     return doc
+
+
+def plot(doc: dict) -> Any:
+    """The figure of this benchmark, from its JSON document (``tools/bench_report.py`` renders it)."""
+    rows, B = doc["results"], doc["config"]["B"]
+    fig, axes = H.figure(ncols=2, size=(6.0, 3.6))
+    for ax, prefix, title in (
+        (axes[0], ("ours LatentSDE", "torchsde"), f"latent SDE training step, B={B}"),
+        (axes[1], ("ours NeuralCDE", "torchcde"), f"neural CDE forward+backward, B={B}"),
+    ):
+        sel = [r for r in rows if r["case"].startswith(prefix)]
+        ax.barh(
+            [r["case"] for r in sel],
+            [r["seconds"] for r in sel],
+            color=["C0" if r["case"].startswith("ours") else "C2" for r in sel],
+        )
+        ax.set_xlabel("seconds per step (median)")
+        ax.set_title(title)
+    return fig
+
+
+def tables(doc: dict) -> dict[str, str]:
+    """``results``: time per training step, ours / like-for-like peer, forward NFE."""
+    rows = [
+        (
+            r["case"],
+            H.format_seconds(r["seconds"]),
+            "" if r["ours_over_peer_time"] is None else f"**{r['ours_over_peer_time']:.2f}**",
+            H.fmt(r["nfe_forward"], "{:.0f}"),
+        )
+        for r in doc["results"]
+    ]
+    return {
+        "results": H.markdown_table([f"case (B = {doc['config']['B']})", "time per step", "ours / peer", "forward NFE"], rows)
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -329,17 +329,8 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
         "results": rows,
     }
     out = Path(out)
-    doc = H.write_json(out / f"{NAME}.json", NAME, payload)
-    fig, (ax_t, ax_m) = H.figure(ncols=2, size=(6.0, 4.2))
-    names = [r["case"] for r in rows]
-    colors = ["C0" if n.startswith("ours") else "C2" if n.startswith("torchsde") else "C1" for n in names]
-    ax_t.barh(names, [r["seconds"] for r in rows], color=colors)
-    ax_t.set_xlabel("seconds per call (median)")
-    ax_t.set_title(f"neural SDE, B={B}, state {STATE}, width {WIDTH}, {steps} steps")
-    ax_m.barh(names, [r["peak_mb"] or 0 for r in rows], color=colors)
-    ax_m.set_xlabel("peak RSS increase [MiB]")
-    ax_m.set_yticklabels([])
-    H.savefig(fig, out / f"{NAME}.png")
+    doc = H.write_json(out / f"{NAME}.json", NAME, payload, quick=quick)
+    H.write_plot(plot, doc, out / f"{NAME}.png")
     print(
         H.markdown_table(
             ["case", "time", "peak MiB", "ours/peer time", "ours/peer mem"],
@@ -357,6 +348,43 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
     )
     print("strong error of y(1) vs a dt/16 reference (same path):", {k: f"{v:.3g}" for k, v in accuracy.items()})
     return doc
+
+
+def plot(doc: dict) -> Any:
+    """The figure of this benchmark, from its JSON document (``tools/bench_report.py`` renders it)."""
+    rows, c = doc["results"], doc["config"]
+    fig, (ax_t, ax_m) = H.figure(ncols=2, size=(6.0, 4.2))
+    names = [r["case"] for r in rows]
+    colors = ["C0" if n.startswith("ours") else "C2" if n.startswith("torchsde") else "C1" for n in names]
+    ax_t.barh(names, [r["seconds"] for r in rows], color=colors)
+    ax_t.set_xlabel("seconds per call (median)")
+    ax_t.set_title(f"neural SDE, B={c['B']}, state {c['state']}, width {c['width']}, {c['steps']} steps")
+    ax_m.barh(names, [r["peak_mb"] or 0 for r in rows], color=colors)
+    ax_m.set_xlabel("peak RSS increase [MiB]")
+    ax_m.set_yticklabels([])
+    return fig
+
+
+def tables(doc: dict) -> dict[str, str]:
+    """``results``: time, peak memory and ours / peer ratios per case; ``accuracy``: strong errors."""
+    rows = [
+        (
+            r["case"],
+            H.format_seconds(r["seconds"]),
+            H.fmt(r["peak_mb"], "{:.0f}"),
+            H.fmt(r["ours_over_peer_time"], "{:.2f}"),
+            H.fmt(r["ours_over_peer_mem"], "{:.2f}"),
+            BASE.get(r["case"], ""),
+        )
+        for r in doc["results"]
+    ]
+    acc = [(k, f"{v:.2g}") for k, v in doc["strong_error_vs_dt16_reference"].items()]
+    return {
+        "results": H.markdown_table(
+            ["case", "time", "peak MiB", "ours / peer (time)", "ours / peer (memory)", "compared with"], rows
+        ),
+        "accuracy": H.markdown_table(["solver (dt = 1/steps)", "strong error of y(1) vs dt/16 on the same path"], acc),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -214,7 +214,15 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
         "problems": results,
     }
     out = Path(out)
-    doc = H.write_json(out / f"{NAME}.json", NAME, payload)
+    doc = H.write_json(out / f"{NAME}.json", NAME, payload, quick=quick)
+    H.write_plot(plot, doc, out / f"{NAME}.png")
+    print(tables(doc)["matched"])
+    return doc
+
+
+def plot(doc: dict) -> Any:
+    """The figure of this benchmark, from its JSON document (``tools/bench_report.py`` renders it)."""
+    results, B = doc["problems"], doc["config"]["B"]
     fig, axes = H.figure(ncols=2, nrows=len(results), size=(5.2, 3.8))
     colors = {"ours": "C0", "torchdiffeq": "C2", "diffrax": "C1"}
     for i, res in enumerate(results.values()):
@@ -232,31 +240,26 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
                 title=res["title"],
                 styles=styles,
             )
-    H.savefig(fig, out / f"{NAME}.png")
-    rows_out = []
-    for pname, res in results.items():
-        for m in res["matched"]:
+    return fig
 
-            def fm(x):
-                return "—" if x is None else f"{x:.3g}"
 
-            rows_out.append(
-                (
-                    pname,
-                    f"{m['err']:.0e}",
-                    fm(m["ours_nfe"]),
-                    fm(m["torchdiffeq_nfe"]),
-                    fm(m["diffrax_nfe"]),
-                    fm(m["ratio_wall_s_vs_torchdiffeq"]),
-                    fm(m["ratio_wall_s_vs_diffrax"]),
-                )
-            )
-    print(
-        H.markdown_table(
-            ["problem", "err", "ours NFE", "torchdiffeq NFE", "diffrax NFE", "time ours/tde", "time ours/dfx"], rows_out
+def tables(doc: dict) -> dict[str, str]:
+    """``matched``: each library's best NFE per sample and ours / peer wall time at matched errors."""
+    rows = [
+        (
+            pname,
+            H.sci(m["err"], 0),
+            H.fmt(m["ours_nfe"], "{:.0f}"),
+            H.fmt(m["torchdiffeq_nfe"], "{:.0f}"),
+            H.fmt(m["diffrax_nfe"], "{:.0f}"),
+            H.ratio(m["ratio_wall_s_vs_torchdiffeq"]),
+            H.ratio(m["ratio_wall_s_vs_diffrax"]),
         )
-    )
-    return doc
+        for pname, res in doc["problems"].items()
+        for m in res["matched"]
+    ]
+    header = ["problem", "error", "ours NFE", "torchdiffeq NFE", "diffrax NFE", "time ours/torchdiffeq", "time ours/diffrax"]
+    return {"matched": H.markdown_table(header, rows)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -248,7 +248,21 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
         "problems": results,
     }
     out = Path(out)
-    doc = H.write_json(out / f"{NAME}.json", NAME, payload)
+    doc = H.write_json(out / f"{NAME}.json", NAME, payload, quick=quick)
+    H.write_plot(plot, doc, out / f"{NAME}.png")
+    for pname, res in results.items():
+        print(pname)
+        for m in res["matched"]:
+            print(
+                f"  err {m['err']:.1e}: "
+                + ", ".join(f"{k}={v:.3g}" for k, v in m.items() if k.startswith("ratio") and v is not None)
+            )
+    return doc
+
+
+def plot(doc: dict) -> Any:
+    """The figure of this benchmark, from its JSON document (``tools/bench_report.py`` renders it)."""
+    results = doc["problems"]
     fig, axes = H.figure(ncols=2, size=(5.5, 4.2))
     colors = ["C0", "C2", "C1"]
     for ax, (pname, res) in zip(axes, results.items()):
@@ -261,15 +275,27 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
                 styles[f"{k}: batch work"] = {"color": colors[i], "linestyle": ":", "marker": "x"}
         H.plot_series(ax, series, xlabel="evaluations summed over the batch", ylabel="max error", title=pname, styles=styles)
         ax.legend(fontsize=6)
-    H.savefig(fig, out / f"{NAME}.png")
-    for pname, res in results.items():
-        print(pname)
+    return fig
+
+
+def _column(key: str) -> str:
+    """``"ratio nfe_total ours X (per-sample) / peer Y (shared)"`` -> ``"NFE ours / peer Y"``."""
+    kind, _, pair = key.removeprefix("ratio ").partition(" ")
+    peer = pair.split(" / ")[1].split(" (")[0]
+    return f"{'NFE' if kind == 'nfe_total' else 'batch work'} ours / {peer}"
+
+
+def tables(doc: dict) -> dict[str, str]:
+    """``matched``: ours / peer in evaluations summed over the batch and in batch work, at matched max errors."""
+    rows, header = [], ["problem", "max error"]
+    for pname, res in doc["problems"].items():
         for m in res["matched"]:
-            print(
-                f"  err {m['err']:.1e}: "
-                + ", ".join(f"{k}={v:.3g}" for k, v in m.items() if k.startswith("ratio") and v is not None)
-            )
-    return doc
+            keys = [k for k in m if k.startswith("ratio ")]
+            cols = [_column(k) for k in keys]
+            header += [c for c in cols if c not in header]
+            rows.append((pname, H.sci(m["err"]), {c: H.fmt(m[k], "{:.2f}") for c, k in zip(cols, keys)}))
+    body = [(p, e, *(cells.get(c, "—") for c in header[2:])) for p, e, cells in rows]
+    return {"matched": H.markdown_table(header, body)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ Each model is trained for the same iterations from the same seed; reported at te
 regularizer): test loss (and accuracy), NFE per trajectory (at the save times, and for
 ``(t0, t1)`` only) and prediction wall time, with ratios to the unregularized model.
 
-``python benchmarks/regularization.py [--quick] [--tiny] [--out bench_out]`` writes
+``python benchmarks/regularization.py [--quick] [--tiny] [--out DIR]`` writes
 ``regularization.json`` and ``regularization.png``; ``--quick`` takes about a minute, the
 full size about six CPU minutes.
 """
@@ -42,7 +42,33 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
     H.set_threads(threads)
     out = Path(out)
     payload = _example().run(quick, out, size=size or ("quick" if quick else "full"))
-    return H.write_json(out / f"{NAME}.json", NAME, payload)
+    return H.write_json(out / f"{NAME}.json", NAME, payload, quick=quick)  # the example wrote the PNG
+
+
+def plot(doc: dict) -> Any:
+    """The example's figure (training curves, test-time NFE), from the JSON document."""
+    return _example().make_figure(doc)
+
+
+def tables(doc: dict) -> dict[str, str]:
+    """``results``: test-time NFE, loss (and accuracy) of each regularizer, relative to none."""
+    rows = []
+    for prob, r in doc["problems"].items():
+        for name, res in r["results"].items():
+            acc = f"{res['test_accuracy']:.3f}" if "test_accuracy" in res else "—"
+            rows.append(
+                (
+                    prob,
+                    name,
+                    f"{res['nfe']:.1f}",
+                    f"×{res['nfe_ratio']:.2f}",
+                    f"×{res['test_loss_ratio']:.2f}",
+                    acc,
+                )
+            )
+    return {
+        "results": H.markdown_table(["problem", "regularizer", "test NFE", "NFE vs none", "test loss vs none", "accuracy"], rows)
+    }
 
 
 def headline(doc: dict) -> str:

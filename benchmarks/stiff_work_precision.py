@@ -30,61 +30,15 @@ from typing import Any
 
 try:
     from . import _harness as H
+    from ._stiff_problems import REFERENCES, fields
     from .sde_work_precision import setup_jax
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from benchmarks import _harness as H  # type: ignore[no-redef]
+    from benchmarks._stiff_problems import REFERENCES, fields  # type: ignore[no-redef]
     from benchmarks.sde_work_precision import setup_jax  # type: ignore[no-redef]
 
 NAME = "stiff_work_precision"
-
-REFERENCES = {
-    "robertson": (40.0, [1.0, 0.0, 0.0], [0.7158270687193941, 9.185534764557338e-6, 0.2841637457458413]),
-    "hires": (
-        321.8122,
-        [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0057],
-        [
-            7.371312573325668e-4,
-            1.442485726316185e-4,
-            5.888729740967575e-5,
-            1.175651343283149e-3,
-            2.386356198831331e-3,
-            6.238968252742796e-3,
-            2.849998395185769e-3,
-            2.850001604814231e-3,
-        ],
-    ),
-    "vanderpol": (2.0, [2.0, 0.0], [1.706167732170483, -0.8928097010247975]),
-}
-
-
-def _fields(xp: Any, stack: Any) -> dict[str, Any]:
-    """The three right-hand sides, written once for torch (``y[..., i]``) and jax."""
-
-    def robertson(t, y):
-        y1, y2, y3 = y[..., 0], y[..., 1], y[..., 2]
-        return stack([-0.04 * y1 + 1e4 * y2 * y3, 0.04 * y1 - 1e4 * y2 * y3 - 3e7 * y2 * y2, 3e7 * y2 * y2])
-
-    def hires(t, y):
-        y1, y2, y3, y4, y5, y6, y7, y8 = (y[..., i] for i in range(8))
-        return stack(
-            [
-                -1.71 * y1 + 0.43 * y2 + 8.32 * y3 + 0.0007,
-                1.71 * y1 - 8.75 * y2,
-                -10.03 * y3 + 0.43 * y4 + 0.035 * y5,
-                8.32 * y2 + 1.71 * y3 - 1.12 * y4,
-                -1.745 * y5 + 0.43 * y6 + 0.43 * y7,
-                -280.0 * y6 * y8 + 0.69 * y4 + 1.71 * y5 - 0.43 * y6 + 0.69 * y7,
-                280.0 * y6 * y8 - 1.81 * y7,
-                -280.0 * y6 * y8 + 1.81 * y7,
-            ]
-        )
-
-    def vanderpol(t, y):
-        a, b = y[..., 0], y[..., 1]
-        return stack([b, ((1 - a * a) * b - a) / 1e-6])
-
-    return {"robertson": robertson, "hires": hires, "vanderpol": vanderpol}
 
 
 def _rel_err(y: Any, ref: list[float]) -> float:
@@ -108,8 +62,8 @@ def _ode(size: str) -> dict[str, Any]:
 
     tols = {"tiny": [1e-4], "quick": [1e-4, 1e-6], "full": [1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9]}[size]
     names = {"tiny": ["robertson"], "quick": ["robertson", "hires"], "full": list(REFERENCES)}[size]
-    tf = _fields(torch, lambda xs: torch.stack(xs, -1))
-    jf = _fields(jnp, lambda xs: jnp.stack(xs, -1))
+    tf = fields(lambda xs: torch.stack(xs, -1))
+    jf = fields(lambda xs: jnp.stack(xs, -1))
     results: dict[str, Any] = {}
     for name in names:
         T, y0, ref = REFERENCES[name]
@@ -296,33 +250,8 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
         "sde": sde,
     }
     out = Path(out)
-    doc = H.write_json(out / f"{NAME}.json", NAME, payload)
-    fig, axes = H.figure(ncols=len(ode) + 1, nrows=1, size=(4.8, 3.8))
-    colors = {"ours": "C0", "diffrax": "C1", "torchdiffeq": "C2"}
-    for ax, (name, res) in zip(axes, ode.items()):
-        series = {
-            k: ([r["steps"] for r in v], [r["err"] if math.isfinite(r["err"]) else None for r in v])
-            for k, v in res["methods"].items()
-        }
-        styles = {
-            k: {"color": colors[k.split()[0]], "linestyle": "--" if "Kenc" in k or "Auto" in k else "-", "markersize": 4}
-            for k in series
-        }
-        H.plot_series(
-            ax,
-            series,
-            xlabel="steps (accepted + rejected)",
-            ylabel="max relative error at T",
-            title=f"{name}, T = {res['T']:g}",
-            styles=styles,
-        )
-    ax = axes[len(ode)]
-    sde_series = {
-        k: ([r["dt"] for r in v], [r["max_abs_XT"] if math.isfinite(r["max_abs_XT"]) else 1e300 for r in v])
-        for k, v in sde["methods"].items()
-    }
-    H.plot_series(ax, sde_series, xlabel="dt", ylabel="max |X_T| over paths", title="dX = -1000 X dt + X dW: bounded?")
-    H.savefig(fig, out / f"{NAME}.png")
+    doc = H.write_json(out / f"{NAME}.json", NAME, payload, quick=quick)
+    H.write_plot(plot, doc, out / f"{NAME}.png")
     table = []
     for name, res in ode.items():
         for label, lst in res["methods"].items():
@@ -349,6 +278,64 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
         )
     )
     return doc
+
+
+def plot(doc: dict) -> Any:
+    """The figure of this benchmark, from its JSON document (``tools/bench_report.py`` renders it)."""
+    ode, sde = doc["ode"], doc["sde"]
+    fig, axes = H.figure(ncols=len(ode) + 1, nrows=1, size=(4.8, 3.8))
+    colors = {"ours": "C0", "diffrax": "C1", "torchdiffeq": "C2"}
+    for ax, (name, res) in zip(axes, ode.items()):
+        series = {
+            k: ([r["steps"] for r in v], [r["err"] if math.isfinite(r["err"]) else None for r in v])
+            for k, v in res["methods"].items()
+        }
+        styles = {
+            k: {"color": colors[k.split()[0]], "linestyle": "--" if "Kenc" in k or "Auto" in k else "-", "markersize": 4}
+            for k in series
+        }
+        H.plot_series(
+            ax,
+            series,
+            xlabel="steps (accepted + rejected)",
+            ylabel="max relative error at T",
+            title=f"{name}, T = {res['T']:g}",
+            styles=styles,
+        )
+    ax = axes[len(ode)]
+    sde_series = {
+        k: ([r["dt"] for r in v], [r["max_abs_XT"] if math.isfinite(r["max_abs_XT"]) else 1e300 for r in v])
+        for k, v in sde["methods"].items()
+    }
+    H.plot_series(ax, sde_series, xlabel="dt", ylabel="max |X_T| over paths", title="dX = -1000 X dt + X dW: bounded?")
+    return fig
+
+
+LABELS = {"robertson": "Robertson", "hires": "HIRES", "vanderpol": "Van der Pol"}
+
+
+def tables(doc: dict) -> dict[str, str]:
+    """``ode``: steps and error per problem and tolerance (adaptive methods); ``sde``: largest bounded dt."""
+    ode = doc["ode"]
+    methods = [m for res in ode.values() for m, lst in res["methods"].items() if lst and "tol" in lst[0]]
+    methods = list(dict.fromkeys(methods))
+    rows = []
+    for name, res in ode.items():
+        tols = sorted({r["tol"] for lst in res["methods"].values() for r in lst if "tol" in r}, reverse=True)
+        for tol in tols:
+            cells = []
+            for m in methods:
+                hit = [r for r in res["methods"].get(m, []) if r.get("tol") == tol]
+                cells.append("—" if not hit else f"{hit[0]['steps']}, {H.sci(hit[0]['err'])}")
+            rows.append((f"{LABELS.get(name, name)} {H.sci(tol, 0)}", *cells))
+    sde = [
+        (k, H.fmt(None if v is None else v["dt"], "{:g}"), H.fmt(None if v is None else v["nfe"], "{:.0f}"))
+        for k, v in doc["sde"]["largest_stable_dt"].items()
+    ]
+    return {
+        "ode": H.markdown_table(["problem, tol (steps, max rel. error)", *methods], rows),
+        "sde": H.markdown_table(["method", "largest bounded dt", "NFE/path"], sde),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

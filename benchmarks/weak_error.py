@@ -13,6 +13,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 try:
     from . import _harness as H
@@ -95,7 +96,16 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
         "methods": rows,
     }
     out = Path(out)
-    doc = H.write_json(out / f"{NAME}.json", NAME, payload)
+    doc = H.write_json(out / f"{NAME}.json", NAME, payload, quick=quick)
+    H.write_plot(plot, doc, out / f"{NAME}.png")
+    print(tables(doc)["methods"])
+    print(f"MC standard errors: {mc}")
+    return doc
+
+
+def plot(doc: dict) -> Any:
+    """The figure of this benchmark, from its JSON document (``tools/bench_report.py`` renders it)."""
+    rows, mc, N = doc["methods"], doc["monte_carlo_standard_error"], doc["config"]["N"]
     fig, axes = H.figure(ncols=2, size=(5.5, 4.0))
     colors = {"ours": "C0", "torchsde": "C2", "diffrax": "C1"}
     for ax, moment, se_key in ((axes[0], "err_m1", "se_m1"), (axes[1], "err_m2", "se_m2")):
@@ -115,15 +125,17 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
         if se:
             ax.axhline(se, color="k", linewidth=0.8, linestyle=":", label="MC std. error")
         ax.legend(fontsize=6)
-    H.savefig(fig, out / f"{NAME}.png")
-    table = [
+    return fig
+
+
+def tables(doc: dict) -> dict[str, str]:
+    """``methods``: NFE, wall time and both moments' errors per method and step/tolerance."""
+    rows = [
         (k, f"{r['level']:.3g}", f"{r['nfe']:.0f}", H.format_seconds(r["wall_s"]), f"{r['err_m1']:.2e}", f"{r['err_m2']:.2e}")
-        for k, v in rows.items()
+        for k, v in doc["methods"].items()
         for r in v
     ]
-    print(H.markdown_table(["method", "dt/tol", "NFE", "wall", "|err m1|", "|err m2|"], table))
-    print(f"MC standard errors: {mc}")
-    return doc
+    return {"methods": H.markdown_table(["method", "dt / tol", "NFE", "wall", "abs. error E u(1)", "abs. error E u(1)^2"], rows)}
 
 
 def main(argv: list[str] | None = None) -> int:

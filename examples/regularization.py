@@ -532,6 +532,17 @@ def run(
 
 
 def plot(payload: dict, path: Path) -> None:
+    """Write ``make_figure(payload)`` to the PNG ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = make_figure(payload)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def make_figure(payload: dict):
+    """Training loss curves and test-time NFE per problem (one row each), from the JSON payload."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -581,9 +592,7 @@ def plot(payload: dict, path: Path) -> None:
         ax.set_ylabel("drift evaluations per trajectory (test)")
         ax.set_title(f"{prob}: test-time cost ({payload['problems'][prob]['alg']})")
         ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:

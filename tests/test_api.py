@@ -144,8 +144,8 @@ def _small(noise="diagonal", interpretation="ito"):
 @pytest.mark.parametrize(
     "problem_kwargs, solve_kwargs, expected",
     [
-        ({"noise": "diagonal"}, {}, deb.SRIW1),  # fewest evaluations on GBM/wave/rot2d (SciML: SOSRI)
-        ({"noise": "scalar"}, {}, deb.SRIW1),
+        ({"noise": "diagonal"}, {}, deb.AutoSOSRI),  # SOSRI + ImplicitRKMil(smooth_est=True)
+        ({"noise": "scalar"}, {}, deb.AutoSOSRI),
         ({"noise": "additive"}, {}, deb.AutoSwitch),  # ShARK (fewer evaluations than SOSRA) + ImplicitRKMil
         ({"noise": "general"}, {}, deb.LambaEM),
         ({"interpretation": "stratonovich"}, {"dt": 0.05}, deb.SPaRK),  # SciML: RKMil
@@ -157,10 +157,15 @@ def test_default_algorithm(problem_kwargs, solve_kwargs, expected):
     sol = deb.solve(_small(**problem_kwargs), None, seed=0, **solve_kwargs)
     assert type(sol.alg) is expected
     assert sol.success
-    if expected is deb.AutoSwitch:
-        assert repr(sol.alg) == "AutoSwitch(ShARK(), ImplicitRKMil(theta=1))"
-        plain = deb.solve(_small(**problem_kwargs), deb.ShARK(), seed=0, **solve_kwargs)
-        assert torch.equal(sol.ys, plain.ys) and torch.equal(sol.ts, plain.ts)  # non-stiff: ShARK's bits
+    composites = {
+        deb.AutoSwitch: ("AutoSwitch(ShARK(), ImplicitRKMil(theta=1, smooth_est=True))", deb.ShARK()),
+        deb.AutoSOSRI: ("AutoSOSRI(ImplicitRKMil(theta=1, smooth_est=True))", deb.SOSRI()),
+    }
+    if expected in composites:
+        text, nonstiff = composites[expected]
+        assert repr(sol.alg) == text
+        plain = deb.solve(_small(**problem_kwargs), nonstiff, seed=0, **solve_kwargs)
+        assert torch.equal(sol.ys, plain.ys) and torch.equal(sol.ts, plain.ts)  # non-stiff: the explicit method's bits
 
 
 @pytest.mark.parametrize("noise", ["diagonal", "general"])

@@ -163,6 +163,35 @@ def test_per_sample_reuse_changes_no_bit(fused):
     assert cached._reuse is not None and cached._reuse.valid
 
 
+def test_select_gives_the_rows_paths_bit_for_bit(tree_kernel_modes):
+    """``select(rows)`` (the engine's compacted batch): row ``j`` is row ``rows[j]``'s path,
+    with the C kernel's reuse cache gathered (warm, then stepped on), for selections of
+    selections and for ``evaluate_scalar`` (the fixed-step engine's query)."""
+    batch = 70
+    g = torch.Generator().manual_seed(3)
+    bm = deb.VirtualBrownianTree(0.0, 1.0, (batch, 2), seed=21, tol=2.0**-16)
+    t = torch.rand(batch, generator=g, dtype=F64) * 0.5
+    w_all, j_all = bm.evaluate(t)  # warms the per-sample cache
+    rows = torch.tensor([69, 0, 8, 7, 33, 34, 35, 36, 37, 38, 12])
+    view = bm.select(rows)
+    assert view.shape == (rows.numel(), 2) and view.batch_size == rows.numel()
+    assert (view._reuse is not None and view._reuse.valid) == (tree_kernel_modes == "fused")
+    for a, b in zip(view.evaluate(t[rows]), (w_all, j_all)):  # all levels from the cache
+        assert torch.equal(a, b[rows])
+    for _ in range(5):
+        t = (t + 10.0 ** (-3 * torch.rand(batch, generator=g, dtype=F64))).clamp(max=1.0)
+        fresh = deb.VirtualBrownianTree(0.0, 1.0, (batch, 2), seed=21, tol=2.0**-16).evaluate(t)
+        for a, b in zip(view.evaluate(t[rows]), fresh):
+            assert torch.equal(a, b[rows])
+    inner = torch.tensor([3, 10, 0])
+    for a, b in zip(view.select(inner).evaluate(t[rows[inner]]), bm.evaluate(t)):
+        assert torch.equal(a, b[rows[inner]])
+    w_s, _ = view.evaluate_scalar(0.375)
+    assert torch.equal(w_s, bm.evaluate_scalar(0.375)[0][rows])
+    with pytest.raises(ValueError, match="rows must be a 1-D"):
+        bm.select(rows.reshape(1, -1))
+
+
 def test_without_a_c_compiler_the_eager_path_runs_with_a_warning(monkeypatch, tmp_path):
     monkeypatch.delenv(K.ENV_VAR, raising=False)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))

@@ -78,6 +78,10 @@ def test_algorithm_kwargs():
     # Julia-source problems keep ForwardDiff Jacobians (no Python in the loop)
     assert "autodiff" not in algorithm_spec(deb.Rodas4(), python_callbacks=False).kwargs
     assert algorithm_spec(deb.Kvaerno5()).kwargs == {"autodiff": "finitediff"}
+    # SKenCarp's estimate: StochasticDiffEq's ode_error_est / smooth_est
+    skc = algorithm_spec(deb.SKenCarp(error_estimate="sciml_noode"), python_callbacks=False)
+    assert skc.julia_source() == "SKenCarp(; ode_error_est = false, smooth_est = true)"
+    assert algorithm_spec(deb.SKenCarp(), python_callbacks=False).kwargs == {"ode_error_est": True, "smooth_est": True}
 
 
 def test_unknown_algorithm_refused():

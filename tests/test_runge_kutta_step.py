@@ -15,13 +15,13 @@ try:
 except ImportError:  # not installed: use the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from diffeqbridge.controller import hairer_initial_dt
 from diffeqbridge.problem import ODEProblem, Terms
 from diffeqbridge.solvers.runge_kutta import (
     DOPRI5_TABLEAU,
     TSIT5_TABLEAU,
     Dopri5,
     Tsit5,
-    hairer_initial_dt,
 )
 
 SOLVERS = [Tsit5, Dopri5]

@@ -17,64 +17,23 @@ The tests require <= 1e-4 (the issue's bound).
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import diffeqbridge as deb
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._stiff_problems import REFERENCES, fields  # noqa: E402 - the shared test-set problems
+
 RTOL, ATOL = 1e-6, 1e-8
 
 
-def robertson(t, y):
-    y1, y2, y3 = y.unbind(-1)
-    return torch.stack([-0.04 * y1 + 1e4 * y2 * y3, 0.04 * y1 - 1e4 * y2 * y3 - 3e7 * y2 * y2, 3e7 * y2 * y2], -1)
-
-
-def hires(t, y):
-    y1, y2, y3, y4, y5, y6, y7, y8 = y.unbind(-1)
-    return torch.stack(
-        [
-            -1.71 * y1 + 0.43 * y2 + 8.32 * y3 + 0.0007,
-            1.71 * y1 - 8.75 * y2,
-            -10.03 * y3 + 0.43 * y4 + 0.035 * y5,
-            8.32 * y2 + 1.71 * y3 - 1.12 * y4,
-            -1.745 * y5 + 0.43 * y6 + 0.43 * y7,
-            -280.0 * y6 * y8 + 0.69 * y4 + 1.71 * y5 - 0.43 * y6 + 0.69 * y7,
-            280.0 * y6 * y8 - 1.81 * y7,
-            -280.0 * y6 * y8 + 1.81 * y7,
-        ],
-        -1,
-    )
-
-
-def van_der_pol(eps):
-    def f(t, y):
-        a, b = y.unbind(-1)
-        return torch.stack([b, ((1 - a * a) * b - a) / eps], -1)
-
-    return f
-
-
-CASES = {
-    "robertson": (robertson, [1.0, 0.0, 0.0], 40.0, [0.7158270687193941, 9.185534764557338e-6, 0.2841637457458413]),
-    "hires": (
-        hires,
-        [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0057],
-        321.8122,
-        [
-            7.371312573325668e-4,
-            1.442485726316185e-4,
-            5.888729740967575e-5,
-            1.175651343283149e-3,
-            2.386356198831331e-3,
-            6.238968252742796e-3,
-            2.849998395185769e-3,
-            2.850001604814231e-3,
-        ],
-    ),
-    "vanderpol": (van_der_pol(1e-6), [2.0, 0.0], 2.0, [1.706167732170483, -0.8928097010247975]),
-}
+FIELDS = fields(lambda xs: torch.stack(xs, -1))
+# name -> (f, y0, T, y(T))
+CASES = {name: (FIELDS[name], y0, T, ref) for name, (T, y0, ref) in REFERENCES.items()}
 
 
 @pytest.mark.parametrize("alg", [deb.Rodas4(), deb.Kvaerno5()], ids=["Rodas4", "Kvaerno5"])

@@ -43,6 +43,7 @@ import types
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -57,6 +58,16 @@ _C1_I32 = 0x85EBCA6B - (1 << 32)  # MurmurHash3 finalizer multipliers as signed 
 _C2_I32 = 0xC2B2AE35 - (1 << 32)
 
 log = logging.getLogger("diffeqbridge.brownian")
+
+
+def check_seed(value: Any, name: str = "seed") -> int:
+    """``value`` if it is an int in ``[0, 2**64)`` (hashed as two 32-bit words), else ValueError naming ``name``.
+
+    The one check of every seed and sample offset that feeds the counter-based hash
+    (``VirtualBrownianTree``, ``solve``, ``diffeqbridge.diffusion``'s per-sample noise)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
+        raise ValueError(f"{name} must be an int in [0, 2**64) (hashed as two 32-bit words); got {value!r}")
+    return value
 
 
 def fmix32(h: Tensor) -> Tensor:
@@ -300,6 +311,7 @@ _C_ARGTYPES = (
     + (ctypes.c_void_p,) * 4
     + (ctypes.c_int64,)
 )
+BLOCK = 8  # lanes per block of the C kernel (its BLOCK): the reuse cache's innermost axis
 REUSE_BUDGET_BYTES = 256 * 2**20  # per-sample reuse caches 4 float64 per level and element, up to this size
 
 
@@ -406,13 +418,28 @@ class ReuseCache:
 
     def __init__(self, depth: int, count: int):
         self.prev = torch.zeros(count, dtype=torch.int64)
-        self.sums = torch.empty((-(-count // 8), depth, 4, 8), dtype=torch.float64)  # (block, level, sum, lane)
+        self.sums = torch.empty((-(-count // BLOCK), depth, 4, BLOCK), dtype=torch.float64)  # (block, level, sum, lane)
         self.valid = False
         self.lock = threading.Lock()
 
     @staticmethod
     def affordable(depth: int, count: int) -> bool:
         return depth * 4 * count * 8 <= REUSE_BUDGET_BYTES
+
+    def select(self, lanes: Tensor) -> ReuseCache:
+        """The cache of the elements ``lanes`` (``(M,)`` int64 indices into this cache's
+        ``B*N`` elements), in that order: each element keeps its previous cell and the sums of
+        that cell's path, a consistent pair, so the reuse stays exact."""
+        depth, count = self.sums.shape[1], lanes.numel()
+        out = ReuseCache(depth, count)
+        with self.lock:
+            out.prev.copy_(self.prev.index_select(0, lanes))
+            flat = self.sums.permute(0, 3, 1, 2).reshape(-1, depth, 4).index_select(0, lanes)  # (M, depth, 4)
+            padded = flat.new_zeros((out.sums.shape[0] * BLOCK, depth, 4))
+            padded[:count] = flat
+            out.sums.copy_(padded.reshape(-1, BLOCK, depth, 4).permute(0, 2, 3, 1))
+            out.valid = self.valid
+        return out
 
 
 def run_c(

@@ -68,7 +68,7 @@ import torch
 from torch import Tensor
 
 from .brownian import VirtualBrownianTree
-from .engine import EngineOptions, Integrator, LoopState, fixed_grid, integrate
+from .engine import EngineOptions, Integrator, LoopState, fixed_grid, fixed_steps, forced_times, integrate
 from .problem import ODEProblem, Terms
 from .solution import ReturnCode, Solution, Stats
 from .solvers.base import AbstractSolver
@@ -820,19 +820,12 @@ def _backsolve_backward(c: _Ctx, ys: Tensor, grad_ys: Tensor) -> tuple[Tensor, T
 
 # ------------------------------------------------- reversible solvers (exact backsolve)
 def _reversible_steps(c: _Ctx) -> tuple[list[tuple[float, float, float]], list[int]]:
-    """The engine's fixed steps ``(t, h, t + h)`` over the save times (same float arithmetic)
-    and, for every save time after the first, the number of steps taken to reach it."""
-    dt = float(c.dt_initial[0])
-    times = [float(x) for x in c.save_times]
-    sign = 1.0 if times[-1] >= times[0] else -1.0  # the engine's signed step
-    steps: list[tuple[float, float, float]] = []
-    ends: list[int] = []
-    for a, b in zip(times[:-1], times[1:]):
-        grid = fixed_grid(a, b, dt)
-        for s, t in zip(grid[:-1], grid[1:]):
-            steps.append((s, (b - s) if t == b else sign * dt, t))
-        ends.append(len(steps))
-    return steps, ends
+    """The engine's fixed steps ``(t, h, t + h)`` over the save times and ``tstops`` (same
+    float arithmetic, :func:`diffeqbridge.engine.fixed_steps`) and, for every save time after the first, the
+    number of steps taken to reach it."""
+    stops, slots = forced_times(c.save_times, c.options.tstops, interpolate=False)
+    steps, reached = fixed_steps(stops.tolist(), float(c.dt_initial[0]))
+    return steps, [n for n, slot in zip(reached, slots.tolist()[1:]) if slot >= 0]
 
 
 def _reversible_noise(c: _Ctx, s: float, t: float, dtype: torch.dtype) -> Tensor:

@@ -44,6 +44,7 @@ Both do the same float64 operations in the same order; they differ only where ``
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -52,6 +53,7 @@ from torch import Tensor
 from . import _tree_kernel as K
 from ._tree_kernel import MASK32 as _MASK32
 from ._tree_kernel import absorb as _absorb
+from ._tree_kernel import check_seed
 from ._tree_kernel import fmix32_i32 as _fmix32_i32
 from ._tree_kernel import standard_normal_pair as _standard_normal_pair
 
@@ -133,10 +135,8 @@ class VirtualBrownianTree:
             raise TypeError(f"shape must be an int or a tuple (B, *noise_shape); got {shape!r}") from exc
         if len(shape) < 1 or any(s < 1 for s in shape):
             raise ValueError(f"shape must be (B, *noise_shape) with positive sizes; got {shape}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-            raise ValueError(f"seed must be an int in [0, 2**64) (the tree hashes two 32-bit words); got {seed!r}")
-        if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or sample_offset < 0:
-            raise ValueError(f"sample_offset must be a non-negative int; got {sample_offset!r}")
+        check_seed(seed)
+        check_seed(sample_offset, "sample_offset")
         if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             raise TypeError(f"dtype must be a floating dtype; got {dtype}")
         length = t1 - t0
@@ -467,6 +467,29 @@ class VirtualBrownianTree:
         self._path_last = child
 
     # ----------------------------------------------------------------- public
+    def select(self, rows: Tensor) -> VirtualBrownianTree:
+        """The tree of rows ``rows`` of this batch: ``(M,)`` int64 indices, row ``j`` of the
+        result is the path of row ``rows[j]`` here (same numbers bit for bit, on every kernel
+        path: a path is a pure function of seed and sample index).  The keys, the root
+        increment and the C kernel's per-sample reuse cache are gathered, so a compacted
+        batch (:mod:`diffeqbridge.engine`, ``solve(..., compact=f)``) queries only its rows."""
+        rows = rows.to(device=self.device, dtype=torch.int64)
+        if rows.ndim != 1:
+            raise ValueError(f"rows must be a 1-D index tensor; got shape {tuple(rows.shape)}")
+        view = copy.copy(self)
+        view.batch_size = rows.numel()
+        view.shape = (view.batch_size, *self.shape[1:])
+        view._element_keys = self._element_keys.index_select(1, rows)
+        view._root = None if self._root is None else (self._root[0].index_select(0, rows), self._root[1].index_select(0, rows))
+        view._fused_args = {}
+        view._reuse = None
+        if self._reuse is not None:
+            lanes = (rows.unsqueeze(1) * self.n_elements + torch.arange(self.n_elements, device=self.device)).flatten()
+            view._reuse = self._reuse.select(lanes.cpu())
+        view._path_digits, view._path_sums, view._path_last, view._path_has_j = [], None, None, True
+        view._memo, view._cell_normals = [], (-1, None)
+        return view
+
     def _shape_out(self, x: Tensor) -> Tensor:
         return x.reshape(self.shape).to(self.dtype)
 

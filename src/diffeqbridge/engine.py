@@ -3,9 +3,15 @@
 Every sample has its own time ``t``, step ``dt``, accept/reject decision, save index and
 return code.  Finished (or failed) samples are masked, not removed, so all tensors keep
 the batch shape and the loop makes no host synchronisation except a termination check
-every ``check_every`` iterations.  Steps are clipped to land exactly on the save times,
-so SDE output needs no interpolation.  A rejected step re-queries the Brownian tree at
-the shorter step; no noise is stored.
+every ``check_every`` iterations.  A rejected step re-queries the Brownian tree at the
+shorter step; no noise is stored.
+
+Saves (docs/engine.md, "Saving"): adaptive ODE solves with an interpolant step freely and
+fill the save times inside each accepted step from the solver's interpolant
+(:mod:`diffeqbridge.dense`; buffered, written at the termination check), landing only on
+``tstops`` and the end.  SDE and fixed-step solves land on every save time; a fixed-step
+save time within :func:`snap_tolerance` of the step's grid point is saved there instead
+(no sliver step).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,10 +28,11 @@ import torch
 from torch import Tensor
 
 from .brownian import VirtualBrownianTree
-from .controller import QOLD_INIT, PIController, scaled_error_norm
+from .controller import QOLD_INIT, PIController, clip_step, scaled_error_norm
+from .dense import horner, interpolant_kind, step_coefficients
 from .problem import Terms
 from .solution import ReturnCode, Solution, Stats
-from .solvers.base import AbstractSolver, StepOutput, per_unit_step
+from .solvers.base import AbstractSolver, StepOutput, call_step
 
 SUCCESS = int(ReturnCode.Success)
 DEFAULT = int(ReturnCode.Default)
@@ -50,8 +57,13 @@ class EngineOptions:
     # solve(..., compile=True): the iteration's tensor math through torch.compile (_compiled_core)
     compile: bool = False
     # solve(..., compact=f): gather the active samples into a smaller batch when their
-    # fraction falls below f (0: never; Integrator.run, _compactable)
+    # fraction falls below f (0: never; Integrator.run, Integrator.compact_refusal)
     compact: float = 0.0
+    # warn (once per reason) when compact > 0 cannot apply
+    compact_warn: bool = True
+    # solve(..., tstops=...): times every sample's steps land on (besides the save times
+    # where those are forced, and the end)
+    tstops: tuple[float, ...] = ()
 
 
 class _Progress:
@@ -137,21 +149,93 @@ def fixed_grid(a: float, b: float, dt: float) -> list[float]:
         points.append(t)
 
 
-def _shared_grid(save_times: Tensor, dt_initial: Tensor, options: EngineOptions) -> list[float] | None:
-    """The step times shared by every sample of a fixed-step solve (one host sync, before the
-    loop), or None when the samples do not step in lockstep (adaptive, or per-sample ``dt``)."""
+_EPS64 = float(torch.finfo(torch.float64).eps)
+
+
+def snap_bounds(times: Sequence[float]) -> tuple[float, float]:
+    """``(floor, cap)`` of :func:`snap_tolerance` for the forced times ``times``."""
+    floor = 64.0 * _EPS64 * max(abs(times[0]), abs(times[-1]))
+    gap = min((abs(b - a) for a, b in zip(times[:-1], times[1:])), default=math.inf)
+    return floor, 0.25 * gap
+
+
+def snap_tolerance(dt: float | Tensor, times: Sequence[float], bounds: tuple[float, float] | None = None) -> Any:
+    """How far a fixed-step solve's grid point may lie from a forced (save) time to be saved
+    there instead of adding a sliver step: ``max(1e-9 dt, 64 eps max(|t_first|, |t_last|))``,
+    at most ``dt / 2`` and a quarter of the smallest gap between the times (so two of them
+    never snap to one grid point).  ``dt``: the step's magnitude, a float or a ``(B,)`` tensor;
+    ``bounds``: :func:`snap_bounds` of ``times``, when already known.
+
+    ``1e-9 dt`` covers the rounding a grid accumulated by ``t + dt`` collects over many
+    steps; the state is then reported ``≤ 1e-9 dt`` away from its time, far below any
+    scheme's error.  ``64 eps |t|`` covers a step that is tiny against ``|t|``."""
+    floor, cap = snap_bounds(times) if bounds is None else bounds
+    if isinstance(dt, Tensor):
+        return torch.minimum((1e-9 * dt).clamp(min=floor), (0.5 * dt).clamp(max=cap))
+    return min(max(1e-9 * dt, floor), 0.5 * dt, cap)
+
+
+def fixed_steps(
+    times: Sequence[float], dt: float, limit: int | None = None
+) -> tuple[list[tuple[float, float, float]], list[int]]:
+    """The steps ``(t, signed h, t + h)`` a fixed-step solve takes through the forced times
+    ``times`` (``times[0]`` the start; decreasing: time runs backwards) with steps of
+    magnitude ``dt``, in the loop's float arithmetic, and for every time after the first the
+    number of steps taken when it is reached.
+
+    A time within :func:`snap_tolerance` of the grid point ``t ± dt`` is reached there (the
+    step is not shortened); one further away than that inside the step ends the step on it
+    (the grid restarts there); the last time is always landed on exactly.  None of the lists
+    when more than ``limit`` steps would be needed."""
+    sign = 1.0 if times[-1] >= times[0] else -1.0
+    snap = snap_tolerance(dt, times)
+    steps: list[tuple[float, float, float]] = []
+    reached: list[int] = []
+    t, last = times[0], len(times) - 1
+    for k in range(1, len(times)):
+        target = times[k]
+        while True:
+            remaining = sign * (target - t)
+            if dt + snap >= remaining and (dt - remaining > snap or k == last):
+                steps.append((t, sign * remaining, target))
+                t = target
+                break
+            t_new = t + sign * dt
+            steps.append((t, sign * dt, t_new))
+            t = t_new
+            if dt + snap >= remaining:
+                break
+            if limit is not None and len(steps) > limit:
+                raise _TooLong
+        reached.append(len(steps))
+    return steps, reached
+
+
+class _TooLong(Exception):
+    """:func:`fixed_steps` went past its ``limit``."""
+
+
+def _shared_grid(stops: Tensor, dt_initial: Tensor, options: EngineOptions) -> tuple[list[float], list[int]] | None:
+    """The step times shared by every sample of a fixed-step solve and, per forced time after
+    the first, the iteration that reaches it (one host sync, before the loop); None when the
+    samples do not step in lockstep (adaptive, or per-sample ``dt``)."""
     if options.adaptive or dt_initial.numel() == 0:
         return None
     dt = dt_initial.to(torch.float64)
     if not bool((dt == dt[0]).all()):
         return None
-    step, times = float(dt[0]), [float(x) for x in save_times]
-    grid = [times[0]]
-    for a, b in zip(times[:-1], times[1:]):
-        grid.extend(fixed_grid(a, b, step)[1:])
-        if len(grid) > options.max_steps + len(times):
-            return None  # too long to list; the per-sample path handles MaxIters
-    return grid
+    times = [float(x) for x in stops]
+    try:  # too long to list: the per-sample path handles MaxIters
+        steps, reached = fixed_steps(times, float(dt[0]), limit=options.max_steps + len(times))
+    except _TooLong:
+        return None
+    return [times[0]] + [t for _, _, t in steps], reached
+
+
+def saves_by_interpolation(solver: AbstractSolver, options: EngineOptions, is_sde: bool) -> bool:
+    """Whether the loop fills save times from the solver's interpolant (adaptive ODE solvers
+    with a dense interpolant of their own or a cubic Hermite one) rather than landing on them."""
+    return not is_sde and options.adaptive and interpolant_kind(solver) != "linear"
 
 
 def _iteration_core(
@@ -163,6 +247,7 @@ def _iteration_core(
     dw: Tensor | None,
     levy: Tensor | None,
     carry: Any,
+    solver_state: Any,
     active: Tensor,
     tolerances: tuple[float, float] | None,
 ) -> tuple[StepOutput, Tensor | None, Tensor]:
@@ -174,15 +259,13 @@ def _iteration_core(
     the ``(B,)`` float64 scaled error (``inf`` where the step is not finite; None for fixed
     steps) and the ``(B,)`` accepted mask.
     """
-    out = solver.step(terms, t, y, dt_eval, dw, levy, carry)
+    out = call_step(solver, terms, t, y, dt_eval, dw, levy, carry, solver_state)
     finite = _all_finite(out.y1)
     if tolerances is None:
         return out, None, active & finite
     assert out.error is not None
     # the controller is not differentiated: step sizes carry no gradient
     err = scaled_error_norm(out.error.detach(), y.detach(), out.y1.detach(), *tolerances).to(torch.float64)
-    if solver.unit_step_power and terms.noise not in (None, "additive"):
-        err = per_unit_step(err, dt_eval.detach(), terms.span, solver.unit_step_power)
     err = torch.where(finite & torch.isfinite(err), err, torch.full_like(err, float("inf")))
     return out, err, active & (err <= 1.0)
 
@@ -241,8 +324,11 @@ class LoopState:
     noted: a snapshot of it (:meth:`Integrator.snapshot`) restarts the solve bit-identically.
 
     ``carry`` is the solver's FSAL slot (``f0``, or ``ReversibleHeun``'s tuple);
-    ``tree_state`` the Brownian path at ``t``; ``solver_state`` what a solver object keeps
-    between steps (composite switching counters, a reused Jacobian); ``ys`` ``(T, B, ...)``.
+    ``tree_state`` the Brownian path at ``t``; ``solver_state`` what the solver carries between
+    steps (``solver.init``'s result, threaded through ``step``/``update``: composite switching
+    counters, a reused Jacobian; None for most solvers), so the solver object itself never
+    changes during a solve; ``ys`` ``(T, B, ...)``; ``save_index`` the next save time to fill,
+    ``stop_index`` the next forced time (see :class:`Integrator`'s ``stops``).
     """
 
     iteration: int
@@ -263,44 +349,34 @@ class LoopState:
     eigen_last: Tensor | None
     eigen_max: Tensor | None
     njac: Tensor | None
-    solver_state: dict[str, Any]
+    solver_state: Any
     ys: Tensor
+    stop_index: Tensor | None = None
 
 
-def _solver_state(solver: AbstractSolver) -> dict[str, Any]:
-    """The per-solve state a solver object holds (its ``_``-prefixed attributes, recursively
-    for the solvers it wraps), copied so later steps do not change the snapshot."""
-    out: dict[str, Any] = {}
-    for key, value in vars(solver).items():
-        if isinstance(value, AbstractSolver):
-            out[key] = ("solver", _solver_state(value))
-        elif key.startswith("_"):
-            out[key] = ("value", dict(value) if isinstance(value, dict) else value)
-    return out
-
-
-def _restore_solver_state(solver: AbstractSolver, state: dict[str, Any]) -> None:
-    for key, (kind, value) in state.items():
-        if kind == "solver":
-            _restore_solver_state(getattr(solver, key), value)
-        else:
-            setattr(solver, key, dict(value) if isinstance(value, dict) else value)
+def _rebuild(like: tuple[Any, ...], items: Any) -> Any:
+    """A tuple of ``items`` of ``like``'s type (NamedTuples keep their type)."""
+    return type(like)(*items) if hasattr(like, "_fields") else tuple(items)
 
 
 def _detach(x: Any) -> Any:
     if isinstance(x, tuple):
-        return tuple(_detach(v) for v in x)
+        return _rebuild(x, (_detach(v) for v in x))
     return x.detach() if isinstance(x, Tensor) else x
 
 
-#: LoopState fields that hold one entry per sample along their first axis (``ys``: the second)
+#: LoopState fields that hold one entry per sample along their first axis (nested tuples,
+#: lists and dicts of batch-first tensors: ``carry``, ``tree_state``, ``solver_state``); ``ys``
+#: (samples on its second axis) is shared and written through :attr:`Integrator.lanes`
 _PER_SAMPLE = (
     "t",
     "y",
     "dt",
     "qold",
     "carry",
+    "tree_state",
     "save_index",
+    "stop_index",
     "active",
     "retcodes",
     "nf",
@@ -311,20 +387,62 @@ _PER_SAMPLE = (
     "eigen_last",
     "eigen_max",
     "njac",
+    "solver_state",
 )
 
 
+def _batch_coupling(solver: AbstractSolver) -> str | None:
+    """Why ``solver`` (or a solver it wraps) couples the samples of a batch, from its
+    ``batch_coupled`` property or its Newton options (None: every sample's step is its own)."""
+    reason = getattr(solver, "batch_coupled", None)
+    if reason:
+        return f"{type(solver).__name__}: {reason}"
+    if getattr(getattr(solver, "newton", None), "early_exit", False):
+        return (
+            f"{type(solver).__name__}: its Newton iterations run until every sample of the batch has "
+            "converged (NewtonOptions(early_exit=False) gives each sample a fixed count)"
+        )
+    inner = (v for v in vars(solver).values() if isinstance(v, AbstractSolver))
+    return next((r for v in inner if (r := _batch_coupling(v))), None)
+
+
+def _not_batch_first(x: Any, batch: int, where: str) -> str | None:
+    """None when every tensor in ``x`` (nested tuples/lists/dicts) has ``batch`` rows along
+    its first axis, so :func:`_gather` can select samples; else the first offending path.
+    Other leaves (None, numbers, strings) are shared by the batch and kept as they are."""
+    if isinstance(x, (tuple, list)):
+        return next((r for i, v in enumerate(x) if (r := _not_batch_first(v, batch, f"{where}[{i}]"))), None)
+    if isinstance(x, dict):
+        return next((r for k, v in x.items() if (r := _not_batch_first(v, batch, f"{where}[{k!r}]"))), None)
+    if isinstance(x, Tensor) and (x.ndim == 0 or x.shape[0] != batch):
+        return f"{where} has shape {tuple(x.shape)}, not batch-first ({batch}, ...)"
+    return None
+
+
 def _gather(x: Any, idx: Tensor) -> Any:
+    """Rows ``idx`` of every tensor in ``x`` (nested (named) tuples/lists/dicts; other leaves
+    as they are)."""
     if isinstance(x, tuple):
-        return tuple(_gather(v, idx) for v in x)
+        return _rebuild(x, (_gather(v, idx) for v in x))
+    if isinstance(x, list):
+        return [_gather(v, idx) for v in x]
+    if isinstance(x, dict):
+        return {k: _gather(v, idx) for k, v in x.items()}
     return x.index_select(0, idx) if isinstance(x, Tensor) else x
 
 
 def _scatter(full: Any, part: Any, idx: Tensor, batch: int) -> Any:
-    """``full`` (``(batch, ...)``) with rows ``idx`` replaced by ``part`` (out of place, so
-    differentiable); ``full`` None: a counter the solver started after the batch was compacted."""
-    if isinstance(part, tuple):
-        return tuple(_scatter(f, p, idx, batch) for f, p in zip(full, part))
+    """``full`` (``(batch, ...)`` tensors, nested as :func:`_gather`'s input) with rows ``idx``
+    replaced by ``part`` (out of place, so differentiable).  A tensor of ``part`` where ``full``
+    has None (a counter or state that started after the batch was compacted) gets zeros in the
+    other rows; non-tensor leaves are taken from ``part``."""
+    if isinstance(part, (tuple, list)):
+        full = full if isinstance(full, (tuple, list)) else [None] * len(part)
+        items = (_scatter(f, p, idx, batch) for f, p in zip(full, part))
+        return _rebuild(part, items) if isinstance(part, tuple) else list(items)
+    if isinstance(part, dict):
+        full = full if isinstance(full, dict) else {}
+        return {k: _scatter(full.get(k), v, idx, batch) for k, v in part.items()}
     if not isinstance(part, Tensor):
         return part
     if full is None:
@@ -332,12 +450,31 @@ def _scatter(full: Any, part: Any, idx: Tensor, batch: int) -> Any:
     return full.index_put((idx,), part)
 
 
+def forced_times(save_times: Tensor, tstops: Sequence[float], interpolate: bool) -> tuple[Tensor, Tensor]:
+    """``(stops, stop_slot)`` of :class:`Integrator`: ``tstops`` strictly inside the solve's
+    span, merged with the save times (all of them, or the first and last when saves are
+    interpolated), in the direction time runs."""
+    times = save_times.tolist()
+    sign = 1.0 if times[-1] >= times[0] else -1.0
+    inner = {t for t in tstops if sign * (t - times[0]) > 0 and sign * (times[-1] - t) > 0}
+    forced = set(times[:1] + times[-1:]) if interpolate else set(times)
+    stops = sorted(forced | inner, key=lambda t: sign * t)
+    index = {t: k for k, t in enumerate(times)}
+    slot = [index.get(t, -1) if t in forced else -1 for t in stops]
+    device = save_times.device
+    return torch.tensor(stops, dtype=torch.float64, device=device), torch.tensor(slot, dtype=torch.long, device=device)
+
+
 class Integrator:
     """The native loop: ``init`` -> ``run`` (iterations of :meth:`step`) -> ``solution``.
 
     One iteration is a short sequence of stages on a :class:`LoopState`: propose the step
-    (clip to the next save time) -> noise (query the tree) -> ``solver.step`` -> controller
+    (clip to the next forced time) -> noise (query the tree) -> ``solver.step`` -> controller
     (accept, next ``dt``, retcodes) -> masked merge -> save -> stop checks.
+
+    Forced times ``stops`` (``(S,)``, ``stops[0] = t0``, ``stops[-1]`` the end): the save
+    times and ``tstops``, or, when saves are interpolated (:func:`saves_by_interpolation`),
+    ``tstops`` and the end only; ``stop_slot`` (``(S,)``) is the save index of each (-1: none).
     """
 
     def __init__(
@@ -357,17 +494,30 @@ class Integrator:
         self.sign = 1.0 if self.n_save < 2 or float(save_times[-1]) >= float(save_times[0]) else -1.0
         self.t_start, self.t_end = save_times[0], save_times[-1]
         self.controller = PIController.for_solver(solver) if options.adaptive else None
+        self.interpolate = saves_by_interpolation(solver, options, tree is not None)
+        self.kind = interpolant_kind(solver)
+        self.stops, self.stop_slot = forced_times(save_times, options.tstops, self.interpolate)
+        self.n_stop = self.stops.shape[0]
+        self._snap_bounds = snap_bounds(self.stops.tolist())
+        # saves waiting for the next check: (first save index, count, t, signed h, y, out, f0)
+        # of each accepted step (:meth:`_flush_saves`)
+        self._pending: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor, StepOutput, Any]] = []
         # Fixed step: every active sample is at grid[i] at iteration i, so the Brownian tree is
         # queried once per step at a time shared by the batch (tree.evaluate_scalar: same
         # numbers, cached descent) and the loop stops right after the last step.
         # (events hook: an event that moves a sample back inside its step breaks the lockstep)
         lockstep = getattr(observer, "lockstep", True)
-        self.grid = _shared_grid(save_times, dt_initial, options) if tree is not None and lockstep else None
-        self.save_set = {float(x) for x in save_times} if self.grid is not None else set()
+        shared = _shared_grid(self.stops, dt_initial, options) if tree is not None and lockstep else None
+        self.grid = shared[0] if shared is not None else None
+        slots = self.stop_slot.tolist()
+        # lockstep: the iterations that save (nobody saves in the others)
+        self.save_iterations = {i for k, i in enumerate(shared[1], start=1) if slots[k] >= 0} if shared else set()
         self.dtmin = torch.tensor(options.dtmin, dtype=torch.float64, device=save_times.device)
         self.growth_bound: Tensor | None = None  # set by init, with lanes = arange(B)
         self.lanes = torch.arange(0)  # the rows of ys the state's samples are (compaction)
-        self._growth_full = torch.empty(0)
+        self._full_batch: tuple[VirtualBrownianTree | None, Tensor | None] = (tree, None)  # restored by _expand
+        self.compact_refused: str | None = None  # why run() could not compact (compact > 0)
+        self.rerun = False  # restore() was called: a checkpointed segment's re-run (no warnings)
 
     def init(self, y0: Tensor, dt_initial: Tensor, f0: Tensor | None, initial_counts: tuple[int, int]) -> LoopState:
         batch, device, solver = y0.shape[0], y0.device, self.solver
@@ -383,7 +533,6 @@ class Integrator:
         else:
             tree_state = self.tree.evaluate(t)
         carry = solver.initial_carry(self.terms, t, y0, f0) if solver.fsal else f0
-        solver.begin(y0)
         self.growth_bound = GROWTH * (1.0 + y0.detach().abs().flatten(1).amax(dim=1))
         self.lanes = torch.arange(batch, device=device)
         return LoopState(
@@ -395,6 +544,7 @@ class Integrator:
             carry=carry,
             tree_state=tree_state,
             save_index=zeros + 1,
+            stop_index=zeros + 1,
             active=torch.full((batch,), not done, device=device),
             retcodes=torch.full((batch,), SUCCESS if done else DEFAULT, dtype=torch.long, device=device),
             nf=zeros + initial_counts[0],
@@ -405,19 +555,19 @@ class Integrator:
             eigen_last=None,
             eigen_max=None,
             njac=None,
-            solver_state={},
+            solver_state=solver.init(self.terms, t, y0),
             ys=ys,
         )
 
     def snapshot(self, s: LoopState) -> LoopState:
-        """A detached copy of ``s`` (with the solver's own state) to restart from; ``ys`` is not kept."""
+        """A detached copy of ``s`` to restart from; ``ys`` is not kept."""
         copy = LoopState(**{k: _detach(v) for k, v in vars(s).items()})
-        copy.solver_state, copy.ys = _solver_state(self.solver), s.ys.new_empty(0)
+        copy.ys = s.ys.new_empty(0)
         return copy
 
     def restore(self, snap: LoopState, y: Tensor, carry: Any) -> LoopState:
         """The state of ``snap`` with ``y``/``carry`` replaced (e.g. leaves requiring grad)."""
-        _restore_solver_state(self.solver, snap.solver_state)
+        self.rerun = True
         state = LoopState(**vars(snap))
         state.y, state.carry = y, carry
         state.ys = torch.full((self.n_save, *y.shape), float("nan"), dtype=y.dtype, device=y.device)
@@ -432,12 +582,13 @@ class Integrator:
         pending = list(boundaries or [])
         sign, grid, every = self.sign, self.grid, self.options.check_every
         bar = _Progress(progress, float(self.t_start), float(self.t_end))
-        compacting = self._compactable(stop_at, boundaries)
+        refused = self.compact_refusal()
         full, idx = s, None  # s: the compacted state once samples left the batch (rows idx of full)
         while stop_at is None or s.iteration < stop_at:
             if grid is not None and s.iteration == len(grid) - 1:
                 break  # every sample has reached the end or stopped earlier
             if s.iteration % every == 0:
+                self._flush_saves(s)
                 n_active = int(s.active.sum())
                 slowest = float(sign * (sign * torch.where(s.active, s.t, self.t_end)).min())
                 bar.update(slowest, n_active)
@@ -446,66 +597,125 @@ class Integrator:
                     pending.pop(0)
                     passed = True
                 if passed and n_active:
-                    snaps.append(self.snapshot(s))
+                    if idx is not None:  # a snapshot restarts the full batch
+                        self._write_back(full, s, idx)
+                    snaps.append(self.snapshot(full))
                 if n_active == 0:
                     break
-                if compacting and n_active < self.options.compact * s.t.shape[0]:
-                    s, idx = self._compact(full, s, idx)
+                if refused is None and n_active < self.options.compact * s.t.shape[0]:
+                    refused = self._state_refusal(s) or self._field_refusal(s)
+                    if refused is None:
+                        s, idx = self._compact(full, s, idx)
+                s.solver_state = self.solver.plan(s.solver_state, s.active, every)
             self.step(s)
+        self._flush_saves(s)
         if idx is not None:
             self._expand(full, s, idx)
         bar.update(float(self.t_end), 0)
         bar.close()
+        self.compact_refused = refused if self.options.compact > 0 else None
+        if self.compact_refused is not None and self.options.compact_warn and not self.rerun:
+            warnings.warn(f"compact={self.options.compact:g} not applied: {self.compact_refused}", RuntimeWarning, stacklevel=2)
         return snaps
 
-    def _compactable(self, stop_at: int | None, boundaries: list[float] | None) -> bool:
-        """Compaction needs samples that are independent rows: no Brownian tree (its samples
-        are fixed rows), no observers, no per-solve solver state, a whole run (no snapshots); not
-        with ``compile=True`` (every compacted size would be a new compilation)."""
-        return (
-            self.options.compact > 0
-            and not self.options.compile
-            and stop_at is None
-            and not boundaries
-            and self.tree is None
-            and self.observer is None
-            and self.grid is None
-            and not _solver_state(self.solver)
-        )
+    def compact_refusal(self) -> str | None:
+        """Why ``solve(..., compact=f)`` cannot compact this run (None: it can).  Compaction
+        needs samples that are independent rows the loop can gather: no observers (events,
+        dense output and regularizers record the full batch), a solver whose steps do not
+        couple samples (``batch_coupled``; its state in ``LoopState.solver_state`` is gathered
+        like the rest), and not ``compile=True`` (every compacted size would be a new
+        compilation).  Checkpointed runs compact: their snapshots are of the full batch, and a
+        segment's re-run with masked fields is caught by :meth:`_field_refusal`."""
+        if self.options.compact <= 0:
+            return "compact=0"
+        if self.options.compile:
+            return "compile=True (every compacted batch size would be a new compilation)"
+        if self.observer is not None:
+            return "events, dense output and regularizers observe the full batch"
+        return _batch_coupling(self.solver)
+
+    def _state_refusal(self, s: LoopState) -> str | None:
+        """Why the loop state cannot be gathered by sample (a tensor that is not batch-first)."""
+        batch = s.t.shape[0]
+        return next((r for name in _PER_SAMPLE if (r := _not_batch_first(getattr(s, name), batch, name))), None)
+
+    def _field_refusal(self, s: LoopState) -> str | None:
+        """Why the user's fields cannot run on the running samples alone: ``field(t[rows],
+        y[rows])`` must equal ``field(t, y)[rows]`` bit for bit (drift and diffusion, at the
+        current state, without gradients).  Catches fields that capture per-sample tensors of
+        the batch's shape or couple samples, and kernels whose rounding depends on the batch
+        size.  Two calls of each field per compaction, not counted in the stats."""
+        rows = s.active.nonzero().squeeze(1)
+        t, y = s.t, s.y.detach()
+        fields = (("drift", self.terms.drift), ("diffusion", self.terms.diffusion))
+        with torch.no_grad():
+            for name, field in fields:
+                if field is None:
+                    continue
+                try:
+                    whole = field(t, y).index_select(0, rows)
+                    part = field(t.index_select(0, rows), y.index_select(0, rows))
+                except Exception as exc:  # e.g. a captured (B, ...) tensor meets fewer rows
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                    return f"{name}(t, y) fails on the running samples alone ({type(exc).__name__}: {first})"
+                same = part.shape == whole.shape and bool(((part == whole) | (part.isnan() & whole.isnan())).all())
+                if not same:
+                    return (
+                        f"{name}(t, y) on the running samples alone differs from those rows of the full "
+                        "batch (a field that couples samples or captures per-sample tensors, or a kernel "
+                        "whose rounding depends on the batch size)"
+                    )
+        return None
 
     def _compact(self, full: LoopState, part: LoopState, idx: Tensor | None) -> tuple[LoopState, Tensor]:
-        """The active samples of ``full`` as a smaller state (after writing ``part``, rows
-        ``idx``, back).  Finished samples are frozen in the masked loop, so leaving them out
-        changes no other sample's bits (every reduction is per sample)."""
-        if idx is not None:
-            self._expand(full, part, idx)
-        assert self.growth_bound is not None
-        growth_full = self.growth_bound if idx is None else self._growth_full
-        idx = full.active.nonzero().squeeze(1)
-        small = LoopState(**vars(full))  # ys is shared: saves go to rows self.lanes
+        """The active samples of ``part`` (rows ``idx`` of ``full``; None: ``part`` is ``full``)
+        as a smaller state, and their rows of ``full``.  ``part`` is first written back to
+        ``full`` (the samples leaving now keep their final values).  Finished samples are
+        frozen in the masked loop, so leaving them out changes no other sample's bits (every
+        reduction is per sample; the Brownian tree is selected to the same rows)."""
+        rows = part.active.nonzero().squeeze(1)
+        if idx is None:
+            self._full_batch = (self.tree, self.growth_bound)
+            new_idx = rows
+        else:
+            self._write_back(full, part, idx)
+            new_idx = idx.index_select(0, rows)
+        small = LoopState(**vars(part))  # ys is shared: saves go to rows self.lanes
         for name in _PER_SAMPLE:
-            setattr(small, name, _gather(getattr(full, name), idx))
-        self._growth_full, self.growth_bound, self.lanes = growth_full, growth_full.index_select(0, idx), idx
-        return small, idx
+            setattr(small, name, _gather(getattr(part, name), rows))
+        assert self.growth_bound is not None
+        self.growth_bound, self.lanes = self.growth_bound.index_select(0, rows), new_idx
+        if self.tree is not None:
+            self.tree = self.tree.select(rows)
+        return small, new_idx
 
-    def _expand(self, full: LoopState, part: LoopState, idx: Tensor) -> None:
-        """Write the compacted state ``part`` back into rows ``idx`` of ``full``."""
+    def _write_back(self, full: LoopState, part: LoopState, idx: Tensor) -> None:
+        """Write the compacted state ``part`` into rows ``idx`` of ``full``."""
         batch = full.t.shape[0]
         for name in _PER_SAMPLE:
             setattr(full, name, _scatter(getattr(full, name), getattr(part, name), idx, batch))
         full.iteration = part.iteration
-        self.growth_bound, self.lanes = self._growth_full, torch.arange(batch, device=idx.device)
+
+    def _expand(self, full: LoopState, part: LoopState, idx: Tensor) -> None:
+        """End of a compacted run: ``part`` written back to ``full``, the full batch's tree,
+        growth bounds and lanes restored."""
+        self._write_back(full, part, idx)
+        self.tree, self.growth_bound = self._full_batch
+        self.lanes = torch.arange(full.t.shape[0], device=idx.device)
 
     def step(self, s: LoopState) -> None:
         """One iteration, updating ``s`` in place."""
         opts, solver, sign, grid, dtype = self.options, self.solver, self.sign, self.grid, s.y.dtype
         s.iteration += 1
-        # --- propose: clip to the next save time
-        target = self.save_times[s.save_index.clamp(max=self.n_save - 1)]
-        remaining = sign * (target - s.t)
-        hits = s.active & (s.dt >= remaining * (1 - 1e-12))
-        step_dt = torch.where(hits, remaining, s.dt)
-        t_new = torch.where(s.active, torch.where(hits, target, s.t + sign * step_dt), s.t)
+        # --- propose: clip to the next forced time (fixed step: snap to a grid point near it)
+        stop = s.stop_index
+        assert stop is not None
+        target = self.stops[stop.clamp(max=self.n_stop - 1)]
+        if self.controller is not None:
+            step_dt, t_new, hits = clip_step(s.dt, s.t, target, s.active, sign)
+        else:
+            snap = snap_tolerance(s.dt, (), self._snap_bounds)
+            step_dt, t_new, hits = clip_step(s.dt, s.t, target, s.active, sign, snap, stop >= self.n_stop - 1)
         dt_eval = _masked_lanes(s.active, s.t, step_dt, sign, self.t_start, self.t_end)
         # --- noise
         new_tree_state, dw, levy = self._noise(s, t_new)
@@ -521,13 +731,16 @@ class Integrator:
             dw,
             levy if solver.needs_levy_area else None,
             s.carry,
+            s.solver_state,
             s.active,
             tolerances,
         )
         # --- controller decision
         rejected = s.active & ~accepted
         self._stats(s, out, accepted, rejected)
-        dt_factor = solver.after_step(accepted, s.active, torch.where(accepted, t_new, s.t), dt_eval.abs(), out)
+        s.solver_state, dt_factor = solver.update(
+            s.solver_state, accepted, s.active, torch.where(accepted, t_new, s.t), dt_eval.abs(), out
+        )
         # --- masked merge
         y_prev, t_prev, f_prev = s.y, s.t, s.carry
         s.y = _select(accepted, out.y1, s.y)
@@ -547,15 +760,59 @@ class Integrator:
                 t_prev, y_prev, s.t, s.y, s.carry, s.tree_state, accepted, hits, out, f_prev, dt_eval, self.tree
             )
         # --- save
-        saved_now = accepted & hits
-        slot, lanes = s.save_index.clamp(max=self.n_save - 1), self.lanes
-        if grid is None or grid[s.iteration] in self.save_set:  # lockstep: nobody saves between save times
-            s.ys[slot, lanes] = _select(saved_now, s.y, s.ys[slot, lanes])
-        s.save_index = s.save_index + saved_now
+        reached = accepted & hits
+        if self.interpolate:
+            self._save_interpolated(s, t_prev, y_prev, f_prev, dt_eval, out, accepted)
+        else:
+            slot = self.stop_slot[stop.clamp(max=self.n_stop - 1)]
+            saved_now = reached & (slot >= 0)
+            slot, lanes = slot.clamp(min=0), self.lanes
+            if grid is None or s.iteration in self.save_iterations:  # lockstep: nobody saves in between
+                s.ys[slot, lanes] = _select(saved_now, s.y, s.ys[slot, lanes])
+            s.save_index = s.save_index + saved_now
+        s.stop_index = stop + reached
         # --- stop: finished, unstable, controller limits, max steps
-        self._stop(s, accepted, rejected, saved_now & (s.save_index >= self.n_save), stopped, step_dt, err, hits, dt_factor, out)
+        self._stop(s, accepted, rejected, reached & (s.stop_index >= self.n_stop), stopped, step_dt, err, hits, dt_factor, out)
         if self.observer is not None:
             self.observer.observe(t_prev, y_prev, t_new, step_dt, out, accepted | rejected, accepted, s.dt, f_prev)
+
+    def _save_interpolated(
+        self, s: LoopState, t_prev: Tensor, y_prev: Tensor, f_prev: Any, h: Tensor, out: StepOutput, accepted: Tensor
+    ) -> None:
+        """Saves of an accepted step ``[t_prev, s.t]`` (``h``: ``(B,)`` the signed step the
+        solver took; an event may have cut it short): a save time equal to ``s.t`` gets
+        ``s.y`` now (the end of the span exactly); those strictly inside are queued for
+        :meth:`_flush_saves` with the step's interpolant.  No host synchronisation."""
+        sign = self.sign
+        n_le = torch.searchsorted(sign * self.save_times, (sign * s.t).contiguous(), right=True)  # saves <= t
+        last = (n_le - 1).clamp(min=0)
+        exact = accepted & (n_le > s.save_index) & (self.save_times[last] == s.t)
+        lanes = self.lanes
+        s.ys[last, lanes] = _select(exact, s.y, s.ys[last, lanes])
+        count = torch.where(accepted, n_le - s.save_index - exact.long(), 0).clamp(min=0)
+        self._pending.append((s.save_index, count, t_prev, h, y_prev, out, f_prev))
+        s.save_index = torch.where(accepted, torch.maximum(n_le, s.save_index), s.save_index)
+
+    def _flush_saves(self, s: LoopState) -> None:
+        """Write the queued saves: per queued step, save ``j`` of sample ``b`` at ``θ =
+        (t_save - t) / h`` of the step's interpolant (:func:`diffeqbridge.dense.horner`, all
+        samples and saves at once).  One host synchronisation (the largest count), made at
+        the loop's termination check."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        largest = torch.stack([p[1].max() for p in pending]).tolist()
+        for (first, count, t, h, y, out, f0), m in zip(pending, largest):
+            if m == 0:
+                continue
+            j = torch.arange(m, device=count.device)
+            valid = j < count.unsqueeze(1)  # (B, m)
+            index = torch.where(valid, first.unsqueeze(1) + j, 0)
+            theta = (self.save_times[index] - t.unsqueeze(1)) / h.unsqueeze(1)
+            coeffs = step_coefficients(self.kind, y, out.y1, h, out, f0 if isinstance(f0, Tensor) else None)
+            values = horner(y.unsqueeze(1), [c.unsqueeze(1) for c in coeffs], theta)  # (B, m, *state)
+            rows = self.lanes.unsqueeze(1).expand_as(index)
+            s.ys[index[valid], rows[valid]] = values[valid]
 
     def _noise(self, s: LoopState, t_new: Tensor) -> tuple[Any, Tensor | None, Tensor | None]:
         tree, grid, dtype = self.tree, self.grid, s.y.dtype
@@ -609,11 +866,7 @@ class Integrator:
         newton_failed = s.active & ~out.converged if out.converged is not None else None
         if self.controller is not None:
             assert err is not None
-            proposed, s.qold = self.controller.propose(step_dt, err, s.qold, accepted)
-            # After a step clipped to a save time, keep the unclipped proposal if larger.
-            proposed = torch.where(accepted & hits, torch.maximum(proposed, s.dt), proposed)
-            if dt_factor is not None:  # a composite solver switched method
-                proposed = proposed * dt_factor
+            proposed, s.qold = self.controller.next_dt(step_dt, s.dt, err, s.qold, accepted, hits, dt_factor)
             s.dt = torch.where(s.active, proposed, s.dt)
             # as SciML (timedepentdtmin): below max(dtmin, spacing of t), on accepted steps too
             too_small = s.active & (s.dt < torch.maximum(_spacing(s.t), self.dtmin))
@@ -642,7 +895,7 @@ class Integrator:
             stats.extra["eigen_est"], stats.extra["max_eigen_est"] = s.eigen_last, s.eigen_max
         if s.njac is not None:
             stats.extra["njac"] = s.njac
-        stats.extra.update(self.solver.extra_stats())
+        stats.extra.update(self.solver.extra_stats(s.solver_state))
         return Solution(ts=self.save_times.to(s.y.dtype), ys=s.ys, stats=stats, retcodes=s.retcodes, alg=self.solver)
 
 

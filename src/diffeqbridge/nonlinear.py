@@ -61,6 +61,7 @@ __all__ = [
     "NewtonResult",
     "batched_gmres",
     "batched_jacobian",
+    "krylov_solve",
     "lu_factor",
     "lu_solve",
     "mark_failed",
@@ -323,10 +324,10 @@ def newton_stage(
             if options.linsolve == "lu" and factors is not None:
                 z = z - lu_solve(factors, residual)
             elif torch.is_grad_enabled() and residual.requires_grad:
-                z = z - _krylov_solve(f, t1, z, gh_b, residual, options.krylov_dim)
+                z = z - krylov_solve(f, t1, z, gh_b, residual, options.krylov_dim)
             break
         if options.linsolve == "krylov":
-            dz = -_krylov_solve(f, t1, z, gh_b, residual.detach(), options.krylov_dim)
+            dz = -krylov_solve(f, t1, z, gh_b, residual.detach(), options.krylov_dim)
             nf += min(options.krylov_dim, _n(z))
         else:
             if options.full_newton and (it > 1 or factors is None):
@@ -347,7 +348,7 @@ def newton_stage(
     return NewtonResult(z=z, converged=converged & _all_finite(z), iterations=it, nf=nf)
 
 
-def _krylov_solve(f: Field, t1: Tensor, z: Tensor, gh_b: Tensor, rhs: Tensor, iters: int) -> Tensor:
+def krylov_solve(f: Field, t1: Tensor, z: Tensor, gh_b: Tensor, rhs: Tensor, iters: int) -> Tensor:
     """GMRES for ``(I - gh J(z)) x = rhs`` with JVPs at ``z`` (linear in ``rhs``, so
     gradients flow through ``rhs`` only: the operator itself is not differentiated)."""
     shape = z.shape

@@ -9,15 +9,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._tree_kernel import check_seed
 from .adjoint import DiscreteAdjoint
 from .brownian import VirtualBrownianTree, solve_tol
-from .controller import sde_initial_dt
+from .controller import initial_dt
 from .engine import EngineOptions, integrate
 from .problem import ODEProblem, SDEProblem, Terms, check_additive, check_field_shapes
 from .solution import Solution
-from .solvers import SRIW1, AutoSwitch, AutoTsit5, ImplicitRKMil, LambaEM, ShARK, SPaRK
+from .solvers import SRIW1, AutoSOSRI, AutoSwitch, AutoTsit5, ImplicitRKMil, LambaEM, ShARK, SPaRK
 from .solvers.base import AbstractSolver
-from .solvers.runge_kutta import hairer_initial_dt
 
 BACKENDS = ("auto", "native", "julia")
 ALG_HINTS = ("auto", "nonstiff", "stiff")
@@ -73,26 +73,38 @@ def default_algorithm(problem: ODEProblem, dt: float | None = None, alg_hints: A
     ODE: ``AutoTsit5(stiff)`` with ``stiff`` as :func:`_stiff_algorithm` picks it (Rodas4 up
     to 50 states): per-sample stiffness switching (OrdinaryDiffEq's default for unhinted
     problems); on a non-stiff problem it takes exactly Tsit5's steps.  SDE: additive noise ->
-    ``AutoSwitch(ShARK(), ImplicitRKMil())`` (ShARK: fewest evaluations at matched strong
-    error on the additive work-precision problems, where SciML picks ``SOSRA``; the implicit
-    partner measured cheaper than ``SKenCarp``, whose error estimate ``Σ z_i`` keeps
-    ``dt ≈ 4e-5`` on ``dX = -1e4 (X - cos t) dt + 0.1 dW``); diagonal/scalar Itô -> ``SRIW1``
-    (fewest evaluations at matched strong error on GBM, wave and rot2d in
-    ``benchmarks/sde_work_precision.py``; SciML picks ``SOSRI``, 1.3-1.5x the evaluations
-    there, for its larger stability region); general Itô -> ``LambaEM``; Stratonovich
+    ``AutoSwitch(ShARK(), ImplicitRKMil(smooth_est=True))`` (ShARK: fewest evaluations at
+    matched strong error on the additive work-precision problems, where SciML picks ``SOSRA``);
+    diagonal/scalar Itô -> ``AutoSOSRI()`` (SOSRI, switching to
+    ``ImplicitRKMil(smooth_est=True)`` at ``ρ dt ≳ 1``).  Both take the non-stiff method's exact
+    steps where nothing is stiff.  The implicit partner was measured on
+    ``dX = -1e4 (X - cos t) dt + 0.1 dW`` (and ``+ 0.1 X dW``) at the default tolerances
+    (docs/guides/stiff.md): the filtered drift estimate takes ~280 drift evaluations per path
+    at strong error 7e-4 (StochasticDiffEq's unfiltered ``dt² J f / 2``: ~4,900); ``SKenCarp``
+    takes fewer steps but adds ``g ΔW`` after its implicit stages, so at ``dt |λ| ≫ 1`` its
+    noise is not damped (strong error 0.2).  General Itô -> ``LambaEM``; Stratonovich
     (any noise) -> ``SPaRK`` (adaptive, Lévy area, embedded estimate; SciML picks ``RKMil``
     with ``dt`` / ``LambaEulerHeun``; RKMil needs 5-6x SPaRK's evaluations at strong errors
-    1e-2 ... 3e-2 on rot2d).  With ``alg_hints=["stiff"]``: see :func:`_stiff_algorithm`.
+    1e-2 ... 3e-2 on rot2d).  With ``alg_hints=["stiff"]``: see :func:`_stiff_algorithm`; with
+    ``["nonstiff"]`` an SDE gets the non-stiff winner alone: ``ShARK``, and ``SRIW1`` for
+    diagonal/scalar Itô noise (fewest evaluations at matched strong error on GBM, wave and
+    rot2d in ``benchmarks/sde_work_precision.py``; SOSRI, the non-stiff half of
+    ``AutoSOSRI``, needs 1.3-1.5x as many there but has the larger stability region the
+    switching relies on).
     """
-    if "stiff" in _check_alg_hints(alg_hints):
+    hints = _check_alg_hints(alg_hints)
+    if "stiff" in hints:
         return _stiff_algorithm(problem)
     if not problem.is_sde:
         return AutoTsit5(_stiff_algorithm(problem))
+    nonstiff = "nonstiff" in hints
     if problem.noise == "additive":
-        return AutoSwitch(ShARK(), ImplicitRKMil())
+        return ShARK() if nonstiff else AutoSwitch(ShARK(), ImplicitRKMil(smooth_est=True))
     if problem.interpretation == "stratonovich":
         return SPaRK()
-    return LambaEM() if problem.noise == "general" else SRIW1()
+    if problem.noise == "general":
+        return LambaEM()
+    return SRIW1() if nonstiff else AutoSOSRI()
 
 
 def _check_every(value: int | None, device: torch.device) -> int:
@@ -133,24 +145,42 @@ def _check_positive(name: str, value: Any, allow_zero: bool = False) -> float:
     return value
 
 
+def _as_times(value: Any, name: str, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``value`` (a 1-D sequence/tensor of finite times) as ``(given, float64 times)``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        raise TypeError(f"{name} must be a 1-D sequence/tensor of times (use [t] for one time)")
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a 1-D sequence/tensor of times; got {value!r}")
+    try:
+        given = value.detach() if isinstance(value, Tensor) else torch.as_tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{name} must be a 1-D sequence/tensor of times; got {type(value).__name__}") from exc
+    if not (given.is_floating_point() or given.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"{name} must hold real numbers; got dtype {given.dtype}")
+    times = given.to(device=device, dtype=torch.float64)
+    if times.ndim != 1 or times.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D array of times; got shape {tuple(times.shape)}")
+    if not bool(torch.isfinite(times).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+    return given, times
+
+
+def _check_tstops(tstops: Any, t0: float, t1: float) -> tuple[float, ...]:
+    """``tstops`` as floats inside tspan (any order; the engine sorts them)."""
+    if tstops is None:
+        return ()
+    _, times = _as_times(tstops, "tstops", torch.device("cpu"))
+    a, b = min(t0, t1), max(t0, t1)
+    lo, hi = float(times.min()), float(times.max())
+    if lo < a or hi > b:
+        raise ValueError(f"tstops must lie inside tspan [{a}, {b}]; got times in [{lo}, {hi}]")
+    return tuple(times.tolist())
+
+
 def _check_saveat(saveat: Any, t0: float, t1: float, device: torch.device) -> Tensor:
     if saveat is None:
         return torch.tensor([t0, t1], dtype=torch.float64, device=device)
-    if isinstance(saveat, (int, float)) and not isinstance(saveat, bool):
-        raise TypeError("saveat must be a 1-D sequence/tensor of times (use [t] for one time)")
-    if isinstance(saveat, (str, bytes)):
-        raise TypeError(f"saveat must be a 1-D sequence/tensor of times; got {saveat!r}")
-    try:
-        given = saveat.detach() if isinstance(saveat, Tensor) else torch.as_tensor(saveat, dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise TypeError(f"saveat must be a 1-D sequence/tensor of times; got {type(saveat).__name__}") from exc
-    if not (given.is_floating_point() or given.dtype in (torch.int32, torch.int64)):
-        raise TypeError(f"saveat must hold real numbers; got dtype {given.dtype}")
-    times = given.to(device=device, dtype=torch.float64)
-    if times.ndim != 1 or times.numel() == 0:
-        raise ValueError(f"saveat must be a non-empty 1-D array of times; got shape {tuple(times.shape)}")
-    if not bool(torch.isfinite(times).all()):
-        raise ValueError("saveat contains NaN or Inf")
+    given, times = _as_times(saveat, "saveat", device)
     a, b = min(t0, t1), max(t0, t1)
     span = b - a
     # times given in a lower precision (float32 saveat on a float32 problem) are compared
@@ -209,12 +239,6 @@ def _check_brownian(
     return brownian
 
 
-def _g_size(terms: Terms) -> Any:
-    if terms.noise == "general":
-        return lambda g: torch.sqrt(torch.sum(g * g, dim=-1))
-    return lambda g: g
-
-
 def solve(
     prob: ODEProblem,
     alg: AbstractSolver | None = None,
@@ -238,6 +262,7 @@ def solve(
     events: Any = None,
     compile: bool = False,
     compact: float = 0.0,
+    tstops: Sequence[float] | Tensor | None = None,
 ) -> Solution:
     """Solve an SDE or ODE problem for every sample of the batch.
 
@@ -247,7 +272,17 @@ def solve(
         dt: initial step for adaptive solvers, the step for fixed-step ones.
         adaptive: defaults to True for solvers with an error estimate.
         atol, rtol: tolerances (SDE default ``1e-2``/``1e-2``, ODE ``1e-6``/``1e-3``).
-        saveat: 1-D times every sample is saved at; ``None`` -> ``(t0, t1)``.
+        saveat: 1-D times every sample is saved at; ``None`` -> ``(t0, t1)``.  Adaptive ODE
+            solves step freely and fill the save times from the solver's interpolant
+            (:mod:`diffeqbridge.dense`; Tsit5/Dopri5 4th order, Rodas4 3rd, cubic Hermite for
+            the other ODE solvers); SDE and fixed-step solves step onto every save time, a
+            fixed-step one saving at its grid point when that lies within rounding
+            (:func:`diffeqbridge.engine.snap_tolerance`) of the save time (docs/engine.md, "Saving").
+        tstops: times every sample's steps land on (SciML's ``tstops``: discontinuities of the
+            fields; pass ``tstops=saveat`` to have an adaptive ODE solve step onto its save
+            times rather than interpolate them); exactly, except that a fixed-step solve snaps
+            a time within rounding of its grid point as it does save times.  Times outside
+            tspan are refused; ones past the last save time are not reached.
         seed: seed of the Brownian tree made when ``brownian`` is None.
         brownian: a :class:`VirtualBrownianTree` of shape ``(B, *noise_shape)``.
         max_steps: per-sample limit on attempted steps (-> ``ReturnCode.MaxIters``).
@@ -280,7 +315,7 @@ def solve(
             differentiable ``(B,)`` tensor (see :mod:`diffeqbridge.regularization`).
         alg_hints: SciML's hints for ``alg=None``: ``["stiff"]`` picks an implicit solver as
             SciML's ``default_sde_alg``/``default_ode_alg`` would (see :func:`default_algorithm`);
-            ``"auto"``/``"nonstiff"`` keep the default choice.
+            ``"auto"`` keeps the default choice; ``"nonstiff"`` drops the SDE default's stiff partner.
         sample_offset: global index of the batch's first sample in the Brownian tree made when
             ``brownian`` is None: sample ``i`` of this batch draws the path of sample
             ``sample_offset + i`` (how :func:`diffeqbridge.solve_ensemble` splits an ensemble
@@ -299,10 +334,13 @@ def solve(
             new key and may change results in the last bits (docs/engine.md, "compile=True").
         compact: when the fraction of samples still running falls below this (checked every
             ``check_every`` iterations), the loop continues on the running samples only
-            (``0``: never).  Results are bit-identical to the masked loop.  Requires that row
-            ``i`` of ``drift(t, y)`` depend only on row ``i`` of ``t`` and ``y`` (no per-sample
-            parameters captured with the batch's shape); applies to ODEs without events,
-            dense output or regularizers and to solvers without per-solve state, else ignored.
+            (``0``: never; ``0.8`` measured best for B >= 1024, docs/engine.md).  ODEs and
+            SDEs (each sample keeps its Brownian path); results, stats and gradients are
+            bit-identical to the masked loop.  Requires that row ``i`` of ``drift``/``diffusion``
+            depend only on row ``i`` of ``t`` and ``y``: checked at each compaction (two calls
+            of each field); fields that capture per-sample tensors or couple samples, events,
+            dense output, regularizers, solvers with per-solve state and ``compile=True`` keep
+            the masked loop, with a ``RuntimeWarning`` naming the reason.
 
     Returns:
         :class:`Solution` with ``ts (T,)``, ``ys (T, B, *state_shape)``, per-sample stats/retcodes.
@@ -337,10 +375,8 @@ def solve(
     sensealg = check_sensealg(sensealg, prob, solver, adaptive)
     from .regularization import Recorder, check_regularize
 
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an int in [0, 2**64); got {seed!r}")
-    if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or sample_offset < 0:
-        raise ValueError(f"sample_offset must be a non-negative int; got {sample_offset!r}")
+    check_seed(seed)
+    check_seed(sample_offset, "sample_offset")
     # --- dense output / events (diffeqbridge.dense, diffeqbridge.events): native engine observers
     from .events import check_events
 
@@ -350,7 +386,11 @@ def solve(
     hooked = dense or bool(event_list)
     if (hooked or sample_offset) and backend == "julia":
         raise ValueError("dense=True, events= and sample_offset= run on the native backend only; use backend='native' or 'auto'")
-    hooked_or_offset = hooked or sample_offset != 0 or compile or compact > 0  # native only: the julia backend has none of them
+    if tstops is not None and backend == "julia":
+        raise ValueError("tstops= runs on the native backend only; use backend='native' or 'auto'")
+    hooked_or_offset = (
+        hooked or sample_offset != 0 or compile or compact > 0 or tstops is not None
+    )  # native only: the julia backend has none of them
     if event_list and sensealg is not None and not (isinstance(sensealg, DiscreteAdjoint) and sensealg.checkpoints is None):
         raise ValueError(
             f"events= supports gradients by backprop through the steps only (sensealg=None or "
@@ -377,6 +417,7 @@ def solve(
         raise TypeError(f"progress must be a bool; got {progress!r}")
     device = prob.y0.device
     save_times = _check_saveat(saveat, t0, t1, device)
+    stop_times = _check_tstops(tstops, t0, t1)
     requested_first = saveat is None or save_times.numel() == torch.as_tensor(saveat).numel()
     if not prob.is_sde and brownian is not None:
         raise ValueError("brownian= was given for an ODEProblem, which has no noise; drop it (or make an SDEProblem)")
@@ -416,42 +457,10 @@ def solve(
             return sol
     counts = (1, 1 + extra_g if g0 is not None else 0)
 
-    if dt is not None:
-        dt_initial = torch.full((batch,), dt, dtype=torch.float64, device=device)
-    elif prob.is_sde:
-        assert g0 is not None and terms.diffusion is not None
-        dt_initial, extra_f, extra_g = sde_initial_dt(
-            terms.drift,
-            terms.diffusion,
-            _g_size(terms),
-            t_start,
-            prob.y0,
-            f0,
-            g0,
-            solver.controller_order,
-            atol,
-            rtol,
-            span,
-            direction=1.0 if t1 > t0 else -1.0,
-        )
-        counts = (counts[0] + extra_f, counts[1] + extra_g)
-    else:
-        dt_initial, extra_f = hairer_initial_dt(
-            terms.drift,
-            t_start,
-            prob.y0,
-            f0,
-            solver.controller_order,
-            atol,
-            rtol,
-            dtmax=span,
-            direction=1.0 if t1 > t0 else -1.0,
-        )
-        counts = (counts[0] + extra_f, counts[1])
-    # the heuristics can return absurdly small steps for stiff problems (the exponent is
-    # divided by the method's order); start no lower than a safe multiple of dtmin
-    if dt is None:
-        dt_initial = dt_initial.clamp(min=max(100.0 * dtmin_value, 1e-10 * min(span, 1.0)))
+    dt_initial, extra_f, extra_g = initial_dt(
+        terms, solver, t_start, prob.y0, f0, g0, atol, rtol, span, 1.0 if t1 > t0 else -1.0, dt, dtmin_value
+    )
+    counts = (counts[0] + extra_f, counts[1] + extra_g)
     terms.tolerances = (atol, rtol) if adaptive else None
     options = EngineOptions(
         adaptive=adaptive,
@@ -463,6 +472,7 @@ def solve(
         check_every=_check_every(check_every, device),
         compile=compile,
         compact=float(compact),
+        tstops=stop_times,
     )
     if sensealg is None and (regularize is None or regularize.is_local):
         # a global regularizer needs the graph of every step: keep plain backprop

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .._tree_kernel import MASK32 as _MASK32
 from .._tree_kernel import absorb as _absorb
+from .._tree_kernel import check_seed as check_seed
 from .._tree_kernel import fmix32 as _fmix32
 from .._tree_kernel import standard_normal_pair as _standard_normal_pair
 from ..solution import ReturnCode, Solution, Stats
@@ -55,12 +56,6 @@ def _check_shape(shape: Any) -> tuple[int, ...]:
     if len(shape) < 2 or any(s < 1 for s in shape):
         raise ValueError(f"shape must be (B, *state_shape) with at least two positive sizes; got {shape}")
     return shape
-
-
-def check_seed(seed: Any) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int; got {seed!r}")
-    return seed
 
 
 def per_sample_normal(

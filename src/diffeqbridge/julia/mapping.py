@@ -21,6 +21,7 @@ Names and keywords were taken from the sources: StochasticDiffEq ``src/algorithm
 noisemixing)``, ``BacksolveAdjoint(; autojacvec, checkpointing = true, noisemixing = false)``,
 ``ZygoteVJP(; allow_nothing = false)``), SciMLBase ``src/retcodes.jl`` (the ``ReturnCode`` enum).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -129,6 +130,9 @@ def algorithm_spec(solver: Any, interpretation: str = "ito", python_callbacks: b
     theta = getattr(solver, "theta", None)
     if cls in ("ImplicitEM", "ImplicitRKMil", "ISSEM") and theta is not None:
         kwargs["theta"] = float(theta)
+    if cls == "SKenCarp":  # StochasticDiffEq's ode_error_est / smooth_est switches
+        kwargs["ode_error_est"] = getattr(solver, "error_estimate", "embedded") == "embedded"
+        kwargs["smooth_est"] = bool(getattr(solver, "smooth_est", True))
     if python_callbacks and cls in _JACOBIAN_METHODS:
         kwargs["autodiff"] = "finitediff"
     return AlgorithmSpec(name=name, package=package, is_sde=bool(getattr(solver, "is_sde", True)), kwargs=kwargs)
@@ -160,14 +164,19 @@ def noise_spec(noise: str, n: int, noise_dim: int | None = None) -> NoiseSpec:
     raise ValueError(f"unknown noise type {noise!r}")
 
 
-def solve_kwargs(*, atol: float, rtol: float, saveat: list[float], max_steps: int, dtmin: float,
-                 dt: float | None, adaptive: bool) -> dict[str, Any]:
+def solve_kwargs(
+    *, atol: float, rtol: float, saveat: list[float], max_steps: int, dtmin: float, dt: float | None, adaptive: bool
+) -> dict[str, Any]:
     """Common solve keywords (SciML names): ``abstol``, ``reltol``, ``saveat``, ``maxiters``,
     ``dtmin``, ``adaptive`` and ``dt`` (only when given).  ``save_start``/``save_end`` are
     implied by ``saveat`` containing ``t0``/``t1``."""
     kwargs: dict[str, Any] = {
-        "abstol": float(atol), "reltol": float(rtol), "saveat": [float(t) for t in saveat],
-        "maxiters": int(max_steps), "dtmin": float(dtmin), "adaptive": bool(adaptive),
+        "abstol": float(atol),
+        "reltol": float(rtol),
+        "saveat": [float(t) for t in saveat],
+        "maxiters": int(max_steps),
+        "dtmin": float(dtmin),
+        "adaptive": bool(adaptive),
     }
     if dt is not None:
         kwargs["dt"] = float(dt)
@@ -209,8 +218,7 @@ def sensealg_spec(sensealg: Any, is_sde: bool, noise: str | None) -> SensealgSpe
             return SensealgSpec("BacksolveAdjoint", checkpointing=True, noisemixing=mixing)
         return SensealgSpec("InterpolatingAdjoint")
     if isinstance(sensealg, InterpolatingAdjoint):
-        return SensealgSpec("InterpolatingAdjoint", checkpointing=sensealg.checkpoints is not None,
-                            noisemixing=mixing)
+        return SensealgSpec("InterpolatingAdjoint", checkpointing=sensealg.checkpoints is not None, noisemixing=mixing)
     if isinstance(sensealg, BacksolveAdjoint):
         return SensealgSpec("BacksolveAdjoint", checkpointing=bool(sensealg.checkpointing), noisemixing=mixing)
     if isinstance(sensealg, DiscreteAdjoint):

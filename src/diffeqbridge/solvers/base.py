@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -48,6 +48,8 @@ class StepOutput:
         stages: the stage derivatives ``k_i`` of the step (``Tsit5``/``Dopri5``: ``drift`` at
             the stages; ``Rodas4``: its transformed stages), what the solver's free interpolant
             needs for dense output (:mod:`diffeqbridge.dense`); None for other solvers.
+        state: the solver's per-solve state after this step (stateful solvers only, see
+            :meth:`AbstractSolver.init`); None: unchanged.
         nf / ng may also be ``(B,)`` int tensors (composite solvers count per sample).
     """
 
@@ -60,6 +62,7 @@ class StepOutput:
     stiffness: Tensor | None = None
     njac: int | Tensor | None = None
     stages: list[Tensor] | None = None
+    state: Any = None
 
 
 class AbstractSolver:
@@ -76,8 +79,8 @@ class AbstractSolver:
         controller_order: the order ``q`` used by the PI controller's exponents.
         fsal: True when the step reuses ``f0 = drift(t, y)`` and returns ``f1``.
         beta1 / beta2 / qmax / qmin / gamma: controller constants (None -> engine default).
-        unit_step_power: ``θ``: the engine weights the scaled error norm by ``(T/|dt|)^θ``
-            for non-additive noise (:func:`per_unit_step`); 0 (none) by default.
+        unit_step_power: ``θ``: the step's error is weighted by ``(T/|dt|)^θ`` for
+            non-additive noise (:func:`per_unit_step`); 0 (none) by default.
         stability_size: length of the stability region along the negative real axis
             (OrdinaryDiffEq's/StochasticDiffEq's ``alg_stability_size``); set on the solvers
             that report ``StepOutput.stiffness`` and can be the non-stiff half of an
@@ -107,18 +110,39 @@ class AbstractSolver:
         default; solvers with more state, e.g. ``ReversibleHeun``, override this)."""
         return f0
 
-    # --- hooks for solvers with per-sample state (composite algorithms); no-ops here
-    def begin(self, y0: Tensor) -> None:
-        """Called by the engine before the first step (``y0``: ``(B, *state_shape)``)."""
+    # --- per-solve state (diffrax's init/step): a solver object never changes during a solve;
+    # what it carries between steps lives in the engine's LoopState.solver_state
+    def init(self, terms: Terms, t: Tensor, y0: Tensor) -> Any:
+        """The solver's state at the start of a solve (``t``: ``(B,)``, ``y0``: ``(B, *state_shape)``).
 
-    def after_step(self, accepted: Tensor, active: Tensor, t: Tensor, dt: Tensor, out: StepOutput) -> Tensor | None:
-        """Called after every step with the ``(B,)`` accept mask, the still-active mask, the
-        samples' (updated) times and the step sizes just tried; may return a ``(B,)`` factor
-        applied to the next proposed step size (None: unchanged)."""
+        None for stateless solvers (the default).  Otherwise a tuple or NamedTuple whose
+        tensors have the batch as their first axis (so the engine can gather, select and
+        snapshot it per sample); plain Python values in it are plans fixed at the loop's host
+        checks (:meth:`plan`).  The engine passes it to :meth:`step` as ``state`` and replaces
+        it by :meth:`update`'s result after every step.
+        """
         return None
 
-    def extra_stats(self) -> dict[str, Tensor]:
-        """Per-sample ``(B,)`` statistics added to ``Stats.extra`` at the end of a solve."""
+    def plan(self, state: Any, active: Tensor, horizon: int) -> Any:
+        """Called at the loop's host checks (every ``horizon`` iterations, where the loop
+        synchronises anyway) with the ``(B,)`` still-active mask: the place to read tensors on
+        the host and fix Python-level branches for the next ``horizon`` steps, so that
+        :meth:`step` itself never synchronises.  Returns the (new) state; default unchanged."""
+        return state
+
+    def update(
+        self, state: Any, accepted: Tensor, active: Tensor, t: Tensor, dt: Tensor, out: StepOutput
+    ) -> tuple[Any, Tensor | None]:
+        """After the accept decision: the state for the next step and an optional ``(B,)``
+        factor on the next step size (applied by the controller, None: none).
+
+        ``accepted``/``active``: ``(B,)`` masks; ``t``: the samples' times after the step;
+        ``dt``: the step magnitudes just tried.  Default: ``out.state`` (else ``state``), no factor.
+        """
+        return (state if out.state is None else out.state), None
+
+    def extra_stats(self, state: Any) -> dict[str, Tensor]:
+        """Per-sample ``(B,)`` statistics (from the final ``state``) added to ``Stats.extra``."""
         return {}
 
     def step(
@@ -142,6 +166,9 @@ class AbstractSolver:
             levy_h: ``(B, *noise_shape)`` space-time Lévy area over the step, present when
                 ``needs_levy_area``.  ``int_s^t (W_u - W_s) du = dt * (H + dW / 2)``.
             f0: ``drift(t, y)`` when ``fsal``.
+
+        Stateful solvers (:meth:`init` not None) take an eighth argument, ``state``, and return
+        the next state in ``StepOutput.state``; ``self`` never changes (:func:`call_step`).
         """
         raise NotImplementedError
 
@@ -161,6 +188,25 @@ class AbstractSolver:
             "adaptive": cls.adaptive,
             "levy_area": cls.needs_levy_area,
         }
+
+
+def call_step(
+    solver: AbstractSolver,
+    terms: Terms,
+    t: Tensor,
+    y: Tensor,
+    dt: Tensor,
+    dw: Tensor | None,
+    levy_h: Tensor | None,
+    f0: Any,
+    state: Any,
+) -> StepOutput:
+    """``solver.step(...)``, passing ``state`` only to stateful solvers (``state`` not None), so
+    stateless solvers keep the seven-argument signature."""
+    if state is None:
+        return solver.step(terms, t, y, dt, dw, levy_h, f0)
+    stateful: Any = solver.step  # the eight-argument signature of stateful solvers
+    return stateful(terms, t, y, dt, dw, levy_h, f0, state)
 
 
 def hairer_eigen_estimate(df: Tensor, dy: Tensor) -> Tensor:
@@ -228,7 +274,7 @@ EMBEDDED_QMAX = 3 / 2
 
 
 # Exponent θ of the per-unit-step weighting of the embedded estimates for multiplicative noise
-# (SRI, SPaRK): the controller sees ``‖error‖ · (T/|dt|)^θ`` (``T`` the span).  Mean-zero local
+# (SRI, SPaRK): the controller sees ``error · (T/|dt|)^θ`` (``T`` the span).  Mean-zero local
 # errors add in quadrature (θ = 1/2 would keep the global strong error at tol); with θ = 0 the
 # error of GBM/SOSRI grew from 1.2 to 15 times tol over tol 1e-2 ... 1e-5 (tests/
 # test_error_estimates.py, B = 64, seed 7).  Measured there: θ = 0.2 -> 1.0 ... 5.6 times tol,
@@ -239,20 +285,27 @@ UNIT_STEP_POWER = 0.2
 
 
 def per_unit_step(error: Tensor, dt: Tensor, span: float, power: float) -> Tensor:
-    """``error · (span/|dt|)^power`` per sample (``error`` ``(B, ...)``, e.g. the engine's
-    ``(B,)`` scaled error norm; ``dt`` ``(B,)``); ``exp``/``log`` rather than ``pow`` keeps it
-    independent of the batch layout."""
+    """``error · (span/|dt|)^power`` per sample (``error`` ``(B, ...)``, ``dt`` ``(B,)``);
+    ``exp``/``log`` rather than ``pow`` keeps it independent of the batch layout."""
     if power == 0.0 or span <= 0.0:
         return error
     factor = torch.exp(power * torch.log(span / dt.abs().clamp_min(torch.finfo(dt.dtype).tiny)))
     return error * factor.to(error.dtype).reshape(factor.shape + (1,) * (error.ndim - 1))
 
 
-def check_error_estimate(value: str) -> str:
-    """``"embedded"`` (difference to the embedded lower-order solution) or ``"sciml"``
-    (StochasticDiffEq's ``delta * E1 + E2``)."""
-    if value not in ERROR_ESTIMATES:
-        raise ValueError(f"error_estimate must be one of {ERROR_ESTIMATES}; got {value!r}")
+def weighted_per_unit_step(out: StepOutput, power: float, terms: Terms, dt: Tensor) -> StepOutput:
+    """``out`` with its error weighted by :func:`per_unit_step` (not for additive noise, nor
+    when ``power`` is 0); composites then merge the weighted errors per sample."""
+    if power and out.error is not None and terms.noise not in (None, "additive"):
+        out.error = per_unit_step(out.error, dt, terms.span, power)
+    return out
+
+
+def check_error_estimate(value: str, allowed: tuple[str, ...] = ERROR_ESTIMATES) -> str:
+    """One of ``allowed``: by default ``"embedded"`` (difference to the embedded lower-order
+    solution) or ``"sciml"`` (StochasticDiffEq's ``delta * E1 + E2``)."""
+    if value not in allowed:
+        raise ValueError(f"error_estimate must be one of {allowed}; got {value!r}")
     return value
 
 
@@ -304,7 +357,8 @@ class StochasticRungeKutta(AbstractSolver):
     ) -> StepOutput:
         """See :meth:`AbstractSolver.step` (``f0`` is unused)."""
         delta = None if self.error_estimate == "embedded" else self.delta
-        return type(self).step_function(self.tableau, terms, t, y, dt, dw, levy_h, delta)
+        out = type(self).step_function(self.tableau, terms, t, y, dt, dw, levy_h, delta)
+        return weighted_per_unit_step(out, self.unit_step_power, terms, dt)
 
     def __repr__(self) -> str:
         name = type(self).__name__

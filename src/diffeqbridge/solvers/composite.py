@@ -18,10 +18,17 @@ with OrdinaryDiffEq's defaults ``maxstiffstep = 10``, ``maxnonstiffstep = 3``,
 ``switch_max`` (which only re-enables error checks after many successive non-stiff tests)
 has no counterpart here.
 
-Batching: both solvers run on the whole batch when the batch holds samples of both
-kinds, and the outputs are selected per sample (``torch.where``); when every live sample
-uses one method only that method runs.  Deciding which costs one host synchronisation per
-step (the Newton iterations of the stiff solver synchronise anyway).  Statistics
+Batching and state: a solver object never changes during a solve; every sample's method,
+counter and statistics live in a :class:`SwitchState` (``LoopState.solver_state``), threaded
+through ``step`` and ``update``.  Both solvers run on the whole batch when it holds samples
+of both kinds, and the outputs are selected per sample (``torch.where``); when every live
+sample uses one method only that method runs.  Which methods run is fixed at the loop's host
+checks (:meth:`AutoSwitch.plan`, every ``check_every`` iterations, where the loop
+synchronises anyway) for the next ``check_every`` steps: a method runs if some active sample
+uses it or could switch to it within that many steps (the counter moves by one per
+accepted step), so a step makes no host synchronisation and every sample follows the rule
+above exactly, whatever the batch (a switch is only held back when the loop is driven past
+the planned horizon without a check).  Statistics
 (``Stats.extra``): ``nswitch`` (switches), ``stiff_steps`` (accepted steps taken by the stiff
 method), ``first_switch_t`` / ``last_switch_t`` (NaN when the sample never switched),
 ``is_stiff`` (1 when the sample ended on the stiff method); the engine adds ``eigen_est``
@@ -39,13 +46,13 @@ single-method batches, or use the stiff solver alone.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from ..problem import Terms, expand_to
-from .base import AbstractSolver, StepOutput
+from .base import AbstractSolver, StepOutput, call_step
 from .implicit import ImplicitRKMil
 from .runge_kutta import Dopri5, Tsit5
 from .sri import SOSRI
@@ -64,6 +71,27 @@ def _pick(mask: Tensor, a: Tensor | None, b: Tensor | None) -> Tensor | None:
     if a is None or b is None:
         return a if b is None else b
     return torch.where(expand_to(mask, a), a, b)
+
+
+class SwitchState(NamedTuple):
+    """:class:`AutoSwitch`'s per-solve state, ``(B,)`` tensors unless noted.
+
+    ``stiff``: the method of the sample's next step; ``counter``: OrdinaryDiffEq's stiffness
+    counter; ``nswitch``, ``stiff_steps``, ``first_switch_t``, ``last_switch_t``: statistics;
+    ``run``: ``(nonstiff, stiff)`` Python bools, the methods the steps until the next host
+    check compute (:meth:`AutoSwitch.plan`); ``nonstiff_state``, ``stiff_state``: the two
+    solvers' own states (None when stateless).
+    """
+
+    stiff: Tensor
+    counter: Tensor
+    nswitch: Tensor
+    stiff_steps: Tensor
+    first_switch_t: Tensor
+    last_switch_t: Tensor
+    run: tuple[bool, bool]
+    nonstiff_state: Any
+    stiff_state: Any
 
 
 class AutoSwitch(AbstractSolver):
@@ -120,56 +148,73 @@ class AutoSwitch(AbstractSolver):
         self.fsal = nonstiff.fsal
         for name in ("controller_order", "beta1", "beta2", "qmax", "qmin", "gamma"):
             setattr(self, name, getattr(nonstiff, name))
-        self._state: dict[str, Tensor] = {}
 
-    # ------------------------------------------------------------------ engine hooks
-    def begin(self, y0: Tensor) -> None:
+    # ------------------------------------------------------------------ per-solve state
+    def init(self, terms: Terms, t: Tensor, y0: Tensor) -> SwitchState:
         batch, device = y0.shape[0], y0.device
         nan = torch.full((batch,), float("nan"), dtype=torch.float64, device=device)
         zeros = torch.zeros(batch, dtype=torch.long, device=device)
-        self._state = {
-            "stiff": torch.full((batch,), self.stiffalgfirst, dtype=torch.bool, device=device),
-            "live": torch.ones(batch, dtype=torch.bool, device=device),
-            "count": zeros.clone(),
-            "nswitch": zeros.clone(),
-            "stiff_steps": zeros.clone(),
-            "first_switch_t": nan.clone(),
-            "last_switch_t": nan.clone(),
-        }
+        return SwitchState(
+            stiff=torch.full((batch,), self.stiffalgfirst, dtype=torch.bool, device=device),
+            counter=zeros,
+            nswitch=zeros,
+            stiff_steps=zeros,
+            first_switch_t=nan,
+            last_switch_t=nan.clone(),
+            run=(not self.stiffalgfirst, self.stiffalgfirst),
+            nonstiff_state=self.nonstiff.init(terms, t, y0),
+            stiff_state=self.stiff.init(terms, t, y0),
+        )
 
-    def _ensure_state(self, y: Tensor) -> dict[str, Tensor]:
-        if not self._state or self._state["stiff"].shape[0] != y.shape[0]:
-            self.begin(y)
-        return self._state
+    def plan(self, state: SwitchState, active: Tensor, horizon: int) -> SwitchState:
+        """The methods the next ``horizon`` steps run (one host synchronisation): those some
+        active sample uses, or could switch to within ``horizon`` accepted steps."""
+        stiff, count = state.stiff, state.counter
+        may_stiffen = ~stiff & (count > self.maxstiffstep - horizon)
+        may_relax = stiff & (count < horizon - self.maxnonstiffstep)
+        uses_nonstiff, uses_stiff = active & (~stiff | may_relax), active & (stiff | may_stiffen)
+        run_nonstiff, run_stiff = torch.stack([uses_nonstiff.any(), uses_stiff.any()]).tolist()
+        if not (run_nonstiff or run_stiff):
+            run_nonstiff = True  # nothing live: any cheap proposal will do
+        return state._replace(run=(bool(run_nonstiff), bool(run_stiff)))
 
     def step(
-        self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None
+        self,
+        terms: Terms,
+        t: Tensor,
+        y: Tensor,
+        dt: Tensor,
+        dw: Tensor | None,
+        levy_h: Tensor | None,
+        f0: Tensor | None = None,
+        state: Any = None,
     ) -> StepOutput:
-        state = self._ensure_state(y)
-        stiff, live = state["stiff"], state["live"]
-        need_nonstiff, need_stiff = torch.stack([(live & ~stiff).any(), (live & stiff).any()]).tolist()
-        if not (need_nonstiff or need_stiff):
-            need_nonstiff = True  # nothing live: any cheap proposal will do
-        a = (
-            self.nonstiff.step(
-                terms, t, y, dt, dw, levy_h if self.nonstiff.needs_levy_area else None, f0 if self.nonstiff.fsal else None
-            )
-            if need_nonstiff
-            else None
-        )
-        b = None
-        if need_stiff:
-            b = self.stiff.step(terms, t, y, dt, dw, levy_h if self.stiff.needs_levy_area else None, f0 if self.fsal else None)
+        if state is None:  # a step outside a solve (e.g. a regularizer's probe): a fresh state
+            state = self.init(terms, t, y)
+        stiff = state.stiff
+        run_nonstiff, run_stiff = state.run
+        a = b = None
+        if run_nonstiff:
+            ns = self.nonstiff
+            levy = levy_h if ns.needs_levy_area else None
+            a = call_step(ns, terms, t, y, dt, dw, levy, f0 if ns.fsal else None, state.nonstiff_state)
+        if run_stiff:
+            levy = levy_h if self.stiff.needs_levy_area else None
+            b = call_step(self.stiff, terms, t, y, dt, dw, levy, f0 if self.fsal else None, state.stiff_state)
             if self.fsal and b.f1 is None:  # keep f0 valid for samples switching back
                 b.f1 = terms.drift(t + dt, b.y1)
                 b.nf = b.nf + 1
             if b.stiffness is None:  # no Jacobian (matrix-free): never judged non-stiff
                 b.stiffness = torch.full((y.shape[0],), float("inf"), dtype=torch.float64, device=y.device)
-        if a is None:
-            assert b is not None
-            return b
-        if b is None:
-            return a
+        state = state._replace(
+            nonstiff_state=state.nonstiff_state if a is None or a.state is None else a.state,
+            stiff_state=state.stiff_state if b is None or b.state is None else b.state,
+        )
+        if a is None or b is None:
+            out = a if b is None else b
+            assert out is not None
+            out.state = state
+            return out
         ones = torch.ones_like(stiff)
         converged = None if b.converged is None else torch.where(stiff, b.converged, ones)
         nf = torch.where(stiff, torch.as_tensor(b.nf, device=y.device), torch.as_tensor(a.nf, device=y.device))
@@ -190,43 +235,49 @@ class AutoSwitch(AbstractSolver):
             converged=converged,
             stiffness=_pick(stiff, b.stiffness, a.stiffness),
             njac=njac,
+            state=state,
         )
 
-    def after_step(self, accepted: Tensor, active: Tensor, t: Tensor, dt: Tensor, out: StepOutput) -> Tensor | None:
-        state = self._state
-        stiff, count = state["stiff"], state["count"]
-        state["live"] = active
+    def update(
+        self, state: SwitchState, accepted: Tensor, active: Tensor, t: Tensor, dt: Tensor, out: StepOutput
+    ) -> tuple[SwitchState, Tensor | None]:
+        """The switching test after an accepted step; returns the new state and the ``dtfac``
+        factor for samples that switched."""
+        if out.state is not None:
+            state = out.state
         if out.stiffness is None:
-            return None
+            return state, None
+        stiff, count = state.stiff, state.counter
         ratio = out.stiffness.to(torch.float64) * dt.to(torch.float64).abs() / float(self.nonstiff.stability_size or 1.0)
         tol = torch.where(stiff, torch.full_like(ratio, self.stifftol), torch.full_like(ratio, self.nonstifftol))
         test = ratio > tol
         up = torch.where(count < 0, torch.ones_like(count), count + 1)
         down = torch.where(count > 0, -torch.ones_like(count), count - 1)
         count = torch.where(accepted, torch.where(test, up, down), count)
-        to_stiff = accepted & ~stiff & (count > self.maxstiffstep)
-        to_nonstiff = accepted & stiff & (count < -self.maxnonstiffstep)
+        run_nonstiff, run_stiff = state.run
+        # only to a method the planned steps compute (always, when the loop checks on time)
+        to_stiff = accepted & ~stiff & (count > self.maxstiffstep) & run_stiff
+        to_nonstiff = accepted & stiff & (count < -self.maxnonstiffstep) & run_nonstiff
         switched = to_stiff | to_nonstiff
-        state["stiff_steps"] = state["stiff_steps"] + (accepted & stiff)
-        state["nswitch"] = state["nswitch"] + switched
         t64 = t.to(torch.float64)
-        state["first_switch_t"] = torch.where(switched & torch.isnan(state["first_switch_t"]), t64, state["first_switch_t"])
-        state["last_switch_t"] = torch.where(switched, t64, state["last_switch_t"])
-        state["stiff"] = (stiff | to_stiff) & ~to_nonstiff
-        state["count"] = count
+        state = state._replace(
+            stiff=(stiff | to_stiff) & ~to_nonstiff,
+            counter=count,
+            nswitch=state.nswitch + switched,
+            stiff_steps=state.stiff_steps + (accepted & stiff),
+            first_switch_t=torch.where(switched & torch.isnan(state.first_switch_t), t64, state.first_switch_t),
+            last_switch_t=torch.where(switched, t64, state.last_switch_t),
+        )
         one = torch.ones_like(ratio)
-        return torch.where(to_stiff, one * self.dtfac, torch.where(to_nonstiff, one / self.dtfac, one))
+        return state, torch.where(to_stiff, one * self.dtfac, torch.where(to_nonstiff, one / self.dtfac, one))
 
-    def extra_stats(self) -> dict[str, Tensor]:
-        s = self._state
-        if not s:
-            return {}
+    def extra_stats(self, state: SwitchState) -> dict[str, Tensor]:
         return {
-            "nswitch": s["nswitch"],
-            "stiff_steps": s["stiff_steps"],
-            "first_switch_t": s["first_switch_t"],
-            "last_switch_t": s["last_switch_t"],
-            "is_stiff": s["stiff"].long(),
+            "nswitch": state.nswitch,
+            "stiff_steps": state.stiff_steps,
+            "first_switch_t": state.first_switch_t,
+            "last_switch_t": state.last_switch_t,
+            "is_stiff": state.stiff.long(),
         }
 
     def __repr__(self) -> str:
@@ -253,16 +304,26 @@ class AutoDP5(AutoSwitch):
         return f"AutoDP5({self.stiff!r})"
 
 
+# SOSRI's stiffness threshold: switch when rho dt > 0.1 x 9.84 ~ 1 (SciML's 0.9 x 9.84 is
+# never reached: SOSRI's error control, not its stability, limits dt on stiff problems; on
+# dX = -1e4 (X - cos t) dt + 0.1 X dW it keeps rho dt ~ 2-5).  Measured (tol 1e-1 ... 1e-3) on
+# prob_sde_linear/wave/cubic/additive(system) with diagonal noise: rho dt < 0.5, no switch.
+SOSRI_NONSTIFFTOL = 0.1
+
+
 class AutoSOSRI(AutoSwitch):
-    """``SOSRI`` with per-sample switching to ``stiffalg`` (default ``ImplicitRKMil()``),
-    StochasticDiffEq's ``AutoSOSRI2`` with the SOSRI tableau we have (SOSRI's measured
-    drift-stability interval 9.84 in place of SOSRI2's 10.6)."""
+    """``SOSRI`` with per-sample switching to ``stiffalg`` (default
+    ``ImplicitRKMil(smooth_est=True)``), StochasticDiffEq's ``AutoSOSRI2`` with the SOSRI
+    tableau we have (SOSRI's measured drift-stability interval 9.84 in place of SOSRI2's
+    10.6) and ``nonstifftol = 0.1`` (:data:`SOSRI_NONSTIFFTOL`; SciML: 0.9)."""
 
     def __init__(self, stiffalg: AbstractSolver | None = None, **kwargs: Any):
-        super().__init__(SOSRI(), stiffalg if stiffalg is not None else ImplicitRKMil(), **kwargs)
+        kwargs.setdefault("nonstifftol", SOSRI_NONSTIFFTOL)
+        stiff = stiffalg if stiffalg is not None else ImplicitRKMil(smooth_est=True)
+        super().__init__(SOSRI(), stiff, **kwargs)
 
     def __repr__(self) -> str:
         return f"AutoSOSRI({self.stiff!r})"
 
 
-__all__ = ["AutoDP5", "AutoSOSRI", "AutoSwitch", "AutoTsit5"]
+__all__ = ["AutoDP5", "AutoSOSRI", "AutoSwitch", "AutoTsit5", "SwitchState"]

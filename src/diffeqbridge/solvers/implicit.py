@@ -55,7 +55,9 @@ from ..nonlinear import (
     JacSpec,
     NewtonOptions,
     batched_jacobian,
+    krylov_solve,
     lu_factor,
+    lu_solve,
     mark_failed,
     newton_matrix,
     newton_stage,
@@ -83,30 +85,36 @@ class _DriftImplicit(AbstractSolver):
         linsolve: str = "lu",
         newton: NewtonOptions | None = None,
         delta: float = 1.0,
+        smooth_est: bool = False,
     ):
         """``jac``: ``"autodiff"`` | ``"fd"`` | ``jac(t, y) -> (B, n, n)``; ``linsolve``:
         ``"lu"`` | ``"krylov"``; ``newton``: full :class:`~diffeqbridge.nonlinear.NewtonOptions`
-        (overrides ``jac``/``linsolve``; default: full Newton, at most 10 iterations)."""
+        (overrides ``jac``/``linsolve``; default: full Newton, at most 10 iterations);
+        ``smooth_est``: pass ``E_d`` through Shampine's filter ``(I - θ dt J)^-1`` (module
+        docstring; False: StochasticDiffEq's estimate)."""
         theta = float(theta)
         if not 0.0 <= theta <= 1.0:
             raise ValueError(f"theta must lie in [0, 1]; got {theta}")
+        if not isinstance(smooth_est, bool):
+            raise TypeError(f"smooth_est must be a bool; got {smooth_est!r}")
         self.theta = theta
         self.delta = float(delta)
+        self.smooth_est = smooth_est
         if newton is None:
             newton = NewtonOptions(jac=jac, linsolve=linsolve, full_newton=True)
         self.newton = newton
 
     def _implicit(
         self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, f0: Tensor, increment: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor | None, int]:
-        """Solve for ``y1``; returns ``(y1, converged, J or None, nf)``."""
+    ) -> tuple[Tensor, Tensor, Tensor | None, tuple[Tensor, Tensor] | None, int]:
+        """Solve for ``y1``; returns ``(y1, converged, J or None, LU of I - θ dt J or None, nf)``."""
         dt_b = expand_to(dt, y)
         base = y + (1 - self.theta) * dt_b * f0 + increment
         gh = self.theta * dt
         opts = self.newton
         J, nf = None, 0
         if self.theta == 0.0:
-            return base, torch.ones(y.shape[0], dtype=torch.bool, device=y.device), None, 0
+            return base, torch.ones(y.shape[0], dtype=torch.bool, device=y.device), None, None, 0
         factors = None
         if opts.linsolve == "lu":
             J, nf = batched_jacobian(terms.drift, t, y, opts.jac)
@@ -115,18 +123,35 @@ class _DriftImplicit(AbstractSolver):
             terms.drift, t + dt, base, gh, base + expand_to(gh, y) * f0, opts, factors, tolerances=terms.tolerances
         )
         # E_d uses the Jacobian at (t, y), as StochasticDiffEq (J of the first Newton matrix)
-        return res.z, res.converged, J, nf + res.nf
+        return res.z, res.converged, J, factors, nf + res.nf
 
-    def _drift_error(self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, f0: Tensor, J: Tensor | None) -> Tensor:
+    def _drift_error(
+        self,
+        terms: Terms,
+        t: Tensor,
+        y: Tensor,
+        dt: Tensor,
+        f0: Tensor,
+        J: Tensor | None,
+        factors: tuple[Tensor, Tensor] | None,
+    ) -> tuple[Tensor, int]:
+        """``(E_d, drift evaluations)``: ``dt² J f0 / 2``, filtered when ``smooth_est``."""
         dt_b = expand_to(dt, y)
         if J is not None:
             jf = _matvec(J, f0)
         else:  # matrix-free: J f0 by one JVP
             _, jf = torch.func.jvp(lambda x: terms.drift(t, x), (y.detach(),), (f0.detach(),))
-        return dt_b * dt_b * jf / 2
+        error = dt_b * dt_b * jf / 2
+        if not self.smooth_est or self.theta == 0.0:
+            return error, 0
+        if factors is not None:
+            return lu_solve(factors, error), 0
+        gh = expand_to(self.theta * dt, y).to(y.dtype)
+        return krylov_solve(terms.drift, t, y, gh, error, self.newton.krylov_dim), self.newton.krylov_dim
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(theta={self.theta:g})"
+        smooth = ", smooth_est=True" if self.smooth_est else ""
+        return f"{type(self).__name__}(theta={self.theta:g}{smooth})"
 
 
 class ImplicitEM(_DriftImplicit):
@@ -148,17 +173,18 @@ class ImplicitEM(_DriftImplicit):
         diff0 = terms.diffusion(t, y)
         noise = terms.g_dw(diff0, dw)
         if self.split_step:
-            y_star, converged, J, nf = self._implicit(terms, t, y, dt, drift0, torch.zeros_like(y))
+            y_star, converged, J, factors, nf = self._implicit(terms, t, y, dt, drift0, torch.zeros_like(y))
             y1 = y_star + noise
         else:
-            y1, converged, J, nf = self._implicit(terms, t, y, dt, drift0, noise)
+            y1, converged, J, factors, nf = self._implicit(terms, t, y, dt, drift0, noise)
         euler = y + drift0 * expand_to(dt, y)
         noise_error = _lamba_noise_error(terms, t, euler, y, dt, diff0, dw, ito=True)
-        error = self.delta * self._drift_error(terms, t, y, dt, drift0, J) + noise_error
+        drift_error, nf_error = self._drift_error(terms, t, y, dt, drift0, J, factors)
+        error = self.delta * drift_error + noise_error
         return StepOutput(
             mark_failed(y1, converged),
             error,
-            nf=1 + nf,
+            nf=1 + nf + nf_error,
             ng=2,
             converged=converged,
             stiffness=None if J is None else jacobian_inf_norm(J),
@@ -199,13 +225,14 @@ class ImplicitRKMil(_DriftImplicit):
             ggprime = (terms.diffusion(t, y + half) - terms.diffusion(t, y - half)) / sqrt_dt
             squares = dw_state * dw_state
         increment = diff0 * dw_state + ggprime * squares / 2
-        y1, converged, J, nf = self._implicit(terms, t, y, dt, drift0, increment)
+        y1, converged, J, factors, nf = self._implicit(terms, t, y, dt, drift0, increment)
         noise_error = (dw_state * dw_state * dw_state).abs() * ggprime * ggprime / 6
-        error = self.delta * self._drift_error(terms, t, y, dt, drift0, J) + noise_error
+        drift_error, nf_error = self._drift_error(terms, t, y, dt, drift0, J, factors)
+        error = self.delta * drift_error + noise_error
         return StepOutput(
             mark_failed(y1, converged),
             error,
-            nf=1 + nf,
+            nf=1 + nf + nf_error,
             ng=2 if terms.interpretation == "ito" else 3,
             converged=converged,
             stiffness=None if J is None else jacobian_inf_norm(J),

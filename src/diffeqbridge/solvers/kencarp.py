@@ -16,10 +16,30 @@ is treated implicitly, as StochasticDiffEq does for a plain, non-split ``f``) an
     E2 = (g1 - g4)·χ2
     y1 = y + a41 z1 + a42 z2 + a43 z3 + γ z4 + g4·ΔW + E2
 
-Error estimate (as StochasticDiffEq; the embedded ``btilde`` estimate is commented out
-there)::
+Error estimate ``error = delta E1 + E2``, ``delta = delta_default = 1``, with ``E1`` one of:
 
-    E1 = z1 + z2 + z3 + z4,     error = δ E1 + E2,    δ = delta_default = 1.
+* ``error_estimate="embedded"`` (default; StochasticDiffEq's default ``ode_error_est = true``,
+  ``smooth_est = true``): KenCarp3's embedded second-order ESDIRK solution from the same
+  stages, ``btilde_i = bhat_i - b_i`` (``b = (a41, a42, a43, γ)``, stiffly accurate), smoothed
+  by Shampine's filter ``(I - γ dt J)^-1`` with ``J`` the step's Jacobian at ``(t, y)``::
+
+      E1 = (I - γ dt J)^-1 (btilde1 z1 + btilde2 z2 + btilde3 z3 + btilde4 z4)
+
+  This is the in-place ``SKenCarpCache`` form (the out-of-place ``SKenCarpConstantCache`` also
+  passes ``E2`` through the filter and then adds it again).  The drift part is ``O(dt^3)``
+  (a difference of the order-3 and order-2 ESDIRK solutions), and the filter keeps it
+  ``O(1/(dt |λ|))`` small on stiff components, so stiff problems take large steps.
+* ``error_estimate="sciml_noode"`` (StochasticDiffEq's ``ode_error_est = false``):
+  ``E1 = z1 + z2 + z3 + z4``, the size of the drift increment (``O(dt)``): it forces
+  ``dt ~ tol`` and on stiff problems ``dt ~ tol / |λ|``.
+
+Controller: StochasticDiffEq's PI controller (``alg_order = 2``, ``qmax = 9/8``,
+``qmin = 1/5``, ``gamma = 9/10``).  ``SKenCarp(controller = :Predictive)`` is a stored field
+there, but ``ispredictive`` is ``false`` for every SDE algorithm (``src/alg_utils.jl``) and the
+SDE integrator's controller is the ``PIController`` of ``src/integrators/
+stepsize_controllers.jl``, so no Gustafsson controller is involved.  With the embedded
+estimate the step may grow by ``qmax = 3/2`` per step (:data:`~.base.EMBEDDED_QMAX`, as the
+embedded SRI/SRA estimates here).
 
 Each implicit stage ``Y_i = base_i + γ dt f(t_i, Y_i)`` is solved per sample by
 :func:`diffeqbridge.nonlinear.newton_stage`; the Newton matrix ``I - γ dt J`` is factorised
@@ -39,8 +59,12 @@ Sources (coefficients only; the implementation is our own):
 * SciML/StochasticDiffEq.jl ``src/perform_step/kencarp.jl`` (``SKenCarpConstantCache`` /
   ``SKenCarpCache`` ``perform_step!``), ``src/caches/kencarp_caches.jl``, the
   ``SKenCarpTableau`` constructor (``src/tableaus.jl``; ``γ``, ``a31 .. a43``, ``c3 = 3/5``,
-  ``nb021``, ``nb043``), ``src/alg_utils.jl`` (``alg_order(SKenCarp) = 2//1``,
-  ``delta_default = 1``, ``qmax = 9//8``, ``qmin = 1//5``, ``gamma = 9//10``).
+  ``nb021``, ``nb043``, ``btilde1 .. btilde4`` as exact rationals, "bhat - b"), the
+  ``SKenCarp`` constructor (``ode_error_est = true``, ``smooth_est = true``), ``src/alg_utils.jl``
+  (``alg_order(SKenCarp) = 2//1``, ``delta_default = 1``, ``qmax = 9//8``, ``qmin = 1//5``,
+  ``gamma = 9//10``, ``ispredictive = false``); SciML/OrdinaryDiffEq.jl's ``KenCarp3Tableau``
+  (the same ``btilde``) and its ``smooth_est`` filter ``W \\ tmp`` (L. F. Shampine, "Numerical
+  Solution of Ordinary Differential Equations", 1994, the filtered error estimate of stiff solvers).
 * C. A. Kennedy, M. H. Carpenter, "Additive Runge–Kutta schemes for convection–diffusion–
   reaction equations", Appl. Numer. Math. 44 (2003) 139–181 (ARK3(2)4L[2]SA, ESDIRK part).
 * C. Rackauckas, Q. Nie, "Stability-optimized high order methods and stiffness detection for
@@ -52,9 +76,28 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..nonlinear import JacSpec, NewtonOptions, batched_jacobian, lu_factor, mark_failed, newton_matrix, newton_stage
+from ..nonlinear import (
+    JacSpec,
+    NewtonOptions,
+    batched_jacobian,
+    krylov_solve,
+    lu_factor,
+    lu_solve,
+    mark_failed,
+    newton_matrix,
+    newton_stage,
+)
 from ..problem import Terms, expand_to
-from .base import BOTH_INTERPRETATIONS, AbstractSolver, StepOutput, check_delta, jacobian_inf_norm
+from .base import (
+    BOTH_INTERPRETATIONS,
+    EMBEDDED_QMAX,
+    AbstractSolver,
+    StepOutput,
+    check_delta,
+    check_error_estimate,
+    jacobian_inf_norm,
+    linear_combination,
+)
 
 # SKenCarpTableau (StochasticDiffEq.jl), exact rationals of KenCarp3's ESDIRK part.
 GAMMA = 1767732205903 / 4055673282236
@@ -64,7 +107,15 @@ A41 = 1471266399579 / 7840856788654
 A42 = -4482444167858 / 7529755066697
 A43 = 11266239266428 / 11593286722821
 C2 = 2 * GAMMA
+ERROR_ESTIMATES = ("embedded", "sciml_noode")
 C3 = 3 / 5
+# embedded weights btilde_i = bhat_i - b_i of KenCarp3 (SKenCarpTableau's exact rationals)
+BTILDE = (
+    681815649026867975666107 / 25159934323302256049469295,
+    18411887981491912264464127 / 167175311446532472108584143,
+    -12719313754959329011138489 / 123410692144842870217698057,
+    -47289384293135913063989 / 1383962894467812063558225,
+)
 # noise tableau (B0[2][1] and B0[4][3]; printed to 80 digits there)
 NB021 = -12.246764387585055918338744103409192607986567514699471403397969732723452087723101
 NB043 = -14.432096958608752822047165680776748797565142459789556194474191884258734697161106
@@ -73,7 +124,8 @@ NB043 = -14.43209695860875282204716568077674879756514245978955619447419188425873
 class SKenCarp(AbstractSolver):
     """Implicit (ESDIRK drift) SRA method of StochasticDiffEq.jl for additive noise: strong
     order 1.5, weak 2.0, Itô or Stratonovich (identical for additive noise), adaptive.
-    Per step: 1 explicit + Newton drift evaluations, 2 diffusion evaluations, one Jacobian."""
+    Per step: 1 explicit + Newton drift evaluations, 2 diffusion evaluations, one Jacobian
+    (``linsolve="krylov"``: JVPs instead, plus ``krylov_dim`` for the embedded estimate's filter)."""
 
     strong_order = 1.5
     weak_order = 2.0
@@ -87,13 +139,29 @@ class SKenCarp(AbstractSolver):
     gamma = 9 / 10
 
     def __init__(
-        self, *, jac: JacSpec = "autodiff", linsolve: str = "lu", newton: NewtonOptions | None = None, delta: float | None = None
+        self,
+        *,
+        jac: JacSpec = "autodiff",
+        linsolve: str = "lu",
+        newton: NewtonOptions | None = None,
+        delta: float | None = None,
+        error_estimate: str = "embedded",
+        smooth_est: bool = True,
     ):
         """``jac``: ``"autodiff"`` | ``"fd"`` | ``jac(t, y) -> (B, n, n)``; ``linsolve``:
         ``"lu"`` | ``"krylov"``; ``newton``: full :class:`~diffeqbridge.nonlinear.NewtonOptions`
         (overrides ``jac``/``linsolve``; default: full Newton, at most 10 iterations);
-        ``delta``: weight of ``E1`` in ``error = delta*E1 + E2`` (default 1)."""
+        ``delta``: weight of ``E1`` in ``error = delta*E1 + E2`` (default 1);
+        ``error_estimate``: ``"embedded"`` (StochasticDiffEq's default) or ``"sciml_noode"``
+        (its ``ode_error_est = false``), see the module docstring; ``smooth_est``: apply
+        Shampine's filter ``(I - γ dt J)^-1`` to the embedded estimate (SciML's default)."""
         self.delta = check_delta(delta, 1.0)
+        self.error_estimate = check_error_estimate(error_estimate, ERROR_ESTIMATES)
+        if not isinstance(smooth_est, bool):
+            raise TypeError(f"smooth_est must be a bool; got {smooth_est!r}")
+        self.smooth_est = smooth_est
+        if self.error_estimate == "embedded":
+            self.qmax = EMBEDDED_QMAX
         if newton is None:
             newton = NewtonOptions(jac=jac, linsolve=linsolve, full_newton=True)
         self.newton = newton
@@ -145,8 +213,20 @@ class SKenCarp(AbstractSolver):
         g4 = diffusion(t + dt, y4)
         e2 = terms.g_dw(g1 - g4, chi2)
         y1 = drift4 + GAMMA * z4 + terms.g_dw(g4, dw) + e2
-        e1 = z1 + z2 + z3 + z4
-        error = e2 if self.delta == 0.0 else self.delta * e1 + e2
+        if self.delta == 0.0:
+            error = e2
+        elif self.error_estimate == "sciml_noode":
+            error = self.delta * (z1 + z2 + z3 + z4) + e2
+        else:
+            e1 = linear_combination(BTILDE, [z1, z2, z3, z4])
+            assert e1 is not None
+            if self.smooth_est:
+                if factors is not None:
+                    e1 = lu_solve(factors, e1)
+                else:
+                    e1 = krylov_solve(drift, t, y, expand_to(gh, y).to(y.dtype), e1, opts.krylov_dim)
+                    nf += opts.krylov_dim
+            error = self.delta * e1 + e2
         return StepOutput(
             mark_failed(y1, converged),
             error,
@@ -158,7 +238,14 @@ class SKenCarp(AbstractSolver):
         )
 
     def __repr__(self) -> str:
-        return "SKenCarp()" if self.delta == 1.0 else f"SKenCarp(delta={self.delta!r})"
+        args = []
+        if self.error_estimate != "embedded":
+            args.append(f"error_estimate={self.error_estimate!r}")
+        if not self.smooth_est:
+            args.append("smooth_est=False")
+        if self.delta != 1.0:
+            args.append(f"delta={self.delta!r}")
+        return f"SKenCarp({', '.join(args)})"
 
 
 __all__ = ["SKenCarp"]

@@ -32,13 +32,11 @@ error norm is insensitive to the sign.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import ClassVar
 
-import torch
 from torch import Tensor
 
 from ..problem import Terms, expand_to
@@ -52,7 +50,6 @@ __all__ = [
     "ExplicitRK",
     "Tsit5",
     "Dopri5",
-    "hairer_initial_dt",
 ]
 
 
@@ -332,104 +329,3 @@ class Dopri5(ExplicitRK):
     controller_order: ClassVar[float] = 5.0
     beta2: ClassVar[float | None] = 4.0 / 100.0
     beta1: ClassVar[float | None] = 1.0 / 5.0 - 3.0 / 4.0 * (4.0 / 100.0)
-
-
-def _rms(x: Tensor) -> Tensor:
-    """Per-sample RMS over the state: ``(B, ...) -> (B,)``."""
-    return x.square().flatten(1).mean(dim=1).sqrt()
-
-
-def _as_batch(x: float | Tensor | None, default: float, like: Tensor) -> Tensor:
-    if x is None:
-        x = default
-    return torch.as_tensor(x, dtype=like.dtype, device=like.device).expand_as(like)
-
-
-def hairer_initial_dt(
-    f: Callable[[Tensor, Tensor], Tensor],
-    t0: Tensor,
-    y0: Tensor,
-    f0: Tensor | None,
-    order: float,
-    atol: float | Tensor,
-    rtol: float | Tensor,
-    dtmax: float | Tensor | None = None,
-    dtmin: float | Tensor | None = None,
-    direction: float = 1.0,
-) -> tuple[Tensor, int]:
-    """Per-sample starting step size (Hairer–Nørsett–Wanner I, Sec. II.4).
-
-    Follows OrdinaryDiffEq.jl's out-of-place ``ode_determine_initdt`` (forward in time),
-    with every norm a per-sample RMS over the state, all as batched tensor ops::
-
-        sk  = atol + rtol * |y0|
-        d0  = ‖y0 / sk‖,  d1 = ‖f0 / sk‖
-        dt0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else d0 / d1 / 100;   dt0 = min(dt0, dtmax)
-        (dt0 < 10 eps -> max(1e-6, dtmin), as the in-place variant)
-        f1  = f(t0 + dt0, y0 + dt0 * f0)
-        (f1 == f0 exactly -> max(dtmin, 100 dt0))
-        d2  = ‖(f1 - f0) / sk‖ / dt0
-        dt1 = max(1e-6, 1e-3 dt0) if max(d1, d2) <= 1e-15 else 10^(-(2 + log10 max(d1, d2)) / order)
-        dt  = max(dtmin, min(100 dt0, dt1, dtmax))
-
-    Like OrdinaryDiffEq (which strips dual numbers with ``DiffEqBase.value``), the
-    result carries no gradient: the inputs are detached and ``f`` runs under
-    ``torch.no_grad()``.  No host synchronisation.
-
-    Args:
-        f: the drift, ``f(t (B,), y (B, *state))``.
-        t0: ``(B,)`` start times.
-        y0: ``(B, *state)`` initial states.
-        f0: ``f(t0, y0)`` if known (else evaluated, counted in the returned ``nf``).
-        order: the method's order (``controller_order``; 5 for Tsit5/Dopri5).
-        atol, rtol: tolerances (floats or tensors broadcastable against ``y0``).
-        dtmax: upper bound, float or ``(B,)`` (e.g. ``t1 - t0``); default unbounded.
-        dtmin: lower bound, float or ``(B,)``; default 0.
-        direction: ``-1.0`` when time runs backwards (the probe is at ``t0 - dt0``); the
-            returned step is a magnitude either way.
-
-    Returns:
-        ``(dt, nf)``: ``(B,)`` step sizes in ``t0``'s dtype and the number of ``f``
-        evaluations made (1, or 2 when ``f0`` was not given).
-    """
-    nf = 0
-    with torch.no_grad():
-        y0 = y0.detach()
-        t0 = t0.detach()
-        if f0 is None:
-            f0 = f(t0, y0)
-            nf += 1
-        f0 = f0.detach()
-        real = y0.dtype
-        tiny = torch.finfo(real).tiny
-        eps = torch.finfo(t0.dtype).eps if t0.is_floating_point() else torch.finfo(real).eps
-        dtmax_b = _as_batch(dtmax, math.inf, t0)
-        dtmin_b = _as_batch(dtmin, 0.0, t0)
-        small = torch.full_like(t0, 1e-6)
-
-        sk = atol + rtol * y0.abs()
-        d0 = _rms(y0 / sk)
-        d1 = _rms(f0 / sk)
-        degenerate = (d0 < 1e-5) | (d1 < 1e-5)
-        dt0 = torch.where(degenerate, small.to(d0.dtype), d0 / d1.clamp_min(tiny) / 100).to(t0.dtype)
-        dt0 = torch.minimum(dt0, dtmax_b)
-        too_small = ~(dt0 >= 10 * eps)  # also catches NaN
-        fallback = torch.maximum(small, dtmin_b)
-        dt0 = torch.where(too_small, fallback, dt0)
-
-        y1 = y0 + expand_to(direction * dt0, y0).to(real) * f0
-        f1 = f(t0 + direction * dt0, y1)
-        nf += 1
-        constant = (f1 == f0).flatten(1).all(dim=1)
-
-        d2 = _rms((f1 - f0) / sk) / dt0.to(real)
-        m = torch.maximum(d1, d2)
-        dt1_flat = torch.maximum(small, dt0 * 1e-3)
-        # 10^(-(2 + log10 m) / order) as exp(-(log 100 + log m) / order): torch.pow with a
-        # tensor exponent rounds differently in vectorised blocks and the scalar tail
-        dt1_est = torch.exp(-(math.log(100.0) + torch.log(m.clamp_min(tiny))) / order).to(t0.dtype)
-        dt1 = torch.where(m <= 1e-15, dt1_flat, dt1_est)
-        dt = torch.maximum(dtmin_b, torch.minimum(torch.minimum(100 * dt0, dt1), dtmax_b))
-        dt = torch.where(constant, torch.maximum(dtmin_b, 100 * dt0), dt)
-        dt = torch.where(too_small, fallback, dt)
-    return dt, nf

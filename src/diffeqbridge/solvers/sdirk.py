@@ -28,7 +28,7 @@ Sources:
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -58,6 +58,15 @@ _KV5_A = (
 )
 # embedded (stage 6) minus propagated (stage 7) weights, OrdinaryDiffEq's btilde
 _KV5_BTILDE = (0.00195889053627933, 0.0, 0.01251571594786333, 0.06565284626324187, -0.01050265826535727, 0.19037520551797272, -_G)
+
+
+class JacobianState(NamedTuple):
+    """``ESDIRK(reuse_jacobian=True)``'s per-solve state: ``J`` ``(B, n, n)``, the Jacobian of the
+    last step; ``refresh`` ``(B,)`` bool, take a fresh one at the next step (the same value for
+    every sample: one Jacobian call serves the batch)."""
+
+    J: Tensor
+    refresh: Tensor
 
 
 class ESDIRK(AbstractSolver):
@@ -93,18 +102,38 @@ class ESDIRK(AbstractSolver):
         if isinstance(slow_iterations, bool) or not isinstance(slow_iterations, int) or slow_iterations < 1:
             raise ValueError(f"slow_iterations must be a positive int; got {slow_iterations!r}")
         self.reuse_jacobian, self.slow_iterations = bool(reuse_jacobian), slow_iterations
-        self._J: Tensor | None = None
-        self._refresh = True
 
-    def begin(self, y0: Tensor) -> None:
-        self._J, self._refresh = None, True
+    def init(self, terms: Terms, t: Tensor, y0: Tensor) -> JacobianState | None:
+        """A :class:`JacobianState` asking for a fresh Jacobian (``reuse_jacobian`` with an LU
+        solve or a smoothed estimate), else None (stateless)."""
+        if not (self.reuse_jacobian and (self.newton.linsolve == "lu" or self.smooth_est)):
+            return None
+        batch, n = y0.shape[0], y0[0].numel()
+        J = y0.new_zeros((batch, n, n))
+        return JacobianState(J, torch.ones(batch, dtype=torch.bool, device=y0.device))
+
+    @property
+    def batch_coupled(self) -> str | None:
+        """Why a sample's step depends on the other samples of the batch (None: it does not;
+        ``solve(..., compact=f)`` needs None)."""
+        if self.reuse_jacobian and (self.newton.linsolve == "lu" or self.smooth_est):
+            return "reuse_jacobian refreshes the Jacobian of the whole batch when any sample's Newton iteration struggles"
+        return None
 
     @property
     def c(self) -> tuple[float, ...]:
         return tuple(sum(row) + (self.gamma_diag if i > 0 else 0.0) for i, row in enumerate(self.a))
 
     def step(
-        self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None
+        self,
+        terms: Terms,
+        t: Tensor,
+        y: Tensor,
+        dt: Tensor,
+        dw: Tensor | None,
+        levy_h: Tensor | None,
+        f0: Tensor | None = None,
+        state: Any = None,
     ) -> StepOutput:
         f = terms.drift
         g = self.gamma_diag
@@ -113,13 +142,12 @@ class ESDIRK(AbstractSolver):
         opts = self.newton
         factors, nf, J, njac = None, 0, None, 0
         if opts.linsolve == "lu" or self.smooth_est:
-            reuse = self.reuse_jacobian and not self._refresh and self._J is not None and self._J.shape[0] == y.shape[0]
-            if reuse:
-                J = self._J
+            # reuse: one host sync per step (the Newton iterations synchronise anyway)
+            if state is not None and not bool(state.refresh.any()):
+                J = state.J
             else:
                 J, nf = batched_jacobian(f, t, y, opts.jac)
                 njac = 1
-                self._J, self._refresh = J, False
             factors = lu_factor(newton_matrix(J, gh))
         if f0 is None:
             f0 = f(t, y)
@@ -149,9 +177,12 @@ class ESDIRK(AbstractSolver):
                 err = err + b * z
         if self.smooth_est and factors is not None:
             err = lu_solve(factors, err)
-        if self.reuse_jacobian and njac == 0:
-            # convergence degraded with the old Jacobian: take a fresh one next step (one host sync)
-            self._refresh = most_iterations >= self.slow_iterations or not bool(converged.all())
+        new_state = None
+        if state is not None:
+            assert J is not None
+            # convergence degraded with the old Jacobian: take a fresh one next step
+            refresh = (~converged.all()) | (most_iterations >= self.slow_iterations) if njac == 0 else converged.new_zeros(())
+            new_state = JacobianState(J, refresh.expand(y.shape[0]))
         return StepOutput(
             mark_failed(u, converged),
             err,
@@ -161,6 +192,7 @@ class ESDIRK(AbstractSolver):
             converged=converged,
             stiffness=None if J is None else jacobian_inf_norm(J),
             njac=njac if J is not None else None,
+            state=new_state,
         )
 
     def __repr__(self) -> str:

@@ -40,7 +40,16 @@ import torch
 from torch import Tensor
 
 from ..problem import Terms, expand_to
-from .base import ALL_NOISE, BOTH_INTERPRETATIONS, EMBEDDED_QMAX, UNIT_STEP_POWER, AbstractSolver, StepOutput, stage_time
+from .base import (
+    ALL_NOISE,
+    BOTH_INTERPRETATIONS,
+    EMBEDDED_QMAX,
+    UNIT_STEP_POWER,
+    AbstractSolver,
+    StepOutput,
+    stage_time,
+    weighted_per_unit_step,
+)
 
 X1 = (3 - math.sqrt(3)) / 6  # weights of stages 1 and 3 (drift and ΔW)
 X2 = math.sqrt(3) / 3  # weight of stage 2
@@ -146,7 +155,7 @@ class SPaRK(AbstractSolver):
         self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None
     ) -> StepOutput:
         """See :meth:`AbstractSolver.step`."""
-        return spark_step(terms, t, y, dt, dw, levy_h)
+        return weighted_per_unit_step(spark_step(terms, t, y, dt, dw, levy_h), self.unit_step_power, terms, dt)
 
 
 __all__ = ["SPaRK", "spark_step", "ito_correction", "directional_derivative"]
