@@ -349,8 +349,6 @@ class StochasticRungeKutta(AbstractSolver):
         if self.error_estimate == "embedded":  # the class values are StochasticDiffEq's
             self.controller_order = type(self).embedded_controller_order
             self.qmax = EMBEDDED_QMAX
-        else:
-            self.unit_step_power = 0.0
 
     def step(
         self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None
@@ -358,7 +356,7 @@ class StochasticRungeKutta(AbstractSolver):
         """See :meth:`AbstractSolver.step` (``f0`` is unused)."""
         delta = None if self.error_estimate == "embedded" else self.delta
         out = type(self).step_function(self.tableau, terms, t, y, dt, dw, levy_h, delta)
-        return weighted_per_unit_step(out, self.unit_step_power, terms, dt)
+        return weighted_per_unit_step(out, self.unit_step_power if delta is None else 0.0, terms, dt)
 
     def __repr__(self) -> str:
         name = type(self).__name__
