@@ -329,17 +329,23 @@ PLOT_STYLE: dict[str, Any] = {
 }
 
 
-def figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (6.0, 4.5)):
-    """A matplotlib figure on the Agg backend (no display needed), in the benchmarks' common style.
-
-    ``size`` is per panel; returns ``(fig, axes)`` with ``axes`` flattened row by row.
-    """
+def use_style() -> Any:
+    """Select the Agg backend and the benchmarks' :data:`PLOT_STYLE`; returns ``matplotlib.pyplot``."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
     plt.rcParams.update(PLOT_STYLE)
+    return plt
+
+
+def figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (6.0, 4.5)):
+    """A matplotlib figure on the Agg backend (no display needed), in the benchmarks' common style.
+
+    ``size`` is per panel; returns ``(fig, axes)`` with ``axes`` flattened row by row.
+    """
+    plt = use_style()
     fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
     return fig, axes.ravel()
 
@@ -376,11 +382,18 @@ def label_axes(
     logy: bool = False,
     legend: bool = True,
 ) -> None:
-    """The benchmarks' common axis finish: log scales (``logx=2``: base 2), labels, grid, legend."""
+    """The benchmarks' common axis finish: log scales (``logx=2``: base 2), labels, grid, legend.
+
+    Minor ticks of a log axis are labelled only when it spans less than 0.8 decades (they
+    overlap on wider ones)."""
+    from matplotlib.ticker import LogFormatterSciNotation
+
     if logx:
-        ax.set_xscale("log", base=2 if logx == 2 and logx is not True else 10)
+        ax.set_xscale("log", base=2 if logx is not True and logx == 2 else 10)
+        ax.xaxis.set_minor_formatter(LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(0.8, 0.2)))
     if logy:
         ax.set_yscale("log")
+        ax.yaxis.set_minor_formatter(LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(0.8, 0.2)))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:

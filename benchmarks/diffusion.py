@@ -573,6 +573,7 @@ def plot(doc: dict) -> Any:
     return fig
 
 
+PROBLEM_LABELS = {"2d": "2-D", "64d": "64-D"}
 OURS_23 = "ours adaptive DPM-Solver-23 (per-sample)"
 OURS_MS = "ours adaptive multistep 2M/3M (per-sample)"
 
@@ -604,14 +605,17 @@ def tables(doc: dict) -> dict[str, str]:
             cells = []
             for name in (OURS_23, OURS_MS):
                 v = t.get(name)
-                cells.append("not reached" if v is None else f"{v['nfe']:.1f} (x{v['ratio_vs_best_peer']:.2f})")
+                r_ = v and v["ratio_vs_best_peer"]
+                cells.append(
+                    "not reached" if v is None else f"{v['nfe']:.1f} ({'**' if r_ < 1 else ''}x{r_:.2f}{'**' if r_ < 1 else ''})"
+                )
             ours_fixed = {n: _interp_nfe(r["curves"][n], t["path_err"]) for n in fixed}
             ours_fixed = {n: v for n, v in ours_fixed.items() if v is not None}
             best_fixed = min(ours_fixed, key=ours_fixed.__getitem__) if ours_fixed else None
             ad_rows.append(
                 (
-                    pname,
-                    f"{t['path_err']:.0e}",
+                    PROBLEM_LABELS.get(pname, pname),
+                    H.sci(t["path_err"], 0),
                     f"{_short(t['best_peer'])} ({t['best_peer_nfe']:.1f})",
                     H.fmt(t["best_adaptive_peer_nfe"], "{:.1f}"),
                     *cells,
@@ -619,7 +623,7 @@ def tables(doc: dict) -> dict[str, str]:
                 )
             )
     return {
-        "equal_nfe": H.markdown_table(["ours", "peer", *probs], eq_rows),
+        "equal_nfe": H.markdown_table(["ours", "peer", *(PROBLEM_LABELS.get(p, p) for p in probs)], eq_rows),
         "adaptive": H.markdown_table(
             ["problem", "path_err", "best peer (NFE)", "kd adaptive", "ours 23", "ours ms", "ours best fixed grid"], ad_rows
         ),

@@ -47,6 +47,7 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
 
 def plot(doc: dict) -> Any:
     """The example's figure (training curves, test-time NFE), from the JSON document."""
+    H.use_style()  # the same style whatever was plotted before in this process
     return _example().make_figure(doc)
 
 

@@ -35,6 +35,7 @@ ORDER = (
     "cuda_ensemble",
     "regularization",
     "stiff_work_precision",
+    "stiff_sde",
     "diffusion",
     "ensemble",
     "models",
@@ -118,6 +119,12 @@ def headline(name: str, doc: dict) -> str:
                 f"torchsde {_fmt((st.get('torchsde euler') or {}).get('dt'), '{}')}"
             )
             return " | ".join(parts)
+        if name == "stiff_sde":
+            return ", ".join(
+                f"{r['noise']} alg=None {r['nf_per_path']:.0f} evals/path, error {r['err_mean']:.1e}"
+                for r in doc["rows"]
+                if r["method"].startswith("alg=None")
+            )
         if name == "models":
             return ", ".join(
                 f"{r['case']} {r['ours_over_peer_time']:.2f}x peer"

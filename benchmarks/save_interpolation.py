@@ -95,7 +95,7 @@ def tables(doc: dict[str, Any]) -> dict[str, str]:
     lines = ["| case | steps | wall (s) | largest error |", "| --- | --- | --- | --- |"]
     for row in doc["rows"]:
         error = f"{row['max_error']:.1e}" if "max_error" in row else ""
-        lines.append(f"| {row['case']} | {row['steps']:,} | {row['wall_s']:.2g} | {error} |")
+        lines.append(f"| {row['case']} | {row['steps']:,} | {row['wall_s']:.3g} | {error} |")
     return {"rows": "\n".join(lines)}
 
 

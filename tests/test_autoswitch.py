@@ -233,10 +233,10 @@ def test_default_ode_algorithm_switches_on_a_stiff_problem():
 
 def test_default_additive_sde_algorithm_switches_on_a_stiff_problem():
     """alg=None on dX = -1e4 (X - cos t) dt + 0.1 dW, X0 = 1, t ∈ [0, 1], default tolerances
-    (AutoSwitch(ShARK(), ImplicitRKMil())): every path switches to the implicit method.
-    Measured (B = 32, seed 1): ~4.9e3 drift evaluations per path (ShARK alone ~1.0e4, SKenCarp
-    alone ~1.9e5, AutoSwitch(ShARK, SKenCarp) ~2.1e4); the issue's target of < 2e3 is not met:
-    ImplicitRKMil's drift estimate dt² J f / 2 (StochasticDiffEq's) keeps dt ≈ 7e-4.
+    (AutoSwitch(ShARK(), ImplicitRKMil(smooth_est=True))): every path switches to the implicit
+    method.  Measured (B = 32, seed 1): ~280 drift evaluations per path (with StochasticDiffEq's
+    unfiltered estimate dt² J f / 2 as partner ~4.9e3; ShARK alone ~1.0e4; SKenCarp alone 126
+    but strong error 0.2, see tests/test_stiff_sde.py).
     X(1) - cos 1 is Gaussian with std ≈ 0.1/√(2e4) = 7.1e-4 (Ornstein–Uhlenbeck); the implicit
     method damps it at dt ≫ 1e-4, so the std is checked in [0.3, 1.5] x that."""
     lam, sigma, batch = -1e4, 0.1, 32
@@ -250,7 +250,7 @@ def test_default_additive_sde_algorithm_switches_on_a_stiff_problem():
     sol = deb.solve(prob, seed=1)
     assert sol.success
     assert torch.all(sol.stats.extra["nswitch"] >= 1)
-    assert float(sol.stats.nf.double().mean()) < 6000
+    assert float(sol.stats.nf.double().mean()) < 2000
     dev = sol.ys[-1, :, 0] - math.cos(1.0)
     std = sigma / math.sqrt(-2 * lam)
     assert abs(float(dev.mean())) < 4 * std / math.sqrt(batch)

@@ -261,3 +261,17 @@ def test_every_julia_import_is_a_declared_dependency():
     for path in sorted(julia_package_dir().rglob("*.jl")):
         for pkg in re.findall(r"^using (\w+)", path.read_text(), flags=re.MULTILINE):
             assert pkg in declared, f"{path.name}: `using {pkg}` is not in Project.toml"
+
+
+@pytest.mark.parametrize("noise", ["additive", "diagonal", "scalar"])
+def test_alg_none_on_the_julia_backend_is_a_sciml_algorithm(noise):
+    """``alg=None`` with ``backend="julia"`` takes SciML's ``default_sde_alg`` (SOSRA/SOSRI),
+    which maps, instead of the native composites, which do not."""
+    from diffeqbridge.solve import _sciml_default_sde
+
+    y0 = torch.ones(2, 1, dtype=torch.float64)
+    g = (lambda t, y: 0.1 * torch.ones_like(y)) if noise == "additive" else (lambda t, y: 0.1 * y)
+    prob = deb.SDEProblem(lambda t, y: -y, g, y0, (0.0, 1.0), noise=noise)
+    solver = _sciml_default_sde(prob, None)
+    assert type(solver).__name__ == ("SOSRA" if noise == "additive" else "SOSRI")
+    assert algorithm_spec(solver) is not None

@@ -37,11 +37,10 @@ def decay_exact(ts: torch.Tensor, rates=RATES, t0: float = 0.0) -> torch.Tensor:
     return torch.exp(-k.unsqueeze(0) * phase.unsqueeze(1)).unsqueeze(2)  # (T, B, 1)
 
 
-INTERPOLATING = [deb.Tsit5(), deb.Dopri5(), deb.Rodas4(), deb.Kvaerno5()]
+INTERPOLATING = [deb.Tsit5(), deb.Dopri5(), deb.Rodas4()]
 #: save error / (atol + rtol |y|) allowed: the solvers' own interpolants (measured 1.1-5.8 at
-#: tol 1e-6 and 1e-8) and the cubic Hermite one of Kvaerno5 (measured 49-87: a 3rd-order
-#: interpolant across a 5th-order method's long steps; as OrdinaryDiffEq's Kvaerno5)
-ALLOWED = {"Tsit5": 20, "Dopri5": 20, "Rodas4": 20, "Kvaerno5": 200}
+#: tol 1e-6 and 1e-8)
+ALLOWED = {"Tsit5": 20, "Dopri5": 20, "Rodas4": 20}
 
 
 @pytest.mark.parametrize("alg", INTERPOLATING, ids=lambda a: type(a).__name__)
@@ -68,15 +67,18 @@ def test_saves_equal_dense_output(alg):
     torch.testing.assert_close(sol.ys[1:-1], sol(ts[1:-1]), rtol=0, atol=1e-13)
 
 
-def test_default_algorithm_interpolates():
-    """alg=None (AutoTsit5(Rodas4), cubic Hermite between its steps: measured 8x the tolerance
-    at 1e-6, 119x at 1e-8)."""
-    ts = torch.linspace(0.0, 10.0, 2_000, dtype=torch.float64)
-    sol = deb.solve(decay(), saveat=ts, atol=1e-8, rtol=1e-8)
-    free = deb.solve(decay(), atol=1e-8, rtol=1e-8)
-    assert torch.equal(sol.stats.naccept, free.stats.naccept)
+@pytest.mark.parametrize("alg", [None, deb.Kvaerno5()], ids=["alg=None", "Kvaerno5"])
+def test_hermite_only_solvers_land_on_save_times(alg):
+    """alg=None (AutoTsit5(Rodas4)) and Kvaerno5 have only a cubic Hermite interpolant between
+    their steps (measured 8-119x the tolerance), so they step onto every save time and every
+    save stays within the tolerance's order of the closed form."""
+    ts = torch.linspace(0.0, 10.0, 200, dtype=torch.float64)
+    sol = deb.solve(decay(), alg, saveat=ts, atol=1e-8, rtol=1e-8)
+    free = deb.solve(decay(), alg, atol=1e-8, rtol=1e-8)
+    assert bool((sol.stats.naccept >= len(ts) - 1).all())
+    assert bool((sol.stats.naccept > free.stats.naccept).all())
     exact = decay_exact(ts)
-    assert float(((sol.ys - exact).abs() / (1e-8 + 1e-8 * exact)).max()) < 250
+    assert float(((sol.ys - exact).abs() / (1e-8 + 1e-8 * exact)).max()) < 20
 
 
 def test_gradient_through_interpolated_saves():

@@ -64,6 +64,7 @@ _TSIT5_R = (
     (0.0, -27.896526289197286, 65.09189467479366, -34.87065786149661),
     (0.0, 1.5, -4.0, 2.5),
 )
+_TSIT5_T = tuple(tuple(row[p] for row in _TSIT5_R) for p in range(4))  # (4, 7): θ^p's weights
 # Dopri5: Shampine's dense-output weights d_1, d_3..d_7 (d_2 = 0), as in Hairer's DOPRI5
 _DOPRI5_D = tuple(
     float(x)
@@ -104,13 +105,11 @@ def interpolant_kind(solver: AbstractSolver) -> str:
     return "linear"
 
 
-def _combine(weights: Sequence[float], ks: Sequence[Tensor]) -> Tensor:
-    out: Tensor | None = None
-    for w, k in zip(weights, ks):
-        if w != 0.0:
-            out = w * k if out is None else out + w * k
-    assert out is not None
-    return out
+def _combine(weights: Sequence[Sequence[float]], ks: Sequence[Tensor]) -> list[Tensor]:
+    """``[Σ_i w[j][i] k_i for each row j]``, as one contraction over the stacked stages."""
+    stacked = torch.stack(list(ks[: len(weights[0])]))  # (S, B, *state)
+    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)  # (J, S)
+    return list(torch.tensordot(w, stacked, dims=1).unbind(0))
 
 
 def step_coefficients(kind: str, y0: Tensor, y1: Tensor, h: Tensor, out: StepOutput, f0: Tensor | None) -> list[Tensor]:
@@ -119,18 +118,18 @@ def step_coefficients(kind: str, y0: Tensor, y1: Tensor, h: Tensor, out: StepOut
     delta = y1 - y0
     if kind == "tsit5":
         assert out.stages is not None
-        return [hb * _combine([row[p] for row in _TSIT5_R], out.stages) for p in range(4)]
+        return [hb * c for c in _combine(_TSIT5_T, out.stages)]
     if kind == "dopri5":
         assert out.stages is not None
         ks = out.stages
         b = hb * ks[0] - delta
         c = delta - hb * ks[-1] - b
-        d = hb * _combine(_DOPRI5_D, ks)
+        d = hb * _combine([_DOPRI5_D], ks)[0]
         # y0 + θ(Δ + (1-θ)(B + θ(C + (1-θ)D))) expanded in powers of θ
         return [delta + b, c + d - b, -c - 2.0 * d, d]
     if kind == "rodas4":
         assert out.stages is not None
-        k1, k2 = (_combine(row, out.stages[:5]) for row in _RODAS4_H)
+        k1, k2 = _combine(_RODAS4_H, out.stages)
         # (1-θ) y0 + θ(y1 + (1-θ)(k1 + θ k2)) expanded
         return [delta + k1, k2 - k1, -k2]
     if kind == "hermite":

@@ -22,7 +22,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -41,6 +41,9 @@ UNSTABLE = int(ReturnCode.Unstable)
 #: a sample whose step underflows dtmin with ``max|y| > GROWTH (1 + max|y0|)`` is Unstable
 GROWTH = 1e6
 TERMINATED = int(ReturnCode.Terminated)
+#: interpolated saves are written at the first termination check after this many queued steps
+#: (and before a snapshot, a compaction and the end of ``run``)
+FLUSH_AFTER = 16
 
 
 @dataclass
@@ -234,8 +237,11 @@ def _shared_grid(stops: Tensor, dt_initial: Tensor, options: EngineOptions) -> t
 
 def saves_by_interpolation(solver: AbstractSolver, options: EngineOptions, is_sde: bool) -> bool:
     """Whether the loop fills save times from the solver's interpolant (adaptive ODE solvers
-    with a dense interpolant of their own or a cubic Hermite one) rather than landing on them."""
-    return not is_sde and options.adaptive and interpolant_kind(solver) != "linear"
+    with a dense interpolant of their own order: Tsit5, Dopri5, Rodas4) rather than landing on
+    them.  A cubic Hermite interpolant across a 5th-order method's long steps misses the
+    tolerance by 50-120x (Kvaerno5, the composites' mixed steps), so those land on every save
+    time, as before."""
+    return not is_sde and options.adaptive and interpolant_kind(solver) in ("tsit5", "dopri5", "rodas4")
 
 
 def _iteration_core(
@@ -450,6 +456,26 @@ def _scatter(full: Any, part: Any, idx: Tensor, batch: int) -> Any:
     return full.index_put((idx,), part)
 
 
+class _QueuedStep(NamedTuple):
+    """A step whose saves :meth:`Integrator._flush_saves` writes: per sample ``(B,)`` the first
+    save index inside it and how many, its start ``t``, signed ``h`` and state ``y``, the
+    solver's output and the FSAL ``f0`` (the interpolant's inputs)."""
+
+    first: Tensor
+    n: Tensor
+    t: Tensor
+    h: Tensor
+    y: Tensor
+    out: StepOutput
+    f0: Any
+
+
+def _cat_all(parts: list[Tensor | None]) -> Tensor | None:
+    """``torch.cat(parts)`` along the batch axis, or None when any part is None."""
+    present = [p for p in parts if p is not None]
+    return torch.cat(present) if len(present) == len(parts) else None
+
+
 def forced_times(save_times: Tensor, tstops: Sequence[float], interpolate: bool) -> tuple[Tensor, Tensor]:
     """``(stops, stop_slot)`` of :class:`Integrator`: ``tstops`` strictly inside the solve's
     span, merged with the save times (all of them, or the first and last when saves are
@@ -460,7 +486,7 @@ def forced_times(save_times: Tensor, tstops: Sequence[float], interpolate: bool)
     forced = set(times[:1] + times[-1:]) if interpolate else set(times)
     stops = sorted(forced | inner, key=lambda t: sign * t)
     index = {t: k for k, t in enumerate(times)}
-    slot = [index.get(t, -1) if t in forced else -1 for t in stops]
+    slot = [index.get(t, -1) for t in stops]
     device = save_times.device
     return torch.tensor(stops, dtype=torch.float64, device=device), torch.tensor(slot, dtype=torch.long, device=device)
 
@@ -494,14 +520,16 @@ class Integrator:
         self.sign = 1.0 if self.n_save < 2 or float(save_times[-1]) >= float(save_times[0]) else -1.0
         self.t_start, self.t_end = save_times[0], save_times[-1]
         self.controller = PIController.for_solver(solver) if options.adaptive else None
-        self.interpolate = saves_by_interpolation(solver, options, tree is not None)
+        # (only when some save time is not a forced time anyway: same numbers, less work per step)
+        inner = set(save_times[1:-1].tolist()) - set(options.tstops)
+        self.interpolate = bool(inner) and saves_by_interpolation(solver, options, tree is not None)
         self.kind = interpolant_kind(solver)
         self.stops, self.stop_slot = forced_times(save_times, options.tstops, self.interpolate)
         self.n_stop = self.stops.shape[0]
         self._snap_bounds = snap_bounds(self.stops.tolist())
-        # saves waiting for the next check: (first save index, count, t, signed h, y, out, f0)
-        # of each accepted step (:meth:`_flush_saves`)
-        self._pending: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor, StepOutput, Any]] = []
+        self._ascending = (self.sign * save_times).contiguous()  # searchsorted's order
+        # the steps whose saves wait for :meth:`_flush_saves`
+        self._pending: list[_QueuedStep] = []
         # Fixed step: every active sample is at grid[i] at iteration i, so the Brownian tree is
         # queried once per step at a time shared by the batch (tree.evaluate_scalar: same
         # numbers, cached descent) and the loop stops right after the last step.
@@ -588,7 +616,8 @@ class Integrator:
             if grid is not None and s.iteration == len(grid) - 1:
                 break  # every sample has reached the end or stopped earlier
             if s.iteration % every == 0:
-                self._flush_saves(s)
+                if len(self._pending) >= FLUSH_AFTER:
+                    self._flush_saves(s)
                 n_active = int(s.active.sum())
                 slowest = float(sign * (sign * torch.where(s.active, s.t, self.t_end)).min())
                 bar.update(slowest, n_active)
@@ -597,6 +626,7 @@ class Integrator:
                     pending.pop(0)
                     passed = True
                 if passed and n_active:
+                    self._flush_saves(s)
                     if idx is not None:  # a snapshot restarts the full batch
                         self._write_back(full, s, idx)
                     snaps.append(self.snapshot(full))
@@ -605,6 +635,7 @@ class Integrator:
                 if refused is None and n_active < self.options.compact * s.t.shape[0]:
                     refused = self._state_refusal(s) or self._field_refusal(s)
                     if refused is None:
+                        self._flush_saves(s)
                         s, idx = self._compact(full, s, idx)
                 s.solver_state = self.solver.plan(s.solver_state, s.active, every)
             self.step(s)
@@ -759,60 +790,71 @@ class Integrator:
             s.y, s.t, s.carry, s.tree_state, hits, stopped = self.observer.after_merge(
                 t_prev, y_prev, s.t, s.y, s.carry, s.tree_state, accepted, hits, out, f_prev, dt_eval, self.tree
             )
-        # --- save
+        # --- save: a forced time that is a save time gets the step's end state; with saves by
+        # interpolation, the save times strictly inside the step are queued first
         reached = accepted & hits
+        slot = self.stop_slot[stop.clamp(max=self.n_stop - 1)]
+        saved_now = reached & (slot >= 0)
         if self.interpolate:
-            self._save_interpolated(s, t_prev, y_prev, f_prev, dt_eval, out, accepted)
-        else:
-            slot = self.stop_slot[stop.clamp(max=self.n_stop - 1)]
-            saved_now = reached & (slot >= 0)
-            slot, lanes = slot.clamp(min=0), self.lanes
-            if grid is None or s.iteration in self.save_iterations:  # lockstep: nobody saves in between
-                s.ys[slot, lanes] = _select(saved_now, s.y, s.ys[slot, lanes])
-            s.save_index = s.save_index + saved_now
+            self._queue_saves(s, t_prev, y_prev, f_prev, dt_eval, out, accepted)
+        slot, lanes = slot.clamp(min=0), self.lanes
+        if grid is None or s.iteration in self.save_iterations:  # lockstep: nobody saves in between
+            s.ys[slot, lanes] = _select(saved_now, s.y, s.ys[slot, lanes])
+        s.save_index = s.save_index + saved_now
         s.stop_index = stop + reached
         # --- stop: finished, unstable, controller limits, max steps
         self._stop(s, accepted, rejected, reached & (s.stop_index >= self.n_stop), stopped, step_dt, err, hits, dt_factor, out)
         if self.observer is not None:
             self.observer.observe(t_prev, y_prev, t_new, step_dt, out, accepted | rejected, accepted, s.dt, f_prev)
 
-    def _save_interpolated(
+    def _queue_saves(
         self, s: LoopState, t_prev: Tensor, y_prev: Tensor, f_prev: Any, h: Tensor, out: StepOutput, accepted: Tensor
     ) -> None:
-        """Saves of an accepted step ``[t_prev, s.t]`` (``h``: ``(B,)`` the signed step the
-        solver took; an event may have cut it short): a save time equal to ``s.t`` gets
-        ``s.y`` now (the end of the span exactly); those strictly inside are queued for
-        :meth:`_flush_saves` with the step's interpolant.  No host synchronisation."""
-        sign = self.sign
-        n_le = torch.searchsorted(sign * self.save_times, (sign * s.t).contiguous(), right=True)  # saves <= t
-        last = (n_le - 1).clamp(min=0)
-        exact = accepted & (n_le > s.save_index) & (self.save_times[last] == s.t)
-        lanes = self.lanes
-        s.ys[last, lanes] = _select(exact, s.y, s.ys[last, lanes])
-        count = torch.where(accepted, n_le - s.save_index - exact.long(), 0).clamp(min=0)
-        self._pending.append((s.save_index, count, t_prev, h, y_prev, out, f_prev))
-        s.save_index = torch.where(accepted, torch.maximum(n_le, s.save_index), s.save_index)
+        """Queue the save times strictly inside the accepted step ``[t_prev, s.t)`` (``h``:
+        ``(B,)`` the signed step the solver took; an event may have cut it short) for
+        :meth:`_flush_saves`; a save time equal to ``s.t`` is the next step's ``θ = 0`` (or a
+        forced time's save).  No host synchronisation."""
+        key = s.t if self.sign > 0 else -s.t
+        before = torch.searchsorted(self._ascending, key.contiguous())  # save times < t
+        # save_index >= before(t) always (equal after an interpolated save, one more after a save
+        # at t itself), so a sample that did not move has count <= 0: nothing queued
+        self._pending.append(_QueuedStep(s.save_index, before - s.save_index, t_prev, h, y_prev, out, f_prev))
+        s.save_index = torch.where(accepted, before, s.save_index)
 
     def _flush_saves(self, s: LoopState) -> None:
-        """Write the queued saves: per queued step, save ``j`` of sample ``b`` at ``θ =
-        (t_save - t) / h`` of the step's interpolant (:func:`diffeqbridge.dense.horner`, all
-        samples and saves at once).  One host synchronisation (the largest count), made at
-        the loop's termination check."""
+        """Write the queued saves: save ``j`` of sample ``b`` in a queued step at ``θ =
+        (t_save - t) / h`` of that step's interpolant (:func:`diffeqbridge.dense.horner`).  The
+        steps that hold saves are concatenated along the batch axis and evaluated at once, an
+        ``(R B, m)`` block (``m`` the most saves of any sample in one step), then scattered
+        into ``ys``.  One host synchronisation (which steps hold saves, and ``m``)."""
         pending, self._pending = self._pending, []
         if not pending:
             return
-        largest = torch.stack([p[1].max() for p in pending]).tolist()
-        for (first, count, t, h, y, out, f0), m in zip(pending, largest):
-            if m == 0:
-                continue
-            j = torch.arange(m, device=count.device)
-            valid = j < count.unsqueeze(1)  # (B, m)
-            index = torch.where(valid, first.unsqueeze(1) + j, 0)
-            theta = (self.save_times[index] - t.unsqueeze(1)) / h.unsqueeze(1)
-            coeffs = step_coefficients(self.kind, y, out.y1, h, out, f0 if isinstance(f0, Tensor) else None)
-            values = horner(y.unsqueeze(1), [c.unsqueeze(1) for c in coeffs], theta)  # (B, m, *state)
-            rows = self.lanes.unsqueeze(1).expand_as(index)
-            s.ys[index[valid], rows[valid]] = values[valid]
+        largest = torch.stack([p.n.max() for p in pending]).tolist()
+        work = [p for p, m in zip(pending, largest) if m > 0]
+        if not work:
+            return
+        first, count = torch.cat([p.first for p in work]), torch.cat([p.n for p in work])
+        t, h, y = torch.cat([p.t for p in work]), torch.cat([p.h for p in work]), torch.cat([p.y for p in work])
+        outs = [p.out for p in work]
+        stages = [o.stages for o in outs]
+        out = StepOutput(
+            y1=torch.cat([o.y1 for o in outs]),
+            error=None,
+            nf=0,
+            ng=0,
+            f1=_cat_all([o.f1 for o in outs]),
+            stages=None if any(k is None for k in stages) else [torch.cat(k) for k in zip(*stages)],  # type: ignore[misc]
+        )
+        f0 = _cat_all([p.f0 if isinstance(p.f0, Tensor) else None for p in work])
+        j = torch.arange(int(max(largest)), device=count.device)
+        valid = j < count.unsqueeze(1)  # (R B, m)
+        index = torch.where(valid, first.unsqueeze(1) + j, 0)
+        theta = (self.save_times[index] - t.unsqueeze(1)) / h.unsqueeze(1)
+        coeffs = step_coefficients(self.kind, y, out.y1, h, out, f0)
+        values = horner(y.unsqueeze(1), [c.unsqueeze(1) for c in coeffs], theta)  # (R B, m, *state)
+        rows = self.lanes.repeat(len(work)).unsqueeze(1).expand_as(index)
+        s.ys[index[valid], rows[valid]] = values[valid]
 
     def _noise(self, s: LoopState, t_new: Tensor) -> tuple[Any, Tensor | None, Tensor | None]:
         tree, grid, dtype = self.tree, self.grid, s.y.dtype

@@ -16,7 +16,20 @@ from .controller import initial_dt
 from .engine import EngineOptions, integrate
 from .problem import ODEProblem, SDEProblem, Terms, check_additive, check_field_shapes
 from .solution import Solution
-from .solvers import SRIW1, AutoSOSRI, AutoSwitch, AutoTsit5, ImplicitRKMil, LambaEM, ShARK, SPaRK
+from .solvers import (
+    SOSRA,
+    SOSRI,
+    SRIW1,
+    AutoSOSRI,
+    AutoSwitch,
+    AutoTsit5,
+    ImplicitRKMil,
+    LambaEM,
+    LambaEulerHeun,
+    RKMil,
+    ShARK,
+    SPaRK,
+)
 from .solvers.base import AbstractSolver
 
 BACKENDS = ("auto", "native", "julia")
@@ -105,6 +118,21 @@ def default_algorithm(problem: ODEProblem, dt: float | None = None, alg_hints: A
     if problem.noise == "general":
         return LambaEM()
     return SRIW1() if nonstiff else AutoSOSRI()
+
+
+def _sciml_default_sde(problem: ODEProblem, dt: float | None) -> AbstractSolver:
+    """``alg=None`` with ``backend="julia"``: SciML's own ``default_sde_alg`` for unhinted
+    problems (``SOSRA`` for additive, ``SOSRI`` for diagonal/scalar Itô noise, ``RKMil`` with
+    ``dt`` / ``LambaEulerHeun`` for Stratonovich noise), which the julia
+    backend can run; the native composites (``AutoSwitch``, ``AutoSOSRI``) have no SciML
+    counterpart."""
+    if problem.noise == "additive":
+        return SOSRA()
+    if problem.interpretation == "ito" and problem.noise != "general":
+        return SOSRI()
+    if problem.interpretation == "stratonovich":  # SciML's choice (the native one is SPaRK)
+        return RKMil() if problem.noise != "general" and dt is not None else LambaEulerHeun()
+    return default_algorithm(problem, dt, ("nonstiff",))
 
 
 def _check_every(value: int | None, device: torch.device) -> int:
@@ -339,8 +367,9 @@ def solve(
             bit-identical to the masked loop.  Requires that row ``i`` of ``drift``/``diffusion``
             depend only on row ``i`` of ``t`` and ``y``: checked at each compaction (two calls
             of each field); fields that capture per-sample tensors or couple samples, events,
-            dense output, regularizers, solvers with per-solve state and ``compile=True`` keep
-            the masked loop, with a ``RuntimeWarning`` naming the reason.
+            dense output, regularizers, solvers whose step couples samples (Newton iterations
+            until the whole batch converged) and ``compile=True`` keep the masked loop, with a
+            ``RuntimeWarning`` naming the reason.
 
     Returns:
         :class:`Solution` with ``ts (T,)``, ``ys (T, B, *state_shape)``, per-sample stats/retcodes.
@@ -362,7 +391,12 @@ def solve(
     if dt is not None:
         dt = _check_positive("dt", dt)
     hints = _check_alg_hints(alg_hints)
-    solver = _check_solver(prob, alg) if alg is not None else default_algorithm(prob, dt, hints)
+    if alg is not None:
+        solver = _check_solver(prob, alg)
+    elif backend == "julia" and prob.is_sde and "stiff" not in hints:
+        solver = _sciml_default_sde(prob, dt)
+    else:
+        solver = default_algorithm(prob, dt, hints)
     if adaptive is None:
         adaptive = solver.adaptive
     if not isinstance(adaptive, bool):

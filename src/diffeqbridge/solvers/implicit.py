@@ -26,6 +26,15 @@ Error estimates (StochasticDiffEq.jl ``src/perform_step/sdirk.jl``, in-place cac
 
 combined as ``δ E_d + E_n`` with ``δ = delta_default = 1``.
 
+``smooth_est=True`` (not StochasticDiffEq's, which has no filter for these methods) passes
+``E_d`` through Shampine's filter ``(I - θ dt J)^-1``, with the step's Newton matrix at
+``(t, y)`` (OrdinaryDiffEq's ``smooth_est`` for its ESDIRK methods; L. F. Shampine, "Numerical
+Solution of Ordinary Differential Equations", 1994).  Where ``dt |J|`` is small it is the
+same estimate; on stiff components it becomes ``≈ -dt f / (2 θ)``, where ``dt² J f / 2`` grows
+like ``dt² |λ| |f|`` and holds ``dt`` near the stiff scale.  On ``dX = -1e4 (X - cos t) dt +
+0.1 dW`` at tol 1e-2: 1,249 instead of 10,055 drift evaluations per path, strong error 7e-4
+vs 3e-4 (``alg=None`` uses it as the stiff partner: docs/guides/stiff.md).
+
 Deviations from StochasticDiffEq: for Stratonovich problems ``g'g`` is a central
 difference (StochasticDiffEq's one-sided ``(g(y + g √dt) - g) / √dt`` carries a
 ``g'' g² √dt / 2`` term whose product with ``ΔW²`` has mean ``O(dt^1.5)`` per step, so the
