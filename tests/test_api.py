@@ -159,7 +159,7 @@ def test_default_algorithm(problem_kwargs, solve_kwargs, expected):
     assert sol.success
     composites = {
         deb.AutoSwitch: ("AutoSwitch(ShARK(), ImplicitRKMil(theta=1, smooth_est=True))", deb.ShARK()),
-        deb.AutoSOSRI: ("AutoSOSRI(ImplicitRKMil(theta=1, smooth_est=True))", deb.SOSRI()),
+        deb.AutoSOSRI: ("AutoSOSRI(ImplicitRKMil(theta=1, smooth_est=True))", deb.SOSRI(unit_step_power=0.0)),
     }
     if expected in composites:
         text, nonstiff = composites[expected]

@@ -163,3 +163,22 @@ def test_metadata_and_validation():
     prob = deb.ODEProblem(lambda t, y: -y, torch.ones(2, 1, dtype=F64), (0.0, 1.0))
     with pytest.raises(ValueError, match="SPaRK"):
         deb.solve(prob, deb.SPaRK())
+
+
+def test_unit_step_power_argument():
+    """``θ`` of the per-unit-step weighting: SPaRK/SRI default 0.2, SRA 0, AutoSOSRI's SOSRI 0
+    (its switching thresholds were measured unweighted); the step's error scales by
+    ``(T/|dt|)^θ`` (T = 1, dt = 1/4: 4^0.2)."""
+    assert deb.SPaRK().unit_step_power == deb.SRIW1().unit_step_power == 0.2
+    assert deb.SRA1().unit_step_power == 0.0 and deb.AutoSOSRI().nonstiff.unit_step_power == 0.0
+    assert repr(deb.SOSRI(unit_step_power=0.0)) == "SOSRI(unit_step_power=0.0)"
+    for bad in (-0.1, 2.0, "x"):
+        with pytest.raises(ValueError, match="unit_step_power"):
+            deb.SPaRK(unit_step_power=bad)
+    prob, _ = linear(3)
+    t = torch.zeros(3, dtype=F64)
+    dt = torch.full((3,), 0.25, dtype=F64)
+    dw, hh = torch.tensor([[0.3], [-0.2], [0.1]], dtype=F64), torch.tensor([[0.05], [0.0], [-0.1]], dtype=F64)
+    plain = deb.SPaRK(unit_step_power=0.0).step(Terms(prob), t, prob.y0, dt, dw, hh).error
+    weighted = deb.SPaRK().step(Terms(prob), t, prob.y0, dt, dw, hh).error
+    torch.testing.assert_close(weighted, plain * 4**0.2)

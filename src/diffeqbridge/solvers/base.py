@@ -79,8 +79,6 @@ class AbstractSolver:
         controller_order: the order ``q`` used by the PI controller's exponents.
         fsal: True when the step reuses ``f0 = drift(t, y)`` and returns ``f1``.
         beta1 / beta2 / qmax / qmin / gamma: controller constants (None -> engine default).
-        unit_step_power: ``θ``: the step's error is weighted by ``(T/|dt|)^θ`` for
-            non-additive noise (:func:`per_unit_step`); 0 (none) by default.
         stability_size: length of the stability region along the negative real axis
             (OrdinaryDiffEq's/StochasticDiffEq's ``alg_stability_size``); set on the solvers
             that report ``StepOutput.stiffness`` and can be the non-stiff half of an
@@ -102,7 +100,6 @@ class AbstractSolver:
     qmin: ClassVar[float | None] = None
     gamma: ClassVar[float | None] = None
     reversible: ClassVar[bool] = False  # algebraically reversible step (exact BacksolveAdjoint)
-    unit_step_power: ClassVar[float] = 0.0  # θ of the per-unit-step error weighting (per_unit_step)
     stability_size: ClassVar[float | None] = None
 
     def initial_carry(self, terms: Terms, t: Tensor, y: Tensor, f0: Tensor | None) -> object:
@@ -293,6 +290,14 @@ def per_unit_step(error: Tensor, dt: Tensor, span: float, power: float) -> Tenso
     return error * factor.to(error.dtype).reshape(factor.shape + (1,) * (error.ndim - 1))
 
 
+def check_unit_step_power(value: float | None, default: float) -> float:
+    """``θ`` of :func:`per_unit_step`: a finite number in ``[0, 1]`` (None: ``default``)."""
+    theta = default if value is None else value
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not (0.0 <= float(theta) <= 1.0):
+        raise ValueError(f"unit_step_power must be a number in [0, 1]; got {value!r}")
+    return float(theta)
+
+
 def weighted_per_unit_step(out: StepOutput, power: float, terms: Terms, dt: Tensor) -> StepOutput:
     """``out`` with its error weighted by :func:`per_unit_step` (not for additive noise, nor
     when ``power`` is 0); composites then merge the weighted errors per sample."""
@@ -333,19 +338,22 @@ class StochasticRungeKutta(AbstractSolver):
     step_function: ClassVar[Callable[..., StepOutput]]
     # exponent order of the PI controller with the embedded estimate (error ~ dt^{3/2})
     embedded_controller_order: ClassVar[float] = 1.5
-    unit_step_power: ClassVar[float] = UNIT_STEP_POWER
+    default_unit_step_power: ClassVar[float] = UNIT_STEP_POWER
     adaptive = True
     needs_levy_area = True
     qmax = 9 / 8
     qmin = 1 / 5
     gamma = 9 / 10
 
-    def __init__(self, delta: float | None = None, error_estimate: str = "embedded"):
+    def __init__(self, delta: float | None = None, error_estimate: str = "embedded", unit_step_power: float | None = None):
         """``error_estimate``: ``"embedded"`` (default) or ``"sciml"``; ``delta``: weight of
         the drift part ``E1`` in the ``"sciml"`` estimate ``delta*E1 + E2`` (default:
-        StochasticDiffEq's ``delta_default`` for this method)."""
+        StochasticDiffEq's ``delta_default`` for this method); ``unit_step_power``: ``θ`` of
+        the per-unit-step weighting of the embedded estimate (:func:`per_unit_step`; default
+        :data:`UNIT_STEP_POWER` for SRI, 0 for SRA)."""
         self.error_estimate = check_error_estimate(error_estimate)
         self.delta = check_delta(delta, type(self).default_delta)
+        self.unit_step_power = check_unit_step_power(unit_step_power, type(self).default_unit_step_power)
         if self.error_estimate == "embedded":  # the class values are StochasticDiffEq's
             self.controller_order = type(self).embedded_controller_order
             self.qmax = EMBEDDED_QMAX
@@ -365,4 +373,6 @@ class StochasticRungeKutta(AbstractSolver):
             args.append(f"error_estimate={self.error_estimate!r}")
         if self.delta != type(self).default_delta:
             args.append(f"delta={self.delta!r}")
+        if self.unit_step_power != type(self).default_unit_step_power:
+            args.append(f"unit_step_power={self.unit_step_power!r}")
         return f"{name}({', '.join(args)})"

@@ -47,6 +47,7 @@ from .base import (
     UNIT_STEP_POWER,
     AbstractSolver,
     StepOutput,
+    check_unit_step_power,
     stage_time,
     weighted_per_unit_step,
 )
@@ -149,13 +150,21 @@ class SPaRK(AbstractSolver):
     qmax: ClassVar[float | None] = EMBEDDED_QMAX
     qmin: ClassVar[float | None] = 1 / 5
     gamma: ClassVar[float | None] = 9 / 10
-    unit_step_power: ClassVar[float] = UNIT_STEP_POWER  # as the SRI methods' (not for additive noise)
+
+    def __init__(self, unit_step_power: float | None = None):
+        """``unit_step_power``: ``θ`` of the per-unit-step weighting of the error estimate
+        (:func:`~diffeqbridge.solvers.base.per_unit_step`; default ``UNIT_STEP_POWER``, as the
+        SRI methods'; never applied for additive noise)."""
+        self.unit_step_power = check_unit_step_power(unit_step_power, UNIT_STEP_POWER)
 
     def step(
         self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None
     ) -> StepOutput:
         """See :meth:`AbstractSolver.step`."""
         return weighted_per_unit_step(spark_step(terms, t, y, dt, dw, levy_h), self.unit_step_power, terms, dt)
+
+    def __repr__(self) -> str:
+        return "SPaRK()" if self.unit_step_power == UNIT_STEP_POWER else f"SPaRK(unit_step_power={self.unit_step_power!r})"
 
 
 __all__ = ["SPaRK", "spark_step", "ito_correction", "directional_derivative"]
