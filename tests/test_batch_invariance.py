@@ -74,3 +74,32 @@ def test_layout_free_pow_does_not_depend_on_length_or_offset():
     special = torch.tensor([0.0, float("inf"), float("nan")], dtype=DT)
     out = layout_free_pow(special, 0.35)
     assert out[0] == 0 and out[1] == float("inf") and torch.isnan(out[2])
+
+
+@pytest.mark.parametrize("alg", [deb.Kvaerno5()], ids=repr)
+def test_newton_solvers_batch_and_sub_batch_identical(alg):
+    """Newton iterations run until the whole batch has converged (early exit); a sample that
+    converged earlier keeps its value bit for bit, so its steps and results do not depend on the
+    batch (the evaluation counts do: the batch iterates as long as its slowest sample)."""
+
+    def make(n: int) -> deb.ODEProblem:
+        r = (10.0 * RATES[:n]).reshape(n, 1)
+        return deb.ODEProblem(
+            lambda t, y: -r * (y + y**3 - torch.cos(t)[:, None]) + torch.sin(3 * t)[:, None] * y**2,
+            torch.full((n, 1), 2.0, dtype=DT),
+            (0.0, 2.0),
+        )
+
+    big = deb.solve(make(16), alg, atol=1e-7, rtol=1e-7)
+    assert bool(big.success.all()) if isinstance(big.success, torch.Tensor) else big.success
+    for n in (8, 3, 1):
+        small = deb.solve(make(n), alg, atol=1e-7, rtol=1e-7)
+        assert torch.equal(big.stats.naccept[:n], small.stats.naccept)
+        assert torch.equal(big.stats.nreject[:n], small.stats.nreject)
+        assert torch.equal(big.ys[:, :n], small.ys)
+
+
+def test_implicit_sde_batch_and_sub_batch_identical():
+    trees = {n: deb.VirtualBrownianTree(0.0, 1.0, (n, 1), seed=5, dtype=DT) for n in (16, 4)}
+    sols = {n: deb.solve(_ou(n, "diagonal"), deb.ImplicitEM(), dt=1e-2, adaptive=False, brownian=trees[n]) for n in (16, 4)}
+    assert torch.equal(sols[16].ys[:, :4], sols[4].ys)

@@ -54,7 +54,7 @@ def problem(batch: int = 16) -> deb.ODEProblem:
 )
 def test_compacted_equals_masked(alg, compactions):
     prob = problem()
-    kwargs = dict(alg=alg, atol=1e-8, rtol=1e-8, saveat=torch.linspace(0, 3, 7), backend="native")
+    kwargs = dict(alg=alg, atol=1e-6, rtol=1e-6, saveat=torch.linspace(0, 3, 7), backend="native")
     masked = deb.solve(prob, **kwargs)
     steps = masked.stats.naccept
     assert int(steps.max()) > 2 * int(steps.min())  # samples finish at very different iterations

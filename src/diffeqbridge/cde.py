@@ -110,7 +110,9 @@ class NeuralCDE(nn.Module):
             path = X if coeffs is X.coeffs else X.with_coeffs(coeffs)
             extra = [coeffs] if coeffs.requires_grad else []
             prob = ODEProblem(self.vector_field(path), z0_, tspan, params=params + extra)
-            sol = solve(prob, self.alg, saveat=times, sensealg=self.sensealg, **self.solve_kwargs)
+            kwargs = dict(self.solve_kwargs)
+            tstops = _knots_inside(X, tspan) + [float(x) for x in kwargs.pop("tstops", None) or []]
+            sol = solve(prob, self.alg, saveat=times, tstops=tstops or None, sensealg=self.sensealg, **kwargs)
             self.stats = sol.stats
             return (sol.ys,)
 
@@ -120,3 +122,11 @@ class NeuralCDE(nn.Module):
         else:
             (zs,) = run(z0, X.coeffs)
         return zs
+
+
+def _knots_inside(X: Interpolation, tspan: tuple[float, float]) -> list[float]:
+    """The control's knots strictly inside ``tspan`` (all samples' grids): the path's derivative
+    jumps there, so steps land on them (as torchcde's ``jump_t``) rather than crossing them."""
+    knots = X.t[torch.isfinite(X.t)].unique()
+    lo, hi = min(tspan), max(tspan)
+    return [float(k) for k in knots.tolist() if lo < k < hi]

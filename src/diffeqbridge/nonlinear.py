@@ -312,22 +312,11 @@ def newton_stage(
         fz = f(t1, z)
         nf += 1
         residual = z - base - gh_b * fz
-        # converged already when the residual itself is within tolerance (saves the solve,
-        # and the Jacobian refresh, on the last iteration)
+        # a residual already within tolerance converges the sample with this iteration's
+        # correction (no further Jacobian refresh or evaluation for it)
         res_small = _scaled_rms(residual.detach(), z.detach(), atol, rtol) <= 1.0
-        converged = converged | (res_small & _all_finite(z))
-        if options.early_exit and bool(converged.all()):
-            # One last Newton correction from the converged iterate: its value moves by
-            # less than the tolerance, but it carries the exact implicit-function
-            # gradient dz = W^-1 (d base + gh df) evaluated at the solution (the previous
-            # update's graph holds the derivatives at the previous, far, iterate).
-            if options.linsolve == "lu" and factors is not None:
-                z = z - lu_solve(factors, residual)
-            elif torch.is_grad_enabled() and residual.requires_grad:
-                z = z - krylov_solve(f, t1, z, gh_b, residual, options.krylov_dim)
-            break
         if options.linsolve == "krylov":
-            dz = -krylov_solve(f, t1, z, gh_b, residual.detach(), options.krylov_dim)
+            dz = -krylov_solve(f, t1, z, gh_b, residual, options.krylov_dim)
             nf += min(options.krylov_dim, _n(z))
         else:
             if options.full_newton and (it > 1 or factors is None):
@@ -338,14 +327,24 @@ def newton_stage(
             dz = -lu_solve(factors, residual)
         z_new = z + dz
         small = _scaled_rms(dz.detach(), z_new.detach(), atol, rtol) <= 1.0
-        # converged samples keep taking (tiny) updates: that keeps each iterate's graph the
-        # Newton map at an accurate point, so gradients through z are the implicit ones
         finite = _all_finite(z_new)
-        z = torch.where(expand_to(finite | ~converged, z), z_new, z)
-        converged = converged | (small & finite)
+        z = _newton_update(z, z_new, converged, finite)
+        converged = converged | ((small | res_small) & finite)
         if options.early_exit and bool(converged.all()):
             break
     return NewtonResult(z=z, converged=converged & _all_finite(z), iterations=it, nf=nf)
+
+
+def _newton_update(z: Tensor, z_new: Tensor, converged: Tensor, finite: Tensor) -> Tensor:
+    """The next iterate, per sample: running samples take ``z_new`` (a non-finite one too, so
+    the failure shows); a sample that converged earlier keeps its value bit for bit, so how
+    many more iterations the rest of the batch needs cannot change it (batch-composition
+    invariance), while its graph is the Newton map at the solution (``z + (z_new - z_new)``
+    in value, ``z_new``'s derivatives: the implicit-function gradient ``W^-1 (d base + gh
+    df)``).  A running sample whose update is not finite keeps ``z_new`` and fails."""
+    frozen = z.detach() + (z_new - z_new.detach()) if z_new.requires_grad else z
+    take_new = expand_to(~converged, z)
+    return torch.where(take_new, z_new, torch.where(expand_to(finite, z), frozen, z))
 
 
 def krylov_solve(f: Field, t1: Tensor, z: Tensor, gh_b: Tensor, rhs: Tensor, iters: int) -> Tensor:
