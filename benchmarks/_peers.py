@@ -35,14 +35,17 @@ def make_ours(P: Problem, B: int, alg_name: str, adaptive: bool, seed: int = 0, 
 
     import diffeqbridge as deb
 
-    prob = P.ours(B)
-    bm = our_tree(P, B, seed)
-    exact_end = reference_ours(P, prob, bm, seed)
     name, _, variant = alg_name.partition("-")  # "SOSRI-sciml": StochasticDiffEq's error estimate
+    strat = variant == "strat"  # "SPaRK-strat": the Stratonovich form of the same SDE (as diffrax's SPaRK gets)
+    if strat and P.ours_strat is None:
+        raise ValueError(f"{P.name} has no Stratonovich form")
+    prob = P.ours_strat(B) if strat else P.ours(B)  # type: ignore[misc]
+    bm = our_tree(P, B, seed)
+    exact_end = reference_ours(P, P.ours(B), bm, seed)
     cls = getattr(deb, name)
 
     def alg() -> Any:
-        return cls(error_estimate=variant) if variant else cls()
+        return cls(error_estimate=variant) if variant and not strat else cls()
 
     def run(level: float) -> dict:
         kw: dict[str, Any] = {"atol": level, "rtol": level} if adaptive else {"dt": level, "adaptive": False}

@@ -67,6 +67,7 @@ class Problem:
     tspan: tuple[float, float] = (T0, T1)  # ours; torchsde/diffrax integrate s in (0, |t1 - t0|) when reversed
     y0_batch: Callable[[int], Any] | None = None  # (B, dim) float64 numpy initial states (else u0 for all)
     reference_dt: float | None = None  # fine fixed step of the reference solve when exact is None
+    ours_strat: Callable[[int], Any] | None = None  # the same SDE in Stratonovich form (drift f - 1/2 g'g)
 
     @property
     def reversed(self) -> bool:
@@ -95,6 +96,17 @@ def _gbm() -> Problem:
         return (lambda t, y, a: (mu - shift) * y), (lambda t, y, a: sigma * y)
 
     rate = mu - 0.5 * sigma**2
+
+    def ours_strat(B):
+        return deb.SDEProblem(
+            lambda t, y: rate * y,
+            lambda t, y: sigma * y,
+            torch.full((B, 1), u0, dtype=torch.float64),
+            (T0, T1),
+            noise="diagonal",
+            interpretation="stratonovich",
+        )
+
     return Problem(
         "gbm",
         "GBM du = 1.01u dt + 0.87u dW",
@@ -107,6 +119,7 @@ def _gbm() -> Problem:
         lambda t, w: u0 * torch.exp(rate * t + sigma * w),
         lambda t, w: u0 * np.exp(rate * t + sigma * np.asarray(w)),
         (u0,),
+        ours_strat=ours_strat,
     )
 
 
@@ -131,6 +144,13 @@ def _wave() -> Problem:
     def tsde(B):
         return torchsde_module(f_t, g_t, "diagonal")
 
+    def f_strat(t, y):  # - 1/2 g g' with g = 0.1 cos^2, g' = -0.2 cos sin
+        return f_t(t, y) + 0.01 * torch.cos(y) ** 3 * torch.sin(y)
+
+    def ours_strat(B):
+        y0 = torch.full((B, 1), u0, dtype=torch.float64)
+        return deb.SDEProblem(f_strat, g_t, y0, (T0, T1), noise="diagonal", interpretation="stratonovich")
+
     def terms(strat):
         import jax.numpy as jnp
 
@@ -154,6 +174,7 @@ def _wave() -> Problem:
         lambda t, w: torch.atan(0.1 * w + math.tan(u0)),
         lambda t, w: np.arctan(0.1 * np.asarray(w) + math.tan(u0)),
         (u0,),
+        ours_strat=ours_strat,
     )
 
 
@@ -244,12 +265,14 @@ def _rot2d() -> Problem:
 
         return f, f_strat, g
 
-    tf, _, tg = fields(torch)
+    tf, tfs, tg = fields(torch)
 
-    def ours(B):
+    def ours(B, strat=False):
         y0 = torch.zeros((B, 2), dtype=torch.float64)
         y0[:, 0] = math.asinh(1.0)
-        return deb.SDEProblem(lambda t, y: tf(y), lambda t, y: tg(y), y0, (T0, T1), noise="scalar")
+        f = tfs if strat else tf
+        kind = "stratonovich" if strat else "ito"
+        return deb.SDEProblem(lambda t, y: f(y), lambda t, y: tg(y), y0, (T0, T1), noise="scalar", interpretation=kind)
 
     def tsde(B):
         return torchsde_module(lambda t, y: tf(y), lambda t, y: tg(y).unsqueeze(-1), "scalar")
@@ -287,6 +310,7 @@ def _rot2d() -> Problem:
         exact,
         exact_np,
         (math.asinh(1.0), 0.0),
+        ours_strat=lambda B: ours(B, strat=True),
     )
 
 

@@ -148,8 +148,8 @@ def _small(noise="diagonal", interpretation="ito"):
         ({"noise": "scalar"}, {}, deb.AutoSOSRI),
         ({"noise": "additive"}, {}, deb.AutoSwitch),  # ShARK (fewer evaluations than SOSRA) + ImplicitRKMil
         ({"noise": "general"}, {}, deb.LambaEM),
-        ({"interpretation": "stratonovich"}, {"dt": 0.05}, deb.RKMil),
-        ({"noise": "scalar", "interpretation": "stratonovich"}, {"dt": 0.05}, deb.RKMil),
+        ({"interpretation": "stratonovich"}, {"dt": 0.05}, deb.SPaRK),  # SciML: RKMil
+        ({"noise": "scalar", "interpretation": "stratonovich"}, {"dt": 0.05}, deb.SPaRK),
     ],
     ids=["diagonal-ito", "scalar-ito", "additive", "general-ito", "diagonal-strat-dt", "scalar-strat-dt"],
 )
@@ -159,7 +159,7 @@ def test_default_algorithm(problem_kwargs, solve_kwargs, expected):
     assert sol.success
     composites = {
         deb.AutoSwitch: ("AutoSwitch(ShARK(), ImplicitRKMil(theta=1, smooth_est=True))", deb.ShARK()),
-        deb.AutoSOSRI: ("AutoSOSRI(ImplicitRKMil(theta=1, smooth_est=True))", deb.SOSRI()),
+        deb.AutoSOSRI: ("AutoSOSRI(ImplicitRKMil(theta=1, smooth_est=True))", deb.SOSRI(unit_step_power=0.0)),
     }
     if expected in composites:
         text, nonstiff = composites[expected]

@@ -4,12 +4,14 @@
   there, as SRA: the noise is small) and on a nonlinear problem with time-dependent additive
   noise against a fine reference (1.5).
 * With the embedded estimate the achieved strong error follows the tolerance: over tol
-  1e-2 ... 1e-5 it stays below 20·tol·|u| and the work grows no faster than tol^-0.75 (the
+  1e-2 ... 1e-5 it stays below 10·tol·|u| and the work grows no faster than tol^-0.75 (the
   StochasticDiffEq estimate ``delta*E1 + E2`` is O(dt), so its work grows like 1/tol).
-  Measured (B = 64, seed 7): GBM/SOSRI error 1.6e-2, 3.6e-3, 9.2e-4, 2.0e-4 for work 175 ...
-  5239 (tol^-0.49); the factor reaches 15 at tol 1e-5 on GBM (the aim of 10 is missed
-  there: the error falls like tol^0.65).  On the additive system the error stays far below
-  tol (the estimate is the embedded Euler solution's error, the method's is much smaller).
+  Measured (B = 64, seed 7), error / (tol·|u|) at tol 1e-2 ... 1e-5 and work growth: GBM
+  SOSRI 0.99, 1.7, 3.3, 5.6 (tol^-0.62), SRIW1 0.87 ... 4.0 (tol^-0.61), SPaRK 0.75 ... 5.5
+  (tol^-0.68) with the per-unit-step weighting ``(T/|dt|)^0.2`` of the estimate (without it
+  SOSRI reached 15); wave 0.001 ... 0.06 (tol^-0.14); additive system ShARK 0.004 ... 0.01,
+  SOSRA 0.01 ... 0.04 (tol^-0.33): on wave and the additive problem the error stays far
+  *below* tol (the estimates are the lower-order embedded solutions' errors).
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ def test_error_estimate_argument():
 CASES = [
     ("gbm", linear, deb.SOSRI),
     ("gbm", linear, deb.SRIW1),
+    ("gbm", linear, deb.SPaRK),
     ("wave", wave, deb.SOSRI),
     ("additive", additive_system, deb.ShARK),
     ("additive", additive_system, deb.SOSRA),
@@ -109,7 +112,7 @@ def test_error_tracks_tolerance(name, builder, cls):
         scale = float(sol.ys[-1].abs().mean())
         errors.append(strong_error(sol, exact, bm))
         work.append(float((sol.stats.nf + sol.stats.ng).double().mean()))
-        assert errors[-1] <= 20 * tol * max(scale, 1.0), (tol, errors, work)
+        assert errors[-1] <= 10 * tol * max(scale, 1.0), (tol, errors, work)
     growth = -fitted_order(tols, work)  # work ~ tol^-growth
     assert growth <= 0.75, (growth, work, errors)
     assert errors[-1] < errors[0]

@@ -46,7 +46,7 @@ import diffeqbridge as deb
 from diffeqbridge.solvers.base import AbstractSolver
 
 CI_CASES_PER_SOLVER = 10
-LONG_CASES_PER_SOLVER = 440  # 23 solvers: ~10^4 cases
+LONG_CASES_PER_SOLVER = 420  # 24 solvers: ~10^4 cases
 
 #: the stated accuracy multiples: |y - exact| <= ACCURACY[kind] * reference error (measured
 #: worst over 100 cases per solver: below 1 for every solver; docs/reliability.md)
@@ -76,6 +76,7 @@ SOLVERS: dict[str, callable] = {
     "ReversibleHeun": deb.ReversibleHeun,
     "AutoSOSRI": deb.AutoSOSRI,
     "ShARK": deb.ShARK,
+    "SPaRK": deb.SPaRK,
 }
 STIFF = {"Rodas4", "Kvaerno5", "AutoTsit5", "AutoDP5", "ImplicitEM", "ImplicitRKMil", "ISSEM", "SKenCarp"}
 STATE_SHAPES = [(1,), (3,), (2, 2)]

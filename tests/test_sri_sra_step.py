@@ -322,8 +322,10 @@ def test_error_is_delta_e1_plus_e2():
     e1_expected = h * (f1 + 1.01 * h02)
     e2 = SRIW1(error_estimate="sciml", delta=0.0).step(terms, *args).error
     torch.testing.assert_close(SRIW1(error_estimate="sciml").step(terms, *args).error, e1_expected / 6 + e2)
-    # embedded: dt (alpha_1 f_1 + alpha_2 f_2 - f_1) + E2 = dt (2/3)(f_2 - f_1) + E2
-    torch.testing.assert_close(SRIW1().step(terms, *args).error, h * (2 / 3) * (1.01 * h02 - f1) + e2)
+    # embedded: dt (alpha_1 f_1 + alpha_2 f_2 - f_1) + E2 = dt (2/3)(f_2 - f_1) + E2, weighted per
+    # unit step by (T/|dt|)^0.2 = 10^0.2 (base.UNIT_STEP_POWER)
+    embedded = (h * (2 / 3) * (1.01 * h02 - f1) + e2) * 10**0.2
+    torch.testing.assert_close(SRIW1().step(terms, *args).error, embedded)
 
 
 # ----------------------------------------------------------------------------- counts, shapes, batching
@@ -480,7 +482,8 @@ def test_matches_written_out_sriw1_and_sra1():
         SRIW1(error_estimate="sciml").step(Terms(SDEProblem(f, g, y, noise="diagonal")), t, y, dt, dw, hh).error,
         (k1 + k2) / 6 + e2,
     )
-    torch.testing.assert_close(out.error, 2 * (k2 - k1) / 3 + e2)  # embedded: y1 minus the order-1 solution
+    # embedded: y1 minus the order-1 solution, weighted per unit step by (T/|dt|)^0.2 (T = 1)
+    torch.testing.assert_close(out.error, (2 * (k2 - k1) / 3 + e2) * h ** (-0.2))
 
     def sig(t, y):
         return (0.3 + t[:, None] ** 2).expand_as(y)

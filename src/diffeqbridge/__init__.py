@@ -40,6 +40,7 @@ from .solvers import (
     Rodas4,
     ShARK,
     SKenCarp,
+    SPaRK,
     Tsit5,
 )
 
@@ -85,6 +86,7 @@ __all__ = [
     "SRA1",
     "SOSRA",
     "ShARK",
+    "SPaRK",
     "Tsit5",
     "Dopri5",
     "ImplicitEM",

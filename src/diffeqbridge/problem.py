@@ -216,6 +216,7 @@ class Terms:
         self.diffusion: VectorField | None = (
             None if user_diffusion is None else _field("diffusion", user_diffusion, lambda y: (*y.shape, *extra), span)
         )
+        self.span: float = abs(float(problem.tspan[1]) - float(problem.tspan[0]))  # |t1 - t0|
         self.noise: str | None = problem.noise
         self.interpretation: str = problem.interpretation
         # the adaptive solve's (atol, rtol), set by solve(): implicit solvers derive their

@@ -16,7 +16,20 @@ from .controller import initial_dt
 from .engine import EngineOptions, integrate
 from .problem import ODEProblem, SDEProblem, Terms, check_additive, check_field_shapes
 from .solution import Solution
-from .solvers import SOSRA, SOSRI, AutoSOSRI, AutoSwitch, AutoTsit5, ImplicitRKMil, LambaEM, LambaEulerHeun, RKMil, ShARK
+from .solvers import (
+    SOSRA,
+    SOSRI,
+    SRIW1,
+    AutoSOSRI,
+    AutoSwitch,
+    AutoTsit5,
+    ImplicitRKMil,
+    LambaEM,
+    LambaEulerHeun,
+    RKMil,
+    ShARK,
+    SPaRK,
+)
 from .solvers.base import AbstractSolver
 
 BACKENDS = ("auto", "native", "julia")
@@ -82,11 +95,15 @@ def default_algorithm(problem: ODEProblem, dt: float | None = None, alg_hints: A
     (docs/guides/stiff.md): the filtered drift estimate takes ~280 drift evaluations per path
     at strong error 7e-4 (StochasticDiffEq's unfiltered ``dt² J f / 2``: ~4,900); ``SKenCarp``
     takes fewer steps but adds ``g ΔW`` after its implicit stages, so at ``dt |λ| ≫ 1`` its
-    noise is not damped (strong error 0.2).  General Itô -> ``LambaEM``; general Stratonovich ->
-    ``LambaEulerHeun``; diagonal/scalar Stratonovich -> ``RKMil`` when ``dt`` is given
-    (SciML's choice; ours is fixed-step), else the adaptive ``LambaEulerHeun``.  With
-    ``alg_hints=["stiff"]``: see :func:`_stiff_algorithm`; with ``["nonstiff"]`` an SDE gets
-    the non-stiff method alone (``ShARK``, ``SOSRI``).
+    noise is not damped (strong error 0.2).  General Itô -> ``LambaEM``; Stratonovich
+    (any noise) -> ``SPaRK`` (adaptive, Lévy area, embedded estimate; SciML picks ``RKMil``
+    with ``dt`` / ``LambaEulerHeun``; RKMil needs 5-6x SPaRK's evaluations at strong errors
+    1e-2 ... 3e-2 on rot2d).  With ``alg_hints=["stiff"]``: see :func:`_stiff_algorithm`; with
+    ``["nonstiff"]`` an SDE gets the non-stiff winner alone: ``ShARK``, and ``SRIW1`` for
+    diagonal/scalar Itô noise (fewest evaluations at matched strong error on GBM, wave and
+    rot2d in ``benchmarks/sde_work_precision.py``; SOSRI, the non-stiff half of
+    ``AutoSOSRI``, needs 1.3-1.5x as many there but has the larger stability region the
+    switching relies on).
     """
     hints = _check_alg_hints(alg_hints)
     if "stiff" in hints:
@@ -97,21 +114,24 @@ def default_algorithm(problem: ODEProblem, dt: float | None = None, alg_hints: A
     if problem.noise == "additive":
         return ShARK() if nonstiff else AutoSwitch(ShARK(), ImplicitRKMil(smooth_est=True))
     if problem.interpretation == "stratonovich":
-        return RKMil() if problem.noise != "general" and dt is not None else LambaEulerHeun()
+        return SPaRK()
     if problem.noise == "general":
         return LambaEM()
-    return SOSRI() if nonstiff else AutoSOSRI()
+    return SRIW1() if nonstiff else AutoSOSRI()
 
 
 def _sciml_default_sde(problem: ODEProblem, dt: float | None) -> AbstractSolver:
     """``alg=None`` with ``backend="julia"``: SciML's own ``default_sde_alg`` for unhinted
-    problems (``SOSRA`` for additive, ``SOSRI`` for diagonal/scalar Itô noise), which the julia
+    problems (``SOSRA`` for additive, ``SOSRI`` for diagonal/scalar Itô noise, ``RKMil`` with
+    ``dt`` / ``LambaEulerHeun`` for Stratonovich noise), which the julia
     backend can run; the native composites (``AutoSwitch``, ``AutoSOSRI``) have no SciML
     counterpart."""
     if problem.noise == "additive":
         return SOSRA()
     if problem.interpretation == "ito" and problem.noise != "general":
         return SOSRI()
+    if problem.interpretation == "stratonovich":  # SciML's choice (the native one is SPaRK)
+        return RKMil() if problem.noise != "general" and dt is not None else LambaEulerHeun()
     return default_algorithm(problem, dt, ("nonstiff",))
 
 
@@ -276,7 +296,7 @@ def solve(
 
     Args:
         prob: :class:`SDEProblem` or :class:`ODEProblem` with ``y0`` of shape ``(B, *state_shape)``.
-        alg: a solver instance (``deb.SOSRI()``...); ``None`` picks as SciML's default.
+        alg: a solver instance (``deb.SOSRI()``...); ``None``: :func:`default_algorithm` (the measured winner per noise type).
         dt: initial step for adaptive solvers, the step for fixed-step ones.
         adaptive: defaults to True for solvers with an error estimate.
         atol, rtol: tolerances (SDE default ``1e-2``/``1e-2``, ODE ``1e-6``/``1e-3``).

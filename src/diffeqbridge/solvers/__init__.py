@@ -14,6 +14,7 @@ from .rosenbrock import Rodas4
 from .runge_kutta import Dopri5, Tsit5
 from .sdirk import Kvaerno5
 from .shark import ShARK
+from .spark import SPaRK
 from .sra import SOSRA, SRA1
 from .sri import SOSRI, SRIW1
 from .srock import SROCK1
@@ -39,6 +40,7 @@ ALL_SOLVERS: tuple[type[AbstractSolver], ...] = (
     Kvaerno5,
     ReversibleHeun,
     ShARK,
+    SPaRK,
 )
 
 COMPOSITE_SOLVERS = (AutoSwitch, AutoTsit5, AutoDP5, AutoSOSRI)

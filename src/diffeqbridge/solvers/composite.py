@@ -324,7 +324,8 @@ class AutoSOSRI(AutoSwitch):
         kwargs.setdefault("nonstifftol", SOSRI_NONSTIFFTOL)
         kwargs.setdefault("stifftol", SOSRI_NONSTIFFTOL)
         stiff = stiffalg if stiffalg is not None else ImplicitRKMil(smooth_est=True)
-        super().__init__(SOSRI(), stiff, **kwargs)
+        # θ = 0: the switching thresholds were measured with the unweighted SOSRI controller
+        super().__init__(SOSRI(unit_step_power=0.0), stiff, **kwargs)
 
     def __repr__(self) -> str:
         return f"AutoSOSRI({self.stiff!r})"
