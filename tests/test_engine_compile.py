@@ -17,7 +17,7 @@ import torch
 from problems import linear, strong_error, tree_for
 
 import diffeqbridge as deb
-from diffeqbridge import engine
+from diffeqbridge import _tree_kernel, engine
 
 pytestmark = [
     pytest.mark.usefixtures("float64_default"),
@@ -112,19 +112,49 @@ def test_compiled_gradients_match_eager():
         torch.testing.assert_close(grad, reference, rtol=RTOL * 16, atol=0.0, msg=str(key))
 
 
-def test_compiled_adaptive_sde_is_as_accurate_as_eager():
-    """SOSRI on GBM through the compiled SDE region (the tree queried between graphs, each graph
-    proposing the next step).  A last-bit change of ``dt`` may flip an accept/reject decision
+def test_compiled_adaptive_sde_is_as_accurate_as_eager(monkeypatch):
+    """SOSRI on GBM through one compiled graph per iteration, the tree's C kernel inside it as
+    a custom op.  A last-bit change of ``dt`` may flip an accept/reject decision
     near ``err = 1``, so the step sequences may differ; both solves must succeed with the same
     work (evaluations within 5 %) and the same accuracy against the closed form (the mean over
     64 paths: one path's error moves by a factor of 4 when its step sequence changes; measured
-    with B = 8: the first difference is one ulp of one sample's ``dt`` at iteration 12)."""
+    with B = 8: the first difference is one ulp of one sample's ``dt`` at iteration 12).
+
+    The tree query is in the graph: after the initial state the eager entry point
+    ``evaluate`` is never called (a graph break there would fail ``fullgraph=True`` and fall
+    back with a warning), while every iteration runs the C kernel (``run_c``, from the custom
+    op); each of its results equals a fresh tree's eager ``evaluate`` bit for bit."""
     prob, exact = linear(64)
     bm = tree_for(prob, seed=5)
+    if bm.kernel != "fused":
+        pytest.skip("no C compiler for the tree's fused CPU kernel")
     kwargs = dict(alg=deb.SOSRI(), atol=1e-3, rtol=1e-3, brownian=bm, backend="native")
     eager = deb.solve(prob, **kwargs)
+    queries: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = []
+    evaluates = []
+    run_c, evaluate = _tree_kernel.run_c, deb.VirtualBrownianTree.evaluate
+
+    def recording_run_c(kernel, t, *args, **kwargs):
+        out = run_c(kernel, t, *args, **kwargs)
+        queries.append((t.clone(), tuple(x.clone() for x in out)))
+        return out
+
+    def counting_evaluate(self, t):
+        evaluates.append(t)
+        return evaluate(self, t)
+
+    monkeypatch.setattr(_tree_kernel, "run_c", recording_run_c)
+    monkeypatch.setattr(deb.VirtualBrownianTree, "evaluate", counting_evaluate)
     compiled = deb.solve(prob, compile=True, **kwargs)
+    monkeypatch.undo()
     assert_compiled(prob)
+    iterations = int((compiled.stats.naccept + compiled.stats.nreject).max())
+    assert len(evaluates) == 1  # the initial state; every iteration queries through the custom op
+    assert len(queries) == 1 + iterations  # the initial state, then one query per iteration
+    fresh = tree_for(prob, seed=5)
+    for t, values in queries[::7]:
+        for a, b in zip(values, fresh.evaluate(t)):
+            assert torch.equal(a, b)
     assert (compiled.retcodes == int(deb.ReturnCode.Success)).all()
     work = [float((s.stats.nf + s.stats.ng).sum()) for s in (eager, compiled)]
     assert abs(work[1] - work[0]) <= 0.05 * work[0], work

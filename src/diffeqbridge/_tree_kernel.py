@@ -41,6 +41,7 @@ import tempfile
 import threading
 import types
 import warnings
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -419,8 +420,18 @@ class ReuseCache:
     def __init__(self, depth: int, count: int):
         self.prev = torch.zeros(count, dtype=torch.int64)
         self.sums = torch.empty((-(-count // BLOCK), depth, 4, BLOCK), dtype=torch.float64)  # (block, level, sum, lane)
-        self.valid = False
+        self.flag = torch.zeros(1, dtype=torch.int64)  # 1 once filled (a tensor: an input of tree_point_op)
         self.lock = threading.Lock()
+        _CACHES[self.prev.data_ptr()] = self  # tree_point_op finds the lock through its prev tensor
+
+    @property
+    def valid(self) -> bool:
+        """Whether the cache holds a previous query's cells and sums."""
+        return bool(self.flag.item())
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(prev, sums, flag)``: the arguments :func:`tree_point_op` updates in place."""
+        return self.prev, self.sums, self.flag
 
     @staticmethod
     def affordable(depth: int, count: int) -> bool:
@@ -438,7 +449,7 @@ class ReuseCache:
             padded = flat.new_zeros((out.sums.shape[0] * BLOCK, depth, 4))
             padded[:count] = flat
             out.sums.copy_(padded.reshape(-1, BLOCK, depth, 4).permute(0, 2, 3, 1))
-            out.valid = self.valid
+            out.flag.copy_(self.flag)
         return out
 
 
@@ -482,9 +493,66 @@ def run_c(
         kernel(*args, None, None, 0)
     else:
         with reuse.lock:
-            kernel(*args, reuse.prev.data_ptr(), reuse.sums.data_ptr(), int(reuse.valid))
-            reuse.valid = True
+            kernel(*args, reuse.prev.data_ptr(), reuse.sums.data_ptr(), int(reuse.flag[0]))
+            reuse.flag.fill_(1)
     return w_out, j_out
+
+
+# ------------------------------------------------- the C kernels as torch custom ops
+# torch.compile cannot trace a ctypes call; as custom ops (opaque nodes with declared output
+# shapes) the tree query joins the compiled SDE iteration (engine: solve(..., compile=True)).
+# They call the same C functions as run_c / increment_c, so they give the same bits.
+
+#: the live reuse caches by their ``prev`` tensor's address (how tree_point_op finds the lock)
+_CACHES: weakref.WeakValueDictionary[int, ReuseCache] = weakref.WeakValueDictionary()
+#: tree_point_op's cache arguments for a tree without a reuse cache (never written: zero size)
+_NO_CACHE = (torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float64), torch.zeros(1, dtype=torch.int64))
+
+
+@torch.library.custom_op("diffeqbridge::tree_point", mutates_args=("prev", "sums", "flag"), device_types="cpu")
+def tree_point_op(
+    t: Tensor,
+    key0: Tensor,
+    key1: Tensor,
+    w_root: Tensor,
+    h_root: Tensor,
+    levels: Tensor,
+    level_keys: Tensor,
+    geometry: Tensor,
+    cell_key: int,
+    wide: bool,
+    prev: Tensor,
+    sums: Tensor,
+    flag: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """:func:`run_c` as a custom op: ``(W(t), J(t))``, each ``(B, N)`` float64; ``t`` ``(B,)``;
+    ``(prev, sums, flag)``: :meth:`ReuseCache.tensors` (updated in place), or ``_NO_CACHE``."""
+    kernel = c_kernel()
+    assert kernel is not None
+    cache = _CACHES.get(prev.data_ptr()) if prev.numel() else None
+    return run_c(kernel, t, key0, key1, w_root, h_root, levels, level_keys, geometry, cell_key, wide, cache)
+
+
+@tree_point_op.register_fake
+def _(t: Tensor, key0: Tensor, key1: Tensor, w_root: Tensor, *rest: Any) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(w_root), torch.empty_like(w_root)
+
+
+@torch.library.custom_op("diffeqbridge::tree_increment", mutates_args=(), device_types="cpu")
+def tree_increment_op(
+    t0: float, t1: float, s: Tensor, t: Tensor, w_s: Tensor, j_s: Tensor, w_t: Tensor, j_t: Tensor
+) -> tuple[Tensor, Tensor]:
+    """:func:`increment_c` as a custom op: ``(dW, H)``, each ``(B, N)`` float64 (inputs as there)."""
+    out = increment_c(
+        t0, t1, s.contiguous(), t.contiguous(), (w_s.contiguous(), j_s.contiguous()), (w_t.contiguous(), j_t.contiguous())
+    )
+    assert out is not None
+    return out
+
+
+@tree_increment_op.register_fake
+def _(t0: float, t1: float, s: Tensor, t: Tensor, w_s: Tensor, *rest: Any) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(w_s), torch.empty_like(w_s)
 
 
 # ----------------------------------------------------------------------- dispatch

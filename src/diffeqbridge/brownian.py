@@ -254,6 +254,28 @@ class VirtualBrownianTree:
             )
         return self._evaluate_eager(t)
 
+    @property
+    def traceable(self) -> bool:
+        """Whether :meth:`evaluate_op` and :meth:`increment_op` apply: the fused C kernel on
+        the CPU (read at call time, like :attr:`kernel`)."""
+        return self.device.type == "cpu" and K.choose(self.device) == "c"
+
+    def evaluate_op(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`evaluate` (``t`` ``(B,)``) through the C kernel registered as a torch custom
+        op (:func:`K.tree_point_op`), which ``torch.compile`` keeps as one node of its graph;
+        the same kernel, so the same bits.  Only where :attr:`traceable`."""
+        cache = self._reuse_cache()
+        tensors = cache.tensors() if cache is not None else K._NO_CACHE
+        return K.tree_point_op(self._times(t).detach().contiguous(), *self._fused_inputs(padded=False), *tensors)
+
+    def increment_op(
+        self, s: Tensor, state_s: tuple[Tensor, Tensor], t: Tensor, state_t: tuple[Tensor, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`increment_from` through the custom op :func:`K.tree_increment_op` (the C
+        loop of the fused path); only where :attr:`traceable`."""
+        dw, levy = K.tree_increment_op(self.t0, self.t1, self._times(s), self._times(t), *state_s, *state_t)
+        return self._shape_out(dw), self._shape_out(levy)
+
     def _reuse_cache(self) -> K.ReuseCache | None:
         """The C kernel's per-sample reuse state (None when it would exceed its memory budget)."""
         count = self.batch_size * self.n_elements

@@ -288,8 +288,8 @@ _COMPILE_FAILED: dict[tuple[Any, ...], str] = {}
 
 #: torch.compile'd :meth:`Integrator._sde_advance` (one wrapper; dynamo keys its graphs by guards)
 _FUSED_SDE: Callable[..., Any] | None = None
-#: torch.compile'd :meth:`Integrator._ode_advance`
-_FUSED_ODE: Callable[..., Any] | None = None
+#: torch.compile'd :meth:`Integrator._iteration` (ODEs; SDEs whose tree query is traceable)
+_FUSED_ITERATION: Callable[..., Any] | None = None
 
 
 def _configure_compile() -> None:
@@ -572,6 +572,9 @@ class Integrator:
         )
         #: compile=True, SDEs: (``s.t`` it was made for, the proposal) from the last compiled region
         self._next_proposal: tuple[Tensor | None, Any] = (None, None)
+        #: compile=True, adaptive SDEs on the CPU's C kernel: the tree query inside the compiled
+        #: iteration through its custom ops (set at the first, eager, iteration)
+        self._tree_in_graph = False
         problem = terms.problem
         self._fuse_key = ("advance", type(solver), id(problem.drift), id(getattr(problem, "diffusion", None)))
 
@@ -872,9 +875,11 @@ class Integrator:
         and no failed compilation for this solver and these functions."""
         return self.options.compile and self.observer is None and self._fuse_key not in _COMPILE_FAILED
 
-    def _ode_advance(self, s: LoopState, direct: bool) -> tuple[Any, ...]:
-        """:meth:`_propose` then :meth:`_advance` (no Brownian tree): one compiled region for ODEs."""
-        return self._advance(s, self._propose(s), (None, None, None), direct)
+    def _iteration(self, s: LoopState, direct: bool) -> tuple[Any, ...]:
+        """:meth:`_propose`, :meth:`_noise` and :meth:`_advance`: one compiled region for ODEs
+        and for SDEs whose tree query the compiler traces (``_tree_in_graph``)."""
+        proposal = self._propose(s)
+        return self._advance(s, proposal, self._noise(s, proposal[2]), direct)
 
     def _sde_advance(
         self, s: LoopState, proposal: tuple[Tensor, Tensor, Tensor, Tensor], noise: tuple[Any, Tensor | None, Tensor | None]
@@ -884,31 +889,31 @@ class Integrator:
         return self._advance(s, proposal, noise, True), self._propose(s)
 
     def _fused_step(self, s: LoopState) -> tuple[Any, ...]:
-        """The iteration through ``torch.compile(fullgraph=True)``: ODEs as one graph
-        (:meth:`_ode_advance`); SDEs query the tree eagerly (its C kernel is opaque to the
-        compiler) between graphs that run :meth:`_advance` (the solver step with the user's
-        functions, error norm, controller, masked merge and stop checks) and propose the next
-        step (:meth:`_sde_advance`).  After a failed compilation: a one-time warning and the
-        per-core path."""
-        global _FUSED_SDE, _FUSED_ODE
+        """The iteration through ``torch.compile(fullgraph=True)``: ODEs and adaptive SDEs on
+        the CPU's C tree kernel (its custom ops, :meth:`VirtualBrownianTree.evaluate_op`) as one
+        graph (:meth:`_iteration`); other SDEs query the tree eagerly between graphs that run
+        :meth:`_advance` (the solver step with the user's functions, error norm, controller,
+        masked merge and stop checks) and propose the next step (:meth:`_sde_advance`).  After
+        a failed compilation: a one-time warning and the per-core path."""
+        global _FUSED_SDE, _FUSED_ITERATION
         if s.iteration == 1:  # eagerly once: the optional state (stiffness, Jacobian counts) appears here
-            if self.tree is None:
-                return self._ode_advance(s, True)
-            proposal = self._propose(s)
-            return self._advance(s, proposal, self._noise(s, proposal[2]), True)
-        if _FUSED_SDE is None or _FUSED_ODE is None:
+            tree = self.tree
+            self._tree_in_graph = self.grid is None and isinstance(tree, VirtualBrownianTree) and tree.traceable
+            return self._iteration(s, True)
+        if _FUSED_SDE is None or _FUSED_ITERATION is None:
             _configure_compile()
             # size_asserts off: inductor's re-check of ~20 input sizes/strides per call (14 % of a
             # compiled Lotka-Volterra iteration) repeats what dynamo's guards already checked
             options: dict[str, str | int | bool | Callable[..., Any]] = {"size_asserts": False}
             _FUSED_SDE = torch.compile(Integrator._sde_advance, dynamic=False, fullgraph=True, options=options)
-            _FUSED_ODE = torch.compile(Integrator._ode_advance, dynamic=False, fullgraph=True, options=options)
-        if self.tree is None:
+            _FUSED_ITERATION = torch.compile(Integrator._iteration, dynamic=False, fullgraph=True, options=options)
+        if self.tree is None or self._tree_in_graph:
             try:
-                return _FUSED_ODE(self, s, True)  # type: ignore[no-any-return]
+                return _FUSED_ITERATION(self, s, True)  # type: ignore[no-any-return]
             except Exception as exc:  # no compiler, unsupported op, graph break: fall back
                 _COMPILE_FAILED[self._fuse_key] = _compile_failure(exc, self.solver, s.y)
-                return self._ode_advance(s, False)
+                self._tree_in_graph = False
+                return self._iteration(s, False)
         # the proposal the previous compiled region made, unless the state changed since
         # (snapshot restored, batch compacted: another ``s.t``)
         made_for, proposal = self._next_proposal
@@ -976,6 +981,10 @@ class Integrator:
         tree, grid, dtype = self.tree, self.grid, s.y.dtype
         if tree is None:
             return None, None, None
+        if self._tree_in_graph:  # the C kernel's custom ops (same kernel, same bits), traceable
+            point = tree.evaluate_op(t_new)
+            dw, levy = tree.increment_op(s.t, s.tree_state, t_new, point)  # type: ignore[arg-type]
+            return point, dw.to(dtype), levy.to(dtype)
         if grid is not None and not self.solver.needs_levy_area:
             # W only: dW = W(t_new) - W(t) as increment_from computes it, no Lévy area
             new = tree.evaluate_scalar(grid[s.iteration], levy=False)
