@@ -1,4 +1,4 @@
-"""``solve(..., compile=True)`` against the eager loop and diffrax: Lotka–Volterra with Tsit5.
+"""``solve(..., compile=True)`` against the eager loop and diffrax (Lotka–Volterra) and torchsde (GBM).
 
 x' = 1.5x - xy, y' = -3y + xy on [0, 10], atol = rtol = 1e-6, batches of B initial states.
 Measured per batch size: the first compiled solve from a cold inductor cache (compile
@@ -6,6 +6,13 @@ time + one solve), the warm per-solve times of both loops and of diffrax (Tsit5,
 PIDController tolerances, ``jax.jit(jax.vmap(diffeqsolve))`` over the batch: per-sample
 steps as ours; warm, compiled before timing) as interleaved medians, the steps (which must be
 equal between our loops) and the largest difference of the solutions.
+
+GBM (``gbm`` rows; the problem of ``sde_work_precision.py``, B = 256 paths on one shared
+Brownian path per sample): SOSRI at tol 1e-2 and 1e-3, eager, compiled with the tree query
+inside the graph (the C kernel as custom ops) and compiled with it between graphs (the path
+before the custom ops, forced with a tree whose ``traceable`` is False), against torchsde's
+fixed-step ``srk`` on the same paths; all interleaved in one measurement.  ``matched``:
+torchsde's cheapest run at least as accurate (strong error at T) as ours.
 
     python benchmarks/compile_iteration.py [--quick] [--out DIR]
 """
@@ -128,9 +135,77 @@ def run(quick: bool, out: Path, threads: int = 1) -> dict:
             f"diffrax {H.format_seconds(dfx_median)}; "
             f"same steps {rows[-1]['same_steps']}, max |diff| {rows[-1]['max_abs_diff']:.3g}"
         )
-    doc = H.write_json(out / f"{NAME}.json", NAME, {"threads": threading, "rows": rows}, quick=quick)
+    gbm = _gbm_rows(quick)
+    doc = H.write_json(out / f"{NAME}.json", NAME, {"threads": threading, "rows": rows, "gbm": gbm}, quick=quick)
     H.write_plot(plot, doc, out / f"{NAME}.png")
     return doc
+
+
+def _gbm_rows(quick: bool) -> list[dict]:
+    """GBM timings (module docstring): one row per (library, variant, level)."""
+    import diffeqbridge as deb
+    from benchmarks import _peers as Pe
+    from benchmarks._sde_problems import problems
+
+    class BetweenGraphs(deb.VirtualBrownianTree):
+        """The same tree, its query kept eager between compiled graphs (the earlier path)."""
+
+        @property
+        def traceable(self) -> bool:
+            return False
+
+    P, batch = problems()["gbm"], 256
+    prob = P.ours(batch)
+    trees = {"in-graph": Pe.our_tree(P, batch), "between-graphs": Pe.our_tree(P, batch), "eager": Pe.our_tree(P, batch)}
+    trees["between-graphs"].__class__ = BetweenGraphs
+    exact_end = Pe.reference_ours(P, prob, trees["eager"]).numpy()
+    results: dict[str, Any] = {}
+
+    def ours(variant: str, tol: float) -> Any:
+        def solve() -> Any:
+            sol = deb.solve(
+                prob, deb.SOSRI(), atol=tol, rtol=tol, brownian=trees[variant], compile=variant != "eager", backend="native"
+            )
+            results[f"ours {variant} {tol:g}"] = sol
+            return sol
+
+        return solve
+
+    cases: dict[str, Any] = {}
+    for tol in (1e-2, 1e-3):
+        for variant in ("eager", "in-graph", "between-graphs"):
+            cases[f"ours {variant} {tol:g}"] = ours(variant, tol)
+    for k in (3, 4, 5, 6):
+        runner = Pe.make_torchsde(P, batch, "srk", False)
+        cases[f"torchsde srk {2.0**-k:g}"] = lambda runner=runner, k=k: results.__setitem__(
+            f"torchsde srk {2.0**-k:g}", runner(2.0**-k)
+        )
+    start = time.perf_counter()
+    for case in cases.values():  # compiles both compiled variants before anything is timed
+        case()
+    print(f"GBM: warm-up with compilation {time.perf_counter() - start:.1f} s")
+    timings = H.measure_interleaved(cases, repeats=5 if quick else 15, warmup=0, target_s=0.2)
+    rows = []
+    for name, timing in timings.items():
+        res = results[name]
+        if name.startswith("ours"):
+            err = Pe.strong_error(res.ys[-1].numpy(), exact_end)
+            nfe = float((res.stats.nf + res.stats.ng).double().mean())
+        else:
+            err, nfe = res["err"], res["nfe"]
+        rows.append({"case": name, "wall_s": timing, "err": err, "nfe": nfe})
+    peers = [r for r in rows if r["case"].startswith("torchsde")]
+    for r in rows:
+        if r["case"].startswith("ours"):
+            good = [p for p in peers if p["err"] <= r["err"]]
+            best = min(good, key=lambda p: p["wall_s"].median) if good else None
+            r["matched"] = best["case"] if best else None
+            r["ratio_vs_torchsde"] = r["wall_s"].median / best["wall_s"].median if best else None
+        print(
+            f"GBM {r['case']}: {H.format_seconds(r['wall_s'].median)}, err {r['err']:.2e}, nfe {r['nfe']:.0f}"
+            + (f", {r['ratio_vs_torchsde']:.2f}x {r['matched']}" if r.get("ratio_vs_torchsde") else "")
+        )
+    return rows
 
 
 def plot(doc: dict) -> Any:
@@ -153,7 +228,7 @@ def plot(doc: dict) -> Any:
 
 
 def tables(doc: dict) -> dict[str, str]:
-    """``rows``: eager vs ``compile=True`` per batch size."""
+    """``rows``: eager vs ``compile=True`` per batch size; ``gbm``: the GBM timings."""
     rows = [
         (
             r["batch"],
@@ -183,7 +258,19 @@ def tables(doc: dict) -> dict[str, str]:
         "same steps",
         "max abs. diff",
     ]
-    return {"rows": H.markdown_table(header, rows)}
+    gbm = [
+        (
+            r["case"],
+            H.format_seconds(r["wall_s"]["median"]),
+            f"{r['err']:.2e}",
+            f"{r['nfe']:.0f}",
+            r.get("matched") or "—",
+            f"{r['ratio_vs_torchsde']:.2f}x" if r.get("ratio_vs_torchsde") else "—",
+        )
+        for r in doc.get("gbm", [])
+    ]
+    header_gbm = ["case", "wall time", "strong error", "NFE", "matched torchsde", "time / torchsde"]
+    return {"rows": H.markdown_table(header, rows), "gbm": H.markdown_table(header_gbm, gbm)}
 
 
 def main(argv: list[str] | None = None) -> int:

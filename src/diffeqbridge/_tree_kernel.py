@@ -509,8 +509,21 @@ _CACHES: weakref.WeakValueDictionary[int, ReuseCache] = weakref.WeakValueDiction
 _NO_CACHE = (torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float64), torch.zeros(1, dtype=torch.int64))
 
 
-@torch.library.custom_op("diffeqbridge::tree_point", mutates_args=("prev", "sums", "flag"), device_types="cpu")
-def tree_point_op(
+#: the ops' library (``torch.library.Library`` rather than ``custom_op``: the dispatcher calls
+#: the CPU kernels directly, without custom_op's autograd/ADInplaceOrView wrappers, which took
+#: ~0.1 ms per call filling in defaults; nothing here is differentiated)
+_LIB = torch.library.Library("diffeqbridge", "DEF")
+_LIB.define(
+    "tree_point(Tensor t, Tensor key0, Tensor key1, Tensor w_root, Tensor h_root, Tensor levels, "
+    "Tensor level_keys, Tensor geometry, int cell_key, bool wide, Tensor(a!) prev, Tensor(b!) sums, "
+    "Tensor(c!) flag) -> (Tensor, Tensor)"
+)
+_LIB.define(
+    "tree_increment(float t0, float t1, Tensor s, Tensor t, Tensor w_s, Tensor j_s, Tensor w_t, Tensor j_t) -> (Tensor, Tensor)"
+)
+
+
+def _tree_point_cpu(
     t: Tensor,
     key0: Tensor,
     key1: Tensor,
@@ -525,34 +538,45 @@ def tree_point_op(
     sums: Tensor,
     flag: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`run_c` as a custom op: ``(W(t), J(t))``, each ``(B, N)`` float64; ``t`` ``(B,)``;
-    ``(prev, sums, flag)``: :meth:`ReuseCache.tensors` (updated in place), or ``_NO_CACHE``."""
     kernel = c_kernel()
     assert kernel is not None
     cache = _CACHES.get(prev.data_ptr()) if prev.numel() else None
     return run_c(kernel, t, key0, key1, w_root, h_root, levels, level_keys, geometry, cell_key, wide, cache)
 
 
-@tree_point_op.register_fake
-def _(t: Tensor, key0: Tensor, key1: Tensor, w_root: Tensor, *rest: Any) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(w_root), torch.empty_like(w_root)
-
-
-@torch.library.custom_op("diffeqbridge::tree_increment", mutates_args=(), device_types="cpu")
-def tree_increment_op(
+def _tree_increment_cpu(
     t0: float, t1: float, s: Tensor, t: Tensor, w_s: Tensor, j_s: Tensor, w_t: Tensor, j_t: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """:func:`increment_c` as a custom op: ``(dW, H)``, each ``(B, N)`` float64 (inputs as there)."""
-    out = increment_c(
-        t0, t1, s.contiguous(), t.contiguous(), (w_s.contiguous(), j_s.contiguous()), (w_t.contiguous(), j_t.contiguous())
-    )
+    state_s, state_t = (w_s.contiguous(), j_s.contiguous()), (w_t.contiguous(), j_t.contiguous())
+    out = increment_c(t0, t1, s.contiguous(), t.contiguous(), state_s, state_t)
     assert out is not None
     return out
 
 
-@tree_increment_op.register_fake
-def _(t0: float, t1: float, s: Tensor, t: Tensor, w_s: Tensor, *rest: Any) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(w_s), torch.empty_like(w_s)
+def _like_w(*args: Any) -> tuple[Tensor, Tensor]:
+    """Both ops' outputs: two tensors like their first ``(B, N)`` state argument."""
+    w = next(a for a in args if isinstance(a, Tensor) and a.ndim == 2 and a.dtype == torch.float64)
+    return torch.empty_like(w), torch.empty_like(w)
+
+
+_LIB.impl("tree_point", _tree_point_cpu, "CPU")
+_LIB.impl("tree_increment", _tree_increment_cpu, "CPU")
+torch.library.register_fake("diffeqbridge::tree_point", lambda *args: _like_w(*args[3:]), lib=_LIB)
+torch.library.register_fake("diffeqbridge::tree_increment", lambda *args: _like_w(*args[4:]), lib=_LIB)
+
+
+def tree_point_op(*args: Any) -> tuple[Tensor, Tensor]:
+    """:func:`run_c` as the op ``diffeqbridge::tree_point``: ``(W(t), J(t))``, each ``(B, N)``
+    float64; arguments ``(t, key0, key1, w_root, h_root, levels, level_keys, geometry,
+    cell_key, wide, prev, sums, flag)`` with ``t`` ``(B,)`` and ``(prev, sums, flag)``
+    :meth:`ReuseCache.tensors` (updated in place) or ``_NO_CACHE``."""
+    return torch.ops.diffeqbridge.tree_point(*args)  # type: ignore[no-any-return]
+
+
+def tree_increment_op(*args: Any) -> tuple[Tensor, Tensor]:
+    """:func:`increment_c` as the op ``diffeqbridge::tree_increment``: ``(dW, H)``, each
+    ``(B, N)`` float64; arguments ``(t0, t1, s, t, w_s, j_s, w_t, j_t)``."""
+    return torch.ops.diffeqbridge.tree_increment(*args)  # type: ignore[no-any-return]
 
 
 # ----------------------------------------------------------------------- dispatch
