@@ -288,6 +288,8 @@ _COMPILE_FAILED: dict[tuple[Any, ...], str] = {}
 
 #: torch.compile'd :meth:`Integrator._sde_advance` (one wrapper; dynamo keys its graphs by guards)
 _FUSED_SDE: Callable[..., Any] | None = None
+#: compile=True: the largest ``ys`` (elements) the compiled iteration writes saves into
+_SAVE_IN_GRAPH_ELEMENTS = 2**16
 #: torch.compile'd :meth:`Integrator._iteration` (ODEs; SDEs whose tree query is traceable)
 _FUSED_ITERATION: Callable[..., Any] | None = None
 
@@ -775,7 +777,8 @@ class Integrator:
         else:
             proposal = self._propose(s)
             record = self._advance(s, proposal, self._noise(s, proposal[2]), False)
-        self._save(s, record)
+        if record is not None:  # None: saved inside the compiled graph
+            self._save(s, record)
 
     def _propose(self, s: LoopState) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Clip every active sample's step to its next forced time (fixed step: snap to a grid
@@ -875,11 +878,22 @@ class Integrator:
         and no failed compilation for this solver and these functions."""
         return self.options.compile and self.observer is None and self._fuse_key not in _COMPILE_FAILED
 
-    def _iteration(self, s: LoopState, direct: bool) -> tuple[Any, ...]:
+    def _iteration(self, s: LoopState, direct: bool, save: bool = False) -> tuple[Any, ...] | None:
         """:meth:`_propose`, :meth:`_noise` and :meth:`_advance`: one compiled region for ODEs
-        and for SDEs whose tree query the compiler traces (``_tree_in_graph``)."""
+        and for SDEs whose tree query the compiler traces (``_tree_in_graph``); with ``save``
+        :meth:`_save` too (then None, else its record)."""
         proposal = self._propose(s)
-        return self._advance(s, proposal, self._noise(s, proposal[2]), direct)
+        record = self._advance(s, proposal, self._noise(s, proposal[2]), direct)
+        if not save:
+            return record
+        self._save(s, record)
+        return None
+
+    def _save_in_graph(self, s: LoopState) -> bool:
+        """Whether the compiled iteration saves too: saves at forced times only (no queued
+        interpolated saves, no fixed-step grid) into a small ``ys`` (its in-place write is a
+        graph-input mutation, copied back whole after every call)."""
+        return not self.interpolate and self.grid is None and s.ys.numel() <= _SAVE_IN_GRAPH_ELEMENTS
 
     def _sde_advance(
         self, s: LoopState, proposal: tuple[Tensor, Tensor, Tensor, Tensor], noise: tuple[Any, Tensor | None, Tensor | None]
@@ -888,7 +902,7 @@ class Integrator:
         needs before the next compiled region): one compiled region for SDEs."""
         return self._advance(s, proposal, noise, True), self._propose(s)
 
-    def _fused_step(self, s: LoopState) -> tuple[Any, ...]:
+    def _fused_step(self, s: LoopState) -> tuple[Any, ...] | None:
         """The iteration through ``torch.compile(fullgraph=True)``: ODEs and adaptive SDEs on
         the CPU's C tree kernel (its custom ops, :meth:`VirtualBrownianTree.evaluate_op`) as one
         graph (:meth:`_iteration`); other SDEs query the tree eagerly between graphs that run
@@ -909,7 +923,7 @@ class Integrator:
             _FUSED_ITERATION = torch.compile(Integrator._iteration, dynamic=False, fullgraph=True, options=options)
         if self.tree is None or self._tree_in_graph:
             try:
-                return _FUSED_ITERATION(self, s, True)  # type: ignore[no-any-return]
+                return _FUSED_ITERATION(self, s, True, self._save_in_graph(s))  # type: ignore[no-any-return]
             except Exception as exc:  # no compiler, unsupported op, graph break: fall back
                 _COMPILE_FAILED[self._fuse_key] = _compile_failure(exc, self.solver, s.y)
                 self._tree_in_graph = False
