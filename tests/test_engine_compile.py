@@ -160,3 +160,26 @@ def test_compiled_adaptive_sde_is_as_accurate_as_eager(monkeypatch):
     assert abs(work[1] - work[0]) <= 0.05 * work[0], work
     errors = [strong_error(s, exact, bm) for s in (eager, compiled)]
     assert errors[1] <= 1.5 * errors[0] and errors[0] <= 1.5 * errors[1], errors
+
+
+def test_compiled_iterations_unrolled_by_check_every(monkeypatch):
+    """``check_every=k`` with ``compile=True``: after each check one compiled call runs ``k``
+    iterations (the save at ``t1`` inside the graph).  Stopped samples are frozen, so the
+    steps are the per-iteration compiled loop's and the states agree to the last bits (the
+    unrolled graph may fuse across iterations)."""
+    y0 = torch.tensor([[1.0, 1.0], [2.0, 0.5], [0.5, 3.0]])
+    prob = deb.ODEProblem(lotka_volterra, y0, (0.0, 3.0))
+    kwargs = dict(alg=deb.Tsit5(), atol=1e-6, rtol=1e-6, backend="native")
+    eager = deb.solve(prob, **kwargs)
+    repeats = []
+    original = engine.Integrator._repeat
+
+    def recording(self, s):
+        repeats.append(original(self, s))
+        return repeats[-1]
+
+    monkeypatch.setattr(engine.Integrator, "_repeat", recording)
+    unrolled = deb.solve(prob, compile=True, check_every=2, **kwargs)
+    assert_compiled(prob)
+    assert repeats.count(2) >= 10 and set(repeats) == {1, 2}, repeats
+    assert_same_solve(eager, unrolled)

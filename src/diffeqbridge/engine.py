@@ -577,6 +577,7 @@ class Integrator:
         #: compile=True, adaptive SDEs on the CPU's C kernel: the tree query inside the compiled
         #: iteration through its custom ops (set at the first, eager, iteration)
         self._tree_in_graph = False
+        self._stop_at: int | None = None  # run()'s stop_at (compiled iterations are not unrolled past it)
         problem = terms.problem
         self._fuse_key = ("advance", type(solver), id(problem.drift), id(getattr(problem, "diffusion", None)))
 
@@ -640,6 +641,7 @@ class Integrator:
         """Iterate until every sample stopped (or iteration ``stop_at``).  Returns a snapshot
         taken at the first check after the slowest sample passed each of ``boundaries``."""
         snaps: list[LoopState] = []
+        self._stop_at = stop_at
         pending = list(boundaries or [])
         sign, grid, every = self.sign, self.grid, self.options.check_every
         bar = _Progress(progress, float(self.t_start), float(self.t_end))
@@ -771,9 +773,10 @@ class Integrator:
     def step(self, s: LoopState) -> None:
         """One iteration, updating ``s`` in place: propose -> noise -> :meth:`_advance`
         (solver, controller, masked merge, stop checks) -> :meth:`_save`."""
-        s.iteration += 1
+        repeat = self._repeat(s)
+        s.iteration += repeat
         if self._fused():
-            record = self._fused_step(s)
+            record = self._fused_step(s, repeat)
         else:
             proposal = self._propose(s)
             record = self._advance(s, proposal, self._noise(s, proposal[2]), False)
@@ -878,16 +881,31 @@ class Integrator:
         and no failed compilation for this solver and these functions."""
         return self.options.compile and self.observer is None and self._fuse_key not in _COMPILE_FAILED
 
-    def _iteration(self, s: LoopState, direct: bool, save: bool = False) -> tuple[Any, ...] | None:
+    def _iteration(self, s: LoopState, direct: bool, save: bool = False, repeat: int = 1) -> tuple[Any, ...] | None:
         """:meth:`_propose`, :meth:`_noise` and :meth:`_advance`: one compiled region for ODEs
         and for SDEs whose tree query the compiler traces (``_tree_in_graph``); with ``save``
-        :meth:`_save` too (then None, else its record)."""
+        :meth:`_save` too (then None, else its record), ``repeat`` times (:meth:`_repeat`)."""
+        for _ in range(repeat - 1):
+            self._iteration(s, direct, True)
         proposal = self._propose(s)
         record = self._advance(s, proposal, self._noise(s, proposal[2]), direct)
         if not save:
             return record
         self._save(s, record)
         return None
+
+    def _repeat(self, s: LoopState) -> int:
+        """How many iterations the next compiled call runs: ``check_every`` (unrolled in one
+        graph, amortising the call's overhead) right after a check, when the iteration saves in
+        the graph (:meth:`_save_in_graph`) and :meth:`run` has no ``stop_at``; else 1.  Stopped
+        samples are frozen, so the iterations past the last sample's end change nothing (the
+        per-iteration loop runs them too, up to its next check)."""
+        every = self.options.check_every
+        if every == 1 or s.iteration == 0 or s.iteration % every or self._stop_at is not None or not self._fused():
+            return 1
+        if (self.tree is not None and not self._tree_in_graph) or not self._save_in_graph(s):
+            return 1
+        return every
 
     def _save_in_graph(self, s: LoopState) -> bool:
         """Whether the compiled iteration saves too: saves at forced times only (no queued
@@ -902,7 +920,7 @@ class Integrator:
         needs before the next compiled region): one compiled region for SDEs."""
         return self._advance(s, proposal, noise, True), self._propose(s)
 
-    def _fused_step(self, s: LoopState) -> tuple[Any, ...] | None:
+    def _fused_step(self, s: LoopState, repeat: int = 1) -> tuple[Any, ...] | None:
         """The iteration through ``torch.compile(fullgraph=True)``: ODEs and adaptive SDEs on
         the CPU's C tree kernel (its custom ops, :meth:`VirtualBrownianTree.evaluate_op`) as one
         graph (:meth:`_iteration`); other SDEs query the tree eagerly between graphs that run
@@ -923,11 +941,11 @@ class Integrator:
             _FUSED_ITERATION = torch.compile(Integrator._iteration, dynamic=False, fullgraph=True, options=options)
         if self.tree is None or self._tree_in_graph:
             try:
-                return _FUSED_ITERATION(self, s, True, self._save_in_graph(s))  # type: ignore[no-any-return]
+                return _FUSED_ITERATION(self, s, True, self._save_in_graph(s), repeat)  # type: ignore[no-any-return]
             except Exception as exc:  # no compiler, unsupported op, graph break: fall back
                 _COMPILE_FAILED[self._fuse_key] = _compile_failure(exc, self.solver, s.y)
                 self._tree_in_graph = False
-                return self._iteration(s, False)
+                return self._iteration(s, False, repeat > 1, repeat)
         # the proposal the previous compiled region made, unless the state changed since
         # (snapshot restored, batch compacted: another ``s.t``)
         made_for, proposal = self._next_proposal
