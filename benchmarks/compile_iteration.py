@@ -4,12 +4,14 @@ x' = 1.5x - xy, y' = -3y + xy on [0, 10], atol = rtol = 1e-6, batches of B initi
 Measured per batch size: the first compiled solve from a cold inductor cache (compile
 time + one solve), the warm per-solve times of both loops and of diffrax (Tsit5, the same
 PIDController tolerances, ``jax.jit(jax.vmap(diffeqsolve))`` over the batch: per-sample
-steps as ours; warm, compiled before timing) as interleaved medians, the steps (which must be
+steps as ours; warm, compiled before timing) as interleaved medians (``unrolled``: compiled with
+``check_every=8``, 8 iterations per compiled call), the steps (which must be
 equal between our loops) and the largest difference of the solutions.
 
 GBM (``gbm`` rows; the problem of ``sde_work_precision.py``, B = 256 paths on one shared
 Brownian path per sample): SOSRI at tol 1e-2 and 1e-3, eager, compiled with the tree query
-inside the graph (the C kernel as custom ops) and compiled with it between graphs (the path
+inside the graph (the C kernel as custom ops; also with ``check_every=8``: 8 iterations per
+compiled call) and compiled with it between graphs (the path
 before the custom ops, forced with a tree whose ``traceable`` is False), against torchsde's
 fixed-step ``srk`` on the same paths; all interleaved in one measurement.  ``matched``:
 torchsde's cheapest run at least as accurate (strong error at T) as ours.
@@ -33,6 +35,7 @@ except ImportError:
     from benchmarks import _harness as H  # type: ignore[no-redef]
 
 NAME = "compile_iteration"
+UNROLL = 8  # check_every of the "unrolled" runs: compiled calls of 8 iterations
 
 
 def _diffrax_solve(batch: int) -> Any:
@@ -98,14 +101,15 @@ def run(quick: bool, out: Path, threads: int = 1) -> dict:
     for batch in [1, 64] if quick else [1, 64, 1024]:
         prob = _problem(batch)
 
-        def solve(compile: bool, prob: Any = prob) -> Any:
-            return deb.solve(prob, deb.Tsit5(), atol=1e-6, rtol=1e-6, backend="native", compile=compile)
+        def solve(compile: bool, prob: Any = prob, every: int | None = None) -> Any:
+            return deb.solve(prob, deb.Tsit5(), atol=1e-6, rtol=1e-6, backend="native", compile=compile, check_every=every)
 
         eager = solve(False)
         start = time.perf_counter()
         compiled = solve(True)
         first = time.perf_counter() - start
-        cases = {"eager": lambda: solve(False), "compiled": lambda: solve(True)}
+        unrolled = solve(True, every=UNROLL)  # compiles the unrolled graph
+        cases = {"eager": lambda: solve(False), "compiled": lambda: solve(True), "unrolled": lambda: solve(True, every=UNROLL)}
         dfx = _diffrax_solve(batch)
         if dfx is not None:
             cases["diffrax"] = dfx
@@ -121,6 +125,9 @@ def run(quick: bool, out: Path, threads: int = 1) -> dict:
                 "speedup": timings["eager"].median / timings["compiled"].median,
                 "eager_over_diffrax": timings["eager"].median / dfx_median if dfx_median else None,
                 "compiled_over_diffrax": timings["compiled"].median / dfx_median if dfx_median else None,
+                "unrolled": timings["unrolled"],
+                "unrolled_over_diffrax": timings["unrolled"].median / dfx_median if dfx_median else None,
+                "unrolled_max_abs_diff": float((eager.ys - unrolled.ys).abs().max()),
                 "naccept_max": int(eager.stats.naccept.max()),
                 "same_steps": bool(
                     (eager.stats.naccept == compiled.stats.naccept).all()
@@ -132,6 +139,7 @@ def run(quick: bool, out: Path, threads: int = 1) -> dict:
         print(
             f"B={batch}: first compiled solve {first:.2f} s; eager {H.format_seconds(timings['eager'].median)}, "
             f"compiled {H.format_seconds(timings['compiled'].median)} per solve, "
+            f"unrolled (check_every={UNROLL}) {H.format_seconds(timings['unrolled'].median)}, "
             f"diffrax {H.format_seconds(dfx_median)}; "
             f"same steps {rows[-1]['same_steps']}, max |diff| {rows[-1]['max_abs_diff']:.3g}"
         )
@@ -163,8 +171,17 @@ def _gbm_rows(quick: bool) -> list[dict]:
 
     def ours(variant: str, tol: float) -> Any:
         def solve() -> Any:
+            every = UNROLL if variant.endswith("unrolled") else None
+            tree = trees[variant.removesuffix("-unrolled")]
             sol = deb.solve(
-                prob, deb.SOSRI(), atol=tol, rtol=tol, brownian=trees[variant], compile=variant != "eager", backend="native"
+                prob,
+                deb.SOSRI(),
+                atol=tol,
+                rtol=tol,
+                brownian=tree,
+                compile=variant != "eager",
+                check_every=every,
+                backend="native",
             )
             results[f"ours {variant} {tol:g}"] = sol
             return sol
@@ -173,7 +190,7 @@ def _gbm_rows(quick: bool) -> list[dict]:
 
     cases: dict[str, Any] = {}
     for tol in (1e-2, 1e-3):
-        for variant in ("eager", "in-graph", "between-graphs"):
+        for variant in ("eager", "in-graph", "between-graphs", "in-graph-unrolled"):
             cases[f"ours {variant} {tol:g}"] = ours(variant, tol)
     for k in (3, 4, 5, 6):
         runner = Pe.make_torchsde(P, batch, "srk", False)
@@ -213,11 +230,16 @@ def plot(doc: dict) -> Any:
     rows = doc["rows"]
     fig, (ax,) = H.figure()
     xs = [str(r["batch"]) for r in rows]
-    width = 0.27
-    series = [("eager", "eager"), ("compiled", "compile=True"), ("diffrax", "diffrax (jit, vmap)")]
+    width = 0.2
+    series = [
+        ("eager", "eager"),
+        ("compiled", "compile=True"),
+        ("unrolled", f"compile=True, check_every={UNROLL}"),
+        ("diffrax", "diffrax (jit, vmap)"),
+    ]
     for k, (key, name) in enumerate(series):
         values = [r[key]["median"] if r.get(key) else 0.0 for r in rows]
-        ax.bar([i + (k - 1) * width for i in range(len(xs))], values, width, label=name)
+        ax.bar([i + (k - 1.5) * width for i in range(len(xs))], values, width, label=name)
     ax.set_xticks(range(len(xs)), xs)
     ax.set_xlabel("batch size B")
     ax.set_ylabel("seconds per solve (warm)")
@@ -239,6 +261,8 @@ def tables(doc: dict) -> dict[str, str]:
             f"{r['speedup']:.2f}x",
             f"{r['eager_over_diffrax']:.1f}x" if r.get("eager_over_diffrax") else "—",
             f"{r['compiled_over_diffrax']:.1f}x" if r.get("compiled_over_diffrax") else "—",
+            H.format_seconds(r["unrolled"]["median"]) if r.get("unrolled") else "—",
+            f"{r['unrolled_over_diffrax']:.1f}x" if r.get("unrolled_over_diffrax") else "—",
             r["naccept_max"],
             "yes" if r["same_steps"] else "no",
             f"{r['max_abs_diff']:.1e}",
@@ -254,6 +278,8 @@ def tables(doc: dict) -> dict[str, str]:
         "speed-up",
         "eager/diffrax",
         "compiled/diffrax",
+        "compiled, check_every=8",
+        "that/diffrax",
         "steps",
         "same steps",
         "max abs. diff",
