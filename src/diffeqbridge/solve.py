@@ -336,7 +336,9 @@ def solve(
         check_every: the engine checks whether every sample has finished once per this many
             loop iterations (a host synchronisation).  Default: 1 on the CPU (a check is
             free there, and the loop stops right after the slowest sample's last step), 8 on
-            accelerators (fewer stalls; up to 7 masked iterations at the end).
+            accelerators (fewer stalls; up to 7 masked iterations at the end).  With
+            ``compile=True`` one compiled call runs this many iterations where the loop saves
+            inside the graph (docs/engine.md; e.g. 8: fewer calls' overhead, more compile time).
         regularize: ``None`` or a solver-heuristic regularizer, ``deb.Regularization(...)`` or
             its kind as a string (``"error"``, ``"stiffness"``, ``"local_error"``,
             ``"local_stiffness"``); the solution then carries ``sol.regularization``, a
