@@ -141,13 +141,13 @@ def step_coefficients(kind: str, y0: Tensor, y1: Tensor, h: Tensor, out: StepOut
         first, second = kind.split("|")
         assert out.stages is not None and out.method is not None
         n = OWN_STAGES[first]
-        a = step_coefficients(first, y0, y1, h, StepOutput(y1, None, 0, 0, stages=out.stages[:n]), f0)
-        b = step_coefficients(second, y0, y1, h, StepOutput(y1, None, 0, 0, stages=out.stages[n:]), f0)
+        ca = step_coefficients(first, y0, y1, h, StepOutput(y1, None, 0, 0, stages=out.stages[:n]), f0)
+        cb = step_coefficients(second, y0, y1, h, StepOutput(y1, None, 0, 0, stages=out.stages[n:]), f0)
         zero = torch.zeros_like(y0)
-        a += [zero] * (len(b) - len(a))
-        b += [zero] * (len(a) - len(b))
+        ca += [zero] * (len(cb) - len(ca))
+        cb += [zero] * (len(ca) - len(cb))
         use_b = expand_to(out.method, y0)
-        return [torch.where(use_b, cb, ca) for ca, cb in zip(a, b)]
+        return [torch.where(use_b, q, p) for p, q in zip(ca, cb)]
     hb = expand_to(h, y0).to(y0.dtype)
     delta = y1 - y0
     if kind == "tsit5":

@@ -35,6 +35,12 @@ method), ``first_switch_t`` / ``last_switch_t`` (NaN when the sample never switc
 (the last accepted ``ρ``) and ``max_eigen_est``.  ``nf`` counts, per sample, the
 evaluations of the method that sample used.
 
+Dense output and saves: when both methods have their own interpolant (``AutoTsit5(Rodas4())``,
+``interpolant_stages``), a step's ``StepOutput`` carries both methods' interpolant stages and
+the per-sample ``method`` mask, so each sample's ``saveat`` values and ``sol(t)`` come from
+the method it used (:func:`diffeqbridge.dense.step_coefficients`); with other partners
+(``Kvaerno5``) the loop lands on every save time.
+
 Controller: the non-stiff method's PI constants are used for every sample (OrdinaryDiffEq
 also keeps one controller for a composite algorithm).
 
