@@ -17,6 +17,10 @@ with the coefficients of the solver's interpolant:
 * ``Rodas4`` — Hairer–Wanner's 3rd-order Rosenbrock interpolant (RODAS; coefficients
   ``h_21 ... h_35`` as OrdinaryDiffEq.jl's ``Rodas4Tableau``):
   ``(1-θ) y_n + θ (y_{n+1} + (1-θ)(κ_1 + θ κ_2))`` with ``κ_j = Σ_i h_{j+1,i} k_i``.  K = 3.
+* ``AutoTsit5(Rodas4())`` (``alg=None``'s default for small systems) and the other composites
+  of two methods above — per sample the interpolant of the method that sample took the step
+  with (``StepOutput.method``), selected with ``torch.where``; the cubic terms of a Rodas4
+  step are padded with a zero 4th coefficient.  K = 4 (order 3 when Rodas4 is one of them).
 * other ODE solvers that carry ``f(t, y)`` across steps (``Kvaerno5`` and the other FSAL
   methods) — the cubic Hermite interpolant on ``(y_n, f_n, y_{n+1}, f_{n+1})`` (3rd order:
   local error ``O(h^4)``).  K = 3.
@@ -86,14 +90,28 @@ _RODAS4_H = (
 
 #: interpolant -> (degree K, order of the interpolant)
 KINDS = {"tsit5": (4, 4), "dopri5": (4, 4), "rodas4": (3, 3), "hermite": (3, 3), "linear": (1, 1)}
+#: the stages ``StepOutput.stages`` of each solver's own interpolant reads (``k_1 ... k_S``)
+OWN_STAGES = {"tsit5": 7, "dopri5": 7, "rodas4": 5}
+
+
+def _kind_info(kind: str) -> tuple[int, int]:
+    """``(degree K, order)`` of an interpolant, a composite ``"a|b"`` included."""
+    if "|" in kind:
+        (ka, oa), (kb, ob) = (KINDS[part] for part in kind.split("|"))
+        return max(ka, kb), min(oa, ob)
+    return KINDS[kind]
 
 
 def interpolant_kind(solver: AbstractSolver) -> str:
     """Which interpolant ``solve(..., dense=True)`` uses for ``solver`` (see the module docstring)."""
-    from .solvers import Dopri5, Rodas4, Tsit5
+    from .solvers import AutoSwitch, Dopri5, Rodas4, Tsit5
 
     if solver.is_sde:
         return "linear"
+    if isinstance(solver, AutoSwitch):
+        parts = interpolant_kind(solver.nonstiff), interpolant_kind(solver.stiff)
+        if all(part in OWN_STAGES for part in parts):
+            return "|".join(parts)  # per sample, the method's own interpolant
     if type(solver) is Tsit5:
         return "tsit5"
     if type(solver) is Dopri5:
@@ -113,7 +131,23 @@ def _combine(weights: Sequence[Sequence[float]], ks: Sequence[Tensor]) -> list[T
 
 
 def step_coefficients(kind: str, y0: Tensor, y1: Tensor, h: Tensor, out: StepOutput, f0: Tensor | None) -> list[Tensor]:
-    """``[c_1, ..., c_K]`` of one step (each ``y0``'s shape); ``h`` is ``(B,)``."""
+    """``[c_1, ..., c_K]`` of one step (each ``y0``'s shape); ``h`` is ``(B,)``.
+
+    A composite kind ``"a|b"``: ``out.stages`` holds ``a``'s :data:`OWN_STAGES` stages then
+    ``b``'s, ``out.method`` ``(B,)`` is True where the sample took ``b``'s step; each
+    sample gets its own method's coefficients (the other method's, possibly non-finite on a
+    stiff sample, are discarded by ``torch.where``)."""
+    if "|" in kind:
+        first, second = kind.split("|")
+        assert out.stages is not None and out.method is not None
+        n = OWN_STAGES[first]
+        ca = step_coefficients(first, y0, y1, h, StepOutput(y1, None, 0, 0, stages=out.stages[:n]), f0)
+        cb = step_coefficients(second, y0, y1, h, StepOutput(y1, None, 0, 0, stages=out.stages[n:]), f0)
+        zero = torch.zeros_like(y0)
+        ca += [zero] * (len(cb) - len(ca))
+        cb += [zero] * (len(ca) - len(cb))
+        use_b = expand_to(out.method, y0)
+        return [torch.where(use_b, q, p) for p, q in zip(ca, cb)]
     hb = expand_to(h, y0).to(y0.dtype)
     delta = y1 - y0
     if kind == "tsit5":
@@ -155,7 +189,7 @@ class DenseRecorder:
     def __init__(self, solver: AbstractSolver, y0: Tensor, t0: float, t1: float | None = None):
         self.direction = -1.0 if t1 is not None and t1 < t0 else 1.0
         self.kind = interpolant_kind(solver)
-        self.degree, self.order = KINDS[self.kind]
+        self.degree, self.order = _kind_info(self.kind)
         self.t0 = t0
         self.y0 = y0
         self.records: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # (start, h, accepted, (K+1, B, *state))

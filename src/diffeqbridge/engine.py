@@ -240,11 +240,12 @@ def _shared_grid(stops: Tensor, dt_initial: Tensor, options: EngineOptions) -> t
 
 def saves_by_interpolation(solver: AbstractSolver, options: EngineOptions, is_sde: bool) -> bool:
     """Whether the loop fills save times from the solver's interpolant (adaptive ODE solvers
-    with a dense interpolant of their own order: Tsit5, Dopri5, Rodas4) rather than landing on
+    with a dense interpolant of their own order: Tsit5, Dopri5, Rodas4, and composites of two
+    of them, per sample, such as ``alg=None``'s ``AutoTsit5(Rodas4())``) rather than landing on
     them.  A cubic Hermite interpolant across a 5th-order method's long steps misses the
-    tolerance by 50-120x (Kvaerno5, the composites' mixed steps), so those land on every save
-    time, as before."""
-    return not is_sde and options.adaptive and interpolant_kind(solver) in ("tsit5", "dopri5", "rodas4")
+    tolerance by 50-120x (Kvaerno5 and composites with it), so those land on every save time."""
+    kind = interpolant_kind(solver)
+    return not is_sde and options.adaptive and all(part in ("tsit5", "dopri5", "rodas4") for part in kind.split("|"))
 
 
 def _iteration_core(
@@ -998,6 +999,7 @@ class Integrator:
             ng=0,
             f1=_cat_all([o.f1 for o in outs]),
             stages=None if any(k is None for k in stages) else [torch.cat(k) for k in zip(*stages)],  # type: ignore[misc]
+            method=_cat_all([o.method for o in outs]),
         )
         f0 = _cat_all([p.f0 if isinstance(p.f0, Tensor) else None for p in work])
         j = torch.arange(int(max(largest)), device=count.device)

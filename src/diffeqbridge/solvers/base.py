@@ -47,7 +47,11 @@ class StepOutput:
             ``Stats.extra["njac"]``), None when the solver builds none.
         stages: the stage derivatives ``k_i`` of the step (``Tsit5``/``Dopri5``: ``drift`` at
             the stages; ``Rodas4``: its transformed stages), what the solver's free interpolant
-            needs for dense output (:mod:`diffeqbridge.dense`); None for other solvers.
+            needs for dense output (:mod:`diffeqbridge.dense`); None for other solvers.  A
+            composite of two such methods (``AutoTsit5(Rodas4())``) gives the non-stiff
+            method's stages then the stiff one's (zeros for a method that did not run).
+        method: ``(B,)`` bool, composites whose ``stages`` are set: True where the sample took
+            the stiff method's step (selects the interpolant per sample).
         state: the solver's per-solve state after this step (stateful solvers only, see
             :meth:`AbstractSolver.init`); None: unchanged.
         nf / ng may also be ``(B,)`` int tensors (composite solvers count per sample).
@@ -63,6 +67,7 @@ class StepOutput:
     njac: int | Tensor | None = None
     stages: list[Tensor] | None = None
     state: Any = None
+    method: Tensor | None = None
 
 
 class AbstractSolver:

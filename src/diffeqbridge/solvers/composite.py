@@ -35,6 +35,12 @@ method), ``first_switch_t`` / ``last_switch_t`` (NaN when the sample never switc
 (the last accepted ``ρ``) and ``max_eigen_est``.  ``nf`` counts, per sample, the
 evaluations of the method that sample used.
 
+Dense output and saves: when both methods have their own interpolant (``AutoTsit5(Rodas4())``,
+``interpolant_stages``), a step's ``StepOutput`` carries both methods' interpolant stages and
+the per-sample ``method`` mask, so each sample's ``saveat`` values and ``sol(t)`` come from
+the method it used (:func:`diffeqbridge.dense.step_coefficients`); with other partners
+(``Kvaerno5``) the loop lands on every save time.
+
 Controller: the non-stiff method's PI constants are used for every sample (OrdinaryDiffEq
 also keeps one controller for a composite algorithm).
 
@@ -148,6 +154,11 @@ class AutoSwitch(AbstractSolver):
         self.fsal = nonstiff.fsal
         for name in ("controller_order", "beta1", "beta2", "qmax", "qmin", "gamma"):
             setattr(self, name, getattr(nonstiff, name))
+        from ..dense import OWN_STAGES, interpolant_kind  # dense imports the solvers
+
+        kind = interpolant_kind(self)
+        #: per method, the stages its own interpolant reads; None: no per-sample interpolant
+        self.interpolant_stages = tuple(OWN_STAGES[part] for part in kind.split("|")) if "|" in kind else None
 
     # ------------------------------------------------------------------ per-solve state
     def init(self, terms: Terms, t: Tensor, y0: Tensor) -> SwitchState:
@@ -214,6 +225,9 @@ class AutoSwitch(AbstractSolver):
             out = a if b is None else b
             assert out is not None
             out.state = state
+            if self.interpolant_stages is not None:
+                out.stages = self._interpolant_stages(y, a, b)
+                out.method = torch.full_like(stiff, b is not None)
             return out
         ones = torch.ones_like(stiff)
         converged = None if b.converged is None else torch.where(stiff, b.converged, ones)
@@ -236,7 +250,19 @@ class AutoSwitch(AbstractSolver):
             stiffness=_pick(stiff, b.stiffness, a.stiffness),
             njac=njac,
             state=state,
+            stages=None if self.interpolant_stages is None else self._interpolant_stages(y, a, b),
+            method=None if self.interpolant_stages is None else stiff,
         )
+
+    def _interpolant_stages(self, y: Tensor, a: StepOutput | None, b: StepOutput | None) -> list[Tensor]:
+        """Both methods' interpolant stages (:data:`diffeqbridge.dense.OWN_STAGES`), the
+        non-stiff method's first; a method that did not run gives (unallocated) zeros."""
+        assert self.interpolant_stages is not None
+        zero = torch.zeros((), dtype=y.dtype, device=y.device).expand_as(y)
+        stages: list[Tensor] = []
+        for out, n in zip((a, b), self.interpolant_stages):
+            stages += [zero] * n if out is None or out.stages is None else list(out.stages[:n])
+        return stages
 
     def update(
         self, state: SwitchState, accepted: Tensor, active: Tensor, t: Tensor, dt: Tensor, out: StepOutput
