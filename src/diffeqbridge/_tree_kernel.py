@@ -493,7 +493,9 @@ def run_c(
         kernel(*args, None, None, 0)
     else:
         with reuse.lock:
-            kernel(*args, reuse.prev.data_ptr(), reuse.sums.data_ptr(), int(reuse.flag[0]))
+            # the flag read through its address: a CPU word, not a torch scalar conversion
+            filled = ctypes.c_int64.from_address(reuse.flag.data_ptr()).value
+            kernel(*args, reuse.prev.data_ptr(), reuse.sums.data_ptr(), filled)
             reuse.flag.fill_(1)
     return w_out, j_out
 
