@@ -347,6 +347,17 @@ def _newton_update(z: Tensor, z_new: Tensor, converged: Tensor, finite: Tensor) 
     return torch.where(take_new, z_new, torch.where(expand_to(finite, z), frozen, z))
 
 
+def shampine_filter(
+    error: Tensor, factors: tuple[Tensor, Tensor] | None, f: Field, t1: Tensor, z: Tensor, gh_b: Tensor, krylov_dim: int
+) -> tuple[Tensor, int]:
+    """Shampine's filter of an error estimate, ``(I - gh J)^-1 error`` (``(B, ...)``): by the
+    step's LU factors when given, else by GMRES with JVPs of ``f`` at ``z``; returns the
+    filtered estimate and the drift evaluations it took."""
+    if factors is not None:
+        return lu_solve(factors, error), 0
+    return krylov_solve(f, t1, z, gh_b, error, krylov_dim), krylov_dim
+
+
 def krylov_solve(f: Field, t1: Tensor, z: Tensor, gh_b: Tensor, rhs: Tensor, iters: int) -> Tensor:
     """GMRES for ``(I - gh J(z)) x = rhs`` with JVPs at ``z`` (linear in ``rhs``, so
     gradients flow through ``rhs`` only: the operator itself is not differentiated)."""

@@ -64,12 +64,11 @@ from ..nonlinear import (
     JacSpec,
     NewtonOptions,
     batched_jacobian,
-    krylov_solve,
     lu_factor,
-    lu_solve,
     mark_failed,
     newton_matrix,
     newton_stage,
+    shampine_filter,
 )
 from ..problem import Terms, expand_to
 from .base import ALL_NOISE, BOTH_INTERPRETATIONS, AbstractSolver, StepOutput, jacobian_inf_norm
@@ -153,10 +152,8 @@ class _DriftImplicit(AbstractSolver):
         error = dt_b * dt_b * jf / 2
         if not self.smooth_est or self.theta == 0.0:
             return error, 0
-        if factors is not None:
-            return lu_solve(factors, error), 0
         gh = expand_to(self.theta * dt, y).to(y.dtype)
-        return krylov_solve(terms.drift, t, y, gh, error, self.newton.krylov_dim), self.newton.krylov_dim
+        return shampine_filter(error, factors, terms.drift, t, y, gh, self.newton.krylov_dim)
 
     def __repr__(self) -> str:
         smooth = ", smooth_est=True" if self.smooth_est else ""

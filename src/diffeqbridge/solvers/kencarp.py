@@ -90,12 +90,11 @@ from ..nonlinear import (
     JacSpec,
     NewtonOptions,
     batched_jacobian,
-    krylov_solve,
     lu_factor,
-    lu_solve,
     mark_failed,
     newton_matrix,
     newton_stage,
+    shampine_filter,
 )
 from ..problem import Terms, expand_to
 from .base import (
@@ -231,11 +230,8 @@ class SKenCarp(AbstractSolver):
             e1 = linear_combination(BTILDE, [z1, z2, z3, z4])
             assert e1 is not None
             if self.smooth_est:
-                if factors is not None:
-                    e1 = lu_solve(factors, e1)
-                else:
-                    e1 = krylov_solve(drift, t, y, expand_to(gh, y).to(y.dtype), e1, opts.krylov_dim)
-                    nf += opts.krylov_dim
+                e1, n_filter = shampine_filter(e1, factors, drift, t, y, expand_to(gh, y).to(y.dtype), opts.krylov_dim)
+                nf += n_filter
             error = self.delta * e1 + e2
         return StepOutput(
             mark_failed(y1, converged),
