@@ -1041,8 +1041,9 @@ class Integrator:
                 if len(self._graphs) < _MAX_GRAPHS:
                     self._graphs[key] = None
                 return False
-            assert _FUSED_ITERATION is not None
-            fused = _FUSED_ITERATION
+            # the compiled function the first call compiled (no compiling during a capture)
+            fused = _FUSED_UNROLLED if self._cpp_wrapper(s, repeat) else _FUSED_ITERATION
+            assert fused is not None
             try:
                 graphed = _cuda_graph.capture(lambda work: fused(self, work, True, True, repeat), s, _GRAPH_FIELDS, _new_graph())
             except Exception as exc:  # a host sync, an uncapturable op: compiled calls without graphs
