@@ -44,6 +44,9 @@ TERMINATED = int(ReturnCode.Terminated)
 DT_LESS_THAN_MIN = int(ReturnCode.DtLessThanMin)
 MAX_ITERS = int(ReturnCode.MaxIters)
 _SQRT_FLOATMAX = {dtype: math.sqrt(torch.finfo(dtype).max) for dtype in (torch.float32, torch.float64)}
+#: lockstep fixed-step solves skip the per-iteration machinery (Integrator._run_lockstep);
+#: False forces the per-iteration loop (tests compare the two bit for bit)
+LOCKSTEP_FAST_PATH = True
 #: interpolated saves are written at the first termination check after this many queued steps
 #: (and before a snapshot, a compaction and the end of ``run``)
 FLUSH_AFTER = 16
@@ -221,10 +224,10 @@ class _TooLong(Exception):
     """:func:`fixed_steps` went past its ``limit``."""
 
 
-def _shared_grid(stops: Tensor, dt_initial: Tensor, options: EngineOptions) -> tuple[list[float], list[int]] | None:
-    """The step times shared by every sample of a fixed-step solve and, per forced time after
-    the first, the iteration that reaches it (one host sync, before the loop); None when the
-    samples do not step in lockstep (adaptive, or per-sample ``dt``)."""
+def _shared_grid(stops: Tensor, dt_initial: Tensor, options: EngineOptions) -> tuple[list[float], list[int], list[float]] | None:
+    """The step times shared by every sample of a fixed-step solve, per forced time after the
+    first the iteration that reaches it, and the signed steps (one host sync, before the loop);
+    None when the samples do not step in lockstep (adaptive, or per-sample ``dt``)."""
     if options.adaptive or dt_initial.numel() == 0:
         return None
     dt = dt_initial.to(torch.float64)
@@ -235,7 +238,7 @@ def _shared_grid(stops: Tensor, dt_initial: Tensor, options: EngineOptions) -> t
         steps, reached = fixed_steps(times, float(dt[0]), limit=options.max_steps + len(times))
     except _TooLong:
         return None
-    return [times[0]] + [t for _, _, t in steps], reached
+    return [times[0]] + [t for _, _, t in steps], reached, [h for _, h, _ in steps]
 
 
 def saves_by_interpolation(solver: AbstractSolver, options: EngineOptions, is_sde: bool) -> bool:
@@ -560,8 +563,11 @@ class Integrator:
         shared = _shared_grid(self.stops, dt_initial, options) if tree is not None and lockstep else None
         self.grid = shared[0] if shared is not None else None
         slots = self.stop_slot.tolist()
-        # lockstep: the iterations that save (nobody saves in the others)
-        self.save_iterations = {i for k, i in enumerate(shared[1], start=1) if slots[k] >= 0} if shared else set()
+        # lockstep: the iterations that save (nobody saves in the others) and their save slots,
+        # the iterations that reach a forced time, and the signed steps (:meth:`_run_lockstep`)
+        self.save_slots = {i: slots[k] for k, i in enumerate(shared[1], start=1) if slots[k] >= 0} if shared else {}
+        self.save_iterations = set(self.save_slots)
+        self._reached, self._grid_steps = (shared[1], shared[2]) if shared is not None else ([], [])
         self.dtmin = torch.tensor(options.dtmin, dtype=torch.float64, device=save_times.device)
         self.growth_bound: Tensor | None = None  # set by init, with lanes = arange(B)
         self.lanes = torch.arange(0)  # the rows of ys the state's samples are (compaction)
@@ -643,6 +649,8 @@ class Integrator:
         taken at the first check after the slowest sample passed each of ``boundaries``."""
         snaps: list[LoopState] = []
         self._stop_at = stop_at
+        if self._lockstep_applies(s, stop_at, boundaries, progress) and self._run_lockstep(s):
+            return snaps
         pending = list(boundaries or [])
         sign, grid, every = self.sign, self.grid, self.options.check_every
         bar = _Progress(progress, float(self.t_start), float(self.t_end))
@@ -685,6 +693,86 @@ class Integrator:
         if self.compact_refused is not None and self.options.compact_warn and not self.rerun:
             warnings.warn(f"compact={self.options.compact:g} not applied: {self.compact_refused}", RuntimeWarning, stacklevel=2)
         return snaps
+
+    def _lockstep_applies(self, s: LoopState, stop_at: int | None, boundaries: list[float] | None, progress: bool) -> bool:
+        """Whether :meth:`run` may take :meth:`_run_lockstep`: a fixed-step SDE solve on a grid
+        shared by the batch with nothing that watches single iterations (no observer,
+        snapshots, ``stop_at``, progress bar, compaction or ``compile=True``), steps left, and
+        a tree that answers a grid in one query."""
+        opts = self.options
+        return (
+            LOCKSTEP_FAST_PATH
+            and self.grid is not None
+            and self.controller is None
+            and self.observer is None
+            and not (opts.compile or progress or boundaries or opts.compact > 0)
+            and stop_at is None
+            and s.iteration < len(self.grid) - 1
+            and hasattr(self.tree, "evaluate_grid")
+        )
+
+    def _run_lockstep(self, s: LoopState) -> bool:
+        """The rest of a lockstep fixed-step solve (:meth:`_lockstep_applies`) without the
+        per-iteration machinery: the Brownian values of the whole remaining grid in one tree
+        query (:meth:`VirtualBrownianTree.evaluate_grid`), then per step only the solver's step
+        and a running ``max |y|``; no masks, merges, counters or stop checks, so the forward
+        issues few ops and the autograd graph holds little besides the solver's own.  The
+        results, ``ys`` and the final state (times, counters, retcodes, solver state) are
+        those of the per-iteration loop bit for bit: every sample is active and every step is
+        accepted there too.  A step that is not finite or passes ``sqrt(floatmax)`` (where the
+        loop stops the sample), too few ``max_steps``, or a solver reporting Newton failures,
+        stiffness or Jacobians makes it return False with ``s`` untouched (the loop then runs)."""
+        grid, solver, tree, every = self.grid, self.solver, self.tree, self.options.check_every
+        assert grid is not None and tree is not None and s.stop_index is not None
+        first, n, dtype = s.iteration, len(grid) - 1, s.y.dtype
+        taken = (s.naccept + s.nreject).amax()
+        # the loop would stop a sample with MaxIters before its last step
+        if not bool(s.active.all() & (taken + (n - first - 1) < self.options.max_steps)):
+            return False
+        levy = solver.needs_levy_area
+        w, j = tree.evaluate_grid(grid[first:], levy=levy)  # (T, B, N) each
+        batch, device = s.t.shape[0], s.t.device
+        times = torch.tensor(grid[first:], dtype=torch.float64, device=device).unsqueeze(1).repeat(1, batch)  # (T, B)
+        steps64 = torch.tensor(self._grid_steps[first:], dtype=torch.float64, device=device).unsqueeze(1).repeat(1, batch)
+        steps, sizes = steps64.to(dtype), steps64.abs()
+        dws = None if levy else (w[1:] - w[:-1]).reshape(n - first, *tree.shape).to(tree.dtype).to(dtype)
+        y, carry, state, peak, nf, ng = s.y, s.carry, s.solver_state, None, 0, 0
+        saves: list[tuple[int, Tensor]] = []
+        everyone = torch.ones_like(s.active)
+        for k, i in enumerate(range(first, n)):
+            if i % every == 0:
+                state = solver.plan(state, everyone, every)
+            if levy:
+                assert j is not None
+                dw, levy_h = tree.increment_from(times[k], (w[k], j[k]), times[k + 1], (w[k + 1], j[k + 1]))
+                dw, levy_h = dw.to(dtype), levy_h.to(dtype)
+            else:
+                assert dws is not None
+                dw, levy_h = dws[k], None
+            out = call_step(solver, self.terms, times[k], y, steps[k], dw, levy_h, carry, state)
+            if out.converged is not None or out.stiffness is not None or out.njac is not None:
+                return False
+            size = out.y1.detach().abs().amax()
+            peak = size if peak is None else torch.maximum(peak, size)  # NaN propagates
+            nf, ng = nf + out.nf, ng + out.ng
+            state, _ = solver.update(state, everyone, everyone, times[k + 1], sizes[k], out)
+            if solver.fsal and out.f1 is not None and carry is not None:
+                carry = out.f1
+            y = out.y1
+            if i + 1 in self.save_slots:
+                saves.append((self.save_slots[i + 1], y))
+        if not bool(peak <= _SQRT_FLOATMAX[dtype]):  # non-finite or unstable: the loop decides
+            return False
+        s.y, s.carry, s.solver_state, s.t, s.iteration = y, carry, state, times[-1], n
+        s.tree_state = (w[-1], j[-1] if j is not None else None)
+        for slot, value in saves:
+            s.ys[slot, self.lanes] = value
+        s.save_index = s.save_index + len(saves)
+        s.stop_index = s.stop_index + sum(1 for i in self._reached if i > first)
+        s.nf, s.ng, s.naccept = s.nf + nf, s.ng + ng, s.naccept + (n - first)
+        s.retcodes = torch.full_like(s.retcodes, SUCCESS)
+        s.active = torch.zeros_like(s.active)
+        return True
 
     def compact_refusal(self) -> str | None:
         """Why ``solve(..., compact=f)`` cannot compact this run (None: it can).  Compaction
