@@ -736,7 +736,10 @@ class Integrator:
         steps64 = torch.tensor(self._grid_steps[first:], dtype=torch.float64, device=device).unsqueeze(1).repeat(1, batch)
         steps, sizes = steps64.to(dtype), steps64.abs()
         dws = None if levy else (w[1:] - w[:-1]).reshape(n - first, *tree.shape).to(tree.dtype).to(dtype)
-        y, carry, state, peak, nf, ng = s.y, s.carry, s.solver_state, None, 0, 0
+        y, carry, state = s.y, s.carry, s.solver_state
+        peak: Tensor | None = None
+        nf: int | Tensor = 0
+        ng: int | Tensor = 0
         saves: list[tuple[int, Tensor]] = []
         everyone = torch.ones_like(s.active)
         for k, i in enumerate(range(first, n)):
@@ -761,7 +764,7 @@ class Integrator:
             y = out.y1
             if i + 1 in self.save_slots:
                 saves.append((self.save_slots[i + 1], y))
-        if not bool(peak <= _SQRT_FLOATMAX[dtype]):  # non-finite or unstable: the loop decides
+        if peak is None or not bool(peak <= _SQRT_FLOATMAX[dtype]):  # non-finite or unstable: the loop decides
             return False
         s.y, s.carry, s.solver_state, s.t, s.iteration = y, carry, state, times[-1], n
         s.tree_state = (w[-1], j[-1] if j is not None else None)
