@@ -250,7 +250,13 @@ void tree_grid(int64_t count, int64_t n_times, const double *times, const int32_
         uint32_t k0[BLOCK], k1[BLOCK];
         load_block(start, m, key0, key1, w_root, h_root, k0, k1, wr, hr);
         for (int64_t k = 0; k < n_times; k++) {
-            for (int64_t j = 0; j < BLOCK; j++) locate(times[k], t0, length, n_cells, &cell[j], &frac[j]);
+            uint64_t c;
+            double f;
+            locate(times[k], t0, length, n_cells, &c, &f);
+            for (int64_t j = 0; j < BLOCK; j++) { /* a vector store: the level loop's vector loads forward from it */
+                cell[j] = c;
+                frac[j] = f;
+            }
             int64_t first = 0;
             if (k > 0) {
                 const uint64_t diff = cell[0] ^ last;
