@@ -19,12 +19,15 @@ reference, every solver driven by the same path (our tree, fed to torchsde too),
 next to the times (quick run: ours EulerHeun and ReversibleHeun 2.9e-4, torchsde's
 euler_heun, Euler on the drift, 4.0e-4): at equal dt ours are at least as accurate.
 
-Measured (quick, B = 256, shared 2-core machine, one interleaved run): ours forward+backward
-783 ms vs torchsde sdeint 344 ms (2.28x; other runs 1.4-2.5x; 2.7-3.4x before the fixed-step
-tree fast path in same-run comparisons), ReversibleHeun 474 ms (1.38x), our exact reversible
-backsolve 1.16 s vs torchsde sdeint_adjoint 657 ms (1.77x); diffrax forward+backward 2.7 s.
-The hot spot left in our forward is the Brownian tree (~55 %: ~3 ms per query at
-B = 256 x 32), then the MLPs.
+Matched accuracy: ``ours ReversibleHeun forward+backward, matched accuracy`` takes the fewest
+steps (of :func:`candidate_steps`) whose strong error is at most torchsde's at ``dt``, chosen
+from the errors measured before the timings (quick run: 36 steps, 3.7e-4).
+
+Measured (quick, B = 256, shared 2-core machine at load ~4, one interleaved run): ours
+EulerHeun forward+backward 1.52x torchsde sdeint, ReversibleHeun 0.82x, ReversibleHeun at
+matched accuracy 0.61x, our exact reversible backsolve 0.89x torchsde sdeint_adjoint.  What
+is left: the MLPs (~74 % of our ReversibleHeun step), the tree (~12 %), the solver's
+arithmetic (BENCHMARKS.md section 4).
 
 Time: median over interleaved repeats, with the default allocator settings.  Peak memory
 (measured after all timings): increase of the process's peak resident set size over the call
