@@ -245,6 +245,7 @@ def sri_step(
             nf += 1
         if diffusion_stages[i]:
             h1 = fused_sum(y, [(a, dt_y, fs[j]) for j, a in plan.a1[i]] + [(b, sqdt_y, gs[j]) for j, b in plan.b1[i]])
+            assert h1 is not None
             gs[i] = diffusion(stage_time(t, dt, tab.c1[i]), h1)
             ng += 1
 
