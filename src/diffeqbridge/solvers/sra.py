@@ -207,6 +207,21 @@ SOSRA_TABLEAU = SRATableau(
 )
 
 
+# SRA3 (Rößler 2010; StochasticDiffEq.jl src/tableaus.jl, constructSRA3): the drift
+# part is Kutta's third-order method (c0 = 0, 1, 1/2; weights 1/6, 1/6, 2/3), so the
+# deterministic order is 3 (weak order 3 for additive noise); the third stage's diffusion
+# is never used, so 3 drift + 2 diffusion evaluations per step.
+SRA3_TABLEAU = SRATableau(
+    c0=(0.0, 1.0, 1 / 2),
+    c1=(1.0, 0.0, 0.0),
+    a0=((0.0, 0.0, 0.0), (1.0, 0.0, 0.0), (1 / 4, 1 / 4, 0.0)),
+    b0=((0.0, 0.0, 0.0), (0.0, 0.0, 0.0), (1.0, 1 / 2, 0.0)),
+    alpha=(1 / 6, 1 / 6, 2 / 3),
+    beta1=(1.0, 0.0, 0.0),
+    beta2=(-1.0, 1.0, 0.0),
+)
+
+
 class SRA1(_SRABase):
     """Rößler's SRA1: adaptive, strong order 1.5 / weak order 2.0 for additive noise (Itô
     or Stratonovich).  2 drift + 2 diffusion evaluations per step."""
@@ -222,4 +237,13 @@ class SOSRA(_SRABase):
     tableau: ClassVar[SRATableau] = SOSRA_TABLEAU
 
 
-__all__ = ["SRATableau", "sra_step", "SRA1", "SOSRA", "SRA1_TABLEAU", "SOSRA_TABLEAU"]
+class SRA3(_SRABase):
+    """Rößler's SRA3: strong order 1.5, weak order 3 for additive noise (Itô or
+    Stratonovich); its drift part is Kutta's third-order method, so small-noise problems
+    see a deterministic error of order 3.  3 drift + 2 diffusion evaluations per step."""
+
+    tableau: ClassVar[SRATableau] = SRA3_TABLEAU
+    weak_order: ClassVar[float] = 3.0
+
+
+__all__ = ["SRATableau", "sra_step", "SRA1", "SRA3", "SOSRA", "SRA1_TABLEAU", "SRA3_TABLEAU", "SOSRA_TABLEAU"]
