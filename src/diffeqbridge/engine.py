@@ -934,7 +934,7 @@ class Integrator:
         else:
             out, err, accepted = _run_core(opts, solver, self.terms, s.t, s.y, *args)
         # --- controller decision
-        rejected = s.active & ~accepted
+        rejected = _and_not(s.active, accepted)
         self._stats(s, out, accepted, rejected)
         s.solver_state, dt_factor = solver.update(
             s.solver_state, accepted, s.active, torch.where(accepted, t_new, s.t), dt_eval.abs(), out
@@ -1165,7 +1165,7 @@ class Integrator:
         end(finished, SUCCESS)
         if stopped is not None:  # events hook: a terminating event (even at t1)
             end(stopped, TERMINATED)
-        end(accepted & ~(y_size <= _SQRT_FLOATMAX[s.y.dtype]), UNSTABLE)
+        end(_and_not(accepted, y_size <= _SQRT_FLOATMAX[s.y.dtype]), UNSTABLE)
         newton_failed = s.active & ~out.converged if out.converged is not None else None
         if self.controller is not None:
             assert err is not None
