@@ -752,7 +752,9 @@ class Integrator:
         steps64 = torch.tensor(self._grid_steps[first:], dtype=torch.float64, device=device).unsqueeze(1).repeat(1, batch)
         steps, sizes = steps64.to(dtype), steps64.abs()
         dws = None if levy else (w[1:] - w[:-1]).reshape(n - first, *tree.shape).to(tree.dtype).to(dtype)
-        y, carry, state, peak, nf, ng = s.y, s.carry, s.solver_state, None, 0, 0
+        y, carry, state, peak = s.y, s.carry, s.solver_state, None
+        nf: int | Tensor = 0  # composites count per sample
+        ng: int | Tensor = 0
         eigen_last, eigen_max = s.eigen_last, s.eigen_max  # stiffness reports: the loop's _stats, every step accepted
         saves: list[tuple[int, Tensor]] = []
         everyone = torch.ones_like(s.active)
@@ -781,6 +783,7 @@ class Integrator:
             y = out.y1
             if i + 1 in self.save_slots:
                 saves.append((self.save_slots[i + 1], y))
+        assert peak is not None  # at least one step is left (_lockstep_applies)
         if not bool(peak <= _SQRT_FLOATMAX[dtype]):  # non-finite or unstable: the loop decides
             return False
         s.y, s.carry, s.solver_state, s.t, s.iteration = y, carry, state, times[-1], n
