@@ -105,6 +105,11 @@ class AbstractSolver:
     qmin: ClassVar[float | None] = None
     gamma: ClassVar[float | None] = None
     reversible: ClassVar[bool] = False  # algebraically reversible step (exact BacksolveAdjoint)
+    #: the state (:meth:`init`, ``StepOutput.state``) is a tuple of per-sample values that advance
+    #: exactly with an accepted step: the engine keeps a sample's previous state where its step
+    #: was not accepted (as it keeps ``y``; no :meth:`update`), and the checkpointed sensealgs
+    #: differentiate through it (restored as autograd leaves, like ``y``)
+    carries_state: ClassVar[bool] = False
     stability_size: ClassVar[float | None] = None
 
     def initial_carry(self, terms: Terms, t: Tensor, y: Tensor, f0: Tensor | None) -> object:
