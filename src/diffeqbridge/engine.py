@@ -125,11 +125,26 @@ def _masked_lanes(active: Tensor, t: Tensor, step_dt: Tensor, sign: float, t_sta
     time ``t + c dt`` with ``0 <= c <= 1`` stays inside.  The step is non-zero, so no ``0/0``
     reaches a gradient.
     """
-    ahead, behind = sign * (t_end - t), sign * (t - t_start)
+    ahead, behind = _signed(sign, t_end - t), _signed(sign, t - t_start)
     h = torch.where(step_dt > 0, step_dt, ahead.abs() + behind.abs())
     h = torch.minimum(h, torch.maximum(ahead, behind))
     masked = torch.where(ahead >= h, h, -h)
-    return sign * torch.where(active, step_dt, masked)
+    return _signed(sign, torch.where(active, step_dt, masked))
+
+
+def _signed(sign: float, x: Tensor) -> Tensor:
+    """``sign * x`` for the time direction ``sign = ±1`` (no op when time runs forwards)."""
+    return x if sign > 0 else -x
+
+
+def _and_not(a: Tensor, b: Tensor) -> Tensor:
+    """``a & ~b`` for bool masks in one op (``True > False`` is the only true comparison)."""
+    return a > b
+
+
+def _count(total: Tensor, active: Tensor, n: int | Tensor) -> Tensor:
+    """``total + active * n`` (``(B,)`` long; ``n`` evaluations per sample, an int or ``(B,)``)."""
+    return torch.add(total, active, alpha=n) if isinstance(n, int) else total + active * n
 
 
 def _spacing(t: Tensor) -> Tensor:
@@ -888,7 +903,7 @@ class Integrator:
         signed step the solver is called with)."""
         sign, stop = self.sign, s.stop_index
         assert stop is not None
-        target = self.stops[stop.clamp(max=self.n_stop - 1)]
+        target = self.stops.index_select(0, stop.clamp(max=self.n_stop - 1))
         if self.controller is not None:
             step_dt, t_new, hits = clip_step(s.dt, s.t, target, s.active, sign)
         else:
@@ -968,7 +983,7 @@ class Integrator:
         forced time that is a save time gets the step's end state; with saves by
         interpolation, the save times strictly inside the step are queued first."""
         stop, reached, step = record
-        slot = self.stop_slot[stop.clamp(max=self.n_stop - 1)]
+        slot = self.stop_slot.index_select(0, stop.clamp(max=self.n_stop - 1))
         saved_now = reached & (slot >= 0)
         if step is not None:
             self._queue_saves(s, *step)
@@ -1135,8 +1150,8 @@ class Integrator:
             rho = out.stiffness.detach().to(torch.float64)
             s.eigen_last = torch.where(accepted, rho, s.eigen_last if s.eigen_last is not None else torch.zeros_like(rho))
             s.eigen_max = torch.maximum(s.eigen_max, s.eigen_last) if s.eigen_max is not None else s.eigen_last.clone()
-        s.nf = s.nf + s.active * out.nf
-        s.ng = s.ng + s.active * out.ng
+        s.nf = _count(s.nf, s.active, out.nf)
+        s.ng = _count(s.ng, s.active, out.ng)
         s.naccept = s.naccept + accepted
         s.nreject = s.nreject + rejected
 
@@ -1155,7 +1170,7 @@ class Integrator:
     ) -> None:
         def end(mask: Tensor, code: int | Tensor) -> None:
             s.retcodes = torch.where(mask, code, s.retcodes)
-            s.active = s.active & ~mask
+            s.active = _and_not(s.active, mask)
 
         # unstable_check: a state past sqrt(floatmax) is blowing up; stop it now rather than
         # crawl towards DtLessThanMin (NaN/Inf proposals are rejected before they get here)

@@ -261,7 +261,7 @@ def sri_step(
     assert y1 is not None
     y1 = y1 + e2
     weights = drift_error_terms(tab.alpha, tab.n_drift, delta)
-    error = fused_sum(e2, ((w, dt_y, f) for w, f in zip(weights, fs)))
+    error = fused_sum(e2, [(w, dt_y, f) for w, f in zip(weights, fs)])
     assert error is not None
     # StochasticDiffEq's eigen_est for SOSRI2/SOSRA2: the last two drift stages
     last = tab.n_drift - 1
