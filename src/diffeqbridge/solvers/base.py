@@ -106,7 +106,7 @@ class AbstractSolver:
     qmax: ClassVar[float | None] = None
     qmin: ClassVar[float | None] = None
     gamma: ClassVar[float | None] = None
-    first_step_factor: ClassVar[float] = 1.0
+    first_step_factor: float = 1.0  # an instance value for StochasticRungeKutta(error_estimate=...)
     reversible: ClassVar[bool] = False  # algebraically reversible step (exact BacksolveAdjoint)
     stability_size: ClassVar[float | None] = None
 
