@@ -739,8 +739,9 @@ class Integrator:
         results, ``ys`` and the final state (times, counters, retcodes, solver state) are
         those of the per-iteration loop bit for bit: every sample is active and every step is
         accepted there too.  A step that is not finite or passes ``sqrt(floatmax)`` (where the
-        loop stops the sample), too few ``max_steps``, or a solver reporting Newton failures,
-        stiffness or Jacobians makes it return False with ``s`` untouched (the loop then runs)."""
+        loop stops the sample), too few ``max_steps``, or a solver reporting Newton failures or
+        Jacobians makes it return False with ``s`` untouched (the loop then runs); stiffness
+        reports (SRI, ShARK) are kept as the loop's ``_stats`` keeps them."""
         grid, solver, tree, every = self.grid, self.solver, self.tree, self.options.check_every
         assert grid is not None and tree is not None and s.stop_index is not None
         first, n, dtype = s.iteration, len(grid) - 1, s.y.dtype
@@ -757,8 +758,9 @@ class Integrator:
         dws = None if levy else (w[1:] - w[:-1]).reshape(n - first, *tree.shape).to(tree.dtype).to(dtype)
         y, carry, state = s.y, s.carry, s.solver_state
         peak: Tensor | None = None
-        nf: int | Tensor = 0
+        nf: int | Tensor = 0  # composites count per sample
         ng: int | Tensor = 0
+        eigen_last, eigen_max = s.eigen_last, s.eigen_max  # stiffness reports: the loop's _stats, every step accepted
         saves: list[tuple[int, Tensor]] = []
         everyone = torch.ones_like(s.active)
         for k, i in enumerate(range(first, n)):
@@ -772,8 +774,11 @@ class Integrator:
                 assert dws is not None
                 dw, levy_h = dws[k], None
             out = call_step(solver, self.terms, times[k], y, steps[k], dw, levy_h, carry, state)
-            if out.converged is not None or out.stiffness is not None or out.njac is not None:
+            if out.converged is not None or out.njac is not None:
                 return False
+            if out.stiffness is not None:
+                eigen_last = out.stiffness.detach().to(torch.float64)
+                eigen_max = eigen_last.clone() if eigen_max is None else torch.maximum(eigen_max, eigen_last)
             size = out.y1.detach().abs().amax()
             peak = size if peak is None else torch.maximum(peak, size)  # NaN propagates
             nf, ng = nf + out.nf, ng + out.ng
@@ -790,6 +795,7 @@ class Integrator:
             return False
         s.y, s.carry, s.solver_state, s.t, s.iteration = y, carry, state, times[-1], n
         s.tree_state = (w[-1], j[-1] if j is not None else None)
+        s.eigen_last, s.eigen_max = eigen_last, eigen_max
         for slot, value in saves:
             s.ys[slot, self.lanes] = value
         s.save_index = s.save_index + len(saves)
@@ -944,7 +950,7 @@ class Integrator:
         else:
             out, err, accepted = _run_core(opts, solver, self.terms, s.t, s.y, *args)
         # --- controller decision
-        rejected = s.active & ~accepted
+        rejected = _and_not(s.active, accepted)
         self._stats(s, out, accepted, rejected)
         if solver.carries_state:  # per-sample values: kept where the step was not accepted
             s.solver_state, dt_factor = _select(accepted, out.state, s.solver_state), None
@@ -1178,7 +1184,7 @@ class Integrator:
         end(finished, SUCCESS)
         if stopped is not None:  # events hook: a terminating event (even at t1)
             end(stopped, TERMINATED)
-        end(accepted & ~(y_size <= _SQRT_FLOATMAX[s.y.dtype]), UNSTABLE)
+        end(_and_not(accepted, y_size <= _SQRT_FLOATMAX[s.y.dtype]), UNSTABLE)
         newton_failed = s.active & ~out.converged if out.converged is not None else None
         if self.controller is not None:
             assert err is not None
