@@ -113,12 +113,24 @@ def label(lib: str, method: str, adaptive: bool) -> str:
     return f"{lib} {method}{' (adaptive)' if adaptive else ''}"
 
 
-def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progress: Callable[[str], None] | None = None) -> dict:
+PROBLEMS = ("gbm", "wave", "additive", "rot2d", "vp_gmm")
+
+
+def run(
+    quick: bool,
+    out: Path,
+    threads: int = 1,
+    size: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    only: tuple[str, ...] | None = None,
+) -> dict:
+    """``only``: a subset of :data:`PROBLEMS`, written to ``<NAME>-<names>.json`` (the committed
+    ``<NAME>.json`` holds every problem)."""
     size = size or ("quick" if quick else "full")
     threading = setup_jax(threads)
     B = {"tiny": 16, "quick": 256, "full": 1024}[size]
     repeats = 1 if size != "full" else 3
-    names = ("gbm",) if size == "tiny" else ("gbm", "wave", "additive", "rot2d", "vp_gmm")
+    names = ("gbm",) if size == "tiny" else (only or PROBLEMS)
     probs = problems()
     makers = {
         "ours": Pe.make_ours,
@@ -197,8 +209,9 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
         "problems": results,
     }
     out = Path(out)
-    doc = H.write_json(out / f"{NAME}.json", NAME, payload, quick=quick)
-    H.write_plot(plot, doc, out / f"{NAME}.png")
+    stem = NAME if only is None else f"{NAME}-{'-'.join(names)}"
+    doc = H.write_json(out / f"{stem}.json", NAME, payload, quick=quick)
+    H.write_plot(plot, doc, out / f"{stem}.png")
     print(summary(doc))
     return doc
 
@@ -441,8 +454,16 @@ def tables(doc: dict) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = H.make_parser(__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="smallest possible run (tests)")
+    parser.add_argument(
+        "--problems",
+        type=lambda v: tuple(v.split(",")),
+        default=None,
+        help=f"comma-separated subset of {','.join(PROBLEMS)}; written to {NAME}-<names>.json, not the committed file",
+    )
     args = parser.parse_args(argv)
-    run(args.quick, args.out, threads=args.threads, size="tiny" if args.tiny else None)
+    if args.problems is not None and not set(args.problems) <= set(PROBLEMS):
+        parser.error(f"--problems: unknown {sorted(set(args.problems) - set(PROBLEMS))}; choose from {PROBLEMS}")
+    run(args.quick, args.out, threads=args.threads, size="tiny" if args.tiny else None, only=args.problems)
     return 0
 
 

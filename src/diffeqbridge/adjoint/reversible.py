@@ -20,13 +20,13 @@ __all__ = ["reversible_forward", "reversible_backward"]
 
 def reversible_forward(c: _Ctx, y0: Tensor) -> tuple[Tensor, tuple[Tensor, ...], Any]:
     """The engine's fixed-step solve without a graph; returns ``ys`` and ``(y_end, z_end)``
-    (the final state and the reversible carry's ``z``), all the backward needs."""
+    (the final state and the ``z`` of the solver's state), all the backward needs."""
     loop = Integrator(c.terms, c.solver, c.save_times, c.dt_initial, c.options, c.tree, c.observer)
     state = loop.init(y0, c.dt_initial, c.f0.detach() if c.f0 is not None else None, c.initial_counts)
     loop.run(state, progress=c.options.progress)
     sol = loop.solution(state)
     c.stats = [sol]
-    return sol.ys, (state.y, state.carry[0]), None
+    return sol.ys, (state.y, state.solver_state[0]), None
 
 
 def reversible_steps(c: _Ctx) -> tuple[list[tuple[float, float, float]], list[int]]:

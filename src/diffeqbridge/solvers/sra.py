@@ -42,10 +42,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from ..problem import Terms, expand_to
-from .base import BOTH_INTERPRETATIONS, StepOutput, StochasticRungeKutta, drift_error, linear_combination, stage_time
+from .base import (
+    BOTH_INTERPRETATIONS,
+    StepOutput,
+    StochasticRungeKutta,
+    drift_error_terms,
+    fused_sum,
+    noise_terms,
+    stage_time,
+)
 
 Matrix = tuple[tuple[float, ...], ...]
 
@@ -123,35 +132,29 @@ def sra_step(
     drift, diffusion = terms.drift, terms.diffusion
 
     dt_y = expand_to(dt, y)
-    chi2 = 0.5 * dw + levy_h  # I_(1,0)/dt, noise-shaped
+    chi2 = torch.add(levy_h, dw, alpha=0.5)  # I_(1,0)/dt, noise-shaped
 
     s = tab.stages
     fs: list[Tensor | None] = [None] * s
     gs: list[Tensor | None] = [None] * s
     ng = 0
     for i in range(s):
-        h0 = y
-        fa = linear_combination(tab.a0[i][:i], fs[:i])
-        if fa is not None:
-            h0 = h0 + dt_y * fa
-        gb = linear_combination(tab.b0[i][:i], gs[:i])
-        if gb is not None:
-            h0 = h0 + terms.g_dw(gb, chi2)
+        fa = [(a, dt_y, fs[j]) for j, a in enumerate(tab.a0[i][:i])]
+        h0 = fused_sum(y, fa + noise_terms(terms, zip(tab.b0[i][:i], gs[:i]), chi2, y))
+        assert h0 is not None
         fs[i] = drift(stage_time(t, dt, tab.c0[i]), h0)
         if tab.diffusion_used(i):
             gs[i] = diffusion(stage_time(t, dt, tab.c1[i]), h0)
             ng += 1
 
-    drift_sum = linear_combination(tab.alpha, fs)
-    y1 = y if drift_sum is None else y + dt_y * drift_sum
-    g1 = linear_combination(tab.beta1, gs)
-    if g1 is not None:
-        y1 = y1 + terms.g_dw(g1, dw)
-    g2 = linear_combination(tab.beta2, gs)
-    e2 = terms.g_dw(g2, chi2) if g2 is not None else y.new_zeros(y.shape)
+    e2 = fused_sum(None, noise_terms(terms, zip(tab.beta2, gs), chi2, y))
+    if e2 is None:
+        e2 = y.new_zeros(y.shape)
+    y1 = fused_sum(y, [(a, dt_y, f) for a, f in zip(tab.alpha, fs)] + noise_terms(terms, zip(tab.beta1, gs), dw, y))
+    assert y1 is not None
     y1 = y1 + e2
-
-    error = drift_error(tab.alpha, fs, dt_y, delta) + e2
+    error = fused_sum(e2, [(w, dt_y, f) for w, f in zip(drift_error_terms(tab.alpha, s, delta), fs)])
+    assert error is not None
     return StepOutput(y1=y1, error=error, nf=s, ng=ng)
 
 
