@@ -96,6 +96,20 @@ def test_reversible_backsolve_is_the_discrete_gradient() -> None:
     assert float((g[:n] - g_ref[:n]).norm() / g_ref[:n].norm()) <= 1e-8
 
 
+def test_checkpointed_gradients_pass_through_the_solver_state() -> None:
+    """ReversibleHeun's ``(z, f(z), g(z))`` lives in ``LoopState.solver_state``
+    (``carries_state``), not the FSAL slot: checkpointed sensealgs restore it as autograd
+    leaves and pull its adjoint back across segments, so their gradients equal plain backprop
+    (dropping the state's adjoint at a boundary would miss the ``z`` path: a wrong gradient)."""
+    model = Model()
+    _, g_ref, sol_ref = _grads(model, deb.DiscreteAdjoint())
+    for sensealg in (deb.DiscreteAdjoint(checkpoints=4), deb.InterpolatingAdjoint(checkpoints=3)):
+        _, g, sol = _grads(model, sensealg)
+        assert torch.equal(sol.ys, sol_ref.ys)
+        assert float((g - g_ref).norm() / g_ref.norm()) <= 1e-12, sensealg
+    assert deb.ReversibleHeun.carries_state and not deb.ReversibleHeun.fsal
+
+
 def test_reversible_backsolve_matches_finite_differences() -> None:
     model = Model()
     _, g, _ = _grads(model, deb.BacksolveAdjoint())
@@ -236,9 +250,8 @@ def test_reversible_heun_unstep_inverts_step() -> None:
     terms = Terms(prob)
     t, dt = torch.full((B,), 0.2, dtype=torch.float64), torch.full((B,), 0.05, dtype=torch.float64)
     dw = 0.2 * torch.randn(B, D, dtype=torch.float64)
-    carry = deb.ReversibleHeun().initial_carry(terms, t, y, None)
-    carry = (y + 0.1, *carry[1:])  # z != y
-    carry = (carry[0], terms.drift(t, carry[0]), terms.diffusion(t, carry[0]))
+    z = y + 0.1  # z != y
+    carry = (z, terms.drift(t, z), terms.diffusion(t, z))
     with torch.no_grad():
         y1, carry1 = reversible_heun_step(terms, t, y, dt, dw, carry)
         y_back, carry_back = reversible_heun_unstep(terms, t + dt, y1, dt, dw, carry1)

@@ -29,7 +29,8 @@ __attribute__((__simd__("notinbranch"))) extern double sin(double);
 __attribute__((__simd__("notinbranch"))) extern double cos(double);
 #endif
 
-#define BLOCK 8 /* lanes per block: one AVX-512 vector of doubles */
+#define BLOCK 8       /* lanes per block of tree_point: one AVX-512 vector of doubles */
+#define GRID_BLOCK 16 /* lanes per block of tree_grid (all share a time: no reuse lost to wider blocks) */
 #define PHI32 0x9E3779B1u
 #define TWO_PI 6.283185307179586
 
@@ -68,7 +69,7 @@ static inline void locate(double tt, double t0, double length, double n_cells, u
  * c_h, c_w, c_l, c_j after level first-1 (zeros for first = 0).  Leaves the (W, H) of the
  * finest cell entered in w_cell, h_cell; with cache non-NULL, the sums after every level are
  * stored in the block's (depth, 4, BLOCK) rows. */
-static inline void descend(int64_t first, int64_t depth, const double *levels, const int64_t *level_keys, int wide,
+static inline void descend(int64_t width, int64_t first, int64_t depth, const double *levels, const int64_t *level_keys, int wide,
                            const uint64_t *cell, const uint32_t *k0, const uint32_t *k1, const double *wr,
                            const double *hr, double *c_h, double *c_w, double *c_l, double *c_j, double *w_cell,
                            double *h_cell, double *cache) {
@@ -83,7 +84,7 @@ static inline void descend(int64_t first, int64_t depth, const double *levels, c
          * computed in vector registers (separate scalar stores of them, read back as vectors,
          * stalled store forwarding) */
 #pragma omp simd
-        for (int64_t j = 0; j < BLOCK; j++) {
+        for (int64_t j = 0; j < width; j++) {
             const double right = (double)(int32_t)((uint32_t)(cell[j] >> (shift - 1)) & 1u);
             const uint64_t index = cell[j] >> shift;
             const uint32_t narrow = (uint32_t)index * PHI32 + level_key;
@@ -108,25 +109,25 @@ static inline void descend(int64_t first, int64_t depth, const double *levels, c
             h_cell[j] = 0.25 * levy - 0.5 * z + sign * x;
         }
         if (cache != NULL) {
-            double *row = cache + k * BLOCK * 4; /* (level, 4, lane) */
-            for (int64_t j = 0; j < BLOCK; j++) {
+            double *row = cache + k * width * 4; /* (level, 4, lane) */
+            for (int64_t j = 0; j < width; j++) {
                 row[j] = c_h[j];
-                row[BLOCK + j] = c_w[j];
-                row[2 * BLOCK + j] = c_l[j];
-                row[3 * BLOCK + j] = c_j[j];
+                row[width + j] = c_w[j];
+                row[2 * width + j] = c_l[j];
+                row[3 * width + j] = c_j[j];
             }
         }
     }
 }
 
-/* Running sums of a block after level `level` from its (depth, 4, BLOCK) cache rows. */
-static inline void restore(const double *cache, int64_t level, double *c_h, double *c_w, double *c_l, double *c_j) {
-    const double *row = cache + level * BLOCK * 4;
-    for (int64_t j = 0; j < BLOCK; j++) {
+/* Running sums of a block after level `level` from its (depth, 4, width) cache rows. */
+static inline void restore(int64_t width, const double *cache, int64_t level, double *c_h, double *c_w, double *c_l, double *c_j) {
+    const double *row = cache + level * width * 4;
+    for (int64_t j = 0; j < width; j++) {
         c_h[j] = row[j];
-        c_w[j] = row[BLOCK + j];
-        c_l[j] = row[2 * BLOCK + j];
-        c_j[j] = row[3 * BLOCK + j];
+        c_w[j] = row[width + j];
+        c_l[j] = row[2 * width + j];
+        c_j[j] = row[3 * width + j];
     }
 }
 
@@ -134,13 +135,13 @@ static inline void restore(const double *cache, int64_t level, double *c_h, doub
  * is drawn in its own loop, free of selects, so that it is vectorised like the levels' (every
  * lane takes the same vector log/sin/cos); the rest has only correctly rounded operations
  * (sqrt, +, *, /), which give the same bits vectorised or not. */
-static inline void finish(const uint64_t *cell, const double *frac, uint32_t cell_key, int wide, const uint32_t *k0,
+static inline void finish(int64_t width, const uint64_t *cell, const double *frac, uint32_t cell_key, int wide, const uint32_t *k0,
                           const uint32_t *k1, double w, double w2, double w3, const double *w_cell, const double *h_cell,
                           const double *c_l, const double *c_j, double *w_res, double *j_res) {
-    double z1[BLOCK], z2[BLOCK];
+    double z1[GRID_BLOCK], z2[GRID_BLOCK];
     const uint32_t wide_mask = wide ? 0xFFFFFFFFu : 0u; /* node_key without a branch in the loop */
 #pragma omp simd
-    for (int64_t j = 0; j < BLOCK; j++) {
+    for (int64_t j = 0; j < width; j++) {
         const uint32_t narrow = (uint32_t)cell[j] * PHI32 + cell_key;
         const uint32_t node = narrow ^ ((narrow ^ fmix32((narrow ^ (uint32_t)(cell[j] >> 32)) + 0x9E3779B9u)) & wide_mask);
         const double u1 = unit(fmix32(k0[j] ^ node)), u2 = unit(fmix32(k1[j] ^ node));
@@ -149,7 +150,7 @@ static inline void finish(const uint64_t *cell, const double *frac, uint32_t cel
         z1[j] = radius * cos(angle);
         z2[j] = radius * sin(angle);
     }
-    for (int64_t j = 0; j < BLOCK; j++) {
+    for (int64_t j = 0; j < width; j++) {
         const double r = frac[j] * w;
         const double q = w - r, r2 = r * r, rw = r / w;
         const double mean_w = rw * w_cell[j] + (6.0 * q * r / w2) * h_cell[j];
@@ -173,9 +174,9 @@ static inline void finish(const uint64_t *cell, const double *frac, uint32_t cel
 
 /* A block's lanes: element keys and root increments (lanes past the end of the data repeat
  * element `start`: every lane runs the same instructions, see tree_point). */
-static inline void load_block(int64_t start, int64_t m, const int32_t *key0, const int32_t *key1, const double *w_root,
+static inline void load_block(int64_t width, int64_t start, int64_t m, const int32_t *key0, const int32_t *key1, const double *w_root,
                               const double *h_root, uint32_t *k0, uint32_t *k1, double *wr, double *hr) {
-    for (int64_t j = 0; j < BLOCK; j++) {
+    for (int64_t j = 0; j < width; j++) {
         const int64_t e = start + (j < m ? j : 0);
         k0[j] = (uint32_t)key0[e];
         k1[j] = (uint32_t)key1[e];
@@ -207,7 +208,7 @@ void tree_point(int64_t count, int64_t n, const double *t, const int32_t *key0, 
             locate(t[(start + (j < m ? j : 0)) / n], t0, length, n_cells, &cell[j], &frac[j]);
             c_h[j] = c_w[j] = c_l[j] = c_j[j] = 0.0;
         }
-        load_block(start, m, key0, key1, w_root, h_root, k0, k1, wr, hr);
+        load_block(BLOCK, start, m, key0, key1, w_root, h_root, k0, k1, wr, hr);
         double *rows = cache != NULL ? cache + start * depth * 4 : NULL; /* (block, level, 4, lane) */
         int64_t first = 0; /* the shallowest level a lane of this block must redraw */
         if (cache != NULL && cache_valid) {
@@ -217,13 +218,13 @@ void tree_point(int64_t count, int64_t n, const double *t, const int32_t *key0, 
                 const int64_t shared = diff == 0 ? depth : depth - (64 - __builtin_clzll(diff));
                 first = shared < first ? shared : first;
             }
-            if (first > 0) restore(rows, first - 1, c_h, c_w, c_l, c_j);
+            if (first > 0) restore(BLOCK, rows, first - 1, c_h, c_w, c_l, c_j);
         }
-        descend(first, depth, levels, level_keys, (int)wide, cell, k0, k1, wr, hr, c_h, c_w, c_l, c_j, w_cell, h_cell,
+        descend(BLOCK, first, depth, levels, level_keys, (int)wide, cell, k0, k1, wr, hr, c_h, c_w, c_l, c_j, w_cell, h_cell,
                 rows);
         if (prev != NULL)
             for (int64_t j = 0; j < m; j++) prev[start + j] = cell[j];
-        finish(cell, frac, (uint32_t)cell_key, (int)wide, k0, k1, w, w2, w3, w_cell, h_cell, c_l, c_j, w_res, j_res);
+        finish(BLOCK, cell, frac, (uint32_t)cell_key, (int)wide, k0, k1, w, w2, w3, w_cell, h_cell, c_l, c_j, w_res, j_res);
         for (int64_t j = 0; j < m; j++) {
             w_out[start + j] = w_res[j];
             j_out[start + j] = j_res[j];
@@ -234,7 +235,7 @@ void tree_point(int64_t count, int64_t n, const double *t, const int32_t *key0, 
 /* tree_point at n_times times shared by the whole batch (times[k]; any order): w_out and
  * j_out are (n_times, count), j_out may be NULL (W only).  Per block, each time starts from
  * the sums the previous time left at the levels above their deepest common ancestor (kept in
- * `scratch`, (depth, 4, BLOCK) doubles), as tree_point's per-sample reuse does: the same
+ * `scratch`, (depth, 4, GRID_BLOCK) doubles), as tree_point's per-sample reuse does: the same
  * operations on the same values as a full descent, hence the same bits as tree_point. */
 void tree_grid(int64_t count, int64_t n_times, const double *times, const int32_t *key0, const int32_t *key1,
                const double *w_root, const double *h_root, const double *levels, const int64_t *level_keys,
@@ -242,28 +243,34 @@ void tree_grid(int64_t count, int64_t n_times, const double *times, const int32_
                double *scratch) {
     const double t0 = geometry[0], length = geometry[1], n_cells = geometry[2];
     const double w = geometry[3], w2 = geometry[4], w3 = geometry[5];
-    for (int64_t start = 0; start < count; start += BLOCK) {
-        const int64_t m = count - start < BLOCK ? count - start : BLOCK;
-        uint64_t cell[BLOCK], last = 0;
-        double frac[BLOCK], wr[BLOCK], hr[BLOCK], c_h[BLOCK], c_w[BLOCK], c_l[BLOCK], c_j[BLOCK];
-        double w_cell[BLOCK], h_cell[BLOCK], w_res[BLOCK], j_res[BLOCK];
-        uint32_t k0[BLOCK], k1[BLOCK];
-        load_block(start, m, key0, key1, w_root, h_root, k0, k1, wr, hr);
+    for (int64_t start = 0; start < count; start += GRID_BLOCK) {
+        const int64_t m = count - start < GRID_BLOCK ? count - start : GRID_BLOCK;
+        uint64_t cell[GRID_BLOCK], last = 0;
+        double frac[GRID_BLOCK], wr[GRID_BLOCK], hr[GRID_BLOCK], c_h[GRID_BLOCK], c_w[GRID_BLOCK], c_l[GRID_BLOCK], c_j[GRID_BLOCK];
+        double w_cell[GRID_BLOCK], h_cell[GRID_BLOCK], w_res[GRID_BLOCK], j_res[GRID_BLOCK];
+        uint32_t k0[GRID_BLOCK], k1[GRID_BLOCK];
+        load_block(GRID_BLOCK, start, m, key0, key1, w_root, h_root, k0, k1, wr, hr);
         for (int64_t k = 0; k < n_times; k++) {
-            for (int64_t j = 0; j < BLOCK; j++) locate(times[k], t0, length, n_cells, &cell[j], &frac[j]);
+            uint64_t c;
+            double f;
+            locate(times[k], t0, length, n_cells, &c, &f);
+            for (int64_t j = 0; j < GRID_BLOCK; j++) { /* a vector store: the level loop's vector loads forward from it */
+                cell[j] = c;
+                frac[j] = f;
+            }
             int64_t first = 0;
             if (k > 0) {
                 const uint64_t diff = cell[0] ^ last;
                 first = diff == 0 ? depth - 1 : depth - (64 - __builtin_clzll(diff));
             }
             if (first > 0)
-                restore(scratch, first - 1, c_h, c_w, c_l, c_j);
+                restore(GRID_BLOCK, scratch, first - 1, c_h, c_w, c_l, c_j);
             else
-                for (int64_t j = 0; j < BLOCK; j++) c_h[j] = c_w[j] = c_l[j] = c_j[j] = 0.0;
-            descend(first, depth, levels, level_keys, (int)wide, cell, k0, k1, wr, hr, c_h, c_w, c_l, c_j, w_cell,
+                for (int64_t j = 0; j < GRID_BLOCK; j++) c_h[j] = c_w[j] = c_l[j] = c_j[j] = 0.0;
+            descend(GRID_BLOCK, first, depth, levels, level_keys, (int)wide, cell, k0, k1, wr, hr, c_h, c_w, c_l, c_j, w_cell,
                     h_cell, scratch);
             last = cell[0];
-            finish(cell, frac, (uint32_t)cell_key, (int)wide, k0, k1, w, w2, w3, w_cell, h_cell, c_l, c_j, w_res, j_res);
+            finish(GRID_BLOCK, cell, frac, (uint32_t)cell_key, (int)wide, k0, k1, w, w2, w3, w_cell, h_cell, c_l, c_j, w_res, j_res);
             for (int64_t j = 0; j < m; j++) w_out[k * count + start + j] = w_res[j];
             if (j_out != NULL)
                 for (int64_t j = 0; j < m; j++) j_out[k * count + start + j] = j_res[j];

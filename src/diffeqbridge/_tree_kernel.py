@@ -301,7 +301,16 @@ _C_SOURCE = Path(__file__).with_name("_tree_kernel.c")
 _C_BASE_FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno")
 # most to least specific: native SIMD with glibc's vector math, native SIMD, portable
 _C_FLAG_SETS = (
-    ("-march=native", "-fopenmp-simd", "-DTREE_LIBMVEC", "-fno-builtin-sin", "-fno-builtin-cos", "-lmvec", "-lm"),
+    (
+        "-march=native",
+        "-mprefer-vector-width=512",
+        "-fopenmp-simd",
+        "-DTREE_LIBMVEC",
+        "-fno-builtin-sin",
+        "-fno-builtin-cos",
+        "-lmvec",
+        "-lm",
+    ),
     ("-march=native", "-lm"),
     ("-lm",),
 )
@@ -319,6 +328,7 @@ _C_GRID_ARGTYPES = (
     + (ctypes.c_void_p,) * 3
 )
 BLOCK = 8  # lanes per block of the C kernel (its BLOCK): the reuse cache's innermost axis
+GRID_BLOCK = 16  # lanes per block of its tree_grid (GRID_BLOCK): the scratch rows' innermost axis
 REUSE_BUDGET_BYTES = 256 * 2**20  # per-sample reuse caches 4 float64 per level and element, up to this size
 
 
@@ -530,7 +540,7 @@ def run_c_grid(
     grid = torch.tensor(times, dtype=torch.float64)
     w_out = torch.empty((len(times), *w_root.shape), dtype=torch.float64)
     j_out = torch.empty_like(w_out) if want_j else None
-    scratch = torch.empty((levels.shape[0], 4, BLOCK), dtype=torch.float64)
+    scratch = torch.empty((levels.shape[0], 4, GRID_BLOCK), dtype=torch.float64)
     lib.tree_grid(
         w_root.numel(),
         len(times),

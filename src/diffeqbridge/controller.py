@@ -315,6 +315,7 @@ def initial_dt(
         first, nf, ng = sde_initial_dt(
             terms.drift, terms.diffusion, _g_size(terms), t0, y0, f0, g0, order, atol, rtol, span, direction=direction
         )
+        first = (first * solver.first_step_factor).clamp(max=span)
     else:
         first, nf = hairer_initial_dt(terms.drift, t0, y0, f0, order, atol, rtol, dtmax=span, direction=direction)
         ng = 0

@@ -369,10 +369,11 @@ class LoopState:
     """Everything the loop carries from one iteration to the next, per sample ``(B,)`` unless
     noted: a snapshot of it (:meth:`Integrator.snapshot`) restarts the solve bit-identically.
 
-    ``carry`` is the solver's FSAL slot (``f0``, or ``ReversibleHeun``'s tuple);
+    ``carry`` is the solver's FSAL slot (``f0``);
     ``tree_state`` the Brownian path at ``t``; ``solver_state`` what the solver carries between
     steps (``solver.init``'s result, threaded through ``step``/``update``: composite switching
-    counters, a reused Jacobian; None for most solvers), so the solver object itself never
+    counters, a reused Jacobian, ``ReversibleHeun``'s ``(z, f(z), g(z))``; None for most
+    solvers), so the solver object itself never
     changes during a solve; ``ys`` ``(T, B, ...)``; ``save_index`` the next save time to fill,
     ``stop_index`` the next forced time (see :class:`Integrator`'s ``stops``).
     """
@@ -649,11 +650,14 @@ class Integrator:
         copy.ys = s.ys.new_empty(0)
         return copy
 
-    def restore(self, snap: LoopState, y: Tensor, carry: Any) -> LoopState:
-        """The state of ``snap`` with ``y``/``carry`` replaced (e.g. leaves requiring grad)."""
+    def restore(self, snap: LoopState, y: Tensor, carry: Any, solver_state: Any = None) -> LoopState:
+        """The state of ``snap`` with ``y``/``carry`` (and ``solver_state`` unless None)
+        replaced (e.g. leaves requiring grad)."""
         self.rerun = True
         state = LoopState(**vars(snap))
         state.y, state.carry = y, carry
+        if solver_state is not None:
+            state.solver_state = solver_state
         state.ys = torch.full((self.n_save, *y.shape), float("nan"), dtype=y.dtype, device=y.device)
         return state
 
@@ -752,7 +756,8 @@ class Integrator:
         steps64 = torch.tensor(self._grid_steps[first:], dtype=torch.float64, device=device).unsqueeze(1).repeat(1, batch)
         steps, sizes = steps64.to(dtype), steps64.abs()
         dws = None if levy else (w[1:] - w[:-1]).reshape(n - first, *tree.shape).to(tree.dtype).to(dtype)
-        y, carry, state, peak = s.y, s.carry, s.solver_state, None
+        y, carry, state = s.y, s.carry, s.solver_state
+        peak: Tensor | None = None
         nf: int | Tensor = 0  # composites count per sample
         ng: int | Tensor = 0
         eigen_last, eigen_max = s.eigen_last, s.eigen_max  # stiffness reports: the loop's _stats, every step accepted
@@ -777,14 +782,16 @@ class Integrator:
             size = out.y1.detach().abs().amax()
             peak = size if peak is None else torch.maximum(peak, size)  # NaN propagates
             nf, ng = nf + out.nf, ng + out.ng
-            state, _ = solver.update(state, everyone, everyone, times[k + 1], sizes[k], out)
+            if solver.carries_state:
+                state = out.state
+            else:
+                state, _ = solver.update(state, everyone, everyone, times[k + 1], sizes[k], out)
             if solver.fsal and out.f1 is not None and carry is not None:
                 carry = out.f1
             y = out.y1
             if i + 1 in self.save_slots:
                 saves.append((self.save_slots[i + 1], y))
-        assert peak is not None  # at least one step is left (_lockstep_applies)
-        if not bool(peak <= _SQRT_FLOATMAX[dtype]):  # non-finite or unstable: the loop decides
+        if peak is None or not bool(peak <= _SQRT_FLOATMAX[dtype]):  # non-finite or unstable: the loop decides
             return False
         s.y, s.carry, s.solver_state, s.t, s.iteration = y, carry, state, times[-1], n
         s.tree_state = (w[-1], j[-1] if j is not None else None)
@@ -945,9 +952,12 @@ class Integrator:
         # --- controller decision
         rejected = _and_not(s.active, accepted)
         self._stats(s, out, accepted, rejected)
-        s.solver_state, dt_factor = solver.update(
-            s.solver_state, accepted, s.active, torch.where(accepted, t_new, s.t), dt_eval.abs(), out
-        )
+        if solver.carries_state:  # per-sample values: kept where the step was not accepted
+            s.solver_state, dt_factor = _select(accepted, out.state, s.solver_state), None
+        else:
+            s.solver_state, dt_factor = solver.update(
+                s.solver_state, accepted, s.active, torch.where(accepted, t_new, s.t), dt_eval.abs(), out
+            )
         # --- masked merge
         y_prev, t_prev, f_prev = s.y, s.t, s.carry
         s.y = _select(accepted, out.y1, s.y)

@@ -84,6 +84,8 @@ class AbstractSolver:
         controller_order: the order ``q`` used by the PI controller's exponents.
         fsal: True when the step reuses ``f0 = drift(t, y)`` and returns ``f1``.
         beta1 / beta2 / qmax / qmin / gamma: controller constants (None -> engine default).
+        first_step_factor: multiplies StochasticDiffEq's first SDE step (``sde_initial_dt``);
+            :data:`SDE_FIRST_STEP_FACTOR` for the embedded estimates of SRI and SPaRK, 1 otherwise.
         stability_size: length of the stability region along the negative real axis
             (OrdinaryDiffEq's/StochasticDiffEq's ``alg_stability_size``); set on the solvers
             that report ``StepOutput.stiffness`` and can be the non-stiff half of an
@@ -104,7 +106,13 @@ class AbstractSolver:
     qmax: ClassVar[float | None] = None
     qmin: ClassVar[float | None] = None
     gamma: ClassVar[float | None] = None
+    first_step_factor: float = 1.0  # an instance value for StochasticRungeKutta(error_estimate=...)
     reversible: ClassVar[bool] = False  # algebraically reversible step (exact BacksolveAdjoint)
+    #: the state (:meth:`init`, ``StepOutput.state``) is a tuple of per-sample values that advance
+    #: exactly with an accepted step: the engine keeps a sample's previous state where its step
+    #: was not accepted (as it keeps ``y``; no :meth:`update`), and the checkpointed sensealgs
+    #: differentiate through it (restored as autograd leaves, like ``y``)
+    carries_state: ClassVar[bool] = False
     stability_size: ClassVar[float | None] = None
 
     def initial_carry(self, terms: Terms, t: Tensor, y: Tensor, f0: Tensor | None) -> object:
@@ -308,10 +316,16 @@ ERROR_ESTIMATES = ("embedded", "sciml")
 # StochasticDiffEq's 9/8 on GBM and SciML's additive system (benchmarks/sde_work_precision.py):
 # the same error for about 10-50 % fewer evaluations at tol 1e-2 ... 1e-3, equal below.
 EMBEDDED_QMAX = 3 / 2
-# Measured, not adopted: a first step 16x StochasticDiffEq's (sde_determine_initdt targets 1 %
-# of the tolerance) cut SRIW1/SOSRI evaluations by 25-35 % at errors >= 1e-2 (GBM, rot2d) and
-# was neutral below, but with fewer forward steps BacksolveAdjoint's backward solve (step
-# span / forward steps) stalled in tests/test_regularization.py; see BENCHMARKS.md section 1.
+# First SDE step of the embedded estimates for multiplicative noise (SRI, SPaRK): this many
+# times StochasticDiffEq's sde_determine_initdt step (whose target is 1 % of the tolerance,
+# reached after ~10 steps of growth at qmax 3/2).  Measured (B = 128, tol 1e-1 ... 1e-4, the
+# problems of benchmarks/sde_work_precision.py): SRIW1/SOSRI/SPaRK take 0.29-0.84x the
+# evaluations at tol 1e-1 ... 1e-2 on GBM, wave and rot2d, 0.5-0.99x at 1e-3 ... 1e-4, with the
+# error within 1.4x of before on GBM and rot2d (wave's rises from 9e-7 to 5e-6 at tol 1e-1, still
+# far below tol).  The additive-noise methods (ShARK, SRA) keep StochasticDiffEq's step:
+# there it was mixed on prob_sde_additive, neutral on vp_gmm, and with alg=None on the stiff
+# OU problem of tests/test_autoswitch.py the earlier switch damped X(1)'s spread 5x too much.
+SDE_FIRST_STEP_FACTOR = 16.0
 
 
 # Exponent θ of the per-unit-step weighting of the embedded estimates for multiplicative noise
@@ -393,6 +407,7 @@ class StochasticRungeKutta(AbstractSolver):
     step_function: ClassVar[Callable[..., StepOutput]]
     # exponent order of the PI controller with the embedded estimate (error ~ dt^{3/2})
     embedded_controller_order: ClassVar[float] = 1.5
+    embedded_first_step_factor: ClassVar[float] = SDE_FIRST_STEP_FACTOR
     default_unit_step_power: ClassVar[float] = UNIT_STEP_POWER
     adaptive = True
     needs_levy_area = True
@@ -412,6 +427,7 @@ class StochasticRungeKutta(AbstractSolver):
         if self.error_estimate == "embedded":  # the class values are StochasticDiffEq's
             self.controller_order = type(self).embedded_controller_order
             self.qmax = EMBEDDED_QMAX
+            self.first_step_factor = type(self).embedded_first_step_factor
 
     def step(
         self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None

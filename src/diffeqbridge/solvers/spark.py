@@ -44,6 +44,7 @@ from .base import (
     ALL_NOISE,
     BOTH_INTERPRETATIONS,
     EMBEDDED_QMAX,
+    SDE_FIRST_STEP_FACTOR,
     UNIT_STEP_POWER,
     AbstractSolver,
     StepOutput,
@@ -163,6 +164,7 @@ class SPaRK(AbstractSolver):
     qmax: ClassVar[float | None] = EMBEDDED_QMAX
     qmin: ClassVar[float | None] = 1 / 5
     gamma: ClassVar[float | None] = 9 / 10
+    first_step_factor: float = SDE_FIRST_STEP_FACTOR
 
     def __init__(self, unit_step_power: float | None = None):
         """``unit_step_power``: ``θ`` of the per-unit-step weighting of the error estimate

@@ -172,6 +172,7 @@ class _SRABase(StochasticRungeKutta):
     controller_order: ClassVar[float] = 2.0  # alg_order(SRA1) = alg_order(SOSRA) = 2//1
     embedded_controller_order: ClassVar[float] = 2.0  # additive noise: the estimate is O(dt^2)
     default_unit_step_power: ClassVar[float] = 0.0  # the error sits far below tol already (base.UNIT_STEP_POWER)
+    embedded_first_step_factor: ClassVar[float] = 1.0  # StochasticDiffEq's first step (base.SDE_FIRST_STEP_FACTOR)
     step_function = staticmethod(sra_step)
 
 
