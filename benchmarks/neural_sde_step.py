@@ -23,9 +23,10 @@ Matched accuracy: ``ours ReversibleHeun forward+backward, matched accuracy`` tak
 steps (of :func:`candidate_steps`) whose strong error is at most torchsde's at ``dt``, chosen
 from the errors measured before the timings (quick run: 36 steps, 3.7e-4).
 
-Measured (quick, B = 256, shared 2-core machine at load ~4, one interleaved run): ours
-EulerHeun forward+backward 1.52x torchsde sdeint, ReversibleHeun 0.82x, ReversibleHeun at
-matched accuracy 0.61x, our exact reversible backsolve 0.89x torchsde sdeint_adjoint.  What
+Measured (quick, B = 256, shared 2-core machine at load ~7, one interleaved run): ours
+EulerHeun forward+backward 1.40x torchsde sdeint, ReversibleHeun 0.76x, ReversibleHeun at
+matched accuracy 0.57x, our exact reversible backsolve 0.57x torchsde sdeint_adjoint (at
+load ~4: 1.52x, 0.82x, 0.61x, 0.89x).  What
 is left: the MLPs (~74 % of our ReversibleHeun step), the tree (~12 %), the solver's
 arithmetic (BENCHMARKS.md section 4).
 
