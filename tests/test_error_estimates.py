@@ -116,3 +116,31 @@ def test_error_tracks_tolerance(name, builder, cls):
     growth = -fitted_order(tols, work)  # work ~ tol^-growth
     assert growth <= 0.75, (growth, work, errors)
     assert errors[-1] < errors[0]
+
+
+def test_first_step_of_the_embedded_estimates():
+    """SRI and SPaRK with the embedded estimate start at ``SDE_FIRST_STEP_FACTOR`` (16) times
+    StochasticDiffEq's ``sde_determine_initdt`` step (capped at the span); the ``"sciml"``
+    estimates, SRA and ShARK keep StochasticDiffEq's step."""
+    from diffeqbridge.controller import initial_dt
+    from diffeqbridge.problem import Terms
+    from diffeqbridge.solvers.base import SDE_FIRST_STEP_FACTOR
+
+    prob, _ = linear(4)
+    add, _ = additive(4)
+
+    def first(p, alg, tol):
+        t0 = torch.zeros(4, dtype=F64)
+        f0, g0 = p.drift(t0, p.y0), p.diffusion(t0, p.y0)
+        return initial_dt(Terms(p), alg, t0, p.y0, f0, g0, tol, tol, 1.0, 1.0, None, 1e-12)[0]
+
+    for tol in (1e-2, 1e-4):
+        base = first(prob, deb.SRIW1(error_estimate="sciml"), tol)
+        assert bool((base < 1.0 / SDE_FIRST_STEP_FACTOR).all())
+        for alg in (deb.SRIW1(), deb.SOSRI(), deb.AutoSOSRI(), deb.SPaRK()):
+            torch.testing.assert_close(first(prob, alg, tol), SDE_FIRST_STEP_FACTOR * base, rtol=1e-12, atol=0)
+        for alg in (deb.SRA1(), deb.ShARK()):
+            torch.testing.assert_close(
+                first(add, alg, tol), first(add, deb.SRA1(error_estimate="sciml"), tol), rtol=1e-12, atol=0
+            )
+    assert float(first(prob, deb.SRIW1(), 10.0).max()) == 1.0  # capped at the span
