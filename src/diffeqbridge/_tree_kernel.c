@@ -73,26 +73,36 @@ static inline void descend(int64_t width, int64_t first, int64_t depth, const do
                            const uint64_t *cell, const uint32_t *k0, const uint32_t *k1, const double *wr,
                            const double *hr, double *c_h, double *c_w, double *c_l, double *c_j, double *w_cell,
                            double *h_cell, double *cache) {
+    /* two passes: the normal pairs of every level first (independent vector log/sin/cos,
+     * overlapping freely), then the recursion, which is a chain through the levels */
+    double zn[64][BLOCK], xn[64][BLOCK];
+    const uint32_t wide_mask = wide ? 0xFFFFFFFFu : 0u; /* node_key without a branch in the loop */
     for (int64_t k = first; k < depth; k++) {
-        const double *lv = levels + 7 * k;
-        const double sq16 = lv[0], sq48 = lv[1], four_pow4 = lv[2], inv_pow4 = lv[3];
-        const double two_pow2 = lv[4], inv_pow2 = lv[5], half_width = lv[6];
         const uint32_t level_key = (uint32_t)level_keys[k];
         const int shift = (int)(depth - k);
-        const uint32_t wide_mask = wide ? 0xFFFFFFFFu : 0u; /* node_key without a branch in the loop */
-        /* one loop from the cell index on: the node's key and which child the query enters are
-         * computed in vector registers (separate scalar stores of them, read back as vectors,
-         * stalled store forwarding) */
+        /* the node's key computed in vector registers (separate scalar stores of it, read back
+         * as vectors, stalled store forwarding) */
 #pragma omp simd
         for (int64_t j = 0; j < width; j++) {
-            const double right = (double)(int32_t)((uint32_t)(cell[j] >> (shift - 1)) & 1u);
             const uint64_t index = cell[j] >> shift;
             const uint32_t narrow = (uint32_t)index * PHI32 + level_key;
             const uint32_t node = narrow ^ ((narrow ^ fmix32((narrow ^ (uint32_t)(index >> 32)) + 0x9E3779B9u)) & wide_mask);
             const double u1 = unit(fmix32(k0[j] ^ node)), u2 = unit(fmix32(k1[j] ^ node));
             const double radius = sqrt(-2.0 * log(u1));
             const double angle = TWO_PI * u2;
-            const double z = radius * cos(angle) * sq16, x = radius * sin(angle) * sq48;
+            zn[k][j] = radius * cos(angle);
+            xn[k][j] = radius * sin(angle);
+        }
+    }
+    for (int64_t k = first; k < depth; k++) {
+        const double *lv = levels + 7 * k;
+        const double sq16 = lv[0], sq48 = lv[1], four_pow4 = lv[2], inv_pow4 = lv[3];
+        const double two_pow2 = lv[4], inv_pow2 = lv[5], half_width = lv[6];
+        const int shift = (int)(depth - k);
+#pragma omp simd
+        for (int64_t j = 0; j < width; j++) {
+            const double right = (double)(int32_t)((uint32_t)(cell[j] >> (shift - 1)) & 1u);
+            const double z = zn[k][j] * sq16, x = xn[k][j] * sq48;
             const double sign = 1.0 - 2.0 * right;
             const double h_inc = four_pow4 * (-0.5 * z + sign * x);
             c_h[j] = c_h[j] + h_inc;
