@@ -228,3 +228,19 @@ def test_evaluate_grid_equals_evaluate_at_each_time(tree_kernel_modes, shape, to
         fresh = deb.VirtualBrownianTree(0.0, 1.0, shape, seed=5, tol=tol, sample_offset=3)
         w_ref, j_ref = fresh.evaluate(torch.full((shape[0],), t, dtype=F64))
         assert torch.equal(w[k], w_ref) and torch.equal(j[k], j_ref), (k, t)
+
+
+def test_evaluate_grid_of_a_subclass_goes_through_its_evaluate(fused):
+    """A subclass that redefines ``evaluate`` (a view, a transformed path) is queried through
+    it by ``evaluate_grid`` (one ``evaluate_scalar`` per time, which on the fused path calls
+    ``evaluate``), not by the C kernel directly."""
+
+    class Doubled(deb.VirtualBrownianTree):
+        def evaluate(self, t):  # type: ignore[override]
+            w, j = super().evaluate(t)
+            return 2.0 * w, 2.0 * j
+
+    times = [0.0, 0.3, 0.6]
+    w, _ = Doubled(0.0, 1.0, (4, 2), seed=1, tol=2.0**-8).evaluate_grid(times, levy=False)
+    ref, _ = deb.VirtualBrownianTree(0.0, 1.0, (4, 2), seed=1, tol=2.0**-8).evaluate_grid(times, levy=False)
+    assert float(ref[1:].abs().max()) > 0 and torch.equal(w, 2.0 * ref)

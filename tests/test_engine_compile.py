@@ -15,9 +15,10 @@ import warnings
 import pytest
 import torch
 from problems import linear, strong_error, tree_for
+from test_cuda_graph_path import ReplayGraph
 
 import diffeqbridge as deb
-from diffeqbridge import _tree_kernel, engine
+from diffeqbridge import _cuda_graph, _tree_kernel, engine
 
 pytestmark = [
     pytest.mark.usefixtures("float64_default"),
@@ -164,9 +165,11 @@ def test_compiled_adaptive_sde_is_as_accurate_as_eager(monkeypatch):
 
 def test_compiled_iterations_unrolled_by_check_every(monkeypatch):
     """``check_every=k`` with ``compile=True``: after each check one compiled call runs ``k``
-    iterations (the save at ``t1`` inside the graph).  Stopped samples are frozen, so the
-    steps are the per-iteration compiled loop's and the states agree to the last bits (the
-    unrolled graph may fuse across iterations)."""
+    iterations (the save at ``t1`` inside the graph); the checks are at iterations 1, 1 + k,
+    ...  Stopped samples are frozen, so the steps are the per-iteration compiled loop's and
+    the states agree to the last bits (the unrolled graph may fuse across iterations).  The
+    CUDA-graph bookkeeping (``_cuda_graph``, a replaying stand-in graph on the CPU) takes the
+    compiled call's real outputs and gives the same bits."""
     y0 = torch.tensor([[1.0, 1.0], [2.0, 0.5], [0.5, 3.0]])
     prob = deb.ODEProblem(lotka_volterra, y0, (0.0, 3.0))
     kwargs = dict(alg=deb.Tsit5(), atol=1e-6, rtol=1e-6, backend="native")
@@ -181,5 +184,13 @@ def test_compiled_iterations_unrolled_by_check_every(monkeypatch):
     monkeypatch.setattr(engine.Integrator, "_repeat", recording)
     unrolled = deb.solve(prob, compile=True, check_every=2, **kwargs)
     assert_compiled(prob)
-    assert repeats.count(2) >= 10 and set(repeats) == {1, 2}, repeats
+    # the check right after the eager first iteration: every later call is an unrolled one
+    assert repeats[0] == 1 and set(repeats[1:]) == {2} and len(repeats) >= 10, repeats
     assert_same_solve(eager, unrolled)
+
+    monkeypatch.setattr(_cuda_graph, "wanted", lambda device: True)
+    monkeypatch.setattr(engine, "_new_graph", ReplayGraph)
+    ReplayGraph.made = []
+    graphed = deb.solve(prob, compile=True, check_every=2, **kwargs)
+    assert len(ReplayGraph.made) == 1 and ReplayGraph.made[0].replays >= 8
+    assert torch.equal(graphed.ys, unrolled.ys) and torch.equal(graphed.stats.naccept, unrolled.stats.naccept)

@@ -64,6 +64,10 @@ def _assert_same(a, b) -> None:
     assert torch.equal(a.retcodes, b.retcodes)
     for name in ("nf", "ng", "naccept", "nreject"):
         assert torch.equal(getattr(a.stats, name), getattr(b.stats, name)), name
+    assert a.stats.extra.keys() == b.stats.extra.keys()
+    for name in ("eigen_est", "max_eigen_est"):  # stiffness reports (SRI, ShARK)
+        if name in b.stats.extra:
+            assert torch.equal(a.stats.extra[name], b.stats.extra[name]), name
 
 
 CASES = [
@@ -72,6 +76,9 @@ CASES = [
     ("EulerHeun backwards", lambda: deb.EulerHeun(), {"tspan": (1.0, 0.0)}),
     ("EulerHeun float32", lambda: deb.EulerHeun(), {"dtype": torch.float32}),
     ("SRA1 (Levy area)", lambda: deb.SRA1(), {"additive": True}),
+    ("SRIW1 (stiffness estimate)", lambda: deb.SRIW1(), {}),
+    ("ShARK (stiffness estimate)", lambda: deb.ShARK(), {"additive": True}),
+    ("AutoSOSRI (composite)", lambda: deb.AutoSOSRI(), {}),
     ("EM save times off the grid", lambda: deb.EM(), {"saveat": torch.tensor([0.0, 0.1, 0.45, 0.7, 1.0], dtype=F64)}),
     ("InterpolatingAdjoint segments", lambda: deb.EulerHeun(), {"sensealg": deb.InterpolatingAdjoint(checkpoints=3)}),
 ]

@@ -427,11 +427,12 @@ class VirtualBrownianTree:
         On the CPU's C kernel one call answers the whole grid: each block of elements walks
         the times in order and redraws only the levels below the deepest common ancestor of
         consecutive times (``tree_grid`` in ``_tree_kernel.c``).  Elsewhere, and for
-        subclasses that redefine :meth:`evaluate_scalar` (views of a tree), one
-        :meth:`evaluate_scalar` per time.
+        subclasses that redefine :meth:`evaluate_scalar` or :meth:`evaluate` (views of a
+        tree), one :meth:`evaluate_scalar` per time.
         """
         times = [float(t) for t in times]
-        own = type(self).evaluate_scalar is VirtualBrownianTree.evaluate_scalar
+        cls = type(self)
+        own = cls.evaluate_scalar is VirtualBrownianTree.evaluate_scalar and cls.evaluate is VirtualBrownianTree.evaluate
         if own and self.device.type == "cpu" and times and K.choose(self.device, self._padded) == "c":
             out = K.run_c_grid(times, *self._fused_inputs(padded=False), want_j=bool(levy))
             if out is not None:

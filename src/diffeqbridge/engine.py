@@ -21,12 +21,13 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from . import _cuda_graph
 from .brownian import VirtualBrownianTree
 from .controller import QOLD_INIT, PIController, clip_step, scaled_error_norm
 from .dense import horner, interpolant_kind, step_coefficients
@@ -313,6 +314,17 @@ _SAVE_IN_GRAPH_ELEMENTS = 2**16
 _FUSED_ITERATION: Callable[..., Any] | None = None
 
 
+#: compile=True on CUDA: fuse keys whose graph capture failed (warned once), with the reason
+_GRAPH_FAILED: dict[tuple[Any, ...], str] = {}
+#: compile=True on CUDA: the most captured graphs one solve keeps (one per call length and state layout)
+_MAX_GRAPHS = 4
+
+
+def _new_graph() -> _cuda_graph.Graph:
+    """A graph to capture a compiled call into (:mod:`._cuda_graph`)."""
+    return _cuda_graph.CudaGraph()
+
+
 def _configure_compile() -> None:
     """Process-wide settings for the compiled iteration."""
     import torch._functorch.config as functorch_config
@@ -399,6 +411,10 @@ class LoopState:
     solver_state: Any
     ys: Tensor
     stop_index: Tensor | None = None
+
+
+#: the LoopState fields a compiled call reads and replaces (captured as a graph on CUDA)
+_GRAPH_FIELDS = tuple(f.name for f in fields(LoopState) if f.name != "iteration")
 
 
 def _rebuild(like: tuple[Any, ...], items: Any) -> Any:
@@ -601,6 +617,10 @@ class Integrator:
         #: iteration through its custom ops (set at the first, eager, iteration)
         self._tree_in_graph = False
         self._stop_at: int | None = None  # run()'s stop_at (compiled iterations are not unrolled past it)
+        self._snapshots = False  # run() takes snapshots (they alias the state's tensors: no graphs)
+        #: compile=True on CUDA: captured calls by (iterations, state layout); None: compiled, not captured yet
+        self._graphs: dict[tuple[Any, ...], _cuda_graph.GraphedCall | None] = {}
+        self._graph_device = options.compile and _cuda_graph.wanted(save_times.device)
         problem = terms.problem
         self._fuse_key = ("advance", type(solver), id(problem.drift), id(getattr(problem, "diffusion", None)))
 
@@ -667,7 +687,7 @@ class Integrator:
         """Iterate until every sample stopped (or iteration ``stop_at``).  Returns a snapshot
         taken at the first check after the slowest sample passed each of ``boundaries``."""
         snaps: list[LoopState] = []
-        self._stop_at = stop_at
+        self._stop_at, self._snapshots = stop_at, bool(boundaries)
         if self._lockstep_applies(s, stop_at, boundaries, progress) and self._run_lockstep(s):
             return snaps
         pending = list(boundaries or [])
@@ -675,10 +695,11 @@ class Integrator:
         bar = _Progress(progress, float(self.t_start), float(self.t_end))
         refused = self.compact_refusal()
         full, idx = s, None  # s: the compacted state once samples left the batch (rows idx of full)
+        phase = self._check_phase(every, stop_at)
         while stop_at is None or s.iteration < stop_at:
             if grid is not None and s.iteration == len(grid) - 1:
                 break  # every sample has reached the end or stopped earlier
-            if s.iteration % every == 0:
+            if s.iteration % every == phase or s.iteration == 0:
                 if len(self._pending) >= FLUSH_AFTER:
                     self._flush_saves(s)
                 n_active = int(s.active.sum())
@@ -739,8 +760,9 @@ class Integrator:
         results, ``ys`` and the final state (times, counters, retcodes, solver state) are
         those of the per-iteration loop bit for bit: every sample is active and every step is
         accepted there too.  A step that is not finite or passes ``sqrt(floatmax)`` (where the
-        loop stops the sample), too few ``max_steps``, or a solver reporting Newton failures,
-        stiffness or Jacobians makes it return False with ``s`` untouched (the loop then runs)."""
+        loop stops the sample), too few ``max_steps``, or a solver reporting Newton failures or
+        Jacobians makes it return False with ``s`` untouched (the loop then runs); stiffness
+        reports (SRI, ShARK) are kept as the loop's ``_stats`` keeps them."""
         grid, solver, tree, every = self.grid, self.solver, self.tree, self.options.check_every
         assert grid is not None and tree is not None and s.stop_index is not None
         first, n, dtype = s.iteration, len(grid) - 1, s.y.dtype
@@ -757,8 +779,9 @@ class Integrator:
         dws = None if levy else (w[1:] - w[:-1]).reshape(n - first, *tree.shape).to(tree.dtype).to(dtype)
         y, carry, state = s.y, s.carry, s.solver_state
         peak: Tensor | None = None
-        nf: int | Tensor = 0
+        nf: int | Tensor = 0  # composites count per sample
         ng: int | Tensor = 0
+        eigen_last, eigen_max = s.eigen_last, s.eigen_max  # stiffness reports: the loop's _stats, every step accepted
         saves: list[tuple[int, Tensor]] = []
         everyone = torch.ones_like(s.active)
         for k, i in enumerate(range(first, n)):
@@ -772,8 +795,11 @@ class Integrator:
                 assert dws is not None
                 dw, levy_h = dws[k], None
             out = call_step(solver, self.terms, times[k], y, steps[k], dw, levy_h, carry, state)
-            if out.converged is not None or out.stiffness is not None or out.njac is not None:
+            if out.converged is not None or out.njac is not None:
                 return False
+            if out.stiffness is not None:
+                eigen_last = out.stiffness.detach().to(torch.float64)
+                eigen_max = eigen_last.clone() if eigen_max is None else torch.maximum(eigen_max, eigen_last)
             size = out.y1.detach().abs().amax()
             peak = size if peak is None else torch.maximum(peak, size)  # NaN propagates
             nf, ng = nf + out.nf, ng + out.ng
@@ -790,6 +816,7 @@ class Integrator:
             return False
         s.y, s.carry, s.solver_state, s.t, s.iteration = y, carry, state, times[-1], n
         s.tree_state = (w[-1], j[-1] if j is not None else None)
+        s.eigen_last, s.eigen_max = eigen_last, eigen_max
         for slot, value in saves:
             s.ys[slot, self.lanes] = value
         s.save_index = s.save_index + len(saves)
@@ -944,7 +971,7 @@ class Integrator:
         else:
             out, err, accepted = _run_core(opts, solver, self.terms, s.t, s.y, *args)
         # --- controller decision
-        rejected = s.active & ~accepted
+        rejected = _and_not(s.active, accepted)
         self._stats(s, out, accepted, rejected)
         if solver.carries_state:  # per-sample values: kept where the step was not accepted
             s.solver_state, dt_factor = _select(accepted, out.state, s.solver_state), None
@@ -1011,6 +1038,14 @@ class Integrator:
         self._save(s, record)
         return None
 
+    def _check_phase(self, every: int, stop_at: int | None) -> int:
+        """The iterations :meth:`run` checks at besides the first: ``iteration % every ==
+        phase``.  1 where compiled calls may run ``every`` iterations (:meth:`_repeat`): the
+        first iteration runs eagerly, so checking right after it lets every later call be an
+        unrolled one (with phase 0, iterations 1 to ``every - 1`` would be one compiled call
+        each, and a second graph compiled for them)."""
+        return 1 if self.options.compile and every > 1 and stop_at is None else 0
+
     def _repeat(self, s: LoopState) -> int:
         """How many iterations the next compiled call runs: ``check_every`` (unrolled in one
         graph, amortising the call's overhead) right after a check, when the iteration saves in
@@ -1018,7 +1053,9 @@ class Integrator:
         samples are frozen, so the iterations past the last sample's end change nothing (the
         per-iteration loop runs them too, up to its next check)."""
         every = self.options.check_every
-        if every == 1 or s.iteration == 0 or s.iteration % every or self._stop_at is not None or not self._fused():
+        if every == 1 or s.iteration == 0 or self._stop_at is not None or not self._fused():
+            return 1
+        if s.iteration % every != self._check_phase(every, self._stop_at):
             return 1
         if (self.tree is not None and not self._tree_in_graph) or not self._save_in_graph(s):
             return 1
@@ -1057,8 +1094,11 @@ class Integrator:
             _FUSED_SDE = torch.compile(Integrator._sde_advance, dynamic=False, fullgraph=True, options=options)
             _FUSED_ITERATION = torch.compile(Integrator._iteration, dynamic=False, fullgraph=True, options=options)
         if self.tree is None or self._tree_in_graph:
+            save = self._save_in_graph(s)
             try:
-                return _FUSED_ITERATION(self, s, True, self._save_in_graph(s), repeat)  # type: ignore[no-any-return]
+                if save and self._graph_device and self._replay(s, repeat):
+                    return None
+                return _FUSED_ITERATION(self, s, True, save, repeat)  # type: ignore[no-any-return]
             except Exception as exc:  # no compiler, unsupported op, graph break: fall back
                 _COMPILE_FAILED[self._fuse_key] = _compile_failure(exc, self.solver, s.y)
                 self._tree_in_graph = False
@@ -1076,6 +1116,42 @@ class Integrator:
             return self._advance(s, proposal, noise, False)
         self._next_proposal = (s.t, next_proposal)
         return record  # type: ignore[no-any-return]
+
+    def _replay(self, s: LoopState, repeat: int) -> bool:
+        """compile=True on CUDA: run this compiled call (``repeat`` iterations, saving in the
+        graph) as a replay of its captured CUDA graph (:mod:`._cuda_graph`), captured at its
+        second call (the first compiles it); False where the caller makes the plain compiled
+        call: that first call, states with gradients or non-tensor leaves, runs with
+        ``stop_at`` or snapshots, and after a failed capture (one warning)."""
+        if self._fuse_key in _GRAPH_FAILED or self._snapshots or self._stop_at is not None:
+            return False
+        found = _cuda_graph.layout(s, _GRAPH_FIELDS)
+        if found is None:
+            return False
+        key = (repeat, found[0])
+        graphed = self._graphs.get(key)
+        if graphed is None:
+            if key not in self._graphs:  # first call of this layout: compile it, plainly
+                if len(self._graphs) < _MAX_GRAPHS:
+                    self._graphs[key] = None
+                return False
+            assert _FUSED_ITERATION is not None
+            fused = _FUSED_ITERATION
+            try:
+                graphed = _cuda_graph.capture(lambda work: fused(self, work, True, True, repeat), s, _GRAPH_FIELDS, _new_graph())
+            except Exception as exc:  # a host sync, an uncapturable op: compiled calls without graphs
+                message = str(exc).strip()
+                _GRAPH_FAILED[self._fuse_key] = f"{type(exc).__name__}: {message.splitlines()[0] if message else ''}"
+                warnings.warn(
+                    f"compile=True: CUDA graph capture failed for {type(self.solver).__name__}; running the "
+                    f"compiled iteration without graphs. Reason: {_GRAPH_FAILED[self._fuse_key]}",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
+                return False
+            self._graphs[key] = graphed
+        graphed.replay(s, found[1])
+        return True
 
     def _queue_saves(
         self, s: LoopState, t_prev: Tensor, y_prev: Tensor, f_prev: Any, h: Tensor, out: StepOutput, accepted: Tensor
@@ -1178,7 +1254,7 @@ class Integrator:
         end(finished, SUCCESS)
         if stopped is not None:  # events hook: a terminating event (even at t1)
             end(stopped, TERMINATED)
-        end(accepted & ~(y_size <= _SQRT_FLOATMAX[s.y.dtype]), UNSTABLE)
+        end(_and_not(accepted, y_size <= _SQRT_FLOATMAX[s.y.dtype]), UNSTABLE)
         newton_failed = s.active & ~out.converged if out.converged is not None else None
         if self.controller is not None:
             assert err is not None

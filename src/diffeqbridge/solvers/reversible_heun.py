@@ -41,7 +41,9 @@ def reversible_heun_step(terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Ten
     z1 = 2.0 * y - z + f_z * dt_b + terms.g_dw(g_z, dw)
     t1 = t + dt
     f_z1, g_z1 = terms.drift(t1, z1), terms.diffusion(t1, z1)
-    y1 = y + 0.5 * (f_z + f_z1) * dt_b + terms.g_dw(0.5 * (g_z + g_z1), dw)
+    # halving dt and dW rather than the sums: the same products bit for bit (a power of two),
+    # two fewer operations on the autograd graph
+    y1 = y + (f_z + f_z1) * (0.5 * dt_b) + terms.g_dw(g_z + g_z1, 0.5 * dw)
     return y1, (z1, f_z1, g_z1)
 
 
