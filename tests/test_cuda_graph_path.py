@@ -52,6 +52,7 @@ def eager_fused(monkeypatch: pytest.MonkeyPatch) -> None:
     """compile=True's call path with the eager iteration in place of the compiled one."""
     monkeypatch.setattr(engine, "_FUSED_ITERATION", engine.Integrator._iteration)
     monkeypatch.setattr(engine, "_FUSED_SDE", engine.Integrator._sde_advance)
+    monkeypatch.setattr(engine, "_FUSED_UNROLLED", engine.Integrator._iteration)
     monkeypatch.setattr(engine, "_GRAPH_FAILED", {})
     ReplayGraph.made = []
 
@@ -177,3 +178,27 @@ def warnings_as_errors() -> Any:
             self.catch.__exit__(*exc)
 
     return Context()
+
+
+@pytest.mark.usefixtures("eager_fused")
+def test_unrolled_cpu_calls_take_the_cpp_wrapper_and_fall_back(monkeypatch: pytest.MonkeyPatch):
+    """On the CPU the unrolled ODE calls go through the C++-wrapper compilation; if that fails,
+    one warning and the Python-wrapper one (same kernels, same bits)."""
+    used: list[int] = []
+
+    def unrolled(self: Any, s: Any, direct: bool, save: bool, repeat: int) -> Any:
+        used.append(repeat)
+        return engine.Integrator._iteration(self, s, direct, save, repeat)
+
+    monkeypatch.setattr(engine, "_FUSED_UNROLLED", unrolled)
+    monkeypatch.setattr(engine, "_CPP_WRAPPER_UNROLLED", True)
+    plain = solve(False, monkeypatch)
+    assert used and set(used) == {4}
+
+    def failing(*args: Any) -> Any:
+        raise RuntimeError("C++ compile error")
+
+    monkeypatch.setattr(engine, "_FUSED_UNROLLED", failing)
+    with pytest.warns(RuntimeWarning, match="C\\+\\+ wrapper failed"):
+        fallback = solve(False, monkeypatch)
+    assert not engine._CPP_WRAPPER_UNROLLED and torch.equal(fallback.ys, plain.ys)
