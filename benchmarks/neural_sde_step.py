@@ -19,12 +19,16 @@ reference, every solver driven by the same path (our tree, fed to torchsde too),
 next to the times (quick run: ours EulerHeun and ReversibleHeun 2.9e-4, torchsde's
 euler_heun, Euler on the drift, 4.0e-4): at equal dt ours are at least as accurate.
 
-Measured (quick, B = 256, shared 2-core machine, one interleaved run): ours forward+backward
-783 ms vs torchsde sdeint 344 ms (2.28x; other runs 1.4-2.5x; 2.7-3.4x before the fixed-step
-tree fast path in same-run comparisons), ReversibleHeun 474 ms (1.38x), our exact reversible
-backsolve 1.16 s vs torchsde sdeint_adjoint 657 ms (1.77x); diffrax forward+backward 2.7 s.
-The hot spot left in our forward is the Brownian tree (~55 %: ~3 ms per query at
-B = 256 x 32), then the MLPs.
+Matched accuracy: ``ours ReversibleHeun forward+backward, matched accuracy`` takes the fewest
+steps (of :func:`candidate_steps`) whose strong error is at most torchsde's at ``dt``, chosen
+from the errors measured before the timings (quick run: 36 steps, 3.7e-4).
+
+Measured (quick, B = 256, shared 2-core machine at load ~3, one interleaved run): ours
+EulerHeun forward+backward 1.43x torchsde sdeint, ReversibleHeun 0.77x, ReversibleHeun at
+matched accuracy 0.56x, our exact reversible backsolve 0.61x torchsde sdeint_adjoint (other
+runs: ReversibleHeun 0.76-0.88x).  What
+is left: the MLPs (~74 % of our ReversibleHeun step), the tree (~12 %), the solver's
+arithmetic (BENCHMARKS.md section 4).
 
 Time: median over interleaved repeats, with the default allocator settings.  Peak memory
 (measured after all timings): increase of the process's peak resident set size over the call
@@ -138,7 +142,7 @@ def _model_and_y0(B: int) -> tuple[Any, Any]:
     return model, 0.1 * torch.randn(B, STATE, dtype=torch.float64)
 
 
-def _torch_cases(B: int, steps: int) -> dict[str, Callable[[], Any]]:
+def _torch_cases(B: int, steps: int, matched_steps: int | None = None) -> dict[str, Callable[[], Any]]:
     import torch
     import torchsde
 
@@ -150,12 +154,12 @@ def _torch_cases(B: int, steps: int) -> dict[str, Callable[[], Any]]:
     tree = deb.VirtualBrownianTree(0.0, 1.0, (B, STATE), seed=0, tol=TREE_TOL)
     ts = torch.tensor([0.0, 1.0], dtype=torch.float64)
 
-    def ours(backward: bool, alg: Any = None, sensealg: Any = None):
+    def ours(backward: bool, alg: Any = None, sensealg: Any = None, n: int = steps):
         alg = alg or deb.EulerHeun()
 
         def call():
             with torch.set_grad_enabled(backward):
-                sol = deb.solve(prob, alg, dt=dt, brownian=tree, sensealg=sensealg)
+                sol = deb.solve(prob, alg, dt=1.0 / n, brownian=tree, sensealg=sensealg)
                 loss = sol.ys[-1].pow(2).mean()
                 if backward:
                     model.zero_grad(set_to_none=True)
@@ -180,10 +184,14 @@ def _torch_cases(B: int, steps: int) -> dict[str, Callable[[], Any]]:
 
         return call
 
+    matched = {}
+    if matched_steps is not None:
+        matched[MATCHED] = ours(True, deb.ReversibleHeun(), deb.DiscreteAdjoint(), matched_steps)
     return {
         "ours forward": ours(False),
         "ours forward+backward": ours(True),
         "ours ReversibleHeun forward+backward": ours(True, deb.ReversibleHeun(), deb.DiscreteAdjoint()),
+        **matched,
         "ours ReversibleHeun backsolve forward+backward": ours(True, deb.ReversibleHeun(), deb.BacksolveAdjoint()),
         "torchsde sdeint forward": tsde(False, False),
         "torchsde sdeint forward+backward": tsde(True, False),
@@ -191,11 +199,17 @@ def _torch_cases(B: int, steps: int) -> dict[str, Callable[[], Any]]:
     }
 
 
-def strong_errors(B: int, steps: int) -> dict[str, float]:
+def candidate_steps(steps: int) -> list[int]:
+    """Step counts tried for the matched-accuracy case, from ``steps`` down to ``steps / 2``."""
+    return sorted({max(1, round(steps * f)) for f in (1.0, 0.9, 0.8, 0.72, 0.64, 0.6, 0.5)}, reverse=True)
+
+
+def strong_errors(B: int, steps: int) -> tuple[dict[str, float], dict[int, float]]:
     """RMS error of ``y(1)`` at ``dt = 1/steps`` against a reference (ours EulerHeun at
     ``dt/16``), every solver driven by the same Brownian path (our tree, also fed to
     torchsde): the solvers are at equal accuracy when these are alike.  The model and ``y0``
-    are :func:`_model_and_y0`'s, as in :func:`_torch_cases`."""
+    are :func:`_model_and_y0`'s, as in :func:`_torch_cases`.  Also ReversibleHeun's error
+    at each of :func:`candidate_steps` (for the matched-accuracy case)."""
     import torch
     import torchsde
 
@@ -220,7 +234,19 @@ def strong_errors(B: int, steps: int) -> dict[str, float]:
                 method="euler_heun",
             )[-1],
         }
-    return {name: float(((y - ref) ** 2).mean().sqrt()) for name, y in finals.items()}
+        by_steps = {n: deb.solve(prob, deb.ReversibleHeun(), dt=1.0 / n, brownian=tree).ys[-1] for n in candidate_steps(steps)}
+
+    def rms(y: Any) -> float:
+        return float(((y - ref) ** 2).mean().sqrt())
+
+    return {name: rms(y) for name, y in finals.items()}, {n: rms(y) for n, y in by_steps.items()}
+
+
+def matched_steps(errors: dict[str, float], by_steps: dict[int, float]) -> int:
+    """The fewest steps (of :func:`candidate_steps`) at which our ReversibleHeun's strong
+    error is at most torchsde's euler_heun's at the benchmark's ``dt``."""
+    target = errors["torchsde euler_heun"]
+    return min((n for n, e in by_steps.items() if e <= target), default=max(by_steps))
 
 
 def _diffrax_cases(B: int, steps: int) -> dict[str, Callable[[], Any]]:
@@ -260,10 +286,12 @@ def _diffrax_cases(B: int, steps: int) -> dict[str, Callable[[], Any]]:
     }
 
 
+MATCHED = "ours ReversibleHeun forward+backward, matched accuracy"
 BASE = {
     "torchsde sdeint forward": "ours forward",
     "torchsde sdeint forward+backward": "ours forward+backward",
     "ours ReversibleHeun forward+backward": "torchsde sdeint forward+backward",
+    MATCHED: "torchsde sdeint forward+backward",
     "ours ReversibleHeun backsolve forward+backward": "torchsde sdeint_adjoint forward+backward",
     "torchsde sdeint_adjoint forward+backward": "ours forward+backward",
     "diffrax forward": "ours forward",
@@ -276,7 +304,11 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
     threading = setup_jax(threads)
     B, steps = {"tiny": (8, 5), "quick": (256, 50), "full": (1024, 50)}[size]
     repeats = {"tiny": 1, "quick": 3, "full": 7}[size]
-    cases = {**_torch_cases(B, steps), **_diffrax_cases(B, steps)}
+    accuracy, by_steps = strong_errors(B, steps)
+    matched = matched_steps(accuracy, by_steps)
+    if progress:
+        progress("accuracy")
+    cases = {**_torch_cases(B, steps, matched), **_diffrax_cases(B, steps)}
     for fn in cases.values():  # warm-up (JIT)
         fn()
     timings = H.measure_interleaved(cases, repeats=repeats, warmup=0, target_s=0.05)
@@ -298,11 +330,10 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
                 "ours_over_peer_mem": (memory[ours_name] / memory[peer]) if mem_ok else None,
             }
         )
-    accuracy = strong_errors(B, steps)
-    if progress:
-        progress("accuracy")
     payload = {
         "strong_error_vs_dt16_reference": accuracy,
+        "reversible_heun_error_by_steps": {str(n): e for n, e in by_steps.items()},
+        "matched_steps": matched,
         "config": {
             "B": B,
             "state": STATE,
@@ -324,6 +355,11 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
             (
                 "strong_error_vs_dt16_reference: RMS error of y(1) against ours EulerHeun at dt/16, "
                 "every solver driven by the same path (our tree)."
+            ),
+            (
+                "matched accuracy: ReversibleHeun with matched_steps steps, the fewest of "
+                "reversible_heun_error_by_steps whose error is at most torchsde euler_heun's at "
+                "the benchmark's steps (chosen from these measurements, before the timings)."
             ),
         ],
         "results": rows,
@@ -347,6 +383,7 @@ def run(quick: bool, out: Path, threads: int = 1, size: str | None = None, progr
         )
     )
     print("strong error of y(1) vs a dt/16 reference (same path):", {k: f"{v:.3g}" for k, v in accuracy.items()})
+    print(f"ReversibleHeun by steps: { {n: f'{e:.3g}' for n, e in by_steps.items()} }; matched accuracy: {matched} steps")
     return doc
 
 
@@ -379,6 +416,7 @@ def tables(doc: dict) -> dict[str, str]:
         for r in doc["results"]
     ]
     acc = [(k, f"{v:.2g}") for k, v in doc["strong_error_vs_dt16_reference"].items()]
+    acc += [(f"ours ReversibleHeun, {n} steps", f"{v:.2g}") for n, v in doc.get("reversible_heun_error_by_steps", {}).items()]
     return {
         "results": H.markdown_table(
             ["case", "time", "peak MiB", "ours / peer (time)", "ours / peer (memory)", "compared with"], rows

@@ -14,6 +14,7 @@ import torch
 
 import diffeqbridge as deb
 from diffeqbridge.controller import layout_free_pow
+from diffeqbridge.solvers.base import fused_sum
 
 DT = torch.float64
 RATES = torch.logspace(-1, 2, 16, dtype=DT)
@@ -74,6 +75,30 @@ def test_layout_free_pow_does_not_depend_on_length_or_offset():
     special = torch.tensor([0.0, float("inf"), float("nan")], dtype=DT)
     out = layout_free_pow(special, 0.35)
     assert out[0] == 0 and out[1] == float("inf") and torch.isnan(out[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_fused_sum_does_not_depend_on_length_or_offset(dtype):
+    """The fused multiply-adds of the stage sums (``torch.addcmul``, ``torch.add``/``rsub`` with
+    ``alpha``: :func:`~diffeqbridge.solvers.base.fused_sum`, ``per_unit_step``) round once in
+    the vectorised blocks and in the scalar tail alike: an element's bits do not depend on the
+    tensor's length or its position; and they are the unfused sums to one rounding."""
+    gen = torch.Generator().manual_seed(1)
+    y, f, g = (torch.randn(300, 2, dtype=dtype, generator=gen) for _ in range(3))
+    dt, chi = (torch.rand(300, 1, dtype=dtype, generator=gen) for _ in range(2))
+
+    def stage(rows: slice) -> torch.Tensor:
+        terms = [(0.75, dt[rows], f[rows]), (-1.5, chi[rows], g[rows]), (1.0, chi[rows], f[rows]), (0.3, None, g[rows])]
+        out = fused_sum(y[rows].clone(), terms)
+        assert out is not None
+        return torch.rsub(out, 2.5, alpha=0.2)
+
+    full = stage(slice(None))
+    for n in range(1, 40):
+        for off in range(0, 17):
+            assert torch.equal(stage(slice(off, off + n)), full[off : off + n])
+    plain = 2.5 - 0.2 * (y + 0.75 * dt * f - 1.5 * chi * g + chi * f + 0.3 * g)
+    assert torch.allclose(full, plain, rtol=0, atol=64 * torch.finfo(dtype).eps * float(plain.abs().max()))
 
 
 @pytest.mark.parametrize("alg", [deb.Kvaerno5()], ids=repr)

@@ -210,3 +210,37 @@ def test_without_a_c_compiler_the_eager_path_runs_with_a_warning(monkeypatch, tm
             bm.evaluate(t)
     finally:
         K.c_library.cache_clear()  # the next test builds (or finds) the real kernel again
+
+
+@pytest.mark.parametrize("shape, tol", [((70, 3), 2.0**-7), ((9, 2), 2.0**-40), ((16, 1), 0.5)])
+def test_evaluate_grid_equals_evaluate_at_each_time(tree_kernel_modes, shape, tol):
+    """``evaluate_grid`` (the fixed-step engine's query: on the C path one ``tree_grid`` call
+    that keeps the levels consecutive times share) gives ``evaluate(t)``'s numbers bit for bit
+    at every time: increasing, repeated, backwards and jumping times, W-only and with J, a
+    batch that is not a multiple of the kernel's 8 lanes, trees deeper than 32 levels."""
+    times = [0.0, 0.02, 0.04, 0.04, 0.0601, 0.5, 0.49, 1.0, 0.999999, 0.25, 0.0]
+    bm = deb.VirtualBrownianTree(0.0, 1.0, shape, seed=5, tol=tol, sample_offset=3)
+    w, j = bm.evaluate_grid(times)
+    w_only, none = deb.VirtualBrownianTree(0.0, 1.0, shape, seed=5, tol=tol, sample_offset=3).evaluate_grid(times, levy=False)
+    assert none is None and w.shape == (len(times), shape[0], shape[1]) and j is not None
+    assert torch.equal(w_only, w)
+    for k, t in enumerate(times):
+        fresh = deb.VirtualBrownianTree(0.0, 1.0, shape, seed=5, tol=tol, sample_offset=3)
+        w_ref, j_ref = fresh.evaluate(torch.full((shape[0],), t, dtype=F64))
+        assert torch.equal(w[k], w_ref) and torch.equal(j[k], j_ref), (k, t)
+
+
+def test_evaluate_grid_of_a_subclass_goes_through_its_evaluate(fused):
+    """A subclass that redefines ``evaluate`` (a view, a transformed path) is queried through
+    it by ``evaluate_grid`` (one ``evaluate_scalar`` per time, which on the fused path calls
+    ``evaluate``), not by the C kernel directly."""
+
+    class Doubled(deb.VirtualBrownianTree):
+        def evaluate(self, t):  # type: ignore[override]
+            w, j = super().evaluate(t)
+            return 2.0 * w, 2.0 * j
+
+    times = [0.0, 0.3, 0.6]
+    w, _ = Doubled(0.0, 1.0, (4, 2), seed=1, tol=2.0**-8).evaluate_grid(times, levy=False)
+    ref, _ = deb.VirtualBrownianTree(0.0, 1.0, (4, 2), seed=1, tol=2.0**-8).evaluate_grid(times, levy=False)
+    assert float(ref[1:].abs().max()) > 0 and torch.equal(w, 2.0 * ref)

@@ -23,6 +23,8 @@ SOSRI      cubic        1.5     1.36 - 1.46
 SRA1       additive     2.0     1.985 (SciML expects 2 on this problem)
 SOSRA      additive     2.0     1.994
 SRA1/SOSRA additive4    2.0     1.98 / 2.04
+SRA3       additive     3.0     2.92 (dt 1/2 ... 1/32; deterministic order 3 dominates)
+SRA3       additive4    2.0     2.07 (dt 1/8 ... 1/128)
 EulerHeun  linear, S    1.0     0.95 - 1.02
 RKMil      linear, S    1.0     (central-difference Stratonovich correction)
 =========  ===========  ======  =====================
@@ -92,6 +94,22 @@ def test_strong_order_additive(alg, builder):
     what is measured here (1.98-2.04): assert ±0.25 around 2."""
     order, errors = _strong_order(builder, alg, range(1, 6))
     assert abs(order - 2.0) < 0.25, (order, errors)
+
+
+@pytest.mark.parametrize(
+    "builder, ks, theory",
+    [(additive, range(1, 6), 3.0), (additive_system, range(3, 8), 2.0)],
+    ids=["additive", "additivesystem"],
+)
+def test_strong_order_sra3(builder, ks, theory):
+    """SRA3 (strong order 1.5, drift part of order 3): on ``prob_sde_additive`` (noise
+    0.005/√(1+t)) the deterministic error dominates and the slope is 3; on
+    ``prob_sde_additivesystem`` (noise up to 0.05/√(1+t)) the noise terms bring it to 2, as for
+    SRA1 there, at a 2.5-4x smaller error per step size than SRA1."""
+    order, errors = _strong_order(builder, deb.SRA3(), ks)
+    assert abs(order - theory) < 0.25, (order, errors)
+    _, errors_sra1 = _strong_order(builder, deb.SRA1(), ks)
+    assert all(e3 < e1 / 2 for e3, e1 in zip(errors, errors_sra1, strict=True)), (errors, errors_sra1)
 
 
 def test_em_is_order_one_on_additive_noise():

@@ -67,6 +67,7 @@ SOLVERS: dict[str, callable] = {
     "SRIW1": deb.SRIW1,
     "SOSRI": deb.SOSRI,
     "SRA1": deb.SRA1,
+    "SRA3": deb.SRA3,
     "SOSRA": deb.SOSRA,
     "ImplicitEM": deb.ImplicitEM,
     "ImplicitRKMil": deb.ImplicitRKMil,

@@ -202,7 +202,12 @@ def test_local_unbiased_one_differentiable_step_fd_gradient_and_sensealgs():
     torch.testing.assert_close(local_value(1.3), sol2.regularization.detach(), rtol=1e-12, atol=0)
     torch.testing.assert_close(g, fd, rtol=1e-6, atol=1e-12)
     # every sensealg: same term, same gradient (the term is a separate computation)
-    for sensealg in (deb.BacksolveAdjoint(), deb.InterpolatingAdjoint(), deb.DiscreteAdjoint(checkpoints=2)):
+    # the backsolve reconstructs y backwards through the expanding reversed flow of -θy³ + y/2:
+    # at the forward's tol 0.05 that reconstruction is off by ~10 % (dL/dθ -1.08 against -1.19
+    # at 1e-3 and 1e-4) and can leave the stability check (Unstable -> NaN), so it gets its own
+    # tolerance; the other sensealgs follow the forward's steps
+    backsolve = deb.BacksolveAdjoint(atol=1e-3, rtol=1e-3)
+    for sensealg in (backsolve, deb.InterpolatingAdjoint(), deb.DiscreteAdjoint(checkpoints=2)):
         s = deb.solve(prob, deb.SOSRI(), sensealg=sensealg, regularize=deb.Regularization("local_error", seed=11), **kw)
         if not isinstance(sensealg, deb.DiscreteAdjoint):  # checkpoints move the step grid
             torch.testing.assert_close(s.regularization, sol.regularization, rtol=1e-12, atol=0)

@@ -96,6 +96,20 @@ def test_reversible_backsolve_is_the_discrete_gradient() -> None:
     assert float((g[:n] - g_ref[:n]).norm() / g_ref[:n].norm()) <= 1e-8
 
 
+def test_checkpointed_gradients_pass_through_the_solver_state() -> None:
+    """ReversibleHeun's ``(z, f(z), g(z))`` lives in ``LoopState.solver_state``
+    (``carries_state``), not the FSAL slot: checkpointed sensealgs restore it as autograd
+    leaves and pull its adjoint back across segments, so their gradients equal plain backprop
+    (dropping the state's adjoint at a boundary would miss the ``z`` path: a wrong gradient)."""
+    model = Model()
+    _, g_ref, sol_ref = _grads(model, deb.DiscreteAdjoint())
+    for sensealg in (deb.DiscreteAdjoint(checkpoints=4), deb.InterpolatingAdjoint(checkpoints=3)):
+        _, g, sol = _grads(model, sensealg)
+        assert torch.equal(sol.ys, sol_ref.ys)
+        assert float((g - g_ref).norm() / g_ref.norm()) <= 1e-12, sensealg
+    assert deb.ReversibleHeun.carries_state and not deb.ReversibleHeun.fsal
+
+
 def test_reversible_backsolve_matches_finite_differences() -> None:
     model = Model()
     _, g, _ = _grads(model, deb.BacksolveAdjoint())
@@ -236,11 +250,48 @@ def test_reversible_heun_unstep_inverts_step() -> None:
     terms = Terms(prob)
     t, dt = torch.full((B,), 0.2, dtype=torch.float64), torch.full((B,), 0.05, dtype=torch.float64)
     dw = 0.2 * torch.randn(B, D, dtype=torch.float64)
-    carry = deb.ReversibleHeun().initial_carry(terms, t, y, None)
-    carry = (y + 0.1, *carry[1:])  # z != y
-    carry = (carry[0], terms.drift(t, carry[0]), terms.diffusion(t, carry[0]))
+    z = y + 0.1  # z != y
+    carry = (z, terms.drift(t, z), terms.diffusion(t, z))
     with torch.no_grad():
         y1, carry1 = reversible_heun_step(terms, t, y, dt, dw, carry)
         y_back, carry_back = reversible_heun_unstep(terms, t + dt, y1, dt, dw, carry1)
     assert float((y_back - y).abs().max()) < 1e-13
     assert float((carry_back[0] - carry[0]).abs().max()) < 1e-13
+
+
+def test_finished_samples_keep_their_solver_state() -> None:
+    """Per-sample ``dt`` (the masked loop, not the lockstep path): samples finish after 5 to 40
+    steps, and a finished sample's ``(z, f, g)`` is not advanced by the masked steps the loop
+    still computes for it (``carries_state``: kept where a step is not accepted), so every
+    sample's ``ys`` and final ``z`` equal its solve alone (which takes the lockstep path)."""
+    from diffeqbridge import engine
+    from diffeqbridge.problem import Terms
+
+    batch = 4
+    y0 = torch.linspace(-1, 1, batch * 2, dtype=torch.float64).reshape(batch, 2)
+    dts = torch.tensor([0.1, 0.05, 0.025, 0.2], dtype=torch.float64)
+    save = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    options = engine.EngineOptions(adaptive=False, atol=1e-2, rtol=1e-2, max_steps=1000, dtmin=0.0, check_every=1)
+
+    def run(rows: slice) -> engine.LoopState:
+        prob = deb.SDEProblem(
+            lambda t, y: -y + torch.sin(t)[:, None],
+            lambda t, y: 0.3 * torch.tanh(y),
+            y0[rows],
+            (0.0, T),
+            interpretation="stratonovich",
+        )
+        n = y0[rows].shape[0]
+        tree = deb.VirtualBrownianTree(0.0, T, (n, 2), seed=2, tol=2.0**-10, sample_offset=rows.start or 0)
+        loop = engine.Integrator(Terms(prob), deb.ReversibleHeun(), save, dts[rows], options, tree)
+        assert (loop.grid is None) == (n > 1)  # per-sample dt: the masked loop; one sample: lockstep
+        state = loop.init(y0[rows], dts[rows], None, (0, 0))
+        loop.run(state)
+        return state
+
+    whole = run(slice(0, batch))
+    assert whole.naccept.tolist() == [10, 20, 40, 5]
+    for b in range(batch):
+        alone = run(slice(b, b + 1))
+        assert torch.equal(whole.ys[:, b], alone.ys[:, 0])
+        assert torch.equal(whole.solver_state[0][b], alone.solver_state[0][0])

@@ -37,7 +37,7 @@ except ModuleNotFoundError:  # pragma: no cover
 
 from diffeqbridge.problem import SDEProblem, Terms
 from diffeqbridge.solvers.base import AbstractSolver
-from diffeqbridge.solvers.sra import SOSRA, SRA1
+from diffeqbridge.solvers.sra import SOSRA, SRA1, SRA3
 from diffeqbridge.solvers.sri import SOSRI, SRIW1
 
 DT = torch.float64
@@ -135,13 +135,13 @@ def test_metadata():
         assert cls.interpretations == frozenset({"ito"})
         assert cls.adaptive and cls.needs_levy_area and cls.is_sde and not cls.fsal
         assert cls.controller_order == 1.5
-    for cls in (SRA1, SOSRA):
-        assert cls.strong_order == 1.5 and cls.weak_order == 2.0
+    for cls in (SRA1, SOSRA, SRA3):
+        assert cls.strong_order == 1.5 and cls.weak_order == (3.0 if cls is SRA3 else 2.0)
         assert cls.noise_types == frozenset({"additive"})
         assert cls.interpretations == frozenset({"ito", "stratonovich"})
         assert cls.adaptive and cls.needs_levy_area and cls.is_sde and not cls.fsal
         assert cls.controller_order == 2.0
-    for cls in (SRIW1, SOSRI, SRA1, SOSRA):
+    for cls in (SRIW1, SOSRI, SRA1, SOSRA, SRA3):
         assert (cls.qmax, cls.qmin, cls.gamma) == (9 / 8, 1 / 5, 9 / 10)
         assert cls.beta1 is None and cls.beta2 is None
     assert SRIW1().delta == pytest.approx(1 / 6)
@@ -162,12 +162,20 @@ def test_tableau_order_conditions():
         assert sum(tab.beta4) == pytest.approx(0.0, abs=1e-12)
         # sum_i alpha_i sum_j B0_ij = 1 (the I_(1,0) term of L^1 a)
         assert sum(a * sum(row) for a, row in zip(tab.alpha, tab.b0, strict=True)) == pytest.approx(1.0)
-    for cls in (SRA1, SOSRA):
+    for cls in (SRA1, SOSRA, SRA3):
         tab = cls.tableau
         assert sum(tab.alpha) == pytest.approx(1.0)
         assert sum(tab.beta1) == pytest.approx(1.0)
         assert sum(tab.beta2) == pytest.approx(0.0, abs=1e-12)
         assert sum(a * sum(row) for a, row in zip(tab.alpha, tab.b0, strict=True)) == pytest.approx(1.0)
+    # SRA3's drift part is a third-order Runge-Kutta method (Butcher's conditions up to order 3)
+    tab = SRA3.tableau
+    c = [sum(row) for row in tab.a0]
+    assert c == pytest.approx(list(tab.c0))
+    assert sum(a * ci for a, ci in zip(tab.alpha, c, strict=True)) == pytest.approx(1 / 2)
+    assert sum(a * ci * ci for a, ci in zip(tab.alpha, c, strict=True)) == pytest.approx(1 / 3)
+    a_c = [sum(aij * cj for aij, cj in zip(row, c, strict=True)) for row in tab.a0]
+    assert sum(a * x for a, x in zip(tab.alpha, a_c, strict=True)) == pytest.approx(1 / 6)
 
 
 # ----------------------------------------------------------------------------- strong order
@@ -179,7 +187,7 @@ def test_sri_strong_order(cls, name):
     assert abs(slope - 1.5) <= 0.25, (slope, errs)
 
 
-@pytest.mark.parametrize("cls", [SRA1, SOSRA, SRIW1, SOSRI])
+@pytest.mark.parametrize("cls", [SRA1, SOSRA, SRA3, SRIW1, SOSRI])
 def test_additive_strong_order(cls):
     slope, errs = strong_order(cls(), "additive")
     print(f"{cls.__name__} on prob_sde_additive: strong order {slope:.3f} (SciML expects ~2), errors {errs}")
@@ -198,6 +206,8 @@ def test_additive_strong_order(cls):
         (SRA1, "scalar"),
         (SOSRA, "additive"),
         (SOSRA, "scalar"),
+        (SRA3, "additive"),
+        (SRA3, "scalar"),
     ],
 )
 def test_integrated_brownian_motion_is_exact(cls, noise):
@@ -232,7 +242,7 @@ def test_integrated_brownian_motion_is_exact(cls, noise):
 REF_PROBLEMS = {
     # L^1 a != L^0 b: the I_(1,0) terms matter
     "nl_diagonal": (lambda t, y: 2 * torch.sin(y) - y, lambda t, y: 0.5 * torch.cos(y) + 0.3 * y, "diagonal", (SRIW1, SOSRI)),
-    "nl_additive": (lambda t, y: 2 * torch.sin(y) - y, lambda t, y: torch.ones_like(y), "additive", (SRA1, SOSRA)),
+    "nl_additive": (lambda t, y: 2 * torch.sin(y) - y, lambda t, y: torch.ones_like(y), "additive", (SRA1, SOSRA, SRA3)),
 }
 
 
@@ -339,10 +349,10 @@ class _Counting:
         return self.fn(t, y)
 
 
-@pytest.mark.parametrize("cls,nf,ng", [(SRIW1, 2, 4), (SOSRI, 4, 4), (SRA1, 2, 2), (SOSRA, 3, 3)])
+@pytest.mark.parametrize("cls,nf,ng", [(SRIW1, 2, 4), (SOSRI, 4, 4), (SRA1, 2, 2), (SOSRA, 3, 3), (SRA3, 3, 2)])
 def test_evaluation_counts(cls, nf, ng):
     f, g = _Counting(lambda t, y: -y), _Counting(lambda t, y: 0.3 * torch.ones_like(y))
-    noise = "additive" if cls in (SRA1, SOSRA) else "diagonal"
+    noise = "additive" if cls in (SRA1, SOSRA, SRA3) else "diagonal"
     prob = SDEProblem(f, g, torch.ones(5, 3, dtype=DT), noise=noise)
     b = 5
     out = cls().step(
@@ -358,10 +368,10 @@ def test_evaluation_counts(cls, nf, ng):
     assert out.y1.shape == (b, 3) and out.error.shape == (b, 3) and out.f1 is None
 
 
-@pytest.mark.parametrize("cls", [SRIW1, SOSRI, SRA1, SOSRA])
+@pytest.mark.parametrize("cls", [SRIW1, SOSRI, SRA1, SOSRA, SRA3])
 def test_per_sample_dt_and_state_shape(cls):
     """Each sample uses its own t and dt; trailing state shapes (here 2x3) are supported."""
-    noise = "additive" if cls in (SRA1, SOSRA) else "diagonal"
+    noise = "additive" if cls in (SRA1, SOSRA, SRA3) else "diagonal"
 
     def f(t, y):
         return -y * (1 + t.reshape(-1, 1, 1))
@@ -408,10 +418,10 @@ def test_sri_scalar_noise_matches_diagonal_for_one_component():
         torch.testing.assert_close(a.error, d.error)
 
 
-@pytest.mark.parametrize("cls", [SRIW1, SOSRI, SRA1, SOSRA])
+@pytest.mark.parametrize("cls", [SRIW1, SOSRI, SRA1, SOSRA, SRA3])
 def test_differentiable(cls):
     """Pure torch: gradcheck through one step w.r.t. the state and a drift parameter."""
-    noise = "additive" if cls in (SRA1, SOSRA) else "diagonal"
+    noise = "additive" if cls in (SRA1, SOSRA, SRA3) else "diagonal"
     theta = torch.tensor(0.7, dtype=DT, requires_grad=True)
     b = 3
     gen = torch.Generator().manual_seed(4)

@@ -301,7 +301,16 @@ _C_SOURCE = Path(__file__).with_name("_tree_kernel.c")
 _C_BASE_FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno")
 # most to least specific: native SIMD with glibc's vector math, native SIMD, portable
 _C_FLAG_SETS = (
-    ("-march=native", "-fopenmp-simd", "-DTREE_LIBMVEC", "-fno-builtin-sin", "-fno-builtin-cos", "-lmvec", "-lm"),
+    (
+        "-march=native",
+        "-mprefer-vector-width=512",
+        "-fopenmp-simd",
+        "-DTREE_LIBMVEC",
+        "-fno-builtin-sin",
+        "-fno-builtin-cos",
+        "-lmvec",
+        "-lm",
+    ),
     ("-march=native", "-lm"),
     ("-lm",),
 )
@@ -312,7 +321,14 @@ _C_ARGTYPES = (
     + (ctypes.c_void_p,) * 4
     + (ctypes.c_int64,)
 )
+_C_GRID_ARGTYPES = (
+    (ctypes.c_int64, ctypes.c_int64)
+    + (ctypes.c_void_p,) * 7
+    + (ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
+    + (ctypes.c_void_p,) * 3
+)
 BLOCK = 8  # lanes per block of the C kernel (its BLOCK): the reuse cache's innermost axis
+GRID_BLOCK = 16  # lanes per block of its tree_grid (GRID_BLOCK): the scratch rows' innermost axis
 REUSE_BUDGET_BYTES = 256 * 2**20  # per-sample reuse caches 4 float64 per level and element, up to this size
 
 
@@ -375,6 +391,7 @@ def c_library() -> ctypes.CDLL | None:
         lib.tree_point.argtypes, lib.tree_point.restype = _C_ARGTYPES, None
         lib.tree_increment.argtypes = (ctypes.c_int64, ctypes.c_int64, ctypes.c_double, ctypes.c_double) + (ctypes.c_void_p,) * 8
         lib.tree_increment.restype = None
+        lib.tree_grid.argtypes, lib.tree_grid.restype = _C_GRID_ARGTYPES, None
         log.info("VirtualBrownianTree: fused C kernel on the CPU (%s)", " ".join(flags))
         return lib
     warnings.warn(
@@ -497,6 +514,51 @@ def run_c(
             filled = ctypes.c_int64.from_address(reuse.flag.data_ptr()).value
             kernel(*args, reuse.prev.data_ptr(), reuse.sums.data_ptr(), filled)
             reuse.flag.fill_(1)
+    return w_out, j_out
+
+
+def run_c_grid(
+    times: list[float],
+    key0: Tensor,
+    key1: Tensor,
+    w_root: Tensor,
+    h_root: Tensor,
+    levels: Tensor,
+    level_keys: Tensor,
+    geometry: Tensor,
+    cell_key: int,
+    wide: bool,
+    want_j: bool = True,
+) -> tuple[Tensor, Tensor | None] | None:
+    """``(W, J)`` at ``times`` shared by the batch, each ``(T, B, N)`` float64 (``J`` None
+    when not ``want_j``), in one call of the C kernel ``tree_grid`` (arguments as
+    :func:`run_c`): the numbers of :func:`run_c` at every time, bit for bit.  None without the
+    C library."""
+    lib = c_library()
+    if lib is None:
+        return None
+    grid = torch.tensor(times, dtype=torch.float64)
+    w_out = torch.empty((len(times), *w_root.shape), dtype=torch.float64)
+    j_out = torch.empty_like(w_out) if want_j else None
+    scratch = torch.empty((levels.shape[0], 4, GRID_BLOCK), dtype=torch.float64)
+    lib.tree_grid(
+        w_root.numel(),
+        len(times),
+        grid.data_ptr(),
+        key0.data_ptr(),
+        key1.data_ptr(),
+        w_root.data_ptr(),
+        h_root.data_ptr(),
+        levels.data_ptr(),
+        level_keys.data_ptr(),
+        levels.shape[0],
+        geometry.data_ptr(),
+        cell_key,
+        int(wide),
+        w_out.data_ptr(),
+        None if j_out is None else j_out.data_ptr(),
+        scratch.data_ptr(),
+    )
     return w_out, j_out
 
 

@@ -418,6 +418,29 @@ class VirtualBrownianTree:
         self._memo = [((t, want_j), result), *self._memo[:1]]
         return result
 
+    def evaluate_grid(self, times: list[float], levy: bool = True) -> tuple[Tensor, Tensor | None]:
+        """:meth:`evaluate_scalar` at every time of ``times`` (Python floats shared by the
+        batch, e.g. a fixed-step solve's grid), stacked: ``(W, J)`` each ``(T, B, N)`` float64,
+        ``J`` None when not ``levy``.  The same numbers as ``evaluate_scalar(t)`` (hence as
+        :meth:`evaluate`) for each ``t``, bit for bit.
+
+        On the CPU's C kernel one call answers the whole grid: each block of elements walks
+        the times in order and redraws only the levels below the deepest common ancestor of
+        consecutive times (``tree_grid`` in ``_tree_kernel.c``).  Elsewhere, and for
+        subclasses that redefine :meth:`evaluate_scalar` or :meth:`evaluate` (views of a
+        tree), one :meth:`evaluate_scalar` per time.
+        """
+        times = [float(t) for t in times]
+        cls = type(self)
+        own = cls.evaluate_scalar is VirtualBrownianTree.evaluate_scalar and cls.evaluate is VirtualBrownianTree.evaluate
+        if own and self.device.type == "cpu" and times and K.choose(self.device, self._padded) == "c":
+            out = K.run_c_grid(times, *self._fused_inputs(padded=False), want_j=bool(levy))
+            if out is not None:
+                return out
+        points = [self.evaluate_scalar(t, levy=levy) for t in times]
+        w = torch.stack([p[0] for p in points])
+        return w, torch.stack([p[1] for p in points]) if levy else None  # type: ignore[misc]
+
     def _descend(self, start: int, digits: list[tuple[int, int]], w_root: Tensor, h_root: Tensor) -> None:
         """Redo the descent of :meth:`evaluate` for levels ``start..depth-1`` of the path
         ``digits`` (node index, goes-right bit per level) shared by the batch, all levels at

@@ -117,7 +117,7 @@ def clip_step(
     ``target`` by more than ``snap`` is shortened onto it.  Returns the step magnitudes, the
     new times (``t`` for inactive samples) and the ``(B,)`` mask of steps that reach ``target``.
     """
-    remaining = sign * (target - t)
+    remaining = target - t if sign > 0 else t - target
     if snap is None:
         hits = active & (dt >= remaining * (1 - 1e-12))
         land = hits
@@ -125,7 +125,7 @@ def clip_step(
         hits = active & (dt + snap >= remaining)
         land = hits & ((dt - remaining > snap) | last) if last is not None else hits & (dt - remaining > snap)
     step_dt = torch.where(land, remaining, dt)
-    t_new = torch.where(active, torch.where(land, target, t + sign * step_dt), t)
+    t_new = torch.where(active, torch.where(land, target, t + step_dt if sign > 0 else t - step_dt), t)
     return step_dt, t_new, hits
 
 
@@ -315,6 +315,7 @@ def initial_dt(
         first, nf, ng = sde_initial_dt(
             terms.drift, terms.diffusion, _g_size(terms), t0, y0, f0, g0, order, atol, rtol, span, direction=direction
         )
+        first = (first * solver.first_step_factor).clamp(max=span)
     else:
         first, nf = hairer_initial_dt(terms.drift, t0, y0, f0, order, atol, rtol, dtmax=span, direction=direction)
         ng = 0

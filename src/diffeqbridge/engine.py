@@ -45,6 +45,9 @@ TERMINATED = int(ReturnCode.Terminated)
 DT_LESS_THAN_MIN = int(ReturnCode.DtLessThanMin)
 MAX_ITERS = int(ReturnCode.MaxIters)
 _SQRT_FLOATMAX = {dtype: math.sqrt(torch.finfo(dtype).max) for dtype in (torch.float32, torch.float64)}
+#: lockstep fixed-step solves skip the per-iteration machinery (Integrator._run_lockstep);
+#: False forces the per-iteration loop (tests compare the two bit for bit)
+LOCKSTEP_FAST_PATH = True
 #: interpolated saves are written at the first termination check after this many queued steps
 #: (and before a snapshot, a compaction and the end of ``run``)
 FLUSH_AFTER = 16
@@ -123,11 +126,26 @@ def _masked_lanes(active: Tensor, t: Tensor, step_dt: Tensor, sign: float, t_sta
     time ``t + c dt`` with ``0 <= c <= 1`` stays inside.  The step is non-zero, so no ``0/0``
     reaches a gradient.
     """
-    ahead, behind = sign * (t_end - t), sign * (t - t_start)
+    ahead, behind = _signed(sign, t_end - t), _signed(sign, t - t_start)
     h = torch.where(step_dt > 0, step_dt, ahead.abs() + behind.abs())
     h = torch.minimum(h, torch.maximum(ahead, behind))
     masked = torch.where(ahead >= h, h, -h)
-    return sign * torch.where(active, step_dt, masked)
+    return _signed(sign, torch.where(active, step_dt, masked))
+
+
+def _signed(sign: float, x: Tensor) -> Tensor:
+    """``sign * x`` for the time direction ``sign = ±1`` (no op when time runs forwards)."""
+    return x if sign > 0 else -x
+
+
+def _and_not(a: Tensor, b: Tensor) -> Tensor:
+    """``a & ~b`` for bool masks in one op (``True > False`` is the only true comparison)."""
+    return a > b
+
+
+def _count(total: Tensor, active: Tensor, n: int | Tensor) -> Tensor:
+    """``total + active * n`` (``(B,)`` long; ``n`` evaluations per sample, an int or ``(B,)``)."""
+    return torch.add(total, active, alpha=n) if isinstance(n, int) else total + active * n
 
 
 def _spacing(t: Tensor) -> Tensor:
@@ -222,10 +240,10 @@ class _TooLong(Exception):
     """:func:`fixed_steps` went past its ``limit``."""
 
 
-def _shared_grid(stops: Tensor, dt_initial: Tensor, options: EngineOptions) -> tuple[list[float], list[int]] | None:
-    """The step times shared by every sample of a fixed-step solve and, per forced time after
-    the first, the iteration that reaches it (one host sync, before the loop); None when the
-    samples do not step in lockstep (adaptive, or per-sample ``dt``)."""
+def _shared_grid(stops: Tensor, dt_initial: Tensor, options: EngineOptions) -> tuple[list[float], list[int], list[float]] | None:
+    """The step times shared by every sample of a fixed-step solve, per forced time after the
+    first the iteration that reaches it, and the signed steps (one host sync, before the loop);
+    None when the samples do not step in lockstep (adaptive, or per-sample ``dt``)."""
     if options.adaptive or dt_initial.numel() == 0:
         return None
     dt = dt_initial.to(torch.float64)
@@ -236,7 +254,7 @@ def _shared_grid(stops: Tensor, dt_initial: Tensor, options: EngineOptions) -> t
         steps, reached = fixed_steps(times, float(dt[0]), limit=options.max_steps + len(times))
     except _TooLong:
         return None
-    return [times[0]] + [t for _, _, t in steps], reached
+    return [times[0]] + [t for _, _, t in steps], reached, [h for _, h, _ in steps]
 
 
 def saves_by_interpolation(solver: AbstractSolver, options: EngineOptions, is_sde: bool) -> bool:
@@ -369,10 +387,11 @@ class LoopState:
     """Everything the loop carries from one iteration to the next, per sample ``(B,)`` unless
     noted: a snapshot of it (:meth:`Integrator.snapshot`) restarts the solve bit-identically.
 
-    ``carry`` is the solver's FSAL slot (``f0``, or ``ReversibleHeun``'s tuple);
+    ``carry`` is the solver's FSAL slot (``f0``);
     ``tree_state`` the Brownian path at ``t``; ``solver_state`` what the solver carries between
     steps (``solver.init``'s result, threaded through ``step``/``update``: composite switching
-    counters, a reused Jacobian; None for most solvers), so the solver object itself never
+    counters, a reused Jacobian, ``ReversibleHeun``'s ``(z, f(z), g(z))``; None for most
+    solvers), so the solver object itself never
     changes during a solve; ``ys`` ``(T, B, ...)``; ``save_index`` the next save time to fill,
     ``stop_index`` the next forced time (see :class:`Integrator`'s ``stops``).
     """
@@ -582,8 +601,11 @@ class Integrator:
         shared = _shared_grid(self.stops, dt_initial, options) if tree is not None and lockstep else None
         self.grid = shared[0] if shared is not None else None
         slots = self.stop_slot.tolist()
-        # lockstep: the iterations that save (nobody saves in the others)
-        self.save_iterations = {i for k, i in enumerate(shared[1], start=1) if slots[k] >= 0} if shared else set()
+        # lockstep: the iterations that save (nobody saves in the others) and their save slots,
+        # the iterations that reach a forced time, and the signed steps (:meth:`_run_lockstep`)
+        self.save_slots = {i: slots[k] for k, i in enumerate(shared[1], start=1) if slots[k] >= 0} if shared else {}
+        self.save_iterations = set(self.save_slots)
+        self._reached, self._grid_steps = (shared[1], shared[2]) if shared is not None else ([], [])
         self.dtmin = torch.tensor(options.dtmin, dtype=torch.float64, device=save_times.device)
         self.growth_bound: Tensor | None = None  # set by init, with lanes = arange(B)
         self.lanes = torch.arange(0)  # the rows of ys the state's samples are (compaction)
@@ -654,11 +676,14 @@ class Integrator:
         copy.ys = s.ys.new_empty(0)
         return copy
 
-    def restore(self, snap: LoopState, y: Tensor, carry: Any) -> LoopState:
-        """The state of ``snap`` with ``y``/``carry`` replaced (e.g. leaves requiring grad)."""
+    def restore(self, snap: LoopState, y: Tensor, carry: Any, solver_state: Any = None) -> LoopState:
+        """The state of ``snap`` with ``y``/``carry`` (and ``solver_state`` unless None)
+        replaced (e.g. leaves requiring grad)."""
         self.rerun = True
         state = LoopState(**vars(snap))
         state.y, state.carry = y, carry
+        if solver_state is not None:
+            state.solver_state = solver_state
         state.ys = torch.full((self.n_save, *y.shape), float("nan"), dtype=y.dtype, device=y.device)
         return state
 
@@ -669,6 +694,8 @@ class Integrator:
         taken at the first check after the slowest sample passed each of ``boundaries``."""
         snaps: list[LoopState] = []
         self._stop_at, self._snapshots = stop_at, bool(boundaries)
+        if self._lockstep_applies(s, stop_at, boundaries, progress) and self._run_lockstep(s):
+            return snaps
         pending = list(boundaries or [])
         sign, grid, every = self.sign, self.grid, self.options.check_every
         bar = _Progress(progress, float(self.t_start), float(self.t_end))
@@ -712,6 +739,98 @@ class Integrator:
         if self.compact_refused is not None and self.options.compact_warn and not self.rerun:
             warnings.warn(f"compact={self.options.compact:g} not applied: {self.compact_refused}", RuntimeWarning, stacklevel=2)
         return snaps
+
+    def _lockstep_applies(self, s: LoopState, stop_at: int | None, boundaries: list[float] | None, progress: bool) -> bool:
+        """Whether :meth:`run` may take :meth:`_run_lockstep`: a fixed-step SDE solve on a grid
+        shared by the batch with nothing that watches single iterations (no observer,
+        snapshots, ``stop_at``, progress bar, compaction or ``compile=True``), steps left, and
+        a tree that answers a grid in one query."""
+        opts = self.options
+        return (
+            LOCKSTEP_FAST_PATH
+            and self.grid is not None
+            and self.controller is None
+            and self.observer is None
+            and not (opts.compile or progress or boundaries or opts.compact > 0)
+            and stop_at is None
+            and s.iteration < len(self.grid) - 1
+            and hasattr(self.tree, "evaluate_grid")
+        )
+
+    def _run_lockstep(self, s: LoopState) -> bool:
+        """The rest of a lockstep fixed-step solve (:meth:`_lockstep_applies`) without the
+        per-iteration machinery: the Brownian values of the whole remaining grid in one tree
+        query (:meth:`VirtualBrownianTree.evaluate_grid`), then per step only the solver's step
+        and a running ``max |y|``; no masks, merges, counters or stop checks, so the forward
+        issues few ops and the autograd graph holds little besides the solver's own.  The
+        results, ``ys`` and the final state (times, counters, retcodes, solver state) are
+        those of the per-iteration loop bit for bit: every sample is active and every step is
+        accepted there too.  A step that is not finite or passes ``sqrt(floatmax)`` (where the
+        loop stops the sample), too few ``max_steps``, or a solver reporting Newton failures or
+        Jacobians makes it return False with ``s`` untouched (the loop then runs); stiffness
+        reports (SRI, ShARK) are kept as the loop's ``_stats`` keeps them."""
+        grid, solver, tree, every = self.grid, self.solver, self.tree, self.options.check_every
+        assert grid is not None and tree is not None and s.stop_index is not None
+        first, n, dtype = s.iteration, len(grid) - 1, s.y.dtype
+        taken = (s.naccept + s.nreject).amax()
+        # the loop would stop a sample with MaxIters before its last step
+        if not bool(s.active.all() & (taken + (n - first - 1) < self.options.max_steps)):
+            return False
+        levy = solver.needs_levy_area
+        w, j = tree.evaluate_grid(grid[first:], levy=levy)  # (T, B, N) each
+        batch, device = s.t.shape[0], s.t.device
+        times = torch.tensor(grid[first:], dtype=torch.float64, device=device).unsqueeze(1).repeat(1, batch)  # (T, B)
+        steps64 = torch.tensor(self._grid_steps[first:], dtype=torch.float64, device=device).unsqueeze(1).repeat(1, batch)
+        steps, sizes = steps64.to(dtype), steps64.abs()
+        dws = None if levy else (w[1:] - w[:-1]).reshape(n - first, *tree.shape).to(tree.dtype).to(dtype)
+        y, carry, state = s.y, s.carry, s.solver_state
+        peak: Tensor | None = None
+        nf: int | Tensor = 0  # composites count per sample
+        ng: int | Tensor = 0
+        eigen_last, eigen_max = s.eigen_last, s.eigen_max  # stiffness reports: the loop's _stats, every step accepted
+        saves: list[tuple[int, Tensor]] = []
+        everyone = torch.ones_like(s.active)
+        for k, i in enumerate(range(first, n)):
+            if i % every == 0:
+                state = solver.plan(state, everyone, every)
+            if levy:
+                assert j is not None
+                dw, levy_h = tree.increment_from(times[k], (w[k], j[k]), times[k + 1], (w[k + 1], j[k + 1]))
+                dw, levy_h = dw.to(dtype), levy_h.to(dtype)
+            else:
+                assert dws is not None
+                dw, levy_h = dws[k], None
+            out = call_step(solver, self.terms, times[k], y, steps[k], dw, levy_h, carry, state)
+            if out.converged is not None or out.njac is not None:
+                return False
+            if out.stiffness is not None:
+                eigen_last = out.stiffness.detach().to(torch.float64)
+                eigen_max = eigen_last.clone() if eigen_max is None else torch.maximum(eigen_max, eigen_last)
+            size = out.y1.detach().abs().amax()
+            peak = size if peak is None else torch.maximum(peak, size)  # NaN propagates
+            nf, ng = nf + out.nf, ng + out.ng
+            if solver.carries_state:
+                state = out.state
+            else:
+                state, _ = solver.update(state, everyone, everyone, times[k + 1], sizes[k], out)
+            if solver.fsal and out.f1 is not None and carry is not None:
+                carry = out.f1
+            y = out.y1
+            if i + 1 in self.save_slots:
+                saves.append((self.save_slots[i + 1], y))
+        if peak is None or not bool(peak <= _SQRT_FLOATMAX[dtype]):  # non-finite or unstable: the loop decides
+            return False
+        s.y, s.carry, s.solver_state, s.t, s.iteration = y, carry, state, times[-1], n
+        s.tree_state = (w[-1], j[-1] if j is not None else None)
+        s.eigen_last, s.eigen_max = eigen_last, eigen_max
+        for slot, value in saves:
+            s.ys[slot, self.lanes] = value
+        s.save_index = s.save_index + len(saves)
+        s.stop_index = s.stop_index + sum(1 for i in self._reached if i > first)
+        s.nf, s.ng, s.naccept = s.nf + nf, s.ng + ng, s.naccept + (n - first)
+        s.retcodes = torch.full_like(s.retcodes, SUCCESS)
+        s.active = torch.zeros_like(s.active)
+        return True
 
     def compact_refusal(self) -> str | None:
         """Why ``solve(..., compact=f)`` cannot compact this run (None: it can).  Compaction
@@ -817,7 +936,7 @@ class Integrator:
         signed step the solver is called with)."""
         sign, stop = self.sign, s.stop_index
         assert stop is not None
-        target = self.stops[stop.clamp(max=self.n_stop - 1)]
+        target = self.stops.index_select(0, stop.clamp(max=self.n_stop - 1))
         if self.controller is not None:
             step_dt, t_new, hits = clip_step(s.dt, s.t, target, s.active, sign)
         else:
@@ -858,11 +977,14 @@ class Integrator:
         else:
             out, err, accepted = _run_core(opts, solver, self.terms, s.t, s.y, *args)
         # --- controller decision
-        rejected = s.active & ~accepted
+        rejected = _and_not(s.active, accepted)
         self._stats(s, out, accepted, rejected)
-        s.solver_state, dt_factor = solver.update(
-            s.solver_state, accepted, s.active, torch.where(accepted, t_new, s.t), dt_eval.abs(), out
-        )
+        if solver.carries_state:  # per-sample values: kept where the step was not accepted
+            s.solver_state, dt_factor = _select(accepted, out.state, s.solver_state), None
+        else:
+            s.solver_state, dt_factor = solver.update(
+                s.solver_state, accepted, s.active, torch.where(accepted, t_new, s.t), dt_eval.abs(), out
+            )
         # --- masked merge
         y_prev, t_prev, f_prev = s.y, s.t, s.carry
         s.y = _select(accepted, out.y1, s.y)
@@ -894,7 +1016,7 @@ class Integrator:
         forced time that is a save time gets the step's end state; with saves by
         interpolation, the save times strictly inside the step are queued first."""
         stop, reached, step = record
-        slot = self.stop_slot[stop.clamp(max=self.n_stop - 1)]
+        slot = self.stop_slot.index_select(0, stop.clamp(max=self.n_stop - 1))
         saved_now = reached & (slot >= 0)
         if step is not None:
             self._queue_saves(s, *step)
@@ -1133,8 +1255,8 @@ class Integrator:
             rho = out.stiffness.detach().to(torch.float64)
             s.eigen_last = torch.where(accepted, rho, s.eigen_last if s.eigen_last is not None else torch.zeros_like(rho))
             s.eigen_max = torch.maximum(s.eigen_max, s.eigen_last) if s.eigen_max is not None else s.eigen_last.clone()
-        s.nf = s.nf + s.active * out.nf
-        s.ng = s.ng + s.active * out.ng
+        s.nf = _count(s.nf, s.active, out.nf)
+        s.ng = _count(s.ng, s.active, out.ng)
         s.naccept = s.naccept + accepted
         s.nreject = s.nreject + rejected
 
@@ -1153,7 +1275,7 @@ class Integrator:
     ) -> None:
         def end(mask: Tensor, code: int | Tensor) -> None:
             s.retcodes = torch.where(mask, code, s.retcodes)
-            s.active = s.active & ~mask
+            s.active = _and_not(s.active, mask)
 
         # unstable_check: a state past sqrt(floatmax) is blowing up; stop it now rather than
         # crawl towards DtLessThanMin (NaN/Inf proposals are rejected before they get here)
@@ -1161,7 +1283,7 @@ class Integrator:
         end(finished, SUCCESS)
         if stopped is not None:  # events hook: a terminating event (even at t1)
             end(stopped, TERMINATED)
-        end(accepted & ~(y_size <= _SQRT_FLOATMAX[s.y.dtype]), UNSTABLE)
+        end(_and_not(accepted, y_size <= _SQRT_FLOATMAX[s.y.dtype]), UNSTABLE)
         newton_failed = s.active & ~out.converged if out.converged is not None else None
         if self.controller is not None:
             assert err is not None

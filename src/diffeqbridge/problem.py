@@ -186,7 +186,7 @@ def _field(
     lo, hi = span
 
     def call(t: Tensor, y: Tensor) -> Tensor:
-        out = user(t.to(torch.float64).clamp(lo, hi), y)
+        out = user((t if t.dtype == torch.float64 else t.to(torch.float64)).clamp(lo, hi), y)
         if out.shape != out_shape(y):
             raise ValueError(
                 f"{name}(t, y) returned shape {tuple(out.shape)} during the solve; expected "

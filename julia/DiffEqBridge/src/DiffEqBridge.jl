@@ -29,7 +29,8 @@ using SciMLBase: SciMLBase, EnsembleProblem, EnsembleSerial, EnsembleThreads, OD
     SDEProblem, remake, solve
 using SciMLSensitivity: BacksolveAdjoint, InterpolatingAdjoint, ZygoteVJP
 using StochasticDiffEq: StochasticDiffEq, EM, EulerHeun, ISSEM, ImplicitEM, ImplicitRKMil, LambaEM,
-    LambaEulerHeun, RKMil, SKenCarp, SOSRA, SOSRI, SRA1, SRIW1, SROCK1
+    LambaEulerHeun, RKMil, SKenCarp, SOSRA, SOSRI, SRA1, SRA3, SRIW1,
+    SROCK1
 using Zygote: Zygote
 
 export algorithm, sensealg, solve_batch, solve_batch_pullback, apply_pullback,

@@ -4,7 +4,7 @@
 "SDE algorithms this bridge constructs (StochasticDiffEq names)."
 const SDE_ALGORITHMS = (
     "EM", "EulerHeun", "LambaEM", "LambaEulerHeun", "RKMil", "SRIW1", "SOSRI", "SRA1",
-    "SOSRA", "ImplicitEM", "ImplicitRKMil", "ISSEM", "SKenCarp", "SROCK1",
+    "SRA3", "SOSRA", "ImplicitEM", "ImplicitRKMil", "ISSEM", "SKenCarp", "SROCK1",
 )
 
 "ODE algorithms this bridge constructs; `Dopri5` is an alias of OrdinaryDiffEq's `DP5`."
@@ -60,6 +60,8 @@ function algorithm(
         return SOSRI()
     elseif key == "SRA1"
         return SRA1()
+    elseif key == "SRA3"
+        return SRA3()
     elseif key == "SOSRA"
         return SOSRA()
     elseif key == "ImplicitEM"

@@ -103,6 +103,8 @@ def segmented_backward(c: _Ctx, loop: Integrator, snaps: list[LoopState], grad_y
     gp = torch.zeros_like(_flat_params(params, grad_ys))
     adj_y: Tensor | None = None
     adj_carry: list[Tensor] | None = None
+    adj_state: list[Tensor] | None = None
+    carries = c.solver.carries_state  # the solver's state is differentiated like the carry
     for k in range(len(snaps) - 1, -1, -1):
         snap = snaps[k]
         # failed samples nobody differentiates see a finite state (their 0 * NaN would reach
@@ -112,25 +114,31 @@ def segmented_backward(c: _Ctx, loop: Integrator, snaps: list[LoopState], grad_y
         stop = snaps[k + 1].iteration if k + 1 < len(snaps) else None
         with torch.enable_grad():
             y_start = snap.y.detach().requires_grad_(True)
-            if k == 0:  # the carry is a function of y0 (FSAL f0 = drift(t0, y0), ReversibleHeun's z)
+            state_leaves: list[Tensor] = []
+            solver_state = None
+            if k == 0:  # the carry and state are functions of y0 (FSAL f0 = drift(t0, y0), ReversibleHeun's z)
                 f0 = loop.terms.drift(snap.t, y_start) if c.solver.fsal else None
                 carry = c.solver.initial_carry(loop.terms, snap.t, y_start, f0) if c.solver.fsal else None
                 carry_leaves: list[Tensor] = []
+                if carries:
+                    solver_state = c.solver.init(loop.terms, snap.t, y_start)
             else:
                 carry, carry_leaves = _leaves(snap.carry)
-            state = loop.restore(snap, y_start, carry)
+                if carries:
+                    solver_state, state_leaves = _leaves(snap.solver_state)
+            state = loop.restore(snap, y_start, carry, solver_state)
             loop.run(state, stop_at=stop)
             outs: list[Tensor] = [state.ys]
             cots: list[Tensor] = [grad_ys]
             if adj_y is not None:
                 outs.append(state.y)
                 cots.append(adj_y)
-            if adj_carry is not None:
-                for out, cot in zip(_as_list(state.carry), adj_carry):
+            for adjoint, values in ((adj_carry, state.carry), (adj_state, state.solver_state if carries else None)):
+                for out, cot in zip(_as_list(values), adjoint or []):
                     outs.append(out)
                     cots.append(cot)
             pairs = [(o, g) for o, g in zip(outs, cots) if o.requires_grad]
-            inputs = [y_start, *carry_leaves, *params]
+            inputs = [y_start, *carry_leaves, *state_leaves, *params]
             # retain_graph: a closure's tensor computed outside the solve (w = 2 * p) is part of
             # every segment's graph
             grads = (
@@ -141,7 +149,11 @@ def segmented_backward(c: _Ctx, loop: Integrator, snaps: list[LoopState], grad_y
                 else (None,) * len(inputs)
             )
         adj_y = grads[0] if grads[0] is not None else torch.zeros_like(y_start)
-        adj_carry = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads[1 : 1 + len(carry_leaves)], carry_leaves)]
-        gp = gp + _flatten_grads(tuple(grads[1 + len(carry_leaves) :]), params, grad_ys)
+        n_carry, n_state = len(carry_leaves), len(state_leaves)
+        adj_carry = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads[1 : 1 + n_carry], carry_leaves)]
+        adj_state = [
+            g if g is not None else torch.zeros_like(x) for g, x in zip(grads[1 + n_carry : 1 + n_carry + n_state], state_leaves)
+        ]
+        gp = gp + _flatten_grads(tuple(grads[1 + n_carry + n_state :]), params, grad_ys)
     assert adj_y is not None
     return adj_y + grad_ys[0], gp

@@ -20,13 +20,13 @@ __all__ = ["reversible_forward", "reversible_backward"]
 
 def reversible_forward(c: _Ctx, y0: Tensor) -> tuple[Tensor, tuple[Tensor, ...], Any]:
     """The engine's fixed-step solve without a graph; returns ``ys`` and ``(y_end, z_end)``
-    (the final state and the reversible carry's ``z``), all the backward needs."""
+    (the final state and the ``z`` of the solver's state), all the backward needs."""
     loop = Integrator(c.terms, c.solver, c.save_times, c.dt_initial, c.options, c.tree, c.observer)
     state = loop.init(y0, c.dt_initial, c.f0.detach() if c.f0 is not None else None, c.initial_counts)
     loop.run(state, progress=c.options.progress)
     sol = loop.solution(state)
     c.stats = [sol]
-    return sol.ys, (state.y, state.carry[0]), None
+    return sol.ys, (state.y, state.solver_state[0]), None
 
 
 def reversible_steps(c: _Ctx) -> tuple[list[tuple[float, float, float]], list[int]]:
@@ -38,10 +38,15 @@ def reversible_steps(c: _Ctx) -> tuple[list[tuple[float, float, float]], list[in
     return steps, [n for n, slot in zip(reached, slots.tolist()[1:]) if slot >= 0]
 
 
-def _reversible_noise(c: _Ctx, s: float, t: float, dtype: torch.dtype) -> Tensor:
-    """``W(t) - W(s)`` exactly as the engine computes it for the step ``[s, t]``."""
-    assert c.tree is not None
-    return c.tree.increment_scalar(s, t).to(dtype)
+def _reversible_noises(c: _Ctx, steps: list[tuple[float, float, float]], dtype: torch.dtype) -> Tensor:
+    """``W(t) - W(s)`` of every step ``(s, h, t)``, ``(n, *noise shape)``, exactly as the
+    engine computes them (one tree query for the whole grid: ``evaluate_grid``)."""
+    tree = c.tree
+    assert tree is not None
+    if not steps:
+        return torch.zeros((0, *tree.shape), dtype=dtype, device=tree.device)
+    w, _ = tree.evaluate_grid([steps[0][0]] + [t for _, _, t in steps], levy=False)
+    return (w[1:] - w[:-1]).reshape(len(steps), *tree.shape).to(tree.dtype).to(dtype)
 
 
 def _vec(c: _Ctx, value: float, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -80,9 +85,10 @@ def reversible_backward(c: _Ctx, y_end: Tensor, z_end: Tensor, grad_ys: Tensor) 
         s, h, _ = steps[j - 1]
         return _vec(c, s, like, torch.float64) + _vec(c, h, like)
 
+    noises = _reversible_noises(c, steps, like.dtype)
+
     def step_terms(j: int) -> tuple[Tensor, Tensor]:  # (h_j broadcast over the state, dW_j)
-        s, h, t = steps[j]
-        return _vec(c, h, like).reshape((-1,) + (1,) * (like.ndim - 1)), _reversible_noise(c, s, t, like.dtype)
+        return _vec(c, steps[j][1], like).reshape((-1,) + (1,) * (like.ndim - 1)), noises[j]
 
     gp = torch.zeros_like(_flat_params(params, like))
     y, z = y_end, z_end

@@ -86,6 +86,7 @@ ALGORITHMS: dict[str, tuple[str, str]] = {
     "SRIW1": ("SRIW1", "StochasticDiffEq"),
     "SOSRI": ("SOSRI", "StochasticDiffEq"),
     "SRA1": ("SRA1", "StochasticDiffEq"),
+    "SRA3": ("SRA3", "StochasticDiffEq"),
     "SOSRA": ("SOSRA", "StochasticDiffEq"),
     "ImplicitEM": ("ImplicitEM", "StochasticDiffEq"),
     "ImplicitRKMil": ("ImplicitRKMil", "StochasticDiffEq"),

@@ -9,7 +9,7 @@ control, saving and masking; a solver only knows its tableau.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -84,6 +84,8 @@ class AbstractSolver:
         controller_order: the order ``q`` used by the PI controller's exponents.
         fsal: True when the step reuses ``f0 = drift(t, y)`` and returns ``f1``.
         beta1 / beta2 / qmax / qmin / gamma: controller constants (None -> engine default).
+        first_step_factor: multiplies StochasticDiffEq's first SDE step (``sde_initial_dt``);
+            :data:`SDE_FIRST_STEP_FACTOR` for the embedded estimates of SRI and SPaRK, 1 otherwise.
         stability_size: length of the stability region along the negative real axis
             (OrdinaryDiffEq's/StochasticDiffEq's ``alg_stability_size``); set on the solvers
             that report ``StepOutput.stiffness`` and can be the non-stiff half of an
@@ -104,7 +106,13 @@ class AbstractSolver:
     qmax: ClassVar[float | None] = None
     qmin: ClassVar[float | None] = None
     gamma: ClassVar[float | None] = None
+    first_step_factor: float = 1.0  # an instance value for StochasticRungeKutta(error_estimate=...)
     reversible: ClassVar[bool] = False  # algebraically reversible step (exact BacksolveAdjoint)
+    #: the state (:meth:`init`, ``StepOutput.state``) is a tuple of per-sample values that advance
+    #: exactly with an accepted step: the engine keeps a sample's previous state where its step
+    #: was not accepted (as it keeps ``y``; no :meth:`update`), and the checkpointed sensealgs
+    #: differentiate through it (restored as autograd leaves, like ``y``)
+    carries_state: ClassVar[bool] = False
     stability_size: ClassVar[float | None] = None
 
     def initial_carry(self, terms: Terms, t: Tensor, y: Tensor, f0: Tensor | None) -> object:
@@ -216,9 +224,10 @@ def hairer_eigen_estimate(df: Tensor, dy: Tensor) -> Tensor:
     the dominant eigenvalue of ``∂f/∂y`` seen by two stages ``y_a, y_b`` with
     ``df = f(y_a) - f(y_b)``, ``dy = y_a - y_b`` (Hairer–Wanner II, Sec. IV.2; OrdinaryDiffEq's
     ``eigen_est`` for DP5/Tsit5, StochasticDiffEq's for SOSRI2/SOSRA2).  0 where ``dy = 0``."""
-    num = df.detach().flatten(1).double().norm(dim=1)
-    den = dy.detach().flatten(1).double().norm(dim=1)
-    return torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(num))
+    dims = tuple(range(1, df.ndim))
+    num = torch.linalg.vector_norm(df.detach(), dim=dims, dtype=torch.float64)
+    den = torch.linalg.vector_norm(dy.detach(), dim=dims, dtype=torch.float64)
+    return torch.where(den > 0, num / den, 0.0)
 
 
 def jacobian_inf_norm(J: Tensor) -> Tensor:
@@ -227,8 +236,32 @@ def jacobian_inf_norm(J: Tensor) -> Tensor:
     return J.detach().double().abs().sum(dim=-1).amax(dim=-1)
 
 
+def fused_sum(base: Tensor | None, terms: Iterable[tuple[float, Tensor | None, Tensor | None]]) -> Tensor | None:
+    """``base + Σ c · s · x`` over the terms ``(c, s, x)`` with ``c != 0`` (``s`` None: ``c · x``;
+    ``s`` broadcasts against ``x``, e.g. a per-sample ``(B, 1)`` step), one ATen op per term:
+    ``torch.addcmul`` / ``torch.add(..., alpha=c)``, each a fused multiply-add rounded once
+    (the same bits in the vectorised blocks and the scalar tail, so a sample's value does not
+    depend on its place in the batch: ``tests/test_batch_invariance.py``).  Without ``base``
+    the first term costs two ops (one when ``c`` is 1).  None when ``base`` is None and every
+    ``c`` is 0.  Shapes: those of ``base`` / the broadcast of ``s`` and ``x``."""
+    acc = base
+    for c, s, x in terms:
+        if c == 0.0:
+            continue
+        assert x is not None
+        if acc is None:
+            prod = x if s is None else s * x
+            acc = prod if c == 1.0 else prod * c
+        elif s is None:
+            acc = acc + x if c == 1.0 else torch.add(acc, x, alpha=c)
+        else:
+            acc = torch.addcmul(acc, s, x) if c == 1.0 else torch.addcmul(acc, s, x, value=c)
+    return acc
+
+
 def linear_combination(coeffs: Sequence[float], xs: Sequence[Tensor | None]) -> Tensor | None:
-    """``sum_j c_j x_j`` over the non-zero coefficients (None when all are zero)."""
+    """``sum_j c_j x_j`` over the non-zero coefficients (None when all are zero), one rounding
+    per product and per sum (:func:`fused_sum` rounds each multiply-add once)."""
     out: Tensor | None = None
     for c, x in zip(coeffs, xs, strict=True):
         if c == 0.0:
@@ -239,21 +272,35 @@ def linear_combination(coeffs: Sequence[float], xs: Sequence[Tensor | None]) -> 
     return out
 
 
-def drift_error(alpha: tuple[float, ...], fs: list[Tensor | None], dt_y: Tensor, delta: float | None) -> Tensor:
-    """The drift part of the error: ``dt (Σ α_i f_i − f_1)`` (embedded, ``delta=None``: the
-    method's drift minus the Euler drift from the same first stage) or StochasticDiffEq's
-    ``delta · dt Σ_i f_i``.  ``(B, *state_shape)``."""
+def drift_error_terms(alpha: Sequence[float], n: int, delta: float | None) -> tuple[float, ...]:
+    """The weights ``w_i`` of ``dt f_i`` (``i < n``) in the drift part of the error:
+    ``α_i − [i = 0]`` (embedded, ``delta=None``: the method's drift minus the Euler drift from
+    the same first stage) or StochasticDiffEq's ``delta`` for every stage (``delta · dt Σ_i f_i``)."""
     if delta is None:
-        weights = [a - (1.0 if i == 0 else 0.0) for i, a in enumerate(alpha[: len(fs)])]
-    else:
-        weights = [delta] * len(fs)
-    combined = linear_combination(weights, fs)
-    return dt_y * combined if combined is not None else torch.zeros_like(dt_y)
+        return tuple(a - (1.0 if i == 0 else 0.0) for i, a in enumerate(alpha[:n]))
+    return (delta,) * n
+
+
+def noise_terms(
+    terms: Terms, weights: Iterable[tuple[float, Tensor | None]], x: Tensor, y: Tensor
+) -> list[tuple[float, Tensor | None, Tensor | None]]:
+    """:func:`fused_sum` terms of ``Σ_j c_j g_j·x`` (``g·x`` is ``terms.g_dw``; ``weights``:
+    ``(c_j, g_j)``; ``x`` ``(B, *noise_shape)``, ``y`` the ``(B, *state_shape)`` state): one
+    term per non-zero ``c_j`` for elementwise noise (diagonal, scalar, diagonal-shaped
+    additive), else the single term ``g_dw(Σ_j c_j g_j, x)`` (general noise)."""
+    pairs = [(c, g) for c, g in weights if c != 0.0]
+    if terms.noise != "general":
+        scale = terms.noise_like_state(x, y)
+        return [(c, scale, g) for c, g in pairs]
+    combined = linear_combination([c for c, _ in pairs], [g for _, g in pairs])
+    return [] if combined is None else [(1.0, None, terms.g_dw(combined, x))]
 
 
 def stage_time(t: Tensor, dt: Tensor, c: float) -> Tensor:
-    """``t + c dt`` for a stage with node ``c`` (``(B,)`` tensors)."""
-    return t if c == 0.0 else t + c * dt
+    """``t + c dt`` for a stage with node ``c`` (``(B,)`` tensors; one fused op)."""
+    if c == 0.0:
+        return t
+    return t + dt if c == 1.0 else torch.add(t, dt, alpha=c)
 
 
 def check_delta(delta: float | None, default: float) -> float:
@@ -269,10 +316,16 @@ ERROR_ESTIMATES = ("embedded", "sciml")
 # StochasticDiffEq's 9/8 on GBM and SciML's additive system (benchmarks/sde_work_precision.py):
 # the same error for about 10-50 % fewer evaluations at tol 1e-2 ... 1e-3, equal below.
 EMBEDDED_QMAX = 3 / 2
-# Measured, not adopted: a first step 16x StochasticDiffEq's (sde_determine_initdt targets 1 %
-# of the tolerance) cut SRIW1/SOSRI evaluations by 25-35 % at errors >= 1e-2 (GBM, rot2d) and
-# was neutral below, but with fewer forward steps BacksolveAdjoint's backward solve (step
-# span / forward steps) stalled in tests/test_regularization.py; see BENCHMARKS.md section 1.
+# First SDE step of the embedded estimates for multiplicative noise (SRI, SPaRK): this many
+# times StochasticDiffEq's sde_determine_initdt step (whose target is 1 % of the tolerance,
+# reached after ~10 steps of growth at qmax 3/2).  Measured (B = 128, tol 1e-1 ... 1e-4, the
+# problems of benchmarks/sde_work_precision.py): SRIW1/SOSRI/SPaRK take 0.27-0.84x the
+# evaluations at tol 1e-1 ... 1e-2 on GBM, wave and rot2d, 0.49-0.98x at 1e-3 ... 1e-4, with the
+# error within 1.4x of before on GBM and rot2d (wave's rises from 9e-7 to 5e-6 at tol 1e-1, still
+# far below tol).  The additive-noise methods (ShARK, SRA) keep StochasticDiffEq's step:
+# there it was mixed on prob_sde_additive, neutral on vp_gmm, and with alg=None on the stiff
+# OU problem of tests/test_autoswitch.py the earlier switch damped X(1)'s spread 5x too much.
+SDE_FIRST_STEP_FACTOR = 16.0
 
 
 # Exponent θ of the per-unit-step weighting of the embedded estimates for multiplicative noise
@@ -298,9 +351,12 @@ def per_unit_step(error: Tensor, dt: Tensor, span: float, power: float) -> Tenso
     and crawl to ``max_steps`` instead of reaching the engine's unstable check)."""
     if power == 0.0 or span <= 0.0:
         return error
-    ratio = (span / dt.abs().clamp_min(torch.finfo(dt.dtype).tiny)).clamp_max(UNIT_STEP_RATIO_MAX)
-    factor = torch.exp(power * torch.log(ratio))
-    return error * factor.to(error.dtype).reshape(factor.shape + (1,) * (error.ndim - 1))
+    # min(span/|dt|, R)^θ = exp(θ log span − θ log max(|dt|, span/R))
+    log_step = torch.log(dt.abs().clamp_min(span / UNIT_STEP_RATIO_MAX))
+    factor = torch.exp(torch.rsub(log_step, power * math.log(span), alpha=power))
+    if factor.dtype != error.dtype:
+        factor = factor.to(error.dtype)
+    return error * factor.reshape(factor.shape + (1,) * (error.ndim - 1))
 
 
 def check_unit_step_power(value: float | None, default: float) -> float:
@@ -351,6 +407,7 @@ class StochasticRungeKutta(AbstractSolver):
     step_function: ClassVar[Callable[..., StepOutput]]
     # exponent order of the PI controller with the embedded estimate (error ~ dt^{3/2})
     embedded_controller_order: ClassVar[float] = 1.5
+    embedded_first_step_factor: ClassVar[float] = SDE_FIRST_STEP_FACTOR
     default_unit_step_power: ClassVar[float] = UNIT_STEP_POWER
     adaptive = True
     needs_levy_area = True
@@ -370,6 +427,7 @@ class StochasticRungeKutta(AbstractSolver):
         if self.error_estimate == "embedded":  # the class values are StochasticDiffEq's
             self.controller_order = type(self).embedded_controller_order
             self.qmax = EMBEDDED_QMAX
+            self.first_step_factor = type(self).embedded_first_step_factor
 
     def step(
         self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None

@@ -152,7 +152,7 @@ class AutoSwitch(AbstractSolver):
         self.strong_order = min(nonstiff.strong_order, stiff.strong_order)
         self.weak_order = min(nonstiff.weak_order, stiff.weak_order)
         self.fsal = nonstiff.fsal
-        for name in ("controller_order", "beta1", "beta2", "qmax", "qmin", "gamma"):
+        for name in ("controller_order", "beta1", "beta2", "qmax", "qmin", "gamma", "first_step_factor"):
             setattr(self, name, getattr(nonstiff, name))
         from ..dense import OWN_STAGES, interpolant_kind  # dense imports the solvers
 

@@ -25,10 +25,20 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from ..problem import Terms, expand_to
-from .base import BOTH_INTERPRETATIONS, EMBEDDED_QMAX, AbstractSolver, StepOutput, hairer_eigen_estimate, stage_time
+from .base import (
+    BOTH_INTERPRETATIONS,
+    EMBEDDED_QMAX,
+    AbstractSolver,
+    StepOutput,
+    fused_sum,
+    hairer_eigen_estimate,
+    noise_terms,
+    stage_time,
+)
 
 C2 = 5 / 6  # second stage node (and weight of ΔW in it)
 B1, B2 = 2 / 5, 3 / 5  # drift weights; the embedded solution uses (1, 0)
@@ -54,14 +64,23 @@ def shark_step(terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None
     dt_y = expand_to(dt, y)
     g0 = terms.diffusion(t, y)
     g1 = terms.diffusion(stage_time(t, dt, 1.0), y)
-    z1 = y + terms.g_dw(g0, levy_h)
+    z1 = fused_sum(y, noise_terms(terms, [(1.0, g0)], levy_h, y))
+    assert z1 is not None
     f1 = terms.drift(t, z1)
-    z2 = y + (C2 * dt_y) * f1 + terms.g_dw(g0, C2 * dw + levy_h)
+    z2 = fused_sum(y, [(C2, dt_y, f1)] + noise_terms(terms, [(1.0, g0)], torch.add(levy_h, dw, alpha=C2), y))
+    assert z2 is not None
     f2 = terms.drift(stage_time(t, dt, C2), z2)
     half_dw = 0.5 * dw
-    y1 = y + dt_y * (B1 * f1 + B2 * f2) + terms.g_dw(g0, half_dw + levy_h) + terms.g_dw(g1, half_dw - levy_h)
-    error = (B2 * dt_y) * (f2 - f1)
-    return StepOutput(y1=y1, error=error, nf=2, ng=2, stiffness=hairer_eigen_estimate(f2 - f1, z2 - z1))
+    y1 = fused_sum(
+        y,
+        [(B1, dt_y, f1), (B2, dt_y, f2)]
+        + noise_terms(terms, [(1.0, g0)], half_dw + levy_h, y)
+        + noise_terms(terms, [(1.0, g1)], half_dw - levy_h, y),
+    )
+    assert y1 is not None
+    df = f2 - f1
+    error = (B2 * dt_y) * df
+    return StepOutput(y1=y1, error=error, nf=2, ng=2, stiffness=hairer_eigen_estimate(df, z2 - z1))
 
 
 class ShARK(AbstractSolver):

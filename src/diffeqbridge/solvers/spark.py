@@ -44,10 +44,13 @@ from .base import (
     ALL_NOISE,
     BOTH_INTERPRETATIONS,
     EMBEDDED_QMAX,
+    SDE_FIRST_STEP_FACTOR,
     UNIT_STEP_POWER,
     AbstractSolver,
     StepOutput,
     check_unit_step_power,
+    fused_sum,
+    noise_terms,
     stage_time,
     weighted_per_unit_step,
 )
@@ -120,15 +123,26 @@ def spark_step(terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None
         return out if correction is None else out + correction
 
     f1 = f(t, y)
-    z2 = y + (0.5 * dt_y) * f1 + terms.g_dw(g1, 0.5 * dw + SQRT3 * levy_h)
+    z2 = fused_sum(y, [(0.5, dt_y, f1)] + noise_terms(terms, [(1.0, g1)], torch.add(0.5 * dw, levy_h, alpha=SQRT3), y))
+    assert z2 is not None
     f2, g2 = f(t2, z2), diffusion(t2, z2)
-    z3 = y + dt_y * f2 + terms.g_dw(g2, dw)
+    z3 = fused_sum(y, [(1.0, dt_y, f2)] + noise_terms(terms, [(1.0, g2)], dw, y))
+    assert z3 is not None
     f3, g3 = f(t3, z3), diffusion(t3, z3)
 
-    g13 = g1 + g3
-    g_h = terms.g_dw(g1 - g3, levy_h)
-    y1 = y + dt_y * (X1 * (f1 + f3) + X2 * f2) + terms.g_dw(X1 * g13 + X2 * g2, dw) + g_h
-    error = dt_y * ((X1 - 0.5) * (f1 + f3) + X2 * f2) + terms.g_dw((X1 - 0.5) * g13 + X2 * g2, dw) + g_h
+    # the Lévy-area term (g1 − g3)·H is shared by the step and its error estimate
+    g_h = fused_sum(None, noise_terms(terms, [(1.0, g1), (-1.0, g3)], levy_h, y))
+    assert g_h is not None
+    y1 = fused_sum(
+        g_h + y,
+        [(X1, dt_y, f1), (X2, dt_y, f2), (X1, dt_y, f3)] + noise_terms(terms, [(X1, g1), (X2, g2), (X1, g3)], dw, y),
+    )
+    error = fused_sum(
+        g_h,
+        [(X1 - 0.5, dt_y, f1), (X2, dt_y, f2), (X1 - 0.5, dt_y, f3)]
+        + noise_terms(terms, [(X1 - 0.5, g1), (X2, g2), (X1 - 0.5, g3)], dw, y),
+    )
+    assert y1 is not None and error is not None
     return StepOutput(y1=y1, error=error, nf=3, ng=3 + ng_extra)
 
 
@@ -150,6 +164,7 @@ class SPaRK(AbstractSolver):
     qmax: ClassVar[float | None] = EMBEDDED_QMAX
     qmin: ClassVar[float | None] = 1 / 5
     gamma: ClassVar[float | None] = 9 / 10
+    first_step_factor: float = SDE_FIRST_STEP_FACTOR
 
     def __init__(self, unit_step_power: float | None = None):
         """``unit_step_power``: ``θ`` of the per-unit-step weighting of the error estimate

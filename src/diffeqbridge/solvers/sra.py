@@ -42,10 +42,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from ..problem import Terms, expand_to
-from .base import BOTH_INTERPRETATIONS, StepOutput, StochasticRungeKutta, drift_error, linear_combination, stage_time
+from .base import (
+    BOTH_INTERPRETATIONS,
+    StepOutput,
+    StochasticRungeKutta,
+    drift_error_terms,
+    fused_sum,
+    noise_terms,
+    stage_time,
+)
 
 Matrix = tuple[tuple[float, ...], ...]
 
@@ -123,35 +132,29 @@ def sra_step(
     drift, diffusion = terms.drift, terms.diffusion
 
     dt_y = expand_to(dt, y)
-    chi2 = 0.5 * dw + levy_h  # I_(1,0)/dt, noise-shaped
+    chi2 = torch.add(levy_h, dw, alpha=0.5)  # I_(1,0)/dt, noise-shaped
 
     s = tab.stages
     fs: list[Tensor | None] = [None] * s
     gs: list[Tensor | None] = [None] * s
     ng = 0
     for i in range(s):
-        h0 = y
-        fa = linear_combination(tab.a0[i][:i], fs[:i])
-        if fa is not None:
-            h0 = h0 + dt_y * fa
-        gb = linear_combination(tab.b0[i][:i], gs[:i])
-        if gb is not None:
-            h0 = h0 + terms.g_dw(gb, chi2)
+        fa = [(a, dt_y, fs[j]) for j, a in enumerate(tab.a0[i][:i])]
+        h0 = fused_sum(y, fa + noise_terms(terms, zip(tab.b0[i][:i], gs[:i]), chi2, y))
+        assert h0 is not None
         fs[i] = drift(stage_time(t, dt, tab.c0[i]), h0)
         if tab.diffusion_used(i):
             gs[i] = diffusion(stage_time(t, dt, tab.c1[i]), h0)
             ng += 1
 
-    drift_sum = linear_combination(tab.alpha, fs)
-    y1 = y if drift_sum is None else y + dt_y * drift_sum
-    g1 = linear_combination(tab.beta1, gs)
-    if g1 is not None:
-        y1 = y1 + terms.g_dw(g1, dw)
-    g2 = linear_combination(tab.beta2, gs)
-    e2 = terms.g_dw(g2, chi2) if g2 is not None else y.new_zeros(y.shape)
+    e2 = fused_sum(None, noise_terms(terms, zip(tab.beta2, gs), chi2, y))
+    if e2 is None:
+        e2 = y.new_zeros(y.shape)
+    y1 = fused_sum(y, [(a, dt_y, f) for a, f in zip(tab.alpha, fs)] + noise_terms(terms, zip(tab.beta1, gs), dw, y))
+    assert y1 is not None
     y1 = y1 + e2
-
-    error = drift_error(tab.alpha, fs, dt_y, delta) + e2
+    error = fused_sum(e2, [(w, dt_y, f) for w, f in zip(drift_error_terms(tab.alpha, s, delta), fs)])
+    assert error is not None
     return StepOutput(y1=y1, error=error, nf=s, ng=ng)
 
 
@@ -169,6 +172,7 @@ class _SRABase(StochasticRungeKutta):
     controller_order: ClassVar[float] = 2.0  # alg_order(SRA1) = alg_order(SOSRA) = 2//1
     embedded_controller_order: ClassVar[float] = 2.0  # additive noise: the estimate is O(dt^2)
     default_unit_step_power: ClassVar[float] = 0.0  # the error sits far below tol already (base.UNIT_STEP_POWER)
+    embedded_first_step_factor: ClassVar[float] = 1.0  # StochasticDiffEq's first step (base.SDE_FIRST_STEP_FACTOR)
     step_function = staticmethod(sra_step)
 
 
@@ -204,6 +208,21 @@ SOSRA_TABLEAU = SRATableau(
 )
 
 
+# SRA3 (Rößler 2010; StochasticDiffEq.jl src/tableaus.jl, constructSRA3): the drift
+# part is Kutta's third-order method (c0 = 0, 1, 1/2; weights 1/6, 1/6, 2/3), so the
+# deterministic order is 3 (weak order 3 for additive noise); the third stage's diffusion
+# is never used, so 3 drift + 2 diffusion evaluations per step.
+SRA3_TABLEAU = SRATableau(
+    c0=(0.0, 1.0, 1 / 2),
+    c1=(1.0, 0.0, 0.0),
+    a0=((0.0, 0.0, 0.0), (1.0, 0.0, 0.0), (1 / 4, 1 / 4, 0.0)),
+    b0=((0.0, 0.0, 0.0), (0.0, 0.0, 0.0), (1.0, 1 / 2, 0.0)),
+    alpha=(1 / 6, 1 / 6, 2 / 3),
+    beta1=(1.0, 0.0, 0.0),
+    beta2=(-1.0, 1.0, 0.0),
+)
+
+
 class SRA1(_SRABase):
     """Rößler's SRA1: adaptive, strong order 1.5 / weak order 2.0 for additive noise (Itô
     or Stratonovich).  2 drift + 2 diffusion evaluations per step."""
@@ -219,4 +238,13 @@ class SOSRA(_SRABase):
     tableau: ClassVar[SRATableau] = SOSRA_TABLEAU
 
 
-__all__ = ["SRATableau", "sra_step", "SRA1", "SOSRA", "SRA1_TABLEAU", "SOSRA_TABLEAU"]
+class SRA3(_SRABase):
+    """Rößler's SRA3: strong order 1.5, weak order 3 for additive noise (Itô or
+    Stratonovich); its drift part is Kutta's third-order method, so small-noise problems
+    see a deterministic error of order 3.  3 drift + 2 diffusion evaluations per step."""
+
+    tableau: ClassVar[SRATableau] = SRA3_TABLEAU
+    weak_order: ClassVar[float] = 3.0
+
+
+__all__ = ["SRATableau", "sra_step", "SRA1", "SRA3", "SOSRA", "SRA1_TABLEAU", "SRA3_TABLEAU", "SOSRA_TABLEAU"]

@@ -60,7 +60,7 @@ import torch
 from torch import Tensor
 
 from ..problem import Terms, expand_to
-from .base import StepOutput, StochasticRungeKutta, drift_error, hairer_eigen_estimate, linear_combination, stage_time
+from .base import StepOutput, StochasticRungeKutta, drift_error_terms, fused_sum, hairer_eigen_estimate, stage_time
 
 Matrix = tuple[tuple[float, ...], ...]
 
@@ -121,6 +121,11 @@ class SRITableau:
         return len(self.c0)
 
     @cached_property
+    def plan(self) -> _SRIPlan:
+        """The non-zero weights :func:`sri_step` sums (computed once per tableau)."""
+        return _SRIPlan.of(self)
+
+    @cached_property
     def diffusion_stages(self) -> tuple[bool, ...]:
         """:meth:`diffusion_used` for every stage (computed once per tableau)."""
         return tuple(self.diffusion_used(j) for j in range(self.stages))
@@ -138,6 +143,41 @@ class SRITableau:
                 *(self.b0[i][j] for i in range(s)),
                 *(self.b1[i][j] for i in range(s)),
             )
+        )
+
+
+def _nonzero(row: tuple[float, ...]) -> tuple[tuple[int, float], ...]:
+    return tuple((j, c) for j, c in enumerate(row) if c != 0.0)
+
+
+@dataclass(frozen=True)
+class _SRIPlan:
+    """A tableau's non-zero weights as ``(stage, weight)`` pairs, with the constants of the
+    iterated integrals folded in (``beta2 / 2``, ``beta4 / 6``: :func:`sri_step` forms
+    ``2 χ1`` and ``6 χ3``), so the step spends one fused op per non-zero weight."""
+
+    a0: tuple[tuple[tuple[int, float], ...], ...]
+    b0: tuple[tuple[tuple[int, float], ...], ...]
+    a1: tuple[tuple[tuple[int, float], ...], ...]
+    b1: tuple[tuple[tuple[int, float], ...], ...]
+    alpha: tuple[tuple[int, float], ...]
+    beta1: tuple[tuple[int, float], ...]
+    beta2_half: tuple[tuple[int, float], ...]
+    beta3: tuple[tuple[int, float], ...]
+    beta4_sixth: tuple[tuple[int, float], ...]
+
+    @classmethod
+    def of(cls, tab: SRITableau) -> _SRIPlan:
+        return cls(
+            a0=tuple(_nonzero(row) for row in tab.a0),
+            b0=tuple(_nonzero(row) for row in tab.b0),
+            a1=tuple(_nonzero(row) for row in tab.a1),
+            b1=tuple(_nonzero(row) for row in tab.b1),
+            alpha=_nonzero(tab.alpha),
+            beta1=_nonzero(tab.beta1),
+            beta2_half=_nonzero(tuple(b / 2 for b in tab.beta2)),
+            beta3=_nonzero(tab.beta3),
+            beta4_sixth=_nonzero(tuple(b / 6 for b in tab.beta4)),
         )
 
 
@@ -166,22 +206,28 @@ def sri_step(
 
     Returns:
         :class:`StepOutput` with ``y1`` and ``error`` of shape ``(B, *state_shape)``.
+
+    Every stage and output sum is :func:`fused_sum` over the plan's non-zero weights (one
+    fused multiply-add per weight).
     """
     if terms.diffusion is None:
         raise TypeError("SRI methods need an SDE problem (a diffusion term)")
     if dw is None or levy_h is None:
         raise ValueError("SRI methods need the Brownian increment dW and the Lévy area H")
     drift, diffusion = terms.drift, terms.diffusion
+    plan = tab.plan
 
     dt_y = expand_to(dt, y)
-    dt_w = expand_to(dt.abs(), dw)  # noise scale: |dt| when time runs backwards
-    sq_w = torch.sqrt(dt_w)
-    sqdt_y = torch.sqrt(dt_y.abs())
-    # Iterated-integral ratios, noise-shaped, then broadcast against the state.
+    dt_abs = dt.abs()  # noise scale: |dt| when time runs backwards
+    dt_w = expand_to(dt_abs, dw)
+    sq = torch.sqrt(dt_abs)
+    sqdt_y = expand_to(sq, y)
+    # Iterated-integral ratios, noise-shaped, then broadcast against the state; 2 χ1 and 6 χ3
+    # (the plan's beta2 / 2 and beta4 / 6 carry the constants).
     dw2 = dw * dw
-    chi1 = terms.noise_like_state((dw2 - dt_w) / (2.0 * sq_w), y)  # I_(1,1)/sqrt(dt)
-    chi2 = terms.noise_like_state(0.5 * dw + levy_h, y)  # I_(1,0)/dt
-    chi3 = terms.noise_like_state(dw * (dw2 - 3.0 * dt_w) / (6.0 * dt_w), y)  # I_(1,1,1)/dt
+    chi1 = terms.noise_like_state((dw2 - dt_w) / expand_to(sq, dw), y)  # 2 I_(1,1)/sqrt(dt)
+    chi2 = terms.noise_like_state(torch.add(levy_h, dw, alpha=0.5), y)  # I_(1,0)/dt
+    chi3 = terms.noise_like_state(torch.sub(dw2, dt_w, alpha=3.0) * dw / dt_w, y)  # 6 I_(1,1,1)/dt
     dw_y = terms.noise_like_state(dw, y)
 
     s = tab.stages
@@ -191,46 +237,32 @@ def sri_step(
     nf = ng = 0
     diffusion_stages = tab.diffusion_stages
     for i in range(s):
-        eval_f = i < tab.n_drift
-        eval_g = diffusion_stages[i]
-        if eval_f:
-            h0 = y
-            fa = linear_combination(tab.a0[i][:i], fs[:i])
-            if fa is not None:
-                h0 = h0 + dt_y * fa
-            gb = linear_combination(tab.b0[i][:i], gs[:i])
-            if gb is not None:
-                h0 = h0 + chi2 * gb
+        if i < tab.n_drift:
+            h0 = fused_sum(y, [(a, dt_y, fs[j]) for j, a in plan.a0[i]] + [(b, chi2, gs[j]) for j, b in plan.b0[i]])
+            assert h0 is not None
             fs[i] = drift(stage_time(t, dt, tab.c0[i]), h0)
             h0s.append(h0)
             nf += 1
-        if eval_g:
-            h1 = y
-            fa = linear_combination(tab.a1[i][:i], fs[:i])
-            if fa is not None:
-                h1 = h1 + dt_y * fa
-            gb = linear_combination(tab.b1[i][:i], gs[:i])
-            if gb is not None:
-                h1 = h1 + sqdt_y * gb
+        if diffusion_stages[i]:
+            h1 = fused_sum(y, [(a, dt_y, fs[j]) for j, a in plan.a1[i]] + [(b, sqdt_y, gs[j]) for j, b in plan.b1[i]])
+            assert h1 is not None
             gs[i] = diffusion(stage_time(t, dt, tab.c1[i]), h1)
             ng += 1
 
-    drift_sum = linear_combination(tab.alpha, fs)
-    y1 = y if drift_sum is None else y + dt_y * drift_sum
-    for coeffs, scale in ((tab.beta1, dw_y), (tab.beta2, chi1)):
-        gsum = linear_combination(coeffs, gs)
-        if gsum is not None:
-            y1 = y1 + scale * gsum
-    e2: Tensor | None = None
-    for coeffs, scale in ((tab.beta3, chi2), (tab.beta4, chi3)):
-        gsum = linear_combination(coeffs, gs)
-        if gsum is not None:
-            e2 = scale * gsum if e2 is None else e2 + scale * gsum
+    e2 = fused_sum(None, [(b, chi2, gs[j]) for j, b in plan.beta3] + [(b, chi3, gs[j]) for j, b in plan.beta4_sixth])
     if e2 is None:
         e2 = torch.zeros_like(y)
+    y1 = fused_sum(
+        y,
+        [(a, dt_y, fs[j]) for j, a in plan.alpha]
+        + [(b, dw_y, gs[j]) for j, b in plan.beta1]
+        + [(b, chi1, gs[j]) for j, b in plan.beta2_half],
+    )
+    assert y1 is not None
     y1 = y1 + e2
-
-    error = drift_error(tab.alpha, fs[: tab.n_drift], dt_y, delta) + e2
+    weights = drift_error_terms(tab.alpha, tab.n_drift, delta)
+    error = fused_sum(e2, [(w, dt_y, f) for w, f in zip(weights, fs)])
+    assert error is not None
     # StochasticDiffEq's eigen_est for SOSRI2/SOSRA2: the last two drift stages
     last = tab.n_drift - 1
     fl, fp = fs[last], fs[last - 1]
