@@ -5,8 +5,12 @@ Measured per batch size: the first compiled solve from a cold inductor cache (co
 time + one solve), the warm per-solve times of both loops and of diffrax (Tsit5, the same
 PIDController tolerances, ``jax.jit(jax.vmap(diffeqsolve))`` over the batch: per-sample
 steps as ours; warm, compiled before timing) as interleaved medians (``unrolled``: compiled with
-``check_every=8``, 8 iterations per compiled call), the steps (which must be
-equal between our loops) and the largest difference of the solutions.
+``check_every=8``, 8 iterations per compiled call, through inductor's C++ wrapper as
+``compile=True`` does on the CPU; at B = 64 also ``unrolled_python_wrapper``: the same through
+its Python wrapper), the steps (which must be equal between our loops), the largest
+difference of the solutions and the first solve of each compiled variant (its compilation).
+``profile``: where a warm unrolled solve at B = 64 spends its time, with either wrapper
+(cProfile, :func:`_profile`).
 
 GBM (``gbm`` rows; the problem of ``sde_work_precision.py``, B = 256 paths on one shared
 Brownian path per sample): SOSRI at tol 1e-2 and 1e-3, eager, compiled with the tree query
@@ -36,6 +40,19 @@ except ImportError:
 
 NAME = "compile_iteration"
 UNROLL = 8  # check_every of the "unrolled" runs: compiled calls of 8 iterations
+WRAPPER_BATCH = 64  # the batch size whose unrolled calls are also measured with inductor's Python wrapper
+
+
+def python_wrapper(solve: Any) -> Any:
+    """``solve()`` with the unrolled calls through inductor's Python wrapper (the default on the
+    CPU is its C++ wrapper, ``engine.Integrator._cpp_wrapper``)."""
+    from diffeqbridge import engine
+
+    engine._CPP_WRAPPER_UNROLLED = False
+    try:
+        return solve()
+    finally:
+        engine._CPP_WRAPPER_UNROLLED = True
 
 
 def _diffrax_solve(batch: int) -> Any:
@@ -95,6 +112,7 @@ def run(quick: bool, out: Path, threads: int = 1) -> dict:
     threading = H.set_threads(threads)
     # a cold inductor cache, so the first compiled solve shows the whole compilation cost
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="deb-inductor-")
+
     import diffeqbridge as deb
 
     rows = []
@@ -108,13 +126,23 @@ def run(quick: bool, out: Path, threads: int = 1) -> dict:
         start = time.perf_counter()
         compiled = solve(True)
         first = time.perf_counter() - start
+        start = time.perf_counter()
         unrolled = solve(True, every=UNROLL)  # compiles the unrolled graph
+        first_unrolled = time.perf_counter() - start
         cases = {"eager": lambda: solve(False), "compiled": lambda: solve(True), "unrolled": lambda: solve(True, every=UNROLL)}
+        first_python = None
+        if batch == WRAPPER_BATCH:
+            start = time.perf_counter()
+            python_wrapper(lambda: solve(True, every=UNROLL))  # compiles it
+            first_python = time.perf_counter() - start
+            cases["unrolled_python_wrapper"] = lambda: python_wrapper(lambda: solve(True, every=UNROLL))
         dfx = _diffrax_solve(batch)
         if dfx is not None:
             cases["diffrax"] = dfx
         timings = H.measure_interleaved(cases, repeats=5 if quick else 15, warmup=1, target_s=0.2)
         dfx_median = timings["diffrax"].median if dfx is not None else None
+        if batch == WRAPPER_BATCH:
+            profiled = prob  # compiled already (a new problem would be one more compilation)
         rows.append(
             {
                 "batch": batch,
@@ -127,6 +155,12 @@ def run(quick: bool, out: Path, threads: int = 1) -> dict:
                 "compiled_over_diffrax": timings["compiled"].median / dfx_median if dfx_median else None,
                 "unrolled": timings["unrolled"],
                 "unrolled_over_diffrax": timings["unrolled"].median / dfx_median if dfx_median else None,
+                "first_unrolled_solve_s": first_unrolled,
+                "unrolled_python_wrapper": timings.get("unrolled_python_wrapper"),
+                "unrolled_python_wrapper_over_diffrax": (
+                    timings["unrolled_python_wrapper"].median / dfx_median if dfx_median and first_python else None
+                ),
+                "first_python_wrapper_solve_s": first_python,
                 "unrolled_max_abs_diff": float((eager.ys - unrolled.ys).abs().max()),
                 "naccept_max": int(eager.stats.naccept.max()),
                 "same_steps": bool(
@@ -143,10 +177,73 @@ def run(quick: bool, out: Path, threads: int = 1) -> dict:
             f"diffrax {H.format_seconds(dfx_median)}; "
             f"same steps {rows[-1]['same_steps']}, max |diff| {rows[-1]['max_abs_diff']:.3g}"
         )
+    profile = {"cpp_wrapper": _profile(profiled), "python_wrapper": python_wrapper(lambda: _profile(profiled))}
     gbm = _gbm_rows(quick)
-    doc = H.write_json(out / f"{NAME}.json", NAME, {"threads": threading, "rows": rows, "gbm": gbm}, quick=quick)
+    payload = {"threads": threading, "rows": rows, "profile": profile, "gbm": gbm}
+    doc = H.write_json(out / f"{NAME}.json", NAME, payload, quick=quick)
     H.write_plot(plot, doc, out / f"{NAME}.png")
     return doc
+
+
+def _profile(prob: Any, solves: int = 20) -> dict:
+    """Where a warm ``compile=True, check_every=UNROLL`` solve spends its time: cProfile of
+    ``solves`` solves, as shares of the total: the compiled calls (torch.compile's
+    ``compile_wrapper``, cumulative) split into dynamo and AOTAutograd (guards, frame, runtime
+    wrapper, writing the outputs back), inductor's wrapper (``call``: its Python), the buffers
+    it allocates and views (``empty_strided``, ``reinterpret_tensor``) and the kernel; and
+    ``eager``: the rest of the solve (initial step, the eager first iteration, the loop's
+    checks).  Per compiled call: those buffer calls and the kernels.  cProfile inflates
+    Python-side costs; the shares, not the absolute times, are the point."""
+    import cProfile
+    import pstats
+
+    import diffeqbridge as deb
+
+    def solve() -> Any:
+        return deb.solve(prob, deb.Tsit5(), atol=1e-6, rtol=1e-6, backend="native", compile=True, check_every=UNROLL)
+
+    solve()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(solves):
+        solve()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    total = sum(entry[2] for entry in stats.values())
+    sums = dict.fromkeys(
+        ("compiled", "inductor", "kernel", "buffers", "calls", "empty_strided", "reinterpret_tensor", "kernels"), 0.0
+    )
+    for (file, _, function), (_, ncalls, tottime, cumtime, _) in stats.items():
+        if function == "compile_wrapper":  # torch.compile's entry: one per compiled call
+            sums["compiled"] += cumtime
+            sums["calls"] += ncalls
+        elif function == "__call__" and file.endswith("output_code.py"):  # inductor's compiled graph
+            sums["inductor"] += cumtime
+        elif function.endswith(".kernel>") or "inductor_entry_cpp" in function:
+            sums["kernel"] += tottime
+            sums["kernels"] += ncalls
+        else:
+            for key in ("empty_strided", "reinterpret_tensor"):
+                if f"_{key}" in function:
+                    sums["buffers"] += tottime
+                    sums[key] += ncalls
+    share = {
+        "dynamo and AOTAutograd": (sums["compiled"] - sums["inductor"]) / total,
+        "inductor wrapper (Python)": (sums["inductor"] - sums["kernel"] - sums["buffers"]) / total,
+        "wrapper buffers": sums["buffers"] / total,
+        "kernel": sums["kernel"] / total,
+        "eager (start, first iteration, checks)": (total - sums["compiled"]) / total,
+    }
+    calls = max(sums["calls"], 1.0)
+    per_call = {key: sums[key] / calls for key in ("empty_strided", "reinterpret_tensor", "kernels")}
+    print(f"profile (B = {prob.y0.shape[0]}, check_every={UNROLL}): shares {share}; per compiled call {per_call}")
+    return {
+        "batch": int(prob.y0.shape[0]),
+        "solves": solves,
+        "seconds_per_solve": total / solves,
+        "share": share,
+        "per_call": per_call,
+    }
 
 
 def _gbm_rows(quick: bool) -> list[dict]:
@@ -296,7 +393,46 @@ def tables(doc: dict) -> dict[str, str]:
         for r in doc.get("gbm", [])
     ]
     header_gbm = ["case", "wall time", "strong error", "NFE", "matched torchsde", "time / torchsde"]
-    return {"rows": H.markdown_table(header, rows), "gbm": H.markdown_table(header_gbm, gbm)}
+    compile_rows = [
+        (
+            r["batch"],
+            f"{r['first_compiled_solve_s']:.1f} s",
+            f"{r['first_unrolled_solve_s']:.1f} s" if r.get("first_unrolled_solve_s") else "—",
+            f"{r['first_python_wrapper_solve_s']:.1f} s" if r.get("first_python_wrapper_solve_s") else "—",
+            H.format_seconds(r["unrolled"]["median"]) if r.get("unrolled") else "—",
+            f"{r['unrolled_over_diffrax']:.1f}x" if r.get("unrolled_over_diffrax") else "—",
+            H.format_seconds(r["unrolled_python_wrapper"]["median"]) if r.get("unrolled_python_wrapper") else "—",
+            f"{r['unrolled_python_wrapper_over_diffrax']:.1f}x" if r.get("unrolled_python_wrapper_over_diffrax") else "—",
+        )
+        for r in doc["rows"]
+    ]
+    header_compile = [
+        "B",
+        "first solve, check_every=1",
+        "first solve, check_every=8",
+        "first solve, 8, Python wrapper",
+        "check_every=8 (C++ wrapper)",
+        "that/diffrax",
+        "check_every=8, Python wrapper",
+        "that/diffrax",
+    ]
+    tables = {
+        "rows": H.markdown_table(header, rows),
+        "gbm": H.markdown_table(header_gbm, gbm),
+        "compile": H.markdown_table(header_compile, compile_rows),
+    }
+    if doc.get("profile"):
+        cpp, py = doc["profile"]["cpp_wrapper"], doc["profile"]["python_wrapper"]
+        lines = [(name, f"{100 * py['share'][name]:.0f} %", f"{100 * cpp['share'][name]:.0f} %") for name in py["share"]]
+        lines += [
+            (f"per compiled call: {name}", f"{py['per_call'][name]:.0f}", f"{cpp['per_call'][name]:.0f}")
+            for name in py["per_call"]
+        ]
+        per_solve = (f"{py['seconds_per_solve'] * 1e3:.1f} ms", f"{cpp['seconds_per_solve'] * 1e3:.1f} ms")
+        lines.append(("time per solve under cProfile", *per_solve))
+        header_profile = [f"B = {py['batch']}, check_every={UNROLL}", "Python wrapper", "C++ wrapper"]
+        tables["profile"] = H.markdown_table(header_profile, lines)
+    return tables
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,10 +23,10 @@ Matched accuracy: ``ours ReversibleHeun forward+backward, matched accuracy`` tak
 steps (of :func:`candidate_steps`) whose strong error is at most torchsde's at ``dt``, chosen
 from the errors measured before the timings (quick run: 36 steps, 3.7e-4).
 
-Measured (quick, B = 256, shared 2-core machine at load ~7, one interleaved run): ours
-EulerHeun forward+backward 1.40x torchsde sdeint, ReversibleHeun 0.76x, ReversibleHeun at
-matched accuracy 0.57x, our exact reversible backsolve 0.57x torchsde sdeint_adjoint (at
-load ~4: 1.52x, 0.82x, 0.61x, 0.89x).  What
+Measured (quick, B = 256, shared 2-core machine at load ~3, one interleaved run): ours
+EulerHeun forward+backward 1.43x torchsde sdeint, ReversibleHeun 0.77x, ReversibleHeun at
+matched accuracy 0.56x, our exact reversible backsolve 0.61x torchsde sdeint_adjoint (other
+runs: ReversibleHeun 0.76-0.88x).  What
 is left: the MLPs (~74 % of our ReversibleHeun step), the tree (~12 %), the solver's
 arithmetic (BENCHMARKS.md section 4).
 

@@ -52,6 +52,7 @@ def eager_fused(monkeypatch: pytest.MonkeyPatch) -> None:
     """compile=True's call path with the eager iteration in place of the compiled one."""
     monkeypatch.setattr(engine, "_FUSED_ITERATION", engine.Integrator._iteration)
     monkeypatch.setattr(engine, "_FUSED_SDE", engine.Integrator._sde_advance)
+    monkeypatch.setattr(engine, "_FUSED_UNROLLED", engine.Integrator._iteration)
     monkeypatch.setattr(engine, "_GRAPH_FAILED", {})
     ReplayGraph.made = []
 
@@ -154,9 +155,10 @@ def test_failed_capture_falls_back_with_one_warning(monkeypatch: pytest.MonkeyPa
 
 
 @pytest.mark.usefixtures("eager_fused")
-def test_no_graph_with_gradients(monkeypatch: pytest.MonkeyPatch):
+def test_no_graph_and_no_cpp_wrapper_with_gradients(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(_cuda_graph, "wanted", lambda device: True)
     monkeypatch.setattr(engine, "_new_graph", ReplayGraph)
+    monkeypatch.setattr(engine, "_FUSED_UNROLLED", lambda *args: pytest.fail("C++ wrapper with gradients"))
     y0 = torch.tensor([[1.0, 1.0], [2.0, 0.5]], requires_grad=True)
     prob = deb.ODEProblem(lotka_volterra, y0, (0.0, 2.0))
     sol = deb.solve(prob, deb.Tsit5(), atol=1e-6, rtol=1e-6, backend="native", compile=True, check_every=4)
@@ -177,3 +179,27 @@ def warnings_as_errors() -> Any:
             self.catch.__exit__(*exc)
 
     return Context()
+
+
+@pytest.mark.usefixtures("eager_fused")
+def test_unrolled_cpu_calls_take_the_cpp_wrapper_and_fall_back(monkeypatch: pytest.MonkeyPatch):
+    """On the CPU the unrolled ODE calls go through the C++-wrapper compilation; if that fails,
+    one warning and the Python-wrapper one (same kernels, same bits)."""
+    used: list[int] = []
+
+    def unrolled(self: Any, s: Any, direct: bool, save: bool, repeat: int) -> Any:
+        used.append(repeat)
+        return engine.Integrator._iteration(self, s, direct, save, repeat)
+
+    monkeypatch.setattr(engine, "_FUSED_UNROLLED", unrolled)
+    monkeypatch.setattr(engine, "_CPP_WRAPPER_UNROLLED", True)
+    plain = solve(False, monkeypatch)
+    assert used and set(used) == {4}
+
+    def failing(*args: Any) -> Any:
+        raise RuntimeError("C++ compile error")
+
+    monkeypatch.setattr(engine, "_FUSED_UNROLLED", failing)
+    with pytest.warns(RuntimeWarning, match="C\\+\\+ wrapper failed"):
+        fallback = solve(False, monkeypatch)
+    assert not engine._CPP_WRAPPER_UNROLLED and torch.equal(fallback.ys, plain.ys)

@@ -257,3 +257,41 @@ def test_reversible_heun_unstep_inverts_step() -> None:
         y_back, carry_back = reversible_heun_unstep(terms, t + dt, y1, dt, dw, carry1)
     assert float((y_back - y).abs().max()) < 1e-13
     assert float((carry_back[0] - carry[0]).abs().max()) < 1e-13
+
+
+def test_finished_samples_keep_their_solver_state() -> None:
+    """Per-sample ``dt`` (the masked loop, not the lockstep path): samples finish after 5 to 40
+    steps, and a finished sample's ``(z, f, g)`` is not advanced by the masked steps the loop
+    still computes for it (``carries_state``: kept where a step is not accepted), so every
+    sample's ``ys`` and final ``z`` equal its solve alone (which takes the lockstep path)."""
+    from diffeqbridge import engine
+    from diffeqbridge.problem import Terms
+
+    batch = 4
+    y0 = torch.linspace(-1, 1, batch * 2, dtype=torch.float64).reshape(batch, 2)
+    dts = torch.tensor([0.1, 0.05, 0.025, 0.2], dtype=torch.float64)
+    save = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    options = engine.EngineOptions(adaptive=False, atol=1e-2, rtol=1e-2, max_steps=1000, dtmin=0.0, check_every=1)
+
+    def run(rows: slice) -> engine.LoopState:
+        prob = deb.SDEProblem(
+            lambda t, y: -y + torch.sin(t)[:, None],
+            lambda t, y: 0.3 * torch.tanh(y),
+            y0[rows],
+            (0.0, T),
+            interpretation="stratonovich",
+        )
+        n = y0[rows].shape[0]
+        tree = deb.VirtualBrownianTree(0.0, T, (n, 2), seed=2, tol=2.0**-10, sample_offset=rows.start or 0)
+        loop = engine.Integrator(Terms(prob), deb.ReversibleHeun(), save, dts[rows], options, tree)
+        assert (loop.grid is None) == (n > 1)  # per-sample dt: the masked loop; one sample: lockstep
+        state = loop.init(y0[rows], dts[rows], None, (0, 0))
+        loop.run(state)
+        return state
+
+    whole = run(slice(0, batch))
+    assert whole.naccept.tolist() == [10, 20, 40, 5]
+    for b in range(batch):
+        alone = run(slice(b, b + 1))
+        assert torch.equal(whole.ys[:, b], alone.ys[:, 0])
+        assert torch.equal(whole.solver_state[0][b], alone.solver_state[0][0])

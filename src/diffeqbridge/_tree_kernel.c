@@ -73,26 +73,36 @@ static inline void descend(int64_t width, int64_t first, int64_t depth, const do
                            const uint64_t *cell, const uint32_t *k0, const uint32_t *k1, const double *wr,
                            const double *hr, double *c_h, double *c_w, double *c_l, double *c_j, double *w_cell,
                            double *h_cell, double *cache) {
+    /* two passes: the normal pairs of every level first (independent vector log/sin/cos,
+     * overlapping freely), then the recursion, which is a chain through the levels */
+    double zn[64][BLOCK], xn[64][BLOCK];
+    const uint32_t wide_mask = wide ? 0xFFFFFFFFu : 0u; /* node_key without a branch in the loop */
     for (int64_t k = first; k < depth; k++) {
-        const double *lv = levels + 7 * k;
-        const double sq16 = lv[0], sq48 = lv[1], four_pow4 = lv[2], inv_pow4 = lv[3];
-        const double two_pow2 = lv[4], inv_pow2 = lv[5], half_width = lv[6];
         const uint32_t level_key = (uint32_t)level_keys[k];
         const int shift = (int)(depth - k);
-        const uint32_t wide_mask = wide ? 0xFFFFFFFFu : 0u; /* node_key without a branch in the loop */
-        /* one loop from the cell index on: the node's key and which child the query enters are
-         * computed in vector registers (separate scalar stores of them, read back as vectors,
-         * stalled store forwarding) */
+        /* the node's key computed in vector registers (separate scalar stores of it, read back
+         * as vectors, stalled store forwarding) */
 #pragma omp simd
         for (int64_t j = 0; j < width; j++) {
-            const double right = (double)(int32_t)((uint32_t)(cell[j] >> (shift - 1)) & 1u);
             const uint64_t index = cell[j] >> shift;
             const uint32_t narrow = (uint32_t)index * PHI32 + level_key;
             const uint32_t node = narrow ^ ((narrow ^ fmix32((narrow ^ (uint32_t)(index >> 32)) + 0x9E3779B9u)) & wide_mask);
             const double u1 = unit(fmix32(k0[j] ^ node)), u2 = unit(fmix32(k1[j] ^ node));
             const double radius = sqrt(-2.0 * log(u1));
             const double angle = TWO_PI * u2;
-            const double z = radius * cos(angle) * sq16, x = radius * sin(angle) * sq48;
+            zn[k][j] = radius * cos(angle);
+            xn[k][j] = radius * sin(angle);
+        }
+    }
+    for (int64_t k = first; k < depth; k++) {
+        const double *lv = levels + 7 * k;
+        const double sq16 = lv[0], sq48 = lv[1], four_pow4 = lv[2], inv_pow4 = lv[3];
+        const double two_pow2 = lv[4], inv_pow2 = lv[5], half_width = lv[6];
+        const int shift = (int)(depth - k);
+#pragma omp simd
+        for (int64_t j = 0; j < width; j++) {
+            const double right = (double)(int32_t)((uint32_t)(cell[j] >> (shift - 1)) & 1u);
+            const double z = zn[k][j] * sq16, x = xn[k][j] * sq48;
             const double sign = 1.0 - 2.0 * right;
             const double h_inc = four_pow4 * (-0.5 * z + sign * x);
             c_h[j] = c_h[j] + h_inc;
@@ -131,25 +141,12 @@ static inline void restore(int64_t width, const double *cache, int64_t level, do
     }
 }
 
-/* The point inside the finest cell (bridge) and (W(t), J(t)) of one block.  The normal pair
- * is drawn in its own loop, free of selects, so that it is vectorised like the levels' (every
- * lane takes the same vector log/sin/cos); the rest has only correctly rounded operations
- * (sqrt, +, *, /), which give the same bits vectorised or not. */
-static inline void finish(int64_t width, const uint64_t *cell, const double *frac, uint32_t cell_key, int wide, const uint32_t *k0,
-                          const uint32_t *k1, double w, double w2, double w3, const double *w_cell, const double *h_cell,
-                          const double *c_l, const double *c_j, double *w_res, double *j_res) {
-    double z1[GRID_BLOCK], z2[GRID_BLOCK];
-    const uint32_t wide_mask = wide ? 0xFFFFFFFFu : 0u; /* node_key without a branch in the loop */
-#pragma omp simd
-    for (int64_t j = 0; j < width; j++) {
-        const uint32_t narrow = (uint32_t)cell[j] * PHI32 + cell_key;
-        const uint32_t node = narrow ^ ((narrow ^ fmix32((narrow ^ (uint32_t)(cell[j] >> 32)) + 0x9E3779B9u)) & wide_mask);
-        const double u1 = unit(fmix32(k0[j] ^ node)), u2 = unit(fmix32(k1[j] ^ node));
-        const double radius = sqrt(-2.0 * log(u1));
-        const double angle = TWO_PI * u2;
-        z1[j] = radius * cos(angle);
-        z2[j] = radius * sin(angle);
-    }
+/* (W, J) at fraction frac[j] of the finest cell entered, for one block, from the cell's
+ * (w_cell, h_cell), the running sums c_l, c_j and the in-cell normal pair (z1, z2): only
+ * correctly rounded operations (sqrt, +, *, /), which give the same bits vectorised or not. */
+static inline void bridge(int64_t width, const double *frac, double w, double w2, double w3, const double *z1,
+                          const double *z2, const double *w_cell, const double *h_cell, const double *c_l,
+                          const double *c_j, double *w_res, double *j_res) {
     for (int64_t j = 0; j < width; j++) {
         const double r = frac[j] * w;
         const double q = w - r, r2 = r * r, rw = r / w;
@@ -170,6 +167,27 @@ static inline void finish(int64_t width, const uint64_t *cell, const double *fra
         w_res[j] = c_l[j] + w_part;
         j_res[j] = c_j[j] + r * c_l[j] + r * (h_part + 0.5 * w_part);
     }
+}
+
+/* The point inside the finest cell and (W(t), J(t)) of one block.  The normal pair is drawn
+ * in its own loop, free of selects, so that it is vectorised like the levels' (every lane
+ * takes the same vector log/sin/cos), then bridge(). */
+static inline void finish(int64_t width, const uint64_t *cell, const double *frac, uint32_t cell_key, int wide, const uint32_t *k0,
+                          const uint32_t *k1, double w, double w2, double w3, const double *w_cell, const double *h_cell,
+                          const double *c_l, const double *c_j, double *w_res, double *j_res) {
+    double z1[GRID_BLOCK], z2[GRID_BLOCK];
+    const uint32_t wide_mask = wide ? 0xFFFFFFFFu : 0u; /* node_key without a branch in the loop */
+#pragma omp simd
+    for (int64_t j = 0; j < width; j++) {
+        const uint32_t narrow = (uint32_t)cell[j] * PHI32 + cell_key;
+        const uint32_t node = narrow ^ ((narrow ^ fmix32((narrow ^ (uint32_t)(cell[j] >> 32)) + 0x9E3779B9u)) & wide_mask);
+        const double u1 = unit(fmix32(k0[j] ^ node)), u2 = unit(fmix32(k1[j] ^ node));
+        const double radius = sqrt(-2.0 * log(u1));
+        const double angle = TWO_PI * u2;
+        z1[j] = radius * cos(angle);
+        z2[j] = radius * sin(angle);
+    }
+    bridge(width, frac, w, w2, w3, z1, z2, w_cell, h_cell, c_l, c_j, w_res, j_res);
 }
 
 /* A block's lanes: element keys and root increments (lanes past the end of the data repeat
@@ -235,45 +253,110 @@ void tree_point(int64_t count, int64_t n, const double *t, const int32_t *key0, 
 /* tree_point at n_times times shared by the whole batch (times[k]; any order): w_out and
  * j_out are (n_times, count), j_out may be NULL (W only).  Per block, each time starts from
  * the sums the previous time left at the levels above their deepest common ancestor (kept in
- * `scratch`, (depth, 4, GRID_BLOCK) doubles), as tree_point's per-sample reuse does: the same
- * operations on the same values as a full descent, hence the same bits as tree_point. */
+ * `scratch`, (depth, 4, GRID_BLOCK) doubles), as tree_point's per-sample reuse does.  The
+ * times are taken in chunks: the normal pairs of every node a chunk redraws (and of its
+ * in-cell points) are drawn first, in one loop of independent vector log/sin/cos (their keys
+ * are shared by the lanes: every lane is at the same time), then the recursion and the
+ * bridges run on them.  The same operations on the same values as tree_point, hence the same
+ * bits. */
+#define GRID_CHUNK 96 /* normal pairs per chunk (a time needs at most depth + 1 <= 53); 24 KiB of normals */
 void tree_grid(int64_t count, int64_t n_times, const double *times, const int32_t *key0, const int32_t *key1,
                const double *w_root, const double *h_root, const double *levels, const int64_t *level_keys,
                int64_t depth, const double *geometry, int64_t cell_key, int64_t wide, double *w_out, double *j_out,
                double *scratch) {
     const double t0 = geometry[0], length = geometry[1], n_cells = geometry[2];
     const double w = geometry[3], w2 = geometry[4], w3 = geometry[5];
+    double zn[GRID_CHUNK][GRID_BLOCK], xn[GRID_CHUNK][GRID_BLOCK];
     for (int64_t start = 0; start < count; start += GRID_BLOCK) {
         const int64_t m = count - start < GRID_BLOCK ? count - start : GRID_BLOCK;
-        uint64_t cell[GRID_BLOCK], last = 0;
-        double frac[GRID_BLOCK], wr[GRID_BLOCK], hr[GRID_BLOCK], c_h[GRID_BLOCK], c_w[GRID_BLOCK], c_l[GRID_BLOCK], c_j[GRID_BLOCK];
-        double w_cell[GRID_BLOCK], h_cell[GRID_BLOCK], w_res[GRID_BLOCK], j_res[GRID_BLOCK];
+        double wr[GRID_BLOCK], hr[GRID_BLOCK], c_h[GRID_BLOCK], c_w[GRID_BLOCK], c_l[GRID_BLOCK], c_j[GRID_BLOCK];
+        double frac[GRID_BLOCK], w_cell[GRID_BLOCK], h_cell[GRID_BLOCK], w_res[GRID_BLOCK], j_res[GRID_BLOCK];
         uint32_t k0[GRID_BLOCK], k1[GRID_BLOCK];
         load_block(GRID_BLOCK, start, m, key0, key1, w_root, h_root, k0, k1, wr, hr);
-        for (int64_t k = 0; k < n_times; k++) {
-            uint64_t c;
-            double f;
-            locate(times[k], t0, length, n_cells, &c, &f);
-            for (int64_t j = 0; j < GRID_BLOCK; j++) { /* a vector store: the level loop's vector loads forward from it */
-                cell[j] = c;
-                frac[j] = f;
+        uint64_t last = 0;
+        for (int64_t k = 0; k < n_times;) {
+            /* the chunk: times k..k_end-1, their cells, fractions, first redrawn levels, and the
+             * keys of the nodes (then the in-cell point) each redraws, in order */
+            uint32_t key[GRID_CHUNK];
+            uint64_t cells[GRID_CHUNK];
+            double fracs[GRID_CHUNK];
+            int64_t firsts[GRID_CHUNK], k_end = k, n_draws = 0;
+            uint64_t prev = last;
+            while (k_end < n_times) {
+                uint64_t c;
+                double f;
+                locate(times[k_end], t0, length, n_cells, &c, &f);
+                const uint64_t diff = c ^ prev;
+                const int64_t first = k_end == 0 ? 0 : (diff == 0 ? depth - 1 : depth - (64 - __builtin_clzll(diff)));
+                if (n_draws + (depth - first) + 1 > GRID_CHUNK) break;
+                const int64_t i = k_end - k;
+                cells[i] = c;
+                fracs[i] = f;
+                firsts[i] = first;
+                for (int64_t lev = first; lev < depth; lev++)
+                    key[n_draws++] = node_key(c >> (depth - lev), (uint32_t)level_keys[lev], (int)wide);
+                key[n_draws++] = node_key(c, (uint32_t)cell_key, (int)wide);
+                prev = c;
+                k_end++;
             }
-            int64_t first = 0;
-            if (k > 0) {
-                const uint64_t diff = cell[0] ^ last;
-                first = diff == 0 ? depth - 1 : depth - (64 - __builtin_clzll(diff));
+            for (int64_t d = 0; d < n_draws; d++) {
+                const uint32_t node = key[d];
+#pragma omp simd
+                for (int64_t j = 0; j < GRID_BLOCK; j++) {
+                    const double u1 = unit(fmix32(k0[j] ^ node)), u2 = unit(fmix32(k1[j] ^ node));
+                    const double radius = sqrt(-2.0 * log(u1));
+                    const double angle = TWO_PI * u2;
+                    zn[d][j] = radius * cos(angle);
+                    xn[d][j] = radius * sin(angle);
+                }
             }
-            if (first > 0)
-                restore(GRID_BLOCK, scratch, first - 1, c_h, c_w, c_l, c_j);
-            else
-                for (int64_t j = 0; j < GRID_BLOCK; j++) c_h[j] = c_w[j] = c_l[j] = c_j[j] = 0.0;
-            descend(GRID_BLOCK, first, depth, levels, level_keys, (int)wide, cell, k0, k1, wr, hr, c_h, c_w, c_l, c_j, w_cell,
-                    h_cell, scratch);
-            last = cell[0];
-            finish(GRID_BLOCK, cell, frac, (uint32_t)cell_key, (int)wide, k0, k1, w, w2, w3, w_cell, h_cell, c_l, c_j, w_res, j_res);
-            for (int64_t j = 0; j < m; j++) w_out[k * count + start + j] = w_res[j];
-            if (j_out != NULL)
-                for (int64_t j = 0; j < m; j++) j_out[k * count + start + j] = j_res[j];
+            int64_t d = 0;
+            for (int64_t kk = k; kk < k_end; kk++) {
+                const int64_t i = kk - k, first = firsts[i];
+                const uint64_t c = cells[i];
+                if (first > 0)
+                    restore(GRID_BLOCK, scratch, first - 1, c_h, c_w, c_l, c_j);
+                else
+                    for (int64_t j = 0; j < GRID_BLOCK; j++) c_h[j] = c_w[j] = c_l[j] = c_j[j] = 0.0;
+                for (int64_t lev = first; lev < depth; lev++, d++) {
+                    const double *lv = levels + 7 * lev;
+                    const double sq16 = lv[0], sq48 = lv[1], four_pow4 = lv[2], inv_pow4 = lv[3];
+                    const double two_pow2 = lv[4], inv_pow2 = lv[5], half_width = lv[6];
+                    const double right = (double)(int32_t)((uint32_t)(c >> (depth - lev - 1)) & 1u);
+                    for (int64_t j = 0; j < GRID_BLOCK; j++) { /* level_update, as in descend() */
+                        const double z = zn[d][j] * sq16, x = xn[d][j] * sq48;
+                        const double sign = 1.0 - 2.0 * right;
+                        const double h_inc = four_pow4 * (-0.5 * z + sign * x);
+                        c_h[j] = c_h[j] + h_inc;
+                        const double levy = (hr[j] + (c_h[j] - h_inc)) * inv_pow4;
+                        const double w_inc = two_pow2 * sign * (1.5 * levy + z);
+                        c_w[j] = c_w[j] + w_inc;
+                        const double w_node = (wr[j] + (c_w[j] - w_inc)) * inv_pow2;
+                        const double w_left = 0.5 * w_node + 1.5 * levy + z;
+                        const double h_left = 0.25 * levy - 0.5 * z + x;
+                        const double left = right * w_left;
+                        c_l[j] = c_l[j] + left;
+                        c_j[j] = c_j[j] + right * half_width * ((c_l[j] - left) + h_left + 0.5 * w_left);
+                        w_cell[j] = 0.5 * w_node + sign * (1.5 * levy + z);
+                        h_cell[j] = 0.25 * levy - 0.5 * z + sign * x;
+                    }
+                    double *row = scratch + lev * GRID_BLOCK * 4;
+                    for (int64_t j = 0; j < GRID_BLOCK; j++) {
+                        row[j] = c_h[j];
+                        row[GRID_BLOCK + j] = c_w[j];
+                        row[2 * GRID_BLOCK + j] = c_l[j];
+                        row[3 * GRID_BLOCK + j] = c_j[j];
+                    }
+                }
+                for (int64_t j = 0; j < GRID_BLOCK; j++) frac[j] = fracs[i];
+                bridge(GRID_BLOCK, frac, w, w2, w3, zn[d], xn[d], w_cell, h_cell, c_l, c_j, w_res, j_res);
+                d++;
+                for (int64_t j = 0; j < m; j++) w_out[kk * count + start + j] = w_res[j];
+                if (j_out != NULL)
+                    for (int64_t j = 0; j < m; j++) j_out[kk * count + start + j] = j_res[j];
+            }
+            last = cells[k_end - k - 1];
+            k = k_end;
         }
     }
 }

@@ -314,6 +314,12 @@ _SAVE_IN_GRAPH_ELEMENTS = 2**16
 _FUSED_ITERATION: Callable[..., Any] | None = None
 
 
+#: torch.compile'd :meth:`Integrator._iteration` with inductor's C++ wrapper, for unrolled ODE
+#: calls on the CPU (:meth:`Integrator._cpp_wrapper`)
+_FUSED_UNROLLED: Callable[..., Any] | None = None
+#: whether unrolled ODE calls on the CPU use inductor's C++ wrapper (False after it failed)
+_CPP_WRAPPER_UNROLLED = True
+
 #: compile=True on CUDA: fuse keys whose graph capture failed (warned once), with the reason
 _GRAPH_FAILED: dict[tuple[Any, ...], str] = {}
 #: compile=True on CUDA: the most captured graphs one solve keeps (one per call length and state layout)
@@ -1081,23 +1087,36 @@ class Integrator:
         :meth:`_advance` (the solver step with the user's functions, error norm, controller,
         masked merge and stop checks) and propose the next step (:meth:`_sde_advance`).  After
         a failed compilation: a one-time warning and the per-core path."""
-        global _FUSED_SDE, _FUSED_ITERATION
+        global _FUSED_SDE, _FUSED_ITERATION, _FUSED_UNROLLED, _CPP_WRAPPER_UNROLLED
         if s.iteration == 1:  # eagerly once: the optional state (stiffness, Jacobian counts) appears here
             tree = self.tree
             self._tree_in_graph = self.grid is None and isinstance(tree, VirtualBrownianTree) and tree.traceable
             return self._iteration(s, True)
-        if _FUSED_SDE is None or _FUSED_ITERATION is None:
+        if _FUSED_SDE is None or _FUSED_ITERATION is None or _FUSED_UNROLLED is None:
             _configure_compile()
             # size_asserts off: inductor's re-check of ~20 input sizes/strides per call (14 % of a
             # compiled Lotka-Volterra iteration) repeats what dynamo's guards already checked
             options: dict[str, str | int | bool | Callable[..., Any]] = {"size_asserts": False}
             _FUSED_SDE = torch.compile(Integrator._sde_advance, dynamic=False, fullgraph=True, options=options)
             _FUSED_ITERATION = torch.compile(Integrator._iteration, dynamic=False, fullgraph=True, options=options)
+            cpp: dict[str, str | int | bool | Callable[..., Any]] = {**options, "cpp_wrapper": True}
+            _FUSED_UNROLLED = torch.compile(Integrator._iteration, dynamic=False, fullgraph=True, options=cpp)
         if self.tree is None or self._tree_in_graph:
             save = self._save_in_graph(s)
             try:
                 if save and self._graph_device and self._replay(s, repeat):
                     return None
+                if self._cpp_wrapper(s, repeat):
+                    try:
+                        return _FUSED_UNROLLED(self, s, True, save, repeat)  # type: ignore[no-any-return]
+                    except Exception as exc:  # the Python wrapper then, for the rest of the process
+                        _CPP_WRAPPER_UNROLLED = False
+                        warnings.warn(
+                            f"compile=True: inductor's C++ wrapper failed ({type(exc).__name__}); unrolled "
+                            "calls use its Python wrapper",
+                            RuntimeWarning,
+                            stacklevel=4,
+                        )
                 return _FUSED_ITERATION(self, s, True, save, repeat)  # type: ignore[no-any-return]
             except Exception as exc:  # no compiler, unsupported op, graph break: fall back
                 _COMPILE_FAILED[self._fuse_key] = _compile_failure(exc, self.solver, s.y)
@@ -1117,6 +1136,17 @@ class Integrator:
         self._next_proposal = (s.t, next_proposal)
         return record  # type: ignore[no-any-return]
 
+    def _cpp_wrapper(self, s: LoopState, repeat: int) -> bool:
+        """Whether this compiled call goes through inductor's C++ wrapper: unrolled ODE calls
+        (``repeat > 1``, no tree) on the CPU.  An unrolled call's graph is one C++ kernel and
+        ~300 buffers its wrapper allocates or views per call (Lotka-Volterra, B = 64, 8
+        iterations); the C++ wrapper does that without Python, 13-16 % of a solve
+        (docs/engine.md), for 3-24 s more compilation per graph (load 2-4; and, once per
+        inductor cache, its precompiled header).  CUDA captures graphs instead; one-iteration
+        calls and differentiated solves (a backward graph too: untested with it) keep the
+        Python wrapper."""
+        return repeat > 1 and _CPP_WRAPPER_UNROLLED and self.tree is None and s.y.device.type == "cpu" and not s.y.requires_grad
+
     def _replay(self, s: LoopState, repeat: int) -> bool:
         """compile=True on CUDA: run this compiled call (``repeat`` iterations, saving in the
         graph) as a replay of its captured CUDA graph (:mod:`._cuda_graph`), captured at its
@@ -1135,8 +1165,9 @@ class Integrator:
                 if len(self._graphs) < _MAX_GRAPHS:
                     self._graphs[key] = None
                 return False
-            assert _FUSED_ITERATION is not None
-            fused = _FUSED_ITERATION
+            # the compiled function the first call compiled (no compiling during a capture)
+            fused = _FUSED_UNROLLED if self._cpp_wrapper(s, repeat) else _FUSED_ITERATION
+            assert fused is not None
             try:
                 graphed = _cuda_graph.capture(lambda work: fused(self, work, True, True, repeat), s, _GRAPH_FIELDS, _new_graph())
             except Exception as exc:  # a host sync, an uncapturable op: compiled calls without graphs

@@ -319,8 +319,8 @@ EMBEDDED_QMAX = 3 / 2
 # First SDE step of the embedded estimates for multiplicative noise (SRI, SPaRK): this many
 # times StochasticDiffEq's sde_determine_initdt step (whose target is 1 % of the tolerance,
 # reached after ~10 steps of growth at qmax 3/2).  Measured (B = 128, tol 1e-1 ... 1e-4, the
-# problems of benchmarks/sde_work_precision.py): SRIW1/SOSRI/SPaRK take 0.29-0.84x the
-# evaluations at tol 1e-1 ... 1e-2 on GBM, wave and rot2d, 0.5-0.99x at 1e-3 ... 1e-4, with the
+# problems of benchmarks/sde_work_precision.py): SRIW1/SOSRI/SPaRK take 0.27-0.84x the
+# evaluations at tol 1e-1 ... 1e-2 on GBM, wave and rot2d, 0.49-0.98x at 1e-3 ... 1e-4, with the
 # error within 1.4x of before on GBM and rot2d (wave's rises from 9e-7 to 5e-6 at tol 1e-1, still
 # far below tol).  The additive-noise methods (ShARK, SRA) keep StochasticDiffEq's step:
 # there it was mixed on prob_sde_additive, neutral on vp_gmm, and with alg=None on the stiff

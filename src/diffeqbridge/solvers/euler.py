@@ -84,7 +84,9 @@ def _euler_heun_update(terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tenso
     drift0, diff0 = terms.drift(t, y), terms.diffusion(t, y)
     predictor = y + drift0 * dt_b + terms.g_dw(diff0, dw)
     drift1, diff1 = terms.drift(t1, predictor), terms.diffusion(t1, predictor)
-    y1 = y + 0.5 * (drift0 + drift1) * dt_b + terms.g_dw(0.5 * (diff0 + diff1), dw)
+    # halving dt and dW rather than the sums: the same products bit for bit (a power of two),
+    # two fewer operations on the autograd graph
+    y1 = y + (drift0 + drift1) * (0.5 * dt_b) + terms.g_dw(diff0 + diff1, 0.5 * dw)
     return y1, drift0, diff0
 
 

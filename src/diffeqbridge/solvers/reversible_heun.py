@@ -33,10 +33,10 @@ from .base import ALL_NOISE, AbstractSolver, StepOutput
 State = tuple[Tensor, Tensor, Tensor]  # (z, f(t, z), g(t, z))
 
 
-def reversible_heun_step(terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor, carry: State) -> tuple[Tensor, State]:
-    """One step ``(y_n, carry_n) -> (y_{n+1}, carry_{n+1})``; shapes as :meth:`AbstractSolver.step`."""
+def reversible_heun_step(terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor, state: State) -> tuple[Tensor, State]:
+    """One step ``(y_n, state_n) -> (y_{n+1}, state_{n+1})``; shapes as :meth:`AbstractSolver.step`."""
     assert terms.diffusion is not None
-    z, f_z, g_z = carry
+    z, f_z, g_z = state
     dt_b = expand_to(dt, y)
     z1 = 2.0 * y - z + f_z * dt_b + terms.g_dw(g_z, dw)
     t1 = t + dt
@@ -47,11 +47,11 @@ def reversible_heun_step(terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Ten
     return y1, (z1, f_z1, g_z1)
 
 
-def reversible_heun_unstep(terms: Terms, t1: Tensor, y1: Tensor, dt: Tensor, dw: Tensor, carry1: State) -> tuple[Tensor, State]:
+def reversible_heun_unstep(terms: Terms, t1: Tensor, y1: Tensor, dt: Tensor, dw: Tensor, state1: State) -> tuple[Tensor, State]:
     """The inverse of :func:`reversible_heun_step` (exact up to rounding): from
-    ``(y_{n+1}, carry_{n+1})`` at ``t1 = t_n + dt`` back to ``(y_n, carry_n)``."""
+    ``(y_{n+1}, state_{n+1})`` at ``t1 = t_n + dt`` back to ``(y_n, state_n)``."""
     assert terms.diffusion is not None
-    z1, f_z1, g_z1 = carry1
+    z1, f_z1, g_z1 = state1
     dt_b = expand_to(dt, y1)
     z = 2.0 * y1 - z1 - f_z1 * dt_b - terms.g_dw(g_z1, dw)
     t = t1 - dt
