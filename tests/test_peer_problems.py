@@ -209,3 +209,31 @@ def test_default_general_ito_solver_converges():
     assert sol.success
     error = float((sol.ys[-1] - exact).abs().amax(dim=1).mean())
     assert error < 2.5e-2, error  # measured 1.7e-2 (~790 steps; fixed-step EM with 1024: ~1.1e-2)
+
+
+@pytest.mark.parametrize("alg", [deb.Tsit5(), deb.Rodas4()], ids=["Tsit5", "Rodas4"])
+def test_torchdiffeq_event_time_gradient(alg):
+    """``y' = -k y``, terminal event ``y = 1/2``: ``t* = ln 2 / k``, ``dt*/dk = -ln 2 / k^2``
+    (torchdiffeq's ``odeint_event`` differentiates the event time the same way)."""
+    k = torch.tensor([0.5, 1.0, 2.0], dtype=F64, requires_grad=True)
+    event = deb.ContinuousEvent(lambda t, y: y[:, 0] - 0.5)
+    prob = deb.ODEProblem(lambda t, y: -k[:, None] * y, torch.ones(3, 1, dtype=F64), (0.0, 5.0), params=[k])
+    sol = deb.solve(prob, alg, events=[event], atol=1e-9, rtol=1e-9)
+    assert all(code == deb.ReturnCode.Terminated for code in sol.retcode)
+    (grad,) = torch.autograd.grad(sol.events.t.sum(), k)
+    assert float((sol.events.t - math.log(2) / k).abs().max()) < 1e-8
+    assert float((grad + math.log(2) / k**2).abs().max()) < 1e-6
+
+
+def test_brownian_query_outside_the_tree_is_refused():
+    """A float query past ``t1`` was clamped silently: ``bm(0, 2)`` on a tree over ``[0, 1]``
+    returned ``W(1) - W(0)`` (variance 1, not 2).  torchsde's ``BrownianInterval`` refuses it too."""
+    bm = deb.VirtualBrownianTree(0.0, 1.0, (4, 2), seed=0, dtype=F64)
+    with pytest.raises(ValueError, match=r"^t must lie inside"):
+        bm(0.0, 2.0)
+    with pytest.raises(ValueError, match=r"^s must lie inside"):
+        bm(-0.5, 0.5)
+    with pytest.raises(ValueError, match=r"^t must lie inside"):
+        bm.W(1.5)
+    dw, _ = bm(0.25, 1.0)  # the end points themselves are fine
+    assert torch.equal(dw, bm.W(1.0) - bm.W(0.25))
