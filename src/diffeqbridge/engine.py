@@ -33,7 +33,7 @@ from .controller import QOLD_INIT, PIController, clip_step, scaled_error_norm
 from .dense import horner, interpolant_kind, step_coefficients
 from .problem import Terms
 from .solution import ReturnCode, Solution, Stats
-from .solvers.base import AbstractSolver, StepOutput, call_step
+from .solvers.base import AbstractSolver, Startup, StepOutput, call_step
 
 SUCCESS = int(ReturnCode.Success)
 DEFAULT = int(ReturnCode.Default)
@@ -629,8 +629,36 @@ class Integrator:
         self._graph_device = options.compile and _cuda_graph.wanted(save_times.device)
         problem = terms.problem
         self._fuse_key = ("advance", type(solver), id(problem.drift), id(getattr(problem, "diffusion", None)))
+        self._exact_ends: bool | None = None  # exact_step_ends, once decided
 
-    def init(self, y0: Tensor, dt_initial: Tensor, f0: Tensor | None, initial_counts: tuple[int, int]) -> LoopState:
+    def exact_step_ends(self, y0: Tensor) -> bool:
+        """Whether every step starts at ``t + dt`` of the sample's previous accepted step bit
+        for bit (:attr:`~diffeqbridge.solvers.base.Startup.exact_times`): a float64 state (the
+        solver's ``dt`` is ``dt_eval`` unrounded; ``t - h == t + (-h)`` backwards), no observer
+        (events move samples), and a step landing on a forced time (``t_new = target``,
+        ``dt = target - t``) either ends the solve (adaptive: no forced time inside the span)
+        or lands exactly (fixed steps: checked on the shared grid).  Decided once per
+        integrator (a checkpointed backward's re-runs, without the observer, keep it)."""
+        if self._exact_ends is None:
+            if y0.dtype != torch.float64 or self.observer is not None:
+                self._exact_ends = False
+            elif self.grid is not None:
+                self._exact_ends = all(a + h == b for a, h, b in zip(self.grid[:-1], self._grid_steps, self.grid[1:]))
+            else:
+                self._exact_ends = self.n_stop <= 2
+        return self._exact_ends
+
+    def solver_init(self, t: Tensor, y0: Tensor, g0: Tensor | None) -> Any:
+        """``solver.init`` with the :class:`~diffeqbridge.solvers.base.Startup` of this solve
+        (``g0``: the start-up ``diffusion(t0, y0)``, None when not evaluated)."""
+        return self.solver.init(self.terms, t, y0, Startup(g0=g0, exact_times=self.exact_step_ends(y0)))
+
+    def init(
+        self, y0: Tensor, dt_initial: Tensor, f0: Tensor | None, initial_counts: tuple[int, int], g0: Tensor | None = None
+    ) -> LoopState:
+        """The loop state at the start (``f0``: ``drift(t0, y0)`` for FSAL solvers; ``g0``:
+        ``diffusion(t0, y0)`` when already evaluated, which solvers carrying the diffusion
+        reuse; ``initial_counts``: the start-up evaluations already spent per sample)."""
         batch, device, solver = y0.shape[0], y0.device, self.solver
         t = self.save_times[:1].repeat(batch)  # dense strides (a compiled iteration guards on them)
         zeros = torch.zeros(batch, dtype=torch.long, device=device)
@@ -666,7 +694,7 @@ class Integrator:
             eigen_last=None,
             eigen_max=None,
             njac=None,
-            solver_state=solver.init(self.terms, t, y0),
+            solver_state=self.solver_init(t, y0, g0),
             ys=ys,
         )
 
@@ -809,7 +837,7 @@ class Integrator:
             size = out.y1.detach().abs().amax()
             peak = size if peak is None else torch.maximum(peak, size)  # NaN propagates
             nf, ng = nf + out.nf, ng + out.ng
-            if solver.carries_state:
+            if solver.carries_state and state is not None:
                 state = out.state
             else:
                 state, _ = solver.update(state, everyone, everyone, times[k + 1], sizes[k], out)
@@ -979,7 +1007,7 @@ class Integrator:
         # --- controller decision
         rejected = _and_not(s.active, accepted)
         self._stats(s, out, accepted, rejected)
-        if solver.carries_state:  # per-sample values: kept where the step was not accepted
+        if solver.carries_state and s.solver_state is not None:  # per-sample values: kept where not accepted
             s.solver_state, dt_factor = _select(accepted, out.state, s.solver_state), None
         else:
             s.solver_state, dt_factor = solver.update(
@@ -1330,6 +1358,7 @@ def integrate(
     f0: Tensor | None = None,
     initial_counts: tuple[int, int] = (0, 0),
     observer: Any = None,
+    g0: Tensor | None = None,
 ) -> Solution:
     """Integrate every sample from ``save_times[0]`` to ``save_times[-1]``.
 
@@ -1344,10 +1373,12 @@ def integrate(
         tree: the Brownian path (None for ODEs).
         f0: ``drift(t0, y0)`` for FSAL solvers.
         initial_counts: ``(nf, ng)`` already spent per sample (probing, initial dt).
+        g0: ``diffusion(t0, y0)`` as evaluated at the start-up (counted in ``initial_counts``),
+            reused by solvers that carry the diffusion (:meth:`Integrator.solver_init`).
         observer: ``solve(..., regularize=...)``'s recorder (:mod:`diffeqbridge.regularization`),
             called once per iteration after the controller; None otherwise.
     """
     loop = Integrator(terms, solver, save_times, dt_initial, options, tree, observer)
-    state = loop.init(y0, dt_initial, f0, initial_counts)
+    state = loop.init(y0, dt_initial, f0, initial_counts, g0)
     loop.run(state, progress=options.progress)
     return loop.solution(state)

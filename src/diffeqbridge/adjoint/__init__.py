@@ -188,9 +188,11 @@ def solve_with_sensealg(
     f0: Tensor | None,
     initial_counts: tuple[int, int],
     observer: Any = None,
+    g0: Tensor | None = None,
 ) -> Solution:
-    """Run the solve so that autograd differentiates it with ``sensealg``."""
-    c = _Ctx(prob, terms, solver, save_times, dt_initial, options, tree, f0, initial_counts, sensealg, observer=observer)
+    """Run the solve so that autograd differentiates it with ``sensealg`` (``g0``: the start-up
+    ``diffusion(t0, y0)``, :func:`~diffeqbridge.engine.integrate`)."""
+    c = _Ctx(prob, terms, solver, save_times, dt_initial, options, tree, f0, initial_counts, sensealg, observer=observer, g0=g0)
     if isinstance(sensealg, DiscreteAdjoint):
         if sensealg.checkpoints is None:
             return integrate(
@@ -204,6 +206,7 @@ def solve_with_sensealg(
                 f0=f0,
                 initial_counts=initial_counts,
                 observer=observer,
+                g0=g0,
             )
         # the InterpolatingAdjoint machinery (no graph in the forward, one segment's graph at a
         # time in the backward) over prob.params and the leaves closures use

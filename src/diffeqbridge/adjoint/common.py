@@ -189,6 +189,7 @@ class _Ctx:
     stats: list[Solution] | None = None
     params: list[Tensor] | None = None  # what the boundary differentiates (default prob.params)
     observer: Any = None  # solve(..., regularize=...)'s recorder (stops recording after the forward)
+    g0: Tensor | None = None  # the start-up diffusion(t0, y0) (reused by solvers carrying the diffusion)
 
     @property
     def theta(self) -> list[Tensor]:
@@ -276,6 +277,7 @@ def plain_solve(c: _Ctx, y0: Tensor) -> Solution:
         f0=c.f0.detach() if c.f0 is not None else None,
         initial_counts=c.initial_counts,
         observer=c.observer,
+        g0=c.g0.detach() if c.g0 is not None else None,
     )
     c.stats = [sol]
     return sol
