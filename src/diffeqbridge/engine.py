@@ -16,6 +16,7 @@ save time within :func:`snap_tolerance` of the step's grid point is saved there 
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import time
@@ -107,6 +108,47 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+#: ``(drift(t0, y0), diffusion(t0, y0))`` as the start-up evaluated them (None: not evaluated)
+StartValues = tuple[Tensor | None, Tensor | None]
+
+
+def _start_terms(terms: Terms, t: Tensor, y: Tensor, values: StartValues) -> tuple[Terms, list[int]]:
+    """``terms`` whose ``drift``/``diffusion`` return the start-up ``values`` when called with
+    these very ``t`` and ``y`` tensors (the first step's first stage: SRI, Euler–Maruyama,
+    RKMil, ... call ``drift(t, y)``/``diffusion(t, y)`` on the loop's own tensors), else
+    evaluate; and ``[drift, diffusion]`` reuses, which the step's counts then drop.  The
+    values are the same numbers the step would compute (the same point; the start-up's graph
+    when it has one), so the step's results do not change."""
+    hits = [0, 0]
+    f0, g0 = values
+    memo = copy.copy(terms)
+
+    def drift(tt: Tensor, yy: Tensor) -> Tensor:
+        if f0 is not None and tt is t and yy is y:
+            hits[0] += 1
+            return f0
+        return terms.drift(tt, yy)
+
+    memo.drift = drift
+    if terms.diffusion is not None:
+        diffusion_fn = terms.diffusion
+
+        def diffusion(tt: Tensor, yy: Tensor) -> Tensor:
+            if g0 is not None and tt is t and yy is y:
+                hits[1] += 1
+                return g0
+            return diffusion_fn(tt, yy)
+
+        memo.diffusion = diffusion
+    return memo, hits
+
+
+def _discount(out: StepOutput, hits: list[int]) -> StepOutput:
+    """``out`` with the reused start-up values (:func:`_start_terms`) taken off its counts."""
+    out.nf, out.ng = out.nf - hits[0], out.ng - hits[1]
+    return out
 
 
 def _select(mask: Tensor, new: Any, old: Any) -> Any:
@@ -630,6 +672,8 @@ class Integrator:
         problem = terms.problem
         self._fuse_key = ("advance", type(solver), id(problem.drift), id(getattr(problem, "diffusion", None)))
         self._exact_ends: bool | None = None  # exact_step_ends, once decided
+        #: ``(y0, drift(t0, y0), diffusion(t0, y0))`` until the first step has used them (:func:`_start_terms`)
+        self._start_values: tuple[Tensor, Tensor | None, Tensor | None] | None = None
 
     def exact_step_ends(self, y0: Tensor) -> bool:
         """Whether every step starts at ``t + dt`` of the sample's previous accepted step bit
@@ -654,12 +698,20 @@ class Integrator:
         return self.solver.init(self.terms, t, y0, Startup(g0=g0, exact_times=self.exact_step_ends(y0)))
 
     def init(
-        self, y0: Tensor, dt_initial: Tensor, f0: Tensor | None, initial_counts: tuple[int, int], g0: Tensor | None = None
+        self,
+        y0: Tensor,
+        dt_initial: Tensor,
+        f0: Tensor | None,
+        initial_counts: tuple[int, int],
+        start_values: StartValues | None = None,
     ) -> LoopState:
-        """The loop state at the start (``f0``: ``drift(t0, y0)`` for FSAL solvers; ``g0``:
-        ``diffusion(t0, y0)`` when already evaluated, which solvers carrying the diffusion
-        reuse; ``initial_counts``: the start-up evaluations already spent per sample)."""
+        """The loop state at the start (``f0``: ``drift(t0, y0)`` for FSAL solvers;
+        ``initial_counts``: the start-up evaluations already spent per sample;
+        ``start_values``: ``(drift(t0, y0), diffusion(t0, y0))`` as the start-up evaluated
+        them, reused by the first step (:func:`_start_terms`) and by solvers carrying the
+        diffusion (:meth:`solver_init`))."""
         batch, device, solver = y0.shape[0], y0.device, self.solver
+        self._start_values = None if start_values is None or solver.per_sample_counts else (y0, *start_values)
         t = self.save_times[:1].repeat(batch)  # dense strides (a compiled iteration guards on them)
         zeros = torch.zeros(batch, dtype=torch.long, device=device)
         ys = torch.full((self.n_save, *y0.shape), float("nan"), dtype=y0.dtype, device=device)
@@ -694,7 +746,7 @@ class Integrator:
             eigen_last=None,
             eigen_max=None,
             njac=None,
-            solver_state=self.solver_init(t, y0, g0),
+            solver_state=self.solver_init(t, y0, None if start_values is None else start_values[1]),
             ys=ys,
         )
 
@@ -828,7 +880,13 @@ class Integrator:
             else:
                 assert dws is not None
                 dw, levy_h = dws[k], None
-            out = call_step(solver, self.terms, times[k], y, steps[k], dw, levy_h, carry, state)
+            if self._start_values is not None and self._start_values[0] is y:
+                t_k = times[k]  # one tensor object: _start_terms matches by identity
+                terms, hits = _start_terms(self.terms, t_k, y, self._start_values[1:])
+                out = _discount(call_step(solver, terms, t_k, y, steps[k], dw, levy_h, carry, state), hits)
+            else:
+                out = call_step(solver, self.terms, times[k], y, steps[k], dw, levy_h, carry, state)
+            self._start_values = None
             if out.converged is not None or out.njac is not None:
                 return False
             if out.stiffness is not None:
@@ -1000,8 +1058,15 @@ class Integrator:
             s.active,
             tolerances,
         )
+        start = self._start_values
+        if start is not None:  # the first iteration (compiled ones see None: no attribute write)
+            self._start_values = None
         if direct:
             out, err, accepted = _iteration_core(solver, self.terms, s.t, s.y, *args)
+        elif start is not None and start[0] is s.y and not opts.compile:
+            terms, reused = _start_terms(self.terms, s.t, s.y, start[1:])
+            out, err, accepted = _run_core(opts, solver, terms, s.t, s.y, *args)
+            _discount(out, reused)
         else:
             out, err, accepted = _run_core(opts, solver, self.terms, s.t, s.y, *args)
         # --- controller decision
@@ -1358,7 +1423,7 @@ def integrate(
     f0: Tensor | None = None,
     initial_counts: tuple[int, int] = (0, 0),
     observer: Any = None,
-    g0: Tensor | None = None,
+    start_values: StartValues | None = None,
 ) -> Solution:
     """Integrate every sample from ``save_times[0]`` to ``save_times[-1]``.
 
@@ -1373,12 +1438,14 @@ def integrate(
         tree: the Brownian path (None for ODEs).
         f0: ``drift(t0, y0)`` for FSAL solvers.
         initial_counts: ``(nf, ng)`` already spent per sample (probing, initial dt).
-        g0: ``diffusion(t0, y0)`` as evaluated at the start-up (counted in ``initial_counts``),
-            reused by solvers that carry the diffusion (:meth:`Integrator.solver_init`).
+        start_values: ``(drift(t0, y0), diffusion(t0, y0))`` as the start-up evaluated them
+            (counted in ``initial_counts``): the first step reuses them instead of evaluating
+            them again (:func:`_start_terms`), solvers carrying the diffusion start from the
+            second (:meth:`Integrator.solver_init`).
         observer: ``solve(..., regularize=...)``'s recorder (:mod:`diffeqbridge.regularization`),
             called once per iteration after the controller; None otherwise.
     """
     loop = Integrator(terms, solver, save_times, dt_initial, options, tree, observer)
-    state = loop.init(y0, dt_initial, f0, initial_counts, g0)
+    state = loop.init(y0, dt_initial, f0, initial_counts, start_values)
     loop.run(state, progress=options.progress)
     return loop.solution(state)

@@ -542,7 +542,7 @@ def solve(
             f0=f0 if solver.fsal else None,
             initial_counts=counts,
             observer=observer,
-            g0=g0,
+            start_values=(f0, g0),
         )
     else:
         sol = integrate(
@@ -556,7 +556,7 @@ def solve(
             f0=f0 if solver.fsal else None,
             initial_counts=counts,
             observer=observer,
-            g0=g0,
+            start_values=(f0, g0),
         )
     if dense_recorder is not None:
         sol.interpolation = dense_recorder.finish()

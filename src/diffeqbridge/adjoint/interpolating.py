@@ -76,7 +76,7 @@ def segmented_forward(c: _Ctx, y0: Tensor, checkpoints: int | None) -> tuple[Ten
         c.dt_initial,
         c.f0.detach() if c.f0 is not None else None,
         c.initial_counts,
-        c.g0.detach() if c.g0 is not None else None,
+        c.detached_start(),
     )
     snaps = [loop.snapshot(state)]
     snaps += loop.run(state, boundaries=segment_times(c.save_times, checkpoints), progress=c.options.progress)
@@ -127,7 +127,8 @@ def segmented_backward(c: _Ctx, loop: Integrator, snaps: list[LoopState], grad_y
                 carry = c.solver.initial_carry(loop.terms, snap.t, y_start, f0) if c.solver.fsal else None
                 carry_leaves: list[Tensor] = []
                 if carries:  # the forward's start-up g0, re-evaluated on the graph
-                    g0 = loop.terms.diffusion(snap.t, y_start) if c.g0 is not None and loop.terms.diffusion else None
+                    has_g0 = c.start_values is not None and c.start_values[1] is not None
+                    g0 = loop.terms.diffusion(snap.t, y_start) if has_g0 and loop.terms.diffusion else None
                     solver_state = loop.solver_init(snap.t, y_start, g0)
             else:
                 carry, carry_leaves = _leaves(snap.carry)

@@ -27,7 +27,7 @@ def reversible_forward(c: _Ctx, y0: Tensor) -> tuple[Tensor, tuple[Tensor, ...],
         c.dt_initial,
         c.f0.detach() if c.f0 is not None else None,
         c.initial_counts,
-        c.g0.detach() if c.g0 is not None else None,
+        c.detached_start(),
     )
     loop.run(state, progress=c.options.progress)
     sol = loop.solution(state)

@@ -134,6 +134,9 @@ class AbstractSolver:
     #: was not accepted (as it keeps ``y``; no :meth:`update`), and the checkpointed sensealgs
     #: differentiate through it (restored as autograd leaves, like ``y``)
     carries_state: ClassVar[bool] = False
+    #: ``StepOutput.nf``/``ng`` are per-sample counts of the method each sample used (composites):
+    #: the engine does not hand them the start-up values (it could not tell whose they saved)
+    per_sample_counts: ClassVar[bool] = False
     stability_size: ClassVar[float | None] = None
 
     def initial_carry(self, terms: Terms, t: Tensor, y: Tensor, f0: Tensor | None) -> object:

@@ -112,6 +112,8 @@ class AutoSwitch(AbstractSolver):
             OrdinaryDiffEq's ``AutoSwitch`` (module docstring).
     """
 
+    per_sample_counts = True  # nf/ng per sample, of the method each sample used
+
     def __init__(
         self,
         nonstiff: AbstractSolver,
