@@ -687,7 +687,9 @@ class Integrator:
             if y0.dtype != torch.float64 or self.observer is not None:
                 self._exact_ends = False
             elif self.grid is not None:
-                self._exact_ends = all(a + h == b for a, h, b in zip(self.grid[:-1], self._grid_steps, self.grid[1:]))
+                # (the last step is followed by none)
+                grid, steps = self.grid, self._grid_steps
+                self._exact_ends = all(a + h == b for a, h, b in zip(grid[:-2], steps[:-1], grid[1:-1]))
             else:
                 self._exact_ends = self.n_stop <= 2
         return self._exact_ends
@@ -864,6 +866,7 @@ class Integrator:
         steps, sizes = steps64.to(dtype), steps64.abs()
         dws = None if levy else (w[1:] - w[:-1]).reshape(n - first, *tree.shape).to(tree.dtype).to(dtype)
         y, carry, state = s.y, s.carry, s.solver_state
+        start = self._start_values  # consumed only when the lockstep run completes
         peak: Tensor | None = None
         nf: int | Tensor = 0  # composites count per sample
         ng: int | Tensor = 0
@@ -880,13 +883,12 @@ class Integrator:
             else:
                 assert dws is not None
                 dw, levy_h = dws[k], None
-            if self._start_values is not None and self._start_values[0] is y:
+            if k == 0 and start is not None and start[0] is y:
                 t_k = times[k]  # one tensor object: _start_terms matches by identity
-                terms, hits = _start_terms(self.terms, t_k, y, self._start_values[1:])
+                terms, hits = _start_terms(self.terms, t_k, y, start[1:])
                 out = _discount(call_step(solver, terms, t_k, y, steps[k], dw, levy_h, carry, state), hits)
             else:
                 out = call_step(solver, self.terms, times[k], y, steps[k], dw, levy_h, carry, state)
-            self._start_values = None
             if out.converged is not None or out.njac is not None:
                 return False
             if out.stiffness is not None:
@@ -907,6 +909,7 @@ class Integrator:
         if peak is None or not bool(peak <= _SQRT_FLOATMAX[dtype]):  # non-finite or unstable: the loop decides
             return False
         s.y, s.carry, s.solver_state, s.t, s.iteration = y, carry, state, times[-1], n
+        self._start_values = None
         s.tree_state = (w[-1], j[-1] if j is not None else None)
         s.eigen_last, s.eigen_max = eigen_last, eigen_max
         for slot, value in saves:
