@@ -1064,12 +1064,12 @@ class Integrator:
         start = self._start_values
         if start is not None:  # the first iteration (compiled ones see None: no attribute write)
             self._start_values = None
-        if direct:
-            out, err, accepted = _iteration_core(solver, self.terms, s.t, s.y, *args)
-        elif start is not None and start[0] is s.y and not opts.compile:
+        if start is not None and start[0] is s.y:  # eager (compile=True too: never traced)
             terms, reused = _start_terms(self.terms, s.t, s.y, start[1:])
-            out, err, accepted = _run_core(opts, solver, terms, s.t, s.y, *args)
+            out, err, accepted = _iteration_core(solver, terms, s.t, s.y, *args)
             _discount(out, reused)
+        elif direct:
+            out, err, accepted = _iteration_core(solver, self.terms, s.t, s.y, *args)
         else:
             out, err, accepted = _run_core(opts, solver, self.terms, s.t, s.y, *args)
         # --- controller decision
