@@ -16,6 +16,7 @@ save time within :func:`snap_tolerance` of the step's grid point is saved there 
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import time
@@ -33,7 +34,7 @@ from .controller import QOLD_INIT, PIController, clip_step, scaled_error_norm
 from .dense import horner, interpolant_kind, step_coefficients
 from .problem import Terms
 from .solution import ReturnCode, Solution, Stats
-from .solvers.base import AbstractSolver, StepOutput, call_step
+from .solvers.base import AbstractSolver, Startup, StepOutput, call_step
 
 SUCCESS = int(ReturnCode.Success)
 DEFAULT = int(ReturnCode.Default)
@@ -107,6 +108,47 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+#: ``(drift(t0, y0), diffusion(t0, y0))`` as the start-up evaluated them (None: not evaluated)
+StartValues = tuple[Tensor | None, Tensor | None]
+
+
+def _start_terms(terms: Terms, t: Tensor, y: Tensor, values: StartValues) -> tuple[Terms, list[int]]:
+    """``terms`` whose ``drift``/``diffusion`` return the start-up ``values`` when called with
+    these very ``t`` and ``y`` tensors (the first step's first stage: SRI, Euler–Maruyama,
+    RKMil, ... call ``drift(t, y)``/``diffusion(t, y)`` on the loop's own tensors), else
+    evaluate; and ``[drift, diffusion]`` reuses, which the step's counts then drop.  The
+    values are the same numbers the step would compute (the same point; the start-up's graph
+    when it has one), so the step's results do not change."""
+    hits = [0, 0]
+    f0, g0 = values
+    memo = copy.copy(terms)
+
+    def drift(tt: Tensor, yy: Tensor) -> Tensor:
+        if f0 is not None and tt is t and yy is y:
+            hits[0] += 1
+            return f0
+        return terms.drift(tt, yy)
+
+    memo.drift = drift
+    if terms.diffusion is not None:
+        diffusion_fn = terms.diffusion
+
+        def diffusion(tt: Tensor, yy: Tensor) -> Tensor:
+            if g0 is not None and tt is t and yy is y:
+                hits[1] += 1
+                return g0
+            return diffusion_fn(tt, yy)
+
+        memo.diffusion = diffusion
+    return memo, hits
+
+
+def _discount(out: StepOutput, hits: list[int]) -> StepOutput:
+    """``out`` with the reused start-up values (:func:`_start_terms`) taken off its counts."""
+    out.nf, out.ng = out.nf - hits[0], out.ng - hits[1]
+    return out
 
 
 def _select(mask: Tensor, new: Any, old: Any) -> Any:
@@ -629,9 +671,49 @@ class Integrator:
         self._graph_device = options.compile and _cuda_graph.wanted(save_times.device)
         problem = terms.problem
         self._fuse_key = ("advance", type(solver), id(problem.drift), id(getattr(problem, "diffusion", None)))
+        self._exact_ends: bool | None = None  # exact_step_ends, once decided
+        #: ``(y0, drift(t0, y0), diffusion(t0, y0))`` until the first step has used them (:func:`_start_terms`)
+        self._start_values: tuple[Tensor, Tensor | None, Tensor | None] | None = None
 
-    def init(self, y0: Tensor, dt_initial: Tensor, f0: Tensor | None, initial_counts: tuple[int, int]) -> LoopState:
+    def exact_step_ends(self, y0: Tensor) -> bool:
+        """Whether every step starts at ``t + dt`` of the sample's previous accepted step bit
+        for bit (:attr:`~diffeqbridge.solvers.base.Startup.exact_times`): a float64 state (the
+        solver's ``dt`` is ``dt_eval`` unrounded; ``t - h == t + (-h)`` backwards), no observer
+        (events move samples), and a step landing on a forced time (``t_new = target``,
+        ``dt = target - t``) either ends the solve (adaptive: no forced time inside the span)
+        or lands exactly (fixed steps: checked on the shared grid).  Decided once per
+        integrator (a checkpointed backward's re-runs, without the observer, keep it)."""
+        if self._exact_ends is None:
+            if y0.dtype != torch.float64 or self.observer is not None:
+                self._exact_ends = False
+            elif self.grid is not None:
+                # (the last step is followed by none)
+                grid, steps = self.grid, self._grid_steps
+                self._exact_ends = all(a + h == b for a, h, b in zip(grid[:-2], steps[:-1], grid[1:-1]))
+            else:
+                self._exact_ends = self.n_stop <= 2
+        return self._exact_ends
+
+    def solver_init(self, t: Tensor, y0: Tensor, g0: Tensor | None) -> Any:
+        """``solver.init`` with the :class:`~diffeqbridge.solvers.base.Startup` of this solve
+        (``g0``: the start-up ``diffusion(t0, y0)``, None when not evaluated)."""
+        return self.solver.init(self.terms, t, y0, Startup(g0=g0, exact_times=self.exact_step_ends(y0)))
+
+    def init(
+        self,
+        y0: Tensor,
+        dt_initial: Tensor,
+        f0: Tensor | None,
+        initial_counts: tuple[int, int],
+        start_values: StartValues | None = None,
+    ) -> LoopState:
+        """The loop state at the start (``f0``: ``drift(t0, y0)`` for FSAL solvers;
+        ``initial_counts``: the start-up evaluations already spent per sample;
+        ``start_values``: ``(drift(t0, y0), diffusion(t0, y0))`` as the start-up evaluated
+        them, reused by the first step (:func:`_start_terms`) and by solvers carrying the
+        diffusion (:meth:`solver_init`))."""
         batch, device, solver = y0.shape[0], y0.device, self.solver
+        self._start_values = None if start_values is None or solver.per_sample_counts else (y0, *start_values)
         t = self.save_times[:1].repeat(batch)  # dense strides (a compiled iteration guards on them)
         zeros = torch.zeros(batch, dtype=torch.long, device=device)
         ys = torch.full((self.n_save, *y0.shape), float("nan"), dtype=y0.dtype, device=device)
@@ -666,7 +748,7 @@ class Integrator:
             eigen_last=None,
             eigen_max=None,
             njac=None,
-            solver_state=solver.init(self.terms, t, y0),
+            solver_state=self.solver_init(t, y0, None if start_values is None else start_values[1]),
             ys=ys,
         )
 
@@ -784,6 +866,7 @@ class Integrator:
         steps, sizes = steps64.to(dtype), steps64.abs()
         dws = None if levy else (w[1:] - w[:-1]).reshape(n - first, *tree.shape).to(tree.dtype).to(dtype)
         y, carry, state = s.y, s.carry, s.solver_state
+        start = self._start_values  # consumed only when the lockstep run completes
         peak: Tensor | None = None
         nf: int | Tensor = 0  # composites count per sample
         ng: int | Tensor = 0
@@ -800,7 +883,12 @@ class Integrator:
             else:
                 assert dws is not None
                 dw, levy_h = dws[k], None
-            out = call_step(solver, self.terms, times[k], y, steps[k], dw, levy_h, carry, state)
+            if k == 0 and start is not None and start[0] is y:
+                t_k = times[k]  # one tensor object: _start_terms matches by identity
+                terms, hits = _start_terms(self.terms, t_k, y, start[1:])
+                out = _discount(call_step(solver, terms, t_k, y, steps[k], dw, levy_h, carry, state), hits)
+            else:
+                out = call_step(solver, self.terms, times[k], y, steps[k], dw, levy_h, carry, state)
             if out.converged is not None or out.njac is not None:
                 return False
             if out.stiffness is not None:
@@ -809,7 +897,7 @@ class Integrator:
             size = out.y1.detach().abs().amax()
             peak = size if peak is None else torch.maximum(peak, size)  # NaN propagates
             nf, ng = nf + out.nf, ng + out.ng
-            if solver.carries_state:
+            if solver.carries_state and state is not None:
                 state = out.state
             else:
                 state, _ = solver.update(state, everyone, everyone, times[k + 1], sizes[k], out)
@@ -821,6 +909,7 @@ class Integrator:
         if peak is None or not bool(peak <= _SQRT_FLOATMAX[dtype]):  # non-finite or unstable: the loop decides
             return False
         s.y, s.carry, s.solver_state, s.t, s.iteration = y, carry, state, times[-1], n
+        self._start_values = None
         s.tree_state = (w[-1], j[-1] if j is not None else None)
         s.eigen_last, s.eigen_max = eigen_last, eigen_max
         for slot, value in saves:
@@ -972,14 +1061,21 @@ class Integrator:
             s.active,
             tolerances,
         )
-        if direct:
+        start = self._start_values
+        if start is not None:  # the first iteration (compiled ones see None: no attribute write)
+            self._start_values = None
+        if start is not None and start[0] is s.y:  # eager (compile=True too: never traced)
+            terms, reused = _start_terms(self.terms, s.t, s.y, start[1:])
+            out, err, accepted = _iteration_core(solver, terms, s.t, s.y, *args)
+            _discount(out, reused)
+        elif direct:
             out, err, accepted = _iteration_core(solver, self.terms, s.t, s.y, *args)
         else:
             out, err, accepted = _run_core(opts, solver, self.terms, s.t, s.y, *args)
         # --- controller decision
         rejected = _and_not(s.active, accepted)
         self._stats(s, out, accepted, rejected)
-        if solver.carries_state:  # per-sample values: kept where the step was not accepted
+        if solver.carries_state and s.solver_state is not None:  # per-sample values: kept where not accepted
             s.solver_state, dt_factor = _select(accepted, out.state, s.solver_state), None
         else:
             s.solver_state, dt_factor = solver.update(
@@ -1333,6 +1429,7 @@ def integrate(
     f0: Tensor | None = None,
     initial_counts: tuple[int, int] = (0, 0),
     observer: Any = None,
+    start_values: StartValues | None = None,
 ) -> Solution:
     """Integrate every sample from ``save_times[0]`` to ``save_times[-1]``.
 
@@ -1347,10 +1444,14 @@ def integrate(
         tree: the Brownian path (None for ODEs).
         f0: ``drift(t0, y0)`` for FSAL solvers.
         initial_counts: ``(nf, ng)`` already spent per sample (probing, initial dt).
+        start_values: ``(drift(t0, y0), diffusion(t0, y0))`` as the start-up evaluated them
+            (counted in ``initial_counts``): the first step reuses them instead of evaluating
+            them again (:func:`_start_terms`), solvers carrying the diffusion start from the
+            second (:meth:`Integrator.solver_init`).
         observer: ``solve(..., regularize=...)``'s recorder (:mod:`diffeqbridge.regularization`),
             called once per iteration after the controller; None otherwise.
     """
     loop = Integrator(terms, solver, save_times, dt_initial, options, tree, observer)
-    state = loop.init(y0, dt_initial, f0, initial_counts)
+    state = loop.init(y0, dt_initial, f0, initial_counts, start_values)
     loop.run(state, progress=options.progress)
     return loop.solution(state)

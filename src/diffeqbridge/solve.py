@@ -542,6 +542,7 @@ def solve(
             f0=f0 if solver.fsal else None,
             initial_counts=counts,
             observer=observer,
+            start_values=(f0, g0),
         )
     else:
         sol = integrate(
@@ -555,6 +556,7 @@ def solve(
             f0=f0 if solver.fsal else None,
             initial_counts=counts,
             observer=observer,
+            start_values=(f0, g0),
         )
     if dense_recorder is not None:
         sol.interpolation = dense_recorder.finish()

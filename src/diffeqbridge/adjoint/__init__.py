@@ -70,7 +70,7 @@ import torch
 from torch import Tensor
 
 from ..brownian import VirtualBrownianTree
-from ..engine import EngineOptions, integrate
+from ..engine import EngineOptions, StartValues, integrate
 from ..problem import ODEProblem, Terms
 from ..solution import Solution
 from ..solvers.base import AbstractSolver
@@ -188,9 +188,24 @@ def solve_with_sensealg(
     f0: Tensor | None,
     initial_counts: tuple[int, int],
     observer: Any = None,
+    start_values: StartValues | None = None,
 ) -> Solution:
-    """Run the solve so that autograd differentiates it with ``sensealg``."""
-    c = _Ctx(prob, terms, solver, save_times, dt_initial, options, tree, f0, initial_counts, sensealg, observer=observer)
+    """Run the solve so that autograd differentiates it with ``sensealg`` (``start_values``:
+    the start-up ``(drift(t0, y0), diffusion(t0, y0))``, :func:`~diffeqbridge.engine.integrate`)."""
+    c = _Ctx(
+        prob,
+        terms,
+        solver,
+        save_times,
+        dt_initial,
+        options,
+        tree,
+        f0,
+        initial_counts,
+        sensealg,
+        observer=observer,
+        start_values=start_values,
+    )
     if isinstance(sensealg, DiscreteAdjoint):
         if sensealg.checkpoints is None:
             return integrate(
@@ -204,6 +219,7 @@ def solve_with_sensealg(
                 f0=f0,
                 initial_counts=initial_counts,
                 observer=observer,
+                start_values=start_values,
             )
         # the InterpolatingAdjoint machinery (no graph in the forward, one segment's graph at a
         # time in the backward) over prob.params and the leaves closures use

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..brownian import VirtualBrownianTree
-from ..engine import EngineOptions, integrate
+from ..engine import EngineOptions, StartValues, integrate
 from ..problem import ODEProblem, Terms
 from ..solution import ReturnCode, Solution
 from ..solvers.base import AbstractSolver
@@ -189,6 +189,14 @@ class _Ctx:
     stats: list[Solution] | None = None
     params: list[Tensor] | None = None  # what the boundary differentiates (default prob.params)
     observer: Any = None  # solve(..., regularize=...)'s recorder (stops recording after the forward)
+    start_values: StartValues | None = None  # the start-up (drift(t0, y0), diffusion(t0, y0)), engine.integrate
+
+    def detached_start(self) -> StartValues | None:
+        """:attr:`start_values` without their graph (for the graph-free forward passes)."""
+        if self.start_values is None:
+            return None
+        f0, g0 = self.start_values
+        return (None if f0 is None else f0.detach(), None if g0 is None else g0.detach())
 
     @property
     def theta(self) -> list[Tensor]:
@@ -279,6 +287,7 @@ def plain_solve(c: _Ctx, y0: Tensor) -> Solution:
         f0=c.f0.detach() if c.f0 is not None else None,
         initial_counts=c.initial_counts,
         observer=c.observer,
+        start_values=c.detached_start(),
     )
     c.stats = [sol]
     return sol

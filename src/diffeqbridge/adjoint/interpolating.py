@@ -71,7 +71,13 @@ def segmented_forward(c: _Ctx, y0: Tensor, checkpoints: int | None) -> tuple[Ten
     """The plain solve (no graph) snapshotting its whole loop state at the first check after
     the slowest sample passed each of :func:`segment_times`; returns ``(ys, (), (loop, snapshots))``."""
     loop = Integrator(c.terms, c.solver, c.save_times, c.dt_initial, c.options, c.tree, c.observer)
-    state = loop.init(y0, c.dt_initial, c.f0.detach() if c.f0 is not None else None, c.initial_counts)
+    state = loop.init(
+        y0,
+        c.dt_initial,
+        c.f0.detach() if c.f0 is not None else None,
+        c.initial_counts,
+        c.detached_start(),
+    )
     snaps = [loop.snapshot(state)]
     snaps += loop.run(state, boundaries=segment_times(c.save_times, checkpoints), progress=c.options.progress)
     sol = loop.solution(state)
@@ -116,12 +122,14 @@ def segmented_backward(c: _Ctx, loop: Integrator, snaps: list[LoopState], grad_y
             y_start = snap.y.detach().requires_grad_(True)
             state_leaves: list[Tensor] = []
             solver_state = None
-            if k == 0:  # the carry and state are functions of y0 (FSAL f0 = drift(t0, y0), ReversibleHeun's z)
+            if k == 0:  # the carry and state are functions of y0 (FSAL f0 = drift(t0, y0), ReversibleHeun's z, ShARK's g)
                 f0 = loop.terms.drift(snap.t, y_start) if c.solver.fsal else None
                 carry = c.solver.initial_carry(loop.terms, snap.t, y_start, f0) if c.solver.fsal else None
                 carry_leaves: list[Tensor] = []
-                if carries:
-                    solver_state = c.solver.init(loop.terms, snap.t, y_start)
+                if carries:  # the forward's start-up g0, re-evaluated on the graph
+                    has_g0 = c.start_values is not None and c.start_values[1] is not None
+                    g0 = loop.terms.diffusion(snap.t, y_start) if has_g0 and loop.terms.diffusion else None
+                    solver_state = loop.solver_init(snap.t, y_start, g0)
             else:
                 carry, carry_leaves = _leaves(snap.carry)
                 if carries:

@@ -22,7 +22,13 @@ def reversible_forward(c: _Ctx, y0: Tensor) -> tuple[Tensor, tuple[Tensor, ...],
     """The engine's fixed-step solve without a graph; returns ``ys`` and ``(y_end, z_end)``
     (the final state and the ``z`` of the solver's state), all the backward needs."""
     loop = Integrator(c.terms, c.solver, c.save_times, c.dt_initial, c.options, c.tree, c.observer)
-    state = loop.init(y0, c.dt_initial, c.f0.detach() if c.f0 is not None else None, c.initial_counts)
+    state = loop.init(
+        y0,
+        c.dt_initial,
+        c.f0.detach() if c.f0 is not None else None,
+        c.initial_counts,
+        c.detached_start(),
+    )
     loop.run(state, progress=c.options.progress)
     sol = loop.solution(state)
     c.stats = [sol]

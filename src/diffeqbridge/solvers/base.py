@@ -70,6 +70,27 @@ class StepOutput:
     method: Tensor | None = None
 
 
+@dataclass(frozen=True)
+class Startup:
+    """What the engine hands :meth:`AbstractSolver.init` at the start of a solve.
+
+    Attributes:
+        g0: ``diffusion(t0, y0)`` (``(B, *state_shape)``, or ``(B, *state_shape, m)`` for
+            general noise) as already evaluated (and counted) by ``solve``'s start-up checks,
+            or None when not available (the solver evaluates it itself if it needs it).
+        exact_times: every step starts at the time ``t + dt`` (``stage_time(t, dt, 1.0)``)
+            that the sample's previous accepted step ended at, bit for bit: a float64 state
+            (the solver's ``dt`` is not rounded), no forced time inside the span that a step
+            lands on with ``t + (target - t) != target`` (fixed steps: the lockstep grid is
+            checked; adaptive: no forced time between the start and the end) and no observer
+            that moves samples (events).  Only then may a solver carry a value computed at
+            a step's end time into the next step (:class:`~diffeqbridge.ShARK`'s ``g(t + h)``).
+    """
+
+    g0: Tensor | None = None
+    exact_times: bool = False
+
+
 class AbstractSolver:
     """Base class.  Subclasses set the class variables and implement :meth:`step`.
 
@@ -113,6 +134,9 @@ class AbstractSolver:
     #: was not accepted (as it keeps ``y``; no :meth:`update`), and the checkpointed sensealgs
     #: differentiate through it (restored as autograd leaves, like ``y``)
     carries_state: ClassVar[bool] = False
+    #: ``StepOutput.nf``/``ng`` are per-sample counts of the method each sample used (composites):
+    #: the engine does not hand them the start-up values (it could not tell whose they saved)
+    per_sample_counts: ClassVar[bool] = False
     stability_size: ClassVar[float | None] = None
 
     def initial_carry(self, terms: Terms, t: Tensor, y: Tensor, f0: Tensor | None) -> object:
@@ -122,8 +146,10 @@ class AbstractSolver:
 
     # --- per-solve state (diffrax's init/step): a solver object never changes during a solve;
     # what it carries between steps lives in the engine's LoopState.solver_state
-    def init(self, terms: Terms, t: Tensor, y0: Tensor) -> Any:
-        """The solver's state at the start of a solve (``t``: ``(B,)``, ``y0``: ``(B, *state_shape)``).
+    def init(self, terms: Terms, t: Tensor, y0: Tensor, startup: Startup | None = None) -> Any:
+        """The solver's state at the start of a solve (``t``: ``(B,)``, ``y0``: ``(B, *state_shape)``;
+        ``startup``: what the engine already evaluated and guarantees, :class:`Startup`; None
+        outside the engine's own loop, e.g. inside a composite: no guarantee).
 
         None for stateless solvers (the default).  Otherwise a tuple or NamedTuple whose
         tensors have the batch as their first axis (so the engine can gather, select and
@@ -217,6 +243,18 @@ def call_step(
         return solver.step(terms, t, y, dt, dw, levy_h, f0)
     stateful: Any = solver.step  # the eight-argument signature of stateful solvers
     return stateful(terms, t, y, dt, dw, levy_h, f0, state)
+
+
+def carried_diffusion_init(terms: Terms, startup: Startup | None) -> tuple[Tensor] | None:
+    """The state ``(g(t0),)`` of the additive-noise solvers that carry the diffusion at a step's
+    end, ``g(t + h)``, into the next step as its ``g(t)`` (ShARK, the SRA family): exact
+    because the diffusion does not depend on the state and, under ``startup.exact_times``, the
+    next step starts at that ``t + h`` bit for bit.  Starts from the start-up ``startup.g0``
+    (already counted); None (stateless: ``g(t)`` evaluated every step) without that guarantee
+    or without ``g0``."""
+    if startup is None or not startup.exact_times or startup.g0 is None or terms.noise != "additive":
+        return None
+    return (startup.g0,)
 
 
 def hairer_eigen_estimate(df: Tensor, dy: Tensor) -> Tensor:
@@ -430,11 +468,24 @@ class StochasticRungeKutta(AbstractSolver):
             self.first_step_factor = type(self).embedded_first_step_factor
 
     def step(
-        self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None
+        self,
+        terms: Terms,
+        t: Tensor,
+        y: Tensor,
+        dt: Tensor,
+        dw: Tensor | None,
+        levy_h: Tensor | None,
+        f0: Tensor | None = None,
+        state: tuple[Tensor] | None = None,
     ) -> StepOutput:
-        """See :meth:`AbstractSolver.step` (``f0`` is unused)."""
+        """See :meth:`AbstractSolver.step` (``f0`` is unused; ``state``: ``(g(t),)`` of the
+        solvers that carry the diffusion, :func:`carried_diffusion_init`, passed to
+        ``step_function`` as ``g_start``)."""
         delta = None if self.error_estimate == "embedded" else self.delta
-        out = type(self).step_function(self.tableau, terms, t, y, dt, dw, levy_h, delta)
+        if state is None:
+            out = type(self).step_function(self.tableau, terms, t, y, dt, dw, levy_h, delta)
+        else:
+            out = type(self).step_function(self.tableau, terms, t, y, dt, dw, levy_h, delta, state[0])
         return weighted_per_unit_step(out, self.unit_step_power if delta is None else 0.0, terms, dt)
 
     def __repr__(self) -> str:

@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 
 from ..problem import Terms, expand_to
-from .base import AbstractSolver, StepOutput, call_step
+from .base import AbstractSolver, Startup, StepOutput, call_step
 from .implicit import ImplicitRKMil
 from .runge_kutta import Dopri5, Tsit5
 from .sri import SOSRI
@@ -112,6 +112,8 @@ class AutoSwitch(AbstractSolver):
             OrdinaryDiffEq's ``AutoSwitch`` (module docstring).
     """
 
+    per_sample_counts = True  # nf/ng per sample, of the method each sample used
+
     def __init__(
         self,
         nonstiff: AbstractSolver,
@@ -161,7 +163,7 @@ class AutoSwitch(AbstractSolver):
         self.interpolant_stages = tuple(OWN_STAGES[part] for part in kind.split("|")) if "|" in kind else None
 
     # ------------------------------------------------------------------ per-solve state
-    def init(self, terms: Terms, t: Tensor, y0: Tensor) -> SwitchState:
+    def init(self, terms: Terms, t: Tensor, y0: Tensor, startup: Startup | None = None) -> SwitchState:
         batch, device = y0.shape[0], y0.device
         nan = torch.full((batch,), float("nan"), dtype=torch.float64, device=device)
         zeros = torch.zeros(batch, dtype=torch.long, device=device)

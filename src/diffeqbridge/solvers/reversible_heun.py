@@ -28,7 +28,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..problem import Terms, expand_to
-from .base import ALL_NOISE, AbstractSolver, StepOutput
+from .base import ALL_NOISE, AbstractSolver, Startup, StepOutput
 
 State = tuple[Tensor, Tensor, Tensor]  # (z, f(t, z), g(t, z))
 
@@ -72,7 +72,7 @@ class ReversibleHeun(AbstractSolver):
     carries_state = True  # (z, f(z), g(z)) in LoopState.solver_state, kept where a step is not accepted
     reversible = True
 
-    def init(self, terms: Terms, t: Tensor, y0: Tensor) -> State:
+    def init(self, terms: Terms, t: Tensor, y0: Tensor, startup: Startup | None = None) -> State:
         """``(z_0, f(t_0, z_0), g(t_0, z_0))`` with ``z_0 = y_0``."""
         assert terms.diffusion is not None
         return (y0, terms.drift(t, y0), terms.diffusion(t, y0))

@@ -44,7 +44,7 @@ from ..nonlinear import (
     newton_stage,
 )
 from ..problem import Terms, expand_to
-from .base import AbstractSolver, StepOutput, jacobian_inf_norm
+from .base import AbstractSolver, Startup, StepOutput, jacobian_inf_norm
 
 _G = 0.26
 _KV5_A = (
@@ -103,7 +103,7 @@ class ESDIRK(AbstractSolver):
             raise ValueError(f"slow_iterations must be a positive int; got {slow_iterations!r}")
         self.reuse_jacobian, self.slow_iterations = bool(reuse_jacobian), slow_iterations
 
-    def init(self, terms: Terms, t: Tensor, y0: Tensor) -> JacobianState | None:
+    def init(self, terms: Terms, t: Tensor, y0: Tensor, startup: Startup | None = None) -> JacobianState | None:
         """A :class:`JacobianState` asking for a fresh Jacobian (``reuse_jacobian`` with an LU
         solve or a smoothed estimate), else None (stateless)."""
         if not (self.reuse_jacobian and (self.newton.linsolve == "lu" or self.smooth_est)):

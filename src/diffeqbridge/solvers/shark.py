@@ -33,7 +33,9 @@ from .base import (
     BOTH_INTERPRETATIONS,
     EMBEDDED_QMAX,
     AbstractSolver,
+    Startup,
     StepOutput,
+    carried_diffusion_init,
     fused_sum,
     hairer_eigen_estimate,
     noise_terms,
@@ -44,7 +46,9 @@ C2 = 5 / 6  # second stage node (and weight of ΔW in it)
 B1, B2 = 2 / 5, 3 / 5  # drift weights; the embedded solution uses (1, 0)
 
 
-def shark_step(terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None) -> StepOutput:
+def shark_step(
+    terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, g0: Tensor | None = None
+) -> StepOutput:
     """One ShARK step for every sample.
 
     Args:
@@ -52,17 +56,21 @@ def shark_step(terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None
             the state; it is evaluated at ``y``).
         t: ``(B,)`` times.  y: ``(B, *state_shape)`` states.  dt: ``(B,)`` signed step sizes.
         dw / levy_h: ``(B, *noise_shape)`` increment and space-time Lévy area (``Var h/12``).
+        g0: ``diffusion(t, ·)`` when already known (carried from the previous step's ``g1``);
+            None: evaluated here.
 
     Returns:
-        :class:`StepOutput` with ``y1`` and ``error`` of shape ``(B, *state_shape)`` and the
-        ``(B,)`` stiffness estimate.
+        :class:`StepOutput` with ``y1`` and ``error`` of shape ``(B, *state_shape)``, the
+        ``(B,)`` stiffness estimate and ``state = (g1,)``, ``g1 = diffusion(t + dt, ·)``.
     """
     if terms.diffusion is None:
         raise TypeError("ShARK needs an SDE problem (a diffusion term)")
     if dw is None or levy_h is None:
         raise ValueError("ShARK needs the Brownian increment dW and the Lévy area H")
     dt_y = expand_to(dt, y)
-    g0 = terms.diffusion(t, y)
+    ng = 1 if g0 is not None else 2
+    if g0 is None:
+        g0 = terms.diffusion(t, y)
     g1 = terms.diffusion(stage_time(t, dt, 1.0), y)
     z1 = fused_sum(y, noise_terms(terms, [(1.0, g0)], levy_h, y))
     assert z1 is not None
@@ -80,13 +88,19 @@ def shark_step(terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None
     assert y1 is not None
     df = f2 - f1
     error = (B2 * dt_y) * df
-    return StepOutput(y1=y1, error=error, nf=2, ng=2, stiffness=hairer_eigen_estimate(df, z2 - z1))
+    return StepOutput(y1=y1, error=error, nf=2, ng=ng, stiffness=hairer_eigen_estimate(df, z2 - z1), state=(g1,))
 
 
 class ShARK(AbstractSolver):
     """ShARK (Foster, dos Reis, Strange 2023): adaptive, strong order 1.5 / weak order 2 for
-    additive noise (Itô or Stratonovich), with an embedded error estimate.  2 drift + 2
-    diffusion evaluations per step; uses the space-time Lévy area."""
+    additive noise (Itô or Stratonovich), with an embedded error estimate; uses the
+    space-time Lévy area.  2 drift + 1 diffusion evaluations per step: ``g(t + h)`` of an
+    accepted step is the next step's ``g(t)`` (the diffusion does not depend on the state),
+    carried in the solver's state (``carries_state``) and started from ``solve``'s start-up
+    ``g(t0)``, where the engine guarantees that each step starts at the previous one's
+    ``t + h`` bit for bit (:class:`~diffeqbridge.solvers.base.Startup`); otherwise (a float32
+    state, adaptive steps landing on intermediate save times or ``tstops``, events, inside a
+    composite such as ``alg=None``'s ``AutoSwitch``) 2 drift + 2 diffusion evaluations."""
 
     strong_order: ClassVar[float] = 1.5
     weak_order: ClassVar[float] = 2.0
@@ -101,12 +115,28 @@ class ShARK(AbstractSolver):
     gamma: ClassVar[float | None] = 9 / 10
     # drift stability R(z) = 1 + z + z²/2: |R(-x)| <= 1 for x <= 2 (real_stability_interval gives 2.0)
     stability_size: ClassVar[float | None] = 2.0
+    carries_state: ClassVar[bool] = True  # (g(t),) where the engine's times allow it, else None
+
+    def init(self, terms: Terms, t: Tensor, y0: Tensor, startup: Startup | None = None) -> tuple[Tensor] | None:
+        """See :func:`carried_diffusion_init`."""
+        return carried_diffusion_init(terms, startup)
 
     def step(
-        self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None
+        self,
+        terms: Terms,
+        t: Tensor,
+        y: Tensor,
+        dt: Tensor,
+        dw: Tensor | None,
+        levy_h: Tensor | None,
+        f0: Tensor | None = None,
+        state: tuple[Tensor] | None = None,
     ) -> StepOutput:
-        """See :meth:`AbstractSolver.step`."""
-        return shark_step(terms, t, y, dt, dw, levy_h)
+        """See :meth:`AbstractSolver.step`; ``state``: ``(g(t),)`` or None (stateless)."""
+        out = shark_step(terms, t, y, dt, dw, levy_h, None if state is None else state[0])
+        if state is None:
+            out.state = None
+        return out
 
 
 __all__ = ["ShARK", "shark_step"]

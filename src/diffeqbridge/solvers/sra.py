@@ -48,8 +48,10 @@ from torch import Tensor
 from ..problem import Terms, expand_to
 from .base import (
     BOTH_INTERPRETATIONS,
+    Startup,
     StepOutput,
     StochasticRungeKutta,
+    carried_diffusion_init,
     drift_error_terms,
     fused_sum,
     noise_terms,
@@ -97,6 +99,16 @@ class SRATableau:
     def diffusion_used(self, j: int) -> bool:
         return any(v != 0.0 for v in (self.beta1[j], self.beta2[j], *(row[j] for row in self.b0)))
 
+    @property
+    def carried_stages(self) -> tuple[int, int] | None:
+        """``(start, end)``: the first used diffusion stages at ``c1 = 0`` (``g(t)``) and at
+        ``c1 = 1`` (``g(t + dt)``), whose values for additive noise a step can take from /
+        hand to the next step; None when the tableau lacks one of them."""
+        used = [j for j in range(self.stages) if self.diffusion_used(j)]
+        start = next((j for j in used if self.c1[j] == 0.0), None)
+        end = next((j for j in used if self.c1[j] == 1.0), None)
+        return None if start is None or end is None else (start, end)
+
 
 def sra_step(
     tab: SRATableau,
@@ -107,6 +119,7 @@ def sra_step(
     dw: Tensor,
     levy_h: Tensor,
     delta: float | None,
+    g_start: Tensor | None = None,
 ) -> StepOutput:
     """One SRA step for every sample.
 
@@ -121,9 +134,12 @@ def sra_step(
         levy_h: ``(B, *noise_shape)`` space-time Lévy area, ``Var = dt/12``.
         delta: weight of ``E1`` in StochasticDiffEq's ``error = delta*E1 + E2``; None for the
             embedded estimate ``dt (Σ α_i f_i − f_1) + E2``.
+        g_start: ``diffusion(t, ·)`` carried from the previous step (additive noise; used for
+            every stage at ``c1 = 0``, :attr:`SRATableau.carried_stages`), None: evaluated.
 
     Returns:
-        :class:`StepOutput` with ``y1`` and ``error`` of shape ``(B, *state_shape)``.
+        :class:`StepOutput` with ``y1`` and ``error`` of shape ``(B, *state_shape)``; with
+        ``g_start``, ``state = (g(t + dt),)`` for the next step.
     """
     if terms.diffusion is None:
         raise TypeError("SRA methods need an SDE problem (a diffusion term)")
@@ -144,8 +160,11 @@ def sra_step(
         assert h0 is not None
         fs[i] = drift(stage_time(t, dt, tab.c0[i]), h0)
         if tab.diffusion_used(i):
-            gs[i] = diffusion(stage_time(t, dt, tab.c1[i]), h0)
-            ng += 1
+            if g_start is not None and tab.c1[i] == 0.0:
+                gs[i] = g_start
+            else:
+                gs[i] = diffusion(stage_time(t, dt, tab.c1[i]), h0)
+                ng += 1
 
     e2 = fused_sum(None, noise_terms(terms, zip(tab.beta2, gs), chi2, y))
     if e2 is None:
@@ -155,7 +174,9 @@ def sra_step(
     y1 = y1 + e2
     error = fused_sum(e2, [(w, dt_y, f) for w, f in zip(drift_error_terms(tab.alpha, s, delta), fs)])
     assert error is not None
-    return StepOutput(y1=y1, error=error, nf=s, ng=ng)
+    carried = tab.carried_stages
+    state = None if g_start is None or carried is None else (gs[carried[1]],)
+    return StepOutput(y1=y1, error=error, nf=s, ng=ng, state=state)
 
 
 class _SRABase(StochasticRungeKutta):
@@ -174,6 +195,13 @@ class _SRABase(StochasticRungeKutta):
     default_unit_step_power: ClassVar[float] = 0.0  # the error sits far below tol already (base.UNIT_STEP_POWER)
     embedded_first_step_factor: ClassVar[float] = 1.0  # StochasticDiffEq's first step (base.SDE_FIRST_STEP_FACTOR)
     step_function = staticmethod(sra_step)
+    # (g(t),) where the engine's times allow it (carried_diffusion_init), else None
+    carries_state: ClassVar[bool] = True
+
+    def init(self, terms: Terms, t: Tensor, y0: Tensor, startup: Startup | None = None) -> tuple[Tensor] | None:
+        """``(g(t0),)`` when the tableau evaluates the diffusion at both ends of the step
+        (:attr:`SRATableau.carried_stages`) and :func:`carried_diffusion_init` allows it."""
+        return carried_diffusion_init(terms, startup) if self.tableau.carried_stages is not None else None
 
 
 # SRA1 (Rößler 2010): StochasticDiffEq.jl src/tableaus.jl, constructSRA1.
@@ -211,7 +239,7 @@ SOSRA_TABLEAU = SRATableau(
 # SRA3 (Rößler 2010; StochasticDiffEq.jl src/tableaus.jl, constructSRA3): the drift
 # part is Kutta's third-order method (c0 = 0, 1, 1/2; weights 1/6, 1/6, 2/3), so the
 # deterministic order is 3 (weak order 3 for additive noise); the third stage's diffusion
-# is never used, so 3 drift + 2 diffusion evaluations per step.
+# is never used, so 3 drift + 2 diffusion evaluations per step (3 + 1 with g(t + dt) carried).
 SRA3_TABLEAU = SRATableau(
     c0=(0.0, 1.0, 1 / 2),
     c1=(1.0, 0.0, 0.0),
@@ -225,15 +253,17 @@ SRA3_TABLEAU = SRATableau(
 
 class SRA1(_SRABase):
     """Rößler's SRA1: adaptive, strong order 1.5 / weak order 2.0 for additive noise (Itô
-    or Stratonovich).  2 drift + 2 diffusion evaluations per step."""
+    or Stratonovich).  2 drift + 1 diffusion evaluations per step (``g(t + dt)`` carried into
+    the next step as its ``g(t)``, as :class:`~diffeqbridge.ShARK` does; 2 + 2 where the
+    engine's times do not allow it)."""
 
     tableau: ClassVar[SRATableau] = SRA1_TABLEAU
 
 
 class SOSRA(_SRABase):
     """Stability-optimized SRA (Rackauckas & Nie): adaptive, strong order 1.5 / weak order
-    2.0 for additive noise (Itô or Stratonovich).  3 drift + 3 diffusion evaluations per
-    step."""
+    2.0 for additive noise (Itô or Stratonovich).  3 drift + 2 diffusion evaluations per
+    step (``g(t + dt)`` carried into the next step, as :class:`SRA1`; 3 + 3 without)."""
 
     tableau: ClassVar[SRATableau] = SOSRA_TABLEAU
 
@@ -241,7 +271,8 @@ class SOSRA(_SRABase):
 class SRA3(_SRABase):
     """Rößler's SRA3: strong order 1.5, weak order 3 for additive noise (Itô or
     Stratonovich); its drift part is Kutta's third-order method, so small-noise problems
-    see a deterministic error of order 3.  3 drift + 2 diffusion evaluations per step."""
+    see a deterministic error of order 3.  3 drift + 1 diffusion evaluations per step
+    (``g(t + dt)`` carried into the next step, as :class:`SRA1`; 3 + 2 without)."""
 
     tableau: ClassVar[SRATableau] = SRA3_TABLEAU
     weak_order: ClassVar[float] = 3.0

@@ -1,0 +1,145 @@
+"""Evaluations the engine no longer repeats: the start-up ``drift(t0, y0)``/``diffusion(t0, y0)``
+reused by the first step, and the additive-noise solvers' ``g(t + h)`` carried into the next
+step as its ``g(t)`` (ShARK, SRA1, SRA3, SOSRA).
+
+Both must leave every number unchanged: each solve is compared bit for bit (``ys``, accepted
+and rejected steps) with the same solve with both features switched off, and the counts must
+drop by exactly the evaluations saved.  Gradients through the carried diffusion (a learnable
+``σ`` in a time-dependent ``g(t) = σ (1 + t)``) are checked against central finite
+differences of the same fixed-step solve, for plain backprop and the checkpointed sensealgs
+(whose segments restore the carried value as an autograd leaf).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import diffeqbridge as deb
+from diffeqbridge import engine
+
+B = 5
+
+
+@pytest.fixture
+def disabled(monkeypatch: pytest.MonkeyPatch):
+    """A context in which the engine neither reuses the start-up values nor lets solvers carry
+    the diffusion (the behaviour before both features)."""
+
+    class _Off:
+        def __enter__(self) -> None:
+            monkeypatch.setattr(engine.Integrator, "exact_step_ends", lambda self, y0: False)
+            monkeypatch.setattr(engine, "_start_terms", lambda terms, t, y, values: (terms, [0, 0]))
+
+        def __exit__(self, *exc: object) -> None:
+            monkeypatch.undo()
+
+    return _Off()
+
+
+def _additive(span: tuple[float, float], sigma: torch.Tensor | float = 0.4) -> deb.SDEProblem:
+    """``dy = (sin t - y) dt + σ (1 + t²) dW``: additive, time-dependent diffusion."""
+    y0 = torch.linspace(-1.0, 1.0, B, dtype=torch.float64).reshape(B, 1).repeat(1, 2)
+    return deb.SDEProblem(
+        lambda t, y: torch.sin(t)[:, None] - y,
+        lambda t, y: (sigma * (1 + t * t)[:, None]).expand(y.shape[0], 2),
+        y0,
+        span,
+        noise="additive",
+        params=[sigma] if isinstance(sigma, torch.Tensor) else [],
+    )
+
+
+def _diagonal(span: tuple[float, float]) -> deb.SDEProblem:
+    y0 = torch.linspace(0.5, 1.5, B, dtype=torch.float64).reshape(B, 1).repeat(1, 2)
+    return deb.SDEProblem(lambda t, y: torch.cos(t)[:, None] * y, lambda t, y: 0.5 * y, y0, span)
+
+
+def _compare(prob: deb.SDEProblem, alg: deb.solvers.AbstractSolver, disabled, **kw) -> tuple[deb.Solution, deb.Solution]:
+    new = deb.solve(prob, alg, seed=11, **kw)
+    with disabled:
+        old = deb.solve(prob, alg, seed=11, **kw)
+    assert torch.equal(new.ys, old.ys)
+    assert torch.equal(new.stats.naccept, old.stats.naccept)
+    assert torch.equal(new.stats.nreject, old.stats.nreject)
+    return new, old
+
+
+CARRYING = {"ShARK": (deb.ShARK, 0), "SRA1": (deb.SRA1, 1), "SRA3": (deb.SRA3, 1), "SOSRA": (deb.SOSRA, 1)}
+SPANS = [(0.0, 1.0), (1.0, 0.1)]
+
+
+@pytest.mark.parametrize("span", SPANS)
+@pytest.mark.parametrize("mode", ["adaptive", "fixed"])
+@pytest.mark.parametrize("name", list(CARRYING))
+def test_carried_diffusion_is_exact(name: str, mode: str, span: tuple[float, float], disabled) -> None:
+    """One diffusion evaluation fewer per step (accepted or rejected), the same numbers;
+    the SRA tableaus' first drift stage is ``drift(t0, y0)`` (one drift evaluation fewer)."""
+    solver, first_drift = CARRYING[name]
+    kw = {"atol": 1e-4, "rtol": 1e-4} if mode == "adaptive" else {"adaptive": False, "dt": 0.07}
+    new, old = _compare(_additive(span), solver(), disabled, **kw)
+    steps = new.stats.naccept + new.stats.nreject
+    assert int(steps.min()) > 5
+    assert torch.equal(old.stats.ng - new.stats.ng, steps)
+    assert torch.equal(old.stats.nf - new.stats.nf, torch.full_like(steps, first_drift))
+
+
+@pytest.mark.parametrize("name", ["ShARK", "SRA3"])
+def test_no_carry_without_exact_step_ends(name: str, disabled) -> None:
+    """Adaptive steps landing on an intermediate save time, a float32 state and ``alg=None``'s
+    composite keep evaluating ``g(t)`` every step; only the first step's reuse remains."""
+    solver, _ = CARRYING[name]
+    prob = _additive((0.0, 1.0))
+    for alg, kw in (
+        (solver(), {"saveat": [0.0, 0.37, 1.0]}),
+        (None, {}),
+    ):
+        new, old = _compare(prob, alg, disabled, **kw)
+        assert int((old.stats.ng - new.stats.ng).max()) <= 1
+    prob32 = deb.SDEProblem(prob.drift, prob.diffusion, prob.y0.float(), prob.tspan, noise="additive")
+    new, old = _compare(prob32, solver(), disabled)
+    assert int((old.stats.ng - new.stats.ng).max()) <= 1
+
+
+@pytest.mark.parametrize("span", SPANS)
+@pytest.mark.parametrize(
+    ("alg", "saved"),
+    [(deb.SRIW1, (1, 1)), (deb.SOSRI, (1, 1)), (deb.EM, (1, 1)), (deb.RKMil, (1, 1)), (deb.SPaRK, (1, 1))],
+)
+def test_first_step_reuses_start_up(alg, saved: tuple[int, int], span: tuple[float, float], disabled) -> None:
+    """Solvers whose first stage is ``drift(t, y)``/``diffusion(t, y)`` take them from the
+    start-up (adaptive and the lockstep fixed-step path), the same numbers."""
+    for kw in ({"atol": 1e-3, "rtol": 1e-3}, {"adaptive": False, "dt": 0.1}):
+        if "dt" not in kw and not alg.adaptive:
+            continue
+        new, old = _compare(_diagonal(span), alg(), disabled, **kw)
+        assert torch.equal(old.stats.nf - new.stats.nf, torch.full_like(new.stats.nf, saved[0]))
+        assert torch.equal(old.stats.ng - new.stats.ng, torch.full_like(new.stats.ng, saved[1]))
+
+
+SENSEALGS = {
+    "backprop": lambda: None,
+    "discrete_ckpt": lambda: deb.DiscreteAdjoint(checkpoints=3),
+    "interpolating_ckpt": lambda: deb.InterpolatingAdjoint(checkpoints=3),
+}
+
+
+@pytest.mark.parametrize("span", SPANS)
+@pytest.mark.parametrize("sensealg", list(SENSEALGS))
+def test_carried_diffusion_gradient(sensealg: str, span: tuple[float, float]) -> None:
+    """``d Σ y_T / dσ`` through ShARK's carried ``g(t) = σ (1 + t²)`` (fixed steps: the map
+    ``σ -> y_T`` is the same discrete map at every σ) against central finite differences."""
+    bm = deb.VirtualBrownianTree(min(span), max(span), (B, 2), seed=5)
+
+    def loss(sigma: torch.Tensor, sens: object = None) -> torch.Tensor:
+        sol = deb.solve(_additive(span, sigma), deb.ShARK(), dt=0.05, adaptive=False, brownian=bm, sensealg=sens)
+        assert sol.success
+        return (sol.ys[-1] * torch.arange(1, 3, dtype=torch.float64)).sum()
+
+    sigma = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(loss(sigma, SENSEALGS[sensealg]()), [sigma])
+    h = 1e-5
+    with torch.no_grad():
+        fd = (loss(torch.tensor(0.4 + h, dtype=torch.float64)) - loss(torch.tensor(0.4 - h, dtype=torch.float64))) / (2 * h)
+    assert abs(float(grad) - float(fd)) <= 1e-7 * abs(float(fd)), (float(grad), float(fd))
+    assert abs(float(fd)) > 1e-2
