@@ -30,8 +30,11 @@ def strong_error(y_end, exact_end) -> float:
 
 
 # ---------------------------------------------------------------------------- ours
-def make_ours(P: Problem, B: int, alg_name: str, adaptive: bool, seed: int = 0, compile: bool = False) -> Callable[[float], dict]:
-    """``compile``: ``solve(..., compile=True)`` (the iteration through ``torch.compile``)."""
+def make_ours(
+    P: Problem, B: int, alg_name: str, adaptive: bool, seed: int = 0, compile: bool = False, check_every: int | None = None
+) -> Callable[[float], dict]:
+    """``compile``: ``solve(..., compile=True)`` (the iteration through ``torch.compile``), with
+    ``check_every`` iterations per compiled call (None: the default)."""
 
     import diffeqbridge as deb
 
@@ -49,7 +52,7 @@ def make_ours(P: Problem, B: int, alg_name: str, adaptive: bool, seed: int = 0, 
 
     def run(level: float) -> dict:
         kw: dict[str, Any] = {"atol": level, "rtol": level} if adaptive else {"dt": level, "adaptive": False}
-        sol = deb.solve(prob, alg(), brownian=bm, max_steps=200_000, compile=compile, **kw)
+        sol = deb.solve(prob, alg(), brownian=bm, max_steps=200_000, compile=compile, check_every=check_every, **kw)
         ok = sol.retcodes == int(deb.ReturnCode.Success)
         return {
             "y": sol.ys[-1],

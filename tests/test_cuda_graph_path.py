@@ -155,9 +155,10 @@ def test_failed_capture_falls_back_with_one_warning(monkeypatch: pytest.MonkeyPa
 
 
 @pytest.mark.usefixtures("eager_fused")
-def test_no_graph_with_gradients(monkeypatch: pytest.MonkeyPatch):
+def test_no_graph_and_no_cpp_wrapper_with_gradients(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(_cuda_graph, "wanted", lambda device: True)
     monkeypatch.setattr(engine, "_new_graph", ReplayGraph)
+    monkeypatch.setattr(engine, "_FUSED_UNROLLED", lambda *args: pytest.fail("C++ wrapper with gradients"))
     y0 = torch.tensor([[1.0, 1.0], [2.0, 0.5]], requires_grad=True)
     prob = deb.ODEProblem(lotka_volterra, y0, (0.0, 2.0))
     sol = deb.solve(prob, deb.Tsit5(), atol=1e-6, rtol=1e-6, backend="native", compile=True, check_every=4)

@@ -167,7 +167,7 @@ SDE_CASES = [
     ("gbm", deb.SOSRI, {}),
     ("gbm", deb.SRIW1, {}),
     ("scalar", deb.SOSRI, {}),
-    ("general", deb.LambaEM, {"atol": 1e-2, "rtol": 1e-2}),
+    ("general", deb.LambaEM, {}),
     ("stiff", deb.SOSRA, {}),
     ("stiff", deb.SRA1, {}),
     ("stiff", deb.ShARK, {}),

@@ -560,9 +560,24 @@ class VirtualBrownianTree:
         """Increment ``W(t) - W(s)`` and space-time Lévy area ``H_{s,t}``, each ``shape``.
 
         ``H_{s,t} = (1/(t-s)) int_s^t (W_u - W_s) du - (W_t - W_s)/2 ~ N(0, (t-s)/12)``,
-        independent of the increment.
+        independent of the increment.  Python-number times outside ``[t0, t1]`` (beyond
+        rounding) raise ``ValueError``; tensor times are clamped to it (no host sync).
         """
+        self._check_query("s", s)
+        self._check_query("t", t)
         return self.increment_from(s, self.evaluate(s), t, self.evaluate(t))
+
+    def _check_query(self, name: str, value: Tensor | float) -> None:
+        """Refuse a Python-number query time outside ``[t0, t1]``: the tree would clamp it and
+        return the increment of a shorter interval (wrong variance) without a word."""
+        if isinstance(value, Tensor):
+            return
+        slack = 64 * torch.finfo(torch.float64).eps * max(abs(self.t0), abs(self.t1), 1.0)
+        if not self.t0 - slack <= float(value) <= self.t1 + slack:
+            raise ValueError(
+                f"{name} must lie inside the tree's interval [t0, t1] = [{self.t0}, {self.t1}]; got {value} "
+                "(build the VirtualBrownianTree over the whole span queried)"
+            )
 
     def increment_scalar(self, s: float, t: float) -> Tensor:
         """``W(t) - W(s)`` for times shared by the batch, shaped ``shape`` (the ``dW`` of
@@ -572,7 +587,8 @@ class VirtualBrownianTree:
         return self._shape_out(w_t - w_s)
 
     def W(self, t: Tensor | float) -> Tensor:
-        """``W(t) - W(t0)`` of shape ``shape``."""
+        """``W(t) - W(t0)`` of shape ``shape``; a Python-number ``t`` outside ``[t0, t1]`` raises."""
+        self._check_query("t", t)
         return self._shape_out(self.evaluate(t)[0])
 
     def __repr__(self) -> str:

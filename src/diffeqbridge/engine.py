@@ -1236,10 +1236,12 @@ class Integrator:
         """Whether this compiled call goes through inductor's C++ wrapper: unrolled ODE calls
         (``repeat > 1``, no tree) on the CPU.  An unrolled call's graph is one C++ kernel and
         ~300 buffers its wrapper allocates or views per call (Lotka-Volterra, B = 64, 8
-        iterations); the C++ wrapper does that without Python, 16 % of a solve (docs/engine.md),
-        for a few seconds more compilation (and, once per inductor cache, its precompiled
-        header).  CUDA captures graphs instead; one-iteration calls keep the Python wrapper."""
-        return repeat > 1 and _CPP_WRAPPER_UNROLLED and self.tree is None and s.y.device.type == "cpu"
+        iterations); the C++ wrapper does that without Python, 13-16 % of a solve
+        (docs/engine.md), for 3-24 s more compilation per graph (load 2-4; and, once per
+        inductor cache, its precompiled header).  CUDA captures graphs instead; one-iteration
+        calls and differentiated solves (a backward graph too: untested with it) keep the
+        Python wrapper."""
+        return repeat > 1 and _CPP_WRAPPER_UNROLLED and self.tree is None and s.y.device.type == "cpu" and not s.y.requires_grad
 
     def _replay(self, s: LoopState, repeat: int) -> bool:
         """compile=True on CUDA: run this compiled call (``repeat`` iterations, saving in the
@@ -1259,8 +1261,9 @@ class Integrator:
                 if len(self._graphs) < _MAX_GRAPHS:
                     self._graphs[key] = None
                 return False
-            assert _FUSED_ITERATION is not None
-            fused = _FUSED_ITERATION
+            # the compiled function the first call compiled (no compiling during a capture)
+            fused = _FUSED_UNROLLED if self._cpp_wrapper(s, repeat) else _FUSED_ITERATION
+            assert fused is not None
             try:
                 graphed = _cuda_graph.capture(lambda work: fused(self, work, True, True, repeat), s, _GRAPH_FIELDS, _new_graph())
             except Exception as exc:  # a host sync, an uncapturable op: compiled calls without graphs

@@ -200,7 +200,10 @@ class _Ctx:
 
     @property
     def theta(self) -> list[Tensor]:
-        return self.prob.params if self.params is None else self.params
+        """The tensors the boundary differentiates: those of ``params`` (default ``prob.params``)
+        that require grad -- a module's frozen parameters are skipped, as autograd skips them."""
+        params = self.prob.params if self.params is None else self.params
+        return [p for p in params if p.requires_grad]
 
 
 def _dead_samples(c: _Ctx, adj: Tensor) -> Tensor:
