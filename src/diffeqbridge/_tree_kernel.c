@@ -43,11 +43,15 @@ static inline uint32_t fmix32(uint32_t h) {
     return h;
 }
 
-/* node * phi + level_key (mod 2^32), with node >> 32 absorbed for trees deeper than 32 */
+/* node * phi + level_key (mod 2^32), with node >> 32 absorbed for trees deeper than 32 (wide:
+ * wide_mask all ones; 0 otherwise) -- as a mask, so that it needs no branch in a vectorised loop */
+static inline uint32_t node_key_masked(uint64_t node, uint32_t level_key, uint32_t wide_mask) {
+    const uint32_t narrow = (uint32_t)node * PHI32 + level_key;
+    return narrow ^ ((narrow ^ fmix32((narrow ^ (uint32_t)(node >> 32)) + 0x9E3779B9u)) & wide_mask);
+}
+
 static inline uint32_t node_key(uint64_t node, uint32_t level_key, int wide) {
-    uint32_t key = (uint32_t)node * PHI32 + level_key;
-    if (wide) key = fmix32((key ^ (uint32_t)(node >> 32)) + 0x9E3779B9u);
-    return key;
+    return node_key_masked(node, level_key, wide ? 0xFFFFFFFFu : 0u);
 }
 
 static inline double unit(uint32_t word) {
@@ -55,6 +59,51 @@ static inline double unit(uint32_t word) {
 }
 
 /* The finest cell of time tt and the fraction of it, as _tree_kernel.locate computes them. */
+/* A standard normal pair (Box–Muller) from a lane's two keys hashed with a node's key. */
+static inline void normal_pair(uint32_t k0, uint32_t k1, uint32_t node, double *z, double *x) {
+    const double u1 = unit(fmix32(k0 ^ node)), u2 = unit(fmix32(k1 ^ node));
+    const double radius = sqrt(-2.0 * log(u1));
+    const double angle = TWO_PI * u2;
+    *z = radius * cos(angle);
+    *x = radius * sin(angle);
+}
+
+/* One level of one lane's descent: the level's constants lv, the child entered (right: 0 or
+ * 1), the level's normal pair (zn, xn) and the root's (wr, hr) update the running sums
+ * c_h, c_w, c_l, c_j and give the (W, H) of the child cell (docs/brownian.md). */
+static inline void level_update(const double *lv, double right, double zn, double xn, double wr, double hr, double *c_h,
+                                double *c_w, double *c_l, double *c_j, double *w_cell, double *h_cell) {
+    const double sq16 = lv[0], sq48 = lv[1], four_pow4 = lv[2], inv_pow4 = lv[3];
+    const double two_pow2 = lv[4], inv_pow2 = lv[5], half_width = lv[6];
+    const double z = zn * sq16, x = xn * sq48;
+    const double sign = 1.0 - 2.0 * right;
+    const double h_inc = four_pow4 * (-0.5 * z + sign * x);
+    *c_h = *c_h + h_inc;
+    const double levy = (hr + (*c_h - h_inc)) * inv_pow4;
+    const double w_inc = two_pow2 * sign * (1.5 * levy + z);
+    *c_w = *c_w + w_inc;
+    const double w_node = (wr + (*c_w - w_inc)) * inv_pow2;
+    const double w_left = 0.5 * w_node + 1.5 * levy + z;
+    const double h_left = 0.25 * levy - 0.5 * z + x;
+    const double left = right * w_left;
+    *c_l = *c_l + left;
+    *c_j = *c_j + right * half_width * ((*c_l - left) + h_left + 0.5 * w_left);
+    *w_cell = 0.5 * w_node + sign * (1.5 * levy + z);
+    *h_cell = 0.25 * levy - 0.5 * z + sign * x;
+}
+
+/* Stores a block's running sums after level `level` in its (depth, 4, width) cache rows. */
+static inline void store(int64_t width, double *cache, int64_t level, const double *c_h, const double *c_w, const double *c_l,
+                         const double *c_j) {
+    double *row = cache + level * width * 4;
+    for (int64_t j = 0; j < width; j++) {
+        row[j] = c_h[j];
+        row[width + j] = c_w[j];
+        row[2 * width + j] = c_l[j];
+        row[3 * width + j] = c_j[j];
+    }
+}
+
 static inline void locate(double tt, double t0, double length, double n_cells, uint64_t *cell, double *frac) {
     double position = (tt - t0) / length;
     position = position < 0.0 ? 0.0 : (position > 1.0 ? 1.0 : position);
@@ -76,7 +125,7 @@ static inline void descend(int64_t width, int64_t first, int64_t depth, const do
     /* two passes: the normal pairs of every level first (independent vector log/sin/cos,
      * overlapping freely), then the recursion, which is a chain through the levels */
     double zn[64][BLOCK], xn[64][BLOCK];
-    const uint32_t wide_mask = wide ? 0xFFFFFFFFu : 0u; /* node_key without a branch in the loop */
+    const uint32_t wide_mask = wide ? 0xFFFFFFFFu : 0u;
     for (int64_t k = first; k < depth; k++) {
         const uint32_t level_key = (uint32_t)level_keys[k];
         const int shift = (int)(depth - k);
@@ -84,49 +133,18 @@ static inline void descend(int64_t width, int64_t first, int64_t depth, const do
          * as vectors, stalled store forwarding) */
 #pragma omp simd
         for (int64_t j = 0; j < width; j++) {
-            const uint64_t index = cell[j] >> shift;
-            const uint32_t narrow = (uint32_t)index * PHI32 + level_key;
-            const uint32_t node = narrow ^ ((narrow ^ fmix32((narrow ^ (uint32_t)(index >> 32)) + 0x9E3779B9u)) & wide_mask);
-            const double u1 = unit(fmix32(k0[j] ^ node)), u2 = unit(fmix32(k1[j] ^ node));
-            const double radius = sqrt(-2.0 * log(u1));
-            const double angle = TWO_PI * u2;
-            zn[k][j] = radius * cos(angle);
-            xn[k][j] = radius * sin(angle);
+            normal_pair(k0[j], k1[j], node_key_masked(cell[j] >> shift, level_key, wide_mask), &zn[k][j], &xn[k][j]);
         }
     }
     for (int64_t k = first; k < depth; k++) {
         const double *lv = levels + 7 * k;
-        const double sq16 = lv[0], sq48 = lv[1], four_pow4 = lv[2], inv_pow4 = lv[3];
-        const double two_pow2 = lv[4], inv_pow2 = lv[5], half_width = lv[6];
         const int shift = (int)(depth - k);
 #pragma omp simd
         for (int64_t j = 0; j < width; j++) {
             const double right = (double)(int32_t)((uint32_t)(cell[j] >> (shift - 1)) & 1u);
-            const double z = zn[k][j] * sq16, x = xn[k][j] * sq48;
-            const double sign = 1.0 - 2.0 * right;
-            const double h_inc = four_pow4 * (-0.5 * z + sign * x);
-            c_h[j] = c_h[j] + h_inc;
-            const double levy = (hr[j] + (c_h[j] - h_inc)) * inv_pow4;
-            const double w_inc = two_pow2 * sign * (1.5 * levy + z);
-            c_w[j] = c_w[j] + w_inc;
-            const double w_node = (wr[j] + (c_w[j] - w_inc)) * inv_pow2;
-            const double w_left = 0.5 * w_node + 1.5 * levy + z;
-            const double h_left = 0.25 * levy - 0.5 * z + x;
-            const double left = right * w_left;
-            c_l[j] = c_l[j] + left;
-            c_j[j] = c_j[j] + right * half_width * ((c_l[j] - left) + h_left + 0.5 * w_left);
-            w_cell[j] = 0.5 * w_node + sign * (1.5 * levy + z); /* the child entered */
-            h_cell[j] = 0.25 * levy - 0.5 * z + sign * x;
+            level_update(lv, right, zn[k][j], xn[k][j], wr[j], hr[j], &c_h[j], &c_w[j], &c_l[j], &c_j[j], &w_cell[j], &h_cell[j]);
         }
-        if (cache != NULL) {
-            double *row = cache + k * width * 4; /* (level, 4, lane) */
-            for (int64_t j = 0; j < width; j++) {
-                row[j] = c_h[j];
-                row[width + j] = c_w[j];
-                row[2 * width + j] = c_l[j];
-                row[3 * width + j] = c_j[j];
-            }
-        }
+        if (cache != NULL) store(width, cache, k, c_h, c_w, c_l, c_j);
     }
 }
 
@@ -176,16 +194,10 @@ static inline void finish(int64_t width, const uint64_t *cell, const double *fra
                           const uint32_t *k1, double w, double w2, double w3, const double *w_cell, const double *h_cell,
                           const double *c_l, const double *c_j, double *w_res, double *j_res) {
     double z1[GRID_BLOCK], z2[GRID_BLOCK];
-    const uint32_t wide_mask = wide ? 0xFFFFFFFFu : 0u; /* node_key without a branch in the loop */
+    const uint32_t wide_mask = wide ? 0xFFFFFFFFu : 0u;
 #pragma omp simd
     for (int64_t j = 0; j < width; j++) {
-        const uint32_t narrow = (uint32_t)cell[j] * PHI32 + cell_key;
-        const uint32_t node = narrow ^ ((narrow ^ fmix32((narrow ^ (uint32_t)(cell[j] >> 32)) + 0x9E3779B9u)) & wide_mask);
-        const double u1 = unit(fmix32(k0[j] ^ node)), u2 = unit(fmix32(k1[j] ^ node));
-        const double radius = sqrt(-2.0 * log(u1));
-        const double angle = TWO_PI * u2;
-        z1[j] = radius * cos(angle);
-        z2[j] = radius * sin(angle);
+        normal_pair(k0[j], k1[j], node_key_masked(cell[j], cell_key, wide_mask), &z1[j], &z2[j]);
     }
     bridge(width, frac, w, w2, w3, z1, z2, w_cell, h_cell, c_l, c_j, w_res, j_res);
 }
@@ -303,11 +315,7 @@ void tree_grid(int64_t count, int64_t n_times, const double *times, const int32_
                 const uint32_t node = key[d];
 #pragma omp simd
                 for (int64_t j = 0; j < GRID_BLOCK; j++) {
-                    const double u1 = unit(fmix32(k0[j] ^ node)), u2 = unit(fmix32(k1[j] ^ node));
-                    const double radius = sqrt(-2.0 * log(u1));
-                    const double angle = TWO_PI * u2;
-                    zn[d][j] = radius * cos(angle);
-                    xn[d][j] = radius * sin(angle);
+                    normal_pair(k0[j], k1[j], node, &zn[d][j], &xn[d][j]);
                 }
             }
             int64_t d = 0;
@@ -320,33 +328,11 @@ void tree_grid(int64_t count, int64_t n_times, const double *times, const int32_
                     for (int64_t j = 0; j < GRID_BLOCK; j++) c_h[j] = c_w[j] = c_l[j] = c_j[j] = 0.0;
                 for (int64_t lev = first; lev < depth; lev++, d++) {
                     const double *lv = levels + 7 * lev;
-                    const double sq16 = lv[0], sq48 = lv[1], four_pow4 = lv[2], inv_pow4 = lv[3];
-                    const double two_pow2 = lv[4], inv_pow2 = lv[5], half_width = lv[6];
                     const double right = (double)(int32_t)((uint32_t)(c >> (depth - lev - 1)) & 1u);
-                    for (int64_t j = 0; j < GRID_BLOCK; j++) { /* level_update, as in descend() */
-                        const double z = zn[d][j] * sq16, x = xn[d][j] * sq48;
-                        const double sign = 1.0 - 2.0 * right;
-                        const double h_inc = four_pow4 * (-0.5 * z + sign * x);
-                        c_h[j] = c_h[j] + h_inc;
-                        const double levy = (hr[j] + (c_h[j] - h_inc)) * inv_pow4;
-                        const double w_inc = two_pow2 * sign * (1.5 * levy + z);
-                        c_w[j] = c_w[j] + w_inc;
-                        const double w_node = (wr[j] + (c_w[j] - w_inc)) * inv_pow2;
-                        const double w_left = 0.5 * w_node + 1.5 * levy + z;
-                        const double h_left = 0.25 * levy - 0.5 * z + x;
-                        const double left = right * w_left;
-                        c_l[j] = c_l[j] + left;
-                        c_j[j] = c_j[j] + right * half_width * ((c_l[j] - left) + h_left + 0.5 * w_left);
-                        w_cell[j] = 0.5 * w_node + sign * (1.5 * levy + z);
-                        h_cell[j] = 0.25 * levy - 0.5 * z + sign * x;
-                    }
-                    double *row = scratch + lev * GRID_BLOCK * 4;
-                    for (int64_t j = 0; j < GRID_BLOCK; j++) {
-                        row[j] = c_h[j];
-                        row[GRID_BLOCK + j] = c_w[j];
-                        row[2 * GRID_BLOCK + j] = c_l[j];
-                        row[3 * GRID_BLOCK + j] = c_j[j];
-                    }
+                    for (int64_t j = 0; j < GRID_BLOCK; j++)
+                        level_update(lv, right, zn[d][j], xn[d][j], wr[j], hr[j], &c_h[j], &c_w[j], &c_l[j], &c_j[j], &w_cell[j],
+                                     &h_cell[j]);
+                    store(GRID_BLOCK, scratch, lev, c_h, c_w, c_l, c_j);
                 }
                 for (int64_t j = 0; j < GRID_BLOCK; j++) frac[j] = fracs[i];
                 bridge(GRID_BLOCK, frac, w, w2, w3, zn[d], xn[d], w_cell, h_cell, c_l, c_j, w_res, j_res);
