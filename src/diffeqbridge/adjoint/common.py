@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..brownian import VirtualBrownianTree
-from ..engine import EngineOptions, StartValues, integrate
+from ..engine import EngineOptions, Integrator, LoopState, StartValues, integrate
 from ..problem import ODEProblem, Terms
 from ..solution import ReturnCode, Solution
 from ..solvers.base import AbstractSolver
@@ -198,6 +198,16 @@ class _Ctx:
         f0, g0 = self.start_values
         return (None if f0 is None else f0.detach(), None if g0 is None else g0.detach())
 
+    def detached_f0(self) -> Tensor | None:
+        """:attr:`f0` without its graph."""
+        return None if self.f0 is None else self.f0.detach()
+
+    def detached_loop(self, y0: Tensor) -> tuple[Integrator, LoopState]:
+        """The engine's loop of this solve and its initial state from ``y0``, without a graph
+        (the forward passes of the sensealgs that run the loop themselves)."""
+        loop = Integrator(self.terms, self.solver, self.save_times, self.dt_initial, self.options, self.tree, self.observer)
+        return loop, loop.init(y0, self.dt_initial, self.detached_f0(), self.initial_counts, self.detached_start())
+
     @property
     def theta(self) -> list[Tensor]:
         """The tensors the boundary differentiates: those of ``params`` (default ``prob.params``)
@@ -284,7 +294,7 @@ def plain_solve(c: _Ctx, y0: Tensor) -> Solution:
         c.dt_initial,
         c.options,
         c.tree,
-        f0=c.f0.detach() if c.f0 is not None else None,
+        f0=c.detached_f0(),
         initial_counts=c.initial_counts,
         observer=c.observer,
         start_values=c.detached_start(),

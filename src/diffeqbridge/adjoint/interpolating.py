@@ -70,14 +70,7 @@ def segment_times(save_times: Tensor, checkpoints: int | None) -> list[float]:
 def segmented_forward(c: _Ctx, y0: Tensor, checkpoints: int | None) -> tuple[Tensor, tuple[Tensor, ...], Any]:
     """The plain solve (no graph) snapshotting its whole loop state at the first check after
     the slowest sample passed each of :func:`segment_times`; returns ``(ys, (), (loop, snapshots))``."""
-    loop = Integrator(c.terms, c.solver, c.save_times, c.dt_initial, c.options, c.tree, c.observer)
-    state = loop.init(
-        y0,
-        c.dt_initial,
-        c.f0.detach() if c.f0 is not None else None,
-        c.initial_counts,
-        c.detached_start(),
-    )
+    loop, state = c.detached_loop(y0)
     snaps = [loop.snapshot(state)]
     snaps += loop.run(state, boundaries=segment_times(c.save_times, checkpoints), progress=c.options.progress)
     sol = loop.solution(state)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..engine import Integrator, fixed_steps, forced_times
+from ..engine import fixed_steps, forced_times
 from .common import _Ctx, _flat_params, _flatten_grads
 
 __all__ = ["reversible_forward", "reversible_backward"]
@@ -21,14 +21,7 @@ __all__ = ["reversible_forward", "reversible_backward"]
 def reversible_forward(c: _Ctx, y0: Tensor) -> tuple[Tensor, tuple[Tensor, ...], Any]:
     """The engine's fixed-step solve without a graph; returns ``ys`` and ``(y_end, z_end)``
     (the final state and the ``z`` of the solver's state), all the backward needs."""
-    loop = Integrator(c.terms, c.solver, c.save_times, c.dt_initial, c.options, c.tree, c.observer)
-    state = loop.init(
-        y0,
-        c.dt_initial,
-        c.f0.detach() if c.f0 is not None else None,
-        c.initial_counts,
-        c.detached_start(),
-    )
+    loop, state = c.detached_loop(y0)
     loop.run(state, progress=c.options.progress)
     sol = loop.solution(state)
     c.stats = [sol]
