@@ -694,10 +694,12 @@ class Integrator:
                 self._exact_ends = self.n_stop <= 2
         return self._exact_ends
 
-    def solver_init(self, t: Tensor, y0: Tensor, g0: Tensor | None) -> Any:
+    def solver_init(self, t: Tensor, y0: Tensor, start_values: StartValues | None) -> Any:
         """``solver.init`` with the :class:`~diffeqbridge.solvers.base.Startup` of this solve
-        (``g0``: the start-up ``diffusion(t0, y0)``, None when not evaluated)."""
-        return self.solver.init(self.terms, t, y0, Startup(g0=g0, exact_times=self.exact_step_ends(y0)))
+        (``start_values``: the start-up ``(drift(t0, y0), diffusion(t0, y0))``, None or None
+        entries when not evaluated)."""
+        f0, g0 = (None, None) if start_values is None else start_values
+        return self.solver.init(self.terms, t, y0, Startup(f0=f0, g0=g0, exact_times=self.exact_step_ends(y0)))
 
     def init(
         self,
@@ -748,7 +750,7 @@ class Integrator:
             eigen_last=None,
             eigen_max=None,
             njac=None,
-            solver_state=self.solver_init(t, y0, None if start_values is None else start_values[1]),
+            solver_state=self.solver_init(t, y0, start_values),
             ys=ys,
         )
 

@@ -122,7 +122,7 @@ def segmented_backward(c: _Ctx, loop: Integrator, snaps: list[LoopState], grad_y
                 if carries:  # the forward's start-up g0, re-evaluated on the graph
                     has_g0 = c.start_values is not None and c.start_values[1] is not None
                     g0 = loop.terms.diffusion(snap.t, y_start) if has_g0 and loop.terms.diffusion else None
-                    solver_state = loop.solver_init(snap.t, y_start, g0)
+                    solver_state = loop.solver_init(snap.t, y_start, (None, g0))
             else:
                 carry, carry_leaves = _leaves(snap.carry)
                 if carries:

@@ -75,6 +75,8 @@ class Startup:
     """What the engine hands :meth:`AbstractSolver.init` at the start of a solve.
 
     Attributes:
+        f0: ``drift(t0, y0)`` as already evaluated (and counted) by ``solve``'s start-up, or
+            None when not available.
         g0: ``diffusion(t0, y0)`` (``(B, *state_shape)``, or ``(B, *state_shape, m)`` for
             general noise) as already evaluated (and counted) by ``solve``'s start-up checks,
             or None when not available (the solver evaluates it itself if it needs it).
@@ -87,6 +89,7 @@ class Startup:
             a step's end time into the next step (:class:`~diffeqbridge.ShARK`'s ``g(t + h)``).
     """
 
+    f0: Tensor | None = None
     g0: Tensor | None = None
     exact_times: bool = False
 

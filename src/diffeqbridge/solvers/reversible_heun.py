@@ -73,9 +73,12 @@ class ReversibleHeun(AbstractSolver):
     reversible = True
 
     def init(self, terms: Terms, t: Tensor, y0: Tensor, startup: Startup | None = None) -> State:
-        """``(z_0, f(t_0, z_0), g(t_0, z_0))`` with ``z_0 = y_0``."""
+        """``(z_0, f(t_0, z_0), g(t_0, z_0))`` with ``z_0 = y_0``: the start-up's values where
+        ``solve`` evaluated (and counted) them, else evaluated here."""
         assert terms.diffusion is not None
-        return (y0, terms.drift(t, y0), terms.diffusion(t, y0))
+        f0 = startup.f0 if startup is not None and startup.f0 is not None else terms.drift(t, y0)
+        g0 = startup.g0 if startup is not None and startup.g0 is not None else terms.diffusion(t, y0)
+        return (y0, f0, g0)
 
     def step(  # type: ignore[override]
         self,
