@@ -86,16 +86,12 @@ def test_carried_diffusion_is_exact(name: str, mode: str, span: tuple[float, flo
 
 @pytest.mark.parametrize("name", ["ShARK", "SRA3"])
 def test_no_carry_without_exact_step_ends(name: str, disabled) -> None:
-    """Adaptive steps landing on an intermediate save time, a float32 state and ``alg=None``'s
-    composite keep evaluating ``g(t)`` every step; only the first step's reuse remains."""
+    """Adaptive steps landing on an intermediate save time and a float32 state keep evaluating
+    ``g(t)`` every step; only the first step's reuse remains."""
     solver, _ = CARRYING[name]
     prob = _additive((0.0, 1.0))
-    for alg, kw in (
-        (solver(), {"saveat": [0.0, 0.37, 1.0]}),
-        (None, {}),
-    ):
-        new, old = _compare(prob, alg, disabled, **kw)
-        assert int((old.stats.ng - new.stats.ng).max()) <= 1
+    new, old = _compare(prob, solver(), disabled, saveat=[0.0, 0.37, 1.0])
+    assert int((old.stats.ng - new.stats.ng).max()) <= 1
     prob32 = deb.SDEProblem(prob.drift, prob.diffusion, prob.y0.float(), prob.tspan, noise="additive")
     new, old = _compare(prob32, solver(), disabled)
     assert int((old.stats.ng - new.stats.ng).max()) <= 1
@@ -117,6 +113,57 @@ def test_first_step_reuses_start_up(alg, saved: tuple[int, int], span: tuple[flo
         assert torch.equal(old.stats.ng - new.stats.ng, torch.full_like(new.stats.ng, saved[1]))
 
 
+def _stiff_additive(span: tuple[float, float], lam: list[float]) -> deb.SDEProblem:
+    """``dy = -λ(t) (y - cos t) dt + 0.1 (1 + t) dW`` with a per-sample ``λ`` (``(B,)``) over the
+    first 40 % of the span and ``λ = 1`` after it (so stiff samples switch back), the sign
+    turned for a backward ``span`` (so that the solution is stable in its direction)."""
+    sign = 1.0 if span[1] > span[0] else -1.0
+    rate = torch.tensor(lam, dtype=torch.float64)[:, None]
+    end = span[0] + 0.4 * (span[1] - span[0])
+    y0 = torch.linspace(-1.0, 1.0, B, dtype=torch.float64).reshape(B, 1).repeat(1, 2)
+    return deb.SDEProblem(
+        lambda t, y: -sign * torch.where((sign * (end - t) > 0)[:, None], rate, 1.0) * (y - torch.cos(t)[:, None]),
+        lambda t, y: (0.1 * (1 + t)[:, None]).expand(y.shape[0], 2),
+        y0,
+        span,
+        noise="additive",
+    )
+
+
+@pytest.mark.parametrize("span", SPANS)
+@pytest.mark.parametrize("mode", ["adaptive", "fixed"])
+def test_composite_carries_shark_diffusion(mode: str, span: tuple[float, float], disabled) -> None:
+    """``alg=None`` (``AutoSwitch(ShARK, ImplicitRKMil)``) on a non-stiff additive problem: ShARK
+    takes every step and carries ``g(t + h)``, one diffusion evaluation fewer per step."""
+    kw = {"atol": 1e-4, "rtol": 1e-4} if mode == "adaptive" else {"adaptive": False, "dt": 0.07}
+    new, old = _compare(_additive(span), None, disabled, **kw)
+    assert isinstance(new.alg, deb.AutoSwitch)
+    assert int(new.stats.extra["stiff_steps"].max()) == 0
+    steps = new.stats.naccept + new.stats.nreject
+    assert int(steps.min()) > 5
+    assert torch.equal(old.stats.ng - new.stats.ng, steps)
+    assert torch.equal(old.stats.nf, new.stats.nf)
+
+
+@pytest.mark.parametrize("span", SPANS)
+@pytest.mark.parametrize("lam", [[1e4] * B, [1.0, 1e4, 10.0, 1e4, 1.0]])
+def test_composite_carry_across_switches(lam: list[float], span: tuple[float, float], disabled) -> None:
+    """Stiff samples switch to ImplicitRKMil (alone, or in a batch mixed with non-stiff ones,
+    where both methods run every step): the carried ``g`` is kept per sample where a step is
+    accepted and evaluated again after steps ShARK did not take; the same numbers, fewer
+    diffusion evaluations, never more."""
+    new, old = _compare(_stiff_additive(span, lam), None, disabled, atol=1e-2, rtol=1e-2)
+    stiff = torch.tensor(lam) > 100
+    assert bool((new.stats.extra["stiff_steps"][stiff] > 10).all())
+    assert bool((new.stats.extra["nswitch"][stiff] >= 2).all())  # and back
+    assert int(new.stats.extra["stiff_steps"][~stiff].sum()) == 0
+    saved = old.stats.ng - new.stats.ng
+    steps = new.stats.naccept + new.stats.nreject
+    assert bool((saved > 0).all()) and bool((saved <= steps).all())
+    assert torch.equal(saved[~stiff], steps[~stiff])
+    assert torch.equal(old.stats.nf, new.stats.nf)
+
+
 SENSEALGS = {
     "backprop": lambda: None,
     "discrete_ckpt": lambda: deb.DiscreteAdjoint(checkpoints=3),
@@ -126,13 +173,17 @@ SENSEALGS = {
 
 @pytest.mark.parametrize("span", SPANS)
 @pytest.mark.parametrize("sensealg", list(SENSEALGS))
-def test_carried_diffusion_gradient(sensealg: str, span: tuple[float, float]) -> None:
-    """``d Σ y_T / dσ`` through ShARK's carried ``g(t) = σ (1 + t²)`` (fixed steps: the map
+@pytest.mark.parametrize("alg", ["ShARK", "default"])
+def test_carried_diffusion_gradient(alg: str, sensealg: str, span: tuple[float, float]) -> None:
+    """``d Σ y_T / dσ`` through ShARK's carried ``g(t) = σ (1 + t²)``, alone and inside
+    ``alg=None``'s composite (fixed steps: the map
     ``σ -> y_T`` is the same discrete map at every σ) against central finite differences."""
     bm = deb.VirtualBrownianTree(min(span), max(span), (B, 2), seed=5)
 
     def loss(sigma: torch.Tensor, sens: object = None) -> torch.Tensor:
-        sol = deb.solve(_additive(span, sigma), deb.ShARK(), dt=0.05, adaptive=False, brownian=bm, sensealg=sens)
+        sol = deb.solve(
+            _additive(span, sigma), deb.ShARK() if alg == "ShARK" else None, dt=0.05, adaptive=False, brownian=bm, sensealg=sens
+        )
         assert sol.success
         return (sol.ys[-1] * torch.arange(1, 3, dtype=torch.float64)).sum()
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..engine import Integrator, LoopState
+from ..engine import Integrator, LoopState, _rebuild
 from .common import SensitivityAlgorithm, _check_checkpoints, _Ctx, _dead_samples, _flat_params, _flatten_grads, _masked_terms
 
 __all__ = ["InterpolatingAdjoint", "segment_times", "segmented_forward", "segmented_backward"]
@@ -80,18 +80,26 @@ def segmented_forward(c: _Ctx, y0: Tensor, checkpoints: int | None) -> tuple[Ten
 
 
 def _leaves(carry: Any) -> tuple[Any, list[Tensor]]:
-    """``carry`` (None, a tensor or a tuple of tensors) as fresh leaves requiring grad."""
-    if carry is None:
-        return None, []
-    if isinstance(carry, tuple):
-        parts = tuple(x.detach().requires_grad_(True) for x in carry)
-        return parts, list(parts)
-    leaf = carry.detach().requires_grad_(True)
-    return leaf, [leaf]
+    """``carry`` (None, a tensor or nested (named) tuples of tensors and plain values) with its
+    floating-point tensors as fresh leaves requiring grad, and those leaves in :func:`_as_list`'s order."""
+    leaves: list[Tensor] = []
+
+    def fresh(x: Any) -> Any:
+        if isinstance(x, tuple):
+            return _rebuild(x, (fresh(v) for v in x))
+        if isinstance(x, Tensor) and x.is_floating_point():
+            leaves.append(x.detach().requires_grad_(True))
+            return leaves[-1]
+        return x
+
+    return fresh(carry), leaves
 
 
 def _as_list(carry: Any) -> list[Tensor]:
-    return [] if carry is None else list(carry) if isinstance(carry, tuple) else [carry]
+    """The floating-point tensors of ``carry`` (nested as :func:`_leaves`'s input), in order."""
+    if isinstance(carry, tuple):
+        return [x for v in carry for x in _as_list(v)]
+    return [carry] if isinstance(carry, Tensor) and carry.is_floating_point() else []
 
 
 def segmented_backward(c: _Ctx, loop: Integrator, snaps: list[LoopState], grad_ys: Tensor) -> tuple[Tensor, Tensor]:
@@ -103,7 +111,7 @@ def segmented_backward(c: _Ctx, loop: Integrator, snaps: list[LoopState], grad_y
     adj_y: Tensor | None = None
     adj_carry: list[Tensor] | None = None
     adj_state: list[Tensor] | None = None
-    carries = c.solver.carries_state  # the solver's state is differentiated like the carry
+    carries = c.solver.graph_state  # the solver's state is differentiated like the carry
     for k in range(len(snaps) - 1, -1, -1):
         snap = snaps[k]
         # failed samples nobody differentiates see a finite state (their 0 * NaN would reach

@@ -137,10 +137,21 @@ class AbstractSolver:
     #: was not accepted (as it keeps ``y``; no :meth:`update`), and the checkpointed sensealgs
     #: differentiate through it (restored as autograd leaves, like ``y``)
     carries_state: ClassVar[bool] = False
+    #: the state is ``(g(t),)``, the diffusion at the step's start carried from the previous
+    #: step's end (:func:`carried_diffusion_init`; ShARK, the SRA family); a composite keeps it
+    #: per sample for such a partner (:class:`~diffeqbridge.AutoSwitch`)
+    carries_diffusion: ClassVar[bool] = False
     #: ``StepOutput.nf``/``ng`` are per-sample counts of the method each sample used (composites):
     #: the engine does not hand them the start-up values (it could not tell whose they saved)
     per_sample_counts: ClassVar[bool] = False
     stability_size: ClassVar[float | None] = None
+
+    @property
+    def graph_state(self) -> bool:
+        """Whether the state holds values computed from ``y0`` and the parameters that the
+        checkpointed sensealgs must differentiate through (restored as autograd leaves, built
+        again by :meth:`init` at the start): ``carries_state`` unless a composite says otherwise."""
+        return self.carries_state
 
     def initial_carry(self, terms: Terms, t: Tensor, y: Tensor, f0: Tensor | None) -> object:
         """What the engine carries between steps in the FSAL slot, at the start (``f0`` by
@@ -152,7 +163,8 @@ class AbstractSolver:
     def init(self, terms: Terms, t: Tensor, y0: Tensor, startup: Startup | None = None) -> Any:
         """The solver's state at the start of a solve (``t``: ``(B,)``, ``y0``: ``(B, *state_shape)``;
         ``startup``: what the engine already evaluated and guarantees, :class:`Startup`; None
-        outside the engine's own loop, e.g. inside a composite: no guarantee).
+        outside the engine's own loop: no guarantee; a composite passes it on to a partner that
+        ``carries_diffusion``).
 
         None for stateless solvers (the default).  Otherwise a tuple or NamedTuple whose
         tensors have the batch as their first axis (so the engine can gather, select and

@@ -28,7 +28,10 @@ synchronises anyway) for the next ``check_every`` steps: a method runs if some a
 uses it or could switch to it within that many steps (the counter moves by one per
 accepted step), so a step makes no host synchronisation and every sample follows the rule
 above exactly, whatever the batch (a switch is only held back when the loop is driven past
-the planned horizon without a check).  Statistics
+the planned horizon without a check).  A non-stiff partner that carries the diffusion
+(ShARK, SRA: ``carries_diffusion``) keeps carrying it: its ``g(t + h)``, computed for the whole
+batch, is kept per sample where a step is accepted (whichever method the sample used) and
+evaluated again after steps it did not run (:class:`SwitchState`).  Statistics
 (``Stats.extra``): ``nswitch`` (switches), ``stiff_steps`` (accepted steps taken by the stiff
 method), ``first_switch_t`` / ``last_switch_t`` (NaN when the sample never switched),
 ``is_stiff`` (1 when the sample ended on the stiff method); the engine adds ``eigen_est``
@@ -86,7 +89,11 @@ class SwitchState(NamedTuple):
     counter; ``nswitch``, ``stiff_steps``, ``first_switch_t``, ``last_switch_t``: statistics;
     ``run``: ``(nonstiff, stiff)`` Python bools, the methods the steps until the next host
     check compute (:meth:`AutoSwitch.plan`); ``nonstiff_state``, ``stiff_state``: the two
-    solvers' own states (None when stateless).
+    solvers' own states (None when stateless).  A non-stiff partner that carries the diffusion
+    (``carries_diffusion``: ShARK, SRA) has ``nonstiff_state = (g(t),)`` for every sample, or
+    ``(None,)`` after steps it did not run (evaluated again when it next runs);
+    ``carried_start``: between :meth:`AutoSwitch.step` and :meth:`AutoSwitch.update`, the
+    ``(g(t),)`` the step started from (kept where the step is not accepted), else None.
     """
 
     stiff: Tensor
@@ -98,6 +105,7 @@ class SwitchState(NamedTuple):
     run: tuple[bool, bool]
     nonstiff_state: Any
     stiff_state: Any
+    carried_start: Any = None
 
 
 class AutoSwitch(AbstractSolver):
@@ -175,9 +183,14 @@ class AutoSwitch(AbstractSolver):
             first_switch_t=nan,
             last_switch_t=nan.clone(),
             run=(not self.stiffalgfirst, self.stiffalgfirst),
-            nonstiff_state=self.nonstiff.init(terms, t, y0),
+            nonstiff_state=self.nonstiff.init(terms, t, y0, startup if self.nonstiff.carries_diffusion else None),
             stiff_state=self.stiff.init(terms, t, y0),
         )
+
+    @property
+    def graph_state(self) -> bool:
+        """The partners' carried values are differentiated through (:attr:`AbstractSolver.graph_state`)."""
+        return self.nonstiff.graph_state or self.stiff.graph_state
 
     def plan(self, state: SwitchState, active: Tensor, horizon: int) -> SwitchState:
         """The methods the next ``horizon`` steps run (one host synchronisation): those some
@@ -207,10 +220,18 @@ class AutoSwitch(AbstractSolver):
         stiff = state.stiff
         run_nonstiff, run_stiff = state.run
         a = b = None
+        ns_state = state.nonstiff_state
+        carried = self.nonstiff.carries_diffusion and ns_state is not None
         if run_nonstiff:
             ns = self.nonstiff
             levy = levy_h if ns.needs_levy_area else None
-            a = call_step(ns, terms, t, y, dt, dw, levy, f0 if ns.fsal else None, state.nonstiff_state)
+            fresh = carried and ns_state[0] is None  # the stiff method took the last steps
+            if fresh:
+                assert terms.diffusion is not None  # carries_diffusion: an SDE partner
+                ns_state = (terms.diffusion(t, y),)
+            a = call_step(ns, terms, t, y, dt, dw, levy, f0 if ns.fsal else None, ns_state)
+            if fresh:
+                a.ng = a.ng + 1
         if run_stiff:
             levy = levy_h if self.stiff.needs_levy_area else None
             b = call_step(self.stiff, terms, t, y, dt, dw, levy, f0 if self.fsal else None, state.stiff_state)
@@ -219,10 +240,13 @@ class AutoSwitch(AbstractSolver):
                 b.nf = b.nf + 1
             if b.stiffness is None:  # no Jacobian (matrix-free): never judged non-stiff
                 b.stiffness = torch.full((y.shape[0],), float("inf"), dtype=torch.float64, device=y.device)
-        state = state._replace(
-            nonstiff_state=state.nonstiff_state if a is None or a.state is None else a.state,
-            stiff_state=state.stiff_state if b is None or b.state is None else b.state,
-        )
+        if carried:  # g(t + dt) of every sample, kept in update where the step is accepted
+            state = state._replace(
+                nonstiff_state=(None,) if a is None else a.state, carried_start=None if a is None else ns_state
+            )
+        elif a is not None and a.state is not None:
+            state = state._replace(nonstiff_state=a.state)
+        state = state._replace(stiff_state=state.stiff_state if b is None or b.state is None else b.state)
         if a is None or b is None:
             out = a if b is None else b
             assert out is not None
@@ -273,6 +297,9 @@ class AutoSwitch(AbstractSolver):
         factor for samples that switched."""
         if out.state is not None:
             state = out.state
+        if state.carried_start is not None:
+            kept = zip(state.nonstiff_state, state.carried_start)
+            state = state._replace(nonstiff_state=tuple(_pick(accepted, g1, g0) for g1, g0 in kept), carried_start=None)
         if out.stiffness is None:
             return state, None
         stiff, count = state.stiff, state.counter

@@ -98,9 +98,10 @@ class ShARK(AbstractSolver):
     accepted step is the next step's ``g(t)`` (the diffusion does not depend on the state),
     carried in the solver's state (``carries_state``) and started from ``solve``'s start-up
     ``g(t0)``, where the engine guarantees that each step starts at the previous one's
-    ``t + h`` bit for bit (:class:`~diffeqbridge.solvers.base.Startup`); otherwise (a float32
-    state, adaptive steps landing on intermediate save times or ``tstops``, events, inside a
-    composite such as ``alg=None``'s ``AutoSwitch``) 2 drift + 2 diffusion evaluations."""
+    ``t + h`` bit for bit (:class:`~diffeqbridge.solvers.base.Startup`; inside ``alg=None``'s
+    ``AutoSwitch`` too, :class:`~diffeqbridge.solvers.composite.SwitchState`); otherwise (a
+    float32 state, adaptive steps landing on intermediate save times or ``tstops``, events)
+    2 drift + 2 diffusion evaluations."""
 
     strong_order: ClassVar[float] = 1.5
     weak_order: ClassVar[float] = 2.0
@@ -116,6 +117,7 @@ class ShARK(AbstractSolver):
     # drift stability R(z) = 1 + z + z²/2: |R(-x)| <= 1 for x <= 2 (real_stability_interval gives 2.0)
     stability_size: ClassVar[float | None] = 2.0
     carries_state: ClassVar[bool] = True  # (g(t),) where the engine's times allow it, else None
+    carries_diffusion: ClassVar[bool] = True
 
     def init(self, terms: Terms, t: Tensor, y0: Tensor, startup: Startup | None = None) -> tuple[Tensor] | None:
         """See :func:`carried_diffusion_init`."""

@@ -197,6 +197,7 @@ class _SRABase(StochasticRungeKutta):
     step_function = staticmethod(sra_step)
     # (g(t),) where the engine's times allow it (carried_diffusion_init), else None
     carries_state: ClassVar[bool] = True
+    carries_diffusion: ClassVar[bool] = True
 
     def init(self, terms: Terms, t: Tensor, y0: Tensor, startup: Startup | None = None) -> tuple[Tensor] | None:
         """``(g(t0),)`` when the tableau evaluates the diffusion at both ends of the step
