@@ -365,6 +365,16 @@ def _backward_settings(c: _Ctx, sensealg: BacksolveAdjoint) -> tuple[bool, float
     return adaptive, atol, rtol, dt
 
 
+#: why an adaptive SDE backsolve runs out of steps at tight tolerances, and what to do
+_SDE_HINT = (
+    ". The backward SDE is solved with Heun's scheme and its embedded Euler estimate, whose error "
+    "estimate is first order: its steps grow like 1/tol (GBM: ~10x per decade of tolerance, against "
+    "~5x for SRIW1's forward). Loosen the backward tolerances only (e.g. BacksolveAdjoint(atol=1e-4, "
+    "rtol=1e-4); the gradient error follows them), raise max_steps, or use DiscreteAdjoint()/"
+    "InterpolatingAdjoint(); see docs/guides/gradients.md"
+)
+
+
 def _all_finite(x: Tensor) -> Tensor:
     return torch.isfinite(x).flatten(1).all(dim=1)
 
@@ -428,7 +438,8 @@ def backsolve_backward(c: _Ctx, ys: Tensor, grad_ys: Tensor) -> tuple[Tensor, Te
         codes = sorted({ReturnCode(int(r)).name for r in retcodes[failed].tolist()})
         warnings.warn(
             f"sensealg=BacksolveAdjoint: the backward solve failed for {n_failed} of {batch} sample(s) "
-            f"({', '.join(codes)}): their dL/dy0 and dL/dθ are NaN; see stats.extra['adjoint_retcodes']",
+            f"({', '.join(codes)}): their dL/dy0 and dL/dθ are NaN; see stats.extra['adjoint_retcodes']"
+            + (_SDE_HINT if sde and int(ReturnCode.MaxIters) in retcodes[failed].tolist() else ""),
             RuntimeWarning,
             stacklevel=2,
         )
