@@ -470,6 +470,33 @@ class ReuseCache:
         return out
 
 
+def _tree_pointers(
+    key0: Tensor,
+    key1: Tensor,
+    w_root: Tensor,
+    h_root: Tensor,
+    levels: Tensor,
+    level_keys: Tensor,
+    geometry: Tensor,
+    cell_key: int,
+    wide: bool,
+) -> tuple[int, ...]:
+    """The tree's arguments shared by the C functions ``tree_point`` and ``tree_grid``, in
+    their order: element keys, roots, levels (with their count), geometry, cell key, ``wide``."""
+    return (
+        key0.data_ptr(),
+        key1.data_ptr(),
+        w_root.data_ptr(),
+        h_root.data_ptr(),
+        levels.data_ptr(),
+        level_keys.data_ptr(),
+        levels.shape[0],
+        geometry.data_ptr(),
+        cell_key,
+        int(wide),
+    )
+
+
 def run_c(
     kernel: Callable[..., None],
     t: Tensor,
@@ -493,16 +520,7 @@ def run_c(
         w_root.numel(),
         w_root.shape[1],
         t.data_ptr(),
-        key0.data_ptr(),
-        key1.data_ptr(),
-        w_root.data_ptr(),
-        h_root.data_ptr(),
-        levels.data_ptr(),
-        level_keys.data_ptr(),
-        levels.shape[0],
-        geometry.data_ptr(),
-        cell_key,
-        int(wide),
+        *_tree_pointers(key0, key1, w_root, h_root, levels, level_keys, geometry, cell_key, wide),
         w_out.data_ptr(),
         j_out.data_ptr(),
     )
@@ -545,16 +563,7 @@ def run_c_grid(
         w_root.numel(),
         len(times),
         grid.data_ptr(),
-        key0.data_ptr(),
-        key1.data_ptr(),
-        w_root.data_ptr(),
-        h_root.data_ptr(),
-        levels.data_ptr(),
-        level_keys.data_ptr(),
-        levels.shape[0],
-        geometry.data_ptr(),
-        cell_key,
-        int(wide),
+        *_tree_pointers(key0, key1, w_root, h_root, levels, level_keys, geometry, cell_key, wide),
         w_out.data_ptr(),
         None if j_out is None else j_out.data_ptr(),
         scratch.data_ptr(),
