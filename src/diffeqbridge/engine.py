@@ -145,6 +145,11 @@ def _start_terms(terms: Terms, t: Tensor, y: Tensor, values: StartValues) -> tup
     return memo, hits
 
 
+def _running_max(current: Tensor | None, value: Tensor) -> Tensor:
+    """Elementwise running maximum: ``value`` (a copy) at the first report, else ``max(current, value)``."""
+    return value.clone() if current is None else torch.maximum(current, value)
+
+
 def _discount(out: StepOutput, hits: list[int]) -> StepOutput:
     """``out`` with the reused start-up values (:func:`_start_terms`) taken off its counts."""
     out.nf, out.ng = out.nf - hits[0], out.ng - hits[1]
@@ -895,7 +900,7 @@ class Integrator:
                 return False
             if out.stiffness is not None:
                 eigen_last = out.stiffness.detach().to(torch.float64)
-                eigen_max = eigen_last.clone() if eigen_max is None else torch.maximum(eigen_max, eigen_last)
+                eigen_max = _running_max(eigen_max, eigen_last)
             size = out.y1.detach().abs().amax()
             peak = size if peak is None else torch.maximum(peak, size)  # NaN propagates
             nf, ng = nf + out.nf, ng + out.ng
@@ -1354,7 +1359,7 @@ class Integrator:
         if out.stiffness is not None:
             rho = out.stiffness.detach().to(torch.float64)
             s.eigen_last = torch.where(accepted, rho, s.eigen_last if s.eigen_last is not None else torch.zeros_like(rho))
-            s.eigen_max = torch.maximum(s.eigen_max, s.eigen_last) if s.eigen_max is not None else s.eigen_last.clone()
+            s.eigen_max = _running_max(s.eigen_max, s.eigen_last)
         s.nf = _count(s.nf, s.active, out.nf)
         s.ng = _count(s.ng, s.active, out.ng)
         s.naccept = s.naccept + accepted
