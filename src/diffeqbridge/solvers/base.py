@@ -260,6 +260,19 @@ def call_step(
     return stateful(terms, t, y, dt, dw, levy_h, f0, state)
 
 
+def levy_inputs(
+    terms: Terms, dw: Tensor | None, levy_h: Tensor | None, method: str
+) -> tuple[Callable[[Tensor, Tensor], Tensor], Tensor, Tensor]:
+    """``(diffusion, dw, levy_h)`` for a step that needs the diffusion, the increment and the
+    space-time Lévy area: ``TypeError`` for an ODE problem, ``ValueError`` without ``dW``/``H``
+    (``method``: the subject of the message, e.g. ``"ShARK needs"``, ``"SRI methods need"``)."""
+    if terms.diffusion is None:
+        raise TypeError(f"{method} an SDE problem (a diffusion term)")
+    if dw is None or levy_h is None:
+        raise ValueError(f"{method} the Brownian increment dW and the Lévy area H")
+    return terms.diffusion, dw, levy_h
+
+
 def carried_diffusion_init(terms: Terms, startup: Startup | None) -> tuple[Tensor] | None:
     """The state ``(g(t0),)`` of the additive-noise solvers that carry the diffusion at a step's
     end, ``g(t + h)``, into the next step as its ``g(t)`` (ShARK, the SRA family): exact

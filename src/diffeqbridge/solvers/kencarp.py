@@ -105,6 +105,7 @@ from .base import (
     check_delta,
     check_error_estimate,
     jacobian_inf_norm,
+    levy_inputs,
     linear_combination,
 )
 
@@ -178,11 +179,8 @@ class SKenCarp(AbstractSolver):
     def step(
         self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None, levy_h: Tensor | None, f0: Tensor | None = None
     ) -> StepOutput:
-        if terms.diffusion is None:
-            raise TypeError("SKenCarp needs an SDE problem (a diffusion term)")
-        if dw is None or levy_h is None:
-            raise ValueError("SKenCarp needs the Brownian increment dW and the Lévy area H")
-        drift, diffusion = terms.drift, terms.diffusion
+        diffusion, dw, levy_h = levy_inputs(terms, dw, levy_h, "SKenCarp needs")
+        drift = terms.drift
         opts = self.newton
         dt_y = expand_to(dt, y)
         gh = GAMMA * dt

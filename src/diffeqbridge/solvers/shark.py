@@ -38,6 +38,7 @@ from .base import (
     carried_diffusion_init,
     fused_sum,
     hairer_eigen_estimate,
+    levy_inputs,
     noise_terms,
     stage_time,
 )
@@ -63,15 +64,12 @@ def shark_step(
         :class:`StepOutput` with ``y1`` and ``error`` of shape ``(B, *state_shape)``, the
         ``(B,)`` stiffness estimate and ``state = (g1,)``, ``g1 = diffusion(t + dt, ·)``.
     """
-    if terms.diffusion is None:
-        raise TypeError("ShARK needs an SDE problem (a diffusion term)")
-    if dw is None or levy_h is None:
-        raise ValueError("ShARK needs the Brownian increment dW and the Lévy area H")
+    diffusion, dw, levy_h = levy_inputs(terms, dw, levy_h, "ShARK needs")
     dt_y = expand_to(dt, y)
     ng = 1 if g0 is not None else 2
     if g0 is None:
-        g0 = terms.diffusion(t, y)
-    g1 = terms.diffusion(stage_time(t, dt, 1.0), y)
+        g0 = diffusion(t, y)
+    g1 = diffusion(stage_time(t, dt, 1.0), y)
     z1 = fused_sum(y, noise_terms(terms, [(1.0, g0)], levy_h, y))
     assert z1 is not None
     f1 = terms.drift(t, z1)

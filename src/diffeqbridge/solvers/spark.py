@@ -50,6 +50,7 @@ from .base import (
     StepOutput,
     check_unit_step_power,
     fused_sum,
+    levy_inputs,
     noise_terms,
     stage_time,
     weighted_per_unit_step,
@@ -105,11 +106,8 @@ def spark_step(terms: Terms, t: Tensor, y: Tensor, dt: Tensor, dw: Tensor | None
     Returns:
         :class:`StepOutput` with ``y1`` and ``error`` of shape ``(B, *state_shape)``.
     """
-    if terms.diffusion is None:
-        raise TypeError("SPaRK needs an SDE problem (a diffusion term)")
-    if dw is None or levy_h is None:
-        raise ValueError("SPaRK needs the Brownian increment dW and the Lévy area H")
-    drift, diffusion = terms.drift, terms.diffusion
+    diffusion, dw, levy_h = levy_inputs(terms, dw, levy_h, "SPaRK needs")
+    drift = terms.drift
     dt_y = expand_to(dt, y)
     t2, t3 = stage_time(t, dt, 0.5), stage_time(t, dt, 1.0)
 

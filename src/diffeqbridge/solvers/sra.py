@@ -54,6 +54,7 @@ from .base import (
     carried_diffusion_init,
     drift_error_terms,
     fused_sum,
+    levy_inputs,
     noise_terms,
     stage_time,
 )
@@ -141,11 +142,8 @@ def sra_step(
         :class:`StepOutput` with ``y1`` and ``error`` of shape ``(B, *state_shape)``; with
         ``g_start``, ``state = (g(t + dt),)`` for the next step.
     """
-    if terms.diffusion is None:
-        raise TypeError("SRA methods need an SDE problem (a diffusion term)")
-    if dw is None or levy_h is None:
-        raise ValueError("SRA methods need the Brownian increment dW and the Lévy area H")
-    drift, diffusion = terms.drift, terms.diffusion
+    diffusion, dw, levy_h = levy_inputs(terms, dw, levy_h, "SRA methods need")
+    drift = terms.drift
 
     dt_y = expand_to(dt, y)
     chi2 = torch.add(levy_h, dw, alpha=0.5)  # I_(1,0)/dt, noise-shaped

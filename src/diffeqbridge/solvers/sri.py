@@ -60,7 +60,7 @@ import torch
 from torch import Tensor
 
 from ..problem import Terms, expand_to
-from .base import StepOutput, StochasticRungeKutta, drift_error_terms, fused_sum, hairer_eigen_estimate, stage_time
+from .base import StepOutput, StochasticRungeKutta, drift_error_terms, fused_sum, hairer_eigen_estimate, levy_inputs, stage_time
 
 Matrix = tuple[tuple[float, ...], ...]
 
@@ -210,11 +210,8 @@ def sri_step(
     Every stage and output sum is :func:`fused_sum` over the plan's non-zero weights (one
     fused multiply-add per weight).
     """
-    if terms.diffusion is None:
-        raise TypeError("SRI methods need an SDE problem (a diffusion term)")
-    if dw is None or levy_h is None:
-        raise ValueError("SRI methods need the Brownian increment dW and the Lévy area H")
-    drift, diffusion = terms.drift, terms.diffusion
+    diffusion, dw, levy_h = levy_inputs(terms, dw, levy_h, "SRI methods need")
+    drift = terms.drift
     plan = tab.plan
 
     dt_y = expand_to(dt, y)
