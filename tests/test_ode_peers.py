@@ -326,3 +326,157 @@ def test_tuple_and_complex_states_and_tolerance_forms():
     )
     ref = torch.tensor([math.exp(-1), 2 * math.exp(-2)], dtype=F64).reshape(1, 2, 1)
     assert float((sol.ys[-1] - ref).abs().max()) < 1e-8
+
+
+# ----------------------------------------------------------------------- diffrax: fixed steps
+def _diffrax():
+    """diffrax with float64 (as tests/test_jax.py); skipped where it is not installed."""
+    dfx = pytest.importorskip("diffrax")
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    return dfx, jax
+
+
+LV = (1.5, 1.0, 3.0, 1.0)  # SciML's prob_ode_lotkavolterra: p = [a, b, c, d]
+
+
+def _lv_torch(t, y):
+    a, b, c, d = LV
+    x, z = y[:, 0], y[:, 1]
+    return torch.stack([a * x - b * x * z, -c * z + d * x * z], -1)
+
+
+def _lv_jax(t, y, args):
+    import jax.numpy as jnp
+
+    a, b, c, d = LV
+    x, z = y[..., 0], y[..., 1]
+    return jnp.stack([a * x - b * x * z, -c * z + d * x * z], -1)
+
+
+def test_diffrax_fixed_step_and_dense_output_agree():
+    """Fixed-step ``Tsit5`` (``ConstantStepSize``, ``dt0 = 0.05``) gives diffrax's numbers to
+    rounding, at the save times and through the dense interpolant between steps (both use
+    Tsitouras' 4th-order interpolant; Dopri5 is compared with torchdiffeq in
+    test_runge_kutta_step.py); ``Kvaerno5`` with a tight Newton
+    (``optimistix.Newton(1e-12)``) agrees to ``1e-8``, 1/100 of its distance to the exact
+    solution (same tableau; the Newton stopping rules differ).  Three initial conditions."""
+    dfx, jax = _diffrax()
+    import jax.numpy as jnp
+    import numpy as np
+    import optimistix
+
+    y0 = torch.tensor([[1.0, 1.0], [0.5, 2.0], [2.0, 0.3]], dtype=F64)
+    ts = np.linspace(0.0, 2.0, 11)
+    mids = np.array([0.025, 0.73, 1.111, 1.98])
+    exact = deb.solve(deb.ODEProblem(_lv_torch, y0, (0.0, 2.0)), deb.Tsit5(), saveat=torch.tensor(ts), rtol=1e-12, atol=1e-12)
+    solvers = {
+        "Tsit5": (dfx.Tsit5(), 1e-13),
+        "Kvaerno5": (dfx.Kvaerno5(root_finder=optimistix.Newton(rtol=1e-12, atol=1e-12)), 1e-8),
+    }
+    for name, (peer_solver, tol) in solvers.items():
+        dense = name == "Tsit5"  # (Kvaerno5's Hermite interpolants agree too: one compilation less)
+        peer = dfx.diffeqsolve(  # the batch as one (3, 2) state
+            dfx.ODETerm(_lv_jax),
+            peer_solver,
+            0.0,
+            2.0,
+            0.05,
+            jnp.asarray(y0.numpy()),
+            saveat=dfx.SaveAt(ts=ts, dense=dense),
+            stepsize_controller=dfx.ConstantStepSize(),
+        )
+        peer_ys = torch.from_numpy(np.array(peer.ys))
+        sol = deb.solve(
+            deb.ODEProblem(_lv_torch, y0, (0.0, 2.0)),
+            ODE_SOLVERS[name](),
+            dt=0.05,
+            adaptive=False,
+            saveat=torch.tensor(ts),
+            dense=True,
+        )
+        assert float((sol.ys - peer_ys).abs().max()) < tol, name
+        if dense:
+            peer_mid = torch.from_numpy(np.array(jax.vmap(peer.evaluate)(mids)))
+            assert float((sol.evaluate(torch.tensor(mids)) - peer_mid).abs().max()) < tol, name
+        if name == "Kvaerno5":
+            assert float((sol.ys - exact.ys).abs().max()) > 100 * tol
+
+
+def test_diffrax_adaptive_lotka_volterra_and_its_invariant():
+    """Adaptive ``Tsit5`` (PID controller, rtol = atol = 1e-10) on ``[0, 10]``: ours and diffrax
+    agree to ``1e-7``, and both keep ``V = d x - c log x + b y - a log y`` constant."""
+    dfx, _ = _diffrax()
+    import jax.numpy as jnp
+    import numpy as np
+
+    a, b, c, d = LV
+    ts = np.linspace(0.0, 10.0, 21)
+    peer = dfx.diffeqsolve(
+        dfx.ODETerm(_lv_jax),
+        dfx.Tsit5(),
+        0.0,
+        10.0,
+        None,
+        jnp.array([1.0, 1.0]),
+        saveat=dfx.SaveAt(ts=ts),
+        stepsize_controller=dfx.PIDController(rtol=1e-10, atol=1e-10),
+        max_steps=100_000,
+    )
+    sol = deb.solve(
+        deb.ODEProblem(_lv_torch, torch.ones(2, 2, dtype=F64), (0.0, 10.0)),
+        deb.Tsit5(),
+        saveat=torch.tensor(ts),
+        rtol=1e-10,
+        atol=1e-10,
+    )
+    assert sol.success
+    assert float((sol.ys - torch.from_numpy(np.asarray(peer.ys))[:, None]).abs().max()) < 1e-7
+    x, z = sol.ys[..., 0], sol.ys[..., 1]
+    invariant = d * x - c * torch.log(x) + b * z - a * torch.log(z)
+    assert float((invariant - invariant[0]).abs().max()) < 1e-8
+
+
+@pytest.mark.parametrize("name", list(ODE_SOLVERS))
+def test_diffrax_exponential_decay_saveat_forms(name):
+    """diffrax's ``y' = -y`` (``y(t) = y0 e^{-t}``): ``SaveAt(t0=True, t1=True)`` is our default
+    ``saveat``; ``SaveAt(ts=...)`` with a first time after ``t0`` and ``SaveAt(t1=True)``;
+    ``SaveAt(dense=True)`` is ``dense=True``.  Errors within 10x the tolerance at rtol = 1e-6,
+    atol = 1e-9, state ``(B, 2, 3)``."""
+    y0 = torch.linspace(0.5, 2.0, 12, dtype=F64).reshape(2, 2, 3)
+    prob = deb.ODEProblem(lambda t, y: -y, y0, (0.0, 2.0))
+    kw = dict(rtol=1e-6, atol=1e-9)
+    bound = 10 * 1e-6 * float(y0.abs().max())
+    default = deb.solve(prob, ODE_SOLVERS[name](), **kw)
+    assert default.ts.tolist() == [0.0, 2.0] and torch.equal(default.ys[0], y0)
+    ts = torch.tensor([0.3, 1.0, 1.7], dtype=F64)
+    at_ts = deb.solve(prob, ODE_SOLVERS[name](), saveat=ts, **kw)
+    only_end = deb.solve(prob, ODE_SOLVERS[name](), saveat=[2.0], **kw)
+    dense = deb.solve(prob, ODE_SOLVERS[name](), dense=True, **kw)
+    tt = torch.linspace(0.0, 2.0, 41, dtype=F64)
+    for got, times in (
+        (default.ys, default.ts),
+        (at_ts.ys, ts),
+        (only_end.ys, torch.tensor([2.0], dtype=F64)),
+        (dense.evaluate(tt), tt),
+    ):
+        exact = y0 * torch.exp(-times).reshape(-1, 1, 1, 1)
+        assert got.shape == exact.shape
+        assert float((got - exact).abs().max()) < bound, name
+
+
+def test_diffrax_max_steps_is_per_sample():
+    """diffrax raises when ``max_steps`` is reached (``throw=True``) or marks the whole solve;
+    ours gives that sample ``ReturnCode.MaxIters`` (its final state NaN) and the others finish
+    with their accurate values: ``y' = -lam y`` with ``lam = (1, 1e4, 2)``, explicit Tsit5 and
+    ``max_steps=300`` (the stiff sample needs ~ 1e4 x 3.3 / 3.5 steps for stability)."""
+    lam = torch.tensor([[1.0], [1e4], [2.0]], dtype=F64)
+    sol = deb.solve(deb.ODEProblem(lambda t, y: -lam * y, torch.ones(3, 1, dtype=F64), (0.0, 1.0)), deb.Tsit5(), max_steps=300)
+    assert sol.retcode == [deb.ReturnCode.Success, deb.ReturnCode.MaxIters, deb.ReturnCode.Success]
+    assert not sol.success
+    assert int(sol.stats.nsteps[1]) == 300 and int(sol.stats.nsteps[0]) < 20
+    ok = torch.tensor([0, 2])
+    assert float((sol.ys[-1, ok] - torch.exp(-lam[ok])).abs().max()) < 1e-6
+    assert bool(torch.isnan(sol.ys[-1, 1]).all())
+    stiff = deb.solve(deb.ODEProblem(lambda t, y: -lam * y, torch.ones(3, 1, dtype=F64), (0.0, 1.0)), deb.Rodas4(), max_steps=300)
+    assert stiff.success
