@@ -480,3 +480,66 @@ def test_diffrax_max_steps_is_per_sample():
     assert bool(torch.isnan(sol.ys[-1, 1]).all())
     stiff = deb.solve(deb.ODEProblem(lambda t, y: -lam * y, torch.ones(3, 1, dtype=F64), (0.0, 1.0)), deb.Rodas4(), max_steps=300)
     assert stiff.success
+
+
+# ------------------------------------------------------------------------------------ torchode
+TORCHODE_T_EVAL = ((0.1, 0.15, 1.0), (1.0, 1.9, 2.0))  # torchode's interface_test.py
+
+
+def _torchode_sine(t, y):
+    """torchode's ``sine_dynamics``: ``t`` ``(B,)``, ``y`` ``(B, 1)``."""
+    return (2 * y[:, 0] / t + t**4 * torch.sin(2 * t) - t**2 + 4 * t**3)[:, None]
+
+
+def test_torchode_per_sample_time_spans_by_rescaling():
+    """torchode solves each sample on its own span (``t_eval`` ``(B, T)``).  Ours has one
+    ``tspan``; per-sample spans ``[t0_i, t1_i]`` are the substitution ``t = t0_i + s (t1_i - t0_i)``,
+    ``dy/ds = (t1_i - t0_i) f(t, y)`` on ``s in [0, 1]``, read at each sample's own ``s`` from
+    the dense output (``sol.evaluate`` with ``(T, B)`` times).  Relative error ``< 1e-5`` as
+    torchode's test, and agreement with torchode itself at the same tolerances."""
+    t_eval = torch.tensor(TORCHODE_T_EVAL, dtype=F64)
+    t0, t1 = t_eval[:, 0], t_eval[:, -1]
+    y0 = _sine_exact(t0)[:, None]
+
+    def rescaled(s, y):
+        return (t1 - t0)[:, None] * _torchode_sine(t0 + s * (t1 - t0), y)
+
+    sol = deb.solve(deb.ODEProblem(rescaled, y0, (0.0, 1.0)), deb.Tsit5(), rtol=1e-7, atol=1e-7, dense=True)
+    s_eval = ((t_eval - t0[:, None]) / (t1 - t0)[:, None]).T  # (T, B)
+    ys = sol.evaluate(s_eval)[..., 0].T  # (B, T)
+    exact = _sine_exact(t_eval)
+    assert float(((ys - exact) / exact).abs().max()) < 1e-5
+    torchode = pytest.importorskip("torchode")
+    peer = torchode.solve_ivp(_torchode_sine, y0, t_eval)
+    assert peer.status.tolist() == [0, 0]
+    assert float(((ys - peer.ys[..., 0]) / exact).abs().max()) < 1e-5
+
+
+def test_torchode_per_sample_steps_and_status_codes():
+    """``y' = -lam y``, ``lam = (1, 300, 2)``, Tsit5 at rtol = atol = 1e-6: every sample takes its
+    own number of steps (torchode's ``stats["n_steps"]``, our ``stats.nsteps``; within a
+    factor 2 of torchode's per sample); with ``max_steps=50`` only the stiff sample stops —
+    torchode's ``Status.REACHED_MAX_STEPS`` is our ``ReturnCode.MaxIters`` — and the others'
+    values are unchanged."""
+    lam = torch.tensor([[1.0], [300.0], [2.0]], dtype=F64)
+    y0 = torch.ones(3, 1, dtype=F64)
+    ts = torch.linspace(0.0, 1.0, 5, dtype=F64)
+    prob = deb.ODEProblem(lambda t, y: -lam * y, y0, (0.0, 1.0))
+    free = deb.solve(prob, deb.Tsit5(), rtol=1e-6, atol=1e-6, saveat=ts)
+    capped = deb.solve(prob, deb.Tsit5(), rtol=1e-6, atol=1e-6, saveat=ts, max_steps=50)
+    assert free.success and int(free.stats.nsteps[1]) > 5 * int(free.stats.nsteps[[0, 2]].max())
+    assert capped.retcode == [deb.ReturnCode.Success, deb.ReturnCode.MaxIters, deb.ReturnCode.Success]
+    assert int(capped.stats.nsteps[1]) == 50
+    assert torch.equal(capped.ys[:, [0, 2]], free.ys[:, [0, 2]])
+    assert float((free.ys[..., 0] - torch.exp(-lam[:, 0] * ts[:, None])).abs().max()) < 1e-6
+
+    torchode = pytest.importorskip("torchode")
+    for max_steps, ours in ((None, free), (50, capped)):
+        term = torchode.ODETerm(lambda t, y: -lam * y)
+        controller = torchode.IntegralController(atol=1e-6, rtol=1e-6, term=term)
+        solver = torchode.AutoDiffAdjoint(torchode.Tsit5(term=term), controller, max_steps=max_steps)
+        peer = solver.solve(torchode.InitialValueProblem(y0=y0, t_eval=ts.expand(3, -1)))
+        codes = {0: deb.ReturnCode.Success, 3: deb.ReturnCode.MaxIters}
+        assert [codes[int(c)] for c in peer.status] == ours.retcode
+        ratio = ours.stats.nsteps.double() / peer.stats["n_steps"].double()
+        assert bool(((ratio > 0.5) & (ratio < 2.0)).all()), ratio
