@@ -23,7 +23,7 @@ def _check_tspan(tspan: Any) -> tuple[float, float]:
     if isinstance(tspan, (str, bytes)):  # "01" would otherwise unpack as (0, 1)
         raise TypeError(f"tspan must be a pair of numbers (t0, t1); got {tspan!r}")
     try:
-        t0, t1 = (float(v) for v in tspan)
+        t0, t1 = (float(v.detach()) if isinstance(v, Tensor) else float(v) for v in tspan)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"tspan must be a pair of numbers (t0, t1); got {tspan!r}") from exc
     if not (math.isfinite(t0) and math.isfinite(t1)):
@@ -94,6 +94,11 @@ class ODEProblem:
         self.drift = f
         self.y0 = _check_y0(y0)
         self.tspan = _check_tspan(tspan)
+        # tspan entries that are tensors requiring grad (torchdiffeq differentiates its times):
+        # solve() gives ODE solutions their time gradients (solve._solve_with_time_gradients)
+        self.time_tensors: tuple[Tensor | None, Tensor | None] = tuple(  # type: ignore[assignment]
+            v if isinstance(v, Tensor) and v.requires_grad else None for v in tspan
+        )
         self.params = _check_params(params)
 
     f = property(lambda self: self.drift)

@@ -271,6 +271,52 @@ def _check_brownian(
     return brownian
 
 
+def _wants_time_gradients(prob: ODEProblem, saveat: Any) -> bool:
+    """Whether an ODE solve was given times that require grad (tspan entries or ``saveat``)."""
+    if not torch.is_grad_enabled():
+        return False
+    given = getattr(prob, "time_tensors", (None, None))
+    return any(t is not None for t in given) or (isinstance(saveat, Tensor) and saveat.requires_grad)
+
+
+def _solve_with_time_gradients(given: dict[str, Any]) -> Solution:
+    """:func:`solve` for an ODE whose times require grad: solve with detached times, with
+    ``y0`` shifted by ``-(t0 - stop_grad(t0)) f(t0, y0)`` (zero in value; ``dy(t)/dt0 =
+    -(dy(t)/dy0) f(t0, y0)``), then add ``(t_k - stop_grad(t_k)) f(t_k, y_k)`` to each save
+    (``dy(t_k)/dt_k = f(t_k, y_k)``).  Costs one evaluation of ``f`` for ``t0`` and one per
+    differentiable save time (not counted in ``stats.nf``)."""
+    import copy
+
+    prob, saveat = given["prob"], given["saveat"]
+    t0_grad, t1_grad = prob.time_tensors
+    y0, batch = prob.y0, prob.batch_size
+
+    def field_at(t: Tensor, y: Tensor) -> Tensor:
+        tt = torch.full((batch,), float(t.detach()), dtype=torch.float64, device=y.device)
+        return prob.drift(tt, y).to(y.dtype)
+
+    def zero_with_grad(t: Tensor, like: Tensor) -> Tensor:
+        return (t - t.detach()).to(device=like.device, dtype=like.dtype)
+
+    shifted = copy.copy(prob)
+    shifted.time_tensors = (None, None)
+    if t0_grad is not None:
+        shifted.y0 = y0 - zero_with_grad(t0_grad, y0) * field_at(t0_grad, y0)
+    detached_saveat = saveat.detach() if isinstance(saveat, Tensor) else saveat
+    sol = solve(**{**given, "prob": shifted, "saveat": detached_saveat})
+    if isinstance(saveat, Tensor) and saveat.requires_grad:
+        save_grads: list[Tensor | None] = list(saveat.reshape(-1).unbind())
+    elif saveat is None:
+        save_grads = [t0_grad, t1_grad]
+    else:
+        save_grads = [None] * sol.ts.shape[0]
+    if len(save_grads) == sol.ys.shape[0] and any(t is not None for t in save_grads):
+        sol.ys = torch.stack(
+            [y if t is None else y + zero_with_grad(t, y) * field_at(t, y) for t, y in zip(save_grads, sol.ys.unbind())]
+        )
+    return sol
+
+
 def solve(
     prob: ODEProblem,
     alg: AbstractSolver | None = None,
@@ -379,7 +425,13 @@ def solve(
 
     Returns:
         :class:`Solution` with ``ts (T,)``, ``ys (T, B, *state_shape)``, per-sample stats/retcodes.
+        ODEs: where ``tspan``'s entries or ``saveat`` are tensors that require grad, ``ys`` is
+        differentiable in them too (as torchdiffeq's ``odeint`` in ``t``): ``dy(t_k)/dt_k =
+        f(t_k, y(t_k))`` and ``dy(t)/dt0 = -(dy(t)/dy0) f(t0, y0)``.
     """
+    given = dict(locals())
+    if isinstance(prob, ODEProblem) and not prob.is_sde and _wants_time_gradients(prob, saveat):
+        return _solve_with_time_gradients(given)
     if not isinstance(prob, ODEProblem):
         raise TypeError(f"prob must be a deb.SDEProblem or deb.ODEProblem; got {type(prob).__name__}")
     if backend not in BACKENDS:
