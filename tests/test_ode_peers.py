@@ -245,11 +245,13 @@ def _sine_field(t, y):
     return 2 * y / t + t**4 * torch.sin(2 * t) - t**2 + 4 * t**3
 
 
-@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
+EVENT_CASES = [(name, F64) for name in ("Tsit5", "Dopri5", "Rodas4", "Kvaerno5")] + [("Tsit5", torch.float32)]
+
+
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "backward"])
 @pytest.mark.parametrize("ode", ["constant", "sine"])
-@pytest.mark.parametrize("name", ["Tsit5", "Dopri5", "Rodas4", "Kvaerno5"])
-def test_torchdiffeq_event_at_third_save_time(name, ode, reverse, dtype):
+@pytest.mark.parametrize("name, dtype", EVENT_CASES, ids=[f"{n}-{str(d)[6:]}" for n, d in EVENT_CASES])
+def test_torchdiffeq_event_at_third_save_time(name, dtype, ode, reverse):
     """``event_tests.py``: starting at ``t_points[0]``, stop where ``y`` reaches its exact value
     at ``t_points[2]`` of ``linspace(1, 8, 10)`` (flipped when reversed); the event time and
     state within ``1e-4`` relative (torchdiffeq's bound for its adaptive methods, at its
