@@ -351,6 +351,22 @@ def _exact_flow(sde, x_T, t_end, s0: float = 0.5):
     return x_T * std[0] / std[1]
 
 
+@pytest.mark.parametrize("name", ["VPSDE", "SubVPSDE", "VESDE"])
+def test_prior_sample_and_logp(name):
+    """prior_sample((B, *shape), seed, dtype, device) draws N(0, prior_std² I) per sample
+    (seeded rows do not depend on B); prior_logp is its (B,) log-density in nats."""
+    sde = getattr(dd, name)()
+    std = {"VPSDE": 1.0, "SubVPSDE": 1.0, "VESDE": 50.0}[name]
+    x = sde.prior_sample((2048, 2, 2), seed=4, dtype=F64, device="cpu")
+    assert x.shape == (2048, 2, 2) and x.dtype == F64 and x.device.type == "cpu"
+    assert torch.equal(sde.prior_sample((3, 2, 2), seed=4, dtype=F64), x[:3])
+    assert abs(float(x.std()) / std - 1) < 4 * math.sqrt(0.5 / x.numel())
+    logp = sde.prior_logp(x)
+    expected = -0.5 * (x / std).square().flatten(1).sum(1) - 4 * math.log(std * math.sqrt(2 * math.pi))
+    assert logp.shape == (2048,)
+    torch.testing.assert_close(logp, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_ode_sampler_and_likelihood_default_to_tsit5():
     """ "ode": any deb ODE solver, default Tsit5 (as invert's "ode" and log_likelihood); the
     samples follow the exact affine flow to the default tolerance 1e-5."""
@@ -406,7 +422,8 @@ def test_model_sees_times_inside_the_span_for_every_sampler(method, options):
 
     x_T = sde.prior_sample((5, 2), seed=1, dtype=F64)
     sol = dd.sample(model, sde, x_T, method=method, t_end=t_end, **options)
-    assert sol.success and sol.ys[-1].shape == (5, 2)
+    assert sol.success and sol.ys[-1].shape == (5, 2) and sol.stats.nf.shape == (5,)
+    assert float(sol.ts[0]) == sde.T and float(sol.ts[-1]) == t_end  # time runs from T down to t_end
     assert all(one_time_per_row for one_time_per_row, _, _ in seen)  # adaptive: only running rows
     assert min(lo for _, lo, _ in seen) >= t_end - 1e-12 and max(hi for _, _, hi in seen) <= sde.T + 1e-12
 
