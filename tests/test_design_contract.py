@@ -122,6 +122,8 @@ COUNTED = [
     (None, {}, "diagonal"),
     (None, {}, "additive"),
     (deb.SPaRK(), {}, "general"),
+    # not the implicit solvers: their autodiff Jacobians' traced drift calls are left out of nf
+    # (docs/concepts/return-codes.md; SciML counts them)
 ]
 
 
@@ -146,7 +148,11 @@ def test_stats_count_every_drift_and_diffusion_call(alg, kwargs, noise):
         assert sol.stats.naccept.tolist() == [10] and sol.stats.nreject.tolist() == [0]
 
 
-@pytest.mark.parametrize("alg", [deb.Tsit5(), deb.Dopri5(), None], ids=["Tsit5", "Dopri5", "default"])
+@pytest.mark.parametrize(
+    "alg",
+    [deb.Tsit5(), deb.Dopri5(), None, deb.Rodas4(jac="fd")],
+    ids=["Tsit5", "Dopri5", "default", "Rodas4-fd"],
+)
 def test_ode_stats_count_every_call_and_no_diffusion(alg):
     f = Counting(lambda t, y: -y)
     sol = deb.solve(deb.ODEProblem(f, torch.ones(1, 2, dtype=F64), (0.0, 1.0)), alg)
