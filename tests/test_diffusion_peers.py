@@ -1,0 +1,239 @@
+"""``diffeqbridge.diffusion`` against its peers, k-diffusion and diffusers, on the same problems.
+
+Every comparison runs the same sampler in both libraries on the same noise grid, from the same
+``x_T``, with the same noise draws (stochastic samplers), on an exact closed-form denoiser (the
+2-D Gaussian mixture of ``dd.GaussianMixture``), in float64.  Where the mathematics is the same
+the outputs agree to ``1e-10`` relative; where the definitions differ the test says why and
+checks both against the exact probability-flow solution instead.  The table of what matches and
+what differs is in docs/diffusion_samplers.md ("Agreement with k-diffusion and diffusers").
+
+* k-diffusion samplers take a denoiser ``D(x~, sigma)`` of the VE-scaled state
+  ``x~ = x / alpha`` at ``sigma = sigma_t / alpha_t``; on :class:`dd.VESDE` (``alpha = 1``)
+  that is our model's x0-prediction at the time of ``sigma``.  Its samplers end at the last
+  entry of ``sigmas``: we pass our grid without k-diffusion's trailing zero (the peer's final
+  denoising step is tested separately, against EDM's ``denoise_to_zero``).
+* diffusers' schedulers hold their tables in float32 and cast the state to float32 in
+  ``step``.  ``_float64_diffusers`` runs them in float64 instead (the scheduler module's
+  ``torch.float32`` is swapped for ``torch.float64`` and the sigmas are recomputed from the
+  float64 ``alphas_cumprod``): the arithmetic is theirs, only the precision changes.  The
+  discrete DDPM schedule maps to ``dd.DiscreteVPSDE`` with DDPM step ``k`` at
+  ``t = (k + 1) / N``; ``N = 1001`` makes diffusers' integer timesteps fall on our uniform grids.
+
+Peers are optional: k-diffusion (``pip install --no-deps k-diffusion``; only
+``k_diffusion/sampling.py`` is loaded, see ``_k_diffusion_sampling``) and diffusers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+import types
+from typing import Any
+
+import pytest
+import torch
+
+from diffeqbridge import diffusion as dd
+from diffeqbridge.diffusion.common import STREAMS
+from diffeqbridge.diffusion.edm import karras_sigmas
+
+SIGMA_MIN, SIGMA_MAX = 0.02, 80.0
+MATCH = 1e-10  # relative max-norm agreement of the same mathematics in float64
+
+
+def _k_diffusion_sampling() -> Any:
+    """``k_diffusion.sampling`` without ``k_diffusion/__init__``: the package's ``__init__`` imports its
+    training stack (PIL, torchvision, clip, skimage ...), which ``pip install --no-deps`` leaves out.
+    ``sampling.py`` itself needs scipy, torchsde, torchdiffeq, tqdm (the test extra) and one helper of
+    ``k_diffusion.utils`` (``append_dims``), given here.  ``sys.modules`` is restored afterwards."""
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("k-diffusion is not installed (pip install --no-deps k-diffusion)")
+    pkg = types.ModuleType("k_diffusion")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    utils = types.ModuleType("k_diffusion.utils")
+    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]  # type: ignore[attr-defined]
+    pkg.utils = utils  # type: ignore[attr-defined]
+    names = ("k_diffusion", "k_diffusion.utils", "k_diffusion.sampling")
+    saved = {n: sys.modules.get(n) for n in names}
+    sys.modules["k_diffusion"], sys.modules["k_diffusion.utils"] = pkg, utils
+    try:
+        file_spec = importlib.util.spec_from_file_location(
+            "k_diffusion.sampling", f"{pkg.__path__[0]}/sampling.py", submodule_search_locations=None
+        )
+        module = importlib.util.module_from_spec(file_spec)
+        sys.modules["k_diffusion.sampling"] = module
+        file_spec.loader.exec_module(module)
+    except ImportError as exc:  # one of sampling.py's own imports is missing
+        pytest.skip(f"k_diffusion.sampling cannot be imported: {exc}")
+    finally:
+        for n, m in saved.items():
+            if m is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = m
+    return module
+
+
+@pytest.fixture(scope="module")
+def ks() -> Any:
+    return _k_diffusion_sampling()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+# ----------------------------------------------------------------------------- problems
+def _mixture() -> dd.GaussianMixture:
+    return dd.GaussianMixture([0.5, 0.3, 0.2], [[-3.0, 0.0], [3.0, 0.0], [0.0, 3.0]], 0.5)
+
+
+class SigmaProblem:
+    """The 2-D mixture on a process with ``alpha = 1`` (so ``x = x~``) whose noise level runs from
+    ``SIGMA_MAX`` at ``T`` to ``SIGMA_MIN`` at ``t_end``.
+
+    ``VESDE`` (default): ``log sigma`` is linear in ``t``, so DPM-Solver's logSNR grid and the
+    uniform-time grid are k-diffusion's exponential grid.  ``rho``: ``sigma = t^rho``, so the
+    uniform-time grid is Karras et al.'s grid ``get_sigmas_karras(rho)``.
+    """
+
+    def __init__(self, rho: float | None = None, n: int = 64):
+        if rho is None:
+            self.sde: Any = dd.VESDE(SIGMA_MIN / 2, SIGMA_MAX)
+            self.t_end = float(self.sde.t_from_log_snr(torch.tensor(-math.log(SIGMA_MIN), dtype=torch.float64)))
+        else:
+            self.sde = dd.ScheduleSDE(torch.ones_like, lambda t: t**rho, T=SIGMA_MAX ** (1.0 / rho))
+            self.t_end = SIGMA_MIN ** (1.0 / rho)
+        self.gm = _mixture()
+        self.model = self.gm.score_model(self.sde, "eps")
+        self._x0 = self.gm.score_model(self.sde, "x0")
+        self.x_T = SIGMA_MAX * dd.per_sample_normal((n, 2), seed=3)
+
+    def denoiser(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """k-diffusion's model: ``D(x, sigma)`` with ``sigma`` ``(B,)``."""
+        return self._x0(x, self.sde.t_from_log_snr(-torch.log(sigma.double())))
+
+    def sigmas(self, sol: Any) -> torch.Tensor:
+        """The noise levels of a solution's saved grid (``save_trajectory=True``)."""
+        return self.sde.marginal(sol.ts.double())[1]
+
+
+@pytest.fixture(scope="module")
+def ve() -> SigmaProblem:
+    return SigmaProblem()
+
+
+@pytest.fixture(scope="module")
+def karras() -> SigmaProblem:
+    return SigmaProblem(rho=7.0)
+
+
+def _noise(shape: tuple[int, ...], stream: int, seed: int = 0) -> torch.Tensor:
+    return dd.per_sample_normal(shape, seed, stream)
+
+
+class _NoiseFeed:
+    """k-diffusion's ``noise_sampler(sigma, sigma_next)``: our draw of step ``i`` at the ``i``-th call."""
+
+    def __init__(self, shape: tuple[int, ...], base: int, seed: int = 0):
+        self.shape, self.base, self.seed, self.calls = shape, base, seed, 0
+
+    def __call__(self, *_: Any) -> torch.Tensor:
+        z = _noise(self.shape, self.base + self.calls, self.seed)
+        self.calls += 1
+        return z
+
+
+# ----------------------------------------------------------------------------- k-diffusion: grids
+def test_karras_and_exponential_grids_match_k_diffusion(ks, ve):
+    torch.set_default_dtype(torch.float64)
+    try:
+        kar = ks.get_sigmas_karras(12, SIGMA_MIN, SIGMA_MAX, rho=7.0)
+        exp = ks.get_sigmas_exponential(11, SIGMA_MIN, SIGMA_MAX)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert _rel(karras_sigmas(12, SIGMA_MIN, SIGMA_MAX, 7.0), kar[:-1]) < 1e-14
+    # DPM-Solver's logSNR grid on the VE process is k-diffusion's exponential grid
+    sol = dd.sample(ve.model, ve.sde, ve.x_T, method="dpm_solver", steps=10, order=1, t_end=ve.t_end, save_trajectory=True)
+    assert _rel(ve.sigmas(sol), exp[:-1]) < 1e-12
+
+
+# ----------------------------------------------------------------------------- k-diffusion: samplers
+def _ours(p: SigmaProblem, steps: int, method: str = "dpm_solver", **options: Any) -> Any:
+    return dd.sample(p.model, p.sde, p.x_T, method=method, steps=steps, t_end=p.t_end, save_trajectory=True, **options)
+
+
+DPM = {"method": "dpm_solver", "lower_order_final": False}
+K_DETERMINISTIC = {
+    # k-diffusion sampler (options) -> our sampler on the same grid (logSNR = k-diffusion's exponential grid)
+    "sample_euler": ({}, {**DPM, "order": 1}),
+    "sample_dpmpp_2m": ({}, {**DPM, "order": 2, "algorithm": "dpmsolver++", "variant": "multistep"}),
+    "sample_dpm_2": ({}, {**DPM, "order": 2, "algorithm": "dpmsolver", "variant": "singlestep"}),
+    "sample_dpmpp_2s_ancestral": ({"eta": 0.0}, {**DPM, "order": 2, "algorithm": "dpmsolver++", "variant": "singlestep"}),
+    "sample_dpmpp_sde": ({"eta": 0.0}, {**DPM, "order": 2, "algorithm": "dpmsolver++", "variant": "singlestep"}),
+}
+
+
+@pytest.mark.parametrize("name", list(K_DETERMINISTIC))
+def test_k_diffusion_deterministic_samplers_match(ks, ve, name):
+    """Same grid, same x_T: k-diffusion's sampler and ours agree to rounding.  ``sample_euler`` is DDIM
+    (Euler in sigma of the VE-scaled flow is DPM-Solver-1), ``sample_dpm_2`` is DPM-Solver-2 (its
+    Euler half-step to the geometric-mean sigma is DPM-Solver-1 to ``lambda_s + h/2``), and the
+    ancestral/SDE DPM-Solver++(2S) samplers at ``eta = 0`` are DPM-Solver++(2S) (``r = 1/2``)."""
+    k_opts, ours = K_DETERMINISTIC[name]
+    sol = _ours(ve, 16, **ours)
+    sig = ve.sigmas(sol)
+    if name in ("sample_dpmpp_2s_ancestral", "sample_dpmpp_sde"):
+        k_opts = {**k_opts, "noise_sampler": lambda *_: torch.zeros_like(ve.x_T)}
+    theirs = getattr(ks, name)(ve.denoiser, ve.x_T.clone(), sig, disable=True, **k_opts)
+    assert _rel(sol.ys[-1], theirs) < MATCH
+
+
+def test_k_diffusion_dpmpp_2m_and_euler_match_on_the_karras_grid(ks, karras):
+    """On ``sigma = t^7`` our uniform-time grid is ``get_sigmas_karras``: the popular "DPM++ 2M Karras"."""
+    for name, ours in (("sample_dpmpp_2m", K_DETERMINISTIC["sample_dpmpp_2m"][1]), ("sample_euler", {**DPM, "order": 1})):
+        sol = _ours(karras, 12, skip_type="time_uniform", **ours)
+        torch.set_default_dtype(torch.float64)
+        try:
+            grid = ks.get_sigmas_karras(13, SIGMA_MIN, SIGMA_MAX, rho=7.0)[:-1]
+        finally:
+            torch.set_default_dtype(torch.float32)
+        assert _rel(karras.sigmas(sol), grid) < 1e-13
+        theirs = getattr(ks, name)(karras.denoiser, karras.x_T.clone(), grid, disable=True)
+        assert _rel(sol.ys[-1], theirs) < MATCH, name
+
+
+@pytest.mark.parametrize("denoise_to_zero", [False, True])
+@pytest.mark.parametrize("churn", [0.0, 20.0])
+def test_k_diffusion_heun_matches_edm(ks, ve, monkeypatch, denoise_to_zero, churn):
+    """EDM (Karras et al. Alg. 2) = ``sample_heun`` on ``get_sigmas_karras``; with ``denoise_to_zero``
+    the grid ends in k-diffusion's appended ``sigma = 0`` (an Euler step).  The churn noise of step ``i``
+    is fed to k-diffusion's ``torch.randn_like`` call of that step."""
+    opts = {"S_churn": churn, "S_tmin": 0.05, "S_tmax": 50.0, "S_noise": 1.003}
+    sol = _ours(ve, 15, method="edm", denoise_to_zero=denoise_to_zero, seed=7, **opts)
+    levels = 8
+    sig = karras_sigmas(levels, SIGMA_MIN, SIGMA_MAX, 7.0)
+    assert _rel(ve.sigmas(sol)[:levels], sig) < 1e-13
+    if denoise_to_zero:
+        sig = torch.cat([sig, sig.new_zeros(1)])
+    feed = _NoiseFeed(tuple(ve.x_T.shape), STREAMS["churn"], seed=7)
+    monkeypatch.setattr(torch, "randn_like", lambda x, **_: feed())
+    theirs = ks.sample_heun(
+        ve.denoiser, ve.x_T.clone(), sig, disable=True, s_churn=churn, s_tmin=0.05, s_tmax=50.0, s_noise=1.003
+    )
+    assert _rel(sol.ys[-1], theirs) < MATCH
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_k_diffusion_ancestral_and_2m_sde_match_sde_dpm_solver(ks, ve, order):
+    """SDE-DPM-Solver++(1M) is Euler-ancestral (``eta = 1``: ``sigma_down = sigma_next e^{-h}``,
+    ``sigma_up = sigma_next sqrt(1 - e^{-2h})``); SDE-DPM-Solver++(2M) is ``sample_dpmpp_2m_sde``
+    (midpoint).  Our per-sample draw of step ``i`` is k-diffusion's ``noise_sampler``'s ``i``-th."""
+    sol = _ours(ve, 14, algorithm="sde-dpmsolver++", order=order, lower_order_final=False, seed=11)
+    feed = _NoiseFeed(tuple(ve.x_T.shape), STREAMS["sampler"], seed=11)
+    name = "sample_euler_ancestral" if order == 1 else "sample_dpmpp_2m_sde"
+    theirs = getattr(ks, name)(ve.denoiser, ve.x_T.clone(), ve.sigmas(sol), disable=True, noise_sampler=feed)
+    assert feed.calls == 14
+    assert _rel(sol.ys[-1], theirs) < MATCH
