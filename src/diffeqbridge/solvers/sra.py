@@ -313,7 +313,9 @@ class SRA4(_SRABase):
     (``g(t + dt)`` carried into the next step, as :class:`SRA1`; 4 + 2 without); where the
     noise dominates the error (e.g. reverse-time diffusion SDEs) :class:`~diffeqbridge.ShARK`
     reaches the same error for 3 per step.  Embedded estimate: the Euler–Maruyama solution
-    from the same first stage (:class:`~diffeqbridge.solvers.base.StochasticRungeKutta`)."""
+    from the same first stage (:class:`~diffeqbridge.solvers.base.StochasticRungeKutta`).
+    Weak order 2 is the SRA family's metadata (SRA1's, whose conditions up to second order
+    it shares); it is not tested separately."""
 
     tableau: ClassVar[SRATableau] = SRA4_TABLEAU
 
