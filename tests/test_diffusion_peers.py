@@ -31,12 +31,20 @@ import sys
 import types
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from diffeqbridge import diffusion as dd
 from diffeqbridge.diffusion.common import STREAMS
 from diffeqbridge.diffusion.edm import karras_sigmas
+
+# diffusers converts its float64 tables with np.array(tensor) (a numpy-2 deprecation) and deprecates
+# algorithm_type="dpmsolver": neither changes a number
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:`algorithm_types dpmsolver:FutureWarning"),
+]
 
 SIGMA_MIN, SIGMA_MAX = 0.02, 80.0
 MATCH = 1e-10  # relative max-norm agreement of the same mathematics in float64
@@ -237,3 +245,157 @@ def test_k_diffusion_ancestral_and_2m_sde_match_sde_dpm_solver(ks, ve, order):
     theirs = getattr(ks, name)(ve.denoiser, ve.x_T.clone(), ve.sigmas(sol), disable=True, noise_sampler=feed)
     assert feed.calls == 14
     assert _rel(sol.ys[-1], theirs) < MATCH
+
+
+# ----------------------------------------------------------------------------- diffusers
+class _Float64(types.ModuleType):
+    """``torch`` or ``numpy`` as a diffusers scheduler module sees them in the ``diffusers`` fixture:
+    ``float32`` is ``float64``, everything else is the real module's."""
+
+    def __init__(self, real: Any):
+        super().__init__(real.__name__)
+        self._real, self.float32 = real, real.float64
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+@pytest.fixture
+def diffusers(monkeypatch):
+    """``make(cls_name, problem, **config)``: a diffusers scheduler computing in float64 (module docstring)."""
+    lib = pytest.importorskip("diffusers")
+
+    def make(cls_name: str, p: DDPMProblem, **config: Any) -> Any:
+        cls = getattr(lib, cls_name)
+        module = sys.modules[cls.__module__]
+        monkeypatch.setattr(module, "torch", _Float64(torch))
+        monkeypatch.setattr(module, "np", _Float64(np))
+        sched = cls(num_train_timesteps=p.N, trained_betas=p.betas.numpy(), **config)
+        assert sched.alphas_cumprod.dtype == torch.float64
+        return sched
+
+    return make
+
+
+class DDPMProblem:
+    """The 2-D mixture under DDPM's linear betas ``1e-4 .. 0.02`` in ``N`` steps: ``dd.DiscreteVPSDE``
+    (DDPM step ``k`` at ``t = (k + 1) / N``) for us, ``trained_betas`` for diffusers."""
+
+    def __init__(self, N: int, n: int = 64):
+        self.N = N
+        self.betas = torch.linspace(1e-4, 0.02, N, dtype=torch.float64)
+        self.sde = dd.DiscreteVPSDE(self.betas)
+        acp = torch.cumprod(1.0 - self.betas, 0)
+        self.log_sigmas = 0.5 * torch.log((1.0 - acp) / acp)  # log(sigma/alpha) of step k
+        gm = _mixture()
+        self.model, self.x0 = gm.score_model(self.sde, "eps"), gm.score_model(self.sde, "x0")
+        self.x_T = self.sde.prior_sample((n, 2), seed=3)
+
+    def time(self, timestep: Any) -> torch.Tensor:
+        """Our time ``(B,)`` of a diffusers timestep, also a fractional one (diffusers interpolates
+        ``log sigma`` linearly between steps): the ``t`` with the same ``sigma/alpha``."""
+        log_sigma = float(np.interp(float(timestep), np.arange(self.N), self.log_sigmas.numpy()))
+        t = self.sde.t_from_log_snr(torch.tensor([-log_sigma], dtype=torch.float64))
+        return t.expand(self.x_T.shape[0])
+
+    def eps(self, x: torch.Tensor, timestep: Any) -> torch.Tensor:
+        """diffusers' model: eps-prediction at the (VP-scaled) input and timestep."""
+        return self.model(x, self.time(timestep))
+
+    def denoise(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        """The final denoising step of a scheduler that ends at ``alpha = 1``: ``x0(x, t)``."""
+        return self.x0(x, torch.full((x.shape[0],), t, dtype=torch.float64))
+
+
+def _set_timesteps(sched: Any, n: int) -> None:
+    sched.set_timesteps(n)
+    assert getattr(sched, "sigmas", torch.zeros((), dtype=torch.float64)).dtype == torch.float64
+
+
+def _drive(p: DDPMProblem, sched: Any, x: torch.Tensor, scaled: bool = False, **step: Any) -> torch.Tensor:
+    """The usual diffusers loop; ``step[k]`` may be a callable of the step index ``i``."""
+    for i, t in enumerate(sched.timesteps):
+        inp = sched.scale_model_input(x, t) if scaled else x
+        kw = {k: v(i) if callable(v) else v for k, v in step.items()}
+        x = sched.step(p.eps(inp, t), t, x, **kw).prev_sample
+    return x
+
+
+def _ours_ddpm(p: DDPMProblem, steps: int, t_end: float, **options: Any) -> torch.Tensor:
+    kw = {"method": "dpm_solver", "variant": "multistep", "skip_type": "time_uniform", **options}
+    return dd.sample(p.model, p.sde, p.x_T, steps=steps, t_end=t_end, **kw).ys[-1]
+
+
+@pytest.mark.parametrize("steps", [10, 20])
+@pytest.mark.parametrize(
+    ("algorithm", "order"),
+    [("dpmsolver++", 1), ("dpmsolver++", 2), ("dpmsolver", 1), ("dpmsolver", 2), ("sde-dpmsolver++", 1), ("sde-dpmsolver++", 2)],
+)
+def test_diffusers_dpm_solver_multistep_matches(diffusers, algorithm, order, steps):
+    """``DPMSolverMultistepScheduler`` (``timestep_spacing="linspace"``, ``final_sigmas_type="sigma_min"``,
+    midpoint) is our multistep DPM-Solver(++) on the uniform-time grid from ``T`` to ``t_end = 1/N``
+    (``N - 1 = 1000`` is a multiple of ``steps``: the integer timesteps are our grid).  diffusers lowers
+    the final order only below 15 steps; ours whenever ``lower_order_final=True``."""
+    p = DDPMProblem(1001)
+    sched = diffusers(
+        "DPMSolverMultistepScheduler", p, algorithm_type=algorithm, solver_order=order, final_sigmas_type="sigma_min"
+    )
+    _set_timesteps(sched, steps)
+    noise = {}
+    if algorithm == "sde-dpmsolver++":
+        noise["variance_noise"] = lambda i: _noise(tuple(p.x_T.shape), STREAMS["sampler"] + i, seed=5)
+    theirs = _drive(p, sched, p.x_T.clone(), **noise)
+    ours = _ours_ddpm(p, steps, 1.0 / p.N, algorithm=algorithm, order=order, lower_order_final=steps < 15, seed=5)
+    assert _rel(ours, theirs) < MATCH
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_diffusers_ddim_and_ddpm_match(diffusers, monkeypatch, eta):
+    """``DDIMScheduler`` (``"trailing"``, ``set_alpha_to_one``) is DPM-Solver-1 on the uniform grid
+    ``1, 0.9, ..., 0.1`` followed by its final step to ``alpha = 1``, i.e. the denoiser ``x0(x, 0.1)``.
+    At ``eta = 1`` DDIM is SDE-DPM-Solver++(1), and so is ``DDPMScheduler`` (its posterior over the
+    skipped steps); DDPM draws one normal per step, the last one multiplied by ``1e-10``
+    (``sqrt`` of its variance clamp ``1e-20``), fed here as zero."""
+    p = DDPMProblem(1000)
+    steps = 10
+    sched = diffusers("DDIMScheduler", p, timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False)
+    _set_timesteps(sched, steps)
+    t_last = (int(sched.timesteps[-1]) + 1) / p.N
+    assert t_last == pytest.approx(0.1)
+    shape = tuple(p.x_T.shape)
+    z = [_noise(shape, STREAMS["sampler"] + i, seed=5) for i in range(steps - 1)] + [torch.zeros(shape, dtype=torch.float64)]
+    theirs = _drive(p, sched, p.x_T.clone(), eta=eta, variance_noise=lambda i: z[i])
+    algorithm = "sde-dpmsolver++" if eta else "dpmsolver++"
+    ours = p.denoise(_ours_ddpm(p, steps - 1, t_last, algorithm=algorithm, order=1, seed=5), t_last)
+    assert _rel(ours, theirs) < MATCH
+    if eta:
+        ddpm = diffusers("DDPMScheduler", p, timestep_spacing="trailing", clip_sample=False)
+        _set_timesteps(ddpm, steps)
+        draws = iter(z)
+        monkeypatch.setattr(sys.modules[type(ddpm).__module__], "randn_tensor", lambda *a, **k: next(draws))
+        assert _rel(ours, _drive(p, ddpm, p.x_T.clone())) < MATCH
+
+
+def test_diffusers_euler_and_heun_match(diffusers):
+    """``EulerDiscreteScheduler`` ("linspace", final sigma 0) is DPM-Solver-1 (Euler in ``sigma`` of the
+    VE-scaled state) on the uniform grid to ``t_end = 1/N`` plus its final Euler step to ``sigma = 0``
+    (= the denoiser); ``HeunDiscreteScheduler(use_karras_sigmas=True)`` is EDM with
+    ``denoise_to_zero=True``.  diffusers starts from ``init_noise_sigma * noise`` with
+    ``init_noise_sigma = sigma_max``, the variance-exploding approximation of the VE-scaled prior's
+    ``sqrt(sigma_max^2 + 1)`` (relative difference ``1/(2 sigma_max^2) = 2e-5`` here): both get the
+    same ``x~_T = x_T sqrt(sigma_max^2 + 1)`` instead."""
+    p = DDPMProblem(1001)
+    steps = 10
+    euler = diffusers("EulerDiscreteScheduler", p)
+    _set_timesteps(euler, steps + 1)
+    x_T = p.x_T * math.sqrt(1.0 + float(euler.sigmas[0]) ** 2)
+    assert float(euler.init_noise_sigma) == pytest.approx(float(euler.sigmas[0]))
+    theirs = _drive(p, euler, x_T.clone(), scaled=True)
+    ours = p.denoise(_ours_ddpm(p, steps, 1.0 / p.N, order=1), 1.0 / p.N)
+    assert _rel(ours, theirs) < MATCH
+
+    heun = diffusers("HeunDiscreteScheduler", p, use_karras_sigmas=True)
+    _set_timesteps(heun, 8)
+    theirs = _drive(p, heun, x_T.clone(), scaled=True)
+    ours = dd.sample(p.model, p.sde, p.x_T, method="edm", steps=15, t_end=1.0 / p.N, denoise_to_zero=True).ys[-1]
+    assert _rel(ours, theirs) < MATCH
