@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from problems import fitted_order
 
 from diffeqbridge import diffusion as dd
 from diffeqbridge.diffusion.common import STREAMS
@@ -399,3 +400,38 @@ def test_diffusers_euler_and_heun_match(diffusers):
     theirs = _drive(p, heun, x_T.clone(), scaled=True)
     ours = dd.sample(p.model, p.sde, p.x_T, method="edm", steps=15, t_end=1.0 / p.N, denoise_to_zero=True).ys[-1]
     assert _rel(ours, theirs) < MATCH
+
+
+# ----------------------------------------------------------------------------- where the definitions differ
+def test_third_order_multistep_peers_are_second_order(ks, ve, diffusers):
+    """DPM-Solver++(3M) differs: ours adds ``2 phi2 D2`` for the ``h^2 f''`` term of the Taylor
+    expansion (``D2 ~ h^2 f'' / 2``, ``phi2 = (h^2/2 - h - expm1(-h)) / h^2``: exact for quadratic
+    ``x0(lambda)``); DPM-Solver's reference code, diffusers' ``DPMSolverMultistepScheduler(solver_order=3)``
+    and k-diffusion's ``sample_dpmpp_3m_sde(eta=0)`` add ``phi2 D2``, half of it.  On the same uniform-
+    lambda grid the two peers agree with each other to rounding (diffusers with ``solver_type="heun"``: its
+    second-order warm-up step is then k-diffusion's, ``phi1 D1``), and against the exact flow (a 3000-NFE
+    DPM-Solver-3 run) ours converges with slope 3 and theirs tends to 2."""
+    ref = _ours(ve, 3000, order=3, algorithm="dpmsolver", variant="singlestep", lower_order_final=False).ys[-1]
+    ddpm = DDPMProblem(1001)
+    ns, errs = [40, 80, 160, 320], {"ours": [], "k-diffusion": [], "diffusers": []}
+    for n in ns:
+        sol = _ours(ve, n, order=3, algorithm="dpmsolver++", variant="multistep", lower_order_final=False)
+        sig = ve.sigmas(sol)
+        kd = ks.sample_dpmpp_3m_sde(
+            ve.denoiser, ve.x_T.clone(), sig, disable=True, eta=0.0, noise_sampler=lambda *_: torch.zeros_like(ve.x_T)
+        )
+        sched = diffusers("DPMSolverMultistepScheduler", ddpm, solver_order=3, final_sigmas_type="sigma_min", solver_type="heun")
+        _set_timesteps(sched, n)
+        sched.sigmas = sig.clone()  # their update on our grid; the state is VP-scaled: x = x~ / sqrt(1 + sigma^2)
+        scale = torch.sqrt(1.0 + sig.square())
+        x = ve.x_T / scale[0]
+        for i, t in enumerate(sched.timesteps):
+            eps = ve.model(x * scale[i], sol.ts[i].double().expand(x.shape[0]))
+            x = sched.step(eps, t, x).prev_sample
+        assert _rel(x * scale[-1], kd) < MATCH
+        for key, out in (("ours", sol.ys[-1]), ("k-diffusion", kd), ("diffusers", x * scale[-1])):
+            errs[key].append(float((out - ref).abs().max()))
+    slopes = {k: fitted_order([1.0 / n for n in ns], v) for k, v in errs.items()}
+    assert slopes["ours"] > 2.7, (slopes, errs)
+    assert slopes["k-diffusion"] < 2.5 and slopes["diffusers"] < 2.5, (slopes, errs)
+    assert errs["ours"][-1] < 0.5 * errs["diffusers"][-1], errs
