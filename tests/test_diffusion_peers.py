@@ -248,6 +248,20 @@ def test_k_diffusion_ancestral_and_2m_sde_match_sde_dpm_solver(ks, ve, order):
     assert _rel(sol.ys[-1], theirs) < MATCH
 
 
+@pytest.mark.parametrize("nfe", [15, 16, 17])
+def test_k_diffusion_dpm_fast_matches_dpm_solver_3(ks, ve, nfe):
+    """``sample_dpm_fast`` is DPM-Solver-3 (singlestep, noise prediction) on the uniform-lambda grid with
+    the reference code's order split (``[3, ..., 3, 2, 1]``, ``[3, ..., 3, 1]``, ``[3, ..., 3, 2]``)."""
+    ours = _ours(ve, nfe, order=3, algorithm="dpmsolver", variant="singlestep", lower_order_final=True)
+    torch.set_default_dtype(torch.float64)  # it builds its end points with torch.tensor(sigma)
+    try:
+        theirs = ks.sample_dpm_fast(ve.denoiser, ve.x_T.clone(), SIGMA_MIN, SIGMA_MAX, nfe, disable=True)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert int(ours.stats.nf[0]) == nfe
+    assert _rel(ours.ys[-1], theirs) < MATCH
+
+
 # ----------------------------------------------------------------------------- diffusers
 class _Float64(types.ModuleType):
     """``torch`` or ``numpy`` as a diffusers scheduler module sees them in the ``diffusers`` fixture:
@@ -266,11 +280,14 @@ def diffusers(monkeypatch):
     """``make(cls_name, problem, **config)``: a diffusers scheduler computing in float64 (module docstring)."""
     lib = pytest.importorskip("diffusers")
 
-    def make(cls_name: str, p: DDPMProblem, **config: Any) -> Any:
+    def make(cls_name: str, p: DDPMProblem | None, **config: Any) -> Any:
         cls = getattr(lib, cls_name)
         module = sys.modules[cls.__module__]
         monkeypatch.setattr(module, "torch", _Float64(torch))
-        monkeypatch.setattr(module, "np", _Float64(np))
+        if hasattr(module, "np"):
+            monkeypatch.setattr(module, "np", _Float64(np))
+        if p is None:
+            return cls(**config)
         sched = cls(num_train_timesteps=p.N, trained_betas=p.betas.numpy(), **config)
         assert sched.alphas_cumprod.dtype == torch.float64
         return sched
@@ -435,3 +452,24 @@ def test_third_order_multistep_peers_are_second_order(ks, ve, diffusers):
     assert slopes["ours"] > 2.7, (slopes, errs)
     assert slopes["k-diffusion"] < 2.5 and slopes["diffusers"] < 2.5, (slopes, errs)
     assert errs["ours"][-1] < 0.5 * errs["diffusers"][-1], errs
+
+
+def test_diffusers_edm_euler_matches(diffusers, karras):
+    """``EDMEulerScheduler`` (Karras grid from its ``sigma_min``/``sigma_max``, final sigma 0, EDM's
+    preconditioning) is DPM-Solver-1 on our Karras grid plus the final step to ``sigma = 0``.  Its model
+    is ``F(c_in x, c_noise)`` with ``D = c_skip x + c_out F``: the exact denoiser written that way."""
+    sched = diffusers("EDMEulerScheduler", None, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=7.0)
+    _set_timesteps(sched, 12)
+    sd = sched.config.sigma_data
+    x = karras.x_T.clone()
+    for t in sched.timesteps:
+        sigma = torch.exp(4.0 * t.double()).expand(x.shape[0])  # c_noise = log(sigma) / 4
+        inp = sched.scale_model_input(x, t)
+        x_in = inp * torch.sqrt(sigma**2 + sd**2)[:, None]
+        c_skip, c_out = sd**2 / (sigma**2 + sd**2), sigma * sd / torch.sqrt(sigma**2 + sd**2)
+        F = (karras.denoiser(x_in, sigma) - c_skip[:, None] * x_in) / c_out[:, None]
+        x = sched.step(F, t, x).prev_sample
+    sol = _ours(karras, 11, order=1, skip_type="time_uniform", lower_order_final=False)
+    assert _rel(karras.sigmas(sol), sched.sigmas[:-1]) < 1e-13
+    ours = karras.denoiser(sol.ys[-1], torch.full((x.shape[0],), SIGMA_MIN, dtype=torch.float64))
+    assert _rel(ours, x) < MATCH
