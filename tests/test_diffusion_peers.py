@@ -248,6 +248,56 @@ def test_k_diffusion_ancestral_and_2m_sde_match_sde_dpm_solver(ks, ve, order):
     assert _rel(sol.ys[-1], theirs) < MATCH
 
 
+VP_CASES = {
+    # k-diffusion sampler -> (our method and options, noise stream or None)
+    "sample_dpmpp_2m": ({**K_DETERMINISTIC["sample_dpmpp_2m"][1], "skip_type": "time_uniform"}, None),
+    "sample_dpm_2": ({**K_DETERMINISTIC["sample_dpm_2"][1], "skip_type": "time_uniform"}, None),
+    "sample_euler_ancestral": ({**DPM, "order": 1, "algorithm": "sde-dpmsolver++", "skip_type": "time_uniform"}, "sampler"),
+    "sample_heun": ({"method": "edm", "S_churn": 10.0}, "churn"),
+}
+
+
+@pytest.mark.parametrize("process", ["vp", "subvp"])
+@pytest.mark.parametrize("name", list(VP_CASES))
+def test_k_diffusion_matches_on_vp_processes(ks, monkeypatch, process, name):
+    """On VP and sub-VP processes our samplers work in the scaled state ``x~ = x / alpha`` at
+    ``sigma/alpha``: k-diffusion on ``x~`` with the denoiser ``D(x~, s) = x0(alpha(t) x~, t)`` at the
+    ``t`` of ``s`` agrees with ``ys[-1] / alpha(t_end)``.  The VP's uniform-time grid is
+    ``get_sigmas_vp``."""
+    sde = dd.VPSDE() if process == "vp" else dd.SubVPSDE()
+    gm, t_end = _mixture(), 1e-3
+    model, x0 = gm.score_model(sde, "eps"), gm.score_model(sde, "x0")
+    x_T = sde.prior_sample((32, 2), seed=4)
+    options, stream = VP_CASES[name]
+    sol = dd.sample(model, sde, x_T, steps=12, t_end=t_end, seed=2, save_trajectory=True, **options)
+    alpha, sigma = sde.marginal(sol.ts.double())
+    sig = sigma / alpha
+    if name == "sample_heun":
+        sig = karras_sigmas(7, float(sig[-1]), float(sig[0]), 7.0)
+
+    def denoiser(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        t = sde.t_from_log_snr(-torch.log(s.double()))
+        return x0(sde.marginal(t)[0][:, None] * x, t)
+
+    kw: dict[str, Any] = {}
+    if stream is not None:
+        feed = _NoiseFeed(tuple(x_T.shape), STREAMS[stream], seed=2)
+        if name == "sample_heun":
+            kw["s_churn"] = 10.0
+            monkeypatch.setattr(torch, "randn_like", lambda x, **_: feed())
+        else:
+            kw["noise_sampler"] = feed
+    theirs = getattr(ks, name)(denoiser, x_T / alpha[0], sig, disable=True, **kw)
+    assert _rel(sol.ys[-1] / alpha[-1], theirs) < MATCH
+    if process == "vp" and name == "sample_dpmpp_2m":
+        torch.set_default_dtype(torch.float64)
+        try:
+            vp_grid = ks.get_sigmas_vp(13, beta_d=sde.beta_max - sde.beta_min, beta_min=sde.beta_min, eps_s=t_end)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        assert _rel(sig, vp_grid[:-1]) < 1e-12
+
+
 @pytest.mark.parametrize("nfe", [15, 16, 17])
 def test_k_diffusion_dpm_fast_matches_dpm_solver_3(ks, ve, nfe):
     """``sample_dpm_fast`` is DPM-Solver-3 (singlestep, noise prediction) on the uniform-lambda grid with
