@@ -324,3 +324,162 @@ def test_torchsde_examples_analytical_gradients(kind, interpretation, alg, atol,
     ref = torch.autograd.grad((sde.exact(y0, 0.5, tree.W(0.5)) ** 2).sum(1).mean(0), [y0, *params])
     for g, r in zip(got, ref):
         assert float((g - r).abs().max()) < 1e-2 * float(r.abs().max()), (g, r)
+
+
+# ---------------------------------------------------------- torchsde's sdeint usage patterns
+def _field_problem(noise: str, interpretation: str, batch: int = 4, d: int = 3, m: int = 2) -> deb.SDEProblem:
+    """A small problem of each noise type on torchsde's ``test_sdeint`` span ``[0, 0.3]``."""
+    vector = torch.tensor([1.0, -0.5], dtype=F64)
+
+    def drift(t, y):
+        return torch.sin(y) + _tcol(t, y)
+
+    def diffusion(t, y):
+        if noise == "additive":
+            return 0.3 * (1 + _tcol(t, y)).expand_as(y)
+        if noise == "general":
+            return 0.3 * torch.sigmoid(y).unsqueeze(-1) * vector
+        return 0.3 * torch.sigmoid(y)
+
+    y0 = torch.ones(batch, d, dtype=F64)
+    return deb.SDEProblem(
+        drift, diffusion, y0, (0.0, 0.3), noise=noise, interpretation=interpretation, noise_dim=m if noise == "general" else None
+    )
+
+
+SOLVERS = [
+    "EM", "EulerHeun", "RKMil", "LambaEM", "LambaEulerHeun", "SRIW1", "SOSRI", "SRA1", "SRA3", "SOSRA",
+    "ShARK", "SPaRK", "ImplicitEM", "ImplicitRKMil", "ISSEM", "SKenCarp", "SROCK1", "ReversibleHeun",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("noise", NOISES)
+@pytest.mark.parametrize("interpretation", ["ito", "stratonovich"])
+def test_every_solver_runs_or_is_refused_by_noise_and_interpretation(noise, interpretation):
+    """torchsde's ``test_sdeint_run_shape_method``: each method either runs with output
+    ``(T, B, d)`` or raises ``ValueError`` naming the solver, as its declared noise types and
+    interpretations say (additive noise reads the same in both interpretations, so Itô
+    solvers take Stratonovich additive problems)."""
+    prob = _field_problem(noise, interpretation)
+    ts = torch.linspace(0.0, 0.3, 5, dtype=F64)
+    for name in SOLVERS:
+        alg = getattr(deb, name)()
+        supported = noise in alg.noise_types and (interpretation in alg.interpretations or noise == "additive")
+        if supported:
+            sol = deb.solve(prob, alg, dt=0.05, saveat=ts)
+            assert sol.success, name
+            assert sol.ys.shape == (5, 4, 3), name
+        else:
+            with pytest.raises(ValueError, match=name):
+                deb.solve(prob, alg, dt=0.05, saveat=ts)
+
+
+def test_torchsde_brownian_objects_are_refused():
+    """torchsde's ``sdeint(..., bm=BrownianInterval | BrownianPath | BrownianTree)``: ours takes
+    a ``VirtualBrownianTree`` only and says so (``TypeError`` naming ``brownian``)."""
+    prob = _field_problem("diagonal", "ito")
+    w0 = torch.zeros(4, 3, dtype=F64)
+    for bm in (
+        torchsde.BrownianInterval(0.0, 0.3, (4, 3), dtype=F64),
+        torchsde.BrownianPath(0.0, w0),
+        torchsde.BrownianTree(0.0, w0, t1=0.3),
+    ):
+        with pytest.raises(TypeError, match="brownian must be a deb.VirtualBrownianTree"):
+            deb.solve(prob, deb.EM(), dt=0.05, brownian=bm)
+
+
+class Basic(nn.Module):
+    """torchsde's ``BasicSDE1-4`` (``d = 10``, Itô, diagonal): ``shared`` / ``no_grad`` /
+    ``unused1`` / ``unused2`` parameters with torchsde's ``requires_grad`` pattern; fields that
+    ignore the state (2-4) or every parameter (4)."""
+
+    def __init__(self, which: int, d: int = 10):
+        super().__init__()
+        self.which = which
+        gen = torch.Generator().manual_seed(which)
+        grads = {3: (False, False, True, False)}.get(which, (True, False, False, True))
+        for name, flag in zip(("shared", "no_grad", "unused1", "unused2"), grads):
+            setattr(self, name, nn.Parameter(torch.randn(1, d, generator=gen, dtype=F64), requires_grad=flag))
+
+    def drift(self, t, y):
+        if self.which == 1:
+            return self.shared * torch.sin(y) * 0.2 + torch.cos(y**2) * 0.1 + torch.cos(_tcol(t, y)) + self.no_grad * y
+        if self.which in (2, 3):
+            return self.shared * 0.2 + self.no_grad + torch.zeros_like(y)
+        return torch.full_like(y, 0.1)
+
+    def diffusion(self, t, y):
+        if self.which == 1:
+            return (
+                torch.sigmoid(self.shared * torch.cos(y) * 0.3 + torch.sin(_tcol(t, y))) + torch.sigmoid(self.no_grad * y) + 0.1
+            )
+        if self.which in (2, 3):
+            return torch.sigmoid(self.shared * 0.3) + torch.sigmoid(self.no_grad) + torch.zeros_like(y) + 0.1
+        return torch.sigmoid(torch.zeros_like(y)) + 0.1
+
+
+_FD_CACHE: dict[str, torch.Tensor] = {}
+
+
+@pytest.mark.parametrize("sensealg", SENSEALGS, ids=["discrete", "backsolve", "interpolating"])
+@pytest.mark.parametrize("which", [1, 2, 3, 4])
+def test_basic_sdes_gradients(which, sensealg):
+    """torchsde's ``test_sdeint_dependencies`` / adjoint ``test_basic``: the solve and its
+    backward run whatever the fields depend on, leave ``requires_grad`` as it was, give no
+    gradient to frozen or unused parameters, and (BasicSDE2-4, whose solution is
+    ``y0 + F T + G W(T)`` in closed form; BasicSDE1 against finite differences) the right one
+    to ``shared``.  SRIW1, tol 1e-4, ``ts = [0, 0.5]``, loss ``mean_b sum_i y_i(0.5)``.
+
+    ``BacksolveAdjoint`` crashed on BasicSDE2 ("The differentiated Tensor ... appears to not
+    have been used in the graph"): its Itô→Stratonovich correction differentiated a diffusion
+    that does not depend on the state.  The continuous adjoints' output requires grad whenever
+    ``params`` holds a trainable tensor (as torchsde's ``sdeint_adjoint``: ``loss.backward()``
+    works on BasicSDE3/4); ``DiscreteAdjoint`` is plain autograd, whose output does not when no
+    trainable tensor is used."""
+    module = Basic(which)
+    before = [p.requires_grad for p in module.parameters()]
+    batch = 4
+    y0 = torch.full((batch, 10), 0.1, dtype=F64)
+    tree = deb.VirtualBrownianTree(0.0, 0.5, (batch, 10), seed=3, dtype=F64)
+
+    def loss(sensealg=sensealg, **fixed):
+        prob = deb.SDEProblem(module.drift, module.diffusion, y0, (0.0, 0.5), params=module)
+        sol = deb.solve(prob, deb.SRIW1(), brownian=tree, atol=1e-4, rtol=1e-4, sensealg=sensealg, **fixed)
+        assert sol.success
+        return sol.ys[-1].sum(1).mean(0)
+
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    value = loss()
+    assert [p.requires_grad for p in module.parameters()] == before
+    if not value.requires_grad:  # DiscreteAdjoint is plain autograd: no trainable tensor was used
+        assert isinstance(sensealg, deb.DiscreteAdjoint) and which in (3, 4)
+        return
+    grads = dict(zip([id(p) for p in trainable], torch.autograd.grad(value, trainable, allow_unused=True)))
+    assert module.no_grad.grad is None and module.unused1.grad is None
+    for p in (module.unused1, module.unused2):
+        got = grads.get(id(p))
+        assert got is None or float(got.abs().max()) == 0.0
+    if not module.shared.requires_grad:
+        return
+    got = grads[id(module.shared)]
+    if which == 1:  # central differences of fixed-step solves (dt = 2^-7) on the same path
+        if "basic1" not in _FD_CACHE:
+            eps = 1e-4
+            ref = torch.zeros_like(module.shared)
+            with torch.no_grad():
+                for i in range(10):
+                    module.shared[0, i] += eps
+                    up = float(loss(None, dt=2.0**-7, adaptive=False))
+                    module.shared[0, i] -= 2 * eps
+                    down = float(loss(None, dt=2.0**-7, adaptive=False))
+                    module.shared[0, i] += eps
+                    ref[0, i] = (up - down) / (2 * eps)
+            _FD_CACHE["basic1"] = ref
+        ref = _FD_CACHE["basic1"]
+        assert float((got - ref).abs().max()) < 2e-2 * float(ref.abs().max()), (got, ref)
+    elif which == 2:  # d/ds [0.2 s T + sigmoid(0.3 s) W(T)], averaged over the batch
+        s = module.shared.detach()
+        ref = 0.2 * 0.5 + 0.3 * torch.sigmoid(0.3 * s) * (1 - torch.sigmoid(0.3 * s)) * tree.W(0.5).mean(0, keepdim=True)
+        assert float((got - ref).abs().max()) < 1e-8, (got, ref)
+    else:  # BasicSDE4 uses no parameter
+        assert got is None or float(got.abs().max()) == 0.0
