@@ -259,7 +259,7 @@ SRA3_TABLEAU = SRATableau(
 # strong-order-1.5 conditions for additive noise, α·s = 1 and α·(s²) = 3/2, and also
 # α·(c0∘s) = 1/2 and α·(A0 s) = 1/2, which match the χ2 terms of a linear, time-dependent
 # drift (f_t g, f_y f_y g) to one order more: on SciML's additive problems, whose solution is a
-# function of W(T), the noise part's error then falls like h^4 instead of h^2.  The three linear
+# function of W(T), the noise part's error then falls like h^3 instead of h^2.  The three linear
 # conditions leave s = (0, x, 4 − 2x, 3x − 4); α·(s²) = 3/2 gives 6x² − 18x + 13 = 0, and of
 # its roots x = 3/2 ∓ √3/6 the smaller shifts are taken (the other one, x = 3/2 + √3/6,
 # diverged on a cubic drift with growing noise at dt = 1/4).  The diffusion is evaluated at
@@ -313,7 +313,9 @@ class SRA4(_SRABase):
     (``g(t + dt)`` carried into the next step, as :class:`SRA1`; 4 + 2 without); where the
     noise dominates the error (e.g. reverse-time diffusion SDEs) :class:`~diffeqbridge.ShARK`
     reaches the same error for 3 per step.  Embedded estimate: the Euler–Maruyama solution
-    from the same first stage (:class:`~diffeqbridge.solvers.base.StochasticRungeKutta`)."""
+    from the same first stage (:class:`~diffeqbridge.solvers.base.StochasticRungeKutta`).
+    Weak order 2 is the SRA family's metadata (SRA1's, whose conditions up to second order
+    it shares); it is not tested separately."""
 
     tableau: ClassVar[SRATableau] = SRA4_TABLEAU
 
