@@ -376,6 +376,7 @@ def test_ode_sampler_and_likelihood_default_to_tsit5():
 def test_invert_takes_samples_default_t_end_and_tolerances():
     """invert's default t_end is sample's (1e-3): invert(x0) = invert(x0, t_end=1e-3) != t_end=1e-2,
     and sample(invert(x0)) returns x0 to the tolerance; the affine flow gives the exact x_T."""
+    assert {"sample", "log_likelihood", "invert", "VPSDE", "SubVPSDE", "VESDE"} <= set(dd.__all__)
     sde = dd.VPSDE()
     model = _gaussian_eps(sde)
     x0 = torch.linspace(-1.0, 1.0, 6, dtype=F64).reshape(3, 2)
