@@ -7,6 +7,7 @@ closed forms, the Brownian tree's own increments, exact call counts.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -33,6 +34,84 @@ class Counting:
     def __call__(self, t, y):
         self.calls += 1
         return self.fn(t, y)
+
+
+# ------------------------------------------------------------------ signatures
+_DEFAULTS = {
+    "SDEProblem": (
+        deb.SDEProblem,
+        {"tspan": (0.0, 1.0), "noise": "diagonal", "interpretation": "ito", "noise_dim": None, "params": None},
+    ),
+    "ODEProblem": (deb.ODEProblem, {"params": None}),
+    "solve": (
+        deb.solve,
+        {
+            "alg": None,
+            "dt": None,
+            "adaptive": None,
+            "saveat": None,
+            "seed": 0,
+            "brownian": None,
+            "max_steps": 100_000,
+            "dtmin": None,
+            "backend": "auto",
+            "sensealg": None,
+            "progress": False,
+        },
+    ),
+    "VirtualBrownianTree": (deb.VirtualBrownianTree, {"seed": 0, "tol": None, "dtype": F64, "device": None}),
+    "VPSDE": (dd.VPSDE, {"beta_min": 0.1, "beta_max": 20.0}),
+    "SubVPSDE": (dd.SubVPSDE, {"beta_min": 0.1, "beta_max": 20.0}),
+    "VESDE": (dd.VESDE, {"sigma_min": 0.01, "sigma_max": 50.0}),
+    "sample": (
+        dd.sample,
+        {
+            "method": "sde",
+            "parameterization": "eps",
+            "alg": None,
+            "t_end": 1e-3,
+            "atol": None,
+            "rtol": None,
+            "steps": None,
+            "seed": 0,
+            "sensealg": None,
+        },
+    ),
+    "log_likelihood": (
+        dd.log_likelihood,
+        {"parameterization": "eps", "alg": None, "atol": 1e-5, "rtol": 1e-5, "t_end": 1e-5, "trace": "exact", "seed": 0},
+    ),
+    "invert": (dd.invert, {"method": "ode", "steps": None, "parameterization": "eps", "atol": None, "rtol": None, "t_end": 1e-3}),
+}
+
+
+_POSITIONAL = {
+    "SDEProblem": ["drift", "diffusion", "y0", "tspan"],
+    "ODEProblem": ["f", "y0", "tspan"],
+    "solve": ["prob", "alg"],
+    "VirtualBrownianTree": ["t0", "t1", "shape"],
+    "VPSDE": ["beta_min", "beta_max"],
+    "SubVPSDE": ["beta_min", "beta_max"],
+    "VESDE": ["sigma_min", "sigma_max"],
+    "sample": ["model", "sde", "x_T", "method"],
+    "log_likelihood": ["model", "sde", "x0"],
+    "invert": ["model", "sde", "x0", "method"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(_DEFAULTS))
+def test_keyword_names_and_defaults_are_designs(name):
+    """Every keyword DESIGN.md shows exists under that name with that default (solve's atol/rtol
+    are None: the SDE/ODE defaults, checked by value below)."""
+    fn, defaults = _DEFAULTS[name]
+    params = inspect.signature(fn).parameters
+    leading = [p.name for p in params.values() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    assert leading[: len(_POSITIONAL[name])] == _POSITIONAL[name]  # DESIGN's calls pass these by position
+    for key, value in defaults.items():
+        assert key in params, f"{name} has no keyword {key!r}"
+        assert params[key].default == value, f"{name}({key}=...) defaults to {params[key].default!r}, DESIGN says {value!r}"
+    assert deb.SDEProblem(lambda t, y: y, lambda t, y: y, torch.ones(1, 1, dtype=F64)).tspan == (0.0, 1.0)
+    assert dd.VPSDE().T == dd.SubVPSDE().T == dd.VESDE().T == 1.0
 
 
 # ------------------------------------------------------------------ solve's defaults
