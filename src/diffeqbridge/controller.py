@@ -36,6 +36,11 @@ def layout_free_pow(x: Tensor, b: float) -> Tensor:
     return torch.exp(b * torch.log(x))
 
 
+def tolerance_bound(tol: float | Tensor) -> float:
+    """The tightest component of a per-component tolerance (a number as is)."""
+    return float(tol.min()) if isinstance(tol, Tensor) else tol
+
+
 def scaled_error_norm(error: Tensor, y0: Tensor, y1: Tensor, atol: float | Tensor, rtol: float | Tensor) -> Tensor:
     """RMS over the state of ``error / (atol + rtol * max(|y0|, |y1|))``: ``(B, ...) -> (B,)``."""
     scale = atol + rtol * torch.maximum(y0.abs(), y1.abs())
