@@ -78,6 +78,24 @@ def test_sde_and_backsolve_gradient_with_per_component_tolerances():
     assert torch.allclose(grad, exact, rtol=5e-2) and torch.allclose(grad_back, exact, rtol=5e-2)
 
 
+@pytest.mark.parametrize("alg", [deb.Kvaerno5, deb.ImplicitEM, deb.SKenCarp], ids=lambda a: a.__name__)
+def test_implicit_solvers_take_per_component_tolerances_into_newton(alg):
+    """Newton's stopping test is kappa times the solve's tolerances: per component too."""
+    rates = torch.tensor([-50.0, -1.0], dtype=F64)
+    y0 = torch.ones(4, 2, dtype=F64)
+    tol = torch.tensor([1e-3, 1e-5], dtype=F64)
+    if alg is deb.Kvaerno5:
+        prob = deb.ODEProblem(lambda t, y: rates * y, y0, (0.0, 1.0))
+        kwargs = {}
+    else:
+        prob = deb.SDEProblem(lambda t, y: rates * y, lambda t, y: 0.01 * torch.ones_like(y), y0, (0.0, 1.0), noise="additive")
+        kwargs = {"seed": 0}
+    sol = deb.solve(prob, alg(), atol=tol, rtol=tol, **kwargs)
+    ref = deb.solve(prob, alg(), atol=1e-5, rtol=1e-5, **kwargs)
+    assert sol.success and ref.success
+    assert float((sol.ys[-1] - ref.ys[-1]).abs().max()) < 5e-2
+
+
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [

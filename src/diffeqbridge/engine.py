@@ -325,7 +325,7 @@ def _iteration_core(
     carry: Any,
     solver_state: Any,
     active: Tensor,
-    tolerances: tuple[float, float] | tuple[Tensor, Tensor] | None,
+    tolerances: tuple[float | Tensor, float | Tensor] | None,
 ) -> tuple[StepOutput, Tensor | None, Tensor]:
     """The pure tensor math of one iteration: ``solver.step`` (with the user's drift and
     diffusion), the per-sample error norm and the accept decision.
