@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..controller import tolerance_bound
 from ..engine import Integrator
 from ..problem import ODEProblem, Terms, expand_to
 from ..solution import ReturnCode
@@ -354,8 +355,9 @@ def _backward_settings(c: _Ctx, sensealg: BacksolveAdjoint) -> tuple[bool, float
     adaptive = c.options.adaptive if sensealg.adaptive is None else sensealg.adaptive
     if sensealg.dt is not None and sensealg.adaptive is None:
         adaptive = False
-    atol = c.options.atol if sensealg.atol is None else float(sensealg.atol)
-    rtol = c.options.rtol if sensealg.rtol is None else float(sensealg.rtol)
+    # the backward state (y, adjoint, parameters) has no per-component forward tolerance: the tightest one
+    atol = tolerance_bound(c.options.atol) if sensealg.atol is None else float(sensealg.atol)
+    rtol = tolerance_bound(c.options.rtol) if sensealg.rtol is None else float(sensealg.rtol)
     batch, device = c.prob.batch_size, c.save_times.device
     if sensealg.dt is not None:
         dt = torch.full((batch,), sensealg.dt, dtype=torch.float64, device=device)
