@@ -738,3 +738,30 @@ def test_sciml_lorenz_additive_noise(alg):
     ref = deb.solve(short, deb.SRA1(), dt=2.0**-12, adaptive=False, brownian=tree).ys[-1]
     got = deb.solve(short, alg, atol=1e-3, rtol=1e-3, brownian=tree).ys[-1]
     assert float((got - ref).abs().max()) < 5e-2
+
+
+@pytest.mark.parametrize(
+    "which, alg, ks",
+    [("linear", deb.SRIW1(), range(1, 5)), ("linear", deb.EM(), range(2, 6)), ("additive", deb.SRA1(), range(0, 4))],
+    ids=["linear-SRIW1", "linear-EM", "additive-SRA1"],
+)
+def test_sciml_weak_order_with_pathwise_control_variate(which, alg, ks):
+    """StochasticDiffEq's weak-convergence tests (``weak_convergence/``: the mean at ``t = 1`` of
+    ``prob_sde_linear``, ``E u(1) = u0 e^{1.01}``, and ``prob_sde_additive``) for fixed steps
+    ``2^-k``: the weak error ``E[u_h(1)] - E[u(1)]`` is estimated by the mean of ``u_h(1) -
+    u(1)`` on the same 4,096 paths (the closed form as control variate: its standard error is
+    the strong error over 64, 3-30x below the weak error here).  Fitted order within 0.3 of the
+    solver's declared ``weak_order`` (SRIW1 and SRA1 2, EM 1; measured 1.78, 1.93, 0.95)."""
+    import problems
+
+    n = 4096
+    prob, exact = getattr(problems, which)(n)
+    tree = deb.VirtualBrownianTree(0.0, 1.0, (n, 1), seed=1, dtype=F64)
+    ref = exact(1.0, tree.W(1.0))
+    dts = [2.0**-k for k in ks]
+    errors = []
+    for dt in dts:
+        diff = (deb.solve(prob, alg, dt=dt, adaptive=False, brownian=tree).ys[-1] - ref).flatten()
+        errors.append(abs(float(diff.mean())))
+        assert errors[-1] > 2 * float(diff.std()) / math.sqrt(n), (errors, dt)  # resolved above the noise
+    assert abs(fitted_order(dts, errors) - alg.weak_order) < 0.3, errors
