@@ -418,7 +418,7 @@ class Basic(nn.Module):
         return torch.sigmoid(torch.zeros_like(y)) + 0.1
 
 
-_FD_CACHE: dict[str, torch.Tensor] = {}
+_FD_CACHE: dict[str, torch.Tensor] = {}  # references shared by a test's parametrizations
 
 
 @pytest.mark.parametrize("sensealg", SENSEALGS, ids=["discrete", "backsolve", "interpolating"])
@@ -615,7 +615,7 @@ def _time_sde(batch: int, m: int | None, seed: int = 5678) -> deb.SDEProblem:
 )
 def test_diffrax_strong_order_against_own_fine_solution(alg, noise, order):
     """diffrax's ``test_sde_strong_order_new``: fixed steps ``5 / 2^k``, errors at the save
-    times ``{0.3, 2.8, 5.3}`` against the same solver with steps 8x finer than the finest on the
+    times ``{0.3, 2.8, 5.3}`` against the same solver with steps 4x finer than the finest on the
     same paths (24 paths; diffrax: 100, against its own ``2^-7`` solution), fitted order within
     ``(-0.2, +0.25)`` of the theory (diffrax's bounds).
     ``any``: 5 Brownian motions, ``com``: 1 (commutative), ``add``: the time SDE, general
@@ -637,7 +637,7 @@ def test_diffrax_strong_order_against_own_fine_solution(alg, noise, order):
         assert sol.success
         return sol.ys
 
-    ref = run(max(ks) + 3)
+    ref = run(max(ks) + 2)
     dts = [5.0 / 2**k for k in ks]
     errors = [float(torch.sqrt(((run(k) - ref) ** 2).sum(-1).mean())) for k in ks]
     assert -0.2 < fitted_order(dts, errors) - order < 0.25, errors
@@ -720,8 +720,8 @@ def test_sciml_lorenz_additive_noise(alg):
     0)``) on [0, 10] at SciML's loose tolerances (``abstol = 10``, ``reltol = 1/4``; its SRA
     Lorenz test counts failures): every path succeeds (at these tolerances the paths are not
     resolved: z reaches 84 at t = 10 where tol 1e-2 keeps it below 39), and on [0, 1] (before
-    chaos separates paths) the solution agrees with fixed-step SRA1 at dt = 2^-12 on the same
-    path to 5e-2."""
+    chaos separates paths) the solution at tol 1e-3 agrees with fixed-step SRA1 at dt = 2^-10 on
+    the same path to 5e-2."""
     batch = 8
 
     def lorenz(t, u):
@@ -735,7 +735,9 @@ def test_sciml_lorenz_additive_noise(alg):
 
     short = deb.SDEProblem(lorenz, lambda t, u: torch.full_like(u, 3.0), u0, (0.0, 1.0), noise="additive")
     tree = deb.VirtualBrownianTree(0.0, 1.0, (batch, 3), seed=100, dtype=F64)
-    ref = deb.solve(short, deb.SRA1(), dt=2.0**-12, adaptive=False, brownian=tree).ys[-1]
+    if "lorenz" not in _FD_CACHE:
+        _FD_CACHE["lorenz"] = deb.solve(short, deb.SRA1(), dt=2.0**-10, adaptive=False, brownian=tree).ys[-1]
+    ref = _FD_CACHE["lorenz"]
     got = deb.solve(short, alg, atol=1e-3, rtol=1e-3, brownian=tree).ys[-1]
     assert float((got - ref).abs().max()) < 5e-2
 
