@@ -348,7 +348,7 @@ def _field_problem(noise: str, interpretation: str, batch: int = 4, d: int = 3, 
 
 
 SOLVERS = [
-    "EM", "EulerHeun", "RKMil", "LambaEM", "LambaEulerHeun", "SRIW1", "SOSRI", "SRA1", "SRA3", "SOSRA",
+    "EM", "EulerHeun", "RKMil", "LambaEM", "LambaEulerHeun", "SRIW1", "SOSRI", "SRA1", "SRA3", "SRA4", "SOSRA",
     "ShARK", "SPaRK", "ImplicitEM", "ImplicitRKMil", "ISSEM", "SKenCarp", "SROCK1", "ReversibleHeun",
 ]  # fmt: skip
 
