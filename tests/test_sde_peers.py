@@ -428,7 +428,7 @@ def test_basic_sdes_gradients(which, sensealg):
     backward run whatever the fields depend on, leave ``requires_grad`` as it was, give no
     gradient to frozen or unused parameters, and (BasicSDE2-4, whose solution is
     ``y0 + F T + G W(T)`` in closed form; BasicSDE1 against finite differences) the right one
-    to ``shared``.  SRIW1, tol 1e-4, ``ts = [0, 0.5]``, loss ``mean_b sum_i y_i(0.5)``.
+    to ``shared`` (within 2e-2).  SRIW1, tol 1e-3, ``ts = [0, 0.5]``, loss ``mean_b sum_i y_i(0.5)``.
 
     ``BacksolveAdjoint`` crashed on BasicSDE2 ("The differentiated Tensor ... appears to not
     have been used in the graph"): its Itô→Stratonovich correction differentiated a diffusion
@@ -444,7 +444,7 @@ def test_basic_sdes_gradients(which, sensealg):
 
     def loss(sensealg=sensealg, **fixed):
         prob = deb.SDEProblem(module.drift, module.diffusion, y0, (0.0, 0.5), params=module)
-        sol = deb.solve(prob, deb.SRIW1(), brownian=tree, atol=1e-4, rtol=1e-4, sensealg=sensealg, **fixed)
+        sol = deb.solve(prob, deb.SRIW1(), brownian=tree, atol=1e-3, rtol=1e-3, sensealg=sensealg, **fixed)
         assert sol.success
         return sol.ys[-1].sum(1).mean(0)
 
