@@ -348,7 +348,7 @@ def _field_problem(noise: str, interpretation: str, batch: int = 4, d: int = 3, 
 
 
 SOLVERS = [
-    "EM", "EulerHeun", "RKMil", "LambaEM", "LambaEulerHeun", "SRIW1", "SOSRI", "SRA1", "SRA3", "SOSRA",
+    "EM", "EulerHeun", "RKMil", "LambaEM", "LambaEulerHeun", "SRIW1", "SOSRI", "SRA1", "SRA3", "SRA4", "SOSRA",
     "ShARK", "SPaRK", "ImplicitEM", "ImplicitRKMil", "ISSEM", "SKenCarp", "SROCK1", "ReversibleHeun",
 ]  # fmt: skip
 
@@ -418,7 +418,7 @@ class Basic(nn.Module):
         return torch.sigmoid(torch.zeros_like(y)) + 0.1
 
 
-_FD_CACHE: dict[str, torch.Tensor] = {}
+_FD_CACHE: dict[str, torch.Tensor] = {}  # references shared by a test's parametrizations
 
 
 @pytest.mark.parametrize("sensealg", SENSEALGS, ids=["discrete", "backsolve", "interpolating"])
@@ -428,7 +428,7 @@ def test_basic_sdes_gradients(which, sensealg):
     backward run whatever the fields depend on, leave ``requires_grad`` as it was, give no
     gradient to frozen or unused parameters, and (BasicSDE2-4, whose solution is
     ``y0 + F T + G W(T)`` in closed form; BasicSDE1 against finite differences) the right one
-    to ``shared``.  SRIW1, tol 1e-4, ``ts = [0, 0.5]``, loss ``mean_b sum_i y_i(0.5)``.
+    to ``shared`` (within 2e-2).  SRIW1, tol 1e-3, ``ts = [0, 0.5]``, loss ``mean_b sum_i y_i(0.5)``.
 
     ``BacksolveAdjoint`` crashed on BasicSDE2 ("The differentiated Tensor ... appears to not
     have been used in the graph"): its Itô→Stratonovich correction differentiated a diffusion
@@ -444,7 +444,7 @@ def test_basic_sdes_gradients(which, sensealg):
 
     def loss(sensealg=sensealg, **fixed):
         prob = deb.SDEProblem(module.drift, module.diffusion, y0, (0.0, 0.5), params=module)
-        sol = deb.solve(prob, deb.SRIW1(), brownian=tree, atol=1e-4, rtol=1e-4, sensealg=sensealg, **fixed)
+        sol = deb.solve(prob, deb.SRIW1(), brownian=tree, atol=1e-3, rtol=1e-3, sensealg=sensealg, **fixed)
         assert sol.success
         return sol.ys[-1].sum(1).mean(0)
 
@@ -483,3 +483,287 @@ def test_basic_sdes_gradients(which, sensealg):
         assert float((got - ref).abs().max()) < 1e-8, (got, ref)
     else:  # BasicSDE4 uses no parameter
         assert got is None or float(got.abs().max()) == 0.0
+
+
+# ------------------------------------------------------------------- Brownian tree statistics
+def _kernels(a: float, u: float, b: float):
+    """``W_{s,t}`` and ``H_{s,t}`` as Wiener integrals ``int k(r) dW_r``: ``k = 1`` and
+    ``k = (t - r)/(t - s) - 1/2`` on ``[s, t]`` (``H = (1/h) int_s^t W_{s,r} dr - W_{s,t}/2``),
+    for ``(s, t)`` = ``(a, u)``, ``(u, b)``, ``(a, b)``."""
+    out = []
+    for s, t in ((a, u), (u, b), (a, b)):
+        out.append(lambda r, s=s, t=t: ((r >= s) & (r <= t)).double())
+        out.append(lambda r, s=s, t=t: ((r >= s) & (r <= t)).double() * ((t - r) / (t - s) - 0.5))
+    return out
+
+
+def _exact_covariance(a: float, u: float, b: float) -> torch.Tensor:
+    """``Cov_ij = int k_i k_j dr`` by 2-point Gauss-Legendre on ``[a, u]`` and ``[u, b]``
+    (the kernels are linear on each piece: exact)."""
+    nodes = torch.tensor([-1 / math.sqrt(3), 1 / math.sqrt(3)], dtype=F64)
+    r, w = [], []
+    for lo, hi in ((a, u), (u, b)):
+        r.append((lo + hi) / 2 + (hi - lo) / 2 * nodes)
+        w.append(torch.full((2,), (hi - lo) / 2, dtype=F64))
+    r, w = torch.cat(r), torch.cat(w)
+    k = torch.stack([f(r) for f in _kernels(a, u, b)])  # (6, 4)
+    return (k * w) @ k.T
+
+
+def test_brownian_joint_law_of_increments_and_levy_areas_on_subintervals():
+    """torchsde's ``test_normality_conditional`` and diffrax's conditional statistics with
+    space-time Lévy area, at non-dyadic times ``a < u < b``: the 6 x 6 covariance of
+    ``(W, H)`` on ``[a, u]``, ``[u, b]``, ``[a, b]`` over 40,000 samples against the exact one
+    (every entry within 5 standard errors), and the bridge residual of ``W_{a,u}`` given
+    ``(W_{a,b}, H_{a,b})`` standard normal by Kolmogorov-Smirnov (p > 0.01, fixed seed; torchsde
+    asserts the same of ``W`` given ``W_{a,b}``).  ``H_{a,u}`` alone is ``N(0, (u - a)/12)``."""
+    stats = pytest.importorskip("scipy.stats")
+    n = 40_000
+    a, u, b = 0.1234, 0.4567, 0.8765
+    tree = deb.VirtualBrownianTree(0.0, 1.0, (n, 1), seed=2024, dtype=F64)
+    x = torch.cat([torch.cat(tree(s, t), dim=1) for s, t in ((a, u), (u, b), (a, b))], dim=1)  # (n, 6)
+    cov = _exact_covariance(a, u, b)
+    emp = torch.cov(x.T)
+    se = torch.sqrt((torch.outer(cov.diagonal(), cov.diagonal()) + cov**2) / n)
+    assert float(((emp - cov).abs() / se).max()) < 5.0, (emp, cov)
+    assert float(x.mean(0).abs().div(cov.diagonal().sqrt() / math.sqrt(n)).max()) < 5.0
+
+    # W_{a,u} | (W_{a,b}, H_{a,b}): Gaussian conditioning on the exact covariance
+    c_xy, c_yy = cov[0, 4:], cov[4:, 4:]
+    coef = torch.linalg.solve(c_yy, c_xy)
+    var = float(cov[0, 0] - c_xy @ coef)
+    residual = (x[:, 0] - x[:, 4:] @ coef) / math.sqrt(var)
+    assert stats.kstest(residual.numpy(), "norm").pvalue > 0.01
+    assert stats.kstest((x[:, 1] / math.sqrt((u - a) / 12)).numpy(), "norm").pvalue > 0.01
+
+
+# ------------------------------------------------------------------ diffrax's strong-order SDEs
+def _squareplus(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (x + torch.sqrt(x**2 + 4))
+
+
+class _MLP(nn.Module):
+    def __init__(self, n_in: int, n_out: int, width: int, depth: int, final=None, laplace: bool = False):
+        super().__init__()
+        sizes = [n_in] + [width] * depth + [n_out]
+        self.layers = nn.ModuleList(nn.Linear(i, o).double() for i, o in zip(sizes[:-1], sizes[1:]))
+        if laplace:  # diffrax's lap_init: heavier-tailed weights, "otherwise the SDE is too linear and nice"
+            lap = torch.distributions.Laplace(torch.tensor(0.0, dtype=F64), torch.tensor(1.0, dtype=F64))
+            with torch.no_grad():
+                for p in self.parameters():
+                    p.copy_(lap.sample(p.shape))
+        self.final = final
+
+    def forward(self, x):
+        for layer in self.layers[:-1]:
+            x = _squareplus(layer(x))
+        x = self.layers[-1](x)
+        return self.final(x) if self.final is not None else x
+
+
+def _mlp_sde(batch: int, m: int, seed: int = 11) -> deb.SDEProblem:
+    """diffrax's ``get_mlp_sde``: ``dy = 0.5 MLP(y) dt + 0.25 tanh(MLP(y)).reshape(3, m) dW`` on
+    ``[0.3, 5.3]`` (width 8, one hidden squareplus layer), ``y0 ~ N(0, I_3)``; Stratonovich (the
+    solver's own limit is what the order test measures)."""
+    torch.manual_seed(seed)
+    f_net, g_net = _MLP(3, 3, 8, 1), _MLP(3, 3 * m, 8, 1, final=torch.tanh)
+    y0 = torch.randn(1, 3, dtype=F64).expand(batch, 3).clone()
+    return deb.SDEProblem(
+        lambda t, y: 0.5 * f_net(y),
+        lambda t, y: 0.25 * g_net(y).reshape(-1, 3, m),
+        y0,
+        (0.3, 5.3),
+        noise="general",
+        noise_dim=m,
+        interpretation="stratonovich",
+    )
+
+
+def _time_sde(batch: int, m: int | None, seed: int = 5678) -> deb.SDEProblem:
+    """diffrax's ``get_time_sde`` (additive): ``y`` in R^7, drift
+    ``(0.01 MLP([y, f(t)]) - 0.5 y^3) / (|y|^2 + 1)`` (width 16, depth 5, Laplace weights),
+    diffusion ``f(t) . M`` with ``f(t) = (sin t, cos 4t, 1, 1/(t + 0.5))``, ``M`` normal
+    ``(4, 7, m)``; ``m = None``: our diagonal additive noise, ``M`` of shape ``(4, 7)``."""
+    torch.manual_seed(seed)
+    net = _MLP(11, 7, 16, 5, laplace=True)
+    mx = torch.randn(4, 7, *(() if m is None else (m,)), dtype=F64)
+    y0 = torch.randn(1, 7, dtype=F64).expand(batch, 7).clone()
+
+    def ft(t):
+        return torch.stack([torch.sin(t), torch.cos(4 * t), torch.ones_like(t), 1 / (t + 0.5)], dim=-1)  # (B, 4)
+
+    def drift(t, y):
+        return (0.01 * net(torch.cat([y, ft(t)], dim=-1)) - 0.5 * y**3) / ((y**2).sum(-1, keepdim=True) + 1)
+
+    def diffusion(t, y):
+        return torch.tensordot(ft(t), mx, dims=1)
+
+    noise = "additive" if m is None else "general"
+    return deb.SDEProblem(drift, diffusion, y0, (0.3, 5.3), noise=noise, noise_dim=m)
+
+
+@pytest.mark.parametrize(
+    "alg, noise, order",
+    [
+        (deb.SPaRK(), "any", 0.5),
+        (deb.SPaRK(), "com", 1.0),
+        (deb.SPaRK(), "add", 1.5),
+        (deb.ShARK(), "add", 1.5),
+        (deb.SRA1(), "add", 1.5),
+    ],
+    ids=["SPaRK-any", "SPaRK-com", "SPaRK-add", "ShARK-add", "SRA1-add"],
+)
+def test_diffrax_strong_order_against_own_fine_solution(alg, noise, order):
+    """diffrax's ``test_sde_strong_order_new``: fixed steps ``5 / 2^k``, errors at the save
+    times ``{0.3, 2.8, 5.3}`` against the same solver with steps 4x finer than the finest on the
+    same paths (24 paths; diffrax: 100, against its own ``2^-7`` solution), fitted order within
+    ``(-0.2, +0.25)`` of the theory (diffrax's bounds).
+    ``any``: 5 Brownian motions, ``com``: 1 (commutative), ``add``: the time SDE, general
+    ``m = 3`` for SPaRK, our diagonal additive noise for ShARK/SRA1 (their noise types).
+    Measured: 0.50, 1.12, 1.37, 1.60, 1.41."""
+    batch = 24
+    if noise == "add":
+        prob = _time_sde(batch, 3 if isinstance(alg, deb.SPaRK) else None)
+        ks = range(4, 8)
+    else:
+        prob = _mlp_sde(batch, 5 if noise == "any" else 1)
+        ks = range(3, 7)
+    tree = deb.VirtualBrownianTree(0.3, 5.3, (batch, *prob.noise_shape), seed=3, dtype=F64, tol=2.0**-14)
+    save = torch.tensor([0.3, 2.8, 5.3], dtype=F64)
+
+    @torch.no_grad()
+    def run(k: int) -> torch.Tensor:
+        sol = deb.solve(prob, alg, dt=5.0 / 2**k, adaptive=False, saveat=save, brownian=tree)
+        assert sol.success
+        return sol.ys
+
+    ref = run(max(ks) + 2)
+    dts = [5.0 / 2**k for k in ks]
+    errors = [float(torch.sqrt(((run(k) - ref) ** 2).sum(-1).mean())) for k in ks]
+    assert -0.2 < fitted_order(dts, errors) - order < 0.25, errors
+
+
+@pytest.mark.parametrize("alg", [deb.SPaRK(), deb.ShARK(), deb.SRA1(), deb.SOSRA()], ids=lambda a: type(a).__name__)
+def test_diffrax_solver_shape(alg):
+    """diffrax's ``test_sde_solver_shape``: state ``(5, 2)`` (a (B, 5, 2) batch), ``dy = -y/2 dt
+    + 2 y dW`` with 3 Brownian motions (general, SPaRK) or ``2 dW`` (additive solvers), dt 0.3
+    on [0, 1]: the output keeps the state shape, and the additive case's mean is
+    ``y0 exp(-1/2)`` (its noise has zero mean)."""
+    batch = 6
+    y0 = torch.randn(batch, 5, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    if isinstance(alg, deb.SPaRK):
+        prob = deb.SDEProblem(
+            lambda t, y: -0.5 * y,
+            lambda t, y: 2.0 * y.unsqueeze(-1).expand(*y.shape, 3),
+            y0,
+            (0.0, 1.0),
+            noise="general",
+            noise_dim=3,
+        )
+    else:
+        prob = deb.SDEProblem(lambda t, y: -0.5 * y, lambda t, y: torch.full_like(y, 2.0), y0, (0.0, 1.0), noise="additive")
+    sol = deb.solve(prob, alg, dt=0.3, adaptive=False)
+    assert sol.success and sol.ys.shape == (2, batch, 5, 2)
+    assert float(sol.ts[-1]) == 1.0
+
+
+# --------------------------------------------------------------- StochasticDiffEq's problems
+def _linear_2d(batch: int) -> tuple[deb.SDEProblem, callable]:
+    """``prob_sde_2Dlinear``: ``du = 1.01 u dt + 0.87 u dW`` elementwise on a ``4 x 2`` state
+    (diagonal noise), ``u0`` uniform in (0, 1) (SciML: ``rand(4, 2)``)."""
+    u0 = torch.rand(1, 4, 2, generator=torch.Generator().manual_seed(100), dtype=F64).expand(batch, 4, 2).clone()
+    prob = deb.SDEProblem(lambda t, y: 1.01 * y, lambda t, y: 0.87 * y, u0, (0.0, 1.0))
+    return prob, lambda t, w: u0 * torch.exp((1.01 - 0.87**2 / 2) * t + 0.87 * w)
+
+
+def _sweep(prob, exact, alg, atols, batch, seed=100):
+    tree = deb.VirtualBrownianTree(0.0, 1.0, (batch, *prob.noise_shape), seed=seed, dtype=F64)
+    ref = exact(1.0, tree.W(1.0))
+    errors = []
+    for atol in atols:
+        sol = deb.solve(prob, alg, dt=2.0**-4, atol=atol, rtol=0.0, brownian=tree)
+        assert sol.success
+        errors.append(float((sol.ys[-1] - ref).abs().flatten(1).amax(1).mean()))
+    return errors
+
+
+@pytest.mark.parametrize("alg", [deb.SRIW1(), deb.SOSRI()], ids=["SRIW1", "SOSRI"])
+@pytest.mark.parametrize("which", ["2Dlinear", "linear"])
+def test_sciml_linear_abstol_sweep(alg, which):
+    """``sde_linearadaptive_tests.jl``: ``dt = 1/16``, ``reltol = 0``, ``abstol`` 1, 1e-1, 1e-2,
+    1e-3: ``err(1) > err(1e-2)`` and ``err(1e-1) > err(1e-3)``; here (16 paths) also a
+    fall overall by 10x at least (measured 22x and more)."""
+    from problems import linear
+
+    prob, exact = _linear_2d(16) if which == "2Dlinear" else linear(16)
+    errors = _sweep(prob, exact, alg, [1.0, 1e-1, 1e-2, 1e-3], 16)
+    assert errors[0] > errors[2] and errors[1] > errors[3], errors
+    assert errors[3] < errors[0] / 10, errors
+
+
+@pytest.mark.parametrize("alg", [deb.SRA1(), deb.SOSRA()], ids=["SRA1", "SOSRA"])
+@pytest.mark.parametrize("which", ["additive", "additive_system"])
+def test_sciml_additive_abstol_sweep(alg, which):
+    """The same for ``prob_sde_additive`` / ``prob_sde_additivesystem`` with ``abstol`` down to
+    1e-4 (SciML's SRA tests)."""
+    import problems
+
+    prob, exact = getattr(problems, which)(16)
+    errors = _sweep(prob, exact, alg, [1.0, 1e-1, 1e-2, 1e-4], 16)
+    assert errors[0] > errors[2] and errors[1] > errors[3], errors
+    assert errors[3] < 1e-4, errors
+
+
+@pytest.mark.parametrize("alg", [deb.SRA1(), deb.SRA3(), deb.SOSRA(), deb.SRIW1()], ids=lambda a: type(a).__name__)
+def test_sciml_lorenz_additive_noise(alg):
+    """``prob_sde_lorenz`` (``sigma, rho, beta = 10, 28, 8/3``, additive noise 3.0, ``u0 = (1, 0,
+    0)``) on [0, 10] at SciML's loose tolerances (``abstol = 10``, ``reltol = 1/4``; its SRA
+    Lorenz test counts failures): every path succeeds (at these tolerances the paths are not
+    resolved: z reaches 84 at t = 10 where tol 1e-2 keeps it below 39), and on [0, 1] (before
+    chaos separates paths) the solution at tol 1e-3 agrees with fixed-step SRA1 at dt = 2^-10 on
+    the same path to 5e-2."""
+    batch = 8
+
+    def lorenz(t, u):
+        x, y, z = u.unbind(-1)
+        return torch.stack([10.0 * (y - x), x * (28.0 - z) - y, x * y - 8.0 / 3.0 * z], dim=-1)
+
+    u0 = torch.tensor([[1.0, 0.0, 0.0]], dtype=F64).expand(batch, 3).clone()
+    prob = deb.SDEProblem(lorenz, lambda t, u: torch.full_like(u, 3.0), u0, (0.0, 10.0), noise="additive")
+    sol = deb.solve(prob, alg, atol=10.0, rtol=0.25, seed=100)
+    assert sol.success and bool(torch.isfinite(sol.ys).all())
+
+    short = deb.SDEProblem(lorenz, lambda t, u: torch.full_like(u, 3.0), u0, (0.0, 1.0), noise="additive")
+    tree = deb.VirtualBrownianTree(0.0, 1.0, (batch, 3), seed=100, dtype=F64)
+    if "lorenz" not in _FD_CACHE:
+        _FD_CACHE["lorenz"] = deb.solve(short, deb.SRA1(), dt=2.0**-10, adaptive=False, brownian=tree).ys[-1]
+    ref = _FD_CACHE["lorenz"]
+    got = deb.solve(short, alg, atol=1e-3, rtol=1e-3, brownian=tree).ys[-1]
+    assert float((got - ref).abs().max()) < 5e-2
+
+
+@pytest.mark.parametrize(
+    "which, alg, ks",
+    [("linear", deb.SRIW1(), range(1, 5)), ("linear", deb.EM(), range(2, 6)), ("additive", deb.SRA1(), range(0, 4))],
+    ids=["linear-SRIW1", "linear-EM", "additive-SRA1"],
+)
+def test_sciml_weak_order_with_pathwise_control_variate(which, alg, ks):
+    """StochasticDiffEq's weak-convergence tests (``weak_convergence/``: the mean at ``t = 1`` of
+    ``prob_sde_linear``, ``E u(1) = u0 e^{1.01}``, and ``prob_sde_additive``) for fixed steps
+    ``2^-k``: the weak error ``E[u_h(1)] - E[u(1)]`` is estimated by the mean of ``u_h(1) -
+    u(1)`` on the same 4,096 paths (the closed form as control variate: its standard error is
+    the strong error over 64, 3-30x below the weak error here).  Fitted order within 0.3 of the
+    solver's declared ``weak_order`` (SRIW1 and SRA1 2, EM 1; measured 1.78, 1.93, 0.95)."""
+    import problems
+
+    n = 4096
+    prob, exact = getattr(problems, which)(n)
+    tree = deb.VirtualBrownianTree(0.0, 1.0, (n, 1), seed=1, dtype=F64)
+    ref = exact(1.0, tree.W(1.0))
+    dts = [2.0**-k for k in ks]
+    errors = []
+    for dt in dts:
+        diff = (deb.solve(prob, alg, dt=dt, adaptive=False, brownian=tree).ys[-1] - ref).flatten()
+        errors.append(abs(float(diff.mean())))
+        assert errors[-1] > 2 * float(diff.std()) / math.sqrt(n), (errors, dt)  # resolved above the noise
+    assert abs(fitted_order(dts, errors) - alg.weak_order) < 0.3, errors
