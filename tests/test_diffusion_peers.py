@@ -417,6 +417,22 @@ def test_diffusers_dpm_solver_multistep_matches(diffusers, algorithm, order, ste
     assert _rel(ours, theirs) < MATCH
 
 
+def test_diffusers_as_shipped_agree_to_float32_rounding():
+    """Without the float64 swap diffusers' ``DPMSolverMultistepScheduler`` (float32 tables, float32
+    state in ``step``) agrees with ours to float32 rounding: 4e-7 - 3e-6 relative."""
+    lib = pytest.importorskip("diffusers")
+    p = DDPMProblem(1001)
+    for order, steps in ((1, 10), (2, 10), (2, 20)):
+        sched = lib.DPMSolverMultistepScheduler(
+            num_train_timesteps=p.N, trained_betas=p.betas.numpy(), solver_order=order, final_sigmas_type="sigma_min"
+        )
+        sched.set_timesteps(steps)
+        assert sched.sigmas.dtype == torch.float32
+        ours = _ours_ddpm(p, steps, 1.0 / p.N, order=order, lower_order_final=steps < 15)
+        err = _rel(ours, _drive(p, sched, p.x_T.clone()))
+        assert 1e-8 < err < 1e-5, (order, steps, err)
+
+
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_diffusers_ddim_and_ddpm_match(diffusers, monkeypatch, eta):
     """``DDIMScheduler`` (``"trailing"``, ``set_alpha_to_one``) is DPM-Solver-1 on the uniform grid
@@ -470,38 +486,73 @@ def test_diffusers_euler_and_heun_match(diffusers):
 
 
 # ----------------------------------------------------------------------------- where the definitions differ
-def test_third_order_multistep_peers_are_second_order(ks, ve, diffusers):
+@pytest.fixture(scope="module")
+def ve_flow(ve) -> torch.Tensor:
+    """The probability-flow solution at ``t_end`` on the VE problem: DPM-Solver-3, 3000 NFE (error ~1e-8)."""
+    return _ours(ve, 3000, order=3, algorithm="dpmsolver", variant="singlestep", lower_order_final=False).ys[-1]
+
+
+def _diffusers_on_grid(sched: Any, p: SigmaProblem, sol: Any) -> torch.Tensor:
+    """A ``DPMSolverMultistepScheduler``'s updates on our solution's grid (its ``sigmas`` replaced by
+    ours); its state is VP-scaled, ``x = x~ / sqrt(1 + sigma^2)``.  Returns ``x~`` at the grid's end."""
+    sig = p.sigmas(sol)
+    _set_timesteps(sched, len(sig) - 1)
+    sched.sigmas = sig.clone()
+    scale = torch.sqrt(1.0 + sig.square())
+    x = p.x_T / scale[0]
+    for i, t in enumerate(sched.timesteps):
+        eps = p.model(x * scale[i], sol.ts[i].double().expand(x.shape[0]))
+        x = sched.step(eps, t, x).prev_sample
+    return x * scale[-1]
+
+
+def test_third_order_multistep_peers_are_second_order(ks, ve, ve_flow, diffusers):
     """DPM-Solver++(3M) differs: ours adds ``2 phi2 D2`` for the ``h^2 f''`` term of the Taylor
     expansion (``D2 ~ h^2 f'' / 2``, ``phi2 = (h^2/2 - h - expm1(-h)) / h^2``: exact for quadratic
     ``x0(lambda)``); DPM-Solver's reference code, diffusers' ``DPMSolverMultistepScheduler(solver_order=3)``
     and k-diffusion's ``sample_dpmpp_3m_sde(eta=0)`` add ``phi2 D2``, half of it.  On the same uniform-
     lambda grid the two peers agree with each other to rounding (diffusers with ``solver_type="heun"``: its
-    second-order warm-up step is then k-diffusion's, ``phi1 D1``), and against the exact flow (a 3000-NFE
-    DPM-Solver-3 run) ours converges with slope 3 and theirs tends to 2."""
-    ref = _ours(ve, 3000, order=3, algorithm="dpmsolver", variant="singlestep", lower_order_final=False).ys[-1]
+    second-order warm-up step is then k-diffusion's, ``phi1 D1``), and against the exact flow ours
+    converges with slope 3 and theirs tends to 2."""
     ddpm = DDPMProblem(1001)
     ns, errs = [40, 80, 160, 320], {"ours": [], "k-diffusion": [], "diffusers": []}
     for n in ns:
         sol = _ours(ve, n, order=3, algorithm="dpmsolver++", variant="multistep", lower_order_final=False)
-        sig = ve.sigmas(sol)
         kd = ks.sample_dpmpp_3m_sde(
-            ve.denoiser, ve.x_T.clone(), sig, disable=True, eta=0.0, noise_sampler=lambda *_: torch.zeros_like(ve.x_T)
+            ve.denoiser, ve.x_T.clone(), ve.sigmas(sol), disable=True, eta=0.0, noise_sampler=lambda *_: torch.zeros_like(ve.x_T)
         )
         sched = diffusers("DPMSolverMultistepScheduler", ddpm, solver_order=3, final_sigmas_type="sigma_min", solver_type="heun")
-        _set_timesteps(sched, n)
-        sched.sigmas = sig.clone()  # their update on our grid; the state is VP-scaled: x = x~ / sqrt(1 + sigma^2)
-        scale = torch.sqrt(1.0 + sig.square())
-        x = ve.x_T / scale[0]
-        for i, t in enumerate(sched.timesteps):
-            eps = ve.model(x * scale[i], sol.ts[i].double().expand(x.shape[0]))
-            x = sched.step(eps, t, x).prev_sample
-        assert _rel(x * scale[-1], kd) < MATCH
-        for key, out in (("ours", sol.ys[-1]), ("k-diffusion", kd), ("diffusers", x * scale[-1])):
-            errs[key].append(float((out - ref).abs().max()))
+        theirs = _diffusers_on_grid(sched, ve, sol)
+        assert _rel(theirs, kd) < MATCH
+        for key, out in (("ours", sol.ys[-1]), ("k-diffusion", kd), ("diffusers", theirs)):
+            errs[key].append(float((out - ve_flow).abs().max()))
     slopes = {k: fitted_order([1.0 / n for n in ns], v) for k, v in errs.items()}
     assert slopes["ours"] > 2.7, (slopes, errs)
     assert slopes["k-diffusion"] < 2.5 and slopes["diffusers"] < 2.5, (slopes, errs)
     assert errs["ours"][-1] < 0.5 * errs["diffusers"][-1], errs
+
+
+def test_second_order_variants_converge_to_the_same_flow(ve, ve_flow, diffusers):
+    """Where the 2M definitions differ, both converge to the exact flow at order 2: diffusers' 2M at 15
+    steps or more does not lower its last order (ours with ``lower_order_final=True`` does, and equals
+    it with ``False``), and its ``solver_type="heun"`` weights ``D1`` by ``phi1`` instead of ``phi0/2``."""
+    ddpm = DDPMProblem(1001)
+    ns = [40, 80, 160, 320]
+    errs: dict[str, list[float]] = {"ours lower_order_final": [], "diffusers midpoint": [], "diffusers heun": []}
+    for n in ns:
+        lowered = _ours(ve, n, order=2, algorithm="dpmsolver++", variant="multistep", lower_order_final=True)
+        plain = _ours(ve, n, order=2, algorithm="dpmsolver++", variant="multistep", lower_order_final=False)
+        outs = {"ours lower_order_final": lowered.ys[-1]}
+        for solver_type in ("midpoint", "heun"):
+            sched = diffusers("DPMSolverMultistepScheduler", ddpm, final_sigmas_type="sigma_min", solver_type=solver_type)
+            outs[f"diffusers {solver_type}"] = _diffusers_on_grid(sched, ve, plain)
+        assert _rel(plain.ys[-1], outs["diffusers midpoint"]) < MATCH
+        for key, out in outs.items():
+            errs[key].append(float((out - ve_flow).abs().max()))
+    slopes = {k: fitted_order([1.0 / n for n in ns], v) for k, v in errs.items()}
+    assert all(1.7 < v < 2.3 for v in slopes.values()), (slopes, errs)
+    finest = [v[-1] for v in errs.values()]
+    assert max(finest) < 5 * min(finest), errs
 
 
 def test_diffusers_edm_euler_matches(diffusers, karras):
