@@ -417,6 +417,24 @@ def test_diffusers_dpm_solver_multistep_matches(diffusers, algorithm, order, ste
     assert _rel(ours, theirs) < MATCH
 
 
+@pytest.mark.parametrize("algorithm", ["dpmsolver++", "dpmsolver"])
+@pytest.mark.parametrize(("parameterization", "prediction_type"), [("x0", "sample"), ("v", "v_prediction")])
+def test_diffusers_prediction_types_match_our_parameterizations(diffusers, algorithm, parameterization, prediction_type):
+    """The same exact model as an x0- or v-prediction (``v = alpha eps - sigma x0``) through diffusers'
+    ``prediction_type`` and through our ``parameterization``: the same samples."""
+    p = DDPMProblem(1001)
+    model = _mixture().score_model(p.sde, parameterization)
+    config = {"algorithm_type": algorithm, "prediction_type": prediction_type, "final_sigmas_type": "sigma_min"}
+    sched = diffusers("DPMSolverMultistepScheduler", p, **config)
+    _set_timesteps(sched, 10)
+    x = p.x_T.clone()
+    for t in sched.timesteps:
+        x = sched.step(model(x, p.time(t)), t, x).prev_sample
+    kw = {"method": "dpm_solver", "skip_type": "time_uniform", "algorithm": algorithm, "order": 2}
+    ours = dd.sample(model, p.sde, p.x_T, parameterization=parameterization, steps=10, t_end=1.0 / p.N, **kw).ys[-1]
+    assert _rel(ours, x) < MATCH
+
+
 def test_diffusers_as_shipped_agree_to_float32_rounding():
     """Without the float64 swap diffusers' ``DPMSolverMultistepScheduler`` (float32 tables, float32
     state in ``step``) agrees with ours to float32 rounding: 4e-7 - 3e-6 relative."""
@@ -482,6 +500,22 @@ def test_diffusers_euler_and_heun_match(diffusers):
     _set_timesteps(heun, 8)
     theirs = _drive(p, heun, x_T.clone(), scaled=True)
     ours = dd.sample(p.model, p.sde, p.x_T, method="edm", steps=15, t_end=1.0 / p.N, denoise_to_zero=True).ys[-1]
+    assert _rel(ours, theirs) < MATCH
+
+
+def test_diffusers_euler_ancestral_matches_sde_dpm_solver(diffusers, monkeypatch):
+    """``EulerAncestralDiscreteScheduler`` is SDE-DPM-Solver++(1) on the uniform grid plus its last step to
+    ``sigma = 0`` (``sigma_up = 0`` there: the denoiser).  Its draw of step ``i`` is ours; the last
+    one is multiplied by zero."""
+    p = DDPMProblem(1001)
+    steps = 10
+    sched = diffusers("EulerAncestralDiscreteScheduler", p)
+    _set_timesteps(sched, steps + 1)
+    shape = tuple(p.x_T.shape)
+    draws = iter([_noise(shape, STREAMS["sampler"] + i, seed=5) for i in range(steps)] + [torch.zeros(shape)])
+    monkeypatch.setattr(sys.modules[type(sched).__module__], "randn_tensor", lambda *a, **k: next(draws))
+    theirs = _drive(p, sched, p.x_T * math.sqrt(1.0 + float(sched.sigmas[0]) ** 2), scaled=True)
+    ours = p.denoise(_ours_ddpm(p, steps, 1.0 / p.N, algorithm="sde-dpmsolver++", order=1, seed=5), 1.0 / p.N)
     assert _rel(ours, theirs) < MATCH
 
 
