@@ -566,6 +566,22 @@ def test_third_order_multistep_peers_are_second_order(ks, ve, ve_flow, diffusers
     assert errs["ours"][-1] < 0.5 * errs["diffusers"][-1], errs
 
 
+def test_third_order_multistep_noise_prediction_differs_the_same_way(ve, ve_flow, diffusers):
+    """DPM-Solver(3M) (noise prediction): the same factor 2 on ``D2`` (``-sigma_t phi2 D2`` with
+    ``phi2 = (expm1(h) - h - h^2/2) / h^2`` in diffusers, twice that in ours): slope 3 against 2."""
+    ddpm = DDPMProblem(1001)
+    ns, errs = [80, 160, 320], {"ours": [], "diffusers": []}
+    for n in ns:
+        sol = _ours(ve, n, order=3, algorithm="dpmsolver", variant="multistep", lower_order_final=False)
+        config = {"algorithm_type": "dpmsolver", "solver_order": 3, "final_sigmas_type": "sigma_min"}
+        theirs = _diffusers_on_grid(diffusers("DPMSolverMultistepScheduler", ddpm, **config), ve, sol)
+        for key, out in (("ours", sol.ys[-1]), ("diffusers", theirs)):
+            errs[key].append(float((out - ve_flow).abs().max()))
+    slopes = {k: fitted_order([1.0 / n for n in ns], v) for k, v in errs.items()}
+    assert slopes["ours"] > 2.7 and slopes["diffusers"] < 2.4, (slopes, errs)
+    assert errs["ours"][-1] < 0.5 * errs["diffusers"][-1], errs
+
+
 def test_second_order_variants_converge_to_the_same_flow(ve, ve_flow, diffusers):
     """Where the 2M definitions differ, both converge to the exact flow at order 2: diffusers' 2M at 15
     steps or more does not lower its last order (ours with ``lower_order_final=True`` does, and equals
