@@ -25,10 +25,12 @@ Peers are optional: k-diffusion (``pip install --no-deps k-diffusion``; only
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import sys
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -88,6 +90,17 @@ def _k_diffusion_sampling() -> Any:
 @pytest.fixture(scope="module")
 def ks() -> Any:
     return _k_diffusion_sampling()
+
+
+@contextlib.contextmanager
+def _float64_default() -> Iterator[None]:
+    """k-diffusion builds its grids with ``torch.linspace``/``torch.tensor`` in the default dtype."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -157,12 +170,9 @@ class _NoiseFeed:
 
 # ----------------------------------------------------------------------------- k-diffusion: grids
 def test_karras_and_exponential_grids_match_k_diffusion(ks, ve):
-    torch.set_default_dtype(torch.float64)
-    try:
+    with _float64_default():
         kar = ks.get_sigmas_karras(12, SIGMA_MIN, SIGMA_MAX, rho=7.0)
         exp = ks.get_sigmas_exponential(11, SIGMA_MIN, SIGMA_MAX)
-    finally:
-        torch.set_default_dtype(torch.float32)
     assert _rel(karras_sigmas(12, SIGMA_MIN, SIGMA_MAX, 7.0), kar[:-1]) < 1e-14
     # DPM-Solver's logSNR grid on the VE process is k-diffusion's exponential grid
     sol = dd.sample(ve.model, ve.sde, ve.x_T, method="dpm_solver", steps=10, order=1, t_end=ve.t_end, save_trajectory=True)
@@ -204,11 +214,8 @@ def test_k_diffusion_dpmpp_2m_and_euler_match_on_the_karras_grid(ks, karras):
     """On ``sigma = t^7`` our uniform-time grid is ``get_sigmas_karras``: the popular "DPM++ 2M Karras"."""
     for name, ours in (("sample_dpmpp_2m", K_DETERMINISTIC["sample_dpmpp_2m"][1]), ("sample_euler", {**DPM, "order": 1})):
         sol = _ours(karras, 12, skip_type="time_uniform", **ours)
-        torch.set_default_dtype(torch.float64)
-        try:
+        with _float64_default():
             grid = ks.get_sigmas_karras(13, SIGMA_MIN, SIGMA_MAX, rho=7.0)[:-1]
-        finally:
-            torch.set_default_dtype(torch.float32)
         assert _rel(karras.sigmas(sol), grid) < 1e-13
         theirs = getattr(ks, name)(karras.denoiser, karras.x_T.clone(), grid, disable=True)
         assert _rel(sol.ys[-1], theirs) < MATCH, name
@@ -290,11 +297,8 @@ def test_k_diffusion_matches_on_vp_processes(ks, monkeypatch, process, name):
     theirs = getattr(ks, name)(denoiser, x_T / alpha[0], sig, disable=True, **kw)
     assert _rel(sol.ys[-1] / alpha[-1], theirs) < MATCH
     if process == "vp" and name == "sample_dpmpp_2m":
-        torch.set_default_dtype(torch.float64)
-        try:
+        with _float64_default():
             vp_grid = ks.get_sigmas_vp(13, beta_d=sde.beta_max - sde.beta_min, beta_min=sde.beta_min, eps_s=t_end)
-        finally:
-            torch.set_default_dtype(torch.float32)
         assert _rel(sig, vp_grid[:-1]) < 1e-12
 
 
@@ -303,11 +307,8 @@ def test_k_diffusion_dpm_fast_matches_dpm_solver_3(ks, ve, nfe):
     """``sample_dpm_fast`` is DPM-Solver-3 (singlestep, noise prediction) on the uniform-lambda grid with
     the reference code's order split (``[3, ..., 3, 2, 1]``, ``[3, ..., 3, 1]``, ``[3, ..., 3, 2]``)."""
     ours = _ours(ve, nfe, order=3, algorithm="dpmsolver", variant="singlestep", lower_order_final=True)
-    torch.set_default_dtype(torch.float64)  # it builds its end points with torch.tensor(sigma)
-    try:
+    with _float64_default():  # it builds its end points with torch.tensor(sigma)
         theirs = ks.sample_dpm_fast(ve.denoiser, ve.x_T.clone(), SIGMA_MIN, SIGMA_MAX, nfe, disable=True)
-    finally:
-        torch.set_default_dtype(torch.float32)
     assert int(ours.stats.nf[0]) == nfe
     assert _rel(ours.ys[-1], theirs) < MATCH
 
