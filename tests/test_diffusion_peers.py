@@ -46,7 +46,7 @@ from diffeqbridge.diffusion.edm import karras_sigmas
 # algorithm_type="dpmsolver": neither changes a number
 pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:`algorithm_types dpmsolver:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:`algorithm_types[ =]dpmsolver:FutureWarning"),
 ]
 
 SIGMA_MIN, SIGMA_MAX = 0.02, 80.0
@@ -604,6 +604,34 @@ def test_second_order_variants_converge_to_the_same_flow(ve, ve_flow, diffusers)
     assert all(1.7 < v < 2.3 for v in slopes.values()), (slopes, errs)
     finest = [v[-1] for v in errs.values()]
     assert max(finest) < 5 * min(finest), errs
+
+
+@pytest.mark.parametrize("algorithm", ["dpmsolver++", "dpmsolver"])
+def test_diffusers_singlestep_on_the_fine_grid(ve, ve_flow, diffusers, algorithm):
+    """``DPMSolverSinglestepScheduler`` takes its intermediate points from its grid: on the uniform-lambda
+    grid of ``order * m`` steps they are ours (``lambda_s + r h``).  Order 2 (midpoint) is then our
+    DPM-Solver(++)-2 singlestep to rounding.  Order 3 differs: diffusers reaches the point at ``2/3`` with
+    its order-2 midpoint update (``phi0 / 2`` weighting), DPM-Solver-3 (Lu et al. 2022, Alg. 2; ours)
+    with the ``phi1`` weighting; both converge to the flow, their errors within 1.6x of each other."""
+    ddpm = DDPMProblem(1001)
+    config = {"algorithm_type": algorithm, "lower_order_final": False, "final_sigmas_type": "sigma_min"}
+    kw = {"algorithm": algorithm, "lower_order_final": False}
+    m = 6
+    fine = _ours(ve, 2 * m, order=1, variant="multistep", **kw)
+    ours = _ours(ve, 2 * m, order=2, variant="singlestep", **kw)
+    theirs = _diffusers_on_grid(diffusers("DPMSolverSinglestepScheduler", ddpm, solver_order=2, **config), ve, fine)
+    assert _rel(ours.ys[-1], theirs) < MATCH
+    ms, errs = [20, 40, 80], {"ours": [], "diffusers": []}
+    for m in ms:
+        fine = _ours(ve, 3 * m, order=1, variant="multistep", **kw)
+        ours = _ours(ve, 3 * m, order=3, variant="singlestep", **kw)
+        theirs = _diffusers_on_grid(diffusers("DPMSolverSinglestepScheduler", ddpm, solver_order=3, **config), ve, fine)
+        assert _rel(ours.ys[-1], theirs) > 1e-6  # not the same method
+        for key, out in (("ours", ours.ys[-1]), ("diffusers", theirs)):
+            errs[key].append(float((out - ve_flow).abs().max()))
+    slopes = {k: fitted_order([1.0 / m for m in ms], v) for k, v in errs.items()}
+    assert all(v > 2.0 for v in slopes.values()), (slopes, errs)
+    assert 0.6 < errs["ours"][-1] / errs["diffusers"][-1] < 1.6, errs
 
 
 def test_diffusers_edm_euler_matches(diffusers, karras):
