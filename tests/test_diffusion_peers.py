@@ -156,6 +156,17 @@ def _noise(shape: tuple[int, ...], stream: int, seed: int = 0) -> torch.Tensor:
     return dd.per_sample_normal(shape, seed, stream)
 
 
+class _Counted:
+    """A model wrapper counting its calls (each call evaluates the whole batch)."""
+
+    def __init__(self, fn: Any):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
 class _NoiseFeed:
     """k-diffusion's ``noise_sampler(sigma, sigma_next)``: our draw of step ``i`` at the ``i``-th call."""
 
@@ -206,8 +217,10 @@ def test_k_diffusion_deterministic_samplers_match(ks, ve, name):
     sig = ve.sigmas(sol)
     if name in ("sample_dpmpp_2s_ancestral", "sample_dpmpp_sde"):
         k_opts = {**k_opts, "noise_sampler": lambda *_: torch.zeros_like(ve.x_T)}
-    theirs = getattr(ks, name)(ve.denoiser, ve.x_T.clone(), sig, disable=True, **k_opts)
+    denoiser = _Counted(ve.denoiser)
+    theirs = getattr(ks, name)(denoiser, ve.x_T.clone(), sig, disable=True, **k_opts)
     assert _rel(sol.ys[-1], theirs) < MATCH
+    assert bool((sol.stats.nf == denoiser.calls).all())  # the same model evaluations per sample
 
 
 def test_k_diffusion_dpmpp_2m_and_euler_match_on_the_karras_grid(ks, karras):
@@ -236,10 +249,10 @@ def test_k_diffusion_heun_matches_edm(ks, ve, monkeypatch, denoise_to_zero, chur
         sig = torch.cat([sig, sig.new_zeros(1)])
     feed = _NoiseFeed(tuple(ve.x_T.shape), STREAMS["churn"], seed=7)
     monkeypatch.setattr(torch, "randn_like", lambda x, **_: feed())
-    theirs = ks.sample_heun(
-        ve.denoiser, ve.x_T.clone(), sig, disable=True, s_churn=churn, s_tmin=0.05, s_tmax=50.0, s_noise=1.003
-    )
+    denoiser = _Counted(ve.denoiser)
+    theirs = ks.sample_heun(denoiser, ve.x_T.clone(), sig, disable=True, s_churn=churn, s_tmin=0.05, s_tmax=50.0, s_noise=1.003)
     assert _rel(sol.ys[-1], theirs) < MATCH
+    assert bool((sol.stats.nf == denoiser.calls).all())
 
 
 @pytest.mark.parametrize("order", [1, 2])
