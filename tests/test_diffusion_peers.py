@@ -13,11 +13,13 @@ what differs is in docs/diffusion_samplers.md ("Agreement with k-diffusion and d
   entry of ``sigmas``: we pass our grid without k-diffusion's trailing zero (the peer's final
   denoising step is tested separately, against EDM's ``denoise_to_zero``).
 * diffusers' schedulers hold their tables in float32 and cast the state to float32 in
-  ``step``.  ``_float64_diffusers`` runs them in float64 instead (the scheduler module's
-  ``torch.float32`` is swapped for ``torch.float64`` and the sigmas are recomputed from the
-  float64 ``alphas_cumprod``): the arithmetic is theirs, only the precision changes.  The
-  discrete DDPM schedule maps to ``dd.DiscreteVPSDE`` with DDPM step ``k`` at
-  ``t = (k + 1) / N``; ``N = 1001`` makes diffusers' integer timesteps fall on our uniform grids.
+  ``step``.  The ``diffusers`` fixture runs them in float64 instead (the scheduler module's
+  ``torch.float32`` and ``np.float32`` are swapped for float64): the arithmetic is theirs, only
+  the precision changes (``test_diffusers_as_shipped_agree_to_float32_rounding`` checks the
+  float32 originals).  The discrete DDPM schedule maps to ``dd.DiscreteVPSDE`` with DDPM step
+  ``k`` at ``t = (k + 1) / N``; ``N = 1001`` makes diffusers' "linspace" integer timesteps fall on
+  our uniform grids (``N = 1000`` for the "trailing" DDIM/DDPM grids).  Where a scheduler's own
+  grid cannot be ours, ``_diffusers_on_grid`` replaces its ``sigmas`` by our grid's.
 
 Peers are optional: k-diffusion (``pip install --no-deps k-diffusion``; only
 ``k_diffusion/sampling.py`` is loaded, see ``_k_diffusion_sampling``) and diffusers.
