@@ -342,18 +342,17 @@ def test_torchdiffeq_grid_points_as_tstops(name):
 # --------------------------------------------------------- torchdiffeq / diffrax: refused inputs
 def test_tuple_and_complex_states_and_tolerance_forms():
     """torchdiffeq accepts tuple states and tensor tolerances; diffrax accepts complex states.
-    We take one real tensor ``(B, *state)`` (stack tuple parts along a state axis) and one
-    number per tolerance; the refusals name the argument.  A one-element tensor tolerance
+    We take one real tensor ``(B, *state)`` (stack tuple parts along a state axis); tolerances
+    are numbers or per-component tensors (tests/test_tolerances.py); the refusals name the
+    argument.  A one-element tensor tolerance
     (``torch.tensor(1e-6)``, torchdiffeq's usual spelling) is a number."""
     with pytest.raises(TypeError, match=r"^y0 must be a torch.Tensor"):
         deb.ODEProblem(lambda t, y: -y, (torch.ones(2, 1), torch.ones(2, 1)), (0.0, 1.0))
     with pytest.raises(TypeError, match=r"^y0 must be real .*complex states are not supported"):
         deb.ODEProblem(lambda t, y: -y, torch.ones(2, 1, dtype=torch.complex128), (0.0, 1.0))
     prob = deb.ODEProblem(lambda t, y: -y, torch.ones(2, 3, dtype=F64), (0.0, 1.0))
-    with pytest.raises(TypeError, match=r"^rtol must be a number \(one tolerance for every component"):
-        deb.solve(prob, deb.Tsit5(), rtol=torch.full((3,), 1e-6))
-    with pytest.raises(TypeError, match=r"^atol must be a number \(one tolerance"):
-        deb.solve(prob, deb.Tsit5(), atol=[1e-6, 1e-6, 1e-6])
+    with pytest.raises(ValueError, match=r"^rtol of shape \(4,\) does not broadcast to the state shape \(3,\)"):
+        deb.solve(prob, deb.Tsit5(), rtol=torch.full((4,), 1e-6))
     with pytest.raises(ValueError, match=r"^saveat must be strictly increasing"):
         deb.solve(prob, deb.Tsit5(), saveat=[0.0, 0.5, 0.5, 1.0])
     tensor_tol = deb.solve(prob, deb.Tsit5(), rtol=torch.tensor(1e-8, dtype=F64), atol=torch.tensor([1e-8], dtype=F64))

@@ -231,7 +231,7 @@ class Terms:
         self.interpretation: str = problem.interpretation
         # the adaptive solve's (atol, rtol), set by solve(): implicit solvers derive their
         # Newton tolerances from it (nonlinear.newton_tolerances); None for fixed-step solves
-        self.tolerances: tuple[float, float] | None = None
+        self.tolerances: tuple[float | Tensor, float | Tensor] | None = None
 
     def g_dw(self, g: Tensor, dw: Tensor) -> Tensor:
         if self.noise == "general":
