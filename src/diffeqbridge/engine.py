@@ -635,6 +635,7 @@ class Integrator:
         self.interpolate = bool(inner) and saves_by_interpolation(solver, options, tree is not None)
         self.kind = interpolant_kind(solver)
         self.stops, self.stop_slot = forced_times(save_times, options.tstops, self.interpolate)
+        self._jumps = self._one_sided_stops(options, tree is None)
         self.n_stop = self.stops.shape[0]
         self._snap_bounds = snap_bounds(self.stops.tolist())
         self._ascending = (self.sign * save_times).contiguous()  # searchsorted's order
@@ -679,6 +680,38 @@ class Integrator:
         self._exact_ends: bool | None = None  # exact_step_ends, once decided
         #: ``(y0, drift(t0, y0), diffusion(t0, y0))`` until the first step has used them (:func:`_start_terms`)
         self._start_values: tuple[Tensor, Tensor | None, Tensor | None] | None = None
+
+    def _one_sided_stops(self, options: EngineOptions, ode: bool) -> Tensor | None:
+        """ODE ``tstops`` as the discontinuities they mark (torchdiffeq's ``jump_t``): a step
+        lands one float64 spacing before a stop ``J`` (its stages never see ``J``) and the next
+        starts one spacing after it with ``f`` evaluated there (:meth:`_leap_jumps`), so a field
+        that jumps at ``J`` is evaluated on the correct side whichever side ``J`` itself
+        belongs to.  Returns the times after the jumps per stop (NaN: not a jump), or None.
+        (SDEs keep exact stops: the Brownian path has no gap; compiled loops too.  A stop that
+        is also a save time saves the state one spacing before it; ``tstops=saveat`` costs one
+        more ``f`` per save time.)"""
+        inner = set(options.tstops) - {float(self.t_start), float(self.t_end)}
+        if not ode or options.compile or not inner:
+            return None
+        stops = self.stops.tolist()
+        toward_start = [math.nextafter(t, -self.sign * math.inf) if t in inner else t for t in stops]
+        after = [math.nextafter(t, self.sign * math.inf) if t in inner else math.nan for t in stops]
+        self.stops = torch.tensor(toward_start, dtype=torch.float64, device=self.stops.device)
+        return torch.tensor(after, dtype=torch.float64, device=self.stops.device)
+
+    def _leap_jumps(self, s: LoopState, stop: Tensor, reached: Tensor) -> None:
+        """Samples that just landed before a jump (:meth:`_one_sided_stops`) continue from one
+        spacing after it, with the FSAL slot re-evaluated there (one ``f`` call, counted)."""
+        assert self._jumps is not None
+        after = self._jumps.index_select(0, stop.clamp(max=self.n_stop - 1))
+        leap = reached & ~torch.isnan(after)
+        if not bool(leap.any()):
+            return
+        s.t = torch.where(leap, after, s.t)
+        if self.solver.fsal and s.carry is not None:
+            f = self.terms.drift(s.t.to(s.y.dtype), s.y)
+            s.carry = _select(leap, self.solver.initial_carry(self.terms, s.t, s.y, f), s.carry)
+            s.nf = s.nf + leap
 
     def exact_step_ends(self, y0: Tensor) -> bool:
         """Whether every step starts at ``t + dt`` of the sample's previous accepted step bit
@@ -1107,6 +1140,8 @@ class Integrator:
                 t_prev, y_prev, s.t, s.y, s.carry, s.tree_state, accepted, hits, out, f_prev, dt_eval, self.tree
             )
         reached = accepted & hits
+        if self._jumps is not None:
+            self._leap_jumps(s, stop, reached)
         s.stop_index = stop + reached
         # --- stop: finished, unstable, controller limits, max steps
         self._stop(s, accepted, rejected, reached & (s.stop_index >= self.n_stop), stopped, step_dt, err, hits, dt_factor, out)

@@ -388,7 +388,11 @@ def solve(
             fields; pass ``tstops=saveat`` to have an adaptive ODE solve step onto its save
             times rather than interpolate them); exactly, except that a fixed-step solve snaps
             a time within rounding of its grid point as it does save times.  Times outside
-            tspan are refused; ones past the last save time are not reached.
+            tspan are refused; ones past the last save time are not reached.  ODEs (not
+            ``compile=True``): a stop strictly inside the span is a jump of ``f``, as
+            torchdiffeq's ``jump_t``: the step lands one float64 spacing before it and the next
+            starts one spacing after it with ``f`` re-evaluated there, so no stage sees the
+            stop itself (:meth:`diffeqbridge.engine.Integrator._one_sided_stops`; one more ``f`` per stop).
         seed: seed of the Brownian tree made when ``brownian`` is None.
         brownian: a :class:`VirtualBrownianTree` of shape ``(B, *noise_shape)``.
         max_steps: per-sample limit on attempted steps (-> ``ReturnCode.MaxIters``).
