@@ -288,7 +288,7 @@ def _jump_exact(t: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("closed", ["right", "left"], ids=["H(t>=J)", "H(t>J)"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "backward"])
-@pytest.mark.parametrize("name", ["Tsit5", "Dopri5", "Rodas4"])
+@pytest.mark.parametrize("name", ["Tsit5", "Rodas4"])  # (Dopri5: the torchdiffeq comparison below)
 def test_torchdiffeq_jump_t_as_tstops(name, reverse, closed):
     """torchdiffeq's ``options={"jump_t": [1/2]}``: the field is evaluated on the correct side
     of the jump.  Our ODE ``tstops`` do the same: the step lands one float64 spacing before
@@ -296,7 +296,7 @@ def test_torchdiffeq_jump_t_as_tstops(name, reverse, closed):
     the step ending at the jump saw the field's value at it, and FSAL carried that value
     into the next step: with ``tstops=[0.5]`` Tsit5 took 76 accepted + 38 rejected steps
     (1.7e-8 error), and 1.9e-7 (19x the tolerance) for a left-continuous ``H``; now 27 + 0
-    and 3.7e-10.  Checks: error within the tolerance, at most one rejected step, fewer evaluations
+    and 3.7e-10.  Checks: error within the tolerance, no rejected step, fewer evaluations
     than without the stop, either convention for ``H(J)`` and either time direction, and the
     gradient in ``y0`` (``dy(t1)/dy0 = exp(-(t1 - t0))``)."""
     tol = 1e-8
@@ -318,7 +318,7 @@ def test_torchdiffeq_jump_t_as_tstops(name, reverse, closed):
     assert sol.success
     err = float((sol.ys[..., 0].detach() - _jump_exact(ts)[:, None]).abs().max())
     assert err < 10 * tol, err
-    assert int(sol.stats.nreject.max()) <= 1 < int(plain.stats.nreject.min())  # (Dopri5: one ordinary rejection)
+    assert int(sol.stats.nreject.max()) == 0 < int(plain.stats.nreject.min())
     assert int(sol.stats.nf[0]) < int(plain.stats.nf[0])
     (grad,) = torch.autograd.grad(sol.ys[-1].sum(), [y0])
     assert float((grad - math.exp(-(tspan[1] - tspan[0]))).abs().max()) < 1e-7 * math.exp(2.0)
