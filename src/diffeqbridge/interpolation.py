@@ -55,6 +55,17 @@ def _check_data(x: Any) -> Tensor:
     return x
 
 
+def _flat_batch(x: Any, t: Any) -> tuple[Any, Any, tuple[int, ...]]:
+    """torchcde's ``(..., L, C)`` data (any number of batch axes, none included) as ``(B, L, C)``;
+    per-sample times ``(..., L)`` as ``(B, L)``; and the batch shape to restore."""
+    if not isinstance(x, Tensor) or x.ndim < 2:
+        raise ValueError(f"x must be a floating tensor of shape (..., L, C); got {getattr(x, 'shape', type(x).__name__)}")
+    batch = tuple(x.shape[:-2])
+    if isinstance(t, Tensor) and t.ndim >= 2 and tuple(t.shape[:-1]) == batch:
+        t = t.reshape(-1, t.shape[-1])
+    return x.reshape(-1, *x.shape[-2:]), t, batch
+
+
 def _grid(x: Tensor, t: Any) -> Tensor:
     """``t`` as a ``(B, L)`` (per-sample) or ``(L,)`` strictly increasing grid; padded NaN times filled."""
     length = x.shape[1]
@@ -102,7 +113,9 @@ def fill_missing(x: Tensor, t: Tensor) -> Tensor:
     x_prev, x_next = x0.gather(1, prev_c), x0.gather(1, next_c)
     tt = _per_channel(t, x)
     t_prev, t_next = tt.gather(1, prev_c), tt.gather(1, next_c)
-    ratio = (tt - t_prev) / torch.where(has_prev & has_next, t_next - t_prev, torch.ones_like(tt))
+    # observed entries have prev == next (a zero gap): a finite ratio there keeps d/dx free of 0 * NaN
+    gap = t_next - t_prev
+    ratio = (tt - t_prev) / torch.where(has_prev & has_next & (gap > 0), gap, torch.ones_like(tt))
     between = x_prev + ratio * (x_next - x_prev)
     filled = torch.where(has_prev & has_next, between, torch.where(has_prev, x_prev, x_next))
     filled = torch.where(has_prev | has_next, filled, torch.zeros_like(x))  # an all-NaN channel -> 0
@@ -121,7 +134,9 @@ def linear_interpolation_coeffs(x: Tensor, t: Tensor | None = None, rectilinear:
 
     ``rectilinear=k`` (time in channel ``k``, ``t`` must be None): the rectilinear path, on
     ``L' = 2L - 1`` knots at the index grid.  Otherwise ``L' = L`` at the grid ``t``.
+    As torchcde, ``x`` may have any batch axes ``(..., L, C)``; the result keeps them.
     """
+    x, t, batch = _flat_batch(x, t)
     x = _check_data(x)
     if rectilinear is not None:
         if t is not None:
@@ -135,7 +150,7 @@ def linear_interpolation_coeffs(x: Tensor, t: Tensor | None = None, rectilinear:
         doubled[:, :-1, rectilinear] = doubled[:, 1:, rectilinear]
         x = doubled[:, :-1]
         t = None
-    return fill_missing(x, _grid(x, t))
+    return fill_missing(x, _grid(x, t)).reshape(*batch, *x.shape[1:])
 
 
 def _slopes(coeffs: Tensor, t: Tensor) -> Tensor:
@@ -148,7 +163,9 @@ def hermite_cubic_coefficients_with_backward_differences(x: Tensor, t: Tensor | 
 
     On interval ``k`` with ``s = τ - t_k``: ``X(τ) = a + b s + c s² + d s³`` with ``a = x_k``,
     ``b = d_{k-1}`` and ``X(t_{k+1}) = x_{k+1}``, ``X'(t_{k+1}) = d_k`` (torchcde's layout).
+    Any batch axes ``(..., L, C)`` as torchcde; the result keeps them.
     """
+    x, t, batch = _flat_batch(x, t)
     x = _check_data(x)
     grid = _grid(x, t)
     coeffs = fill_missing(x, grid)
@@ -160,7 +177,7 @@ def hermite_cubic_coefficients_with_backward_differences(x: Tensor, t: Tensor | 
     a, b = coeffs[:, :-1], prev
     two_c = 2 * (3 * (slopes - b) - slopes + prev) / h
     three_d = (slopes - b) / h**2 - two_c / h
-    return torch.cat([a, b, two_c, three_d], dim=-1)
+    return torch.cat([a, b, two_c, three_d], dim=-1).reshape(*batch, x.shape[1] - 1, 4 * x.shape[2])
 
 
 # ---------------------------------------------------------------------------- paths
