@@ -46,7 +46,12 @@ def _queries(t: torch.Tensor, n: int = 97) -> list[float]:
 
 
 PATHS = {
-    "linear": (interp.linear_interpolation_coeffs, interp.LinearInterpolation, "linear_interpolation_coeffs", "LinearInterpolation"),
+    "linear": (
+        interp.linear_interpolation_coeffs,
+        interp.LinearInterpolation,
+        "linear_interpolation_coeffs",
+        "LinearInterpolation",
+    ),
     "hermite": (
         interp.hermite_cubic_coefficients_with_backward_differences,
         interp.CubicSpline,
@@ -96,7 +101,9 @@ def test_coefficients_with_any_batch_dims_match_torchcde(kind, batch):
 def test_rectilinear_with_batch_dims_matches_torchcde():
     t, x = _irregular(3, (2, 2))
     data = torch.cat([t.expand(2, 2, L).unsqueeze(-1), x], dim=-1)
-    assert torch.equal(interp.linear_interpolation_coeffs(data, rectilinear=0), torchcde.linear_interpolation_coeffs(data, rectilinear=0))
+    assert torch.equal(
+        interp.linear_interpolation_coeffs(data, rectilinear=0), torchcde.linear_interpolation_coeffs(data, rectilinear=0)
+    )
 
 
 @pytest.mark.parametrize("kind", sorted(PATHS))
@@ -249,25 +256,63 @@ def test_fixed_step_dopri5_equals_torchcde_step_for_step(kind, fixed_dopri5):
     ``(z0, data, parameters)`` (our DiscreteAdjoint vs backprop through torchdiffeq) to 1e-10."""
     ts = torch.tensor([0.0, 1.5, 3.0, 5.25, 8.0])
     ref, ref_grads = _ref_solve(kind, ts, method=fixed_dopri5, options=dict(step_size=0.25))
-    zs, grads, model = _our_solve(
-        kind, ts, alg=deb.Dopri5(), dt=0.25, adaptive=False, sensealg=deb.DiscreteAdjoint()
-    )
+    zs, grads, model = _our_solve(kind, ts, alg=deb.Dopri5(), dt=0.25, adaptive=False, sensealg=deb.DiscreteAdjoint())
     assert zs.shape == (len(ts), B, H)
     assert torch.allclose(zs, ref, rtol=1e-12, atol=1e-12), float((zs - ref).abs().max())
     assert torch.equal(model.stats.naccept, torch.full((B,), 32))
     _assert_grads(grads, ref_grads, 1e-10)
 
 
-@pytest.mark.parametrize("kind", sorted(PATHS))
-def test_adaptive_dopri5_matches_torchcde_inside_the_interval(kind):
+KNOTS = torch.arange(1.0, L - 1)  # the interior knots of _cde_data: torchdiffeq's ``jump_t``
+
+
+def test_adaptive_dopri5_matches_torchcde_inside_the_interval():
     """torchcde's ``t`` semantics: the solve starts at ``t[0]`` (here inside the data's interval,
-    off the knots) and outputs at every ``t[i]``; both adaptive at tolerance 1e-10."""
+    off the knots) and outputs at every ``t[i]``; both adaptive at tolerance 1e-10 (torchcde with
+    ``jump_t`` at the knots, ours lands on them): outputs to 1e-8, gradients to 1e-6 (measured
+    3e-9 and 1.2e-7 against a 1e-13 solve)."""
     ts = torch.tensor([0.7, 1.1, 2.35, 5.5, 7.9])
-    ref, ref_grads = _ref_solve(kind, ts, method="dopri5", rtol=1e-10, atol=1e-10)
-    zs, grads, _ = _our_solve(kind, ts, alg=deb.Dopri5(), rtol=1e-10, atol=1e-10)
+    ref, ref_grads = _ref_solve("hermite", ts, method="dopri5", rtol=1e-10, atol=1e-10, options=dict(jump_t=KNOTS))
+    zs, grads, _ = _our_solve("hermite", ts, alg=deb.Dopri5(), rtol=1e-10, atol=1e-10)
     assert torch.equal(zs[0], Z0)
-    assert torch.allclose(zs, ref, rtol=1e-7, atol=1e-7), float((zs - ref).abs().max())
+    assert torch.allclose(zs, ref, rtol=1e-8, atol=1e-8), float((zs - ref).abs().max())
     _assert_grads(grads, ref_grads, 1e-6)
+
+
+@pytest.mark.parametrize(
+    "kind,sensealg",
+    [
+        ("hermite", deb.InterpolatingAdjoint()),
+        ("hermite", deb.BacksolveAdjoint()),
+        ("linear", deb.BacksolveAdjoint()),
+        ("linear", deb.InterpolatingAdjoint()),
+    ],
+    ids=["hermite-interpolating", "hermite-backsolve", "linear-backsolve", "linear-interpolating"],
+)
+def test_continuous_adjoints_gradient_to_data_match_torchcde(kind, sensealg):
+    """Gradients to the raw data through the control under continuous adjoints (linear + backsolve
+    raised "backward through the graph a second time": the path's slopes were one graph node shared
+    by every vector-Jacobian product).  Ours at tolerance 1e-9; reference: torchcde, dopri5 with
+    ``jump_t``, tolerance 1e-10, backprop.  Hermite to 1e-6; linear to 1e-4 (measured 2e-5: see the knot test below)."""
+    ts = torch.tensor([0.0, 1.1, 2.35, 4.5])
+    ref, ref_grads = _ref_solve(kind, ts, method="dopri5", rtol=1e-10, atol=1e-10, options=dict(jump_t=KNOTS))
+    zs, grads, _ = _our_solve(kind, ts, alg=deb.Dopri5(), rtol=1e-9, atol=1e-9, sensealg=sensealg)
+    _assert_grads(grads, ref_grads, 1e-6 if kind == "hermite" else 1e-4)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known: a linear control's slope jumps at a knot; steps land there but the FSAL stage (left slope) "
+    "is reused as the next step's first stage (torchdiffeq's jump_t re-evaluates just after the knot); "
+    "needs the engine to refresh f0 after a tstop",
+)
+def test_linear_control_error_within_tolerance_across_knots():
+    """At tolerance 1e-6 the error against an accurate torchcde solve (``jump_t``, 1e-12) stays within
+    100x the tolerance (measured 7.7e-4: the k1 stage of each step after a knot has the wrong slope)."""
+    ts = torch.tensor([0.7, 1.1, 2.35, 5.5, 7.9])
+    ref, _ = _ref_solve("linear", ts, method="dopri5", rtol=1e-12, atol=1e-12, options=dict(jump_t=KNOTS))
+    zs, _, _ = _our_solve("linear", ts, alg=deb.Dopri5(), rtol=1e-6, atol=1e-6)
+    assert float((zs - ref).abs().max()) < 1e-4
 
 
 def test_reversed_output_times_match_torchcde(fixed_dopri5):
@@ -298,9 +343,7 @@ def test_cdeint_shape_problem(n_out):
 
     coeffs = interp.hermite_cubic_coefficients_with_backward_differences(x, times)
     z0 = torch.rand(B, H, generator=g)
-    ref = torchcde.cdeint(
-        torchcde.CubicSpline(coeffs, times), Sigmoid(), z0, out_times, method="dopri5", rtol=1e-10, atol=1e-10
-    )
+    ref = torchcde.cdeint(torchcde.CubicSpline(coeffs, times), Sigmoid(), z0, out_times, method="dopri5", rtol=1e-10, atol=1e-10)
     zs = deb.NeuralCDE(Sigmoid(), alg=deb.Tsit5(), rtol=1e-10, atol=1e-10)(coeffs, z0, ts=out_times, t=times)
     assert ref.shape == (B, n_out, H) and zs.shape == (n_out, B, H)
     assert torch.allclose(zs, ref.transpose(0, 1), rtol=1e-8, atol=1e-8), float((zs - ref.transpose(0, 1)).abs().max())

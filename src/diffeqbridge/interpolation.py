@@ -256,17 +256,23 @@ class Interpolation:
 class LinearInterpolation(Interpolation):
     """Piecewise-linear path through the knots ``coeffs (B, L, C)`` from :func:`linear_interpolation_coeffs`."""
 
-    def __init__(self, coeffs: Tensor, t: Tensor | None = None):
-        super().__init__(coeffs, t)
-        self._slopes = _slopes(coeffs, self.t)
+    def _piece(self, t: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
+        """Left knot ``(B, C)``, slope ``(B, C)`` and ``s (B, 1)`` of each sample's piece.  The slope is
+        formed per call (no graph shared between calls: an adjoint's repeated vector-Jacobian
+        products with coefficients that require grad each free their own)."""
+        index, s = self._locate(t)
+        grid = self.t if self.t.ndim == 2 else self.t.unsqueeze(0).expand(self.batch_size, -1)
+        gap = grid.gather(1, index.unsqueeze(1) + 1) - grid.gather(1, index.unsqueeze(1))
+        prev = self._rows(self.coeffs, index)
+        return prev, (self._rows(self.coeffs, index + 1) - prev) / gap, s
 
     def evaluate(self, t: Tensor | float) -> Tensor:
-        index, s = self._locate(t)
-        return self._rows(self.coeffs, index) + s * self._rows(self._slopes, index)
+        prev, slope, s = self._piece(t)
+        return prev + s * slope
 
     def derivative(self, t: Tensor | float) -> Tensor:
-        index, _ = self._locate(t)
-        return self._held(self._rows(self._slopes, index), t)
+        _, slope, _ = self._piece(t)
+        return self._held(slope, t)
 
 
 class CubicSpline(Interpolation):
