@@ -46,6 +46,7 @@ def _queries(t: torch.Tensor, n: int = 97) -> list[float]:
 
 
 PATHS = {
+    "natural": (interp.natural_cubic_coeffs, interp.CubicSpline, "natural_cubic_coeffs", "CubicSpline"),
     "linear": (
         interp.linear_interpolation_coeffs,
         interp.LinearInterpolation,
@@ -71,6 +72,35 @@ def test_paths_on_irregular_nan_data_match_torchcde_everywhere(kind):
     for s in _queries(t):
         assert torch.allclose(ours.evaluate(s), ref.evaluate(s), rtol=1e-12, atol=1e-12), s
         assert torch.allclose(ours.derivative(s), ref.derivative(s), rtol=1e-12, atol=1e-12), s
+
+
+def test_natural_cubic_reproduces_a_natural_cubic_through_gaps():
+    """torchcde's ``test_interp``: a cubic with one knot at 0, ``d = -c / (3 t_0)`` left of it and
+    ``-c / (3 t_L)`` right of it, has zero second derivative at both ends (a natural spline) and
+    is reproduced exactly from its values at irregular times (0 among them), interior values
+    dropped per channel; also with two samples (torchcde's ``test_short``: then the line)."""
+    g = torch.Generator().manual_seed(10)
+    times = torch.sort(torch.cat([torch.rand(6, generator=g) - 1, torch.rand(6, generator=g), torch.zeros(1)])).values
+    a, b, c = (torch.randn(B, C, generator=g) * 3 for _ in range(3))
+    d_left, d_right = -c / (3 * times[0]), -c / (3 * times[-1])
+
+    def cubic(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = s.reshape(-1, 1, 1)
+        d = torch.where(s > 0, d_right, d_left)
+        return a + b * s + c * s**2 + d * s**3, b + 2 * c * s + 3 * d * s**2
+
+    values = cubic(times)[0].transpose(0, 1).clone()  # (B, L, C)
+    values[0, 2, 0] = values[1, 3:5, 1] = values[2, -2, 0] = float("nan")  # never the knot t = 0 (index 6)
+    X = interp.CubicSpline(interp.natural_cubic_coeffs(values, times), times)
+    for s in torch.linspace(float(times[0]), float(times[-1]), 41):
+        value, slope = cubic(s)
+        assert torch.allclose(X.evaluate(s), value[0], rtol=1e-10, atol=1e-10), float(s)
+        assert torch.allclose(X.derivative(s), slope[0], rtol=1e-10, atol=1e-10), float(s)
+    short = interp.CubicSpline(interp.natural_cubic_coeffs(values[:, [0, -1]], times[[0, -1]]), times[[0, -1]])
+    line = interp.LinearInterpolation(interp.linear_interpolation_coeffs(values[:, [0, -1]], times[[0, -1]]), times[[0, -1]])
+    for s in (-1.5, 0.0, 0.3, 1.5):
+        assert torch.allclose(short.evaluate(s), line.evaluate(s), atol=1e-12)
+        assert torch.allclose(short.derivative(s), line.derivative(s), atol=1e-12)
 
 
 def test_torchcde_natural_cubic_coefficients_evaluate_in_our_cubic_spline():

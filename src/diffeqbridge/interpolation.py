@@ -43,6 +43,7 @@ __all__ = [
     "LinearInterpolation",
     "hermite_cubic_coefficients_with_backward_differences",
     "linear_interpolation_coeffs",
+    "natural_cubic_coeffs",
 ]
 
 
@@ -178,6 +179,78 @@ def hermite_cubic_coefficients_with_backward_differences(x: Tensor, t: Tensor | 
     two_c = 2 * (3 * (slopes - b) - slopes + prev) / h
     three_d = (slopes - b) / h**2 - two_c / h
     return torch.cat([a, b, two_c, three_d], dim=-1).reshape(*batch, x.shape[1] - 1, 4 * x.shape[2])
+
+
+def _tridiagonal_solve(rhs: Tensor, diag: Tensor, off: Tensor) -> Tensor:
+    """Symmetric tridiagonal systems ``(N, L)`` (``off (N, L - 1)``) by the Thomas algorithm,
+    vectorised over ``N`` (the loop runs along the length)."""
+    length = rhs.shape[-1]
+    d, r = [diag[:, 0]], [rhs[:, 0]]
+    for i in range(1, length):
+        w = off[:, i - 1] / d[-1]
+        d.append(diag[:, i] - w * off[:, i - 1])
+        r.append(rhs[:, i] - w * r[-1])
+    out = [r[-1] / d[-1]]
+    for i in range(length - 2, -1, -1):
+        out.append((r[i] - off[:, i] * out[-1]) / d[i])
+    return torch.stack(out[::-1], dim=-1)
+
+
+def natural_cubic_coeffs(x: Tensor, t: Tensor | None = None) -> Tensor:
+    """Natural cubic spline coefficients (torchcde's ``natural_cubic_coeffs``): ``(..., L - 1, 4C)``.
+
+    Per channel, the C² cubic through the observed values with zero second derivative at the
+    first and last observation; leading (trailing) NaNs take the first (last) observation, an
+    all-NaN channel is 0, and interior NaNs are not knots (the spline runs through the observed
+    values only, re-expressed on every interval of the grid).  Knot slopes solve the usual
+    tridiagonal system (e.g. de Boor, *A Practical Guide to Splines*, ch. IV).  Read by
+    :class:`CubicSpline`; not causal (each piece depends on all the data).
+    """
+    x, t, batch = _flat_batch(x, t)
+    x = _check_data(x)
+    grid = _grid(x, t)
+    n_b, length, n_c = x.shape
+    series = x.transpose(1, 2).reshape(-1, length)  # (N, L), N = B C
+    times = (grid.unsqueeze(1) if grid.ndim == 2 else grid.expand(n_b, 1, length)).expand(n_b, n_c, length)
+    times = times.reshape(-1, length)
+    observed = ~torch.isnan(series)
+    series = torch.where(observed.any(-1, keepdim=True), series, torch.zeros_like(series))  # all-NaN -> 0
+    index = torch.arange(length, device=x.device).expand_as(series)
+    first = torch.where(~torch.isnan(series), index, length).amin(-1, keepdim=True)
+    last = torch.where(~torch.isnan(series), index, -1).amax(-1, keepdim=True)
+    series = torch.where(index < first, series.gather(1, first.clamp(max=length - 1)), series)
+    series = torch.where(index > last, series.gather(1, last.clamp(min=0)), series)
+    observed = ~torch.isnan(series)
+    # pack each series' observations to the front (stable); padding: times past the end, last value
+    count = observed.sum(-1, keepdim=True)
+    order = torch.sort((~observed).to(torch.int8), dim=-1, stable=True).indices
+    tp, xp = times.gather(1, order), torch.nan_to_num(series.gather(1, order))
+    live = index < count
+    t_end, x_end = tp.gather(1, count - 1), xp.gather(1, count - 1)
+    tp = torch.where(live, tp, t_end + (index - count + 1).to(tp.dtype))
+    xp = torch.where(live, xp, x_end)
+    h, delta = tp[:, 1:] - tp[:, :-1], xp[:, 1:] - xp[:, :-1]
+    valid = live[:, 1:].to(h.dtype)  # interval j joins two observations
+    recip = valid / h
+    scaled = 3 * delta * recip / h
+    zero = torch.zeros_like(recip[:, :1])
+    diag = 2 * (torch.cat([zero, recip], -1) + torch.cat([recip, zero], -1))
+    diag = torch.where(live, diag, torch.ones_like(diag))  # padding rows: k = 0, decoupled
+    rhs = torch.cat([zero, scaled], -1) + torch.cat([scaled, zero], -1)
+    k = _tridiagonal_solve(rhs, diag, recip)
+    a_j, b_j = xp[:, :-1], k[:, :-1]
+    two_c_j = (6 * delta / h - 4 * k[:, :-1] - 2 * k[:, 1:]) / h
+    three_d_j = (-6 * delta / h + 3 * (k[:, :-1] + k[:, 1:])) / h**2
+    # grid interval k lies in observed piece j (the last observation at or before t_k): the cubic shifted
+    piece = (observed.cumsum(-1)[:, :-1] - 1).clamp(min=0)
+    piece = torch.minimum(piece, (count - 2).clamp(min=0))
+    a_j, b_j, two_c_j, three_d_j = (v.gather(1, piece) for v in (a_j, b_j, two_c_j, three_d_j))
+    offset = tp[:, :-1].gather(1, piece) - times[:, :-1]
+    a = a_j + ((0.5 * two_c_j - three_d_j * offset / 3) * offset - b_j) * offset
+    b = b_j + (three_d_j * offset - two_c_j) * offset
+    two_c = two_c_j - 2 * three_d_j * offset
+    parts = [v.reshape(n_b, n_c, length - 1).transpose(1, 2) for v in (a, b, two_c, three_d_j)]
+    return torch.cat(parts, dim=-1).reshape(*batch, length - 1, 4 * n_c)
 
 
 # ---------------------------------------------------------------------------- paths
