@@ -217,9 +217,8 @@ class _FixedDopri5(torchdiffeq._impl.solvers.FixedGridODESolver):
 
     def _step_func(self, func, t0, dt, t1, y0):
         from torchdiffeq._impl.dopri5 import _DORMAND_PRINCE_SHAMPINE_TABLEAU
-        from torchdiffeq._impl.rk_common import _runge_kutta_step
-
         from torchdiffeq._impl.misc import Perturb
+        from torchdiffeq._impl.rk_common import _runge_kutta_step
 
         f0 = func(t0, y0, perturb=Perturb.NEXT if self.perturb else Perturb.NONE)
         y1, *_ = _runge_kutta_step(func, y0, f0, t0, dt, t1, _DORMAND_PRINCE_SHAMPINE_TABLEAU)
