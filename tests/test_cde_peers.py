@@ -116,16 +116,19 @@ def test_torchcde_natural_cubic_coefficients_evaluate_in_our_cubic_spline():
 @pytest.mark.parametrize("kind", sorted(PATHS))
 @pytest.mark.parametrize("batch", [(), (2, 3)], ids=["no-batch", "batch-2x3"])
 def test_coefficients_with_any_batch_dims_match_torchcde(kind, batch):
-    """torchcde's coefficient functions take ``(..., L, C)``; ours too (paths then take ``reshape(-1, L', C')``)."""
+    """torchcde's coefficient functions and paths take ``(..., L, C)``; ours too (``evaluate(s)`` ``(..., C)``)."""
     ours_coeffs, ours_cls, ref_coeffs, ref_cls = PATHS[kind]
     t, x = _irregular(2, batch)
     ours, ref = ours_coeffs(x, t), getattr(torchcde, ref_coeffs)(x, t)
     assert ours.shape == ref.shape
     assert torch.allclose(ours, ref, rtol=1e-12, atol=1e-12)
-    path = ours_cls(ours.reshape(-1, *ours.shape[-2:]), t)
-    ref_path = getattr(torchcde, ref_cls)(ref, t)
+    path, ref_path = ours_cls(ours, t), getattr(torchcde, ref_cls)(ref, t)
     for s in _queries(t, 11):
-        assert torch.allclose(path.evaluate(s), ref_path.evaluate(s).reshape(-1, C), rtol=1e-12, atol=1e-12)
+        assert path.evaluate(s).shape == path.derivative(s).shape == (*batch, C)
+        assert torch.allclose(path.evaluate(s), ref_path.evaluate(s), rtol=1e-12, atol=1e-12)
+        assert torch.allclose(path.derivative(s), ref_path.derivative(s), rtol=1e-12, atol=1e-12)
+    flat = ours_cls(ours.reshape(-1, *ours.shape[-2:]), t)  # one batch axis: what NeuralCDE solves
+    assert torch.equal(flat.evaluate(float(t[3]) + 0.1), path.evaluate(float(t[3]) + 0.1).reshape(-1, C))
 
 
 def test_rectilinear_with_batch_dims_matches_torchcde():

@@ -80,7 +80,7 @@ class NeuralCDE(nn.Module):
                     f"func(t, z) must return (B, H, C) = {(*z.shape, X.coeffs.shape[-1] // self._width(X))}; "
                     f"got {tuple(out.shape)}"
                 )
-            return torch.einsum("bhc,bc->bh", out, X.derivative(t))
+            return torch.einsum("bhc,bc->bh", out, X.derivative(t).reshape(z.shape[0], -1))
 
         return field
 

@@ -257,13 +257,21 @@ def natural_cubic_coeffs(x: Tensor, t: Tensor | None = None) -> Tensor:
 class Interpolation:
     """A control path ``X(t)`` on a (per-sample) grid; see the module docstring for shapes."""
 
-    coeffs: Tensor
+    coeffs: Tensor  # (B, L, C): batch axes flattened
     t: Tensor  # (L,) or (B, L), strictly increasing
+    batch_shape: tuple[int, ...]  # the coefficients' batch axes as given
 
     def __init__(self, coeffs: Tensor, t: Tensor | None = None):
-        if not isinstance(coeffs, Tensor) or coeffs.ndim != 3:
-            raise ValueError(f"coeffs must be a tensor of shape (B, L, C); got {getattr(coeffs, 'shape', coeffs)}")
+        coeffs, t = self._flatten(coeffs, t, "(..., L, C)")
         self._set_grid(coeffs, coeffs, t)
+
+    def _flatten(self, coeffs: Any, t: Any, expected: str) -> tuple[Tensor, Any]:
+        """torchcde's batch axes ``(..., L, C)`` (none included) as one: ``coeffs (B, L, C)``, per-sample
+        ``t (B, L)``; ``evaluate``/``derivative`` return ``(..., C)``."""
+        if not isinstance(coeffs, Tensor) or coeffs.ndim < 2:
+            raise ValueError(f"coeffs must be a tensor of shape {expected}; got {getattr(coeffs, 'shape', coeffs)}")
+        flat, t, self.batch_shape = _flat_batch(coeffs, t)
+        return flat, t
 
     def _set_grid(self, coeffs: Tensor, knots: Tensor, t: Any) -> None:
         """``knots (B, L, ·)`` gives the grid's length; per-sample grids also get their windows ``(B,)``."""
@@ -320,9 +328,19 @@ class Interpolation:
         return values[torch.arange(values.shape[0], device=values.device), index]
 
     def evaluate(self, t: Tensor | float) -> Tensor:
-        raise NotImplementedError
+        """``X(t)``: ``(B, C)`` (``(..., C)`` for coefficients with other batch axes)."""
+        out = self._evaluate(t)
+        return out.reshape(*self.batch_shape, out.shape[-1])
 
     def derivative(self, t: Tensor | float) -> Tensor:
+        """``X'(t)``: ``(B, C)`` (``(..., C)``); at a knot the slope on its left (torchcde's convention)."""
+        out = self._derivative(t)
+        return out.reshape(*self.batch_shape, out.shape[-1])
+
+    def _evaluate(self, t: Tensor | float) -> Tensor:
+        raise NotImplementedError
+
+    def _derivative(self, t: Tensor | float) -> Tensor:
         raise NotImplementedError
 
 
@@ -339,11 +357,11 @@ class LinearInterpolation(Interpolation):
         prev = self._rows(self.coeffs, index)
         return prev, (self._rows(self.coeffs, index + 1) - prev) / gap, s
 
-    def evaluate(self, t: Tensor | float) -> Tensor:
+    def _evaluate(self, t: Tensor | float) -> Tensor:
         prev, slope, s = self._piece(t)
         return prev + s * slope
 
-    def derivative(self, t: Tensor | float) -> Tensor:
+    def _derivative(self, t: Tensor | float) -> Tensor:
         _, slope, _ = self._piece(t)
         return self._held(slope, t)
 
@@ -353,18 +371,19 @@ class CubicSpline(Interpolation):
     (:func:`hermite_cubic_coefficients_with_backward_differences`; torchcde's ``CubicSpline``)."""
 
     def __init__(self, coeffs: Tensor, t: Tensor | None = None):
-        if not isinstance(coeffs, Tensor) or coeffs.ndim != 3 or coeffs.shape[-1] % 4:
-            raise ValueError(f"coeffs must have shape (B, L - 1, 4C); got {getattr(coeffs, 'shape', coeffs)}")
+        coeffs, t = self._flatten(coeffs, t, "(..., L - 1, 4C)")
+        if coeffs.shape[-1] % 4:
+            raise ValueError(f"coeffs must have shape (..., L - 1, 4C); got {tuple(coeffs.shape)}")
         self._set_grid(coeffs, torch.cat([coeffs, coeffs[:, -1:]], dim=1), t)  # L - 1 pieces, L knots
         self._a, self._b, self._two_c, self._three_d = coeffs.chunk(4, dim=-1)
 
-    def evaluate(self, t: Tensor | float) -> Tensor:
+    def _evaluate(self, t: Tensor | float) -> Tensor:
         index, s = self._locate(t)
         inner = 0.5 * self._rows(self._two_c, index) + self._rows(self._three_d, index) * s / 3
         inner = self._rows(self._b, index) + inner * s
         return self._rows(self._a, index) + inner * s
 
-    def derivative(self, t: Tensor | float) -> Tensor:
+    def _derivative(self, t: Tensor | float) -> Tensor:
         index, s = self._locate(t)
         inner = self._rows(self._two_c, index) + self._rows(self._three_d, index) * s
         return self._held(self._rows(self._b, index) + inner * s, t)
