@@ -15,6 +15,8 @@ on the same data:
 * ``hermite_cubic_coefficients_with_backward_differences(x, t)``: on ``[t_k, t_{k+1}]`` the
   cubic with values ``x_k, x_{k+1}`` and slopes ``d_{k-1}, d_k`` (``d_k`` the slope of the
   linear interpolation on interval ``k``, ``d_{-1} = d_0``): C¹ and causal up to one step.
+* ``natural_cubic_coeffs(x, t)``: the natural cubic spline through each channel's observations
+  (C², not causal), in the same ``[a, b, 2c, 3d]`` layout.
 
 Beyond torchcde, observation grids may differ per sample: ``t`` of shape ``(B, L)``, NaN
 after a sample's last observation (its values NaN there too).  Padded times are replaced by
@@ -25,7 +27,8 @@ CDE instead of extrapolating.  A shared grid ``(L,)`` keeps torchcde's behaviour
 last pieces are extended beyond the grid).  Everything is vectorised over samples and channels (torchcde
 loops over them in Python for missing values).
 
-Shapes: data ``x (B, L, C)``; times ``t`` ``None`` (``0..L-1``), ``(L,)`` or ``(B, L)``;
+Shapes: data ``x (B, L, C)`` (or torchcde's ``(..., L, C)``, any batch axes, kept by the
+coefficients and by ``evaluate``/``derivative``); times ``t`` ``None`` (``0..L-1``), ``(L,)`` or ``(B, L)``;
 ``evaluate(t)``/``derivative(t)`` take a scalar or a ``(B,)`` tensor (each sample at its own
 time, as the engine calls vector fields) and return ``(B, C)``.
 """
