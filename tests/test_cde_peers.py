@@ -299,7 +299,7 @@ def test_fixed_step_dopri5_equals_torchcde_step_for_step(kind, fixed_dopri5):
     _assert_grads(grads, ref_grads, 1e-10)
 
 
-KNOTS = torch.arange(1.0, L - 1)  # the interior knots of _cde_data: torchdiffeq's ``jump_t``
+KNOTS = torch.arange(1.0, L - 1, dtype=torch.float64)  # the interior knots of _cde_data: torchdiffeq's ``jump_t``
 
 
 def test_adaptive_dopri5_matches_torchcde_inside_the_interval():

@@ -36,7 +36,8 @@ class NeuralCDE(nn.Module):
     Args:
         func: ``nn.Module``, ``(t, z) -> (B, H, C)`` (or ``z -> ...``).
         interpolation: how a coefficient tensor passed to ``forward`` is read: ``"cubic"``
-            (Hermite with backward differences), ``"linear"`` or ``"rectilinear"``.
+            (``[a, b, 2c, 3d]``: Hermite with backward differences or natural), ``"linear"`` or
+            ``"rectilinear"``.
         alg, sensealg, **solve_kwargs: passed to :func:`diffeqbridge.solve` (default ``Tsit5``,
             ``atol=1e-6``, ``rtol=1e-3``).
 
