@@ -383,3 +383,25 @@ def test_cdeint_shape_problem(n_out):
     zs = deb.NeuralCDE(Sigmoid(), alg=deb.Tsit5(), rtol=1e-10, atol=1e-10)(coeffs, z0, ts=out_times, t=times)
     assert ref.shape == (B, n_out, H) and zs.shape == (n_out, B, H)
     assert torch.allclose(zs, ref.transpose(0, 1), rtol=1e-8, atol=1e-8), float((zs - ref.transpose(0, 1)).abs().max())
+
+
+def test_natural_cubic_per_sample_grids_equal_one_sample_at_a_time():
+    """Per-sample grids ``(B, L)`` NaN-padded at the end (beyond torchcde): each sample's natural spline
+    is its own, as if computed alone on its observations (1e-12), and held after its last one."""
+    g = torch.Generator().manual_seed(11)
+    lengths = [L, 4, 6]
+    t = torch.full((B, L), float("nan"))
+    x = torch.full((B, L, C), float("nan"))
+    for b, n in enumerate(lengths):
+        t[b, :n] = torch.sort(torch.rand(n, generator=g) * 4).values
+        x[b, :n] = torch.randn(n, C, generator=g)
+    x[0, 3, 1] = float("nan")
+    X = interp.CubicSpline(interp.natural_cubic_coeffs(x, t), t)
+    for b, n in enumerate(lengths):
+        alone = torchcde.CubicSpline(torchcde.natural_cubic_coeffs(x[b, :n], t[b, :n]), t[b, :n])
+        for s in torch.linspace(float(t[b, 0]), float(t[b, n - 1]), 13):
+            assert torch.allclose(X.evaluate(s)[b], alone.evaluate(s), rtol=1e-12, atol=1e-12), (b, float(s))
+            assert torch.allclose(X.derivative(s)[b], alone.derivative(s), rtol=1e-12, atol=1e-12), (b, float(s))
+        later = float(t[b, n - 1]) + 0.5
+        assert torch.allclose(X.evaluate(later)[b], alone.evaluate(float(t[b, n - 1])), atol=1e-12)
+        assert torch.equal(X.derivative(later)[b], torch.zeros(C))

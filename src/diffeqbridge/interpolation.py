@@ -222,7 +222,12 @@ def natural_cubic_coeffs(x: Tensor, t: Tensor | None = None) -> Tensor:
     first = torch.where(~torch.isnan(series), index, length).amin(-1, keepdim=True)
     last = torch.where(~torch.isnan(series), index, -1).amax(-1, keepdim=True)
     series = torch.where(index < first, series.gather(1, first.clamp(max=length - 1)), series)
-    series = torch.where(index > last, series.gather(1, last.clamp(min=0)), series)
+    # per-sample grids: a padded time is no knot (the spline ends at the sample's last observation)
+    padded = torch.isnan(torch.as_tensor(t, dtype=x.dtype, device=x.device)) if grid.ndim == 2 else None
+    after = index > last
+    if padded is not None:
+        after = after & ~padded.unsqueeze(1).expand(n_b, n_c, length).reshape(-1, length)
+    series = torch.where(after, series.gather(1, last.clamp(min=0)), series)
     observed = ~torch.isnan(series)
     # pack each series' observations to the front (stable); padding: times past the end, last value
     count = observed.sum(-1, keepdim=True)
