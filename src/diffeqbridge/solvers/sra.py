@@ -278,8 +278,10 @@ SRA4_TABLEAU = SRATableau(
 )
 
 
-# SRA5 (ours): the same construction on Butcher's six-stage fifth-order method (c0 = 0, 1/4,
-# 1/4, 1/2, 3/4, 1; weights 7/90, 0, 32/90, 12/90, 32/90, 7/90), deterministic order 5.  With
+# SRA5 (ours): the same construction on a six-stage fifth-order method of Butcher's (J. C.
+# Butcher, "Numerical Methods for Ordinary Differential Equations", Wiley; c0 = 0, 1/4, 1/4,
+# 1/2, 3/4, 1; weights 7/90, 0, 32/90, 12/90, 32/90, 7/90; its order 5 is measured in
+# tests/test_sra4.py), deterministic order 5.  With
 # the shifts on stages 3-5 (s6 = 0) the four conditions above leave s3 = s5 = 45/38 ± 9√5/76,
 # s4 = 45/38 ∓ 12√5/19; the upper signs (s = 1.449, -0.228, 1.449) are taken, the smaller
 # shifts.  6 drift + 1 diffusion evaluations per step with g(t + dt) carried.
@@ -371,9 +373,11 @@ __all__ = [
     "SRA1",
     "SRA3",
     "SRA4",
+    "SRA5",
     "SOSRA",
     "SRA1_TABLEAU",
     "SRA3_TABLEAU",
     "SRA4_TABLEAU",
+    "SRA5_TABLEAU",
     "SOSRA_TABLEAU",
 ]
