@@ -165,8 +165,12 @@ def _check_solver(problem: ODEProblem, alg: Any) -> AbstractSolver:
 
 
 def _check_positive(name: str, value: Any, allow_zero: bool = False) -> float:
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex() and not value.requires_grad:
+        value = value.item()  # torchdiffeq-style torch.tensor(1e-6)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number; got {type(value).__name__}")
+        per_component = " (one tolerance for every component: per-component tolerances are not supported)"
+        hint = per_component if name in ("atol", "rtol") and isinstance(value, (Tensor, list, tuple)) else ""
+        raise TypeError(f"{name} must be a number{hint}; got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'non-negative' if allow_zero else 'positive'} and finite; got {value}")

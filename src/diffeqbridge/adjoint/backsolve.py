@@ -187,12 +187,15 @@ class AdjointField:
             return b, None
         assert terms.diffusion is not None
         g = terms.diffusion(t, y)
-        if self.ito_correction:
-            # (∂σ/∂y) σ by the double-vjp trick: v = J^T w (linear in w), J σ = d<v, σ>/dw.
+        if self.ito_correction and g.requires_grad:
+            # (∂σ/∂y) σ by the double-vjp trick: v = J^T w (linear in w), J σ = d<v, σ>/dw;
+            # none when σ does not depend on y (torchsde's BasicSDE2: σ(θ) only)
             w = torch.zeros_like(g, requires_grad=True)
-            (v,) = torch.autograd.grad(g, y, grad_outputs=w, create_graph=True)
-            (jg,) = torch.autograd.grad(v, w, grad_outputs=g, create_graph=True)
-            b = b - (0.5 * self.direction) * jg
+            (v,) = torch.autograd.grad(g, y, grad_outputs=w, create_graph=True, allow_unused=True)
+            if v is not None:
+                (jg,) = torch.autograd.grad(v, w, grad_outputs=g, create_graph=True, allow_unused=True)
+                if jg is not None:
+                    b = b - (0.5 * self.direction) * jg
         return b, g
 
     def __call__(
