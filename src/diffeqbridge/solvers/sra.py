@@ -349,7 +349,8 @@ class SRA4(_SRABase):
     reaches the same error for 3 per step.  Embedded estimate: the Euler–Maruyama solution
     from the same first stage (:class:`~diffeqbridge.solvers.base.StochasticRungeKutta`).
     Weak order 2 is the SRA family's metadata (SRA1's, whose conditions up to second order
-    it shares); it is not tested separately."""
+    it shares); not in the test suite (a coupled Monte Carlo check, 5·10^4 paths, dt 1/4 ...
+    1/32, gave E[y(1)²] slopes 2.0 and 1.85 on two nonlinear problems, SRA1 2.0 and 3.3)."""
 
     tableau: ClassVar[SRATableau] = SRA4_TABLEAU
 
