@@ -832,13 +832,15 @@ class Integrator:
     def _lockstep_applies(self, s: LoopState, stop_at: int | None, boundaries: list[float] | None, progress: bool) -> bool:
         """Whether :meth:`run` may take :meth:`_run_lockstep`: a fixed-step SDE solve on a grid
         shared by the batch with nothing that watches single iterations (no observer,
-        snapshots, ``stop_at``, progress bar, compaction or ``compile=True``), steps left, and
-        a tree that answers a grid in one query."""
+        snapshots, ``stop_at``, progress bar, compaction or ``compile=True``), steps left, a
+        tree that answers a grid in one query, and a solver that is not ``implicit`` (its first
+        step's Newton flags would hand the solve back, that step's evaluations spent twice)."""
         opts = self.options
         return (
             LOCKSTEP_FAST_PATH
             and self.grid is not None
             and self.controller is None
+            and not self.solver.implicit
             and self.observer is None
             and not (opts.compile or progress or boundaries or opts.compact > 0)
             and stop_at is None

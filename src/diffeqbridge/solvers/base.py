@@ -144,6 +144,12 @@ class AbstractSolver:
     #: ``StepOutput.nf``/``ng`` are per-sample counts of the method each sample used (composites):
     #: the engine does not hand them the start-up values (it could not tell whose they saved)
     per_sample_counts: ClassVar[bool] = False
+    #: :meth:`init` starts from the start-up's ``Startup.f0`` and ``Startup.g0`` (ReversibleHeun's
+    #: ``(z, f(z), g(z))``): ``solve`` evaluates them even where nothing else needs them
+    init_uses_start: ClassVar[bool] = False
+    #: every step builds a Jacobian or solves a Newton system (``StepOutput.njac``/``converged``
+    #: set): fixed steps take the engine's per-iteration loop, which handles both
+    implicit: ClassVar[bool] = False
     stability_size: ClassVar[float | None] = None
 
     @property
