@@ -116,13 +116,23 @@ def test_no_carry_without_exact_step_ends(name: str, disabled) -> None:
 @pytest.mark.parametrize("span", SPANS)
 @pytest.mark.parametrize(
     ("alg", "saved"),
-    [(deb.SRIW1, (1, 1)), (deb.SOSRI, (1, 1)), (deb.EM, (1, 1)), (deb.RKMil, (1, 1)), (deb.SPaRK, (1, 1))],
+    [
+        (deb.SRIW1, (1, 1)),
+        (deb.SOSRI, (1, 1)),
+        (deb.EM, (1, 1)),
+        (deb.RKMil, (1, 1)),
+        (deb.SPaRK, (1, 1)),
+        (deb.AutoSOSRI, (1, 1)),
+        (lambda: deb.AutoSOSRI(stiffalgfirst=True), (1, 1)),
+    ],
 )
 def test_first_step_reuses_start_up(alg, saved: tuple[int, int], span: tuple[float, float], disabled) -> None:
     """Solvers whose first stage is ``drift(t, y)``/``diffusion(t, y)`` take them from the
-    start-up (adaptive and the lockstep fixed-step path), the same numbers."""
+    start-up (adaptive and the lockstep fixed-step path), the same numbers; ``alg=None``'s
+    ``AutoSOSRI`` too, where only SOSRI runs the first step (its counts are then SOSRI's);
+    starting with both methods (``stiffalgfirst``) it reuses nothing."""
     for kw in ({"atol": 1e-3, "rtol": 1e-3}, {"adaptive": False, "dt": 0.1}):
-        if "dt" not in kw and not alg.adaptive:
+        if "dt" not in kw and not alg().adaptive:
             continue
         new, old = _compare(_diagonal(span), alg(), disabled, **kw)
         assert torch.equal(old.stats.nf - new.stats.nf, torch.full_like(new.stats.nf, saved[0]))
@@ -327,3 +337,17 @@ def test_wrong_type_named_during_the_solve() -> None:
     prob = deb.SDEProblem(lambda t, y: [0.0], lambda t, y: 0.1 * y, torch.ones(2, 1, dtype=torch.float64), (0.0, 1.0))
     with pytest.raises(TypeError, match=r"drift\(t, y\) must return a tensor; got list"):
         deb.solve(prob, deb.EM(), dt=0.1, seed=0)
+
+
+def test_composite_running_both_methods_reuses_nothing(disabled) -> None:
+    """``AutoSOSRI`` whose first step runs both methods (a host check every 16 steps: a sample
+    may stiffen before the next one, so ImplicitRKMil runs along): the counts are per sample
+    of either method and cannot say whose evaluation the start-up saved, so none is reused;
+    the same numbers."""
+    alg, runs = deb.AutoSOSRI(), []
+    one_method = alg.one_method
+    alg.one_method = lambda state: runs.append(state.run) or one_method(state)  # type: ignore[method-assign]
+    new, old = _compare(_diagonal((0.0, 1.0)), alg, disabled, atol=1e-3, rtol=1e-3, check_every=16)
+    assert runs[0] == (True, True)
+    assert torch.equal(old.stats.nf, new.stats.nf)
+    assert torch.equal(old.stats.ng, new.stats.ng)

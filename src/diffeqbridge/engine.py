@@ -720,7 +720,7 @@ class Integrator:
         them, reused by the first step (:func:`_start_terms`) and by solvers carrying the
         diffusion (:meth:`solver_init`))."""
         batch, device, solver = y0.shape[0], y0.device, self.solver
-        self._start_values = None if start_values is None or solver.per_sample_counts else (y0, *start_values)
+        self._start_values = None if start_values is None else (y0, *start_values)
         t = self.save_times[:1].repeat(batch)  # dense strides (a compiled iteration guards on them)
         zeros = torch.zeros(batch, dtype=torch.long, device=device)
         ys = torch.full((self.n_save, *y0.shape), float("nan"), dtype=y0.dtype, device=device)
@@ -892,7 +892,7 @@ class Integrator:
             else:
                 assert dws is not None
                 dw, levy_h = dws[k], None
-            if k == 0 and start is not None and start[0] is y:
+            if k == 0 and start is not None and start[0] is y and solver.one_method(state):
                 t_k = times[k]  # one tensor object: _start_terms matches by identity
                 terms, hits = _start_terms(self.terms, t_k, y, start[1:])
                 out = _discount(call_step(solver, terms, t_k, y, steps[k], dw, levy_h, carry, state), hits)
@@ -1073,7 +1073,7 @@ class Integrator:
         start = self._start_values
         if start is not None:  # the first iteration (compiled ones see None: no attribute write)
             self._start_values = None
-        if start is not None and start[0] is s.y:  # eager (compile=True too: never traced)
+        if start is not None and start[0] is s.y and solver.one_method(s.solver_state):  # eager (compile=True too: never traced)
             terms, reused = _start_terms(self.terms, s.t, s.y, start[1:])
             out, err, accepted = _iteration_core(solver, terms, s.t, s.y, *args)
             _discount(out, reused)
