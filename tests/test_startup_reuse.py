@@ -351,3 +351,45 @@ def test_composite_running_both_methods_reuses_nothing(disabled) -> None:
     assert runs[0] == (True, True)
     assert torch.equal(old.stats.nf, new.stats.nf)
     assert torch.equal(old.stats.ng, new.stats.ng)
+
+
+@pytest.mark.parametrize("noise", ["diagonal", "additive"])
+def test_lockstep_hands_composites_over_once(noise: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fixed steps of ``alg=None`` on a problem stiff until t = 0.5: the lockstep path takes
+    the non-stiff steps, hands the solve to the loop at the stiff method's first step and the
+    loop goes on from there, so every call is made once (the lockstep path used to throw its
+    steps away and the loop to take them again): the calls and every number equal the loop's."""
+    y0 = torch.linspace(0.5, 1.5, B, dtype=torch.float64).reshape(B, 1).repeat(1, 2)
+
+    def run(fast: bool) -> tuple[deb.Solution, list[int], list[int]]:
+        monkeypatch.setattr(engine, "LOCKSTEP_FAST_PATH", fast)
+        committed: list[int] = []
+        commit = engine.Integrator._lockstep_commit
+        monkeypatch.setattr(
+            engine.Integrator,
+            "_lockstep_commit",
+            lambda self, s, first, k, *a: committed.append(k) or commit(self, s, first, k, *a),
+        )
+        calls = [0, 0]
+
+        def drift(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            calls[0] += 1
+            return -torch.where((t < 0.5)[:, None], 1e3, 1.0) * (y - torch.cos(t)[:, None])
+
+        def diffusion(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            calls[1] += 1
+            return (0.1 * (1 + t))[:, None].expand(y.shape[0], 2) if noise == "additive" else 0.1 * y
+
+        prob = deb.SDEProblem(drift, diffusion, y0, (0.0, 1.0), noise=noise)
+        sol = deb.solve(prob, None, dt=1 / 64, adaptive=False, seed=2, saveat=torch.linspace(0, 1, 9))
+        return sol, calls, committed
+
+    (fast, fast_calls, committed), (slow, slow_calls, _) = run(True), run(False)
+    assert committed and committed[0] > 0  # the lockstep path took the first steps
+    assert int(fast.stats.extra["stiff_steps"].min()) > 10
+    assert fast_calls == slow_calls
+    assert torch.equal(fast.ys, slow.ys)
+    for name in ("nf", "ng", "naccept", "nreject"):
+        assert torch.equal(getattr(fast.stats, name), getattr(slow.stats, name)), name
+    for key, value in slow.stats.extra.items():
+        assert torch.equal(fast.stats.extra[key], value), key

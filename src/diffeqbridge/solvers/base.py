@@ -188,6 +188,12 @@ class AbstractSolver:
         ``per_sample_counts`` (composites say when)."""
         return not self.per_sample_counts
 
+    def implicit_next(self, state: Any) -> bool:
+        """Whether the next step (``state``: after :meth:`plan`) builds a Jacobian or solves a
+        Newton system (``StepOutput.njac``/``converged`` set): ``implicit``; composites: when
+        their stiff method runs.  The engine's lockstep path hands such a step to its loop."""
+        return self.implicit
+
     def plan(self, state: Any, active: Tensor, horizon: int) -> Any:
         """Called at the loop's host checks (every ``horizon`` iterations, where the loop
         synchronises anyway) with the ``(B,)`` still-active mask: the place to read tensors on
