@@ -171,16 +171,23 @@ def tangent_stratonovich(batch: int, dtype: torch.dtype = torch.float64) -> tupl
     return prob, exact
 
 
-def torchsde_brownian(tree: deb.VirtualBrownianTree):
-    """``tree`` seen through torchsde's ``BaseBrownian`` interface (increments only): torchsde
-    then integrates on exactly the path our solves use."""
+def torchsde_brownian(tree: deb.VirtualBrownianTree, levy_area: bool = False):
+    """``tree`` seen through torchsde's ``BaseBrownian`` interface: torchsde then integrates on
+    exactly the path our solves use.  With ``levy_area`` it also answers ``return_U`` (the
+    space-time Lévy area torchsde's ``srk`` asks for) with ``U = int_s^t W_{s,r} dr =
+    dt (H + dW / 2)`` from the tree's ``H``."""
     import torchsde
 
     class TreeBrownian(torchsde.BaseBrownian):
         def __call__(self, ta, tb=None, return_U=False, return_A=False):
-            if return_U or return_A:
-                raise NotImplementedError("increments only")
-            return tree.W(float(ta)) if tb is None else tree(float(ta), float(tb))[0]
+            if return_A or (return_U and not levy_area):
+                raise NotImplementedError("increments only" if not levy_area else "no Davie/Foster area")
+            if tb is None:
+                return tree.W(float(ta))
+            dw, h = tree(float(ta), float(tb))
+            if not return_U:
+                return dw
+            return dw, (float(tb) - float(ta)) * (h + dw / 2)
 
         def __repr__(self) -> str:
             return f"TreeBrownian({tree!r})"
@@ -188,6 +195,6 @@ def torchsde_brownian(tree: deb.VirtualBrownianTree):
         dtype = property(lambda self: tree.dtype)
         device = property(lambda self: tree.device)
         shape = property(lambda self: torch.Size(tree.shape))
-        levy_area_approximation = property(lambda self: "none")
+        levy_area_approximation = property(lambda self: "space-time" if levy_area else "none")
 
     return TreeBrownian()

@@ -244,7 +244,7 @@ def test_max_steps_gives_maxiters_for_every_sample(alg, kwargs):
     assert bool(torch.isnan(sol.ys[-1]).all())  # never reached t1: nothing saved there
 
 
-def test_single_sample_retcode_is_a_code_not_a_list():
+def test_single_sample_retcode_is_a_one_entry_list_equal_to_its_code():
     prob, _ = linear(1)
     sol = deb.solve(prob, deb.SRIW1(), seed=0)
-    assert sol.retcode == SUCCESS and sol.success
+    assert sol.retcode == SUCCESS and sol.retcode == [SUCCESS] and sol.success

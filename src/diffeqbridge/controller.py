@@ -36,6 +36,15 @@ def layout_free_pow(x: Tensor, b: float) -> Tensor:
     return torch.exp(b * torch.log(x))
 
 
+#: a tolerance: a number, or per-component ``(1, *state_shape)`` (``solve``'s ``atol``/``rtol``)
+Tolerance = float | Tensor
+
+
+def tolerance_bound(tol: Tolerance) -> float:
+    """The tightest component of a per-component tolerance (a number as is)."""
+    return float(tol.min()) if isinstance(tol, Tensor) else tol
+
+
 def scaled_error_norm(error: Tensor, y0: Tensor, y1: Tensor, atol: float | Tensor, rtol: float | Tensor) -> Tensor:
     """RMS over the state of ``error / (atol + rtol * max(|y0|, |y1|))``: ``(B, ...) -> (B,)``."""
     scale = atol + rtol * torch.maximum(y0.abs(), y1.abs())
@@ -239,8 +248,8 @@ def sde_initial_dt(
     f0: Tensor,
     g0: Tensor,
     order: float,
-    atol: float,
-    rtol: float,
+    atol: Tolerance,
+    rtol: Tolerance,
     dtmax: float,
     direction: float = 1.0,
 ) -> tuple[Tensor, int, int]:
@@ -291,8 +300,8 @@ def initial_dt(
     y0: Tensor,
     f0: Tensor | None,
     g0: Tensor | None,
-    atol: float,
-    rtol: float,
+    atol: Tolerance,
+    rtol: Tolerance,
     span: float,
     direction: float,
     dt: float | None,

@@ -57,8 +57,8 @@ FLUSH_AFTER = 16
 @dataclass
 class EngineOptions:
     adaptive: bool
-    atol: float
-    rtol: float
+    atol: float | Tensor  # per-component: (1, *state_shape)
+    rtol: float | Tensor
     max_steps: int
     dtmin: float
     progress: bool = False
@@ -325,7 +325,7 @@ def _iteration_core(
     carry: Any,
     solver_state: Any,
     active: Tensor,
-    tolerances: tuple[float, float] | tuple[Tensor, Tensor] | None,
+    tolerances: tuple[float | Tensor, float | Tensor] | None,
 ) -> tuple[StepOutput, Tensor | None, Tensor]:
     """The pure tensor math of one iteration: ``solver.step`` (with the user's drift and
     diffusion), the per-sample error norm and the accept decision.
@@ -661,8 +661,8 @@ class Integrator:
         self.rerun = False  # restore() was called: a checkpointed segment's re-run (no warnings)
         # compile=True: the tolerances as graph inputs (another tolerance is not another compilation)
         self._tolerances: tuple[Tensor, Tensor] = (
-            torch.tensor(options.atol, dtype=torch.float64, device=save_times.device),
-            torch.tensor(options.rtol, dtype=torch.float64, device=save_times.device),
+            torch.as_tensor(options.atol, dtype=torch.float64, device=save_times.device),
+            torch.as_tensor(options.rtol, dtype=torch.float64, device=save_times.device),
         )
         #: compile=True, SDEs: (``s.t`` it was made for, the proposal) from the last compiled region
         self._next_proposal: tuple[Tensor | None, Any] = (None, None)

@@ -257,9 +257,9 @@ RTOL_FLOOR_EPS = 50.0
 
 
 def newton_tolerances(
-    options: NewtonOptions, dtype: torch.dtype, solve_tolerances: tuple[float, float] | None = None
-) -> tuple[float, float]:
-    """``(atol, rtol)`` of the Newton convergence test.
+    options: NewtonOptions, dtype: torch.dtype, solve_tolerances: tuple[float | Tensor, float | Tensor] | None = None
+) -> tuple[float | Tensor, float | Tensor]:
+    """``(atol, rtol)`` of the Newton convergence test (per-component tensors when the solve's are).
 
     Explicit ``options.atol``/``rtol`` are used as given; None means ``options.kappa`` times
     the adaptive solve's ``solve_tolerances`` (OrdinaryDiffEq stops Newton at ``κ·tol`` in the
@@ -273,10 +273,11 @@ def newton_tolerances(
         auto_atol, auto_rtol = FIXED_STEP_ATOL, FIXED_STEP_RTOL
     atol = auto_atol if options.atol is None else float(options.atol)
     rtol = auto_rtol if options.rtol is None else float(options.rtol)
-    return atol, max(rtol, RTOL_FLOOR_EPS * torch.finfo(dtype).eps)
+    floor = RTOL_FLOOR_EPS * torch.finfo(dtype).eps
+    return atol, rtol.clamp(min=floor) if isinstance(rtol, Tensor) else max(rtol, floor)
 
 
-def _scaled_rms(dz: Tensor, z: Tensor, atol: float, rtol: float) -> Tensor:
+def _scaled_rms(dz: Tensor, z: Tensor, atol: float | Tensor, rtol: float | Tensor) -> Tensor:
     return (dz / (atol + rtol * z.abs())).square().flatten(1).mean(dim=1).sqrt()
 
 
@@ -289,7 +290,7 @@ def newton_stage(
     options: NewtonOptions,
     factors: tuple[Tensor, Tensor] | None = None,
     t_jac: Tensor | None = None,
-    tolerances: tuple[float, float] | None = None,
+    tolerances: tuple[float | Tensor, float | Tensor] | None = None,
 ) -> NewtonResult:
     """Solve ``z = base + gh * f(t1, z)`` for every sample (``gh``: ``(B,)``).
 

@@ -42,6 +42,11 @@ STATE_DTYPES = (torch.float32, torch.float64)
 def _check_y0(y0: Any) -> Tensor:
     if not isinstance(y0, Tensor):
         raise TypeError(f"y0 must be a torch.Tensor of shape (B, *state_shape); got {type(y0).__name__}")
+    if y0.is_complex():
+        raise TypeError(
+            f"y0 must be real (float32 or float64): complex states are not supported; got {y0.dtype} "
+            "(solve for the real and imaginary parts, torch.view_as_real(y0), with a real field)"
+        )
     if y0.dtype not in STATE_DTYPES:
         raise TypeError(f"y0 must have dtype float32 or float64 (half precision is not supported); got {y0.dtype}")
     if y0.ndim < 2 or y0.shape[0] < 1:
@@ -224,7 +229,7 @@ class Terms:
         self.interpretation: str = problem.interpretation
         # the adaptive solve's (atol, rtol), set by solve(): implicit solvers derive their
         # Newton tolerances from it (nonlinear.newton_tolerances); None for fixed-step solves
-        self.tolerances: tuple[float, float] | None = None
+        self.tolerances: tuple[float | Tensor, float | Tensor] | None = None
 
     def g_dw(self, g: Tensor, dw: Tensor) -> Tensor:
         if self.noise == "general":

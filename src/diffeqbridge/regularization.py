@@ -181,7 +181,7 @@ def _safe_sqrt(x: Tensor) -> Tensor:
     return torch.sqrt(x.clamp_min(torch.finfo(x.dtype).tiny))
 
 
-def error_estimate(error: Tensor, y0: Tensor, y1: Tensor, atol: float, rtol: float) -> Tensor:
+def error_estimate(error: Tensor, y0: Tensor, y1: Tensor, atol: float | Tensor, rtol: float | Tensor) -> Tensor:
     """The engine's scaled error norm ``EEst`` (``(B, ...) -> (B,)``), differentiable everywhere."""
     scale = atol + rtol * torch.maximum(y0.abs(), y1.abs())
     return _safe_sqrt((error / scale).square().flatten(1).mean(dim=1))
@@ -300,8 +300,8 @@ class Recorder:
         y0: Tensor,
         t0: float,
         t_end: float,
-        atol: float,
-        rtol: float,
+        atol: float | Tensor,
+        rtol: float | Tensor,
     ):
         self.config, self.terms, self.solver = config, terms, solver
         self.atol, self.rtol = atol, rtol

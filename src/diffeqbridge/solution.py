@@ -29,6 +29,24 @@ class ReturnCode(enum.IntEnum):
         return self in (ReturnCode.Success, ReturnCode.Terminated)
 
 
+class ReturnCodes(list):
+    """``sol.retcode``: one :class:`ReturnCode` per sample, for every batch size (also ``B == 1``).
+
+    It also compares equal to a single :class:`ReturnCode` when every sample has that code,
+    so SciML's ``sol.retcode == ReturnCode.Success`` reads as "all samples succeeded".
+    """
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ReturnCode):
+            return len(self) > 0 and all(code == other for code in self)
+        return list.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
+
+    __hash__ = None  # type: ignore[assignment]  # a list: unhashable
+
+
 @dataclass
 class Stats:
     """Per-sample counters, each a ``(B,)`` int64 tensor.
@@ -91,10 +109,9 @@ class Solution:
         return self.evaluate(t, per_sample=per_sample)
 
     @property
-    def retcode(self) -> list[ReturnCode] | ReturnCode:
-        """Per-sample :class:`ReturnCode` list (a single code when ``B == 1``)."""
-        codes = [ReturnCode(int(c)) for c in self.retcodes.tolist()]
-        return codes[0] if len(codes) == 1 else codes
+    def retcode(self) -> ReturnCodes:
+        """Per-sample :class:`ReturnCode` list (:class:`ReturnCodes`; one entry per sample, also for ``B == 1``)."""
+        return ReturnCodes(ReturnCode(int(c)) for c in self.retcodes.tolist())
 
     @property
     def success(self) -> bool:

@@ -177,12 +177,42 @@ def _check_solver(problem: ODEProblem, alg: Any) -> AbstractSolver:
 
 
 def _check_positive(name: str, value: Any, allow_zero: bool = False) -> float:
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex() and not value.requires_grad:
+        value = value.item()  # torchdiffeq-style torch.tensor(1e-6)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number; got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'non-negative' if allow_zero else 'positive'} and finite; got {value}")
     return value
+
+
+def _check_tolerance(name: str, value: Any, y0: Tensor) -> float | Tensor:
+    """A number, or per-component tolerances (SciML's vector ``abstol``, torchdiffeq's tensor
+    ``atol``): a real tensor/sequence broadcastable to the state shape ``y0.shape[1:]``,
+    returned as a ``(1, *state_shape)`` tensor of ``y0``'s dtype and device (one tolerance per
+    component, the same for every sample)."""
+    if isinstance(value, (list, tuple)) and not isinstance(value, bool):
+        try:
+            value = torch.tensor(value, dtype=torch.float64)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"{name} must be a number or a sequence/tensor of numbers; got {value!r}") from e
+    if not isinstance(value, Tensor) or value.numel() == 1:
+        return _check_positive(name, value, allow_zero=True)
+    if value.is_complex() or value.dtype == torch.bool or value.requires_grad:
+        raise TypeError(f"{name} must be a real tensor without gradient; got dtype {value.dtype}")
+    state_shape = tuple(y0.shape[1:])
+    try:
+        tol = torch.broadcast_to(value, state_shape)
+    except RuntimeError as e:
+        raise ValueError(
+            f"{name} of shape {tuple(value.shape)} does not broadcast to the state shape {state_shape} "
+            "(per-component tolerances are one per state component, the same for every sample)"
+        ) from e
+    tol = tol.detach().to(dtype=y0.dtype, device=y0.device)
+    if not bool(torch.isfinite(tol).all()) or bool((tol < 0).any()):
+        raise ValueError(f"{name} must be non-negative and finite in every component; got {value.tolist()}")
+    return tol.unsqueeze(0)
 
 
 def _as_times(value: Any, name: str, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -284,8 +314,8 @@ def solve(
     alg: AbstractSolver | None = None,
     dt: float | None = None,
     adaptive: bool | None = None,
-    atol: float | None = None,
-    rtol: float | None = None,
+    atol: float | Tensor | Sequence[float] | None = None,
+    rtol: float | Tensor | Sequence[float] | None = None,
     saveat: Sequence[float] | Tensor | None = None,
     seed: int = 0,
     brownian: VirtualBrownianTree | None = None,
@@ -311,7 +341,9 @@ def solve(
         alg: a solver instance (``deb.SOSRI()``...); ``None``: :func:`default_algorithm` (the measured winner per noise type).
         dt: initial step for adaptive solvers, the step for fixed-step ones.
         adaptive: defaults to True for solvers with an error estimate.
-        atol, rtol: tolerances (SDE default ``1e-2``/``1e-2``, ODE ``1e-6``/``1e-3``).
+        atol, rtol: tolerances (SDE default ``1e-2``/``1e-2``, ODE ``1e-6``/``1e-3``): numbers, or
+            per-component tensors/lists broadcastable to the state shape ``y0.shape[1:]`` (one
+            tolerance per component, the same for every sample; native backend only).
         saveat: 1-D times every sample is saved at; ``None`` -> ``(t0, t1)``.  Adaptive ODE
             solves step freely and fill the save times from the solver's interpolant
             (:mod:`diffeqbridge.dense`; Tsit5/Dopri5 4th order, Rodas4 3rd, cubic Hermite for
@@ -447,10 +479,11 @@ def solve(
     regularize = check_regularize(regularize, prob, solver, adaptive, sensealg, seed)
     if regularize is not None and prob.tspan[1] < prob.tspan[0]:
         raise ValueError("regularize= needs time running forwards (tspan with t1 > t0)")
-    atol = _check_positive("atol", atol if atol is not None else (1e-2 if prob.is_sde else 1e-6), allow_zero=True)
-    rtol = _check_positive("rtol", rtol if rtol is not None else (1e-2 if prob.is_sde else 1e-3), allow_zero=True)
-    if adaptive and atol == 0 and rtol == 0:
-        raise ValueError("atol and rtol cannot both be zero for an adaptive solve")
+    atol = _check_tolerance("atol", atol if atol is not None else (1e-2 if prob.is_sde else 1e-6), prob.y0)
+    rtol = _check_tolerance("rtol", rtol if rtol is not None else (1e-2 if prob.is_sde else 1e-3), prob.y0)
+    if adaptive and bool((torch.as_tensor(atol) + torch.as_tensor(rtol) == 0).any()):
+        raise ValueError("atol and rtol cannot both be zero (in any component) for an adaptive solve")
+    per_component_tolerances = isinstance(atol, Tensor) or isinstance(rtol, Tensor)
     if not adaptive and dt is None:
         raise ValueError(f"alg={type(solver).__name__} is a fixed-step solver (or adaptive=False): pass dt")
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
@@ -480,7 +513,11 @@ def solve(
     need_start = dt is None or solver.init_uses_start
     f0, g0 = _start_up_fields(prob, t_start, need_start or solver.fsal, need_start or getattr(prob, "noise", None) == "additive")
     extra_g = check_additive(prob, t_start, g0) if g0 is not None else 0
-    if backend != "native" and not hooked_or_offset:  # julia backend (diffeqbridge/julia/); "auto" picks it only if installed
+    if per_component_tolerances and backend == "julia":
+        raise ValueError("per-component atol/rtol run on the native backend only; use backend='native' or 'auto'")
+    if (
+        backend != "native" and not hooked_or_offset and not per_component_tolerances
+    ):  # julia backend (diffeqbridge/julia/); "auto" picks it only if installed
         from .julia.dispatch import choose_backend
 
         if choose_backend(backend, prob, solver, brownian, sensealg, regularize) == "julia":
@@ -493,8 +530,8 @@ def solve(
                 solver,
                 dt=dt,
                 adaptive=adaptive,
-                atol=atol,
-                rtol=rtol,
+                atol=float(atol),
+                rtol=float(rtol),
                 save_times=save_times,
                 seed=seed,
                 max_steps=max_steps,

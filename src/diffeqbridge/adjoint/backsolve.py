@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..controller import tolerance_bound
 from ..engine import Integrator
 from ..problem import ODEProblem, Terms, expand_to
 from ..solution import ReturnCode
@@ -187,12 +188,15 @@ class AdjointField:
             return b, None
         assert terms.diffusion is not None
         g = terms.diffusion(t, y)
-        if self.ito_correction:
-            # (∂σ/∂y) σ by the double-vjp trick: v = J^T w (linear in w), J σ = d<v, σ>/dw.
+        if self.ito_correction and g.requires_grad:
+            # (∂σ/∂y) σ by the double-vjp trick: v = J^T w (linear in w), J σ = d<v, σ>/dw;
+            # none when σ does not depend on y (torchsde's BasicSDE2: σ(θ) only)
             w = torch.zeros_like(g, requires_grad=True)
-            (v,) = torch.autograd.grad(g, y, grad_outputs=w, create_graph=True)
-            (jg,) = torch.autograd.grad(v, w, grad_outputs=g, create_graph=True)
-            b = b - (0.5 * self.direction) * jg
+            (v,) = torch.autograd.grad(g, y, grad_outputs=w, create_graph=True, allow_unused=True)
+            if v is not None:
+                (jg,) = torch.autograd.grad(v, w, grad_outputs=g, create_graph=True, allow_unused=True)
+                if jg is not None:
+                    b = b - (0.5 * self.direction) * jg
         return b, g
 
     def __call__(
@@ -351,8 +355,9 @@ def _backward_settings(c: _Ctx, sensealg: BacksolveAdjoint) -> tuple[bool, float
     adaptive = c.options.adaptive if sensealg.adaptive is None else sensealg.adaptive
     if sensealg.dt is not None and sensealg.adaptive is None:
         adaptive = False
-    atol = c.options.atol if sensealg.atol is None else float(sensealg.atol)
-    rtol = c.options.rtol if sensealg.rtol is None else float(sensealg.rtol)
+    # the backward state (y, adjoint, parameters) has no per-component forward tolerance: the tightest one
+    atol = tolerance_bound(c.options.atol) if sensealg.atol is None else float(sensealg.atol)
+    rtol = tolerance_bound(c.options.rtol) if sensealg.rtol is None else float(sensealg.rtol)
     batch, device = c.prob.batch_size, c.save_times.device
     if sensealg.dt is not None:
         dt = torch.full((batch,), sensealg.dt, dtype=torch.float64, device=device)

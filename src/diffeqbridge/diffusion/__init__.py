@@ -33,6 +33,7 @@ __all__ = [
     "VESDE",
     "VPSDE",
     "bits_per_dim",
+    "invert",
     "log_likelihood",
     "per_sample_normal",
     "per_sample_rademacher",

@@ -29,6 +29,7 @@ from torch import Tensor
 from ..problem import ODEProblem
 from ..solution import Solution
 from ..solve import solve
+from ..solvers import Tsit5
 from .common import STREAMS, check_model_dtype, check_seed, check_t_end, check_x, per_sample_normal, per_sample_rademacher
 from .models import ModelAdapter, as_adapter, check_model, check_parameterization, check_sde
 from .processes import DiffusionProcess
@@ -141,7 +142,7 @@ def log_likelihood(
     probes = _probes(shape, n_probes, probe, seed, x0.dtype, x0.device) if trace == "hutchinson" else None
     y0 = torch.cat([x0.flatten(1), torch.zeros_like(x0[:, :1].flatten(1)[:, :1])], dim=1)
     prob = ODEProblem(augmented_flow(adapter, sde, shape, trace, probes), y0, tspan=(t_end, sde.T), params=adapter.parameters())
-    sol = solve(prob, alg, atol=atol, rtol=rtol, **options)
+    sol = solve(prob, alg if alg is not None else Tsit5(), atol=atol, rtol=rtol, **options)
     d = math.prod(shape[1:])
     end = sol.ys[-1]
     x_T = end[:, :d].reshape(shape)

@@ -42,7 +42,7 @@ from ..brownian import VirtualBrownianTree
 from ..problem import ODEProblem, SDEProblem, expand_to
 from ..solution import Solution
 from ..solve import solve
-from ..solvers import SRA1
+from ..solvers import SRA1, Tsit5
 from .common import (
     STREAMS,
     check_model_dtype,
@@ -262,7 +262,7 @@ def sample_probability_flow(
     prob = ODEProblem(reverse_sde_drift(adapter, sde, 0.5), x_T, tspan=(sde.T, t_end), params=adapter.parameters())
     sol = solve(
         prob,
-        alg,
+        alg if alg is not None else Tsit5(),
         atol=ODE_TOLERANCES[0] if atol is None else atol,
         rtol=ODE_TOLERANCES[1] if rtol is None else rtol,
         sensealg=sensealg,

@@ -15,7 +15,7 @@ from .runge_kutta import Dopri5, Tsit5
 from .sdirk import Kvaerno5
 from .shark import ShARK
 from .spark import SPaRK
-from .sra import SOSRA, SRA1, SRA3
+from .sra import SOSRA, SRA1, SRA3, SRA4
 from .sri import SOSRI, SRIW1
 from .srock import SROCK1
 
@@ -29,6 +29,7 @@ ALL_SOLVERS: tuple[type[AbstractSolver], ...] = (
     SOSRI,
     SRA1,
     SRA3,
+    SRA4,
     SOSRA,
     Tsit5,
     Dopri5,
