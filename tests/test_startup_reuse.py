@@ -79,6 +79,7 @@ CARRYING = {
     "ShARK": (deb.ShARK, (0, 1)),
     "SRA1": (deb.SRA1, (1, 1)),
     "SRA3": (deb.SRA3, (1, 1)),
+    "SRA4": (deb.SRA4, (1, 1)),
     "SOSRA": (deb.SOSRA, (1, 1)),
 }
 SPANS = [(0.0, 1.0), (1.0, 0.1)]
@@ -250,6 +251,7 @@ OVERHEAD = {
     "ShARK": (deb.ShARK, "additive", (0, 2, 2, 1)),
     "SRA1": (deb.SRA1, "additive", (0, 2, 2, 1)),
     "SRA3": (deb.SRA3, "additive", (0, 3, 2, 1)),
+    "SRA4": (deb.SRA4, "additive", (0, 4, 2, 1)),
     "SOSRA": (deb.SOSRA, "additive", (0, 3, 2, 2)),
     "default-additive": (lambda: None, "additive", (0, 2, 2, 1)),
     "SRIW1": (deb.SRIW1, "diagonal", (0, 2, 0, 4)),
