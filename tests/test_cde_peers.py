@@ -360,6 +360,17 @@ def test_reversed_output_times_match_torchcde(fixed_dopri5):
     _assert_grads(grads, ref_grads, 1e-10)
 
 
+@pytest.mark.parametrize("kind", ["hermite", "linear"])
+def test_output_times_beyond_the_data_extrapolate_as_torchcde(kind, fixed_dopri5):
+    """``t`` reaching before the first and after the last observation: on a shared grid the end pieces
+    extend (torchcde's paths); step for step equal to 1e-12, gradients 1e-10."""
+    ts = torch.tensor([-1.0, 0.5, 3.0, 9.5])
+    ref, ref_grads = _ref_solve(kind, ts, method=fixed_dopri5, options=dict(step_size=0.25, perturb=True))
+    zs, grads, _ = _our_solve(kind, ts, alg=deb.Dopri5(), dt=0.25, adaptive=False)
+    assert torch.allclose(zs, ref, rtol=1e-12, atol=1e-12), float((zs - ref).abs().max())
+    _assert_grads(grads, ref_grads, 1e-10)
+
+
 @pytest.mark.parametrize("n_out", [2, 6])
 def test_cdeint_shape_problem(n_out):
     """torchcde's ``test_shape``: ``func(t, z) = sigmoid(z)[..., None] + v`` (a parameter ``(1, 1, C)``),
