@@ -260,7 +260,7 @@ def test_gradient_to_learned_coefficients_matches_finite_differences(sensealg):
 def test_bad_inputs_are_named():
     t, x = _full_data()
     with pytest.raises(ValueError, match="x must"):
-        interp.linear_interpolation_coeffs(x[0], t)
+        interp.linear_interpolation_coeffs(x[0, :, 0], t)  # (L,): no channel axis
     with pytest.raises(ValueError, match="t must"):
         interp.linear_interpolation_coeffs(x, t[:-1])
     with pytest.raises(ValueError, match="strictly increasing"):

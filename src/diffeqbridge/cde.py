@@ -12,6 +12,7 @@ control has ``C`` channels; ``z0 (B, H)``; the output ``(T, B, H)``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,7 +36,8 @@ class NeuralCDE(nn.Module):
     Args:
         func: ``nn.Module``, ``(t, z) -> (B, H, C)`` (or ``z -> ...``).
         interpolation: how a coefficient tensor passed to ``forward`` is read: ``"cubic"``
-            (Hermite with backward differences), ``"linear"`` or ``"rectilinear"``.
+            (``[a, b, 2c, 3d]``: Hermite with backward differences or natural), ``"linear"`` or
+            ``"rectilinear"``.
         alg, sensealg, **solve_kwargs: passed to :func:`diffeqbridge.solve` (default ``Tsit5``,
             ``atol=1e-6``, ``rtol=1e-3``).
 
@@ -79,7 +81,7 @@ class NeuralCDE(nn.Module):
                     f"func(t, z) must return (B, H, C) = {(*z.shape, X.coeffs.shape[-1] // self._width(X))}; "
                     f"got {tuple(out.shape)}"
                 )
-            return torch.einsum("bhc,bc->bh", out, X.derivative(t))
+            return torch.einsum("bhc,bc->bh", out, X.derivative(t).reshape(z.shape[0], -1))
 
         return field
 
@@ -126,7 +128,17 @@ class NeuralCDE(nn.Module):
 
 def _knots_inside(X: Interpolation, tspan: tuple[float, float]) -> list[float]:
     """The control's knots strictly inside ``tspan`` (all samples' grids): the path's derivative
-    jumps there, so steps land on them (as torchcde's ``jump_t``) rather than crossing them."""
+    jumps there, so steps land on them rather than crossing them.
+
+    A linear control's slope itself jumps at a knot, where ``X'`` is the left piece's (torchcde).
+    One evaluation there serves both the step ending at the knot (its last, FSAL stage) and,
+    reused, the next step's first stage, which needs the slope ahead.  A second stop a few ulps
+    right of each knot gives each side its own evaluation, in either direction of integration
+    (the step between the two moves ``z`` by ~1e-16): the effect of torchdiffeq's ``jump_t``."""
     knots = X.t[torch.isfinite(X.t)].unique()
     lo, hi = min(tspan), max(tspan)
-    return [float(k) for k in knots.tolist() if lo < k < hi]
+    inside = [float(k) for k in knots.tolist() if lo < k < hi]
+    if isinstance(X, LinearInterpolation):
+        delta = math.ulp(max(abs(lo), abs(hi), 1.0))  # >= the spacing at every knot inside, >= dtmin
+        inside += [k + delta for k in inside if k + delta < hi]
+    return inside

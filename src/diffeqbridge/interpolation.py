@@ -15,6 +15,8 @@ on the same data:
 * ``hermite_cubic_coefficients_with_backward_differences(x, t)``: on ``[t_k, t_{k+1}]`` the
   cubic with values ``x_k, x_{k+1}`` and slopes ``d_{k-1}, d_k`` (``d_k`` the slope of the
   linear interpolation on interval ``k``, ``d_{-1} = d_0``): C¹ and causal up to one step.
+* ``natural_cubic_coeffs(x, t)``: the natural cubic spline through each channel's observations
+  (C², not causal), in the same ``[a, b, 2c, 3d]`` layout.
 
 Beyond torchcde, observation grids may differ per sample: ``t`` of shape ``(B, L)``, NaN
 after a sample's last observation (its values NaN there too).  Padded times are replaced by
@@ -25,7 +27,8 @@ CDE instead of extrapolating.  A shared grid ``(L,)`` keeps torchcde's behaviour
 last pieces are extended beyond the grid).  Everything is vectorised over samples and channels (torchcde
 loops over them in Python for missing values).
 
-Shapes: data ``x (B, L, C)``; times ``t`` ``None`` (``0..L-1``), ``(L,)`` or ``(B, L)``;
+Shapes: data ``x (B, L, C)`` (or torchcde's ``(..., L, C)``, any batch axes, kept by the
+coefficients and by ``evaluate``/``derivative``); times ``t`` ``None`` (``0..L-1``), ``(L,)`` or ``(B, L)``;
 ``evaluate(t)``/``derivative(t)`` take a scalar or a ``(B,)`` tensor (each sample at its own
 time, as the engine calls vector fields) and return ``(B, C)``.
 """
@@ -43,6 +46,7 @@ __all__ = [
     "LinearInterpolation",
     "hermite_cubic_coefficients_with_backward_differences",
     "linear_interpolation_coeffs",
+    "natural_cubic_coeffs",
 ]
 
 
@@ -53,6 +57,17 @@ def _check_data(x: Any) -> Tensor:
     if x.shape[1] < 2:
         raise ValueError(f"x needs at least two observations along its length axis; got shape {tuple(x.shape)}")
     return x
+
+
+def _flat_batch(x: Any, t: Any) -> tuple[Any, Any, tuple[int, ...]]:
+    """torchcde's ``(..., L, C)`` data (any number of batch axes, none included) as ``(B, L, C)``;
+    per-sample times ``(..., L)`` as ``(B, L)``; and the batch shape to restore."""
+    if not isinstance(x, Tensor) or x.ndim < 2:
+        raise ValueError(f"x must be a floating tensor of shape (..., L, C); got {getattr(x, 'shape', type(x).__name__)}")
+    batch = tuple(x.shape[:-2])
+    if isinstance(t, Tensor) and t.ndim >= 2 and tuple(t.shape[:-1]) == batch:
+        t = t.reshape(-1, t.shape[-1])
+    return x.reshape(-1, *x.shape[-2:]), t, batch
 
 
 def _grid(x: Tensor, t: Any) -> Tensor:
@@ -102,7 +117,9 @@ def fill_missing(x: Tensor, t: Tensor) -> Tensor:
     x_prev, x_next = x0.gather(1, prev_c), x0.gather(1, next_c)
     tt = _per_channel(t, x)
     t_prev, t_next = tt.gather(1, prev_c), tt.gather(1, next_c)
-    ratio = (tt - t_prev) / torch.where(has_prev & has_next, t_next - t_prev, torch.ones_like(tt))
+    # observed entries have prev == next (a zero gap): a finite ratio there keeps d/dx free of 0 * NaN
+    gap = t_next - t_prev
+    ratio = (tt - t_prev) / torch.where(has_prev & has_next & (gap > 0), gap, torch.ones_like(tt))
     between = x_prev + ratio * (x_next - x_prev)
     filled = torch.where(has_prev & has_next, between, torch.where(has_prev, x_prev, x_next))
     filled = torch.where(has_prev | has_next, filled, torch.zeros_like(x))  # an all-NaN channel -> 0
@@ -121,7 +138,9 @@ def linear_interpolation_coeffs(x: Tensor, t: Tensor | None = None, rectilinear:
 
     ``rectilinear=k`` (time in channel ``k``, ``t`` must be None): the rectilinear path, on
     ``L' = 2L - 1`` knots at the index grid.  Otherwise ``L' = L`` at the grid ``t``.
+    As torchcde, ``x`` may have any batch axes ``(..., L, C)``; the result keeps them.
     """
+    x, t, batch = _flat_batch(x, t)
     x = _check_data(x)
     if rectilinear is not None:
         if t is not None:
@@ -135,7 +154,7 @@ def linear_interpolation_coeffs(x: Tensor, t: Tensor | None = None, rectilinear:
         doubled[:, :-1, rectilinear] = doubled[:, 1:, rectilinear]
         x = doubled[:, :-1]
         t = None
-    return fill_missing(x, _grid(x, t))
+    return fill_missing(x, _grid(x, t)).reshape(*batch, *x.shape[1:])
 
 
 def _slopes(coeffs: Tensor, t: Tensor) -> Tensor:
@@ -148,7 +167,9 @@ def hermite_cubic_coefficients_with_backward_differences(x: Tensor, t: Tensor | 
 
     On interval ``k`` with ``s = τ - t_k``: ``X(τ) = a + b s + c s² + d s³`` with ``a = x_k``,
     ``b = d_{k-1}`` and ``X(t_{k+1}) = x_{k+1}``, ``X'(t_{k+1}) = d_k`` (torchcde's layout).
+    Any batch axes ``(..., L, C)`` as torchcde; the result keeps them.
     """
+    x, t, batch = _flat_batch(x, t)
     x = _check_data(x)
     grid = _grid(x, t)
     coeffs = fill_missing(x, grid)
@@ -160,20 +181,105 @@ def hermite_cubic_coefficients_with_backward_differences(x: Tensor, t: Tensor | 
     a, b = coeffs[:, :-1], prev
     two_c = 2 * (3 * (slopes - b) - slopes + prev) / h
     three_d = (slopes - b) / h**2 - two_c / h
-    return torch.cat([a, b, two_c, three_d], dim=-1)
+    return torch.cat([a, b, two_c, three_d], dim=-1).reshape(*batch, x.shape[1] - 1, 4 * x.shape[2])
+
+
+def _tridiagonal_solve(rhs: Tensor, diag: Tensor, off: Tensor) -> Tensor:
+    """Symmetric tridiagonal systems ``(N, L)`` (``off (N, L - 1)``) by the Thomas algorithm,
+    vectorised over ``N`` (the loop runs along the length)."""
+    length = rhs.shape[-1]
+    d, r = [diag[:, 0]], [rhs[:, 0]]
+    for i in range(1, length):
+        w = off[:, i - 1] / d[-1]
+        d.append(diag[:, i] - w * off[:, i - 1])
+        r.append(rhs[:, i] - w * r[-1])
+    out = [r[-1] / d[-1]]
+    for i in range(length - 2, -1, -1):
+        out.append((r[i] - off[:, i] * out[-1]) / d[i])
+    return torch.stack(out[::-1], dim=-1)
+
+
+def natural_cubic_coeffs(x: Tensor, t: Tensor | None = None) -> Tensor:
+    """Natural cubic spline coefficients (torchcde's ``natural_cubic_coeffs``): ``(..., L - 1, 4C)``.
+
+    Per channel, the C² cubic through the observed values with zero second derivative at the
+    first and last observation; leading (trailing) NaNs take the first (last) observation, an
+    all-NaN channel is 0, and interior NaNs are not knots (the spline runs through the observed
+    values only, re-expressed on every interval of the grid).  Knot slopes solve the usual
+    tridiagonal system (e.g. de Boor, *A Practical Guide to Splines*, ch. IV).  Read by
+    :class:`CubicSpline`; not causal (each piece depends on all the data).
+    """
+    x, t, batch = _flat_batch(x, t)
+    x = _check_data(x)
+    grid = _grid(x, t)
+    n_b, length, n_c = x.shape
+    series = x.transpose(1, 2).reshape(-1, length)  # (N, L), N = B C
+    times = (grid.unsqueeze(1) if grid.ndim == 2 else grid.expand(n_b, 1, length)).expand(n_b, n_c, length)
+    times = times.reshape(-1, length)
+    observed = ~torch.isnan(series)
+    series = torch.where(observed.any(-1, keepdim=True), series, torch.zeros_like(series))  # all-NaN -> 0
+    index = torch.arange(length, device=x.device).expand_as(series)
+    first = torch.where(~torch.isnan(series), index, length).amin(-1, keepdim=True)
+    last = torch.where(~torch.isnan(series), index, -1).amax(-1, keepdim=True)
+    series = torch.where(index < first, series.gather(1, first.clamp(max=length - 1)), series)
+    # per-sample grids: a padded time is no knot (the spline ends at the sample's last observation)
+    padded = torch.isnan(torch.as_tensor(t, dtype=x.dtype, device=x.device)) if grid.ndim == 2 else None
+    after = index > last
+    if padded is not None:
+        after = after & ~padded.unsqueeze(1).expand(n_b, n_c, length).reshape(-1, length)
+    series = torch.where(after, series.gather(1, last.clamp(min=0)), series)
+    observed = ~torch.isnan(series)
+    # pack each series' observations to the front (stable); padding: times past the end, last value
+    count = observed.sum(-1, keepdim=True)
+    order = torch.sort((~observed).to(torch.int8), dim=-1, stable=True).indices
+    tp, xp = times.gather(1, order), torch.nan_to_num(series.gather(1, order))
+    live = index < count
+    t_end, x_end = tp.gather(1, count - 1), xp.gather(1, count - 1)
+    tp = torch.where(live, tp, t_end + (index - count + 1).to(tp.dtype))
+    xp = torch.where(live, xp, x_end)
+    h, delta = tp[:, 1:] - tp[:, :-1], xp[:, 1:] - xp[:, :-1]
+    valid = live[:, 1:].to(h.dtype)  # interval j joins two observations
+    recip = valid / h
+    scaled = 3 * delta * recip / h
+    zero = torch.zeros_like(recip[:, :1])
+    diag = 2 * (torch.cat([zero, recip], -1) + torch.cat([recip, zero], -1))
+    diag = torch.where(live, diag, torch.ones_like(diag))  # padding rows: k = 0, decoupled
+    rhs = torch.cat([zero, scaled], -1) + torch.cat([scaled, zero], -1)
+    k = _tridiagonal_solve(rhs, diag, recip)
+    a_j, b_j = xp[:, :-1], k[:, :-1]
+    two_c_j = (6 * delta / h - 4 * k[:, :-1] - 2 * k[:, 1:]) / h
+    three_d_j = (-6 * delta / h + 3 * (k[:, :-1] + k[:, 1:])) / h**2
+    # grid interval k lies in observed piece j (the last observation at or before t_k): the cubic shifted
+    piece = (observed.cumsum(-1)[:, :-1] - 1).clamp(min=0)
+    piece = torch.minimum(piece, (count - 2).clamp(min=0))
+    a_j, b_j, two_c_j, three_d_j = (v.gather(1, piece) for v in (a_j, b_j, two_c_j, three_d_j))
+    offset = tp[:, :-1].gather(1, piece) - times[:, :-1]
+    a = a_j + ((0.5 * two_c_j - three_d_j * offset / 3) * offset - b_j) * offset
+    b = b_j + (three_d_j * offset - two_c_j) * offset
+    two_c = two_c_j - 2 * three_d_j * offset
+    parts = [v.reshape(n_b, n_c, length - 1).transpose(1, 2) for v in (a, b, two_c, three_d_j)]
+    return torch.cat(parts, dim=-1).reshape(*batch, length - 1, 4 * n_c)
 
 
 # ---------------------------------------------------------------------------- paths
 class Interpolation:
     """A control path ``X(t)`` on a (per-sample) grid; see the module docstring for shapes."""
 
-    coeffs: Tensor
+    coeffs: Tensor  # (B, L, C): batch axes flattened
     t: Tensor  # (L,) or (B, L), strictly increasing
+    batch_shape: tuple[int, ...]  # the coefficients' batch axes as given
 
     def __init__(self, coeffs: Tensor, t: Tensor | None = None):
-        if not isinstance(coeffs, Tensor) or coeffs.ndim != 3:
-            raise ValueError(f"coeffs must be a tensor of shape (B, L, C); got {getattr(coeffs, 'shape', coeffs)}")
+        coeffs, t = self._flatten(coeffs, t, "(..., L, C)")
         self._set_grid(coeffs, coeffs, t)
+
+    def _flatten(self, coeffs: Any, t: Any, expected: str) -> tuple[Tensor, Any]:
+        """torchcde's batch axes ``(..., L, C)`` (none included) as one: ``coeffs (B, L, C)``, per-sample
+        ``t (B, L)``; ``evaluate``/``derivative`` return ``(..., C)``."""
+        if not isinstance(coeffs, Tensor) or coeffs.ndim < 2:
+            raise ValueError(f"coeffs must be a tensor of shape {expected}; got {getattr(coeffs, 'shape', coeffs)}")
+        flat, t, self.batch_shape = _flat_batch(coeffs, t)
+        return flat, t
 
     def _set_grid(self, coeffs: Tensor, knots: Tensor, t: Any) -> None:
         """``knots (B, L, ·)`` gives the grid's length; per-sample grids also get their windows ``(B,)``."""
@@ -230,26 +336,42 @@ class Interpolation:
         return values[torch.arange(values.shape[0], device=values.device), index]
 
     def evaluate(self, t: Tensor | float) -> Tensor:
-        raise NotImplementedError
+        """``X(t)``: ``(B, C)`` (``(..., C)`` for coefficients with other batch axes)."""
+        out = self._evaluate(t)
+        return out.reshape(*self.batch_shape, out.shape[-1])
 
     def derivative(self, t: Tensor | float) -> Tensor:
+        """``X'(t)``: ``(B, C)`` (``(..., C)``); at a knot the slope on its left (torchcde's convention)."""
+        out = self._derivative(t)
+        return out.reshape(*self.batch_shape, out.shape[-1])
+
+    def _evaluate(self, t: Tensor | float) -> Tensor:
+        raise NotImplementedError
+
+    def _derivative(self, t: Tensor | float) -> Tensor:
         raise NotImplementedError
 
 
 class LinearInterpolation(Interpolation):
     """Piecewise-linear path through the knots ``coeffs (B, L, C)`` from :func:`linear_interpolation_coeffs`."""
 
-    def __init__(self, coeffs: Tensor, t: Tensor | None = None):
-        super().__init__(coeffs, t)
-        self._slopes = _slopes(coeffs, self.t)
-
-    def evaluate(self, t: Tensor | float) -> Tensor:
+    def _piece(self, t: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
+        """Left knot ``(B, C)``, slope ``(B, C)`` and ``s (B, 1)`` of each sample's piece.  The slope is
+        formed per call (no graph shared between calls: an adjoint's repeated vector-Jacobian
+        products with coefficients that require grad each free their own)."""
         index, s = self._locate(t)
-        return self._rows(self.coeffs, index) + s * self._rows(self._slopes, index)
+        grid = self.t if self.t.ndim == 2 else self.t.unsqueeze(0).expand(self.batch_size, -1)
+        gap = grid.gather(1, index.unsqueeze(1) + 1) - grid.gather(1, index.unsqueeze(1))
+        prev = self._rows(self.coeffs, index)
+        return prev, (self._rows(self.coeffs, index + 1) - prev) / gap, s
 
-    def derivative(self, t: Tensor | float) -> Tensor:
-        index, _ = self._locate(t)
-        return self._held(self._rows(self._slopes, index), t)
+    def _evaluate(self, t: Tensor | float) -> Tensor:
+        prev, slope, s = self._piece(t)
+        return prev + s * slope
+
+    def _derivative(self, t: Tensor | float) -> Tensor:
+        _, slope, _ = self._piece(t)
+        return self._held(slope, t)
 
 
 class CubicSpline(Interpolation):
@@ -257,18 +379,19 @@ class CubicSpline(Interpolation):
     (:func:`hermite_cubic_coefficients_with_backward_differences`; torchcde's ``CubicSpline``)."""
 
     def __init__(self, coeffs: Tensor, t: Tensor | None = None):
-        if not isinstance(coeffs, Tensor) or coeffs.ndim != 3 or coeffs.shape[-1] % 4:
-            raise ValueError(f"coeffs must have shape (B, L - 1, 4C); got {getattr(coeffs, 'shape', coeffs)}")
+        coeffs, t = self._flatten(coeffs, t, "(..., L - 1, 4C)")
+        if coeffs.shape[-1] % 4:
+            raise ValueError(f"coeffs must have shape (..., L - 1, 4C); got {tuple(coeffs.shape)}")
         self._set_grid(coeffs, torch.cat([coeffs, coeffs[:, -1:]], dim=1), t)  # L - 1 pieces, L knots
         self._a, self._b, self._two_c, self._three_d = coeffs.chunk(4, dim=-1)
 
-    def evaluate(self, t: Tensor | float) -> Tensor:
+    def _evaluate(self, t: Tensor | float) -> Tensor:
         index, s = self._locate(t)
         inner = 0.5 * self._rows(self._two_c, index) + self._rows(self._three_d, index) * s / 3
         inner = self._rows(self._b, index) + inner * s
         return self._rows(self._a, index) + inner * s
 
-    def derivative(self, t: Tensor | float) -> Tensor:
+    def _derivative(self, t: Tensor | float) -> Tensor:
         index, s = self._locate(t)
         inner = self._rows(self._two_c, index) + self._rows(self._three_d, index) * s
         return self._held(self._rows(self._b, index) + inner * s, t)
