@@ -198,3 +198,16 @@ def torchsde_brownian(tree: deb.VirtualBrownianTree, levy_area: bool = False):
         levy_area_approximation = property(lambda self: "space-time" if levy_area else "none")
 
     return TreeBrownian()
+
+
+def sine_exact(t: torch.Tensor) -> torch.Tensor:
+    """torchdiffeq's ``SineODE`` (tests/problems.py there): the exact solution of
+    ``y' = 2y/t + t^4 sin(2t) - t^2 + 4t^3`` with ``y(0.5)`` on it."""
+    return (
+        -0.5 * t**4 * torch.cos(2 * t)
+        + 0.5 * t**3 * torch.sin(2 * t)
+        + 0.25 * t**2 * torch.cos(2 * t)
+        - t**3
+        + 2 * t**4
+        + (math.pi - 0.25) * t**2
+    )

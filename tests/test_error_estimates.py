@@ -98,6 +98,8 @@ CASES = [
     ("gbm", linear, deb.SPaRK),
     ("wave", wave, deb.SOSRI),
     ("additive", additive_system, deb.ShARK),
+    ("additive", additive_system, deb.SRA4),
+    ("additive", additive_system, deb.SRA5),
     ("additive", additive_system, deb.SOSRA),
 ]
 

@@ -29,7 +29,7 @@ import math
 
 import pytest
 import torch
-from problems import fitted_order
+from problems import fitted_order, sine_exact
 
 import diffeqbridge as deb
 
@@ -209,7 +209,7 @@ def test_torchdiffeq_gradients_with_respect_to_times(reverse):
 
     # closed form: y(t) = Y(t) + (t/t0)^2 (y0 - Y(t0)), Y the exact solution above
     t0 = times[0]
-    ys = _sine_exact(times) + (times / t0) ** 2 * (y0[0, 0] - _sine_exact(t0))
+    ys = sine_exact(times) + (times / t0) ** 2 * (y0[0, 0] - sine_exact(t0))
     dy_dt0 = -((times / t0) ** 2) * field(t0, y0[0, 0])
     ref_t = weights * field(times, ys)
     ref_t[0] = ref_t[0] + (weights * dy_dt0).sum()
@@ -229,15 +229,6 @@ def test_torchdiffeq_gradients_with_respect_to_times(reverse):
 
 
 # ----------------------------------------------------------------- torchdiffeq: odeint_event
-def _sine_exact(t: torch.Tensor) -> torch.Tensor:
-    return (
-        -0.5 * t**4 * torch.cos(2 * t)
-        + 0.5 * t**3 * torch.sin(2 * t)
-        + 0.25 * t**2 * torch.cos(2 * t)
-        - t**3
-        + 2 * t**4
-        + (math.pi - 0.25) * t**2
-    )
 
 
 def _sine_field(t, y):
@@ -258,7 +249,7 @@ def test_torchdiffeq_event_at_third_save_time(name, dtype, ode, reverse):
     default tolerances)."""
     ts = torch.linspace(*_span(reverse), 10, dtype=F64)
     if ode == "sine":
-        exact, field = _sine_exact(ts), _sine_field
+        exact, field = sine_exact(ts), _sine_field
     else:
         exact = A_CONST * ts + B_CONST
 
@@ -586,7 +577,7 @@ def test_torchode_per_sample_time_spans_by_rescaling():
     torchode's test, and agreement with torchode itself at the same tolerances."""
     t_eval = torch.tensor(TORCHODE_T_EVAL, dtype=F64)
     t0, t1 = t_eval[:, 0], t_eval[:, -1]
-    y0 = _sine_exact(t0)[:, None]
+    y0 = sine_exact(t0)[:, None]
 
     def rescaled(s, y):
         return (t1 - t0)[:, None] * _torchode_sine(t0 + s * (t1 - t0), y)
@@ -594,7 +585,7 @@ def test_torchode_per_sample_time_spans_by_rescaling():
     sol = deb.solve(deb.ODEProblem(rescaled, y0, (0.0, 1.0)), deb.Tsit5(), rtol=1e-7, atol=1e-7, dense=True)
     s_eval = ((t_eval - t0[:, None]) / (t1 - t0)[:, None]).T  # (T, B)
     ys = sol.evaluate(s_eval)[..., 0].T  # (B, T)
-    exact = _sine_exact(t_eval)
+    exact = sine_exact(t_eval)
     assert float(((ys - exact) / exact).abs().max()) < 1e-5
     torchode = pytest.importorskip("torchode")
     peer = torchode.solve_ivp(_torchode_sine, y0, t_eval)

@@ -17,7 +17,7 @@ import math
 
 import pytest
 import torch
-from problems import fitted_order
+from problems import fitted_order, sine_exact
 
 import diffeqbridge as deb
 
@@ -27,15 +27,6 @@ SENSE_IDS = ["default", "backsolve", "interpolating"]
 
 
 # ----------------------------------------------------------------------------- torchdiffeq
-def _sine_exact(t: torch.Tensor) -> torch.Tensor:
-    return (
-        -0.5 * t**4 * torch.cos(2 * t)
-        + 0.5 * t**3 * torch.sin(2 * t)
-        + 0.25 * t**2 * torch.cos(2 * t)
-        - t**3
-        + 2 * t**4
-        + (math.pi - 0.25) * t**2
-    )
 
 
 @pytest.mark.parametrize("alg", [deb.Tsit5(), deb.Dopri5(), deb.Rodas4(), None], ids=["Tsit5", "Dopri5", "Rodas4", "auto"])
@@ -47,10 +38,10 @@ def test_torchdiffeq_sine_ode(alg, tspan):
     def f(t, y):
         return 2 * y / t[:, None] + (t**4 * torch.sin(2 * t) - t**2 + 4 * t**3)[:, None]
 
-    y0 = _sine_exact(ts[:1]).expand(3, 1).clone()
+    y0 = sine_exact(ts[:1]).expand(3, 1).clone()
     sol = deb.solve(deb.ODEProblem(f, y0, tspan), alg, saveat=ts, atol=1e-9, rtol=1e-9)
     assert sol.success
-    ref = _sine_exact(ts)[:, None, None]
+    ref = sine_exact(ts)[:, None, None]
     assert float(((sol.ys - ref) / ref).abs().max()) < 1e-7
 
 
