@@ -198,3 +198,14 @@ def torchsde_brownian(tree: deb.VirtualBrownianTree, levy_area: bool = False):
         levy_area_approximation = property(lambda self: "space-time" if levy_area else "none")
 
     return TreeBrownian()
+
+
+class Counting:
+    """A vector field (drift, diffusion or ``jac(t, y)``) that counts its Python calls."""
+
+    def __init__(self, fn: Callable[[Tensor, Tensor], Tensor]):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, t: Tensor, y: Tensor) -> Tensor:
+        self.calls += 1
+        return self.fn(t, y)

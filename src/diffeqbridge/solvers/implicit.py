@@ -114,15 +114,16 @@ class _DriftImplicit(AbstractSolver):
 
     def _implicit(
         self, terms: Terms, t: Tensor, y: Tensor, dt: Tensor, f0: Tensor, increment: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor | None, tuple[Tensor, Tensor] | None, int]:
-        """Solve for ``y1``; returns ``(y1, converged, J or None, LU of I - θ dt J or None, nf)``."""
+    ) -> tuple[Tensor, Tensor, Tensor | None, tuple[Tensor, Tensor] | None, int, int]:
+        """Solve for ``y1``; returns ``(y1, converged, J or None, LU of I - θ dt J or None, nf,
+        njac)`` (drift calls and Jacobians built, the full Newton iterations' included)."""
         dt_b = expand_to(dt, y)
         base = y + (1 - self.theta) * dt_b * f0 + increment
         gh = self.theta * dt
         opts = self.newton
         J, nf = None, 0
         if self.theta == 0.0:
-            return base, torch.ones(y.shape[0], dtype=torch.bool, device=y.device), None, None, 0
+            return base, torch.ones(y.shape[0], dtype=torch.bool, device=y.device), None, None, 0, 0
         factors = None
         if opts.linsolve == "lu":
             J, nf = batched_jacobian(terms.drift, t, y, opts.jac)
@@ -131,7 +132,7 @@ class _DriftImplicit(AbstractSolver):
             terms.drift, t + dt, base, gh, base + expand_to(gh, y) * f0, opts, factors, tolerances=terms.tolerances
         )
         # E_d uses the Jacobian at (t, y), as StochasticDiffEq (J of the first Newton matrix)
-        return res.z, res.converged, J, factors, nf + res.nf
+        return res.z, res.converged, J, factors, nf + res.nf, (J is not None) + res.njac
 
     def _drift_error(
         self,
@@ -143,17 +144,19 @@ class _DriftImplicit(AbstractSolver):
         J: Tensor | None,
         factors: tuple[Tensor, Tensor] | None,
     ) -> tuple[Tensor, int]:
-        """``(E_d, drift evaluations)``: ``dt² J f0 / 2``, filtered when ``smooth_est``."""
+        """``(E_d, drift calls)``: ``dt² J f0 / 2``, filtered when ``smooth_est``."""
         dt_b = expand_to(dt, y)
         if J is not None:
-            jf = _matvec(J, f0)
-        else:  # matrix-free: J f0 by one JVP
+            jf, calls = _matvec(J, f0), 0
+        else:  # matrix-free: J f0 by one JVP (one traced drift call)
             _, jf = torch.func.jvp(lambda x: terms.drift(t, x), (y.detach(),), (f0.detach(),))
+            calls = 1
         error = dt_b * dt_b * jf / 2
         if not self.smooth_est or self.theta == 0.0:
-            return error, 0
+            return error, calls
         gh = expand_to(self.theta * dt, y).to(y.dtype)
-        return shampine_filter(error, factors, terms.drift, t, y, gh, self.newton.krylov_dim)
+        filtered, filter_calls = shampine_filter(error, factors, terms.drift, t, y, gh, self.newton.krylov_dim)
+        return filtered, calls + filter_calls
 
     def __repr__(self) -> str:
         smooth = ", smooth_est=True" if self.smooth_est else ""
@@ -179,10 +182,10 @@ class ImplicitEM(_DriftImplicit):
         diff0 = terms.diffusion(t, y)
         noise = terms.g_dw(diff0, dw)
         if self.split_step:
-            y_star, converged, J, factors, nf = self._implicit(terms, t, y, dt, drift0, torch.zeros_like(y))
+            y_star, converged, J, factors, nf, njac = self._implicit(terms, t, y, dt, drift0, torch.zeros_like(y))
             y1 = y_star + noise
         else:
-            y1, converged, J, factors, nf = self._implicit(terms, t, y, dt, drift0, noise)
+            y1, converged, J, factors, nf, njac = self._implicit(terms, t, y, dt, drift0, noise)
         euler = y + drift0 * expand_to(dt, y)
         noise_error = _lamba_noise_error(terms, t, euler, y, dt, diff0, dw, ito=True)
         drift_error, nf_error = self._drift_error(terms, t, y, dt, drift0, J, factors)
@@ -194,7 +197,7 @@ class ImplicitEM(_DriftImplicit):
             ng=2,
             converged=converged,
             stiffness=None if J is None else jacobian_inf_norm(J),
-            njac=None if J is None else 1,
+            njac=None if J is None else njac,
         )
 
 
@@ -231,7 +234,7 @@ class ImplicitRKMil(_DriftImplicit):
             ggprime = (terms.diffusion(t, y + half) - terms.diffusion(t, y - half)) / sqrt_dt
             squares = dw_state * dw_state
         increment = diff0 * dw_state + ggprime * squares / 2
-        y1, converged, J, factors, nf = self._implicit(terms, t, y, dt, drift0, increment)
+        y1, converged, J, factors, nf, njac = self._implicit(terms, t, y, dt, drift0, increment)
         noise_error = (dw_state * dw_state * dw_state).abs() * ggprime * ggprime / 6
         drift_error, nf_error = self._drift_error(terms, t, y, dt, drift0, J, factors)
         error = self.delta * drift_error + noise_error
@@ -242,7 +245,7 @@ class ImplicitRKMil(_DriftImplicit):
             ng=2 if terms.interpretation == "ito" else 3,
             converged=converged,
             stiffness=None if J is None else jacobian_inf_norm(J),
-            njac=None if J is None else 1,
+            njac=None if J is None else njac,
         )
 
 

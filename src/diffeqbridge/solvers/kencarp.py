@@ -191,19 +191,19 @@ class SKenCarp(AbstractSolver):
         z1 = dt_y * drift(t, y)
         nf = 1
 
-        factors, J = None, None
+        factors, J, njac = None, None, 0
         if opts.linsolve == "lu":
             J, nj = batched_jacobian(drift, t, y, opts.jac)
             factors = lu_factor(newton_matrix(J, gh))
-            nf += nj
+            nf, njac = nf + nj, 1
 
         converged = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
 
         def stage(base: Tensor, c: float, z_guess: Tensor) -> Tensor:
-            nonlocal converged, nf
+            nonlocal converged, nf, njac
             res = newton_stage(drift, t + c * dt, base, gh, base + GAMMA * z_guess, opts, factors, tolerances=terms.tolerances)
             converged = converged & res.converged
-            nf += res.nf
+            nf, njac = nf + res.nf, njac + res.njac
             return res.z
 
         base2 = y + GAMMA * z1 + NB021 * g1chi
@@ -238,7 +238,7 @@ class SKenCarp(AbstractSolver):
             ng=2,
             converged=converged,
             stiffness=None if J is None else jacobian_inf_norm(J),
-            njac=None if J is None else 1,
+            njac=None if J is None else njac,
         )
 
     def __repr__(self) -> str:
