@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from problems import Counting
 
 import diffeqbridge as deb
 from diffeqbridge.nonlinear import NewtonOptions
-from problems import Counting
 
 F64 = torch.float64
 RATES = torch.tensor([3.0, 500.0], dtype=F64)  # stiff ratio 500/3: several Newton iterations
@@ -60,7 +60,7 @@ def _sde(noise: str, interpretation: str = "ito", batch: int = 1):
     else:
         diffusion = Counting(lambda t, y: 0.3 * y + 0.1)
     y0 = torch.tensor([[1.0, 0.5]], dtype=F64).expand(batch, 2).clone()
-    prob = deb.SDEProblem(drift, diffusion, y0, (0.0, 1.0), noise=noise, interpretation=interpretation)
+    prob = deb.SDEProblem(drift, diffusion, y0, (0.0, 0.3), noise=noise, interpretation=interpretation)
     return drift, diffusion, prob
 
 
@@ -76,8 +76,13 @@ SDE_SOLVERS = {
     "SKenCarp": (lambda: deb.SKenCarp(), "additive", "ito"),
     "SKenCarp-fd": (lambda: deb.SKenCarp(jac="fd"), "additive", "ito"),
     "SKenCarp-krylov": (lambda: deb.SKenCarp(linsolve="krylov"), "additive", "ito"),
-    "AutoSOSRI": (lambda: deb.AutoSOSRI(), "diagonal", "ito"),
-    "AutoSwitch(SOSRI,ImplicitEM)": (lambda: deb.AutoSwitch(deb.SOSRI(), deb.ImplicitEM()), "diagonal", "ito"),
+    # switching early enough that the stiff method runs within tspan
+    "AutoSOSRI": (lambda: deb.AutoSOSRI(maxstiffstep=3), "diagonal", "ito"),
+    "AutoSwitch(SOSRI,ImplicitEM)": (
+        lambda: deb.AutoSwitch(deb.SOSRI(), deb.ImplicitEM(), maxstiffstep=3, nonstifftol=0.1, stifftol=0.1),
+        "diagonal",
+        "ito",
+    ),
     "default-additive": (lambda: None, "additive", "ito"),
     "default-diagonal": (lambda: None, "diagonal", "ito"),
 }
@@ -87,9 +92,11 @@ SDE_SOLVERS = {
 def test_sde_nf_ng_are_every_drift_and_diffusion_call(name):
     make, noise, interpretation = SDE_SOLVERS[name]
     drift, diffusion, prob = _sde(noise, interpretation)
-    sol = deb.solve(prob, make(), seed=1, atol=1e-3, rtol=1e-3)
+    sol = deb.solve(prob, make(), seed=1, atol=1e-2, rtol=1e-2)
     assert sol.success
     assert sol.stats.nf.tolist() == [drift.calls] and sol.stats.ng.tolist() == [diffusion.calls]
+    if name.startswith("Auto"):  # the stiff method ran (its Jacobians are counted)
+        assert int(sol.stats.extra["njac"][0]) >= 1
 
 
 JAC_SOLVERS = {
@@ -115,7 +122,7 @@ def test_njac_is_every_jacobian_built(name):
     solver = JAC_SOLVERS[name](jac)
     if solver.is_sde:
         drift, diffusion, prob = _sde("additive" if name == "SKenCarp" else "diagonal")
-        kwargs = {"seed": 1, "atol": 1e-3, "rtol": 1e-3}
+        kwargs = {"seed": 1, "atol": 1e-2, "rtol": 1e-2}
     else:
         drift = Counting(_drift)
         prob, kwargs = deb.ODEProblem(drift, torch.tensor([[1.0, 0.5]], dtype=F64), (0.0, 1.0)), {}
@@ -138,7 +145,7 @@ def test_batched_counts_attribute_each_call_to_every_active_sample(name):
     calls made while it was active, so the sample active longest counts every call."""
     make, noise, interpretation = SDE_SOLVERS[name]
     drift, diffusion, prob = _sde(noise, interpretation, batch=4)
-    sol = deb.solve(prob, make(), seed=3, atol=1e-3, rtol=1e-3)
+    sol = deb.solve(prob, make(), seed=3, atol=1e-2, rtol=1e-2)
     assert sol.success and int(sol.stats.nsteps.min()) < int(sol.stats.nsteps.max())
     longest = int(sol.stats.nsteps.argmax())
     assert int(sol.stats.nf[longest]) == drift.calls and int(sol.stats.ng[longest]) == diffusion.calls

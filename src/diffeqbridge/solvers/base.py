@@ -141,8 +141,8 @@ class AbstractSolver:
     #: step's end (:func:`carried_diffusion_init`; ShARK, the SRA family); a composite keeps it
     #: per sample for such a partner (:class:`~diffeqbridge.AutoSwitch`)
     carries_diffusion: ClassVar[bool] = False
-    #: ``StepOutput.nf``/``ng`` are per-sample counts of the method each sample used (composites):
-    #: the engine does not hand them the start-up values (it could not tell whose they saved)
+    #: ``StepOutput.nf``/``ng`` sum the methods that ran (composites): the engine does not hand
+    #: them the start-up values (it could not tell which method's evaluation they saved)
     per_sample_counts: ClassVar[bool] = False
     stability_size: ClassVar[float | None] = None
 
