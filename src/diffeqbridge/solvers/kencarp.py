@@ -135,7 +135,9 @@ class SKenCarp(AbstractSolver):
     """Implicit (ESDIRK drift) SRA method of StochasticDiffEq.jl for additive noise: strong
     order 1.5, weak 2.0, Itô or Stratonovich (identical for additive noise), adaptive.
     Per step: 1 explicit + Newton drift evaluations, 2 diffusion evaluations, one Jacobian
-    (``linsolve="krylov"``: JVPs instead, plus ``krylov_dim`` for the embedded estimate's filter)."""
+    at ``(t, y)`` and one per further full Newton iteration (each one drift call with
+    ``"autodiff"``; ``linsolve="krylov"``: JVPs instead, plus ``min(krylov_dim, n)`` for the
+    embedded estimate's filter)."""
 
     strong_order = 1.5
     weak_order = 2.0
