@@ -71,6 +71,7 @@ def methods_for(noise: str, quick: bool, size: str) -> list[tuple[str, str, bool
     if noise == "additive":
         ours += [("ours", "ShARK", False), ("ours", "ShARK", True), ("ours", "SRA3", False), ("ours", "SRA3", True)]
         ours += [("ours", "SRA4", False), ("ours", "SRA4", True)]
+        ours += [("ours", "SRA5", False), ("ours", "SRA5", True)]
         ours += [("ours", "SRA1", True), ("ours", "SOSRA", True)]
     else:
         ours += [("ours", "SRIW1", False), ("ours", "SRIW1", True), ("ours", "SOSRI", True)]

@@ -13,11 +13,13 @@ what differs is in docs/diffusion_samplers.md ("Agreement with k-diffusion and d
   entry of ``sigmas``: we pass our grid without k-diffusion's trailing zero (the peer's final
   denoising step is tested separately, against EDM's ``denoise_to_zero``).
 * diffusers' schedulers hold their tables in float32 and cast the state to float32 in
-  ``step``.  ``_float64_diffusers`` runs them in float64 instead (the scheduler module's
-  ``torch.float32`` is swapped for ``torch.float64`` and the sigmas are recomputed from the
-  float64 ``alphas_cumprod``): the arithmetic is theirs, only the precision changes.  The
-  discrete DDPM schedule maps to ``dd.DiscreteVPSDE`` with DDPM step ``k`` at
-  ``t = (k + 1) / N``; ``N = 1001`` makes diffusers' integer timesteps fall on our uniform grids.
+  ``step``.  The ``diffusers`` fixture runs them in float64 instead (the scheduler module's
+  ``torch.float32`` and ``np.float32`` are swapped for float64): the arithmetic is theirs, only
+  the precision changes (``test_diffusers_as_shipped_agree_to_float32_rounding`` checks the
+  float32 originals).  The discrete DDPM schedule maps to ``dd.DiscreteVPSDE`` with DDPM step
+  ``k`` at ``t = (k + 1) / N``; ``N = 1001`` makes diffusers' "linspace" integer timesteps fall on
+  our uniform grids (``N = 1000`` for the "trailing" DDIM/DDPM grids).  Where a scheduler's own
+  grid cannot be ours, ``_diffusers_on_grid`` replaces its ``sigmas`` by our grid's.
 
 Peers are optional: k-diffusion (``pip install --no-deps k-diffusion``; only
 ``k_diffusion/sampling.py`` is loaded, see ``_k_diffusion_sampling``) and diffusers.
@@ -25,10 +27,12 @@ Peers are optional: k-diffusion (``pip install --no-deps k-diffusion``; only
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import sys
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -44,7 +48,7 @@ from diffeqbridge.diffusion.edm import karras_sigmas
 # algorithm_type="dpmsolver": neither changes a number
 pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:`algorithm_types dpmsolver:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:`algorithm_types[ =]dpmsolver:FutureWarning"),
 ]
 
 SIGMA_MIN, SIGMA_MAX = 0.02, 80.0
@@ -88,6 +92,17 @@ def _k_diffusion_sampling() -> Any:
 @pytest.fixture(scope="module")
 def ks() -> Any:
     return _k_diffusion_sampling()
+
+
+@contextlib.contextmanager
+def _float64_default() -> Iterator[None]:
+    """k-diffusion builds its grids with ``torch.linspace``/``torch.tensor`` in the default dtype."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -143,6 +158,17 @@ def _noise(shape: tuple[int, ...], stream: int, seed: int = 0) -> torch.Tensor:
     return dd.per_sample_normal(shape, seed, stream)
 
 
+class _Counted:
+    """A model wrapper counting its calls (each call evaluates the whole batch)."""
+
+    def __init__(self, fn: Any):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
 class _NoiseFeed:
     """k-diffusion's ``noise_sampler(sigma, sigma_next)``: our draw of step ``i`` at the ``i``-th call."""
 
@@ -157,12 +183,9 @@ class _NoiseFeed:
 
 # ----------------------------------------------------------------------------- k-diffusion: grids
 def test_karras_and_exponential_grids_match_k_diffusion(ks, ve):
-    torch.set_default_dtype(torch.float64)
-    try:
+    with _float64_default():
         kar = ks.get_sigmas_karras(12, SIGMA_MIN, SIGMA_MAX, rho=7.0)
         exp = ks.get_sigmas_exponential(11, SIGMA_MIN, SIGMA_MAX)
-    finally:
-        torch.set_default_dtype(torch.float32)
     assert _rel(karras_sigmas(12, SIGMA_MIN, SIGMA_MAX, 7.0), kar[:-1]) < 1e-14
     # DPM-Solver's logSNR grid on the VE process is k-diffusion's exponential grid
     sol = dd.sample(ve.model, ve.sde, ve.x_T, method="dpm_solver", steps=10, order=1, t_end=ve.t_end, save_trajectory=True)
@@ -196,19 +219,18 @@ def test_k_diffusion_deterministic_samplers_match(ks, ve, name):
     sig = ve.sigmas(sol)
     if name in ("sample_dpmpp_2s_ancestral", "sample_dpmpp_sde"):
         k_opts = {**k_opts, "noise_sampler": lambda *_: torch.zeros_like(ve.x_T)}
-    theirs = getattr(ks, name)(ve.denoiser, ve.x_T.clone(), sig, disable=True, **k_opts)
+    denoiser = _Counted(ve.denoiser)
+    theirs = getattr(ks, name)(denoiser, ve.x_T.clone(), sig, disable=True, **k_opts)
     assert _rel(sol.ys[-1], theirs) < MATCH
+    assert bool((sol.stats.nf == denoiser.calls).all())  # the same model evaluations per sample
 
 
 def test_k_diffusion_dpmpp_2m_and_euler_match_on_the_karras_grid(ks, karras):
     """On ``sigma = t^7`` our uniform-time grid is ``get_sigmas_karras``: the popular "DPM++ 2M Karras"."""
     for name, ours in (("sample_dpmpp_2m", K_DETERMINISTIC["sample_dpmpp_2m"][1]), ("sample_euler", {**DPM, "order": 1})):
         sol = _ours(karras, 12, skip_type="time_uniform", **ours)
-        torch.set_default_dtype(torch.float64)
-        try:
+        with _float64_default():
             grid = ks.get_sigmas_karras(13, SIGMA_MIN, SIGMA_MAX, rho=7.0)[:-1]
-        finally:
-            torch.set_default_dtype(torch.float32)
         assert _rel(karras.sigmas(sol), grid) < 1e-13
         theirs = getattr(ks, name)(karras.denoiser, karras.x_T.clone(), grid, disable=True)
         assert _rel(sol.ys[-1], theirs) < MATCH, name
@@ -229,10 +251,10 @@ def test_k_diffusion_heun_matches_edm(ks, ve, monkeypatch, denoise_to_zero, chur
         sig = torch.cat([sig, sig.new_zeros(1)])
     feed = _NoiseFeed(tuple(ve.x_T.shape), STREAMS["churn"], seed=7)
     monkeypatch.setattr(torch, "randn_like", lambda x, **_: feed())
-    theirs = ks.sample_heun(
-        ve.denoiser, ve.x_T.clone(), sig, disable=True, s_churn=churn, s_tmin=0.05, s_tmax=50.0, s_noise=1.003
-    )
+    denoiser = _Counted(ve.denoiser)
+    theirs = ks.sample_heun(denoiser, ve.x_T.clone(), sig, disable=True, s_churn=churn, s_tmin=0.05, s_tmax=50.0, s_noise=1.003)
     assert _rel(sol.ys[-1], theirs) < MATCH
+    assert bool((sol.stats.nf == denoiser.calls).all())
 
 
 @pytest.mark.parametrize("order", [1, 2])
@@ -290,11 +312,8 @@ def test_k_diffusion_matches_on_vp_processes(ks, monkeypatch, process, name):
     theirs = getattr(ks, name)(denoiser, x_T / alpha[0], sig, disable=True, **kw)
     assert _rel(sol.ys[-1] / alpha[-1], theirs) < MATCH
     if process == "vp" and name == "sample_dpmpp_2m":
-        torch.set_default_dtype(torch.float64)
-        try:
+        with _float64_default():
             vp_grid = ks.get_sigmas_vp(13, beta_d=sde.beta_max - sde.beta_min, beta_min=sde.beta_min, eps_s=t_end)
-        finally:
-            torch.set_default_dtype(torch.float32)
         assert _rel(sig, vp_grid[:-1]) < 1e-12
 
 
@@ -303,11 +322,8 @@ def test_k_diffusion_dpm_fast_matches_dpm_solver_3(ks, ve, nfe):
     """``sample_dpm_fast`` is DPM-Solver-3 (singlestep, noise prediction) on the uniform-lambda grid with
     the reference code's order split (``[3, ..., 3, 2, 1]``, ``[3, ..., 3, 1]``, ``[3, ..., 3, 2]``)."""
     ours = _ours(ve, nfe, order=3, algorithm="dpmsolver", variant="singlestep", lower_order_final=True)
-    torch.set_default_dtype(torch.float64)  # it builds its end points with torch.tensor(sigma)
-    try:
+    with _float64_default():  # it builds its end points with torch.tensor(sigma)
         theirs = ks.sample_dpm_fast(ve.denoiser, ve.x_T.clone(), SIGMA_MIN, SIGMA_MAX, nfe, disable=True)
-    finally:
-        torch.set_default_dtype(torch.float32)
     assert int(ours.stats.nf[0]) == nfe
     assert _rel(ours.ys[-1], theirs) < MATCH
 
@@ -417,6 +433,40 @@ def test_diffusers_dpm_solver_multistep_matches(diffusers, algorithm, order, ste
     assert _rel(ours, theirs) < MATCH
 
 
+@pytest.mark.parametrize("algorithm", ["dpmsolver++", "dpmsolver"])
+@pytest.mark.parametrize(("parameterization", "prediction_type"), [("x0", "sample"), ("v", "v_prediction")])
+def test_diffusers_prediction_types_match_our_parameterizations(diffusers, algorithm, parameterization, prediction_type):
+    """The same exact model as an x0- or v-prediction (``v = alpha eps - sigma x0``) through diffusers'
+    ``prediction_type`` and through our ``parameterization``: the same samples."""
+    p = DDPMProblem(1001)
+    model = _mixture().score_model(p.sde, parameterization)
+    config = {"algorithm_type": algorithm, "prediction_type": prediction_type, "final_sigmas_type": "sigma_min"}
+    sched = diffusers("DPMSolverMultistepScheduler", p, **config)
+    _set_timesteps(sched, 10)
+    x = p.x_T.clone()
+    for t in sched.timesteps:
+        x = sched.step(model(x, p.time(t)), t, x).prev_sample
+    kw = {"method": "dpm_solver", "skip_type": "time_uniform", "algorithm": algorithm, "order": 2}
+    ours = dd.sample(model, p.sde, p.x_T, parameterization=parameterization, steps=10, t_end=1.0 / p.N, **kw).ys[-1]
+    assert _rel(ours, x) < MATCH
+
+
+def test_diffusers_as_shipped_agree_to_float32_rounding():
+    """Without the float64 swap diffusers' ``DPMSolverMultistepScheduler`` (float32 tables, float32
+    state in ``step``) agrees with ours to float32 rounding: 4e-7 - 3e-6 relative."""
+    lib = pytest.importorskip("diffusers")
+    p = DDPMProblem(1001)
+    for order, steps in ((1, 10), (2, 10), (2, 20)):
+        sched = lib.DPMSolverMultistepScheduler(
+            num_train_timesteps=p.N, trained_betas=p.betas.numpy(), solver_order=order, final_sigmas_type="sigma_min"
+        )
+        sched.set_timesteps(steps)
+        assert sched.sigmas.dtype == torch.float32
+        ours = _ours_ddpm(p, steps, 1.0 / p.N, order=order, lower_order_final=steps < 15)
+        err = _rel(ours, _drive(p, sched, p.x_T.clone()))
+        assert 1e-8 < err < 1e-5, (order, steps, err)
+
+
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_diffusers_ddim_and_ddpm_match(diffusers, monkeypatch, eta):
     """``DDIMScheduler`` (``"trailing"``, ``set_alpha_to_one``) is DPM-Solver-1 on the uniform grid
@@ -469,39 +519,134 @@ def test_diffusers_euler_and_heun_match(diffusers):
     assert _rel(ours, theirs) < MATCH
 
 
+def test_diffusers_euler_ancestral_matches_sde_dpm_solver(diffusers, monkeypatch):
+    """``EulerAncestralDiscreteScheduler`` is SDE-DPM-Solver++(1) on the uniform grid plus its last step to
+    ``sigma = 0`` (``sigma_up = 0`` there: the denoiser).  Its draw of step ``i`` is ours; the last
+    one is multiplied by zero."""
+    p = DDPMProblem(1001)
+    steps = 10
+    sched = diffusers("EulerAncestralDiscreteScheduler", p)
+    _set_timesteps(sched, steps + 1)
+    shape = tuple(p.x_T.shape)
+    draws = iter([_noise(shape, STREAMS["sampler"] + i, seed=5) for i in range(steps)] + [torch.zeros(shape)])
+    monkeypatch.setattr(sys.modules[type(sched).__module__], "randn_tensor", lambda *a, **k: next(draws))
+    theirs = _drive(p, sched, p.x_T * math.sqrt(1.0 + float(sched.sigmas[0]) ** 2), scaled=True)
+    ours = p.denoise(_ours_ddpm(p, steps, 1.0 / p.N, algorithm="sde-dpmsolver++", order=1, seed=5), 1.0 / p.N)
+    assert _rel(ours, theirs) < MATCH
+
+
 # ----------------------------------------------------------------------------- where the definitions differ
-def test_third_order_multistep_peers_are_second_order(ks, ve, diffusers):
+@pytest.fixture(scope="module")
+def ve_flow(ve) -> torch.Tensor:
+    """The probability-flow solution at ``t_end`` on the VE problem: DPM-Solver-3, 3000 NFE (error ~1e-8)."""
+    return _ours(ve, 3000, order=3, algorithm="dpmsolver", variant="singlestep", lower_order_final=False).ys[-1]
+
+
+def _diffusers_on_grid(sched: Any, p: SigmaProblem, sol: Any) -> torch.Tensor:
+    """A ``DPMSolverMultistepScheduler``'s updates on our solution's grid (its ``sigmas`` replaced by
+    ours); its state is VP-scaled, ``x = x~ / sqrt(1 + sigma^2)``.  Returns ``x~`` at the grid's end."""
+    sig = p.sigmas(sol)
+    _set_timesteps(sched, len(sig) - 1)
+    sched.sigmas = sig.clone()
+    scale = torch.sqrt(1.0 + sig.square())
+    x = p.x_T / scale[0]
+    for i, t in enumerate(sched.timesteps):
+        eps = p.model(x * scale[i], sol.ts[i].double().expand(x.shape[0]))
+        x = sched.step(eps, t, x).prev_sample
+    return x * scale[-1]
+
+
+def test_third_order_multistep_peers_are_second_order(ks, ve, ve_flow, diffusers):
     """DPM-Solver++(3M) differs: ours adds ``2 phi2 D2`` for the ``h^2 f''`` term of the Taylor
     expansion (``D2 ~ h^2 f'' / 2``, ``phi2 = (h^2/2 - h - expm1(-h)) / h^2``: exact for quadratic
     ``x0(lambda)``); DPM-Solver's reference code, diffusers' ``DPMSolverMultistepScheduler(solver_order=3)``
     and k-diffusion's ``sample_dpmpp_3m_sde(eta=0)`` add ``phi2 D2``, half of it.  On the same uniform-
     lambda grid the two peers agree with each other to rounding (diffusers with ``solver_type="heun"``: its
-    second-order warm-up step is then k-diffusion's, ``phi1 D1``), and against the exact flow (a 3000-NFE
-    DPM-Solver-3 run) ours converges with slope 3 and theirs tends to 2."""
-    ref = _ours(ve, 3000, order=3, algorithm="dpmsolver", variant="singlestep", lower_order_final=False).ys[-1]
+    second-order warm-up step is then k-diffusion's, ``phi1 D1``), and against the exact flow ours
+    converges with slope 3 and theirs tends to 2."""
     ddpm = DDPMProblem(1001)
     ns, errs = [40, 80, 160, 320], {"ours": [], "k-diffusion": [], "diffusers": []}
     for n in ns:
         sol = _ours(ve, n, order=3, algorithm="dpmsolver++", variant="multistep", lower_order_final=False)
-        sig = ve.sigmas(sol)
         kd = ks.sample_dpmpp_3m_sde(
-            ve.denoiser, ve.x_T.clone(), sig, disable=True, eta=0.0, noise_sampler=lambda *_: torch.zeros_like(ve.x_T)
+            ve.denoiser, ve.x_T.clone(), ve.sigmas(sol), disable=True, eta=0.0, noise_sampler=lambda *_: torch.zeros_like(ve.x_T)
         )
         sched = diffusers("DPMSolverMultistepScheduler", ddpm, solver_order=3, final_sigmas_type="sigma_min", solver_type="heun")
-        _set_timesteps(sched, n)
-        sched.sigmas = sig.clone()  # their update on our grid; the state is VP-scaled: x = x~ / sqrt(1 + sigma^2)
-        scale = torch.sqrt(1.0 + sig.square())
-        x = ve.x_T / scale[0]
-        for i, t in enumerate(sched.timesteps):
-            eps = ve.model(x * scale[i], sol.ts[i].double().expand(x.shape[0]))
-            x = sched.step(eps, t, x).prev_sample
-        assert _rel(x * scale[-1], kd) < MATCH
-        for key, out in (("ours", sol.ys[-1]), ("k-diffusion", kd), ("diffusers", x * scale[-1])):
-            errs[key].append(float((out - ref).abs().max()))
+        theirs = _diffusers_on_grid(sched, ve, sol)
+        assert _rel(theirs, kd) < MATCH
+        for key, out in (("ours", sol.ys[-1]), ("k-diffusion", kd), ("diffusers", theirs)):
+            errs[key].append(float((out - ve_flow).abs().max()))
     slopes = {k: fitted_order([1.0 / n for n in ns], v) for k, v in errs.items()}
     assert slopes["ours"] > 2.7, (slopes, errs)
     assert slopes["k-diffusion"] < 2.5 and slopes["diffusers"] < 2.5, (slopes, errs)
     assert errs["ours"][-1] < 0.5 * errs["diffusers"][-1], errs
+
+
+def test_third_order_multistep_noise_prediction_differs_the_same_way(ve, ve_flow, diffusers):
+    """DPM-Solver(3M) (noise prediction): the same factor 2 on ``D2`` (``-sigma_t phi2 D2`` with
+    ``phi2 = (expm1(h) - h - h^2/2) / h^2`` in diffusers, twice that in ours): slope 3 against 2."""
+    ddpm = DDPMProblem(1001)
+    ns, errs = [80, 160, 320], {"ours": [], "diffusers": []}
+    for n in ns:
+        sol = _ours(ve, n, order=3, algorithm="dpmsolver", variant="multistep", lower_order_final=False)
+        config = {"algorithm_type": "dpmsolver", "solver_order": 3, "final_sigmas_type": "sigma_min"}
+        theirs = _diffusers_on_grid(diffusers("DPMSolverMultistepScheduler", ddpm, **config), ve, sol)
+        for key, out in (("ours", sol.ys[-1]), ("diffusers", theirs)):
+            errs[key].append(float((out - ve_flow).abs().max()))
+    slopes = {k: fitted_order([1.0 / n for n in ns], v) for k, v in errs.items()}
+    assert slopes["ours"] > 2.7 and slopes["diffusers"] < 2.4, (slopes, errs)
+    assert errs["ours"][-1] < 0.5 * errs["diffusers"][-1], errs
+
+
+def test_second_order_variants_converge_to_the_same_flow(ve, ve_flow, diffusers):
+    """Where the 2M definitions differ, both converge to the exact flow at order 2: diffusers' 2M at 15
+    steps or more does not lower its last order (ours with ``lower_order_final=True`` does, and equals
+    it with ``False``), and its ``solver_type="heun"`` weights ``D1`` by ``phi1`` instead of ``phi0/2``."""
+    ddpm = DDPMProblem(1001)
+    ns = [40, 80, 160, 320]
+    errs: dict[str, list[float]] = {"ours lower_order_final": [], "diffusers midpoint": [], "diffusers heun": []}
+    for n in ns:
+        lowered = _ours(ve, n, order=2, algorithm="dpmsolver++", variant="multistep", lower_order_final=True)
+        plain = _ours(ve, n, order=2, algorithm="dpmsolver++", variant="multistep", lower_order_final=False)
+        outs = {"ours lower_order_final": lowered.ys[-1]}
+        for solver_type in ("midpoint", "heun"):
+            sched = diffusers("DPMSolverMultistepScheduler", ddpm, final_sigmas_type="sigma_min", solver_type=solver_type)
+            outs[f"diffusers {solver_type}"] = _diffusers_on_grid(sched, ve, plain)
+        assert _rel(plain.ys[-1], outs["diffusers midpoint"]) < MATCH
+        for key, out in outs.items():
+            errs[key].append(float((out - ve_flow).abs().max()))
+    slopes = {k: fitted_order([1.0 / n for n in ns], v) for k, v in errs.items()}
+    assert all(1.7 < v < 2.3 for v in slopes.values()), (slopes, errs)
+    finest = [v[-1] for v in errs.values()]
+    assert max(finest) < 5 * min(finest), errs
+
+
+@pytest.mark.parametrize("algorithm", ["dpmsolver++", "dpmsolver"])
+def test_diffusers_singlestep_on_the_fine_grid(ve, ve_flow, diffusers, algorithm):
+    """``DPMSolverSinglestepScheduler`` takes its intermediate points from its grid: on the uniform-lambda
+    grid of ``order * m`` steps they are ours (``lambda_s + r h``).  Order 2 (midpoint) is then our
+    DPM-Solver(++)-2 singlestep to rounding.  Order 3 differs: diffusers reaches the point at ``2/3`` with
+    its order-2 midpoint update (``phi0 / 2`` weighting), DPM-Solver-3 (Lu et al. 2022, Alg. 2; ours)
+    with the ``phi1`` weighting; both converge to the flow, their errors within 1.6x of each other."""
+    ddpm = DDPMProblem(1001)
+    config = {"algorithm_type": algorithm, "lower_order_final": False, "final_sigmas_type": "sigma_min"}
+    kw = {"algorithm": algorithm, "lower_order_final": False}
+    m = 6
+    fine = _ours(ve, 2 * m, order=1, variant="multistep", **kw)
+    ours = _ours(ve, 2 * m, order=2, variant="singlestep", **kw)
+    theirs = _diffusers_on_grid(diffusers("DPMSolverSinglestepScheduler", ddpm, solver_order=2, **config), ve, fine)
+    assert _rel(ours.ys[-1], theirs) < MATCH
+    ms, errs = [20, 40, 80], {"ours": [], "diffusers": []}
+    for m in ms:
+        fine = _ours(ve, 3 * m, order=1, variant="multistep", **kw)
+        ours = _ours(ve, 3 * m, order=3, variant="singlestep", **kw)
+        theirs = _diffusers_on_grid(diffusers("DPMSolverSinglestepScheduler", ddpm, solver_order=3, **config), ve, fine)
+        assert _rel(ours.ys[-1], theirs) > 1e-6  # not the same method
+        for key, out in (("ours", ours.ys[-1]), ("diffusers", theirs)):
+            errs[key].append(float((out - ve_flow).abs().max()))
+    slopes = {k: fitted_order([1.0 / m for m in ms], v) for k, v in errs.items()}
+    assert all(v > 2.0 for v in slopes.values()), (slopes, errs)
+    assert 0.6 < errs["ours"][-1] / errs["diffusers"][-1] < 1.6, errs
 
 
 def test_diffusers_edm_euler_matches(diffusers, karras):

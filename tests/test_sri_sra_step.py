@@ -37,7 +37,7 @@ except ModuleNotFoundError:  # pragma: no cover
 
 from diffeqbridge.problem import SDEProblem, Terms
 from diffeqbridge.solvers.base import AbstractSolver
-from diffeqbridge.solvers.sra import SOSRA, SRA1, SRA3, SRA4
+from diffeqbridge.solvers.sra import SOSRA, SRA1, SRA3, SRA4, SRA5
 from diffeqbridge.solvers.sri import SOSRI, SRIW1
 
 DT = torch.float64
@@ -210,6 +210,7 @@ def test_additive_strong_order(cls):
         (SRA3, "scalar"),
         (SRA4, "additive"),
         (SRA4, "scalar"),
+        (SRA5, "additive"),
     ],
 )
 def test_integrated_brownian_motion_is_exact(cls, noise):
@@ -351,10 +352,12 @@ class _Counting:
         return self.fn(t, y)
 
 
-@pytest.mark.parametrize("cls,nf,ng", [(SRIW1, 2, 4), (SOSRI, 4, 4), (SRA1, 2, 2), (SOSRA, 3, 3), (SRA3, 3, 2), (SRA4, 4, 2)])
+@pytest.mark.parametrize(
+    "cls,nf,ng", [(SRIW1, 2, 4), (SOSRI, 4, 4), (SRA1, 2, 2), (SOSRA, 3, 3), (SRA3, 3, 2), (SRA4, 4, 2), (SRA5, 6, 2)]
+)
 def test_evaluation_counts(cls, nf, ng):
     f, g = _Counting(lambda t, y: -y), _Counting(lambda t, y: 0.3 * torch.ones_like(y))
-    noise = "additive" if cls in (SRA1, SOSRA, SRA3, SRA4) else "diagonal"
+    noise = "additive" if cls in (SRA1, SOSRA, SRA3, SRA4, SRA5) else "diagonal"
     prob = SDEProblem(f, g, torch.ones(5, 3, dtype=DT), noise=noise)
     b = 5
     out = cls().step(
@@ -373,7 +376,7 @@ def test_evaluation_counts(cls, nf, ng):
 @pytest.mark.parametrize("cls", [SRIW1, SOSRI, SRA1, SOSRA, SRA3, SRA4])
 def test_per_sample_dt_and_state_shape(cls):
     """Each sample uses its own t and dt; trailing state shapes (here 2x3) are supported."""
-    noise = "additive" if cls in (SRA1, SOSRA, SRA3, SRA4) else "diagonal"
+    noise = "additive" if cls in (SRA1, SOSRA, SRA3, SRA4, SRA5) else "diagonal"
 
     def f(t, y):
         return -y * (1 + t.reshape(-1, 1, 1))
@@ -423,7 +426,7 @@ def test_sri_scalar_noise_matches_diagonal_for_one_component():
 @pytest.mark.parametrize("cls", [SRIW1, SOSRI, SRA1, SOSRA, SRA3, SRA4])
 def test_differentiable(cls):
     """Pure torch: gradcheck through one step w.r.t. the state and a drift parameter."""
-    noise = "additive" if cls in (SRA1, SOSRA, SRA3, SRA4) else "diagonal"
+    noise = "additive" if cls in (SRA1, SOSRA, SRA3, SRA4, SRA5) else "diagonal"
     theta = torch.tensor(0.7, dtype=DT, requires_grad=True)
     b = 3
     gen = torch.Generator().manual_seed(4)

@@ -298,7 +298,7 @@ def initial_dt(
     solver: AbstractSolver,
     t0: Tensor,
     y0: Tensor,
-    f0: Tensor,
+    f0: Tensor | None,
     g0: Tensor | None,
     atol: Tolerance,
     rtol: Tolerance,
@@ -314,10 +314,12 @@ def initial_dt(
     method's ``controller_order``, at most ``span``; both can return absurdly small steps on
     stiff problems (the exponent is divided by the order), so the result is at least
     ``max(100 dtmin, 1e-10 min(span, 1))``.  ``t0``: ``(B,)``; ``f0``/``g0``: the fields at
-    ``(t0, y0)`` (``g0`` None for ODEs); ``direction``: ``-1.0`` when time runs backwards.
+    ``(t0, y0)`` (``g0`` None for ODEs; both may be None when ``dt`` is given); ``direction``:
+    ``-1.0`` when time runs backwards.
     """
     if dt is not None:
         return torch.full((y0.shape[0],), float(dt), dtype=torch.float64, device=y0.device), 0, 0
+    assert f0 is not None
     order = solver.controller_order
     if g0 is not None:
         assert terms.diffusion is not None

@@ -720,7 +720,7 @@ class Integrator:
         them, reused by the first step (:func:`_start_terms`) and by solvers carrying the
         diffusion (:meth:`solver_init`))."""
         batch, device, solver = y0.shape[0], y0.device, self.solver
-        self._start_values = None if start_values is None or solver.per_sample_counts else (y0, *start_values)
+        self._start_values = None if start_values is None else (y0, *start_values)
         t = self.save_times[:1].repeat(batch)  # dense strides (a compiled iteration guards on them)
         zeros = torch.zeros(batch, dtype=torch.long, device=device)
         ys = torch.full((self.n_save, *y0.shape), float("nan"), dtype=y0.dtype, device=device)
@@ -832,13 +832,16 @@ class Integrator:
     def _lockstep_applies(self, s: LoopState, stop_at: int | None, boundaries: list[float] | None, progress: bool) -> bool:
         """Whether :meth:`run` may take :meth:`_run_lockstep`: a fixed-step SDE solve on a grid
         shared by the batch with nothing that watches single iterations (no observer,
-        snapshots, ``stop_at``, progress bar, compaction or ``compile=True``), steps left, and
-        a tree that answers a grid in one query."""
+        snapshots, ``stop_at``, progress bar, compaction or ``compile=True``), steps left, a
+        tree that answers a grid in one query, and a solver that is not ``implicit`` (the loop
+        takes all its steps; a composite hands over at its stiff method's first step,
+        :meth:`AbstractSolver.implicit_next`)."""
         opts = self.options
         return (
             LOCKSTEP_FAST_PATH
             and self.grid is not None
             and self.controller is None
+            and not self.solver.implicit
             and self.observer is None
             and not (opts.compile or progress or boundaries or opts.compact > 0)
             and stop_at is None
@@ -855,9 +858,12 @@ class Integrator:
         results, ``ys`` and the final state (times, counters, retcodes, solver state) are
         those of the per-iteration loop bit for bit: every sample is active and every step is
         accepted there too.  A step that is not finite or passes ``sqrt(floatmax)`` (where the
-        loop stops the sample), too few ``max_steps``, or a solver reporting Newton failures or
-        Jacobians makes it return False with ``s`` untouched (the loop then runs); stiffness
-        reports (SRI, ShARK) are kept as the loop's ``_stats`` keeps them."""
+        loop stops the sample) or too few ``max_steps`` make it return False with ``s``
+        untouched (the loop then runs); a step reporting Newton flags or Jacobians (a
+        composite whose stiff method starts to run) makes it return False with the steps
+        before it in ``s`` (:meth:`_lockstep_commit`; the loop takes over from there, none
+        is taken twice); stiffness reports (SRI, ShARK) are kept as the loop's ``_stats``
+        keeps them.  Returns True when the solve is complete."""
         grid, solver, tree, every = self.grid, self.solver, self.tree, self.options.check_every
         assert grid is not None and tree is not None and s.stop_index is not None
         first, n, dtype = s.iteration, len(grid) - 1, s.y.dtype
@@ -883,6 +889,10 @@ class Integrator:
         for k, i in enumerate(range(first, n)):
             if i % every == 0:
                 state = solver.plan(state, everyone, every)
+            if solver.implicit_next(state):  # Newton flags: the loop takes this step
+                return self._lockstep_hand_over(
+                    s, first, k, peak, (w, j), (y, carry, state, eigen_last, eigen_max, saves, nf, ng)
+                )
             if levy:
                 assert j is not None
                 dw, levy_h = tree.increment_from(times[k], (w[k], j[k]), times[k + 1], (w[k + 1], j[k + 1]))
@@ -890,14 +900,16 @@ class Integrator:
             else:
                 assert dws is not None
                 dw, levy_h = dws[k], None
-            if k == 0 and start is not None and start[0] is y:
+            if k == 0 and start is not None and start[0] is y and solver.one_method(state):
                 t_k = times[k]  # one tensor object: _start_terms matches by identity
                 terms, hits = _start_terms(self.terms, t_k, y, start[1:])
                 out = _discount(call_step(solver, terms, t_k, y, steps[k], dw, levy_h, carry, state), hits)
             else:
                 out = call_step(solver, self.terms, times[k], y, steps[k], dw, levy_h, carry, state)
-            if out.converged is not None or out.njac is not None:
-                return False
+            if out.converged is not None or out.njac is not None:  # implicit_next said otherwise
+                return self._lockstep_hand_over(
+                    s, first, k, peak, (w, j), (y, carry, state, eigen_last, eigen_max, saves, nf, ng)
+                )
             if out.stiffness is not None:
                 eigen_last = out.stiffness.detach().to(torch.float64)
                 eigen_max = _running_max(eigen_max, eigen_last)
@@ -915,18 +927,47 @@ class Integrator:
                 saves.append((self.save_slots[i + 1], y))
         if peak is None or not bool(peak <= _SQRT_FLOATMAX[dtype]):  # non-finite or unstable: the loop decides
             return False
-        s.y, s.carry, s.solver_state, s.t, s.iteration = y, carry, state, times[-1], n
+        self._lockstep_commit(s, first, n - first, (w, j), (y, carry, state, eigen_last, eigen_max, saves, nf, ng))
+        s.retcodes = torch.full_like(s.retcodes, SUCCESS)
+        s.active = torch.zeros_like(s.active)
+        return True
+
+    def _lockstep_hand_over(
+        self,
+        s: LoopState,
+        first: int,
+        k: int,
+        peak: Tensor | None,
+        tree_values: tuple[Tensor, Tensor | None],
+        progress: tuple[Any, ...],
+    ) -> bool:
+        """False, for :meth:`run` to go on with the loop from the ``k`` lockstep steps taken
+        (:meth:`_lockstep_commit`), or from ``s`` untouched where none was or one was not
+        finite or passed ``sqrt(floatmax)`` (``peak``: their running ``max |y|``)."""
+        if k > 0 and peak is not None and bool(peak <= _SQRT_FLOATMAX[s.y.dtype]):
+            self._lockstep_commit(s, first, k, tree_values, progress)
+        return False
+
+    def _lockstep_commit(
+        self, s: LoopState, first: int, k: int, tree_values: tuple[Tensor, Tensor | None], progress: tuple[Any, ...]
+    ) -> None:
+        """Write ``k`` lockstep steps taken from iteration ``first`` into ``s`` as the loop would
+        have left it after them (every sample active, every step accepted): ``progress`` is
+        ``(y, carry, solver_state, eigen_last, eigen_max, saves, nf, ng)`` after those steps,
+        ``tree_values`` the grid's Brownian values ``(W, J)`` from ``grid[first]`` (``(T, B, N)``)."""
+        y, carry, state, eigen_last, eigen_max, saves, nf, ng = progress
+        w, j = tree_values
+        assert self.grid is not None and s.stop_index is not None
+        s.y, s.carry, s.solver_state, s.iteration = y, carry, state, first + k
+        s.t = torch.full_like(s.t, self.grid[first + k])
         self._start_values = None
-        s.tree_state = (w[-1], j[-1] if j is not None else None)
+        s.tree_state = (w[k], j[k] if j is not None else None)
         s.eigen_last, s.eigen_max = eigen_last, eigen_max
         for slot, value in saves:
             s.ys[slot, self.lanes] = value
         s.save_index = s.save_index + len(saves)
-        s.stop_index = s.stop_index + sum(1 for i in self._reached if i > first)
-        s.nf, s.ng, s.naccept = s.nf + nf, s.ng + ng, s.naccept + (n - first)
-        s.retcodes = torch.full_like(s.retcodes, SUCCESS)
-        s.active = torch.zeros_like(s.active)
-        return True
+        s.stop_index = s.stop_index + sum(1 for i in self._reached if first < i <= first + k)
+        s.nf, s.ng, s.naccept = s.nf + nf, s.ng + ng, s.naccept + k
 
     def compact_refusal(self) -> str | None:
         """Why ``solve(..., compact=f)`` cannot compact this run (None: it can).  Compaction
@@ -1071,7 +1112,7 @@ class Integrator:
         start = self._start_values
         if start is not None:  # the first iteration (compiled ones see None: no attribute write)
             self._start_values = None
-        if start is not None and start[0] is s.y:  # eager (compile=True too: never traced)
+        if start is not None and start[0] is s.y and solver.one_method(s.solver_state):  # eager (compile=True too: never traced)
             terms, reused = _start_terms(self.terms, s.t, s.y, start[1:])
             out, err, accepted = _iteration_core(solver, terms, s.t, s.y, *args)
             _discount(out, reused)

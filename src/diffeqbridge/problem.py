@@ -180,23 +180,22 @@ def expand_to(x: Tensor, like: Tensor) -> Tensor:
 
 
 def _field(
-    name: str, user: VectorField, out_shape: Callable[[Tensor], tuple[int, ...]], span: tuple[float, float]
+    name: str, user: VectorField, out_shape: Callable[[Tensor], tuple[int, ...]], span: tuple[float, float], what: str
 ) -> VectorField:
     """``user`` as the solvers call it: time reaches it in float64 whatever the state's dtype
     (a float32 state at ``t0 = 1e9`` must not see quantized time) and clamped to the span
     ``[lo, hi]`` (stage nodes outside ``[0, 1]``, e.g. SOSRI's ``c = 3.75``, would otherwise
     ask for times past ``tspan`` near its ends, where a user's model may be undefined), its
-    output is cast to the state's dtype (a float64 time promotes ``cos(t) * y``), and a shape
-    change after the check at ``t0`` is an error instead of a silent broadcast."""
+    output is cast to the state's dtype (a float64 time promotes ``cos(t) * y``), and a wrong
+    type, shape or dtype is an error (:func:`check_field_output`; ``what``: where the expected
+    shape comes from) instead of a silent broadcast, also where ``solve``'s start-up did not
+    evaluate the field at ``t0`` (the first step's call is then the first check)."""
     lo, hi = span
+    context = f" during the solve; expected {what}"
 
     def call(t: Tensor, y: Tensor) -> Tensor:
         out = user((t if t.dtype == torch.float64 else t.to(torch.float64)).clamp(lo, hi), y)
-        if out.shape != out_shape(y):
-            raise ValueError(
-                f"{name}(t, y) returned shape {tuple(out.shape)} during the solve; expected "
-                f"{out_shape(y)} (it had the right shape at t0)"
-            )
+        check_field_output(name, out, out_shape(y), y.dtype, context)
         return out if out.dtype == y.dtype else out.to(y.dtype)
 
     return call
@@ -215,11 +214,15 @@ class Terms:
         self.problem = problem
         user_diffusion = getattr(problem, "diffusion", None)
         span = (min(problem.tspan), max(problem.tspan))
-        self.drift: VectorField = _field("drift" if problem.is_sde else "f", problem.drift, lambda y: y.shape, span)
+        self.drift: VectorField = _field(
+            "drift" if problem.is_sde else "f", problem.drift, lambda y: y.shape, span, "the state's shape"
+        )
         noise_dim = getattr(problem, "noise_dim", None)
         extra: tuple[int, ...] = (int(noise_dim),) if problem.noise == "general" and noise_dim is not None else ()
         self.diffusion: VectorField | None = (
-            None if user_diffusion is None else _field("diffusion", user_diffusion, lambda y: (*y.shape, *extra), span)
+            None
+            if user_diffusion is None
+            else _field("diffusion", user_diffusion, lambda y: (*y.shape, *extra), span, f"noise={problem.noise!r}'s shape")
         )
         self.span: float = abs(float(problem.tspan[1]) - float(problem.tspan[0]))  # |t1 - t0|
         self.noise: str | None = problem.noise
@@ -269,23 +272,27 @@ def check_additive(problem: ODEProblem, t0: Tensor, g0: Tensor) -> int:
     return 1
 
 
-def check_field_shapes(problem: ODEProblem, f0: Tensor, g0: Tensor | None) -> None:
-    """Raise ValueError naming the function whose output has the wrong shape/dtype."""
+def check_field_output(name: str, out: Any, expected: tuple[int, ...], state: torch.dtype, context: str) -> None:
+    """TypeError/ValueError naming the field ``name`` (``"drift"``, ``"f"``, ``"diffusion"``)
+    when its output ``out`` is not a tensor of shape ``expected`` in the state's dtype
+    ``state`` (or its promotion with float64 time); ``context`` follows the returned shape in
+    the message (e.g. ``"; expected y0's shape"``, then the shape)."""
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{name}(t, y) must return a tensor; got {type(out).__name__}")
+    if out.shape != expected:
+        raise ValueError(f"{name}(t, y) returned shape {tuple(out.shape)}{context} {tuple(expected)}")
+    if out.dtype not in _output_dtypes(state):
+        raise ValueError(f"{name}(t, y) returned dtype {out.dtype}; expected the state's dtype {state}")
+
+
+def check_field_shapes(problem: ODEProblem, f0: Tensor | None, g0: Tensor | None) -> None:
+    """Raise TypeError/ValueError naming the function whose output at ``t0`` (``f0``/``g0``;
+    None: not evaluated by the start-up, checked at the first step's call instead) has the
+    wrong type, shape or dtype."""
     expected = tuple(problem.y0.shape)
-    name = "drift" if problem.is_sde else "f"
-    if not isinstance(f0, Tensor):
-        raise TypeError(f"{name}(t, y) must return a tensor; got {type(f0).__name__}")
-    if tuple(f0.shape) != expected:
-        raise ValueError(f"{name}(t, y) returned shape {tuple(f0.shape)}; expected y0's shape {expected}")
-    if f0.dtype not in _output_dtypes(problem.y0.dtype):
-        raise ValueError(f"{name}(t, y) returned dtype {f0.dtype}; expected y0's dtype {problem.y0.dtype}")
-    if g0 is None:
-        return
-    assert isinstance(problem, SDEProblem)
-    if not isinstance(g0, Tensor):
-        raise TypeError(f"diffusion(t, y) must return a tensor; got {type(g0).__name__}")
-    g_expected = problem.diffusion_shape()
-    if tuple(g0.shape) != g_expected:
-        raise ValueError(f"diffusion(t, y) returned shape {tuple(g0.shape)}; noise={problem.noise!r} expects {g_expected}")
-    if g0.dtype not in _output_dtypes(problem.y0.dtype):
-        raise ValueError(f"diffusion(t, y) returned dtype {g0.dtype}; expected y0's dtype {problem.y0.dtype}")
+    if f0 is not None:
+        check_field_output("drift" if problem.is_sde else "f", f0, expected, problem.y0.dtype, "; expected y0's shape")
+    if g0 is not None:
+        assert isinstance(problem, SDEProblem)
+        context = f"; noise={problem.noise!r} expects"
+        check_field_output("diffusion", g0, problem.diffusion_shape(), problem.y0.dtype, context)

@@ -80,6 +80,18 @@ def _stiff_algorithm(problem: ODEProblem) -> AbstractSolver:
     )
 
 
+def _start_up_fields(prob: ODEProblem, t0: Tensor, drift: bool, diffusion: bool) -> tuple[Tensor | None, Tensor | None]:
+    """``(drift(t0, y0), diffusion(t0, y0))`` in the state's dtype (``(B, *state_shape)``, the
+    diffusion ``(B, *state_shape, m)`` for general noise), each only where asked for (else
+    None; the diffusion also None for an ODE); ``t0``: ``(B,)`` float64.  The raw user
+    functions, so that a wrong type, shape or dtype is reported as the start-up's error
+    (:func:`~diffeqbridge.problem.check_field_shapes`)."""
+    f0 = prob.drift(t0, prob.y0) if drift else None
+    g0 = prob.diffusion(t0, prob.y0) if diffusion and isinstance(prob, SDEProblem) else None
+    check_field_shapes(prob, f0, g0)
+    return (None if f0 is None else f0.to(prob.y0.dtype)), (None if g0 is None else g0.to(prob.y0.dtype))
+
+
 def default_algorithm(problem: ODEProblem, dt: float | None = None, alg_hints: Any = None) -> AbstractSolver:
     """The automatic choice, following SciML's ``default_sde_alg`` for the solvers that exist.
 
@@ -495,12 +507,11 @@ def solve(
     terms = Terms(prob)
     batch = prob.batch_size
     t_start = torch.full((batch,), t0, dtype=torch.float64, device=device)
-    # the raw user functions, so that a wrong shape/type is reported as such (Terms' calls check later steps)
-    f0 = prob.drift(t_start, prob.y0)
-    g0 = prob.diffusion(t_start, prob.y0) if isinstance(prob, SDEProblem) else None
-    check_field_shapes(prob, f0, g0)
-    f0 = f0.to(prob.y0.dtype)
-    g0 = g0.to(prob.y0.dtype) if g0 is not None else None
+    # the fields at (t0, y0) where the start-up needs them: the first step size, FSAL's f0, the
+    # additive-noise check (whose g0 the carrying solvers start from), a solver's init; else the
+    # first step evaluates them where its tableau does (ShARK never does) and Terms checks them
+    need_start = dt is None or solver.init_uses_start
+    f0, g0 = _start_up_fields(prob, t_start, need_start or solver.fsal, need_start or getattr(prob, "noise", None) == "additive")
     extra_g = check_additive(prob, t_start, g0) if g0 is not None else 0
     if per_component_tolerances and backend == "julia":
         raise ValueError("per-component atol/rtol run on the native backend only; use backend='native' or 'auto'")
@@ -511,6 +522,8 @@ def solve(
 
         if choose_backend(backend, prob, solver, brownian, sensealg, regularize) == "julia":
             from .julia.backend import solve_julia
+
+            _start_up_fields(prob, t_start, f0 is None, g0 is None)  # the shape checks before julia runs
 
             sol = solve_julia(
                 prob,
@@ -528,7 +541,7 @@ def solve(
             if not requested_first:
                 sol.ts, sol.ys = sol.ts[1:], sol.ys[1:]
             return sol
-    counts = (1, 1 + extra_g if g0 is not None else 0)
+    counts = (int(f0 is not None), int(g0 is not None) + extra_g)
 
     dt_initial, extra_f, extra_g = initial_dt(
         terms, solver, t_start, prob.y0, f0, g0, atol, rtol, span, 1.0 if t1 > t0 else -1.0, dt, dtmin_value

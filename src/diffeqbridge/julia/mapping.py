@@ -104,6 +104,7 @@ NATIVE_ONLY: dict[str, str] = {
     "ReversibleHeun": "StochasticDiffEq has no reversible Heun method (it is diffrax's / Kidger et al. 2021)",
     "ShARK": "StochasticDiffEq has no ShARK (Foster, dos Reis, Strange 2023; use SRA1/SOSRA)",
     "SRA4": "StochasticDiffEq has no SRA4 (diffeqbridge's own tableau; use SRA3 or SOSRA)",
+    "SRA5": "StochasticDiffEq has no SRA5 (diffeqbridge's own tableau; use SRA3 or SOSRA)",
     "SPaRK": "StochasticDiffEq has no SPaRK (Foster 2023; use RKMil/LambaEulerHeun for Stratonovich, SRIW1/SOSRI for Itô)",
 }
 

@@ -15,7 +15,7 @@ from .runge_kutta import Dopri5, Tsit5
 from .sdirk import Kvaerno5
 from .shark import ShARK
 from .spark import SPaRK
-from .sra import SOSRA, SRA1, SRA3, SRA4
+from .sra import SOSRA, SRA1, SRA3, SRA4, SRA5
 from .sri import SOSRI, SRIW1
 from .srock import SROCK1
 
@@ -30,6 +30,7 @@ ALL_SOLVERS: tuple[type[AbstractSolver], ...] = (
     SRA1,
     SRA3,
     SRA4,
+    SRA5,
     SOSRA,
     Tsit5,
     Dopri5,

@@ -141,9 +141,16 @@ class AbstractSolver:
     #: step's end (:func:`carried_diffusion_init`; ShARK, the SRA family); a composite keeps it
     #: per sample for such a partner (:class:`~diffeqbridge.AutoSwitch`)
     carries_diffusion: ClassVar[bool] = False
-    #: ``StepOutput.nf``/``ng`` sum the methods that ran (composites): the engine does not hand
-    #: them the start-up values (it could not tell which method's evaluation they saved)
+    #: ``StepOutput.nf``/``ng`` sum the methods that ran (composites): the engine hands the
+    #: first step the start-up values only where :meth:`one_method` says that step's counts
+    #: are one method's
     per_sample_counts: ClassVar[bool] = False
+    #: :meth:`init` starts from the start-up's ``Startup.f0`` and ``Startup.g0`` (ReversibleHeun's
+    #: ``(z, f(z), g(z))``): ``solve`` evaluates them even where nothing else needs them
+    init_uses_start: ClassVar[bool] = False
+    #: every step builds a Jacobian or solves a Newton system (``StepOutput.njac``/``converged``
+    #: set): fixed steps take the engine's per-iteration loop, which handles both
+    implicit: ClassVar[bool] = False
     stability_size: ClassVar[float | None] = None
 
     @property
@@ -173,6 +180,19 @@ class AbstractSolver:
         it by :meth:`update`'s result after every step.
         """
         return None
+
+    def one_method(self, state: Any) -> bool:
+        """Whether the next step (``state``: after :meth:`plan`) runs one method for every
+        sample, so that its ``StepOutput.nf``/``ng`` are that method's plain counts and the
+        start-up values it reuses can be taken off them (``engine._start_terms``).  True unless
+        ``per_sample_counts`` (composites say when)."""
+        return not self.per_sample_counts
+
+    def implicit_next(self, state: Any) -> bool:
+        """Whether the next step (``state``: after :meth:`plan`) builds a Jacobian or solves a
+        Newton system (``StepOutput.njac``/``converged`` set): ``implicit``; composites: when
+        their stiff method runs.  The engine's lockstep path hands such a step to its loop."""
+        return self.implicit
 
     def plan(self, state: Any, active: Tensor, horizon: int) -> Any:
         """Called at the loop's host checks (every ``horizon`` iterations, where the loop

@@ -122,7 +122,7 @@ class AutoSwitch(AbstractSolver):
             OrdinaryDiffEq's ``AutoSwitch`` (module docstring).
     """
 
-    per_sample_counts = True  # the engine hands a composite no start-up values (base.AbstractSolver)
+    per_sample_counts = True  # start-up values only where one method runs (one_method)
 
     def __init__(
         self,
@@ -205,6 +205,14 @@ class AutoSwitch(AbstractSolver):
         if not (run_nonstiff or run_stiff):
             run_nonstiff = True  # nothing live: any cheap proposal will do
         return state._replace(run=(bool(run_nonstiff), bool(run_stiff)))
+
+    def implicit_next(self, state: Any) -> bool:
+        """The stiff method runs in the next step (:attr:`SwitchState.run`) and is implicit."""
+        return state is not None and state.run[1] and self.stiff.implicit
+
+    def one_method(self, state: Any) -> bool:
+        """One partner runs in the next step (:attr:`SwitchState.run`): its own counts."""
+        return state is not None and state.run.count(True) == 1
 
     def step(
         self,

@@ -83,6 +83,7 @@ class _DriftImplicit(AbstractSolver):
     """Shared machinery: θ, Newton options, the implicit solve and ``E_d``."""
 
     adaptive = True
+    implicit = True
     qmax, qmin, gamma = SDE_QMAX, SDE_QMIN, SDE_GAMMA
 
     def __init__(

@@ -145,6 +145,7 @@ class SKenCarp(AbstractSolver):
     interpretations = BOTH_INTERPRETATIONS
     adaptive = True
     needs_levy_area = True
+    implicit = True
     controller_order = 2.0  # alg_order(SKenCarp) = 2//1
     qmax = 9 / 8
     qmin = 1 / 5

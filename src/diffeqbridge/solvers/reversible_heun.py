@@ -71,6 +71,7 @@ class ReversibleHeun(AbstractSolver):
     interpretations = frozenset({"stratonovich"})
     carries_state = True  # (z, f(z), g(z)) in LoopState.solver_state, kept where a step is not accepted
     reversible = True
+    init_uses_start = True
 
     def init(self, terms: Terms, t: Tensor, y0: Tensor, startup: Startup | None = None) -> State:
         """``(z_0, f(t_0, z_0), g(t_0, z_0))`` with ``z_0 = y_0``: the start-up's values where

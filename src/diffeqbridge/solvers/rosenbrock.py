@@ -74,6 +74,7 @@ class Rodas4(AbstractSolver):
     strong_order: ClassVar[float] = 4.0
     weak_order: ClassVar[float] = 4.0
     adaptive = True
+    implicit = True
     controller_order: ClassVar[float] = 4.0
     beta1: ClassVar[float | None] = 7.0 / (10.0 * 4.0)
     beta2: ClassVar[float | None] = 2.0 / (5.0 * 4.0)

@@ -75,6 +75,7 @@ class ESDIRK(AbstractSolver):
 
     is_sde = False
     adaptive = True
+    implicit = True
     fsal = True  # the last stage is h f(t + h, y1): f1 = z_s / h
     a: ClassVar[tuple[tuple[float, ...], ...]] = ()
     btilde: ClassVar[tuple[float, ...]] = ()
