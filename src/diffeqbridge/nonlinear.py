@@ -165,7 +165,7 @@ def batched_jacobian(
         full = torch.func.jacrev(lambda z: f(t, z).sum(0))(y_in if differentiable else y)  # (*S, B, *S)
         J = full.reshape(n, batch, n).permute(1, 0, 2)
         return (J if differentiable else J.detach()), 1
-    # forward differences: every column of every sample in one call on a batch of n * B
+    # forward differences: column j of every sample in one call on the batch (n + 1 calls)
     with torch.no_grad():
         f0 = f(t, y)
         eps = torch.finfo(y.dtype).eps ** 0.5 * torch.clamp(y.reshape(batch, n).abs(), min=1.0)  # (B, n)
