@@ -211,3 +211,14 @@ def sine_exact(t: torch.Tensor) -> torch.Tensor:
         + 2 * t**4
         + (math.pi - 0.25) * t**2
     )
+
+
+class Counting:
+    """A vector field (drift, diffusion or ``jac(t, y)``) that counts its Python calls."""
+
+    def __init__(self, fn: Callable[[Tensor, Tensor], Tensor]):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, t: Tensor, y: Tensor) -> Tensor:
+        self.calls += 1
+        return self.fn(t, y)

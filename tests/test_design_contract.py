@@ -201,8 +201,7 @@ COUNTED = [
     (None, {}, "diagonal"),
     (None, {}, "additive"),
     (deb.SPaRK(), {}, "general"),
-    # not the implicit solvers: their autodiff Jacobians' traced drift calls are left out of nf
-    # (docs/concepts/return-codes.md; SciML counts them)
+    # the implicit, Rosenbrock and composite solvers: tests/test_stats_counts.py
 ]
 
 

@@ -292,9 +292,9 @@ def test_default_algorithm_on_the_stiff_sde(noise):
     (1e-2): every path switches to the implicit method, < 2,000 drift evaluations per path,
     strong error at t = 1 against the exact pathwise reference below tol / 5.
 
-    Measured (B = 8, seed 1): additive 281 evaluations per path (95 accepted steps), strong
-    error 7.0e-4; diagonal 268 (80 steps), 3.7e-4.  Before: 4,905 (AutoSwitch(ShARK,
-    ImplicitRKMil)) and 8,823 (SOSRI, no switch), errors 4.7e-4 and 2.7e-4.  The errors are
+    Measured (B = 8, seed 1): additive 590 evaluations per path (95 accepted steps), strong
+    error 7.1e-4; diagonal 432 (81 steps), 3.8e-4.  Before: 8,372 (AutoSwitch(ShARK,
+    ImplicitRKMil)) and 20,312 (SOSRI, no switch), errors 4.3e-4 and 2.6e-4.  The errors are
     the size of the Ornstein–Uhlenbeck fluctuation (std 8.4e-4 / 4.5e-4 on these paths),
     which steps with dt |λ| >> 1 damp instead of resolving."""
     batch, tol = 8, 1e-2

@@ -61,6 +61,7 @@ __all__ = [
     "NewtonResult",
     "batched_gmres",
     "batched_jacobian",
+    "krylov_calls",
     "krylov_solve",
     "lu_factor",
     "lu_solve",
@@ -124,12 +125,14 @@ class NewtonOptions:
 @dataclass
 class NewtonResult:
     """``z``: the solution ``(B, *S)``; ``converged``: ``(B,)`` bool; ``iterations``: Newton
-    iterations run (int); ``nf``: drift evaluations per sample (int)."""
+    iterations run (int); ``nf``: drift evaluations per sample (int, Jacobians' included);
+    ``njac``: Jacobians built by ``full_newton`` (int)."""
 
     z: Tensor
     converged: Tensor
     iterations: int
     nf: int
+    njac: int = 0
 
 
 def _n(y: Tensor) -> int:
@@ -139,8 +142,9 @@ def _n(y: Tensor) -> int:
 def batched_jacobian(
     f: Field, t: Tensor, y: Tensor, jac: JacSpec = "autodiff", differentiable: bool = False
 ) -> tuple[Tensor, int]:
-    """Per-sample Jacobians ``d f(t, y)_b / d y_b``: ``(B, n, n)`` and the drift evaluations
-    per sample it cost (``n`` for finite differences, else 0).
+    """Per-sample Jacobians ``d f(t, y)_b / d y_b``: ``(B, n, n)`` and the drift calls per
+    sample it cost: ``n + 1`` for finite differences, 1 for ``"autodiff"`` (one traced call of
+    ``f`` on the batch; each sample counts every batched call once), 0 for a user ``jac``.
 
     Detached unless ``differentiable``: then ``"autodiff"`` keeps the graph of ``J`` with
     respect to ``y`` and every tensor ``f`` uses (second derivatives of ``f`` in the backward;
@@ -160,8 +164,8 @@ def batched_jacobian(
     if jac == "autodiff":
         full = torch.func.jacrev(lambda z: f(t, z).sum(0))(y_in if differentiable else y)  # (*S, B, *S)
         J = full.reshape(n, batch, n).permute(1, 0, 2)
-        return (J if differentiable else J.detach()), 0
-    # forward differences: every column of every sample in one call on a batch of n * B
+        return (J if differentiable else J.detach()), 1
+    # forward differences: column j of every sample in one call on the batch (n + 1 calls)
     with torch.no_grad():
         f0 = f(t, y)
         eps = torch.finfo(y.dtype).eps ** 0.5 * torch.clamp(y.reshape(batch, n).abs(), min=1.0)  # (B, n)
@@ -178,12 +182,13 @@ def time_derivative(
     f: Field, t: Tensor, y: Tensor, jac: JacSpec = "autodiff", differentiable: bool = False
 ) -> tuple[Tensor, int]:
     """``∂f/∂t (t, y)`` per sample, ``(B, *S)``: forward-mode AD, or a forward difference
-    when ``jac`` is ``"fd"`` or a user Jacobian (user functions need not be differentiable).
+    when ``jac`` is ``"fd"`` or a user Jacobian (user functions need not be differentiable),
+    and the drift calls per sample it cost (1 traced call, or 2 for the difference).
     ``differentiable``: keep the AD result's graph (as :func:`batched_jacobian`)."""
     if jac == "autodiff":
         y_in = y if differentiable else y.detach()
         _, dt = torch.func.jvp(lambda s: f(s, y_in), (t.detach(),), (torch.ones_like(t),))
-        return (dt if differentiable else dt.detach()), 0
+        return (dt if differentiable else dt.detach()), 1
     y = y.detach()
     with torch.no_grad():
         h = torch.finfo(y.dtype).eps ** 0.5 * torch.clamp(t.abs(), min=1.0)
@@ -307,7 +312,7 @@ def newton_stage(
     gh_b = expand_to(gh, base).to(base.dtype)
     z = z0
     converged = torch.zeros(base.shape[0], dtype=torch.bool, device=base.device)
-    nf = 0
+    nf = njac = 0
     it = 0
     for it in range(1, options.max_iters + 1):
         fz = f(t1, z)
@@ -318,12 +323,12 @@ def newton_stage(
         res_small = _scaled_rms(residual.detach(), z.detach(), atol, rtol) <= 1.0
         if options.linsolve == "krylov":
             dz = -krylov_solve(f, t1, z, gh_b, residual, options.krylov_dim)
-            nf += min(options.krylov_dim, _n(z))
+            nf += krylov_calls(options.krylov_dim, z)
         else:
             if options.full_newton and (it > 1 or factors is None):
                 J, nj = batched_jacobian(f, t1 if t_jac is None else t_jac, z, options.jac)
                 factors = lu_factor(newton_matrix(J, gh))
-                nf += nj
+                nf, njac = nf + nj, njac + 1
             assert factors is not None, "linsolve='lu' needs the LU factors of I - gh J"
             dz = -lu_solve(factors, residual)
         z_new = z + dz
@@ -333,7 +338,7 @@ def newton_stage(
         converged = converged | ((small | res_small) & finite)
         if options.early_exit and bool(converged.all()):
             break
-    return NewtonResult(z=z, converged=converged & _all_finite(z), iterations=it, nf=nf)
+    return NewtonResult(z=z, converged=converged & _all_finite(z), iterations=it, nf=nf, njac=njac)
 
 
 def _newton_update(z: Tensor, z_new: Tensor, converged: Tensor, finite: Tensor) -> Tensor:
@@ -356,7 +361,13 @@ def shampine_filter(
     filtered estimate and the drift evaluations it took."""
     if factors is not None:
         return lu_solve(factors, error), 0
-    return krylov_solve(f, t1, z, gh_b, error, krylov_dim), krylov_dim
+    return krylov_solve(f, t1, z, gh_b, error, krylov_dim), krylov_calls(krylov_dim, z)
+
+
+def krylov_calls(iters: int, z: Tensor) -> int:
+    """Drift calls per sample of :func:`krylov_solve` with ``iters`` on a state like ``z``
+    (``(B, *S)``): one JVP per GMRES step, and GMRES stops after ``n`` steps."""
+    return min(iters, _n(z))
 
 
 def krylov_solve(f: Field, t1: Tensor, z: Tensor, gh_b: Tensor, rhs: Tensor, iters: int) -> Tensor:

@@ -104,8 +104,8 @@ def default_algorithm(problem: ODEProblem, dt: float | None = None, alg_hints: A
     ``ImplicitRKMil(smooth_est=True)`` at ``ρ dt ≳ 1``).  Both take the non-stiff method's exact
     steps where nothing is stiff.  The implicit partner was measured on
     ``dX = -1e4 (X - cos t) dt + 0.1 dW`` (and ``+ 0.1 X dW``) at the default tolerances
-    (docs/guides/stiff.md): the filtered drift estimate takes ~280 drift evaluations per path
-    at strong error 7e-4 (StochasticDiffEq's unfiltered ``dt² J f / 2``: ~4,900); ``SKenCarp``
+    (docs/guides/stiff.md): the filtered drift estimate takes ~590 drift evaluations per path
+    at strong error 7e-4 (StochasticDiffEq's unfiltered ``dt² J f / 2``: ~8,400); ``SKenCarp``
     takes fewer steps but adds ``g ΔW`` after its implicit stages, so at ``dt |λ| ≫ 1`` its
     noise is not damped (strong error 0.2).  General Itô -> ``LambaEM``; Stratonovich
     (any noise) -> ``SPaRK`` (adaptive, Lévy area, embedded estimate; SciML picks ``RKMil``

@@ -141,9 +141,9 @@ class AbstractSolver:
     #: step's end (:func:`carried_diffusion_init`; ShARK, the SRA family); a composite keeps it
     #: per sample for such a partner (:class:`~diffeqbridge.AutoSwitch`)
     carries_diffusion: ClassVar[bool] = False
-    #: ``StepOutput.nf``/``ng`` may be per-sample counts of the method each sample used
-    #: (composites): the engine hands the first step the start-up values only where
-    #: :meth:`one_method` says that step's counts are one method's
+    #: ``StepOutput.nf``/``ng`` sum the methods that ran (composites): the engine hands the
+    #: first step the start-up values only where :meth:`one_method` says that step's counts
+    #: are one method's
     per_sample_counts: ClassVar[bool] = False
     #: :meth:`init` starts from the start-up's ``Startup.f0`` and ``Startup.g0`` (ReversibleHeun's
     #: ``(z, f(z), g(z))``): ``solve`` evaluates them even where nothing else needs them

@@ -35,8 +35,10 @@ evaluated again after steps it did not run (:class:`SwitchState`).  Statistics
 (``Stats.extra``): ``nswitch`` (switches), ``stiff_steps`` (accepted steps taken by the stiff
 method), ``first_switch_t`` / ``last_switch_t`` (NaN when the sample never switched),
 ``is_stiff`` (1 when the sample ended on the stiff method); the engine adds ``eigen_est``
-(the last accepted ``ρ``) and ``max_eigen_est``.  ``nf`` counts, per sample, the
-evaluations of the method that sample used.
+(the last accepted ``ρ``) and ``max_eigen_est``.  ``nf``/``ng`` count, per sample, the
+evaluations of every method that ran on it (a step running both methods, on a mixed batch or
+ahead of a possible switch, evaluates every sample with both), and ``extra["njac"]`` the
+stiff method's Jacobians.
 
 Dense output and saves: when both methods have their own interpolant (``AutoTsit5(Rodas4())``,
 ``interpolant_stages``), a step's ``StepOutput`` carries both methods' interpolant stages and
@@ -120,7 +122,7 @@ class AutoSwitch(AbstractSolver):
             OrdinaryDiffEq's ``AutoSwitch`` (module docstring).
     """
 
-    per_sample_counts = True  # nf/ng per sample, of the method each sample used
+    per_sample_counts = True  # start-up values only where one method runs (one_method)
 
     def __init__(
         self,
@@ -265,24 +267,18 @@ class AutoSwitch(AbstractSolver):
             return out
         ones = torch.ones_like(stiff)
         converged = None if b.converged is None else torch.where(stiff, b.converged, ones)
-        nf = torch.where(stiff, torch.as_tensor(b.nf, device=y.device), torch.as_tensor(a.nf, device=y.device))
-        ng = torch.where(stiff, torch.as_tensor(b.ng, device=y.device), torch.as_tensor(a.ng, device=y.device))
         y1 = _pick(stiff, b.y1, a.y1)
         assert y1 is not None
-        njac = (
-            None
-            if b.njac is None
-            else torch.where(stiff, torch.as_tensor(b.njac, device=y.device), torch.zeros((), dtype=torch.long, device=y.device))
-        )
+        # both methods evaluated every sample of the batch: each counts both's calls
         return StepOutput(
             y1=y1,
             error=_pick(stiff, b.error, a.error),
-            nf=nf,
-            ng=ng,
+            nf=a.nf + b.nf,
+            ng=a.ng + b.ng,
             f1=_pick(stiff, b.f1, a.f1),
             converged=converged,
             stiffness=_pick(stiff, b.stiffness, a.stiffness),
-            njac=njac,
+            njac=b.njac,
             state=state,
             stages=None if self.interpolant_stages is None else self._interpolant_stages(y, a, b),
             method=None if self.interpolant_stages is None else stiff,

@@ -135,7 +135,9 @@ class SKenCarp(AbstractSolver):
     """Implicit (ESDIRK drift) SRA method of StochasticDiffEq.jl for additive noise: strong
     order 1.5, weak 2.0, Itô or Stratonovich (identical for additive noise), adaptive.
     Per step: 1 explicit + Newton drift evaluations, 2 diffusion evaluations, one Jacobian
-    (``linsolve="krylov"``: JVPs instead, plus ``krylov_dim`` for the embedded estimate's filter)."""
+    at ``(t, y)`` and one per further full Newton iteration (each one drift call with
+    ``"autodiff"``; ``linsolve="krylov"``: JVPs instead, plus ``min(krylov_dim, n)`` for the
+    embedded estimate's filter)."""
 
     strong_order = 1.5
     weak_order = 2.0
@@ -192,19 +194,19 @@ class SKenCarp(AbstractSolver):
         z1 = dt_y * drift(t, y)
         nf = 1
 
-        factors, J = None, None
+        factors, J, njac = None, None, 0
         if opts.linsolve == "lu":
             J, nj = batched_jacobian(drift, t, y, opts.jac)
             factors = lu_factor(newton_matrix(J, gh))
-            nf += nj
+            nf, njac = nf + nj, 1
 
         converged = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
 
         def stage(base: Tensor, c: float, z_guess: Tensor) -> Tensor:
-            nonlocal converged, nf
+            nonlocal converged, nf, njac
             res = newton_stage(drift, t + c * dt, base, gh, base + GAMMA * z_guess, opts, factors, tolerances=terms.tolerances)
             converged = converged & res.converged
-            nf += res.nf
+            nf, njac = nf + res.nf, njac + res.njac
             return res.z
 
         base2 = y + GAMMA * z1 + NB021 * g1chi
@@ -239,7 +241,7 @@ class SKenCarp(AbstractSolver):
             ng=2,
             converged=converged,
             stiffness=None if J is None else jacobian_inf_norm(J),
-            njac=None if J is None else 1,
+            njac=None if J is None else njac,
         )
 
     def __repr__(self) -> str:

@@ -167,7 +167,7 @@ class ESDIRK(AbstractSolver):
             res = newton_stage(
                 f, t + ci * dt, tmp, gh, guess, opts, factors if opts.linsolve == "lu" else None, tolerances=terms.tolerances
             )
-            nf += res.nf
+            nf, njac = nf + res.nf, njac + res.njac
             converged = converged & res.converged
             most_iterations = max(most_iterations, res.iterations)
             u = res.z
