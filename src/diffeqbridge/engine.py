@@ -1177,8 +1177,13 @@ class Integrator:
         # step saves nothing (hits cleared)
         stopped = None
         if self.observer is not None and hasattr(self.observer, "after_merge"):
+            t_seen = s.t
+            if self._jumps is not None:  # landed one spacing before a one-sided stop: events see the stop
+                after = self._jumps.index_select(0, stop.clamp(max=self.n_stop - 1))
+                at_stop = torch.nextafter(after, torch.full_like(after, -self.sign * math.inf))
+                t_seen = torch.where(accepted & hits & ~torch.isnan(after), at_stop, s.t)
             s.y, s.t, s.carry, s.tree_state, hits, stopped = self.observer.after_merge(
-                t_prev, y_prev, s.t, s.y, s.carry, s.tree_state, accepted, hits, out, f_prev, dt_eval, self.tree
+                t_prev, y_prev, t_seen, s.y, s.carry, s.tree_state, accepted, hits, out, f_prev, dt_eval, self.tree
             )
         reached = accepted & hits
         if self._jumps is not None:
