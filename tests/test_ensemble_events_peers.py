@@ -253,3 +253,37 @@ def test_per_sample_event_times_equal_separate_solves():
     torch.testing.assert_close(batch.events.t, math.log(2) / k, atol=1e-9, rtol=0)
     alone = torch.cat([solve(k[i : i + 1]).events.t for i in range(4)])
     torch.testing.assert_close(batch.events.t, alone, atol=1e-14, rtol=0)
+
+
+def test_earliest_of_several_events_wins_per_sample():
+    """diffrax's several ``cond_fn`` (which one fired) / SciML's CallbackSet: x = a sin t, walls at
+    x = 1/2 (event 0) and x = -0.8 (event 1), both terminating.  a = 1 stops at π/6 on wall 0,
+    a = -1 at asin 0.8 on wall 1, a = 0.3 never stops (Success, NaN event time)."""
+    a = torch.tensor([1.0, -1.0, 0.3], dtype=torch.float64)
+    y0 = torch.stack([torch.zeros_like(a), a], 1)
+    prob = deb.ODEProblem(lambda t, y: torch.stack([y[:, 1], -y[:, 0]], 1), y0, (0.0, 3.0))
+    walls = [deb.ContinuousEvent(lambda t, y: y[:, 0] - 0.5), deb.ContinuousEvent(lambda t, y: y[:, 0] + 0.8)]
+    sol = deb.solve(prob, deb.Tsit5(), events=walls, atol=1e-11, rtol=1e-11)
+    assert [r.name for r in sol.retcode] == ["Terminated", "Terminated", "Success"] and sol.success
+    assert sol.events.which[:, 0].tolist() == [0, 1, -1]
+    assert sol.events.counts.tolist() == [[1, 0], [0, 1], [0, 0]]
+    torch.testing.assert_close(
+        sol.events.t[:2], torch.tensor([math.pi / 6, math.asin(0.8)], dtype=torch.float64), atol=1e-9, rtol=0
+    )
+    assert math.isnan(float(sol.events.t[2]))
+    torch.testing.assert_close(sol.events.y[:2, 0], torch.tensor([0.5, -0.8], dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        sol.ys[-1, 2], torch.tensor([0.3 * math.sin(3.0), 0.3 * math.cos(3.0)], dtype=torch.float64), atol=1e-9, rtol=0
+    )
+
+
+def test_preset_time_doses_backwards_in_time():
+    """The same doses on tspan = (3, 0): u' = -u from u(3) = 1, +1 at t = 2 and t = 1, so
+    u(0) = e³ + e² + e; the events see the stop times exactly (2, then 1)."""
+    prob = deb.ODEProblem(lambda t, y: -y, torch.ones(2, 1, dtype=torch.float64), (3.0, 0.0))
+    doses = torch.tensor([2.0, 1.0], dtype=torch.float64)
+    dose = deb.DiscreteEvent(lambda t, y: (t.unsqueeze(1) == doses).any(dim=1), lambda t, y: y + 1)
+    sol = deb.solve(prob, deb.Tsit5(), tstops=doses, events=[dose], atol=1e-10, rtol=1e-10)
+    assert torch.equal(sol.events.times, doses.expand(2, 2))
+    want = math.exp(3) + math.exp(2) + math.exp(1)
+    torch.testing.assert_close(sol.ys[-1, :, 0], torch.full((2,), want, dtype=torch.float64), atol=1e-8, rtol=1e-9)
