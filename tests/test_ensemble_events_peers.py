@@ -287,3 +287,47 @@ def test_preset_time_doses_backwards_in_time():
     assert torch.equal(sol.events.times, doses.expand(2, 2))
     want = math.exp(3) + math.exp(2) + math.exp(1)
     torch.testing.assert_close(sol.ys[-1, :, 0], torch.full((2,), want, dtype=torch.float64), atol=1e-8, rtol=1e-9)
+
+
+def test_sde_first_passage_time_gradient_through_the_linear_interpolant():
+    """X = μt + σW (EM is exact on the step grid), stopped at X = a: τ is the root of the crossing
+    step's chord X_k + (t - t_k) s, s = (X_{k+1} - X_k)/h, and X_k depends on μ through μ t_k, so
+    dτ/dμ = -τ/s and dτ/da = 1/s (implicit function theorem on the chord, per sample)."""
+    n, h, sigma = 16, 2.0**-7, 0.7
+    mu = torch.full((n,), 1.5, dtype=torch.float64, requires_grad=True)
+    a = torch.full((n,), 1.0, dtype=torch.float64, requires_grad=True)
+    y0 = torch.zeros(n, 1, dtype=torch.float64)
+
+    def problem(m: torch.Tensor) -> deb.SDEProblem:
+        return deb.SDEProblem(
+            lambda t, y: m.unsqueeze(1) + 0 * y, lambda t, y: sigma + 0 * y, y0, (0.0, 8.0), noise="additive", params=[m]
+        )
+
+    event = deb.ContinuousEvent(lambda t, y: y[:, 0] - a, direction=1)
+    sol = deb.solve(problem(mu), deb.EM(), dt=h, seed=2, events=[event])
+    assert bool((sol.retcodes == int(deb.ReturnCode.Terminated)).all())
+    tau = sol.events.t
+    g_mu, g_a = torch.autograd.grad(tau.sum(), [mu, a])
+    grid = torch.arange(0, 8.0 + h / 2, h, dtype=torch.float64)
+    with torch.no_grad():
+        path = deb.solve(problem(mu.detach()), deb.EM(), dt=h, seed=2, saveat=grid).ys[:, :, 0].T  # (n, T)
+    k = torch.floor(tau.detach() / h).long().unsqueeze(1)
+    slope = ((path.gather(1, k + 1) - path.gather(1, k)) / h).squeeze(1)
+    torch.testing.assert_close(g_mu, -tau.detach() / slope, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(g_a, 1 / slope, atol=1e-9, rtol=1e-9)
+
+
+def test_adaptive_sde_first_passage_stops_on_the_boundary():
+    """The same first passage with adaptive SOSRA (additive noise): the stop state is on the boundary
+    to 1e-12 and each sample stops at its own time, equal to the sample's time in a batch of one."""
+    n = 8
+    y0 = torch.zeros(n, 1, dtype=torch.float64)
+    prob = deb.SDEProblem(lambda t, y: 2.0 + 0 * y, lambda t, y: 1.0 + 0 * y, y0, (0.0, 8.0), noise="additive")
+    event = deb.ContinuousEvent(lambda t, y: y[:, 0] - 1.0, direction=1)
+    sol = deb.solve(prob, deb.SOSRA(), events=[event], seed=4, atol=1e-3, rtol=1e-3)
+    assert bool((sol.retcodes == int(deb.ReturnCode.Terminated)).all())
+    assert float((sol.events.y[:, 0] - 1.0).abs().max()) < 1e-12
+    assert int(torch.unique(sol.events.t).numel()) == n
+    one = deb.SDEProblem(prob.drift, prob.diffusion, y0[:1], (0.0, 8.0), noise="additive")
+    alone = [deb.solve(one, deb.SOSRA(), events=[event], seed=4, atol=1e-3, rtol=1e-3, sample_offset=i).events.t for i in (0, 5)]
+    torch.testing.assert_close(torch.cat(alone), sol.events.t[[0, 5]], atol=1e-14, rtol=0)
