@@ -331,3 +331,20 @@ def test_adaptive_sde_first_passage_stops_on_the_boundary():
     one = deb.SDEProblem(prob.drift, prob.diffusion, y0[:1], (0.0, 8.0), noise="additive")
     alone = [deb.solve(one, deb.SOSRA(), events=[event], seed=4, atol=1e-3, rtol=1e-3, sample_offset=i).events.t for i in (0, 5)]
     torch.testing.assert_close(torch.cat(alone), sol.events.t[[0, 5]], atol=1e-14, rtol=0)
+
+
+def test_preset_time_doses_on_a_fixed_step_sde():
+    """PresetTimeCallback on EM with dt = 0.01 (the steps reach t = 1 and 2 only up to rounding):
+    the doses fire at exactly 1 and 2.  dX = -X dt + 0.3 dW, so the dosed and undosed EM paths of
+    the same noise differ by (1 - h)^{(3-1)/h} + (1 - h)^{(3-2)/h} at t = 3."""
+    h = 0.01
+    prob = deb.SDEProblem(
+        lambda t, y: -y, lambda t, y: 0.3 + 0 * y, torch.ones(4, 1, dtype=torch.float64), (0.0, 3.0), noise="additive"
+    )
+    doses = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    dose = deb.DiscreteEvent(lambda t, y: (t.unsqueeze(1) == doses).any(dim=1), lambda t, y: y + 1)
+    dosed = deb.solve(prob, deb.EM(), dt=h, tstops=doses, events=[dose], seed=7)
+    plain = deb.solve(prob, deb.EM(), dt=h, tstops=doses, seed=7)
+    assert torch.equal(dosed.events.times, doses.expand(4, 2))
+    want = (1 - h) ** round(2 / h) + (1 - h) ** round(1 / h)
+    torch.testing.assert_close(dosed.ys[-1] - plain.ys[-1], torch.full((4, 1), want, dtype=torch.float64), atol=1e-12, rtol=0)

@@ -699,6 +699,19 @@ class Integrator:
         self.stops = torch.tensor(toward_start, dtype=torch.float64, device=self.stops.device)
         return torch.tensor(after, dtype=torch.float64, device=self.stops.device)
 
+    def _forced_time(self, s: LoopState, stop: Tensor, reached: Tensor) -> Tensor:
+        """``(B,)``: the forced time (save time, ``tstops`` entry, end) a sample's step reached,
+        else its time.  A fixed step reaches it within its snap and a one-sided stop one spacing
+        before it, so ``s.t`` can differ from it by rounding; discrete events see this time
+        (SciML's ``PresetTimeCallback`` condition ``t == t_k``)."""
+        index = stop.clamp(max=self.n_stop - 1)
+        target = self.stops.index_select(0, index)
+        if self._jumps is not None:
+            after = self._jumps.index_select(0, index)
+            nominal = torch.nextafter(after, torch.full_like(after, -self.sign * math.inf))
+            target = torch.where(torch.isnan(after), target, nominal)
+        return torch.where(reached, target.to(s.t.dtype), s.t)
+
     def _leap_jumps(self, s: LoopState, stop: Tensor, reached: Tensor) -> None:
         """Samples that just landed before a jump (:meth:`_one_sided_stops`) continue from one
         spacing after it, with the FSAL slot re-evaluated there (one ``f`` call, counted)."""
@@ -1177,13 +1190,20 @@ class Integrator:
         # step saves nothing (hits cleared)
         stopped = None
         if self.observer is not None and hasattr(self.observer, "after_merge"):
-            t_seen = s.t
-            if self._jumps is not None:  # landed one spacing before a one-sided stop: events see the stop
-                after = self._jumps.index_select(0, stop.clamp(max=self.n_stop - 1))
-                at_stop = torch.nextafter(after, torch.full_like(after, -self.sign * math.inf))
-                t_seen = torch.where(accepted & hits & ~torch.isnan(after), at_stop, s.t)
             s.y, s.t, s.carry, s.tree_state, hits, stopped = self.observer.after_merge(
-                t_prev, y_prev, t_seen, s.y, s.carry, s.tree_state, accepted, hits, out, f_prev, dt_eval, self.tree
+                t_prev,
+                y_prev,
+                s.t,
+                s.y,
+                s.carry,
+                s.tree_state,
+                accepted,
+                hits,
+                out,
+                f_prev,
+                dt_eval,
+                self.tree,
+                t_forced=self._forced_time(s, stop, accepted & hits),
             )
         reached = accepted & hits
         if self._jumps is not None:

@@ -213,10 +213,12 @@ class EventHandler:
         f_prev: Any,
         step_dt: Tensor,
         tree: Any,
+        t_forced: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Any, Any, Tensor, Tensor]:
         """Called by the engine after an iteration's masked merge (``t``, ``y``: merged;
-        ``step_dt``: the signed step the solver took, negative when time runs backwards).
-        Returns the updated ``(y, t, f0, tree_state, hits, stopped)``."""
+        ``step_dt``: the signed step the solver took, negative when time runs backwards;
+        ``t_forced``: ``(B,)`` the forced time a sample's step reached, else ``t``, which the
+        discrete conditions see).  Returns the updated ``(y, t, f0, tree_state, hits, stopped)``."""
         accepted = accepted & ~self.terminated
         batch = y.shape[0]
         stopped = torch.zeros_like(accepted)
@@ -231,7 +233,9 @@ class EventHandler:
             self.history.append((torch.where(hit, t_event.detach(), torch.full_like(t, float("nan"))), which))
         happened = which >= 0
         if self.discrete:
-            t_now = t_event.detach()  # a continuous event's time where one happened in this step
+            # a continuous event's time where one happened in this step, else the forced time
+            # (tstops, save time) the step reached, exact where the step's t is off by rounding
+            t_now = (t_event if t_forced is None else torch.where(which >= 0, t_event, t_forced)).detach()
             free = accepted & ~stopped  # also at a continuous event's new state (the cut step's end)
             for i in self.discrete:
                 fire = free & self.events[i].condition(t_now, y).to(torch.bool)
