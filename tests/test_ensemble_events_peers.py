@@ -348,3 +348,27 @@ def test_preset_time_doses_on_a_fixed_step_sde():
     assert torch.equal(dosed.events.times, doses.expand(4, 2))
     want = (1 - h) ** round(2 / h) + (1 - h) ** round(1 / h)
     torch.testing.assert_close(dosed.ys[-1] - plain.ys[-1], torch.full((4, 1), want, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_timeseries_summary_of_gbm_against_the_lognormal_law():
+    """SciML's ``EnsembleSummary(sim, 0:0.25:1)``: means and quantiles at every save time.  GBM with
+    SOSRI saved at t = 0, 1/4, ..., 1, output (T, 1) per trajectory: mean u0 e^{μt} within 4 standard
+    errors and median u0 e^{(μ-σ²/2)t} within 4 asymptotic standard errors at every t > 0, and the
+    exact u0 at t = 0."""
+    n, grid = 8000, torch.linspace(0.0, 1.0, 5, dtype=torch.float64)
+    eprob = deb.EnsembleProblem(
+        lambda idx: linear(idx.shape[0])[0],
+        output_func=lambda sol, idx: sol.ys.transpose(0, 1),
+        reduction=[deb.Moments(), deb.Quantiles([0.5], capacity=n)],
+    )
+    esol = deb.solve_ensemble(eprob, n, batch_size=3000, alg=deb.SOSRI(), saveat=grid, atol=1e-3, rtol=1e-3, seed=9)
+    m, q = esol.result["moments"], esol.result["quantiles"]
+    assert m["mean"].shape == (5, 1) and q["quantiles"].shape == (1, 5, 1) and q["exact"]
+    mu, sigma, u0 = LINEAR_MU, LINEAR_SIGMA, LINEAR_U0
+    assert float(m["mean"][0, 0]) == u0 and float(m["var"][0, 0]) == 0.0
+    for k in range(1, 5):
+        t = float(grid[k])
+        assert abs(float(m["mean"][k, 0]) - u0 * math.exp(mu * t)) < 4 * float(m["sem"][k, 0]), k
+        law = stats.lognorm(s=sigma * math.sqrt(t), scale=u0 * math.exp((mu - sigma**2 / 2) * t))
+        se = math.sqrt(0.25 / n) / law.pdf(law.median())
+        assert abs(float(q["quantiles"][0, k, 0]) - law.median()) < 4 * se, k
