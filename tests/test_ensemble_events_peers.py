@@ -372,3 +372,21 @@ def test_timeseries_summary_of_gbm_against_the_lognormal_law():
         law = stats.lognorm(s=sigma * math.sqrt(t), scale=u0 * math.exp((mu - sigma**2 / 2) * t))
         se = math.sqrt(0.25 / n) / law.pdf(law.median())
         assert abs(float(q["quantiles"][0, k, 0]) - law.median()) < 4 * se, k
+
+
+def test_ensemble_where_no_sample_succeeds_reduces_to_nan():
+    """Every trajectory blows up (Unstable): the reductions report zero successful samples, a NaN
+    mean and NaN quantiles (Quantiles raised IndexError, Moments gave a mean of 0)."""
+
+    def prob_func(idx: torch.Tensor) -> deb.SDEProblem:
+        y0 = torch.ones(idx.shape[0], 1, dtype=torch.float64)
+        return deb.SDEProblem(lambda t, y: 1e300 * y * y, lambda t, y: 0.1 + 0 * y, y0, (0.0, 1.0), noise="additive")
+
+    eprob = deb.EnsembleProblem(prob_func, reduction=[deb.Moments(), deb.Quantiles([0.5, 0.9]), deb.Collect()])
+    esol = deb.solve_ensemble(eprob, 20, batch_size=10, alg=deb.EM(), dt=0.5)
+    assert esol.retcodes == {"Unstable": 20} and esol.successful == 0
+    assert esol.result["moments"]["count"] == 0 and bool(torch.isnan(esol.result["moments"]["mean"]).all())
+    assert esol.result["quantiles"]["quantiles"].shape == (2, 1) and bool(
+        torch.isnan(esol.result["quantiles"]["quantiles"]).all()
+    )
+    assert esol.result["collect"]["values"].shape == (0, 1)

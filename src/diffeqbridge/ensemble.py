@@ -107,7 +107,7 @@ class Moments(Reduction):
         var = state["m2"] / (n - 1) if n > 1 else torch.full_like(state["m2"], math.nan)
         return {
             "count": n,
-            "mean": state["mean"],
+            "mean": state["mean"] if n > 0 else torch.full_like(state["mean"], math.nan),
             "var": var,
             "std": var.sqrt(),
             "sem": (var / max(n, 1)).sqrt(),
@@ -179,6 +179,9 @@ class Quantiles(Reduction):
 
     def result(self, state: dict[str, Any]) -> dict[str, Any]:
         items = torch.cat(state["levels"])  # (m, C)
+        if items.shape[0] == 0:  # no successful sample: NaN, as Moments' mean
+            nan = torch.full((len(self.q), *state["shape"]), math.nan, dtype=torch.float64)
+            return {"q": torch.tensor(self.q, dtype=torch.float64), "quantiles": nan, "exact": True}
         weights = torch.cat([torch.full((lv.shape[0],), 2.0**h, dtype=torch.float64) for h, lv in enumerate(state["levels"])])
         order = torch.argsort(items, dim=0, stable=True)
         sorted_items = torch.gather(items, 0, order)
