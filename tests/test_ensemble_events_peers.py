@@ -390,3 +390,43 @@ def test_ensemble_where_no_sample_succeeds_reduces_to_nan():
         torch.isnan(esol.result["quantiles"]["quantiles"]).all()
     )
     assert esol.result["collect"]["values"].shape == (0, 1)
+
+
+def test_affect_and_affect_neg_as_two_directed_events():
+    """SciML's ``ContinuousCallback(condition, affect!, affect_neg!)`` as two events on one condition:
+    on (sin t, cos t, c) over [0, 4π], an upcrossing of sin t = 1/2 adds 1 to c and a downcrossing
+    adds 10, so c ends at 2·1 + 2·10 = 22 (and the oscillator is untouched)."""
+    y0 = torch.tensor([[0.0, 1.0, 0.0]] * 2, dtype=torch.float64)
+    prob = deb.ODEProblem(lambda t, y: torch.stack([y[:, 1], -y[:, 0], torch.zeros_like(y[:, 0])], 1), y0, (0.0, 4 * math.pi))
+
+    def add(amount: float):
+        return lambda t, y: y + torch.tensor([0.0, 0.0, amount], dtype=y.dtype)
+
+    cond = lambda t, y: y[:, 0] - 0.5  # noqa: E731
+    events = [
+        deb.ContinuousEvent(cond, add(1.0), terminate=False, direction=1),
+        deb.ContinuousEvent(cond, add(10.0), terminate=False, direction=-1),
+    ]
+    sol = deb.solve(prob, deb.Tsit5(), events=events, atol=1e-10, rtol=1e-10)
+    assert sol.events.counts.tolist() == [[2, 2], [2, 2]]
+    assert sol.events.which[0].tolist() == [0, 1, 0, 1]
+    torch.testing.assert_close(sol.ys[-1], torch.tensor([[0.0, 1.0, 22.0]] * 2, dtype=torch.float64), atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("interp_points, found", [(10, 2), (0, 0)])
+def test_interp_points_find_a_crossing_and_return_inside_one_step(interp_points, found):
+    """SciML's ``interp_points``: with fixed steps of 1 the condition sin t - 0.99 is negative at both
+    ends of the step [1, 2] but positive in (asin 0.99, π - asin 0.99) inside it.  Sampling the
+    step's interpolant at 10 interior points finds both crossings; with none, neither is seen."""
+    y0 = torch.tensor([[0.0, 1.0]], dtype=torch.float64)
+    prob = deb.ODEProblem(lambda t, y: torch.stack([y[:, 1], -y[:, 0]], 1), y0, (0.0, 3.0))
+    count = deb.ContinuousEvent(lambda t, y: y[:, 0] - 0.99, lambda t, y: y, terminate=False, interp_points=interp_points)
+    sol = deb.solve(prob, deb.Tsit5(), dt=1.0, adaptive=False, events=[count], dense=True)
+    assert int(sol.events.counts[0, 0]) == found
+    if found:
+        root = math.asin(0.99)
+        times = sol.events.times[0]
+        # roots of the condition on Tsit5's interpolant (bisected to 2^-52 of the step) ...
+        assert float((sol(times)[:, 0, 0] - 0.99).abs().max()) < 1e-12
+        # ... which is a step-1 approximation: the times are the exact ones to its error / |slope| ≈ 5e-3
+        torch.testing.assert_close(times, torch.tensor([root, math.pi - root], dtype=torch.float64), atol=1e-2, rtol=0)
