@@ -430,3 +430,38 @@ def test_interp_points_find_a_crossing_and_return_inside_one_step(interp_points,
         assert float((sol(times)[:, 0, 0] - 0.99).abs().max()) < 1e-12
         # ... which is a step-1 approximation: the times are the exact ones to its error / |slope| ≈ 5e-3
         torch.testing.assert_close(times, torch.tensor([root, math.pi - root], dtype=torch.float64), atol=1e-2, rtol=0)
+
+
+def test_event_time_gradient_with_respect_to_condition_parameters_only():
+    """torchdiffeq's ``event_fn`` may hold the only parameters that need a gradient.  y' = -y from 1
+    (nothing requires grad), event y = c: t* = -log c, dt*/dc = -1/c and the event state y* = c, so
+    dy*/dc = 1; event t = d (a time-only condition): dt*/dd = 1.  (Before, no gradient: the
+    correction ran only when the state required grad.)"""
+    c = torch.tensor([0.5, 0.8], dtype=torch.float64, requires_grad=True)
+    d = torch.tensor([0.3, 1.1], dtype=torch.float64, requires_grad=True)
+    prob = deb.ODEProblem(lambda t, y: -y, torch.ones(2, 1, dtype=torch.float64), (0.0, 3.0))
+    opts = {"atol": 1e-10, "rtol": 1e-10}
+    sol = deb.solve(prob, deb.Tsit5(), events=[deb.ContinuousEvent(lambda t, y: y[:, 0] - c)], **opts)
+    torch.testing.assert_close(sol.events.t.detach(), -torch.log(c.detach()), atol=1e-9, rtol=0)
+    (g_t,) = torch.autograd.grad(sol.events.t.sum(), [c], retain_graph=True)
+    (g_y,) = torch.autograd.grad(sol.events.y[:, 0].sum(), [c])
+    torch.testing.assert_close(g_t, -1 / c.detach(), atol=1e-8, rtol=0)
+    torch.testing.assert_close(g_y, torch.ones(2, dtype=torch.float64), atol=1e-8, rtol=0)
+    sol = deb.solve(prob, deb.Tsit5(), events=[deb.ContinuousEvent(lambda t, y: t - d + 0 * y[:, 0])], **opts)
+    (g_d,) = torch.autograd.grad(sol.events.t.sum(), [d])
+    torch.testing.assert_close(g_d, torch.ones(2, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_event_time_gradient_backwards_in_time():
+    """y' = k y on tspan (0, -5) from y0, event y = 1/2: t* = log(1/(2 y0))/k < 0,
+    dt*/dk = -t*/k, dt*/dy0 = -1/(k y0)."""
+    k = torch.tensor([1.3, 0.7], dtype=torch.float64, requires_grad=True)
+    y0 = torch.tensor([[1.0], [2.0]], dtype=torch.float64, requires_grad=True)
+    prob = deb.ODEProblem(lambda t, y: k.unsqueeze(1) * y, y0, (0.0, -5.0), params=[k])
+    sol = deb.solve(prob, deb.Tsit5(), events=[deb.ContinuousEvent(lambda t, y: y[:, 0] - 0.5)], atol=1e-10, rtol=1e-10)
+    kd, yd = k.detach(), y0.detach()[:, 0]
+    t_star = torch.log(1 / (2 * yd)) / kd
+    torch.testing.assert_close(sol.events.t.detach(), t_star, atol=1e-9, rtol=0)
+    gk, gy = torch.autograd.grad(sol.events.t.sum(), [k, y0])
+    torch.testing.assert_close(gk, -t_star / kd, atol=1e-7, rtol=0)
+    torch.testing.assert_close(gy[:, 0], -1 / (kd * yd), atol=1e-7, rtol=0)

@@ -399,14 +399,18 @@ class EventHandler:
         self, which: Tensor, t_star: Tensor, y_star: Tensor, coeffs: list[Tensor], h: Tensor, theta: Tensor
     ) -> Tensor | None:
         """``δ = -(g - stop_grad(g)) / stop_grad(dg/dt)`` at the event (zero value), or None
-        when nothing needs a gradient."""
-        if not (torch.is_grad_enabled() and y_star.requires_grad):
+        when nothing needs a gradient (neither the state nor parameters the condition closes over,
+        as torchdiffeq's ``event_fn`` parameters)."""
+        if not torch.is_grad_enabled():
+            return None
+        gs = {i: self._condition(i, t_star, y_star) for i in self.continuous}
+        if not (y_star.requires_grad or any(g.requires_grad for g in gs.values())):
             return None
         y_dot = (_derivative(coeffs, theta) / expand_to(h, y_star).to(y_star.dtype)).detach()
         delta = torch.zeros_like(t_star, dtype=y_star.dtype)
         for i in self.continuous:
             hit = which == i
-            g = self._condition(i, t_star, y_star)
+            g = gs[i]
             with torch.enable_grad():
                 tt = t_star.detach().clone().requires_grad_(True)
                 yy = y_star.detach().clone().requires_grad_(True)
