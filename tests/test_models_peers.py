@@ -87,6 +87,35 @@ def test_neural_ode_single_argument_module_and_float32():
         deb.NeuralODE(field32)(y0, ts)
 
 
+class Decay(nn.Module):
+    """``y' = a y`` (a trainable scalar ``a``): ``y(t) = exp(a (t - t0)) y0``."""
+
+    def __init__(self, a: float):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(a, dtype=F64))
+
+    def forward(self, t, y):
+        return self.a * y
+
+
+def test_neural_ode_time_gradients_as_torchdiffeq():
+    """``ts`` that requires grad gets gradients as torchdiffeq's ``odeint`` gives its ``t``
+    (NeuralODE detached it: ``ts.grad`` stayed None).  Closed form for ``L = sum y(t_k)``:
+    ``dL/dt_k = a y(t_k)`` for k >= 1 and ``dL/dt_0 = -a sum_{k>=1} y(t_k)``; torchdiffeq agrees."""
+    torchdiffeq = pytest.importorskip("torchdiffeq")
+    a, y0 = -0.7, torch.tensor([[1.0], [2.0]], dtype=F64)
+    ts = torch.tensor([0.0, 0.5, 1.0], dtype=F64, requires_grad=True)
+    model = Decay(a)
+    deb.NeuralODE(model, alg=deb.Tsit5(), rtol=1e-11, atol=1e-11)(y0, ts).sum().backward()
+    exact_y = torch.exp(a * ts.detach()) * y0.sum()
+    exact = a * exact_y
+    exact[0] = -a * exact_y[1:].sum()  # y(t_0) = y0 does not move with t_0
+    assert ts.grad is not None and float((ts.grad - exact).abs().max()) < 1e-8
+    peer_ts = ts.detach().clone().requires_grad_()
+    torchdiffeq.odeint(model, y0, peer_ts, rtol=1e-11, atol=1e-11).sum().backward()
+    assert float((ts.grad - peer_ts.grad).abs().max()) < 1e-8
+
+
 def test_neural_ode_fixed_step_order_against_torchdiffeq_reference():
     """Fixed-step Tsit5/Dopri5 (``adaptive=False``) converge to torchdiffeq's tight dopri5
     solution at their order 5 (fitted from dt = 1/2 .. 1/8; at least 4.5)."""
