@@ -449,3 +449,43 @@ def test_jax_float32_state_under_x64_and_argument_errors(jx):
         jsolve(None, None, y64, (0.0, 1.0), alg="Tsit5")
     with pytest.raises(ValueError, match="alg"):
         jsolve(f, None, y64, (0.0, 1.0), params=p, alg="NoSuchSolver")
+
+
+def test_jax_backsolve_ito_is_refused_not_wrong(jx):
+    """``BacksolveAdjoint`` on an Itô diagonal problem with a JAX diffusion returned -0.54 where
+    the torch problem's backsolve gives -0.247 (the Itô→Stratonovich correction's derivative
+    was dropped): now a ValueError naming the remedies.  Additive problems keep it and equal the torch
+    backsolve gradient to 1e-12 relative (Stratonovich ones: tests/test_jax.py)."""
+    jax, jnp, _, jsolve = jx
+    y0 = jnp.ones((2, 1))
+
+    def jax_grad(noise, interpretation, alg):
+        g = (lambda t, y, p: p * jnp.ones_like(y)) if noise == "additive" else (lambda t, y, p: p * jnp.cos(y))
+        run = lambda p: jsolve(  # noqa: E731
+            lambda t, y, p: -y,
+            g,
+            y0,
+            (0.0, 1.0),
+            params=p,
+            noise=noise,
+            interpretation=interpretation,
+            alg=alg,
+            dt=0.05,
+            sensealg=deb.BacksolveAdjoint(),
+        )[-1].sum()
+        return float(jax.grad(run)(jnp.float64(0.5)))
+
+    def torch_grad(noise, interpretation, alg):
+        p = torch.tensor(0.5, dtype=F64, requires_grad=True)
+        g = (lambda t, y: p * torch.ones_like(y)) if noise == "additive" else (lambda t, y: p * torch.cos(y))
+        prob = deb.SDEProblem(
+            lambda t, y: -y, g, torch.ones(2, 1, dtype=F64), (0.0, 1.0), noise=noise, interpretation=interpretation, params=[p]
+        )
+        ys = deb.solve(prob, getattr(deb, alg)(), dt=0.05, sensealg=deb.BacksolveAdjoint()).ys
+        return float(torch.autograd.grad(ys[-1].sum(), p)[0])
+
+    for noise in ("diagonal", "scalar"):
+        with pytest.raises(ValueError, match="BacksolveAdjoint"):
+            jax_grad(noise, "ito", "EM")
+    want = torch_grad("additive", "ito", "EM")  # (Stratonovich: tests/test_jax.py)
+    assert abs(jax_grad("additive", "ito", "EM") - want) < 1e-12 * abs(want)

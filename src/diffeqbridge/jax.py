@@ -32,7 +32,8 @@ to host memory), and differentiating with respect to ``tspan``/``saveat``/``dt``
 the callback the solve is ordinary eager torch (not compiled by XLA).
 ``sensealg=BacksolveAdjoint()`` on an Itô problem needs second derivatives of the
 diffusion (the Itô→Stratonovich correction), which the JAX wrapper does not provide: use a
-Stratonovich/additive problem or another sensealg with JAX functions.
+Stratonovich/additive problem or another sensealg with JAX functions (such a call is a
+``ValueError``; it used to return wrong gradients).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from jax.flatten_util import ravel_pytree
 from torch.autograd.function import once_differentiable
 
 from . import solvers as _solvers
+from .adjoint import BacksolveAdjoint
 from .problem import ODEProblem, SDEProblem
 from .solve import _check_saveat
 from .solve import solve as _torch_solve
@@ -114,6 +116,7 @@ def _check_inputs(
     noise: str,
     interpretation: str,
     noise_dim: int | None,
+    sensealg: Any,
 ) -> None:
     """Argument errors as ValueError/TypeError here, before the solve (inside the host callback
     they would surface as an opaque ``JaxRuntimeError``).  Field output shapes are checked with
@@ -131,6 +134,14 @@ def _check_inputs(
         )
     )
     _check_saveat(saveat, *prob.tspan, shell.device)
+    if isinstance(sensealg, BacksolveAdjoint) and diffusion is not None and interpretation == "ito" and noise != "additive":
+        # its Itô→Stratonovich correction differentiates ½(∂σ/∂y)σ again: the JAX field's VJP is
+        # once-differentiable, and that derivative came out silently dropped (wrong gradients)
+        raise ValueError(
+            f"sensealg=BacksolveAdjoint() on an Itô problem with noise={noise!r} needs second derivatives "
+            "of the JAX diffusion, which diffeqbridge.jax does not provide: use interpretation='stratonovich', "
+            "noise='additive', or sensealg=InterpolatingAdjoint()/DiscreteAdjoint()"
+        )
     t = jax.ShapeDtypeStruct((y0.shape[0],), y0.dtype)
     fields = [("drift", drift, tuple(y0.shape), "y0's shape")]
     if diffusion is not None:
@@ -176,7 +187,7 @@ def solve(
         ``ys`` of shape ``(T, B, *state_shape)``.
     """
     y0 = jnp.asarray(y0)
-    _check_inputs(drift, diffusion, y0, tspan, saveat, params, noise, interpretation, noise_dim)
+    _check_inputs(drift, diffusion, y0, tspan, saveat, params, noise, interpretation, noise_dim, sensealg)
     flat, unravel = ravel_pytree(params if params is not None else ())
     if flat.size == 0:
         flat = jnp.zeros((0,), dtype=y0.dtype)
