@@ -32,7 +32,8 @@ to host memory), and differentiating with respect to ``tspan``/``saveat``/``dt``
 the callback the solve is ordinary eager torch (not compiled by XLA).
 ``sensealg=BacksolveAdjoint()`` on an Itô problem needs second derivatives of the
 diffusion (the Itô→Stratonovich correction), which the JAX wrapper does not provide: use a
-Stratonovich/additive problem or another sensealg with JAX functions.
+Stratonovich/additive problem or another sensealg with JAX functions (such a call is a
+``ValueError``; it used to return wrong gradients).
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ from jax.flatten_util import ravel_pytree
 from torch.autograd.function import once_differentiable
 
 from . import solvers as _solvers
+from .adjoint import BacksolveAdjoint
 from .problem import ODEProblem, SDEProblem
+from .solve import _check_saveat
 from .solve import solve as _torch_solve
 
 __all__ = ["solve"]
@@ -103,6 +106,53 @@ def _resolve_alg(alg: Any) -> Any:
     return alg
 
 
+def _check_inputs(
+    drift: Callable,
+    diffusion: Callable | None,
+    y0: jax.Array,
+    tspan: tuple[float, float],
+    saveat: Sequence[float] | None,
+    params: Any,
+    noise: str,
+    interpretation: str,
+    noise_dim: int | None,
+    sensealg: Any,
+) -> None:
+    """Argument errors as ValueError/TypeError here, before the solve (inside the host callback
+    they would surface as an opaque ``JaxRuntimeError``).  Field output shapes are checked with
+    ``jax.eval_shape`` (abstract: no evaluation, also under ``jax.jit``)."""
+    if not callable(drift):
+        raise TypeError(f"drift must be callable as drift(t, y, params); got {type(drift).__name__}")
+    if diffusion is not None and not callable(diffusion):
+        raise TypeError(f"diffusion must be callable as diffusion(t, y, params) or None; got {type(diffusion).__name__}")
+    shell = torch.zeros(y0.shape, dtype=torch.float64)
+    prob: ODEProblem = (
+        ODEProblem(lambda t, y: y, shell, tspan)
+        if diffusion is None
+        else SDEProblem(
+            lambda t, y: y, lambda t, y: y, shell, tspan, noise=noise, interpretation=interpretation, noise_dim=noise_dim
+        )
+    )
+    _check_saveat(saveat, *prob.tspan, shell.device)
+    if isinstance(sensealg, BacksolveAdjoint) and diffusion is not None and interpretation == "ito" and noise != "additive":
+        # its Itô→Stratonovich correction differentiates ½(∂σ/∂y)σ again: the JAX field's VJP is
+        # once-differentiable, and that derivative came out silently dropped (wrong gradients)
+        raise ValueError(
+            f"sensealg=BacksolveAdjoint() on an Itô problem with noise={noise!r} needs second derivatives "
+            "of the JAX diffusion, which diffeqbridge.jax does not provide: use interpretation='stratonovich', "
+            "noise='additive', or sensealg=InterpolatingAdjoint()/DiscreteAdjoint()"
+        )
+    t = jax.ShapeDtypeStruct((y0.shape[0],), y0.dtype)
+    fields = [("drift", drift, tuple(y0.shape), "y0's shape")]
+    if diffusion is not None:
+        fields.append(("diffusion", diffusion, tuple(prob.diffusion_shape()), f"noise={noise!r}"))  # type: ignore[attr-defined]
+    for name, fn, expected, why in fields:
+        out = jax.eval_shape(fn, t, y0, params)
+        if not isinstance(out, jax.ShapeDtypeStruct) or tuple(out.shape) != expected:
+            got = tuple(out.shape) if isinstance(out, jax.ShapeDtypeStruct) else type(out).__name__
+            raise ValueError(f"{name}(t, y, params) returns shape {got}; expected {expected} ({why})")
+
+
 def solve(
     drift: Callable,
     diffusion: Callable | None,
@@ -137,6 +187,7 @@ def solve(
         ``ys`` of shape ``(T, B, *state_shape)``.
     """
     y0 = jnp.asarray(y0)
+    _check_inputs(drift, diffusion, y0, tspan, saveat, params, noise, interpretation, noise_dim, sensealg)
     flat, unravel = ravel_pytree(params if params is not None else ())
     if flat.size == 0:
         flat = jnp.zeros((0,), dtype=y0.dtype)

@@ -136,6 +136,8 @@ class NeuralSDE(nn.Module):
 class NeuralODE(nn.Module):
     """``dy/dt = net(t, y)`` as an ``nn.Module``; ``forward(y0, ts) -> ys (T, B, *state_shape)``.
 
+    A ``ts`` tensor that requires grad gets gradients (as ``torchdiffeq.odeint``'s ``t``).
+
     ``regularize`` as for :class:`NeuralSDE` (``self.regularization``/``self.stats`` after ``forward``).
     """
 
@@ -151,7 +153,12 @@ class NeuralODE(nn.Module):
         if times.numel() < 2:
             raise ValueError("NeuralODE.forward: ts needs at least two times (t0 and t1)")
         _check_dtype(self, y0)
-        prob = ODEProblem(self._f, y0, (float(times[0]), float(times[-1])), params=self)
-        sol = solve(prob, self.alg, saveat=times, sensealg=self.sensealg, regularize=self.regularize, **self.solve_kwargs)
+        # ts that requires grad keeps its graph (torchdiffeq's odeint differentiates its times)
+        saveat, tspan = times, (float(times[0]), float(times[-1]))
+        if isinstance(ts, Tensor) and ts.requires_grad and torch.is_grad_enabled():
+            saveat = ts.flatten()
+            tspan = (saveat[0], saveat[-1])  # type: ignore[assignment]
+        prob = ODEProblem(self._f, y0, tspan, params=self)
+        sol = solve(prob, self.alg, saveat=saveat, sensealg=self.sensealg, regularize=self.regularize, **self.solve_kwargs)
         self.regularization, self.stats = sol.regularization, sol.stats
         return sol.ys
