@@ -1,0 +1,290 @@
+"""Regularization and dense output against the literature's definitions and peers' code.
+
+* Pal, Ma, Shah, Rackauckas (ICML 2021): the global error regularizer ``Σ_j EEst_j · dt_j`` and
+  the stiffness regularizer ``λ_j / S``, computed here in closed form on a linear ODE
+  ``y' = Λ y`` (``Λ`` diagonal) from the stability functions of the peers' tableaus
+  (diffrax's Tsit5, torchdiffeq's Dormand–Prince with Hairer's error weights): one step maps ``y`` to ``R(hΛ) y`` with
+  error ``E(hΛ) y``, ``R(z) = 1 + z bᵀ(I - zA)⁻¹1``, ``E(z) = z b_errᵀ(I - zA)⁻¹1``.  Only the
+  controller's step sizes are taken from the solve.
+* Dense output: torchdiffeq's Dopri5 quartic (``_interp_fit`` through its mid-point value) and
+  diffrax's Tsit5 dense interpolation (``SaveAt(dense=True)``, ``sol.evaluate``) on the same
+  steps; the local order of each interpolant from single steps from the exact state.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from problems import fitted_order
+
+import diffeqbridge as deb
+
+torchdiffeq = pytest.importorskip("torchdiffeq")
+
+LAMBDAS = (-1.0, -6.0)  # Λ = θ · diag(LAMBDAS); θ per run
+
+
+# ----------------------------------------------------------------- closed forms
+def _peer_tableau(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(A (s, s), b (s,), b_err (s,))`` of the peer's tableau (float64)."""
+    if name == "Tsit5":
+        from diffrax._solver.tsit5 import _tsit5_tableau as tab
+
+        rows, b, b_err = tab.a_lower, tab.b_sol, tab.b_error
+    else:
+        from torchdiffeq._impl.dopri5 import _DORMAND_PRINCE_SHAMPINE_TABLEAU as tab
+
+        rows, b = tab.beta, tab.c_sol
+        # Hairer's DOPRI5 / OrdinaryDiffEq's DP5 error weights e_i (71/57600, ...); torchdiffeq
+        # and diffrax embed another 4th-order solution whose b_err is exactly 2/3 of these
+        b_err = [
+            float(Fraction(n, d))
+            for n, d in ((71, 57600), (0, 1), (-71, 16695), (71, 1920), (-17253, 339200), (22, 525), (-1, 40))
+        ]
+        np.testing.assert_allclose(1.5 * tab.c_error.numpy(), b_err, rtol=1e-12, atol=1e-17)
+    s = len(b)
+    a = torch.zeros(s, s, dtype=torch.float64)
+    for i, row in enumerate(rows, start=1):
+        a[i, : len(row)] = torch.as_tensor(np.asarray(row), dtype=torch.float64)
+    as_t = lambda v: torch.as_tensor(np.asarray(v), dtype=torch.float64)  # noqa: E731
+    return a, as_t(b), as_t(b_err)
+
+
+def _stability(tab: tuple[torch.Tensor, torch.Tensor, torch.Tensor], z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``R(z), E(z)`` for real ``z`` of any shape (differentiable in ``z``)."""
+    a, b, b_err = tab
+    s = a.shape[0]
+    eye = torch.eye(s, dtype=torch.float64)
+    zz = z.reshape(-1, 1, 1)
+    stages = torch.linalg.solve(eye - zz * a, torch.ones(zz.shape[0], s, 1, dtype=torch.float64))[..., 0]  # (N, s)
+    r = 1.0 + z.reshape(-1) * (stages @ b)
+    e = z.reshape(-1) * (stages @ b_err)
+    return r.reshape(z.shape), e.reshape(z.shape)
+
+
+def _closed_form(tab, theta, y0, hs, atol, rtol):
+    """Per sample ``(Σ EEst_j h_j, max_j λ_j, mean_j λ_j)`` on the steps ``hs`` ``(B, M)`` (inf = none)."""
+    lam = theta * torch.tensor(LAMBDAS, dtype=torch.float64)
+    y = y0
+    total = torch.zeros(y0.shape[0], dtype=torch.float64)
+    eig_max = torch.zeros_like(total)
+    eig_sum = torch.zeros_like(total)
+    for j in range(hs.shape[1]):
+        valid = torch.isfinite(hs[:, j]) & (hs[:, j] > 0)
+        h = torch.where(valid, hs[:, j], torch.full_like(hs[:, j], 1e-3))  # dummy step, masked (no 0/0 in grads)
+        r, e = _stability(tab, h[:, None] * lam)  # (B, D)
+        y1, err = r * y, e * y
+        scale = atol + rtol * torch.maximum(y.abs(), y1.abs())
+        eest = (err / scale).square().mean(dim=1).sqrt()
+        eig = (lam * err).norm(dim=1) / err.norm(dim=1).clamp_min(1e-300)
+        total = total + torch.where(valid, eest * h, torch.zeros_like(eest))
+        eig_max = torch.where(valid, torch.maximum(eig_max, eig), eig_max)
+        eig_sum = eig_sum + torch.where(valid, eig, torch.zeros_like(eig))
+        y = torch.where(valid[:, None], y1, y)
+    count = torch.isfinite(hs).sum(dim=1)
+    return total, eig_max, eig_sum / count, y
+
+
+def _linear_problem(theta: torch.Tensor) -> deb.ODEProblem:
+    y0 = torch.tensor([[1.0, 0.5], [2.0, -1.0], [-0.3, 0.8]], dtype=torch.float64)
+    lam = torch.tensor(LAMBDAS, dtype=torch.float64)
+    return deb.ODEProblem(lambda t, y: theta * lam * y, y0, (0.0, 2.0), params=[theta])
+
+
+@pytest.mark.parametrize("alg", [deb.Tsit5(), deb.Dopri5()], ids=["Tsit5", "Dopri5"])
+def test_global_regularizers_equal_the_closed_form_on_a_linear_ode(alg):
+    """Pal et al. 2021's ``Σ EEst_j dt_j`` and ``λ_j / S`` (max and mean) on the solve's own
+    accepted steps equal the closed form from the peer's tableau; the gradient of the error
+    term equals the closed form's gradient with the step sizes frozen (dt carries no gradient)."""
+    atol, rtol = 1e-6, 1e-4
+    name = type(alg).__name__
+    tab = _peer_tableau(name)
+    theta = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+    sol = deb.solve(_linear_problem(theta), alg, regularize="error", dense=True, atol=atol, rtol=rtol)
+    hs = sol.interpolation.h.detach().clone()
+    hs[~torch.isfinite(sol.interpolation.starts)] = float("inf")
+    assert int(torch.isfinite(hs).sum(dim=1).min()) >= 5  # a real adaptive run
+    total, eig_max, eig_mean, y_end = _closed_form(tab, theta, sol.ys[0].detach(), hs, atol, rtol)
+    torch.testing.assert_close(sol.ys[-1], y_end, rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(sol.regularization, total, rtol=1e-9, atol=0)
+    (g_ours,) = torch.autograd.grad(sol.regularization.sum(), theta)
+    (g_ref,) = torch.autograd.grad(total.sum(), theta)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-8, atol=0)
+
+    size = deb.regularization.stability_size(alg)
+    for aggregate, ref in (("max", eig_max), ("mean", eig_mean)):
+        reg = deb.Regularization("stiffness", aggregate=aggregate)
+        s2 = deb.solve(_linear_problem(theta.detach()), alg, regularize=reg, atol=atol, rtol=rtol)
+        torch.testing.assert_close(s2.regularization, ref / size, rtol=1e-9, atol=0)
+    # the estimate lies in [min |λ|, max |λ|] of Λ: the closed form is not vacuous
+    lam = 1.3 * torch.tensor(LAMBDAS, dtype=torch.float64).abs()
+    assert bool(((eig_max <= lam.max() + 1e-9) & (eig_mean >= lam.min() - 1e-9)).all())
+
+
+def test_global_error_fd_gradient_on_frozen_steps_matches_the_closed_form():
+    """Central finite differences of the closed form (steps frozen) = our gradient."""
+    atol, rtol = 1e-6, 1e-4
+    tab = _peer_tableau("Tsit5")
+    theta = torch.tensor(0.9, dtype=torch.float64, requires_grad=True)
+    sol = deb.solve(_linear_problem(theta), deb.Tsit5(), regularize="error", dense=True, atol=atol, rtol=rtol)
+    hs = sol.interpolation.h.detach().clone()
+    hs[~torch.isfinite(sol.interpolation.starts)] = float("inf")
+    y0 = sol.ys[0].detach()
+    eps = 1e-6
+    plus = _closed_form(tab, torch.tensor(0.9 + eps, dtype=torch.float64), y0, hs, atol, rtol)[0]
+    minus = _closed_form(tab, torch.tensor(0.9 - eps, dtype=torch.float64), y0, hs, atol, rtol)[0]
+    fd = (plus - minus).sum() / (2 * eps)
+    (g,) = torch.autograd.grad(sol.regularization.sum(), theta)
+    torch.testing.assert_close(g, fd, rtol=1e-5, atol=0)
+
+
+# ----------------------------------------------------------------- dense output
+def _pendulum_drift(t, y):
+    return torch.stack([y[..., 1], -torch.sin(y[..., 0])], -1)
+
+
+PENDULUM_Y0 = ((1.0, 0.0), (2.5, -0.4))
+
+
+def _tq(starts: torch.Tensor, hs: torch.Tensor, per_step: int = 7) -> torch.Tensor:
+    """``per_step`` interior times of each step ``[s, s + h]`` (1-D; steps ``(M,)``)."""
+    theta = torch.linspace(0.0, 1.0, per_step + 2, dtype=torch.float64)[1:-1]
+    return (starts[:, None] + theta[None] * hs[:, None]).reshape(-1)
+
+
+def test_dopri5_dense_output_equals_torchdiffeqs_interpolant_on_the_same_steps():
+    """torchdiffeq fits a quartic through ``y_n, y_{n+1}, f_n, f_{n+1}`` and Shampine's mid-point
+    value; ours is Hairer's DOPRI5 form of the same continuous extension: equal on every step."""
+    from torchdiffeq._impl.dopri5 import _DORMAND_PRINCE_SHAMPINE_TABLEAU as tab
+    from torchdiffeq._impl.dopri5 import DPS_C_MID
+    from torchdiffeq._impl.interp import _interp_evaluate, _interp_fit
+    from torchdiffeq._impl.rk_common import _runge_kutta_step
+
+    def func(t, y, perturb=None):
+        return _pendulum_drift(t, y)
+
+    h, n = 0.3, 10
+    y0 = torch.tensor(PENDULUM_Y0, dtype=torch.float64)
+    sol = deb.solve(deb.ODEProblem(_pendulum_drift, y0, (0.0, h * n)), deb.Dopri5(), dt=h, adaptive=False, dense=True)
+    y = y0
+    for j in range(n):
+        t0, t1 = torch.tensor(j * h, dtype=torch.float64), torch.tensor((j + 1) * h, dtype=torch.float64)
+        f0 = func(t0, y)
+        y1, f1, _, k = _runge_kutta_step(func, y, f0, t0, t1 - t0, t1, tab)
+        y_mid = y + torch.sum(k * (h * DPS_C_MID), dim=-1)
+        coeffs = _interp_fit(y, y1, y_mid, f0, f1, t1 - t0)
+        for theta in (0.1, 0.37, 0.5, 0.81):
+            t = t0 + theta * (t1 - t0)
+            torch.testing.assert_close(sol(float(t)), _interp_evaluate(coeffs, t0, t1, t), rtol=0, atol=1e-13)
+        y = y1
+    torch.testing.assert_close(sol.ys[-1], y, rtol=0, atol=1e-13)
+
+
+def test_tsit5_dense_output_equals_diffrax_dense_evaluate_on_the_same_steps():
+    """diffrax ``Tsit5`` with ``ConstantStepSize``, ``SaveAt(dense=True)``, ``sol.evaluate``: the same
+    free 4th-order interpolant (Tsitouras 2011) as ours on the same steps."""
+    jax = pytest.importorskip("jax")
+    diffrax = pytest.importorskip("diffrax")
+    jax.config.update("jax_enable_x64", True)
+    jnp = jax.numpy
+
+    h, n = 0.25, 12
+    y0 = torch.tensor(PENDULUM_Y0, dtype=torch.float64)
+    sol = deb.solve(deb.ODEProblem(_pendulum_drift, y0, (0.0, h * n)), deb.Tsit5(), dt=h, adaptive=False, dense=True)
+    tq = _tq(torch.arange(n, dtype=torch.float64) * h, torch.full((n,), h, dtype=torch.float64))
+    term = diffrax.ODETerm(lambda t, y, args: jnp.stack([y[1], -jnp.sin(y[0])]))
+    for b in range(y0.shape[0]):
+        ref = diffrax.diffeqsolve(
+            term,
+            diffrax.Tsit5(),
+            t0=0.0,
+            t1=h * n,
+            dt0=h,
+            y0=jnp.asarray(PENDULUM_Y0[b], dtype=jnp.float64),
+            saveat=diffrax.SaveAt(dense=True, t1=True),
+            stepsize_controller=diffrax.ConstantStepSize(),
+        )
+        theirs = torch.tensor(np.array(jax.vmap(ref.evaluate)(jnp.asarray(tq.numpy()))))
+        torch.testing.assert_close(sol(tq)[:, b], theirs, rtol=0, atol=1e-12)
+        torch.testing.assert_close(sol.ys[-1, b], torch.tensor(np.array(ref.ys[-1])), rtol=0, atol=1e-12)
+
+
+def _ring_drift(t, y):
+    """``y' = |y|² (y_1, -y_0)``: on the unit circle the solution is ``(sin t, cos t)`` (nonlinear)."""
+    r2 = y.square().sum(-1, keepdim=True)
+    return r2 * torch.stack([y[..., 1], -y[..., 0]], -1)
+
+
+@pytest.mark.parametrize(
+    "alg,order", [(deb.Tsit5(), 4), (deb.Dopri5(), 4), (deb.Rodas4(), 3), (deb.Kvaerno5(), 3)], ids=lambda v: str(v)
+)
+def test_interpolant_local_order_from_one_exact_step(alg, order):
+    """One step of size ``h`` from the exact state of a nonlinear ODE: the interpolant's maximum
+    error inside the step falls as ``h^(order+1)`` — not faster (the stated order is the true one)."""
+    t0 = 0.3
+    y0 = torch.tensor([[np.sin(t0), np.cos(t0)]], dtype=torch.float64)
+    theta = torch.linspace(0.05, 0.95, 19, dtype=torch.float64)
+    hs, errors = [0.2, 0.1, 0.05, 0.025], []
+    for h in hs:
+        sol = deb.solve(deb.ODEProblem(_ring_drift, y0, (t0, t0 + h)), alg, dt=h, adaptive=False, dense=True)
+        tq = t0 + theta * h
+        exact = torch.stack([torch.sin(tq), torch.cos(tq)], -1)
+        errors.append(float((sol(tq)[:, 0] - exact).abs().max()))
+    slope = fitted_order(hs, errors)
+    assert order + 1 - 0.3 < slope < order + 1 + 0.6, (errors, slope)
+
+
+def test_sde_dense_output_is_piecewise_linear_on_each_samples_accepted_steps():
+    """DESIGN: SDE ``sol(t)`` interpolates each sample's accepted steps linearly (no Brownian
+    bridge); save times are exact; per-sample step grids differ (adaptive SOSRI)."""
+    prob = deb.SDEProblem(
+        lambda t, y: -(y**3) + 0.5 * y,
+        lambda t, y: 0.6 * torch.cos(y),
+        torch.tensor([[0.2], [1.0], [-1.5]], dtype=torch.float64),
+        (0.0, 1.0),
+    )
+    grid = torch.linspace(0.0, 1.0, 6, dtype=torch.float64)
+    sol = deb.solve(prob, deb.SOSRI(), saveat=grid, dense=True, atol=1e-3, rtol=1e-3, seed=3)
+    torch.testing.assert_close(sol(grid), sol.ys, rtol=0, atol=1e-14)
+    interp = sol.interpolation
+    assert not torch.equal(interp.starts[0], interp.starts[1])  # per-sample steps
+    for b in range(3):
+        ok = torch.isfinite(interp.starts[b])
+        starts, hs = interp.starts[b, ok], interp.h[b, ok]
+        ends = starts + hs
+        y_start = sol.evaluate(torch.stack([starts] * 1).T.expand(-1, 3))[:, b]  # (M, 1)
+        y_end = sol.evaluate(ends[:, None].expand(-1, 3))[:, b]
+        for theta in (0.25, 0.5, 0.9):
+            mid = sol.evaluate((starts + theta * hs)[:, None].expand(-1, 3))[:, b]
+            torch.testing.assert_close(mid, (1 - theta) * y_start + theta * y_end, rtol=0, atol=1e-13)
+
+
+def test_out_of_range_queries_are_nan_and_bad_shapes_raise():
+    """DESIGN: times outside a sample's ``[t0, t_end]`` give NaN (before t0, after t_end, after a
+    sample's termination, and on the wrong side of a backward-in-time solve); malformed ``t``
+    raises ValueError naming the shapes."""
+    y0 = torch.tensor(PENDULUM_Y0, dtype=torch.float64)
+    sol = deb.solve(deb.ODEProblem(_pendulum_drift, y0, (0.0, 2.0)), deb.Tsit5(), dense=True)
+    out = sol(torch.tensor([-0.1, 0.0, 2.0, 2.1], dtype=torch.float64))
+    assert bool(torch.isnan(out[0]).all()) and bool(torch.isnan(out[3]).all())
+    assert bool(torch.isfinite(out[1:3]).all())
+    # backward in time from y(2): NaN outside [0, 2], the forward dense output inside
+    fwd = deb.solve(deb.ODEProblem(_pendulum_drift, y0, (0.0, 2.0)), deb.Tsit5(), dense=True, atol=1e-10, rtol=1e-10)
+    back = deb.solve(deb.ODEProblem(_pendulum_drift, fwd.ys[-1], (2.0, 0.0)), deb.Tsit5(), dense=True, atol=1e-10, rtol=1e-10)
+    assert bool(torch.isnan(back(2.5)).all()) and bool(torch.isnan(back(-0.5)).all())
+    torch.testing.assert_close(back(torch.tensor([0.37, 1.0, 1.61])), fwd(torch.tensor([0.37, 1.0, 1.61])), rtol=0, atol=1e-7)
+    # per-sample termination: sample 1 stops when y_0 crosses 2.0 on the way down
+    event = deb.ContinuousEvent(lambda t, y: y[:, 0] - 2.0, terminate=True)
+    term = deb.solve(deb.ODEProblem(_pendulum_drift, y0, (0.0, 2.0)), deb.Tsit5(), dense=True, events=[event])
+    t_stop = float(term.interpolation.t_end[1])
+    assert 0.0 < t_stop < 2.0 and float(term.interpolation.t_end[0]) == pytest.approx(2.0)
+    late = term(0.5 * (t_stop + 2.0))
+    assert bool(torch.isnan(late[1]).all()) and bool(torch.isfinite(late[0]).all())
+    torch.testing.assert_close(term(t_stop)[1, 0], torch.tensor(2.0, dtype=torch.float64), rtol=0, atol=1e-8)
+    with pytest.raises(ValueError, match="per-sample"):
+        sol.evaluate(torch.zeros(3, dtype=torch.float64), per_sample=True)
+    with pytest.raises(ValueError, match="shape"):
+        sol(torch.zeros(2, 3, dtype=torch.float64))
