@@ -332,3 +332,44 @@ def test_error_regularization_reduces_the_trained_models_nfe(seed):
     _, loss_reg, nfe_reg = _train(100.0, seed)
     assert nfe_reg < 0.85 * nfe_plain, (nfe_reg, nfe_plain)
     assert loss_reg < 0.25 * loss0 and loss_reg < 2.5 * loss_plain, (loss0, loss_plain, loss_reg)
+
+
+def test_hermite_dense_output_equals_scipys_cubic_hermite_spline():
+    """Kvaerno5 (FSAL, no own interpolant): ``sol(t)`` is the cubic Hermite spline through the
+    accepted states and ``f`` there — scipy's ``CubicHermiteSpline`` on the same nodes."""
+    from scipy.interpolate import CubicHermiteSpline
+
+    y0 = torch.tensor(PENDULUM_Y0, dtype=torch.float64)
+    sol = deb.solve(deb.ODEProblem(_pendulum_drift, y0, (0.0, 3.0)), deb.Kvaerno5(), dense=True, atol=1e-6, rtol=1e-6)
+    interp = sol.interpolation
+    assert interp.kind == "hermite"
+    for b in range(y0.shape[0]):
+        ok = torch.isfinite(interp.starts[b])
+        nodes = torch.cat([interp.starts[b, ok], interp.t_end[b : b + 1]])
+        states = sol.evaluate(nodes[:, None].expand(-1, 2))[:, b]
+        spline = CubicHermiteSpline(nodes.numpy(), states.numpy(), _pendulum_drift(None, states).numpy(), axis=0)
+        tq = _tq(interp.starts[b, ok], interp.h[b, ok], per_step=3)
+        theirs = torch.tensor(spline(tq.numpy()))
+        # 1e-9: the stored f_{n+1} is Kvaerno5's last stage z_s / h (Newton-converged), not a fresh f(y_{n+1})
+        torch.testing.assert_close(sol(tq)[:, b], theirs, rtol=0, atol=1e-9)
+
+
+def test_dense_output_gradient_matches_finite_differences():
+    """``sol(t)`` keeps the steps' graph: ``∂ sol(t) / ∂ω`` of ``y'' = -ω² sin(y)`` (fixed steps, so
+    the steps do not move with ω) equals central differences, at times between the steps."""
+    y0 = torch.tensor(PENDULUM_Y0, dtype=torch.float64)
+    tq = torch.tensor([0.13, 0.77, 1.41], dtype=torch.float64)
+
+    def dense(omega: torch.Tensor, alg) -> torch.Tensor:
+        prob = deb.ODEProblem(
+            lambda t, y: torch.stack([y[:, 1], -(omega**2) * torch.sin(y[:, 0])], -1), y0, (0.0, 1.6), params=[omega]
+        )
+        return deb.solve(prob, alg, dt=0.2, adaptive=False, dense=True)(tq)
+
+    for alg in (deb.Tsit5(), deb.Dopri5(), deb.Rodas4()):
+        omega = torch.tensor(1.2, dtype=torch.float64, requires_grad=True)
+        (grad,) = torch.autograd.grad(dense(omega, alg).sum(), omega)
+        eps = 1e-6
+        with torch.no_grad():
+            fd = (dense(omega + eps, alg).sum() - dense(omega - eps, alg).sum()) / (2 * eps)
+        torch.testing.assert_close(grad, fd, rtol=1e-6, atol=0)
