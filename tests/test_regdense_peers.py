@@ -183,33 +183,40 @@ def test_dopri5_dense_output_equals_torchdiffeqs_interpolant_on_the_same_steps()
     torch.testing.assert_close(sol.ys[-1], y, rtol=0, atol=1e-13)
 
 
-def test_tsit5_dense_output_equals_diffrax_dense_evaluate_on_the_same_steps():
-    """diffrax ``Tsit5`` with ``ConstantStepSize``, ``SaveAt(dense=True)``, ``sol.evaluate``: the same
-    free 4th-order interpolant (Tsitouras 2011) as ours on the same steps."""
+@pytest.mark.parametrize("name", ["Tsit5", "Dopri5"])
+def test_dense_output_equals_diffrax_dense_evaluate_on_the_same_adaptive_steps(name):
+    """Our adaptive solve's accepted steps (different per sample) replayed in diffrax with
+    ``StepTo``, ``SaveAt(dense=True)``, ``sol.evaluate``: diffrax's Tsit5 interpolant (Tsitouras
+    2011's free 4th-order one) and its Dopri5 quartic through Shampine's mid-point equal ours."""
     jax = pytest.importorskip("jax")
     diffrax = pytest.importorskip("diffrax")
     jax.config.update("jax_enable_x64", True)
     jnp = jax.numpy
 
-    h, n = 0.25, 12
     y0 = torch.tensor(PENDULUM_Y0, dtype=torch.float64)
-    sol = deb.solve(deb.ODEProblem(_pendulum_drift, y0, (0.0, h * n)), deb.Tsit5(), dt=h, adaptive=False, dense=True)
-    tq = _tq(torch.arange(n, dtype=torch.float64) * h, torch.full((n,), h, dtype=torch.float64))
+    alg = deb.Tsit5() if name == "Tsit5" else deb.Dopri5()
+    sol = deb.solve(deb.ODEProblem(_pendulum_drift, y0, (0.0, 3.0)), alg, dense=True, atol=1e-5, rtol=1e-5)
+    interp = sol.interpolation
     term = diffrax.ODETerm(lambda t, y, args: jnp.stack([y[1], -jnp.sin(y[0])]))
     for b in range(y0.shape[0]):
+        ok = torch.isfinite(interp.starts[b])
+        assert int(ok.sum()) >= 8
+        nodes = torch.cat([interp.starts[b, ok], interp.t_end[b : b + 1]])
         ref = diffrax.diffeqsolve(
             term,
-            diffrax.Tsit5(),
+            getattr(diffrax, name)(),
             t0=0.0,
-            t1=h * n,
-            dt0=h,
+            t1=3.0,
+            dt0=None,
             y0=jnp.asarray(PENDULUM_Y0[b], dtype=jnp.float64),
             saveat=diffrax.SaveAt(dense=True, t1=True),
-            stepsize_controller=diffrax.ConstantStepSize(),
+            stepsize_controller=diffrax.StepTo(ts=jnp.asarray(nodes.numpy())),
         )
+        tq = _tq(interp.starts[b, ok], interp.h[b, ok])
         theirs = torch.tensor(np.array(jax.vmap(ref.evaluate)(jnp.asarray(tq.numpy()))))
         torch.testing.assert_close(sol(tq)[:, b], theirs, rtol=0, atol=1e-12)
         torch.testing.assert_close(sol.ys[-1, b], torch.tensor(np.array(ref.ys[-1])), rtol=0, atol=1e-12)
+    assert not torch.equal(interp.starts[0], interp.starts[1])
 
 
 def _ring_drift(t, y):
