@@ -380,3 +380,27 @@ def test_dense_output_gradient_matches_finite_differences():
         with torch.no_grad():
             fd = (dense(omega + eps, alg).sum() - dense(omega - eps, alg).sum()) / (2 * eps)
         torch.testing.assert_close(grad, fd, rtol=1e-6, atol=0)
+
+
+def test_dense_output_gradients_only_with_backprop_through_the_steps(monkeypatch):
+    """``sol(t)`` is differentiable because its coefficients keep the steps' graph.  Sensealgs that
+    solve the forward without a graph (checkpointed/interpolating/backsolve adjoints) used to give
+    a dense output that silently carried no gradient (``sol.ys`` did): now refused before the
+    solve, and the default sensealg backprops through the steps when ``dense=True`` (as for events),
+    also for problems large enough that it would otherwise checkpoint."""
+    theta = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    y0 = torch.tensor(PENDULUM_Y0, dtype=torch.float64)
+    prob = deb.ODEProblem(lambda t, y: theta * _pendulum_drift(t, y), y0, (0.0, 1.0), params=[theta])
+    for sensealg in (deb.DiscreteAdjoint(checkpoints=2), deb.InterpolatingAdjoint(), deb.BacksolveAdjoint()):
+        with pytest.raises(ValueError, match="dense=True"):
+            deb.solve(prob, deb.Tsit5(), dense=True, sensealg=sensealg)
+    with torch.no_grad():  # no gradient wanted: any sensealg is fine
+        assert bool(torch.isfinite(deb.solve(prob, deb.Tsit5(), dense=True, sensealg=deb.InterpolatingAdjoint())(0.5)).all())
+    # a fixed-step problem above the default's graph budget (lowered here): dense output still differentiable
+    monkeypatch.setattr(deb.adjoint, "GRAPH_BUDGET_BYTES", 1024)
+    big = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    prob = deb.ODEProblem(lambda t, y: theta * _pendulum_drift(t, y), big, (0.0, 1.0), params=[theta])
+    assert isinstance(deb.adjoint.default_sensealg(prob, deb.Tsit5(), False, 0.25), deb.InterpolatingAdjoint)
+    sol = deb.solve(prob, deb.Tsit5(), dt=0.25, adaptive=False, dense=True)
+    (grad,) = torch.autograd.grad(sol(0.6).sum(), theta)
+    assert bool(torch.isfinite(grad)) and float(grad) != 0.0
