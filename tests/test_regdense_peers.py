@@ -457,3 +457,30 @@ def test_time_derivative_of_the_dense_output_by_autograd(alg, order):
         errors.append(worst)
     slope = fitted_order(hs, errors)
     assert order - 0.3 < slope < order + 1.0, (errors, slope)
+
+
+@pytest.mark.parametrize("alg", [deb.SOSRI(), deb.SOSRA(), deb.LambaEM(), deb.Tsit5()], ids=lambda a: type(a).__name__)
+def test_stiffness_terms_of_a_scalar_linear_drift_are_lambda_over_s(alg):
+    """For a scalar linear drift ``λ y`` the eigenvalue estimate ``|f(y1) - f(ŷ)| / |y1 - ŷ|``
+    is exactly ``|λ|`` whatever the step, the noise and the error: every stiffness term (global max
+    and mean, local unbiased and biased) is ``|λ| / S``; ``S = 2`` for LambaEM's Euler drift."""
+    lam = -4.0
+    y0 = torch.linspace(0.5, 2.0, 6, dtype=torch.float64).reshape(6, 1)
+    if alg.is_sde:
+        additive = isinstance(alg, deb.SOSRA)
+        diffusion = (lambda t, y: 0.3 * torch.ones_like(y)) if additive else (lambda t, y: 0.3 * y)
+        prob = deb.SDEProblem(lambda t, y: lam * y, diffusion, y0, (0.0, 1.0), noise="additive" if additive else "diagonal")
+    else:
+        prob = deb.ODEProblem(lambda t, y: lam * y, y0, (0.0, 1.0))
+    size = deb.regularization.stability_size(alg)
+    if isinstance(alg, deb.LambaEM):
+        assert size == 2.0
+    kinds = [
+        deb.Regularization("stiffness", aggregate="max"),
+        deb.Regularization("stiffness", aggregate="mean"),
+        deb.Regularization("local_stiffness", sampling="unbiased", seed=2),
+        deb.Regularization("local_stiffness", sampling="biased", seed=2),
+    ]
+    for reg in kinds:
+        sol = deb.solve(prob, alg, regularize=reg, atol=1e-3, rtol=1e-3, seed=1)
+        torch.testing.assert_close(sol.regularization, torch.full((6,), abs(lam) / size, dtype=torch.float64), rtol=1e-9, atol=0)
