@@ -34,7 +34,9 @@ with the coefficients of the solver's interpolant:
 Memory: while solving, ``(K + 1) · B · state_size`` numbers per loop iteration (5 state-sized
 tensors per step for Tsit5/Dopri5, 2 for SDEs), plus three ``(B,)`` vectors; at the end the
 accepted steps are compacted to ``(K + 1) · B · max_steps_accepted · state_size``.  Under
-autograd the coefficients keep their graph (``sol(t)`` is differentiable, as the steps are).
+autograd the coefficients keep their graph (``sol(t)`` is differentiable, as the steps are):
+``sensealg=None`` then backprops through the steps, and the sensealgs that solve without a graph
+(checkpointed, interpolating, backsolve) are refused with ``dense=True`` unless under ``torch.no_grad()``.
 
 Evaluation: ``sol(t)`` with a float -> ``(B, *state)``; a 1-D tensor/sequence of ``T'`` times
 shared by every sample -> ``(T', B, *state)``; per-sample times: ``sol.evaluate(t,

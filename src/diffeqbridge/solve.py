@@ -446,7 +446,8 @@ def solve(
             into batches that reproduce one big batch bit for bit).
         dense: record every accepted step's interpolant: ``sol(t)`` / ``sol.evaluate(t)``
             anywhere in the span (:mod:`diffeqbridge.dense`: the solvers' interpolants and
-            their orders, shapes, memory).
+            their orders, shapes, memory).  Gradients: plain backprop / ``DiscreteAdjoint()``
+            only (other sensealgs refused unless under ``torch.no_grad()``).
         events: a list of ``deb.ContinuousEvent`` / ``deb.DiscreteEvent``
             (:mod:`diffeqbridge.events`): per-sample root location, ``affect``, termination with
             ``ReturnCode.Terminated``; ``sol.events`` and ``sol.stats.extra["nevents"]``,
@@ -527,10 +528,18 @@ def solve(
     hooked_or_offset = (
         hooked or sample_offset != 0 or compile or compact > 0 or tstops is not None
     )  # native only: the julia backend has none of them
-    if event_list and sensealg is not None and not (isinstance(sensealg, DiscreteAdjoint) and sensealg.checkpoints is None):
+    backprop = sensealg is None or (isinstance(sensealg, DiscreteAdjoint) and sensealg.checkpoints is None)
+    if event_list and not backprop:
         raise ValueError(
             f"events= supports gradients by backprop through the steps only (sensealg=None or "
             f"deb.DiscreteAdjoint()); got sensealg={sensealg!r}"
+        )
+    if dense and not backprop and torch.is_grad_enabled():
+        # the other sensealgs solve the forward without a graph: sol(t) would carry no gradient
+        raise ValueError(
+            f"dense=True: sol(t) is differentiable by backprop through the steps only (sensealg=None or "
+            f"deb.DiscreteAdjoint()); got sensealg={sensealg!r}. Solve under torch.no_grad() for a dense "
+            f"output without gradients"
         )
     regularize = check_regularize(regularize, prob, solver, adaptive, sensealg, seed)
     if regularize is not None and prob.tspan[1] < prob.tspan[0]:
@@ -621,8 +630,9 @@ def solve(
         from .adjoint import default_sensealg
 
         sensealg = default_sensealg(prob, solver, adaptive, dt)
-        if event_list and sensealg is not None:
-            sensealg = DiscreteAdjoint()  # events move samples inside steps: backprop through them
+        if (event_list or dense) and sensealg is not None:
+            # events move samples inside steps, sol(t) keeps the steps' graph: backprop through them
+            sensealg = DiscreteAdjoint()
     recorder = None if regularize is None else Recorder(regularize, terms, solver, prob.y0, t0, t1, atol, rtol)
     observer: Any = recorder
     handler = dense_recorder = None
