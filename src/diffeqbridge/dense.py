@@ -36,7 +36,7 @@ tensors per step for Tsit5/Dopri5, 2 for SDEs), plus three ``(B,)`` vectors; at 
 accepted steps are compacted to ``(K + 1) · B · max_steps_accepted · state_size``.  Under
 autograd the coefficients keep their graph (``sol(t)`` is differentiable, as the steps are):
 ``sensealg=None`` then backprops through the steps, and the sensealgs that solve without a graph
-(checkpointed, interpolating, backsolve) are refused with ``dense=True`` unless under ``torch.no_grad()``.
+(checkpointed, interpolating, backsolve) are refused with ``dense=True`` when ``y0``, the parameters or the times require grad.
 
 Evaluation: ``sol(t)`` with a float -> ``(B, *state)``; a 1-D tensor/sequence of ``T'`` times
 shared by every sample -> ``(T', B, *state)``; per-sample times: ``sol.evaluate(t,

@@ -534,12 +534,15 @@ def solve(
             f"events= supports gradients by backprop through the steps only (sensealg=None or "
             f"deb.DiscreteAdjoint()); got sensealg={sensealg!r}"
         )
-    if dense and not backprop and torch.is_grad_enabled():
+    wants_gradients = torch.is_grad_enabled() and (
+        prob.y0.requires_grad or any(p.requires_grad for p in prob.params) or _wants_time_gradients(prob, saveat)
+    )
+    if dense and not backprop and wants_gradients:
         # the other sensealgs solve the forward without a graph: sol(t) would carry no gradient
         raise ValueError(
             f"dense=True: sol(t) is differentiable by backprop through the steps only (sensealg=None or "
-            f"deb.DiscreteAdjoint()); got sensealg={sensealg!r}. Solve under torch.no_grad() for a dense "
-            f"output without gradients"
+            f"deb.DiscreteAdjoint()); got sensealg={sensealg!r} with y0/params that require grad. Solve "
+            f"under torch.no_grad() (or with detached inputs) for a dense output without gradients"
         )
     regularize = check_regularize(regularize, prob, solver, adaptive, sensealg, seed)
     if regularize is not None and prob.tspan[1] < prob.tspan[0]:
