@@ -274,6 +274,19 @@ def test_sliced_wasserstein_gaussian_closed_form():
     assert dd.sliced_wasserstein(z1, z1[torch.randperm(5000, generator=gen)]) == 0.0
     with pytest.raises(ValueError):
         dd.sliced_wasserstein(z1, z2[:10])
+    for bad in (0, 2.5, True):  # 0 was refused with a message about a shape, 2.5 was accepted
+        with pytest.raises(ValueError, match="n_projections"):
+            dd.sliced_wasserstein(z1, z2, n_projections=bad)
+
+
+def test_mixture_refuses_states_of_another_shape():
+    """A state of the wrong shape is a ValueError naming ``x`` (it was a matmul RuntimeError,
+    or a (B, 3, 1) state for 3-vectors was flattened silently)."""
+    gm, sde = _gm3(), dd.VPSDE()
+    for bad in (torch.zeros(4, 2, dtype=F64), torch.zeros(4, 3, 1, dtype=F64)):
+        for call in (gm.log_prob, lambda x: gm.marginal_log_prob(x, 0.5, sde), lambda x: gm.marginal_score(x, 0.5, sde)):
+            with pytest.raises(ValueError, match="x must"):
+                call(bad)
 
 
 SW_CASES = [
