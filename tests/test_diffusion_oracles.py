@@ -1,13 +1,16 @@
 """diffeqbridge.diffusion against exact closed-form oracles (float64).
 
 What the other diffusion test files do not cover: the DDPM tables and ``add_noise`` of
-diffusers against our forward marginals; the diffused Gaussian-mixture density against
-``torch.distributions`` for every process (unequal component stds, 3-D); the
-probability-flow likelihood of a mixture against its exact log density; ``bits_per_dim``
-against the uniform-dequantization oracle and score_sde's formula; ``sliced_wasserstein``
-against its Gaussian closed form and samplers' output against a fresh exact sample;
-classifier-free guidance of two Gaussians against the exact guided flow map; the
-parameterization formulas against a model that knows ``(x0, eps)``.
+diffusers against our forward marginals, and the moment ODEs of every process; the diffused
+Gaussian-mixture density against ``torch.distributions`` for every process (unequal
+component stds, 3-D) and the continuity equation of its probability flow; the
+probability-flow likelihood of a mixture against its exact log density (also on ``(2, 2)``
+states, exact and Hutchinson traces); ``bits_per_dim`` against the uniform-dequantization
+oracle and score_sde's formula; ``sliced_wasserstein`` against its Gaussian closed form and
+samplers' output against a fresh exact sample; ODE inversion round trips against the
+tolerance; classifier-free guidance of two Gaussians against the exact guided flow map; the
+parameterization formulas against a model that knows ``(x0, eps)``; the laws of the
+per-sample random draws.
 """
 
 from __future__ import annotations
@@ -422,3 +425,33 @@ def test_ode_inversion_round_trip_follows_the_tolerance(name):
     ref = sol.ys[-1][:, :3]
     scale = float(ref.abs().max())
     assert float((x_T - ref).abs().max()) < 50 * 1e-7 * scale
+
+
+# ---------------------------------------------------------------------- per-sample random draws
+def test_per_sample_draws_have_their_laws():
+    """``per_sample_normal`` / ``uniform`` / ``rademacher`` (the priors', mixtures' and
+    Hutchinson probes' noise), 40000 draws at a fixed seed: Kolmogorov-Smirnov distance to
+    N(0, 1) and U(0, 1) below the 1 % critical value 1.63/sqrt(n); mean, variance and
+    kurtosis of the normals and the signs' mean within 4 standard errors; columns and streams
+    uncorrelated (|r| < 4/sqrt(n)); row ``i`` is the same in a larger batch."""
+    n = 20000
+    crit = 1.63 / math.sqrt(2 * n)
+    z = dd.per_sample_normal((n, 2), seed=3, stream=1)
+    zs = torch.sort(z.flatten())[0]
+    ks = float((torch.arange(1, 2 * n + 1, dtype=F64) / (2 * n) - D.Normal(0.0, 1.0).cdf(zs)).abs().max())
+    assert ks < crit, ks
+    m = 2 * n
+    assert abs(float(z.mean())) < 4 / math.sqrt(m)
+    assert abs(float(z.var()) - 1) < 4 * math.sqrt(2 / m)
+    assert abs(float(z.pow(4).mean()) - 3) < 4 * math.sqrt(96 / m)
+    u = dd.per_sample_uniform((n, 2), seed=3, stream=1)
+    us = torch.sort(u.flatten())[0]
+    assert float((torch.arange(1, m + 1, dtype=F64) / m - us).abs().max()) < crit
+    assert bool(((u > 0) & (u < 1)).all())
+    r = dd.per_sample_rademacher((n, 2), seed=3, stream=1)
+    assert bool((r.abs() == 1).all()) and abs(float(r.mean())) < 4 / math.sqrt(m)
+    bound = 4 / math.sqrt(n)
+    other = dd.per_sample_normal((n, 2), seed=3, stream=2)
+    for a, b in ((z[:, 0], z[:, 1]), (z[:, 0], other[:, 0]), (z[:, 0], dd.per_sample_normal((n, 2), seed=4, stream=1)[:, 0])):
+        assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < bound
+    torch.testing.assert_close(dd.per_sample_normal((7, 2), seed=3, stream=1), z[:7], rtol=0, atol=0)
