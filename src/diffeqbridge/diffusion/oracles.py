@@ -77,6 +77,9 @@ class GaussianMixture:
         """``log w_k + log N(x; c mu_k, v_k I)`` for every component: ``(B, K)``.
 
         ``mean_scale`` is ``(B,)`` or a number, ``var`` is ``(B, K)``."""
+        if not isinstance(x, Tensor) or tuple(x.shape[1:]) != self.state_shape:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be a tensor of shape (B, *{self.state_shape}); got {shape}")
         xf = x.flatten(1).to(self.means.dtype)  # (B, D)
         mu = self.means.flatten(1)  # (K, D)
         c = mean_scale if isinstance(mean_scale, float) else mean_scale.to(xf.dtype).unsqueeze(1)
@@ -157,6 +160,8 @@ def sliced_wasserstein(x: Tensor, y: Tensor, n_projections: int = 256, seed: int
 
     Averages ``W_2^2`` of the 1-D projections on ``n_projections`` random unit directions
     (fixed by ``seed``) and returns its square root."""
+    if isinstance(n_projections, bool) or not isinstance(n_projections, int) or n_projections < 1:
+        raise ValueError(f"n_projections must be a positive int; got {n_projections!r}")
     xf, yf = x.flatten(1).double(), y.flatten(1).double()
     if xf.shape != yf.shape:
         raise ValueError(f"x and y must have the same shape; got {tuple(x.shape)} and {tuple(y.shape)}")

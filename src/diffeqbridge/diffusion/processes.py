@@ -343,9 +343,10 @@ class DiscreteVPSDE(DiffusionProcess):
 
     As DPM-Solver's ``NoiseScheduleVP('discrete')`` (Lu et al. 2022): step ``n`` (0-based)
     sits at ``t_n = (n + 1) / N`` with ``log alpha_n = 1/2 sum_{m<=n} log(1 - beta_m)``;
-    ``log alpha`` is piecewise linear in ``t`` between these points (and extended linearly
-    below ``1/N``), ``sigma = sqrt(1 - alpha^2)``, ``f = d log(alpha)/dt`` (piecewise
-    constant), ``g^2 = -2 f``.  A network trained on DDPM's integer steps expects
+    ``log alpha`` is piecewise linear in ``t`` between these points and the data point
+    ``log alpha(0) = 0`` (DPM-Solver extends the first segment below ``1/N`` instead, which
+    gives ``alpha > 1`` near 0), ``sigma = sqrt(1 - alpha^2)``, ``f = d log(alpha)/dt``
+    (piecewise constant), ``g^2 = -2 f``.  A network trained on DDPM's integer steps expects
     :meth:`ddpm_timestep` ``(t) = N t - 1`` (DPM-Solver's ``(t - 1/N) 1000`` for ``N = 1000``);
     the natural ``t_end`` is ``1/N``.
     """
@@ -359,8 +360,9 @@ class DiscreteVPSDE(DiffusionProcess):
         self.betas = betas
         self.N = betas.numel()
         self.T = 1.0
-        self._t = torch.linspace(0.0, 1.0, self.N + 1, dtype=torch.float64)[1:]
-        self._log_alpha = 0.5 * torch.cumsum(torch.log1p(-betas), dim=0)
+        # knots t = 0, 1/N, ..., 1: the data (log alpha = 0) and DDPM's N steps
+        self._t = torch.linspace(0.0, 1.0, self.N + 1, dtype=torch.float64)
+        self._log_alpha = torch.cat([torch.zeros(1, dtype=torch.float64), 0.5 * torch.cumsum(torch.log1p(-betas), dim=0)])
 
     def _tables(self, like: Tensor) -> tuple[Tensor, Tensor]:
         return self._t.to(device=like.device, dtype=like.dtype), self._log_alpha.to(device=like.device, dtype=like.dtype)
@@ -387,7 +389,7 @@ class DiscreteVPSDE(DiffusionProcess):
     def f(self, t: Tensor) -> Tensor:
         t = _times(t)
         tp, la = self._tables(t)
-        idx = torch.searchsorted(tp, t.contiguous()).clamp(1, self.N - 1)
+        idx = torch.searchsorted(tp, t.contiguous()).clamp(1, self.N)
         return (la[idx] - la[idx - 1]) / (tp[idx] - tp[idx - 1])
 
     def g2(self, t: Tensor) -> Tensor:
