@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 import diffeqbridge as deb
+from diffeqbridge.solvers.base import AbstractSolver
 
 Exact = Callable[[float, Tensor], Tensor]
 
@@ -222,3 +223,14 @@ class Counting:
     def __call__(self, t: Tensor, y: Tensor) -> Tensor:
         self.calls += 1
         return self.fn(t, y)
+
+
+#: every public ODE solver, by name (the composites with their default stiff partner)
+ODE_SOLVERS: dict[str, Callable[[], AbstractSolver]] = {
+    "Tsit5": deb.Tsit5,
+    "Dopri5": deb.Dopri5,
+    "Rodas4": deb.Rodas4,
+    "Kvaerno5": deb.Kvaerno5,
+    "AutoTsit5": lambda: deb.AutoTsit5(deb.Rodas4()),
+    "AutoDP5": lambda: deb.AutoDP5(deb.Kvaerno5()),
+}

@@ -41,6 +41,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from problems import ODE_SOLVERS
 
 import diffeqbridge as deb
 from diffeqbridge.solvers.base import AbstractSolver
@@ -53,12 +54,7 @@ LONG_CASES_PER_SOLVER = 385  # 27 solvers: ~10^4 cases
 ACCURACY = {"ode": 10.0, "sde_adaptive": 10.0, "sde_fixed": 5.0}
 
 SOLVERS: dict[str, callable] = {
-    "Tsit5": deb.Tsit5,
-    "Dopri5": deb.Dopri5,
-    "Rodas4": deb.Rodas4,
-    "Kvaerno5": deb.Kvaerno5,
-    "AutoTsit5": lambda: deb.AutoTsit5(deb.Rodas4()),
-    "AutoDP5": lambda: deb.AutoDP5(deb.Kvaerno5()),
+    **ODE_SOLVERS,
     "EM": deb.EM,
     "EulerHeun": deb.EulerHeun,
     "RKMil": deb.RKMil,

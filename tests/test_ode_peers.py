@@ -29,20 +29,12 @@ import math
 
 import pytest
 import torch
-from problems import fitted_order, sine_exact
+from problems import ODE_SOLVERS, fitted_order, sine_exact
 
 import diffeqbridge as deb
 
 F64 = torch.float64
 EXPLICIT = {"Tsit5": deb.Tsit5, "Dopri5": deb.Dopri5}
-ODE_SOLVERS = {
-    "Tsit5": deb.Tsit5,
-    "Dopri5": deb.Dopri5,
-    "Rodas4": deb.Rodas4,
-    "Kvaerno5": deb.Kvaerno5,
-    "AutoTsit5": lambda: deb.AutoTsit5(deb.Rodas4()),
-    "AutoDP5": lambda: deb.AutoDP5(deb.Kvaerno5()),
-}
 # torchdiffeq's odeint defaults
 TD_RTOL, TD_ATOL = 1e-7, 1e-9
 
