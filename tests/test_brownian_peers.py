@@ -1,0 +1,274 @@
+"""VirtualBrownianTree against the facts torchsde's and diffrax's Brownian test suites check.
+
+torchsde (``tests/test_brownian.py``: BrownianInterval / BrownianTree / BrownianPath) checks
+normality of increments at fixed ``(s, t)`` shared by the batch, determinism of repeated and
+reordered queries, reproducibility from the entropy (seed), dtypes and shapes; diffrax
+(``test/test_brownian.py``: VirtualBrownianTree) checks ``evaluate(t0, t1)`` against
+``evaluate(t1) - evaluate(t0)``, the conditional (Brownian bridge) statistics of a point given
+the endpoints, ``use_levy=True`` returning ``(W, H)``, and the tolerance semantics.  Here the
+same facts are asserted of our public API (``bm(s, t) -> (dW, H)``, ``bm.W(t)``,
+``bm.increment_scalar``), each with a fixed seed and a stated tolerance, and each statistical
+check paired with a perturbation of the data that it rejects (so it can fail).  What
+``tests/test_brownian.py`` and ``tests/test_sde_peers.py`` already cover (random-interval
+normality, additivity, Chen's relation, one fixed-triple 6 x 6 covariance) is not repeated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+import diffeqbridge as deb
+from diffeqbridge import _tree_kernel
+
+F64 = torch.float64
+KS_P = 1e-3  # Kolmogorov-Smirnov acceptance level (fixed seeds: deterministic outcome)
+
+
+@pytest.fixture(autouse=True, params=["fused", "eager"])
+def tree_kernel(request, monkeypatch):
+    """Both paths of ``evaluate``: the fused kernel and the eager torch ops."""
+    if request.param == "fused" and _tree_kernel.c_kernel() is None:
+        pytest.skip("no C compiler: the fused CPU kernel is unavailable")
+    monkeypatch.setenv("DIFFEQBRIDGE_TREE_KERNEL", request.param)
+    return request.param
+
+
+def _ks(z: torch.Tensor) -> float:
+    """KS p-value of ``z`` (any shape, flattened) against N(0, 1)."""
+    return float(stats.kstest(z.reshape(-1).double().numpy(), "norm").pvalue)
+
+
+def _triples(n: int, seed: int, t0: float, t1: float, gap: float) -> tuple[torch.Tensor, ...]:
+    """Per-sample ``t0 <= s < t < u <= t1`` with both gaps at least ``gap``; each ``(n,)``."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.sort(torch.rand(n, 3, generator=g, dtype=F64), dim=1).values
+    x = x * (1 - 2 * gap) + torch.tensor([0.0, gap, 2 * gap], dtype=F64)  # gaps >= gap (fraction)
+    s, t, u = (t0 + (t1 - t0) * x[:, k] for k in range(3))
+    return s, t, u
+
+
+# ------------------------------------------------------- torchsde: normality at fixed (s, t)
+@pytest.mark.parametrize("s, t", [(0.0, 1.0), (0.0, 0.3), (0.3, 0.7), (0.999, 1.0), (0.123456, 0.123556)])
+def test_increment_at_fixed_times_is_normal_with_variance_t_minus_s(s, t):
+    """torchsde's ``test_normality_simple``: every sample queried at the same ``(s, t)``;
+    ``dW/sqrt(t-s)`` and ``H/sqrt((t-s)/12)`` pass KS, their means are within 5 standard
+    errors of 0 and their variances within 5 standard errors of 1 (``sd = sqrt(2/n)``)."""
+    n = 6000
+    bm = deb.VirtualBrownianTree(0.0, 1.0, (n // 2, 2), seed=101)
+    dw, h = bm(s, t)
+    zw, zh = dw / math.sqrt(t - s), h / math.sqrt((t - s) / 12)
+    for z in (zw, zh):
+        assert _ks(z) > KS_P
+        assert abs(float(z.mean())) < 5 / math.sqrt(n)
+        assert abs(float(z.var()) - 1) < 5 * math.sqrt(2 / n)
+    # the check has power: a 10% error of scale is rejected
+    assert _ks(1.1 * zw) < KS_P
+    # the shared-time fast path returns the same increment
+    assert torch.allclose(bm.increment_scalar(s, t), dw, rtol=0, atol=1e-14)
+
+
+def test_scalar_brownian_motion_per_sample_shape_and_law():
+    """torchsde's scalar ``size=()``: ``shape=B`` (an int) is a batch of scalar motions."""
+    n = 5000
+    bm = deb.VirtualBrownianTree(-2.0, 3.0, n, seed=7)
+    dw, h = bm(-1.0, 2.5)
+    assert dw.shape == h.shape == bm.W(0.0).shape == (n,)
+    assert _ks(dw / math.sqrt(3.5)) > KS_P
+    assert _ks(h / math.sqrt(3.5 / 12)) > KS_P
+    assert torch.allclose(dw, bm.W(2.5) - bm.W(-1.0), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_low_precision_dtypes_are_the_float64_path_cast(dtype):
+    """torchsde's ``test_to_float32`` / dtype parametrisation: the same path in every dtype."""
+    ref = deb.VirtualBrownianTree(0.0, 1.0, (64, 3), seed=5)
+    low = deb.VirtualBrownianTree(0.0, 1.0, (64, 3), seed=5, dtype=dtype)
+    s = torch.linspace(0.0, 0.4, 64, dtype=F64)
+    for a, b in zip(ref(s, 0.9), low(s, 0.9)):
+        assert b.dtype == dtype and b.shape == (64, 3)
+        assert torch.equal(b, a.to(dtype))
+
+
+def test_times_far_from_zero_keep_the_law():
+    """Large time offsets (``t0 = 1e6``): the dyadic descent in relative time keeps the law."""
+    n = 8000
+    t0 = 1.0e6
+    bm = deb.VirtualBrownianTree(t0, t0 + 2.0, (n, 1), seed=9)
+    g = torch.Generator().manual_seed(1)
+    s = t0 + 1.5 * torch.rand(n, generator=g, dtype=F64)
+    length = 1e-3 + 0.4 * torch.rand(n, generator=g, dtype=F64)
+    dw, h = bm(s, s + length)
+    length = (s + length) - s  # the interval as float64 actually represents it
+    assert _ks(dw[:, 0] / length.sqrt()) > KS_P
+    assert _ks(h[:, 0] / (length / 12).sqrt()) > KS_P
+
+
+# ------------------------------------------------------- torchsde: determinism and entropy
+def test_many_per_sample_queries_repeat_bit_for_bit_in_another_order():
+    """torchsde's ``test_determinism_large``: 40 per-sample queries, then the same ones in
+    reverse order interleaved with unrelated queries, on the same tree and on a fresh one."""
+    b = 32
+    bm = deb.VirtualBrownianTree(0.0, 1.0, (b, 2), seed=77, tol=1e-4)
+    g = torch.Generator().manual_seed(2)
+    queries = [torch.sort(torch.rand(b, 2, generator=g, dtype=F64), dim=1).values.unbind(1) for _ in range(40)]
+    first = [bm(s, t) for s, t in queries]
+    fresh = deb.VirtualBrownianTree(0.0, 1.0, (b, 2), seed=77, tol=1e-4)
+    for k in reversed(range(len(queries))):
+        bm(torch.rand(b, generator=g, dtype=F64), 0.5)  # unrelated query in between
+        bm.W(float(torch.rand(1, generator=g)))
+        for tree in (bm, fresh):
+            again = tree(*queries[k])
+            assert torch.equal(again[0], first[k][0]) and torch.equal(again[1], first[k][1])
+
+
+def test_consecutive_seeds_give_independent_standard_normal_paths():
+    """torchsde's entropy tests: the seed is the whole randomness.  Across 1500 consecutive
+    seeds (one sample each) ``W(1)`` and ``H_{0,1}`` are N(0, 1) / N(0, 1/12) by KS, and
+    neighbouring seeds are uncorrelated (|r| < 4/sqrt(n)); seed ``k`` sample 1 is not seed
+    ``k + 1`` sample 0 (keys mix seed and sample index, not their sum)."""
+    n = 1500
+    w, h, cross = [], [], []
+    for seed in range(n):
+        bm = deb.VirtualBrownianTree(0.0, 1.0, (2, 1), seed=seed)
+        dw, area = bm(0.0, 1.0)
+        w.append(dw[0, 0])
+        h.append(area[0, 0])
+        cross.append(dw[1, 0])
+    w_, h_, c_ = torch.stack(w), torch.stack(h), torch.stack(cross)
+    assert _ks(w_) > KS_P and _ks(h_ * math.sqrt(12)) > KS_P
+    bound = 4 / math.sqrt(n)
+
+    def corr(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+    assert abs(corr(w_[:-1], w_[1:])) < bound
+    assert abs(corr(w_, h_)) < bound
+    assert abs(corr(c_[:-1], w_[1:])) < bound  # seed k sample 1 vs seed k+1 sample 0
+    assert abs(corr(c_, w_)) < bound
+    # the check has power: perfectly correlated data is rejected
+    assert abs(corr(w_, w_ + 0.1 * h_)) > bound
+
+
+# ------------------------------------------------------------- diffrax: evaluate(t0, t1)
+def test_increment_is_difference_of_point_values_and_levy_area_its_definition():
+    """diffrax: ``evaluate(t0, t1) == evaluate(t1) - evaluate(t0)``; with ``use_levy`` the area
+    ``H = (1/h) int_s^t (W_u - W_s) du - dW/2`` (trapezoid on a 2^12 grid inside ``[s, t]``,
+    error well below the 2e-3 tolerance against ``H`` of order 0.2)."""
+    bm = deb.VirtualBrownianTree(0.0, 1.0, (6, 2), seed=3, tol=2.0**-16)
+    s, t = 0.15625, 0.65625  # dyadic: the grid below hits cell boundaries
+    dw, h = bm(s, t)
+    assert torch.allclose(dw, bm.W(t) - bm.W(s), rtol=0, atol=1e-14)
+    grid = torch.linspace(s, t, 2**12 + 1, dtype=F64)
+    path = torch.stack([bm.W(float(u)) for u in grid])  # (G, 6, 2)
+    mean = torch.trapezoid(path - path[0], grid, dim=0) / (t - s)
+    assert torch.allclose(h, mean - 0.5 * dw, rtol=0, atol=2e-3)
+    assert float((h - (mean - 0.5 * dw)).abs().max()) < 0.1 * float(h.abs().max())
+
+
+def test_reversed_query_negates_the_increment_and_keeps_the_levy_area():
+    """``bm(t, s)`` for ``s < t`` is the step of the time-reversed path ``B_u = W_{t-u}``:
+    increment ``-dW`` and, since ``(1/h) int (B_u - B_0) du - (B_h - B_0)/2`` equals the mean of
+    ``W`` on ``[s, t]`` minus ``(W_s + W_t)/2``, the same space-time Lévy area ``H``."""
+    bm = deb.VirtualBrownianTree(0.0, 1.0, (50, 3), seed=8)
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.sort(torch.rand(50, 2, generator=g, dtype=F64), dim=1).values.unbind(1)
+    dw, h = bm(s, t)
+    dw_r, h_r = bm(t, s)
+    assert torch.allclose(dw_r, -dw, rtol=0, atol=1e-14)
+    assert torch.allclose(h_r, h, rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------- diffrax / torchsde: conditional statistics
+def test_brownian_bridge_given_the_endpoint_increment():
+    """torchsde's ``test_normality_conditional`` / diffrax's conditional statistics, per sample
+    at random ``s < t < u``: ``W_{s,t} | W_{s,u}`` has mean ``r W_{s,u}`` and variance
+    ``(t - s)(u - t)/(u - s)`` (``r = (t-s)/(u-s)``): the standardised residual passes KS and is
+    uncorrelated with ``W_{s,u}``."""
+    n = 12000
+    bm = deb.VirtualBrownianTree(0.0, 1.0, (n, 1), seed=202)
+    s, t, u = _triples(n, seed=4, t0=0.0, t1=1.0, gap=1e-3)
+    w_st = bm(s, t)[0][:, 0]
+    w_su = bm(s, u)[0][:, 0]
+    r = (t - s) / (u - s)
+    resid = (w_st - r * w_su) / ((t - s) * (u - t) / (u - s)).sqrt()
+    assert _ks(resid) > KS_P
+    assert abs(float(torch.corrcoef(torch.stack([resid, w_su / (u - s).sqrt()]))[0, 1])) < 4 / math.sqrt(n)
+    # power: the unconditional variance in place of the bridge's is rejected
+    assert _ks((w_st - r * w_su) / (t - s).sqrt()) < KS_P
+
+
+def test_levy_bridge_given_the_endpoint_increment_and_area():
+    """The bridge with space-time Lévy area (Foster 2020): given ``(W, H)`` of ``[s, u]`` with
+    ``h = u - s``, ``W_{s,t}`` has mean ``r W + 6 r (1 - r) H`` and variance
+    ``h r (1 - r) (1 - 3 r (1 - r))``; ``H_{s,t}`` alone is ``N(0, (t - s)/12)``."""
+    n = 12000
+    bm = deb.VirtualBrownianTree(-1.0, 2.0, (n, 1), seed=303)
+    s, t, u = _triples(n, seed=5, t0=-1.0, t1=2.0, gap=1e-3)
+    w_st, h_st = (x[:, 0] for x in bm(s, t))
+    w_su, h_su = (x[:, 0] for x in bm(s, u))
+    r = (t - s) / (u - s)
+    q = r * (1 - r)
+    var = (u - s) * q * (1 - 3 * q)
+    resid = (w_st - r * w_su - 6 * q * h_su) / var.sqrt()
+    assert _ks(resid) > KS_P
+    bound = 4 / math.sqrt(n)
+    for other in (w_su / (u - s).sqrt(), h_su / ((u - s) / 12).sqrt()):
+        assert abs(float(torch.corrcoef(torch.stack([resid, other]))[0, 1])) < bound
+    assert _ks(h_st / ((t - s) / 12).sqrt()) > KS_P
+    # power: dropping the Lévy-area term of the mean is rejected
+    assert _ks((w_st - r * w_su) / var.sqrt()) < KS_P
+
+
+# ---------------------------------------------------------------- diffrax: tolerance semantics
+def test_point_values_are_exact_at_any_time_even_inside_a_coarse_cell():
+    """diffrax's ``tol``: the tree is refined to cells of width ``<= tol`` and the value at a
+    time inside a cell comes from the bridge given the cell.  The marginal law of ``W(t)``
+    stays exact at any ``t`` (here ``tol = 1/4``: 4 cells), and points at least ``tol`` apart
+    have exactly independent increments over disjoint intervals."""
+    n = 8000
+    bm = deb.VirtualBrownianTree(0.0, 1.0, (n, 1), seed=404, tol=0.25)
+    assert bm.tol == 0.25
+    g = torch.Generator().manual_seed(6)
+    t = 0.01 + 0.99 * torch.rand(n, generator=g, dtype=F64)
+    w = bm.W(t)[:, 0]
+    assert _ks(w / t.sqrt()) > KS_P
+    # disjoint intervals [0, a], [a + 0.25, 1] with a < 0.75: independent, variances a and 0.75 - a
+    a = 0.7 * torch.rand(n, generator=g, dtype=F64)
+    w1 = bm(torch.zeros_like(a), a)[0][:, 0] / a.sqrt()
+    w2 = bm(a + 0.25, torch.ones_like(a))[0][:, 0] / (0.75 - a).sqrt()
+    assert _ks(w1) > KS_P and _ks(w2) > KS_P
+    assert abs(float(torch.corrcoef(torch.stack([w1, w2]))[0, 1])) < 4 / math.sqrt(n)
+
+
+def test_path_is_continuous_below_the_tolerance():
+    """Queries closer than ``tol`` resolve inside one cell's bridge: the path stays continuous
+    (``|W(t + d) - W(t)| -> 0`` with ``d``) and finite, and ``W`` hits the cell's endpoints."""
+    bm = deb.VirtualBrownianTree(0.0, 1.0, (200, 1), seed=505, tol=2.0**-6)
+    g = torch.Generator().manual_seed(7)
+    t = 0.9 * torch.rand(200, generator=g, dtype=F64)
+    gaps = []
+    for d in (1e-3, 1e-5, 1e-7):
+        gaps.append(float((bm.W(t + d) - bm.W(t)).abs().max()))
+    assert gaps[0] < 0.5 and gaps[1] < 0.05 and gaps[2] < 5e-3, gaps
+    assert gaps[2] < gaps[1] < gaps[0]
+    # approaching a cell boundary from inside the cell gives the boundary's value
+    edge = torch.full((200,), 2.0**-6 * 17, dtype=F64)
+    assert torch.allclose(bm.W(edge - 1e-12), bm.W(edge), rtol=0, atol=1e-5)
+
+
+def test_a_non_finite_tensor_time_only_affects_its_own_sample():
+    """Per-sample tensor queries are clamped, never checked on the host: a NaN time gives NaN
+    in its own row only, and the other rows are the values of the NaN-free query."""
+    bm = deb.VirtualBrownianTree(0.0, 1.0, (4, 2), seed=606)
+    good = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=F64)
+    bad = good.clone()
+    bad[1] = float("nan")
+    dw_good, h_good = bm(good, 0.9)
+    dw_bad, h_bad = bm(bad, 0.9)
+    keep = torch.tensor([0, 2, 3])
+    assert torch.equal(dw_bad[keep], dw_good[keep]) and torch.equal(h_bad[keep], h_good[keep])
+    assert bool(dw_bad[1].isnan().all())
