@@ -142,8 +142,8 @@ class VirtualBrownianTree:
         length = t1 - t0
         if tol is None:
             tol = length * 2.0**-DEFAULT_LEVELS
-        if not (tol > 0):
-            raise ValueError(f"tol must be positive; got {tol}")
+        if not (tol > 0 and math.isfinite(tol)):
+            raise ValueError(f"tol must be positive and finite; got {tol}")
         self.t0, self.t1, self.shape, self.seed, self.sample_offset = t0, t1, shape, seed, sample_offset
         self.depth = max(1, math.ceil(math.log2(length / tol) - 1e-9))
         if self.depth > 52:
