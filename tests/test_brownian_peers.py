@@ -299,3 +299,29 @@ def test_a_tolerance_that_is_not_positive_and_finite_raises_naming_tol(tol):
     """``tol=inf`` raised ``ValueError: math domain error`` (from ``log2(0)``), naming nothing."""
     with pytest.raises(ValueError, match="tol"):
         deb.VirtualBrownianTree(0.0, 1.0, (2, 1), tol=tol)
+
+
+def test_host_query_times_outside_the_interval_raise_in_every_form():
+    """torchsde raises for queries outside ``[t0, t1]``.  Host times are checked whatever their
+    container: a list or NumPy array of per-sample times (it raised ``TypeError: float()
+    argument must be ... not 'list'``, though ``torch.as_tensor`` accepts it) and the
+    shared-time :meth:`increment_scalar` (it clamped ``t = 2`` to ``t1 = 1`` silently).
+    Lists and arrays inside the interval are the tensor query's values."""
+    np = pytest.importorskip("numpy")
+    bm = deb.VirtualBrownianTree(0.0, 1.0, (3, 1), seed=808)
+    times = [0.2, 0.5, 0.9]
+    ref = bm(0.0, torch.tensor(times, dtype=F64))
+    for form in (times, np.array(times)):
+        out = bm(0.0, form)
+        assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    for bad in ([0.2, 1.5, 0.3], np.array([0.2, -0.5, 0.3]), [0.2, float("nan"), 0.3]):
+        with pytest.raises(ValueError, match="t must lie inside"):
+            bm(0.0, bad)
+        with pytest.raises(ValueError, match="t must lie inside"):
+            bm.W(bad)
+    with pytest.raises(ValueError, match="t must lie inside"):
+        bm.increment_scalar(0.0, 2.0)
+    with pytest.raises(ValueError, match="s must lie inside"):
+        bm.increment_scalar(-0.1, 0.5)
+    with pytest.raises(TypeError, match="s must be a number"):
+        bm("soon", 0.5)

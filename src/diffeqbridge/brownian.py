@@ -568,20 +568,31 @@ class VirtualBrownianTree:
         return self.increment_from(s, self.evaluate(s), t, self.evaluate(t))
 
     def _check_query(self, name: str, value: Tensor | float) -> None:
-        """Refuse a Python-number query time outside ``[t0, t1]``: the tree would clamp it and
-        return the increment of a shorter interval (wrong variance) without a word."""
+        """Refuse a host query time (a number, a list, a NumPy value or array) outside
+        ``[t0, t1]``: the tree would clamp it and return the increment of a shorter interval
+        (wrong variance) without a word.  Tensors are not checked (no host sync)."""
         if isinstance(value, Tensor):
             return
         slack = 64 * torch.finfo(torch.float64).eps * max(abs(self.t0), abs(self.t1), 1.0)
-        if not self.t0 - slack <= float(value) <= self.t1 + slack:
+        if isinstance(value, (int, float)) and self.t0 - slack <= value <= self.t1 + slack:
+            return  # the common case, without building a tensor
+        try:
+            times = torch.as_tensor(value, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"{name} must be a number or a tensor of times; got {type(value).__name__}") from exc
+        outside = ~((times >= self.t0 - slack) & (times <= self.t1 + slack))
+        if bool(outside.any()):
             raise ValueError(
-                f"{name} must lie inside the tree's interval [t0, t1] = [{self.t0}, {self.t1}]; got {value} "
+                f"{name} must lie inside the tree's interval [t0, t1] = [{self.t0}, {self.t1}]; "
+                f"got {float(times[outside].reshape(-1)[0])} "
                 "(build the VirtualBrownianTree over the whole span queried)"
             )
 
     def increment_scalar(self, s: float, t: float) -> Tensor:
         """``W(t) - W(s)`` for times shared by the batch, shaped ``shape`` (the ``dW`` of
         :meth:`__call__`, through :meth:`evaluate_scalar` without the Lévy area)."""
+        self._check_query("s", s)
+        self._check_query("t", t)
         w_s, _ = self.evaluate_scalar(s, levy=False)
         w_t, _ = self.evaluate_scalar(t, levy=False)
         return self._shape_out(w_t - w_s)
