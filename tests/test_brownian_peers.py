@@ -325,3 +325,33 @@ def test_host_query_times_outside_the_interval_raise_in_every_form():
         bm.increment_scalar(-0.1, 0.5)
     with pytest.raises(TypeError, match="s must be a number"):
         bm("soon", 0.5)
+
+
+def test_levy_area_of_each_half_given_the_whole_interval_area():
+    """torchsde's ``test_normality_conditional`` for the space-time area, per sample at random
+    ``a < u < b`` (``h1 = u - a``, ``h2 = b - u``, ``h = b - a``): given ``H`` of ``[a, b]``,
+    ``H_{a,u}`` has mean ``H (h1/h)^2`` and standard deviation ``sqrt(p^2 + c^2) / h1``, and
+    ``H_{u,b}`` mean ``H (h2/h)^2`` and sd ``sqrt(q^2 + c^2) / h2``, with
+    ``d = sqrt(h1^3 + h2^3)``, ``p = h1^3.5 h2^0.5 / (2 h d)``, ``q = h1^0.5 h2^3.5 / (2 h d)``,
+    ``c = sqrt(3) h1^1.5 h2^1.5 / (6 d)`` (Foster's bridge of the area, as torchsde states it).
+    ``H_{a,b}`` is independent of ``W_{a,b}``, so the residuals are uncorrelated with both."""
+    n = 12000
+    bm = deb.VirtualBrownianTree(0.0, 1.0, (n, 1), seed=909)
+    a, u, b = _triples(n, seed=9, t0=0.0, t1=1.0, gap=2e-3)
+    w, h = (x[:, 0] for x in bm(a, b))
+    h_1 = bm(a, u)[1][:, 0]
+    h_2 = bm(u, b)[1][:, 0]
+    l1, l2, length = u - a, b - u, b - a
+    d = (l1**3 + l2**3).sqrt()
+    p = l1**3.5 * l2**0.5 / (2 * length * d)
+    q = l1**0.5 * l2**3.5 / (2 * length * d)
+    c = math.sqrt(3) * l1**1.5 * l2**1.5 / (6 * d)
+    r1 = (h_1 - h * (l1 / length) ** 2) / ((p**2 + c**2).sqrt() / l1)
+    r2 = (h_2 - h * (l2 / length) ** 2) / ((q**2 + c**2).sqrt() / l2)
+    bound = 4 / math.sqrt(n)
+    for resid in (r1, r2):
+        assert _ks(resid) > KS_P
+        for other in (w / length.sqrt(), h / (length / 12).sqrt()):
+            assert abs(float(torch.corrcoef(torch.stack([resid, other]))[0, 1])) < bound
+    # power: the unconditional law of H_{a,u} standardised by the conditional sd is rejected
+    assert _ks(h_1 / ((p**2 + c**2).sqrt() / l1)) < KS_P
