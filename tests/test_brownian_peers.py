@@ -172,7 +172,10 @@ def test_increment_is_difference_of_point_values_and_levy_area_its_definition():
 def test_reversed_query_negates_the_increment_and_keeps_the_levy_area():
     """``bm(t, s)`` for ``s < t`` is the step of the time-reversed path ``B_u = W_{t-u}``:
     increment ``-dW`` and, since ``(1/h) int (B_u - B_0) du - (B_h - B_0)/2`` equals the mean of
-    ``W`` on ``[s, t]`` minus ``(W_s + W_t)/2``, the same space-time Lévy area ``H``."""
+    ``W`` on ``[s, t]`` minus ``(W_s + W_t)/2``, the same space-time Lévy area ``H``.  This
+    keeps ``(t - s)(H + dW/2) = int_s^t (W_u - W_s) du`` as an oriented integral, which a
+    solver's step of negative length uses.  (diffrax's ``test_levy_area_reverse_time`` negates
+    the whole ``LevyVal``, but its ``assert tree_map(...)`` is always true: no fact there.)"""
     bm = deb.VirtualBrownianTree(0.0, 1.0, (50, 3), seed=8)
     g = torch.Generator().manual_seed(3)
     s, t = torch.sort(torch.rand(50, 2, generator=g, dtype=F64), dim=1).values.unbind(1)
@@ -355,3 +358,36 @@ def test_levy_area_of_each_half_given_the_whole_interval_area():
             assert abs(float(torch.corrcoef(torch.stack([resid, other]))[0, 1])) < bound
     # power: the unconditional law of H_{a,u} standardised by the conditional sd is rejected
     assert _ks(h_1 / ((p**2 + c**2).sqrt() / l1)) < KS_P
+
+
+def test_point_values_anchored_at_t0_follow_diffrax_conditional_laws():
+    """diffrax's ``test_conditional_statistics`` with ``use_levy=True``: queries ``(W, H)`` over
+    ``[t0, s]``, ``[t0, r]``, ``[t0, u]`` for ``s < r < u`` (here per sample, on ``[0.3, 8.7]``
+    as diffrax).  With times relative to ``t0``, ``sr = r - s``, ``ru = u - r``, ``su = u - s``,
+    ``d = sqrt(sr^3 + ru^3)``, ``a = sr^3.5 ru^0.5 / (2 su d)``, ``b = ru^3.5 sr^0.5 / (2 su d)``,
+    ``c = sr^1.5 ru^1.5 / (sqrt(12) d)`` and ``H_su`` the area of ``[s, u]`` from Chen's relation:
+    ``W_r`` given the rest is normal with mean ``W_s + (sr/su)(W_u - W_s) + 6 sr ru H_su / su^2``
+    and sd ``2 (a + b) / su``; ``H_r`` given the rest has mean
+    ``(s/r) H_s + sr^3 H_su / (r su^2) + W_s/2 - s W_mean / (2 r)`` and variance
+    ``(c/r)^2 + ((a u + s b) / (r su))^2``."""
+    n = 12000
+    t0, t1 = 0.3, 8.7
+    bm = deb.VirtualBrownianTree(t0, t1, (n,), seed=1111, tol=2.0**-12)
+    s, r, u = _triples(n, seed=10, t0=t0, t1=t1, gap=2.0**-10 / (t1 - t0))
+    start = torch.full((n,), t0, dtype=F64)
+    (w_s, h_s), (w_r, h_r), (w_u, h_u) = (bm(start, x) for x in (s, r, u))
+    s, r, u = s - t0, r - t0, u - t0
+    sr, ru, su = r - s, u - r, u - s
+    d = (sr**3 + ru**3).sqrt()
+    a = sr**3.5 * ru.sqrt() / (2 * su * d)
+    b = ru**3.5 * sr.sqrt() / (2 * su * d)
+    c = sr**1.5 * ru**1.5 / (math.sqrt(12) * d)
+    h_su = (u * h_u - s * h_s - u / 2 * w_s + s / 2 * w_u) / su
+    w_mean = w_s + (sr / su) * (w_u - w_s) + (6 * sr * ru / su**2) * h_su
+    z_w = (w_r - w_mean) / (2 * (a + b) / su)
+    assert _ks(z_w) > KS_P
+    h_mean = (s / r) * h_s + (sr**3 / (r * su**2)) * h_su + 0.5 * w_s - s / (2 * r) * w_mean
+    h_sd = ((c / r) ** 2 + ((a * u + s * b) / (r * su)) ** 2).sqrt()
+    assert _ks((h_r - h_mean) / h_sd) > KS_P
+    # power: leaving the Lévy-area term out of W's mean is rejected
+    assert _ks((w_r - (w_mean - (6 * sr * ru / su**2) * h_su)) / (2 * (a + b) / su)) < KS_P
