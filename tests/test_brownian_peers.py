@@ -391,3 +391,23 @@ def test_point_values_anchored_at_t0_follow_diffrax_conditional_laws():
     assert _ks((h_r - h_mean) / h_sd) > KS_P
     # power: leaving the Lévy-area term out of W's mean is rejected
     assert _ks((w_r - (w_mean - (6 * sr * ru / su**2) * h_su)) / (2 * (a + b) / su)) < KS_P
+
+
+def test_integer_seeds_of_numpy_and_torch_are_their_int():
+    """Peers' tests draw seeds as NumPy integers (torchsde's ``entropy=npr.randint(...)``) or
+    keys from arrays: a NumPy integer or an integer 0-d tensor is the int it holds (both raised
+    ``ValueError``), in the tree and in ``solve``; bools, floats and negatives still raise."""
+    np = pytest.importorskip("numpy")
+    ref = deb.VirtualBrownianTree(0.0, 1.0, (3, 2), seed=5, sample_offset=2)(0.2, 0.9)
+    for seed in (np.int64(5), np.uint32(5), torch.tensor(5)):
+        bm = deb.VirtualBrownianTree(0.0, 1.0, (3, 2), seed=seed, sample_offset=np.int16(2))
+        assert type(bm.seed) is int and type(bm.sample_offset) is int
+        out = bm(0.2, 0.9)
+        assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    for bad in (True, 5.0, torch.tensor(5.0), np.int64(-1), 2**64):
+        with pytest.raises(ValueError, match="seed"):
+            deb.VirtualBrownianTree(0.0, 1.0, (3, 2), seed=bad)
+    prob = deb.SDEProblem(lambda t, y: -y, lambda t, y: 0.5 * torch.ones_like(y), torch.ones(4, 1, dtype=F64), (0.0, 1.0))
+    a = deb.solve(prob, deb.EM(), dt=0.125, seed=np.int64(3))
+    b = deb.solve(prob, deb.EM(), dt=0.125, seed=3)
+    assert torch.equal(a.ys, b.ys)

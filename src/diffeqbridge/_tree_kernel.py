@@ -34,6 +34,7 @@ import functools
 import hashlib
 import logging
 import math
+import operator
 import os
 import platform
 import subprocess
@@ -65,10 +66,18 @@ def check_seed(value: Any, name: str = "seed") -> int:
     """``value`` if it is an int in ``[0, 2**64)`` (hashed as two 32-bit words), else ValueError naming ``name``.
 
     The one check of every seed and sample offset that feeds the counter-based hash
-    (``VirtualBrownianTree``, ``solve``, ``diffeqbridge.diffusion``'s per-sample noise)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
+    (``VirtualBrownianTree``, ``solve``, ``diffeqbridge.diffusion``'s per-sample noise).
+    A NumPy integer or an integer 0-d tensor is taken as the int it holds (``operator.index``);
+    a bool, a float and anything else is refused."""
+    number = None
+    if not isinstance(value, (bool, float)) and not (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        try:
+            number = operator.index(value)
+        except TypeError:
+            number = None
+    if number is None or not 0 <= number < 2**64:
         raise ValueError(f"{name} must be an int in [0, 2**64) (hashed as two 32-bit words); got {value!r}")
-    return value
+    return number
 
 
 def fmix32(h: Tensor) -> Tensor:

@@ -135,8 +135,8 @@ class VirtualBrownianTree:
             raise TypeError(f"shape must be an int or a tuple (B, *noise_shape); got {shape!r}") from exc
         if len(shape) < 1 or any(s < 1 for s in shape):
             raise ValueError(f"shape must be (B, *noise_shape) with positive sizes; got {shape}")
-        check_seed(seed)
-        check_seed(sample_offset, "sample_offset")
+        seed = check_seed(seed)
+        sample_offset = check_seed(sample_offset, "sample_offset")
         if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             raise TypeError(f"dtype must be a floating dtype; got {dtype}")
         length = t1 - t0

@@ -512,8 +512,8 @@ def solve(
     sensealg = check_sensealg(sensealg, prob, solver, adaptive)
     from .regularization import Recorder, check_regularize
 
-    check_seed(seed)
-    check_seed(sample_offset, "sample_offset")
+    seed = check_seed(seed)
+    sample_offset = check_seed(sample_offset, "sample_offset")
     # --- dense output / events (diffeqbridge.dense, diffeqbridge.events): native engine observers
     from .events import check_events
 
