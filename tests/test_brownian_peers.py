@@ -174,8 +174,8 @@ def test_reversed_query_negates_the_increment_and_keeps_the_levy_area():
     increment ``-dW`` and, since ``(1/h) int (B_u - B_0) du - (B_h - B_0)/2`` equals the mean of
     ``W`` on ``[s, t]`` minus ``(W_s + W_t)/2``, the same space-time Lévy area ``H``.  This
     keeps ``(t - s)(H + dW/2) = int_s^t (W_u - W_s) du`` as an oriented integral, which a
-    solver's step of negative length uses.  (diffrax's ``test_levy_area_reverse_time`` negates
-    the whole ``LevyVal``, but its ``assert tree_map(...)`` is always true: no fact there.)"""
+    solver's step of negative length uses.  (diffrax's ``test_levy_area_reverse_time`` compares
+    every field with its negation, but its ``assert tree_map(...)`` is always true: no fact.)"""
     bm = deb.VirtualBrownianTree(0.0, 1.0, (50, 3), seed=8)
     g = torch.Generator().manual_seed(3)
     s, t = torch.sort(torch.rand(50, 2, generator=g, dtype=F64), dim=1).values.unbind(1)
