@@ -411,3 +411,23 @@ def test_integer_seeds_of_numpy_and_torch_are_their_int():
     a = deb.solve(prob, deb.EM(), dt=0.125, seed=np.int64(3))
     b = deb.solve(prob, deb.EM(), dt=0.125, seed=3)
     assert torch.equal(a.ys, b.ys)
+
+
+def test_per_sample_queries_mixing_empty_intervals_and_strided_times():
+    """diffrax evaluates ``evaluate(t, t)`` as zero; here per sample: rows with ``s == t``
+    (at ``t0``, inside, at ``t1``) give exactly zero ``dW`` and ``H`` next to a row that does
+    not, and strided or expanded (stride-0) time tensors give the contiguous query's values."""
+    bm = deb.VirtualBrownianTree(0.0, 1.0, (4, 3), seed=1212)
+    s = torch.tensor([0.0, 0.3, 1.0, 0.5], dtype=F64)
+    t = torch.tensor([0.0, 0.3, 1.0, 0.7], dtype=F64)
+    dw, h = bm(s, t)
+    assert torch.equal(dw[:3], torch.zeros(3, 3, dtype=F64)) and torch.equal(h[:3], torch.zeros(3, 3, dtype=F64))
+    assert bool((dw[3] != 0).all()) and bool((h[3] != 0).all())
+    grid = torch.linspace(0.05, 0.95, 8, dtype=F64)
+    lo, hi = grid[::2], grid.flip(0)[::2]
+    assert not lo.is_contiguous()
+    for a, b in zip(bm(lo, hi), bm(lo.contiguous(), hi.contiguous())):
+        assert torch.equal(a, b)
+    shared = torch.tensor(0.4, dtype=F64).expand(4)
+    for a, b in zip(bm(shared, 0.9), bm(0.4, 0.9)):
+        assert torch.equal(a, b)
