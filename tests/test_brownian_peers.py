@@ -431,3 +431,15 @@ def test_per_sample_queries_mixing_empty_intervals_and_strided_times():
     shared = torch.tensor(0.4, dtype=F64).expand(4)
     for a, b in zip(bm(shared, 0.9), bm(0.4, 0.9)):
         assert torch.equal(a, b)
+
+
+def test_one_time_query_is_the_increment_from_t0():
+    """torchsde's ``bm(t)`` and diffrax's ``evaluate(t)``: ``bm(t)`` is ``bm(t0, t)``, for a
+    number and per-sample times; it raised ``TypeError`` (missing ``t``)."""
+    bm = deb.VirtualBrownianTree(0.5, 2.0, (3, 2), seed=1313)
+    for t in (1.25, torch.tensor([0.7, 1.1, 2.0], dtype=F64)):
+        for a, b in zip(bm(t), bm(0.5, t)):
+            assert torch.equal(a, b)
+    assert torch.equal(bm(1.25)[0], bm.W(1.25))
+    with pytest.raises(ValueError, match="t must lie inside"):
+        bm(2.5)

@@ -556,13 +556,16 @@ class VirtualBrownianTree:
         levy = torch.where(nonzero, (j_t - j_s) / safe_h - w_s - 0.5 * dw, torch.zeros_like(dw))
         return self._shape_out(dw), self._shape_out(levy)
 
-    def __call__(self, s: Tensor | float, t: Tensor | float) -> tuple[Tensor, Tensor]:
+    def __call__(self, s: Tensor | float, t: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
         """Increment ``W(t) - W(s)`` and space-time Lévy area ``H_{s,t}``, each ``shape``.
 
         ``H_{s,t} = (1/(t-s)) int_s^t (W_u - W_s) du - (W_t - W_s)/2 ~ N(0, (t-s)/12)``,
-        independent of the increment.  Python-number times outside ``[t0, t1]`` (beyond
-        rounding) raise ``ValueError``; tensor times are clamped to it (no host sync).
+        independent of the increment.  ``bm(t)`` alone is ``bm(t0, t)`` (torchsde's ``bm(t)``,
+        diffrax's ``evaluate(t)``).  Host times outside ``[t0, t1]`` (beyond rounding) raise
+        ``ValueError``; tensor times are clamped to it (no host sync).
         """
+        if t is None:
+            s, t = self.t0, s
         self._check_query("s", s)
         self._check_query("t", t)
         return self.increment_from(s, self.evaluate(s), t, self.evaluate(t))
