@@ -443,3 +443,18 @@ def test_one_time_query_is_the_increment_from_t0():
     assert torch.equal(bm(1.25)[0], bm.W(1.25))
     with pytest.raises(ValueError, match="t must lie inside"):
         bm(2.5)
+
+
+def test_time_arguments_of_any_numeric_type():
+    """diffrax's ``test_shape_and_dtype`` queries with ``int``, ``float``, int32 and float32
+    scalars: every combination gives the float64 query's values (times exactly representable),
+    also for ``t0``/``t1`` given as 0-d tensors (torchsde's ``t0, t1 = torch.tensor([0., 1.])``)."""
+    np = pytest.importorskip("numpy")
+    bm = deb.VirtualBrownianTree(torch.tensor(0.0), torch.tensor(2.0), torch.Size([3, 2]), seed=1414)
+    ref = bm(0.0, 2.0)
+    kinds = (0, 0.0, torch.tensor(0, dtype=torch.int32), torch.tensor(0.0, dtype=torch.float32), np.float32(0.0))
+    ends = (2, 2.0, torch.tensor(2, dtype=torch.int32), torch.tensor(2.0, dtype=torch.float32), np.int64(2))
+    for s in kinds:
+        for t in ends:
+            dw, h = bm(s, t)
+            assert torch.equal(dw, ref[0]) and torch.equal(h, ref[1])
