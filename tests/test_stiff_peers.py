@@ -238,3 +238,23 @@ def test_autotsit5_batch_switches_only_stiff_samples():
         assert int(sol.stats.nreject[b]) == int(solo.stats.nreject[0]), (b, m)
         switched = int(sol.stats.extra["nswitch"][b]) > 0
         assert switched == (m >= 1e4), (b, m)
+
+
+# ------------------------------------------------------------------ the automatic choice
+@pytest.mark.parametrize("hints", [None, ["stiff"]], ids=["alg=None", "alg_hints=stiff"])
+def test_default_algorithm_on_stiff_test_set(hints):
+    """``solve(prob)`` (AutoTsit5(Rodas4())) and ``alg_hints=["stiff"]`` (Rodas4) at the ODE
+    default tolerances (rtol 1e-3, atol 1e-6) on ROBER 1e5 / 1e11, OREGO and VdP mu = 1e6."""
+    cases = [
+        (rober, [1.0, 0.0, 0.0], 1e5, scipy_reference("rober", 1e5), 200),
+        (rober, [1.0, 0.0, 0.0], 1e11, scipy_reference("rober", 1e11), 300),
+        (orego, [1.0, 2.0, 3.0], OREGO_T, scipy_reference("orego", OREGO_T), 400),
+        (vdp(torch.tensor([1e6], dtype=F64)), [2.0, 0.0], 1.0, scipy_reference("vdp", 1.0, 1e6), 60),
+    ]
+    kwargs = {} if hints is None else {"alg_hints": hints}
+    for f, y0, T, ref, max_steps in cases:
+        sol = deb.solve(deb.ODEProblem(f, torch.tensor([y0], dtype=F64), (0.0, T)), **kwargs)
+        assert sol.success
+        assert isinstance(sol.alg, deb.AutoSwitch if hints is None else deb.Rodas4)
+        assert tol_error(sol.ys[-1, 0], ref, 1e-3, 1e-6) <= ERR_C, T
+        check_counts(sol, 0, 4, max_steps)
