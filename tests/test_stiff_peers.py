@@ -258,3 +258,32 @@ def test_default_algorithm_on_stiff_test_set(hints):
         assert isinstance(sol.alg, deb.AutoSwitch if hints is None else deb.Rodas4)
         assert tol_error(sol.ys[-1, 0], ref, 1e-3, 1e-6) <= ERR_C, T
         check_counts(sol, 0, 4, max_steps)
+
+
+def rober_scaled(k: torch.Tensor):
+    """ROBER with the two fast rate constants scaled per sample by ``k`` of shape ``(B,)``."""
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        y1, y2, y3 = y.unbind(-1)
+        fast, dimer = k * 1e4 * y2 * y3, k * 3e7 * y2 * y2
+        return torch.stack([-0.04 * y1 + fast, 0.04 * y1 - fast - dimer, dimer], -1)
+
+    return f
+
+
+@pytest.mark.parametrize("alg", list(STIFF_ALGS))
+def test_rober_batch_of_stiffness_levels_matches_solo(alg):
+    """ROBER with rates scaled by (1, 1e-4, 1e-2) in one batch: each sample takes exactly its
+    solo steps and ends on its solo state (bit for bit); a batch may only add evaluations
+    (Newton iterations until every sample converges, both methods while a batch mixes kinds)."""
+    k = torch.tensor([1.0, 1e-4, 1e-2], dtype=F64)
+    y0 = torch.tensor([[1.0, 0.0, 0.0]] * 3, dtype=F64)
+    rtol, atol = 1e-6, [1e-8, 1e-14, 1e-8]
+    batch = deb.solve(deb.ODEProblem(rober_scaled(k), y0, (0.0, 1e3)), STIFF_ALGS[alg](), rtol=rtol, atol=atol)
+    assert batch.success
+    for i in range(3):
+        solo = solve_one(rober_scaled(k[i : i + 1]), [1.0, 0.0, 0.0], 1e3, STIFF_ALGS[alg](), rtol, atol)
+        assert int(batch.stats.naccept[i]) == int(solo.stats.naccept[0]), i
+        assert int(batch.stats.nreject[i]) == int(solo.stats.nreject[0]), i
+        assert torch.equal(batch.ys[-1, i], solo.ys[-1, 0]), i
+        assert int(batch.stats.nf[i]) >= int(solo.stats.nf[0]), i
