@@ -3,11 +3,13 @@
 Problems: ROBER to t = 1e5 and 1e11 (per-component atol), HIRES (test-set reference), Van der
 Pol with mu = 1e3 and 1e6, OREGO (Oregonator), and a linear system with eigenvalues spanning
 1e-2 ... 1e6 (matrix exponential).  References other than HIRES come from scipy's Radau at
-rtol = 1e-12 (computed once per module).  For every problem we check
+rtol = 1e-12 (VdP computed per module; ROBER and OREGO stored, see ``STORED``).  For every
+problem we check
 
 * the error in the tolerance norm, ``max_i |y_i - ref_i| / (atol_i + rtol |ref_i|) <= C``,
-  with ``C = ERR_C`` (the local-error controller does not bound global error, SciML's test
-  suites use the same "tolerance-scaled" style);
+  with ``C = ERR_C`` (the controller bounds local errors only, so global errors may exceed
+  the tolerance by a modest factor; measured at most 2.3, OREGO with Kvaerno5 at rtol 1e-6,
+  below 1 elsewhere);
 * the error decreases when the tolerance is tightened by 100x;
 * plausible counts: ``stages * steps <= nf <= c * steps + 50`` (c = 16, Kvaerno5 40) and a sane number of steps.
 
@@ -33,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._stiff_problems import REFERENCES, fields  # noqa: E402 - the shared test-set problems
 
 F64 = torch.float64
-ERR_C = 20.0  # error <= ERR_C in the tolerance norm
+ERR_C = 10.0  # error <= ERR_C in the tolerance norm (measured <= 2.3)
 STIFF_ALGS = {"Rodas4": deb.Rodas4, "Kvaerno5": deb.Kvaerno5, "AutoTsit5": lambda: deb.AutoTsit5(deb.Rodas4())}
 
 
@@ -68,9 +70,22 @@ def linear_matrix(lam_max: float, n: int = 6) -> torch.Tensor:
     return -(q * lam) @ q.T
 
 
+# y(T) by scipy 1.x solve_ivp(method="Radau", rtol=1e-12, atol=(1e-18, 1e-22, 1e-18) for ROBER,
+# 1e-14 for OREGO), as computed by ``scipy_reference`` (15 s, so stored; ROBER at 1e5 agrees
+# with a second run at atol (1e-16, 1e-20, 1e-16) to 1e-14 relative).
+STORED = {
+    ("rober", 1e5): [0.017865921142099787, 7.274751468436459e-08, 0.9821340061103846],
+    ("rober", 1e11): [2.0833401496930325e-08, 8.333360770301751e-14, 0.9999999791665132],
+    ("orego", 60.0): [1.0008746251996257, 1144.3369723845042, 83.72149966624917],
+}
+
+
 @functools.cache
 def scipy_reference(name: str, T: float, mu: float = 0.0) -> torch.Tensor:
-    """y(T) by scipy Radau at rtol = 1e-12 (tiny per-component atol), shape ``(n,)``."""
+    """y(T) by scipy Radau at rtol = 1e-12 (tiny per-component atol), shape ``(n,)``; the slow
+    ones are read from ``STORED``."""
+    if (name, T) in STORED:
+        return torch.tensor(STORED[name, T], dtype=F64)
     f, y0, atol = {
         "rober": (rober, [1.0, 0.0, 0.0], [1e-18, 1e-22, 1e-18]),
         "orego": (orego, [1.0, 2.0, 3.0], 1e-14),
