@@ -321,3 +321,14 @@ def test_rober_log_spaced_saveat():
         assert sol.success and sol.ys.shape == (len(ts), 1, 3)
         err = ((sol.ys[:, 0] - ref).abs() / (atol + rtol * ref.abs())).amax(-1)
         assert float(err.max()) <= ERR_C, err
+
+
+@pytest.mark.parametrize("alg", list(STIFF_ALGS))
+def test_float32_at_default_tolerances(alg):
+    """float32 states (rtol 1e-3, atol 1e-6): ROBER to 1e5 and OREGO stay float32 and within
+    ERR_C in the tolerance norm (measured <= 0.43)."""
+    for name, f, y0, T in (("rober", rober, [1.0, 0.0, 0.0], 1e5), ("orego", orego, [1.0, 2.0, 3.0], OREGO_T)):
+        prob = deb.ODEProblem(f, torch.tensor([y0], dtype=torch.float32), (0.0, T))
+        sol = deb.solve(prob, STIFF_ALGS[alg](), rtol=1e-3, atol=1e-6)
+        assert sol.success and sol.ys.dtype == torch.float32
+        assert tol_error(sol.ys[-1, 0].double(), scipy_reference(name, T), 1e-3, 1e-6) <= ERR_C, name
