@@ -32,3 +32,15 @@ def float64_default():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(old)
+
+
+@pytest.fixture(params=["fused", "eager"])
+def tree_kernel(request, monkeypatch):
+    """Both paths of the Brownian tree's ``evaluate`` (``pytestmark = pytest.mark.usefixtures("tree_kernel")``):
+    the fused C kernel (skipped without a C compiler) and the eager torch ops."""
+    from diffeqbridge import _tree_kernel
+
+    if request.param == "fused" and _tree_kernel.c_kernel() is None:
+        pytest.skip("no C compiler: the fused CPU kernel is unavailable")
+    monkeypatch.setenv("DIFFEQBRIDGE_TREE_KERNEL", request.param)
+    return request.param

@@ -22,19 +22,13 @@ import torch
 from scipy import stats
 
 import diffeqbridge as deb
-from diffeqbridge import _tree_kernel
 
 F64 = torch.float64
 KS_P = 1e-3  # Kolmogorov-Smirnov acceptance level (fixed seeds: deterministic outcome)
 
 
-@pytest.fixture(autouse=True, params=["fused", "eager"])
-def tree_kernel(request, monkeypatch):
-    """Both paths of ``evaluate``: the fused kernel and the eager torch ops."""
-    if request.param == "fused" and _tree_kernel.c_kernel() is None:
-        pytest.skip("no C compiler: the fused CPU kernel is unavailable")
-    monkeypatch.setenv("DIFFEQBRIDGE_TREE_KERNEL", request.param)
-    return request.param
+#: every test runs on both paths of ``evaluate`` (conftest's ``tree_kernel``: fused kernel, eager ops)
+pytestmark = pytest.mark.usefixtures("tree_kernel")
 
 
 def _ks(z: torch.Tensor) -> float:
