@@ -447,7 +447,8 @@ def solve(
         dense: record every accepted step's interpolant: ``sol(t)`` / ``sol.evaluate(t)``
             anywhere in the span (:mod:`diffeqbridge.dense`: the solvers' interpolants and
             their orders, shapes, memory).  Gradients: plain backprop / ``DiscreteAdjoint()``
-            only (other sensealgs refused unless under ``torch.no_grad()``).
+            only (other sensealgs are refused when ``y0``, the parameters or the times require
+            grad: ``sol(t)`` would carry none).
         events: a list of ``deb.ContinuousEvent`` / ``deb.DiscreteEvent``
             (:mod:`diffeqbridge.events`): per-sample root location, ``affect``, termination with
             ``ReturnCode.Terminated``; ``sol.events`` and ``sol.stats.extra["nevents"]``,
