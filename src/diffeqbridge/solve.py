@@ -553,6 +553,8 @@ def solve(
     if adaptive and bool((torch.as_tensor(atol) + torch.as_tensor(rtol) == 0).any()):
         raise ValueError("atol and rtol cannot both be zero (in any component) for an adaptive solve")
     per_component_tolerances = isinstance(atol, Tensor) or isinstance(rtol, Tensor)
+    if per_component_tolerances and backend == "julia":
+        raise ValueError("per-component atol/rtol run on the native backend only; use backend='native' or 'auto'")
     if not adaptive and dt is None:
         raise ValueError(f"alg={type(solver).__name__} is a fixed-step solver (or adaptive=False): pass dt")
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
@@ -582,8 +584,6 @@ def solve(
     need_start = dt is None or solver.init_uses_start
     f0, g0 = _start_up_fields(prob, t_start, need_start or solver.fsal, need_start or getattr(prob, "noise", None) == "additive")
     extra_g = check_additive(prob, t_start, g0) if g0 is not None else 0
-    if per_component_tolerances and backend == "julia":
-        raise ValueError("per-component atol/rtol run on the native backend only; use backend='native' or 'auto'")
     if (
         backend != "native" and not hooked_or_offset and not per_component_tolerances
     ):  # julia backend (diffeqbridge/julia/); "auto" picks it only if installed
